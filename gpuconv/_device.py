@@ -1,0 +1,137 @@
+"""Device selection: where a convolution runs.
+
+The rules, in order (see :func:`select_device`):
+
+1. ``device`` must be ``"auto"``, ``"cpu"`` or ``"cuda"``.
+2. ``"auto"`` is overridden by the environment variable ``GPUCONV_DEVICE``
+   (``cpu`` | ``cuda`` | ``auto``).
+3. ``"auto"`` follows the data: if any array lives on a GPU, ``"cuda"``.
+4. Otherwise ``"auto"`` is ``"cuda"`` when a usable CUDA GPU is present, else ``"cpu"``.
+
+Explicit requests are checked: ``"cuda"`` without a usable GPU raises
+:class:`CudaUnavailableError`; ``"cpu"`` with arrays on a GPU raises ``ValueError``
+(gpuconv never copies between devices behind the caller's back).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+__all__ = ["DEVICES", "ENV_VAR", "CudaUnavailableError", "select_device",
+           "cuda_available", "is_device_array", "explain_auto"]
+
+DEVICES = ("auto", "cpu", "cuda")
+ENV_VAR = "GPUCONV_DEVICE"
+
+# DLPack device types (dlpack.h): 1 = CPU, 2 = CUDA, 3 = CUDA host (pinned), 13 = CUDA managed.
+_DLPACK_CUDA = (2, 13)
+
+
+class CudaUnavailableError(RuntimeError, ValueError):
+    """``device="cuda"`` was asked for but no usable CUDA GPU is present.
+
+    Derives from both ``RuntimeError`` and ``ValueError``.
+    """
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_status():
+    """(available, reason) for the CUDA path, computed once per process."""
+    try:
+        from numba import cuda
+    except Exception as exc:  # numba-cuda missing or broken
+        return False, f"numba.cuda could not be imported ({exc})"
+    try:
+        if cuda.is_available():
+            if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+                return True, "the Numba CUDA simulator is enabled (NUMBA_ENABLE_CUDASIM=1)"
+            return True, "a CUDA GPU is present"
+        return False, "numba.cuda.is_available() is False (no CUDA driver or GPU)"
+    except Exception as exc:
+        return False, f"CUDA initialisation failed ({exc})"
+
+
+def cuda_available():
+    """True when kernels can be launched through ``numba.cuda`` (or its simulator)."""
+    return _cuda_status()[0]
+
+
+def is_device_array(array):
+    """True if ``array`` lives in GPU memory (CUDA array interface or a CUDA DLPack device)."""
+    if hasattr(array, "__cuda_array_interface__"):
+        return True
+    dlpack_device = getattr(array, "__dlpack_device__", None)
+    if dlpack_device is not None and not hasattr(array, "__array_interface__"):
+        try:
+            return int(dlpack_device()[0]) in _DLPACK_CUDA
+        except Exception:
+            return False
+    return False
+
+
+def _check_device_name(device, source):
+    if not isinstance(device, str) or device not in DEVICES:
+        raise ValueError(f"{source} must be one of {', '.join(map(repr, DEVICES))}, got {device!r}")
+    return device
+
+
+def _requested(device):
+    device = _check_device_name(device, "device")
+    if device == "auto":
+        env = os.environ.get(ENV_VAR)
+        if env is not None and env.strip() != "":
+            return _check_device_name(env.strip().lower(), f"environment variable {ENV_VAR}"), ENV_VAR
+    return device, "device"
+
+
+def select_device(*arrays, device="auto"):
+    """Resolve where a call on ``arrays`` runs: ``"cpu"`` or ``"cuda"``.
+
+    Args:
+        *arrays: the operands (``None`` entries are ignored).
+        device: ``"auto"`` (default), ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        ``"cpu"`` or ``"cuda"``.
+
+    Raises:
+        ValueError: unknown ``device`` or ``GPUCONV_DEVICE`` value; ``"cpu"`` asked for
+            with arrays on a GPU.
+        CudaUnavailableError: ``"cuda"`` asked for (explicitly or by the environment) with
+            no usable GPU.
+
+    >>> import numpy as np
+    >>> select_device(np.zeros(3), device="cpu")
+    'cpu'
+    """
+    requested, source = _requested(device)
+    on_gpu = [a for a in arrays if a is not None and is_device_array(a)]
+    if requested == "cpu":
+        if on_gpu:
+            raise ValueError(
+                f"{source}='cpu' was requested but some inputs live on a GPU; "
+                "copy them to host memory first or use device='cuda'")
+        return "cpu"
+    if requested == "cuda" or on_gpu:
+        available, reason = _cuda_status()
+        if not available:
+            raise CudaUnavailableError(
+                f"{source}='cuda' needs a usable CUDA GPU, but {reason}. "
+                "Use device='cpu' (or set GPUCONV_DEVICE=cpu) to run on the CPU, or install "
+                "a GPU build: pip install 'gpuconv[cuda13]' (or 'gpuconv[cuda12]')."
+                if requested == "cuda" else
+                f"some inputs live on a GPU but the CUDA path is unusable: {reason}")
+        return "cuda"
+    return "cuda" if cuda_available() else "cpu"
+
+
+def explain_auto():
+    """A sentence saying what ``device="auto"`` resolves to for host arrays, and why."""
+    requested, source = _requested("auto")
+    available, reason = _cuda_status()
+    if source == ENV_VAR:
+        return f"{requested} ({ENV_VAR}={os.environ[ENV_VAR]!r} overrides 'auto')"
+    if available:
+        return f"cuda ({reason})"
+    return f"cpu ({reason})"

@@ -1,0 +1,171 @@
+"""Geometry of a 2-D convolution: argument normalisation and output sizes.
+
+Notation used across the package (the short names appear only inside kernels)::
+
+    n     batch size                    c_I   input channels
+    h, w  input height, width           c_O   output channels
+    k_H, k_W  kernel height, width      g     groups
+    h_O, w_O  output height, width      s, p, d   stride, padding, dilation
+
+Every piece of the package that needs an output size calls :func:`get_conv_outsize`.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+__all__ = ["ConvGeometry", "get_conv_outsize", "pair", "resolve_padding", "conv_geometry"]
+
+
+def get_conv_outsize(size, kernel, stride, pad_total, dilation=1):
+    """Output length of a convolution along one axis.
+
+    ``out = (size + pad_total - dilation * (kernel - 1) - 1) // stride + 1``
+
+    ``pad_total`` is the sum of the padding on both sides. The result may be zero or
+    negative when the dilated kernel does not fit in the padded input; callers decide
+    whether that is an error.
+    """
+    return (size + pad_total - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def pair(value, name, minimum):
+    """Normalise an int or a pair of ints to a tuple, checking ``>= minimum``.
+
+    Raises ``TypeError`` for non-integers and ``ValueError`` for values out of range,
+    naming the argument.
+    """
+    if _is_int(value):
+        items = (int(value), int(value))
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value):
+        items = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if items[0] < minimum or items[1] < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return items
+
+
+def resolve_padding(padding, kernel_size, stride, dilation):
+    """Padding as ``(top, bottom, left, right)``.
+
+    ``padding`` is an int, a pair ``(pad_h, pad_w)``, ``"valid"`` (no padding) or
+    ``"same"`` (output size equals input size; stride 1 only). For ``"same"`` the total
+    padding along an axis is ``dilation * (kernel - 1)``; an odd total puts the extra row
+    (column) at the bottom (right), as PyTorch does.
+    """
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError(
+                    f"padding='same' requires stride 1, got stride={stride}; "
+                    "give explicit padding for strided convolutions"
+                )
+            total_h = dilation[0] * (kernel_size[0] - 1)
+            total_w = dilation[1] * (kernel_size[1] - 1)
+            return (total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2)
+        raise ValueError(
+            f"padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}"
+        )
+    pad_h, pad_w = pair(padding, "padding", 0)
+    return (pad_h, pad_h, pad_w, pad_w)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Everything a kernel needs to know about one convolution's shapes."""
+
+    batch: int
+    in_channels: int
+    in_height: int
+    in_width: int
+    out_channels: int
+    kernel_height: int
+    kernel_width: int
+    stride_h: int
+    stride_w: int
+    pad_top: int
+    pad_bottom: int
+    pad_left: int
+    pad_right: int
+    dilation_h: int
+    dilation_w: int
+    groups: int
+    out_height: int
+    out_width: int
+
+    @property
+    def in_channels_per_group(self):
+        return self.in_channels // self.groups
+
+    @property
+    def out_channels_per_group(self):
+        return self.out_channels // self.groups
+
+    @property
+    def output_shape(self):
+        return (self.batch, self.out_channels, self.out_height, self.out_width)
+
+    @property
+    def macs(self):
+        """Multiply-adds of the forward pass (the same for shared and unshared layers)."""
+        return (self.batch * self.out_channels * self.out_height * self.out_width
+                * self.in_channels_per_group * self.kernel_height * self.kernel_width)
+
+    @property
+    def flops(self):
+        """``2 * N * C_out * H_out * W_out * (C_in / groups) * kH * kW``."""
+        return 2 * self.macs
+
+    def shared_weight_shape(self):
+        return (self.out_channels, self.in_channels_per_group,
+                self.kernel_height, self.kernel_width)
+
+    def local_weight_shape(self):
+        return (self.out_channels, self.out_height, self.out_width,
+                self.in_channels_per_group, self.kernel_height, self.kernel_width)
+
+
+def conv_geometry(x_shape, kernel_size, out_channels, stride=1, padding=0, dilation=1,
+                  groups=1):
+    """Validate the geometry arguments and return a :class:`ConvGeometry`.
+
+    ``x_shape`` is ``(N, C_in, H, W)``; ``kernel_size`` is ``(kH, kW)``. Raises
+    ``ValueError``/``TypeError`` naming the offending argument.
+    """
+    batch, in_channels, in_height, in_width = (int(v) for v in x_shape)
+    kernel_height, kernel_width = (int(v) for v in kernel_size)
+    stride = pair(stride, "stride", 1)
+    dilation = pair(dilation, "dilation", 1)
+    if not _is_int(groups):
+        raise TypeError(f"groups must be an int, got {groups!r}")
+    groups = int(groups)
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    if in_channels % groups:
+        raise ValueError(
+            f"groups={groups} must divide the input channels C_in={in_channels}")
+    if out_channels % groups:
+        raise ValueError(
+            f"groups={groups} must divide the output channels C_out={out_channels}")
+    top, bottom, left, right = resolve_padding(
+        padding, (kernel_height, kernel_width), stride, dilation)
+    out_height = get_conv_outsize(in_height, kernel_height, stride[0], top + bottom, dilation[0])
+    out_width = get_conv_outsize(in_width, kernel_width, stride[1], left + right, dilation[1])
+    if out_height < 1 or out_width < 1:
+        raise ValueError(
+            "kernel does not fit in the padded input: input "
+            f"{in_height}x{in_width}, padding (top, bottom, left, right)="
+            f"{(top, bottom, left, right)}, kernel {kernel_height}x{kernel_width}, "
+            f"dilation {dilation} gives output {out_height}x{out_width}")
+    return ConvGeometry(
+        batch, in_channels, in_height, in_width, int(out_channels),
+        kernel_height, kernel_width, stride[0], stride[1], top, bottom, left, right,
+        dilation[0], dilation[1], groups, out_height, out_width)
