@@ -108,7 +108,15 @@ def _prepare(op_name, x, weight, bias, stride, padding, dilation, groups, device
         if tuple(bias.shape) not in allowed:
             kinds = " or ".join(str(a) for a in allowed)
             raise ValueError(f"bias must have shape {kinds}, got {tuple(bias.shape)}")
-    target = select_device(x.obj, weight.obj, None if bias is None else bias.obj, device=device)
+    operands = [op for op in (x, weight, bias) if op is not None]
+    if any(op.on_gpu for op in operands) and not all(op.on_gpu for op in operands):
+        where = ", ".join(f"{name} on {'GPU' if op.on_gpu else 'host'}"
+                          for name, op in zip(("x", "weight", "bias"), (x, weight, bias))
+                          if op is not None)
+        raise ValueError(
+            f"inputs must all live on the host or all on the GPU, got {where}; "
+            "gpuconv does not copy between devices implicitly")
+    target = select_device(*(op.obj for op in operands), device=device)
     return x, weight, bias, geom, target
 
 
