@@ -1,0 +1,106 @@
+"""The device chooser: documented rules, each tested."""
+
+import numpy as np
+import pytest
+
+import gpuconv
+from gpuconv import _device
+from gpuconv._device import CudaUnavailableError, select_device
+
+
+class FakeGpuArray:
+    """Anything exposing __cuda_array_interface__ counts as living on a GPU."""
+
+    def __init__(self, shape=(1,)):
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": "<f4", "data": (0, False),
+                                         "version": 3}
+
+
+class FakeDLPackGpuArray:
+    def __dlpack_device__(self):
+        return (2, 0)  # kDLCUDA, device 0
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(_device, "_cuda_status", lambda: (False, "no GPU (test)"))
+
+
+@pytest.fixture
+def with_cuda(monkeypatch):
+    monkeypatch.setattr(_device, "_cuda_status", lambda: (True, "a CUDA GPU is present (test)"))
+
+
+def test_explicit_cpu(no_cuda):
+    assert select_device(np.zeros(1), device="cpu") == "cpu"
+
+
+def test_auto_without_gpu_is_cpu(no_cuda):
+    assert select_device(np.zeros(1)) == "cpu"
+
+
+def test_auto_with_gpu_is_cuda(with_cuda):
+    assert select_device(np.zeros(1)) == "cuda"
+
+
+def test_auto_follows_gpu_data(with_cuda):
+    assert select_device(FakeGpuArray(), device="auto") == "cuda"
+    assert select_device(FakeDLPackGpuArray(), device="auto") == "cuda"
+
+
+def test_gpu_data_without_usable_cuda_is_an_error(no_cuda):
+    with pytest.raises(CudaUnavailableError, match="inputs live on a GPU"):
+        select_device(FakeGpuArray())
+
+
+def test_cuda_without_gpu_says_how_to_get_the_cpu_path(no_cuda):
+    with pytest.raises(CudaUnavailableError) as info:
+        select_device(np.zeros(1), device="cuda")
+    assert "device='cpu'" in str(info.value) and "GPUCONV_DEVICE=cpu" in str(info.value)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
+
+
+def test_public_functions_raise_it_too(no_cuda):
+    with pytest.raises(CudaUnavailableError):
+        gpuconv.conv2d(np.zeros((1, 1, 3, 3)), np.zeros((1, 1, 1, 1)), device="cuda")
+
+
+def test_cpu_with_gpu_data_is_refused(with_cuda):
+    with pytest.raises(ValueError, match="some inputs live on a GPU"):
+        select_device(FakeGpuArray(), device="cpu")
+
+
+@pytest.mark.parametrize("value, expected", [("cpu", "cpu"), ("CUDA", "cuda"), ("auto", "cpu"), ("", "cpu")])
+def test_environment_overrides_auto(monkeypatch, value, expected, with_cuda):
+    monkeypatch.setenv("GPUCONV_DEVICE", value)
+    if expected == "cpu" and value in ("auto", ""):
+        expected = "cuda"  # 'auto' (or unset) in the environment leaves the choice to the data/GPU
+    assert select_device(np.zeros(1)) == expected
+
+
+def test_environment_does_not_override_an_explicit_device(monkeypatch, with_cuda):
+    monkeypatch.setenv("GPUCONV_DEVICE", "cuda")
+    assert select_device(np.zeros(1), device="cpu") == "cpu"
+
+
+def test_environment_cuda_without_gpu_names_the_variable(monkeypatch, no_cuda):
+    monkeypatch.setenv("GPUCONV_DEVICE", "cuda")
+    with pytest.raises(CudaUnavailableError, match="GPUCONV_DEVICE='cuda'"):
+        select_device(np.zeros(1))
+
+
+@pytest.mark.parametrize("bad", ["gpu", "CPU", 0, None, "cuda:0"])
+def test_unknown_device_lists_the_accepted_values(bad):
+    with pytest.raises(ValueError, match="device must be one of 'auto', 'cpu', 'cuda'"):
+        select_device(device=bad)
+
+
+def test_mixed_host_and_gpu_operands_are_refused(with_cuda):
+    with pytest.raises(ValueError, match="all live on the host or all on the GPU"):
+        gpuconv.conv2d(np.zeros((1, 1, 3, 3), np.float32), FakeGpuArray((1, 1, 1, 1)))
+
+
+def test_explain_auto_mentions_the_reason(monkeypatch, no_cuda):
+    assert _device.explain_auto().startswith("cpu (no GPU (test))")
+    monkeypatch.setenv("GPUCONV_DEVICE", "cpu")
+    assert "GPUCONV_DEVICE" in _device.explain_auto()
