@@ -64,13 +64,19 @@ def _gpu_description():
     try:
         from numba import cuda
         device = cuda.get_current_device()
-        name = device.name
-        if isinstance(name, bytes):
-            name = name.decode()
-        major, minor = device.compute_capability
-        return f"{name} (compute capability {major}.{minor})"
     except Exception:
         return None
+    name = getattr(device, "name", None)
+    if isinstance(name, bytes):
+        name = name.decode(errors="replace")
+    if not name:
+        name = ("Numba CUDA simulator" if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+                else "unnamed CUDA device")
+    try:
+        major, minor = device.compute_capability
+    except Exception:
+        return name
+    return f"{name} (compute capability {major}.{minor})"
 
 
 def collect_info():

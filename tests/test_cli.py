@@ -212,3 +212,33 @@ def test_python_dash_m_gpuconv():
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "--height: must be >= 1" in result.stderr
+
+
+# ----------------------------------------------------------------------------- the GPU line
+
+@pytest.mark.parametrize("name, expected", [
+    ("NVIDIA H200", "NVIDIA H200 (compute capability 9.0)"),
+    (b"Tesla T4", "Tesla T4 (compute capability 9.0)"),  # older numba-cuda: bytes
+])
+def test_info_names_the_gpu(capsys, monkeypatch, name, expected):
+    from numba import cuda
+
+    fake = types.SimpleNamespace(name=name, compute_capability=(9, 0))
+    monkeypatch.setattr(cuda, "get_current_device", lambda: fake)
+    monkeypatch.setattr("gpuconv._device.cuda_available", lambda: True)
+    code, out, _ = run(capsys, "info", "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert info["cuda_available"] is True
+    assert info["gpu"] == expected
+    assert "GPU:" in run(capsys, "info")[1]
+
+
+def test_info_survives_a_failing_device_query(monkeypatch):
+    from numba import cuda
+
+    def broken():
+        raise RuntimeError("driver gone")
+
+    monkeypatch.setattr(cuda, "get_current_device", broken)
+    assert cli._gpu_description() is None
