@@ -45,7 +45,7 @@ def _conv2d_kernel(x, w, bias, has_bias, out, sh, sw, pt, pl, dh, dw, groups, ro
     h_O = out.shape[2]
     w_O = out.shape[3]
     c_Og = c_O // groups
-    per_position = bias.shape[1] > 1
+    per_position = bias.shape[1] * bias.shape[2] > 1
     row_blocks = (h_O + rows_per_job - 1) // rows_per_job
     for job in prange(n * c_O * row_blocks):
         rb = job % row_blocks
@@ -81,7 +81,7 @@ def _local_conv2d_kernel(x, w, bias, has_bias, out, sh, sw, pt, pl, dh, dw, grou
     n, c_I, h, wd = x.shape
     c_O, h_O, w_O, c_Ig, k_H, k_W = w.shape
     c_Og = c_O // groups
-    per_position = bias.shape[1] > 1
+    per_position = bias.shape[1] * bias.shape[2] > 1
     # One job per (output channel, output row); each weight is loaded once and used for
     # the whole batch (the batch is the innermost loop).
     for job in prange(c_O * h_O):

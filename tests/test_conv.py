@@ -207,3 +207,12 @@ def test_same_padding_keeps_size_and_splits_odd_total_like_pytorch():
     y = conv2d(x, w, padding="same", device="cpu")
     # total padding 1: none on top/left, one row/column at the bottom/right
     assert y.shape == (1, 1, 5, 5) and y[0, 0, 0, 0] == 1.0
+
+
+def test_per_position_bias_of_a_single_row_output(device, poisoned_outputs):
+    """Regression (found by the property tests): a (C_out, 1, W_out) bias is per position."""
+    x = np.ones((1, 1, 1, 2), dtype=np.float32)
+    w = np.ones((1, 1, 2, 1, 1, 1), dtype=np.float32)
+    b = np.array([[[10.0, 20.0]]], dtype=np.float32)
+    y = local_conv2d(x, w, b, device=device)
+    np.testing.assert_array_equal(y, [[[[11.0, 21.0]]]])
