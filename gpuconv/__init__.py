@@ -2,10 +2,15 @@
 kernels for NVIDIA GPUs and Numba CPU kernels behind one API."""
 
 from ._conv import conv2d, local_conv2d
-from ._device import CudaUnavailableError, select_device
+from ._device import CudaUnavailableError, InsufficientMemoryError, select_device
 from ._geometry import get_conv_outsize
+from .params import (ParamCount, conv2d_param_count, format_note_arithmetic,
+                     fully_connected_param_count, local_conv2d_param_count, note_arithmetic)
 
 __version__ = "0.1.0"
 
 __all__ = ["conv2d", "local_conv2d", "select_device", "get_conv_outsize",
-           "CudaUnavailableError", "__version__"]
+           "CudaUnavailableError", "InsufficientMemoryError",
+           "ParamCount", "conv2d_param_count", "local_conv2d_param_count",
+           "fully_connected_param_count", "note_arithmetic", "format_note_arithmetic",
+           "__version__"]

@@ -6,11 +6,13 @@ This is the only module that knows about both devices. The kernels behind it
 
 from __future__ import annotations
 
+import math
 import sys
+import threading
 
 import numpy as np
 
-from ._device import is_device_array, select_device
+from ._device import check_memory, host_memory_available, is_device_array, select_device
 from ._geometry import conv_geometry
 
 __all__ = ["conv2d", "local_conv2d"]
@@ -129,11 +131,31 @@ def _wrap_like(template, result):
     return from_dlpack(result) if from_dlpack is not None else result
 
 
+# Numba's "workqueue" threading layer (used when neither OpenMP nor TBB is available) must
+# not run two parallel kernels at once; calls from several threads are then serialised.
+_WORKQUEUE_LOCK = threading.Lock()
+
+
+def _empty_output(shape, dtype):
+    """Allocate a host output; every element is written by the kernel (tests poison it)."""
+    return np.empty(shape, dtype=dtype)
+
+
+def _host_bytes_needed(x, weight, geom):
+    """Output plus, at most, contiguous copies of the inputs (Python ints: no overflow)."""
+    itemsize = x.dtype.itemsize
+    out = math.prod(geom.output_shape) * itemsize
+    copies = sum(math.prod(op.shape) * itemsize for op in (x, weight)
+                 if not op.obj.flags.c_contiguous)
+    return out + copies
+
+
 def _run_cpu(op_name, x, weight, bias, geom, x_original):
     from . import _cpu
 
     dtype = x.dtype
-    out = np.empty(geom.output_shape, dtype=dtype)
+    check_memory(_host_bytes_needed(x, weight, geom), host_memory_available(), "host")
+    out = _empty_output(geom.output_shape, dtype)
     if geom.batch == 0:
         return _wrap_like(x_original, out)
     xs = np.ascontiguousarray(x.obj)
@@ -144,8 +166,22 @@ def _run_cpu(op_name, x, weight, bias, geom, x_original):
         b3 = np.ascontiguousarray(bias.obj).reshape(geom.out_channels, *(bias.shape[1:] or (1, 1)))
         has_bias = True
     forward = _cpu.local_conv2d_forward if op_name == "local_conv2d" else _cpu.conv2d_forward
-    forward(xs, ws, b3, has_bias, out, geom)
+    if _threading_layer() == "workqueue":
+        with _WORKQUEUE_LOCK:
+            forward(xs, ws, b3, has_bias, out, geom)
+    else:
+        forward(xs, ws, b3, has_bias, out, geom)
     return _wrap_like(x_original, out)
+
+
+def _threading_layer():
+    """Numba's threading layer once one has been chosen (by the first parallel launch)."""
+    import numba
+
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet: be safe for this first call
+        return "workqueue"
 
 
 def _run(op_name, x, weight, bias, stride, padding, dilation, groups, device):

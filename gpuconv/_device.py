@@ -18,8 +18,9 @@ from __future__ import annotations
 import functools
 import os
 
-__all__ = ["DEVICES", "ENV_VAR", "CudaUnavailableError", "select_device",
-           "cuda_available", "is_device_array", "explain_auto"]
+__all__ = ["DEVICES", "ENV_VAR", "CudaUnavailableError", "InsufficientMemoryError",
+           "select_device", "cuda_available", "is_device_array", "explain_auto",
+           "host_memory_available", "check_memory"]
 
 DEVICES = ("auto", "cpu", "cuda")
 ENV_VAR = "GPUCONV_DEVICE"
@@ -33,6 +34,44 @@ class CudaUnavailableError(RuntimeError, ValueError):
 
     Derives from both ``RuntimeError`` and ``ValueError``.
     """
+
+
+class InsufficientMemoryError(MemoryError, ValueError):
+    """A call would need more memory than the device has free; raised before allocating.
+
+    Derives from both ``MemoryError`` and ``ValueError``. The message says how much the call
+    needs and how much is free.
+    """
+
+
+def host_memory_available():
+    """Bytes of host memory available to a new allocation, or ``None`` if unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(needed, available, where):
+    """Raise :class:`InsufficientMemoryError` when ``needed`` bytes exceed ``available``."""
+    if available is not None and needed > available:
+        raise InsufficientMemoryError(
+            f"this call needs about {_format_bytes(needed)} of {where} memory but only "
+            f"{_format_bytes(available)} is free; use a smaller batch or split the layer")
+
+
+def _format_bytes(count):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(count) < 1024 or unit == "PiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{count} B"
+        count /= 1024
 
 
 @functools.lru_cache(maxsize=None)

@@ -32,3 +32,29 @@ def device(request):
 def _no_device_env(monkeypatch):
     """Tests choose the device explicitly; a GPUCONV_DEVICE in the caller's shell must not leak in."""
     monkeypatch.delenv("GPUCONV_DEVICE", raising=False)
+
+
+# Property-test profiles: "ci" (default) keeps the suite fast; "long" is the on-demand fuzzing
+# run: HYPOTHESIS_PROFILE=long python -m pytest tests/test_properties.py
+try:
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile("ci", max_examples=40, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    settings.register_profile("long", max_examples=2000, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    settings.register_profile("sim", max_examples=8, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "sim" if SIMULATOR else "ci"))
+except ImportError:  # hypothesis is in the test extra; without it the property tests skip
+    pass
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Host outputs start as NaN, so an element the kernel forgets to write shows up."""
+    import numpy as np
+
+    from gpuconv import _conv
+
+    monkeypatch.setattr(_conv, "_empty_output", lambda shape, dtype: np.full(shape, np.nan, dtype))
