@@ -1,0 +1,306 @@
+"""The CUDA path: array handling and kernel launches (the kernels live in
+:mod:`gpuconv._cuda_kernels`).
+
+Contract of :func:`run` (its caller, :mod:`gpuconv._conv`, has validated everything):
+
+- host inputs (NumPy, any strides or order, read-only) are copied to the current GPU, the
+  result is copied back and returned as a NumPy array of the input dtype;
+- GPU inputs (anything with ``__cuda_array_interface__``: CuPy arrays, PyTorch CUDA tensors,
+  Numba device arrays) are never copied through the host. The result is the same kind of
+  array (CuPy in, CuPy out; torch in, torch out; otherwise a Numba device array) on the
+  same GPU, and the work is queued on the stream ``x`` names (CAI v3 ``stream``; a Numba
+  device array's own stream), without blocking the host. Operands that name another stream
+  are synchronised first, as the interface asks. Inputs on different GPUs raise
+  ``ValueError``; non-contiguous ones get a contiguous copy made on the GPU;
+- an empty batch returns an empty output of the right kind without launching anything.
+
+The output is always freshly allocated (it never aliases an input) and C-contiguous.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from numba import cuda
+
+from . import _cuda_kernels as kernels
+
+__all__ = ["run"]
+
+
+# --------------------------------------------------------------------------------------------
+# operands
+# --------------------------------------------------------------------------------------------
+
+def _is_numba_device_array(obj):
+    return bool(getattr(obj, "__cuda_ndarray__", False))
+
+
+def _library(obj):
+    """``"torch"``, ``"cupy"`` or ``"numba"``: which library the result should come from."""
+    root = type(obj).__module__.split(".")[0]
+    if root in ("torch", "cupy"):
+        return root
+    return "numba"
+
+
+def _device_id(obj):
+    """Ordinal of the GPU holding ``obj``, or None when it cannot tell (Numba arrays)."""
+    if _library(obj) == "torch":
+        return obj.device.index
+    if _library(obj) == "cupy":
+        return obj.device.id
+    dlpack_device = getattr(obj, "__dlpack_device__", None)
+    if dlpack_device is not None:
+        try:
+            kind, index = dlpack_device()
+            if int(kind) in (2, 13):
+                return int(index)
+        except Exception:
+            pass
+    return None
+
+
+def _stream_of(obj):
+    """The Numba stream the producer of ``obj`` asked consumers to order work on."""
+    if _is_numba_device_array(obj):
+        stream = getattr(obj, "stream", 0)
+        return stream if stream else cuda.default_stream()
+    handle = obj.__cuda_array_interface__.get("stream")
+    if handle is None:
+        return cuda.default_stream()
+    if handle == 1:
+        return cuda.legacy_default_stream()
+    if handle == 2:
+        return cuda.per_thread_default_stream()
+    return cuda.external_stream(handle)
+
+
+def _same_stream(a, b):
+    try:
+        return int(a) == int(b)
+    except TypeError:  # the simulator's streams have no handle
+        return a is b
+
+
+def _simulated():
+    return bool(cuda.config.ENABLE_CUDASIM)
+
+
+def _as_device_array(obj, sync):
+    """A Numba device array viewing ``obj`` (no copy)."""
+    if _is_numba_device_array(obj):
+        return obj
+    return cuda.as_cuda_array(obj, sync=sync)
+
+
+class _View6:
+    """A 6-D ``__cuda_array_interface__`` over the same memory (leading length-1 axes)."""
+
+    def __init__(self, array):
+        cai = array.__cuda_array_interface__
+        pad = 6 - len(cai["shape"])
+        itemsize = np.dtype(cai["typestr"]).itemsize
+        strides = cai.get("strides")
+        if strides is None:
+            strides = _c_strides(cai["shape"], itemsize)
+        self.__cuda_array_interface__ = {
+            "shape": (1,) * pad + tuple(cai["shape"]),
+            "strides": (0,) * pad + tuple(strides),
+            "typestr": cai["typestr"],
+            "data": cai["data"],
+            "version": 3,
+            "stream": None,
+        }
+        self._keep = array
+
+
+def _c_strides(shape, itemsize):
+    strides, step = [], itemsize
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(int(size), 1)
+    return tuple(reversed(strides))
+
+
+def _is_contiguous(array):
+    return bool(array.is_c_contiguous())
+
+
+def _contiguous(array, stream):
+    """``array`` itself if C-contiguous, else a contiguous copy made by a kernel on the GPU."""
+    if _is_contiguous(array):
+        return array
+    dst = cuda.device_array(array.shape, dtype=array.dtype, stream=stream)
+    if array.size == 0:
+        return dst
+    if _simulated():
+        src6 = cuda.devicearray.FakeCUDAArray(
+            np.asarray(array._ary)[(None,) * (6 - array.ndim)])
+        dst6 = cuda.devicearray.FakeCUDAArray(dst._ary.reshape((1,) * (6 - array.ndim) + array.shape))
+    else:
+        src6 = cuda.as_cuda_array(_View6(array), sync=False)
+        dst6 = dst.reshape((1,) * (6 - array.ndim) + array.shape)
+    copy = kernels.compiled(kernels.copy_kernel(kernels.dtype_code(array.dtype)))
+    threads = 256
+    blocks = max(1, min(-(-array.size // threads), 65535))
+    copy[blocks, threads, stream](src6, dst6)
+    return dst
+
+
+# --------------------------------------------------------------------------------------------
+# launches (all arrays Numba device arrays, C-contiguous, one dtype)
+# --------------------------------------------------------------------------------------------
+
+def _launch_conv2d(x, weight, bias, out, geom, stream):
+    config = kernels.conv2d_config(geom, x.dtype)
+    if bias is None:
+        bias, has_bias = cuda.device_array((1,), dtype=x.dtype, stream=stream), 0
+    else:
+        has_bias = 1
+    kernel = kernels.compiled(config.kernel)
+    kernel[config.grid, config.block, stream, config.shared_bytes](
+        x,                          # (n, c_I, h, w)
+        weight,                     # (c_O, c_Ig, k_H, k_W)
+        bias,                       # (c_O,) or a dummy
+        has_bias,                   # 0 or 1
+        out,                        # (n, c_O, h_O, w_O)
+        geom.stride_h, geom.stride_w,
+        geom.pad_top, geom.pad_left,
+        geom.dilation_h, geom.dilation_w,
+        geom.out_channels_per_group,
+        config.tiles_x,             # output tiles along W
+        config.tile_h, config.tile_w,  # input tile with halo
+        config.chunk,               # input channels per shared-memory stage
+    )
+
+
+def transpose_local_weights(weight, geom, stream):
+    """``(c_O, h_O, w_O, c_Ig, k_H, k_W)`` -> ``(c_O, c_Ig, k_H, k_W, h_O * w_O)`` on the GPU.
+
+    The local_conv2d kernel reads weights with the output position innermost, so a warp's
+    32 threads (32 consecutive positions) read 32 consecutive words. This transpose costs one
+    extra read and one extra write of the weights (a tiled, coalesced kernel), i.e. the
+    weight traffic of the call goes from one pass to three; the kernel's own pass is then
+    fully coalesced and reused across the batch.
+    """
+    n_pos = geom.out_height * geom.out_width
+    k = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
+    c_out = geom.out_channels
+    src = weight.reshape(c_out, n_pos, k)
+    dst = cuda.device_array((c_out, k, n_pos), dtype=weight.dtype, stream=stream)
+    # 32 x 32 tiles, eight rows of threads, on a GPU; 16 x 16 tiles and one row in the
+    # simulator, where every thread is a Python thread (the kernel is the same code).
+    tile, rows = (16, 1) if _simulated() else (32, 8)
+    kernel = kernels.compiled(kernels.transpose_kernel(kernels.dtype_code(weight.dtype), tile))
+    kernel[(-(-k // tile), -(-n_pos // tile), c_out), (tile, rows), stream](src, dst)
+    return dst.reshape(c_out, geom.in_channels_per_group, geom.kernel_height,
+                       geom.kernel_width, n_pos)
+
+
+def _launch_local_conv2d(x, weight, bias, out, geom, stream):
+    config = kernels.local_conv2d_config(geom, x.dtype)
+    weight_t = transpose_local_weights(weight, geom, stream)
+    n_pos = geom.out_height * geom.out_width
+    if bias is None:
+        bias, has_bias = cuda.device_array((1, 1), dtype=x.dtype, stream=stream), 0
+    else:
+        bias = bias.reshape(geom.out_channels, n_pos if bias.ndim == 3 else 1)
+        has_bias = 1
+    kernel = kernels.compiled(config.kernel)
+    kernel[config.grid, config.block, stream](
+        x,                          # (n, c_I, h, w)
+        weight_t,                   # (c_O, c_Ig, k_H, k_W, P), positions innermost
+        bias,                       # (c_O, 1 or P) or a dummy
+        has_bias,                   # 0 or 1
+        out,                        # (n, c_O, h_O, w_O)
+        geom.stride_h, geom.stride_w,
+        geom.pad_top, geom.pad_left,
+        geom.dilation_h, geom.dilation_w,
+        geom.out_channels_per_group,
+    )
+
+
+_LAUNCH = {"conv2d": _launch_conv2d, "local_conv2d": _launch_local_conv2d}
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------
+
+def _run_host(op_name, x, weight, bias, geom):
+    if geom.batch == 0:
+        return np.empty(geom.output_shape, dtype=x.dtype)
+    stream = cuda.stream()
+    d_x = cuda.to_device(np.ascontiguousarray(x.obj), stream=stream)
+    d_w = cuda.to_device(np.ascontiguousarray(weight.obj), stream=stream)
+    d_b = None if bias is None else cuda.to_device(np.ascontiguousarray(bias.obj), stream=stream)
+    d_out = cuda.device_array(geom.output_shape, dtype=x.dtype, stream=stream)
+    _LAUNCH[op_name](d_x, d_w, d_b, d_out, geom, stream)
+    result = d_out.copy_to_host(stream=stream)
+    stream.synchronize()
+    return result
+
+
+def _allocate_like(template, shape, dtype, stream):
+    """An uninitialised C-contiguous output of the same library and GPU as ``template``."""
+    library = _library(template)
+    if library == "torch":
+        torch = sys.modules["torch"]
+        return torch.empty(shape, dtype=template.dtype, device=template.device)
+    if library == "cupy":
+        cupy = sys.modules["cupy"]
+        with template.device:
+            return cupy.empty(shape, dtype=dtype)
+    return cuda.device_array(shape, dtype=dtype, stream=stream)
+
+
+def _run_gpu(op_name, x, weight, bias, geom):
+    operands = [op for op in (x, weight, bias) if op is not None]
+    simulated = _simulated()
+    device = None
+    if not simulated:
+        ids = {_device_id(op.obj) for op in operands}
+        if None in ids:
+            ids.discard(None)
+            ids.add(cuda.get_current_device().id)
+        if len(ids) > 1:
+            raise ValueError(
+                f"x, weight and bias must live on the same GPU, got devices {sorted(ids)}")
+        device = ids.pop()
+    if simulated or device == cuda.get_current_device().id:
+        return _run_gpu_on_device(op_name, x, weight, bias, geom)
+    with cuda.gpus[device]:
+        return _run_gpu_on_device(op_name, x, weight, bias, geom)
+
+
+def _run_gpu_on_device(op_name, x, weight, bias, geom):
+    stream = _stream_of(x.obj)
+    arrays = []
+    for op in (x, weight, bias):
+        if op is None:
+            arrays.append(None)
+            continue
+        # Operands produced on another stream: wait for them, as the interface asks.
+        other_stream = op is not x and not _same_stream(_stream_of(op.obj), stream)
+        arrays.append(_as_device_array(op.obj, sync=other_stream))
+    out_obj = _allocate_like(x.obj, geom.output_shape, x.dtype, stream)
+    if geom.batch == 0:
+        return out_obj
+    d_x, d_w, d_b = (None if a is None else _contiguous(a, stream) for a in arrays)
+    d_out = _as_device_array(out_obj, sync=False)
+    _LAUNCH[op_name](d_x, d_w, d_b, d_out, geom, stream)
+    return out_obj
+
+
+def run(op_name, x, weight, bias, geom):
+    """Run ``op_name`` (``"conv2d"`` or ``"local_conv2d"``) on the GPU; see the module docstring.
+
+    ``x``, ``weight``, ``bias`` are the public layer's operands (``.obj``, ``.shape``,
+    ``.dtype``, ``.on_gpu``); ``bias`` may be None. ``geom`` is the validated
+    :class:`~gpuconv._geometry.ConvGeometry`.
+    """
+    if x.on_gpu:
+        return _run_gpu(op_name, x, weight, bias, geom)
+    return _run_host(op_name, x, weight, bias, geom)

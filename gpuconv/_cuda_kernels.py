@@ -1,0 +1,508 @@
+"""CUDA kernels (Numba) and the factories that specialise them.
+
+Kernel construction lives here; array handling and launches live in :mod:`gpuconv._cuda`.
+Each factory is memoised on exactly the compile-time constants that change the generated
+code, and the kernel it builds is named by them (``conv2d_f32_k3x3_r2x2_c8``), so a profile
+is readable. A factory returns a :class:`KernelSpec`: the bare Python function, its Numba
+signature and its name. That is enough for :func:`numba.cuda.compile_ptx` on a machine
+without a GPU (see :func:`workload_specialisations` and ``scripts/ptx_report.py``);
+:func:`compiled` turns a spec into a launchable kernel.
+
+Notation (as in :mod:`gpuconv._geometry`; the short names appear only inside kernels)::
+
+    n        batch                      c_I, c_O    input, output channels
+    c_Ig     input channels per group   c_Og        output channels per group
+    h, w     input height, width        h_O, w_O    output height, width
+    k_H, k_W kernel height, width       s, p, d     stride, padding, dilation
+    P        h_O * w_O output positions
+
+All kernels accumulate in the input dtype with a typed accumulator and are compiled without
+fastmath, so NaN and Inf reach exactly the outputs whose window holds them. Array indexing
+uses Numba's 64-bit (``intp``) index arithmetic, so flat offsets past 2**31 elements are safe.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import numpy as np
+from numba import cuda, float32, float64, int64, types
+
+__all__ = ["KernelSpec", "Conv2dConfig", "LocalConv2dConfig", "conv2d_kernel",
+           "local_conv2d_kernel", "transpose_kernel", "copy_kernel", "compiled",
+           "conv2d_config", "local_conv2d_config", "workload_specialisations",
+           "WORKLOAD_LAYERS", "SHARED_BUDGET_BYTES"]
+
+# Dynamic shared memory one conv2d block may use: small enough that several blocks share an
+# SM (an H100/H200 SM has 228 KiB), and under the 48 KiB that needs no opt-in.
+SHARED_BUDGET_BYTES = 24 * 1024
+
+_SCALAR = {"f32": float32, "f64": float64}
+_NUMPY = {"f32": np.dtype(np.float32), "f64": np.dtype(np.float64)}
+
+
+def dtype_code(dtype):
+    """``"f32"`` or ``"f64"`` for a NumPy dtype."""
+    return {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}[np.dtype(dtype)]
+
+
+class KernelSpec(NamedTuple):
+    """A kernel before compilation: what :func:`numba.cuda.compile_ptx` needs."""
+
+    name: str            # encodes the specialisation, e.g. conv2d_f32_k3x3_r2x2_c8
+    pyfunc: object       # the bare Python function
+    signature: tuple     # Numba argument types
+
+
+def _array(code, ndim):
+    return types.Array(_SCALAR[code], ndim, "C")
+
+
+def _rename(func, name):
+    func.__name__ = name
+    func.__qualname__ = name
+    return func
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(spec):
+    """The launchable kernel of ``spec`` (compiled on first launch for the current GPU)."""
+    return cuda.jit(spec.signature)(spec.pyfunc)
+
+
+# --------------------------------------------------------------------------------------------
+# conv2d: direct convolution, shared-memory tiles, register blocking
+# --------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def conv2d_kernel(code, kernel_h, kernel_w, rows, cols, channels):
+    """Shared-weight convolution kernel, specialised on dtype, kernel size and register block.
+
+    Args:
+        code: ``"f32"`` or ``"f64"``.
+        kernel_h, kernel_w: ``k_H, k_W``.
+        rows, cols: outputs per thread along H and W (a thread owns outputs
+            ``(ty + i * blockDim.y, tx + j * blockDim.x)`` of its block's tile, so neighbouring
+            threads read neighbouring shared-memory words).
+        channels: output channels per block (every thread computes all of them).
+
+    Launch: ``grid = (tiles_y * tiles_x, groups * ceil(c_Og / channels), min(n, 65535))``,
+    ``block = (bx, by)``, dynamic shared memory
+    ``chunk * (tile_h * tile_w + k_H * k_W * channels) * itemsize`` bytes, where the output
+    tile is ``(by * rows) x (bx * cols)`` and the input tile (with halo)
+    ``tile_h = (by * rows - 1) * s_h + (k_H - 1) * d_h + 1`` (same for W).
+
+    Kernel arguments: ``x (n, c_I, h, w)``, ``weight (c_O, c_Ig, k_H, k_W)``,
+    ``bias (c_O,)`` or a 1-element dummy, ``has_bias``, ``out (n, c_O, h_O, w_O)``, then
+    ``s_h, s_w, p_top, p_left, d_h, d_w, c_Og, tiles_x, tile_h, tile_w, chunk``.
+    """
+    scalar = _SCALAR[code]
+    KH, KW, RY, RX, CB = kernel_h, kernel_w, rows, cols, channels
+    KHW = KH * KW
+    NPOS = RY * RX
+    NACC = NPOS * CB
+
+    def kernel(x, weight, bias, has_bias, out, sh, sw, pt, pl, dh, dw, c_Og,
+               tiles_x, tile_h, tile_w, chunk):
+        # A tile kernel: every thread takes part in the shared-memory stages, so the bounds
+        # guard sits on the stores, not at the top.
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        bx = cuda.blockDim.x
+        by = cuda.blockDim.y
+        tid = ty * bx + tx
+        nthreads = bx * by
+        n = x.shape[0]
+        h = x.shape[2]
+        wd = x.shape[3]
+        c_Ig = weight.shape[1]
+        h_O = out.shape[2]
+        w_O = out.shape[3]
+        tile_hw = tile_h * tile_w
+
+        tile = cuda.blockIdx.x
+        oy0 = (tile // tiles_x) * (by * RY)
+        ox0 = (tile % tiles_x) * (bx * RX)
+        blocks_per_group = (c_Og + CB - 1) // CB
+        g = cuda.blockIdx.y // blocks_per_group
+        co0 = g * c_Og + (cuda.blockIdx.y % blocks_per_group) * CB
+        co_end = min(co0 + CB, (g + 1) * c_Og)
+        iy0 = oy0 * sh - pt
+        ix0 = ox0 * sw - pl
+
+        smem = cuda.shared.array(0, dtype=scalar)
+        w_base = chunk * tile_hw  # weights follow the input tile in shared memory
+
+        # Offsets of this thread's outputs inside the input tile.
+        base = cuda.local.array(NPOS, dtype=int64)
+        for i in range(RY):
+            for j in range(RX):
+                base[i * RX + j] = (ty + i * by) * sh * tile_w + (tx + j * bx) * sw
+
+        acc = cuda.local.array(NACC, dtype=scalar)
+        wreg = cuda.local.array(CB, dtype=scalar)
+
+        for b in range(cuda.blockIdx.z, n, cuda.gridDim.z):
+            for a in range(NACC):
+                acc[a] = scalar(0)  # keep the math in the input dtype
+            for c0 in range(0, c_Ig, chunk):
+                nc = min(chunk, c_Ig - c0)
+                cx0 = g * c_Ig + c0
+                # Stage the input tiles of nc channels, zeros outside the image (padding).
+                for idx in range(tid, nc * tile_hw, nthreads):
+                    c = idx // tile_hw
+                    rem = idx - c * tile_hw
+                    r = rem // tile_w
+                    iy = iy0 + r
+                    ix = ix0 + rem - r * tile_w
+                    v = scalar(0)
+                    if iy >= 0 and iy < h and ix >= 0 and ix < wd:
+                        v = x[b, cx0 + c, iy, ix]
+                    smem[idx] = v
+                # Stage the weights as [c][ky][kx][channel], zeros past the group's end.
+                for idx in range(tid, nc * KHW * CB, nthreads):
+                    q = idx % CB
+                    rest = idx // CB
+                    kk = rest % KHW
+                    c = rest // KHW
+                    v = scalar(0)
+                    if co0 + q < co_end:
+                        v = weight[co0 + q, c0 + c, kk // KW, kk % KW]
+                    smem[w_base + idx] = v
+                # Wait until both tiles are staged before anyone reads them.
+                cuda.syncthreads()
+                for c in range(nc):
+                    for ky in range(KH):
+                        for kx in range(KW):
+                            wofs = w_base + ((c * KH + ky) * KW + kx) * CB
+                            for q in range(CB):
+                                wreg[q] = smem[wofs + q]
+                            xofs = c * tile_hw + ky * dh * tile_w + kx * dw
+                            for p in range(NPOS):
+                                xv = smem[xofs + base[p]]
+                                for q in range(CB):
+                                    acc[p * CB + q] += xv * wreg[q]
+                # Wait until everyone is done with the tiles before the next stage overwrites them.
+                cuda.syncthreads()
+            for i in range(RY):
+                oy = oy0 + ty + i * by
+                for j in range(RX):
+                    ox = ox0 + tx + j * bx
+                    if oy < h_O and ox < w_O:
+                        for q in range(CB):
+                            co = co0 + q
+                            if co < co_end:
+                                v = acc[(i * RX + j) * CB + q]
+                                if has_bias:
+                                    v += bias[co]
+                                out[b, co, oy, ox] = v
+
+    name = f"conv2d_{code}_k{KH}x{KW}_r{RY}x{RX}_c{CB}"
+    signature = (_array(code, 4), _array(code, 4), _array(code, 1), types.int64,
+                 _array(code, 4)) + (types.int64,) * 11
+    return KernelSpec(name, _rename(kernel, name), signature)
+
+
+class Conv2dConfig(NamedTuple):
+    """Compile-time constants and launch shape of one conv2d call."""
+
+    kernel: KernelSpec
+    block: tuple       # (bx, by)
+    grid: tuple        # (tiles, channel blocks, batch blocks)
+    tiles_x: int
+    tile_h: int
+    tile_w: int
+    chunk: int
+    shared_bytes: int
+
+
+def _pow2_at_least(value, cap):
+    result = 1
+    while result < value and result < cap:
+        result *= 2
+    return result
+
+
+def conv2d_config(geom, dtype):
+    """Pick the specialisation and launch shape of conv2d for ``geom`` and ``dtype``.
+
+    A pure function of the geometry (no GPU needed): register block ``2 x 2`` outputs x up to
+    8 (float32) or 4 (float64) output channels per thread; a block of at most 16 x 16 threads,
+    shrunk to the output and to keep one input channel's tile (with halo) within half the
+    shared-memory budget; as many input channels per stage as fit the budget.
+    """
+    code = dtype_code(dtype)
+    itemsize = _NUMPY[code].itemsize
+    rows = cols = 2
+    channels = _pow2_at_least(geom.out_channels_per_group, 8 if code == "f32" else 4)
+    kh, kw = geom.kernel_height, geom.kernel_width
+    bx = _pow2_at_least(-(-geom.out_width // cols), 16)
+    by = _pow2_at_least(-(-geom.out_height // rows), 16)
+    while bx * by < 32 and (bx < 32 or by < 32):
+        if bx <= by and bx < 32:
+            bx *= 2
+        else:
+            by *= 2
+
+    def tile_dims(bx, by):
+        tile_h = (by * rows - 1) * geom.stride_h + (kh - 1) * geom.dilation_h + 1
+        tile_w = (bx * cols - 1) * geom.stride_w + (kw - 1) * geom.dilation_w + 1
+        return tile_h, tile_w
+
+    tile_h, tile_w = tile_dims(bx, by)
+    while (tile_h * tile_w + kh * kw * channels) * itemsize > SHARED_BUDGET_BYTES // 2 \
+            and bx * by > 16:
+        if by >= bx:
+            by //= 2
+        else:
+            bx //= 2
+        tile_h, tile_w = tile_dims(bx, by)
+    per_channel = tile_h * tile_w + kh * kw * channels
+    chunk = max(1, min(geom.in_channels_per_group, SHARED_BUDGET_BYTES // (per_channel * itemsize)))
+    tiles_y = -(-geom.out_height // (by * rows))
+    tiles_x = -(-geom.out_width // (bx * cols))
+    grid = (tiles_y * tiles_x,
+            geom.groups * -(-geom.out_channels_per_group // channels),
+            max(1, min(geom.batch, 65535)))
+    spec = conv2d_kernel(code, kh, kw, rows, cols, channels)
+    return Conv2dConfig(spec, (bx, by), grid, tiles_x, tile_h, tile_w, chunk,
+                        chunk * per_channel * itemsize)
+
+
+# --------------------------------------------------------------------------------------------
+# local_conv2d: one kernel per output position; batch reuse in registers, coalesced weights
+# --------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def local_conv2d_kernel(code, kernel_h, kernel_w, batch_block, channels):
+    """Locally connected convolution kernel, specialised on dtype, kernel size and register block.
+
+    Reads the weights in the position-innermost layout ``(c_O, c_Ig, k_H, k_W, P)`` made by
+    :func:`transpose_kernel`, so the 32 threads of a warp (32 consecutive output positions)
+    read 32 consecutive weights. Each thread owns one output position, ``channels`` output
+    channels and ``batch_block`` batch elements at a time: every weight it loads is used for
+    ``batch_block`` images, every input value for ``channels`` output channels. The threads of a
+    block along y take different batch slices of the same positions and channels, so they
+    read the same weights (served once from DRAM, then from cache); the batch is the inner loop.
+
+    Launch: ``grid = (ceil(P / 32), groups * ceil(c_Og / channels))``,
+    ``block = (32, by)`` with ``by = min(8, ceil(n / batch_block))``.
+
+    Kernel arguments: ``x (n, c_I, h, w)``, ``weight_t (c_O, c_Ig, k_H, k_W, P)``,
+    ``bias (c_O, 1 or P)``, ``has_bias``, ``out (n, c_O, h_O, w_O)``, then
+    ``s_h, s_w, p_top, p_left, d_h, d_w, c_Og``.
+    """
+    scalar = _SCALAR[code]
+    KH, KW, NB, CB = kernel_h, kernel_w, batch_block, channels
+    NACC = NB * CB
+
+    def kernel(x, weight_t, bias, has_bias, out, sh, sw, pt, pl, dh, dw, c_Og):
+        pos = cuda.grid(1)
+        n = x.shape[0]
+        h = x.shape[2]
+        wd = x.shape[3]
+        c_Ig = weight_t.shape[1]
+        w_O = out.shape[3]
+        n_pos = weight_t.shape[4]
+        if pos >= n_pos:
+            return
+        oy = pos // w_O
+        ox = pos - oy * w_O
+        iy0 = oy * sh - pt
+        ix0 = ox * sw - pl
+        blocks_per_group = (c_Og + CB - 1) // CB
+        g = cuda.blockIdx.y // blocks_per_group
+        co0 = g * c_Og + (cuda.blockIdx.y % blocks_per_group) * CB
+        co_end = min(co0 + CB, (g + 1) * c_Og)
+        bias_pos = pos if bias.shape[1] > 1 else 0
+
+        acc = cuda.local.array(NACC, dtype=scalar)
+        wreg = cuda.local.array(CB, dtype=scalar)
+        xreg = cuda.local.array(NB, dtype=scalar)
+        for b0 in range(cuda.threadIdx.y * NB, n, cuda.blockDim.y * NB):
+            for a in range(NACC):
+                acc[a] = scalar(0)  # keep the math in the input dtype
+            for ci in range(c_Ig):
+                cx = g * c_Ig + ci
+                for ky in range(KH):
+                    iy = iy0 + ky * dh
+                    if iy >= 0 and iy < h:
+                        for kx in range(KW):
+                            ix = ix0 + kx * dw
+                            if ix >= 0 and ix < wd:
+                                for q in range(CB):
+                                    v = scalar(0)
+                                    if co0 + q < co_end:
+                                        v = weight_t[co0 + q, ci, ky, kx, pos]
+                                    wreg[q] = v
+                                for bb in range(NB):
+                                    v = scalar(0)
+                                    if b0 + bb < n:
+                                        v = x[b0 + bb, cx, iy, ix]
+                                    xreg[bb] = v
+                                for bb in range(NB):
+                                    for q in range(CB):
+                                        acc[bb * CB + q] += xreg[bb] * wreg[q]
+            for bb in range(NB):
+                b = b0 + bb
+                if b < n:
+                    for q in range(CB):
+                        co = co0 + q
+                        if co < co_end:
+                            v = acc[bb * CB + q]
+                            if has_bias:
+                                v += bias[co, bias_pos]
+                            out[b, co, oy, ox] = v
+
+    name = f"local_conv2d_{code}_k{KH}x{KW}_b{NB}_c{CB}"
+    signature = (_array(code, 4), _array(code, 5), _array(code, 2), types.int64,
+                 _array(code, 4)) + (types.int64,) * 7
+    return KernelSpec(name, _rename(kernel, name), signature)
+
+
+class LocalConv2dConfig(NamedTuple):
+    """Compile-time constants and launch shape of one local_conv2d call."""
+
+    kernel: KernelSpec
+    block: tuple
+    grid: tuple
+
+
+def local_conv2d_config(geom, dtype):
+    """Pick the specialisation and launch shape of local_conv2d (a pure function, no GPU).
+
+    Register block: up to 8 (float32) or 4 (float64) batch elements x up to 4 output channels
+    per thread.
+    """
+    code = dtype_code(dtype)
+    batch_block = _pow2_at_least(geom.batch, 8 if code == "f32" else 4)
+    channels = _pow2_at_least(geom.out_channels_per_group, 4)
+    n_pos = geom.out_height * geom.out_width
+    by = max(1, min(8, -(-geom.batch // batch_block)))
+    grid = (-(-n_pos // 32), geom.groups * -(-geom.out_channels_per_group // channels))
+    spec = local_conv2d_kernel(code, geom.kernel_height, geom.kernel_width, batch_block, channels)
+    return LocalConv2dConfig(spec, (32, by), grid)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers: weight transpose for local_conv2d, strided-to-contiguous copy
+# --------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def transpose_kernel(code, tile=32):
+    """Batched transpose ``src (B, R, C) -> dst (B, C, R)`` through a ``tile x (tile + 1)``
+    shared tile (the spare column puts the transposed reads in different banks).
+
+    Used to bring local_conv2d weights from ``(c_O, P, c_Ig*k_H*k_W)`` to
+    ``(c_O, c_Ig*k_H*k_W, P)`` (positions innermost); both the reads and the writes are
+    coalesced. Launch: ``grid = (ceil(C / tile), ceil(R / tile), B)``,
+    ``block = (tile, rows)`` for any ``rows``.
+    """
+    scalar = _SCALAR[code]
+    TILE = tile
+    TILE_PADDED = tile + 1
+
+    def kernel(src, dst):
+        buf = cuda.shared.array((TILE, TILE_PADDED), dtype=scalar)
+        rows = src.shape[1]
+        cols = src.shape[2]
+        bt = cuda.blockIdx.z
+        c0 = cuda.blockIdx.x * TILE
+        r0 = cuda.blockIdx.y * TILE
+        tx = cuda.threadIdx.x
+        for k in range(cuda.threadIdx.y, TILE, cuda.blockDim.y):
+            r = r0 + k
+            if r < rows and c0 + tx < cols:
+                buf[k, tx] = src[bt, r, c0 + tx]
+        # Wait for the whole tile before reading it transposed.
+        cuda.syncthreads()
+        for k in range(cuda.threadIdx.y, TILE, cuda.blockDim.y):
+            c = c0 + k
+            if c < cols and r0 + tx < rows:
+                dst[bt, c, r0 + tx] = buf[tx, k]
+
+    name = f"transpose_{code}_t{TILE}"
+    signature = (_array(code, 3), _array(code, 3))
+    return KernelSpec(name, _rename(kernel, name), signature)
+
+
+@functools.lru_cache(maxsize=None)
+def copy_kernel(code):
+    """Strided 6-D array to a C-contiguous one of the same shape (grid-stride over elements).
+
+    Makes contiguous device copies of non-contiguous GPU inputs (lower-rank arrays are
+    viewed as 6-D with leading length-1 axes). Launch: 1-D, any size.
+    """
+
+    def kernel(src, dst):
+        start = cuda.grid(1)
+        step = cuda.gridsize(1)
+        d1, d2, d3, d4, d5 = src.shape[1], src.shape[2], src.shape[3], src.shape[4], src.shape[5]
+        total = dst.size
+        for i in range(start, total, step):
+            rest = i
+            i5 = rest % d5
+            rest //= d5
+            i4 = rest % d4
+            rest //= d4
+            i3 = rest % d3
+            rest //= d3
+            i2 = rest % d2
+            rest //= d2
+            i1 = rest % d1
+            i0 = rest // d1
+            dst[i0, i1, i2, i3, i4, i5] = src[i0, i1, i2, i3, i4, i5]
+
+    name = f"copy6d_{code}"
+    signature = (types.Array(_SCALAR[code], 6, "A"), _array(code, 6))
+    return KernelSpec(name, _rename(kernel, name), signature)
+
+
+# --------------------------------------------------------------------------------------------
+# the specialisations the benchmark layers launch (for PTX/ptxas reports)
+# --------------------------------------------------------------------------------------------
+
+#: The WORKLOADS layers: (name, op, N_gpu, C_in, H, W, C_out, k, stride, pad).
+WORKLOAD_LAYERS = (
+    ("seed conv1", "conv2d", 32, 3, 500, 500, 10, 5, 1, 0),
+    ("seed conv2", "conv2d", 32, 10, 496, 496, 5, 3, 1, 0),
+    ("AlexNet conv1", "conv2d", 32, 3, 227, 227, 96, 11, 4, 0),
+    ("AlexNet conv2", "conv2d", 32, 96, 27, 27, 256, 5, 1, 2),
+    ("VGG-16 conv3_2", "conv2d", 32, 256, 56, 56, 256, 3, 1, 1),
+    ("VGG-16 conv5_1", "conv2d", 32, 512, 14, 14, 512, 3, 1, 1),
+    ("ResNet-50 conv1", "conv2d", 32, 3, 224, 224, 64, 7, 2, 3),
+    ("ResNet-50 res2 3x3", "conv2d", 32, 64, 56, 56, 64, 3, 1, 1),
+    ("ResNet-50 res4 1x1", "conv2d", 32, 1024, 14, 14, 256, 1, 1, 0),
+    ("ResNet-50 res5 3x3", "conv2d", 32, 512, 7, 7, 512, 3, 1, 1),
+    ("DeepFace L4", "local_conv2d", 128, 16, 63, 63, 16, 9, 1, 0),
+    ("DeepFace L5", "local_conv2d", 128, 16, 55, 55, 16, 7, 2, 0),
+    ("DeepFace L6", "local_conv2d", 128, 16, 25, 25, 16, 5, 1, 0),
+)
+
+
+def workload_geometry(layer, op=None, batch=None):
+    """The :class:`~gpuconv._geometry.ConvGeometry` of one ``WORKLOAD_LAYERS`` entry."""
+    from ._geometry import conv_geometry
+
+    _, _, n, c_in, h, w, c_out, k, s, p = layer
+    return conv_geometry((n if batch is None else batch, c_in, h, w), (k, k), c_out, s, p)
+
+
+def workload_specialisations(codes=("f32", "f64")):
+    """Every kernel the benchmark layers launch (each op on each layer), deduplicated.
+
+    Both ops run on every layer (the shared and the unshared operation can be timed on the
+    same geometry), plus the helper kernels. Returns a list of :class:`KernelSpec`.
+    """
+    specs = {}
+    for code in codes:
+        dtype = _NUMPY[code]
+        for layer in WORKLOAD_LAYERS:
+            geom = workload_geometry(layer)
+            for spec in (conv2d_config(geom, dtype).kernel, local_conv2d_config(geom, dtype).kernel):
+                specs.setdefault(spec.name, spec)
+        for spec in (transpose_kernel(code), copy_kernel(code)):
+            specs.setdefault(spec.name, spec)
+    return list(specs.values())
+
