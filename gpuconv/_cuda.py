@@ -153,8 +153,9 @@ def _contiguous(array, stream):
 # launches (all arrays Numba device arrays, C-contiguous, one dtype)
 # --------------------------------------------------------------------------------------------
 
-def _launch_conv2d(x, weight, bias, out, geom, stream):
-    config = kernels.conv2d_config(geom, x.dtype)
+def _launch_conv2d(x, weight, bias, out, geom, stream, config=None):
+    """Write conv2d into ``out``; ``config`` overrides :func:`~gpuconv._cuda_kernels.conv2d_config`."""
+    config = config or kernels.conv2d_config(geom, x.dtype)
     if bias is None:
         bias, has_bias = cuda.device_array((1,), dtype=x.dtype, stream=stream), 0
     else:
@@ -199,8 +200,10 @@ def transpose_local_weights(weight, geom, stream):
                        geom.kernel_width, n_pos)
 
 
-def _launch_local_conv2d(x, weight, bias, out, geom, stream):
-    config = kernels.local_conv2d_config(geom, x.dtype)
+def _launch_local_conv2d(x, weight, bias, out, geom, stream, config=None):
+    """Write local_conv2d into ``out``; ``config`` overrides
+    :func:`~gpuconv._cuda_kernels.local_conv2d_config`."""
+    config = config or kernels.local_conv2d_config(geom, x.dtype)
     weight_t = transpose_local_weights(weight, geom, stream)
     n_pos = geom.out_height * geom.out_width
     if bias is None:

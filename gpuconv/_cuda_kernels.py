@@ -32,11 +32,13 @@ from numba import cuda, float32, float64, int64, types
 __all__ = ["KernelSpec", "Conv2dConfig", "LocalConv2dConfig", "conv2d_kernel",
            "local_conv2d_kernel", "transpose_kernel", "copy_kernel", "compiled",
            "conv2d_config", "local_conv2d_config", "workload_specialisations",
-           "WORKLOAD_LAYERS", "SHARED_BUDGET_BYTES"]
+           "WORKLOAD_LAYERS", "SHARED_BUDGET_BYTES", "SHARED_LIMIT_BYTES"]
 
 # Dynamic shared memory one conv2d block may use: small enough that several blocks share an
 # SM (an H100/H200 SM has 228 KiB), and under the 48 KiB that needs no opt-in.
 SHARED_BUDGET_BYTES = 24 * 1024
+# Shared memory a block may use without opting in (every GPU since Kepler).
+SHARED_LIMIT_BYTES = 48 * 1024
 
 _SCALAR = {"f32": float32, "f64": float64}
 _NUMPY = {"f32": np.dtype(np.float32), "f64": np.dtype(np.float64)}
@@ -229,8 +231,9 @@ def conv2d_config(geom, dtype):
 
     A pure function of the geometry (no GPU needed): register block ``2 x 2`` outputs x up to
     8 (float32) or 4 (float64) output channels per thread; a block of at most 16 x 16 threads,
-    shrunk to the output and to keep one input channel's tile (with halo) within half the
-    shared-memory budget; as many input channels per stage as fit the budget.
+    shrunk to the output and (down to one warp) to keep one input channel's tile (with halo)
+    within half the shared-memory budget; as many input channels per stage as fit the budget
+    (at least one, whose stage may take up to ``SHARED_LIMIT_BYTES``).
     """
     code = dtype_code(dtype)
     itemsize = _NUMPY[code].itemsize
@@ -250,14 +253,24 @@ def conv2d_config(geom, dtype):
         tile_w = (bx * cols - 1) * geom.stride_w + (kw - 1) * geom.dilation_w + 1
         return tile_h, tile_w
 
-    tile_h, tile_w = tile_dims(bx, by)
-    while (tile_h * tile_w + kh * kw * channels) * itemsize > SHARED_BUDGET_BYTES // 2 \
-            and bx * by > 16:
+    def stage_bytes(bx, by):
+        tile_h, tile_w = tile_dims(bx, by)
+        return (tile_h * tile_w + kh * kw * channels) * itemsize
+
+    # Shrink to one warp to bring a channel's stage within half the budget; below a warp
+    # only if the stage would not fit at all (large strides x dilations).
+    while (stage_bytes(bx, by) > SHARED_BUDGET_BYTES // 2 and bx * by > 32) or \
+            (stage_bytes(bx, by) > SHARED_LIMIT_BYTES and bx * by > 1):
         if by >= bx:
             by //= 2
         else:
             bx //= 2
-        tile_h, tile_w = tile_dims(bx, by)
+    if stage_bytes(bx, by) > SHARED_LIMIT_BYTES:
+        raise ValueError(
+            f"conv2d on the GPU needs one input channel's dilated window in shared memory: "
+            f"{stage_bytes(bx, by)} bytes for this kernel size, stride and dilation exceeds "
+            f"{SHARED_LIMIT_BYTES}; use device='cpu'")
+    tile_h, tile_w = tile_dims(bx, by)
     per_channel = tile_h * tile_w + kh * kw * channels
     chunk = max(1, min(geom.in_channels_per_group, SHARED_BUDGET_BYTES // (per_channel * itemsize)))
     tiles_y = -(-geom.out_height // (by * rows))

@@ -1,0 +1,336 @@
+"""The CUDA kernels and their launch layer, against the float64 reference.
+
+Tests marked ``cuda`` need ``numba.cuda`` to launch kernels: a GPU, or the simulator
+(``NUMBA_ENABLE_CUDASIM=1``, where sizes stay tiny; ``tests/test_cuda_sim.py`` runs them so).
+The rest check the pure launch-shape logic and run everywhere.
+"""
+
+import numpy as np
+import pytest
+
+from gpuconv._conv import _Operand
+from gpuconv._device import cuda_available
+from gpuconv._geometry import conv_geometry
+from reference import TOLERANCE, conv2d_ref, local_conv2d_ref
+
+needs_cuda = pytest.mark.skipif(not cuda_available(), reason="numba.cuda cannot launch kernels "
+                                "(no GPU and the simulator is off)")
+
+DTYPES = [np.float32, np.float64]
+DTYPE_IDS = ["f32", "f64"]
+
+
+def _geometry(n, c_in, h, w, c_out, k, stride=1, padding=0, dilation=1, groups=1):
+    kh, kw = (k, k) if isinstance(k, int) else k
+    return conv_geometry((n, c_in, h, w), (kh, kw), c_out, stride, padding, dilation, groups)
+
+
+def _operands(rng, geom, dtype, local, bias_kind):
+    x = rng.uniform(-1, 1, (geom.batch, geom.in_channels, geom.in_height, geom.in_width))
+    shape = geom.local_weight_shape() if local else geom.shared_weight_shape()
+    w = rng.uniform(-1, 1, shape)
+    if bias_kind is None:
+        b = None
+    elif bias_kind == "channel":
+        b = rng.uniform(-1, 1, geom.out_channels)
+    else:
+        b = rng.uniform(-1, 1, (geom.out_channels, geom.out_height, geom.out_width))
+    cast = (lambda a: None if a is None else a.astype(dtype))
+    return cast(x), cast(w), cast(b)
+
+
+def _kwargs(geom):
+    return dict(stride=(geom.stride_h, geom.stride_w),
+                padding=((geom.pad_top, geom.pad_left)),
+                dilation=(geom.dilation_h, geom.dilation_w), groups=geom.groups)
+
+
+def _reference(local, x, w, b, geom):
+    """(expected, magnitude bound) in float64; padding here is symmetric by construction."""
+    ref = local_conv2d_ref if local else conv2d_ref
+    kwargs = _kwargs(geom)
+    expected = ref(x, w, b, **kwargs)
+    bound = ref(np.abs(x), np.abs(w), None if b is None else np.abs(b), **kwargs)
+    return expected, bound
+
+
+def _assert_matches(y, expected, bound, dtype):
+    y = np.asarray(y, dtype=np.float64)
+    assert y.shape == expected.shape
+    assert np.all(np.isfinite(y)), "NaN/Inf in the output where the reference has none"
+    scale = max(float(np.abs(bound).max()), np.finfo(np.float64).tiny)
+    err = float(np.abs(y - expected).max())
+    assert err <= TOLERANCE[np.dtype(dtype)] * scale, f"error {err:.3e}, scale {scale:.3e}"
+
+
+def _op(value):
+    if value is None:
+        return None
+    if isinstance(value, np.ndarray):
+        return _Operand(value, value.shape, value.dtype, False)
+    return _Operand(value, tuple(value.shape), np.dtype(value.dtype), True)
+
+
+def _run(local, x, w, b, geom):
+    from gpuconv import _cuda
+
+    return _cuda.run("local_conv2d" if local else "conv2d", _op(x), _op(w), _op(b), geom)
+
+
+# Tiny geometries covering the features; several give outputs that are not multiples of a
+# thread block's tile (W_out 35 spans two 32-wide tiles) and channel counts that leave a
+# partial channel block (C_out 10 > 8 per block in float32, 6 > 4 in float64).
+FEATURES = {
+    "plain": dict(n=2, c_in=2, h=5, w=6, c_out=3, k=3),
+    "wide_two_tiles": dict(n=1, c_in=1, h=4, w=37, c_out=2, k=3),
+    "partial_channel_block": dict(n=1, c_in=2, h=4, w=4, c_out=10, k=2),
+    "stride": dict(n=2, c_in=2, h=7, w=8, c_out=2, k=3, stride=(2, 3)),
+    "stride_gt_kernel": dict(n=1, c_in=1, h=9, w=9, c_out=2, k=2, stride=3),
+    "padding": dict(n=1, c_in=2, h=4, w=5, c_out=2, k=3, padding=(2, 1)),
+    "asymmetric_same": dict(n=1, c_in=1, h=5, w=6, c_out=2, k=(2, 4), padding="same"),
+    "dilation": dict(n=1, c_in=2, h=8, w=7, c_out=2, k=3, dilation=(2, 1), padding=1),
+    "groups": dict(n=2, c_in=4, h=5, w=5, c_out=6, k=3, groups=2, padding=1),
+    "depthwise": dict(n=1, c_in=3, h=4, w=5, c_out=3, k=3, groups=3),
+    "kernel_1x1": dict(n=3, c_in=5, h=3, w=4, c_out=4, k=1),
+    "output_1x1": dict(n=1, c_in=2, h=5, w=5, c_out=1, k=5),
+}
+
+
+def _feature_geometry(name):
+    spec = dict(FEATURES[name])
+    padding = spec.pop("padding", 0)
+    g = spec
+    kernel = g["k"]
+    geom = _geometry(g["n"], g["c_in"], g["h"], g["w"], g["c_out"], kernel,
+                     g.get("stride", 1), padding, g.get("dilation", 1), g.get("groups", 1))
+    return geom, padding
+
+
+def _reference_public(local, x, w, b, geom, padding):
+    ref = local_conv2d_ref if local else conv2d_ref
+    kwargs = dict(stride=(geom.stride_h, geom.stride_w), padding=padding,
+                  dilation=(geom.dilation_h, geom.dilation_w), groups=geom.groups)
+    expected = ref(x, w, b, **kwargs)
+    bound = ref(np.abs(x), np.abs(w), None if b is None else np.abs(b), **kwargs)
+    return expected, bound
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", list(FEATURES))
+@pytest.mark.parametrize("local", [False, True], ids=["conv2d", "local_conv2d"])
+def test_feature_grid_host_inputs(local, name, dtype):
+    rng = np.random.default_rng(sum(map(ord, name)))
+    geom, padding = _feature_geometry(name)
+    bias_kind = ("position" if local else "channel") if len(name) % 2 else "channel"
+    if name == "plain":
+        bias_kind = None
+    x, w, b = _operands(rng, geom, dtype, local, bias_kind)
+    y = _run(local, x, w, b, geom)
+    assert isinstance(y, np.ndarray) and y.dtype == np.dtype(dtype)
+    _assert_matches(y, *_reference_public(local, x, w, b, geom, padding), dtype)
+
+
+def _device_arrays(*arrays):
+    from numba import cuda
+
+    return [None if a is None else cuda.to_device(a) for a in arrays]
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("local", [False, True], ids=["conv2d", "local_conv2d"])
+def test_numba_device_arrays_in_device_array_out(local, dtype):
+    rng = np.random.default_rng(11)
+    geom, padding = _feature_geometry("groups")
+    x, w, b = _operands(rng, geom, dtype, local, "channel")
+    d_x, d_w, d_b = _device_arrays(x, w, b)
+    y = _run(local, d_x, d_w, d_b, geom)
+    assert not isinstance(y, np.ndarray) and hasattr(y, "copy_to_host")
+    assert tuple(y.shape) == geom.output_shape and np.dtype(y.dtype) == np.dtype(dtype)
+    _assert_matches(y.copy_to_host(), *_reference_public(local, x, w, b, geom, padding), dtype)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("local", [False, True], ids=["conv2d", "local_conv2d"])
+def test_non_contiguous_device_inputs_are_copied_on_the_device(local):
+    rng = np.random.default_rng(12)
+    geom, padding = _feature_geometry("stride")
+    x, w, b = _operands(rng, geom, np.float64, local, "channel")
+    # Strided views: every other element of a larger array, and a reversed axis.
+    big_x = np.zeros((geom.batch, geom.in_channels, geom.in_height, 2 * geom.in_width))
+    big_x[..., ::2] = x
+    d_x = _device_arrays(big_x)[0][..., ::2]
+    d_w = _device_arrays(np.ascontiguousarray(w[::-1]))[0][::-1]
+    assert not d_x.is_c_contiguous() and not d_w.is_c_contiguous()
+    d_b = _device_arrays(b)[0]
+    y = _run(local, d_x, d_w, d_b, geom)
+    _assert_matches(y.copy_to_host(),
+                    *_reference_public(local, x, w, b, geom, padding), np.float64)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("on_gpu", [False, True], ids=["host", "device"])
+@pytest.mark.parametrize("local", [False, True], ids=["conv2d", "local_conv2d"])
+def test_empty_batch_returns_empty_output_of_the_right_kind(local, on_gpu):
+    geom = _geometry(0, 2, 5, 5, 3, 3)
+    x = np.zeros((0, 2, 5, 5), np.float32)
+    w = np.ones(geom.local_weight_shape() if local else geom.shared_weight_shape(), np.float32)
+    if on_gpu:
+        x, w = _device_arrays(x, w)
+    y = _run(local, x, w, None, geom)
+    assert tuple(y.shape) == (0, 3, 3, 3) and np.dtype(y.dtype) == np.float32
+    assert isinstance(y, np.ndarray) != on_gpu
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("local", [False, True], ids=["conv2d", "local_conv2d"])
+def test_every_output_written_over_a_nan_poisoned_buffer(local):
+    """The launch layer fills a NaN-filled output completely (no element left unwritten)."""
+    from numba import cuda
+
+    from gpuconv import _cuda
+
+    rng = np.random.default_rng(13)
+    geom, padding = _feature_geometry("wide_two_tiles")
+    x, w, b = _operands(rng, geom, np.float32, local, "channel")
+    d_x, d_w, d_b = _device_arrays(x, w, b)
+    d_out = cuda.to_device(np.full(geom.output_shape, np.nan, np.float32))
+    launch = _cuda._launch_local_conv2d if local else _cuda._launch_conv2d
+    launch(d_x, d_w, d_b, d_out, geom, cuda.default_stream())
+    _assert_matches(d_out.copy_to_host(),
+                    *_reference_public(local, x, w, b, geom, padding), np.float32)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_conv2d_several_channel_stages_and_batch_grid_stride(dtype):
+    """Force one input channel per shared-memory stage and one block row over the batch."""
+    from numba import cuda
+
+    from gpuconv import _cuda, _cuda_kernels
+
+    rng = np.random.default_rng(14)
+    geom = _geometry(3, 3, 5, 4, 5, 3, padding=1)
+    x, w, b = _operands(rng, geom, dtype, False, "channel")
+    config = _cuda_kernels.conv2d_config(geom, dtype)
+    assert config.chunk == 3
+    config = config._replace(chunk=1, grid=config.grid[:2] + (1,),
+                             shared_bytes=config.shared_bytes // 3)
+    d_x, d_w, d_b = _device_arrays(x, w, b)
+    d_out = cuda.to_device(np.full(geom.output_shape, np.nan, dtype))
+    _cuda._launch_conv2d(d_x, d_w, d_b, d_out, geom, cuda.default_stream(), config)
+    _assert_matches(d_out.copy_to_host(), *_reference(False, x, w, b, geom), dtype)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("bias_kind", [None, "channel", "position"])
+def test_local_conv2d_several_batch_passes(bias_kind):
+    """Batch larger than one pass of the block (batch block 2, one row of threads)."""
+    from numba import cuda
+
+    from gpuconv import _cuda, _cuda_kernels
+
+    rng = np.random.default_rng(15)
+    geom = _geometry(5, 2, 4, 5, 3, 2, stride=(1, 2))
+    x, w, b = _operands(rng, geom, np.float32, True, bias_kind)
+    config = _cuda_kernels.local_conv2d_config(geom, np.float32)
+    config = config._replace(kernel=_cuda_kernels.local_conv2d_kernel("f32", 2, 2, 2, 2),
+                             block=(32, 1), grid=(config.grid[0], 2))
+    d_x, d_w, d_b = _device_arrays(x, w, b)
+    d_out = cuda.to_device(np.full(geom.output_shape, np.nan, np.float32))
+    _cuda._launch_local_conv2d(d_x, d_w, d_b, d_out, geom, cuda.default_stream(), config)
+    _assert_matches(d_out.copy_to_host(), *_reference(True, x, w, b, geom), np.float32)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("local", [False, True], ids=["conv2d", "local_conv2d"])
+def test_nan_input_reaches_exactly_the_outputs_whose_window_holds_it(local):
+    rng = np.random.default_rng(16)
+    # stride > kernel: some inputs are in no window at all; padding puts windows on the edge.
+    geom = _geometry(2, 2, 8, 9, 3, 2, stride=3, padding=1)
+    x, w, b = _operands(rng, geom, np.float32, local, "channel")
+    x[0, 1, 0, 0] = np.nan      # in the corner window (with padding)
+    x[1, 0, 2, 4] = np.nan      # between windows: reaches nothing
+    x[1, 1, 4, 5] = np.inf      # one window
+    y = _run(local, x, w, b, geom)
+    expected, _ = _reference(local, x, w, b, geom)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(expected))
+    np.testing.assert_array_equal(np.isinf(y), np.isinf(expected))
+    assert np.isnan(y).any()
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_inputs_on_different_gpus_are_refused(monkeypatch):
+    from gpuconv import _cuda
+
+    geom = _geometry(1, 1, 3, 3, 1, 3)
+    x, w = _device_arrays(np.ones((1, 1, 3, 3)), np.ones((1, 1, 3, 3)))
+    ids = iter([0, 1])
+    monkeypatch.setattr(_cuda, "_simulated", lambda: False)
+    monkeypatch.setattr(_cuda, "_device_id", lambda obj: next(ids))
+    with pytest.raises(ValueError, match="same GPU"):
+        _run(False, x, w, None, geom)
+
+
+# ----------------------------------------------------------------------------------------
+# pure launch-shape logic (no GPU needed)
+# ----------------------------------------------------------------------------------------
+
+def test_factories_are_memoised_and_named_by_their_constants():
+    from gpuconv import _cuda_kernels as k
+
+    spec = k.conv2d_kernel("f32", 3, 5, 2, 2, 8)
+    assert spec is k.conv2d_kernel("f32", 3, 5, 2, 2, 8)
+    assert spec.name == "conv2d_f32_k3x5_r2x2_c8" == spec.pyfunc.__name__
+    assert k.local_conv2d_kernel("f64", 7, 7, 4, 4).name == "local_conv2d_f64_k7x7_b4_c4"
+    assert k.transpose_kernel("f32").name == "transpose_f32_t32"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layer", range(13))
+def test_launch_shapes_of_the_workload_layers_fit_the_hardware(layer, dtype):
+    from gpuconv import _cuda_kernels as k
+
+    geom = k.workload_geometry(k.WORKLOAD_LAYERS[layer])
+    conv = k.conv2d_config(geom, dtype)
+    per_channel = conv.shared_bytes // conv.chunk
+    assert conv.shared_bytes <= max(k.SHARED_BUDGET_BYTES, per_channel) <= k.SHARED_LIMIT_BYTES
+    assert 32 <= conv.block[0] * conv.block[1] <= 1024
+    assert conv.grid[1] <= 65535 and conv.grid[2] <= 65535
+    rows, cols = 2, 2
+    assert conv.grid[0] * conv.block[0] * conv.block[1] * rows * cols >= \
+        geom.out_height * geom.out_width
+    assert conv.tile_h == (conv.block[1] * rows - 1) * geom.stride_h + geom.kernel_height
+    local = k.local_conv2d_config(geom, dtype)
+    assert local.grid[0] * 32 >= geom.out_height * geom.out_width
+    assert local.block[0] * local.block[1] <= 1024
+
+
+def test_huge_dilated_windows_shrink_the_block_or_are_refused():
+    from gpuconv import _cuda_kernels as k
+
+    geom = _geometry(1, 1, 80, 80, 1, 3, dilation=35)
+    config = k.conv2d_config(geom, np.float64)
+    assert config.shared_bytes <= k.SHARED_LIMIT_BYTES and config.block[0] * config.block[1] < 32
+    with pytest.raises(ValueError, match="shared memory"):
+        k.conv2d_config(_geometry(1, 1, 900, 900, 1, 9, dilation=100), np.float64)
+
+
+def test_workload_specialisations_cover_both_ops_and_dtypes():
+    from gpuconv import _cuda_kernels as k
+
+    names = [spec.name for spec in k.workload_specialisations()]
+    assert len(names) == len(set(names))
+    for prefix in ("conv2d_f32_k11x11", "conv2d_f64_k1x1", "local_conv2d_f32_k9x9",
+                   "local_conv2d_f64_k5x5", "transpose_f32", "copy6d_f64"):
+        assert any(name.startswith(prefix) for name in names), prefix
