@@ -19,7 +19,9 @@ The output is always freshly allocated (it never aliases an input) and C-contigu
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
 
 import numpy as np
 from numba import cuda
@@ -304,6 +306,12 @@ def run(op_name, x, weight, bias, geom):
     ``.dtype``, ``.on_gpu``); ``bias`` may be None. ``geom`` is the validated
     :class:`~gpuconv._geometry.ConvGeometry`.
     """
-    if x.on_gpu:
-        return _run_gpu(op_name, x, weight, bias, geom)
-    return _run_host(op_name, x, weight, bias, geom)
+    with _SIMULATOR_LOCK if _simulated() else contextlib.nullcontext():
+        if x.on_gpu:
+            return _run_gpu(op_name, x, weight, bias, geom)
+        return _run_host(op_name, x, weight, bias, geom)
+
+
+# The simulator runs one kernel at a time per process; calls from several threads take turns
+# there (on a GPU they run concurrently, each host call on its own stream).
+_SIMULATOR_LOCK = threading.Lock()
