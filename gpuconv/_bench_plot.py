@@ -1,0 +1,112 @@
+"""The PNG of ``gpuconv bench --plot`` (matplotlib, Agg backend; the ``bench`` extra)."""
+
+from __future__ import annotations
+
+__all__ = ["require_matplotlib", "plot"]
+
+# Shared in blue, unshared in orange; gpuconv solid, the peer lighter and hatched.
+_STYLE = {
+    ("conv2d", True): dict(color="#1f77b4"),
+    ("conv2d", False): dict(color="#aec7e8", hatch="//", edgecolor="#1f77b4"),
+    ("local_conv2d", True): dict(color="#ff7f0e"),
+    ("local_conv2d", False): dict(color="#ffbb78", hatch="//", edgecolor="#ff7f0e"),
+}
+
+
+def require_matplotlib():
+    """Import matplotlib with the Agg backend; raises ``ImportError`` when it is missing."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot  # noqa: F401
+
+
+def _label(op, impl):
+    name = "conv2d (shared)" if op == "conv2d" else "local_conv2d (unshared)"
+    return f"gpuconv {name}" if impl == "gpuconv" else f"{impl} {op}"
+
+
+def plot(result, path):
+    """Two panels: time per layer of every implementation; time against batch size."""
+    require_matplotlib()
+    import matplotlib.pyplot as plt
+
+    records = [r for r in result["records"] if r["median_s"]]
+    suite = [r for r in records if r["part"] == "suite"]
+    sweep = [r for r in records if r["part"] == "batch-sweep"]
+    machine = result["machine"]
+    panels = 2 if sweep else 1
+    fig, axes = plt.subplots(1, panels, figsize=(16 if sweep else 11, 5.8),
+                             gridspec_kw={"width_ratios": [2.2, 1][:panels]}, squeeze=False)
+    axes = axes[0]
+
+    # Panel 1: per layer, median time of each implementation (log scale), IQR as error bars.
+    ax = axes[0]
+    layers = list(dict.fromkeys(r["layer"] for r in suite))
+    series = list(dict.fromkeys((r["op"], r["impl"]) for r in suite))
+    series.sort(key=lambda s: (s[0] != "conv2d", s[1] != "gpuconv"))
+    width = 0.8 / max(1, len(series))
+    for k, (op, impl) in enumerate(series):
+        xs, ys, low, high = [], [], [], []
+        for i, layer in enumerate(layers):
+            match = [r for r in suite if (r["layer"], r["op"], r["impl"]) == (layer, op, impl)]
+            if match:
+                r = match[0]
+                xs.append(i + (k - (len(series) - 1) / 2) * width)
+                ys.append(r["median_s"] * 1e3)
+                low.append((r["median_s"] - r["q1_s"]) * 1e3)
+                high.append((r["q3_s"] - r["median_s"]) * 1e3)
+        style = _STYLE.get((op, impl == "gpuconv"), {})
+        ax.bar(xs, ys, width * 0.95, yerr=[low, high], capsize=2, label=_label(op, impl),
+               error_kw={"elinewidth": 0.8, "ecolor": "#333333"}, linewidth=0.6, **style)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels([f"{layer}\nN={next(r['N'] for r in suite if r['layer'] == layer)}"
+                        for layer in layers], fontsize=8)
+    ax.set_ylabel("median time per call (ms, log scale)")
+    ax.set_title("Shared vs unshared, and the peers (bars: median, whiskers: quartiles)",
+                 fontsize=10)
+    ax.grid(axis="y", which="both", alpha=0.25)
+    ax.set_axisbelow(True)
+    ax.legend(fontsize=8, loc="upper right", framealpha=0.9)
+    ax.set_xlim(-0.6, len(layers) - 0.4)
+
+    # Panel 2: the cost model made visible: time against batch size on one layer.
+    if sweep:
+        ax = axes[1]
+        layer = sweep[0]["layer"]
+        for op, impl in dict.fromkeys((r["op"], r["impl"]) for r in sweep):
+            rows = sorted((r for r in sweep if (r["op"], r["impl"]) == (op, impl)),
+                          key=lambda r: r["N"])
+            color = _STYLE[(op, True)]["color"]
+            ax.plot([r["N"] for r in rows], [r["median_s"] * 1e3 for r in rows],
+                    marker="o" if impl == "gpuconv" else "s",
+                    linestyle="-" if impl == "gpuconv" else "--", color=color,
+                    alpha=1.0 if impl == "gpuconv" else 0.6, label=_label(op, impl))
+        batches = sorted({r["N"] for r in sweep})
+        first = [r for r in sweep if (r["op"], r["impl"]) == ("local_conv2d", "gpuconv")]
+        if first and len(batches) > 1:
+            start = min(first, key=lambda r: r["N"])
+            ax.plot(batches, [start["median_s"] * 1e3 * b / start["N"] for b in batches],
+                    linestyle=":", color="#777777", label="proportional to N (guide)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(batches)
+        ax.set_xticklabels([str(b) for b in batches])
+        ax.set_xlabel("batch size N")
+        ax.set_ylabel("median time per call (ms, log scale)")
+        ax.set_title(f"Time against batch size, {layer}\n"
+                     "shared grows with N; unshared starts high (its weights are read "
+                     "once per call)",
+                     fontsize=10)
+        ax.grid(which="both", alpha=0.25)
+        ax.legend(fontsize=8, loc="upper left", framealpha=0.9)
+
+    where = machine.get("gpu") if machine.get("device") == "cuda" else machine.get("cpu")
+    fig.suptitle(f"gpuconv bench — {machine.get('device')} ({where}, {machine.get('cores')} "
+                 f"cores), {machine.get('dtype')}, {str(machine.get('date', ''))[:10]}",
+                 fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
