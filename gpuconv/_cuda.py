@@ -155,6 +155,11 @@ def _contiguous(array, stream):
 # launches (all arrays Numba device arrays, C-contiguous, one dtype)
 # --------------------------------------------------------------------------------------------
 
+def _flat(array):
+    """The 1-D view of a C-contiguous device array (the kernels index flat memory)."""
+    return array.reshape(array.size)
+
+
 def _launch_conv2d(x, weight, bias, out, geom, stream, config=None):
     """Write conv2d into ``out``; ``config`` overrides :func:`~gpuconv._cuda_kernels.conv2d_config`."""
     config = config or kernels.conv2d_config(geom, x.dtype)
@@ -164,15 +169,17 @@ def _launch_conv2d(x, weight, bias, out, geom, stream, config=None):
         has_bias = 1
     kernel = kernels.compiled(config.kernel)
     kernel[config.grid, config.block, stream, config.shared_bytes](
-        x,                          # (n, c_I, h, w)
-        weight,                     # (c_O, c_Ig, k_H, k_W)
-        bias,                       # (c_O,) or a dummy
+        _flat(x),                   # (n, c_I, h, w)
+        _flat(weight),              # (c_O, c_Ig, k_H, k_W)
+        _flat(bias),                # (c_O,) or a dummy
+        _flat(out),                 # (n, c_O, h_O, w_O), written
         has_bias,                   # 0 or 1
-        out,                        # (n, c_O, h_O, w_O)
+        geom.batch, geom.in_channels, geom.in_height, geom.in_width,
+        geom.out_channels, geom.out_height, geom.out_width,
+        geom.in_channels_per_group, geom.out_channels_per_group,
         geom.stride_h, geom.stride_w,
         geom.pad_top, geom.pad_left,
         geom.dilation_h, geom.dilation_w,
-        geom.out_channels_per_group,
         config.tiles_x,             # output tiles along W
         config.tile_h, config.tile_w,  # input tile with halo
         config.chunk,               # input channels per shared-memory stage
@@ -209,21 +216,23 @@ def _launch_local_conv2d(x, weight, bias, out, geom, stream, config=None):
     weight_t = transpose_local_weights(weight, geom, stream)
     n_pos = geom.out_height * geom.out_width
     if bias is None:
-        bias, has_bias = cuda.device_array((1, 1), dtype=x.dtype, stream=stream), 0
+        bias, has_bias, bias_len = cuda.device_array((1,), dtype=x.dtype, stream=stream), 0, 1
     else:
-        bias = bias.reshape(geom.out_channels, n_pos if bias.ndim == 3 else 1)
-        has_bias = 1
+        has_bias, bias_len = 1, (n_pos if bias.ndim == 3 else 1)
     kernel = kernels.compiled(config.kernel)
     kernel[config.grid, config.block, stream](
-        x,                          # (n, c_I, h, w)
-        weight_t,                   # (c_O, c_Ig, k_H, k_W, P), positions innermost
-        bias,                       # (c_O, 1 or P) or a dummy
+        _flat(x),                   # (n, c_I, h, w)
+        _flat(weight_t),            # (c_O, c_Ig, k_H, k_W, P), positions innermost
+        _flat(bias),                # (c_O, 1 or P) or a dummy
+        _flat(out),                 # (n, c_O, h_O, w_O), written
         has_bias,                   # 0 or 1
-        out,                        # (n, c_O, h_O, w_O)
+        bias_len,                   # 1 (per map) or P (per position)
+        geom.batch, geom.in_channels, geom.in_height, geom.in_width,
+        geom.out_channels, geom.out_height, geom.out_width,
+        geom.in_channels_per_group, geom.out_channels_per_group,
         geom.stride_h, geom.stride_w,
         geom.pad_top, geom.pad_left,
         geom.dilation_h, geom.dilation_w,
-        geom.out_channels_per_group,
     )
 
 

@@ -27,7 +27,7 @@ import functools
 from typing import NamedTuple
 
 import numpy as np
-from numba import cuda, float32, float64, int64, types
+from numba import cuda, float32, float64, int64, types, uint64
 
 __all__ = ["KernelSpec", "Conv2dConfig", "LocalConv2dConfig", "conv2d_kernel",
            "local_conv2d_kernel", "transpose_kernel", "copy_kernel", "compiled",
@@ -95,9 +95,11 @@ def conv2d_kernel(code, kernel_h, kernel_w, rows, cols, channels):
     tile is ``(by * rows) x (bx * cols)`` and the input tile (with halo)
     ``tile_h = (by * rows - 1) * s_h + (k_H - 1) * d_h + 1`` (same for W).
 
-    Kernel arguments: ``x (n, c_I, h, w)``, ``weight (c_O, c_Ig, k_H, k_W)``,
-    ``bias (c_O,)`` or a 1-element dummy, ``has_bias``, ``out (n, c_O, h_O, w_O)``, then
-    ``s_h, s_w, p_top, p_left, d_h, d_w, c_Og, tiles_x, tile_h, tile_w, chunk``.
+    Kernel arguments: the flat (C-order, 1-D) ``x (n, c_I, h, w)``,
+    ``weight (c_O, c_Ig, k_H, k_W)``, ``bias (c_O,)`` (or a dummy) and ``out (n, c_O, h_O, w_O)``,
+    then ``has_bias, n, c_I, h, w, c_O, h_O, w_O, c_Ig, c_Og, s_h, s_w, p_top, p_left, d_h,
+    d_w, tiles_x, tile_h, tile_w, chunk``. Flat arrays indexed with non-negative 64-bit
+    offsets keep the address arithmetic to a few adds (no negative-index wraparound).
     """
     scalar = _SCALAR[code]
     KH, KW, RY, RX, CB = kernel_h, kernel_w, rows, cols, channels
@@ -105,8 +107,8 @@ def conv2d_kernel(code, kernel_h, kernel_w, rows, cols, channels):
     NPOS = RY * RX
     NACC = NPOS * CB
 
-    def kernel(x, weight, bias, has_bias, out, sh, sw, pt, pl, dh, dw, c_Og,
-               tiles_x, tile_h, tile_w, chunk):
+    def kernel(x, weight, bias, out, has_bias, n, c_I, h, wd, c_O, h_O, w_O, c_Ig, c_Og,
+               sh, sw, pt, pl, dh, dw, tiles_x, tile_h, tile_w, chunk):
         # A tile kernel: every thread takes part in the shared-memory stages, so the bounds
         # guard sits on the stores, not at the top.
         tx = cuda.threadIdx.x
@@ -115,12 +117,6 @@ def conv2d_kernel(code, kernel_h, kernel_w, rows, cols, channels):
         by = cuda.blockDim.y
         tid = ty * bx + tx
         nthreads = bx * by
-        n = x.shape[0]
-        h = x.shape[2]
-        wd = x.shape[3]
-        c_Ig = weight.shape[1]
-        h_O = out.shape[2]
-        w_O = out.shape[3]
         tile_hw = tile_h * tile_w
 
         tile = cuda.blockIdx.x
@@ -134,7 +130,7 @@ def conv2d_kernel(code, kernel_h, kernel_w, rows, cols, channels):
         ix0 = ox0 * sw - pl
 
         smem = cuda.shared.array(0, dtype=scalar)
-        w_base = chunk * tile_hw  # weights follow the input tile in shared memory
+        w_base = chunk * tile_hw  # weights follow the input tiles in shared memory
 
         # Offsets of this thread's outputs inside the input tile.
         base = cuda.local.array(NPOS, dtype=int64)
@@ -150,28 +146,28 @@ def conv2d_kernel(code, kernel_h, kernel_w, rows, cols, channels):
                 acc[a] = scalar(0)  # keep the math in the input dtype
             for c0 in range(0, c_Ig, chunk):
                 nc = min(chunk, c_Ig - c0)
-                cx0 = g * c_Ig + c0
                 # Stage the input tiles of nc channels, zeros outside the image (padding).
-                for idx in range(tid, nc * tile_hw, nthreads):
-                    c = idx // tile_hw
-                    rem = idx - c * tile_hw
-                    r = rem // tile_w
-                    iy = iy0 + r
-                    ix = ix0 + rem - r * tile_w
-                    v = scalar(0)
-                    if iy >= 0 and iy < h and ix >= 0 and ix < wd:
-                        v = x[b, cx0 + c, iy, ix]
-                    smem[idx] = v
-                # Stage the weights as [c][ky][kx][channel], zeros past the group's end.
+                for c in range(nc):
+                    plane = (b * c_I + g * c_Ig + c0 + c) * h
+                    for r in range(ty, tile_h, by):
+                        iy = iy0 + r
+                        row = (plane + iy) * wd
+                        srow = c * tile_hw + r * tile_w
+                        for col in range(tx, tile_w, bx):
+                            ix = ix0 + col
+                            v = scalar(0)
+                            if iy >= 0 and iy < h and ix >= 0 and ix < wd:
+                                v = x[uint64(row + ix)]
+                            smem[uint64(srow + col)] = v
+                # Stage the weights as [c][ky][kx][channel], zeros past the group's end;
+                # rest = c * k_H * k_W + ky * k_W + kx walks one output channel's weights.
                 for idx in range(tid, nc * KHW * CB, nthreads):
                     q = idx % CB
                     rest = idx // CB
-                    kk = rest % KHW
-                    c = rest // KHW
                     v = scalar(0)
                     if co0 + q < co_end:
-                        v = weight[co0 + q, c0 + c, kk // KW, kk % KW]
-                    smem[w_base + idx] = v
+                        v = weight[uint64(((co0 + q) * c_Ig + c0) * KHW + rest)]
+                    smem[uint64(w_base + idx)] = v
                 # Wait until both tiles are staged before anyone reads them.
                 cuda.syncthreads()
                 for c in range(nc):
@@ -179,30 +175,33 @@ def conv2d_kernel(code, kernel_h, kernel_w, rows, cols, channels):
                         for kx in range(KW):
                             wofs = w_base + ((c * KH + ky) * KW + kx) * CB
                             for q in range(CB):
-                                wreg[q] = smem[wofs + q]
+                                wreg[q] = smem[uint64(wofs + q)]
                             xofs = c * tile_hw + ky * dh * tile_w + kx * dw
                             for p in range(NPOS):
-                                xv = smem[xofs + base[p]]
+                                xv = smem[uint64(xofs + base[p])]
                                 for q in range(CB):
                                     acc[p * CB + q] += xv * wreg[q]
                 # Wait until everyone is done with the tiles before the next stage overwrites them.
                 cuda.syncthreads()
+            # Flat output offsets, one channel plane apart.
+            plane = h_O * w_O
+            first = (b * c_O + co0) * plane
             for i in range(RY):
                 oy = oy0 + ty + i * by
                 for j in range(RX):
                     ox = ox0 + tx + j * bx
                     if oy < h_O and ox < w_O:
+                        ofs = first + oy * w_O + ox
                         for q in range(CB):
-                            co = co0 + q
-                            if co < co_end:
+                            if co0 + q < co_end:
                                 v = acc[(i * RX + j) * CB + q]
                                 if has_bias:
-                                    v += bias[co]
-                                out[b, co, oy, ox] = v
+                                    v += bias[uint64(co0 + q)]
+                                out[uint64(ofs)] = v
+                            ofs += plane
 
     name = f"conv2d_{code}_k{KH}x{KW}_r{RY}x{RX}_c{CB}"
-    signature = (_array(code, 4), _array(code, 4), _array(code, 1), types.int64,
-                 _array(code, 4)) + (types.int64,) * 11
+    signature = (_array(code, 1),) * 4 + (types.int64,) * 20
     return KernelSpec(name, _rename(kernel, name), signature)
 
 
@@ -302,22 +301,20 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_block, channels):
     Launch: ``grid = (ceil(P / 32), groups * ceil(c_Og / channels))``,
     ``block = (32, by)`` with ``by = min(8, ceil(n / batch_block))``.
 
-    Kernel arguments: ``x (n, c_I, h, w)``, ``weight_t (c_O, c_Ig, k_H, k_W, P)``,
-    ``bias (c_O, 1 or P)``, ``has_bias``, ``out (n, c_O, h_O, w_O)``, then
-    ``s_h, s_w, p_top, p_left, d_h, d_w, c_Og``.
+    Kernel arguments: the flat (C-order, 1-D) ``x (n, c_I, h, w)``,
+    ``weight_t (c_O, c_Ig, k_H, k_W, P)``, ``bias (c_O, bias_len)`` (``bias_len`` 1 or ``P``;
+    or a dummy) and ``out (n, c_O, h_O, w_O)``, then ``has_bias, bias_len, n, c_I, h, w, c_O,
+    h_O, w_O, c_Ig, c_Og, s_h, s_w, p_top, p_left, d_h, d_w``.
     """
     scalar = _SCALAR[code]
     KH, KW, NB, CB = kernel_h, kernel_w, batch_block, channels
+    KHW = KH * KW
     NACC = NB * CB
 
-    def kernel(x, weight_t, bias, has_bias, out, sh, sw, pt, pl, dh, dw, c_Og):
+    def kernel(x, weight_t, bias, out, has_bias, bias_len, n, c_I, h, wd, c_O, h_O, w_O,
+               c_Ig, c_Og, sh, sw, pt, pl, dh, dw):
         pos = cuda.grid(1)
-        n = x.shape[0]
-        h = x.shape[2]
-        wd = x.shape[3]
-        c_Ig = weight_t.shape[1]
-        w_O = out.shape[3]
-        n_pos = weight_t.shape[4]
+        n_pos = h_O * w_O
         if pos >= n_pos:
             return
         oy = pos // w_O
@@ -328,7 +325,8 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_block, channels):
         g = cuda.blockIdx.y // blocks_per_group
         co0 = g * c_Og + (cuda.blockIdx.y % blocks_per_group) * CB
         co_end = min(co0 + CB, (g + 1) * c_Og)
-        bias_pos = pos if bias.shape[1] > 1 else 0
+        image = c_I * h * wd            # distance between two images of x
+        w_channel = c_Ig * KHW * n_pos  # distance between two output channels' weights
 
         acc = cuda.local.array(NACC, dtype=scalar)
         wreg = cuda.local.array(CB, dtype=scalar)
@@ -337,40 +335,43 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_block, channels):
             for a in range(NACC):
                 acc[a] = scalar(0)  # keep the math in the input dtype
             for ci in range(c_Ig):
-                cx = g * c_Ig + ci
+                x_plane = (b0 * c_I + g * c_Ig + ci) * h
+                w_plane = (co0 * c_Ig + ci) * KHW * n_pos + pos
                 for ky in range(KH):
                     iy = iy0 + ky * dh
                     if iy >= 0 and iy < h:
                         for kx in range(KW):
                             ix = ix0 + kx * dw
                             if ix >= 0 and ix < wd:
+                                wofs = w_plane + (ky * KW + kx) * n_pos
                                 for q in range(CB):
                                     v = scalar(0)
                                     if co0 + q < co_end:
-                                        v = weight_t[co0 + q, ci, ky, kx, pos]
+                                        v = weight_t[uint64(wofs + q * w_channel)]
                                     wreg[q] = v
+                                xofs = (x_plane + iy) * wd + ix
                                 for bb in range(NB):
                                     v = scalar(0)
                                     if b0 + bb < n:
-                                        v = x[b0 + bb, cx, iy, ix]
+                                        v = x[uint64(xofs + bb * image)]
                                     xreg[bb] = v
                                 for bb in range(NB):
                                     for q in range(CB):
                                         acc[bb * CB + q] += xreg[bb] * wreg[q]
+            bias_pos = pos if bias_len > 1 else 0
             for bb in range(NB):
-                b = b0 + bb
-                if b < n:
+                if b0 + bb < n:
+                    ofs = ((b0 + bb) * c_O + co0) * n_pos + pos
                     for q in range(CB):
-                        co = co0 + q
-                        if co < co_end:
+                        if co0 + q < co_end:
                             v = acc[bb * CB + q]
                             if has_bias:
-                                v += bias[co, bias_pos]
-                            out[b, co, oy, ox] = v
+                                v += bias[uint64((co0 + q) * bias_len + bias_pos)]
+                            out[uint64(ofs)] = v
+                        ofs += n_pos
 
     name = f"local_conv2d_{code}_k{KH}x{KW}_b{NB}_c{CB}"
-    signature = (_array(code, 4), _array(code, 5), _array(code, 2), types.int64,
-                 _array(code, 4)) + (types.int64,) * 7
+    signature = (_array(code, 1),) * 4 + (types.int64,) * 17
     return KernelSpec(name, _rename(kernel, name), signature)
 
 
