@@ -1,80 +1,629 @@
-"""CPU kernels (Numba ``@njit``), one per operation.
+"""CPU kernels (Numba ``@njit``), one entry point per operation.
 
 The kernels are bare: they trust their caller (:mod:`gpuconv._conv`) for shapes, dtypes
 and contiguity. Arguments use the notation of :mod:`gpuconv._geometry`; ``bias`` is always
 a 3-D array ``(c_O, bh, bw)`` with ``(bh, bw)`` either ``(1, 1)`` (one bias per output map)
 or ``(h_O, w_O)`` (one per output position), and ``has_bias`` says whether to add it.
 
-Parallelism: ``prange`` over independent blocks of output, so that both cores stay busy
-even at batch 1. Compilation is cached on disk (``cache=True``): a later process reuses it.
-No ``fastmath``: NaN and Inf propagate exactly as IEEE arithmetic says.
+Design (direct convolution, after Zhang, Franchetti & Low, ICML 2018, and Georganas et al.,
+SC18): no im2col matrix is built.
+
+* ``conv2d``: the input is repacked once per call into a zero-padded, channel-major buffer
+  ``(c_I, n, h_P, s_W, w_Q)`` whose last axis holds every ``s_W``-th column (one "phase" per
+  column offset), so that every kernel tap ``(c, u, v)`` reads a *contiguous* run of input for
+  a run of consecutive output pixels, whatever the stride, padding or dilation. The weights are
+  repacked into blocks of ``_CO_BLOCK`` output channels. The innermost loop runs over output
+  pixels (the vectorised dimension, an output dimension: no reassociation is needed) and
+  applies ``_TAP_GROUP`` taps to ``_CO_BLOCK`` output channels per pass, so each input vector
+  loaded is used ``_CO_BLOCK`` times and each accumulator load/store carries ``_TAP_GROUP``
+  fused multiply-adds; the weights of a pass stay in registers as broadcast vectors.
+  With stride 1 the output rows of all images are processed as one long run of "virtual"
+  pixels on the padded grid (the few pixels that fall in the padding are computed and
+  dropped), so small feature maps (7 x 7) still give long vector loops.
+* ``local_conv2d``: each output position is a small matrix product over the batch; the
+  kernel walks the (huge) weight array exactly once, in its natural order, and applies each
+  weight to a vector of batch elements (the batch is the innermost, contiguous dimension of a
+  small per-thread copy of the input rows that the current output row needs).
+
+Parallelism: ``prange`` over one chunk per thread, jobs dealt cyclically, so both cores are
+busy at batch 1; per-thread scratch is allocated by the caller (visible to ``tracemalloc``).
+Compilation is cached on disk (``cache=True``): a later process reuses it.
+
+Floating point: ``fastmath={"contract"}`` only, i.e. ``a + w * x`` may become one fused
+multiply-add (one rounding instead of two: never less accurate). No ``nnan``/``ninf``/
+``reassoc``: NaN and Inf propagate exactly as IEEE arithmetic says, and the summation order
+over taps is fixed.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+import numba
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
 
-__all__ = ["conv2d_forward", "local_conv2d_forward"]
+__all__ = ["conv2d_forward", "local_conv2d_forward", "choose_cpu_kernel"]
 
-# Output elements per parallel job of the shared kernel: a block of rows of one output
-# map small enough to stay in L1/L2 while every (c_I, k_H, k_W) term is accumulated into it.
-_ROW_BLOCK_ELEMENTS = 4096
+# Output channels per register block of the shared kernel.
+_CO_BLOCK = 4
+# Kernel taps (c, u, v) applied per pass over the accumulators.
+_TAP_GROUP = 4
+# Virtual output pixels per job of the shared kernel: the accumulators of one job
+# (_CO_BLOCK x _SEGMENT values) stay in L1.
+_SEGMENT = 512
+# Output channels per block of the unshared kernel (weights of one block and position are
+# _LOCAL_CO_BLOCK independent streams through memory).
+_LOCAL_CO_BLOCK = 4
+
+# Pixel blocks per job of the channel-vector kernel.
+_RUN_BLOCKS = 4
+# The channel-vector kernel fills vectors with output channels: it needs at least this many
+# per group to beat the pixel-vector kernel.
+_CVEC_MIN_CHANNELS = 32
+
+_FASTMATH = {"contract"}
+
+
+@intrinsic
+def _prefer_wide_vectors(typingctx):
+    """Let LLVM use the widest vector registers (512-bit on AVX-512) in the calling function.
+
+    LLVM tunes several AVX-512 processors to prefer 256-bit vectors ("prefer-vector-width"),
+    which halves the throughput of a compute-bound loop. These two function attributes lift
+    that for the one function that calls this; on processors without wider registers they
+    change nothing (the vectoriser never exceeds the real register width).
+    """
+    def codegen(context, builder, signature, args):
+        attributes = builder.function.attributes
+        # llvmlite only knows enum attributes; string attributes go straight into the set.
+        set.add(attributes, '"prefer-vector-width"="512"')
+        set.add(attributes, '"min-legal-vector-width"="512"')
+        # Kept out of line: the loop vectoriser runs after Numba links the callers in, and
+        # inlined into a caller without these attributes the loop would get narrow vectors.
+        if "alwaysinline" not in attributes:
+            attributes.add("noinline")
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+# --------------------------------------------------------------------------------------
+# A fixed-width SIMD vector as a Numba value: accumulators that live in registers
+# --------------------------------------------------------------------------------------
+# Numba's loop vectoriser only vectorises innermost loops, so a register block of
+# accumulators that survives a whole reduction loop cannot be written with arrays. These few
+# intrinsics give Numba code a vector value of _VECTOR_BYTES bytes (16 float32 or 8 float64:
+# one AVX-512 register; LLVM splits it into narrower registers on other processors, so the
+# code is portable, only slower there).
+
+_VECTOR_BYTES = 64
+
+
+class _Vector(types.Type):
+    """``lanes`` elements of ``dtype`` (a Numba float type) held in one SSA value."""
+
+    def __init__(self, dtype, lanes):
+        self.dtype = dtype
+        self.lanes = lanes
+        super().__init__(name=f"Vector({dtype} x {lanes})")
+
+
+@register_model(_Vector)
+class _VectorModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        element = dmm.lookup(fe_type.dtype).get_value_type()
+        super().__init__(dmm, fe_type, ir.VectorType(element, fe_type.lanes))
+
+
+def _vector_of(array_type):
+    return _Vector(array_type.dtype, _VECTOR_BYTES // array_type.dtype.bitwidth * 8)
+
+
+@intrinsic
+def _vzero(typingctx, array):
+    """A vector of zeros with the element type of ``array``."""
+    vector = _vector_of(array)
+
+    def codegen(context, builder, signature, args):
+        return ir.Constant(context.get_value_type(vector), None)
+
+    return vector(array), codegen
+
+
+@intrinsic
+def _vload(typingctx, array, index):
+    """``array[index : index + lanes]`` of a 1-D C-contiguous array, as a vector
+    (unaligned; no bounds check: the caller guarantees the range)."""
+    vector = _vector_of(array)
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        pointer = builder.gep(data, [args[1]])
+        pointer = builder.bitcast(pointer, context.get_value_type(vector).as_pointer())
+        return builder.load(pointer, align=array.dtype.bitwidth // 8)
+
+    return vector(array, index), codegen
+
+
+@intrinsic
+def _vstore(typingctx, array, index, value):
+    """``array[index : index + lanes] = value`` (unaligned, no bounds check)."""
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        pointer = builder.gep(data, [args[1]])
+        pointer = builder.bitcast(pointer, args[2].type.as_pointer())
+        builder.store(args[2], pointer, align=array.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+
+    return types.none(array, index, value), codegen
+
+
+@intrinsic
+def _vfma(typingctx, acc, weights, x):
+    """``acc + weights * x`` lane by lane, with the scalar ``x`` broadcast; one fused
+    multiply-add (a single rounding; NaN and Inf propagate as in IEEE arithmetic)."""
+    if not isinstance(acc, _Vector) or weights != acc or x != acc.dtype:
+        return None
+
+    def codegen(context, builder, signature, args):
+        vector_type = args[0].type
+        lane0 = builder.insert_element(ir.Constant(vector_type, ir.Undefined), args[2],
+                                       ir.Constant(ir.IntType(32), 0))
+        mask = ir.Constant(ir.VectorType(ir.IntType(32), vector_type.count), [0] * vector_type.count)
+        broadcast = builder.shuffle_vector(lane0, ir.Constant(vector_type, ir.Undefined), mask)
+        element = "f32" if vector_type.element == ir.FloatType() else "f64"
+        name = f"llvm.fma.v{vector_type.count}{element}"
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vector_type, [vector_type] * 3), name)
+        return builder.call(fma, [args[1], broadcast, args[0]])
+
+    return acc(acc, weights, x), codegen
+
+
+def choose_cpu_kernel(geom):
+    """Name the CPU kernel variant that :func:`conv2d_forward` uses for a geometry.
+
+    Returns ``"<vector>-<runs>"``:
+
+    - vector ``"cvec"`` when a group has at least ``_CVEC_MIN_CHANNELS`` output channels:
+      vectors of output channels times a block of ``_PIXEL_BLOCK`` output pixels held in
+      registers for the whole reduction (the fast kernel); ``"pvec"`` otherwise (few output
+      channels, e.g. 5 or 10, would leave most vector lanes empty): vectors of output pixels,
+      ``_CO_BLOCK`` channels and ``_TAP_GROUP`` taps per pass over accumulators in L1;
+    - runs ``"merged"`` when ``stride == (1, 1)``: all output rows of all images form one run
+      of virtual pixels on the padded grid (long runs even for 7 x 7 maps, at the price of
+      computing the pixels that fall in the padding columns and rows, which are dropped);
+      ``"rows"`` otherwise: one run per output row.
+
+    >>> from gpuconv._geometry import conv_geometry
+    >>> choose_cpu_kernel(conv_geometry((1, 3, 8, 8), (3, 3), 4))
+    'pvec-merged'
+    >>> choose_cpu_kernel(conv_geometry((1, 3, 8, 8), (3, 3), 64, stride=2))
+    'cvec-rows'
+    """
+    vector = "cvec" if geom.out_channels_per_group >= _CVEC_MIN_CHANNELS else "pvec"
+    runs = "merged" if geom.stride_h == 1 and geom.stride_w == 1 else "rows"
+    return f"{vector}-{runs}"
+
+
+# --------------------------------------------------------------------------------------
+# Shared weights
+# --------------------------------------------------------------------------------------
+
+@njit(cache=True)
+def _pack_input(x, xp, pt, pl, s_W):
+    """Zero-padded, channel-major, column-phase-split copy: xp[c, b, y, ph, j] =
+    x_padded[b, c, y, j * s_W + ph]."""
+    n, c_I, h, wd = x.shape
+    h_P = xp.shape[2]
+    w_Q = xp.shape[4]
+    for job in range(c_I * n):
+        c = job // n
+        b = job % n
+        for y in range(h_P):
+            iy = y - pt
+            inside = iy >= 0 and iy < h
+            for ph in range(s_W):
+                for j in range(w_Q):
+                    ix = j * s_W + ph - pl
+                    if inside and ix >= 0 and ix < wd:
+                        xp[c, b, y, ph, j] = x[b, c, iy, ix]
+                    else:
+                        xp[c, b, y, ph, j] = 0
 
 
 @njit(cache=True)
-def _valid_range(out_len, in_len, stride, offset):
-    """Range [lo, hi) of output indices o with 0 <= o * stride + offset < in_len."""
-    lo = 0
-    if offset < 0:
-        lo = (-offset + stride - 1) // stride
-    hi = 0
-    if in_len - 1 - offset >= 0:
-        hi = (in_len - 1 - offset) // stride + 1
-    if hi > out_len:
-        hi = out_len
-    if lo > hi:
-        lo = hi
-    return lo, hi
+def _pack_weights(w, wp, c_Og):
+    """wp[block, tap, k] = w[co, c, u, v] with co = the k-th channel of the block and
+    tap = (c * k_H + u) * k_W + v; channels past the end of a group are zero."""
+    c_O, c_Ig, k_H, k_W = w.shape
+    block = wp.shape[2]
+    blocks_per_group = wp.shape[0] // (c_O // c_Og)
+    for blk in range(wp.shape[0]):
+        g = blk // blocks_per_group
+        co0 = g * c_Og + (blk % blocks_per_group) * block
+        co1 = min(co0 + block, (g + 1) * c_Og)
+        for c in range(c_Ig):
+            for u in range(k_H):
+                for v in range(k_W):
+                    t = (c * k_H + u) * k_W + v
+                    for k in range(block):
+                        co = co0 + k
+                        wp[blk, t, k] = w[co, c, u, v] if co < co1 else 0
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _conv2d_run(xf, base, tap_off, wp, blk, acc, length):
+    """acc[k, p] = sum over taps t of wp[blk, t, k] * xf[base + tap_off[t] + p], p < length.
+
+    The one hot loop of the shared kernel; ``p`` is the vectorised dimension.
+    """
+    _prefer_wide_vectors()
+    for p in range(length):
+        acc[0, p] = 0
+        acc[1, p] = 0
+        acc[2, p] = 0
+        acc[3, p] = 0
+    n_taps = tap_off.shape[0]
+    full = n_taps - n_taps % _TAP_GROUP
+    for t in range(0, full, _TAP_GROUP):
+        # Unsigned offsets: Numba then skips the negative-index wraparound test, which would
+        # otherwise sit inside the vector loop.
+        o0 = np.uint64(base + tap_off[t])
+        o1 = np.uint64(base + tap_off[t + 1])
+        o2 = np.uint64(base + tap_off[t + 2])
+        o3 = np.uint64(base + tap_off[t + 3])
+        w00 = wp[blk, t, 0]
+        w01 = wp[blk, t, 1]
+        w02 = wp[blk, t, 2]
+        w03 = wp[blk, t, 3]
+        w10 = wp[blk, t + 1, 0]
+        w11 = wp[blk, t + 1, 1]
+        w12 = wp[blk, t + 1, 2]
+        w13 = wp[blk, t + 1, 3]
+        w20 = wp[blk, t + 2, 0]
+        w21 = wp[blk, t + 2, 1]
+        w22 = wp[blk, t + 2, 2]
+        w23 = wp[blk, t + 2, 3]
+        w30 = wp[blk, t + 3, 0]
+        w31 = wp[blk, t + 3, 1]
+        w32 = wp[blk, t + 3, 2]
+        w33 = wp[blk, t + 3, 3]
+        for p in range(length):
+            up = np.uint64(p)
+            x0 = xf[o0 + up]
+            x1 = xf[o1 + up]
+            x2 = xf[o2 + up]
+            x3 = xf[o3 + up]
+            a0 = acc[0, p]
+            a0 += w00 * x0
+            a0 += w10 * x1
+            a0 += w20 * x2
+            a0 += w30 * x3
+            acc[0, p] = a0
+            a1 = acc[1, p]
+            a1 += w01 * x0
+            a1 += w11 * x1
+            a1 += w21 * x2
+            a1 += w31 * x3
+            acc[1, p] = a1
+            a2 = acc[2, p]
+            a2 += w02 * x0
+            a2 += w12 * x1
+            a2 += w22 * x2
+            a2 += w32 * x3
+            acc[2, p] = a2
+            a3 = acc[3, p]
+            a3 += w03 * x0
+            a3 += w13 * x1
+            a3 += w23 * x2
+            a3 += w33 * x3
+            acc[3, p] = a3
+    for t in range(full, n_taps):
+        o0 = np.uint64(base + tap_off[t])
+        w00 = wp[blk, t, 0]
+        w01 = wp[blk, t, 1]
+        w02 = wp[blk, t, 2]
+        w03 = wp[blk, t, 3]
+        for p in range(length):
+            x0 = xf[o0 + np.uint64(p)]
+            acc[0, p] += w00 * x0
+            acc[1, p] += w01 * x0
+            acc[2, p] += w02 * x0
+            acc[3, p] += w03 * x0
 
 
 @njit(parallel=True, cache=True)
-def _conv2d_kernel(x, w, bias, has_bias, out, sh, sw, pt, pl, dh, dw, groups, rows_per_job):
-    n, c_I, h, wd = x.shape
-    c_O, c_Ig, k_H, k_W = w.shape
-    h_O = out.shape[2]
-    w_O = out.shape[3]
+def _conv2d_kernel(xf, tap_off, wp, bias, has_bias, out, acc, groups, c_Ig, h_P, s_H, s_W,
+                   w_Q, merged):
+    n, c_O, h_O, w_O = out.shape
     c_Og = c_O // groups
-    per_position = bias.shape[1] * bias.shape[2] > 1
-    row_blocks = (h_O + rows_per_job - 1) // rows_per_job
-    for job in prange(n * c_O * row_blocks):
-        rb = job % row_blocks
-        t = job // row_blocks
-        co = t % c_O
-        b = t // c_O
-        g = co // c_Og
-        y0 = rb * rows_per_job
-        y1 = min(h_O, y0 + rows_per_job)
-        for oy in range(y0, y1):
-            for ox in range(w_O):
-                if has_bias:
-                    out[b, co, oy, ox] = bias[co, oy if per_position else 0,
-                                              ox if per_position else 0]
-                else:
-                    out[b, co, oy, ox] = 0
-        for ci in range(c_Ig):
-            cx = g * c_Ig + ci
-            for ky in range(k_H):
-                for kx in range(k_W):
-                    wv = w[co, ci, ky, kx]
-                    x_off = kx * dw - pl
-                    ox0, ox1 = _valid_range(w_O, wd, sw, x_off)
-                    for oy in range(y0, y1):
-                        iy = oy * sh + ky * dh - pt
-                        if iy >= 0 and iy < h:
-                            for ox in range(ox0, ox1):
-                                out[b, co, oy, ox] += wv * x[b, cx, iy, ox * sw + x_off]
+    n_blocks = wp.shape[0]
+    blocks_per_group = n_blocks // groups
+    channel_stride = n * h_P * s_W * w_Q
+    seg = acc.shape[2]
+    if merged:
+        # One run of virtual pixels v = (b * h_P + y) * w_Q + x over all images.
+        total = ((n - 1) * h_P + h_O - 1) * w_Q + w_O
+        runs = (total + seg - 1) // seg
+        runs_per_row = 1
+    else:
+        runs_per_row = (w_O + seg - 1) // seg
+        runs = n * h_O * runs_per_row
+        total = 0
+    n_jobs = runs * n_blocks
+    n_threads = acc.shape[0]
+    for thread in prange(n_threads):
+        a = acc[thread]
+        for job in range(thread, n_jobs, n_threads):
+            blk = job % n_blocks
+            run = job // n_blocks
+            g = blk // blocks_per_group
+            co0 = g * c_Og + (blk % blocks_per_group) * _CO_BLOCK
+            co1 = min(co0 + _CO_BLOCK, (g + 1) * c_Og)
+            group_base = g * c_Ig * channel_stride
+            if merged:
+                v0 = run * seg
+                length = min(seg, total - v0)
+                _conv2d_run(xf, group_base + v0, tap_off, wp, blk, a, length)
+                for i in range(length):
+                    v = v0 + i
+                    r = v // w_Q
+                    ox = v - r * w_Q
+                    b = r // h_P
+                    oy = r - b * h_P
+                    if ox < w_O and oy < h_O:
+                        for co in range(co0, co1):
+                            val = a[co - co0, i]
+                            if has_bias:
+                                val = bias[co, 0, 0] + val
+                            out[b, co, oy, ox] = val
+            else:
+                part = run % runs_per_row
+                row = run // runs_per_row
+                b = row // h_O
+                oy = row - b * h_O
+                ox0 = part * seg
+                length = min(seg, w_O - ox0)
+                base = group_base + ((b * h_P + oy * s_H) * s_W) * w_Q + ox0
+                _conv2d_run(xf, base, tap_off, wp, blk, a, length)
+                for co in range(co0, co1):
+                    for i in range(length):
+                        val = a[co - co0, i]
+                        if has_bias:
+                            val = bias[co, 0, 0] + val
+                        out[b, co, oy, ox0 + i] = val
 
+
+# Output pixels per register block of the channel-vector kernel; with two vectors of output
+# channels that is 24 accumulators, which leaves registers for the weights and one input
+# value on a 32-register machine.
+_PIXEL_BLOCK = 12
+
+
+@njit(cache=True)
+def _conv2d_cvec_block(xf, base, tap_off, wq, w_base, lanes, tile):
+    """tile[p * 2 * lanes + k] = sum over taps t of wq[w_base + t * 2 * lanes + k]
+    * xf[base + tap_off[t] + p] for p < _PIXEL_BLOCK, k < 2 * lanes.
+
+    The register block of the channel-vector kernel: two weight vectors loaded per tap, each
+    input value broadcast against them (Georganas et al.'s inner loop).
+    """
+    _prefer_wide_vectors()
+    a00 = _vzero(xf)
+    a01 = _vzero(xf)
+    a10 = _vzero(xf)
+    a11 = _vzero(xf)
+    a20 = _vzero(xf)
+    a21 = _vzero(xf)
+    a30 = _vzero(xf)
+    a31 = _vzero(xf)
+    a40 = _vzero(xf)
+    a41 = _vzero(xf)
+    a50 = _vzero(xf)
+    a51 = _vzero(xf)
+    a60 = _vzero(xf)
+    a61 = _vzero(xf)
+    a70 = _vzero(xf)
+    a71 = _vzero(xf)
+    a80 = _vzero(xf)
+    a81 = _vzero(xf)
+    a90 = _vzero(xf)
+    a91 = _vzero(xf)
+    aA0 = _vzero(xf)
+    aA1 = _vzero(xf)
+    aB0 = _vzero(xf)
+    aB1 = _vzero(xf)
+    step = 2 * lanes
+    for t in range(tap_off.shape[0]):
+        o = np.uint64(base + tap_off[t])
+        wo = w_base + t * step
+        w0 = _vload(wq, wo)
+        w1 = _vload(wq, wo + lanes)
+        x = xf[o]
+        a00 = _vfma(a00, w0, x)
+        a01 = _vfma(a01, w1, x)
+        x = xf[o + np.uint64(1)]
+        a10 = _vfma(a10, w0, x)
+        a11 = _vfma(a11, w1, x)
+        x = xf[o + np.uint64(2)]
+        a20 = _vfma(a20, w0, x)
+        a21 = _vfma(a21, w1, x)
+        x = xf[o + np.uint64(3)]
+        a30 = _vfma(a30, w0, x)
+        a31 = _vfma(a31, w1, x)
+        x = xf[o + np.uint64(4)]
+        a40 = _vfma(a40, w0, x)
+        a41 = _vfma(a41, w1, x)
+        x = xf[o + np.uint64(5)]
+        a50 = _vfma(a50, w0, x)
+        a51 = _vfma(a51, w1, x)
+        x = xf[o + np.uint64(6)]
+        a60 = _vfma(a60, w0, x)
+        a61 = _vfma(a61, w1, x)
+        x = xf[o + np.uint64(7)]
+        a70 = _vfma(a70, w0, x)
+        a71 = _vfma(a71, w1, x)
+        x = xf[o + np.uint64(8)]
+        a80 = _vfma(a80, w0, x)
+        a81 = _vfma(a81, w1, x)
+        x = xf[o + np.uint64(9)]
+        a90 = _vfma(a90, w0, x)
+        a91 = _vfma(a91, w1, x)
+        x = xf[o + np.uint64(10)]
+        aA0 = _vfma(aA0, w0, x)
+        aA1 = _vfma(aA1, w1, x)
+        x = xf[o + np.uint64(11)]
+        aB0 = _vfma(aB0, w0, x)
+        aB1 = _vfma(aB1, w1, x)
+    _vstore(tile, 0 * step, a00)
+    _vstore(tile, 0 * step + lanes, a01)
+    _vstore(tile, 1 * step, a10)
+    _vstore(tile, 1 * step + lanes, a11)
+    _vstore(tile, 2 * step, a20)
+    _vstore(tile, 2 * step + lanes, a21)
+    _vstore(tile, 3 * step, a30)
+    _vstore(tile, 3 * step + lanes, a31)
+    _vstore(tile, 4 * step, a40)
+    _vstore(tile, 4 * step + lanes, a41)
+    _vstore(tile, 5 * step, a50)
+    _vstore(tile, 5 * step + lanes, a51)
+    _vstore(tile, 6 * step, a60)
+    _vstore(tile, 6 * step + lanes, a61)
+    _vstore(tile, 7 * step, a70)
+    _vstore(tile, 7 * step + lanes, a71)
+    _vstore(tile, 8 * step, a80)
+    _vstore(tile, 8 * step + lanes, a81)
+    _vstore(tile, 9 * step, a90)
+    _vstore(tile, 9 * step + lanes, a91)
+    _vstore(tile, 10 * step, aA0)
+    _vstore(tile, 10 * step + lanes, aA1)
+    _vstore(tile, 11 * step, aB0)
+    _vstore(tile, 11 * step + lanes, aB1)
+
+
+@njit(parallel=True, cache=True)
+def _conv2d_cvec_kernel(xf, tap_off, wq, block, bias, has_bias, out, tiles, groups, c_Ig,
+                        h_P, s_H, s_W, w_Q, merged, run_blocks):
+    n, c_O, h_O, w_O = out.shape
+    c_Og = c_O // groups
+    n_taps = tap_off.shape[0]
+    lanes = block // 2
+    blocks_per_group = -(-c_Og // block)
+    n_blocks = blocks_per_group * groups
+    channel_stride = n * h_P * s_W * w_Q
+    run_len = run_blocks * _PIXEL_BLOCK
+    if merged:
+        total = ((n - 1) * h_P + h_O - 1) * w_Q + w_O
+        runs = (total + run_len - 1) // run_len
+        runs_per_row = 1
+    else:
+        runs_per_row = (w_O + run_len - 1) // run_len
+        runs = n * h_O * runs_per_row
+        total = 0
+    n_jobs = runs * n_blocks
+    n_threads = tiles.shape[0]
+    for thread in prange(n_threads):
+        tile = tiles[thread]
+        for job in range(thread, n_jobs, n_threads):
+            run = job % runs
+            blk = job // runs
+            g = blk // blocks_per_group
+            co0 = g * c_Og + (blk % blocks_per_group) * block
+            co1 = min(co0 + block, (g + 1) * c_Og)
+            group_base = g * c_Ig * channel_stride
+            w_base = blk * n_taps * block
+            if merged:
+                v_start = run * run_len
+                v_end = min(v_start + run_len, total)
+                row_base = group_base
+                oy = 0
+                b = 0
+            else:
+                part = run % runs_per_row
+                row = run // runs_per_row
+                b = row // h_O
+                oy = row - b * h_O
+                v_start = part * run_len
+                v_end = min(v_start + run_len, w_O)
+                row_base = group_base + ((b * h_P + oy * s_H) * s_W) * w_Q
+            for v0 in range(v_start, v_end, _PIXEL_BLOCK):
+                _conv2d_cvec_block(xf, row_base + v0, tap_off, wq, w_base, lanes, tile)
+                for p in range(min(_PIXEL_BLOCK, v_end - v0)):
+                    v = v0 + p
+                    if merged:
+                        r = v // w_Q
+                        ox = v - r * w_Q
+                        b = r // h_P
+                        oy = r - b * h_P
+                        if ox >= w_O or oy >= h_O:
+                            continue
+                    else:
+                        ox = v
+                    for co in range(co0, co1):
+                        val = tile[p * block + co - co0]
+                        if has_bias:
+                            val = bias[co, 0, 0] + val
+                        out[b, co, oy, ox] = val
+
+
+def _tap_offsets(geom, h_P, w_Q):
+    """Offset in the packed input of each tap (c, u, v) of one group, tap-major as in
+    :func:`_pack_weights`."""
+    s_W = geom.stride_w
+    channel_stride = geom.batch * h_P * s_W * w_Q
+    c = np.arange(geom.in_channels_per_group).reshape(-1, 1, 1)
+    u = np.arange(geom.kernel_height).reshape(1, -1, 1)
+    v = np.arange(geom.kernel_width).reshape(1, 1, -1)
+    col = v * geom.dilation_w
+    offsets = (c * channel_stride + (u * geom.dilation_h) * s_W * w_Q
+               + (col % s_W) * w_Q + col // s_W)
+    return np.ascontiguousarray(offsets.reshape(-1), dtype=np.int64)
+
+
+def conv2d_forward(x, weight, bias, has_bias, out, geom):
+    """Shared-weight convolution into ``out`` (all arrays C-contiguous, one dtype)."""
+    s_H, s_W = geom.stride_h, geom.stride_w
+    # Padded rows and phase columns that any output pixel reads.
+    h_P = (geom.out_height - 1) * s_H + (geom.kernel_height - 1) * geom.dilation_h + 1
+    w_needed = (geom.out_width - 1) * s_W + (geom.kernel_width - 1) * geom.dilation_w + 1
+    w_Q = -(-w_needed // s_W)
+    kernel = choose_cpu_kernel(geom)
+    merged = kernel.endswith("merged")
+    packed_size = geom.in_channels * geom.batch * h_P * s_W * w_Q
+    # The channel-vector kernel computes whole pixel blocks: past the last pixel it reads (and
+    # drops) up to _PIXEL_BLOCK values beyond the packed input.
+    xf = np.empty(packed_size + _PIXEL_BLOCK, dtype=x.dtype)
+    xf[packed_size:] = 0
+    xp = xf[:packed_size].reshape(geom.in_channels, geom.batch, h_P, s_W, w_Q)
+    _pack_input(x, xp, geom.pad_top, geom.pad_left, s_W)
+    n_taps = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
+    tap_off = _tap_offsets(geom, h_P, w_Q)
+    threads = numba.get_num_threads()
+    if kernel.startswith("cvec"):
+        block = 2 * (_VECTOR_BYTES // x.dtype.itemsize)
+        blocks_per_group = -(-geom.out_channels_per_group // block)
+        wq = np.empty((blocks_per_group * geom.groups, n_taps, block), dtype=x.dtype)
+        _pack_weights(weight, wq, geom.out_channels_per_group)
+        tiles = np.empty((threads, _PIXEL_BLOCK * block), dtype=x.dtype)
+        _conv2d_cvec_kernel(xf, tap_off, wq.reshape(-1), block, bias, has_bias, out, tiles,
+                            geom.groups, geom.in_channels_per_group, h_P, s_H, s_W, w_Q,
+                            merged, _RUN_BLOCKS)
+        return out
+    blocks_per_group = -(-geom.out_channels_per_group // _CO_BLOCK)
+    wp = np.empty((blocks_per_group * geom.groups, n_taps, _CO_BLOCK), dtype=x.dtype)
+    _pack_weights(weight, wp, geom.out_channels_per_group)
+    acc = np.empty((threads, _CO_BLOCK, _SEGMENT), dtype=x.dtype)
+    _conv2d_kernel(xf, tap_off, wp, bias, has_bias, out, acc, geom.groups,
+                   geom.in_channels_per_group, h_P, s_H, s_W, w_Q, merged)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Unshared weights
+# --------------------------------------------------------------------------------------
 
 @njit(parallel=True, cache=True)
 def _local_conv2d_kernel(x, w, bias, has_bias, out, sh, sw, pt, pl, dh, dw, groups):
@@ -82,8 +631,6 @@ def _local_conv2d_kernel(x, w, bias, has_bias, out, sh, sw, pt, pl, dh, dw, grou
     c_O, h_O, w_O, c_Ig, k_H, k_W = w.shape
     c_Og = c_O // groups
     per_position = bias.shape[1] * bias.shape[2] > 1
-    # One job per (output channel, output row); each weight is loaded once and used for
-    # the whole batch (the batch is the innermost loop).
     for job in prange(c_O * h_O):
         co = job // h_O
         oy = job % h_O
@@ -111,15 +658,6 @@ def _local_conv2d_kernel(x, w, bias, has_bias, out, sh, sw, pt, pl, dh, dw, grou
                                               ox if per_position else 0] + acc[b]
                 else:
                     out[b, co, oy, ox] = acc[b]
-
-
-def conv2d_forward(x, weight, bias, has_bias, out, geom):
-    """Shared-weight convolution into ``out`` (all arrays C-contiguous, one dtype)."""
-    rows = max(1, min(geom.out_height, _ROW_BLOCK_ELEMENTS // max(1, geom.out_width)))
-    _conv2d_kernel(x, weight, bias, has_bias, out, geom.stride_h, geom.stride_w,
-                   geom.pad_top, geom.pad_left, geom.dilation_h, geom.dilation_w,
-                   geom.groups, rows)
-    return out
 
 
 def local_conv2d_forward(x, weight, bias, has_bias, out, geom):

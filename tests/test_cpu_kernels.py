@@ -1,0 +1,111 @@
+"""CPU kernel variants against the float64 reference, and the CPU kernel chooser.
+
+tests/test_conv.py keeps its sizes tiny (they also run in the CUDA simulator), so they only
+reach the pixel-vector kernel. These cases are sized to reach every variant named by
+``choose_cpu_kernel`` (channel-vector blocks need >= 32 output channels per group), with
+channel counts that leave partly filled blocks, pixel runs that end mid-block, strides,
+dilation, groups and asymmetric ("same" with an even kernel) padding.
+"""
+
+import numpy as np
+import pytest
+
+from gpuconv import conv2d, local_conv2d
+from gpuconv._cpu import choose_cpu_kernel
+from gpuconv._geometry import conv_geometry
+from reference import assert_close, conv2d_ref, local_conv2d_ref
+
+DTYPES = [np.float32, np.float64]
+
+# (name, N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups, expected variant)
+CASES = [
+    ("cvec_merged", 2, 5, 9, 11, 37, 3, 1, 1, 1, 1, "cvec-merged"),
+    ("cvec_rows_stride", 1, 3, 13, 12, 33, (3, 5), (2, 3), (1, 2), 1, 1, "cvec-rows"),
+    ("cvec_dilated_same_even", 1, 4, 10, 9, 40, (2, 4), 1, "same", (2, 1), 1, "cvec-merged"),
+    ("cvec_groups", 2, 6, 7, 8, 66, 3, 1, 1, 1, 2, "cvec-merged"),
+    ("cvec_1x1", 3, 17, 5, 4, 64, 1, 1, 0, 1, 1, "cvec-merged"),
+    ("cvec_out_1x1", 1, 3, 5, 5, 32, 5, 1, 0, 1, 1, "cvec-merged"),
+    ("cvec_wide_row", 1, 2, 3, 700, 32, 3, (1, 2), 1, 1, 1, "cvec-rows"),
+    ("pvec_merged", 1, 3, 40, 37, 10, 5, 1, 0, 1, 1, "pvec-merged"),
+    ("pvec_rows", 2, 3, 23, 29, 5, 3, (2, 1), (0, 1), 1, 1, "pvec-rows"),
+    ("pvec_taps_not_multiple", 1, 1, 9, 9, 6, (1, 3), 1, 0, 1, 3 // 3, "pvec-merged"),
+    ("pvec_groups_partial_blocks", 1, 6, 8, 9, 6, 2, 1, 1, 1, 3, "pvec-merged"),
+    ("pvec_long_row", 1, 1, 2, 1100, 3, (1, 3), 1, 0, 1, 1, "pvec-merged"),
+]
+
+
+def _arrays(rng, case, dtype, local):
+    _, n, c_in, h, w, c_out, k, stride, padding, dilation, groups, _ = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    geom = conv_geometry((n, c_in, h, w), (kh, kw), c_out, stride, padding, dilation, groups)
+    x = rng.uniform(-1, 1, (n, c_in, h, w)).astype(dtype)
+    shape = geom.local_weight_shape() if local else geom.shared_weight_shape()
+    wt = rng.uniform(-1, 1, shape).astype(dtype)
+    b = rng.uniform(-1, 1, c_out).astype(dtype)
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return geom, x, wt, b, kwargs
+
+
+def _check(op, ref, x, wt, b, kwargs, dtype):
+    y = op(x, wt, b, device="cpu", **kwargs)
+    assert y.dtype == np.dtype(dtype)
+    expected = ref(x, wt, b, **kwargs)
+    bound = ref(np.abs(x), np.abs(wt), None if b is None else np.abs(b), **kwargs)
+    assert_close(y, expected, bound, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_conv2d_kernel_variants_match_reference(case, dtype):
+    rng = np.random.default_rng(10)
+    geom, x, wt, b, kwargs = _arrays(rng, case, dtype, local=False)
+    assert choose_cpu_kernel(geom) == case[-1]
+    _check(conv2d, conv2d_ref, x, wt, b, kwargs, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", CASES[:4] + CASES[8:11], ids=[c[0] for c in CASES[:4] + CASES[8:11]])
+def test_local_conv2d_larger_cases_match_reference(case, dtype):
+    rng = np.random.default_rng(11)
+    _, x, wt, b, kwargs = _arrays(rng, case, dtype, local=True)
+    _check(local_conv2d, local_conv2d_ref, x, wt, b, kwargs, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_nan_and_inf_propagate_through_the_channel_vector_kernel(dtype):
+    """One NaN, one +Inf in x: exactly the outputs whose windows hold them are NaN / Inf."""
+    x = np.zeros((1, 2, 8, 8), dtype)
+    x[0, 0, 1, 1] = np.nan
+    x[0, 1, 6, 6] = np.inf
+    w = np.ones((32, 2, 3, 3), dtype)
+    y = conv2d(x, w, padding=1, device="cpu")
+    nan_expected = np.zeros((8, 8), bool)
+    nan_expected[0:3, 0:3] = True
+    inf_expected = np.zeros((8, 8), bool)
+    inf_expected[5:8, 5:8] = True
+    for co in (0, 17, 31):
+        np.testing.assert_array_equal(np.isnan(y[0, co]), nan_expected)
+        np.testing.assert_array_equal(np.isposinf(y[0, co]), inf_expected)
+    assert np.all(y[0][:, ~(nan_expected | inf_expected)] == 0)
+
+
+def test_tied_filters_make_the_local_kernel_the_shared_one():
+    rng = np.random.default_rng(12)
+    x = rng.uniform(-1, 1, (3, 4, 12, 11)).astype(np.float32)
+    w = rng.uniform(-1, 1, (36, 4, 3, 3)).astype(np.float32)
+    y = conv2d(x, w, stride=(1, 2), padding=1, device="cpu")
+    wl = np.broadcast_to(w[:, None, None], (36, *y.shape[2:], 4, 3, 3)).copy()
+    yl = local_conv2d(x, wl, stride=(1, 2), padding=1, device="cpu")
+    np.testing.assert_allclose(yl, y, rtol=0, atol=1e-5)
+
+
+def test_choose_cpu_kernel_names_the_variant():
+    g = conv_geometry((1, 64, 56, 56), (3, 3), 64, 1, 1)
+    assert choose_cpu_kernel(g) == "cvec-merged"
+    g = conv_geometry((1, 3, 224, 224), (7, 7), 64, 2, 3)
+    assert choose_cpu_kernel(g) == "cvec-rows"
+    g = conv_geometry((1, 10, 496, 496), (3, 3), 5)
+    assert choose_cpu_kernel(g) == "pvec-merged"
+    # groups: what counts is the output channels of one group
+    g = conv_geometry((1, 64, 8, 8), (3, 3), 64, groups=4)
+    assert choose_cpu_kernel(g) == "pvec-merged"
