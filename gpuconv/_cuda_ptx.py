@@ -1,0 +1,144 @@
+"""Compile the CUDA kernels to PTX and ask ``ptxas`` what they cost, without a GPU.
+
+For every specialisation the benchmark layers launch (see
+:func:`gpuconv._cuda_kernels.workload_specialisations`) this compiles PTX with
+:func:`numba.cuda.compile_ptx` for a compute capability, assembles it with ``ptxas -v`` for
+the matching architecture and reads back registers per thread, spill stores/loads, stack
+frame and static shared memory. The dynamic shared memory of ``conv2d`` is chosen at launch;
+the table shows the largest the benchmark layers ask for.
+
+Used by ``tests/test_cuda_ptx.py`` (which asserts no spills in float32) and by
+``scripts/ptx_report.py`` (which prints the table for the benchmark documents).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import glob
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from typing import NamedTuple
+
+__all__ = ["PtxasInfo", "find_ptxas", "compile_ptx", "ptxas_info", "ptx_report", "format_report"]
+
+
+class PtxasInfo(NamedTuple):
+    """One kernel at one architecture, as ``ptxas -v`` reports it."""
+
+    kernel: str
+    arch: str
+    registers: int
+    spill_stores: int      # bytes
+    spill_loads: int       # bytes
+    stack_frame: int       # bytes of local memory per thread
+    static_smem: int       # bytes
+    dynamic_smem: int      # bytes, largest launch among the benchmark layers (0 if none)
+
+
+def find_ptxas():
+    """Path of ``ptxas``: the NVIDIA CUDA wheels first (``nvidia-cuda-nvcc``), then
+    ``$CUDA_HOME/bin``, then ``PATH``. None if there is none."""
+    try:
+        import nvidia
+
+        for root in list(nvidia.__path__):
+            found = sorted(glob.glob(os.path.join(root, "**", "bin", "ptxas"), recursive=True))
+            if found:
+                return found[-1]
+    except ImportError:
+        pass
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if home and os.path.exists(os.path.join(home, "bin", "ptxas")):
+            return os.path.join(home, "bin", "ptxas")
+    return shutil.which("ptxas")
+
+
+def compile_ptx(spec, cc):
+    """PTX text of a :class:`~gpuconv._cuda_kernels.KernelSpec` for compute capability ``cc``."""
+    from numba import cuda
+
+    ptx, _ = cuda.compile_ptx(spec.pyfunc, spec.signature, cc=cc)
+    return ptx
+
+
+_REGISTERS = re.compile(r"Used (\d+) registers")
+_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_CODE = re.compile(r"_(f32|f64)(?:_|$)")
+_SMEM = re.compile(r"(\d+) bytes smem")
+
+
+def ptxas_info(ptx, arch, kernel="", ptxas=None, dynamic_smem=0):
+    """Run ``ptxas -v -arch=<arch>`` on ``ptx`` and parse its resource report."""
+    ptxas = ptxas or find_ptxas()
+    if ptxas is None:
+        raise FileNotFoundError("ptxas not found (pip install nvidia-cuda-nvcc)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        result = subprocess.run([ptxas, "-v", f"-arch={arch}", path, "-o", os.devnull],
+                                capture_output=True, text=True)
+    text = result.stdout + result.stderr
+    if result.returncode != 0:
+        raise RuntimeError(f"ptxas failed for {kernel} ({arch}):\n{text}")
+    stack, stores, loads = (int(v) for v in _SPILLS.search(text).groups())
+    smem = _SMEM.search(text)
+    return PtxasInfo(kernel, arch, int(_REGISTERS.search(text).group(1)), stores, loads, stack,
+                     int(smem.group(1)) if smem else 0, dynamic_smem)
+
+
+def _dynamic_smem_by_kernel():
+    import numpy as np
+
+    from . import _cuda_kernels as kernels
+
+    largest = {}
+    for dtype in (np.float32, np.float64):
+        for layer in kernels.WORKLOAD_LAYERS:
+            config = kernels.conv2d_config(kernels.workload_geometry(layer), dtype)
+            name = config.kernel.name
+            largest[name] = max(largest.get(name, 0), config.shared_bytes)
+    return largest
+
+
+def ptx_report(codes=("f32", "f64"), ccs=((9, 0), (8, 0)), ptxas_codes=("f32", "f64"),
+               ptx_cache=None):
+    """Compile every benchmark specialisation for each ``cc`` and run ``ptxas`` on those of
+    ``ptxas_codes`` (the architecture matching the cc: ``sm_90`` for ``(9, 0)``).
+
+    Returns a list of :class:`PtxasInfo`, one per (kernel, architecture). ``ptx_cache``, a
+    dict, receives ``{(kernel name, cc): ptx}`` so callers can reuse the PTX.
+    """
+    from . import _cuda_kernels as kernels
+
+    ptxas = find_ptxas()
+    dynamic = _dynamic_smem_by_kernel()
+    jobs = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        for cc in ccs:
+            arch = f"sm_{cc[0]}{cc[1]}"
+            for spec in kernels.workload_specialisations(codes):
+                ptx = compile_ptx(spec, cc)  # Numba compiles under a lock: one at a time
+                if ptx_cache is not None:
+                    ptx_cache[(spec.name, cc)] = ptx
+                if _CODE.search(spec.name).group(1) in ptxas_codes:
+                    jobs.append(pool.submit(ptxas_info, ptx, arch, spec.name, ptxas,
+                                            dynamic.get(spec.name, 0)))
+        return [job.result() for job in jobs]
+
+
+def format_report(rows):
+    """The report as a fixed-width text table."""
+    header = ("kernel", "arch", "regs", "spill st", "spill ld", "stack", "smem static",
+              "smem dynamic")
+    lines = [f"{header[0]:<32} {header[1]:<6} {header[2]:>5} {header[3]:>9} {header[4]:>9} "
+             f"{header[5]:>6} {header[6]:>12} {header[7]:>13}"]
+    lines.append("-" * len(lines[0]))
+    for r in rows:
+        lines.append(f"{r.kernel:<32} {r.arch:<6} {r.registers:>5} {r.spill_stores:>9} "
+                     f"{r.spill_loads:>9} {r.stack_frame:>6} {r.static_smem:>12} "
+                     f"{r.dynamic_smem:>13}")
+    return "\n".join(lines)

@@ -1,0 +1,33 @@
+"""Print the PTX/ptxas resource table of every CUDA kernel the benchmark layers launch.
+
+No GPU needed: Numba compiles PTX for compute capabilities 9.0 and 8.0 and ``ptxas -v``
+(from the ``nvidia-cuda-nvcc`` wheel, ``$CUDA_HOME`` or ``PATH``) reports registers, spills,
+stack frame and shared memory per kernel.
+
+    PYTHONPATH=. python scripts/ptx_report.py [--float32-only] [--cc 9.0 8.0]
+"""
+
+import argparse
+import sys
+import time
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--float32-only", action="store_true", help="skip the float64 kernels")
+    parser.add_argument("--cc", nargs="+", default=["9.0", "8.0"],
+                        help="compute capabilities (default: 9.0 8.0)")
+    args = parser.parse_args(argv)
+    from gpuconv import _cuda_ptx
+
+    codes = ("f32",) if args.float32_only else ("f32", "f64")
+    ccs = tuple(tuple(int(v) for v in cc.split(".")) for cc in args.cc)
+    start = time.perf_counter()
+    rows = _cuda_ptx.ptx_report(codes=codes, ccs=ccs, ptxas_codes=codes)
+    print(_cuda_ptx.format_report(rows))
+    print(f"\n{len(rows)} kernel/architecture pairs in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

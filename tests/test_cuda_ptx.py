@@ -1,0 +1,108 @@
+"""The CUDA kernels compile to real PTX and assemble without spills (no GPU needed).
+
+Every specialisation the benchmark layers launch is compiled once per session with Numba
+for compute capabilities 9.0 and 8.0, in float32 and float64; ``ptxas -v`` reports registers,
+spills and shared memory for sm_90 and sm_80. float32 kernels must keep their register
+blocks in registers: no spills and no stack frame. The table is printed at the end of the
+run (and by ``scripts/ptx_report.py``).
+
+Skipped under the CUDA simulator, or when numba-cuda's compiler (NVVM) is not installed.
+"""
+
+import os
+
+import pytest
+
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+CCS = ((9, 0), (8, 0))
+
+
+def _nvvm_missing():
+    if SIMULATOR:
+        return "the CUDA simulator is on (it cannot compile PTX)"
+    try:
+        from numba import cuda
+
+        def probe(a):
+            a[0] = 1.0
+
+        cuda.compile_ptx(probe, "void(float32[:])", cc=(8, 0))
+    except Exception as exc:  # numba-cuda or NVVM missing
+        return f"numba-cuda cannot compile PTX here ({type(exc).__name__}: {exc})"
+    return None
+
+
+_SKIP = _nvvm_missing()
+pytestmark = pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))
+
+
+@pytest.fixture(scope="module")
+def report():
+    """(rows, ptx by (kernel, cc)): every benchmark specialisation compiled once."""
+    from gpuconv import _cuda_ptx
+
+    ptx = {}
+    codes = ("f32", "f64") if _cuda_ptx.find_ptxas() else ()
+    rows = _cuda_ptx.ptx_report(codes=("f32", "f64"), ccs=CCS, ptxas_codes=codes, ptx_cache=ptx)
+    return rows, ptx
+
+
+@pytest.fixture(scope="module")
+def ptxas_rows(report):
+    from gpuconv import _cuda_ptx
+
+    if _cuda_ptx.find_ptxas() is None:
+        pytest.skip("ptxas not found (pip install nvidia-cuda-nvcc)")
+    return report[0]
+
+
+def test_every_specialisation_compiles_for_each_cc(report):
+    from gpuconv import _cuda_kernels as kernels
+
+    _, ptx = report
+    for spec in kernels.workload_specialisations():
+        for cc in CCS:
+            text = ptx[(spec.name, cc)]
+            assert f".target sm_{cc[0]}{cc[1]}" in text
+            assert spec.name in text, "kernel name should carry the specialisation"
+
+
+def test_float32_kernels_do_not_spill(ptxas_rows, capsys):
+    rows = [r for r in ptxas_rows if "_f32" in r.kernel]
+    assert {r.arch for r in rows} == {"sm_90", "sm_80"}
+    spilling = [r for r in rows if r.spill_stores or r.spill_loads or r.stack_frame]
+    from gpuconv import _cuda_ptx
+
+    with capsys.disabled():  # always shown, not only with -s
+        print("\n\nCUDA kernels: ptxas resource usage (benchmark specialisations)\n"
+              + _cuda_ptx.format_report(ptxas_rows))
+    assert not spilling, "float32 kernels use local memory:\n" + _cuda_ptx.format_report(spilling)
+
+
+def test_kernels_fit_the_register_file_and_shared_memory(ptxas_rows):
+    from gpuconv import _cuda_kernels as kernels
+
+    for r in ptxas_rows:
+        # Every launch has at most 256 threads: 256 x 255 registers fit an SM's 64K.
+        assert r.registers <= 255
+        assert r.static_smem + r.dynamic_smem <= kernels.SHARED_LIMIT_BYTES
+
+
+@pytest.mark.parametrize("spec_args", [
+    ("conv2d", ("f32", 2, 4, 2, 2, 2)),      # the small specialisations the tests launch
+    ("conv2d", ("f32", 1, 1, 2, 2, 1)),
+    ("local", ("f32", 3, 3, 2, 1)),
+    ("local", ("f32", 2, 2, 8, 2)),
+])
+def test_small_test_specialisations_compile_without_spills(spec_args):
+    from gpuconv import _cuda_kernels as kernels
+    from gpuconv import _cuda_ptx
+
+    family, args = spec_args
+    factory = kernels.conv2d_kernel if family == "conv2d" else kernels.local_conv2d_kernel
+    spec = factory(*args)
+    ptx = _cuda_ptx.compile_ptx(spec, (9, 0))
+    if _cuda_ptx.find_ptxas() is None:
+        pytest.skip("ptxas not found")
+    info = _cuda_ptx.ptxas_info(ptx, "sm_90", spec.name)
+    assert info.spill_stores == info.spill_loads == info.stack_frame == 0, info
