@@ -57,11 +57,9 @@ _SEGMENT = 512
 # _LOCAL_CO_BLOCK independent streams through memory).
 _LOCAL_CO_BLOCK = 4
 
-# Pixel blocks per job of the channel-vector kernel.
-_RUN_BLOCKS = 4
-# The channel-vector kernel fills vectors with output channels: it needs at least this many
-# per group to beat the pixel-vector kernel.
-_CVEC_MIN_CHANNELS = 32
+# The channel-vector kernels fill vectors with output channels: with fewer than this many
+# per group the pixel-vector kernel wastes fewer lanes.
+_CVEC_MIN_CHANNELS = 5
 
 _FASTMATH = {"contract"}
 
@@ -187,11 +185,12 @@ def choose_cpu_kernel(geom):
 
     Returns ``"<vector>-<runs>"``:
 
-    - vector ``"cvec"`` when a group has at least ``_CVEC_MIN_CHANNELS`` output channels:
-      vectors of output channels times a block of ``_PIXEL_BLOCK`` output pixels held in
-      registers for the whole reduction (the fast kernel); ``"pvec"`` otherwise (few output
-      channels, e.g. 5 or 10, would leave most vector lanes empty): vectors of output pixels,
-      ``_CO_BLOCK`` channels and ``_TAP_GROUP`` taps per pass over accumulators in L1;
+    - vector ``"cvec2"`` (more than one float32 vector of output channels per group) or
+      ``"cvec1"`` (at least ``_CVEC_MIN_CHANNELS``, at most one vector): two or one vectors
+      of output channels times a block of 12 or 24 output pixels, held in registers for the
+      whole reduction (the fast kernels); ``"pvec"`` for fewer output channels, which would
+      leave most vector lanes empty: vectors of output pixels, ``_CO_BLOCK`` channels and
+      ``_TAP_GROUP`` taps per pass over accumulators in L1;
     - runs ``"merged"`` when ``stride == (1, 1)``: all output rows of all images form one run
       of virtual pixels on the padded grid (long runs even for 7 x 7 maps, at the price of
       computing the pixels that fall in the padding columns and rows, which are dropped);
@@ -200,10 +199,17 @@ def choose_cpu_kernel(geom):
     >>> from gpuconv._geometry import conv_geometry
     >>> choose_cpu_kernel(conv_geometry((1, 3, 8, 8), (3, 3), 4))
     'pvec-merged'
+    >>> choose_cpu_kernel(conv_geometry((1, 3, 8, 8), (3, 3), 10))
+    'cvec1-merged'
     >>> choose_cpu_kernel(conv_geometry((1, 3, 8, 8), (3, 3), 64, stride=2))
-    'cvec-rows'
+    'cvec2-rows'
     """
-    vector = "cvec" if geom.out_channels_per_group >= _CVEC_MIN_CHANNELS else "pvec"
+    lanes = _VECTOR_BYTES // 4  # float32 lanes per vector
+    c_Og = geom.out_channels_per_group
+    if c_Og < _CVEC_MIN_CHANNELS:
+        vector = "pvec"
+    else:
+        vector = "cvec1" if c_Og <= lanes else "cvec2"
     runs = "merged" if geom.stride_h == 1 and geom.stride_w == 1 else "rows"
     return f"{vector}-{runs}"
 
@@ -397,124 +403,296 @@ def _conv2d_kernel(xf, tap_off, wp, bias, has_bias, out, acc, groups, c_Ig, h_P,
                         out[b, co, oy, ox0 + i] = val
 
 
-# Output pixels per register block of the channel-vector kernel; with two vectors of output
-# channels that is 24 accumulators, which leaves registers for the weights and one input
-# value on a 32-register machine.
-_PIXEL_BLOCK = 12
+# Pixels per register block of the channel-vector kernels: 24 accumulators (one or two
+# vectors of output channels each) leave registers for the weights and one input value on a
+# 32-register machine.
+_PIXEL_BLOCK_1 = 24  # one vector of channels
+_PIXEL_BLOCK_2 = 12  # two vectors of channels
+# Taps per pass over a run of pixel blocks: the pass's weights (at most 16 KiB) stay in L1
+# while they are applied to every block of the run.
+_TAP_CHUNK_BYTES = 16384
+# Pixel blocks per job (one run).
+_RUN_BLOCKS = 8
 
 
 @njit(cache=True)
-def _conv2d_cvec_block(xf, base, tap_off, wq, w_base, lanes, tile):
-    """tile[p * 2 * lanes + k] = sum over taps t of wq[w_base + t * 2 * lanes + k]
-    * xf[base + tap_off[t] + p] for p < _PIXEL_BLOCK, k < 2 * lanes.
+def _conv2d_cvec2_block(xf, base, tap_off, t0, t1, wq, w_base, lanes, tile, tile_base, first):
+    """Register block of the channel-vector kernel, two vectors of channels x 12 pixels.
 
-    The register block of the channel-vector kernel: two weight vectors loaded per tap, each
-    input value broadcast against them (Georganas et al.'s inner loop).
+    For p < 12 and k < 2 * lanes, with T the sum over taps t0 <= t < t1 of
+    ``wq[w_base + t * 2 * lanes + k] * xf[base + tap_off[t] + p]``:
+    ``tile[tile_base + p * 2 * lanes + k] = T`` if ``first``, else ``+= T``.
+    Two weight vectors are loaded per tap and each input value is broadcast against them
+    (the inner loop of Georganas et al.); the 24 accumulators stay in registers.
     """
     _prefer_wide_vectors()
-    a00 = _vzero(xf)
-    a01 = _vzero(xf)
-    a10 = _vzero(xf)
-    a11 = _vzero(xf)
-    a20 = _vzero(xf)
-    a21 = _vzero(xf)
-    a30 = _vzero(xf)
-    a31 = _vzero(xf)
-    a40 = _vzero(xf)
-    a41 = _vzero(xf)
-    a50 = _vzero(xf)
-    a51 = _vzero(xf)
-    a60 = _vzero(xf)
-    a61 = _vzero(xf)
-    a70 = _vzero(xf)
-    a71 = _vzero(xf)
-    a80 = _vzero(xf)
-    a81 = _vzero(xf)
-    a90 = _vzero(xf)
-    a91 = _vzero(xf)
-    aA0 = _vzero(xf)
-    aA1 = _vzero(xf)
-    aB0 = _vzero(xf)
-    aB1 = _vzero(xf)
     step = 2 * lanes
-    for t in range(tap_off.shape[0]):
+    if first:
+        a0_0 = _vzero(xf)
+        a0_1 = _vzero(xf)
+        a1_0 = _vzero(xf)
+        a1_1 = _vzero(xf)
+        a2_0 = _vzero(xf)
+        a2_1 = _vzero(xf)
+        a3_0 = _vzero(xf)
+        a3_1 = _vzero(xf)
+        a4_0 = _vzero(xf)
+        a4_1 = _vzero(xf)
+        a5_0 = _vzero(xf)
+        a5_1 = _vzero(xf)
+        a6_0 = _vzero(xf)
+        a6_1 = _vzero(xf)
+        a7_0 = _vzero(xf)
+        a7_1 = _vzero(xf)
+        a8_0 = _vzero(xf)
+        a8_1 = _vzero(xf)
+        a9_0 = _vzero(xf)
+        a9_1 = _vzero(xf)
+        a10_0 = _vzero(xf)
+        a10_1 = _vzero(xf)
+        a11_0 = _vzero(xf)
+        a11_1 = _vzero(xf)
+    else:
+        a0_0 = _vload(tile, tile_base + 0 * step)
+        a0_1 = _vload(tile, tile_base + 0 * step + 1 * lanes)
+        a1_0 = _vload(tile, tile_base + 1 * step)
+        a1_1 = _vload(tile, tile_base + 1 * step + 1 * lanes)
+        a2_0 = _vload(tile, tile_base + 2 * step)
+        a2_1 = _vload(tile, tile_base + 2 * step + 1 * lanes)
+        a3_0 = _vload(tile, tile_base + 3 * step)
+        a3_1 = _vload(tile, tile_base + 3 * step + 1 * lanes)
+        a4_0 = _vload(tile, tile_base + 4 * step)
+        a4_1 = _vload(tile, tile_base + 4 * step + 1 * lanes)
+        a5_0 = _vload(tile, tile_base + 5 * step)
+        a5_1 = _vload(tile, tile_base + 5 * step + 1 * lanes)
+        a6_0 = _vload(tile, tile_base + 6 * step)
+        a6_1 = _vload(tile, tile_base + 6 * step + 1 * lanes)
+        a7_0 = _vload(tile, tile_base + 7 * step)
+        a7_1 = _vload(tile, tile_base + 7 * step + 1 * lanes)
+        a8_0 = _vload(tile, tile_base + 8 * step)
+        a8_1 = _vload(tile, tile_base + 8 * step + 1 * lanes)
+        a9_0 = _vload(tile, tile_base + 9 * step)
+        a9_1 = _vload(tile, tile_base + 9 * step + 1 * lanes)
+        a10_0 = _vload(tile, tile_base + 10 * step)
+        a10_1 = _vload(tile, tile_base + 10 * step + 1 * lanes)
+        a11_0 = _vload(tile, tile_base + 11 * step)
+        a11_1 = _vload(tile, tile_base + 11 * step + 1 * lanes)
+    for t in range(t0, t1):
         o = np.uint64(base + tap_off[t])
         wo = w_base + t * step
         w0 = _vload(wq, wo)
-        w1 = _vload(wq, wo + lanes)
+        w1 = _vload(wq, wo + 1 * lanes)
         x = xf[o]
-        a00 = _vfma(a00, w0, x)
-        a01 = _vfma(a01, w1, x)
+        a0_0 = _vfma(a0_0, w0, x)
+        a0_1 = _vfma(a0_1, w1, x)
         x = xf[o + np.uint64(1)]
-        a10 = _vfma(a10, w0, x)
-        a11 = _vfma(a11, w1, x)
+        a1_0 = _vfma(a1_0, w0, x)
+        a1_1 = _vfma(a1_1, w1, x)
         x = xf[o + np.uint64(2)]
-        a20 = _vfma(a20, w0, x)
-        a21 = _vfma(a21, w1, x)
+        a2_0 = _vfma(a2_0, w0, x)
+        a2_1 = _vfma(a2_1, w1, x)
         x = xf[o + np.uint64(3)]
-        a30 = _vfma(a30, w0, x)
-        a31 = _vfma(a31, w1, x)
+        a3_0 = _vfma(a3_0, w0, x)
+        a3_1 = _vfma(a3_1, w1, x)
         x = xf[o + np.uint64(4)]
-        a40 = _vfma(a40, w0, x)
-        a41 = _vfma(a41, w1, x)
+        a4_0 = _vfma(a4_0, w0, x)
+        a4_1 = _vfma(a4_1, w1, x)
         x = xf[o + np.uint64(5)]
-        a50 = _vfma(a50, w0, x)
-        a51 = _vfma(a51, w1, x)
+        a5_0 = _vfma(a5_0, w0, x)
+        a5_1 = _vfma(a5_1, w1, x)
         x = xf[o + np.uint64(6)]
-        a60 = _vfma(a60, w0, x)
-        a61 = _vfma(a61, w1, x)
+        a6_0 = _vfma(a6_0, w0, x)
+        a6_1 = _vfma(a6_1, w1, x)
         x = xf[o + np.uint64(7)]
-        a70 = _vfma(a70, w0, x)
-        a71 = _vfma(a71, w1, x)
+        a7_0 = _vfma(a7_0, w0, x)
+        a7_1 = _vfma(a7_1, w1, x)
         x = xf[o + np.uint64(8)]
-        a80 = _vfma(a80, w0, x)
-        a81 = _vfma(a81, w1, x)
+        a8_0 = _vfma(a8_0, w0, x)
+        a8_1 = _vfma(a8_1, w1, x)
         x = xf[o + np.uint64(9)]
-        a90 = _vfma(a90, w0, x)
-        a91 = _vfma(a91, w1, x)
+        a9_0 = _vfma(a9_0, w0, x)
+        a9_1 = _vfma(a9_1, w1, x)
         x = xf[o + np.uint64(10)]
-        aA0 = _vfma(aA0, w0, x)
-        aA1 = _vfma(aA1, w1, x)
+        a10_0 = _vfma(a10_0, w0, x)
+        a10_1 = _vfma(a10_1, w1, x)
         x = xf[o + np.uint64(11)]
-        aB0 = _vfma(aB0, w0, x)
-        aB1 = _vfma(aB1, w1, x)
-    _vstore(tile, 0 * step, a00)
-    _vstore(tile, 0 * step + lanes, a01)
-    _vstore(tile, 1 * step, a10)
-    _vstore(tile, 1 * step + lanes, a11)
-    _vstore(tile, 2 * step, a20)
-    _vstore(tile, 2 * step + lanes, a21)
-    _vstore(tile, 3 * step, a30)
-    _vstore(tile, 3 * step + lanes, a31)
-    _vstore(tile, 4 * step, a40)
-    _vstore(tile, 4 * step + lanes, a41)
-    _vstore(tile, 5 * step, a50)
-    _vstore(tile, 5 * step + lanes, a51)
-    _vstore(tile, 6 * step, a60)
-    _vstore(tile, 6 * step + lanes, a61)
-    _vstore(tile, 7 * step, a70)
-    _vstore(tile, 7 * step + lanes, a71)
-    _vstore(tile, 8 * step, a80)
-    _vstore(tile, 8 * step + lanes, a81)
-    _vstore(tile, 9 * step, a90)
-    _vstore(tile, 9 * step + lanes, a91)
-    _vstore(tile, 10 * step, aA0)
-    _vstore(tile, 10 * step + lanes, aA1)
-    _vstore(tile, 11 * step, aB0)
-    _vstore(tile, 11 * step + lanes, aB1)
+        a11_0 = _vfma(a11_0, w0, x)
+        a11_1 = _vfma(a11_1, w1, x)
+    _vstore(tile, tile_base + 0 * step, a0_0)
+    _vstore(tile, tile_base + 0 * step + 1 * lanes, a0_1)
+    _vstore(tile, tile_base + 1 * step, a1_0)
+    _vstore(tile, tile_base + 1 * step + 1 * lanes, a1_1)
+    _vstore(tile, tile_base + 2 * step, a2_0)
+    _vstore(tile, tile_base + 2 * step + 1 * lanes, a2_1)
+    _vstore(tile, tile_base + 3 * step, a3_0)
+    _vstore(tile, tile_base + 3 * step + 1 * lanes, a3_1)
+    _vstore(tile, tile_base + 4 * step, a4_0)
+    _vstore(tile, tile_base + 4 * step + 1 * lanes, a4_1)
+    _vstore(tile, tile_base + 5 * step, a5_0)
+    _vstore(tile, tile_base + 5 * step + 1 * lanes, a5_1)
+    _vstore(tile, tile_base + 6 * step, a6_0)
+    _vstore(tile, tile_base + 6 * step + 1 * lanes, a6_1)
+    _vstore(tile, tile_base + 7 * step, a7_0)
+    _vstore(tile, tile_base + 7 * step + 1 * lanes, a7_1)
+    _vstore(tile, tile_base + 8 * step, a8_0)
+    _vstore(tile, tile_base + 8 * step + 1 * lanes, a8_1)
+    _vstore(tile, tile_base + 9 * step, a9_0)
+    _vstore(tile, tile_base + 9 * step + 1 * lanes, a9_1)
+    _vstore(tile, tile_base + 10 * step, a10_0)
+    _vstore(tile, tile_base + 10 * step + 1 * lanes, a10_1)
+    _vstore(tile, tile_base + 11 * step, a11_0)
+    _vstore(tile, tile_base + 11 * step + 1 * lanes, a11_1)
+
+
+@njit(cache=True)
+def _conv2d_cvec1_block(xf, base, tap_off, t0, t1, wq, w_base, lanes, tile, tile_base, first):
+    """Register block of the channel-vector kernel, one vector of channels x 24 pixels
+    (for layers with at most one vector of output channels); as :func:`_conv2d_cvec2_block`.
+    """
+    _prefer_wide_vectors()
+    step = 1 * lanes
+    if first:
+        a0_0 = _vzero(xf)
+        a1_0 = _vzero(xf)
+        a2_0 = _vzero(xf)
+        a3_0 = _vzero(xf)
+        a4_0 = _vzero(xf)
+        a5_0 = _vzero(xf)
+        a6_0 = _vzero(xf)
+        a7_0 = _vzero(xf)
+        a8_0 = _vzero(xf)
+        a9_0 = _vzero(xf)
+        a10_0 = _vzero(xf)
+        a11_0 = _vzero(xf)
+        a12_0 = _vzero(xf)
+        a13_0 = _vzero(xf)
+        a14_0 = _vzero(xf)
+        a15_0 = _vzero(xf)
+        a16_0 = _vzero(xf)
+        a17_0 = _vzero(xf)
+        a18_0 = _vzero(xf)
+        a19_0 = _vzero(xf)
+        a20_0 = _vzero(xf)
+        a21_0 = _vzero(xf)
+        a22_0 = _vzero(xf)
+        a23_0 = _vzero(xf)
+    else:
+        a0_0 = _vload(tile, tile_base + 0 * step)
+        a1_0 = _vload(tile, tile_base + 1 * step)
+        a2_0 = _vload(tile, tile_base + 2 * step)
+        a3_0 = _vload(tile, tile_base + 3 * step)
+        a4_0 = _vload(tile, tile_base + 4 * step)
+        a5_0 = _vload(tile, tile_base + 5 * step)
+        a6_0 = _vload(tile, tile_base + 6 * step)
+        a7_0 = _vload(tile, tile_base + 7 * step)
+        a8_0 = _vload(tile, tile_base + 8 * step)
+        a9_0 = _vload(tile, tile_base + 9 * step)
+        a10_0 = _vload(tile, tile_base + 10 * step)
+        a11_0 = _vload(tile, tile_base + 11 * step)
+        a12_0 = _vload(tile, tile_base + 12 * step)
+        a13_0 = _vload(tile, tile_base + 13 * step)
+        a14_0 = _vload(tile, tile_base + 14 * step)
+        a15_0 = _vload(tile, tile_base + 15 * step)
+        a16_0 = _vload(tile, tile_base + 16 * step)
+        a17_0 = _vload(tile, tile_base + 17 * step)
+        a18_0 = _vload(tile, tile_base + 18 * step)
+        a19_0 = _vload(tile, tile_base + 19 * step)
+        a20_0 = _vload(tile, tile_base + 20 * step)
+        a21_0 = _vload(tile, tile_base + 21 * step)
+        a22_0 = _vload(tile, tile_base + 22 * step)
+        a23_0 = _vload(tile, tile_base + 23 * step)
+    for t in range(t0, t1):
+        o = np.uint64(base + tap_off[t])
+        wo = w_base + t * step
+        w0 = _vload(wq, wo)
+        x = xf[o]
+        a0_0 = _vfma(a0_0, w0, x)
+        x = xf[o + np.uint64(1)]
+        a1_0 = _vfma(a1_0, w0, x)
+        x = xf[o + np.uint64(2)]
+        a2_0 = _vfma(a2_0, w0, x)
+        x = xf[o + np.uint64(3)]
+        a3_0 = _vfma(a3_0, w0, x)
+        x = xf[o + np.uint64(4)]
+        a4_0 = _vfma(a4_0, w0, x)
+        x = xf[o + np.uint64(5)]
+        a5_0 = _vfma(a5_0, w0, x)
+        x = xf[o + np.uint64(6)]
+        a6_0 = _vfma(a6_0, w0, x)
+        x = xf[o + np.uint64(7)]
+        a7_0 = _vfma(a7_0, w0, x)
+        x = xf[o + np.uint64(8)]
+        a8_0 = _vfma(a8_0, w0, x)
+        x = xf[o + np.uint64(9)]
+        a9_0 = _vfma(a9_0, w0, x)
+        x = xf[o + np.uint64(10)]
+        a10_0 = _vfma(a10_0, w0, x)
+        x = xf[o + np.uint64(11)]
+        a11_0 = _vfma(a11_0, w0, x)
+        x = xf[o + np.uint64(12)]
+        a12_0 = _vfma(a12_0, w0, x)
+        x = xf[o + np.uint64(13)]
+        a13_0 = _vfma(a13_0, w0, x)
+        x = xf[o + np.uint64(14)]
+        a14_0 = _vfma(a14_0, w0, x)
+        x = xf[o + np.uint64(15)]
+        a15_0 = _vfma(a15_0, w0, x)
+        x = xf[o + np.uint64(16)]
+        a16_0 = _vfma(a16_0, w0, x)
+        x = xf[o + np.uint64(17)]
+        a17_0 = _vfma(a17_0, w0, x)
+        x = xf[o + np.uint64(18)]
+        a18_0 = _vfma(a18_0, w0, x)
+        x = xf[o + np.uint64(19)]
+        a19_0 = _vfma(a19_0, w0, x)
+        x = xf[o + np.uint64(20)]
+        a20_0 = _vfma(a20_0, w0, x)
+        x = xf[o + np.uint64(21)]
+        a21_0 = _vfma(a21_0, w0, x)
+        x = xf[o + np.uint64(22)]
+        a22_0 = _vfma(a22_0, w0, x)
+        x = xf[o + np.uint64(23)]
+        a23_0 = _vfma(a23_0, w0, x)
+    _vstore(tile, tile_base + 0 * step, a0_0)
+    _vstore(tile, tile_base + 1 * step, a1_0)
+    _vstore(tile, tile_base + 2 * step, a2_0)
+    _vstore(tile, tile_base + 3 * step, a3_0)
+    _vstore(tile, tile_base + 4 * step, a4_0)
+    _vstore(tile, tile_base + 5 * step, a5_0)
+    _vstore(tile, tile_base + 6 * step, a6_0)
+    _vstore(tile, tile_base + 7 * step, a7_0)
+    _vstore(tile, tile_base + 8 * step, a8_0)
+    _vstore(tile, tile_base + 9 * step, a9_0)
+    _vstore(tile, tile_base + 10 * step, a10_0)
+    _vstore(tile, tile_base + 11 * step, a11_0)
+    _vstore(tile, tile_base + 12 * step, a12_0)
+    _vstore(tile, tile_base + 13 * step, a13_0)
+    _vstore(tile, tile_base + 14 * step, a14_0)
+    _vstore(tile, tile_base + 15 * step, a15_0)
+    _vstore(tile, tile_base + 16 * step, a16_0)
+    _vstore(tile, tile_base + 17 * step, a17_0)
+    _vstore(tile, tile_base + 18 * step, a18_0)
+    _vstore(tile, tile_base + 19 * step, a19_0)
+    _vstore(tile, tile_base + 20 * step, a20_0)
+    _vstore(tile, tile_base + 21 * step, a21_0)
+    _vstore(tile, tile_base + 22 * step, a22_0)
+    _vstore(tile, tile_base + 23 * step, a23_0)
 
 
 @njit(parallel=True, cache=True)
-def _conv2d_cvec_kernel(xf, tap_off, wq, block, bias, has_bias, out, tiles, groups, c_Ig,
-                        h_P, s_H, s_W, w_Q, merged, run_blocks):
+def _conv2d_cvec_kernel(xf, tap_off, wq, vectors, bias, has_bias, out, tiles, groups, c_Ig,
+                        h_P, s_H, s_W, w_Q, merged):
     n, c_O, h_O, w_O = out.shape
     c_Og = c_O // groups
     n_taps = tap_off.shape[0]
-    lanes = block // 2
+    lanes = _VECTOR_BYTES // wq.itemsize
+    block = vectors * lanes                     # output channels per block
+    px = _PIXEL_BLOCK_1 if vectors == 1 else _PIXEL_BLOCK_2
+    tap_chunk = max(1, _TAP_CHUNK_BYTES // (block * wq.itemsize))
     blocks_per_group = -(-c_Og // block)
     n_blocks = blocks_per_group * groups
     channel_stride = n * h_P * s_W * w_Q
-    run_len = run_blocks * _PIXEL_BLOCK
+    run_len = _RUN_BLOCKS * px
     if merged:
         total = ((n - 1) * h_P + h_O - 1) * w_Q + w_O
         runs = (total + run_len - 1) // run_len
@@ -525,11 +703,12 @@ def _conv2d_cvec_kernel(xf, tap_off, wq, block, bias, has_bias, out, tiles, grou
         total = 0
     n_jobs = runs * n_blocks
     n_threads = tiles.shape[0]
+    tile_step = px * block
     for thread in prange(n_threads):
         tile = tiles[thread]
         for job in range(thread, n_jobs, n_threads):
-            run = job % runs
-            blk = job // runs
+            blk = job % n_blocks
+            run = job // n_blocks
             g = blk // blocks_per_group
             co0 = g * c_Og + (blk % blocks_per_group) * block
             co1 = min(co0 + block, (g + 1) * c_Og)
@@ -539,35 +718,44 @@ def _conv2d_cvec_kernel(xf, tap_off, wq, block, bias, has_bias, out, tiles, grou
                 v_start = run * run_len
                 v_end = min(v_start + run_len, total)
                 row_base = group_base
-                oy = 0
-                b = 0
+                r = v_start // w_Q
+                ox = v_start - r * w_Q
+                b = r // h_P
+                oy = r - b * h_P
             else:
-                part = run % runs_per_row
                 row = run // runs_per_row
                 b = row // h_O
                 oy = row - b * h_O
-                v_start = part * run_len
+                v_start = (run % runs_per_row) * run_len
                 v_end = min(v_start + run_len, w_O)
                 row_base = group_base + ((b * h_P + oy * s_H) * s_W) * w_Q
-            for v0 in range(v_start, v_end, _PIXEL_BLOCK):
-                _conv2d_cvec_block(xf, row_base + v0, tap_off, wq, w_base, lanes, tile)
-                for p in range(min(_PIXEL_BLOCK, v_end - v0)):
-                    v = v0 + p
-                    if merged:
-                        r = v // w_Q
-                        ox = v - r * w_Q
-                        b = r // h_P
-                        oy = r - b * h_P
-                        if ox >= w_O or oy >= h_O:
-                            continue
+                ox = v_start
+            n_px_blocks = (v_end - v_start + px - 1) // px
+            for t0 in range(0, n_taps, tap_chunk):
+                t1 = min(t0 + tap_chunk, n_taps)
+                for j in range(n_px_blocks):
+                    base = row_base + v_start + j * px
+                    if vectors == 1:
+                        _conv2d_cvec1_block(xf, base, tap_off, t0, t1, wq, w_base, lanes,
+                                            tile, j * tile_step, t0 == 0)
                     else:
-                        ox = v
+                        _conv2d_cvec2_block(xf, base, tap_off, t0, t1, wq, w_base, lanes,
+                                            tile, j * tile_step, t0 == 0)
+            # Scatter the run's tiles to the output (channel-major tile -> NCHW).
+            for i in range(v_end - v_start):
+                if ox < w_O and oy < h_O:
                     for co in range(co0, co1):
-                        val = tile[p * block + co - co0]
+                        val = tile[i * block + co - co0]
                         if has_bias:
                             val = bias[co, 0, 0] + val
                         out[b, co, oy, ox] = val
-
+                ox += 1
+                if merged and ox == w_Q:
+                    ox = 0
+                    oy += 1
+                    if oy == h_P:
+                        oy = 0
+                        b += 1
 
 def _tap_offsets(geom, h_P, w_Q):
     """Offset in the packed input of each tap (c, u, v) of one group, tap-major as in
@@ -593,9 +781,10 @@ def conv2d_forward(x, weight, bias, has_bias, out, geom):
     kernel = choose_cpu_kernel(geom)
     merged = kernel.endswith("merged")
     packed_size = geom.in_channels * geom.batch * h_P * s_W * w_Q
-    # The channel-vector kernel computes whole pixel blocks: past the last pixel it reads (and
-    # drops) up to _PIXEL_BLOCK values beyond the packed input.
-    xf = np.empty(packed_size + _PIXEL_BLOCK, dtype=x.dtype)
+    # The channel-vector kernels compute whole pixel blocks: past the last pixel they read
+    # (and drop) fewer than a pixel block of values beyond the packed input.
+    slack = max(_PIXEL_BLOCK_1, _PIXEL_BLOCK_2)
+    xf = np.empty(packed_size + slack, dtype=x.dtype)
     xf[packed_size:] = 0
     xp = xf[:packed_size].reshape(geom.in_channels, geom.batch, h_P, s_W, w_Q)
     _pack_input(x, xp, geom.pad_top, geom.pad_left, s_W)
@@ -603,14 +792,15 @@ def conv2d_forward(x, weight, bias, has_bias, out, geom):
     tap_off = _tap_offsets(geom, h_P, w_Q)
     threads = numba.get_num_threads()
     if kernel.startswith("cvec"):
-        block = 2 * (_VECTOR_BYTES // x.dtype.itemsize)
+        vectors = int(kernel[4])
+        block = vectors * (_VECTOR_BYTES // x.dtype.itemsize)
         blocks_per_group = -(-geom.out_channels_per_group // block)
         wq = np.empty((blocks_per_group * geom.groups, n_taps, block), dtype=x.dtype)
         _pack_weights(weight, wq, geom.out_channels_per_group)
-        tiles = np.empty((threads, _PIXEL_BLOCK * block), dtype=x.dtype)
-        _conv2d_cvec_kernel(xf, tap_off, wq.reshape(-1), block, bias, has_bias, out, tiles,
+        tiles = np.empty((threads, _RUN_BLOCKS * max(_PIXEL_BLOCK_1, _PIXEL_BLOCK_2) * block), dtype=x.dtype)
+        _conv2d_cvec_kernel(xf, tap_off, wq.reshape(-1), vectors, bias, has_bias, out, tiles,
                             geom.groups, geom.in_channels_per_group, h_P, s_H, s_W, w_Q,
-                            merged, _RUN_BLOCKS)
+                            merged)
         return out
     blocks_per_group = -(-geom.out_channels_per_group // _CO_BLOCK)
     wp = np.empty((blocks_per_group * geom.groups, n_taps, _CO_BLOCK), dtype=x.dtype)
