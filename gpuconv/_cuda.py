@@ -130,11 +130,16 @@ def _is_contiguous(array):
     return bool(array.is_c_contiguous())
 
 
-def _contiguous(array, stream):
+def _numba_empty(stream):
+    """Allocator of uninitialised Numba device arrays ordered on ``stream``."""
+    return lambda shape, dtype: cuda.device_array(shape, dtype=dtype, stream=stream)
+
+
+def _contiguous(array, stream, empty=None):
     """``array`` itself if C-contiguous, else a contiguous copy made by a kernel on the GPU."""
     if _is_contiguous(array):
         return array
-    dst = cuda.device_array(array.shape, dtype=array.dtype, stream=stream)
+    dst = (empty or _numba_empty(stream))(array.shape, array.dtype)
     if array.size == 0:
         return dst
     if _simulated():
@@ -160,11 +165,12 @@ def _flat(array):
     return array.reshape(array.size)
 
 
-def _launch_conv2d(x, weight, bias, out, geom, stream, config=None):
-    """Write conv2d into ``out``; ``config`` overrides :func:`~gpuconv._cuda_kernels.conv2d_config`."""
+def _launch_conv2d(x, weight, bias, out, geom, stream, config=None, empty=None):
+    """Write conv2d into ``out``; ``config`` overrides :func:`~gpuconv._cuda_kernels.conv2d_config`,
+    ``empty(shape, dtype)`` allocates scratch (default: Numba device arrays)."""
     config = config or kernels.conv2d_config(geom, x.dtype)
     if bias is None:
-        bias, has_bias = cuda.device_array((1,), dtype=x.dtype, stream=stream), 0
+        bias, has_bias = (empty or _numba_empty(stream))((1,), x.dtype), 0
     else:
         has_bias = 1
     kernel = kernels.compiled(config.kernel)
@@ -186,7 +192,7 @@ def _launch_conv2d(x, weight, bias, out, geom, stream, config=None):
     )
 
 
-def transpose_local_weights(weight, geom, stream):
+def transpose_local_weights(weight, geom, stream, empty=None):
     """``(c_O, h_O, w_O, c_Ig, k_H, k_W)`` -> ``(c_O, c_Ig, k_H, k_W, h_O * w_O)`` on the GPU.
 
     The local_conv2d kernel reads weights with the output position innermost, so a warp's
@@ -199,7 +205,7 @@ def transpose_local_weights(weight, geom, stream):
     k = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
     c_out = geom.out_channels
     src = weight.reshape(c_out, n_pos, k)
-    dst = cuda.device_array((c_out, k, n_pos), dtype=weight.dtype, stream=stream)
+    dst = (empty or _numba_empty(stream))((c_out, k, n_pos), weight.dtype)
     # 32 x 32 tiles, eight rows of threads, on a GPU; 16 x 16 tiles and one row in the
     # simulator, where every thread is a Python thread (the kernel is the same code).
     tile, rows = (16, 1) if _simulated() else (32, 8)
@@ -209,14 +215,15 @@ def transpose_local_weights(weight, geom, stream):
                        geom.kernel_width, n_pos)
 
 
-def _launch_local_conv2d(x, weight, bias, out, geom, stream, config=None):
+def _launch_local_conv2d(x, weight, bias, out, geom, stream, config=None, empty=None):
     """Write local_conv2d into ``out``; ``config`` overrides
-    :func:`~gpuconv._cuda_kernels.local_conv2d_config`."""
+    :func:`~gpuconv._cuda_kernels.local_conv2d_config`, ``empty(shape, dtype)`` allocates
+    scratch (default: Numba device arrays)."""
     config = config or kernels.local_conv2d_config(geom, x.dtype)
-    weight_t = transpose_local_weights(weight, geom, stream)
+    weight_t = transpose_local_weights(weight, geom, stream, empty)
     n_pos = geom.out_height * geom.out_width
     if bias is None:
-        bias, has_bias, bias_len = cuda.device_array((1,), dtype=x.dtype, stream=stream), 0, 1
+        bias, has_bias, bias_len = (empty or _numba_empty(stream))((1,), x.dtype), 0, 1
     else:
         has_bias, bias_len = 1, (n_pos if bias.ndim == 3 else 1)
     kernel = kernels.compiled(config.kernel)
@@ -258,7 +265,11 @@ def _run_host(op_name, x, weight, bias, geom):
 
 
 def _allocate_like(template, shape, dtype, stream):
-    """An uninitialised C-contiguous output of the same library and GPU as ``template``."""
+    """An uninitialised C-contiguous array of the same library and GPU as ``template``.
+
+    PyTorch and CuPy allocate from their own stream-ordered memory pools (cheap, and safe to
+    release once the work is queued on the same stream); anything else gets a Numba array.
+    """
     library = _library(template)
     if library == "torch":
         torch = sys.modules["torch"]
@@ -302,9 +313,13 @@ def _run_gpu_on_device(op_name, x, weight, bias, geom):
     out_obj = _allocate_like(x.obj, geom.output_shape, x.dtype, stream)
     if geom.batch == 0:
         return out_obj
-    d_x, d_w, d_b = (None if a is None else _contiguous(a, stream) for a in arrays)
+
+    def empty(shape, dtype):  # scratch from the caller's library, on its stream
+        return _as_device_array(_allocate_like(x.obj, shape, dtype, stream), sync=False)
+
+    d_x, d_w, d_b = (None if a is None else _contiguous(a, stream, empty) for a in arrays)
     d_out = _as_device_array(out_obj, sync=False)
-    _LAUNCH[op_name](d_x, d_w, d_b, d_out, geom, stream)
+    _LAUNCH[op_name](d_x, d_w, d_b, d_out, geom, stream, empty=empty)
     return out_obj
 
 
