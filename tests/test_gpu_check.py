@@ -140,15 +140,12 @@ def test_out_of_memory_peers_are_recorded_not_raised(gpu_check):
         pass
 
     class FakeCuda:
-        OutOfMemoryError = OutOfMemoryError
+        pass
 
-        @staticmethod
-        def empty_cache():
-            pass
+    FakeCuda.OutOfMemoryError = OutOfMemoryError
 
-        @staticmethod
-        def synchronize():
-            pass
+    FakeCuda.empty_cache = staticmethod(lambda: None)
+    FakeCuda.synchronize = staticmethod(lambda: None)
 
     class FakeTorch:
         cuda = FakeCuda
