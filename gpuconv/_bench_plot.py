@@ -68,7 +68,10 @@ def plot(result, path):
                  fontsize=10)
     ax.grid(axis="y", which="both", alpha=0.25)
     ax.set_axisbelow(True)
-    ax.legend(fontsize=8, loc="upper right", framealpha=0.9)
+    tallest = max((r["q3_s"] for r in suite), default=1.0) * 1e3
+    lowest = min((r["median_s"] for r in suite), default=1.0) * 1e3
+    ax.set_ylim(lowest / 3, tallest * 12)  # headroom for the legend
+    ax.legend(fontsize=8, loc="upper center", ncol=4, framealpha=0.9)
     ax.set_xlim(-0.6, len(layers) - 0.4)
 
     # Panel 2: the cost model made visible: time against batch size on one layer.
@@ -96,11 +99,12 @@ def plot(result, path):
         ax.set_xlabel("batch size N")
         ax.set_ylabel("median time per call (ms, log scale)")
         ax.set_title(f"Time against batch size, {layer}\n"
-                     "shared grows with N; unshared starts high (its weights are read "
-                     "once per call)",
+                     "unshared: weights read once per call, shared by the batch",
                      fontsize=10)
         ax.grid(which="both", alpha=0.25)
-        ax.legend(fontsize=8, loc="upper left", framealpha=0.9)
+        values = [r["median_s"] * 1e3 for r in sweep]
+        ax.set_ylim(min(values) / 2, max(values) * 30)  # headroom for the legend
+        ax.legend(fontsize=8, loc="upper left", ncol=2, framealpha=0.9)
 
     where = machine.get("gpu") if machine.get("device") == "cuda" else machine.get("cpu")
     fig.suptitle(f"gpuconv bench — {machine.get('device')} ({where}, {machine.get('cores')} "

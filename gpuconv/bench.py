@@ -230,6 +230,14 @@ def machine_info(device, torch, ceilings, dtype):
     return info
 
 
+def _load_average():
+    """1-minute load average (other work on the machine skews the timings), or None."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
 def _gpuconv_version():
     from . import __version__
     return __version__
@@ -536,7 +544,9 @@ def run_benchmark(layers, device="cpu", dtype="float32", repeat=DEFAULT_REPEAT,
         torch.backends.cuda.matmul.allow_tf32 = False
     try:
         ceilings = impls_mod.measure_ceilings(backend, dtype, quick=quick)
+        load_start = _load_average()
         machine = machine_info(device, torch, ceilings, dtype)
+        machine["load_average_start"] = load_start
         machine["peers"] = sorted({f"{i.op}: {i.name}" for i in impl_list if i.name != "gpuconv"})
         if torch is not None and device == "cpu":
             machine["torch_threads"] = torch.get_num_threads()
@@ -562,6 +572,7 @@ def run_benchmark(layers, device="cpu", dtype="float32", repeat=DEFAULT_REPEAT,
                                         impl_list, dtype, repeat, bursts,
                                         ceilings, "batch-sweep", bar, rng))
         bar.close()
+        machine["load_average_end"] = _load_average()
     finally:
         if tf32 is not None:
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -714,8 +725,12 @@ def format_header(result):
     m = result["machine"]
     timing = m["timing"]
     where = m["gpu"] if m["device"] == "cuda" and m["gpu"] else m["cpu"]
+    load = ""
+    if m.get("load_average_start") is not None:
+        load = (f", load average {m['load_average_start']} at start, "
+                f"{m.get('load_average_end')} at end")
     return (f"gpuconv bench on {m['device']} ({where}, {m['cores']} cores), {m['dtype']}, "
-            f"{m['date']}\nmedian of {timing['bursts']} alternating bursts x "
+            f"{m['date']}{load}\nmedian of {timing['bursts']} alternating bursts x "
             f"{timing['repeat']} timed calls; extra MB = peak memory one call allocates, "
             f"output included (local_conv2d only)")
 
