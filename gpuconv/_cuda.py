@@ -8,9 +8,10 @@ Contract of :func:`run` (its caller, :mod:`gpuconv._conv`, has validated everyth
 - GPU inputs (anything with ``__cuda_array_interface__``: CuPy arrays, PyTorch CUDA tensors,
   Numba device arrays) are never copied through the host. The result is the same kind of
   array (CuPy in, CuPy out; torch in, torch out; otherwise a Numba device array) on the
-  same GPU, and the work is queued on the stream ``x`` names (CAI v3 ``stream``; a Numba
-  device array's own stream), without blocking the host. Operands that name another stream
-  are synchronised first, as the interface asks. Inputs on different GPUs raise
+  same GPU, and the work is queued on the stream ``x`` belongs to (PyTorch's or CuPy's
+  current stream, else the CAI v3 ``stream`` field, or a Numba device array's own stream),
+  without blocking the host. Operands that name another stream are synchronised first, as
+  the interface asks. Inputs on different GPUs raise
   ``ValueError``; non-contiguous ones get a contiguous copy made on the GPU;
 - an empty batch returns an empty output of the right kind without launching anything.
 
@@ -65,12 +66,25 @@ def _device_id(obj):
 
 
 def _stream_of(obj):
-    """The Numba stream the producer of ``obj`` asked consumers to order work on."""
+    """The Numba stream the producer of ``obj`` asked consumers to order work on.
+
+    PyTorch exports no stream in its array interface, so its current stream on the tensor's
+    device is asked directly; CuPy's current stream likewise; other producers say it in the
+    interface's ``stream`` field (v3), where 1 and 2 mean the legacy and per-thread default
+    streams and no value means no ordering is needed (the default stream).
+    """
     if _is_numba_device_array(obj):
         stream = getattr(obj, "stream", 0)
         return stream if stream else cuda.default_stream()
-    handle = obj.__cuda_array_interface__.get("stream")
-    if handle is None:
+    library = _library(obj)
+    if library == "torch":
+        handle = sys.modules["torch"].cuda.current_stream(obj.device).cuda_stream
+    elif library == "cupy":
+        with obj.device:
+            handle = sys.modules["cupy"].cuda.get_current_stream().ptr
+    else:
+        handle = obj.__cuda_array_interface__.get("stream")
+    if not handle:
         return cuda.default_stream()
     if handle == 1:
         return cuda.legacy_default_stream()
@@ -91,8 +105,11 @@ def _simulated():
 
 
 def _as_device_array(obj, sync):
-    """A Numba device array viewing ``obj`` (no copy)."""
+    """A Numba device array viewing ``obj`` (no copy); with ``sync``, first wait for the
+    stream that produced it."""
     if _is_numba_device_array(obj):
+        if sync and getattr(obj, "stream", 0):
+            obj.stream.synchronize()
         return obj
     return cuda.as_cuda_array(obj, sync=sync)
 
