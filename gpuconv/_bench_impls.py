@@ -44,6 +44,8 @@ class Backend:
         self.kind = kind
         self.torch = torch
         self.torch_cuda = bool(kind == "cuda" and torch is not None and torch.cuda.is_available())
+        # The Numba CUDA simulator's events do not time anything: use the wall clock there.
+        self.simulator = kind == "cuda" and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
     # arrays
     def to_device(self, array):
@@ -72,10 +74,11 @@ class Backend:
     def time_calls(self, fn, count):
         """Seconds of ``count`` back-to-back calls of ``fn``, one sample per call."""
         samples = []
-        if self.kind == "cpu":
+        if self.kind == "cpu" or (self.simulator and not self.torch_cuda):
             for _ in range(count):
                 start = time.perf_counter()
                 fn()
+                self.synchronize()
                 samples.append(time.perf_counter() - start)
             return samples
         self.synchronize()
@@ -84,16 +87,14 @@ class Backend:
                        self.torch.cuda.Event(enable_timing=True)) for _ in range(count)]
         else:
             from numba import cuda
-            events = [(cuda.event(timing=True), cuda.event(timing=True)) for _ in range(count)]
+            events = [(cuda.event(), cuda.event()) for _ in range(count)]
         for start, stop in events:
             start.record()
             fn()
             stop.record()
         self.synchronize()
-        if self.torch_cuda:
-            return [start.elapsed_time(stop) / 1e3 for start, stop in events]
-        from numba import cuda
-        return [cuda.event_elapsed_time(start, stop) / 1e3 for start, stop in events]
+        # torch.cuda.Event and numba.cuda.Event both give milliseconds
+        return [start.elapsed_time(stop) / 1e3 for start, stop in events]
 
     def time_first_call(self, fn):
         """Seconds of one call, synchronised (wall clock: it may include compilation)."""
@@ -439,7 +440,13 @@ def peak_extra_bytes(impl, fn, backend, positions=0):
     """
     probe = impl.memory_probe
     if backend.kind == "cuda" and probe == "tracemalloc":
-        return None, "not measured (allocations on the GPU by Numba are not observable here)"
+        if not backend.torch_cuda:
+            return None, "not measured (Numba's GPU allocations are not observable here)"
+        # gpuconv allocates its output (and any scratch) through the inputs' library.
+        peak, method = peak_extra_bytes(Impl(impl.op, impl.name, "", None, "", None,
+                                             "torch-cuda"), fn, backend)
+        return peak, method + " (gpuconv allocates through PyTorch for PyTorch inputs; "\
+            "anything Numba allocates itself is not seen)"
     if probe == "tracemalloc":
         was_tracing = tracemalloc.is_tracing()
         if not was_tracing:

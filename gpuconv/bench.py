@@ -345,6 +345,7 @@ class _Progress:
 
 
 _CALLED = set()  # (op, impl, device, dtype) called at least once in this process
+_BURSTS_FOR_PROGRESS = [DEFAULT_BURSTS]  # steps a skipped implementation stands for
 
 
 def _numba_cache_stats():
@@ -386,9 +387,71 @@ def _fmt_bytes(nbytes):
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
 
 
+class _Unit:
+    """One implementation on one geometry, ready to be timed."""
+
+    def __init__(self, impl, fn, geom, layer_name, part, extra):
+        self.impl, self.fn, self.geom = impl, fn, geom
+        self.layer_name, self.part, self.extra = layer_name, part, extra
+        self.samples = []
+
+
 def _bench_layer(layer_name, geom, backend, impl_list, dtype, repeat, bursts, ceilings,
                  part, progress, rng):
     """Records for one geometry: every implementation in ``impl_list`` (both ops)."""
+    skipped, units, keep = _prepare(layer_name, geom, backend, impl_list, dtype, part,
+                                    progress, rng)
+    _time_units(units, backend, repeat, bursts, progress)
+    records = _records(skipped, units, impl_list, backend.kind, dtype, ceilings)
+    del units, keep
+    gc.collect()
+    return records
+
+
+def _bench_sweep(layer, batches, backend, impl_list, dtype, repeat, bursts, ceilings,
+                 progress, rng):
+    """The batch sweep: every (batch, implementation) in one rotation of bursts, so that
+    a slow spell of the machine does not land on one batch size only."""
+    skipped, units, keep = [], [], []
+    for n in batches:
+        s, u, k = _prepare(layer.name, layer.geometry(n), backend, impl_list, dtype,
+                           "batch-sweep", progress, rng)
+        skipped += s
+        units += u
+        keep.append(k)
+    _time_units(units, backend, repeat, bursts, progress)
+    records = _records(skipped, units, impl_list, backend.kind, dtype, ceilings)
+    del units, keep
+    gc.collect()
+    return records
+
+
+def _time_units(units, backend, repeat, bursts, progress):
+    """Alternating bursts: each unit one untimed call then ``repeat`` timed, round again."""
+    for _ in range(bursts):
+        for unit in units:
+            unit.fn()  # untimed: wakes this library's threads after the previous burst
+            unit.samples.extend(backend.time_calls(unit.fn, repeat))
+            progress.step(f"{unit.layer_name}: {unit.impl.op} {unit.impl.name}")
+
+
+def _records(skipped, units, impl_list, device, dtype, ceilings):
+    records = list(skipped)
+    for unit in units:
+        impl = unit.impl
+        records.append(make_record(impl.op, impl.name, unit.layer_name, device, dtype,
+                                   unit.geom, unit.samples, ceilings, impl.description,
+                                   unit.part, **unit.extra))
+    order = {(i.op, i.name): n for n, i in enumerate(impl_list)}
+    records.sort(key=lambda r: (r["N"], order[(r["op"], r["impl"])]))
+    return records
+
+
+def _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng):
+    """Arrays, first calls, agreement and memory checks for one geometry.
+
+    Returns ``(skipped records, units to time, arrays to keep alive)``.
+    """
     device = backend.kind
     itemsize = np.dtype(dtype).itemsize
     records = []
@@ -413,10 +476,10 @@ def _bench_layer(layer_name, geom, backend, impl_list, dtype, repeat, bursts, ce
                           f"(limit {MEMORY_FRACTION:.0%} of it)")
         else:
             runnable.append(impl)
-    for _ in range(len(impl_list) - len(runnable)):
+    for _ in range((len(impl_list) - len(runnable)) * (1 + _BURSTS_FOR_PROGRESS[0])):
         progress.step(f"{layer_name}: skipped")
     if not runnable:
-        return records
+        return records, [], None
 
     x, shared, bias = _random_arrays(rng, geom, dtype)
     local = None
@@ -494,23 +557,9 @@ def _bench_layer(layer_name, geom, backend, impl_list, dtype, repeat, bursts, ce
             peak, method = impls_mod.peak_extra_bytes(
                 impl, calls[impl], backend, geom.out_height * geom.out_width * geom.groups)
             extra[impl].update(peak_extra_bytes=peak, peak_extra_method=method)
-    # Alternating bursts.
-    samples = {impl: [] for impl in runnable}
-    for _ in range(bursts):
-        for impl in runnable:
-            fn = calls[impl]
-            fn()  # untimed: wakes this library's threads after the previous burst
-            samples[impl].extend(backend.time_calls(fn, repeat))
-            progress.step(f"{layer_name}: {impl.op} {impl.name}")
-    for impl in runnable:
-        records.append(make_record(impl.op, impl.name, layer_name, device, dtype, geom,
-                                   samples[impl], ceilings, descriptions[(impl.op, impl.name)],
-                                   part, **extra[impl]))
-    order = {(i.op, i.name): n for n, i in enumerate(impl_list)}
-    records.sort(key=lambda r: order[(r["op"], r["impl"])])
-    del calls, converted, host, x, shared, local, bias
-    gc.collect()
-    return records
+    units = [_Unit(impl, calls[impl], geom, layer_name, part, extra[impl])
+             for impl in runnable]
+    return records, units, (host, converted)
 
 
 def run_benchmark(layers, device="cpu", dtype="float32", repeat=DEFAULT_REPEAT,
@@ -556,6 +605,7 @@ def run_benchmark(layers, device="cpu", dtype="float32", repeat=DEFAULT_REPEAT,
         if sweep is not None:
             sweep_layer, sweep_batches = sweep
             sweep_layer = LAYERS[sweep_layer] if isinstance(sweep_layer, str) else sweep_layer
+        _BURSTS_FOR_PROGRESS[0] = bursts
         per_geom = len(impl_list) * (1 + bursts)
         bar = _Progress(per_geom * (len(layer_objs) + len(sweep_batches)),
                         enabled=progress)
@@ -567,10 +617,9 @@ def run_benchmark(layers, device="cpu", dtype="float32", repeat=DEFAULT_REPEAT,
                 n = min(n, batch_cap)
             records.extend(_bench_layer(layer.name, layer.geometry(n), backend, impl_list,
                                         dtype, repeat, bursts, ceilings, "suite", bar, rng))
-        for n in sweep_batches:
-            records.extend(_bench_layer(sweep_layer.name, sweep_layer.geometry(n), backend,
-                                        impl_list, dtype, repeat, bursts,
-                                        ceilings, "batch-sweep", bar, rng))
+        if sweep_batches:
+            records.extend(_bench_sweep(sweep_layer, sweep_batches, backend, impl_list, dtype,
+                                        repeat, bursts, ceilings, bar, rng))
         bar.close()
         machine["load_average_end"] = _load_average()
     finally:
@@ -715,9 +764,9 @@ def format_summary(result):
     lines.append("")
     lines.append(f"Ceilings measured in this run: compute "
                  f"{_num(ceilings.get('compute_gflops'), '.4g')} GFLOP/s "
-                 f"({ceilings.get('compute_method')}); bandwidth "
+                 f"({ceilings.get('compute_method', 'not measured')}); bandwidth "
                  f"{_num(ceilings.get('bandwidth_gbs'), '.4g')} GB/s "
-                 f"({ceilings.get('bandwidth_method')}).")
+                 f"({ceilings.get('bandwidth_method', 'not measured')}).")
     return "\n".join(lines)
 
 

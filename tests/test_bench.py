@@ -328,3 +328,28 @@ def test_summary_ratios():
     ratio = bench.param_count("local_conv2d", geom).total / bench.param_count("conv2d", geom).total
     assert f"params {ratio:,.0f}x" in text and "time 3x" in text
     assert "conv2d vs torch 2x" in text and "local_conv2d vs torch-unfold 0.5x" in text
+
+
+def test_cuda_path_in_the_simulator(tmp_path):
+    """The CUDA branch (events or wall clock, device arrays, no peers) on a tiny layer."""
+    import os
+
+    code = """
+import json, sys
+from gpuconv import bench, _bench_impls
+_bench_impls.measure_ceilings = lambda *a, **k: {"bandwidth_gbs": 1.0, "compute_gflops": None}
+tiny = bench.Layer("tiny", "t", 1, 1, 2, 6, 2, 3, 1, 0, "the tests")
+result = bench.run_benchmark([tiny], device="cuda", repeat=1, bursts=1, progress=False,
+                             torch=None)
+json.dump(result, sys.stdout)
+"""
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    env.pop("GPUCONV_DEVICE", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert {(r["op"], r["impl"]) for r in result["records"]} == {
+        ("conv2d", "gpuconv"), ("local_conv2d", "gpuconv")}
+    for r in result["records"]:
+        assert r["device"] == "cuda" and r["median_s"] > 0 and r["max_rel_diff"] < 1e-5
