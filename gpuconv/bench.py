@@ -13,8 +13,9 @@ How the timing is done (the machines this runs on are noisy):
   ``first_call_s``; ``first_call_in_process`` says whether it was the first call of that
   implementation in the process (so it includes JIT compilation, or loading it from Numba's
   disk cache — ``jit`` says which for gpuconv on the CPU);
-- then implementations run in alternating bursts — one untimed call, then ``repeat`` timed
-  calls back to back — ``bursts`` times round (A A A A, B B B B, ..., A A A A, ...);
+- then implementations run in alternating bursts — untimed calls for at least
+  :data:`WARMUP_S` (at least one), then ``repeat`` timed calls back to back — ``bursts``
+  times round (A A A A, B B B B, ..., A A A A, ...);
 - the median of all timed calls is reported with the quartiles, min and max; on a GPU each
   call is timed with CUDA events;
 - GFLOP/s and GB/s (fewest bytes: inputs, weights and bias read once, output written once)
@@ -118,6 +119,9 @@ DEFAULT_BURSTS, QUICK_BURSTS = 3, 2
 #: ``--plot``: the batch sweep that makes the cost model visible.
 SWEEP_LAYER = "deepface-l5"
 SWEEP_BATCHES = (1, 2, 4, 8)
+
+#: Untimed warm-up before each burst: calls for at least this many seconds (at least one).
+WARMUP_S = 0.05
 
 #: Skip what needs more than this fraction of the memory available when a layer starts.
 MEMORY_FRACTION = 0.7
@@ -426,11 +430,22 @@ def _bench_sweep(layer, batches, backend, impl_list, dtype, repeat, bursts, ceil
     return records
 
 
+def _warm_up(fn, backend):
+    """Untimed calls, at least one and for at least :data:`WARMUP_S`: long enough for the
+    previous library's spinning threads to let go of the cores and this one's to wake."""
+    start = time.perf_counter()
+    fn()
+    while time.perf_counter() - start < WARMUP_S:
+        fn()
+    backend.synchronize()
+
+
 def _time_units(units, backend, repeat, bursts, progress):
-    """Alternating bursts: each unit one untimed call then ``repeat`` timed, round again."""
+    """Alternating bursts: each unit warms up untimed, then ``repeat`` timed calls; round
+    again ``bursts`` times."""
     for _ in range(bursts):
         for unit in units:
-            unit.fn()  # untimed: wakes this library's threads after the previous burst
+            _warm_up(unit.fn, backend)
             unit.samples.extend(backend.time_calls(unit.fn, repeat))
             progress.step(f"{unit.layer_name}: {unit.impl.op} {unit.impl.name}")
 
