@@ -209,27 +209,40 @@ def _launch_conv2d(x, weight, bias, out, geom, stream, config=None, empty=None):
     )
 
 
+def _transpose(src, rows_padded, stream, empty):
+    """``src (B, R, C) -> (B, C, rows_padded)`` on the GPU, zero-padded past ``R``."""
+    batches, rows, cols = src.shape
+    dst = (empty or _numba_empty(stream))((batches, cols, rows_padded), src.dtype)
+    # 32 x 32 tiles, eight rows of threads, on a GPU; 16 x 16 tiles and one row in the
+    # simulator, where every thread is a Python thread (the kernel is the same code).
+    tile, threads_y = (16, 1) if _simulated() else (32, 8)
+    kernel = kernels.compiled(kernels.transpose_kernel(kernels.dtype_code(src.dtype), tile))
+    kernel[(-(-cols // tile), -(-rows_padded // tile), batches), (tile, threads_y), stream](
+        src, dst)
+    return dst
+
+
 def transpose_local_weights(weight, geom, stream, empty=None):
     """``(c_O, h_O, w_O, c_Ig, k_H, k_W)`` -> ``(c_O, c_Ig, k_H, k_W, h_O * w_O)`` on the GPU.
 
     The local_conv2d kernel reads weights with the output position innermost, so a warp's
     32 threads (32 consecutive positions) read 32 consecutive words. This transpose costs one
-    extra read and one extra write of the weights (a tiled, coalesced kernel), i.e. the
-    weight traffic of the call goes from one pass to three; the kernel's own pass is then
-    fully coalesced and reused across the batch.
+    extra read and one extra write of the weights (a tiled, coalesced kernel, queued before
+    the convolution on the same stream), i.e. the weight traffic of a call goes from one
+    pass to three; the convolution's own pass is then coalesced and reused across the batch.
     """
     n_pos = geom.out_height * geom.out_width
     k = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
-    c_out = geom.out_channels
-    src = weight.reshape(c_out, n_pos, k)
-    dst = (empty or _numba_empty(stream))((c_out, k, n_pos), weight.dtype)
-    # 32 x 32 tiles, eight rows of threads, on a GPU; 16 x 16 tiles and one row in the
-    # simulator, where every thread is a Python thread (the kernel is the same code).
-    tile, rows = (16, 1) if _simulated() else (32, 8)
-    kernel = kernels.compiled(kernels.transpose_kernel(kernels.dtype_code(weight.dtype), tile))
-    kernel[(-(-k // tile), -(-n_pos // tile), c_out), (tile, rows), stream](src, dst)
-    return dst.reshape(c_out, geom.in_channels_per_group, geom.kernel_height,
+    dst = _transpose(weight.reshape(geom.out_channels, n_pos, k), n_pos, stream, empty)
+    return dst.reshape(geom.out_channels, geom.in_channels_per_group, geom.kernel_height,
                        geom.kernel_width, n_pos)
+
+
+def _batch_innermost(x, n_pad, stream, empty=None):
+    """``(n, c_I, h, w)`` -> ``(c_I, h, w, n_pad)``, zeros past ``n``: one extra read and
+    write of the input (small next to the weights of a locally connected layer)."""
+    n = x.shape[0]
+    return _transpose(x.reshape(1, n, x.size // n), n_pad, stream, empty)
 
 
 def _launch_local_conv2d(x, weight, bias, out, geom, stream, config=None, empty=None):
@@ -237,7 +250,10 @@ def _launch_local_conv2d(x, weight, bias, out, geom, stream, config=None, empty=
     :func:`~gpuconv._cuda_kernels.local_conv2d_config`, ``empty(shape, dtype)`` allocates
     scratch (default: Numba device arrays)."""
     config = config or kernels.local_conv2d_config(geom, x.dtype)
+    batch_block = config.batch_block
+    n_pad = -(-geom.batch // batch_block) * batch_block
     weight_t = transpose_local_weights(weight, geom, stream, empty)
+    x_t = _batch_innermost(x, n_pad, stream, empty)
     n_pos = geom.out_height * geom.out_width
     if bias is None:
         bias, has_bias, bias_len = (empty or _numba_empty(stream))((1,), x.dtype), 0, 1
@@ -245,13 +261,14 @@ def _launch_local_conv2d(x, weight, bias, out, geom, stream, config=None, empty=
         has_bias, bias_len = 1, (n_pos if bias.ndim == 3 else 1)
     kernel = kernels.compiled(config.kernel)
     kernel[config.grid, config.block, stream](
-        _flat(x),                   # (n, c_I, h, w)
+        _flat(x_t),                 # (c_I, h, w, n_pad), batch innermost
         _flat(weight_t),            # (c_O, c_Ig, k_H, k_W, P), positions innermost
         _flat(bias),                # (c_O, 1 or P) or a dummy
         _flat(out),                 # (n, c_O, h_O, w_O), written
         has_bias,                   # 0 or 1
         bias_len,                   # 1 (per map) or P (per position)
-        geom.batch, geom.in_channels, geom.in_height, geom.in_width,
+        geom.batch, n_pad,
+        geom.in_height, geom.in_width,
         geom.out_channels, geom.out_height, geom.out_width,
         geom.in_channels_per_group, geom.out_channels_per_group,
         geom.stride_h, geom.stride_w,

@@ -229,7 +229,7 @@ def conv2d_config(geom, dtype):
     """Pick the specialisation and launch shape of conv2d for ``geom`` and ``dtype``.
 
     A pure function of the geometry (no GPU needed): register block ``2 x 2`` outputs x up to
-    8 (float32) or 4 (float64) output channels per thread; a block of at most 16 x 16 threads,
+    8 (float32) or 4 (float64) output channels per thread; a block of at most 16 x 8 threads,
     shrunk to the output and (down to one warp) to keep one input channel's tile (with halo)
     within half the shared-memory budget; as many input channels per stage as fit the budget
     (at least one, whose stage may take up to ``SHARED_LIMIT_BYTES``).
@@ -239,8 +239,10 @@ def conv2d_config(geom, dtype):
     rows = cols = 2
     channels = _pow2_at_least(geom.out_channels_per_group, 8 if code == "f32" else 4)
     kh, kw = geom.kernel_height, geom.kernel_width
+    # At most 16 x 8 threads: at ~150-170 registers a thread, three such blocks share an
+    # SM's 64K registers (12 warps), where a single 256-thread block would leave 8.
     bx = _pow2_at_least(-(-geom.out_width // cols), 16)
-    by = _pow2_at_least(-(-geom.out_height // rows), 16)
+    by = _pow2_at_least(-(-geom.out_height // rows), 8)
     while bx * by < 32 and (bx < 32 or by < 32):
         if bx <= by and bx < 32:
             bx *= 2
@@ -290,28 +292,34 @@ def conv2d_config(geom, dtype):
 def local_conv2d_kernel(code, kernel_h, kernel_w, batch_block, channels):
     """Locally connected convolution kernel, specialised on dtype, kernel size and register block.
 
-    Reads the weights in the position-innermost layout ``(c_O, c_Ig, k_H, k_W, P)`` made by
-    :func:`transpose_kernel`, so the 32 threads of a warp (32 consecutive output positions)
-    read 32 consecutive weights. Each thread owns one output position, ``channels`` output
-    channels and ``batch_block`` batch elements at a time: every weight it loads is used for
-    ``batch_block`` images, every input value for ``channels`` output channels. The threads of a
-    block along y take different batch slices of the same positions and channels, so they
-    read the same weights (served once from DRAM, then from cache); the batch is the inner loop.
+    Works on two layouts made on the device by :func:`transpose_kernel`:
+
+    - weights with the output position innermost, ``(c_O, c_Ig, k_H, k_W, P)``: the 32
+      threads of a warp (32 consecutive output positions) read 32 consecutive weights;
+    - the input with the batch innermost, ``(c_I, h, w, n_pad)`` (``n_pad`` rounds ``n`` up to
+      ``batch_block``, the padding zero): a thread's ``batch_block`` images of one input
+      value are consecutive words, one address and one 32-byte sector.
+
+    Each thread owns one output position, ``channels`` output channels and ``batch_block``
+    batch elements at a time: every weight it loads serves ``batch_block`` images, every
+    input value ``channels`` output channels. The threads of a block along y take other
+    batch slices of the same positions and channels, so they read the same weights (from
+    DRAM once, then from cache): the batch is the inner loop.
 
     Launch: ``grid = (ceil(P / 32), groups * ceil(c_Og / channels))``,
     ``block = (32, by)`` with ``by = min(8, ceil(n / batch_block))``.
 
-    Kernel arguments: the flat (C-order, 1-D) ``x (n, c_I, h, w)``,
-    ``weight_t (c_O, c_Ig, k_H, k_W, P)``, ``bias (c_O, bias_len)`` (``bias_len`` 1 or ``P``;
-    or a dummy) and ``out (n, c_O, h_O, w_O)``, then ``has_bias, bias_len, n, c_I, h, w, c_O,
-    h_O, w_O, c_Ig, c_Og, s_h, s_w, p_top, p_left, d_h, d_w``.
+    Kernel arguments: flat ``x_t (c_I, h, w, n_pad)``, ``weight_t (c_O, c_Ig, k_H, k_W, P)``,
+    ``bias (c_O, bias_len)`` (``bias_len`` 1 or ``P``; or a dummy) and
+    ``out (n, c_O, h_O, w_O)``, then ``has_bias, bias_len, n, n_pad, h, w, c_O, h_O, w_O,
+    c_Ig, c_Og, s_h, s_w, p_top, p_left, d_h, d_w``.
     """
     scalar = _SCALAR[code]
     KH, KW, NB, CB = kernel_h, kernel_w, batch_block, channels
     KHW = KH * KW
     NACC = NB * CB
 
-    def kernel(x, weight_t, bias, out, has_bias, bias_len, n, c_I, h, wd, c_O, h_O, w_O,
+    def kernel(x_t, weight_t, bias, out, has_bias, bias_len, n, n_pad, h, wd, c_O, h_O, w_O,
                c_Ig, c_Og, sh, sw, pt, pl, dh, dw):
         pos = cuda.grid(1)
         n_pos = h_O * w_O
@@ -325,7 +333,6 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_block, channels):
         g = cuda.blockIdx.y // blocks_per_group
         co0 = g * c_Og + (cuda.blockIdx.y % blocks_per_group) * CB
         co_end = min(co0 + CB, (g + 1) * c_Og)
-        image = c_I * h * wd            # distance between two images of x
         w_channel = c_Ig * KHW * n_pos  # distance between two output channels' weights
 
         acc = cuda.local.array(NACC, dtype=scalar)
@@ -335,7 +342,7 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_block, channels):
             for a in range(NACC):
                 acc[a] = scalar(0)  # keep the math in the input dtype
             for ci in range(c_Ig):
-                x_plane = (b0 * c_I + g * c_Ig + ci) * h
+                x_plane = (g * c_Ig + ci) * h
                 w_plane = (co0 * c_Ig + ci) * KHW * n_pos + pos
                 for ky in range(KH):
                     iy = iy0 + ky * dh
@@ -343,18 +350,15 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_block, channels):
                         for kx in range(KW):
                             ix = ix0 + kx * dw
                             if ix >= 0 and ix < wd:
+                                xofs = ((x_plane + iy) * wd + ix) * n_pad + b0
+                                for bb in range(NB):
+                                    xreg[bb] = x_t[uint64(xofs + bb)]
                                 wofs = w_plane + (ky * KW + kx) * n_pos
                                 for q in range(CB):
-                                    v = scalar(0)
-                                    if co0 + q < co_end:
-                                        v = weight_t[uint64(wofs + q * w_channel)]
-                                    wreg[q] = v
-                                xofs = (x_plane + iy) * wd + ix
-                                for bb in range(NB):
-                                    v = scalar(0)
-                                    if b0 + bb < n:
-                                        v = x[uint64(xofs + bb * image)]
-                                    xreg[bb] = v
+                                    # Channels past the group's end reread the last one;
+                                    # their sums are never stored.
+                                    qq = min(q, co_end - 1 - co0)
+                                    wreg[q] = weight_t[uint64(wofs + qq * w_channel)]
                                 for bb in range(NB):
                                     for q in range(CB):
                                         acc[bb * CB + q] += xreg[bb] * wreg[q]
@@ -381,6 +385,7 @@ class LocalConv2dConfig(NamedTuple):
     kernel: KernelSpec
     block: tuple
     grid: tuple
+    batch_block: int   # the kernel's batch_block: the input's batch is padded to a multiple
 
 
 def local_conv2d_config(geom, dtype):
@@ -396,7 +401,7 @@ def local_conv2d_config(geom, dtype):
     by = max(1, min(8, -(-geom.batch // batch_block)))
     grid = (-(-n_pos // 32), geom.groups * -(-geom.out_channels_per_group // channels))
     spec = local_conv2d_kernel(code, geom.kernel_height, geom.kernel_width, batch_block, channels)
-    return LocalConv2dConfig(spec, (32, by), grid)
+    return LocalConv2dConfig(spec, (32, by), grid, batch_block)
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,13 +410,15 @@ def local_conv2d_config(geom, dtype):
 
 @functools.lru_cache(maxsize=None)
 def transpose_kernel(code, tile=32):
-    """Batched transpose ``src (B, R, C) -> dst (B, C, R)`` through a ``tile x (tile + 1)``
-    shared tile (the spare column puts the transposed reads in different banks).
+    """Batched transpose ``src (B, R, C) -> dst (B, C, R_pad)`` through a ``tile x (tile + 1)``
+    shared tile (the spare column puts the transposed reads in different banks); the
+    ``R_pad - R >= 0`` extra entries of each ``dst`` row are zeros.
 
-    Used to bring local_conv2d weights from ``(c_O, P, c_Ig*k_H*k_W)`` to
-    ``(c_O, c_Ig*k_H*k_W, P)`` (positions innermost); both the reads and the writes are
-    coalesced. Launch: ``grid = (ceil(C / tile), ceil(R / tile), B)``,
-    ``block = (tile, rows)`` for any ``rows``.
+    Used for local_conv2d: weights ``(c_O, P, c_Ig*k_H*k_W) -> (c_O, c_Ig*k_H*k_W, P)``
+    (positions innermost) and the input ``(1, n, c_I*h*w) -> (1, c_I*h*w, n_pad)`` (batch
+    innermost). Reads and writes are coalesced. Launch:
+    ``grid = (ceil(C / tile), ceil(R_pad / tile), B)``, ``block = (tile, rows)`` for any
+    ``rows``.
     """
     scalar = _SCALAR[code]
     TILE = tile
@@ -421,19 +428,22 @@ def transpose_kernel(code, tile=32):
         buf = cuda.shared.array((TILE, TILE_PADDED), dtype=scalar)
         rows = src.shape[1]
         cols = src.shape[2]
+        rows_padded = dst.shape[2]
         bt = cuda.blockIdx.z
         c0 = cuda.blockIdx.x * TILE
         r0 = cuda.blockIdx.y * TILE
         tx = cuda.threadIdx.x
         for k in range(cuda.threadIdx.y, TILE, cuda.blockDim.y):
             r = r0 + k
+            v = scalar(0)  # rows past the end become the zero padding
             if r < rows and c0 + tx < cols:
-                buf[k, tx] = src[bt, r, c0 + tx]
+                v = src[bt, r, c0 + tx]
+            buf[k, tx] = v
         # Wait for the whole tile before reading it transposed.
         cuda.syncthreads()
         for k in range(cuda.threadIdx.y, TILE, cuda.blockDim.y):
             c = c0 + k
-            if c < cols and r0 + tx < rows:
+            if c < cols and r0 + tx < rows_padded:
                 dst[bt, c, r0 + tx] = buf[tx, k]
 
     name = f"transpose_{code}_t{TILE}"

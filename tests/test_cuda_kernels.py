@@ -243,7 +243,7 @@ def test_local_conv2d_several_batch_passes(bias_kind):
     x, w, b = _operands(rng, geom, np.float32, True, bias_kind)
     config = _cuda_kernels.local_conv2d_config(geom, np.float32)
     config = config._replace(kernel=_cuda_kernels.local_conv2d_kernel("f32", 2, 2, 2, 2),
-                             block=(32, 1), grid=(config.grid[0], 2))
+                             block=(32, 1), grid=(config.grid[0], 2), batch_block=2)
     d_x, d_w, d_b = _device_arrays(x, w, b)
     d_out = cuda.to_device(np.full(geom.output_shape, np.nan, np.float32))
     _cuda._launch_local_conv2d(d_x, d_w, d_b, d_out, geom, cuda.default_stream(), config)
