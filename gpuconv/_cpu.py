@@ -46,22 +46,15 @@ from numba.extending import intrinsic, models, register_model
 
 __all__ = ["conv2d_forward", "local_conv2d_forward", "choose_cpu_kernel"]
 
-# Output channels per register block of the shared kernel.
-_CO_BLOCK = 4
-# Kernel taps (c, u, v) applied per pass over the accumulators.
-_TAP_GROUP = 4
-# Virtual output pixels per job of the shared kernel: the accumulators of one job
-# (_CO_BLOCK x _SEGMENT values) stay in L1.
-_SEGMENT = 512
+# Output channels per register block of the pixel-vector shared kernel.
+_PVEC_CHANNELS = 6
 # Output channels per block of the unshared kernel (weights of one block and position are
 # _LOCAL_CO_BLOCK independent streams through memory).
 _LOCAL_CO_BLOCK = 4
 
-# The channel-vector kernels fill vectors with output channels: with fewer than this many
-# per group the pixel-vector kernel wastes fewer lanes.
-_CVEC_MIN_CHANNELS = 5
-
-_FASTMATH = {"contract"}
+# The channel-vector kernels fill vectors with output channels: with at most this many per
+# group the pixel-vector kernel (blocks of _PVEC_CHANNELS) wastes fewer lanes.
+_PVEC_MAX_CHANNELS = 12
 
 
 @intrinsic
@@ -185,12 +178,12 @@ def choose_cpu_kernel(geom):
 
     Returns ``"<vector>-<runs>"``:
 
-    - vector ``"cvec2"`` (more than one float32 vector of output channels per group) or
-      ``"cvec1"`` (at least ``_CVEC_MIN_CHANNELS``, at most one vector): two or one vectors
-      of output channels times a block of 12 or 24 output pixels, held in registers for the
-      whole reduction (the fast kernels); ``"pvec"`` for fewer output channels, which would
-      leave most vector lanes empty: vectors of output pixels, ``_CO_BLOCK`` channels and
-      ``_TAP_GROUP`` taps per pass over accumulators in L1;
+    - vector: ``"cvec2"`` (more than one float32 vector, 16, of output channels per group)
+      or ``"cvec1"`` (13 to 16): two or one vectors of output channels times a block of 12
+      or 24 output pixels; ``"pvec"`` (at most ``_PVEC_MAX_CHANNELS``, where channel vectors
+      would be mostly empty): blocks of ``_PVEC_CHANNELS`` output channels times four
+      vectors of consecutive output pixels. All three keep 24 vector accumulators in
+      registers for a whole chunk of the reduction;
     - runs ``"merged"`` when ``stride == (1, 1)``: all output rows of all images form one run
       of virtual pixels on the padded grid (long runs even for 7 x 7 maps, at the price of
       computing the pixels that fall in the padding columns and rows, which are dropped);
@@ -199,14 +192,14 @@ def choose_cpu_kernel(geom):
     >>> from gpuconv._geometry import conv_geometry
     >>> choose_cpu_kernel(conv_geometry((1, 3, 8, 8), (3, 3), 4))
     'pvec-merged'
-    >>> choose_cpu_kernel(conv_geometry((1, 3, 8, 8), (3, 3), 10))
+    >>> choose_cpu_kernel(conv_geometry((1, 3, 8, 8), (3, 3), 16))
     'cvec1-merged'
     >>> choose_cpu_kernel(conv_geometry((1, 3, 8, 8), (3, 3), 64, stride=2))
     'cvec2-rows'
     """
     lanes = _VECTOR_BYTES // 4  # float32 lanes per vector
     c_Og = geom.out_channels_per_group
-    if c_Og < _CVEC_MIN_CHANNELS:
+    if c_Og <= _PVEC_MAX_CHANNELS:
         vector = "pvec"
     else:
         vector = "cvec1" if c_Og <= lanes else "cvec2"
@@ -225,19 +218,32 @@ def _pack_input(x, xp, pt, pl, s_W):
     n, c_I, h, wd = x.shape
     h_P = xp.shape[2]
     w_Q = xp.shape[4]
-    for job in range(c_I * n):
-        c = job // n
-        b = job % n
-        for y in range(h_P):
-            iy = y - pt
-            inside = iy >= 0 and iy < h
-            for ph in range(s_W):
-                for j in range(w_Q):
-                    ix = j * s_W + ph - pl
-                    if inside and ix >= 0 and ix < wd:
-                        xp[c, b, y, ph, j] = x[b, c, iy, ix]
+    x_flat = x.reshape(-1)
+    xp_flat = xp.reshape(-1)
+    # Serial: a copy at memory speed, and one parallel region fewer per call (on a busy
+    # machine each region waits for every thread to get a core).
+    for c in range(c_I):
+        for b in range(n):
+            for y in range(h_P):
+                iy = y - pt
+                for ph in range(s_W):
+                    dst = (((c * n + b) * h_P + y) * s_W + ph) * w_Q
+                    # columns j with 0 <= j * s_W + ph - pl < wd
+                    j_lo = min(w_Q, max(0, (pl - ph + s_W - 1) // s_W))
+                    j_hi = min(w_Q, max(j_lo, (wd + pl - ph + s_W - 1) // s_W))
+                    if iy < 0 or iy >= h:
+                        j_hi = j_lo
+                    for j in range(j_lo):
+                        xp_flat[np.uint64(dst + j)] = 0
+                    src = ((b * c_I + c) * h + iy) * wd + ph - pl
+                    if s_W == 1:
+                        for j in range(j_lo, j_hi):
+                            xp_flat[np.uint64(dst + j)] = x_flat[np.uint64(src + j)]
                     else:
-                        xp[c, b, y, ph, j] = 0
+                        for j in range(j_lo, j_hi):
+                            xp_flat[np.uint64(dst + j)] = x_flat[np.uint64(src + j * s_W)]
+                    for j in range(j_hi, w_Q):
+                        xp_flat[np.uint64(dst + j)] = 0
 
 
 @njit(cache=True)
@@ -258,149 +264,6 @@ def _pack_weights(w, wp, c_Og):
                     for k in range(block):
                         co = co0 + k
                         wp[blk, t, k] = w[co, c, u, v] if co < co1 else 0
-
-
-@njit(cache=True, fastmath=_FASTMATH)
-def _conv2d_run(xf, base, tap_off, wp, blk, acc, length):
-    """acc[k, p] = sum over taps t of wp[blk, t, k] * xf[base + tap_off[t] + p], p < length.
-
-    The one hot loop of the shared kernel; ``p`` is the vectorised dimension.
-    """
-    _prefer_wide_vectors()
-    for p in range(length):
-        acc[0, p] = 0
-        acc[1, p] = 0
-        acc[2, p] = 0
-        acc[3, p] = 0
-    n_taps = tap_off.shape[0]
-    full = n_taps - n_taps % _TAP_GROUP
-    for t in range(0, full, _TAP_GROUP):
-        # Unsigned offsets: Numba then skips the negative-index wraparound test, which would
-        # otherwise sit inside the vector loop.
-        o0 = np.uint64(base + tap_off[t])
-        o1 = np.uint64(base + tap_off[t + 1])
-        o2 = np.uint64(base + tap_off[t + 2])
-        o3 = np.uint64(base + tap_off[t + 3])
-        w00 = wp[blk, t, 0]
-        w01 = wp[blk, t, 1]
-        w02 = wp[blk, t, 2]
-        w03 = wp[blk, t, 3]
-        w10 = wp[blk, t + 1, 0]
-        w11 = wp[blk, t + 1, 1]
-        w12 = wp[blk, t + 1, 2]
-        w13 = wp[blk, t + 1, 3]
-        w20 = wp[blk, t + 2, 0]
-        w21 = wp[blk, t + 2, 1]
-        w22 = wp[blk, t + 2, 2]
-        w23 = wp[blk, t + 2, 3]
-        w30 = wp[blk, t + 3, 0]
-        w31 = wp[blk, t + 3, 1]
-        w32 = wp[blk, t + 3, 2]
-        w33 = wp[blk, t + 3, 3]
-        for p in range(length):
-            up = np.uint64(p)
-            x0 = xf[o0 + up]
-            x1 = xf[o1 + up]
-            x2 = xf[o2 + up]
-            x3 = xf[o3 + up]
-            a0 = acc[0, p]
-            a0 += w00 * x0
-            a0 += w10 * x1
-            a0 += w20 * x2
-            a0 += w30 * x3
-            acc[0, p] = a0
-            a1 = acc[1, p]
-            a1 += w01 * x0
-            a1 += w11 * x1
-            a1 += w21 * x2
-            a1 += w31 * x3
-            acc[1, p] = a1
-            a2 = acc[2, p]
-            a2 += w02 * x0
-            a2 += w12 * x1
-            a2 += w22 * x2
-            a2 += w32 * x3
-            acc[2, p] = a2
-            a3 = acc[3, p]
-            a3 += w03 * x0
-            a3 += w13 * x1
-            a3 += w23 * x2
-            a3 += w33 * x3
-            acc[3, p] = a3
-    for t in range(full, n_taps):
-        o0 = np.uint64(base + tap_off[t])
-        w00 = wp[blk, t, 0]
-        w01 = wp[blk, t, 1]
-        w02 = wp[blk, t, 2]
-        w03 = wp[blk, t, 3]
-        for p in range(length):
-            x0 = xf[o0 + np.uint64(p)]
-            acc[0, p] += w00 * x0
-            acc[1, p] += w01 * x0
-            acc[2, p] += w02 * x0
-            acc[3, p] += w03 * x0
-
-
-@njit(parallel=True, cache=True)
-def _conv2d_kernel(xf, tap_off, wp, bias, has_bias, out, acc, groups, c_Ig, h_P, s_H, s_W,
-                   w_Q, merged):
-    n, c_O, h_O, w_O = out.shape
-    c_Og = c_O // groups
-    n_blocks = wp.shape[0]
-    blocks_per_group = n_blocks // groups
-    channel_stride = n * h_P * s_W * w_Q
-    seg = acc.shape[2]
-    if merged:
-        # One run of virtual pixels v = (b * h_P + y) * w_Q + x over all images.
-        total = ((n - 1) * h_P + h_O - 1) * w_Q + w_O
-        runs = (total + seg - 1) // seg
-        runs_per_row = 1
-    else:
-        runs_per_row = (w_O + seg - 1) // seg
-        runs = n * h_O * runs_per_row
-        total = 0
-    n_jobs = runs * n_blocks
-    n_threads = acc.shape[0]
-    for thread in prange(n_threads):
-        a = acc[thread]
-        for job in range(thread, n_jobs, n_threads):
-            blk = job % n_blocks
-            run = job // n_blocks
-            g = blk // blocks_per_group
-            co0 = g * c_Og + (blk % blocks_per_group) * _CO_BLOCK
-            co1 = min(co0 + _CO_BLOCK, (g + 1) * c_Og)
-            group_base = g * c_Ig * channel_stride
-            if merged:
-                v0 = run * seg
-                length = min(seg, total - v0)
-                _conv2d_run(xf, group_base + v0, tap_off, wp, blk, a, length)
-                for i in range(length):
-                    v = v0 + i
-                    r = v // w_Q
-                    ox = v - r * w_Q
-                    b = r // h_P
-                    oy = r - b * h_P
-                    if ox < w_O and oy < h_O:
-                        for co in range(co0, co1):
-                            val = a[co - co0, i]
-                            if has_bias:
-                                val = bias[co, 0, 0] + val
-                            out[b, co, oy, ox] = val
-            else:
-                part = run % runs_per_row
-                row = run // runs_per_row
-                b = row // h_O
-                oy = row - b * h_O
-                ox0 = part * seg
-                length = min(seg, w_O - ox0)
-                base = group_base + ((b * h_P + oy * s_H) * s_W) * w_Q + ox0
-                _conv2d_run(xf, base, tap_off, wp, blk, a, length)
-                for co in range(co0, co1):
-                    for i in range(length):
-                        val = a[co - co0, i]
-                        if has_bias:
-                            val = bias[co, 0, 0] + val
-                        out[b, co, oy, ox0 + i] = val
 
 
 # Pixels per register block of the channel-vector kernels: 24 accumulators (one or two
@@ -679,15 +542,150 @@ def _conv2d_cvec1_block(xf, base, tap_off, t0, t1, wq, w_base, lanes, tile, tile
     _vstore(tile, tile_base + 23 * step, a23_0)
 
 
+@njit(cache=True)
+def _conv2d_pvec_block(xf, base, tap_off, t0, t1, wq, w_base, lanes, tile, tile_base,
+                       channel_step, first):
+    """Register block of the pixel-vector kernel: 6 output channels x 4 vectors of pixels.
+
+    For k < 6 and p < 4 * lanes, with T the sum over taps t0 <= t < t1 of
+    ``wq[w_base + t * 6 + k] * xf[base + tap_off[t] + p]``:
+    ``tile[tile_base + k * channel_step + p] = T`` if ``first``, else ``+= T``.
+    Four input vectors (consecutive pixels) are loaded per tap and each weight is broadcast
+    against them; the 24 accumulators stay in registers. For layers with few output
+    channels, which would leave most lanes of a channel vector empty.
+    """
+    _prefer_wide_vectors()
+    step = channel_step
+    if first:
+        a0_0 = _vzero(xf)
+        a0_1 = _vzero(xf)
+        a0_2 = _vzero(xf)
+        a0_3 = _vzero(xf)
+        a1_0 = _vzero(xf)
+        a1_1 = _vzero(xf)
+        a1_2 = _vzero(xf)
+        a1_3 = _vzero(xf)
+        a2_0 = _vzero(xf)
+        a2_1 = _vzero(xf)
+        a2_2 = _vzero(xf)
+        a2_3 = _vzero(xf)
+        a3_0 = _vzero(xf)
+        a3_1 = _vzero(xf)
+        a3_2 = _vzero(xf)
+        a3_3 = _vzero(xf)
+        a4_0 = _vzero(xf)
+        a4_1 = _vzero(xf)
+        a4_2 = _vzero(xf)
+        a4_3 = _vzero(xf)
+        a5_0 = _vzero(xf)
+        a5_1 = _vzero(xf)
+        a5_2 = _vzero(xf)
+        a5_3 = _vzero(xf)
+    else:
+        a0_0 = _vload(tile, tile_base + 0 * step + 0 * lanes)
+        a0_1 = _vload(tile, tile_base + 0 * step + 1 * lanes)
+        a0_2 = _vload(tile, tile_base + 0 * step + 2 * lanes)
+        a0_3 = _vload(tile, tile_base + 0 * step + 3 * lanes)
+        a1_0 = _vload(tile, tile_base + 1 * step + 0 * lanes)
+        a1_1 = _vload(tile, tile_base + 1 * step + 1 * lanes)
+        a1_2 = _vload(tile, tile_base + 1 * step + 2 * lanes)
+        a1_3 = _vload(tile, tile_base + 1 * step + 3 * lanes)
+        a2_0 = _vload(tile, tile_base + 2 * step + 0 * lanes)
+        a2_1 = _vload(tile, tile_base + 2 * step + 1 * lanes)
+        a2_2 = _vload(tile, tile_base + 2 * step + 2 * lanes)
+        a2_3 = _vload(tile, tile_base + 2 * step + 3 * lanes)
+        a3_0 = _vload(tile, tile_base + 3 * step + 0 * lanes)
+        a3_1 = _vload(tile, tile_base + 3 * step + 1 * lanes)
+        a3_2 = _vload(tile, tile_base + 3 * step + 2 * lanes)
+        a3_3 = _vload(tile, tile_base + 3 * step + 3 * lanes)
+        a4_0 = _vload(tile, tile_base + 4 * step + 0 * lanes)
+        a4_1 = _vload(tile, tile_base + 4 * step + 1 * lanes)
+        a4_2 = _vload(tile, tile_base + 4 * step + 2 * lanes)
+        a4_3 = _vload(tile, tile_base + 4 * step + 3 * lanes)
+        a5_0 = _vload(tile, tile_base + 5 * step + 0 * lanes)
+        a5_1 = _vload(tile, tile_base + 5 * step + 1 * lanes)
+        a5_2 = _vload(tile, tile_base + 5 * step + 2 * lanes)
+        a5_3 = _vload(tile, tile_base + 5 * step + 3 * lanes)
+    for t in range(t0, t1):
+        o = base + tap_off[t]
+        x0 = _vload(xf, o + 0 * lanes)
+        x1 = _vload(xf, o + 1 * lanes)
+        x2 = _vload(xf, o + 2 * lanes)
+        x3 = _vload(xf, o + 3 * lanes)
+        wo = np.uint64(w_base + t * 6)
+        w = wq[wo]
+        a0_0 = _vfma(a0_0, x0, w)
+        a0_1 = _vfma(a0_1, x1, w)
+        a0_2 = _vfma(a0_2, x2, w)
+        a0_3 = _vfma(a0_3, x3, w)
+        w = wq[wo + np.uint64(1)]
+        a1_0 = _vfma(a1_0, x0, w)
+        a1_1 = _vfma(a1_1, x1, w)
+        a1_2 = _vfma(a1_2, x2, w)
+        a1_3 = _vfma(a1_3, x3, w)
+        w = wq[wo + np.uint64(2)]
+        a2_0 = _vfma(a2_0, x0, w)
+        a2_1 = _vfma(a2_1, x1, w)
+        a2_2 = _vfma(a2_2, x2, w)
+        a2_3 = _vfma(a2_3, x3, w)
+        w = wq[wo + np.uint64(3)]
+        a3_0 = _vfma(a3_0, x0, w)
+        a3_1 = _vfma(a3_1, x1, w)
+        a3_2 = _vfma(a3_2, x2, w)
+        a3_3 = _vfma(a3_3, x3, w)
+        w = wq[wo + np.uint64(4)]
+        a4_0 = _vfma(a4_0, x0, w)
+        a4_1 = _vfma(a4_1, x1, w)
+        a4_2 = _vfma(a4_2, x2, w)
+        a4_3 = _vfma(a4_3, x3, w)
+        w = wq[wo + np.uint64(5)]
+        a5_0 = _vfma(a5_0, x0, w)
+        a5_1 = _vfma(a5_1, x1, w)
+        a5_2 = _vfma(a5_2, x2, w)
+        a5_3 = _vfma(a5_3, x3, w)
+    _vstore(tile, tile_base + 0 * step + 0 * lanes, a0_0)
+    _vstore(tile, tile_base + 0 * step + 1 * lanes, a0_1)
+    _vstore(tile, tile_base + 0 * step + 2 * lanes, a0_2)
+    _vstore(tile, tile_base + 0 * step + 3 * lanes, a0_3)
+    _vstore(tile, tile_base + 1 * step + 0 * lanes, a1_0)
+    _vstore(tile, tile_base + 1 * step + 1 * lanes, a1_1)
+    _vstore(tile, tile_base + 1 * step + 2 * lanes, a1_2)
+    _vstore(tile, tile_base + 1 * step + 3 * lanes, a1_3)
+    _vstore(tile, tile_base + 2 * step + 0 * lanes, a2_0)
+    _vstore(tile, tile_base + 2 * step + 1 * lanes, a2_1)
+    _vstore(tile, tile_base + 2 * step + 2 * lanes, a2_2)
+    _vstore(tile, tile_base + 2 * step + 3 * lanes, a2_3)
+    _vstore(tile, tile_base + 3 * step + 0 * lanes, a3_0)
+    _vstore(tile, tile_base + 3 * step + 1 * lanes, a3_1)
+    _vstore(tile, tile_base + 3 * step + 2 * lanes, a3_2)
+    _vstore(tile, tile_base + 3 * step + 3 * lanes, a3_3)
+    _vstore(tile, tile_base + 4 * step + 0 * lanes, a4_0)
+    _vstore(tile, tile_base + 4 * step + 1 * lanes, a4_1)
+    _vstore(tile, tile_base + 4 * step + 2 * lanes, a4_2)
+    _vstore(tile, tile_base + 4 * step + 3 * lanes, a4_3)
+    _vstore(tile, tile_base + 5 * step + 0 * lanes, a5_0)
+    _vstore(tile, tile_base + 5 * step + 1 * lanes, a5_1)
+    _vstore(tile, tile_base + 5 * step + 2 * lanes, a5_2)
+    _vstore(tile, tile_base + 5 * step + 3 * lanes, a5_3)
+
+
 @njit(parallel=True, cache=True)
-def _conv2d_cvec_kernel(xf, tap_off, wq, vectors, bias, has_bias, out, tiles, groups, c_Ig,
-                        h_P, s_H, s_W, w_Q, merged):
+def _conv2d_kernel(xf, tap_off, wq, variant, bias, has_bias, out, tiles, groups, c_Ig, h_P,
+                   s_H, s_W, w_Q, merged):
+    """The shared-weight kernel around a register block ``variant`` (0: pixel-vector,
+    1 or 2: channel-vector with that many vectors of channels). Jobs are (run of pixel
+    blocks, block of output channels); each job runs the reduction in L1-sized chunks of
+    taps over all the pixel blocks of its run, then scatters its tiles to the output."""
     n, c_O, h_O, w_O = out.shape
     c_Og = c_O // groups
     n_taps = tap_off.shape[0]
     lanes = _VECTOR_BYTES // wq.itemsize
-    block = vectors * lanes                     # output channels per block
-    px = _PIXEL_BLOCK_1 if vectors == 1 else _PIXEL_BLOCK_2
+    if variant == 0:
+        block = _PVEC_CHANNELS                  # output channels per block
+        px = 4 * lanes                          # pixels per block
+    else:
+        block = variant * lanes
+        px = _PIXEL_BLOCK_1 if variant == 1 else _PIXEL_BLOCK_2
     tap_chunk = max(1, _TAP_CHUNK_BYTES // (block * wq.itemsize))
     blocks_per_group = -(-c_Og // block)
     n_blocks = blocks_per_group * groups
@@ -704,6 +702,7 @@ def _conv2d_cvec_kernel(xf, tap_off, wq, vectors, bias, has_bias, out, tiles, gr
     n_jobs = runs * n_blocks
     n_threads = tiles.shape[0]
     tile_step = px * block
+    out_flat = out.reshape(-1)
     for thread in prange(n_threads):
         tile = tiles[thread]
         for job in range(thread, n_jobs, n_threads):
@@ -735,27 +734,44 @@ def _conv2d_cvec_kernel(xf, tap_off, wq, vectors, bias, has_bias, out, tiles, gr
                 t1 = min(t0 + tap_chunk, n_taps)
                 for j in range(n_px_blocks):
                     base = row_base + v_start + j * px
-                    if vectors == 1:
+                    if variant == 0:
+                        # channel-major over the whole run: tile[k * run_len + i]
+                        _conv2d_pvec_block(xf, base, tap_off, t0, t1, wq, w_base, lanes,
+                                           tile, j * px, run_len, t0 == 0)
+                    elif variant == 1:
                         _conv2d_cvec1_block(xf, base, tap_off, t0, t1, wq, w_base, lanes,
                                             tile, j * tile_step, t0 == 0)
                     else:
                         _conv2d_cvec2_block(xf, base, tap_off, t0, t1, wq, w_base, lanes,
                                             tile, j * tile_step, t0 == 0)
-            # Scatter the run's tiles to the output (channel-major tile -> NCHW).
-            for i in range(v_end - v_start):
-                if ox < w_O and oy < h_O:
-                    for co in range(co0, co1):
-                        val = tile[i * block + co - co0]
-                        if has_bias:
-                            val = bias[co, 0, 0] + val
-                        out[b, co, oy, ox] = val
-                ox += 1
+            # Scatter the run's tiles to the output, one stretch of an output row at a time.
+            i0 = 0
+            while i0 < v_end - v_start:
+                stretch = v_end - v_start - i0
+                if merged:
+                    stretch = min(stretch, w_Q - ox)
+                valid = min(stretch, w_O - ox) if oy < h_O else 0
+                for co in range(co0, co1):
+                    k = co - co0
+                    o = ((b * c_O + co) * h_O + oy) * w_O + ox
+                    add = bias[co, 0, 0] if has_bias else 0
+                    if variant == 0:
+                        t = k * run_len + i0
+                        for q in range(valid):
+                            out_flat[np.uint64(o + q)] = tile[np.uint64(t + q)] + add
+                    else:
+                        t = i0 * block + k
+                        for q in range(valid):
+                            out_flat[np.uint64(o + q)] = tile[np.uint64(t + q * block)] + add
+                i0 += stretch
+                ox += stretch
                 if merged and ox == w_Q:
                     ox = 0
                     oy += 1
                     if oy == h_P:
                         oy = 0
                         b += 1
+
 
 def _tap_offsets(geom, h_P, w_Q):
     """Offset in the packed input of each tap (c, u, v) of one group, tap-major as in
@@ -772,42 +788,39 @@ def _tap_offsets(geom, h_P, w_Q):
 
 
 def conv2d_forward(x, weight, bias, has_bias, out, geom):
-    """Shared-weight convolution into ``out`` (all arrays C-contiguous, one dtype)."""
+    """Shared-weight convolution into ``out`` (all arrays C-contiguous, one dtype).
+
+    Repacks the input (zero-padded, phase-split, plus a little zero slack) and the weights
+    (blocks of output channels) inside the call; extra memory is about the input's size.
+    """
     s_H, s_W = geom.stride_h, geom.stride_w
     # Padded rows and phase columns that any output pixel reads.
     h_P = (geom.out_height - 1) * s_H + (geom.kernel_height - 1) * geom.dilation_h + 1
     w_needed = (geom.out_width - 1) * s_W + (geom.kernel_width - 1) * geom.dilation_w + 1
     w_Q = -(-w_needed // s_W)
     kernel = choose_cpu_kernel(geom)
-    merged = kernel.endswith("merged")
+    variant = 0 if kernel.startswith("pvec") else int(kernel[4])
+    lanes = _VECTOR_BYTES // x.dtype.itemsize
     packed_size = geom.in_channels * geom.batch * h_P * s_W * w_Q
-    # The channel-vector kernels compute whole pixel blocks: past the last pixel they read
-    # (and drop) fewer than a pixel block of values beyond the packed input.
-    slack = max(_PIXEL_BLOCK_1, _PIXEL_BLOCK_2)
+    # The kernels compute whole pixel blocks: past the last pixel they read (and drop) less
+    # than a pixel block beyond the packed input.
+    slack = max(_PIXEL_BLOCK_1, _PIXEL_BLOCK_2, 4 * lanes)
     xf = np.empty(packed_size + slack, dtype=x.dtype)
     xf[packed_size:] = 0
     xp = xf[:packed_size].reshape(geom.in_channels, geom.batch, h_P, s_W, w_Q)
     _pack_input(x, xp, geom.pad_top, geom.pad_left, s_W)
     n_taps = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
     tap_off = _tap_offsets(geom, h_P, w_Q)
-    threads = numba.get_num_threads()
-    if kernel.startswith("cvec"):
-        vectors = int(kernel[4])
-        block = vectors * (_VECTOR_BYTES // x.dtype.itemsize)
-        blocks_per_group = -(-geom.out_channels_per_group // block)
-        wq = np.empty((blocks_per_group * geom.groups, n_taps, block), dtype=x.dtype)
-        _pack_weights(weight, wq, geom.out_channels_per_group)
-        tiles = np.empty((threads, _RUN_BLOCKS * max(_PIXEL_BLOCK_1, _PIXEL_BLOCK_2) * block), dtype=x.dtype)
-        _conv2d_cvec_kernel(xf, tap_off, wq.reshape(-1), vectors, bias, has_bias, out, tiles,
-                            geom.groups, geom.in_channels_per_group, h_P, s_H, s_W, w_Q,
-                            merged)
-        return out
-    blocks_per_group = -(-geom.out_channels_per_group // _CO_BLOCK)
-    wp = np.empty((blocks_per_group * geom.groups, n_taps, _CO_BLOCK), dtype=x.dtype)
-    _pack_weights(weight, wp, geom.out_channels_per_group)
-    acc = np.empty((threads, _CO_BLOCK, _SEGMENT), dtype=x.dtype)
-    _conv2d_kernel(xf, tap_off, wp, bias, has_bias, out, acc, geom.groups,
-                   geom.in_channels_per_group, h_P, s_H, s_W, w_Q, merged)
+    block = _PVEC_CHANNELS if variant == 0 else variant * lanes
+    blocks_per_group = -(-geom.out_channels_per_group // block)
+    wq = np.empty((blocks_per_group * geom.groups, n_taps, block), dtype=x.dtype)
+    _pack_weights(weight, wq, geom.out_channels_per_group)
+    tile = _RUN_BLOCKS * max(_PIXEL_BLOCK_1 * lanes, 2 * _PIXEL_BLOCK_2 * lanes,
+                             4 * lanes * _PVEC_CHANNELS)
+    tiles = np.empty((numba.get_num_threads(), tile), dtype=x.dtype)
+    _conv2d_kernel(xf, tap_off, wq.reshape(-1), variant, bias, has_bias, out, tiles,
+                   geom.groups, geom.in_channels_per_group, h_P, s_H, s_W, w_Q, merged=(
+                       kernel.endswith("merged")))
     return out
 
 

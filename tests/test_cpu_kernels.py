@@ -26,14 +26,15 @@ CASES = [
     ("cvec_1x1", 3, 17, 5, 4, 64, 1, 1, 0, 1, 1, "cvec2-merged"),
     ("cvec_out_1x1", 1, 3, 5, 5, 32, 5, 1, 0, 1, 1, "cvec2-merged"),
     ("cvec_wide_row", 1, 2, 3, 700, 32, 3, (1, 2), 1, 1, 1, "cvec2-rows"),
-    ("cvec1_merged", 1, 3, 40, 37, 10, 5, 1, 0, 1, 1, "cvec1-merged"),
-    ("cvec1_rows", 2, 3, 23, 29, 5, 3, (2, 1), (0, 1), 1, 1, "cvec1-rows"),
+    ("cvec1_merged", 1, 3, 40, 37, 14, 5, 1, 0, 1, 1, "cvec1-merged"),
+    ("cvec1_rows", 2, 3, 23, 29, 16, 3, (2, 1), (0, 1), 1, 1, "cvec1-rows"),
     ("cvec1_groups", 1, 4, 9, 8, 32, 3, 1, 1, 1, 2, "cvec1-merged"),
-    ("cvec1_wide_row", 1, 2, 3, 900, 7, 3, (1, 3), 1, 1, 1, "cvec1-rows"),
-    ("pvec_taps_not_multiple", 1, 1, 9, 9, 3, (1, 3), 1, 0, 1, 1, "pvec-merged"),
-    ("pvec_groups_partial_blocks", 1, 6, 8, 9, 6, 2, 1, 1, 1, 3, "pvec-merged"),
+    ("cvec1_wide_row", 1, 2, 3, 900, 13, 3, (1, 3), 1, 1, 1, "cvec1-rows"),
+    ("pvec_merged", 1, 3, 40, 37, 10, 5, 1, 0, 1, 1, "pvec-merged"),
+    ("pvec_rows", 2, 3, 23, 29, 5, 3, (2, 1), (0, 1), 1, 1, "pvec-rows"),
+    ("pvec_groups_partial_blocks", 1, 6, 8, 9, 21, 2, 1, 1, 1, 3, "pvec-merged"),
     ("pvec_long_row", 1, 1, 2, 1100, 3, (1, 3), 1, 0, 1, 1, "pvec-merged"),
-    ("pvec_rows", 2, 3, 13, 19, 4, 3, (2, 1), (0, 1), 1, 1, "pvec-rows"),
+    ("pvec_dilated_rows", 2, 3, 13, 19, 12, 3, (1, 2), (2, 0), (2, 3), 1, "pvec-rows"),
 ]
 
 
@@ -67,8 +68,8 @@ def test_conv2d_kernel_variants_match_reference(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("case", CASES[:4] + CASES[7:9] + CASES[11:12],
-                         ids=[c[0] for c in CASES[:4] + CASES[7:9] + CASES[11:12]])
+@pytest.mark.parametrize("case", CASES[:4] + CASES[7:9] + CASES[11:13],
+                         ids=[c[0] for c in CASES[:4] + CASES[7:9] + CASES[11:13]])
 def test_local_conv2d_larger_cases_match_reference(case, dtype):
     rng = np.random.default_rng(11)
     _, x, wt, b, kwargs = _arrays(rng, case, dtype, local=True)
@@ -109,11 +110,11 @@ def test_choose_cpu_kernel_names_the_variant():
     g = conv_geometry((1, 3, 224, 224), (7, 7), 64, 2, 3)
     assert choose_cpu_kernel(g) == "cvec2-rows"
     g = conv_geometry((1, 10, 496, 496), (3, 3), 5)
-    assert choose_cpu_kernel(g) == "cvec1-merged"
-    g = conv_geometry((1, 10, 496, 496), (3, 3), 4)
     assert choose_cpu_kernel(g) == "pvec-merged"
+    g = conv_geometry((1, 10, 496, 496), (3, 3), 13)
+    assert choose_cpu_kernel(g) == "cvec1-merged"
     # groups: what counts is the output channels of one group
     g = conv_geometry((1, 64, 8, 8), (3, 3), 64, groups=4)
     assert choose_cpu_kernel(g) == "cvec1-merged"
-    g = conv_geometry((1, 64, 8, 8), (3, 3), 64, groups=16)
+    g = conv_geometry((1, 64, 8, 8), (3, 3), 64, groups=8)
     assert choose_cpu_kernel(g) == "pvec-merged"
