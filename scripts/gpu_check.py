@@ -357,9 +357,12 @@ def check_array_kinds(torch, gpuconv):
         x[1, 0, 0, 8] = float("inf")
         w = torch.ones((1, 1, 3, 3), device="cuda")
         y = gpuconv.conv2d(x, w, stride=2, padding=1)
-        r = torch_conv2d_ref(torch, x.double(), w.double(), None, 2, 1, 1, 1)
-        same = bool((torch.isnan(y) == torch.isnan(r)).all() and (torch.isinf(y) == torch.isinf(r)).all())
-        return same, f"{int(torch.isnan(y).sum())} NaN outputs"
+        # Expected from the windows themselves (a cuDNN algorithm may smear NaN further).
+        cols = torch.nn.functional.unfold(x.double(), (3, 3), padding=1, stride=2)
+        nan = cols.isnan().any(1).reshape(y.shape)
+        inf = cols.isinf().any(1).reshape(y.shape) & ~nan
+        same = bool((torch.isnan(y) == nan).all() and (torch.isinf(y) == inf).all())
+        return same and bool(nan.any()), f"{int(torch.isnan(y).sum())} NaN outputs"
 
     for name, fn in (("numpy in -> numpy out", numpy_in), ("torch in -> torch out", torch_in),
                      ("numba in -> numba out", numba_in), ("cupy in -> cupy out", cupy_in),
@@ -499,7 +502,7 @@ for dt in (np.float32, np.float64):
     gpuconv.conv2d(x, w, b, stride=(2, 1), padding=(1, 2), groups=2, device="cuda")
     wl = rng.standard_normal((10, 7, 17, 2, 3, 5)).astype(dt)
     gpuconv.local_conv2d(x, wl, b, stride=(2, 1), padding=(1, 2), groups=2, device="cuda")
-    gpuconv.conv2d(cuda.to_device(x)[:, :, ::2], cuda.to_device(w), None, device="cuda")
+    gpuconv.conv2d(cuda.to_device(x)[:, :, ::2], cuda.to_device(w), None, groups=2)
 cuda.synchronize()
 print("sanitizer case done")
 """
