@@ -794,17 +794,28 @@ def conv2d_forward(x, weight, bias, has_bias, out, geom):
     (blocks of output channels) inside the call; extra memory is about the input's size.
     """
     s_H, s_W = geom.stride_h, geom.stride_w
-    # Padded rows and phase columns that any output pixel reads.
-    h_P = (geom.out_height - 1) * s_H + (geom.kernel_height - 1) * geom.dilation_h + 1
-    w_needed = (geom.out_width - 1) * s_W + (geom.kernel_width - 1) * geom.dilation_w + 1
-    w_Q = -(-w_needed // s_W)
     kernel = choose_cpu_kernel(geom)
     variant = 0 if kernel.startswith("pvec") else int(kernel[4])
+    merged = kernel.endswith("merged")
     lanes = _VECTOR_BYTES // x.dtype.itemsize
+    pixel_block = max(_PIXEL_BLOCK_1, _PIXEL_BLOCK_2, 4 * lanes)
+    if merged:
+        # Stride 1: one zero column between neighbouring rows serves as the right padding of
+        # one and the left padding of the next (likewise rows between images), so fewer
+        # virtual pixels fall in the padding: 8 x 8 instead of 9 x 9 for a 7 x 7 map.
+        # Reads past the end of a row (image) land in the next one's left (top) padding.
+        h_P = max(geom.in_height + max(geom.pad_top, geom.pad_bottom), geom.out_height)
+        w_Q = max(geom.in_width + max(geom.pad_left, geom.pad_right), geom.out_width)
+        slack = (max(geom.pad_top, geom.pad_bottom) + 1) * w_Q + pixel_block
+    else:
+        # Padded rows and phase columns that any output pixel reads.
+        h_P = (geom.out_height - 1) * s_H + (geom.kernel_height - 1) * geom.dilation_h + 1
+        w_needed = (geom.out_width - 1) * s_W + (geom.kernel_width - 1) * geom.dilation_w + 1
+        w_Q = -(-w_needed // s_W)
+        # The kernels compute whole pixel blocks: past the last pixel they read (and drop)
+        # less than a pixel block beyond the packed input.
+        slack = pixel_block
     packed_size = geom.in_channels * geom.batch * h_P * s_W * w_Q
-    # The kernels compute whole pixel blocks: past the last pixel they read (and drop) less
-    # than a pixel block beyond the packed input.
-    slack = max(_PIXEL_BLOCK_1, _PIXEL_BLOCK_2, 4 * lanes)
     xf = np.empty(packed_size + slack, dtype=x.dtype)
     xf[packed_size:] = 0
     xp = xf[:packed_size].reshape(geom.in_channels, geom.batch, h_P, s_W, w_Q)
@@ -819,8 +830,7 @@ def conv2d_forward(x, weight, bias, has_bias, out, geom):
                              4 * lanes * _PVEC_CHANNELS)
     tiles = np.empty((numba.get_num_threads(), tile), dtype=x.dtype)
     _conv2d_kernel(xf, tap_off, wq.reshape(-1), variant, bias, has_bias, out, tiles,
-                   geom.groups, geom.in_channels_per_group, h_P, s_H, s_W, w_Q, merged=(
-                       kernel.endswith("merged")))
+                   geom.groups, geom.in_channels_per_group, h_P, s_H, s_W, w_Q, merged)
     return out
 
 
