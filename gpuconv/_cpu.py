@@ -10,29 +10,39 @@ SC18): no im2col matrix is built.
 
 * ``conv2d``: the input is repacked once per call into a zero-padded, channel-major buffer
   ``(c_I, n, h_P, s_W, w_Q)`` whose last axis holds every ``s_W``-th column (one "phase" per
-  column offset), so that every kernel tap ``(c, u, v)`` reads a *contiguous* run of input for
-  a run of consecutive output pixels, whatever the stride, padding or dilation. The weights are
-  repacked into blocks of ``_CO_BLOCK`` output channels. The innermost loop runs over output
-  pixels (the vectorised dimension, an output dimension: no reassociation is needed) and
-  applies ``_TAP_GROUP`` taps to ``_CO_BLOCK`` output channels per pass, so each input vector
-  loaded is used ``_CO_BLOCK`` times and each accumulator load/store carries ``_TAP_GROUP``
-  fused multiply-adds; the weights of a pass stay in registers as broadcast vectors.
-  With stride 1 the output rows of all images are processed as one long run of "virtual"
-  pixels on the padded grid (the few pixels that fall in the padding are computed and
-  dropped), so small feature maps (7 x 7) still give long vector loops.
+  column offset), so that every kernel tap ``(c, u, v)`` reads a *contiguous* run of input
+  for a run of consecutive output pixels, whatever the stride, padding or dilation; the
+  weights are repacked into blocks of output channels, tap-major. Output pixels are
+  numbered along that padded grid ("virtual" pixels; with stride 1 the rows of all images
+  form one run, so 7 x 7 maps still give long runs, and the few pixels that fall in the
+  padding are computed and dropped). A job is (run of pixel blocks, block of output
+  channels); the reduction runs in chunks of taps whose weights fit in L1, and the register
+  block keeps 24 vector accumulators for the whole chunk:
+
+  - ``cvec2`` / ``cvec1``: two (one) vectors of output channels x 12 (24) pixels; per tap,
+    two (one) weight vectors are loaded and each input value is broadcast against them;
+  - ``pvec`` (few output channels, e.g. the seed's 5 or 10): 6 output channels x 4 vectors
+    of consecutive pixels; per tap, four input vectors are loaded and each weight broadcast.
+
+  :func:`choose_cpu_kernel` names the variant. Fused multiply-adds on explicit vectors
+  (small intrinsics below) keep the accumulators in registers, which Numba's loop
+  vectoriser cannot do across a reduction loop; the output dimension is the vector
+  dimension, so the summation order over taps is the plain sequential one.
 * ``local_conv2d``: each output position is a small matrix product over the batch; the
-  kernel walks the (huge) weight array exactly once, in its natural order, and applies each
-  weight to a vector of batch elements (the batch is the innermost, contiguous dimension of a
-  small per-thread copy of the input rows that the current output row needs).
+  kernel walks the (huge) weight array exactly once, in its natural order (four output
+  channels, i.e. four streams, at a time), and applies each weight to a vector of batch
+  elements of a small per-thread window of the input (batch innermost). It runs at the speed
+  of streaming the weights from memory.
 
 Parallelism: ``prange`` over one chunk per thread, jobs dealt cyclically, so both cores are
 busy at batch 1; per-thread scratch is allocated by the caller (visible to ``tracemalloc``).
 Compilation is cached on disk (``cache=True``): a later process reuses it.
 
-Floating point: ``fastmath={"contract"}`` only, i.e. ``a + w * x`` may become one fused
-multiply-add (one rounding instead of two: never less accurate). No ``nnan``/``ninf``/
-``reassoc``: NaN and Inf propagate exactly as IEEE arithmetic says, and the summation order
-over taps is fixed.
+Floating point: every multiply-add is one fused multiply-add (``llvm.fma``: one rounding
+instead of two, never less accurate); nothing else is relaxed (no ``nnan``/``ninf``/
+``reassoc``): NaN and Inf propagate exactly as IEEE arithmetic says, and the summation order
+over taps is fixed. Vectors are 64 bytes (one AVX-512 register); on processors with narrower
+registers LLVM splits them, so the same code is correct everywhere, only slower there.
 """
 
 from __future__ import annotations
