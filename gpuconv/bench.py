@@ -223,6 +223,7 @@ def machine_info(device, torch, ceilings, dtype):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "ceilings": ceilings,
     }
+    info["git_commit"], info["git_modified"] = _git_state()
     if device == "cuda":
         try:
             from numba import cuda
@@ -232,6 +233,24 @@ def machine_info(device, torch, ceilings, dtype):
         except Exception:
             pass
     return info
+
+
+def _git_state():
+    """``(commit, modified package files)`` when gpuconv runs from a git checkout."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root,
+                                capture_output=True, text=True, timeout=5)
+        if commit.returncode != 0:
+            return None, None
+        status = subprocess.run(["git", "status", "--porcelain", "--", "gpuconv"], cwd=root,
+                                capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    modified = sorted(line[3:] for line in status.stdout.splitlines() if line.strip())
+    return commit.stdout.strip(), modified
 
 
 def _load_average():
