@@ -778,7 +778,11 @@ def format_summary(result):
             for r in records:
                 if r["layer"] == name and r["op"] == op and r["impl"] != "gpuconv" \
                         and r["median_s"] and mine:
-                    cells.append(f"{op} vs {r['impl']} {mine['median_s'] / r['median_s']:.3g}x")
+                    cell = f"{op} vs {r['impl']} {mine['median_s'] / r['median_s']:.3g}x"
+                    if mine["peak_extra_bytes"] is not None and r["peak_extra_bytes"] is not None:
+                        cell += (f" (extra memory {_mb(mine['peak_extra_bytes'])} vs "
+                                 f"{_mb(r['peak_extra_bytes'])} MB)")
+                    cells.append(cell)
         if cells:
             peer_lines.append(f"  {name:<{width}}  " + "   ".join(cells))
     if peer_lines:
