@@ -218,6 +218,12 @@ class Conv2dConfig(NamedTuple):
     shared_bytes: int
 
 
+def _even_split(count, cap):
+    """Block size ``<= cap`` that splits ``count`` into the fewest, most equal blocks
+    (10 channels with cap 8: two blocks of 5, not 8 + 2 of 16 computed)."""
+    return -(-count // -(-count // cap))
+
+
 def _pow2_at_least(value, cap):
     result = 1
     while result < value and result < cap:
@@ -229,7 +235,7 @@ def conv2d_config(geom, dtype):
     """Pick the specialisation and launch shape of conv2d for ``geom`` and ``dtype``.
 
     A pure function of the geometry (no GPU needed): register block ``2 x 2`` outputs x up to
-    8 (float32) or 4 (float64) output channels per thread; a block of at most 16 x 8 threads,
+    8 (float32) or 4 (float64) output channels per thread (the group's channels split evenly); a block of at most 16 x 8 threads,
     shrunk to the output and (down to one warp) to keep one input channel's tile (with halo)
     within half the shared-memory budget; as many input channels per stage as fit the budget
     (at least one, whose stage may take up to ``SHARED_LIMIT_BYTES``).
@@ -237,7 +243,7 @@ def conv2d_config(geom, dtype):
     code = dtype_code(dtype)
     itemsize = _NUMPY[code].itemsize
     rows = cols = 2
-    channels = _pow2_at_least(geom.out_channels_per_group, 8 if code == "f32" else 4)
+    channels = _even_split(geom.out_channels_per_group, 8 if code == "f32" else 4)
     kh, kw = geom.kernel_height, geom.kernel_width
     # At most 16 x 8 threads: at ~150-170 registers a thread, three such blocks share an
     # SM's 64K registers (12 warps), where a single 256-thread block would leave 8.
@@ -392,11 +398,11 @@ def local_conv2d_config(geom, dtype):
     """Pick the specialisation and launch shape of local_conv2d (a pure function, no GPU).
 
     Register block: up to 8 (float32) or 4 (float64) batch elements x up to 4 output channels
-    per thread.
+    per thread, each split evenly (a batch of 10 runs as two blocks of 5).
     """
     code = dtype_code(dtype)
-    batch_block = _pow2_at_least(geom.batch, 8 if code == "f32" else 4)
-    channels = _pow2_at_least(geom.out_channels_per_group, 4)
+    batch_block = _even_split(max(geom.batch, 1), 8 if code == "f32" else 4)
+    channels = _even_split(geom.out_channels_per_group, 4)
     n_pos = geom.out_height * geom.out_width
     by = max(1, min(8, -(-geom.batch // batch_block)))
     grid = (-(-n_pos // 32), geom.groups * -(-geom.out_channels_per_group // channels))

@@ -22,7 +22,8 @@ import subprocess
 import tempfile
 from typing import NamedTuple
 
-__all__ = ["PtxasInfo", "find_ptxas", "compile_ptx", "ptxas_info", "ptx_report", "format_report"]
+__all__ = ["PtxasInfo", "find_ptxas", "compile_ptx", "compile_ptx_multi", "ptxas_info",
+           "ptx_report", "format_report"]
 
 
 class PtxasInfo(NamedTuple):
@@ -62,6 +63,30 @@ def compile_ptx(spec, cc):
 
     ptx, _ = cuda.compile_ptx(spec.pyfunc, spec.signature, cc=cc)
     return ptx
+
+
+def compile_ptx_multi(spec, ccs):
+    """``{cc: PTX}`` for several compute capabilities, typing and lowering the kernel once.
+
+    Our kernels use nothing that depends on the compute capability before NVVM, so the
+    Numba-lowered module is shared and only NVVM runs per ``cc``. That path uses a Numba
+    internal; if it is not there, each ``cc`` is compiled separately with the public
+    :func:`numba.cuda.compile_ptx`.
+    """
+    try:
+        from numba.cuda.compiler import _compile_pyfunc_with_fixup
+
+        library, _ = _compile_pyfunc_with_fixup(
+            spec.pyfunc, spec.signature, debug=False, lineinfo=False, device=False,
+            fastmath=False, cc=max(ccs), opt=None, abi="numba", abi_info=None,
+            forceinline=False, launch_bounds=None, lto=False)
+        result = {}
+        for cc in ccs:
+            (ptx,) = library.get_asm_strs(cc=cc)
+            result[cc] = ptx
+        return result
+    except (ImportError, TypeError, ValueError):
+        return {cc: compile_ptx(spec, cc) for cc in ccs}
 
 
 _REGISTERS = re.compile(r"Used (\d+) registers")
@@ -118,16 +143,17 @@ def ptx_report(codes=("f32", "f64"), ccs=((9, 0), (8, 0)), ptxas_codes=("f32", "
     dynamic = _dynamic_smem_by_kernel()
     jobs = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        for cc in ccs:
-            arch = f"sm_{cc[0]}{cc[1]}"
-            for spec in kernels.workload_specialisations(codes):
-                ptx = compile_ptx(spec, cc)  # Numba compiles under a lock: one at a time
+        for spec in kernels.workload_specialisations(codes):
+            ptx_by_cc = compile_ptx_multi(spec, ccs)  # Numba compiles one kernel at a time
+            for cc in ccs:
+                ptx = ptx_by_cc[cc]
                 if ptx_cache is not None:
                     ptx_cache[(spec.name, cc)] = ptx
                 if _CODE.search(spec.name).group(1) in ptxas_codes:
-                    jobs.append(pool.submit(ptxas_info, ptx, arch, spec.name, ptxas,
-                                            dynamic.get(spec.name, 0)))
-        return [job.result() for job in jobs]
+                    jobs.append(pool.submit(ptxas_info, ptx, f"sm_{cc[0]}{cc[1]}", spec.name,
+                                            ptxas, dynamic.get(spec.name, 0)))
+        rows = [job.result() for job in jobs]
+    return sorted(rows, key=lambda r: (r.arch != f"sm_{ccs[0][0]}{ccs[0][1]}", r.arch))
 
 
 def format_report(rows):
