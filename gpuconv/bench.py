@@ -368,7 +368,6 @@ class _Progress:
 
 
 _CALLED = set()  # (op, impl, device, dtype) called at least once in this process
-_BURSTS_FOR_PROGRESS = [DEFAULT_BURSTS]  # steps a skipped implementation stands for
 
 
 def _numba_cache_stats():
@@ -423,7 +422,7 @@ def _bench_layer(layer_name, geom, backend, impl_list, dtype, repeat, bursts, ce
                  part, progress, rng):
     """Records for one geometry: every implementation in ``impl_list`` (both ops)."""
     skipped, units, keep = _prepare(layer_name, geom, backend, impl_list, dtype, part,
-                                    progress, rng)
+                                    progress, rng, bursts)
     _time_units(units, backend, repeat, bursts, progress)
     records = _records(skipped, units, impl_list, backend.kind, dtype, ceilings)
     del units, keep
@@ -438,7 +437,7 @@ def _bench_sweep(layer, batches, backend, impl_list, dtype, repeat, bursts, ceil
     skipped, units, keep = [], [], []
     for n in batches:
         s, u, k = _prepare(layer.name, layer.geometry(n), backend, impl_list, dtype,
-                           "batch-sweep", progress, rng)
+                           "batch-sweep", progress, rng, bursts)
         skipped += s
         units += u
         keep.append(k)
@@ -481,7 +480,7 @@ def _records(skipped, units, impl_list, device, dtype, ceilings):
     return records
 
 
-def _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng):
+def _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng, bursts):
     """Arrays, first calls, agreement and memory checks for one geometry.
 
     Returns ``(skipped records, units to time, arrays to keep alive)``.
@@ -510,7 +509,7 @@ def _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng):
                           f"(limit {MEMORY_FRACTION:.0%} of it)")
         else:
             runnable.append(impl)
-    for _ in range((len(impl_list) - len(runnable)) * (1 + _BURSTS_FOR_PROGRESS[0])):
+    for _ in range((len(impl_list) - len(runnable)) * (1 + bursts)):
         progress.step(f"{layer_name}: skipped")
     if not runnable:
         return records, [], None
@@ -528,11 +527,12 @@ def _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng):
                                          * geom.kernel_width), dtype=dtype)
     host = {"x": x, "bias": bias, "conv2d": shared, "local_conv2d": local}
 
-    converted = {}
+    converted = {}  # (array kind, array name) -> that array as the implementation reads it
+    arrays = {}  # (array kind, op) -> {"x", "weight", "bias"}
 
     def arrays_for(impl):
         key = (impl.array_kind, impl.op)
-        if key not in converted:
+        if key not in arrays:
             if impl.array_kind == "numpy":
                 convert = np.asarray
             elif impl.array_kind == "torch":
@@ -545,8 +545,8 @@ def _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng):
                 if cache_key not in converted:
                     converted[cache_key] = convert(host[name])
                 return converted[cache_key]
-            converted[key] = {"x": once("x"), "bias": once("bias"), "weight": once(impl.op)}
-        return converted[key]
+            arrays[key] = {"x": once("x"), "bias": once("bias"), "weight": once(impl.op)}
+        return arrays[key]
 
     calls = {}
     extra = {}
@@ -593,7 +593,7 @@ def _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng):
             extra[impl].update(peak_extra_bytes=peak, peak_extra_method=method)
     units = [_Unit(impl, calls[impl], geom, layer_name, part, extra[impl])
              for impl in runnable]
-    return records, units, (host, converted)
+    return records, units, (host, converted, arrays)
 
 
 def run_benchmark(layers, device="cpu", dtype="float32", repeat=DEFAULT_REPEAT,
@@ -639,7 +639,6 @@ def run_benchmark(layers, device="cpu", dtype="float32", repeat=DEFAULT_REPEAT,
         if sweep is not None:
             sweep_layer, sweep_batches = sweep
             sweep_layer = LAYERS[sweep_layer] if isinstance(sweep_layer, str) else sweep_layer
-        _BURSTS_FOR_PROGRESS[0] = bursts
         per_geom = len(impl_list) * (1 + bursts)
         bar = _Progress(per_geom * (len(layer_objs) + len(sweep_batches)),
                         enabled=progress)

@@ -353,3 +353,12 @@ json.dump(result, sys.stdout)
         ("conv2d", "gpuconv"), ("local_conv2d", "gpuconv")}
     for r in result["records"]:
         assert r["device"] == "cuda" and r["median_s"] > 0 and r["max_rel_diff"] < 1e-5
+
+
+def test_progress_reaches_its_total(fast, monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench._Progress, "close", lambda self: seen.append(
+        (self.done, self.total)))
+    bench.run_benchmark([TINY, TINY_GROUPED], repeat=1, bursts=2, progress=False, torch=None,
+                        sweep=(TINY, (1, 2)))
+    assert seen and seen[0][0] == seen[0][1] == 4 * 3 * 4
