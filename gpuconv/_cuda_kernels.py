@@ -37,6 +37,14 @@ __all__ = ["KernelSpec", "Conv2dConfig", "LocalConv2dConfig", "conv2d_kernel",
 # Dynamic shared memory one conv2d block may use: small enough that several blocks share an
 # SM (an H100/H200 SM has 228 KiB), and under the 48 KiB that needs no opt-in.
 SHARED_BUDGET_BYTES = 24 * 1024
+# conv2d blocks have at most 128 threads. Up to 32 accumulators a thread, asking for three
+# blocks per SM (170 registers a thread, 64K / 384) costs no spills; with 64 accumulators
+# sm_80 would spill at that cap, so those ask for two (255 registers). ptxas checks both in
+# the tests.
+def _conv2d_launch_bounds(accumulators):
+    return (128, 3) if accumulators <= 32 else (128, 2)
+
+
 # Shared memory a block may use without opting in (every GPU since Kepler).
 SHARED_LIMIT_BYTES = 48 * 1024
 
@@ -55,6 +63,7 @@ class KernelSpec(NamedTuple):
     name: str            # encodes the specialisation, e.g. conv2d_f32_k3x3_r2x2_c8
     pyfunc: object       # the bare Python function
     signature: tuple     # Numba argument types
+    launch_bounds: tuple | None = None  # (max threads per block, min blocks per SM)
 
 
 def _array(code, ndim):
@@ -70,7 +79,9 @@ def _rename(func, name):
 @functools.lru_cache(maxsize=None)
 def compiled(spec):
     """The launchable kernel of ``spec`` (compiled on first launch for the current GPU)."""
-    return cuda.jit(spec.signature)(spec.pyfunc)
+    if spec.launch_bounds is None or cuda.config.ENABLE_CUDASIM:  # the simulator has none
+        return cuda.jit(spec.signature)(spec.pyfunc)
+    return cuda.jit(spec.signature, launch_bounds=spec.launch_bounds)(spec.pyfunc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,7 +213,7 @@ def conv2d_kernel(code, kernel_h, kernel_w, rows, cols, channels):
 
     name = f"conv2d_{code}_k{KH}x{KW}_r{RY}x{RX}_c{CB}"
     signature = (_array(code, 1),) * 4 + (types.int64,) * 20
-    return KernelSpec(name, _rename(kernel, name), signature)
+    return KernelSpec(name, _rename(kernel, name), signature, _conv2d_launch_bounds(NACC))
 
 
 class Conv2dConfig(NamedTuple):
@@ -234,15 +245,19 @@ def _pow2_at_least(value, cap):
 def conv2d_config(geom, dtype):
     """Pick the specialisation and launch shape of conv2d for ``geom`` and ``dtype``.
 
-    A pure function of the geometry (no GPU needed): register block ``2 x 2`` outputs x up to
-    8 (float32) or 4 (float64) output channels per thread (the group's channels split evenly); a block of at most 16 x 8 threads,
+    A pure function of the geometry (no GPU needed): register block ``2 x 4`` (float32, output
+    wider than 32) or ``2 x 2`` outputs x up to 8 (float32) or 4 (float64) output channels
+    per thread (the group's channels split evenly); a block of at most 16 x 8 threads,
     shrunk to the output and (down to one warp) to keep one input channel's tile (with halo)
     within half the shared-memory budget; as many input channels per stage as fit the budget
     (at least one, whose stage may take up to ``SHARED_LIMIT_BYTES``).
     """
     code = dtype_code(dtype)
     itemsize = _NUMPY[code].itemsize
-    rows = cols = 2
+    # float32: 2 x 4 outputs x 8 channels (16 shared-memory loads per 64 FMAs) where the
+    # output is wide enough to fill the tiles, else 2 x 2; float64: 2 x 2 x 4.
+    rows = 2
+    cols = 4 if code == "f32" and geom.out_width > 32 else 2
     channels = _even_split(geom.out_channels_per_group, 8 if code == "f32" else 4)
     kh, kw = geom.kernel_height, geom.kernel_width
     # At most 16 x 8 threads: at ~150-170 registers a thread, three such blocks share an

@@ -61,7 +61,8 @@ def compile_ptx(spec, cc):
     """PTX text of a :class:`~gpuconv._cuda_kernels.KernelSpec` for compute capability ``cc``."""
     from numba import cuda
 
-    ptx, _ = cuda.compile_ptx(spec.pyfunc, spec.signature, cc=cc)
+    ptx, _ = cuda.compile_ptx(spec.pyfunc, spec.signature, cc=cc,
+                              launch_bounds=spec.launch_bounds)
     return ptx
 
 
@@ -79,7 +80,7 @@ def compile_ptx_multi(spec, ccs):
         library, _ = _compile_pyfunc_with_fixup(
             spec.pyfunc, spec.signature, debug=False, lineinfo=False, device=False,
             fastmath=False, cc=max(ccs), opt=None, abi="numba", abi_info=None,
-            forceinline=False, launch_bounds=None, lto=False)
+            forceinline=False, launch_bounds=spec.launch_bounds, lto=False)
         result = {}
         for cc in ccs:
             (ptx,) = library.get_asm_strs(cc=cc)

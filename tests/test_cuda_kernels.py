@@ -307,7 +307,7 @@ def test_launch_shapes_of_the_workload_layers_fit_the_hardware(layer, dtype):
     assert conv.shared_bytes <= max(k.SHARED_BUDGET_BYTES, per_channel) <= k.SHARED_LIMIT_BYTES
     assert 32 <= conv.block[0] * conv.block[1] <= 1024
     assert conv.grid[1] <= 65535 and conv.grid[2] <= 65535
-    rows, cols = 2, 2
+    rows, cols = (int(v) for v in conv.kernel.name.split("_r")[1].split("_")[0].split("x"))
     assert conv.grid[0] * conv.block[0] * conv.block[1] * rows * cols >= \
         geom.out_height * geom.out_width
     assert conv.tile_h == (conv.block[1] * rows - 1) * geom.stride_h + geom.kernel_height
