@@ -328,7 +328,7 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_block, channels):
     DRAM once, then from cache): the batch is the inner loop.
 
     Launch: ``grid = (ceil(P / 32), groups * ceil(c_Og / channels))``,
-    ``block = (32, by)`` with ``by = min(8, ceil(n / batch_block))``.
+    ``block = (32, by)`` with ``by = min(16 (float32) or 8 (float64), ceil(n / batch_block))``.
 
     Kernel arguments: flat ``x_t (c_I, h, w, n_pad)``, ``weight_t (c_O, c_Ig, k_H, k_W, P)``,
     ``bias (c_O, bias_len)`` (``bias_len`` 1 or ``P``; or a dummy) and
@@ -397,7 +397,13 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_block, channels):
 
     name = f"local_conv2d_{code}_k{KH}x{KW}_b{NB}_c{CB}"
     signature = (_array(code, 1),) * 4 + (types.int64,) * 17
-    return KernelSpec(name, _rename(kernel, name), signature)
+    return KernelSpec(name, _rename(kernel, name), signature,
+                      (32 * _LOCAL_MAX_ROWS[code], 1))
+
+
+# Rows of 32 threads in a local_conv2d block: enough for a batch of 128 (float32) in one
+# pass, so each weight comes from DRAM once; 512 threads x <= 128 registers fit an SM.
+_LOCAL_MAX_ROWS = {"f32": 16, "f64": 8}
 
 
 class LocalConv2dConfig(NamedTuple):
@@ -419,7 +425,7 @@ def local_conv2d_config(geom, dtype):
     batch_block = _even_split(max(geom.batch, 1), 8 if code == "f32" else 4)
     channels = _even_split(geom.out_channels_per_group, 4)
     n_pos = geom.out_height * geom.out_width
-    by = max(1, min(8, -(-geom.batch // batch_block)))
+    by = max(1, min(_LOCAL_MAX_ROWS[code], -(-geom.batch // batch_block)))
     grid = (-(-n_pos // 32), geom.groups * -(-geom.out_channels_per_group // channels))
     spec = local_conv2d_kernel(code, geom.kernel_height, geom.kernel_width, batch_block, channels)
     return LocalConv2dConfig(spec, (32, by), grid, batch_block)
