@@ -210,19 +210,21 @@ def test_every_output_written_over_a_nan_poisoned_buffer(local):
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_conv2d_several_channel_stages_and_batch_grid_stride(dtype):
-    """Force one input channel per shared-memory stage and one block row over the batch."""
+@pytest.mark.parametrize("c_in, chunk", [(3, 1), (5, 2)], ids=["stages_1x3", "stages_2_2_1"])
+def test_conv2d_several_channel_stages_and_batch_grid_stride(c_in, chunk, dtype):
+    """Force few input channels per shared-memory stage (the last one partial) and one
+    block along z for the whole batch."""
     from numba import cuda
 
     from gpuconv import _cuda, _cuda_kernels
 
     rng = np.random.default_rng(14)
-    geom = _geometry(3, 3, 5, 4, 5, 3, padding=1)
+    geom = _geometry(3, c_in, 5, 4, 5, 3, padding=1)
     x, w, b = _operands(rng, geom, dtype, False, "channel")
     config = _cuda_kernels.conv2d_config(geom, dtype)
-    assert config.chunk == 3
-    config = config._replace(chunk=1, grid=config.grid[:2] + (1,),
-                             shared_bytes=config.shared_bytes // 3)
+    assert config.chunk == c_in
+    config = config._replace(chunk=chunk, grid=config.grid[:2] + (1,),
+                             shared_bytes=config.shared_bytes // c_in * chunk)
     d_x, d_w, d_b = _device_arrays(x, w, b)
     d_out = cuda.to_device(np.full(geom.output_shape, np.nan, dtype))
     _cuda._launch_conv2d(d_x, d_w, d_b, d_out, geom, cuda.default_stream(), config)
@@ -314,6 +316,16 @@ def test_launch_shapes_of_the_workload_layers_fit_the_hardware(layer, dtype):
     local = k.local_conv2d_config(geom, dtype)
     assert local.grid[0] * 32 >= geom.out_height * geom.out_width
     assert local.block[0] * local.block[1] <= 1024
+
+
+def test_wide_float32_outputs_use_the_larger_register_block():
+    from gpuconv import _cuda_kernels as k
+
+    geom, _ = _feature_geometry("wide_two_tiles")  # exercised on the device above
+    assert "_r2x4_" in k.conv2d_config(geom, np.float32).kernel.name
+    assert "_r2x2_" in k.conv2d_config(geom, np.float64).kernel.name
+    narrow, _ = _feature_geometry("plain")
+    assert "_r2x2_" in k.conv2d_config(narrow, np.float32).kernel.name
 
 
 def test_huge_dilated_windows_shrink_the_block_or_are_refused():
