@@ -399,16 +399,17 @@ def copy_bandwidth(torch, nbytes=1 << 30, repeats=10):
 
 
 def _measure(torch, fn, warmup, repeats):
+    """Timing summary, or ``{"status": "out of memory"}`` / ``{"status": "error: ..."}``."""
     try:
         return {"status": "ok", **time_gpu(torch, fn, warmup, repeats)}
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return {"status": "out of memory"}
-    except RuntimeError as exc:
+    except Exception as exc:  # CUDA errors from Numba are not RuntimeErrors
         torch.cuda.empty_cache()
-        if "out of memory" in str(exc).lower():
+        if "out of memory" in str(exc).lower() or "OUT_OF_MEMORY" in str(exc):
             return {"status": "out of memory"}
-        return {"status": f"error: {exc}"}
+        return {"status": f"error: {type(exc).__name__}: {exc}"}
 
 
 def bench_layers(torch, gpuconv, layers, warmup, repeats, copy_bps):
@@ -422,7 +423,7 @@ def bench_layers(torch, gpuconv, layers, warmup, repeats, copy_bps):
                 continue  # unshared weights of the biggest images: skip, they add minutes
             row = {"layer": d["name"], "op": op, **{k: d[k] for k in ("n", "c_in", "h", "w", "c_out", "k", "stride", "pad", "h_out", "w_out")}}
             flops, nbytes = layer_counts(tuple([layer[0], op] + list(layer[2:])))
-            row.update(flops=flops, min_bytes=nbytes)
+            row.update(flops=flops, min_bytes=nbytes, kernel=_kernel_name(op, d))
             try:
                 x = torch.randn((d["n"], d["c_in"], d["h"], d["w"]), device="cuda")
                 if op == "conv2d":
@@ -455,6 +456,28 @@ def bench_layers(torch, gpuconv, layers, warmup, repeats, copy_bps):
             rows.append(row)
             print(_format_bench_row(row), flush=True)
     return rows
+
+
+def _kernel_name(op, d):
+    """Name of the gpuconv kernel (specialisation) this layer launches in float32."""
+    import numpy as np
+
+    from gpuconv import _cuda_kernels
+    from gpuconv._geometry import conv_geometry
+
+    geom = conv_geometry((d["n"], d["c_in"], d["h"], d["w"]), (d["k"], d["k"]), d["c_out"],
+                         d["stride"], d["pad"])
+    config = (_cuda_kernels.local_conv2d_config if op == "local_conv2d"
+              else _cuda_kernels.conv2d_config)(geom, np.float32)
+    return config.kernel.name
+
+
+def bench_layer_list(quick):
+    """The layers timed: all of them, or (quick) every third plus the unshared ones."""
+    if not quick:
+        return LAYERS
+    chosen = LAYERS[::3] + tuple(layer for layer in LAYERS if layer[1] == "local_conv2d")
+    return tuple(dict.fromkeys(chosen))
 
 
 def _format_bench_row(row):
@@ -597,10 +620,11 @@ def main(argv=None):
         report["copy_bandwidth_GBps"] = None if copy_bps is None else copy_bps / 1e9
         if copy_bps:
             print(f"device-to-device copy: {copy_bps / 1e9:.0f} GB/s")
-        layers = LAYERS[::3] + LAYERS[-3:] if args.quick else LAYERS
+        layers = bench_layer_list(args.quick)
+        start = time.perf_counter()
         report["bench"] = bench_layers(torch, gpuconv, layers, args.warmup, args.repeats, copy_bps)
-
-    report["kernels"] = kernel_resources(_cuda_kernels, LAYERS)
+        print(f"benchmark: {time.perf_counter() - start:.1f} s")
+        report["kernels"] = kernel_resources(_cuda_kernels, layers)
 
     # 3. sanitizer
     if not args.skip_sanitizer:

@@ -163,3 +163,13 @@ def test_out_of_memory_peers_are_recorded_not_raised(gpu_check):
            "peer": {"status": "out of memory"}}
     line = gpu_check._format_bench_row(row)
     assert "out of memory" in line and "16.00 TF" in line
+
+
+def test_bench_layer_lists_and_kernel_names(gpu_check):
+    assert gpu_check.bench_layer_list(False) == gpu_check.LAYERS
+    quick = gpu_check.bench_layer_list(True)
+    assert len(quick) == len(set(quick)) < len(gpu_check.LAYERS)
+    assert {layer[0] for layer in quick} >= {"DeepFace L4", "DeepFace L5", "DeepFace L6"}
+    d = gpu_check.layer_dims(gpu_check.LAYERS[4])  # VGG-16 conv3_2
+    assert gpu_check._kernel_name("conv2d", d).startswith("conv2d_f32_k3x3_")
+    assert gpu_check._kernel_name("local_conv2d", d).startswith("local_conv2d_f32_k3x3_")
