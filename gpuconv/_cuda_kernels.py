@@ -32,6 +32,7 @@ from numba import cuda, float32, float64, int64, types, uint64
 __all__ = ["KernelSpec", "Conv2dConfig", "LocalConv2dConfig", "conv2d_kernel",
            "local_conv2d_kernel", "transpose_kernel", "copy_kernel", "compiled",
            "conv2d_config", "local_conv2d_config", "workload_specialisations",
+           "workload_kernel_names",
            "WORKLOAD_LAYERS", "SHARED_BUDGET_BYTES", "SHARED_LIMIT_BYTES"]
 
 # Dynamic shared memory one conv2d block may use: small enough that several blocks share an
@@ -538,6 +539,17 @@ def workload_geometry(layer, op=None, batch=None):
 
     _, _, n, c_in, h, w, c_out, k, s, p = layer
     return conv_geometry((n if batch is None else batch, c_in, h, w), (k, k), c_out, s, p)
+
+
+def workload_kernel_names(dtype=np.float32):
+    """``{layer name: (conv2d kernel name, local_conv2d kernel name)}`` for the benchmark
+    layers, so tables of timings and of ptxas resources can be joined."""
+    names = {}
+    for layer in WORKLOAD_LAYERS:
+        geom = workload_geometry(layer)
+        names[layer[0]] = (conv2d_config(geom, dtype).kernel.name,
+                           local_conv2d_config(geom, dtype).kernel.name)
+    return names
 
 
 def workload_specialisations(codes=("f32", "f64")):

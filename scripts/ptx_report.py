@@ -25,6 +25,11 @@ def main(argv=None):
     start = time.perf_counter()
     rows = _cuda_ptx.ptx_report(codes=codes, ccs=ccs, ptxas_codes=codes)
     print(_cuda_ptx.format_report(rows))
+    from gpuconv import _cuda_kernels
+
+    print("\nfloat32 kernels per benchmark layer (conv2d / local_conv2d):")
+    for layer, (shared, unshared) in _cuda_kernels.workload_kernel_names().items():
+        print(f"  {layer:<20} {shared:<28} {unshared}")
     print(f"\n{len(rows)} kernel/architecture pairs in {time.perf_counter() - start:.1f} s")
     return 0
 

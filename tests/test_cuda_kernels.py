@@ -343,6 +343,8 @@ def test_workload_specialisations_cover_both_ops_and_dtypes():
 
     names = [spec.name for spec in k.workload_specialisations()]
     assert len(names) == len(set(names))
+    layers = k.workload_kernel_names()
+    assert len(layers) == 13 and all(a in names and b in names for a, b in layers.values())
     for prefix in ("conv2d_f32_k11x11", "conv2d_f64_k1x1", "local_conv2d_f32_k9x9",
                    "local_conv2d_f64_k5x5", "transpose_f32", "copy6d_f64"):
         assert any(name.startswith(prefix) for name in names), prefix
