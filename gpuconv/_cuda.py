@@ -336,6 +336,9 @@ def _run_gpu(op_name, x, weight, bias, geom):
 
 def _run_gpu_on_device(op_name, x, weight, bias, geom):
     stream = _stream_of(x.obj)
+    out_obj = _allocate_like(x.obj, geom.output_shape, x.dtype, stream)
+    if geom.batch == 0:  # nothing to launch; x may not even have a data pointer
+        return out_obj
     arrays = []
     for op in (x, weight, bias):
         if op is None:
@@ -344,9 +347,6 @@ def _run_gpu_on_device(op_name, x, weight, bias, geom):
         # Operands produced on another stream: wait for them, as the interface asks.
         other_stream = op is not x and not _same_stream(_stream_of(op.obj), stream)
         arrays.append(_as_device_array(op.obj, sync=other_stream))
-    out_obj = _allocate_like(x.obj, geom.output_shape, x.dtype, stream)
-    if geom.batch == 0:
-        return out_obj
 
     def empty(shape, dtype):  # scratch from the caller's library, on its stream
         return _as_device_array(_allocate_like(x.obj, shape, dtype, stream), sync=False)
