@@ -35,6 +35,7 @@ needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed
 def fast(monkeypatch):
     """Stub ceilings; tiny layers registered as a suite, quick list and sweep."""
     monkeypatch.setattr(_bench_impls, "measure_ceilings", lambda *a, **k: dict(CEILINGS))
+    monkeypatch.setattr(bench, "WARMUP_S", 0.0)
     layers = dict(bench.LAYERS, tiny=TINY, **{"tiny-grouped": TINY_GROUPED})
     monkeypatch.setattr(bench, "LAYERS", layers)
     monkeypatch.setattr(bench, "SUITES", {"default": ("tiny",), "full": ("tiny", "tiny-grouped")})
