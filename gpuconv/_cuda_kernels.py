@@ -4,9 +4,13 @@ Kernel construction lives here; array handling and launches live in :mod:`gpucon
 Each factory is memoised on exactly the compile-time constants that change the generated
 code, and the kernel it builds is named by them (``conv2d_f32_k3x3_r2x2_c8``), so a profile
 is readable. A factory returns a :class:`KernelSpec`: the bare Python function, its Numba
-signature and its name. That is enough for :func:`numba.cuda.compile_ptx` on a machine
-without a GPU (see :func:`workload_specialisations` and ``scripts/ptx_report.py``);
-:func:`compiled` turns a spec into a launchable kernel.
+signature, its name and launch bounds. That is enough for :func:`numba.cuda.compile_ptx` on
+a machine without a GPU (see :func:`workload_specialisations`, :mod:`gpuconv._cuda_ptx` and
+``scripts/ptx_report.py``); :func:`compiled` turns a spec into a launchable kernel.
+
+Kernels index flat (1-D) arrays with non-negative 64-bit offsets (cast to unsigned, so Numba
+emits no negative-index wraparound): flat offsets past 2**31 elements are safe, and the
+address arithmetic stays a few adds.
 
 Notation (as in :mod:`gpuconv._geometry`; the short names appear only inside kernels)::
 
@@ -17,8 +21,7 @@ Notation (as in :mod:`gpuconv._geometry`; the short names appear only inside ker
     P        h_O * w_O output positions
 
 All kernels accumulate in the input dtype with a typed accumulator and are compiled without
-fastmath, so NaN and Inf reach exactly the outputs whose window holds them. Array indexing
-uses Numba's 64-bit (``intp``) index arithmetic, so flat offsets past 2**31 elements are safe.
+fastmath, so NaN and Inf reach exactly the outputs whose window holds them.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ __all__ = ["KernelSpec", "Conv2dConfig", "LocalConv2dConfig", "conv2d_kernel",
 # Dynamic shared memory one conv2d block may use: small enough that several blocks share an
 # SM (an H100/H200 SM has 228 KiB), and under the 48 KiB that needs no opt-in.
 SHARED_BUDGET_BYTES = 24 * 1024
+
+
 # conv2d blocks have at most 128 threads. Up to 32 accumulators a thread, asking for three
 # blocks per SM (170 registers a thread, 64K / 384) costs no spills; with 64 accumulators
 # sm_80 would spill at that cap, so those ask for two (255 registers). ptxas checks both in
