@@ -87,7 +87,10 @@ def compiled(spec):
     """The launchable kernel of ``spec`` (compiled on first launch for the current GPU)."""
     if spec.launch_bounds is None or cuda.config.ENABLE_CUDASIM:  # the simulator has none
         return cuda.jit(spec.signature)(spec.pyfunc)
-    return cuda.jit(spec.signature, launch_bounds=spec.launch_bounds)(spec.pyfunc)
+    try:
+        return cuda.jit(spec.signature, launch_bounds=spec.launch_bounds)(spec.pyfunc)
+    except TypeError:  # a numba-cuda without launch bounds: same code, registers uncapped
+        return cuda.jit(spec.signature)(spec.pyfunc)
 
 
 # --------------------------------------------------------------------------------------------
