@@ -107,8 +107,13 @@ def plot(result, path):
         ax.legend(fontsize=8, loc="upper left", ncol=2, framealpha=0.9)
 
     where = machine.get("gpu") if machine.get("device") == "cuda" else machine.get("cpu")
+    load = ""
+    if machine.get("load_average_start") is not None:
+        load = (f", load average {machine['load_average_start']} -> "
+                f"{machine.get('load_average_end')} (other work skews the times above "
+                f"{machine.get('cores')})")
     fig.suptitle(f"gpuconv bench — {machine.get('device')} ({where}, {machine.get('cores')} "
-                 f"cores), {machine.get('dtype')}, {str(machine.get('date', ''))[:10]}",
+                 f"cores), {machine.get('dtype')}, {str(machine.get('date', ''))[:10]}{load}",
                  fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
