@@ -363,3 +363,17 @@ def test_progress_reaches_its_total(fast, monkeypatch):
     bench.run_benchmark([TINY, TINY_GROUPED], repeat=1, bursts=2, progress=False, torch=None,
                         sweep=(TINY, (1, 2)))
     assert seen and seen[0][0] == seen[0][1] == 4 * 3 * 4
+
+
+def test_time_kernels_wrapper_defaults():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "time_kernels.py"
+    spec = importlib.util.spec_from_file_location("time_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.build_parser().parse_args([])
+    assert args.quick and not args.peers and args.device == "auto"
+    args = module.build_parser().parse_args(["--peers", "--full-size", "--layers", "deepface-l4"])
+    assert args.peers and not args.quick and args.layers == ["deepface-l4"]
