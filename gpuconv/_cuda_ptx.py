@@ -130,29 +130,57 @@ def _dynamic_smem_by_kernel():
     return largest
 
 
+def _compile_share(codes, ccs, share, shares):
+    """PTX of every ``shares``-th benchmark specialisation, starting at ``share``: a worker's
+    part (specs hold closures, so workers rebuild them from the same deterministic list)."""
+    from . import _cuda_kernels as kernels
+
+    specs = kernels.workload_specialisations(codes)[share::shares]
+    return [(spec.name, compile_ptx_multi(spec, ccs)) for spec in specs]
+
+
+def _compile_all(codes, ccs, processes):
+    """``[(kernel name, {cc: ptx})]`` in the order of ``workload_specialisations``."""
+    if processes <= 1:
+        return _compile_share(codes, ccs, 0, 1)
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds CUDA
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
+        parts = list(pool.map(_compile_share, [codes] * processes, [ccs] * processes,
+                              range(processes), [processes] * processes))
+    ordered = []
+    for i in range(max(len(p) for p in parts)):
+        ordered.extend(part[i] for part in parts if i < len(part))
+    return ordered
+
+
 def ptx_report(codes=("f32", "f64"), ccs=((9, 0), (8, 0)), ptxas_codes=("f32", "f64"),
-               ptx_cache=None):
+               ptx_cache=None, processes=None):
     """Compile every benchmark specialisation for each ``cc`` and run ``ptxas`` on those of
     ``ptxas_codes`` (the architecture matching the cc: ``sm_90`` for ``(9, 0)``).
+
+    Numba compiles one kernel at a time per process, so the kernels are shared out over
+    ``processes`` worker processes (default: the number of CPUs, at most 4).
 
     Returns a list of :class:`PtxasInfo`, one per (kernel, architecture). ``ptx_cache``, a
     dict, receives ``{(kernel name, cc): ptx}`` so callers can reuse the PTX.
     """
-    from . import _cuda_kernels as kernels
-
     ptxas = find_ptxas()
     dynamic = _dynamic_smem_by_kernel()
+    if processes is None:
+        processes = min(4, os.cpu_count() or 1)
+    compiled = _compile_all(tuple(codes), tuple(ccs), processes)
     jobs = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        for spec in kernels.workload_specialisations(codes):
-            ptx_by_cc = compile_ptx_multi(spec, ccs)  # Numba compiles one kernel at a time
+        for name, ptx_by_cc in compiled:
             for cc in ccs:
                 ptx = ptx_by_cc[cc]
                 if ptx_cache is not None:
-                    ptx_cache[(spec.name, cc)] = ptx
-                if _CODE.search(spec.name).group(1) in ptxas_codes:
-                    jobs.append(pool.submit(ptxas_info, ptx, f"sm_{cc[0]}{cc[1]}", spec.name,
-                                            ptxas, dynamic.get(spec.name, 0)))
+                    ptx_cache[(name, cc)] = ptx
+                if _CODE.search(name).group(1) in ptxas_codes:
+                    jobs.append(pool.submit(ptxas_info, ptx, f"sm_{cc[0]}{cc[1]}", name,
+                                            ptxas, dynamic.get(name, 0)))
         rows = [job.result() for job in jobs]
     return sorted(rows, key=lambda r: (r.arch != f"sm_{ccs[0][0]}{ccs[0][1]}", r.arch))
 
