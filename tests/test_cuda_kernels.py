@@ -78,12 +78,14 @@ def _run(local, x, w, b, geom):
 
 
 # Tiny geometries covering the features; several give outputs that are not multiples of a
-# thread block's tile (W_out 35 spans two 32-wide tiles) and channel counts that leave a
-# partial channel block (C_out 10 > 8 per block in float32, 6 > 4 in float64).
+# thread block's tile (W_out 68 spans two 64-wide float32 tiles and three 32-wide float64
+# ones; H_out 18 two 16-high tiles) and a channel count that leaves a partial channel
+# block (C_out 11: 6 + 5 in float32, 4 + 4 + 3 in float64).
 FEATURES = {
     "plain": dict(n=2, c_in=2, h=5, w=6, c_out=3, k=3),
-    "wide_two_tiles": dict(n=1, c_in=1, h=4, w=37, c_out=2, k=3),
-    "partial_channel_block": dict(n=1, c_in=2, h=4, w=4, c_out=10, k=2),
+    "wide_two_tiles": dict(n=1, c_in=1, h=4, w=70, c_out=2, k=3),
+    "tall_two_tiles": dict(n=1, c_in=2, h=20, w=5, c_out=3, k=3),
+    "partial_channel_block": dict(n=1, c_in=2, h=4, w=4, c_out=11, k=2),
     "stride": dict(n=2, c_in=2, h=7, w=8, c_out=2, k=3, stride=(2, 3)),
     "stride_gt_kernel": dict(n=1, c_in=1, h=9, w=9, c_out=2, k=2, stride=3),
     "padding": dict(n=1, c_in=2, h=4, w=5, c_out=2, k=3, padding=(2, 1)),
