@@ -36,7 +36,14 @@ class _Operand:
 def _operand(value, name):
     if value is None:
         return None
+    if getattr(value, "requires_grad", False):
+        raise TypeError(
+            f"{name} is a tensor that requires grad; gpuconv computes forward passes only: "
+            f"pass {name}.detach()")
     if is_device_array(value):
+        if getattr(value, "__cuda_ndarray__", False) and not hasattr(value, "__cuda_array_interface__"):
+            # a device array of the CUDA simulator
+            return _Operand(value, tuple(int(s) for s in value.shape), np.dtype(value.dtype), True)
         cai = getattr(value, "__cuda_array_interface__", None)
         if cai is None:
             raise TypeError(

@@ -98,8 +98,8 @@ def cuda_available():
 
 def is_device_array(array):
     """True if ``array`` lives in GPU memory (CUDA array interface or a CUDA DLPack device)."""
-    if hasattr(array, "__cuda_array_interface__"):
-        return True
+    if hasattr(array, "__cuda_array_interface__") or getattr(array, "__cuda_ndarray__", False):
+        return True  # (the CUDA simulator's device arrays carry only the second mark)
     dlpack_device = getattr(array, "__dlpack_device__", None)
     if dlpack_device is not None and not hasattr(array, "__array_interface__"):
         try:

@@ -102,3 +102,10 @@ def test_torch_cpu_tensors_round_trip():
     assert isinstance(y, torch.Tensor) and y.dtype == torch.float32
     expected = torch.nn.functional.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double())
     np.testing.assert_allclose(y.numpy(), expected.numpy(), rtol=0, atol=1e-4)
+
+
+def test_tensor_requiring_grad_gets_a_clear_error():
+    torch = pytest.importorskip("torch")
+    x = torch.zeros((1, 4, 8, 8), requires_grad=True)
+    with pytest.raises(TypeError, match=r"x is a tensor that requires grad.*x.detach\(\)"):
+        conv2d(x, torch.from_numpy(W), device="cpu")

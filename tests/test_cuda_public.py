@@ -1,0 +1,34 @@
+"""The public functions on device arrays: same kind out, no host round trip (real GPU or simulator)."""
+
+import numpy as np
+import pytest
+
+import gpuconv
+from gpuconv._device import cuda_available
+from reference import conv2d_ref, local_conv2d_ref
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not cuda_available(), reason="needs CUDA (a GPU or the simulator)")]
+
+
+@pytest.mark.parametrize("op", ["conv2d", "local_conv2d"])
+def test_numba_device_arrays_in_device_array_out(op):
+    from numba import cuda
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 2, 5, 5))
+    w = rng.standard_normal((3, 3, 3, 2, 3, 3) if op == "local_conv2d" else (3, 2, 3, 3))
+    b = rng.standard_normal(3)
+    y = getattr(gpuconv, op)(cuda.to_device(x), cuda.to_device(w), cuda.to_device(b))
+    assert getattr(y, "__cuda_ndarray__", False) or hasattr(y, "__cuda_array_interface__")
+    ref = (local_conv2d_ref if op == "local_conv2d" else conv2d_ref)(x, w, b)
+    np.testing.assert_allclose(y.copy_to_host(), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_device_arrays_with_device_cpu_are_refused():
+    from numba import cuda
+
+    x = cuda.to_device(np.zeros((1, 1, 3, 3)))
+    w = cuda.to_device(np.zeros((1, 1, 1, 1)))
+    with pytest.raises(ValueError, match="some inputs live on a GPU"):
+        gpuconv.conv2d(x, w, device="cpu")
