@@ -21,8 +21,9 @@ How the timing is done (the machines this runs on are noisy):
 - GFLOP/s and GB/s (fewest bytes: inputs, weights and bias read once, output written once)
   are compared with ceilings measured in the same run.
 
-Public pieces: :data:`LAYERS`, :data:`SUITES`, :func:`add_arguments`, :func:`run` (the
-command), :func:`run_benchmark` (the records), :func:`format_table`, :func:`format_summary`.
+Public pieces: :data:`LAYERS` and :class:`Layer` (defined in :mod:`gpuconv.workloads`),
+:data:`SUITES`, :func:`add_arguments`, :func:`run` (the command), :func:`run_benchmark` (the
+records), :func:`format_table`, :func:`format_summary`.
 Importing this module imports neither PyTorch nor matplotlib.
 """
 
@@ -37,69 +38,17 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from . import _bench_impls as impls_mod
 from ._device import CudaUnavailableError, select_device
-from ._geometry import conv_geometry
 from .params import conv2d_param_count, local_conv2d_param_count
+from .workloads import LAYERS, Layer
 
 __all__ = ["Layer", "LAYERS", "SUITES", "QUICK_LAYERS", "add_arguments", "run",
            "run_benchmark", "make_record", "format_table", "format_summary", "layer_names"]
 
-
-@dataclass(frozen=True)
-class Layer:
-    """One benchmark layer (square input and kernel, as in the papers)."""
-
-    name: str
-    title: str
-    batch_cpu: int
-    batch_gpu: int
-    in_channels: int
-    size: int
-    out_channels: int
-    kernel: int
-    stride: int
-    padding: int
-    source: str
-    groups: int = 1
-
-    def batch(self, device):
-        return self.batch_gpu if device == "cuda" else self.batch_cpu
-
-    def geometry(self, batch):
-        return conv_geometry((batch, self.in_channels, self.size, self.size),
-                             (self.kernel, self.kernel), self.out_channels,
-                             self.stride, self.padding, 1, self.groups)
-
-
-_KRIZHEVSKY = "Krizhevsky et al., NeurIPS 2012"
-_SIMONYAN = "Simonyan & Zisserman, ICLR 2015"
-_HE = "He et al., CVPR 2016"
-_TAIGMAN = "Taigman et al. (DeepFace), CVPR 2014"
-
-#: Every layer the command knows, by name (see the table in BENCHMARKS.md).
-LAYERS = {layer.name: layer for layer in (
-    Layer("seed-conv1", "seed conv1", 1, 32, 3, 500, 10, 5, 1, 0,
-          "the seed note, figure 2 (5 x 5 x 3 x 10)"),
-    Layer("seed-conv2", "seed conv2", 1, 32, 10, 496, 5, 3, 1, 0,
-          "the seed note, section 4 (3 x 3 x 10 x 5)"),
-    Layer("alexnet-conv1", "AlexNet conv1", 2, 32, 3, 227, 96, 11, 4, 0, _KRIZHEVSKY),
-    Layer("alexnet-conv2", "AlexNet conv2 (ungrouped)", 2, 32, 96, 27, 256, 5, 1, 2,
-          _KRIZHEVSKY),
-    Layer("vgg16-conv3_2", "VGG-16 conv3_2", 1, 32, 256, 56, 256, 3, 1, 1, _SIMONYAN),
-    Layer("vgg16-conv5_1", "VGG-16 conv5_1", 2, 32, 512, 14, 512, 3, 1, 1, _SIMONYAN),
-    Layer("resnet50-conv1", "ResNet-50 conv1", 2, 32, 3, 224, 64, 7, 2, 3, _HE),
-    Layer("resnet50-res2-3x3", "ResNet-50 res2 3x3", 4, 32, 64, 56, 64, 3, 1, 1, _HE),
-    Layer("resnet50-res4-1x1", "ResNet-50 res4 1x1", 4, 32, 1024, 14, 256, 1, 1, 0, _HE),
-    Layer("resnet50-res5-3x3", "ResNet-50 res5 3x3", 4, 32, 512, 7, 512, 3, 1, 1, _HE),
-    Layer("deepface-l4", "DeepFace L4 (local)", 8, 128, 16, 63, 16, 9, 1, 0, _TAIGMAN),
-    Layer("deepface-l5", "DeepFace L5 (local)", 8, 128, 16, 55, 16, 7, 2, 0, _TAIGMAN),
-    Layer("deepface-l6", "DeepFace L6 (local)", 8, 128, 16, 25, 16, 5, 1, 0, _TAIGMAN),
-)}
 
 #: Named suites: layer names in the order they run.
 SUITES = {
