@@ -56,7 +56,8 @@ from numba.extending import intrinsic, models, register_model
 
 __all__ = ["conv2d_forward", "local_conv2d_forward", "choose_cpu_kernel"]
 
-# Output channels per register block of the pixel-vector shared kernel.
+# Output channels per register block of the pixel-vector shared kernel (at most; a group's
+# channels are split into even blocks).
 _PVEC_CHANNELS = 6
 # Output channels per block of the unshared kernel (weights of one block and position are
 # _LOCAL_CO_BLOCK independent streams through memory).
@@ -553,15 +554,17 @@ def _conv2d_cvec1_block(xf, base, tap_off, t0, t1, wq, w_base, lanes, tile, tile
 
 
 @njit(cache=True)
-def _conv2d_pvec_block(xf, base, tap_off, t0, t1, wq, w_base, lanes, tile, tile_base,
-                       channel_step, first):
-    """Register block of the pixel-vector kernel: 6 output channels x 4 vectors of pixels.
+def _conv2d_pvec_block(xf, base, tap_off, t0, t1, wq, w_base, width, lanes, tile,
+                       tile_base, channel_step, first):
+    """Register block of the pixel-vector kernel: ``width`` (1 to 6) output channels x 4
+    vectors of pixels.
 
-    For k < 6 and p < 4 * lanes, with T the sum over taps t0 <= t < t1 of
-    ``wq[w_base + t * 6 + k] * xf[base + tap_off[t] + p]``:
+    For k < width and p < 4 * lanes, with T the sum over taps t0 <= t < t1 of
+    ``wq[w_base + t * width + k] * xf[base + tap_off[t] + p]``:
     ``tile[tile_base + k * channel_step + p] = T`` if ``first``, else ``+= T``.
     Four input vectors (consecutive pixels) are loaded per tap and each weight is broadcast
-    against them; the 24 accumulators stay in registers. For layers with few output
+    against them; the (up to) 24 accumulators stay in registers. The tests on ``width``
+    inside the tap loop always go the same way and cost next to nothing. For layers with few output
     channels, which would leave most lanes of a channel vector empty.
     """
     _prefer_wide_vectors()
@@ -622,37 +625,42 @@ def _conv2d_pvec_block(xf, base, tap_off, t0, t1, wq, w_base, lanes, tile, tile_
         x1 = _vload(xf, o + 1 * lanes)
         x2 = _vload(xf, o + 2 * lanes)
         x3 = _vload(xf, o + 3 * lanes)
-        wo = np.uint64(w_base + t * 6)
+        wo = np.uint64(w_base + t * width)
         w = wq[wo]
         a0_0 = _vfma(a0_0, x0, w)
         a0_1 = _vfma(a0_1, x1, w)
         a0_2 = _vfma(a0_2, x2, w)
         a0_3 = _vfma(a0_3, x3, w)
-        w = wq[wo + np.uint64(1)]
-        a1_0 = _vfma(a1_0, x0, w)
-        a1_1 = _vfma(a1_1, x1, w)
-        a1_2 = _vfma(a1_2, x2, w)
-        a1_3 = _vfma(a1_3, x3, w)
-        w = wq[wo + np.uint64(2)]
-        a2_0 = _vfma(a2_0, x0, w)
-        a2_1 = _vfma(a2_1, x1, w)
-        a2_2 = _vfma(a2_2, x2, w)
-        a2_3 = _vfma(a2_3, x3, w)
-        w = wq[wo + np.uint64(3)]
-        a3_0 = _vfma(a3_0, x0, w)
-        a3_1 = _vfma(a3_1, x1, w)
-        a3_2 = _vfma(a3_2, x2, w)
-        a3_3 = _vfma(a3_3, x3, w)
-        w = wq[wo + np.uint64(4)]
-        a4_0 = _vfma(a4_0, x0, w)
-        a4_1 = _vfma(a4_1, x1, w)
-        a4_2 = _vfma(a4_2, x2, w)
-        a4_3 = _vfma(a4_3, x3, w)
-        w = wq[wo + np.uint64(5)]
-        a5_0 = _vfma(a5_0, x0, w)
-        a5_1 = _vfma(a5_1, x1, w)
-        a5_2 = _vfma(a5_2, x2, w)
-        a5_3 = _vfma(a5_3, x3, w)
+        if width > 1:
+            w = wq[wo + np.uint64(1)]
+            a1_0 = _vfma(a1_0, x0, w)
+            a1_1 = _vfma(a1_1, x1, w)
+            a1_2 = _vfma(a1_2, x2, w)
+            a1_3 = _vfma(a1_3, x3, w)
+        if width > 2:
+            w = wq[wo + np.uint64(2)]
+            a2_0 = _vfma(a2_0, x0, w)
+            a2_1 = _vfma(a2_1, x1, w)
+            a2_2 = _vfma(a2_2, x2, w)
+            a2_3 = _vfma(a2_3, x3, w)
+        if width > 3:
+            w = wq[wo + np.uint64(3)]
+            a3_0 = _vfma(a3_0, x0, w)
+            a3_1 = _vfma(a3_1, x1, w)
+            a3_2 = _vfma(a3_2, x2, w)
+            a3_3 = _vfma(a3_3, x3, w)
+        if width > 4:
+            w = wq[wo + np.uint64(4)]
+            a4_0 = _vfma(a4_0, x0, w)
+            a4_1 = _vfma(a4_1, x1, w)
+            a4_2 = _vfma(a4_2, x2, w)
+            a4_3 = _vfma(a4_3, x3, w)
+        if width > 5:
+            w = wq[wo + np.uint64(5)]
+            a5_0 = _vfma(a5_0, x0, w)
+            a5_1 = _vfma(a5_1, x1, w)
+            a5_2 = _vfma(a5_2, x2, w)
+            a5_3 = _vfma(a5_3, x3, w)
     _vstore(tile, tile_base + 0 * step + 0 * lanes, a0_0)
     _vstore(tile, tile_base + 0 * step + 1 * lanes, a0_1)
     _vstore(tile, tile_base + 0 * step + 2 * lanes, a0_2)
@@ -680,8 +688,8 @@ def _conv2d_pvec_block(xf, base, tap_off, t0, t1, wq, w_base, lanes, tile, tile_
 
 
 @njit(parallel=True, cache=True)
-def _conv2d_kernel(xf, tap_off, wq, variant, bias, has_bias, out, tiles, groups, c_Ig, h_P,
-                   s_H, s_W, w_Q, merged):
+def _conv2d_kernel(xf, tap_off, wq, variant, block, bias, has_bias, out, tiles, groups, c_Ig,
+                   h_P, s_H, s_W, w_Q, merged):
     """The shared-weight kernel around a register block ``variant`` (0: pixel-vector,
     1 or 2: channel-vector with that many vectors of channels). Jobs are (run of pixel
     blocks, block of output channels); each job runs the reduction in L1-sized chunks of
@@ -691,10 +699,8 @@ def _conv2d_kernel(xf, tap_off, wq, variant, bias, has_bias, out, tiles, groups,
     n_taps = tap_off.shape[0]
     lanes = _VECTOR_BYTES // wq.itemsize
     if variant == 0:
-        block = _PVEC_CHANNELS                  # output channels per block
         px = 4 * lanes                          # pixels per block
     else:
-        block = variant * lanes
         px = _PIXEL_BLOCK_1 if variant == 1 else _PIXEL_BLOCK_2
     tap_chunk = max(1, _TAP_CHUNK_BYTES // (block * wq.itemsize))
     blocks_per_group = -(-c_Og // block)
@@ -746,8 +752,8 @@ def _conv2d_kernel(xf, tap_off, wq, variant, bias, has_bias, out, tiles, groups,
                     base = row_base + v_start + j * px
                     if variant == 0:
                         # channel-major over the whole run: tile[k * run_len + i]
-                        _conv2d_pvec_block(xf, base, tap_off, t0, t1, wq, w_base, lanes,
-                                           tile, j * px, run_len, t0 == 0)
+                        _conv2d_pvec_block(xf, base, tap_off, t0, t1, wq, w_base, block,
+                                           lanes, tile, j * px, run_len, t0 == 0)
                     elif variant == 1:
                         _conv2d_cvec1_block(xf, base, tap_off, t0, t1, wq, w_base, lanes,
                                             tile, j * tile_step, t0 == 0)
@@ -832,14 +838,19 @@ def conv2d_forward(x, weight, bias, has_bias, out, geom):
     _pack_input(x, xp, geom.pad_top, geom.pad_left, s_W)
     n_taps = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
     tap_off = _tap_offsets(geom, h_P, w_Q)
-    block = _PVEC_CHANNELS if variant == 0 else variant * lanes
+    if variant == 0:
+        # Even blocks of at most _PVEC_CHANNELS: 10 channels as 2 x 5, not 6 + 4.
+        c_Og = geom.out_channels_per_group
+        block = -(-c_Og // -(-c_Og // _PVEC_CHANNELS))
+    else:
+        block = variant * lanes
     blocks_per_group = -(-geom.out_channels_per_group // block)
     wq = np.empty((blocks_per_group * geom.groups, n_taps, block), dtype=x.dtype)
     _pack_weights(weight, wq, geom.out_channels_per_group)
     tile = _RUN_BLOCKS * max(_PIXEL_BLOCK_1 * lanes, 2 * _PIXEL_BLOCK_2 * lanes,
                              4 * lanes * _PVEC_CHANNELS)
     tiles = np.empty((numba.get_num_threads(), tile), dtype=x.dtype)
-    _conv2d_kernel(xf, tap_off, wq.reshape(-1), variant, bias, has_bias, out, tiles,
+    _conv2d_kernel(xf, tap_off, wq.reshape(-1), variant, block, bias, has_bias, out, tiles,
                    geom.groups, geom.in_channels_per_group, h_P, s_H, s_W, w_Q, merged)
     return out
 
