@@ -32,11 +32,13 @@ from typing import NamedTuple
 import numpy as np
 from numba import cuda, float32, float64, int64, types, uint64
 
+from . import workloads
+
 __all__ = ["KernelSpec", "Conv2dConfig", "LocalConv2dConfig", "conv2d_kernel",
            "local_conv2d_kernel", "transpose_kernel", "copy_kernel", "compiled",
            "conv2d_config", "local_conv2d_config", "workload_specialisations",
-           "workload_kernel_names",
-           "WORKLOAD_LAYERS", "SHARED_BUDGET_BYTES", "SHARED_LIMIT_BYTES"]
+           "workload_kernel_names", "workload_geometries", "SHARED_BUDGET_BYTES",
+           "SHARED_LIMIT_BYTES"]
 
 # Dynamic shared memory one conv2d block may use: small enough that several blocks share an
 # SM (an H100/H200 SM has 228 KiB), and under the 48 KiB that needs no opt-in.
@@ -523,40 +525,19 @@ def copy_kernel(code):
 # the specialisations the benchmark layers launch (for PTX/ptxas reports)
 # --------------------------------------------------------------------------------------------
 
-#: The WORKLOADS layers: (name, op, N_gpu, C_in, H, W, C_out, k, stride, pad).
-WORKLOAD_LAYERS = (
-    ("seed conv1", "conv2d", 32, 3, 500, 500, 10, 5, 1, 0),
-    ("seed conv2", "conv2d", 32, 10, 496, 496, 5, 3, 1, 0),
-    ("AlexNet conv1", "conv2d", 32, 3, 227, 227, 96, 11, 4, 0),
-    ("AlexNet conv2", "conv2d", 32, 96, 27, 27, 256, 5, 1, 2),
-    ("VGG-16 conv3_2", "conv2d", 32, 256, 56, 56, 256, 3, 1, 1),
-    ("VGG-16 conv5_1", "conv2d", 32, 512, 14, 14, 512, 3, 1, 1),
-    ("ResNet-50 conv1", "conv2d", 32, 3, 224, 224, 64, 7, 2, 3),
-    ("ResNet-50 res2 3x3", "conv2d", 32, 64, 56, 56, 64, 3, 1, 1),
-    ("ResNet-50 res4 1x1", "conv2d", 32, 1024, 14, 14, 256, 1, 1, 0),
-    ("ResNet-50 res5 3x3", "conv2d", 32, 512, 7, 7, 512, 3, 1, 1),
-    ("DeepFace L4", "local_conv2d", 128, 16, 63, 63, 16, 9, 1, 0),
-    ("DeepFace L5", "local_conv2d", 128, 16, 55, 55, 16, 7, 2, 0),
-    ("DeepFace L6", "local_conv2d", 128, 16, 25, 25, 16, 5, 1, 0),
-)
-
-
-def workload_geometry(layer, op=None, batch=None):
-    """The :class:`~gpuconv._geometry.ConvGeometry` of one ``WORKLOAD_LAYERS`` entry."""
-    from ._geometry import conv_geometry
-
-    _, _, n, c_in, h, w, c_out, k, s, p = layer
-    return conv_geometry((n if batch is None else batch, c_in, h, w), (k, k), c_out, s, p)
+def workload_geometries():
+    """``[(layer, geometry)]``: every benchmark layer (:data:`gpuconv.workloads.LAYERS`) at its
+    GPU batch size, where ``gpuconv bench --device cuda`` runs both operations on it."""
+    return [(layer, workloads.gpu_geometry(layer)) for layer in workloads.LAYERS.values()]
 
 
 def workload_kernel_names(dtype=np.float32):
     """``{layer name: (conv2d kernel name, local_conv2d kernel name)}`` for the benchmark
     layers, so tables of timings and of ptxas resources can be joined."""
     names = {}
-    for layer in WORKLOAD_LAYERS:
-        geom = workload_geometry(layer)
-        names[layer[0]] = (conv2d_config(geom, dtype).kernel.name,
-                           local_conv2d_config(geom, dtype).kernel.name)
+    for layer, geom in workload_geometries():
+        names[layer.short_title] = (conv2d_config(geom, dtype).kernel.name,
+                                    local_conv2d_config(geom, dtype).kernel.name)
     return names
 
 
@@ -569,8 +550,7 @@ def workload_specialisations(codes=("f32", "f64")):
     specs = {}
     for code in codes:
         dtype = _NUMPY[code]
-        for layer in WORKLOAD_LAYERS:
-            geom = workload_geometry(layer)
+        for _, geom in workload_geometries():
             for spec in (conv2d_config(geom, dtype).kernel, local_conv2d_config(geom, dtype).kernel):
                 specs.setdefault(spec.name, spec)
         for spec in (transpose_kernel(code), copy_kernel(code)):

@@ -123,8 +123,8 @@ def _dynamic_smem_by_kernel():
 
     largest = {}
     for dtype in (np.float32, np.float64):
-        for layer in kernels.WORKLOAD_LAYERS:
-            config = kernels.conv2d_config(kernels.workload_geometry(layer), dtype)
+        for _, geom in kernels.workload_geometries():
+            config = kernels.conv2d_config(geom, dtype)
             name = config.kernel.name
             largest[name] = max(largest.get(name, 0), config.shared_bytes)
     return largest

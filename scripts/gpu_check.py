@@ -30,6 +30,8 @@ import time
 import traceback
 from typing import NamedTuple
 
+from gpuconv import workloads
+
 # --------------------------------------------------------------------------------------------
 # CPU-side logic (importable without a GPU)
 # --------------------------------------------------------------------------------------------
@@ -80,22 +82,16 @@ def geometry_grid(quick=False):
     return cases[:6] if quick else cases
 
 
-#: The WORKLOADS layers: (name, op, N_gpu, C_in, H, W, C_out, k, stride, pad).
-LAYERS = (
-    ("seed conv1", "conv2d", 32, 3, 500, 500, 10, 5, 1, 0),
-    ("seed conv2", "conv2d", 32, 10, 496, 496, 5, 3, 1, 0),
-    ("AlexNet conv1", "conv2d", 32, 3, 227, 227, 96, 11, 4, 0),
-    ("AlexNet conv2", "conv2d", 32, 96, 27, 27, 256, 5, 1, 2),
-    ("VGG-16 conv3_2", "conv2d", 32, 256, 56, 56, 256, 3, 1, 1),
-    ("VGG-16 conv5_1", "conv2d", 32, 512, 14, 14, 512, 3, 1, 1),
-    ("ResNet-50 conv1", "conv2d", 32, 3, 224, 224, 64, 7, 2, 3),
-    ("ResNet-50 res2 3x3", "conv2d", 32, 64, 56, 56, 64, 3, 1, 1),
-    ("ResNet-50 res4 1x1", "conv2d", 32, 1024, 14, 14, 256, 1, 1, 0),
-    ("ResNet-50 res5 3x3", "conv2d", 32, 512, 7, 7, 512, 3, 1, 1),
-    ("DeepFace L4", "local_conv2d", 128, 16, 63, 63, 16, 9, 1, 0),
-    ("DeepFace L5", "local_conv2d", 128, 16, 55, 55, 16, 7, 2, 0),
-    ("DeepFace L6", "local_conv2d", 128, 16, 25, 25, 16, 5, 1, 0),
-)
+def layer_row(layer):
+    """A :class:`gpuconv.workloads.Layer` at its GPU batch size as this script's row:
+    ``(name, op, N_gpu, C_in, H, W, C_out, k, stride, pad)``, ``op`` the operation the network
+    uses there (both are timed)."""
+    return (layer.short_title, layer.network_op, layer.batch_gpu, layer.in_channels, layer.size,
+            layer.size, layer.out_channels, layer.kernel, layer.stride, layer.padding)
+
+
+#: The benchmark layers (:data:`gpuconv.workloads.LAYERS`) as rows.
+LAYERS = tuple(layer_row(layer) for layer in workloads.LAYERS.values())
 
 
 def out_size(size, kernel, stride, pad_total, dilation=1):
@@ -458,15 +454,21 @@ def bench_layers(torch, gpuconv, layers, warmup, repeats, copy_bps):
     return rows
 
 
+def _geometry(d):
+    """The ConvGeometry of a :func:`layer_dims` dict."""
+    from gpuconv._geometry import conv_geometry
+
+    return conv_geometry((d["n"], d["c_in"], d["h"], d["w"]), (d["k"], d["k"]), d["c_out"],
+                         d["stride"], d["pad"])
+
+
 def _kernel_name(op, d):
     """Name of the gpuconv kernel (specialisation) this layer launches in float32."""
     import numpy as np
 
     from gpuconv import _cuda_kernels
-    from gpuconv._geometry import conv_geometry
 
-    geom = conv_geometry((d["n"], d["c_in"], d["h"], d["w"]), (d["k"], d["k"]), d["c_out"],
-                         d["stride"], d["pad"])
+    geom = _geometry(d)
     config = (_cuda_kernels.local_conv2d_config if op == "local_conv2d"
               else _cuda_kernels.conv2d_config)(geom, np.float32)
     return config.kernel.name
@@ -492,13 +494,9 @@ def kernel_resources(kernels, layers):
     """Registers, local and shared memory of the benchmark layers' kernels as compiled here."""
     import numpy as np
 
-    from gpuconv._geometry import conv_geometry
-
     info = {}
     for layer in layers:
-        d = layer_dims(layer)
-        geom = conv_geometry((d["n"], d["c_in"], d["h"], d["w"]), (d["k"], d["k"]), d["c_out"],
-                             d["stride"], d["pad"])
+        geom = _geometry(layer_dims(layer))
         for config in (kernels.conv2d_config(geom, np.float32),
                        kernels.local_conv2d_config(geom, np.float32)):
             spec = config.kernel

@@ -305,7 +305,7 @@ def test_factories_are_memoised_and_named_by_their_constants():
 def test_launch_shapes_of_the_workload_layers_fit_the_hardware(layer, dtype):
     from gpuconv import _cuda_kernels as k
 
-    geom = k.workload_geometry(k.WORKLOAD_LAYERS[layer])
+    _, geom = k.workload_geometries()[layer]
     conv = k.conv2d_config(geom, dtype)
     per_channel = conv.shared_bytes // conv.chunk
     assert conv.shared_bytes <= max(k.SHARED_BUDGET_BYTES, per_channel) <= k.SHARED_LIMIT_BYTES

@@ -51,9 +51,9 @@ def test_geometry_grid_is_valid_and_awkward(gpu_check, quick):
 
 
 def test_layers_are_the_workloads_table(gpu_check):
-    from gpuconv import _cuda_kernels
+    from gpuconv import workloads
 
-    assert gpu_check.LAYERS == _cuda_kernels.WORKLOAD_LAYERS
+    assert gpu_check.LAYERS == tuple(map(gpu_check.layer_row, workloads.LAYERS.values()))
     dims = {layer[0]: gpu_check.layer_dims(layer) for layer in gpu_check.LAYERS}
     # Output sizes and unshared weight counts quoted in WORKLOADS.md.
     for name, hw, weights in (("DeepFace L4", 55, 62.7e6), ("DeepFace L5", 25, 7.84e6),
