@@ -17,6 +17,8 @@ import tracemalloc
 
 import numpy as np
 
+from ._device import host_memory_available
+
 __all__ = ["Impl", "load_torch", "implementations", "Backend", "available_memory",
            "measure_ceilings", "peak_extra_bytes"]
 
@@ -127,17 +129,7 @@ def available_memory(backend):
             return int(cuda.current_context().get_memory_info().free)
         except Exception:
             return None
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    return host_memory_available()
 
 
 # ----------------------------------------------------------------------------- implementations
