@@ -167,6 +167,13 @@ def _cols_bytes(geom, itemsize):
     return geom.batch * geom.groups * k * geom.out_height * geom.out_width * itemsize
 
 
+def _pairs(geom):
+    """``(stride, padding, dilation)`` as (height, width) pairs, the way both gpuconv and
+    PyTorch take them (padding: the top and left sides, the same on the other two)."""
+    return ((geom.stride_h, geom.stride_w), (geom.pad_top, geom.pad_left),
+            (geom.dilation_h, geom.dilation_w))
+
+
 def _gpuconv_make(op, device):
     import gpuconv
 
@@ -174,9 +181,7 @@ def _gpuconv_make(op, device):
 
     def make(arrays, geom):
         x, weight, bias = arrays["x"], arrays["weight"], arrays["bias"]
-        stride = (geom.stride_h, geom.stride_w)
-        padding = (geom.pad_top, geom.pad_left)
-        dilation = (geom.dilation_h, geom.dilation_w)
+        stride, padding, dilation = _pairs(geom)
         groups = geom.groups
 
         def call():
@@ -190,9 +195,7 @@ def _torch_conv2d_make(torch):
 
     def make(arrays, geom):
         x, weight, bias = arrays["x"], arrays["weight"], arrays["bias"]
-        stride = (geom.stride_h, geom.stride_w)
-        padding = (geom.pad_top, geom.pad_left)
-        dilation = (geom.dilation_h, geom.dilation_w)
+        stride, padding, dilation = _pairs(geom)
 
         def call():
             with torch.no_grad():
@@ -215,9 +218,7 @@ def _torch_unfold_make(torch):
         weight_view = weight.view(g, c_og, positions, k)
         bias_view = bias.view(1, geom.out_channels, 1, 1)
         kernel = (geom.kernel_height, geom.kernel_width)
-        stride = (geom.stride_h, geom.stride_w)
-        padding = (geom.pad_top, geom.pad_left)
-        dilation = (geom.dilation_h, geom.dilation_w)
+        stride, padding, dilation = _pairs(geom)
         out_shape = geom.output_shape
 
         def call():
@@ -241,50 +242,52 @@ def _windows(x, geom):
     return win[:, :, :geom.out_height, :geom.out_width]
 
 
-def _numpy_conv2d_make(arrays, geom):
-    """NumPy im2col (a copy of every receptive field) and one BLAS matmul per group."""
+def _numpy_im2col_make(arrays, geom, group_out):
+    """A NumPy im2col peer: the receptive fields of ``x`` (a strided view), then per group
+    ``group_out(fields of the group's input channels, the group's weights)`` ->
+    ``(N, C_out/g, H_out*W_out)``, then the bias."""
     x, weight, bias = arrays["x"], arrays["weight"], arrays["bias"]
-    n, g = geom.batch, geom.groups
     c_ig, c_og = geom.in_channels_per_group, geom.out_channels_per_group
     positions = geom.out_height * geom.out_width
-    k = c_ig * geom.kernel_height * geom.kernel_width
 
     def call():
         win = _windows(x, geom)
-        out = np.empty((n, geom.out_channels, positions), dtype=x.dtype)
-        for gi in range(g):
-            # (N, H_out, W_out, C_in/g, kH, kW) -> (N*L, K): the im2col copy.
-            cols = win[:, gi * c_ig:(gi + 1) * c_ig].transpose(0, 2, 3, 1, 4, 5).reshape(
-                n * positions, k)
-            w = weight[gi * c_og:(gi + 1) * c_og].reshape(c_og, k)
-            out[:, gi * c_og:(gi + 1) * c_og] = (cols @ w.T).reshape(
-                n, positions, c_og).transpose(0, 2, 1)
+        out = np.empty((geom.batch, geom.out_channels, positions), dtype=x.dtype)
+        for gi in range(geom.groups):
+            out[:, gi * c_og:(gi + 1) * c_og] = group_out(
+                win[:, gi * c_ig:(gi + 1) * c_ig], weight[gi * c_og:(gi + 1) * c_og])
         out += bias[None, :, None]
         return out.reshape(geom.output_shape)
     return call
+
+
+def _numpy_conv2d_make(arrays, geom):
+    """NumPy im2col (a copy of every receptive field) and one BLAS matmul per group."""
+    n, c_og = geom.batch, geom.out_channels_per_group
+    positions = geom.out_height * geom.out_width
+    k = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
+
+    def group_out(win, weight):
+        # (N, H_out, W_out, C_in/g, kH, kW) -> (N*L, K): the im2col copy.
+        cols = win.transpose(0, 2, 3, 1, 4, 5).reshape(n * positions, k)
+        w = weight.reshape(c_og, k)
+        return (cols @ w.T).reshape(n, positions, c_og).transpose(0, 2, 1)
+    return _numpy_im2col_make(arrays, geom, group_out)
 
 
 def _numpy_local_make(arrays, geom):
     """NumPy im2col and a batched matmul over output positions (one small GEMM each)."""
-    x, weight, bias = arrays["x"], arrays["weight"], arrays["bias"]
-    n, g = geom.batch, geom.groups
-    c_ig, c_og = geom.in_channels_per_group, geom.out_channels_per_group
+    n, c_og = geom.batch, geom.out_channels_per_group
     positions = geom.out_height * geom.out_width
-    k = c_ig * geom.kernel_height * geom.kernel_width
+    k = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
 
-    def call():
-        win = _windows(x, geom)
-        out = np.empty((n, geom.out_channels, positions), dtype=x.dtype)
-        for gi in range(g):
-            # (L, N, K): the im2col copy, positions outermost.
-            cols = win[:, gi * c_ig:(gi + 1) * c_ig].transpose(2, 3, 0, 1, 4, 5).reshape(
-                positions, n, k)
-            # (C_out/g, L, K) -> (L, K, C_out/g): a strided view of the weights, no copy.
-            w = weight[gi * c_og:(gi + 1) * c_og].reshape(c_og, positions, k).transpose(1, 2, 0)
-            out[:, gi * c_og:(gi + 1) * c_og] = np.matmul(cols, w).transpose(1, 2, 0)
-        out += bias[None, :, None]
-        return out.reshape(geom.output_shape)
-    return call
+    def group_out(win, weight):
+        # (L, N, K): the im2col copy, positions outermost.
+        cols = win.transpose(2, 3, 0, 1, 4, 5).reshape(positions, n, k)
+        # (C_out/g, L, K) -> (L, K, C_out/g): a strided view of the weights, no copy.
+        w = weight.reshape(c_og, positions, k).transpose(1, 2, 0)
+        return np.matmul(cols, w).transpose(1, 2, 0)
+    return _numpy_im2col_make(arrays, geom, group_out)
 
 
 def implementations(device, torch=None, peers=True):
