@@ -33,6 +33,7 @@ import argparse
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -703,6 +704,25 @@ def _ratio(a, b):
     return None if a is None or b is None else a["median_s"] / b["median_s"]
 
 
+def peer_speedups(records):
+    """Geometric mean, over the layers where both ran, of peer time / gpuconv time.
+
+    Returns ``{"conv2d vs torch": {"layers": k, "geomean_speedup": x}, ...}``: ``x`` above 1
+    means gpuconv is faster (higher throughput) than that peer on this suite.
+    """
+    records = [r for r in records if r["part"] == "suite" and r["median_s"]]
+    ratios = {}
+    for r in records:
+        if r["impl"] == "gpuconv":
+            continue
+        mine = _find(records, r["layer"], r["op"], "gpuconv", "suite")
+        if mine:
+            ratios.setdefault(f"{r['op']} vs {r['impl']}", []).append(r["median_s"] / mine["median_s"])
+    return {key: {"layers": len(values),
+                  "geomean_speedup": math.exp(sum(map(math.log, values)) / len(values))}
+            for key, values in ratios.items()}
+
+
 def format_summary(result):
     """What sharing buys per layer, and gpuconv against its peers (ratios of medians)."""
     records = [r for r in result["records"] if r["part"] == "suite"]
@@ -738,6 +758,12 @@ def format_summary(result):
         lines.append("gpuconv vs peers: time of gpuconv / time of the peer "
                      "(above 1: gpuconv is slower)")
         lines.extend(peer_lines)
+        lines.append("")
+        lines.append("Geometric mean over the layers of peer time / gpuconv time "
+                     "(above 1: gpuconv is faster):")
+        for key, value in peer_speedups(result["records"]).items():
+            lines.append(f"  {key:<32} {value['geomean_speedup']:.3g}x "
+                         f"over {value['layers']} layers")
     firsts = [r for r in result["records"] if r["first_call_in_process"] and r["median_s"]]
     if firsts:
         lines.append("")

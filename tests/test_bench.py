@@ -331,6 +331,17 @@ def test_summary_ratios():
     assert "conv2d vs torch 2x" in text and "local_conv2d vs torch-unfold 0.5x" in text
 
 
+def test_peer_speedups_are_geometric_means_of_peer_over_gpuconv_time():
+    records = []
+    for layer, mine, peer in (("a", 1e-3, 4e-3), ("b", 4e-3, 1e-3), ("c", 1e-3, 8e-3)):
+        geom = TINY.geometry(2)
+        records.append(bench.make_record("local_conv2d", "gpuconv", layer, "cpu", "float32", geom, [mine]))
+        records.append(bench.make_record("local_conv2d", "torch-unfold", layer, "cpu", "float32", geom, [peer]))
+    speedups = bench.peer_speedups(records)
+    assert speedups["local_conv2d vs torch-unfold"]["layers"] == 3
+    assert abs(speedups["local_conv2d vs torch-unfold"]["geomean_speedup"] - 2.0) < 1e-12  # (4 * 1/4 * 8) ** (1/3)
+
+
 def test_cuda_path_in_the_simulator(tmp_path):
     """The CUDA branch (events or wall clock, device arrays, no peers) on a tiny layer."""
     import os
