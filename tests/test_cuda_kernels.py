@@ -14,7 +14,8 @@ from gpuconv._geometry import conv_geometry
 from reference import TOLERANCE, conv2d_ref, local_conv2d_ref
 
 needs_cuda = pytest.mark.skipif(not cuda_available(), reason="numba.cuda cannot launch kernels "
-                                "(no GPU and the simulator is off)")
+                                "(no GPU and the simulator is off; tests/test_cuda_sim.py runs "
+                                "these in the simulator)")
 
 DTYPES = [np.float32, np.float64]
 DTYPE_IDS = ["f32", "f64"]

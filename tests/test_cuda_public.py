@@ -8,7 +8,8 @@ from gpuconv._device import cuda_available
 from reference import conv2d_ref, local_conv2d_ref
 
 pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not cuda_available(), reason="needs CUDA (a GPU or the simulator)")]
+              pytest.mark.skipif(not cuda_available(), reason="needs CUDA (a GPU or the simulator); "
+                                 "tests/test_cuda_sim.py runs these in the simulator")]
 
 
 @pytest.mark.parametrize("op", ["conv2d", "local_conv2d"])
