@@ -1,10 +1,10 @@
-"""CPU speed of gpuconv against what a user would pick instead (WORKLOADS.md).
+"""CPU speed of gpuconv against what a user would pick instead (the benchmark layers of gpuconv.workloads).
 
 - ``conv2d`` against ``torch.nn.functional.conv2d`` (oneDNN);
 - ``local_conv2d`` against the usual PyTorch recipe: ``unfold`` then ``einsum``.
 
-Every layer of the WORKLOADS.md table at its CPU batch size, float32, NCHW. Timing follows
-the note there: one untimed call, then a burst of timed calls of one implementation, then a
+Every layer of gpuconv.workloads at its CPU batch size, float32, NCHW. Timing follows
+the project's timing rules (BENCHMARKS.md): one untimed call, then a burst of timed calls of one implementation, then a
 burst of the other, alternated; medians per implementation; GFLOP/s from
 ``2 * N * C_out * H_out * W_out * (C_in / groups) * kH * kW``. Also reported: first-call time
 of each operation in this process (compile, or load from Numba's cache), and the peak extra
@@ -38,26 +38,19 @@ import torch
 import gpuconv
 from gpuconv._geometry import conv_geometry
 
-# name, N (CPU), C_in, H, W, C_out, k, stride, padding
-SHARED_LAYERS = [
-    ("seed conv1", 1, 3, 500, 500, 10, 5, 1, 0),
-    ("seed conv2", 1, 10, 496, 496, 5, 3, 1, 0),
-    ("AlexNet conv1", 2, 3, 227, 227, 96, 11, 4, 0),
-    ("AlexNet conv2 (ungrouped)", 2, 96, 27, 27, 256, 5, 1, 2),
-    ("VGG-16 conv3_2", 1, 256, 56, 56, 256, 3, 1, 1),
-    ("VGG-16 conv5_1", 2, 512, 14, 14, 512, 3, 1, 1),
-    ("ResNet-50 conv1", 2, 3, 224, 224, 64, 7, 2, 3),
-    ("ResNet-50 res2 3x3", 4, 64, 56, 56, 64, 3, 1, 1),
-    ("ResNet-50 res4 1x1", 4, 1024, 14, 14, 256, 1, 1, 0),
-    ("ResNet-50 res5 3x3", 4, 512, 7, 7, 512, 3, 1, 1),
-]
-LOCAL_LAYERS = [
-    ("DeepFace L4 (local)", 8, 16, 63, 63, 16, 9, 1, 0),
-    ("DeepFace L5 (local)", 8, 16, 55, 55, 16, 7, 2, 0),
-    ("DeepFace L6 (local)", 8, 16, 25, 25, 16, 5, 1, 0),
-    # The seed's second layer, unshared: 5 x 494 x 494 x 10 x 9 weights (439 MB).
-    ("seed conv2 (local)", 1, 10, 496, 496, 5, 3, 1, 0),
-]
+from gpuconv.workloads import LAYERS
+
+
+def _row(layer, title=None):
+    """name, N (CPU), C_in, H, W, C_out, k, stride, padding of a benchmark layer."""
+    return (title or layer.title, layer.batch_cpu, layer.in_channels, layer.size, layer.size,
+            layer.out_channels, layer.kernel, layer.stride, layer.padding)
+
+
+SHARED_LAYERS = [_row(layer) for layer in LAYERS.values() if layer.network_op == "conv2d"]
+LOCAL_LAYERS = [_row(layer) for layer in LAYERS.values() if layer.network_op == "local_conv2d"]
+# The seed's second layer, unshared: 5 x 494 x 494 x 10 x 9 weights (439 MB).
+LOCAL_LAYERS.append(_row(LAYERS["seed-conv2"], "seed conv2 (local)"))
 
 
 def _median_burst_times(impls, rounds, burst, clock=time.perf_counter):

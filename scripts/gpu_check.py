@@ -7,7 +7,7 @@
    TF32 off; the local_conv2d reference is ``unfold`` + ``einsum`` in float64. Also the array
    kinds (torch in -> torch out, CuPy, Numba device arrays, NumPy), a side stream,
    non-contiguous inputs, an empty batch and NaN propagation;
-2. speed: both operations on the WORKLOADS layers at their GPU batch sizes, against
+2. speed: both operations on the benchmark layers (gpuconv.workloads) at their GPU batch sizes, against
    ``torch.nn.functional.conv2d`` and the ``unfold`` + ``einsum`` recipe, timed with CUDA
    events (median and quartiles after warm-up), as TFLOP/s and GB/s next to a measured
    device-to-device copy bandwidth; peers that run out of memory are recorded so;

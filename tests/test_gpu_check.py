@@ -55,7 +55,7 @@ def test_layers_are_the_workloads_table(gpu_check):
 
     assert gpu_check.LAYERS == tuple(map(gpu_check.layer_row, workloads.LAYERS.values()))
     dims = {layer[0]: gpu_check.layer_dims(layer) for layer in gpu_check.LAYERS}
-    # Output sizes and unshared weight counts quoted in WORKLOADS.md.
+    # Output sizes and unshared weight counts quoted in the DeepFace paper and the seed note.
     for name, hw, weights in (("DeepFace L4", 55, 62.7e6), ("DeepFace L5", 25, 7.84e6),
                               ("DeepFace L6", 21, 2.82e6)):
         d = dims[name]
