@@ -199,8 +199,6 @@ def _run(op_name, x, weight, bias, stride, padding, dilation, groups, device):
         from . import _cuda
 
         return _cuda.run(op_name, x, weight, bias, geom)
-    if x.on_gpu or weight.on_gpu or (bias is not None and bias.on_gpu):  # pragma: no cover
-        raise ValueError("inputs on a GPU cannot run on the CPU")
     return _run_cpu(op_name, x, weight, bias, geom, x_original)
 
 

@@ -21,6 +21,7 @@ The output is always freshly allocated (it never aliases an input) and C-contigu
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import threading
 
@@ -28,6 +29,7 @@ import numpy as np
 from numba import cuda
 
 from . import _cuda_kernels as kernels
+from ._device import check_memory
 
 __all__ = ["run"]
 
@@ -284,9 +286,48 @@ _LAUNCH = {"conv2d": _launch_conv2d, "local_conv2d": _launch_local_conv2d}
 # entry point
 # --------------------------------------------------------------------------------------------
 
+def _bytes_needed(op_name, x, weight, bias, geom, host):
+    """Device memory one call allocates, at most: output, scratch layouts, host copies."""
+    itemsize = x.dtype.itemsize
+    operands = [op for op in (x, weight, bias) if op is not None]
+    total = math.prod(geom.output_shape)
+    # contiguous copies (host inputs are always copied; device inputs when strided)
+    total += sum(math.prod(op.shape) for op in operands)
+    if op_name == "local_conv2d":  # positions-innermost weights, batch-innermost input
+        total += math.prod(weight.shape) + math.prod(x.shape[1:]) * (geom.batch + 32)
+    return total * itemsize
+
+
+def _free_bytes(template=None):
+    """Free device memory, counting what the caller's library holds cached but unused."""
+    if _simulated():
+        return None
+    try:
+        free = int(cuda.current_context().get_memory_info()[0])
+    except Exception:
+        return None
+    library = None if template is None else _library(template)
+    try:
+        if library == "torch":
+            torch = sys.modules["torch"]
+            free += (torch.cuda.memory_reserved(template.device)
+                     - torch.cuda.memory_allocated(template.device))
+        elif library == "cupy":
+            free += int(sys.modules["cupy"].get_default_memory_pool().free_bytes())
+    except Exception:
+        pass
+    return free
+
+
+def _check_device_memory(op_name, x, weight, bias, geom, template=None):
+    check_memory(_bytes_needed(op_name, x, weight, bias, geom, template is None),
+                 _free_bytes(template), "GPU")
+
+
 def _run_host(op_name, x, weight, bias, geom):
     if geom.batch == 0:
         return np.empty(geom.output_shape, dtype=x.dtype)
+    _check_device_memory(op_name, x, weight, bias, geom)
     stream = cuda.stream()
     d_x = cuda.to_device(np.ascontiguousarray(x.obj), stream=stream)
     d_w = cuda.to_device(np.ascontiguousarray(weight.obj), stream=stream)
@@ -335,6 +376,8 @@ def _run_gpu(op_name, x, weight, bias, geom):
 
 
 def _run_gpu_on_device(op_name, x, weight, bias, geom):
+    if geom.batch > 0:
+        _check_device_memory(op_name, x, weight, bias, geom, template=x.obj)
     stream = _stream_of(x.obj)
     out_obj = _allocate_like(x.obj, geom.output_shape, x.dtype, stream)
     if geom.batch == 0:  # nothing to launch; x may not even have a data pointer
