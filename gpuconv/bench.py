@@ -71,7 +71,10 @@ SWEEP_LAYER = "deepface-l5"
 SWEEP_BATCHES = (1, 2, 4, 8)
 
 #: Untimed warm-up before each burst: calls for at least this many seconds (at least one).
-WARMUP_S = 0.05
+#: OpenBLAS's threads keep spinning for about 0.1 s after a NumPy matmul; with 50 ms of
+#: warm-up, gpuconv's bursts after the NumPy peers ran 2-5x slow with wide quartiles
+#: (deepface-l5/l6, measured side by side), with 250 ms they match their solo times.
+WARMUP_S = 0.25
 
 #: Skip what needs more than this fraction of the memory available when a layer starts.
 MEMORY_FRACTION = 0.7
