@@ -148,20 +148,22 @@ def _empty_output(shape, dtype):
     return np.empty(shape, dtype=dtype)
 
 
-def _host_bytes_needed(x, weight, geom):
-    """Output plus, at most, contiguous copies of the inputs (Python ints: no overflow)."""
+def _host_bytes_needed(op_name, x, weight, geom):
+    """Output, contiguous copies of the inputs and the kernels' scratch (Python ints)."""
+    from . import _cpu
+
     itemsize = x.dtype.itemsize
     out = math.prod(geom.output_shape) * itemsize
     copies = sum(math.prod(op.shape) * itemsize for op in (x, weight)
                  if not op.obj.flags.c_contiguous)
-    return out + copies
+    return out + copies + _cpu.scratch_bytes(op_name, geom, itemsize)
 
 
 def _run_cpu(op_name, x, weight, bias, geom, x_original):
     from . import _cpu
 
     dtype = x.dtype
-    check_memory(_host_bytes_needed(x, weight, geom), host_memory_available(), "host")
+    check_memory(_host_bytes_needed(op_name, x, weight, geom), host_memory_available(), "host")
     out = _empty_output(geom.output_shape, dtype)
     if geom.batch == 0:
         return _wrap_like(x_original, out)

@@ -47,6 +47,8 @@ registers LLVM splits them, so the same code is correct everywhere, only slower 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import numba
 from llvmlite import ir
@@ -54,7 +56,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
-__all__ = ["conv2d_forward", "local_conv2d_forward", "choose_cpu_kernel"]
+__all__ = ["conv2d_forward", "local_conv2d_forward", "choose_cpu_kernel", "scratch_bytes"]
 
 # Output channels per register block of the pixel-vector shared kernel (at most; a group's
 # channels are split into even blocks).
@@ -803,17 +805,27 @@ def _tap_offsets(geom, h_P, w_Q):
     return np.ascontiguousarray(offsets.reshape(-1), dtype=np.int64)
 
 
-def conv2d_forward(x, weight, bias, has_bias, out, geom):
-    """Shared-weight convolution into ``out`` (all arrays C-contiguous, one dtype).
+class _Conv2dLayout(NamedTuple):
+    """Sizes of the shared kernel's repacked buffers for one geometry (see conv2d_forward)."""
 
-    Repacks the input (zero-padded, phase-split, plus a little zero slack) and the weights
-    (blocks of output channels) inside the call; extra memory is about the input's size.
-    """
+    variant: int          # 0: pvec, 1: cvec1, 2: cvec2
+    merged: bool          # stride-1 layout whose rows and images share their padding
+    h_P: int
+    w_Q: int
+    packed_size: int      # elements of the padded, phase-split input
+    slack: int            # zero elements after it
+    block: int            # output channels per register block
+    blocks_per_group: int
+    n_taps: int
+    tile: int             # per-thread scratch elements
+
+
+def _conv2d_layout(geom, itemsize):
     s_H, s_W = geom.stride_h, geom.stride_w
     kernel = choose_cpu_kernel(geom)
     variant = 0 if kernel.startswith("pvec") else int(kernel[4])
     merged = kernel.endswith("merged")
-    lanes = _VECTOR_BYTES // x.dtype.itemsize
+    lanes = _VECTOR_BYTES // itemsize
     pixel_block = max(_PIXEL_BLOCK_1, _PIXEL_BLOCK_2, 4 * lanes)
     if merged:
         # Stride 1: one zero column between neighbouring rows serves as the right padding of
@@ -832,12 +844,7 @@ def conv2d_forward(x, weight, bias, has_bias, out, geom):
         # less than a pixel block beyond the packed input.
         slack = pixel_block
     packed_size = geom.in_channels * geom.batch * h_P * s_W * w_Q
-    xf = np.empty(packed_size + slack, dtype=x.dtype)
-    xf[packed_size:] = 0
-    xp = xf[:packed_size].reshape(geom.in_channels, geom.batch, h_P, s_W, w_Q)
-    _pack_input(x, xp, geom.pad_top, geom.pad_left, s_W)
     n_taps = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
-    tap_off = _tap_offsets(geom, h_P, w_Q)
     if variant == 0:
         # Even blocks of at most _PVEC_CHANNELS: 10 channels as 2 x 5, not 6 + 4.
         c_Og = geom.out_channels_per_group
@@ -845,11 +852,46 @@ def conv2d_forward(x, weight, bias, has_bias, out, geom):
     else:
         block = variant * lanes
     blocks_per_group = -(-geom.out_channels_per_group // block)
-    wq = np.empty((blocks_per_group * geom.groups, n_taps, block), dtype=x.dtype)
-    _pack_weights(weight, wq, geom.out_channels_per_group)
     tile = _RUN_BLOCKS * max(_PIXEL_BLOCK_1 * lanes, 2 * _PIXEL_BLOCK_2 * lanes,
                              4 * lanes * _PVEC_CHANNELS)
-    tiles = np.empty((numba.get_num_threads(), tile), dtype=x.dtype)
+    return _Conv2dLayout(variant, merged, h_P, w_Q, packed_size, slack, block,
+                         blocks_per_group, n_taps, tile)
+
+
+def scratch_bytes(op_name, geom, itemsize):
+    """Bytes of scratch one call of ``op_name`` allocates beyond its output (the public
+    layer checks them against free memory before the call)."""
+    threads = numba.get_num_threads()
+    small = 1 << 16  # array headers, the bias placeholder, index temporaries
+    if op_name == "local_conv2d":
+        layout = _local_layout(geom, itemsize, threads)
+        return threads * (layout.window + layout.lanes + layout.tile) * itemsize + small
+    layout = _conv2d_layout(geom, itemsize)
+    weights = layout.blocks_per_group * geom.groups * layout.n_taps * layout.block
+    tap_offsets = 4 * layout.n_taps * 8  # the int64 offsets and their temporaries
+    return ((layout.packed_size + layout.slack + weights + threads * layout.tile) * itemsize
+            + tap_offsets + small)
+
+
+def conv2d_forward(x, weight, bias, has_bias, out, geom):
+    """Shared-weight convolution into ``out`` (all arrays C-contiguous, one dtype).
+
+    Repacks the input (zero-padded, phase-split, plus a little zero slack) and the weights
+    (blocks of output channels) inside the call; :func:`scratch_bytes` says how much memory
+    that takes (about the padded input's size).
+    """
+    layout = _conv2d_layout(geom, x.dtype.itemsize)
+    variant, merged, block = layout.variant, layout.merged, layout.block
+    h_P, w_Q, s_H, s_W = layout.h_P, layout.w_Q, geom.stride_h, geom.stride_w
+    packed_size = layout.packed_size
+    xf = np.empty(packed_size + layout.slack, dtype=x.dtype)
+    xf[packed_size:] = 0
+    xp = xf[:packed_size].reshape(geom.in_channels, geom.batch, h_P, s_W, w_Q)
+    _pack_input(x, xp, geom.pad_top, geom.pad_left, s_W)
+    tap_off = _tap_offsets(geom, h_P, w_Q)
+    wq = np.empty((layout.blocks_per_group * geom.groups, layout.n_taps, block), dtype=x.dtype)
+    _pack_weights(weight, wq, geom.out_channels_per_group)
+    tiles = np.empty((numba.get_num_threads(), layout.tile), dtype=x.dtype)
     _conv2d_kernel(xf, tap_off, wq.reshape(-1), variant, block, bias, has_bias, out, tiles,
                    geom.groups, geom.in_channels_per_group, h_P, s_H, s_W, w_Q, merged)
     return out
@@ -981,6 +1023,24 @@ def _local_chunk(geom, itemsize, threads):
     return int(max(1, min(geom.out_width, chunk)))
 
 
+class _LocalLayout(NamedTuple):
+    """Per-thread scratch of the unshared kernel (see local_conv2d_forward)."""
+
+    lanes: int
+    chunk: int            # output columns per job
+    window: int           # elements of one thread's input window
+    tile: int             # elements of one thread's accumulators
+
+
+def _local_layout(geom, itemsize, threads):
+    lanes = _VECTOR_BYTES // itemsize
+    n_V = -(-geom.batch // lanes)
+    chunk = _local_chunk(geom, itemsize, threads)
+    w_C = (chunk - 1) * geom.stride_w + (geom.kernel_width - 1) * geom.dilation_w + 1
+    window = geom.in_channels_per_group * geom.kernel_height * w_C * geom.batch
+    return _LocalLayout(lanes, chunk, window, chunk * n_V * _LOCAL_CO_BLOCK * lanes)
+
+
 def local_conv2d_forward(x, weight, bias, has_bias, out, geom):
     """Unshared (locally connected) convolution into ``out``.
 
@@ -990,13 +1050,10 @@ def local_conv2d_forward(x, weight, bias, has_bias, out, geom):
     place, once, in order.
     """
     threads = numba.get_num_threads()
-    lanes = _VECTOR_BYTES // x.dtype.itemsize
-    n_V = -(-geom.batch // lanes)
-    chunk = _local_chunk(geom, x.dtype.itemsize, threads)
-    w_C = (chunk - 1) * geom.stride_w + (geom.kernel_width - 1) * geom.dilation_w + 1
-    window = geom.in_channels_per_group * geom.kernel_height * w_C * geom.batch
-    windows = np.empty((threads, window + lanes), dtype=x.dtype)
-    tiles = np.empty((threads, chunk * n_V * _LOCAL_CO_BLOCK * lanes), dtype=x.dtype)
+    layout = _local_layout(geom, x.dtype.itemsize, threads)
+    chunk = layout.chunk
+    windows = np.empty((threads, layout.window + layout.lanes), dtype=x.dtype)
+    tiles = np.empty((threads, layout.tile), dtype=x.dtype)
     _local_conv2d_kernel(x, weight.reshape(-1), bias, has_bias, out, tiles, windows,
                          geom.stride_h, geom.stride_w, geom.pad_top, geom.pad_left,
                          geom.dilation_h, geom.dilation_w, geom.groups,

@@ -126,3 +126,27 @@ def test_flat_indices_past_two_to_the_31_on_the_cpu():
         o, rest = divmod(index, h * w)
         assert flat[index] == weight[o, 0, 0, 0] * x[0, 0].reshape(-1)[rest]
     del y, flat
+
+
+@pytest.mark.parametrize("op", ["conv2d", "local_conv2d"])
+def test_memory_check_counts_the_kernels_scratch(op, monkeypatch):
+    """Scratch (the repacked, padded input) is counted, not only the output."""
+    import tracemalloc
+
+    from gpuconv import _conv
+
+    x = np.ones((2, 64, 24, 24), np.float32)
+    w = np.ones((1, 24, 24, 64, 3, 3) if op == "local_conv2d" else (1, 64, 3, 3), np.float32)
+    fn = getattr(gpuconv, op)
+    kwargs = dict(padding=1, device="cpu")
+    fn(x, w, **kwargs)  # compiled, caches warm
+    tracemalloc.start()
+    fn(x, w, **kwargs)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    x_op, w_op = _conv._operand(x, "x"), _conv._operand(w, "weight")
+    geom = gpuconv._geometry.conv_geometry(x.shape, (3, 3), 1, padding=1)
+    assert _conv._host_bytes_needed(op, x_op, w_op, geom) >= peak
+    monkeypatch.setattr(_conv, "host_memory_available", lambda: peak // 2)
+    with pytest.raises(InsufficientMemoryError):
+        fn(x, w, **kwargs)
