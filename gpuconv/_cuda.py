@@ -291,11 +291,21 @@ def _bytes_needed(op_name, x, weight, bias, geom, host):
     itemsize = x.dtype.itemsize
     operands = [op for op in (x, weight, bias) if op is not None]
     total = math.prod(geom.output_shape)
-    # contiguous copies (host inputs are always copied; device inputs when strided)
-    total += sum(math.prod(op.shape) for op in operands)
+    # device copies: host inputs are always copied; device inputs only when strided
+    total += sum(math.prod(op.shape) for op in operands
+                 if host or not _operand_is_contiguous(op, itemsize))
     if op_name == "local_conv2d":  # positions-innermost weights, batch-innermost input
         total += math.prod(weight.shape) + math.prod(x.shape[1:]) * (geom.batch + 32)
     return total * itemsize
+
+
+def _operand_is_contiguous(op, itemsize):
+    """Whether a device operand is C-contiguous (from its array interface's strides)."""
+    cai = getattr(op.obj, "__cuda_array_interface__", None)
+    if cai is None:  # a simulator device array
+        return bool(op.obj.is_c_contiguous())
+    strides = cai.get("strides")
+    return strides is None or tuple(strides) == _c_strides(op.shape, itemsize)
 
 
 def _free_bytes(template=None):

@@ -41,12 +41,12 @@ def test_launch_that_would_not_fit_is_refused_before_allocating(monkeypatch, on_
 
     from gpuconv import _cuda
 
-    monkeypatch.setattr(_cuda, "_free_bytes", lambda template=None: 1000)
+    monkeypatch.setattr(_cuda, "_free_bytes", lambda template=None: 100)
     x = np.zeros((2, 2, 5, 5))
     w = np.zeros((3, 2, 3, 3))
     if on_device:
         x, w = cuda.to_device(x), cuda.to_device(w)
-    with pytest.raises(gpuconv.InsufficientMemoryError, match=r"needs about .* of GPU memory but only 1000 B is free"):
+    with pytest.raises(gpuconv.InsufficientMemoryError, match=r"needs about .* of GPU memory but only 100 B is free"):
         gpuconv.conv2d(x, w, device="cuda")
 
 
@@ -60,3 +60,18 @@ def test_bytes_needed_counts_output_copies_and_local_scratch():
     out, xs, ws = 2 * 4 * 4 * 4, 2 * 3 * 6 * 6, 4 * 4 * 4 * 3 * 3 * 3
     expected = out + xs + ws + ws + 3 * 6 * 6 * (2 + 32)
     assert _cuda._bytes_needed("local_conv2d", x, w, None, geom, True) == 4 * expected
+
+
+def test_bytes_needed_counts_device_inputs_only_when_strided():
+    from numba import cuda
+
+    from gpuconv import _conv, _cuda
+    from gpuconv._geometry import conv_geometry
+
+    x = _conv._operand(cuda.to_device(np.zeros((2, 3, 6, 6), np.float32)), "x")
+    w_host = np.zeros((4, 3, 3, 3), np.float32)
+    w = _conv._operand(cuda.to_device(w_host), "weight")
+    geom = conv_geometry(x.shape, (3, 3), 4)
+    out = 2 * 4 * 4 * 4
+    assert _cuda._bytes_needed("conv2d", x, w, None, geom, False) == 4 * out
+    assert _cuda._bytes_needed("conv2d", x, w, None, geom, True) == 4 * (out + 2 * 3 * 36 + 4 * 27)
