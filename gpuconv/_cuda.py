@@ -219,8 +219,10 @@ def _transpose(src, rows_padded, stream, empty):
     # simulator, where every thread is a Python thread (the kernel is the same code).
     tile, threads_y = (16, 1) if _simulated() else (32, 8)
     kernel = kernels.compiled(kernels.transpose_kernel(kernels.dtype_code(src.dtype), tile))
-    kernel[(-(-cols // tile), -(-rows_padded // tile), batches), (tile, threads_y), stream](
-        src, dst)
+    grid = (-(-cols // tile), min(-(-rows_padded // tile), kernels.GRID_YZ_LIMIT),
+            min(batches, kernels.GRID_YZ_LIMIT))
+    kernel[kernels.check_grid(grid, "the local_conv2d layout transpose"), (tile, threads_y),
+           stream](src, dst)
     return dst
 
 

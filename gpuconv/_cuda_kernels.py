@@ -38,6 +38,7 @@ __all__ = ["KernelSpec", "Conv2dConfig", "LocalConv2dConfig", "conv2d_kernel",
            "local_conv2d_kernel", "transpose_kernel", "copy_kernel", "compiled",
            "conv2d_config", "local_conv2d_config", "workload_specialisations",
            "workload_kernel_names", "workload_geometries", "SHARED_BUDGET_BYTES",
+           "GRID_YZ_LIMIT", "check_grid",
            "SHARED_LIMIT_BYTES"]
 
 # Dynamic shared memory one conv2d block may use: small enough that several blocks share an
@@ -253,6 +254,20 @@ def _pow2_at_least(value, cap):
     return result
 
 
+#: CUDA's limit on grid dimensions y and z (x allows 2**31 - 1).
+GRID_YZ_LIMIT = 65535
+
+
+def check_grid(grid, what):
+    """Refuse a launch whose grid exceeds CUDA's limits, with a clear error."""
+    if grid[0] > 2**31 - 1 or any(g > GRID_YZ_LIMIT for g in grid[1:]):
+        raise ValueError(
+            f"{what} would need a CUDA grid of {tuple(grid)} blocks, beyond CUDA's limits "
+            f"(x < 2**31, y and z <= {GRID_YZ_LIMIT}); use device='cpu' or split the layer "
+            "(e.g. over its output channels)")
+    return grid
+
+
 def conv2d_config(geom, dtype):
     """Pick the specialisation and launch shape of conv2d for ``geom`` and ``dtype``.
 
@@ -308,9 +323,9 @@ def conv2d_config(geom, dtype):
     chunk = max(1, min(geom.in_channels_per_group, SHARED_BUDGET_BYTES // (per_channel * itemsize)))
     tiles_y = -(-geom.out_height // (by * rows))
     tiles_x = -(-geom.out_width // (bx * cols))
-    grid = (tiles_y * tiles_x,
-            geom.groups * -(-geom.out_channels_per_group // channels),
-            max(1, min(geom.batch, 65535)))
+    grid = check_grid((tiles_y * tiles_x,
+                       geom.groups * -(-geom.out_channels_per_group // channels),
+                       max(1, min(geom.batch, GRID_YZ_LIMIT))), "conv2d")
     spec = conv2d_kernel(code, kh, kw, rows, cols, channels)
     return Conv2dConfig(spec, (bx, by), grid, tiles_x, tile_h, tile_w, chunk,
                         chunk * per_channel * itemsize)
@@ -437,7 +452,8 @@ def local_conv2d_config(geom, dtype):
     channels = _even_split(geom.out_channels_per_group, 4)
     n_pos = geom.out_height * geom.out_width
     by = max(1, min(_LOCAL_MAX_ROWS[code], -(-geom.batch // batch_block)))
-    grid = (-(-n_pos // 32), geom.groups * -(-geom.out_channels_per_group // channels))
+    grid = check_grid((-(-n_pos // 32), geom.groups * -(-geom.out_channels_per_group // channels)),
+                      "local_conv2d")
     spec = local_conv2d_kernel(code, geom.kernel_height, geom.kernel_width, batch_block, channels)
     return LocalConv2dConfig(spec, (32, by), grid, batch_block)
 
@@ -455,8 +471,9 @@ def transpose_kernel(code, tile=32):
     Used for local_conv2d: weights ``(c_O, P, c_Ig*k_H*k_W) -> (c_O, c_Ig*k_H*k_W, P)``
     (positions innermost) and the input ``(1, n, c_I*h*w) -> (1, c_I*h*w, n_pad)`` (batch
     innermost). Reads and writes are coalesced. Launch:
-    ``grid = (ceil(C / tile), ceil(R_pad / tile), B)``, ``block = (tile, rows)`` for any
-    ``rows``.
+    ``grid = (ceil(C / tile), min(ceil(R_pad / tile), 65535), min(B, 65535))``,
+    ``block = (tile, rows)`` for any ``rows``: blocks loop over the row tiles and batches
+    beyond the grid (CUDA caps grid y and z at 65535).
     """
     scalar = _SCALAR[code]
     TILE = tile
@@ -467,22 +484,27 @@ def transpose_kernel(code, tile=32):
         rows = src.shape[1]
         cols = src.shape[2]
         rows_padded = dst.shape[2]
-        bt = cuda.blockIdx.z
+        row_tiles = (rows_padded + TILE - 1) // TILE
         c0 = cuda.blockIdx.x * TILE
-        r0 = cuda.blockIdx.y * TILE
         tx = cuda.threadIdx.x
-        for k in range(cuda.threadIdx.y, TILE, cuda.blockDim.y):
-            r = r0 + k
-            v = scalar(0)  # rows past the end become the zero padding
-            if r < rows and c0 + tx < cols:
-                v = src[bt, r, c0 + tx]
-            buf[k, tx] = v
-        # Wait for the whole tile before reading it transposed.
-        cuda.syncthreads()
-        for k in range(cuda.threadIdx.y, TILE, cuda.blockDim.y):
-            c = c0 + k
-            if c < cols and r0 + tx < rows_padded:
-                dst[bt, c, r0 + tx] = buf[tx, k]
+        # The loop bounds depend on the block only, so every thread reaches each barrier.
+        for bt in range(cuda.blockIdx.z, src.shape[0], cuda.gridDim.z):
+            for rt in range(cuda.blockIdx.y, row_tiles, cuda.gridDim.y):
+                r0 = rt * TILE
+                for k in range(cuda.threadIdx.y, TILE, cuda.blockDim.y):
+                    r = r0 + k
+                    v = scalar(0)  # rows past the end become the zero padding
+                    if r < rows and c0 + tx < cols:
+                        v = src[bt, r, c0 + tx]
+                    buf[k, tx] = v
+                # Wait for the whole tile before reading it transposed.
+                cuda.syncthreads()
+                for k in range(cuda.threadIdx.y, TILE, cuda.blockDim.y):
+                    c = c0 + k
+                    if c < cols and r0 + tx < rows_padded:
+                        dst[bt, c, r0 + tx] = buf[tx, k]
+                # Wait until the tile has been read before the next one overwrites it.
+                cuda.syncthreads()
 
     name = f"transpose_{code}_t{TILE}"
     signature = (_array(code, 3), _array(code, 3))
