@@ -2,7 +2,8 @@
 
 tests/test_conv.py keeps its sizes tiny (they also run in the CUDA simulator), so they only
 reach the pixel-vector kernel. These cases are sized to reach every variant named by
-``choose_cpu_kernel`` (channel-vector blocks need >= 32 output channels per group), with
+``choose_cpu_kernel`` (channel-vector blocks from 13 output channels per group, two
+vectors from 17), with
 channel counts that leave partly filled blocks, pixel runs that end mid-block, strides,
 dilation, groups and asymmetric ("same" with an even kernel) padding.
 """
@@ -118,3 +119,36 @@ def test_choose_cpu_kernel_names_the_variant():
     assert choose_cpu_kernel(g) == "cvec1-merged"
     g = conv_geometry((1, 64, 8, 8), (3, 3), 64, groups=8)
     assert choose_cpu_kernel(g) == "pvec-merged"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("stride", [1, 2], ids=["merged", "rows"])
+@pytest.mark.parametrize("c_out", [6, 16, 40], ids=["pvec", "cvec1", "cvec2"])
+def test_reduction_split_into_several_tap_chunks(c_out, stride, dtype):
+    """80 input channels x 3 x 3 = 720 taps: more than one L1-sized chunk of the reduction in
+    every variant (128, 256 or about 682 taps a chunk), so partial sums are carried over."""
+
+    rng = np.random.default_rng(c_out + stride)
+    x = rng.uniform(-1, 1, (3, 80, 9, 10)).astype(dtype)
+    w = rng.uniform(-1, 1, (c_out, 80, 3, 3)).astype(dtype)
+    b = rng.uniform(-1, 1, c_out).astype(dtype)
+    kwargs = dict(stride=stride, padding=1)
+    name = choose_cpu_kernel(conv_geometry(x.shape, (3, 3), c_out, **kwargs))
+    assert name.startswith({6: "pvec", 16: "cvec1", 40: "cvec2"}[c_out])
+    y = conv2d(x, w, b, device="cpu", **kwargs)
+    bound = conv2d_ref(np.abs(x), np.abs(w), np.abs(b), **kwargs)
+    assert_close(y, conv2d_ref(x, w, b, **kwargs), bound, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("batch", [17, 33])
+def test_local_batch_spanning_several_vectors(batch, dtype):
+    """Batches of more than one vector (16 float32 / 8 float64 lanes), not a multiple of it."""
+    rng = np.random.default_rng(batch)
+    x = rng.uniform(-1, 1, (batch, 4, 7, 8)).astype(dtype)
+    w = rng.uniform(-1, 1, (6, 4, 4, 2, 3, 3)).astype(dtype)
+    b = rng.uniform(-1, 1, (6, 4, 4)).astype(dtype)
+    kwargs = dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2)
+    y = local_conv2d(x, w, b, device="cpu", **kwargs)
+    bound = local_conv2d_ref(np.abs(x), np.abs(w), np.abs(b), **kwargs)
+    assert_close(y, local_conv2d_ref(x, w, b, **kwargs), bound, dtype)

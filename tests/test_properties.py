@@ -1,8 +1,13 @@
 """Property-based tests over the whole geometry space, against the float64 reference.
 
 Profiles (tests/conftest.py): ``ci`` (default, 40 examples per property), ``sim`` (under the
-CUDA simulator, 8), ``long`` (2000; run on demand with ``HYPOTHESIS_PROFILE=long``).
+CUDA simulator, 8, tiny sizes), ``long`` (2000; run on demand with ``HYPOTHESIS_PROFILE=long``).
+Outside the simulator the output channels per group (1 to 33) and batch (1 to 20) reach
+every CPU kernel variant; the reductions that span several L1 chunks are in
+tests/test_cpu_kernels.py.
 """
+
+import os
 
 import numpy as np
 import pytest
@@ -15,6 +20,12 @@ from gpuconv import get_conv_outsize  # noqa: E402
 from reference import assert_close, conv2d_ref, local_conv2d_ref  # noqa: E402
 
 small = st.integers(1, 3)
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+# Output channels per group and batch sizes that reach every CPU kernel variant (pixel
+# vectors up to 12 channels, one channel vector to 16, two beyond) and batches of several
+# vectors in the unshared kernel; the simulator keeps to tiny ones.
+channels_per_group = small if SIMULATOR else st.sampled_from([1, 2, 3, 5, 7, 12, 13, 16, 17, 33])
+batches = st.integers(1, 3) if SIMULATOR else st.integers(1, 20)
 
 
 def _int_or_pair(values):
@@ -25,7 +36,7 @@ def _int_or_pair(values):
 def geometries(draw, local):
     groups = draw(st.integers(1, 3))
     c_in = groups * draw(small)
-    c_out = groups * draw(small)
+    c_out = groups * draw(channels_per_group)
     kh, kw = draw(small), draw(small)
     dilation = draw(_int_or_pair(st.integers(1, 2)))
     d = (dilation, dilation) if isinstance(dilation, int) else dilation
@@ -43,7 +54,7 @@ def geometries(draw, local):
     h = max(1, d[0] * (kh - 1) + 1 - totals[0]) + draw(st.integers(0, 4))
     w = max(1, d[1] * (kw - 1) + 1 - totals[1]) + draw(st.integers(0, 4))
     out = (get_conv_outsize(h, kh, s[0], totals[0], d[0]), get_conv_outsize(w, kw, s[1], totals[1], d[1]))
-    batch = draw(st.integers(1, 3))
+    batch = draw(batches)
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     bias_kind = draw(st.sampled_from([None, "channel", "position"] if local else [None, "channel"]))
     seed = draw(st.integers(0, 2**32 - 1))
