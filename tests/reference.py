@@ -25,6 +25,19 @@ def _padding(padding, kernel_hw, stride, dilation):
     return ph, ph, pw, pw
 
 
+def padding_totals(padding, kernel_hw, stride=1, dilation=1):
+    """(top + bottom, left + right) padding, resolved here independently of gpuconv."""
+    top, bottom, left, right = _padding(padding, kernel_hw, _pairs(stride), _pairs(dilation))
+    return top + bottom, left + right
+
+
+def output_size(in_hw, kernel_hw, stride=1, padding=0, dilation=1):
+    """(H_out, W_out): how many dilated windows fit in the padded input, stepping by stride."""
+    totals = padding_totals(padding, kernel_hw, stride, dilation)
+    return tuple((size + total - (d * (k - 1) + 1)) // s + 1 for size, total, k, s, d in
+                 zip(in_hw, totals, kernel_hw, _pairs(stride), _pairs(dilation)))
+
+
 def _windows(x, kernel_hw, stride, padding, dilation):
     """Yield (i, j, window) where window is x_padded[:, :, rows, cols] of shape (N, C, kH, kW)."""
     x = np.asarray(x, dtype=np.float64)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import gpuconv
-from gpuconv import conv2d, local_conv2d, get_conv_outsize
-from reference import assert_close, conv2d_ref, local_conv2d_ref
+from gpuconv import conv2d, local_conv2d
+from reference import assert_close, conv2d_ref, local_conv2d_ref, output_size
 
 DTYPES = [np.float32, np.float64]
 
@@ -40,16 +40,7 @@ def _case(rng, geometry, dtype, local, bias_kind):
     kh, kw = (k, k) if isinstance(k, int) else k
     x = rng.uniform(-1, 1, (n, c_in, h, w)).astype(dtype)
     if local:
-        s = (stride, stride) if isinstance(stride, int) else stride
-        d = (dilation, dilation) if isinstance(dilation, int) else dilation
-        if padding == "same":
-            ph = (d[0] * (kh - 1), d[1] * (kw - 1))
-        elif padding == "valid":
-            ph = (0, 0)
-        else:
-            p = (padding, padding) if isinstance(padding, int) else padding
-            ph = (2 * p[0], 2 * p[1])
-        out_hw = (get_conv_outsize(h, kh, s[0], ph[0], d[0]), get_conv_outsize(w, kw, s[1], ph[1], d[1]))
+        out_hw = output_size((h, w), (kh, kw), stride, padding, dilation)
         wt = rng.uniform(-1, 1, (c_out, *out_hw, c_in // groups, kh, kw)).astype(dtype)
     else:
         out_hw = None

@@ -16,8 +16,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, strategies as st  # noqa: E402
 
 import gpuconv  # noqa: E402
-from gpuconv import get_conv_outsize  # noqa: E402
-from reference import assert_close, conv2d_ref, local_conv2d_ref  # noqa: E402
+from reference import (assert_close, conv2d_ref, local_conv2d_ref, output_size,  # noqa: E402
+                       padding_totals)
 
 small = st.integers(1, 3)
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -42,18 +42,11 @@ def geometries(draw, local):
     d = (dilation, dilation) if isinstance(dilation, int) else dilation
     padding = draw(st.one_of(st.just("valid"), st.just("same"), _int_or_pair(st.integers(0, 2))))
     stride = 1 if padding == "same" else draw(_int_or_pair(st.integers(1, 3)))
-    s = (stride, stride) if isinstance(stride, int) else stride
-    if padding == "same":
-        totals = (d[0] * (kh - 1), d[1] * (kw - 1))
-    elif padding == "valid":
-        totals = (0, 0)
-    else:
-        p = (padding, padding) if isinstance(padding, int) else padding
-        totals = (2 * p[0], 2 * p[1])
+    totals = padding_totals(padding, (kh, kw), stride, dilation)
     # an input at least as large as the dilated kernel minus the padding
     h = max(1, d[0] * (kh - 1) + 1 - totals[0]) + draw(st.integers(0, 4))
     w = max(1, d[1] * (kw - 1) + 1 - totals[1]) + draw(st.integers(0, 4))
-    out = (get_conv_outsize(h, kh, s[0], totals[0], d[0]), get_conv_outsize(w, kw, s[1], totals[1], d[1]))
+    out = output_size((h, w), (kh, kw), stride, padding, dilation)
     batch = draw(batches)
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     bias_kind = draw(st.sampled_from([None, "channel", "position"] if local else [None, "channel"]))
