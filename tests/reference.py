@@ -110,3 +110,97 @@ def assert_close(result, ref, bound, dtype):
     tol = TOLERANCE[np.dtype(dtype)]
     assert np.all(np.isfinite(result)), "result has NaN/Inf where the reference has none"
     assert err <= tol * scale, f"max abs error {err:.3e} > {tol:g} * {scale:.3e}"
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients: written from the forward's definition, window by window, in float64. Each
+# window (i, j) of the padded input received sum_{o} w[o, (i, j), c, u, v] * gy[n, o, i, j]
+# in the forward, so the input gradient scatters gy back through the same windows and the
+# weight gradient gathers x_window * gy. No code is shared with gpuconv.
+# --------------------------------------------------------------------------------------------
+
+def _padded_windows(input_hw, kernel_hw, stride, padding, dilation):
+    """(pad, out_h, out_w, [(i, j, row slice, col slice)]) of the padded input."""
+    stride, dilation = _pairs(stride), _pairs(dilation)
+    top, bottom, left, right = _padding(padding, kernel_hw, stride, dilation)
+    kh, kw = kernel_hw
+    span_h = dilation[0] * (kh - 1) + 1
+    span_w = dilation[1] * (kw - 1) + 1
+    hp, wp = input_hw[0] + top + bottom, input_hw[1] + left + right
+    out_h = (hp - span_h) // stride[0] + 1
+    out_w = (wp - span_w) // stride[1] + 1
+    slices = []
+    for i in range(out_h):
+        for j in range(out_w):
+            r0, c0 = i * stride[0], j * stride[1]
+            slices.append((i, j, slice(r0, r0 + span_h, dilation[0]),
+                           slice(c0, c0 + span_w, dilation[1])))
+    return (top, bottom, left, right), out_h, out_w, slices
+
+
+def _input_grad(input_shape, kernels_at, gy, kernel_hw, stride, padding, dilation, groups):
+    n, c_in, h, w = input_shape
+    gy = np.asarray(gy, dtype=np.float64)
+    (top, bottom, left, right), _, _, slices = _padded_windows(
+        (h, w), kernel_hw, stride, padding, dilation)
+    gxp = np.zeros((n, c_in, h + top + bottom, w + left + right))
+    c_out = gy.shape[1]
+    c_in_g, c_out_g = c_in // groups, c_out // groups
+    for i, j, rows, cols in slices:
+        wij = kernels_at(i, j)  # (C_out, C_in/groups, kH, kW)
+        for g in range(groups):
+            contrib = np.einsum("no,ocuv->ncuv", gy[:, g * c_out_g:(g + 1) * c_out_g, i, j],
+                                wij[g * c_out_g:(g + 1) * c_out_g])
+            gxp[:, g * c_in_g:(g + 1) * c_in_g, rows, cols] += contrib
+    return gxp[:, :, top:top + h, left:left + w]
+
+
+def conv2d_input_grad_ref(input_shape, w, gy, stride=1, padding=0, dilation=1, groups=1):
+    """float64 d(sum(conv2d(x, w) * gy)) / dx, x of shape ``input_shape``."""
+    w = np.asarray(w, dtype=np.float64)
+    return _input_grad(input_shape, lambda i, j: w, gy, w.shape[2:], stride, padding,
+                       dilation, groups)
+
+
+def local_conv2d_input_grad_ref(input_shape, w, gy, stride=1, padding=0, dilation=1, groups=1):
+    """float64 d(sum(local_conv2d(x, w) * gy)) / dx."""
+    w = np.asarray(w, dtype=np.float64)
+    return _input_grad(input_shape, lambda i, j: w[:, i, j], gy, w.shape[4:], stride, padding,
+                       dilation, groups)
+
+
+def _weight_grad_terms(x, gy, kernel_hw, stride, padding, dilation, groups):
+    """Yield (i, j, per-position weight gradient (C_out, C_in/groups, kH, kW))."""
+    x = np.asarray(x, dtype=np.float64)
+    gy = np.asarray(gy, dtype=np.float64)
+    c_in, c_out = x.shape[1], gy.shape[1]
+    c_in_g, c_out_g = c_in // groups, c_out // groups
+    (top, bottom, left, right), _, _, slices = _padded_windows(
+        x.shape[2:], kernel_hw, stride, padding, dilation)
+    xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    for i, j, rows, cols in slices:
+        win = xp[:, :, rows, cols]
+        term = np.zeros((c_out, c_in_g) + tuple(kernel_hw))
+        for g in range(groups):
+            term[g * c_out_g:(g + 1) * c_out_g] = np.einsum(
+                "no,ncuv->ocuv", gy[:, g * c_out_g:(g + 1) * c_out_g, i, j],
+                win[:, g * c_in_g:(g + 1) * c_in_g])
+        yield i, j, term
+
+
+def conv2d_weight_grad_ref(x, weight_shape, gy, stride=1, padding=0, dilation=1, groups=1):
+    """float64 d(sum(conv2d(x, w) * gy)) / dw, w of shape ``weight_shape``."""
+    total = np.zeros(weight_shape)
+    for _, _, term in _weight_grad_terms(x, gy, weight_shape[2:], stride, padding, dilation,
+                                         groups):
+        total += term
+    return total
+
+
+def local_conv2d_weight_grad_ref(x, weight_shape, gy, stride=1, padding=0, dilation=1, groups=1):
+    """float64 d(sum(local_conv2d(x, w) * gy)) / dw, w of shape ``weight_shape``."""
+    out = np.zeros(weight_shape)
+    for i, j, term in _weight_grad_terms(x, gy, weight_shape[4:], stride, padding, dilation,
+                                         groups):
+        out[:, i, j] = term
+    return out
