@@ -1,9 +1,9 @@
 """gpuconv: shared (conv2d) and unshared (local_conv2d) 2-D convolutions, with Numba CUDA
 kernels for NVIDIA GPUs and Numba CPU kernels behind one API."""
 
-from ._conv import conv2d, local_conv2d
-from ._device import CudaUnavailableError, InsufficientMemoryError, select_device
-from ._geometry import get_conv_outsize
+from .conv import conv2d, local_conv2d
+from .device import CudaUnavailableError, InsufficientMemoryError, select_device
+from .geometry import get_conv_outsize
 from .params import (ParamCount, conv2d_param_count, format_note_arithmetic,
                      fully_connected_param_count, local_conv2d_param_count, note_arithmetic)
 

@@ -81,7 +81,7 @@ def _gpu_description():
 
 def collect_info():
     """What ``gpuconv info`` reports, as a JSON-serialisable dict (missing versions: ``None``)."""
-    from ._device import ENV_VAR, cuda_available, explain_auto
+    from .device import ENV_VAR, cuda_available, explain_auto
 
     available = cuda_available()
     try:
@@ -263,7 +263,7 @@ def build_parser(argv=()):
 
 def main(argv=None):
     """Run the command line; returns the exit status (0 success, 2 usage or library error)."""
-    from ._device import CudaUnavailableError
+    from .device import CudaUnavailableError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)

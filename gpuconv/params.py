@@ -8,7 +8,7 @@ Two things live here:
 - :func:`conv2d_param_count`, :func:`local_conv2d_param_count` and
   :func:`fully_connected_param_count` count the learnable numbers of one layer of each kind.
 
-Notation (as in :mod:`gpuconv._geometry`)::
+Notation (as in :mod:`gpuconv.geometry`)::
 
     c_I, c_O   input, output channels       g          groups
     k_H, k_W   kernel height, width         h_O, w_O   output height, width
@@ -25,7 +25,7 @@ from __future__ import annotations
 from fractions import Fraction
 from typing import NamedTuple
 
-from ._geometry import _is_int, pair
+from .geometry import _is_int, pair
 
 __all__ = ["ParamCount", "note_arithmetic", "format_note_arithmetic",
            "conv2d_param_count", "local_conv2d_param_count", "fully_connected_param_count",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._geometry import conv_geometry
+from .geometry import conv_geometry
 
 __all__ = ["Layer", "LAYERS", "gpu_geometry"]
 
@@ -83,7 +83,7 @@ LAYERS = {layer.name: layer for layer in (
 
 
 def gpu_geometry(layer, batch=None):
-    """The :class:`~gpuconv._geometry.ConvGeometry` of ``layer`` (a :class:`Layer` or its
+    """The :class:`~gpuconv.geometry.ConvGeometry` of ``layer`` (a :class:`Layer` or its
     name) at its GPU batch size, or at ``batch``."""
     if isinstance(layer, str):
         layer = LAYERS[layer]

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 import gpuconv
-from gpuconv._geometry import conv_geometry
+from gpuconv.geometry import conv_geometry
 
 from gpuconv.workloads import LAYERS
 

@@ -456,7 +456,7 @@ def bench_layers(torch, gpuconv, layers, warmup, repeats, copy_bps):
 
 def _geometry(d):
     """The ConvGeometry of a :func:`layer_dims` dict."""
-    from gpuconv._geometry import conv_geometry
+    from gpuconv.geometry import conv_geometry
 
     return conv_geometry((d["n"], d["c_in"], d["h"], d["w"]), (d["k"], d["k"]), d["c_out"],
                          d["stride"], d["pad"])
@@ -466,7 +466,7 @@ def _kernel_name(op, d):
     """Name of the gpuconv kernel (specialisation) this layer launches in float32."""
     import numpy as np
 
-    from gpuconv import _cuda_kernels
+    from gpuconv.cuda import kernels as _cuda_kernels
 
     geom = _geometry(d)
     config = (_cuda_kernels.local_conv2d_config if op == "local_conv2d"
@@ -568,7 +568,7 @@ def main(argv=None):
         import torch
 
         import gpuconv
-        from gpuconv import _cuda_kernels
+        from gpuconv.cuda import kernels as _cuda_kernels
         from numba import cuda
     except Exception as exc:
         print(f"cannot start: {exc}")

@@ -18,14 +18,14 @@ def main(argv=None):
     parser.add_argument("--cc", nargs="+", default=["9.0", "8.0"],
                         help="compute capabilities (default: 9.0 8.0)")
     args = parser.parse_args(argv)
-    from gpuconv import _cuda_ptx
+    from gpuconv.cuda import ptx as _cuda_ptx
 
     codes = ("f32",) if args.float32_only else ("f32", "f64")
     ccs = tuple(tuple(int(v) for v in cc.split(".")) for cc in args.cc)
     start = time.perf_counter()
     rows = _cuda_ptx.ptx_report(codes=codes, ccs=ccs, ptxas_codes=codes)
     print(_cuda_ptx.format_report(rows))
-    from gpuconv import _cuda_kernels
+    from gpuconv.cuda import kernels as _cuda_kernels
 
     print("\nfloat32 kernels per benchmark layer (conv2d / local_conv2d):")
     for layer, (shared, unshared) in _cuda_kernels.workload_kernel_names().items():

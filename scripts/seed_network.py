@@ -29,7 +29,7 @@ import numpy as np
 
 import gpuconv
 from gpuconv import get_conv_outsize
-from gpuconv._device import cuda_available
+from gpuconv.device import cuda_available
 from gpuconv.params import (conv2d_param_count, fully_connected_param_count,
                             local_conv2d_param_count)
 

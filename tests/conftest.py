@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from gpuconv._device import cuda_available
+from gpuconv.device import cuda_available
 
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
@@ -55,6 +55,6 @@ def poisoned_outputs(monkeypatch):
     """Host outputs start as NaN, so an element the kernel forgets to write shows up."""
     import numpy as np
 
-    from gpuconv import _conv
+    from gpuconv import conv as _conv
 
     monkeypatch.setattr(_conv, "_empty_output", lambda shape, dtype: np.full(shape, np.nan, dtype))

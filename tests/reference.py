@@ -12,7 +12,7 @@ def _pairs(value):
 
 
 def _padding(padding, kernel_hw, stride, dilation):
-    """(top, bottom, left, right), resolved here independently of gpuconv._geometry."""
+    """(top, bottom, left, right), resolved here independently of gpuconv.geometry."""
     if padding == "valid":
         return 0, 0, 0, 0
     if padding == "same":

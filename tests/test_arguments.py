@@ -5,7 +5,7 @@ import pytest
 
 import gpuconv
 from gpuconv import conv2d, local_conv2d
-from gpuconv._geometry import get_conv_outsize, resolve_padding
+from gpuconv.geometry import get_conv_outsize, resolve_padding
 
 X = np.zeros((2, 4, 8, 8), dtype=np.float32)
 W = np.zeros((6, 4, 3, 3), dtype=np.float32)

@@ -12,8 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-from gpuconv import _bench_impls, bench
-from gpuconv._device import cuda_available
+from gpuconv import bench
+from gpuconv.bench import peers as _bench_impls
+from gpuconv.device import cuda_available
 
 from reference import conv2d_ref, local_conv2d_ref
 
@@ -287,7 +288,7 @@ def test_cli_quick_run_writes_json_and_png_that_agree_with_the_table(
 
 
 def test_plot_without_matplotlib_is_a_clear_error(fast, monkeypatch, capsys, tmp_path):
-    from gpuconv import _bench_plot
+    from gpuconv.bench import plot as _bench_plot
 
     def missing():
         raise ImportError("No module named 'matplotlib'")

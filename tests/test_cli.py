@@ -11,7 +11,7 @@ import pytest
 
 import gpuconv
 from gpuconv import cli
-from gpuconv._device import CudaUnavailableError
+from gpuconv.device import CudaUnavailableError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -225,7 +225,7 @@ def test_info_names_the_gpu(capsys, monkeypatch, name, expected):
 
     fake = types.SimpleNamespace(name=name, compute_capability=(9, 0))
     monkeypatch.setattr(cuda, "get_current_device", lambda: fake)
-    monkeypatch.setattr("gpuconv._device.cuda_available", lambda: True)
+    monkeypatch.setattr("gpuconv.device.cuda_available", lambda: True)
     code, out, _ = run(capsys, "info", "--json")
     assert code == 0
     info = json.loads(out)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from gpuconv import conv2d, local_conv2d
-from gpuconv._cpu import choose_cpu_kernel
-from gpuconv._geometry import conv_geometry
+from gpuconv.cpu import choose_cpu_kernel
+from gpuconv.geometry import conv_geometry
 from reference import assert_close, conv2d_ref, local_conv2d_ref
 
 DTYPES = [np.float32, np.float64]

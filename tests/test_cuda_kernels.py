@@ -8,9 +8,9 @@ The rest check the pure launch-shape logic and run everywhere.
 import numpy as np
 import pytest
 
-from gpuconv._conv import _Operand
-from gpuconv._device import cuda_available
-from gpuconv._geometry import conv_geometry
+from gpuconv.conv import _Operand
+from gpuconv.device import cuda_available
+from gpuconv.geometry import conv_geometry
 from reference import TOLERANCE, conv2d_ref, local_conv2d_ref
 
 needs_cuda = pytest.mark.skipif(not cuda_available(), reason="numba.cuda cannot launch kernels "
@@ -73,7 +73,7 @@ def _op(value):
 
 
 def _run(local, x, w, b, geom):
-    from gpuconv import _cuda
+    from gpuconv.cuda import launch as _cuda
 
     return _cuda.run("local_conv2d" if local else "conv2d", _op(x), _op(w), _op(b), geom)
 
@@ -197,7 +197,7 @@ def test_every_output_written_over_a_nan_poisoned_buffer(local):
     """The launch layer fills a NaN-filled output completely (no element left unwritten)."""
     from numba import cuda
 
-    from gpuconv import _cuda
+    from gpuconv.cuda import launch as _cuda
 
     rng = np.random.default_rng(13)
     geom, padding = _feature_geometry("wide_two_tiles")
@@ -219,7 +219,7 @@ def test_conv2d_several_channel_stages_and_batch_grid_stride(c_in, chunk, dtype)
     block along z for the whole batch."""
     from numba import cuda
 
-    from gpuconv import _cuda, _cuda_kernels
+    from gpuconv.cuda import kernels as _cuda_kernels, launch as _cuda
 
     rng = np.random.default_rng(14)
     geom = _geometry(3, c_in, 5, 4, 5, 3, padding=1)
@@ -241,7 +241,7 @@ def test_local_conv2d_several_batch_passes(bias_kind):
     """Batch larger than one pass of the block (batch block 2, one row of threads)."""
     from numba import cuda
 
-    from gpuconv import _cuda, _cuda_kernels
+    from gpuconv.cuda import kernels as _cuda_kernels, launch as _cuda
 
     rng = np.random.default_rng(15)
     geom = _geometry(5, 2, 4, 5, 3, 2, stride=(1, 2))
@@ -276,7 +276,7 @@ def test_nan_input_reaches_exactly_the_outputs_whose_window_holds_it(local):
 @pytest.mark.cuda
 @needs_cuda
 def test_inputs_on_different_gpus_are_refused(monkeypatch):
-    from gpuconv import _cuda
+    from gpuconv.cuda import launch as _cuda
 
     geom = _geometry(1, 1, 3, 3, 1, 3)
     x, w = _device_arrays(np.ones((1, 1, 3, 3)), np.ones((1, 1, 3, 3)))
@@ -292,7 +292,7 @@ def test_inputs_on_different_gpus_are_refused(monkeypatch):
 # ----------------------------------------------------------------------------------------
 
 def test_factories_are_memoised_and_named_by_their_constants():
-    from gpuconv import _cuda_kernels as k
+    from gpuconv.cuda import kernels as k
 
     spec = k.conv2d_kernel("f32", 3, 5, 2, 2, 8)
     assert spec is k.conv2d_kernel("f32", 3, 5, 2, 2, 8)
@@ -304,7 +304,7 @@ def test_factories_are_memoised_and_named_by_their_constants():
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("layer", range(13))
 def test_launch_shapes_of_the_workload_layers_fit_the_hardware(layer, dtype):
-    from gpuconv import _cuda_kernels as k
+    from gpuconv.cuda import kernels as k
 
     _, geom = k.workload_geometries()[layer]
     conv = k.conv2d_config(geom, dtype)
@@ -322,7 +322,7 @@ def test_launch_shapes_of_the_workload_layers_fit_the_hardware(layer, dtype):
 
 
 def test_wide_float32_outputs_use_the_larger_register_block():
-    from gpuconv import _cuda_kernels as k
+    from gpuconv.cuda import kernels as k
 
     geom, _ = _feature_geometry("wide_two_tiles")  # exercised on the device above
     assert "_r2x4_" in k.conv2d_config(geom, np.float32).kernel.name
@@ -332,7 +332,7 @@ def test_wide_float32_outputs_use_the_larger_register_block():
 
 
 def test_huge_dilated_windows_shrink_the_block_or_are_refused():
-    from gpuconv import _cuda_kernels as k
+    from gpuconv.cuda import kernels as k
 
     geom = _geometry(1, 1, 80, 80, 1, 3, dilation=35)
     config = k.conv2d_config(geom, np.float64)
@@ -342,7 +342,7 @@ def test_huge_dilated_windows_shrink_the_block_or_are_refused():
 
 
 def test_workload_specialisations_cover_both_ops_and_dtypes():
-    from gpuconv import _cuda_kernels as k
+    from gpuconv.cuda import kernels as k
 
     names = [spec.name for spec in k.workload_specialisations()]
     assert len(names) == len(set(names))

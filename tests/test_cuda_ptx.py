@@ -39,7 +39,7 @@ pytestmark = pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))
 @pytest.fixture(scope="module")
 def report():
     """(rows, ptx by (kernel, cc)): every benchmark specialisation compiled once."""
-    from gpuconv import _cuda_ptx
+    from gpuconv.cuda import ptx as _cuda_ptx
 
     ptx = {}
     codes = ("f32", "f64") if _cuda_ptx.find_ptxas() else ()
@@ -49,7 +49,7 @@ def report():
 
 @pytest.fixture(scope="module")
 def ptxas_rows(report):
-    from gpuconv import _cuda_ptx
+    from gpuconv.cuda import ptx as _cuda_ptx
 
     if _cuda_ptx.find_ptxas() is None:
         pytest.skip("ptxas not found (pip install nvidia-cuda-nvcc)")
@@ -57,7 +57,7 @@ def ptxas_rows(report):
 
 
 def test_every_specialisation_compiles_for_each_cc(report):
-    from gpuconv import _cuda_kernels as kernels
+    from gpuconv.cuda import kernels as kernels
 
     _, ptx = report
     for spec in kernels.workload_specialisations():
@@ -71,7 +71,7 @@ def test_float32_kernels_do_not_spill(ptxas_rows, capsys):
     rows = [r for r in ptxas_rows if "_f32" in r.kernel]
     assert {r.arch for r in rows} == {"sm_90", "sm_80"}
     spilling = [r for r in rows if r.spill_stores or r.spill_loads or r.stack_frame]
-    from gpuconv import _cuda_ptx
+    from gpuconv.cuda import ptx as _cuda_ptx
 
     with capsys.disabled():  # always shown, not only with -s
         print("\n\nCUDA kernels: ptxas resource usage (benchmark specialisations)\n"
@@ -80,7 +80,7 @@ def test_float32_kernels_do_not_spill(ptxas_rows, capsys):
 
 
 def test_kernels_fit_the_register_file_and_shared_memory(ptxas_rows):
-    from gpuconv import _cuda_kernels as kernels
+    from gpuconv.cuda import kernels as kernels
 
     for r in ptxas_rows:
         # Every launch has at most 256 threads: 256 x 255 registers fit an SM's 64K.
@@ -95,8 +95,8 @@ def test_kernels_fit_the_register_file_and_shared_memory(ptxas_rows):
     ("local", ("f32", 2, 2, 8, 2)),
 ])
 def test_small_test_specialisations_compile_without_spills(spec_args):
-    from gpuconv import _cuda_kernels as kernels
-    from gpuconv import _cuda_ptx
+    from gpuconv.cuda import kernels as kernels
+    from gpuconv.cuda import ptx as _cuda_ptx
 
     family, args = spec_args
     factory = kernels.conv2d_kernel if family == "conv2d" else kernels.local_conv2d_kernel

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import gpuconv
-from gpuconv._device import cuda_available
+from gpuconv.device import cuda_available
 from reference import conv2d_ref, local_conv2d_ref
 
 pytestmark = [pytest.mark.cuda,
@@ -39,7 +39,7 @@ def test_device_arrays_with_device_cpu_are_refused():
 def test_launch_that_would_not_fit_is_refused_before_allocating(monkeypatch, on_device):
     from numba import cuda
 
-    from gpuconv import _cuda
+    from gpuconv.cuda import launch as _cuda
 
     monkeypatch.setattr(_cuda, "_free_bytes", lambda template=None: 100)
     x = np.zeros((2, 2, 5, 5))
@@ -51,8 +51,9 @@ def test_launch_that_would_not_fit_is_refused_before_allocating(monkeypatch, on_
 
 
 def test_bytes_needed_counts_output_copies_and_local_scratch():
-    from gpuconv import _conv, _cuda
-    from gpuconv._geometry import conv_geometry
+    from gpuconv import conv as _conv
+    from gpuconv.cuda import launch as _cuda
+    from gpuconv.geometry import conv_geometry
 
     x = _conv._operand(np.zeros((2, 3, 6, 6), np.float32), "x")
     w = _conv._operand(np.zeros((4, 4, 4, 3, 3, 3), np.float32), "weight")
@@ -65,8 +66,9 @@ def test_bytes_needed_counts_output_copies_and_local_scratch():
 def test_bytes_needed_counts_device_inputs_only_when_strided():
     from numba import cuda
 
-    from gpuconv import _conv, _cuda
-    from gpuconv._geometry import conv_geometry
+    from gpuconv import conv as _conv
+    from gpuconv.cuda import launch as _cuda
+    from gpuconv.geometry import conv_geometry
 
     x = _conv._operand(cuda.to_device(np.zeros((2, 3, 6, 6), np.float32)), "x")
     w_host = np.zeros((4, 3, 3, 3), np.float32)
@@ -82,7 +84,7 @@ def test_transpose_loops_over_tiles_and_batches_beyond_its_grid():
     real launch caps grid y and z at 65535 and relies on this loop)."""
     from numba import cuda
 
-    from gpuconv import _cuda_kernels as kernels
+    from gpuconv.cuda import kernels as kernels
 
     src = np.arange(3 * 37 * 20, dtype=np.float32).reshape(3, 37, 20)
     dst = cuda.device_array((3, 20, 40), dtype=np.float32)
@@ -94,7 +96,7 @@ def test_transpose_loops_over_tiles_and_batches_beyond_its_grid():
 
 
 def test_grids_beyond_cuda_limits_are_refused_clearly():
-    from gpuconv import _cuda_kernels as kernels
+    from gpuconv.cuda import kernels as kernels
 
     with pytest.raises(ValueError, match="beyond CUDA's limits.*device='cpu'"):
         kernels.check_grid((1, 70000, 1), "local_conv2d")

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from gpuconv._device import cuda_available
+from gpuconv.device import cuda_available
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import gpuconv
-from gpuconv import _device
-from gpuconv._device import CudaUnavailableError, select_device
+from gpuconv import device as _device
+from gpuconv.device import CudaUnavailableError, select_device
 
 
 class FakeGpuArray:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gpuconv import get_conv_outsize
-from gpuconv._geometry import conv_geometry
+from gpuconv.geometry import conv_geometry
 from reference import conv2d_ref, local_conv2d_ref
 
 SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"

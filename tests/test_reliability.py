@@ -9,7 +9,7 @@ import pytest
 
 import gpuconv
 from gpuconv import InsufficientMemoryError, conv2d, local_conv2d
-from gpuconv._device import host_memory_available
+from gpuconv.device import host_memory_available
 from reference import conv2d_ref, local_conv2d_ref
 
 
@@ -133,7 +133,7 @@ def test_memory_check_counts_the_kernels_scratch(op, monkeypatch):
     """Scratch (the repacked, padded input) is counted, not only the output."""
     import tracemalloc
 
-    from gpuconv import _conv
+    from gpuconv import conv as _conv
 
     x = np.ones((2, 64, 24, 24), np.float32)
     w = np.ones((1, 24, 24, 64, 3, 3) if op == "local_conv2d" else (1, 64, 3, 3), np.float32)
@@ -145,7 +145,7 @@ def test_memory_check_counts_the_kernels_scratch(op, monkeypatch):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     x_op, w_op = _conv._operand(x, "x"), _conv._operand(w, "weight")
-    geom = gpuconv._geometry.conv_geometry(x.shape, (3, 3), 1, padding=1)
+    geom = gpuconv.geometry.conv_geometry(x.shape, (3, 3), 1, padding=1)
     assert _conv._host_bytes_needed(op, x_op, w_op, geom) >= peak
     monkeypatch.setattr(_conv, "host_memory_available", lambda: peak // 2)
     with pytest.raises(InsufficientMemoryError):

@@ -42,10 +42,10 @@ import time
 
 import numpy as np
 
-from . import _bench_impls as impls_mod
-from ._device import CudaUnavailableError, select_device
-from .params import conv2d_param_count, local_conv2d_param_count
-from .workloads import LAYERS, Layer
+from . import peers as impls_mod
+from ..device import CudaUnavailableError, select_device
+from ..params import conv2d_param_count, local_conv2d_param_count
+from ..workloads import LAYERS, Layer
 
 __all__ = ["Layer", "LAYERS", "SUITES", "QUICK_LAYERS", "add_arguments", "run",
            "run_benchmark", "make_record", "format_table", "format_summary", "layer_names"]
@@ -215,7 +215,7 @@ def _load_average():
 
 
 def _gpuconv_version():
-    from . import __version__
+    from .. import __version__
     return __version__
 
 
@@ -328,11 +328,11 @@ def _numba_cache_stats():
     try:
         from numba.core.dispatcher import Dispatcher
 
-        from . import _cpu
+        from .. import cpu as _cpu
     except Exception:
         return None
     hits = misses = 0
-    for value in vars(_cpu).values():
+    for value in _cpu.jit_functions():
         if isinstance(value, Dispatcher):
             hits += sum(value.stats.cache_hits.values())
             misses += sum(value.stats.cache_misses.values())
@@ -819,7 +819,7 @@ def run(args):
     """The ``bench`` command. Returns the exit code."""
     if args.plot:
         try:
-            from . import _bench_plot
+            from . import plot as _bench_plot
             _bench_plot.require_matplotlib()
         except ImportError as exc:
             print(f"gpuconv bench: --plot needs matplotlib ({exc}); "
@@ -845,7 +845,7 @@ def run(args):
         write_json(result, args.json)
         print(f"wrote {args.json}")
     if args.plot:
-        from . import _bench_plot
+        from . import plot as _bench_plot
         _bench_plot.plot(result, args.plot)
         print(f"wrote {args.plot}")
     return 0

@@ -1,190 +1,27 @@
-"""CPU kernels (Numba ``@njit``), one entry point per operation.
+"""CPU kernel of the shared-weight convolution (design: :mod:`gpuconv.cpu`)."""
 
-The kernels are bare: they trust their caller (:mod:`gpuconv._conv`) for shapes, dtypes
-and contiguity. Arguments use the notation of :mod:`gpuconv._geometry`; ``bias`` is always
-a 3-D array ``(c_O, bh, bw)`` with ``(bh, bw)`` either ``(1, 1)`` (one bias per output map)
-or ``(h_O, w_O)`` (one per output position), and ``has_bias`` says whether to add it.
-
-Design (direct convolution, after Zhang, Franchetti & Low, ICML 2018, and Georganas et al.,
-SC18): no im2col matrix is built.
-
-* ``conv2d``: the input is repacked once per call into a zero-padded, channel-major buffer
-  ``(c_I, n, h_P, s_W, w_Q)`` whose last axis holds every ``s_W``-th column (one "phase" per
-  column offset), so that every kernel tap ``(c, u, v)`` reads a *contiguous* run of input
-  for a run of consecutive output pixels, whatever the stride, padding or dilation; the
-  weights are repacked into blocks of output channels, tap-major. Output pixels are
-  numbered along that padded grid ("virtual" pixels; with stride 1 the rows of all images
-  form one run, so 7 x 7 maps still give long runs, and the few pixels that fall in the
-  padding are computed and dropped). A job is (run of pixel blocks, block of output
-  channels); the reduction runs in chunks of taps whose weights fit in L1, and the register
-  block keeps 24 vector accumulators for the whole chunk:
-
-  - ``cvec2`` / ``cvec1``: two (one) vectors of output channels x 12 (24) pixels; per tap,
-    two (one) weight vectors are loaded and each input value is broadcast against them;
-  - ``pvec`` (few output channels, e.g. the seed's 5 or 10): 6 output channels x 4 vectors
-    of consecutive pixels; per tap, four input vectors are loaded and each weight broadcast.
-
-  :func:`choose_cpu_kernel` names the variant. Fused multiply-adds on explicit vectors
-  (small intrinsics below) keep the accumulators in registers, which Numba's loop
-  vectoriser cannot do across a reduction loop; the output dimension is the vector
-  dimension, so the summation order over taps is the plain sequential one.
-* ``local_conv2d``: each output position is a small matrix product over the batch; the
-  kernel walks the (huge) weight array exactly once, in its natural order (four output
-  channels, i.e. four streams, at a time), and applies each weight to a vector of batch
-  elements of a small per-thread window of the input (batch innermost). It runs at the speed
-  of streaming the weights from memory.
-
-Parallelism: ``prange`` over one chunk per thread, jobs dealt cyclically, so both cores are
-busy at batch 1; per-thread scratch is allocated by the caller (visible to ``tracemalloc``).
-Compilation is cached on disk (``cache=True``): a later process reuses it.
-
-Floating point: every multiply-add is one fused multiply-add (``llvm.fma``: one rounding
-instead of two, never less accurate); nothing else is relaxed (no ``nnan``/``ninf``/
-``reassoc``): NaN and Inf propagate exactly as IEEE arithmetic says, and the summation order
-over taps is fixed. Vectors are 64 bytes (one AVX-512 register); on processors with narrower
-registers LLVM splits them, so the same code is correct everywhere, only slower there.
-"""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-import numpy as np
 import numba
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic, models, register_model
+import numpy as np
+from numba import njit, prange
 
-__all__ = ["conv2d_forward", "local_conv2d_forward", "choose_cpu_kernel", "scratch_bytes"]
+from .simd import VECTOR_BYTES as _VECTOR_BYTES
+from .simd import prefer_wide_vectors as _prefer_wide_vectors
+from .simd import vfma as _vfma, vload as _vload, vstore as _vstore, vzero as _vzero
+
+__all__ = ["conv2d_forward", "choose_cpu_kernel", "conv2d_scratch_bytes"]
 
 # Output channels per register block of the pixel-vector shared kernel (at most; a group's
 # channels are split into even blocks).
 _PVEC_CHANNELS = 6
 # Output channels per block of the unshared kernel (weights of one block and position are
-# _LOCAL_CO_BLOCK independent streams through memory).
-_LOCAL_CO_BLOCK = 4
-
 # The channel-vector kernels fill vectors with output channels: with at most this many per
 # group the pixel-vector kernel (blocks of _PVEC_CHANNELS) wastes fewer lanes.
 _PVEC_MAX_CHANNELS = 12
-
-
-@intrinsic
-def _prefer_wide_vectors(typingctx):
-    """Let LLVM use the widest vector registers (512-bit on AVX-512) in the calling function.
-
-    LLVM tunes several AVX-512 processors to prefer 256-bit vectors ("prefer-vector-width"),
-    which halves the throughput of a compute-bound loop. These two function attributes lift
-    that for the one function that calls this; on processors without wider registers they
-    change nothing (the vectoriser never exceeds the real register width).
-    """
-    def codegen(context, builder, signature, args):
-        attributes = builder.function.attributes
-        # llvmlite only knows enum attributes; string attributes go straight into the set.
-        set.add(attributes, '"prefer-vector-width"="512"')
-        set.add(attributes, '"min-legal-vector-width"="512"')
-        # Kept out of line: the loop vectoriser runs after Numba links the callers in, and
-        # inlined into a caller without these attributes the loop would get narrow vectors.
-        if "alwaysinline" not in attributes:
-            attributes.add("noinline")
-        return context.get_dummy_value()
-
-    return types.none(), codegen
-
-
-# --------------------------------------------------------------------------------------
-# A fixed-width SIMD vector as a Numba value: accumulators that live in registers
-# --------------------------------------------------------------------------------------
-# Numba's loop vectoriser only vectorises innermost loops, so a register block of
-# accumulators that survives a whole reduction loop cannot be written with arrays. These few
-# intrinsics give Numba code a vector value of _VECTOR_BYTES bytes (16 float32 or 8 float64:
-# one AVX-512 register; LLVM splits it into narrower registers on other processors, so the
-# code is portable, only slower there).
-
-_VECTOR_BYTES = 64
-
-
-class _Vector(types.Type):
-    """``lanes`` elements of ``dtype`` (a Numba float type) held in one SSA value."""
-
-    def __init__(self, dtype, lanes):
-        self.dtype = dtype
-        self.lanes = lanes
-        super().__init__(name=f"Vector({dtype} x {lanes})")
-
-
-@register_model(_Vector)
-class _VectorModel(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        element = dmm.lookup(fe_type.dtype).get_value_type()
-        super().__init__(dmm, fe_type, ir.VectorType(element, fe_type.lanes))
-
-
-def _vector_of(array_type):
-    return _Vector(array_type.dtype, _VECTOR_BYTES // array_type.dtype.bitwidth * 8)
-
-
-@intrinsic
-def _vzero(typingctx, array):
-    """A vector of zeros with the element type of ``array``."""
-    vector = _vector_of(array)
-
-    def codegen(context, builder, signature, args):
-        return ir.Constant(context.get_value_type(vector), None)
-
-    return vector(array), codegen
-
-
-@intrinsic
-def _vload(typingctx, array, index):
-    """``array[index : index + lanes]`` of a 1-D C-contiguous array, as a vector
-    (unaligned; no bounds check: the caller guarantees the range)."""
-    vector = _vector_of(array)
-
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        pointer = builder.gep(data, [args[1]])
-        pointer = builder.bitcast(pointer, context.get_value_type(vector).as_pointer())
-        return builder.load(pointer, align=array.dtype.bitwidth // 8)
-
-    return vector(array, index), codegen
-
-
-@intrinsic
-def _vstore(typingctx, array, index, value):
-    """``array[index : index + lanes] = value`` (unaligned, no bounds check)."""
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        pointer = builder.gep(data, [args[1]])
-        pointer = builder.bitcast(pointer, args[2].type.as_pointer())
-        builder.store(args[2], pointer, align=array.dtype.bitwidth // 8)
-        return context.get_dummy_value()
-
-    return types.none(array, index, value), codegen
-
-
-@intrinsic
-def _vfma(typingctx, acc, weights, x):
-    """``acc + weights * x`` lane by lane, with the scalar ``x`` broadcast; one fused
-    multiply-add (a single rounding; NaN and Inf propagate as in IEEE arithmetic)."""
-    if not isinstance(acc, _Vector) or weights != acc or x != acc.dtype:
-        return None
-
-    def codegen(context, builder, signature, args):
-        vector_type = args[0].type
-        lane0 = builder.insert_element(ir.Constant(vector_type, ir.Undefined), args[2],
-                                       ir.Constant(ir.IntType(32), 0))
-        mask = ir.Constant(ir.VectorType(ir.IntType(32), vector_type.count), [0] * vector_type.count)
-        broadcast = builder.shuffle_vector(lane0, ir.Constant(vector_type, ir.Undefined), mask)
-        element = "f32" if vector_type.element == ir.FloatType() else "f64"
-        name = f"llvm.fma.v{vector_type.count}{element}"
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vector_type, [vector_type] * 3), name)
-        return builder.call(fma, [args[1], broadcast, args[0]])
-
-    return acc(acc, weights, x), codegen
-
 
 def choose_cpu_kernel(geom):
     """Name the CPU kernel variant that :func:`conv2d_forward` uses for a geometry.
@@ -202,7 +39,7 @@ def choose_cpu_kernel(geom):
       computing the pixels that fall in the padding columns and rows, which are dropped);
       ``"rows"`` otherwise: one run per output row.
 
-    >>> from gpuconv._geometry import conv_geometry
+    >>> from gpuconv.geometry import conv_geometry
     >>> choose_cpu_kernel(conv_geometry((1, 3, 8, 8), (3, 3), 4))
     'pvec-merged'
     >>> choose_cpu_kernel(conv_geometry((1, 3, 8, 8), (3, 3), 16))
@@ -858,19 +695,18 @@ def _conv2d_layout(geom, itemsize):
                          blocks_per_group, n_taps, tile)
 
 
-def scratch_bytes(op_name, geom, itemsize):
-    """Bytes of scratch one call of ``op_name`` allocates beyond its output (the public
-    layer checks them against free memory before the call)."""
-    threads = numba.get_num_threads()
-    small = 1 << 16  # array headers, the bias placeholder, index temporaries
-    if op_name == "local_conv2d":
-        layout = _local_layout(geom, itemsize, threads)
-        return threads * (layout.window + layout.lanes + layout.tile) * itemsize + small
+_SMALL_SCRATCH = 1 << 16  # array headers, the bias placeholder, index temporaries
+
+
+def conv2d_scratch_bytes(geom, itemsize):
+    """Bytes of scratch :func:`conv2d_forward` allocates beyond its output (the public layer
+    checks them against free memory before the call): the padded input, the repacked
+    weights and one tile of accumulators per thread."""
     layout = _conv2d_layout(geom, itemsize)
     weights = layout.blocks_per_group * geom.groups * layout.n_taps * layout.block
     tap_offsets = 4 * layout.n_taps * 8  # the int64 offsets and their temporaries
-    return ((layout.packed_size + layout.slack + weights + threads * layout.tile) * itemsize
-            + tap_offsets + small)
+    return ((layout.packed_size + layout.slack + weights
+             + numba.get_num_threads() * layout.tile) * itemsize + tap_offsets + _SMALL_SCRATCH)
 
 
 def conv2d_forward(x, weight, bias, has_bias, out, geom):
@@ -896,166 +732,3 @@ def conv2d_forward(x, weight, bias, has_bias, out, geom):
                    geom.groups, geom.in_channels_per_group, h_P, s_H, s_W, w_Q, merged)
     return out
 
-
-# --------------------------------------------------------------------------------------
-# Unshared weights
-# --------------------------------------------------------------------------------------
-
-@njit(cache=True)
-def _local_conv2d_position(wf, w0, w1, w2, w3, xr, x_base, c_Ig, k_H, k_W, x_channel, x_row,
-                           x_tap, tile, tile_base, lanes):
-    """For one output position and the _LOCAL_CO_BLOCK channels of a block, whose weights
-    for this position start at ``wf[w0]``, ..., ``wf[w3]`` (``c_Ig * k_H * k_W`` each, in
-    order): ``tile[tile_base + k * lanes + l] = sum over (c, u, v) of
-    wf[w_k + (c * k_H + u) * k_W + v] * xr[x_base + c * x_channel + u * x_row + v * x_tap + l]``.
-
-    Each input vector (``lanes`` batch elements of one tap) is loaded once and used for the
-    four output channels; each weight is loaded once, in order, and broadcast.
-    """
-    _prefer_wide_vectors()
-    a0 = _vzero(tile)
-    a1 = _vzero(tile)
-    a2 = _vzero(tile)
-    a3 = _vzero(tile)
-    t = 0
-    for c in range(c_Ig):
-        for u in range(k_H):
-            row = x_base + c * x_channel + u * x_row
-            for v in range(k_W):
-                xv = _vload(xr, row + v * x_tap)
-                a0 = _vfma(a0, xv, wf[np.uint64(w0 + t)])
-                a1 = _vfma(a1, xv, wf[np.uint64(w1 + t)])
-                a2 = _vfma(a2, xv, wf[np.uint64(w2 + t)])
-                a3 = _vfma(a3, xv, wf[np.uint64(w3 + t)])
-                t += 1
-    _vstore(tile, tile_base, a0)
-    _vstore(tile, tile_base + lanes, a1)
-    _vstore(tile, tile_base + 2 * lanes, a2)
-    _vstore(tile, tile_base + 3 * lanes, a3)
-
-
-@njit(parallel=True, cache=True)
-def _local_conv2d_kernel(x, wf, bias, has_bias, out, tiles, windows, s_H, s_W, pt, pl, d_H,
-                         d_W, groups, k_H, k_W, chunk):
-    n, c_I, h, wd = x.shape
-    c_O, h_O, w_O = out.shape[1], out.shape[2], out.shape[3]
-    c_Og = c_O // groups
-    c_Ig = c_I // groups
-    per_position = bias.shape[1] * bias.shape[2] > 1
-    lanes = _VECTOR_BYTES // wf.itemsize
-    cb = _LOCAL_CO_BLOCK
-    n_V = -(-n // lanes)                           # batch vectors per position
-    tile_step = n_V * cb * lanes                   # accumulators per output position
-    w_C = (chunk - 1) * s_W + (k_W - 1) * d_W + 1  # input columns one chunk reads
-    r_len = c_Ig * k_H * k_W                       # weights per (co, oy, ox)
-    blocks_per_group = -(-c_Og // cb)
-    chunks = -(-w_O // chunk)
-    n_pos = h_O * chunks * groups
-    n_threads = tiles.shape[0]
-    for thread in prange(n_threads):
-        tile = tiles[thread]
-        xr = windows[thread]
-        for pos in range(thread, n_pos, n_threads):
-            g = pos % groups
-            oy = pos // groups // chunks
-            ox0 = (pos // groups % chunks) * chunk
-            ox1 = min(ox0 + chunk, w_O)
-            # xr[c, u, j, b]: the zero-padded input this chunk of the row reads, batch
-            # innermost and not padded: a vector starting at batch element 0 of a column runs
-            # on into the next column; those lanes are computed and dropped (the buffer has
-            # a vector of slack at the end).
-            for c in range(c_Ig):
-                cx = g * c_Ig + c
-                for u in range(k_H):
-                    iy = oy * s_H + u * d_H - pt
-                    for j in range(w_C):
-                        ix = ox0 * s_W + j - pl
-                        base = ((c * k_H + u) * w_C + j) * n
-                        if iy >= 0 and iy < h and ix >= 0 and ix < wd:
-                            for b in range(n):
-                                xr[base + b] = x[b, cx, iy, ix]
-                        else:
-                            for b in range(n):
-                                xr[base + b] = 0
-            for i in range(c_Ig * k_H * w_C * n, xr.shape[0]):
-                xr[i] = 0
-            for blk in range(blocks_per_group):
-                co0 = g * c_Og + blk * cb
-                co1 = min(co0 + cb, (g + 1) * c_Og)
-                # Channels past the block's end repeat its last channel (computed, then
-                # dropped), so the block always reads four valid weight streams.
-                co_a = min(co0 + 1, co1 - 1)
-                co_b = min(co0 + 2, co1 - 1)
-                co_c = min(co0 + 3, co1 - 1)
-                for ox in range(ox0, ox1):
-                    w0 = ((co0 * h_O + oy) * w_O + ox) * r_len
-                    w1 = ((co_a * h_O + oy) * w_O + ox) * r_len
-                    w2 = ((co_b * h_O + oy) * w_O + ox) * r_len
-                    w3 = ((co_c * h_O + oy) * w_O + ox) * r_len
-                    for v in range(n_V):
-                        _local_conv2d_position(
-                            wf, w0, w1, w2, w3, xr, (ox - ox0) * s_W * n + v * lanes,
-                            c_Ig, k_H, k_W, k_H * w_C * n, w_C * n, d_W * n,
-                            tile, (ox - ox0) * tile_step + v * cb * lanes, lanes)
-                for k in range(co1 - co0):
-                    co = co0 + k
-                    for ox in range(ox0, ox1):
-                        for b in range(n):
-                            v = b // lanes
-                            val = tile[(ox - ox0) * tile_step + (v * cb + k) * lanes
-                                       + b - v * lanes]
-                            if has_bias:
-                                val = bias[co, oy if per_position else 0,
-                                           ox if per_position else 0] + val
-                            out[b, co, oy, ox] = val
-
-
-def _local_chunk(geom, itemsize, threads):
-    """Output columns per job of the unshared kernel: as many as keep the per-thread input
-    windows within half of the output's size over all threads (at least one column; at
-    most the whole row)."""
-    budget = geom.batch * geom.out_channels * geom.out_height * geom.out_width * itemsize
-    budget = budget // (2 * threads)
-    per_column = geom.in_channels_per_group * geom.kernel_height * geom.batch * itemsize
-    fixed = (geom.kernel_width - 1) * geom.dilation_w + 1
-    columns = budget // max(1, per_column)            # w_C = (chunk - 1) * s_W + fixed
-    chunk = (columns - fixed) // geom.stride_w + 1
-    return int(max(1, min(geom.out_width, chunk)))
-
-
-class _LocalLayout(NamedTuple):
-    """Per-thread scratch of the unshared kernel (see local_conv2d_forward)."""
-
-    lanes: int
-    chunk: int            # output columns per job
-    window: int           # elements of one thread's input window
-    tile: int             # elements of one thread's accumulators
-
-
-def _local_layout(geom, itemsize, threads):
-    lanes = _VECTOR_BYTES // itemsize
-    n_V = -(-geom.batch // lanes)
-    chunk = _local_chunk(geom, itemsize, threads)
-    w_C = (chunk - 1) * geom.stride_w + (geom.kernel_width - 1) * geom.dilation_w + 1
-    window = geom.in_channels_per_group * geom.kernel_height * w_C * geom.batch
-    return _LocalLayout(lanes, chunk, window, chunk * n_V * _LOCAL_CO_BLOCK * lanes)
-
-
-def local_conv2d_forward(x, weight, bias, has_bias, out, geom):
-    """Unshared (locally connected) convolution into ``out``.
-
-    Extra memory, per thread: the zero-padded input window of one chunk of output columns
-    (``C_in/groups x k_H x w_C x N``), sized by :func:`_local_chunk` to stay within half of
-    the output over all threads, and that chunk's accumulators; the weights are read in
-    place, once, in order.
-    """
-    threads = numba.get_num_threads()
-    layout = _local_layout(geom, x.dtype.itemsize, threads)
-    chunk = layout.chunk
-    windows = np.empty((threads, layout.window + layout.lanes), dtype=x.dtype)
-    tiles = np.empty((threads, layout.tile), dtype=x.dtype)
-    _local_conv2d_kernel(x, weight.reshape(-1), bias, has_bias, out, tiles, windows,
-                         geom.stride_h, geom.stride_w, geom.pad_top, geom.pad_left,
-                         geom.dilation_h, geom.dilation_w, geom.groups,
-                         geom.kernel_height, geom.kernel_width, chunk)
-    return out

@@ -1,18 +1,18 @@
 """CUDA kernels (Numba) and the factories that specialise them.
 
-Kernel construction lives here; array handling and launches live in :mod:`gpuconv._cuda`.
+Kernel construction lives here; array handling and launches live in :mod:`gpuconv.cuda.launch`.
 Each factory is memoised on exactly the compile-time constants that change the generated
 code, and the kernel it builds is named by them (``conv2d_f32_k3x3_r2x2_c8``), so a profile
 is readable. A factory returns a :class:`KernelSpec`: the bare Python function, its Numba
 signature, its name and launch bounds. That is enough for :func:`numba.cuda.compile_ptx` on
-a machine without a GPU (see :func:`workload_specialisations`, :mod:`gpuconv._cuda_ptx` and
+a machine without a GPU (see :func:`workload_specialisations`, :mod:`gpuconv.cuda.ptx` and
 ``scripts/ptx_report.py``); :func:`compiled` turns a spec into a launchable kernel.
 
 Kernels index flat (1-D) arrays with non-negative 64-bit offsets (cast to unsigned, so Numba
 emits no negative-index wraparound): flat offsets past 2**31 elements are safe, and the
 address arithmetic stays a few adds.
 
-Notation (as in :mod:`gpuconv._geometry`; the short names appear only inside kernels)::
+Notation (as in :mod:`gpuconv.geometry`; the short names appear only inside kernels)::
 
     n        batch                      c_I, c_O    input, output channels
     c_Ig     input channels per group   c_Og        output channels per group
@@ -32,7 +32,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import cuda, float32, float64, int64, types, uint64
 
-from . import workloads
+from .. import workloads
 
 __all__ = ["KernelSpec", "Conv2dConfig", "LocalConv2dConfig", "conv2d_kernel",
            "local_conv2d_kernel", "transpose_kernel", "copy_kernel", "compiled",

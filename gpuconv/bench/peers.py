@@ -4,7 +4,7 @@ Every implementation computes the same thing on the same arrays: ``y = op(x, wei
 with one bias per output channel. Nothing here imports PyTorch at module import; the torch
 implementations exist only when :func:`load_torch` finds it.
 
-Notation as in :mod:`gpuconv._geometry`: ``K = (C_in / groups) * kH * kW`` values per
+Notation as in :mod:`gpuconv.geometry`: ``K = (C_in / groups) * kH * kW`` values per
 receptive field, ``L = H_out * W_out`` output positions.
 """
 
@@ -17,7 +17,7 @@ import tracemalloc
 
 import numpy as np
 
-from ._device import host_memory_available
+from ..device import host_memory_available
 
 __all__ = ["Impl", "load_torch", "implementations", "Backend", "available_memory",
            "measure_ceilings", "peak_extra_bytes"]

@@ -1,7 +1,7 @@
 """The public operations: argument checks, device choice, output allocation, launch.
 
 This is the only module that knows about both devices. The kernels behind it
-(:mod:`gpuconv._cpu`, :mod:`gpuconv._cuda`) trust what it hands them.
+(:mod:`gpuconv.cpu`, :mod:`gpuconv.cuda.launch`) trust what it hands them.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import threading
 
 import numpy as np
 
-from ._device import check_memory, host_memory_available, is_device_array, select_device
-from ._geometry import conv_geometry
+from .device import check_memory, host_memory_available, is_device_array, select_device
+from .geometry import conv_geometry
 
 __all__ = ["conv2d", "local_conv2d"]
 
@@ -150,7 +150,7 @@ def _empty_output(shape, dtype):
 
 def _host_bytes_needed(op_name, x, weight, geom):
     """Output, contiguous copies of the inputs and the kernels' scratch (Python ints)."""
-    from . import _cpu
+    from . import cpu as _cpu
 
     itemsize = x.dtype.itemsize
     out = math.prod(geom.output_shape) * itemsize
@@ -160,7 +160,7 @@ def _host_bytes_needed(op_name, x, weight, geom):
 
 
 def _run_cpu(op_name, x, weight, bias, geom, x_original):
-    from . import _cpu
+    from . import cpu as _cpu
 
     dtype = x.dtype
     check_memory(_host_bytes_needed(op_name, x, weight, geom), host_memory_available(), "host")
@@ -198,7 +198,7 @@ def _run(op_name, x, weight, bias, stride, padding, dilation, groups, device):
     x, weight, bias, geom, target = _prepare(
         op_name, x, weight, bias, stride, padding, dilation, groups, device)
     if target == "cuda":
-        from . import _cuda
+        from .cuda import launch as _cuda
 
         return _cuda.run(op_name, x, weight, bias, geom)
     return _run_cpu(op_name, x, weight, bias, geom, x_original)

@@ -1,7 +1,7 @@
 """Compile the CUDA kernels to PTX and ask ``ptxas`` what they cost, without a GPU.
 
 For every specialisation the benchmark layers launch (see
-:func:`gpuconv._cuda_kernels.workload_specialisations`) this compiles PTX with
+:func:`gpuconv.cuda.kernels.workload_specialisations`) this compiles PTX with
 :func:`numba.cuda.compile_ptx` for a compute capability, assembles it with ``ptxas -v`` for
 the matching architecture and reads back registers per thread, spill stores/loads, stack
 frame and static shared memory. The dynamic shared memory of ``conv2d`` is chosen at launch;
@@ -58,7 +58,7 @@ def find_ptxas():
 
 
 def compile_ptx(spec, cc):
-    """PTX text of a :class:`~gpuconv._cuda_kernels.KernelSpec` for compute capability ``cc``."""
+    """PTX text of a :class:`~gpuconv.cuda.kernels.KernelSpec` for compute capability ``cc``."""
     from numba import cuda
 
     ptx, _ = cuda.compile_ptx(spec.pyfunc, spec.signature, cc=cc,
@@ -119,7 +119,7 @@ def ptxas_info(ptx, arch, kernel="", ptxas=None, dynamic_smem=0):
 def _dynamic_smem_by_kernel():
     import numpy as np
 
-    from . import _cuda_kernels as kernels
+    from . import kernels
 
     largest = {}
     for dtype in (np.float32, np.float64):
@@ -133,7 +133,7 @@ def _dynamic_smem_by_kernel():
 def _compile_share(codes, ccs, share, shares):
     """PTX of every ``shares``-th benchmark specialisation, starting at ``share``: a worker's
     part (specs hold closures, so workers rebuild them from the same deterministic list)."""
-    from . import _cuda_kernels as kernels
+    from . import kernels
 
     specs = kernels.workload_specialisations(codes)[share::shares]
     return [(spec.name, compile_ptx_multi(spec, ccs)) for spec in specs]

@@ -1,7 +1,7 @@
 """The CUDA path: array handling and kernel launches (the kernels live in
-:mod:`gpuconv._cuda_kernels`).
+:mod:`gpuconv.cuda.kernels`).
 
-Contract of :func:`run` (its caller, :mod:`gpuconv._conv`, has validated everything):
+Contract of :func:`run` (its caller, :mod:`gpuconv.conv`, has validated everything):
 
 - host inputs (NumPy, any strides or order, read-only) are copied to the current GPU, the
   result is copied back and returned as a NumPy array of the input dtype;
@@ -28,8 +28,8 @@ import threading
 import numpy as np
 from numba import cuda
 
-from . import _cuda_kernels as kernels
-from ._device import check_memory
+from . import kernels
+from ..device import check_memory
 
 __all__ = ["run"]
 
@@ -185,7 +185,7 @@ def _flat(array):
 
 
 def _launch_conv2d(x, weight, bias, out, geom, stream, config=None, empty=None):
-    """Write conv2d into ``out``; ``config`` overrides :func:`~gpuconv._cuda_kernels.conv2d_config`,
+    """Write conv2d into ``out``; ``config`` overrides :func:`~gpuconv.cuda.kernels.conv2d_config`,
     ``empty(shape, dtype)`` allocates scratch (default: Numba device arrays)."""
     config = config or kernels.conv2d_config(geom, x.dtype)
     if bias is None:
@@ -251,7 +251,7 @@ def _batch_innermost(x, n_pad, stream, empty=None):
 
 def _launch_local_conv2d(x, weight, bias, out, geom, stream, config=None, empty=None):
     """Write local_conv2d into ``out``; ``config`` overrides
-    :func:`~gpuconv._cuda_kernels.local_conv2d_config`, ``empty(shape, dtype)`` allocates
+    :func:`~gpuconv.cuda.kernels.local_conv2d_config`, ``empty(shape, dtype)`` allocates
     scratch (default: Numba device arrays)."""
     config = config or kernels.local_conv2d_config(geom, x.dtype)
     batch_block = config.batch_block
@@ -417,7 +417,7 @@ def run(op_name, x, weight, bias, geom):
 
     ``x``, ``weight``, ``bias`` are the public layer's operands (``.obj``, ``.shape``,
     ``.dtype``, ``.on_gpu``); ``bias`` may be None. ``geom`` is the validated
-    :class:`~gpuconv._geometry.ConvGeometry`.
+    :class:`~gpuconv.geometry.ConvGeometry`.
     """
     with _SIMULATOR_LOCK if _simulated() else contextlib.nullcontext():
         if x.on_gpu:

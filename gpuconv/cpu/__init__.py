@@ -1,0 +1,65 @@
+"""The CPU kernels (Numba ``@njit``): one module per operation, one entry point each.
+
+The kernels are bare: they trust their caller (:mod:`gpuconv.conv`) for shapes, dtypes
+and contiguity. Arguments use the notation of :mod:`gpuconv.geometry`; ``bias`` is always
+a 3-D array ``(c_O, bh, bw)`` with ``(bh, bw)`` either ``(1, 1)`` (one bias per output map)
+or ``(h_O, w_O)`` (one per output position), and ``has_bias`` says whether to add it.
+
+Design (direct convolution, after Zhang, Franchetti & Low, ICML 2018, and Georganas et al.,
+SC18): no im2col matrix is built.
+
+* ``conv2d`` (:mod:`.conv2d`): the input is repacked once per call into a zero-padded, channel-major buffer
+  ``(c_I, n, h_P, s_W, w_Q)`` whose last axis holds every ``s_W``-th column (one "phase" per
+  column offset), so that every kernel tap ``(c, u, v)`` reads a *contiguous* run of input
+  for a run of consecutive output pixels, whatever the stride, padding or dilation; the
+  weights are repacked into blocks of output channels, tap-major. Output pixels are
+  numbered along that padded grid ("virtual" pixels; with stride 1 the rows of all images
+  form one run, so 7 x 7 maps still give long runs, and the few pixels that fall in the
+  padding are computed and dropped). A job is (run of pixel blocks, block of output
+  channels); the reduction runs in chunks of taps whose weights fit in L1, and the register
+  block keeps 24 vector accumulators for the whole chunk:
+
+  - ``cvec2`` / ``cvec1``: two (one) vectors of output channels x 12 (24) pixels; per tap,
+    two (one) weight vectors are loaded and each input value is broadcast against them;
+  - ``pvec`` (few output channels, e.g. the seed's 5 or 10): 6 output channels x 4 vectors
+    of consecutive pixels; per tap, four input vectors are loaded and each weight broadcast.
+
+  :func:`choose_cpu_kernel` names the variant. Fused multiply-adds on explicit vectors
+  (:mod:`gpuconv.cpu.simd`) keep the accumulators in registers, which Numba's loop
+  vectoriser cannot do across a reduction loop; the output dimension is the vector
+  dimension, so the summation order over taps is the plain sequential one.
+* ``local_conv2d`` (:mod:`.local_conv2d`): each output position is a small matrix product over the batch; the
+  kernel walks the (huge) weight array exactly once, in its natural order (four output
+  channels, i.e. four streams, at a time), and applies each weight to a vector of batch
+  elements of a small per-thread window of the input (batch innermost). It runs at the speed
+  of streaming the weights from memory.
+
+Parallelism: ``prange`` over one chunk per thread, jobs dealt cyclically, so both cores are
+busy at batch 1; per-thread scratch is allocated by the caller (visible to ``tracemalloc``).
+Compilation is cached on disk (``cache=True``): a later process reuses it.
+
+Floating point: every multiply-add is one fused multiply-add (``llvm.fma``: one rounding
+instead of two, never less accurate); nothing else is relaxed (no ``nnan``/``ninf``/
+``reassoc``): NaN and Inf propagate exactly as IEEE arithmetic says, and the summation order
+over taps is fixed. Vectors are 64 bytes (one AVX-512 register); on processors with narrower
+registers LLVM splits them, so the same code is correct everywhere, only slower there.
+"""
+
+from .conv2d import choose_cpu_kernel, conv2d_forward, conv2d_scratch_bytes
+from .local_conv2d import local_conv2d_forward, local_conv2d_scratch_bytes
+
+
+
+def jit_functions():
+    """Every Numba-compiled function of the CPU kernel modules (for cache statistics)."""
+    import sys
+
+    from numba.core.dispatcher import Dispatcher
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith(__name__ + ".") and module is not None:
+            yield from (v for v in vars(module).values() if isinstance(v, Dispatcher))
+
+
+__all__ = ["jit_functions", "choose_cpu_kernel", "conv2d_forward", "conv2d_scratch_bytes", "local_conv2d_forward",
+           "local_conv2d_scratch_bytes"]

@@ -1,0 +1,190 @@
+"""CPU kernel of the unshared (locally connected) convolution; see :mod:`gpuconv.cpu`."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .simd import VECTOR_BYTES as _VECTOR_BYTES
+from .simd import prefer_wide_vectors as _prefer_wide_vectors
+from .simd import vfma as _vfma, vload as _vload, vstore as _vstore, vzero as _vzero
+
+__all__ = ["local_conv2d_forward", "local_conv2d_scratch_bytes"]
+
+# Output channels per block of the unshared kernel (weights of one block and position are
+# _LOCAL_CO_BLOCK independent streams through memory).
+_LOCAL_CO_BLOCK = 4
+
+# --------------------------------------------------------------------------------------
+# Unshared weights
+# --------------------------------------------------------------------------------------
+
+@njit(cache=True)
+def _local_conv2d_position(wf, w0, w1, w2, w3, xr, x_base, c_Ig, k_H, k_W, x_channel, x_row,
+                           x_tap, tile, tile_base, lanes):
+    """For one output position and the _LOCAL_CO_BLOCK channels of a block, whose weights
+    for this position start at ``wf[w0]``, ..., ``wf[w3]`` (``c_Ig * k_H * k_W`` each, in
+    order): ``tile[tile_base + k * lanes + l] = sum over (c, u, v) of
+    wf[w_k + (c * k_H + u) * k_W + v] * xr[x_base + c * x_channel + u * x_row + v * x_tap + l]``.
+
+    Each input vector (``lanes`` batch elements of one tap) is loaded once and used for the
+    four output channels; each weight is loaded once, in order, and broadcast.
+    """
+    _prefer_wide_vectors()
+    a0 = _vzero(tile)
+    a1 = _vzero(tile)
+    a2 = _vzero(tile)
+    a3 = _vzero(tile)
+    t = 0
+    for c in range(c_Ig):
+        for u in range(k_H):
+            row = x_base + c * x_channel + u * x_row
+            for v in range(k_W):
+                xv = _vload(xr, row + v * x_tap)
+                a0 = _vfma(a0, xv, wf[np.uint64(w0 + t)])
+                a1 = _vfma(a1, xv, wf[np.uint64(w1 + t)])
+                a2 = _vfma(a2, xv, wf[np.uint64(w2 + t)])
+                a3 = _vfma(a3, xv, wf[np.uint64(w3 + t)])
+                t += 1
+    _vstore(tile, tile_base, a0)
+    _vstore(tile, tile_base + lanes, a1)
+    _vstore(tile, tile_base + 2 * lanes, a2)
+    _vstore(tile, tile_base + 3 * lanes, a3)
+
+
+@njit(parallel=True, cache=True)
+def _local_conv2d_kernel(x, wf, bias, has_bias, out, tiles, windows, s_H, s_W, pt, pl, d_H,
+                         d_W, groups, k_H, k_W, chunk):
+    n, c_I, h, wd = x.shape
+    c_O, h_O, w_O = out.shape[1], out.shape[2], out.shape[3]
+    c_Og = c_O // groups
+    c_Ig = c_I // groups
+    per_position = bias.shape[1] * bias.shape[2] > 1
+    lanes = _VECTOR_BYTES // wf.itemsize
+    cb = _LOCAL_CO_BLOCK
+    n_V = -(-n // lanes)                           # batch vectors per position
+    tile_step = n_V * cb * lanes                   # accumulators per output position
+    w_C = (chunk - 1) * s_W + (k_W - 1) * d_W + 1  # input columns one chunk reads
+    r_len = c_Ig * k_H * k_W                       # weights per (co, oy, ox)
+    blocks_per_group = -(-c_Og // cb)
+    chunks = -(-w_O // chunk)
+    n_pos = h_O * chunks * groups
+    n_threads = tiles.shape[0]
+    for thread in prange(n_threads):
+        tile = tiles[thread]
+        xr = windows[thread]
+        for pos in range(thread, n_pos, n_threads):
+            g = pos % groups
+            oy = pos // groups // chunks
+            ox0 = (pos // groups % chunks) * chunk
+            ox1 = min(ox0 + chunk, w_O)
+            # xr[c, u, j, b]: the zero-padded input this chunk of the row reads, batch
+            # innermost and not padded: a vector starting at batch element 0 of a column runs
+            # on into the next column; those lanes are computed and dropped (the buffer has
+            # a vector of slack at the end).
+            for c in range(c_Ig):
+                cx = g * c_Ig + c
+                for u in range(k_H):
+                    iy = oy * s_H + u * d_H - pt
+                    for j in range(w_C):
+                        ix = ox0 * s_W + j - pl
+                        base = ((c * k_H + u) * w_C + j) * n
+                        if iy >= 0 and iy < h and ix >= 0 and ix < wd:
+                            for b in range(n):
+                                xr[base + b] = x[b, cx, iy, ix]
+                        else:
+                            for b in range(n):
+                                xr[base + b] = 0
+            for i in range(c_Ig * k_H * w_C * n, xr.shape[0]):
+                xr[i] = 0
+            for blk in range(blocks_per_group):
+                co0 = g * c_Og + blk * cb
+                co1 = min(co0 + cb, (g + 1) * c_Og)
+                # Channels past the block's end repeat its last channel (computed, then
+                # dropped), so the block always reads four valid weight streams.
+                co_a = min(co0 + 1, co1 - 1)
+                co_b = min(co0 + 2, co1 - 1)
+                co_c = min(co0 + 3, co1 - 1)
+                for ox in range(ox0, ox1):
+                    w0 = ((co0 * h_O + oy) * w_O + ox) * r_len
+                    w1 = ((co_a * h_O + oy) * w_O + ox) * r_len
+                    w2 = ((co_b * h_O + oy) * w_O + ox) * r_len
+                    w3 = ((co_c * h_O + oy) * w_O + ox) * r_len
+                    for v in range(n_V):
+                        _local_conv2d_position(
+                            wf, w0, w1, w2, w3, xr, (ox - ox0) * s_W * n + v * lanes,
+                            c_Ig, k_H, k_W, k_H * w_C * n, w_C * n, d_W * n,
+                            tile, (ox - ox0) * tile_step + v * cb * lanes, lanes)
+                for k in range(co1 - co0):
+                    co = co0 + k
+                    for ox in range(ox0, ox1):
+                        for b in range(n):
+                            v = b // lanes
+                            val = tile[(ox - ox0) * tile_step + (v * cb + k) * lanes
+                                       + b - v * lanes]
+                            if has_bias:
+                                val = bias[co, oy if per_position else 0,
+                                           ox if per_position else 0] + val
+                            out[b, co, oy, ox] = val
+
+
+def _local_chunk(geom, itemsize, threads):
+    """Output columns per job of the unshared kernel: as many as keep the per-thread input
+    windows within half of the output's size over all threads (at least one column; at
+    most the whole row)."""
+    budget = geom.batch * geom.out_channels * geom.out_height * geom.out_width * itemsize
+    budget = budget // (2 * threads)
+    per_column = geom.in_channels_per_group * geom.kernel_height * geom.batch * itemsize
+    fixed = (geom.kernel_width - 1) * geom.dilation_w + 1
+    columns = budget // max(1, per_column)            # w_C = (chunk - 1) * s_W + fixed
+    chunk = (columns - fixed) // geom.stride_w + 1
+    return int(max(1, min(geom.out_width, chunk)))
+
+
+class _LocalLayout(NamedTuple):
+    """Per-thread scratch of the unshared kernel (see local_conv2d_forward)."""
+
+    lanes: int
+    chunk: int            # output columns per job
+    window: int           # elements of one thread's input window
+    tile: int             # elements of one thread's accumulators
+
+
+def _local_layout(geom, itemsize, threads):
+    lanes = _VECTOR_BYTES // itemsize
+    n_V = -(-geom.batch // lanes)
+    chunk = _local_chunk(geom, itemsize, threads)
+    w_C = (chunk - 1) * geom.stride_w + (geom.kernel_width - 1) * geom.dilation_w + 1
+    window = geom.in_channels_per_group * geom.kernel_height * w_C * geom.batch
+    return _LocalLayout(lanes, chunk, window, chunk * n_V * _LOCAL_CO_BLOCK * lanes)
+
+
+def local_conv2d_scratch_bytes(geom, itemsize):
+    """Bytes of scratch :func:`local_conv2d_forward` allocates beyond its output: each
+    thread's input window and accumulators."""
+    threads = numba.get_num_threads()
+    layout = _local_layout(geom, itemsize, threads)
+    return threads * (layout.window + layout.lanes + layout.tile) * itemsize + (1 << 16)
+
+
+def local_conv2d_forward(x, weight, bias, has_bias, out, geom):
+    """Unshared (locally connected) convolution into ``out``.
+
+    Extra memory, per thread: the zero-padded input window of one chunk of output columns
+    (``C_in/groups x k_H x w_C x N``), sized by :func:`_local_chunk` to stay within half of
+    the output over all threads, and that chunk's accumulators; the weights are read in
+    place, once, in order.
+    """
+    threads = numba.get_num_threads()
+    layout = _local_layout(geom, x.dtype.itemsize, threads)
+    chunk = layout.chunk
+    windows = np.empty((threads, layout.window + layout.lanes), dtype=x.dtype)
+    tiles = np.empty((threads, layout.tile), dtype=x.dtype)
+    _local_conv2d_kernel(x, weight.reshape(-1), bias, has_bias, out, tiles, windows,
+                         geom.stride_h, geom.stride_w, geom.pad_top, geom.pad_left,
+                         geom.dilation_h, geom.dilation_w, geom.groups,
+                         geom.kernel_height, geom.kernel_width, chunk)
+    return out
