@@ -156,7 +156,9 @@ def _host_bytes_needed(op_name, x, weight, geom):
     out = math.prod(geom.output_shape) * itemsize
     copies = sum(math.prod(op.shape) * itemsize for op in (x, weight)
                  if not op.obj.flags.c_contiguous)
-    return out + copies + _cpu.scratch_bytes(op_name, geom, itemsize)
+    scratch = (_cpu.local_conv2d_scratch_bytes if op_name == "local_conv2d"
+               else _cpu.conv2d_scratch_bytes)
+    return out + copies + scratch(geom, itemsize)
 
 
 def _run_cpu(op_name, x, weight, bias, geom, x_original):
