@@ -1,6 +1,13 @@
-"""gpuconv: shared (conv2d) and unshared (local_conv2d) 2-D convolutions, with Numba CUDA
-kernels for NVIDIA GPUs and Numba CPU kernels behind one API."""
+"""gpuconv: shared (conv2d) and unshared (local_conv2d) 2-D convolutions and their gradients
+(:mod:`gpuconv.grad`), with Numba CUDA kernels for NVIDIA GPUs and Numba CPU kernels behind
+one API.
 
+Layout: the public functions (:mod:`.conv`, :mod:`.grad`) check a call once and pick a device
+(:mod:`.device`); :mod:`.ops` declares every operation and names its kernels in
+:mod:`.cpu` and :mod:`.cuda`; :mod:`.geometry` holds the shapes and the notation.
+"""
+
+from . import grad
 from .conv import conv2d, local_conv2d
 from .device import CudaUnavailableError, InsufficientMemoryError, select_device
 from .geometry import get_conv_outsize
@@ -9,7 +16,7 @@ from .params import (ParamCount, conv2d_param_count, format_note_arithmetic,
 
 __version__ = "0.1.0"
 
-__all__ = ["conv2d", "local_conv2d", "select_device", "get_conv_outsize",
+__all__ = ["conv2d", "local_conv2d", "grad", "select_device", "get_conv_outsize",
            "CudaUnavailableError", "InsufficientMemoryError",
            "ParamCount", "conv2d_param_count", "local_conv2d_param_count",
            "fully_connected_param_count", "note_arithmetic", "format_note_arithmetic",

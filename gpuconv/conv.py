@@ -14,6 +14,7 @@ import numpy as np
 
 from .device import check_memory, host_memory_available, is_device_array, select_device
 from .geometry import conv_geometry
+from .ops import FORWARD, OPS
 
 __all__ = ["conv2d", "local_conv2d"]
 
@@ -23,23 +24,30 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 class _Operand:
     """An argument as the public layer sees it: the caller's object, its shape and dtype."""
 
-    __slots__ = ("obj", "shape", "dtype", "on_gpu")
+    __slots__ = ("obj", "shape", "dtype", "on_gpu", "origin")
 
-    def __init__(self, obj, shape, dtype, on_gpu):
+    def __init__(self, obj, shape, dtype, on_gpu, origin=""):
         self.obj, self.shape, self.dtype, self.on_gpu = obj, shape, dtype, on_gpu
+        self.origin = origin  # how a non-array argument became this array, for messages
 
     @property
     def ndim(self):
         return len(self.shape)
 
 
+def _grad_mode_on():
+    torch = sys.modules.get("torch")
+    return torch is None or torch.is_grad_enabled()
+
+
 def _operand(value, name):
     if value is None:
         return None
-    if getattr(value, "requires_grad", False):
+    if getattr(value, "requires_grad", False) and _grad_mode_on():
         raise TypeError(
-            f"{name} is a tensor that requires grad; gpuconv computes forward passes only: "
-            f"pass {name}.detach()")
+            f"{name} is a tensor that requires grad and grad mode is on; gpuconv's functions "
+            f"do not record an autograd graph: pass {name}.detach(), or call inside "
+            "torch.no_grad(), or use the gradient functions in gpuconv.grad")
     if is_device_array(value):
         if getattr(value, "__cuda_ndarray__", False) and not hasattr(value, "__cuda_array_interface__"):
             # a device array of the CUDA simulator
@@ -62,71 +70,131 @@ def _operand(value, name):
             host = np.asarray(value)
         except Exception as exc:
             raise TypeError(f"{name} must be an array, got {type(value).__name__}") from exc
+        if host.dtype == object:
+            raise TypeError(f"{name} must be an array, got {type(value).__name__}")
+        origin = f", which NumPy made of the {type(value).__name__} passed as {name}"
+        return _Operand(host, host.shape, host.dtype, False, origin)
     return _Operand(host, host.shape, host.dtype, False)
 
 
-def _check_dtypes(x, weight, bias):
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be float32 or float64, got dtype {x.dtype}")
-    for name, op in (("weight", weight), ("bias", bias)):
-        if op is not None and op.dtype != x.dtype:
-            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {op.dtype}")
+def _check_dtypes(op, operands, names):
+    """One float dtype for every operand; the message names the argument and how to cast."""
+    first, first_name = operands[0], names[0]
+    if first.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{first_name} must be float32 or float64, got dtype {first.dtype}"
+                        f"{first.origin}")
+    for name, o in zip(names[1:], operands[1:]):
+        if o is not None and o.dtype != first.dtype:
+            raise TypeError(
+                f"{name} must have the dtype of {first_name} ({first.dtype}{first.origin}), "
+                f"got {o.dtype}{o.origin}; cast one of them, e.g. "
+                f"{name}.astype({first_name}.dtype) (NumPy/CuPy) or "
+                f"{name}.to({first_name}.dtype) (PyTorch)")
 
 
-def _check_x(x):
-    if x.ndim != 4:
-        raise ValueError(f"x must be 4-D (N, C_in, H, W), got shape {x.shape}")
-    if min(x.shape[1:]) < 1:
-        raise ValueError(f"x must have C_in, H and W >= 1, got shape {x.shape}")
+def _shape_arg(value, name, rank, layout):
+    """A shape given as a tuple of ints (``input_size``, ``weight_size``)."""
+    try:
+        shape = tuple(int(v) for v in value)
+        ok = len(shape) == rank and all(int(v) == v and v >= 0 for v in value)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of {rank} non-negative ints {layout}, "
+                        f"got {value!r}")
+    return shape
 
 
-def _prepare(op_name, x, weight, bias, stride, padding, dilation, groups, device):
-    """Shared front half of both operations: operands, checks, geometry, device."""
-    x, weight, bias = _operand(x, "x"), _operand(weight, "weight"), _operand(bias, "bias")
-    _check_x(x)
-    local = op_name == "local_conv2d"
-    if local:
-        expected = "(C_out, H_out, W_out, C_in/groups, kH, kW)"
-        if weight.ndim != 6:
-            raise ValueError(f"weight must be 6-D {expected}, got shape {weight.shape}")
-    else:
-        expected = "(C_out, C_in/groups, kH, kW)"
-        if weight.ndim != 4:
-            raise ValueError(f"weight must be 4-D {expected}, got shape {weight.shape}")
-    if min(weight.shape) < 1:
-        raise ValueError(f"weight must have no empty dimension {expected}, got shape {weight.shape}")
-    _check_dtypes(x, weight, bias)
-    kernel_size = weight.shape[-2:]
-    geom = conv_geometry(x.shape, kernel_size, weight.shape[0], stride, padding, dilation, groups)
-    c_ig = weight.shape[3] if local else weight.shape[1]
+def _check_input_shape(shape, name):
+    if len(shape) != 4:
+        raise ValueError(f"{name} must be 4-D (N, C_in, H, W), got shape {tuple(shape)}")
+    if min(shape[1:]) < 1:
+        raise ValueError(f"{name} must have C_in, H and W >= 1, got shape {tuple(shape)}")
+
+
+def _geometry(op, x_shape, x_name, weight_shape, weight_name, stride, padding, dilation,
+              groups):
+    """Check the input and weight shapes against ``op``'s rules; the validated geometry."""
+    _check_input_shape(x_shape, x_name)
+    expected = op.weight_layout
+    if len(weight_shape) != op.weight_rank:
+        raise ValueError(f"{weight_name} must be {op.weight_rank}-D {expected}, got shape "
+                         f"{tuple(weight_shape)}")
+    if min(weight_shape) < 1:
+        raise ValueError(f"{weight_name} must have no empty dimension {expected}, got shape "
+                         f"{tuple(weight_shape)}")
+    geom = conv_geometry(x_shape, weight_shape[-2:], weight_shape[0], stride, padding,
+                         dilation, groups)
+    c_ig = weight_shape[-3]
     if c_ig != geom.in_channels_per_group:
+        hint = ""
+        if x_shape[3] == c_ig * geom.groups and x_shape[1] != x_shape[3]:
+            hint = (f"; {x_name} looks channels-last (N, H, W, C): gpuconv takes (N, C, H, W), "
+                    f"e.g. {x_name}.transpose(0, 3, 1, 2) (NumPy) or "
+                    f"{x_name}.permute(0, 3, 1, 2) (PyTorch)")
         raise ValueError(
-            f"weight has C_in/groups={c_ig} but x has C_in={geom.in_channels} with "
-            f"groups={geom.groups} (expected weight shape {expected} with C_in/groups="
-            f"{geom.in_channels_per_group}), got weight shape {weight.shape}")
-    if local and tuple(weight.shape[1:3]) != (geom.out_height, geom.out_width):
+            f"{weight_name} has C_in/groups={c_ig} but {x_name} has C_in={geom.in_channels} "
+            f"with groups={geom.groups} (expected {weight_name} shape {expected} with "
+            f"C_in/groups={geom.in_channels_per_group}), got {weight_name} shape "
+            f"{tuple(weight_shape)}{hint}")
+    if op.local and tuple(weight_shape[1:3]) != (geom.out_height, geom.out_width):
         raise ValueError(
-            f"weight holds kernels for a {weight.shape[1]}x{weight.shape[2]} output, but x "
-            f"{x.shape[2]}x{x.shape[3]} with this stride/padding/dilation gives a "
-            f"{geom.out_height}x{geom.out_width} output (weight must be {expected} = "
-            f"{geom.local_weight_shape()})")
-    if bias is not None:
-        allowed = [(geom.out_channels,)]
-        if local:
-            allowed.append((geom.out_channels, geom.out_height, geom.out_width))
-        if tuple(bias.shape) not in allowed:
-            kinds = " or ".join(str(a) for a in allowed)
-            raise ValueError(f"bias must have shape {kinds}, got {tuple(bias.shape)}")
-    operands = [op for op in (x, weight, bias) if op is not None]
-    if any(op.on_gpu for op in operands) and not all(op.on_gpu for op in operands):
-        where = ", ".join(f"{name} on {'GPU' if op.on_gpu else 'host'}"
-                          for name, op in zip(("x", "weight", "bias"), (x, weight, bias))
-                          if op is not None)
+            f"{weight_name} holds kernels for a {weight_shape[1]}x{weight_shape[2]} output, but "
+            f"{x_name} {x_shape[2]}x{x_shape[3]} with this stride/padding/dilation gives a "
+            f"{geom.out_height}x{geom.out_width} output ({weight_name} must be {expected} = "
+            f"{op.weight_shape(geom)})")
+    return geom
+
+
+def _same_location(names, operands):
+    present = [(n, o) for n, o in zip(names, operands) if o is not None]
+    if any(o.on_gpu for _, o in present) and not all(o.on_gpu for _, o in present):
+        where = ", ".join(f"{n} on {'GPU' if o.on_gpu else 'host'}" for n, o in present)
         raise ValueError(
             f"inputs must all live on the host or all on the GPU, got {where}; "
             "gpuconv does not copy between devices implicitly")
-    target = select_device(*(op.obj for op in operands), device=device)
-    return x, weight, bias, geom, target
+
+
+def _check_call(op, arrays, sizes, stride, padding, dilation, groups, device):
+    """Check one call of ``op`` once: operands, shapes against the op's rules, dtypes,
+    location, device. ``arrays`` maps argument names to the caller's arrays in kernel order
+    (the forward's bias may be None); ``sizes`` maps ``input_size``/``weight_size`` to shapes
+    given instead of arrays. Returns (operands, geometry, device)."""
+    names = list(arrays)
+    operands = [_operand(value, name) for name, value in arrays.items()]
+    by_name = dict(zip(names, operands))
+    for name, o in by_name.items():
+        if o is None and name != "bias":
+            raise TypeError(f"{name} must be an array, got None")
+    if "input_size" in sizes:
+        x_name, x_shape = "input_size", _shape_arg(sizes["input_size"], "input_size", 4,
+                                                    "(N, C_in, H, W)")
+    else:
+        x_name = "x" if "x" in by_name else "input"
+        x_shape = by_name[x_name].shape
+    if "weight_size" in sizes:
+        w_name = "weight_size"
+        w_shape = _shape_arg(sizes["weight_size"], "weight_size", op.weight_rank,
+                             op.weight_layout)
+    else:
+        w_name, w_shape = "weight", by_name["weight"].shape
+    geom = _geometry(op, x_shape, x_name, w_shape, w_name, stride, padding, dilation, groups)
+    _check_dtypes(op, operands, names)
+    bias = by_name.get("bias")
+    if bias is not None:
+        allowed = op.bias_shapes(geom)
+        if tuple(bias.shape) not in allowed:
+            kinds = " or ".join(str(a) for a in allowed)
+            raise ValueError(f"bias must have shape {kinds}, got {tuple(bias.shape)}")
+    grad_output = by_name.get("grad_output")
+    if grad_output is not None and tuple(grad_output.shape) != geom.output_shape:
+        raise ValueError(
+            f"grad_output must have the forward's output shape (N, C_out, H_out, W_out) = "
+            f"{geom.output_shape} for this input, weight and stride/padding/dilation, got "
+            f"{tuple(grad_output.shape)}")
+    _same_location(names, operands)
+    target = select_device(*(o.obj for o in operands if o is not None), device=device)
+    return operands, geom, target
 
 
 def _wrap_like(template, result):
@@ -148,41 +216,41 @@ def _empty_output(shape, dtype):
     return np.empty(shape, dtype=dtype)
 
 
-def _host_bytes_needed(op_name, x, weight, geom):
-    """Output, contiguous copies of the inputs and the kernels' scratch (Python ints)."""
-    from . import cpu as _cpu
-
-    itemsize = x.dtype.itemsize
-    out = math.prod(geom.output_shape) * itemsize
-    copies = sum(math.prod(op.shape) * itemsize for op in (x, weight)
-                 if not op.obj.flags.c_contiguous)
-    scratch = (_cpu.local_conv2d_scratch_bytes if op_name == "local_conv2d"
-               else _cpu.conv2d_scratch_bytes)
-    return out + copies + scratch(geom, itemsize)
+def _host_bytes_needed(op, operands, geom):
+    """Output, contiguous copies of the inputs and the kernel's scratch (Python ints)."""
+    itemsize = operands[0].dtype.itemsize
+    out = math.prod(op.output_shape(geom)) * itemsize
+    copies = sum(math.prod(o.shape) * itemsize for o in operands
+                 if o is not None and not o.obj.flags.c_contiguous)
+    return out + copies + op.scratch("cpu")(geom, itemsize)
 
 
-def _run_cpu(op_name, x, weight, bias, geom, x_original):
-    from . import cpu as _cpu
-
-    dtype = x.dtype
-    check_memory(_host_bytes_needed(op_name, x, weight, geom), host_memory_available(), "host")
-    out = _empty_output(geom.output_shape, dtype)
-    if geom.batch == 0:
-        return _wrap_like(x_original, out)
-    xs = np.ascontiguousarray(x.obj)
-    ws = np.ascontiguousarray(weight.obj)
+def _kernel_arguments(op, operands, geom):
+    """The CPU kernel's operands: C-contiguous arrays; the forward's bias as a 3-D array
+    ``(C_out, 1, 1)`` or ``(C_out, H_out, W_out)`` plus a has-bias flag."""
+    arrays = [None if o is None else np.ascontiguousarray(o.obj) for o in operands]
+    if op.kind != FORWARD:
+        return arrays
+    x, weight, bias = arrays
     if bias is None:
-        b3, has_bias = np.zeros((geom.out_channels, 1, 1), dtype=dtype), False
-    else:
-        b3 = np.ascontiguousarray(bias.obj).reshape(geom.out_channels, *(bias.shape[1:] or (1, 1)))
-        has_bias = True
-    forward = _cpu.local_conv2d_forward if op_name == "local_conv2d" else _cpu.conv2d_forward
+        return [x, weight, np.zeros((geom.out_channels, 1, 1), dtype=x.dtype), False]
+    return [x, weight, bias.reshape(geom.out_channels, *(bias.shape[1:] or (1, 1))), True]
+
+
+def _run_cpu(op, operands, geom):
+    check_memory(_host_bytes_needed(op, operands, geom), host_memory_available(), "host")
+    dtype = operands[0].dtype
+    if geom.batch == 0:  # nothing to compute: an empty output, or a zero weight gradient
+        return np.zeros(op.output_shape(geom), dtype=dtype)
+    out = _empty_output(op.output_shape(geom), dtype)
+    kernel = op.kernel("cpu")
+    arguments = _kernel_arguments(op, operands, geom)
     if _threading_layer() == "workqueue":
         with _WORKQUEUE_LOCK:
-            forward(xs, ws, b3, has_bias, out, geom)
+            kernel(*arguments, out, geom)
     else:
-        forward(xs, ws, b3, has_bias, out, geom)
-    return _wrap_like(x_original, out)
+        kernel(*arguments, out, geom)
+    return out
 
 
 def _threading_layer():
@@ -195,15 +263,18 @@ def _threading_layer():
         return "workqueue"
 
 
-def _run(op_name, x, weight, bias, stride, padding, dilation, groups, device):
-    x_original = x
-    x, weight, bias, geom, target = _prepare(
-        op_name, x, weight, bias, stride, padding, dilation, groups, device)
+def call(op_name, arrays, stride, padding, dilation, groups, device, sizes=None):
+    """Check and run the operation ``op_name`` of :data:`gpuconv.ops.OPS`: the one path of
+    every public function. ``arrays`` maps argument names to arrays in kernel order; the
+    result is a new array of the kind of the first one."""
+    op = OPS[op_name]
+    operands, geom, target = _check_call(op, arrays, sizes or {}, stride, padding, dilation,
+                                      groups, device)
     if target == "cuda":
-        from .cuda import launch as _cuda
+        from .cuda import launch
 
-        return _cuda.run(op_name, x, weight, bias, geom)
-    return _run_cpu(op_name, x, weight, bias, geom, x_original)
+        return launch.run(op, operands, geom)
+    return _wrap_like(next(iter(arrays.values())), _run_cpu(op, operands, geom))
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, device="auto"):
@@ -240,7 +311,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, d
            [26., 30., 34.],
            [42., 46., 50.]])
     """
-    return _run("conv2d", x, weight, bias, stride, padding, dilation, groups, device)
+    return call("conv2d", {"x": x, "weight": weight, "bias": bias}, stride, padding,
+                dilation, groups, device)
 
 
 def local_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
@@ -273,4 +345,5 @@ def local_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1
     array([[ 8.,  0.],
            [ 0., 16.]])
     """
-    return _run("local_conv2d", x, weight, bias, stride, padding, dilation, groups, device)
+    return call("local_conv2d", {"x": x, "weight": weight, "bias": bias}, stride, padding,
+                dilation, groups, device)

@@ -110,6 +110,10 @@ class ConvGeometry:
         return self.out_channels // self.groups
 
     @property
+    def input_shape(self):
+        return (self.batch, self.in_channels, self.in_height, self.in_width)
+
+    @property
     def output_shape(self):
         return (self.batch, self.out_channels, self.out_height, self.out_width)
 

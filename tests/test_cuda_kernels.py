@@ -75,7 +75,9 @@ def _op(value):
 def _run(local, x, w, b, geom):
     from gpuconv.cuda import launch as _cuda
 
-    return _cuda.run("local_conv2d" if local else "conv2d", _op(x), _op(w), _op(b), geom)
+    from gpuconv.ops import OPS
+
+    return _cuda.run(OPS["local_conv2d" if local else "conv2d"], [_op(x), _op(w), _op(b)], geom)
 
 
 # Tiny geometries covering the features; several give outputs that are not multiples of a
@@ -204,7 +206,7 @@ def test_every_output_written_over_a_nan_poisoned_buffer(local):
     x, w, b = _operands(rng, geom, np.float32, local, "channel")
     d_x, d_w, d_b = _device_arrays(x, w, b)
     d_out = cuda.to_device(np.full(geom.output_shape, np.nan, np.float32))
-    launch = _cuda._launch_local_conv2d if local else _cuda._launch_conv2d
+    launch = _cuda.launch_local_conv2d if local else _cuda.launch_conv2d
     launch(d_x, d_w, d_b, d_out, geom, cuda.default_stream())
     _assert_matches(d_out.copy_to_host(),
                     *_reference_public(local, x, w, b, geom, padding), np.float32)
@@ -230,7 +232,7 @@ def test_conv2d_several_channel_stages_and_batch_grid_stride(c_in, chunk, dtype)
                              shared_bytes=config.shared_bytes // c_in * chunk)
     d_x, d_w, d_b = _device_arrays(x, w, b)
     d_out = cuda.to_device(np.full(geom.output_shape, np.nan, dtype))
-    _cuda._launch_conv2d(d_x, d_w, d_b, d_out, geom, cuda.default_stream(), config)
+    _cuda.launch_conv2d(d_x, d_w, d_b, d_out, geom, cuda.default_stream(), config)
     _assert_matches(d_out.copy_to_host(), *_reference(False, x, w, b, geom), dtype)
 
 
@@ -251,7 +253,7 @@ def test_local_conv2d_several_batch_passes(bias_kind):
                              block=(32, 1), grid=(config.grid[0], 2), batch_block=2)
     d_x, d_w, d_b = _device_arrays(x, w, b)
     d_out = cuda.to_device(np.full(geom.output_shape, np.nan, np.float32))
-    _cuda._launch_local_conv2d(d_x, d_w, d_b, d_out, geom, cuda.default_stream(), config)
+    _cuda.launch_local_conv2d(d_x, d_w, d_b, d_out, geom, cuda.default_stream(), config)
     _assert_matches(d_out.copy_to_host(), *_reference(True, x, w, b, geom), np.float32)
 
 

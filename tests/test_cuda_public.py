@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import gpuconv
+from gpuconv.ops import OPS
 from gpuconv.device import cuda_available
 from reference import conv2d_ref, local_conv2d_ref
 
@@ -60,7 +61,7 @@ def test_bytes_needed_counts_output_copies_and_local_scratch():
     geom = conv_geometry(x.shape, (3, 3), 4)
     out, xs, ws = 2 * 4 * 4 * 4, 2 * 3 * 6 * 6, 4 * 4 * 4 * 3 * 3 * 3
     expected = out + xs + ws + ws + 3 * 6 * 6 * (2 + 32)
-    assert _cuda._bytes_needed("local_conv2d", x, w, None, geom, True) == 4 * expected
+    assert _cuda._bytes_needed(OPS["local_conv2d"], [x, w, None], geom, True) == 4 * expected
 
 
 def test_bytes_needed_counts_device_inputs_only_when_strided():
@@ -75,8 +76,9 @@ def test_bytes_needed_counts_device_inputs_only_when_strided():
     w = _conv._operand(cuda.to_device(w_host), "weight")
     geom = conv_geometry(x.shape, (3, 3), 4)
     out = 2 * 4 * 4 * 4
-    assert _cuda._bytes_needed("conv2d", x, w, None, geom, False) == 4 * out
-    assert _cuda._bytes_needed("conv2d", x, w, None, geom, True) == 4 * (out + 2 * 3 * 36 + 4 * 27)
+    assert _cuda._bytes_needed(OPS["conv2d"], [x, w, None], geom, False) == 4 * (out + 1)
+    assert _cuda._bytes_needed(OPS["conv2d"], [x, w, None], geom, True) == 4 * (
+        out + 1 + 2 * 3 * 36 + 4 * 27)
 
 
 def test_transpose_loops_over_tiles_and_batches_beyond_its_grid():

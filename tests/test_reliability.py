@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import gpuconv
+from gpuconv.ops import OPS
 from gpuconv import InsufficientMemoryError, conv2d, local_conv2d
 from gpuconv.device import host_memory_available
 from reference import conv2d_ref, local_conv2d_ref
@@ -146,7 +147,7 @@ def test_memory_check_counts_the_kernels_scratch(op, monkeypatch):
     tracemalloc.stop()
     x_op, w_op = _conv._operand(x, "x"), _conv._operand(w, "weight")
     geom = gpuconv.geometry.conv_geometry(x.shape, (3, 3), 1, padding=1)
-    assert _conv._host_bytes_needed(op, x_op, w_op, geom) >= peak
+    assert _conv._host_bytes_needed(OPS[op], [x_op, w_op], geom) >= peak
     monkeypatch.setattr(_conv, "host_memory_available", lambda: peak // 2)
     with pytest.raises(InsufficientMemoryError):
         fn(x, w, **kwargs)

@@ -1,7 +1,8 @@
 """The CUDA path: array handling and kernel launches (the kernels live in
 :mod:`gpuconv.cuda.kernels`).
 
-Contract of :func:`run` (its caller, :mod:`gpuconv.conv`, has validated everything):
+Contract of :func:`run` (its caller, the public layer :mod:`gpuconv.conv`, has validated
+everything; :mod:`gpuconv.ops` names the launch function of each operation):
 
 - host inputs (NumPy, any strides or order, read-only) are copied to the current GPU, the
   result is copied back and returned as a NumPy array of the input dtype;
@@ -13,7 +14,8 @@ Contract of :func:`run` (its caller, :mod:`gpuconv.conv`, has validated everythi
   without blocking the host. Operands that name another stream are synchronised first, as
   the interface asks. Inputs on different GPUs raise
   ``ValueError``; non-contiguous ones get a contiguous copy made on the GPU;
-- an empty batch returns an empty output of the right kind without launching anything.
+- an empty batch returns an empty output (a zero weight gradient) of the right kind
+  without launching anything.
 
 The output is always freshly allocated (it never aliases an input) and C-contiguous.
 """
@@ -184,7 +186,7 @@ def _flat(array):
     return array.reshape(array.size)
 
 
-def _launch_conv2d(x, weight, bias, out, geom, stream, config=None, empty=None):
+def launch_conv2d(x, weight, bias, out, geom, stream, config=None, empty=None):
     """Write conv2d into ``out``; ``config`` overrides :func:`~gpuconv.cuda.kernels.conv2d_config`,
     ``empty(shape, dtype)`` allocates scratch (default: Numba device arrays)."""
     config = config or kernels.conv2d_config(geom, x.dtype)
@@ -249,7 +251,7 @@ def _batch_innermost(x, n_pad, stream, empty=None):
     return _transpose(x.reshape(1, n, x.size // n), n_pad, stream, empty)
 
 
-def _launch_local_conv2d(x, weight, bias, out, geom, stream, config=None, empty=None):
+def launch_local_conv2d(x, weight, bias, out, geom, stream, config=None, empty=None):
     """Write local_conv2d into ``out``; ``config`` overrides
     :func:`~gpuconv.cuda.kernels.local_conv2d_config`, ``empty(shape, dtype)`` allocates
     scratch (default: Numba device arrays)."""
@@ -281,23 +283,30 @@ def _launch_local_conv2d(x, weight, bias, out, geom, stream, config=None, empty=
     )
 
 
-_LAUNCH = {"conv2d": _launch_conv2d, "local_conv2d": _launch_local_conv2d}
+def conv2d_scratch_elements(geom):
+    """Device scratch of :func:`launch_conv2d`, in elements: none (a bias placeholder)."""
+    return 1
+
+
+def local_conv2d_scratch_elements(geom):
+    """Device scratch of :func:`launch_local_conv2d`, in elements: the positions-innermost
+    weights and the batch-innermost input."""
+    return (math.prod(geom.local_weight_shape())
+            + geom.in_channels * geom.in_height * geom.in_width * (geom.batch + 32))
 
 
 # --------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------
 
-def _bytes_needed(op_name, x, weight, bias, geom, host):
-    """Device memory one call allocates, at most: output, scratch layouts, host copies."""
-    itemsize = x.dtype.itemsize
-    operands = [op for op in (x, weight, bias) if op is not None]
-    total = math.prod(geom.output_shape)
+def _bytes_needed(op, operands, geom, host):
+    """Device memory one call allocates, at most: output, the launch's scratch, copies."""
+    itemsize = operands[0].dtype.itemsize
+    present = [o for o in operands if o is not None]
+    total = math.prod(op.output_shape(geom)) + op.scratch("cuda")(geom)
     # device copies: host inputs are always copied; device inputs only when strided
-    total += sum(math.prod(op.shape) for op in operands
-                 if host or not _operand_is_contiguous(op, itemsize))
-    if op_name == "local_conv2d":  # positions-innermost weights, batch-innermost input
-        total += math.prod(weight.shape) + math.prod(x.shape[1:]) * (geom.batch + 32)
+    total += sum(math.prod(o.shape) for o in present
+                 if host or not _operand_is_contiguous(o, itemsize))
     return total * itemsize
 
 
@@ -331,28 +340,30 @@ def _free_bytes(template=None):
     return free
 
 
-def _check_device_memory(op_name, x, weight, bias, geom, template=None):
-    check_memory(_bytes_needed(op_name, x, weight, bias, geom, template is None),
+def _check_device_memory(op, operands, geom, template=None):
+    check_memory(_bytes_needed(op, operands, geom, template is None),
                  _free_bytes(template), "GPU")
 
 
-def _run_host(op_name, x, weight, bias, geom):
-    if geom.batch == 0:
-        return np.empty(geom.output_shape, dtype=x.dtype)
-    _check_device_memory(op_name, x, weight, bias, geom)
+def _run_host(op, operands, geom):
+    dtype = operands[0].dtype
+    shape = op.output_shape(geom)
+    if geom.batch == 0:  # nothing to launch: an empty output, or a zero weight gradient
+        return np.zeros(shape, dtype=dtype)
+    _check_device_memory(op, operands, geom)
     stream = cuda.stream()
-    d_x = cuda.to_device(np.ascontiguousarray(x.obj), stream=stream)
-    d_w = cuda.to_device(np.ascontiguousarray(weight.obj), stream=stream)
-    d_b = None if bias is None else cuda.to_device(np.ascontiguousarray(bias.obj), stream=stream)
-    d_out = cuda.device_array(geom.output_shape, dtype=x.dtype, stream=stream)
-    _LAUNCH[op_name](d_x, d_w, d_b, d_out, geom, stream)
+    arrays = [None if o is None else cuda.to_device(np.ascontiguousarray(o.obj), stream=stream)
+              for o in operands]
+    d_out = cuda.device_array(shape, dtype=dtype, stream=stream)
+    op.kernel("cuda")(*arrays, d_out, geom, stream)
     result = d_out.copy_to_host(stream=stream)
     stream.synchronize()
     return result
 
 
-def _allocate_like(template, shape, dtype, stream):
-    """An uninitialised C-contiguous array of the same library and GPU as ``template``.
+def _allocate_like(template, shape, dtype, stream, zeros=False):
+    """An uninitialised (or zero) C-contiguous array of the same library and GPU as
+    ``template``.
 
     PyTorch and CuPy allocate from their own stream-ordered memory pools (cheap, and safe to
     release once the work is queued on the same stream); anything else gets a Numba array.
@@ -360,69 +371,75 @@ def _allocate_like(template, shape, dtype, stream):
     library = _library(template)
     if library == "torch":
         torch = sys.modules["torch"]
-        return torch.empty(shape, dtype=template.dtype, device=template.device)
+        make = torch.zeros if zeros else torch.empty
+        return make(shape, dtype=template.dtype, device=template.device)
     if library == "cupy":
         cupy = sys.modules["cupy"]
         with template.device:
-            return cupy.empty(shape, dtype=dtype)
+            return (cupy.zeros if zeros else cupy.empty)(shape, dtype=dtype)
+    if zeros:
+        return cuda.to_device(np.zeros(shape, dtype=dtype), stream=stream)
     return cuda.device_array(shape, dtype=dtype, stream=stream)
 
 
-def _run_gpu(op_name, x, weight, bias, geom):
-    operands = [op for op in (x, weight, bias) if op is not None]
+def _run_gpu(op, operands, geom):
+    present = [o for o in operands if o is not None]
     simulated = _simulated()
     device = None
     if not simulated:
-        ids = {_device_id(op.obj) for op in operands}
+        ids = {_device_id(o.obj) for o in present}
         if None in ids:
             ids.discard(None)
             ids.add(cuda.get_current_device().id)
         if len(ids) > 1:
             raise ValueError(
-                f"x, weight and bias must live on the same GPU, got devices {sorted(ids)}")
+                f"the operands of {op.name} must live on the same GPU, got devices {sorted(ids)}")
         device = ids.pop()
     if simulated or device == cuda.get_current_device().id:
-        return _run_gpu_on_device(op_name, x, weight, bias, geom)
+        return _run_gpu_on_device(op, operands, geom)
     with cuda.gpus[device]:
-        return _run_gpu_on_device(op_name, x, weight, bias, geom)
+        return _run_gpu_on_device(op, operands, geom)
 
 
-def _run_gpu_on_device(op_name, x, weight, bias, geom):
+def _run_gpu_on_device(op, operands, geom):
+    template = operands[0]
     if geom.batch > 0:
-        _check_device_memory(op_name, x, weight, bias, geom, template=x.obj)
-    stream = _stream_of(x.obj)
-    out_obj = _allocate_like(x.obj, geom.output_shape, x.dtype, stream)
-    if geom.batch == 0:  # nothing to launch; x may not even have a data pointer
+        _check_device_memory(op, operands, geom, template=template.obj)
+    stream = _stream_of(template.obj)
+    shape = op.output_shape(geom)
+    out_obj = _allocate_like(template.obj, shape, template.dtype, stream, zeros=geom.batch == 0)
+    if geom.batch == 0:  # nothing to launch; the operands may not even have a data pointer
         return out_obj
     arrays = []
-    for op in (x, weight, bias):
-        if op is None:
+    for o in operands:
+        if o is None:
             arrays.append(None)
             continue
         # Operands produced on another stream: wait for them, as the interface asks.
-        other_stream = op is not x and not _same_stream(_stream_of(op.obj), stream)
-        arrays.append(_as_device_array(op.obj, sync=other_stream))
+        other_stream = o is not template and not _same_stream(_stream_of(o.obj), stream)
+        arrays.append(_as_device_array(o.obj, sync=other_stream))
 
     def empty(shape, dtype):  # scratch from the caller's library, on its stream
-        return _as_device_array(_allocate_like(x.obj, shape, dtype, stream), sync=False)
+        return _as_device_array(_allocate_like(template.obj, shape, dtype, stream), sync=False)
 
-    d_x, d_w, d_b = (None if a is None else _contiguous(a, stream, empty) for a in arrays)
+    arrays = [None if a is None else _contiguous(a, stream, empty) for a in arrays]
     d_out = _as_device_array(out_obj, sync=False)
-    _LAUNCH[op_name](d_x, d_w, d_b, d_out, geom, stream, empty=empty)
+    op.kernel("cuda")(*arrays, d_out, geom, stream, empty=empty)
     return out_obj
 
 
-def run(op_name, x, weight, bias, geom):
-    """Run ``op_name`` (``"conv2d"`` or ``"local_conv2d"``) on the GPU; see the module docstring.
+def run(op, operands, geom):
+    """Run the :class:`~gpuconv.ops.Op` ``op`` on the GPU; see the module docstring.
 
-    ``x``, ``weight``, ``bias`` are the public layer's operands (``.obj``, ``.shape``,
-    ``.dtype``, ``.on_gpu``); ``bias`` may be None. ``geom`` is the validated
+    ``operands`` are the public layer's operands (``.obj``, ``.shape``, ``.dtype``,
+    ``.on_gpu``) in the order of the op's kind; the forward's bias may be None. The first
+    operand decides the kind of array returned and the stream. ``geom`` is the validated
     :class:`~gpuconv.geometry.ConvGeometry`.
     """
     with _SIMULATOR_LOCK if _simulated() else contextlib.nullcontext():
-        if x.on_gpu:
-            return _run_gpu(op_name, x, weight, bias, geom)
-        return _run_host(op_name, x, weight, bias, geom)
+        if operands[0].on_gpu:
+            return _run_gpu(op, operands, geom)
+        return _run_host(op, operands, geom)
 
 
 # The simulator runs one kernel at a time per process; calls from several threads take turns
