@@ -1,7 +1,10 @@
-"""The public operations: argument checks, device choice, output allocation, launch.
+"""The public layer: argument checks, device choice, output allocation, dispatch.
 
-This is the only module that knows about both devices. The kernels behind it
-(:mod:`gpuconv.cpu`, :mod:`gpuconv.cuda.launch`) trust what it hands them.
+Every public function, forward (:func:`conv2d`, :func:`local_conv2d`) or gradient
+(:mod:`gpuconv.grad`), goes through :func:`call`: its arguments are checked once against the
+operation's row in :mod:`gpuconv.ops`, a device is chosen, and the row's kernel runs. This is
+the only module that knows about both devices; the kernels behind it (:mod:`gpuconv.cpu`,
+:mod:`gpuconv.cuda.launch`) trust what it hands them.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import numpy as np
 
 from .device import check_memory, host_memory_available, is_device_array, select_device
 from .geometry import conv_geometry
-from .ops import FORWARD, OPS
+from .ops import FORWARD, OPS, WEIGHT_GRAD
 
 __all__ = ["conv2d", "local_conv2d"]
 
@@ -107,9 +110,10 @@ def _shape_arg(value, name, rank, layout):
 
 def _check_input_shape(shape, name):
     if len(shape) != 4:
-        raise ValueError(f"{name} must be 4-D (N, C_in, H, W), got shape {tuple(shape)}")
-    if min(shape[1:]) < 1:
-        raise ValueError(f"{name} must have C_in, H and W >= 1, got shape {tuple(shape)}")
+        raise ValueError(f"{name} must be 4-D (N, C_in, H, W) or 3-D (C_in, H, W), got shape "
+                         f"{tuple(shape)}")
+    if min(shape[2:]) < 1:
+        raise ValueError(f"{name} must have H and W >= 1, got shape {tuple(shape)}")
 
 
 def _geometry(op, x_shape, x_name, weight_shape, weight_name, stride, padding, dilation,
@@ -120,8 +124,8 @@ def _geometry(op, x_shape, x_name, weight_shape, weight_name, stride, padding, d
     if len(weight_shape) != op.weight_rank:
         raise ValueError(f"{weight_name} must be {op.weight_rank}-D {expected}, got shape "
                          f"{tuple(weight_shape)}")
-    if min(weight_shape) < 1:
-        raise ValueError(f"{weight_name} must have no empty dimension {expected}, got shape "
+    if min(weight_shape[-2:]) < 1:
+        raise ValueError(f"{weight_name} must have kH and kW >= 1 {expected}, got shape "
                          f"{tuple(weight_shape)}")
     geom = conv_geometry(x_shape, weight_shape[-2:], weight_shape[0], stride, padding,
                          dilation, groups)
@@ -167,11 +171,25 @@ def _check_call(op, arrays, sizes, stride, padding, dilation, groups, device):
         if o is None and name != "bias":
             raise TypeError(f"{name} must be an array, got None")
     if "input_size" in sizes:
-        x_name, x_shape = "input_size", _shape_arg(sizes["input_size"], "input_size", 4,
-                                                    "(N, C_in, H, W)")
+        value = sizes["input_size"]
+        rank = 3 if _sized(value) and len(value) == 3 else 4
+        x_name, x_shape = "input_size", _shape_arg(value, "input_size", rank,
+                                                    "(N, C_in, H, W) or (C_in, H, W)")
     else:
         x_name = "x" if "x" in by_name else "input"
         x_shape = by_name[x_name].shape
+    unbatched = len(x_shape) == 3
+    if unbatched:  # (C_in, H, W), as torch.nn.functional.conv2d takes it: a batch of one
+        x_shape = (1,) + tuple(x_shape)
+        for name in _BATCHED:
+            o = by_name.get(name)
+            if o is not None and name != x_name:
+                if o.ndim != 3:
+                    raise ValueError(f"{name} must be 3-D (C, H, W) like the unbatched "
+                                     f"{x_name}, got shape {tuple(o.shape)}")
+        operands = [_with_batch_axis(o) if name in _BATCHED else o
+                    for name, o in zip(names, operands)]
+        by_name = dict(zip(names, operands))
     if "weight_size" in sizes:
         w_name = "weight_size"
         w_shape = _shape_arg(sizes["weight_size"], "weight_size", op.weight_rank,
@@ -194,7 +212,52 @@ def _check_call(op, arrays, sizes, stride, padding, dilation, groups, device):
             f"{tuple(grad_output.shape)}")
     _same_location(names, operands)
     target = select_device(*(o.obj for o in operands if o is not None), device=device)
-    return operands, geom, target
+    return operands, geom, target, unbatched
+
+
+# Arguments with a leading batch axis (dropped, with the result's, for unbatched calls).
+_BATCHED = ("x", "input", "grad_output")
+
+
+def _sized(value):
+    return hasattr(value, "__len__") and not isinstance(value, (str, bytes))
+
+
+def _with_batch_axis(o):
+    """``o`` viewed with a leading axis of length 1 (no copy)."""
+    obj = o.obj
+    if hasattr(obj, "unsqueeze"):  # PyTorch
+        view = obj.unsqueeze(0)
+    else:
+        try:
+            view = obj[None]
+        except (TypeError, IndexError, ValueError):  # Numba device arrays
+            view = obj.reshape((1,) + tuple(o.shape))
+    return _Operand(view, (1,) + tuple(o.shape), o.dtype, o.on_gpu, o.origin)
+
+
+def _trivial_result(op, operands, geom):
+    """The result of a call that needs no kernel (an empty batch, zero input or output
+    channels), as a NumPy array, or None. With no input channels the forward's output is
+    its bias (PyTorch's rule); every other such result is zeros or empty."""
+    if geom.batch and geom.in_channels and geom.out_channels:
+        return None
+    out = np.zeros(op.output_shape(geom), dtype=operands[0].dtype)
+    bias = operands[2] if op.kind == FORWARD else None
+    if bias is not None and out.size:
+        b = np.asarray(_to_host(bias))
+        out += b.reshape(geom.out_channels, *(b.shape[1:] or (1, 1)))
+    return out
+
+
+def _to_host(o):
+    if not o.on_gpu:
+        return o.obj
+    if hasattr(o.obj, "copy_to_host"):
+        return o.obj.copy_to_host()
+    if hasattr(o.obj, "get"):
+        return o.obj.get()
+    return o.obj.cpu().numpy()
 
 
 def _wrap_like(template, result):
@@ -239,10 +302,7 @@ def _kernel_arguments(op, operands, geom):
 
 def _run_cpu(op, operands, geom):
     check_memory(_host_bytes_needed(op, operands, geom), host_memory_available(), "host")
-    dtype = operands[0].dtype
-    if geom.batch == 0:  # nothing to compute: an empty output, or a zero weight gradient
-        return np.zeros(op.output_shape(geom), dtype=dtype)
-    out = _empty_output(op.output_shape(geom), dtype)
+    out = _empty_output(op.output_shape(geom), operands[0].dtype)
     kernel = op.kernel("cpu")
     arguments = _kernel_arguments(op, operands, geom)
     if _threading_layer() == "workqueue":
@@ -268,13 +328,22 @@ def call(op_name, arrays, stride, padding, dilation, groups, device, sizes=None)
     every public function. ``arrays`` maps argument names to arrays in kernel order; the
     result is a new array of the kind of the first one."""
     op = OPS[op_name]
-    operands, geom, target = _check_call(op, arrays, sizes or {}, stride, padding, dilation,
-                                      groups, device)
+    operands, geom, target, unbatched = _check_call(op, arrays, sizes or {}, stride, padding,
+                                                    dilation, groups, device)
+    template = next(iter(arrays.values()))
+    result = _trivial_result(op, operands, geom)
     if target == "cuda":
         from .cuda import launch
 
-        return launch.run(op, operands, geom)
-    return _wrap_like(next(iter(arrays.values())), _run_cpu(op, operands, geom))
+        if result is None:
+            result = launch.run(op, operands, geom)
+        elif operands[0].on_gpu:
+            result = launch.from_host_like(operands[0].obj, result)
+    elif result is None:
+        result = _run_cpu(op, operands, geom)
+    if not operands[0].on_gpu:
+        result = _wrap_like(template, result)
+    return result[0] if unbatched and op.kind != WEIGHT_GRAD else result
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, device="auto"):
@@ -286,22 +355,25 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, d
                         * x_padded[n, g(o) * C_in/groups + c, i * s_h + u * d_h, j * s_w + v * d_w]
 
     Args:
-        x: input ``(N, C_in, H, W)``, float32 or float64. NumPy (or any host array), or a
-            GPU array (CuPy, PyTorch CUDA tensor, Numba device array).
+        x: input ``(N, C_in, H, W)``, or ``(C_in, H, W)`` for one image (the result is then
+            ``(C_out, H_out, W_out)``); float32 or float64. NumPy (or any host array), or a
+            GPU array (CuPy, PyTorch CUDA tensor, Numba device array). ``C_in`` may be 0: the
+            result is then the bias (zeros without one), as in PyTorch.
         weight: ``(C_out, C_in/groups, kH, kW)``, same dtype as ``x``.
         bias: ``None`` or ``(C_out,)``.
         stride: int or ``(s_h, s_w)``, >= 1.
-        padding: int or ``(p_h, p_w)`` >= 0 (zeros on both sides), ``"valid"`` (none) or
-            ``"same"`` (output size = input size; stride 1 only; an odd total puts the extra
-            row/column at the bottom/right).
+        padding: int or ``(p_h, p_w)`` >= 0 (zeros on both sides), ``((top, bottom),
+            (left, right))`` (explicit, asymmetric), ``"valid"`` (none) or ``"same"`` (output
+            size = input size; stride 1 only; an odd total puts the extra row/column at the
+            bottom/right).
         dilation: int or ``(d_h, d_w)``, >= 1.
         groups: divides ``C_in`` and ``C_out``.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``; see :func:`gpuconv.select_device`.
 
     Returns:
         ``(N, C_out, H_out, W_out)`` array of the same kind and dtype as ``x``, with
-        ``H_out = (H + pad_top + pad_bottom - d_h * (kH - 1) - 1) // s_h + 1`` (same for W).
-        A new array: it never aliases an input.
+        ``H_out = (H + pad_top + pad_bottom - d_h * (kH - 1) - 1) // s_h + 1`` (same for W);
+        ``C_out`` may be 0 (an empty result). A new array: it never aliases an input.
 
     >>> import numpy as np, gpuconv
     >>> x = np.arange(16, dtype=np.float64).reshape(1, 1, 4, 4)
@@ -325,8 +397,8 @@ def local_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1
                         * x_padded[n, g(o) * C_in/groups + c, i * s_h + u * d_h, j * s_w + v * d_w]
 
     Args:
-        x: input ``(N, C_in, H, W)``, float32 or float64 (host or GPU array, as
-            :func:`conv2d`).
+        x: input ``(N, C_in, H, W)`` or ``(C_in, H, W)``, float32 or float64 (host or GPU
+            array, as :func:`conv2d`).
         weight: ``(C_out, H_out, W_out, C_in/groups, kH, kW)`` (Chainer's and Theano's
             layout), same dtype as ``x``; ``H_out, W_out`` must match the geometry.
         bias: ``None``, ``(C_out,)`` (one per output map) or ``(C_out, H_out, W_out)``

@@ -54,7 +54,9 @@ def pair(value, name, minimum):
 def resolve_padding(padding, kernel_size, stride, dilation):
     """Padding as ``(top, bottom, left, right)``.
 
-    ``padding`` is an int, a pair ``(pad_h, pad_w)``, ``"valid"`` (no padding) or
+    ``padding`` is an int, a pair ``(pad_h, pad_w)``, a pair of pairs
+    ``((top, bottom), (left, right))`` (explicit asymmetric padding, as JAX's
+    ``lax.conv_general_dilated``, Theano and TensorFlow take it), ``"valid"`` (no padding) or
     ``"same"`` (output size equals input size; stride 1 only). For ``"same"`` the total
     padding along an axis is ``dilation * (kernel - 1)``; an odd total puts the extra row
     (column) at the bottom (right), as PyTorch does.
@@ -74,6 +76,11 @@ def resolve_padding(padding, kernel_size, stride, dilation):
         raise ValueError(
             f"padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}"
         )
+    if (isinstance(padding, (tuple, list)) and len(padding) == 2
+            and all(isinstance(p, (tuple, list)) for p in padding)):
+        top, bottom = pair(padding[0], "padding[0] (top, bottom)", 0)
+        left, right = pair(padding[1], "padding[1] (left, right)", 0)
+        return (top, bottom, left, right)
     pad_h, pad_w = pair(padding, "padding", 0)
     return (pad_h, pad_h, pad_w, pad_w)
 

@@ -101,6 +101,17 @@ FEATURES = {
 }
 
 
+# Which bias each feature case carries (local_conv2d; conv2d takes "channel" wherever this
+# is not None): both kinds and none are each covered by several geometries.
+BIAS_KIND = {name: kind for names, kind in (
+    (("plain", "kernel_1x1"), None),
+    (("wide_two_tiles", "partial_channel_block", "stride_gt_kernel", "asymmetric_same",
+      "groups", "output_1x1"), "position"),
+    (("tall_two_tiles", "stride", "padding", "dilation", "depthwise"), "channel"),
+) for name in names}
+assert set(BIAS_KIND) == set(FEATURES)
+
+
 def _feature_geometry(name):
     spec = dict(FEATURES[name])
     padding = spec.pop("padding", 0)
@@ -128,9 +139,7 @@ def _reference_public(local, x, w, b, geom, padding):
 def test_feature_grid_host_inputs(local, name, dtype):
     rng = np.random.default_rng(sum(map(ord, name)))
     geom, padding = _feature_geometry(name)
-    bias_kind = ("position" if local else "channel") if len(name) % 2 else "channel"
-    if name == "plain":
-        bias_kind = None
+    bias_kind = BIAS_KIND[name] if local else (None if BIAS_KIND[name] is None else "channel")
     x, w, b = _operands(rng, geom, dtype, local, bias_kind)
     y = _run(local, x, w, b, geom)
     assert isinstance(y, np.ndarray) and y.dtype == np.dtype(dtype)

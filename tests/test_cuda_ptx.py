@@ -82,10 +82,13 @@ def test_float32_kernels_do_not_spill(ptxas_rows, capsys):
 def test_kernels_fit_the_register_file_and_shared_memory(ptxas_rows):
     from gpuconv.cuda import kernels as kernels
 
+    specs = {spec.name: spec for spec in kernels.workload_specialisations()}
     for r in ptxas_rows:
-        # Every launch has at most 256 threads: 256 x 255 registers fit an SM's 64K.
-        assert r.registers <= 255
-        assert r.static_smem + r.dynamic_smem <= kernels.SHARED_LIMIT_BYTES
+        # The blocks a kernel's launch bounds promise per SM must fit its 64K registers
+        # (kernels without bounds launch at most 256 threads).
+        threads, blocks = specs[r.kernel].launch_bounds or (256, 1)
+        assert r.registers * threads * blocks <= 65536, r
+        assert r.static_smem + r.dynamic_smem <= kernels.SHARED_LIMIT_BYTES, r
 
 
 @pytest.mark.parametrize("spec_args", [

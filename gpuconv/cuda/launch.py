@@ -14,8 +14,8 @@ everything; :mod:`gpuconv.ops` names the launch function of each operation):
   without blocking the host. Operands that name another stream are synchronised first, as
   the interface asks. Inputs on different GPUs raise
   ``ValueError``; non-contiguous ones get a contiguous copy made on the GPU;
-- an empty batch returns an empty output (a zero weight gradient) of the right kind
-  without launching anything.
+- calls that need no kernel (an empty batch, zero channels) never reach this module: the
+  public layer makes their result and :func:`from_host_like` puts it on the GPU.
 
 The output is always freshly allocated (it never aliases an input) and C-contiguous.
 """
@@ -348,8 +348,6 @@ def _check_device_memory(op, operands, geom, template=None):
 def _run_host(op, operands, geom):
     dtype = operands[0].dtype
     shape = op.output_shape(geom)
-    if geom.batch == 0:  # nothing to launch: an empty output, or a zero weight gradient
-        return np.zeros(shape, dtype=dtype)
     _check_device_memory(op, operands, geom)
     stream = cuda.stream()
     arrays = [None if o is None else cuda.to_device(np.ascontiguousarray(o.obj), stream=stream)
@@ -361,9 +359,20 @@ def _run_host(op, operands, geom):
     return result
 
 
-def _allocate_like(template, shape, dtype, stream, zeros=False):
-    """An uninitialised (or zero) C-contiguous array of the same library and GPU as
-    ``template``.
+def from_host_like(template, host):
+    """A GPU copy of the NumPy array ``host``, of the library and on the GPU of ``template``
+    (results that need no kernel: empty batches, zero channels)."""
+    library = _library(template)
+    if library == "torch":
+        return sys.modules["torch"].as_tensor(host, device=template.device)
+    if library == "cupy":
+        with template.device:
+            return sys.modules["cupy"].asarray(host)
+    return cuda.to_device(host)
+
+
+def _allocate_like(template, shape, dtype, stream):
+    """An uninitialised C-contiguous array of the same library and GPU as ``template``.
 
     PyTorch and CuPy allocate from their own stream-ordered memory pools (cheap, and safe to
     release once the work is queued on the same stream); anything else gets a Numba array.
@@ -371,14 +380,11 @@ def _allocate_like(template, shape, dtype, stream, zeros=False):
     library = _library(template)
     if library == "torch":
         torch = sys.modules["torch"]
-        make = torch.zeros if zeros else torch.empty
-        return make(shape, dtype=template.dtype, device=template.device)
+        return torch.empty(shape, dtype=template.dtype, device=template.device)
     if library == "cupy":
         cupy = sys.modules["cupy"]
         with template.device:
-            return (cupy.zeros if zeros else cupy.empty)(shape, dtype=dtype)
-    if zeros:
-        return cuda.to_device(np.zeros(shape, dtype=dtype), stream=stream)
+            return cupy.empty(shape, dtype=dtype)
     return cuda.device_array(shape, dtype=dtype, stream=stream)
 
 
@@ -403,13 +409,9 @@ def _run_gpu(op, operands, geom):
 
 def _run_gpu_on_device(op, operands, geom):
     template = operands[0]
-    if geom.batch > 0:
-        _check_device_memory(op, operands, geom, template=template.obj)
+    _check_device_memory(op, operands, geom, template=template.obj)
     stream = _stream_of(template.obj)
-    shape = op.output_shape(geom)
-    out_obj = _allocate_like(template.obj, shape, template.dtype, stream, zeros=geom.batch == 0)
-    if geom.batch == 0:  # nothing to launch; the operands may not even have a data pointer
-        return out_obj
+    out_obj = _allocate_like(template.obj, op.output_shape(geom), template.dtype, stream)
     arrays = []
     for o in operands:
         if o is None:
