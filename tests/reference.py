@@ -21,6 +21,9 @@ def _padding(padding, kernel_hw, stride, dilation):
         tw = dilation[1] * (kernel_hw[1] - 1)
         # PyTorch puts the odd extra row/column at the bottom/right.
         return th // 2, th - th // 2, tw // 2, tw - tw // 2
+    if isinstance(padding, (tuple, list)) and isinstance(padding[0], (tuple, list)):
+        (top, bottom), (left, right) = padding  # explicit ((top, bottom), (left, right))
+        return top, bottom, left, right
     ph, pw = _pairs(padding)
     return ph, ph, pw, pw
 

@@ -13,7 +13,12 @@ WL = np.zeros((6, 6, 6, 4, 3, 3), dtype=np.float32)
 
 # (operation, kwargs overriding a valid call, expected error, text the message must contain)
 BAD = [
-    ("conv2d", dict(x=X[0]), ValueError, "x must be 4-D"),
+    ("conv2d", dict(x=X[0, 0]), ValueError, "x must be 4-D (N, C_in, H, W) or 3-D"),
+    ("conv2d", dict(x=None), TypeError, "x must be an array, got None"),
+    ("local_conv2d", dict(weight=None), TypeError, "weight must be an array, got None"),
+    ("conv2d", dict(x=np.zeros((2, 8, 8, 4), np.float32)), ValueError, "looks channels-last"),
+    ("conv2d", dict(x=X[0].tolist()), TypeError, "which NumPy made of the list passed as x"),
+    ("conv2d", dict(padding=((1, -1), (0, 0))), ValueError, "padding[0] (top, bottom) must be >= 0"),
     ("conv2d", dict(weight=W[0]), ValueError, "weight must be 4-D"),
     ("local_conv2d", dict(weight=W), ValueError, "weight must be 6-D"),
     ("conv2d", dict(weight=np.zeros((6, 3, 3, 3), np.float32)), ValueError, "C_in/groups=3"),
@@ -47,8 +52,8 @@ BAD = [
     ("local_conv2d", dict(weight=np.zeros((6, 7, 6, 4, 3, 3), np.float32)), ValueError,
      "gives a 6x6 output"),
     ("local_conv2d", dict(stride=2), ValueError, "gives a 3x3 output"),
-    ("conv2d", dict(x=np.zeros((2, 0, 8, 8), np.float32)), ValueError, "C_in, H and W >= 1"),
-    ("conv2d", dict(weight=np.zeros((0, 4, 3, 3), np.float32)), ValueError, "no empty dimension"),
+    ("conv2d", dict(x=np.zeros((2, 4, 0, 8), np.float32)), ValueError, "H and W >= 1"),
+    ("conv2d", dict(weight=np.zeros((6, 4, 0, 3), np.float32)), ValueError, "kH and kW >= 1"),
     ("conv2d", dict(device="gpu"), ValueError, "device must be one of 'auto', 'cpu', 'cuda'"),
     ("conv2d", dict(device=None), ValueError, "device must be one of"),
 ]
