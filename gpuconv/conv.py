@@ -21,7 +21,11 @@ from .ops import FORWARD, OPS, WEIGHT_GRAD
 
 __all__ = ["conv2d", "local_conv2d"]
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_HALF = np.dtype(np.float16)
+# float16 is stored in half precision and computed in float32: on the CPU the operands are
+# converted once into the float32 kernels' inputs (a pass over them, and float32 copies).
+_COMPUTE_DTYPE = {_HALF: np.dtype(np.float32)}
 
 
 class _Operand:
@@ -84,8 +88,8 @@ def _check_dtypes(op, operands, names):
     """One float dtype for every operand; the message names the argument and how to cast."""
     first, first_name = operands[0], names[0]
     if first.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{first_name} must be float32 or float64, got dtype {first.dtype}"
-                        f"{first.origin}")
+        raise TypeError(f"{first_name} must be float16, float32 or float64, got dtype "
+                        f"{first.dtype}{first.origin}")
     for name, o in zip(names[1:], operands[1:]):
         if o is not None and o.dtype != first.dtype:
             raise TypeError(
@@ -280,18 +284,21 @@ def _empty_output(shape, dtype):
 
 
 def _host_bytes_needed(op, operands, geom):
-    """Output, contiguous copies of the inputs and the kernel's scratch (Python ints)."""
-    itemsize = operands[0].dtype.itemsize
-    out = math.prod(op.output_shape(geom)) * itemsize
-    copies = sum(math.prod(o.shape) * itemsize for o in operands
-                 if o is not None and not o.obj.flags.c_contiguous)
-    return out + copies + op.scratch("cpu")(geom, itemsize)
+    """Output, contiguous (or float32) copies of the inputs and the kernel's scratch."""
+    dtype = operands[0].dtype
+    compute = _COMPUTE_DTYPE.get(dtype, dtype)
+    out = math.prod(op.output_shape(geom)) * (dtype.itemsize + (compute != dtype) * compute.itemsize)
+    copies = sum(math.prod(o.shape) * compute.itemsize for o in operands
+                 if o is not None and (compute != dtype or not o.obj.flags.c_contiguous))
+    return out + copies + op.scratch("cpu")(geom, compute.itemsize)
 
 
 def _kernel_arguments(op, operands, geom):
     """The CPU kernel's operands: C-contiguous arrays; the forward's bias as a 3-D array
     ``(C_out, 1, 1)`` or ``(C_out, H_out, W_out)`` plus a has-bias flag."""
-    arrays = [None if o is None else np.ascontiguousarray(o.obj) for o in operands]
+    compute = _COMPUTE_DTYPE.get(operands[0].dtype, operands[0].dtype)
+    arrays = [None if o is None else np.ascontiguousarray(o.obj, dtype=compute)
+              for o in operands]
     if op.kind != FORWARD:
         return arrays
     x, weight, bias = arrays
@@ -302,7 +309,8 @@ def _kernel_arguments(op, operands, geom):
 
 def _run_cpu(op, operands, geom):
     check_memory(_host_bytes_needed(op, operands, geom), host_memory_available(), "host")
-    out = _empty_output(op.output_shape(geom), operands[0].dtype)
+    dtype = operands[0].dtype
+    out = _empty_output(op.output_shape(geom), _COMPUTE_DTYPE.get(dtype, dtype))
     kernel = op.kernel("cpu")
     arguments = _kernel_arguments(op, operands, geom)
     if _threading_layer() == "workqueue":
@@ -310,7 +318,7 @@ def _run_cpu(op, operands, geom):
             kernel(*arguments, out, geom)
     else:
         kernel(*arguments, out, geom)
-    return out
+    return out if out.dtype == dtype else out.astype(dtype)
 
 
 def _threading_layer():
@@ -335,6 +343,11 @@ def call(op_name, arrays, stride, padding, dilation, groups, device, sizes=None)
     if target == "cuda":
         from .cuda import launch
 
+        if result is None and operands[0].dtype == _HALF and not launch.HALF_SUPPORTED:
+            raise TypeError(
+                f"float16 runs on the CPU only in this version of gpuconv; use device='cpu', "
+                f"or float32 on the GPU ({next(iter(arrays))}.astype('float32') or "
+                f".float())")
         if result is None:
             result = launch.run(op, operands, geom)
         elif operands[0].on_gpu:

@@ -104,13 +104,26 @@ def local_conv2d_ref(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
 TOLERANCE = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 
 
-def assert_close(result, ref, bound, dtype):
-    """max|result - ref| <= tol(dtype) * max(bound), with a clear message on failure."""
+def half_tolerance(terms):
+    """Relative tolerance of a float16 result accumulated in float32 over ``terms`` products:
+    one float16 rounding of the result (half an ulp, eps16 / 2 = 2**-11, taken twice for
+    margin) plus at most ``terms`` float32 roundings of partial sums (eps32 / 2 = 2**-24
+    each), all relative to the magnitude bound. The inputs are float16 values, exact in the
+    float64 reference."""
+    return 2.0 ** -10 + terms * 2.0 ** -23
+
+
+def assert_close(result, ref, bound, dtype, terms=None):
+    """max|result - ref| <= tol(dtype) * max(bound), with a clear message on failure.
+    float16 needs ``terms``, the length of each output's reduction."""
     result = np.asarray(result, dtype=np.float64)
     assert result.shape == ref.shape, f"shape {result.shape} != reference {ref.shape}"
     scale = max(float(np.max(np.abs(bound))) if bound.size else 0.0, np.finfo(np.float64).tiny)
     err = float(np.max(np.abs(result - ref))) if ref.size else 0.0
-    tol = TOLERANCE[np.dtype(dtype)]
+    if np.dtype(dtype) == np.float16:
+        tol = half_tolerance(terms)
+    else:
+        tol = TOLERANCE[np.dtype(dtype)]
     assert np.all(np.isfinite(result)), "result has NaN/Inf where the reference has none"
     assert err <= tol * scale, f"max abs error {err:.3e} > {tol:g} * {scale:.3e}"
 

@@ -11,6 +11,9 @@ from gpuconv import conv2d, local_conv2d
 from reference import assert_close, conv2d_ref, local_conv2d_ref, output_size
 
 DTYPES = [np.float32, np.float64]
+# float16 (stored in half precision, accumulated in float32) runs the same feature grid.
+GRID_DTYPES = [np.float16, np.float32, np.float64]
+GRID_IDS = ["f16", "f32", "f64"]
 
 # (name, N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups): awkward on purpose.
 GEOMETRIES = [
@@ -56,15 +59,23 @@ def _case(rng, geometry, dtype, local, bias_kind):
 
 
 def _check(op, ref, x, wt, b, kwargs, device, dtype):
+    if np.dtype(dtype) == np.float16 and device == "cuda":
+        from gpuconv.cuda import launch
+
+        if not launch.HALF_SUPPORTED:
+            with pytest.raises(TypeError, match="float16 runs on the CPU only"):
+                op(x, wt, b, device=device, **kwargs)
+            return None
     y = op(x, wt, b, device=device, **kwargs)
     assert isinstance(y, np.ndarray) and y.dtype == np.dtype(dtype)
     expected = ref(x, wt, b, **kwargs)
     bound = ref(np.abs(x), np.abs(wt), None if b is None else np.abs(b), **kwargs)
-    assert_close(y, expected, bound, dtype)
+    terms = int(np.prod(wt.shape[-3:])) + (b is not None)
+    assert_close(y, expected, bound, dtype, terms=terms)
     return y
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", GRID_DTYPES, ids=GRID_IDS)
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=[g[0] for g in GEOMETRIES])
 def test_conv2d_matches_reference(geometry, dtype, device):
     rng = np.random.default_rng(0)
@@ -73,11 +84,12 @@ def test_conv2d_matches_reference(geometry, dtype, device):
     _check(conv2d, conv2d_ref, x, wt, b, kwargs, device, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", GRID_DTYPES, ids=GRID_IDS)
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=[g[0] for g in GEOMETRIES])
 def test_local_conv2d_matches_reference(geometry, dtype, device):
     rng = np.random.default_rng(1)
-    bias_kind = ["channel", "position", None][len(geometry[0]) % 3]
+    # every bias kind on a third of the geometries, taken in turn
+    bias_kind = ["channel", "position", None][GEOMETRIES.index(geometry) % 3]
     x, wt, b, kwargs = _case(rng, geometry, dtype, True, bias_kind)
     _check(local_conv2d, local_conv2d_ref, x, wt, b, kwargs, device, dtype)
 

@@ -33,7 +33,10 @@ from numba import cuda
 from . import kernels
 from ..device import check_memory
 
-__all__ = ["run"]
+__all__ = ["run", "from_host_like", "HALF_SUPPORTED"]
+
+#: Whether the CUDA kernels take float16 operands.
+HALF_SUPPORTED = False
 
 
 # --------------------------------------------------------------------------------------------
