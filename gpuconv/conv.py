@@ -15,7 +15,8 @@ import threading
 
 import numpy as np
 
-from .device import check_memory, host_memory_available, is_device_array, select_device
+from .device import (check_memory, host_memory_available, is_device_array, select_device,
+                     simulator_enabled)
 from .geometry import conv_geometry
 from .ops import FORWARD, OPS, WEIGHT_GRAD
 
@@ -56,8 +57,8 @@ def _operand(value, name):
             f"do not record an autograd graph: pass {name}.detach(), or call inside "
             "torch.no_grad(), or use the gradient functions in gpuconv.grad")
     if is_device_array(value):
-        if getattr(value, "__cuda_ndarray__", False) and not hasattr(value, "__cuda_array_interface__"):
-            # a device array of the CUDA simulator
+        if simulator_enabled() and not hasattr(value, "__cuda_array_interface__"):
+            # a device array of the CUDA simulator (it has no array interface)
             return _Operand(value, tuple(int(s) for s in value.shape), np.dtype(value.dtype), True)
         cai = getattr(value, "__cuda_array_interface__", None)
         if cai is None:

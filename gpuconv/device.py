@@ -18,15 +18,43 @@ from __future__ import annotations
 import functools
 import os
 
-__all__ = ["DEVICES", "ENV_VAR", "CudaUnavailableError", "InsufficientMemoryError",
+__all__ = ["DEVICES", "ENV_VAR", "DLPACK_CUDA_DEVICES", "simulator_enabled", "c_strides",
+           "is_c_contiguous", "CudaUnavailableError", "InsufficientMemoryError",
            "select_device", "cuda_available", "is_device_array", "explain_auto",
            "host_memory_available", "check_memory"]
 
 DEVICES = ("auto", "cpu", "cuda")
 ENV_VAR = "GPUCONV_DEVICE"
 
-# DLPack device types (dlpack.h): 1 = CPU, 2 = CUDA, 3 = CUDA host (pinned), 13 = CUDA managed.
-_DLPACK_CUDA = (2, 13)
+#: DLPack device types (dlpack.h) whose memory lives on a GPU: 2 = CUDA, 13 = CUDA managed
+#: (1 = CPU and 3 = CUDA host, i.e. pinned, memory are host memory).
+DLPACK_CUDA_DEVICES = (2, 13)
+
+
+def simulator_enabled():
+    """True when Numba's CUDA simulator stands in for the GPU (``NUMBA_ENABLE_CUDASIM=1``
+    before Numba was imported): kernels run as Python threads on the CPU."""
+    from numba.core import config
+
+    return bool(getattr(config, "ENABLE_CUDASIM", False))
+
+
+def c_strides(shape, itemsize):
+    """Byte strides of a C-contiguous array of ``shape``."""
+    strides, step = [], itemsize
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(int(size), 1)
+    return tuple(reversed(strides))
+
+
+def is_c_contiguous(shape, strides, itemsize):
+    """Whether an array of ``shape`` with byte ``strides`` (``None``: C order) is
+    C-contiguous; the strides of length-1 axes do not matter."""
+    if strides is None:
+        return True
+    return all(size == 1 or stride == expected for size, stride, expected
+               in zip(shape, strides, c_strides(shape, itemsize)))
 
 
 class CudaUnavailableError(RuntimeError, ValueError):
@@ -83,7 +111,7 @@ def _cuda_status():
         return False, f"numba.cuda could not be imported ({exc})"
     try:
         if cuda.is_available():
-            if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+            if simulator_enabled():
                 return True, "the Numba CUDA simulator is enabled (NUMBA_ENABLE_CUDASIM=1)"
             return True, "a CUDA GPU is present"
         return False, "numba.cuda.is_available() is False (no CUDA driver or GPU)"
@@ -103,7 +131,7 @@ def is_device_array(array):
     dlpack_device = getattr(array, "__dlpack_device__", None)
     if dlpack_device is not None and not hasattr(array, "__array_interface__"):
         try:
-            return int(dlpack_device()[0]) in _DLPACK_CUDA
+            return int(dlpack_device()[0]) in DLPACK_CUDA_DEVICES
         except Exception:
             return False
     return False

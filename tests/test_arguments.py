@@ -11,6 +11,30 @@ X = np.zeros((2, 4, 8, 8), dtype=np.float32)
 W = np.zeros((6, 4, 3, 3), dtype=np.float32)
 WL = np.zeros((6, 6, 6, 4, 3, 3), dtype=np.float32)
 
+# Inputs other frameworks accept, with the shape and dtype of what they give:
+# (operation, kwargs overriding a valid call, result shape, result dtype).
+ACCEPTED = [
+    ("conv2d", dict(x=X[0]), (6, 6, 6), np.float32),
+    ("local_conv2d", dict(x=X[0]), (6, 6, 6), np.float32),
+    ("conv2d", dict(padding=((0, 2), (1, 0))), (2, 6, 8, 7), np.float32),
+    ("conv2d", dict(x=np.zeros((2, 0, 8, 8), np.float32), weight=np.zeros((6, 0, 3, 3), np.float32),
+                    bias=np.ones(6, np.float32)), (2, 6, 6, 6), np.float32),
+    ("conv2d", dict(weight=np.zeros((0, 4, 3, 3), np.float32)), (2, 0, 6, 6), np.float32),
+    ("conv2d", dict(x=X.astype(np.float16), weight=W.astype(np.float16)), (2, 6, 6, 6), np.float16),
+    ("local_conv2d", dict(x=X.astype(np.float16), weight=WL.astype(np.float16)), (2, 6, 6, 6),
+     np.float16),
+]
+
+
+@pytest.mark.parametrize("op, override, shape, dtype", ACCEPTED,
+                         ids=[f"{a[0]}-{i}" for i, a in enumerate(ACCEPTED)])
+def test_accepted_inputs(op, override, shape, dtype):
+    args = dict(x=X, weight=WL if op == "local_conv2d" else W, bias=None)
+    args.update(override)
+    y = getattr(gpuconv, op)(**args, device="cpu")
+    assert y.shape == shape and y.dtype == dtype
+
+
 # (operation, kwargs overriding a valid call, expected error, text the message must contain)
 BAD = [
     ("conv2d", dict(x=X[0, 0]), ValueError, "x must be 4-D (N, C_in, H, W) or 3-D"),
@@ -38,11 +62,11 @@ BAD = [
     ("conv2d", dict(padding="same", stride=2), ValueError, "padding='same' requires stride 1"),
     ("conv2d", dict(weight=np.zeros((6, 4, 9, 3), np.float32)), ValueError,
      "kernel does not fit in the padded input"),
-    ("conv2d", dict(x=X.astype(np.int32)), TypeError, "x must be float32 or float64"),
-    ("conv2d", dict(x=X.astype(np.complex64)), TypeError, "x must be float32 or float64"),
-    ("conv2d", dict(x=X.astype(bool)), TypeError, "x must be float32 or float64"),
-    ("conv2d", dict(x=X.astype(object)), TypeError, "x must be float32 or float64"),
-    ("conv2d", dict(x=X.astype(np.float16)), TypeError, "x must be float32 or float64"),
+    ("conv2d", dict(x=X.astype(np.int32)), TypeError, "x must be float16, float32 or float64"),
+    ("conv2d", dict(x=X.astype(np.complex64)), TypeError, "x must be float16, float32 or float64"),
+    ("conv2d", dict(x=X.astype(bool)), TypeError, "x must be float16, float32 or float64"),
+    ("conv2d", dict(x=X.astype(object)), TypeError, "x must be float16, float32 or float64"),
+    ("conv2d", dict(x=X.astype(np.float16)), TypeError, "weight must have the dtype of x (float16)"),
     ("conv2d", dict(weight=W.astype(np.float64)), TypeError, "weight must have the dtype of x"),
     ("conv2d", dict(bias=np.zeros(6, np.float64)), TypeError, "bias must have the dtype of x"),
     ("conv2d", dict(bias=np.zeros(5, np.float32)), ValueError, "bias must have shape (6,)"),

@@ -142,26 +142,38 @@ def test_conv2d_gradients_equal_pytorchs():
                                    wt.grad.numpy(), rtol=1e-12, atol=1e-11, err_msg=geometry[0])
 
 
+# (what the call gets wrong, the call on a valid (x, w, gy), error, text of the message)
 BAD = [
-    (lambda x, w, gy: grad.conv2d_input(x.shape, w, gy[:, :, :-1]), ValueError,
+    ("conv2d_input, grad_output one column short",
+     lambda x, w, gy: grad.conv2d_input(x.shape, w, gy[:, :, :-1]), ValueError,
      "grad_output must have the forward's output shape (N, C_out, H_out, W_out) = (2, 4, 5, 4)"),
-    (lambda x, w, gy: grad.conv2d_weight(x, w.shape, gy[:1]), ValueError, "got (1, 4, 5, 4)"),
-    (lambda x, w, gy: grad.conv2d_input("2x3x7x6", w, gy), TypeError, "input_size must be a sequence"),
-    (lambda x, w, gy: grad.conv2d_input((2, 3, 7), w, gy), ValueError, "grad_output must be 3-D"),
-    (lambda x, w, gy: grad.conv2d_weight(x, w.shape[:3], gy), TypeError, "weight_size must be"),
-    (lambda x, w, gy: grad.local_conv2d_weight(x, w.shape, gy), TypeError, "weight_size must be"),
-    (lambda x, w, gy: grad.conv2d_weight(x, (4, 2, 3, 3), gy), ValueError, "C_in/groups=2"),
-    (lambda x, w, gy: grad.conv2d_input(x.shape, w, gy.astype(np.float32)), TypeError,
+    ("conv2d_weight, grad_output of another batch",
+     lambda x, w, gy: grad.conv2d_weight(x, w.shape, gy[:1]), ValueError, "got (1, 4, 5, 4)"),
+    ("conv2d_input, input_size a string",
+     lambda x, w, gy: grad.conv2d_input("2x3x7x6", w, gy), TypeError, "input_size must be a sequence"),
+    ("conv2d_input, unbatched input_size with a batched grad_output",
+     lambda x, w, gy: grad.conv2d_input((2, 3, 7), w, gy), ValueError, "grad_output must be 3-D"),
+    ("conv2d_weight, weight_size of 3 values",
+     lambda x, w, gy: grad.conv2d_weight(x, w.shape[:3], gy), TypeError, "weight_size must be"),
+    ("local_conv2d_weight, a 4-D weight_size",
+     lambda x, w, gy: grad.local_conv2d_weight(x, w.shape, gy), TypeError, "weight_size must be"),
+    ("conv2d_weight, weight_size with the wrong C_in/groups",
+     lambda x, w, gy: grad.conv2d_weight(x, (4, 2, 3, 3), gy), ValueError, "C_in/groups=2"),
+    ("conv2d_input, float32 grad_output with a float64 weight",
+     lambda x, w, gy: grad.conv2d_input(x.shape, w, gy.astype(np.float32)), TypeError,
      "weight must have the dtype of grad_output (float32)"),
-    (lambda x, w, gy: grad.conv2d_input(x.shape, None, gy), TypeError, "weight must be an array"),
-    (lambda x, w, gy: grad.conv2d_weight(x, w.shape, gy, stride=0), ValueError, "stride must be >= 1"),
-    (lambda x, w, gy: grad.conv2d_weight(x, w.shape, gy, device="gpu"), ValueError,
+    ("conv2d_input, weight None",
+     lambda x, w, gy: grad.conv2d_input(x.shape, None, gy), TypeError, "weight must be an array"),
+    ("conv2d_weight, stride=0",
+     lambda x, w, gy: grad.conv2d_weight(x, w.shape, gy, stride=0), ValueError, "stride must be >= 1"),
+    ("conv2d_weight, device='gpu'",
+     lambda x, w, gy: grad.conv2d_weight(x, w.shape, gy, device="gpu"), ValueError,
      "device must be one of"),
 ]
 
 
-@pytest.mark.parametrize("call, error, message", BAD, ids=[b[2][:40] for b in BAD])
-def test_bad_gradient_arguments(call, error, message):
+@pytest.mark.parametrize("what, call, error, message", BAD, ids=[b[0] for b in BAD])
+def test_bad_gradient_arguments(what, call, error, message):
     x, w, gy, _ = _problem(GEOMETRIES[0], np.float64, False, 17)
     with pytest.raises(error) as info:
         call(x, w, gy)

@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 import gpuconv
-from test_arguments import BAD, W, WL, X
+from test_arguments import ACCEPTED, BAD, W, WL, X
+from test_grad import BAD as GRAD_BAD
+from test_grad import _problem
+from test_conv import GEOMETRIES
 from test_reliability import CONCURRENCY
 
 DOC = pathlib.Path(__file__).resolve().parents[1] / "RELIABILITY.md"
@@ -43,11 +46,50 @@ def _rows():
     return rows
 
 
+def _accepted_rows():
+    rows = []
+    for op, override, _, _ in ACCEPTED:
+        args = dict(x=X, weight=WL if op == "local_conv2d" else W, bias=None)
+        args.update(override)
+        y = getattr(gpuconv, op)(**args, device="cpu")
+        rows.append(f"| {_describe(op, override)} | shape {tuple(y.shape)}, {y.dtype} |")
+    return rows
+
+
+def _gradient_rows():
+    x, w, gy, _ = _problem(GEOMETRIES[0], np.float64, False, 17)
+    rows = []
+    for what, call, _, _ in GRAD_BAD:
+        try:
+            call(x, w, gy)
+        except Exception as exc:  # the table records what really happens
+            got, message = type(exc).__name__, str(exc)
+        else:  # pragma: no cover - test_grad fails first
+            got, message = "no error", ""
+        rows.append(f"| {what} | `{got}` | {message.replace('|', '/')} |")
+    return rows
+
+
+def x_shape():
+    return _problem(GEOMETRIES[0], np.float64, False, 17)[0].shape
+
+
+def w_shape():
+    return _problem(GEOMETRIES[0], np.float64, False, 17)[1].shape
+
+
 def render():
     lines = [BEGIN, "",
              f"Valid call: `x` {X.shape} {X.dtype}, `conv2d` weight {W.shape}, "
              f"`local_conv2d` weight {WL.shape}; each row changes one argument.", "",
              "| input | error | message |", "|---|---|---|", *_rows(), "",
+             "Inputs other frameworks accept (one image without a batch axis, explicit "
+             "asymmetric padding, zero channels, float16), with what they give:", "",
+             "| input | result |", "|---|---|", *_accepted_rows(), "",
+             f"Gradient functions (`gpuconv.grad`), valid call: `x` {x_shape()}, `w` "
+             f"{w_shape()} (conv2d), `gy` of the forward's output shape; each row changes "
+             "one argument:", "",
+             "| call | error | message |", "|---|---|---|", *_gradient_rows(), "",
              f"Concurrency: {CONCURRENCY['threads']} threads × {CONCURRENCY['calls_per_thread']} "
              "calls per operation and device, all results bitwise equal to serial calls "
              "(`tests/test_reliability.py::test_concurrent_calls_match_serial_calls`).", "", END]
