@@ -571,14 +571,35 @@ def test_progress_reaches_its_total(fast, monkeypatch):
     assert seen == [(steps, steps)]
 
 
-def test_time_kernels_wrapper_defaults():
+def _script(name):
     import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "time_kernels.py"
-    spec = importlib.util.spec_from_file_location("time_kernels", path)
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_speed_is_the_benchmark_with_each_layers_own_operation(fast, monkeypatch):
+    cpu_speed = _script("cpu_speed")
+    for op, names in cpu_speed.SELECTION.items():
+        assert names and all(name in bench.LAYERS for name in names)
+    assert "deepface-l5" in cpu_speed.SELECTION["local_conv2d"]
+    assert "deepface-l5" not in cpu_speed.SELECTION["conv2d"]
+    assert cpu_speed._layer("DeepFace L5 (local)") == cpu_speed._layer("deepface-l5")
+    monkeypatch.setattr(cpu_speed, "SELECTION", {"conv2d": ["tiny"], "local_conv2d": ["tiny"]})
+    result = cpu_speed.run(("local_conv2d",), rounds=1, burst=2, torch=None, progress=False)
+    assert {r["op"] for r in result["records"]} == {"local_conv2d"}
+    (row,) = cpu_speed.rows(result["records"])
+    assert row["speedup"] == pytest.approx(row["peer"]["median_s"] / row["gpuconv"]["median_s"])
+    text = cpu_speed.format_rows(result)
+    assert f"| {row['speedup']:6.2f} |" in text and "geometric-mean speedup" in text
+
+
+def test_time_kernels_wrapper_defaults():
+    module = _script("time_kernels")
     args = module.build_parser().parse_args([])
     assert args.quick and not args.peers and args.device == "auto"
     args = module.build_parser().parse_args(["--peers", "--full-size", "--layers", "deepface-l4"])
