@@ -393,26 +393,16 @@ class _Unit:
         self.samples = []
 
 
-def _bench_layer(layer_name, geom, backend, impl_list, dtype, repeat, bursts, ceilings,
-                 part, progress, rng):
-    """Records for one geometry: every implementation in ``impl_list`` (both ops)."""
-    skipped, units, keep = _prepare(layer_name, geom, backend, impl_list, dtype, part,
-                                    progress, rng, bursts)
-    _time_units(units, backend, repeat, bursts, progress)
-    records = _records(skipped, units, impl_list, backend.kind, dtype, ceilings)
-    del units, keep
-    gc.collect()
-    return records
-
-
-def _bench_sweep(layer, batches, backend, impl_list, dtype, repeat, bursts, ceilings,
-                 progress, rng):
-    """The batch sweep: every (batch, implementation) in one rotation of bursts, so that
-    a slow spell of the machine does not land on one batch size only."""
+def _bench_geometries(layer_name, geoms, part, backend, impl_list, dtype, repeat, bursts,
+                      ceilings, progress, rng):
+    """Records for ``geoms`` (one layer's geometries): every implementation in
+    ``impl_list`` on each. All (geometry, implementation) pairs take turns in one rotation of
+    bursts, so that in a batch sweep a slow spell of the machine does not land on one batch
+    size only."""
     skipped, units, keep = [], [], []
-    for n in batches:
-        s, u, k = _prepare(layer.name, layer.geometry(n), backend, impl_list, dtype,
-                           "batch-sweep", progress, rng, bursts)
+    for geom in geoms:
+        s, u, k = _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng,
+                           bursts)
         skipped += s
         units += u
         keep.append(k)
@@ -637,14 +627,16 @@ def run_benchmark(layers, device="cpu", dtype="float32", repeat=DEFAULT_REPEAT,
             n = batch or layer.batch(device)
             if batch_cap:
                 n = min(n, batch_cap)
-            layer_records = _bench_layer(layer.name, layer.geometry(n), backend, impl_list,
-                                         dtype, repeat, bursts, ceilings, "suite", bar, rng)
+            layer_records = _bench_geometries(layer.name, [layer.geometry(n)], "suite",
+                                              backend, impl_list, dtype, repeat, bursts,
+                                              ceilings, bar, rng)
             if layer_records:
                 bar.line(_layer_news(layer_records, done, len(layer_objs)))
             records.extend(layer_records)
         if sweep_batches:
-            sweep_records = _bench_sweep(sweep_layer, sweep_batches, backend, impl_list, dtype,
-                                         repeat, bursts, ceilings, bar, rng)
+            sweep_records = _bench_geometries(
+                sweep_layer.name, [sweep_layer.geometry(n) for n in sweep_batches],
+                "batch-sweep", backend, impl_list, dtype, repeat, bursts, ceilings, bar, rng)
             for done, n in enumerate(sweep_batches, 1):
                 bar.line("batch sweep " + _layer_news(
                     [r for r in sweep_records if r["N"] == n], done, len(sweep_batches)))
