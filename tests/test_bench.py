@@ -407,10 +407,11 @@ def test_cli_quick_run_writes_json_and_png_that_agree_with_the_table(
     assert f"peers: {result['machine']['peers_reason']}" in out.out and why in out.out
     assert "%cmp = " in out.out and "more than 100 %" in out.out
     assert "What sharing buys" in out.out and "gpuconv vs peers: speedup = peer time" in out.out
-    # Not a terminal: a line when it starts, then one per finished layer and sweep batch.
+    # Not a terminal: a line when it starts and with the ceilings, then one per finished
+    # layer and sweep batch.
     news = out.err.splitlines()
-    assert len(news) == 1 + len(bench.QUICK_LAYERS) + len(bench.SWEEP_BATCHES)
-    assert "peers:" in news[0] and "[1/1] tiny N=" in news[1]
+    assert len(news) == 2 + len(bench.QUICK_LAYERS) + len(bench.SWEEP_BATCHES)
+    assert "peers:" in news[0] and "ceilings:" in news[1] and "[1/1] tiny N=" in news[2]
     assert all(line.startswith("[") for line in news)
 
 

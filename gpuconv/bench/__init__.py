@@ -22,11 +22,11 @@ How the timing is done (the machines this runs on are noisy):
 - GFLOP/s and GB/s (fewest bytes: inputs, weights and biases read once, output written once)
   are compared with ceilings measured in the same run.
 
-Every ratio printed is a speedup, the time of the slower candidate over the time of the
-faster one's rival: ``peer time / gpuconv time`` (above 1: gpuconv is faster), and for the
-cost of sharing ``local_conv2d time / conv2d time`` (above 1: the shared layer is faster),
-the latter with the quartiles of the ratios of paired calls (call ``i`` of each, which ran
-in the same round of bursts).
+Every comparison is printed as a speedup, one implementation's time over the time of the
+one it is compared with: ``peer time / gpuconv time`` (above 1: gpuconv is faster), and,
+for what sharing buys, ``local_conv2d time / conv2d time`` (above 1: the shared layer is
+faster), the latter as the median and quartiles of the ratios of paired calls (call ``i``
+of each, which ran in the same round of bursts).
 
 Public pieces: :data:`LAYERS` and :class:`Layer` (defined in :mod:`gpuconv.workloads`),
 :data:`SUITES`, :func:`add_arguments`, :func:`run` (the command), :func:`run_benchmark` (the
@@ -611,6 +611,8 @@ def run_benchmark(layers, device="cpu", dtype="float32", repeat=DEFAULT_REPEAT,
     try:
         if ceilings is None:
             ceilings = impls_mod.measure_ceilings(backend, dtype, quick=quick)
+            bar.line(f"ceilings: compute {_num(ceilings.get('compute_gflops'), '.4g')} GFLOP/s, "
+                     f"bandwidth {_num(ceilings.get('bandwidth_gbs'), '.4g')} GB/s")
         load_start = _load_average()
         machine = machine_info(device, torch, ceilings, dtype)
         machine["load_average_start"] = load_start
@@ -863,11 +865,12 @@ def format_summary(result):
                          f"(median afterwards {_ms(r['median_s'])} ms{how})")
     ceilings = result["machine"]["ceilings"]
     lines.append("")
-    lines.append(f"Ceilings measured in this run: compute "
-                 f"{_num(ceilings.get('compute_gflops'), '.4g')} GFLOP/s "
-                 f"({ceilings.get('compute_method', 'not measured')}); bandwidth "
-                 f"{_num(ceilings.get('bandwidth_gbs'), '.4g')} GB/s "
-                 f"({ceilings.get('bandwidth_method', 'not measured')}).")
+    lines.append(textwrap.fill(
+        f"Ceilings measured in this run: compute "
+        f"{_num(ceilings.get('compute_gflops'), '.4g')} GFLOP/s "
+        f"({ceilings.get('compute_method', 'not measured')}); bandwidth "
+        f"{_num(ceilings.get('bandwidth_gbs'), '.4g')} GB/s "
+        f"({ceilings.get('bandwidth_method', 'not measured')}).", 100, subsequent_indent="  "))
     return "\n".join(lines)
 
 
