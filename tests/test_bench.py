@@ -272,7 +272,7 @@ def test_timed_implementations_agree_on_uneven_padding(spec):
     ("cpu", True, True, "PyTorch"),
     ("cpu", False, True, "NumPy im2col baselines instead"),
     ("cuda", False, True, "none: PyTorch not installed"),
-    ("cpu", True, False, "--no-peers"),
+    ("cpu", True, False, "none asked for"),
 ])
 def test_the_report_says_which_peers_ran_and_why(device, torch_present, peers, expected):
     fake = type("torch", (), {"__version__": "9.9", "cuda": type("cuda", (), {

@@ -195,7 +195,8 @@ def _pairs(geom):
 
 
 def _symmetric(geom):
-    """Whether each axis has the same padding on both sides (all PyTorch's functions take)."""
+    """Whether each axis has the same padding on both sides, the only padding PyTorch's
+    conv2d and unfold take."""
     return geom.pad_top == geom.pad_bottom and geom.pad_left == geom.pad_right
 
 
@@ -406,7 +407,7 @@ def describe_peers(device, torch=None, peers=True, problem=None):
     was not asked for.
     """
     if not peers:
-        return "none (--no-peers: gpuconv only)"
+        return "none asked for: gpuconv only"
     missing = f"PyTorch {problem}" if problem else "PyTorch not used"
     if torch is not None and (device == "cpu" or torch.cuda.is_available()):
         return (f"PyTorch {torch.__version__} found: torch.nn.functional.conv2d beside conv2d, "
@@ -641,7 +642,7 @@ def measure_ceilings(backend, dtype, quick=False):
             "bandwidth_method": f"NumPy copy of {copy_bytes // 2 ** 20} MiB, "
                                 f"(read + write bytes) / best of {repeat + 2}",
             "compute_gflops": candidates[best_name],
-            "compute_method": f"best of: " + "; ".join(
+            "compute_method": "best of: " + "; ".join(
                 f"{name} {value:.4g} GFLOP/s" for name, value in candidates.items())
                 + f" (best of {2 * repeat} calls each, after warm-up)",
             "compute_candidates": candidates,
