@@ -6,8 +6,13 @@ Subcommands::
     gpuconv params [...]        the lecture note's parameter arithmetic
     gpuconv bench [...]         benchmarks (see gpuconv.bench)
 
-Errors raised by the library (``ValueError``, ``TypeError``, ``CudaUnavailableError``) are
-printed as ``gpuconv: error: ...`` and give exit status 2, like argparse's own errors.
+Without a subcommand the help is printed (exit status 2). Argument errors, whether argparse
+finds them or a command does (an impossible layer, an unwritable output path, a device that
+is not there), are one line on stderr and exit status 2; anything else is a bug and shows
+its traceback.
+
+Also the argument type :func:`positive_int` and :func:`gpu_description`, which
+:mod:`gpuconv.bench` and the scripts use too (this module imports only the standard library).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import platform
 import sys
 from importlib import metadata
 
-__all__ = ["main", "build_parser", "collect_info"]
+__all__ = ["main", "build_parser", "collect_info", "positive_int", "gpu_description"]
 
 PROG = "gpuconv"
 PEERS = ("torch", "cupy", "matplotlib")
@@ -28,11 +33,6 @@ NOT_INSTALLED = "not installed"
 
 
 # ----------------------------------------------------------------------------- info
-
-def _gpuconv_version():
-    from . import __version__
-    return __version__
-
 
 def _distribution_version(name):
     """Version of an installed distribution, or ``None``."""
@@ -59,7 +59,7 @@ def _module_version(module):
     return None
 
 
-def _gpu_description():
+def gpu_description():
     """Name and compute capability of the current CUDA device, or ``None``."""
     try:
         from numba import cuda
@@ -81,6 +81,7 @@ def _gpu_description():
 
 def collect_info():
     """What ``gpuconv info`` reports, as a JSON-serialisable dict (missing versions: ``None``)."""
+    from . import __version__
     from .device import ENV_VAR, cuda_available, explain_auto
 
     available = cuda_available()
@@ -89,13 +90,13 @@ def collect_info():
     except ValueError as exc:  # a bad GPUCONV_DEVICE: report it, do not fail
         auto = f"error: {exc}"
     return {
-        "gpuconv": _gpuconv_version(),
+        "gpuconv": __version__,
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "numpy": _distribution_version("numpy"),
         "numba": _distribution_version("numba"),
         "numba_cuda": _distribution_version("numba-cuda"),
         "cuda_available": available,
-        "gpu": _gpu_description() if available else None,
+        "gpu": gpu_description() if available else None,
         "device_auto": auto,
         "gpuconv_device_env": os.environ.get(ENV_VAR),
         "peers": {name: _module_version(name) for name in PEERS},
@@ -147,7 +148,7 @@ def _add_info(subparsers):
 
 # ----------------------------------------------------------------------------- params
 
-def _positive_int(text):
+def positive_int(text):
     """argparse type: an integer >= 1 (``100_000`` and ``1e5``-style integers accepted)."""
     try:
         value = int(text.replace("_", ""), 10)
@@ -170,8 +171,11 @@ def _run_params(args):
     field = args.field
     if len(field) not in (1, 2):
         args.parser.error(f"argument --field: expected KH or KH KW, got {len(field)} values")
-    numbers = note_arithmetic(height=args.height, width=args.width, neurons=args.neurons,
-                              field=(field[0], field[-1]), filters=args.filters)
+    try:
+        numbers = note_arithmetic(height=args.height, width=args.width, neurons=args.neurons,
+                                  field=(field[0], field[-1]), filters=args.filters)
+    except ValueError as exc:  # a field larger than the image
+        args.parser.error(str(exc))
     if args.json:
         print(json.dumps(numbers, indent=2))
     else:
@@ -186,15 +190,15 @@ def _add_params(subparsers):
                     "connected (H*W*M), locally connected with a KH x KW field (KH*KW*M), "
                     "shared per filter (KH*KW) and with F filters (KH*KW*F). Defaults are the "
                     "note's example: 500 x 500 image, 10^5 neurons, 10 x 10 field, 64 filters.")
-    parser.add_argument("--height", type=_positive_int, default=500, metavar="H",
+    parser.add_argument("--height", type=positive_int, default=500, metavar="H",
                         help="input height in pixels (default: 500)")
-    parser.add_argument("--width", type=_positive_int, default=500, metavar="W",
+    parser.add_argument("--width", type=positive_int, default=500, metavar="W",
                         help="input width in pixels (default: 500)")
-    parser.add_argument("--neurons", type=_positive_int, default=100_000, metavar="M",
+    parser.add_argument("--neurons", type=positive_int, default=100_000, metavar="M",
                         help="neurons in the next layer (default: 100000)")
-    parser.add_argument("--field", type=_positive_int, nargs="+", default=[10, 10],
+    parser.add_argument("--field", type=positive_int, nargs="+", default=[10, 10],
                         metavar="K", help="receptive field: KH [KW] (default: 10 10)")
-    parser.add_argument("--filters", type=_positive_int, default=64, metavar="F",
+    parser.add_argument("--filters", type=positive_int, default=64, metavar="F",
                         help="number of shared kernels (default: 64)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=_run_params, parser=parser)
@@ -214,7 +218,8 @@ def _import_bench():
 
 
 def _bench_missing(args):
-    raise ValueError("the bench subcommand is unavailable: gpuconv.bench is not installed")
+    print(f"{PROG} bench: error: unavailable, gpuconv.bench is not installed", file=sys.stderr)
+    return 2
 
 
 def _add_bench(subparsers, load):
@@ -252,9 +257,10 @@ def build_parser(argv=()):
         prog=PROG,
         description="Shared (conv2d) and unshared (local_conv2d) 2-D convolutions on CPU "
                     "and CUDA.")
-    parser.add_argument("--version", action="version",
-                        version=f"%(prog)s {_gpuconv_version()}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_info(subparsers)
     _add_params(subparsers)
     _add_bench(subparsers, load=_selected_command(argv) == "bench")
@@ -262,13 +268,18 @@ def build_parser(argv=()):
 
 
 def main(argv=None):
-    """Run the command line; returns the exit status (0 success, 2 usage or library error)."""
-    from .device import CudaUnavailableError
+    """Run the command line; returns the exit status (0 success, 2 argument error).
 
+    Only argument errors are caught (argparse's, and those a command reports itself with
+    exit status 2); any other exception is a bug and propagates with its traceback.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     try:
         args, extra = parser.parse_known_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
         if extra and not getattr(args, "accepts_extra", False):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return int(args.func(args) or 0)
@@ -280,9 +291,6 @@ def main(argv=None):
             return code
         print(code, file=sys.stderr)
         return 1
-    except (CudaUnavailableError, ValueError, TypeError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -112,7 +112,8 @@ def note_arithmetic(height=500, width=500, neurons=100_000, field=(10, 10), filt
 
     Raises:
         TypeError: an argument is not an int (or ``field`` not an int or a pair of ints).
-        ValueError: an argument is below 1.
+        ValueError: an argument is below 1, or the field is larger than the image (a
+            neuron cannot see more pixels than there are).
 
     >>> numbers = note_arithmetic()
     >>> numbers["fully_connected"], numbers["locally_connected"]
@@ -121,12 +122,20 @@ def note_arithmetic(height=500, width=500, neurons=100_000, field=(10, 10), filt
     (100, 6400)
     >>> numbers["local_vs_full"], numbers["local_vs_full_fraction"], numbers["sharing_reduction"]
     (0.0004, '1/2500', 100000.0)
+    >>> note_arithmetic(height=28, width=28, field=(29, 3))
+    Traceback (most recent call last):
+    ...
+    ValueError: the receptive field (29 x 3) is larger than the image (28 x 28); a field covers at most the whole image
     """
     height = _positive_int(height, "height")
     width = _positive_int(width, "width")
     neurons = _positive_int(neurons, "neurons")
     field_height, field_width = pair(field, "field", 1)
     filters = _positive_int(filters, "filters")
+    if field_height > height or field_width > width:
+        raise ValueError(
+            f"the receptive field ({field_height} x {field_width}) is larger than the image "
+            f"({height} x {width}); a field covers at most the whole image")
 
     pixels = height * width
     fully_connected = pixels * neurons

@@ -4,18 +4,21 @@
 
 1. correctness: both operations against PyTorch on the GPU, in float64 and float32, over a
    grid of geometries (stride, padding, dilation, groups, bias kinds, odd sizes); cuDNN with
-   TF32 off; the local_conv2d reference is ``unfold`` + ``einsum`` in float64. Also the array
-   kinds (torch in -> torch out, CuPy, Numba device arrays, NumPy), a side stream,
-   non-contiguous inputs, an empty batch and NaN propagation;
-2. speed: both operations on the benchmark layers (gpuconv.workloads) at their GPU batch sizes, against
-   ``torch.nn.functional.conv2d`` and the ``unfold`` + ``einsum`` recipe, timed with CUDA
-   events (median and quartiles after warm-up), as TFLOP/s and GB/s next to a measured
-   device-to-device copy bandwidth; peers that run out of memory are recorded so;
+   TF32 off; the references are the benchmark's PyTorch peers (``torch.nn.functional.conv2d``,
+   and ``unfold`` + ``einsum`` for local_conv2d) in float64, the tolerances
+   :data:`gpuconv.bench.stats.TOLERANCE`. Also the array kinds (torch in -> torch out, CuPy,
+   Numba device arrays, NumPy), a side stream, non-contiguous inputs, an empty batch and NaN
+   propagation;
+2. speed: ``gpuconv bench`` on the GPU (:func:`gpuconv.bench.run_benchmark`: both operations
+   on every benchmark layer at its GPU batch size beside the PyTorch peers, alternating bursts
+   timed with CUDA events, ceilings measured in the same run), with the name of the kernel
+   each gpuconv record launched and the registers and memory of those kernels;
 3. ``compute-sanitizer --tool memcheck`` on a small case, where the tool exists.
 
-Everything is printed and, when ``OUT`` is set, written to ``$OUT/gpu_check.json``. Exit
-status 1 if a correctness check fails. The CPU-side logic (arguments, geometry grid, layer
-list, FLOP and byte counts) imports without a GPU; ``tests/test_gpu_check.py`` covers it.
+Everything is printed and, when ``OUT`` is set, written to ``$OUT/gpu_check.json`` (its
+``bench`` entry has the schema of ``gpuconv bench --json``). Exit status 1 if a correctness
+check fails. The CPU-side logic (arguments, geometry grid, layer list, kernel names, the
+speed section on the CPU) imports without a GPU; ``tests/test_gpu_check.py`` covers it.
 """
 
 from __future__ import annotations
@@ -30,14 +33,15 @@ import time
 import traceback
 from typing import NamedTuple
 
-from gpuconv import workloads
+from gpuconv import bench, workloads
+from gpuconv.bench import peers
+from gpuconv.bench.stats import TOLERANCE, within_tolerance
+from gpuconv.cli import positive_int
+from gpuconv.geometry import conv_geometry
 
 # --------------------------------------------------------------------------------------------
 # CPU-side logic (importable without a GPU)
 # --------------------------------------------------------------------------------------------
-
-#: Tolerances relative to the magnitude bound ``max(ref(|x|, |w|, |b|))``.
-TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
 
 
 class Case(NamedTuple):
@@ -51,7 +55,7 @@ class Case(NamedTuple):
     c_out: int
     kernel: tuple       # (kH, kW)
     stride: tuple
-    padding: tuple      # (pad_h, pad_w), both sides
+    padding: tuple      # (pad_h, pad_w), both sides, or "same"
     dilation: tuple
     groups: int
     bias: str | None    # None, "channel", "position" (local only)
@@ -59,7 +63,8 @@ class Case(NamedTuple):
 
 def geometry_grid(quick=False):
     """Correctness cases: awkward sizes on purpose (not multiples of any tile, odd kernels,
-    stride > kernel, batch 1, one channel, outputs of size 1, partial channel blocks)."""
+    stride > kernel, batch 1, one channel, outputs of size 1, partial channel blocks, uneven
+    padding)."""
     cases = [
         Case("basic", 2, 3, 17, 19, 5, (3, 3), (1, 1), (0, 0), (1, 1), 1, None),
         Case("pad_bias", 3, 4, 33, 35, 10, (3, 3), (1, 1), (1, 1), (1, 1), 1, "channel"),
@@ -78,140 +83,73 @@ def geometry_grid(quick=False):
         Case("local_position_bias", 5, 3, 12, 13, 6, (3, 3), (1, 1), (1, 1), (1, 1), 1,
              "position"),
         Case("big_batch", 37, 4, 11, 12, 5, (3, 3), (1, 2), (1, 0), (1, 1), 1, "channel"),
+        Case("same_even_kernel", 2, 4, 16, 15, 6, (2, 4), (1, 1), "same", (1, 2), 2,
+             "channel"),
     ]
     return cases[:6] if quick else cases
 
 
-def layer_row(layer):
-    """A :class:`gpuconv.workloads.Layer` at its GPU batch size as this script's row:
-    ``(name, op, N_gpu, C_in, H, W, C_out, k, stride, pad)``, ``op`` the operation the network
-    uses there (both are timed)."""
-    return (layer.short_title, layer.network_op, layer.batch_gpu, layer.in_channels, layer.size,
-            layer.size, layer.out_channels, layer.kernel, layer.stride, layer.padding)
+def case_geometry(case):
+    """The :class:`~gpuconv.geometry.ConvGeometry` of a :class:`Case`."""
+    return conv_geometry((case.n, case.c_in, case.h, case.w), case.kernel, case.c_out,
+                         case.stride, case.padding, case.dilation, case.groups)
 
 
-#: The benchmark layers (:data:`gpuconv.workloads.LAYERS`) as rows.
-LAYERS = tuple(layer_row(layer) for layer in workloads.LAYERS.values())
-
-
-def out_size(size, kernel, stride, pad_total, dilation=1):
-    """``(size + pad_total - dilation * (kernel - 1) - 1) // stride + 1``."""
-    return (size + pad_total - dilation * (kernel - 1) - 1) // stride + 1
-
-
-def case_out_hw(case):
-    return (out_size(case.h, case.kernel[0], case.stride[0], 2 * case.padding[0], case.dilation[0]),
-            out_size(case.w, case.kernel[1], case.stride[1], 2 * case.padding[1], case.dilation[1]))
-
-
-def layer_dims(layer):
-    """dict of the layer's dimensions, output size included."""
-    name, op, n, c_in, h, w, c_out, k, s, p = layer
-    return dict(name=name, op=op, n=n, c_in=c_in, h=h, w=w, c_out=c_out, k=k, stride=s, pad=p,
-                h_out=out_size(h, k, s, 2 * p), w_out=out_size(w, k, s, 2 * p), groups=1)
-
-
-def conv_flops(n, c_in, c_out, h_out, w_out, kh, kw, groups=1):
-    """``2 * N * C_out * H_out * W_out * (C_in / groups) * kH * kW`` (both operations)."""
-    return 2 * n * c_out * h_out * w_out * (c_in // groups) * kh * kw
-
-
-def weight_count(op, c_in, c_out, h_out, w_out, kh, kw, groups=1):
-    """Shared ``C_out * C_in/g * kH * kW``; unshared that times ``H_out * W_out``."""
-    shared = c_out * (c_in // groups) * kh * kw
-    return shared * h_out * w_out if op == "local_conv2d" else shared
-
-
-def min_bytes(op, n, c_in, h, w, c_out, h_out, w_out, kh, kw, itemsize=4, groups=1, bias=0):
-    """Fewest bytes moved: input read once, weights read once, output written once."""
-    elements = (n * c_in * h * w + weight_count(op, c_in, c_out, h_out, w_out, kh, kw, groups)
-                + n * c_out * h_out * w_out + bias)
-    return elements * itemsize
-
-
-def layer_counts(layer, itemsize=4):
-    """(flops, minimum bytes) of one layer's operation."""
-    d = layer_dims(layer)
-    flops = conv_flops(d["n"], d["c_in"], d["c_out"], d["h_out"], d["w_out"], d["k"], d["k"])
-    nbytes = min_bytes(d["op"], d["n"], d["c_in"], d["h"], d["w"], d["c_out"], d["h_out"],
-                       d["w_out"], d["k"], d["k"], itemsize)
-    return flops, nbytes
-
-
-def rate(amount, seconds, unit=1e12):
-    """``amount / seconds / unit`` (TFLOP/s with the default unit), None without a time."""
-    if not seconds or seconds <= 0:
-        return None
-    return amount / seconds / unit
-
-
-def summarize(times_s):
-    """Median and quartiles (seconds) of a list of timings."""
-    ordered = sorted(times_s)
-    if not ordered:
-        return None
-
-    def q(p):
-        k = (len(ordered) - 1) * p
-        lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-        return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-    return {"median": q(0.5), "q25": q(0.25), "q75": q(0.75), "min": ordered[0],
-            "count": len(ordered)}
-
-
-def within_tolerance(err, bound, dtype_name):
-    """``err <= tol(dtype) * bound`` with the per-dtype tolerance."""
-    return err <= TOLERANCE[dtype_name] * max(bound, sys.float_info.min)
+def bench_layer_list(quick):
+    """Names of the layers timed: all of them, or (quick) every third plus the locally
+    connected ones."""
+    names = list(workloads.LAYERS)
+    if not quick:
+        return names
+    local = [name for name, layer in workloads.LAYERS.items()
+             if layer.network_op == "local_conv2d"]
+    return list(dict.fromkeys(names[::3] + local))
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Check gpuconv's CUDA path on this GPU.")
     parser.add_argument("--quick", action="store_true",
-                        help="fewer geometries and repetitions (a smoke test)")
+                        help="fewer geometries, layers and timed calls (a smoke test)")
     parser.add_argument("--skip-bench", action="store_true", help="no timings")
     parser.add_argument("--skip-sanitizer", action="store_true", help="no compute-sanitizer")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed calls per implementation and layer (default 10, quick 3)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
+    parser.add_argument("--repeat", "--repeats", dest="repeat", type=positive_int,
+                        help=f"timed calls per burst (default {bench.DEFAULT_REPEAT}, "
+                             f"--quick {bench.QUICK_REPEAT}), as gpuconv bench --repeat")
     parser.add_argument("--json", default=None,
                         help="where to write the JSON (default: $OUT/gpu_check.json if OUT is set)")
     args = parser.parse_args(argv)
-    if args.repeats is None:
-        args.repeats = 3 if args.quick else 10
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.repeat is None:
+        args.repeat = bench.QUICK_REPEAT if args.quick else bench.DEFAULT_REPEAT
+    args.bursts = bench.QUICK_BURSTS if args.quick else bench.DEFAULT_BURSTS
     if args.json is None and os.environ.get("OUT"):
         args.json = os.path.join(os.environ["OUT"], "gpu_check.json")
     return args
 
 
-# --------------------------------------------------------------------------------------------
-# references (PyTorch; work on any device, float64 in, float64 out)
-# --------------------------------------------------------------------------------------------
+def _kernel_name(op, geom, dtype="float32"):
+    """Name of the gpuconv kernel (specialisation) ``op`` launches on ``geom``."""
+    import numpy as np
 
-def torch_conv2d_ref(torch, x, w, b, stride, padding, dilation, groups):
-    """Shared convolution with PyTorch (cuDNN on a GPU)."""
-    return torch.nn.functional.conv2d(x, w, b, stride=stride, padding=padding,
-                                      dilation=dilation, groups=groups)
+    from gpuconv.cuda import kernels as _cuda_kernels
+
+    config = (_cuda_kernels.local_conv2d_config if op == "local_conv2d"
+              else _cuda_kernels.conv2d_config)(geom, np.dtype(dtype).type)
+    return config.kernel.name
 
 
-def torch_local_conv2d_ref(torch, x, w, b, stride, padding, dilation, groups):
-    """Locally connected layer with the usual recipe: ``unfold`` then ``einsum``.
-
-    ``w`` is ``(C_out, H_out, W_out, C_in/g, kH, kW)``; ``b`` ``None``, ``(C_out,)`` or
-    ``(C_out, H_out, W_out)``.
-    """
-    n = x.shape[0]
-    c_out, h_out, w_out, c_ig, kh, kw = w.shape
-    cols = torch.nn.functional.unfold(x, (kh, kw), dilation=dilation, padding=padding,
-                                      stride=stride)                      # (N, C_in*kh*kw, L)
-    cols = cols.reshape(n, groups, c_ig * kh * kw, h_out * w_out)
-    wg = w.reshape(groups, c_out // groups, h_out * w_out, c_ig * kh * kw)
-    y = torch.einsum("ngkl,golk->ngol", cols, wg).reshape(n, c_out, h_out, w_out)
-    if b is not None:
-        y = y + (b.reshape(1, c_out, 1, 1) if b.dim() == 1 else b.unsqueeze(0))
-    return y
+def speed(layers, repeat, bursts, quick=False, device="cuda", torch="auto", progress=None):
+    """``gpuconv bench`` on ``layers`` (names or :class:`~gpuconv.workloads.Layer`) at their
+    batch sizes for ``device``; each gpuconv record also names the CUDA kernel that geometry
+    launches (``kernel``)."""
+    result = bench.run_benchmark(layers, device=device, repeat=repeat, bursts=bursts,
+                                 quick=quick, torch=torch, progress=progress)
+    by_name = {layer.name: layer for layer in
+               (workloads.LAYERS[x] if isinstance(x, str) else x for x in layers)}
+    for r in result["records"]:
+        if r["impl"] == "gpuconv":
+            geom = by_name[r["layer"]].geometry(r["N"])
+            r["kernel"] = _kernel_name(r["op"], geom, r["dtype"])
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,23 +157,28 @@ def torch_local_conv2d_ref(torch, x, w, b, stride, padding, dilation, groups):
 # --------------------------------------------------------------------------------------------
 
 def _case_tensors(torch, case, op, dtype, device, generator):
-    kh, kw = case.kernel
-    h_out, w_out = case_out_hw(case)
+    geom = case_geometry(case)
     x = torch.rand((case.n, case.c_in, case.h, case.w), generator=generator, dtype=torch.float64,
                    device=device) * 2 - 1
-    if op == "local_conv2d":
-        wshape = (case.c_out, h_out, w_out, case.c_in // case.groups, kh, kw)
-    else:
-        wshape = (case.c_out, case.c_in // case.groups, kh, kw)
+    wshape = geom.local_weight_shape() if op == "local_conv2d" else geom.shared_weight_shape()
     w = torch.rand(wshape, generator=generator, dtype=torch.float64, device=device) * 2 - 1
     b = None
     if case.bias == "channel" or (case.bias == "position" and op == "conv2d"):
         b = torch.rand((case.c_out,), generator=generator, dtype=torch.float64, device=device) * 2 - 1
     elif case.bias == "position":
-        b = torch.rand((case.c_out, h_out, w_out), generator=generator, dtype=torch.float64,
-                       device=device) * 2 - 1
+        b = torch.rand((case.c_out, geom.out_height, geom.out_width), generator=generator,
+                       dtype=torch.float64, device=device) * 2 - 1
     cast = (lambda t: None if t is None else t.to(dtype))
-    return cast(x), cast(w), cast(b)
+    return geom, cast(x), cast(w), cast(b)
+
+
+def _reference(torch, op, geom, x, w, b):
+    """``(reference, magnitude bound)`` in float64: the benchmark's PyTorch peer of ``op`` on
+    the inputs, and on their absolute values."""
+    peer = peers.torch_unfold_einsum if op == "local_conv2d" else peers.torch_conv2d
+    d = (lambda t: None if t is None else t.double())
+    a = (lambda t: None if t is None else t.double().abs())
+    return peer(torch, geom, d(w), d(b))(d(x)), peer(torch, geom, a(w), a(b))(a(x))
 
 
 def check_case(torch, gpuconv, case, op, dtype, device="cuda"):
@@ -243,17 +186,14 @@ def check_case(torch, gpuconv, case, op, dtype, device="cuda"):
     float64 PyTorch peer. The result must be a torch tensor on the same device."""
     seed = sum(map(ord, case.name + op))  # stable across runs (str hashes are not)
     generator = torch.Generator(device=device).manual_seed(seed)
-    x, w, b = _case_tensors(torch, case, op, dtype, device, generator)
+    geom, x, w, b = _case_tensors(torch, case, op, dtype, device, generator)
     kwargs = dict(stride=case.stride, padding=case.padding, dilation=case.dilation,
                   groups=case.groups)
     fn = getattr(gpuconv, op)
     y = fn(x, w, b, **kwargs)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-    ref_fn = torch_local_conv2d_ref if op == "local_conv2d" else torch_conv2d_ref
-    d = (lambda t: None if t is None else t.double())
-    ref = ref_fn(torch, d(x), d(w), d(b), **kwargs)
-    bound = ref_fn(torch, d(x).abs(), d(w).abs(), None if b is None else d(b).abs(), **kwargs)
+    ref, bound = _reference(torch, op, geom, x, w, b)
     ok_type = (isinstance(y, torch.Tensor) and y.device.type == torch.device(device).type
                and y.dtype == dtype)
     err = float((y.double() - ref).abs().max()) if ref.numel() else 0.0
@@ -286,29 +226,32 @@ def check_array_kinds(torch, gpuconv):
     w_np = rng.standard_normal((6, 2, 3, 3))
     wl_np = rng.standard_normal((6, 11, 9, 2, 3, 3))
     b_np = rng.standard_normal(6)
-    ref = torch_conv2d_ref(torch, torch.from_numpy(x_np), torch.from_numpy(w_np),
-                           torch.from_numpy(b_np), 1, 0, 1, 2).numpy()
-    ref_local = torch_local_conv2d_ref(torch, torch.from_numpy(x_np), torch.from_numpy(wl_np),
-                                       torch.from_numpy(b_np), 1, 0, 1, 2).numpy()
+    geom = conv_geometry(x_np.shape, (3, 3), 6, groups=2)
+    t = torch.from_numpy
+    refs = {op: [r.numpy() for r in _reference(torch, op, geom, t(x_np), t(w), t(b_np))]
+            for op, w in (("conv2d", w_np), ("local_conv2d", wl_np))}
 
-    def close(y, r):
-        return float(np.abs(np.asarray(y) - r).max()) <= 1e-12 * float(np.abs(r).max()) * 100
+    def close(y, op="conv2d"):
+        """``y`` (float64) within tolerance of the PyTorch peer of ``op``."""
+        ref, bound = refs[op]
+        return within_tolerance(float(np.abs(np.asarray(y) - ref).max()), float(bound.max()),
+                                "float64")
 
     def numpy_in():
         y = gpuconv.conv2d(x_np, w_np, b_np, groups=2, device="cuda")
-        return isinstance(y, np.ndarray) and close(y, ref), type(y).__name__
+        return isinstance(y, np.ndarray) and close(y), type(y).__name__
 
     def torch_in():
         t = lambda a: torch.from_numpy(a).cuda()  # noqa: E731
         y = gpuconv.conv2d(t(x_np), t(w_np), t(b_np), groups=2)
         yl = gpuconv.local_conv2d(t(x_np), t(wl_np), t(b_np), groups=2)
-        return (isinstance(y, torch.Tensor) and y.is_cuda and close(y.cpu().numpy(), ref)
-                and close(yl.cpu().numpy(), ref_local)), type(y).__name__
+        return (isinstance(y, torch.Tensor) and y.is_cuda and close(y.cpu().numpy())
+                and close(yl.cpu().numpy(), "local_conv2d")), type(y).__name__
 
     def numba_in():
         y = gpuconv.conv2d(cuda.to_device(x_np), cuda.to_device(w_np), cuda.to_device(b_np),
                            groups=2)
-        return hasattr(y, "copy_to_host") and close(y.copy_to_host(), ref), type(y).__name__
+        return hasattr(y, "copy_to_host") and close(y.copy_to_host()), type(y).__name__
 
     def cupy_in():
         try:
@@ -318,8 +261,8 @@ def check_array_kinds(torch, gpuconv):
         y = gpuconv.conv2d(cupy.asarray(x_np), cupy.asarray(w_np), cupy.asarray(b_np), groups=2)
         yl = gpuconv.local_conv2d(cupy.asarray(x_np), cupy.asarray(wl_np), cupy.asarray(b_np),
                                   groups=2)
-        return (isinstance(y, cupy.ndarray) and close(cupy.asnumpy(y), ref)
-                and close(cupy.asnumpy(yl), ref_local)), type(y).__name__
+        return (isinstance(y, cupy.ndarray) and close(cupy.asnumpy(y))
+                and close(cupy.asnumpy(yl), "local_conv2d")), type(y).__name__
 
     def side_stream():
         stream = torch.cuda.Stream()
@@ -330,7 +273,7 @@ def check_array_kinds(torch, gpuconv):
             y = gpuconv.conv2d(xs, ws, bs, groups=2)
             y2 = y * 1.0  # queued on the same stream after our kernel
         stream.synchronize()
-        return close(y2.cpu().numpy(), ref), "torch side stream"
+        return close(y2.cpu().numpy()), "torch side stream"
 
     def non_contiguous():
         xt = torch.from_numpy(np.ascontiguousarray(x_np.transpose(0, 1, 3, 2))).cuda().transpose(2, 3)
@@ -339,8 +282,8 @@ def check_array_kinds(torch, gpuconv):
         big[..., ::2] = torch.from_numpy(w_np).cuda()
         y1 = gpuconv.conv2d(xt, big[..., ::2], torch.from_numpy(b_np).cuda(), groups=2)
         y2 = gpuconv.conv2d(xt, wt.contiguous(), torch.from_numpy(b_np).cuda(), groups=2)
-        return (not xt.is_contiguous() and close(y1.cpu().numpy(), ref)
-                and close(y2.cpu().numpy(), ref)), "transposed and strided views"
+        return (not xt.is_contiguous() and close(y1.cpu().numpy())
+                and close(y2.cpu().numpy())), "transposed and strided views"
 
     def empty_batch():
         x0 = torch.zeros((0, 4, 13, 11), dtype=torch.float32, device="cuda")
@@ -368,135 +311,14 @@ def check_array_kinds(torch, gpuconv):
     return results
 
 
-def time_gpu(torch, fn, warmup, repeats):
-    """Seconds per call of ``fn`` (CUDA events on the current stream), after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return summarize(times)
-
-
-def copy_bandwidth(torch, nbytes=1 << 30, repeats=10):
-    """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
-    dst = torch.empty_like(src)
-    stats = time_gpu(torch, lambda: dst.copy_(src), 2, repeats)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * nbytes / stats["median"]
-
-
-def _measure(torch, fn, warmup, repeats):
-    """Timing summary, or ``{"status": "out of memory"}`` / ``{"status": "error: ..."}``."""
-    try:
-        return {"status": "ok", **time_gpu(torch, fn, warmup, repeats)}
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return {"status": "out of memory"}
-    except Exception as exc:  # CUDA errors from Numba are not RuntimeErrors
-        torch.cuda.empty_cache()
-        if "out of memory" in str(exc).lower() or "OUT_OF_MEMORY" in str(exc):
-            return {"status": "out of memory"}
-        return {"status": f"error: {type(exc).__name__}: {exc}"}
-
-
-def bench_layers(torch, gpuconv, layers, warmup, repeats, copy_bps):
-    """Time gpuconv against PyTorch's peer for both ops on every layer."""
-    rows = []
-    for layer in layers:
-        d = layer_dims(layer)
-        for op in ("conv2d", "local_conv2d"):
-            if op == "local_conv2d" and d["op"] == "conv2d" and d["n"] * d["c_out"] * d["h_out"] \
-                    * d["w_out"] * d["c_in"] * d["k"] * d["k"] > 4e11:
-                continue  # unshared weights of the biggest images: skip, they add minutes
-            row = {"layer": d["name"], "op": op, **{k: d[k] for k in ("n", "c_in", "h", "w", "c_out", "k", "stride", "pad", "h_out", "w_out")}}
-            flops, nbytes = layer_counts(tuple([layer[0], op] + list(layer[2:])))
-            row.update(flops=flops, min_bytes=nbytes, kernel=_kernel_name(op, d))
-            try:
-                x = torch.randn((d["n"], d["c_in"], d["h"], d["w"]), device="cuda")
-                if op == "conv2d":
-                    w = torch.randn((d["c_out"], d["c_in"], d["k"], d["k"]), device="cuda")
-                    ours = lambda: gpuconv.conv2d(x, w, None, d["stride"], d["pad"])  # noqa: E731
-                    peer = lambda: torch.nn.functional.conv2d(x, w, None, d["stride"], d["pad"])  # noqa: E731
-                    peer_name = "torch.nn.functional.conv2d (cuDNN, TF32 off)"
-                else:
-                    w = torch.randn((d["c_out"], d["h_out"], d["w_out"], d["c_in"], d["k"], d["k"]),
-                                    device="cuda")
-                    ours = lambda: gpuconv.local_conv2d(x, w, None, d["stride"], d["pad"])  # noqa: E731
-                    peer = lambda: torch_local_conv2d_ref(torch, x, w, None, d["stride"], d["pad"], 1, 1)  # noqa: E731
-                    peer_name = "unfold + einsum"
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                row["status"] = "out of memory (inputs)"
-                rows.append(row)
-                continue
-            row["gpuconv"] = _measure(torch, ours, warmup, repeats)
-            row["peer_name"] = peer_name
-            row["peer"] = _measure(torch, peer, warmup, repeats)
-            for key in ("gpuconv", "peer"):
-                med = row[key].get("median")
-                row[key]["tflops"] = rate(flops, med)
-                row[key]["gbps"] = rate(nbytes, med, 1e9)
-                row[key]["fraction_of_copy_bandwidth"] = (
-                    None if med is None or not copy_bps else nbytes / med / copy_bps)
-            del x, w
-            torch.cuda.empty_cache()
-            rows.append(row)
-            print(_format_bench_row(row), flush=True)
-    return rows
-
-
-def _geometry(d):
-    """The ConvGeometry of a :func:`layer_dims` dict."""
-    from gpuconv.geometry import conv_geometry
-
-    return conv_geometry((d["n"], d["c_in"], d["h"], d["w"]), (d["k"], d["k"]), d["c_out"],
-                         d["stride"], d["pad"])
-
-
-def _kernel_name(op, d):
-    """Name of the gpuconv kernel (specialisation) this layer launches in float32."""
-    import numpy as np
-
-    from gpuconv.cuda import kernels as _cuda_kernels
-
-    geom = _geometry(d)
-    config = (_cuda_kernels.local_conv2d_config if op == "local_conv2d"
-              else _cuda_kernels.conv2d_config)(geom, np.float32)
-    return config.kernel.name
-
-
-def bench_layer_list(quick):
-    """The layers timed: all of them, or (quick) every third plus the unshared ones."""
-    if not quick:
-        return LAYERS
-    chosen = LAYERS[::3] + tuple(layer for layer in LAYERS if layer[1] == "local_conv2d")
-    return tuple(dict.fromkeys(chosen))
-
-
-def _format_bench_row(row):
-    def cell(m):
-        if m.get("status") != "ok":
-            return f"{m.get('status'):>28}"
-        return f"{m['median'] * 1e3:9.3f} ms {m['tflops']:6.2f} TF {m['gbps']:7.0f} GB/s"
-    return f"{row['layer']:<20} {row['op']:<13} ours {cell(row['gpuconv'])} | peer {cell(row['peer'])}"
-
-
 def kernel_resources(kernels, layers):
-    """Registers, local and shared memory of the benchmark layers' kernels as compiled here."""
+    """Registers, local and shared memory of the kernels ``layers`` (names) launch at their
+    GPU batch sizes in float32, as compiled here."""
     import numpy as np
 
     info = {}
-    for layer in layers:
-        geom = _geometry(layer_dims(layer))
+    for name in layers:
+        geom = workloads.gpu_geometry(name)
         for config in (kernels.conv2d_config(geom, np.float32),
                        kernels.local_conv2d_config(geom, np.float32)):
             spec = config.kernel
@@ -608,19 +430,19 @@ def main(argv=None):
         print(f"{'ok  ' if k['ok'] else 'FAIL'} {k['check']}: {k['detail']}")
         failures += 0 if k["ok"] else 1
 
-    # 2. speed
+    # 2. speed: gpuconv bench on the GPU
     if not args.skip_bench:
-        try:
-            copy_bps = copy_bandwidth(torch)
-        except Exception as exc:
-            copy_bps = None
-            print(f"copy bandwidth failed: {exc}")
-        report["copy_bandwidth_GBps"] = None if copy_bps is None else copy_bps / 1e9
-        if copy_bps:
-            print(f"device-to-device copy: {copy_bps / 1e9:.0f} GB/s")
         layers = bench_layer_list(args.quick)
         start = time.perf_counter()
-        report["bench"] = bench_layers(torch, gpuconv, layers, args.warmup, args.repeats, copy_bps)
+        try:
+            result = speed(layers, args.repeat, args.bursts, args.quick, torch=torch)
+        except Exception as exc:
+            failures += 1
+            report["bench_error"] = traceback.format_exc()[-4000:]
+            print(f"FAIL benchmark: {type(exc).__name__}: {exc}\n{report['bench_error']}")
+        else:
+            report["bench"] = result
+            print(bench.format_report(result))
         print(f"benchmark: {time.perf_counter() - start:.1f} s")
         report["kernels"] = kernel_resources(_cuda_kernels, layers)
 

@@ -21,14 +21,15 @@ Run: ``python scripts/seed_network.py [--size 20] [--batch 8] [--repeat 20]``.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import numpy as np
 
 import gpuconv
 from gpuconv import get_conv_outsize
+from gpuconv.bench import peers
+from gpuconv.bench.stats import summarize
+from gpuconv.cli import positive_int
 from gpuconv.device import cuda_available
 from gpuconv.params import (conv2d_param_count, fully_connected_param_count,
                             local_conv2d_param_count)
@@ -131,25 +132,24 @@ def forward(network, x, device="cpu", ops=None):
 
 
 def time_forward(network, x, device, repeat=20):
-    """(median seconds, first-call seconds) of a forward pass, or ``None`` if unavailable."""
+    """(median seconds, first-call seconds) of a forward pass, or ``None`` if unavailable.
+
+    Timed as ``gpuconv bench`` times a call (:class:`gpuconv.bench.peers.Backend`: the wall
+    clock on the CPU, CUDA events on a GPU), after one untimed pass.
+    """
     ops = _ops(device)
     if ops is None:
         return None
+    backend = peers.Backend(device, peers.load_torch() if device == "cuda" else None)
     net = {"shared": network["shared"], "fc": tuple(ops["put"](a) for a in network["fc"]),
            "convs": [tuple(ops["put"](a) for a in layer) for layer in network["convs"]]}
     x = ops["put"](x)
-    start = time.perf_counter()
-    forward(net, x, device, ops)
-    ops["sync"]()
-    first = time.perf_counter() - start
-    forward(net, x, device, ops)
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        forward(net, x, device, ops)
-        ops["sync"]()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples), first
+
+    def call():
+        return forward(net, x, device, ops)
+    first, _ = backend.time_first_call(call)
+    call()
+    return summarize(backend.time_calls(call, repeat))["median"], first
 
 
 def format_params(size=DEFAULT_SIZE):
@@ -171,13 +171,11 @@ def format_params(size=DEFAULT_SIZE):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="input height = width")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--size", type=positive_int, default=DEFAULT_SIZE,
+                        help="input height = width")
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--repeat", type=positive_int, default=20)
     args = parser.parse_args(argv)
-    for name, value in (("--size", args.size), ("--batch", args.batch), ("--repeat", args.repeat)):
-        if value < 1:
-            parser.error(f"{name} must be >= 1, got {value}")
     try:
         layer_shapes(args.size)
     except ValueError as exc:

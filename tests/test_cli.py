@@ -73,14 +73,29 @@ def test_params_square_field_and_written_integers(capsys):
     (["params", "--filters", "2.5"], "--filters: expected a positive integer"),
     (["params", "--field", "3", "3", "3"], "--field: expected KH or KH KW"),
     (["params", "--bogus"], "unrecognized arguments"),
+    (["params", "--height", "28", "--width", "28", "--field", "29", "3"],
+     "the receptive field (29 x 3) is larger than the image (28 x 28)"),
+    (["params", "--width", "8", "--field", "5", "9"], "larger than the image"),
     (["frobnicate"], "invalid choice"),
-    ([], "required"),
 ])
 def test_bad_arguments_exit_2(capsys, argv, message):
-    code, _, err = run(capsys, *argv)
-    assert code == 2
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
     assert message in err
-    assert "Traceback" not in err
+
+
+def test_a_field_as_large_as_the_image_is_fine(capsys):
+    code, out, _ = run(capsys, "params", "--height", "5", "--width", "7", "--field", "5", "7",
+                       "--json")
+    assert code == 0 and json.loads(out)["locally_connected"] == 35 * 100_000
+
+
+def test_no_command_prints_the_help(capsys):
+    code, out, err = run(capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("usage: gpuconv")
+    for command in ("info", "params", "bench"):
+        assert command in err
 
 
 # ----------------------------------------------------------------------------- info
@@ -104,7 +119,7 @@ def test_info_json(capsys):
     assert isinstance(info["cuda_available"], bool)
     assert info["device_auto"].split()[0] in ("cpu", "cuda")
     assert info["gpuconv_device_env"] is None
-    assert set(info["peers"]) == {"torch", "cupy", "matplotlib"}
+    assert set(info["peers"]) == set(cli.PEERS)
     if not info["cuda_available"]:
         assert info["gpu"] is None
 
@@ -149,7 +164,7 @@ def test_without_bench_module_the_rest_still_works(capsys, monkeypatch):
     assert run(capsys, "params", "--json")[0] == 0
     code, _, err = run(capsys, "bench", "--sizes", "small")
     assert code == 2
-    assert err.startswith("gpuconv: error:") and "gpuconv.bench" in err
+    assert err.startswith("gpuconv bench: error:") and "gpuconv.bench" in err
 
 
 def _fake_bench(run_):
@@ -179,19 +194,30 @@ def test_bench_is_loaded_only_when_selected(capsys, monkeypatch):
     assert run(capsys, "info")[0] == 0
 
 
+def test_argument_errors_a_command_finds_are_its_exit_status(capsys, monkeypatch):
+    def run_(args):
+        print("gpuconv bench: error: --json /nowhere/x.json: cannot write there", file=sys.stderr)
+        return 2
+
+    monkeypatch.setattr(cli, "_import_bench", lambda: _fake_bench(run_))
+    code, _, err = run(capsys, "bench")
+    assert code == 2 and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("error", [
     CudaUnavailableError("device='cuda' needs a usable CUDA GPU"),
     ValueError("sizes must be positive"),
-    TypeError("dtype must be float32 or float64"),
+    TypeError("unsupported operand type(s)"),
 ])
-def test_library_errors_are_reported_not_raised(capsys, monkeypatch, error):
+def test_a_bug_inside_bench_is_not_turned_into_a_usage_error(monkeypatch, error):
+    """Only argument errors become exit status 2; an exception raised while the benchmark
+    runs propagates, so that the program shows its traceback."""
     def run_(args):
         raise error
 
     monkeypatch.setattr(cli, "_import_bench", lambda: _fake_bench(run_))
-    code, _, err = run(capsys, "bench")
-    assert code == 2
-    assert err == f"gpuconv: error: {error}\n"
+    with pytest.raises(type(error)):
+        cli.main(["bench"])
 
 
 # ----------------------------------------------------------------------------- as a program
@@ -212,6 +238,30 @@ def test_python_dash_m_gpuconv():
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "--height: must be >= 1" in result.stderr
+
+    result = subprocess.run([sys.executable, "-m", "gpuconv"],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: gpuconv") and "bench" in result.stderr
+
+
+def test_a_bug_in_bench_shows_its_traceback(tmp_path):
+    """As a program: an exception inside the benchmark is printed with its traceback."""
+    env = dict(os.environ)
+    env.pop("GPUCONV_DEVICE", None)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    code = ("import sys, gpuconv.bench as b\n"
+            "def broken(*a, **k):\n"
+            "    raise ZeroDivisionError('a bug')\n"
+            "b.run_benchmark = broken\n"
+            "from gpuconv.cli import main\n"
+            "sys.exit(main(['bench', '--device', 'cpu', '--quick']))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "Traceback (most recent call last)" in result.stderr
+    assert result.stderr.rstrip().endswith("ZeroDivisionError: a bug")
 
 
 # ----------------------------------------------------------------------------- the GPU line
@@ -241,4 +291,4 @@ def test_info_survives_a_failing_device_query(monkeypatch):
         raise RuntimeError("driver gone")
 
     monkeypatch.setattr(cuda, "get_current_device", broken)
-    assert cli._gpu_description() is None
+    assert cli.gpu_description() is None

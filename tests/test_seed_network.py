@@ -56,6 +56,35 @@ def test_main_prints_both_tables(capsys):
     assert "flatten: 180 values" in out and "cpu  shared" in out and "cpu  unshared" in out
 
 
-def test_main_rejects_bad_sizes():
-    with pytest.raises(SystemExit):
-        seed_network.main(["--size", "4"])
+@pytest.mark.parametrize("argv, message", [
+    (["--size", "4"], "input size too small"),
+    (["--batch", "0"], "--batch: must be >= 1"),
+    (["--repeat", "two"], "--repeat: expected a positive integer"),
+])
+def test_main_rejects_bad_sizes(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        seed_network.main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_forward_is_timed_like_the_benchmark(monkeypatch):
+    """One first call, then ``repeat`` timed calls; the median of those."""
+    calls = []
+
+    class Backend:
+        def __init__(self, kind, torch=None):
+            calls.append(("backend", kind))
+
+        def time_first_call(self, fn):
+            calls.append("first")
+            return 0.5, fn()
+
+        def time_calls(self, fn, count):
+            calls.append(("timed", count))
+            return [3.0, 1.0, 2.0][:count]
+
+    monkeypatch.setattr(seed_network.peers, "Backend", Backend)
+    network = seed_network.build_network(True, size=12)
+    x = np.zeros((1, 3, 12, 12), dtype=np.float32)
+    assert seed_network.time_forward(network, x, "cpu", repeat=3) == (2.0, 0.5)
+    assert calls == [("backend", "cpu"), "first", ("timed", 3)]

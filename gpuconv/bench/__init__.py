@@ -3,7 +3,8 @@
 For each layer of a suite, both operations run on the same geometry — :func:`gpuconv.conv2d`
 (shared weights) and :func:`gpuconv.local_conv2d` (a kernel per output position) — beside
 what a user would pick instead: ``torch.nn.functional.conv2d`` and the ``unfold`` +
-``einsum`` recipe when PyTorch is installed, NumPy im2col baselines otherwise.
+``einsum`` recipe when PyTorch is installed, NumPy im2col baselines otherwise (the report
+says which ran, and why).
 
 How the timing is done (the machines this runs on are noisy):
 
@@ -16,14 +17,22 @@ How the timing is done (the machines this runs on are noisy):
 - then implementations run in alternating bursts — untimed calls for at least
   :data:`WARMUP_S` (at least one), then ``repeat`` timed calls back to back — ``bursts``
   times round (A A A A, B B B B, ..., A A A A, ...);
-- the median of all timed calls is reported with the quartiles, min and max; on a GPU each
-  call is timed with CUDA events;
-- GFLOP/s and GB/s (fewest bytes: inputs, weights and bias read once, output written once)
+- the median of all timed calls is reported with the quartiles, min and max, and every
+  timed call in order (``times_s``); on a GPU each call is timed with CUDA events;
+- GFLOP/s and GB/s (fewest bytes: inputs, weights and biases read once, output written once)
   are compared with ceilings measured in the same run.
+
+Every comparison is printed as a speedup, one implementation's time over the time of the
+one it is compared with: ``peer time / gpuconv time`` (above 1: gpuconv is faster), and,
+for what sharing buys, ``local_conv2d time / conv2d time`` (above 1: the shared layer is
+faster), the latter as the median and quartiles of the ratios of paired calls (call ``i``
+of each, which ran in the same round of bursts).
 
 Public pieces: :data:`LAYERS` and :class:`Layer` (defined in :mod:`gpuconv.workloads`),
 :data:`SUITES`, :func:`add_arguments`, :func:`run` (the command), :func:`run_benchmark` (the
-records), :func:`format_table`, :func:`format_summary`.
+records), :func:`format_report`, :func:`format_table`, :func:`format_summary`,
+:func:`peer_speedups`, :func:`sharing_speedups`; the numbers in :mod:`gpuconv.bench.stats`,
+the implementations and timers in :mod:`gpuconv.bench.peers`.
 Importing this module imports neither PyTorch nor matplotlib.
 """
 
@@ -36,19 +45,21 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
+import textwrap
 import time
 
 import numpy as np
 
 from . import peers as impls_mod
+from .stats import format_bytes, geomean, min_bytes, paired_ratios, param_count, summarize
+from ..cli import gpu_description, positive_int
 from ..device import CudaUnavailableError, select_device
-from ..params import conv2d_param_count, local_conv2d_param_count
 from ..workloads import LAYERS, Layer
 
 __all__ = ["Layer", "LAYERS", "SUITES", "QUICK_LAYERS", "add_arguments", "run",
-           "run_benchmark", "make_record", "format_table", "format_summary", "layer_names"]
+           "run_benchmark", "make_record", "format_report", "format_table", "format_summary",
+           "peer_speedups", "sharing_speedups", "param_count", "min_bytes", "layer_names"]
 
 
 #: Named suites: layer names in the order they run.
@@ -79,22 +90,15 @@ WARMUP_S = 0.25
 #: Skip what needs more than this fraction of the memory available when a layer starts.
 MEMORY_FRACTION = 0.7
 
+#: The operations, in the order they are reported.
+OPS = ("conv2d", "local_conv2d")
+
 
 def layer_names():
     return list(LAYERS)
 
 
 # ----------------------------------------------------------------------------- arguments
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
 
 def _layer_name(text):
     key = text.strip().lower()
@@ -115,10 +119,10 @@ def add_arguments(parser):
                              f"{QUICK_MAX_BATCH}, fewer repeats (well under a minute on a CPU)")
     parser.add_argument("--layers", nargs="+", type=_layer_name, metavar="NAME",
                         help=f"run these layers instead of the suite; one of: {', '.join(LAYERS)}")
-    parser.add_argument("--batch", type=_positive_int, metavar="N",
+    parser.add_argument("--batch", type=positive_int, metavar="N",
                         help="batch size for every layer (default: each layer's own, per device)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--repeat", type=_positive_int, metavar="R",
+    parser.add_argument("--repeat", type=positive_int, metavar="R",
                         help=f"timed calls per burst (default {DEFAULT_REPEAT}, "
                              f"--quick {QUICK_REPEAT}); each implementation runs "
                              f"{DEFAULT_BURSTS} bursts ({QUICK_BURSTS} with --quick)")
@@ -145,6 +149,23 @@ def _plan(args):
     return names, repeat, bursts, batch_cap
 
 
+def _unwritable(path):
+    """Why ``path`` cannot be written (a short phrase), or ``None`` when it can.
+
+    Opens it for appending, which changes nothing in an existing file, and removes it again
+    if it did not exist, so that a bad ``--json`` or ``--plot`` is found before the timing.
+    """
+    existed = os.path.lexists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not existed:
+        os.remove(path)
+    return None
+
+
 # ----------------------------------------------------------------------------- machine
 
 def _cpu_model():
@@ -161,6 +182,8 @@ def _cpu_model():
 def machine_info(device, torch, ceilings, dtype):
     import numba
 
+    from .. import __version__
+
     info = {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
@@ -169,22 +192,14 @@ def machine_info(device, torch, ceilings, dtype):
         "numpy": np.__version__,
         "numba": numba.__version__,
         "torch": getattr(torch, "__version__", None),
-        "gpuconv": _gpuconv_version(),
+        "gpuconv": __version__,
         "device": device,
-        "gpu": None,
+        "gpu": gpu_description() if device == "cuda" else None,
         "dtype": dtype,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "ceilings": ceilings,
     }
     info["git_commit"], info["git_modified"] = _git_state()
-    if device == "cuda":
-        try:
-            from numba import cuda
-            info["gpu"] = cuda.get_current_device().name
-            if isinstance(info["gpu"], bytes):
-                info["gpu"] = info["gpu"].decode()
-        except Exception:
-            pass
     return info
 
 
@@ -192,7 +207,7 @@ def _git_state():
     """``(commit, modified package files)`` when gpuconv runs from a git checkout."""
     import subprocess
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root,
                                 capture_output=True, text=True, timeout=5)
@@ -214,11 +229,6 @@ def _load_average():
         return None
 
 
-def _gpuconv_version():
-    from .. import __version__
-    return __version__
-
-
 # ----------------------------------------------------------------------------- records
 
 def _geometry_fields(geom):
@@ -232,36 +242,10 @@ def _geometry_fields(geom):
     }
 
 
-def param_count(op, geom):
-    """Learnable numbers of the layer as timed (bias: one per output channel)."""
-    kernel = (geom.kernel_height, geom.kernel_width)
-    if op == "conv2d":
-        return conv2d_param_count(geom.in_channels, geom.out_channels, kernel, geom.groups, True)
-    return local_conv2d_param_count(geom.in_channels, geom.out_channels, kernel,
-                                    (geom.out_height, geom.out_width), geom.groups, "channel")
-
-
-def min_bytes(op, geom, itemsize):
-    """Fewest bytes moved: input, weights and biases read once, output written once."""
-    count = param_count(op, geom)
-    inputs = geom.batch * geom.in_channels * geom.in_height * geom.in_width
-    outputs = geom.batch * geom.out_channels * geom.out_height * geom.out_width
-    return (inputs + count.total + outputs) * itemsize
-
-
-def _quantile(sorted_samples, q):
-    """Linear-interpolated quantile of sorted samples."""
-    if len(sorted_samples) == 1:
-        return sorted_samples[0]
-    position = q * (len(sorted_samples) - 1)
-    low = int(position)
-    high = min(low + 1, len(sorted_samples) - 1)
-    return sorted_samples[low] + (sorted_samples[high] - sorted_samples[low]) * (position - low)
-
-
 def make_record(op, impl, layer, device, dtype, geom, samples=None, ceilings=None,
                 description="", part="suite", **extra):
-    """One JSON record. ``samples`` (seconds) is ``None`` for a skipped implementation."""
+    """One JSON record. ``samples`` (seconds, in the order they were timed) is ``None`` for a
+    skipped implementation."""
     itemsize = np.dtype(dtype).itemsize
     count = param_count(op, geom)
     flops = geom.flops
@@ -272,18 +256,18 @@ def make_record(op, impl, layer, device, dtype, geom, samples=None, ceilings=Non
         "params": count.total, "params_weights": count.weights, "params_biases": count.biases,
         "flops": flops, "bytes": nbytes, "flop_per_byte": flops / nbytes,
         "median_s": None, "q1_s": None, "q3_s": None, "min_s": None, "max_s": None,
-        "samples": 0, "gflops": None, "gbs": None,
+        "samples": 0, "times_s": [], "gflops": None, "gbs": None,
         "compute_fraction": None, "bandwidth_fraction": None,
         "first_call_s": None, "first_call_in_process": None, "jit": None,
         "peak_extra_bytes": None, "peak_extra_method": None,
         "max_rel_diff": None, "skipped": None,
     }
     if samples:
-        ordered = sorted(samples)
-        median = statistics.median(ordered)
-        record.update(median_s=median, q1_s=_quantile(ordered, 0.25),
-                      q3_s=_quantile(ordered, 0.75), min_s=ordered[0], max_s=ordered[-1],
-                      samples=len(ordered), gflops=flops / median / 1e9,
+        summary = summarize(samples)
+        median = summary["median"]
+        record.update(median_s=median, q1_s=summary["q1"], q3_s=summary["q3"],
+                      min_s=summary["min"], max_s=summary["max"], samples=summary["count"],
+                      times_s=list(samples), gflops=flops / median / 1e9,
                       gbs=nbytes / median / 1e9)
         ceilings = ceilings or {}
         if ceilings.get("compute_gflops"):
@@ -297,27 +281,76 @@ def make_record(op, impl, layer, device, dtype, geom, samples=None, ceilings=Non
 # ----------------------------------------------------------------------------- running
 
 class _Progress:
-    """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
+    """What the run says while it runs, on stderr.
 
-    def __init__(self, total, stream=None, enabled=None):
+    ``mode``: ``"bar"`` (a one-line bar redrawn in place, for a terminal), ``"lines"`` (one
+    line when the run starts and one per finished layer, for a log or a pipe) or ``None``
+    (nothing). Lines are written in ``"bar"`` mode too, above the bar.
+    """
+
+    def __init__(self, total, stream=None, mode="bar"):
         self.stream = stream or sys.stderr
-        self.enabled = (self.stream.isatty() if enabled is None else enabled) and total > 0
+        self.mode = mode if total > 0 else None
         self.total, self.done = total, 0
+        self.started = time.perf_counter()
 
-    def step(self, label):
-        self.done += 1
-        if not self.enabled:
-            return
+    @classmethod
+    def choose(cls, total, progress, stream=None):
+        """``progress``: ``None`` (a bar on a terminal, else lines), ``False`` (nothing),
+        ``True`` (a bar), or a mode name."""
+        stream = stream or sys.stderr
+        if progress is None:
+            mode = "bar" if stream.isatty() else "lines"
+        elif progress is True:
+            mode = "bar"
+        else:
+            mode = progress or None
+        return cls(total, stream, mode)
+
+    def _draw(self, label):
         width = 30
         filled = int(width * self.done / self.total)
         self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] "
                           f"{self.done}/{self.total} {label[:40]:<40}")
         self.stream.flush()
 
+    def step(self, label):
+        self.done += 1
+        if self.mode == "bar":
+            self._draw(label)
+
+    def line(self, text):
+        """One line of news (both modes), with the seconds since the start."""
+        if self.mode is None:
+            return
+        if self.mode == "bar":
+            self.stream.write("\r" + " " * 80 + "\r")
+        self.stream.write(f"[{time.perf_counter() - self.started:5.0f} s] {text}\n")
+        self.stream.flush()
+
     def close(self):
-        if self.enabled:
+        if self.mode == "bar":
             self.stream.write("\r" + " " * 80 + "\r")
             self.stream.flush()
+
+
+def _plural(count, noun):
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def _layer_news(records, done, total):
+    """``"[2/4] alexnet-conv1 N=2: conv2d gpuconv 11.3 ms, torch 36 ms; ..."``."""
+    first = records[0]
+    cells = []
+    for op in OPS:
+        parts = []
+        for r in records:
+            if r["op"] == op:
+                parts.append(f"{r['impl']} {_ms(r['median_s'])} ms" if r["median_s"]
+                             else f"{r['impl']} skipped")
+        if parts:
+            cells.append(f"{op} " + ", ".join(parts))
+    return f"[{done}/{total}] {first['layer']} N={first['N']}: " + "; ".join(cells)
 
 
 _CALLED = set()  # (op, impl, device, dtype) called at least once in this process
@@ -351,17 +384,6 @@ def _random_arrays(rng, geom, dtype):
     return x, shared, bias
 
 
-def _nbytes(shape, itemsize):
-    size = 1
-    for dim in shape:
-        size *= dim
-    return size * itemsize
-
-
-def _fmt_bytes(nbytes):
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
-
-
 class _Unit:
     """One implementation on one geometry, ready to be timed."""
 
@@ -371,26 +393,16 @@ class _Unit:
         self.samples = []
 
 
-def _bench_layer(layer_name, geom, backend, impl_list, dtype, repeat, bursts, ceilings,
-                 part, progress, rng):
-    """Records for one geometry: every implementation in ``impl_list`` (both ops)."""
-    skipped, units, keep = _prepare(layer_name, geom, backend, impl_list, dtype, part,
-                                    progress, rng, bursts)
-    _time_units(units, backend, repeat, bursts, progress)
-    records = _records(skipped, units, impl_list, backend.kind, dtype, ceilings)
-    del units, keep
-    gc.collect()
-    return records
-
-
-def _bench_sweep(layer, batches, backend, impl_list, dtype, repeat, bursts, ceilings,
-                 progress, rng):
-    """The batch sweep: every (batch, implementation) in one rotation of bursts, so that
-    a slow spell of the machine does not land on one batch size only."""
+def _bench_geometries(layer_name, geoms, part, backend, impl_list, dtype, repeat, bursts,
+                      ceilings, progress, rng):
+    """Records for ``geoms`` (one layer's geometries): every implementation in
+    ``impl_list`` on each. All (geometry, implementation) pairs take turns in one rotation of
+    bursts, so that in a batch sweep a slow spell of the machine does not land on one batch
+    size only."""
     skipped, units, keep = [], [], []
-    for n in batches:
-        s, u, k = _prepare(layer.name, layer.geometry(n), backend, impl_list, dtype,
-                           "batch-sweep", progress, rng, bursts)
+    for geom in geoms:
+        s, u, k = _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng,
+                           bursts)
         skipped += s
         units += u
         keep.append(k)
@@ -441,7 +453,6 @@ def _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng, b
     device = backend.kind
     itemsize = np.dtype(dtype).itemsize
     records = []
-    descriptions = {(i.op, i.name): i.description for i in impl_list}
 
     def skipped(impl, reason):
         records.append(make_record(impl.op, impl.name, layer_name, device, dtype, geom,
@@ -450,16 +461,16 @@ def _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng, b
     # Check memory before allocating anything for this layer.
     available = impls_mod.available_memory(backend)
     budget = None if available is None else int(available * MEMORY_FRACTION)
-    x_bytes = _nbytes((geom.batch, geom.in_channels, geom.in_height, geom.in_width), itemsize)
-    weight_bytes = {"conv2d": _nbytes(geom.shared_weight_shape(), itemsize),
-                    "local_conv2d": _nbytes(geom.local_weight_shape(), itemsize)}
+    x_bytes = geom.batch * geom.in_channels * geom.in_height * geom.in_width * itemsize
+    weight_bytes = {"conv2d": math.prod(geom.shared_weight_shape()) * itemsize,
+                    "local_conv2d": math.prod(geom.local_weight_shape()) * itemsize}
     runnable = []
     for impl in impl_list:
         need = (x_bytes + weight_bytes["conv2d"] + weight_bytes[impl.op]
                 + impl.workspace(geom, itemsize))
         if budget is not None and need > budget:
-            skipped(impl, f"needs about {_fmt_bytes(need)}; {_fmt_bytes(available)} available "
-                          f"(limit {MEMORY_FRACTION:.0%} of it)")
+            skipped(impl, f"needs about {format_bytes(need)}; {format_bytes(available)} "
+                          f"available (limit {MEMORY_FRACTION:.0%} of it)")
         else:
             runnable.append(impl)
     for _ in range((len(impl_list) - len(runnable)) * (1 + bursts)):
@@ -551,7 +562,8 @@ def _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng, b
 
 def run_benchmark(layers, device="cpu", dtype="float32", repeat=DEFAULT_REPEAT,
                   bursts=DEFAULT_BURSTS, batch=None, batch_cap=None, peers=True,
-                  sweep=None, torch="auto", progress=None, quick=False, seed=0):
+                  sweep=None, torch="auto", progress=None, quick=False, seed=0, ops=OPS,
+                  ceilings=None, clock=None):
     """Run the benchmark; return ``{"machine": {...}, "records": [...]}``.
 
     Args:
@@ -565,47 +577,72 @@ def run_benchmark(layers, device="cpu", dtype="float32", repeat=DEFAULT_REPEAT,
         sweep: ``None`` or ``(layer name, batches)`` for a batch sweep (records with
             ``part="batch-sweep"``).
         torch: ``"auto"`` (import it if installed), ``None`` (do not use it), or a module.
-        progress: ``None`` (a bar when stderr is a terminal), ``False`` or ``True``.
+        progress: ``None`` (a bar when stderr is a terminal, else a line per layer),
+            ``False`` (silent), ``True`` (a bar) or ``"lines"``.
         quick: smaller ceiling measurements.
+        ops: the operations to time (both by default).
+        ceilings: the ceilings to compare with (``None``: measure them first).
+        clock: host timer (default ``time.perf_counter``).
     """
+    problem = None
     if torch == "auto":
         torch = impls_mod.load_torch()
-    backend = impls_mod.Backend(device, torch)
+        problem = impls_mod.torch_problem()
+    backend = impls_mod.Backend(device, torch, clock or time.perf_counter)
     layer_objs = [LAYERS[name] if isinstance(name, str) else name for name in layers]
-    impl_list = impls_mod.implementations(device, torch, peers)
+    impl_list = [i for i in impls_mod.implementations(device, torch, peers) if i.op in ops]
+    peers_note = impls_mod.describe_peers(device, torch, peers, problem)
+    sweep_batches = ()
+    if sweep is not None:
+        sweep_layer, sweep_batches = sweep
+        sweep_layer = LAYERS[sweep_layer] if isinstance(sweep_layer, str) else sweep_layer
+    per_geom = len(impl_list) * (1 + bursts)
+    geometries = len(layer_objs) + len(sweep_batches)
+    bar = _Progress.choose(per_geom * geometries, progress)
+    bar.line(f"gpuconv bench on {device}: {_plural(len(layer_objs), 'layer')}"
+             + (f" and a batch sweep of {len(sweep_batches)}" if sweep_batches else "")
+             + f"; peers: {peers_note}"
+             + ("; measuring the ceilings first" if ceilings is None else ""))
     tf32 = None
     if device == "cuda" and backend.torch_cuda:
         tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        ceilings = impls_mod.measure_ceilings(backend, dtype, quick=quick)
+        if ceilings is None:
+            ceilings = impls_mod.measure_ceilings(backend, dtype, quick=quick)
+            bar.line(f"ceilings: compute {_num(ceilings.get('compute_gflops'), '.4g')} GFLOP/s, "
+                     f"bandwidth {_num(ceilings.get('bandwidth_gbs'), '.4g')} GB/s")
         load_start = _load_average()
         machine = machine_info(device, torch, ceilings, dtype)
         machine["load_average_start"] = load_start
         machine["peers"] = sorted({f"{i.op}: {i.name}" for i in impl_list if i.name != "gpuconv"})
+        machine["peers_reason"] = peers_note
         if torch is not None and device == "cpu":
             machine["torch_threads"] = torch.get_num_threads()
         machine["timing"] = {"repeat": repeat, "bursts": bursts,
-                             "memory_fraction": MEMORY_FRACTION}
-        sweep_batches = ()
-        if sweep is not None:
-            sweep_layer, sweep_batches = sweep
-            sweep_layer = LAYERS[sweep_layer] if isinstance(sweep_layer, str) else sweep_layer
-        per_geom = len(impl_list) * (1 + bursts)
-        bar = _Progress(per_geom * (len(layer_objs) + len(sweep_batches)),
-                        enabled=progress)
+                             "memory_fraction": MEMORY_FRACTION, "warmup_s": WARMUP_S,
+                             "clock": getattr(backend.clock, "__name__", str(backend.clock))}
         rng = np.random.default_rng(seed)
         records = []
-        for layer in layer_objs:
+        for done, layer in enumerate(layer_objs, 1):
             n = batch or layer.batch(device)
             if batch_cap:
                 n = min(n, batch_cap)
-            records.extend(_bench_layer(layer.name, layer.geometry(n), backend, impl_list,
-                                        dtype, repeat, bursts, ceilings, "suite", bar, rng))
+            layer_records = _bench_geometries(layer.name, [layer.geometry(n)], "suite",
+                                              backend, impl_list, dtype, repeat, bursts,
+                                              ceilings, bar, rng)
+            if layer_records:
+                bar.line(_layer_news(layer_records, done, len(layer_objs)))
+            records.extend(layer_records)
         if sweep_batches:
-            records.extend(_bench_sweep(sweep_layer, sweep_batches, backend, impl_list, dtype,
-                                        repeat, bursts, ceilings, bar, rng))
+            sweep_records = _bench_geometries(
+                sweep_layer.name, [sweep_layer.geometry(n) for n in sweep_batches],
+                "batch-sweep", backend, impl_list, dtype, repeat, bursts, ceilings, bar, rng)
+            for done, n in enumerate(sweep_batches, 1):
+                bar.line("batch sweep " + _layer_news(
+                    [r for r in sweep_records if r["N"] == n], done, len(sweep_batches)))
+            records.extend(sweep_records)
         bar.close()
         machine["load_average_end"] = _load_average()
     finally:
@@ -628,6 +665,10 @@ def _pct(value):
     return "-" if value is None else f"{value * 100:.1f}%"
 
 
+def _times(value):
+    return "-" if value is None else f"{value:.3g}x"
+
+
 def _count(value):
     """Parameters in a short readable form: 750, 62.7M, 1.85G."""
     if value < 10_000:
@@ -644,6 +685,18 @@ def _mb(nbytes):
 
 TABLE_COLUMNS = ("layer", "op", "impl", "N", "median ms", "q1-q3 ms", "GFLOP/s", "GB/s",
                  "%cmp", "%bw", "1st call ms", "params", "extra MB")
+
+#: What the table's less obvious columns mean (printed under it, wrapped).
+TABLE_LEGEND = (
+    "%cmp = GFLOP/s as a share of the compute reference measured in this run (see Ceilings "
+    "below). The reference is a fast library call on one shape, not the hardware peak, so a "
+    "kernel that beats it on its own shape shows more than 100 %; it is not an error.",
+    "%bw = GB/s (the fewest bytes a call must move / its median time) as a share of the "
+    "measured copy bandwidth; above 100 % when the data stays in the caches.",
+    "1st call ms = the first call on this layer, not in the medians; * = the first in this "
+    "process (JIT compilation, a load from Numba's disk cache, or PyTorch's set-up).",
+    "extra MB = peak memory one call allocates, output included (local_conv2d only).",
+)
 
 
 def table_rows(records):
@@ -703,8 +756,9 @@ def _find(records, layer, op, impl, part, n=None):
     return None
 
 
-def _ratio(a, b):
-    return None if a is None or b is None else a["median_s"] / b["median_s"]
+def _speedup(slower, faster):
+    """``slower``'s median time / ``faster``'s, or ``None`` unless both ran."""
+    return None if slower is None or faster is None else slower["median_s"] / faster["median_s"]
 
 
 def peer_speedups(records):
@@ -718,54 +772,88 @@ def peer_speedups(records):
     for r in records:
         if r["impl"] == "gpuconv":
             continue
-        mine = _find(records, r["layer"], r["op"], "gpuconv", "suite")
+        mine = _find(records, r["layer"], r["op"], "gpuconv", "suite", r["N"])
         if mine:
-            ratios.setdefault(f"{r['op']} vs {r['impl']}", []).append(r["median_s"] / mine["median_s"])
-    return {key: {"layers": len(values),
-                  "geomean_speedup": math.exp(sum(map(math.log, values)) / len(values))}
+            ratios.setdefault(f"{r['op']} vs {r['impl']}", []).append(_speedup(r, mine))
+    return {key: {"layers": len(values), "geomean_speedup": geomean(values)}
             for key, values in ratios.items()}
 
 
+def sharing_speedups(records, part="suite"):
+    """What sharing buys in time, per layer: gpuconv's local_conv2d time / conv2d time.
+
+    Returns ``{layer: {"N", "speedup", "median", "q1", "q3", "count", "params"}}``:
+    ``speedup`` is the ratio of the medians (the table's numbers); ``median``, ``q1`` and
+    ``q3`` summarise the ratios of paired calls (call ``i`` of each, timed in the same round
+    of bursts; ``None`` for records without ``times_s``); ``params`` is the ratio of the
+    parameter counts. Layers where either did not run are left out.
+    """
+    out = {}
+    for r in records:
+        if (r["part"], r["op"], r["impl"]) != (part, "local_conv2d", "gpuconv"):
+            continue
+        unshared = _find(records, r["layer"], "local_conv2d", "gpuconv", part, r["N"])
+        shared = _find(records, r["layer"], "conv2d", "gpuconv", part, r["N"])
+        if unshared is None or shared is None:
+            continue
+        paired = paired_ratios(unshared.get("times_s") or [], shared.get("times_s") or [])
+        out[r["layer"]] = {"N": r["N"], "speedup": _speedup(unshared, shared),
+                           "median": paired and paired["median"],
+                           "q1": paired and paired["q1"], "q3": paired and paired["q3"],
+                           "count": paired["count"] if paired else 0,
+                           "params": unshared["params"] / shared["params"]}
+    return out
+
+
 def format_summary(result):
-    """What sharing buys per layer, and gpuconv against its peers (ratios of medians)."""
+    """What sharing buys per layer, and gpuconv against its peers (speedups)."""
     records = [r for r in result["records"] if r["part"] == "suite"]
     layers = list(dict.fromkeys(r["layer"] for r in records))
-    lines = ["What sharing buys (gpuconv, same geometry): parameters and time of "
-             "local_conv2d / conv2d"]
     width = max([len(name) for name in layers] + [5])
+    sharing = sharing_speedups(records)
+    lines = ["What sharing buys (gpuconv, same geometry): parameters of local_conv2d / conv2d,",
+             "and speedup of conv2d = local_conv2d time / conv2d time (above 1: the shared layer",
+             "is faster), the median [quartiles] of the ratios of paired calls (call i of each,",
+             "timed in the same round of bursts)"]
     for name in layers:
         params = {r["op"]: r["params"] for r in records if r["layer"] == name}
-        shared = _find(records, name, "conv2d", "gpuconv", "suite")
-        unshared = _find(records, name, "local_conv2d", "gpuconv", "suite")
-        ratio = _ratio(unshared, shared)
-        param_ratio = params["local_conv2d"] / params["conv2d"]
-        time_text = "time: not measured" if ratio is None else f"time {ratio:.3g}x"
-        lines.append(f"  {name:<{width}}  params {param_ratio:,.0f}x   {time_text}")
+        cell = sharing.get(name)
+        if cell is None:
+            time_text = "time: not measured"
+        elif cell["median"] is None:
+            time_text = f"speedup {_times(cell['speedup'])} (ratio of medians)"
+        else:
+            time_text = (f"speedup {_times(cell['median'])} [{cell['q1']:.3g}-"
+                         f"{cell['q3']:.3g}] over {cell['count']} pairs")
+        param_ratio = params["local_conv2d"] / params["conv2d"] if len(params) == 2 else None
+        param_text = "-" if param_ratio is None else f"{param_ratio:,.0f}x"
+        lines.append(f"  {name:<{width}}  params {param_text:>9}   {time_text}")
     peer_lines = []
     for name in layers:
         cells = []
-        for op in ("conv2d", "local_conv2d"):
-            mine = _find(records, name, op, "gpuconv", "suite")
+        for op in OPS:
             for r in records:
-                if r["layer"] == name and r["op"] == op and r["impl"] != "gpuconv" \
-                        and r["median_s"] and mine:
-                    cell = f"{op} vs {r['impl']} {mine['median_s'] / r['median_s']:.3g}x"
-                    if mine["peak_extra_bytes"] is not None and r["peak_extra_bytes"] is not None:
-                        cell += (f" (extra memory {_mb(mine['peak_extra_bytes'])} vs "
-                                 f"{_mb(r['peak_extra_bytes'])} MB)")
-                    cells.append(cell)
+                if r["layer"] != name or r["op"] != op or r["impl"] == "gpuconv":
+                    continue
+                mine = _find(records, name, op, "gpuconv", "suite", r["N"])
+                if not (r["median_s"] and mine):
+                    continue
+                cell = f"{op} vs {r['impl']} {_times(_speedup(r, mine))}"
+                if mine["peak_extra_bytes"] is not None and r["peak_extra_bytes"] is not None:
+                    cell += (f" (extra memory {_mb(mine['peak_extra_bytes'])} vs "
+                             f"{_mb(r['peak_extra_bytes'])} MB)")
+                cells.append(cell)
         if cells:
             peer_lines.append(f"  {name:<{width}}  " + "   ".join(cells))
     if peer_lines:
         lines.append("")
-        lines.append("gpuconv vs peers: time of gpuconv / time of the peer "
-                     "(above 1: gpuconv is slower)")
+        lines.append("gpuconv vs peers: speedup = peer time / gpuconv time "
+                     "(above 1: gpuconv is faster)")
         lines.extend(peer_lines)
         lines.append("")
-        lines.append("Geometric mean over the layers of peer time / gpuconv time "
-                     "(above 1: gpuconv is faster):")
+        lines.append("Geometric mean of the speedups over the layers:")
         for key, value in peer_speedups(result["records"]).items():
-            lines.append(f"  {key:<32} {value['geomean_speedup']:.3g}x "
+            lines.append(f"  {key:<32} {_times(value['geomean_speedup'])} "
                          f"over {value['layers']} layers")
     firsts = [r for r in result["records"] if r["first_call_in_process"] and r["median_s"]]
     if firsts:
@@ -777,11 +865,12 @@ def format_summary(result):
                          f"(median afterwards {_ms(r['median_s'])} ms{how})")
     ceilings = result["machine"]["ceilings"]
     lines.append("")
-    lines.append(f"Ceilings measured in this run: compute "
-                 f"{_num(ceilings.get('compute_gflops'), '.4g')} GFLOP/s "
-                 f"({ceilings.get('compute_method', 'not measured')}); bandwidth "
-                 f"{_num(ceilings.get('bandwidth_gbs'), '.4g')} GB/s "
-                 f"({ceilings.get('bandwidth_method', 'not measured')}).")
+    lines.append(textwrap.fill(
+        f"Ceilings measured in this run: compute "
+        f"{_num(ceilings.get('compute_gflops'), '.4g')} GFLOP/s "
+        f"({ceilings.get('compute_method', 'not measured')}); bandwidth "
+        f"{_num(ceilings.get('bandwidth_gbs'), '.4g')} GB/s "
+        f"({ceilings.get('bandwidth_method', 'not measured')}).", 100, subsequent_indent="  "))
     return "\n".join(lines)
 
 
@@ -793,15 +882,18 @@ def format_header(result):
     if m.get("load_average_start") is not None:
         load = (f", load average {m['load_average_start']} at start, "
                 f"{m.get('load_average_end')} at end")
+    peers = m.get("peers_reason") or (", ".join(m.get("peers", ())) or "none")
     return (f"gpuconv bench on {m['device']} ({where}, {m['cores']} cores), {m['dtype']}, "
-            f"{m['date']}{load}\nmedian of {timing['bursts']} alternating bursts x "
-            f"{timing['repeat']} timed calls; extra MB = peak memory one call allocates, "
-            f"output included (local_conv2d only)")
+            f"{m['date']}{load}\n"
+            f"peers: {peers}\n"
+            f"median of {timing['bursts']} alternating bursts x {timing['repeat']} timed calls")
 
 
 def format_report(result):
+    """The whole text report: header, table and its legend, batch sweep, summary."""
     parts = [format_header(result), "", format_table(
         [r for r in result["records"] if r["part"] == "suite"])]
+    parts += [""] + [textwrap.fill(text, 100, subsequent_indent="  ") for text in TABLE_LEGEND]
     sweep = [r for r in result["records"] if r["part"] == "batch-sweep"]
     if sweep:
         parts += ["", f"Batch sweep ({sweep[0]['layer']}):", format_table(sweep)]
@@ -815,20 +907,35 @@ def write_json(result, path):
         handle.write("\n")
 
 
-def run(args):
-    """The ``bench`` command. Returns the exit code."""
+def _argument_problem(args):
+    """Why the options cannot work, checked before anything is timed (``None`` if they can)."""
     if args.plot:
         try:
             from . import plot as _bench_plot
             _bench_plot.require_matplotlib()
         except ImportError as exc:
-            print(f"gpuconv bench: --plot needs matplotlib ({exc}); "
-                  "install it with: pip install 'gpuconv[bench]'", file=sys.stderr)
-            return 2
-    try:
-        device = select_device(device=args.device)
-    except (CudaUnavailableError, ValueError) as exc:
-        print(f"gpuconv bench: {exc}", file=sys.stderr)
+            return (f"--plot needs matplotlib ({exc}); install it with: "
+                    "pip install 'gpuconv[bench]'")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            why = _unwritable(path)
+            if why:
+                return f"{flag} {path}: cannot write there ({why})"
+    if args.json and args.plot and os.path.abspath(args.json) == os.path.abspath(args.plot):
+        return f"--json and --plot name the same file ({args.json})"
+    return None
+
+
+def run(args):
+    """The ``bench`` command. Returns the exit code (2: the options cannot work)."""
+    problem = _argument_problem(args)
+    if problem is None:
+        try:
+            device = select_device(device=args.device)
+        except (CudaUnavailableError, ValueError) as exc:
+            problem = str(exc)
+    if problem is not None:
+        print(f"gpuconv bench: error: {problem}", file=sys.stderr)
         return 2
     names, repeat, bursts, batch_cap = _plan(args)
     sweep = (SWEEP_LAYER, SWEEP_BATCHES) if args.plot else None

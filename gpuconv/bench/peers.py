@@ -11,6 +11,7 @@ receptive field, ``L = H_out * W_out`` output positions.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 import tracemalloc
@@ -19,17 +20,33 @@ import numpy as np
 
 from ..device import host_memory_available
 
-__all__ = ["Impl", "load_torch", "implementations", "Backend", "available_memory",
-           "measure_ceilings", "peak_extra_bytes"]
+__all__ = ["Impl", "load_torch", "torch_problem", "implementations", "describe_peers",
+           "Backend", "available_memory", "measure_ceilings", "peak_extra_bytes",
+           "torch_conv2d", "torch_unfold_einsum"]
+
+_torch_problem = None  # why the last load_torch() found no torch
 
 
 def load_torch():
-    """The ``torch`` module, or ``None`` when it is not installed (or fails to import)."""
+    """The ``torch`` module, or ``None`` when it is not installed (or fails to import:
+    :func:`torch_problem` says which)."""
+    global _torch_problem
     try:
         import torch
-    except Exception:
+    except ImportError as exc:
+        _torch_problem = ("not installed" if getattr(exc, "name", None) == "torch"
+                          else f"failed to import ({exc})")
         return None
+    except Exception as exc:  # a broken install must not stop the benchmark
+        _torch_problem = f"failed to import ({type(exc).__name__}: {exc})"
+        return None
+    _torch_problem = None
     return torch
+
+
+def torch_problem():
+    """Why the last :func:`load_torch` returned ``None`` (``None`` if it did not)."""
+    return _torch_problem
 
 
 # ----------------------------------------------------------------------------- backends
@@ -40,11 +57,14 @@ class Backend:
     ``kind`` is ``"cpu"`` or ``"cuda"``. On CUDA the arrays are PyTorch tensors when PyTorch
     with CUDA is installed (gpuconv takes them through ``__cuda_array_interface__``), else
     Numba device arrays; calls are timed with CUDA events and the device is synchronised.
+    On the host calls are timed with ``clock`` (``time.process_time`` compares single-threaded
+    kernels per core on a busy machine).
     """
 
-    def __init__(self, kind, torch=None):
+    def __init__(self, kind, torch=None, clock=time.perf_counter):
         self.kind = kind
         self.torch = torch
+        self.clock = clock  # on the host; CUDA events time the GPU
         self.torch_cuda = bool(kind == "cuda" and torch is not None and torch.cuda.is_available())
         # The Numba CUDA simulator's events do not time anything: use the wall clock there.
         self.simulator = kind == "cuda" and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -78,10 +98,10 @@ class Backend:
         samples = []
         if self.kind == "cpu" or (self.simulator and not self.torch_cuda):
             for _ in range(count):
-                start = time.perf_counter()
+                start = self.clock()
                 fn()
                 self.synchronize()
-                samples.append(time.perf_counter() - start)
+                samples.append(self.clock() - start)
             return samples
         self.synchronize()
         if self.torch_cuda:
@@ -169,9 +189,15 @@ def _cols_bytes(geom, itemsize):
 
 def _pairs(geom):
     """``(stride, padding, dilation)`` as (height, width) pairs, the way both gpuconv and
-    PyTorch take them (padding: the top and left sides, the same on the other two)."""
+    PyTorch take them (padding: the top and left sides; see :func:`_symmetric`)."""
     return ((geom.stride_h, geom.stride_w), (geom.pad_top, geom.pad_left),
             (geom.dilation_h, geom.dilation_w))
+
+
+def _symmetric(geom):
+    """Whether each axis has the same padding on both sides, the only padding PyTorch's
+    conv2d and unfold take."""
+    return geom.pad_top == geom.pad_bottom and geom.pad_left == geom.pad_right
 
 
 def _gpuconv_make(op, device):
@@ -182,6 +208,8 @@ def _gpuconv_make(op, device):
     def make(arrays, geom):
         x, weight, bias = arrays["x"], arrays["weight"], arrays["bias"]
         stride, padding, dilation = _pairs(geom)
+        if not _symmetric(geom):
+            padding = "same"  # uneven padding comes only from "same" (stride 1)
         groups = geom.groups
 
         def call():
@@ -190,44 +218,78 @@ def _gpuconv_make(op, device):
     return make
 
 
-def _torch_conv2d_make(torch):
+def _torch_input(torch, geom):
+    """``x -> (x as the PyTorch function reads it, its padding pair)``: uneven padding is
+    added by ``torch.nn.functional.pad`` first (a copy), even padding left to the function."""
+    if _symmetric(geom):
+        padding = (geom.pad_top, geom.pad_left)
+        return lambda x: (x, padding)
+    sides = (geom.pad_left, geom.pad_right, geom.pad_top, geom.pad_bottom)
+    return lambda x: (torch.nn.functional.pad(x, sides), (0, 0))
+
+
+def torch_conv2d(torch, geom, weight, bias=None):
+    """``x -> torch.nn.functional.conv2d(x, weight, bias)`` on ``geom`` (any stride,
+    padding, dilation and groups). ``weight`` is ``(C_out, C_in/g, kH, kW)``, ``bias``
+    ``None`` or ``(C_out,)``."""
     functional = torch.nn.functional
+    stride, _, dilation = _pairs(geom)
+    prepare = _torch_input(torch, geom)
 
-    def make(arrays, geom):
-        x, weight, bias = arrays["x"], arrays["weight"], arrays["bias"]
-        stride, padding, dilation = _pairs(geom)
-
-        def call():
-            with torch.no_grad():
-                return functional.conv2d(x, weight, bias, stride, padding, dilation, geom.groups)
-        return call
-    return make
+    def call(x):
+        x, padding = prepare(x)
+        return functional.conv2d(x, weight, bias, stride, padding, dilation, geom.groups)
+    return call
 
 
-def _torch_unfold_make(torch):
-    """The usual PyTorch recipe for a locally connected layer: unfold, then einsum."""
+def torch_unfold_einsum(torch, geom, weight, bias=None):
+    """``x -> y``: the usual PyTorch recipe for a locally connected layer on ``geom``,
+    ``torch.nn.functional.unfold`` then ``torch.einsum`` (any stride, padding, dilation and
+    groups).
+
+    ``weight`` is ``(C_out, H_out, W_out, C_in/g, kH, kW)`` (gpuconv's layout, viewed, not
+    copied); ``bias`` ``None``, ``(C_out,)`` or ``(C_out, H_out, W_out)``.
+    """
     functional = torch.nn.functional
+    n, g = geom.batch, geom.groups
+    positions = geom.out_height * geom.out_width
+    k = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
+    # (C_out, H_out, W_out, C_in/g, kH, kW) -> (g, C_out/g, L, K): a view, no copy.
+    weight_view = weight.view(g, geom.out_channels_per_group, positions, k)
+    if bias is not None:
+        bias = bias.view(1, geom.out_channels, 1, 1) if bias.dim() == 1 else bias.unsqueeze(0)
+    kernel = (geom.kernel_height, geom.kernel_width)
+    stride, _, dilation = _pairs(geom)
+    prepare = _torch_input(torch, geom)
+    out_shape = geom.output_shape
 
-    def make(arrays, geom):
-        x, weight, bias = arrays["x"], arrays["weight"], arrays["bias"]
-        n, g = geom.batch, geom.groups
-        c_og = geom.out_channels_per_group
-        positions = geom.out_height * geom.out_width
-        k = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
-        # (C_out, H_out, W_out, C_in/g, kH, kW) -> (g, C_out/g, L, K): a view, no copy.
-        weight_view = weight.view(g, c_og, positions, k)
-        bias_view = bias.view(1, geom.out_channels, 1, 1)
-        kernel = (geom.kernel_height, geom.kernel_width)
-        stride, padding, dilation = _pairs(geom)
-        out_shape = geom.output_shape
+    def call(x):
+        x, padding = prepare(x)
+        cols = functional.unfold(x, kernel, dilation, padding, stride)  # (N, g*K, L)
+        y = torch.einsum("ngkl,golk->ngol", cols.view(n, g, k, positions), weight_view)
+        y = y.reshape(out_shape)
+        return y if bias is None else y + bias
+    return call
 
-        def call():
-            with torch.no_grad():
-                cols = functional.unfold(x, kernel, dilation, padding, stride)  # (N, g*K, L)
-                y = torch.einsum("ngkl,golk->ngol", cols.view(n, g, k, positions), weight_view)
-                return y.reshape(out_shape) + bias_view
-        return call
-    return make
+
+def _torch_make(peer):
+    """``make`` of a PyTorch peer: ``peer(torch, geom, weight, bias)`` called under
+    ``torch.no_grad``."""
+    def with_torch(torch):
+        def make(arrays, geom):
+            x = arrays["x"]
+            fn = peer(torch, geom, arrays["weight"], arrays["bias"])
+
+            def call():
+                with torch.no_grad():
+                    return fn(x)
+            return call
+        return make
+    return with_torch
+
+
+_torch_conv2d_make = _torch_make(torch_conv2d)
+_torch_unfold_make = _torch_make(torch_unfold_einsum)
 
 
 def _windows(x, geom):
@@ -256,7 +318,8 @@ def _numpy_im2col_make(arrays, geom, group_out):
         for gi in range(geom.groups):
             out[:, gi * c_og:(gi + 1) * c_og] = group_out(
                 win[:, gi * c_ig:(gi + 1) * c_ig], weight[gi * c_og:(gi + 1) * c_og])
-        out += bias[None, :, None]
+        if bias is not None:
+            out += bias[None, :, None]
         return out.reshape(geom.output_shape)
     return call
 
@@ -337,11 +400,30 @@ def implementations(device, torch=None, peers=True):
     return impls
 
 
+def describe_peers(device, torch=None, peers=True, problem=None):
+    """One line: which peers :func:`implementations` picks for these arguments, and why.
+
+    ``problem`` says why ``torch`` is ``None`` (:func:`torch_problem`); without one, PyTorch
+    was not asked for.
+    """
+    if not peers:
+        return "none asked for: gpuconv only"
+    missing = f"PyTorch {problem}" if problem else "PyTorch not used"
+    if torch is not None and (device == "cpu" or torch.cuda.is_available()):
+        return (f"PyTorch {torch.__version__} found: torch.nn.functional.conv2d beside conv2d, "
+                f"unfold + einsum beside local_conv2d")
+    if torch is not None:
+        return (f"none: PyTorch {torch.__version__} is built without CUDA, and the NumPy "
+                "baselines run on the CPU only")
+    if device == "cpu":
+        hint = "; pip install torch to compare with PyTorch" if problem == "not installed" else ""
+        return (f"{missing}, so NumPy im2col baselines instead (numpy-im2col, "
+                f"numpy-im2col-matmul){hint}")
+    return f"none: {missing}, and the NumPy baselines run on the CPU only"
+
+
 def _local_weight_bytes(geom, itemsize):
-    size = 1
-    for dim in geom.local_weight_shape():
-        size *= dim
-    return size * itemsize
+    return math.prod(geom.local_weight_shape()) * itemsize
 
 
 def _padded_bytes(geom, itemsize):
@@ -487,16 +569,6 @@ def peak_extra_bytes(impl, fn, backend, positions=0):
 
 # ----------------------------------------------------------------------------- ceilings
 
-def _best(fn, repeat):
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def _blas_name():
     try:
         return np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
@@ -561,7 +633,7 @@ def measure_ceilings(backend, dtype, quick=False):
         candidates[f"NumPy {dtype.name} {matmul_n}x{matmul_n} matmul ({_blas_name()})"] = matmul
         src = np.ones(copy_bytes // dtype.itemsize, dtype=dtype)
         dst = np.ones_like(src)
-        seconds = _best(lambda: np.copyto(dst, src), repeat + 2)
+        seconds = _best_of(lambda: np.copyto(dst, src), 1, repeat + 2)
         bandwidth = 2 * src.nbytes / seconds
         del src, dst
         best_name = max(candidates, key=candidates.get)
@@ -570,7 +642,7 @@ def measure_ceilings(backend, dtype, quick=False):
             "bandwidth_method": f"NumPy copy of {copy_bytes // 2 ** 20} MiB, "
                                 f"(read + write bytes) / best of {repeat + 2}",
             "compute_gflops": candidates[best_name],
-            "compute_method": f"best of: " + "; ".join(
+            "compute_method": "best of: " + "; ".join(
                 f"{name} {value:.4g} GFLOP/s" for name, value in candidates.items())
                 + f" (best of {2 * repeat} calls each, after warm-up)",
             "compute_candidates": candidates,
