@@ -46,7 +46,13 @@ registers LLVM splits them, so the same code is correct everywhere, only slower 
 """
 
 from .conv2d import choose_cpu_kernel, conv2d_forward, conv2d_scratch_bytes
+from .conv2d_grad import (conv2d_input_grad, conv2d_input_grad_scratch_bytes,
+                          conv2d_weight_grad, conv2d_weight_grad_scratch_bytes)
 from .local_conv2d import local_conv2d_forward, local_conv2d_scratch_bytes
+from .local_conv2d_grad import (local_conv2d_input_grad,
+                                local_conv2d_input_grad_scratch_bytes,
+                                local_conv2d_weight_grad,
+                                local_conv2d_weight_grad_scratch_bytes)
 
 
 
@@ -62,4 +68,8 @@ def jit_functions():
 
 
 __all__ = ["jit_functions", "choose_cpu_kernel", "conv2d_forward", "conv2d_scratch_bytes", "local_conv2d_forward",
-           "local_conv2d_scratch_bytes"]
+           "local_conv2d_scratch_bytes",
+           "conv2d_input_grad", "conv2d_input_grad_scratch_bytes", "conv2d_weight_grad",
+           "conv2d_weight_grad_scratch_bytes", "local_conv2d_input_grad",
+           "local_conv2d_input_grad_scratch_bytes", "local_conv2d_weight_grad",
+           "local_conv2d_weight_grad_scratch_bytes"]
