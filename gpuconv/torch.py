@@ -51,8 +51,12 @@ _GEOMETRY = "int[] stride, int[] padding, int[] dilation, int groups"
 # --------------------------------------------------------------------------------------------
 
 def _run(op_name, device, arrays, stride, padding, dilation, groups, sizes=None):
-    """Run one of gpuconv's operations on ``device`` with tensors that record no graph."""
-    arrays = {k: None if t is None else t.detach() for k, t in arrays.items()}
+    """Run one of gpuconv's operations on ``device`` with tensors that record no graph.
+
+    Gradients often arrive strided (``sum()``'s backward expands with zero strides): they are
+    made contiguous here by PyTorch, on its current stream (a no-op for contiguous tensors).
+    """
+    arrays = {k: None if t is None else t.detach().contiguous() for k, t in arrays.items()}
     top, bottom, left, right = padding
     return call(op_name, arrays, tuple(stride), ((top, bottom), (left, right)), tuple(dilation),
                 groups, device, sizes=sizes)

@@ -252,6 +252,8 @@ def test_padding_strings_asymmetric_padding_and_unbatched_input():
     torch.testing.assert_close(gt.conv2d(x, w, b, stride=2, padding=((2, 0), (1, 3))),
                                F.conv2d(F.pad(x, (1, 3, 2, 0)), w, b, stride=2))
     torch.testing.assert_close(gt.conv2d(x[0], w, b, padding=1), F.conv2d(x[0], w, b, padding=1))
+    channels_last = x.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(gt.conv2d(channels_last, w, b), F.conv2d(x, w, b))
     wl = _local_weight(4, 3, (4, 3), (7, 8), padding="same")
     torch.testing.assert_close(gt.local_conv2d(x[1], wl, b, padding="same"),
                                local_reference(x[1:], wl, b, padding="same")[0])
