@@ -226,25 +226,10 @@ def _transpose(src, rows_padded, stream, empty):
     return dst
 
 
-def transpose_local_weights(weight, geom, stream, empty=None):
-    """``(c_O, h_O, w_O, c_Ig, k_H, k_W)`` -> ``(c_O, c_Ig, k_H, k_W, h_O * w_O)`` on the GPU.
-
-    The local_conv2d kernel reads weights with the output position innermost, so a warp's
-    32 threads (32 consecutive positions) read 32 consecutive words. This transpose costs one
-    extra read and one extra write of the weights (a tiled, coalesced kernel, queued before
-    the convolution on the same stream), i.e. the weight traffic of a call goes from one
-    pass to three; the convolution's own pass is then coalesced and reused across the batch.
-    """
-    n_pos = geom.out_height * geom.out_width
-    k = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
-    dst = _transpose(weight.reshape(geom.out_channels, n_pos, k), n_pos, stream, empty)
-    return dst.reshape(geom.out_channels, geom.in_channels_per_group, geom.kernel_height,
-                       geom.kernel_width, n_pos)
-
-
 def _batch_innermost(x, n_pad, stream, empty=None):
     """``(n, c_I, h, w)`` -> ``(c_I, h, w, n_pad)``, zeros past ``n``: one extra read and
-    write of the input (small next to the weights of a locally connected layer)."""
+    write of the input (small next to the weights of a locally connected layer, which the
+    kernel reads in the caller's layout)."""
     n = x.shape[0]
     return _transpose(x.reshape(1, n, x.size // n), n_pad, stream, empty)
 
@@ -256,7 +241,6 @@ def _launch_local_conv2d(x, weight, bias, out, geom, stream, config=None, empty=
     config = config or kernels.local_conv2d_config(geom, x.dtype)
     batch_block = config.batch_block
     n_pad = -(-geom.batch // batch_block) * batch_block
-    weight_t = transpose_local_weights(weight, geom, stream, empty)
     x_t = _batch_innermost(x, n_pad, stream, empty)
     n_pos = geom.out_height * geom.out_width
     if bias is None:
@@ -266,7 +250,7 @@ def _launch_local_conv2d(x, weight, bias, out, geom, stream, config=None, empty=
     kernel = kernels.compiled(config.kernel)
     kernel[config.grid, config.block, stream](
         _flat(x_t),                 # (c_I, h, w, n_pad), batch innermost
-        _flat(weight_t),            # (c_O, c_Ig, k_H, k_W, P), positions innermost
+        _flat(weight),              # (c_O, h_O, w_O, c_Ig, k_H, k_W), the caller's layout
         _flat(bias),                # (c_O, 1 or P) or a dummy
         _flat(out),                 # (n, c_O, h_O, w_O), written
         has_bias,                   # 0 or 1
@@ -296,8 +280,8 @@ def _bytes_needed(op_name, x, weight, bias, geom, host):
     # device copies: host inputs are always copied; device inputs only when strided
     total += sum(math.prod(op.shape) for op in operands
                  if host or not _operand_is_contiguous(op, itemsize))
-    if op_name == "local_conv2d":  # positions-innermost weights, batch-innermost input
-        total += math.prod(weight.shape) + math.prod(x.shape[1:]) * (geom.batch + 32)
+    if op_name == "local_conv2d":  # batch-innermost input, the batch padded by < 8
+        total += math.prod(x.shape[1:]) * (geom.batch + 7)
     return total * itemsize
 
 
