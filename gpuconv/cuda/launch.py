@@ -28,7 +28,7 @@ import threading
 import numpy as np
 from numba import cuda
 
-from . import kernels
+from . import grad_kernels, kernels
 from ..device import check_memory
 
 __all__ = ["run"]
@@ -266,6 +266,116 @@ def _launch_local_conv2d(x, weight, bias, out, geom, stream, config=None, empty=
 
 
 _LAUNCH = {"conv2d": _launch_conv2d, "local_conv2d": _launch_local_conv2d}
+
+
+# --------------------------------------------------------------------------------------------
+# gradient launches (all arrays Numba device arrays, C-contiguous, one dtype; the kernels
+# live in :mod:`gpuconv.cuda.grad_kernels`). Each fills every element of ``out``, queues its
+# work on ``stream`` without waiting for it, and gives bitwise equal results for equal
+# inputs. ``config`` overrides the ``*_config`` choice (tests use it); ``empty(shape,
+# dtype)`` allocates scratch (default: Numba device arrays).
+# --------------------------------------------------------------------------------------------
+
+def launch_conv2d_input_grad(grad_output, weight, out, geom, stream, empty=None, config=None):
+    """``out (n, c_I, h, w)`` = the gradient of conv2d's input, from ``grad_output
+    (n, c_O, h_O, w_O)`` and ``weight (c_O, c_Ig, k_H, k_W)``. No scratch."""
+    if geom.batch == 0:
+        return
+    config = config or grad_kernels.conv2d_input_grad_config(geom, out.dtype)
+    kernel = kernels.compiled(config.kernel)
+    kernel[config.grid, config.block, stream, config.shared_bytes](
+        _flat(grad_output),         # (n, c_O, h_O, w_O)
+        _flat(weight),              # (c_O, c_Ig, k_H, k_W)
+        _flat(out),                 # (n, c_I, h, w), written
+        geom.batch, geom.in_channels, geom.in_height, geom.in_width,
+        geom.out_channels, geom.out_height, geom.out_width,
+        geom.in_channels_per_group, geom.out_channels_per_group,
+        geom.stride_h, geom.stride_w,
+        geom.pad_top, geom.pad_left,
+        geom.dilation_h, geom.dilation_w,
+        config.tiles_x,             # tiles along a phase's sub-grid width
+        config.gt_h, config.gt_w,   # grad_output tile
+        config.chunk,               # output channels per shared-memory stage
+    )
+
+
+def launch_conv2d_weight_grad(x, grad_output, out, geom, stream, empty=None, config=None):
+    """``out (c_O, c_Ig, k_H, k_W)`` = the gradient of conv2d's weights, from ``x
+    (n, c_I, h, w)`` and ``grad_output (n, c_O, h_O, w_O)`` (zeros for an empty batch).
+
+    With more than one slice of the batch x positions, the partial sums go to a scratch
+    array of :func:`~gpuconv.cuda.grad_kernels.conv2d_weight_grad_scratch_elements` elements
+    from ``empty``, then a second kernel adds them in order."""
+    config = config or grad_kernels.conv2d_weight_grad_config(geom, out.dtype)
+    size = out.size
+    new = empty or _numba_empty(stream)
+    part = out if config.slices == 1 else new((max(config.slices, 1) * size,), out.dtype)
+    if config.slices > 0:
+        kernel = kernels.compiled(config.kernel)
+        kernel[config.grid, config.block, stream](
+            _flat(x),                   # (n, c_I, h, w)
+            _flat(grad_output),         # (n, c_O, h_O, w_O)
+            _flat(part),                # (slices, c_O, c_Ig, k_H, k_W), written
+            geom.in_channels, geom.in_height, geom.in_width,
+            geom.out_channels, geom.out_height, geom.out_width,
+            geom.in_channels_per_group, geom.out_channels_per_group,
+            geom.stride_h, geom.stride_w,
+            geom.pad_top, geom.pad_left,
+            geom.dilation_h, geom.dilation_w,
+            geom.kernel_height, geom.kernel_width,
+            geom.batch * geom.out_height * geom.out_width,  # m: (image, position) pairs
+            config.m_slice,             # m per slice
+        )
+    if config.slices != 1:
+        total = kernels.compiled(grad_kernels.sum_slices_kernel(kernels.dtype_code(out.dtype)))
+        threads = 256
+        blocks = kernels.check_grid((max(1, min(-(-size // threads), 65535)),), "a slice sum")
+        total[blocks, threads, stream](_flat(part), _flat(out), config.slices, size)
+
+
+def launch_local_conv2d_input_grad(grad_output, weight, out, geom, stream, empty=None,
+                                   config=None):
+    """``out (n, c_I, h, w)`` = the gradient of local_conv2d's input, from ``grad_output
+    (n, c_O, h_O, w_O)`` and ``weight (c_O, h_O, w_O, c_Ig, k_H, k_W)`` (the caller's
+    layout, read as is). No scratch."""
+    if geom.batch == 0:
+        return
+    config = config or grad_kernels.local_conv2d_input_grad_config(geom, out.dtype)
+    kernel = kernels.compiled(config.kernel)
+    kernel[config.grid, config.block, stream, config.shared_bytes](
+        _flat(grad_output),         # (n, c_O, h_O, w_O)
+        _flat(weight),              # (c_O, h_O, w_O, c_Ig, k_H, k_W)
+        _flat(out),                 # (n, c_I, h, w), written
+        geom.batch, geom.in_channels, geom.in_height, geom.in_width,
+        geom.out_channels, geom.out_height, geom.out_width,
+        geom.in_channels_per_group, geom.out_channels_per_group,
+        geom.stride_h, geom.stride_w,
+        geom.pad_top, geom.pad_left,
+        geom.dilation_h, geom.dilation_w,
+        config.v_tiles,             # tiles of 32 columns of a phase's sub-grid
+        config.slab_j,              # positions staged per kernel row
+        config.chunk,               # output channels per shared-memory stage
+    )
+
+
+def launch_local_conv2d_weight_grad(x, grad_output, out, geom, stream, empty=None,
+                                    config=None):
+    """``out (c_O, h_O, w_O, c_Ig, k_H, k_W)`` = the gradient of local_conv2d's weights in
+    the caller's layout, from ``x (n, c_I, h, w)`` and ``grad_output (n, c_O, h_O, w_O)``
+    (zeros for an empty batch). No scratch."""
+    config = config or grad_kernels.local_conv2d_weight_grad_config(geom, out.dtype)
+    kernel = kernels.compiled(config.kernel)
+    kernel[config.grid, config.block, stream](
+        _flat(x),                   # (n, c_I, h, w)
+        _flat(grad_output),         # (n, c_O, h_O, w_O)
+        _flat(out),                 # (c_O, h_O, w_O, c_Ig, k_H, k_W), written
+        geom.batch, geom.in_channels, geom.in_height, geom.in_width,
+        geom.out_channels, geom.out_height, geom.out_width,
+        geom.in_channels_per_group, geom.out_channels_per_group,
+        geom.stride_h, geom.stride_w,
+        geom.pad_top, geom.pad_left,
+        geom.dilation_h, geom.dilation_w,
+    )
 
 
 # --------------------------------------------------------------------------------------------
