@@ -646,13 +646,19 @@ def workload_specialisations(codes=("f32", "f64")):
     """Every kernel the benchmark layers launch (each op on each layer), deduplicated.
 
     Both ops run on every layer (the shared and the unshared operation can be timed on the
-    same geometry), plus the helper kernels. Returns a list of :class:`KernelSpec`.
+    same geometry), with the four gradient kernels of each (see
+    :mod:`gpuconv.cuda.grad_kernels`), plus the helper kernels. Returns a list of
+    :class:`KernelSpec`.
     """
+    from . import grad_kernels  # it builds on this module
+
     specs = {}
     for code in codes:
         dtype = _NUMPY[code]
         for _, geom in workload_geometries():
             for spec in (conv2d_config(geom, dtype).kernel, local_conv2d_config(geom, dtype).kernel):
+                specs.setdefault(spec.name, spec)
+            for spec, _ in grad_kernels.grad_specialisations(geom, dtype):
                 specs.setdefault(spec.name, spec)
         for spec in (transpose_kernel(code), copy_kernel(code)):
             specs.setdefault(spec.name, spec)
