@@ -193,17 +193,17 @@ def test_conv2d_weight_grad_partial_sums_over_slices(dtype):
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_local_input_grad_stages_and_batch_passes(dtype):
-    """One output channel per stage, a partial input-channel block, and a batch of five in
-    three passes of two images (one row of threads)."""
+    """One output channel per stage (two stages per tap row), a partial input-channel block,
+    and a batch of five in three passes of two images (one row of threads)."""
     from gpuconv.cuda import grad_kernels as gk
 
-    geom = _geometry(5, 3, 6, 7, 3, 3, stride=(1, 2), pad=(1, 0, 2, 1))
+    geom = _geometry(5, 3, 4, 7, 2, 3, stride=(1, 2), pad=(1, 0, 2, 1))
     code = "f32" if dtype == np.float32 else "f64"
     config = gk.local_conv2d_input_grad_config(geom, dtype)
     spec = gk.local_conv2d_input_grad_kernel(code, 3, 3, 2, 2)
     per_channel = config.shared_bytes // config.chunk // 3 * 2  # two input channels
     config = config._replace(kernel=spec, block=(32, 1), chunk=1, shared_bytes=per_channel,
-                             grid=(config.grid[0], 2))
+                             grid=(config.grid[0] * 2,))  # the grid had one channel block
     _check("local_input", geom, dtype, 23, config)
 
 
@@ -220,7 +220,7 @@ def test_local_weight_grad_row_blocks_and_position_blocks(dtype):
     assert geom.out_height * geom.out_width == 49
     code = "f32" if dtype == np.float32 else "f64"
     spec = gk.local_conv2d_weight_grad_kernel(code, 3, 3, 1, 2)
-    config = gk.LocalWeightGradConfig(spec, (32, 2), (2, 2, 5))  # 9 rows: 2+2+2+2+1
+    config = gk.LocalWeightGradConfig(spec, (32, 2), (2 * 2 * 5,), 5)  # 9 rows: 2+2+2+2+1
     _check("local_weight", geom, dtype, 24, config)
 
 
@@ -304,13 +304,17 @@ def test_launch_shapes_of_the_workload_layers_fit_the_hardware(layer, dtype):
     assert 16 <= wgrad.block[0] * wgrad.block[1] <= 256
     local_i = gk.local_conv2d_input_grad_config(geom, dtype)
     assert local_i.shared_bytes <= k.SHARED_LIMIT_BYTES
-    assert local_i.grid[0] == phases * sub_h * local_i.v_tiles
+    channels = int(local_i.kernel.name.split("_c")[-1])
+    assert local_i.grid[0] == (phases * sub_h * local_i.v_tiles * geom.groups
+                               * -(-geom.in_channels_per_group // channels))
     assert local_i.v_tiles * 32 >= sub_w
     local_w = gk.local_conv2d_weight_grad_config(geom, dtype)
     rows = int(local_w.kernel.name.split("_r")[1].split("_")[0])
+    channels = int(local_w.kernel.name.split("_c")[-1])
     n_rows = geom.in_channels_per_group * geom.kernel_height
-    assert local_w.grid[0] * 32 >= geom.out_height * geom.out_width
-    assert local_w.grid[2] * local_w.block[1] * rows >= n_rows
+    assert local_w.row_blocks * local_w.block[1] * rows >= n_rows
+    assert local_w.grid[0] == (-(-geom.out_height * geom.out_width // 32) * local_w.row_blocks
+                               * geom.groups * -(-geom.out_channels_per_group // channels))
     for grid in (igrad.grid, wgrad.grid, local_i.grid, local_w.grid):
         assert k.check_grid(grid, "test") == grid
 

@@ -519,8 +519,10 @@ def local_conv2d_input_grad_kernel(code, kernel_h, kernel_w, batch_block, channe
     the 32 threads of a warp read 32 consecutive positions. Every weight loaded serves
     ``batch_block`` images, every ``gy`` value ``channels`` input channels.
 
-    Launch: ``grid = (ceil(h / s_h) * ceil(ceil(w / s_w) / 32) * s_h * s_w,
-    groups * ceil(c_Ig / channels))`` (the phase fastest), ``block = (32, by)`` with
+    Launch: ``grid = ceil(h / s_h) * ceil(ceil(w / s_w) / 32) * s_h * s_w * groups *
+    ceil(c_Ig / channels)`` (1-D; the channel block varies fastest, then the phase, so the
+    blocks that read the same ``gy`` and neighbouring weight words run together and share
+    them in L2), ``block = (32, by)`` with
     ``by = min(8, ceil(n / batch_block))``, dynamic shared memory
     ``chunk * channels * slab_j * k_W' * itemsize`` bytes (``slab_j`` the staged positions,
     ``k_W'`` the odd number at least ``k_W``).
@@ -543,8 +545,12 @@ def local_conv2d_input_grad_kernel(code, kernel_h, kernel_w, batch_block, channe
         tid = ty * 32 + tx
         nthreads = 32 * by
         phases = sh * sw
-        phase = cuda.blockIdx.x % phases
-        t = cuda.blockIdx.x // phases
+        blocks_per_group = (c_Ig + CB - 1) // CB
+        channel_blocks = (c_I // c_Ig) * blocks_per_group
+        cb = cuda.blockIdx.x % channel_blocks
+        t = cuda.blockIdx.x // channel_blocks
+        phase = t % phases
+        t = t // phases
         vt = t % v_tiles
         u = t // v_tiles
         ry = phase // sw
@@ -554,9 +560,8 @@ def local_conv2d_input_grad_kernel(code, kernel_h, kernel_w, batch_block, channe
             return
         v = vt * 32 + tx
         ix = rx + sw * v
-        blocks_per_group = (c_Ig + CB - 1) // CB
-        g = cuda.blockIdx.y // blocks_per_group
-        cl0 = (cuda.blockIdx.y % blocks_per_group) * CB  # first input channel, in the group
+        g = cb // blocks_per_group
+        cl0 = (cb % blocks_per_group) * CB  # first input channel, in the group
         n_cl = min(CB, c_Ig - cl0)
         n_pos = h_O * w_O
         k_len = c_Ig * KHW
@@ -649,7 +654,7 @@ class LocalInputGradConfig(NamedTuple):
 
     kernel: KernelSpec
     block: tuple       # (32, by)
-    grid: tuple        # (rows * column tiles * phases, channel blocks)
+    grid: tuple        # (rows * column tiles * phases * channel blocks,)
     v_tiles: int       # tiles of 32 columns of a phase's sub-grid
     slab_j: int        # positions staged per row
     chunk: int         # output channels per stage
@@ -687,7 +692,7 @@ def local_conv2d_input_grad_config(geom, dtype):
     chunk = max(1, min(geom.out_channels_per_group, LOCAL_STAGE_BYTES // per_channel(channels)))
     by = max(1, min(_LOCAL_IGRAD_MAX_ROWS, -(-geom.batch // batch_block)))
     v_tiles = -(-wu // 32)
-    grid = check_grid((hu * v_tiles * sh * sw, geom.groups * -(-c_ig // channels)),
+    grid = check_grid((hu * v_tiles * sh * sw * geom.groups * -(-c_ig // channels),),
                       "the local_conv2d input gradient")
     spec = local_conv2d_input_grad_kernel(code, geom.kernel_height, kw, batch_block, channels)
     return LocalInputGradConfig(spec, (32, by), grid, v_tiles, slab_j, chunk,
@@ -737,12 +742,15 @@ def local_conv2d_weight_grad_kernel(code, kernel_h, kernel_w, rows, channels):
     channel one contiguous block of ``32 * c_Ig * k_H * k_W`` words when the block holds
     every kernel row.
 
-    Launch: ``grid = (ceil(P / 32), groups * ceil(c_Og / channels),
-    ceil(c_Ig * k_H / (by * rows)))``, ``block = (32, by)`` with
-    ``by <= local_wgrad_max_rows(...)``; static shared memory.
+    Launch: ``grid = ceil(P / 32) * groups * ceil(c_Og / channels) * row_blocks`` (1-D) with
+    ``row_blocks = ceil(c_Ig * k_H / (by * rows))`` varying fastest, then the channel block:
+    the blocks that read the same ``gy`` (all row blocks) and the same input windows (all
+    channel blocks) of 32 positions run together and share them in L2;
+    ``block = (32, by)`` with ``by <= local_wgrad_max_rows(...)``; static shared memory.
 
     Kernel arguments: flat ``x (n, c_I, h, w)``, ``gy (n, c_O, h_O, w_O)``, ``gw`` (written),
-    then ``n, c_I, h, w, c_O, h_O, w_O, c_Ig, c_Og, s_h, s_w, p_top, p_left, d_h, d_w``.
+    then ``n, c_I, h, w, c_O, h_O, w_O, c_Ig, c_Og, s_h, s_w, p_top, p_left, d_h, d_w,
+    row_blocks``.
     """
     scalar = _SCALAR[code]
     KH, KW, R, CB = kernel_h, kernel_w, rows, channels
@@ -754,7 +762,8 @@ def local_conv2d_weight_grad_kernel(code, kernel_h, kernel_w, rows, channels):
     SQ = 32 * SP            # one output channel's tile
     SMEM = CB * SQ
 
-    def kernel(x, gy, gw, n, c_I, h, wd, c_O, h_O, w_O, c_Ig, c_Og, sh, sw, pt, pl, dh, dw):
+    def kernel(x, gy, gw, n, c_I, h, wd, c_O, h_O, w_O, c_Ig, c_Og, sh, sw, pt, pl, dh, dw,
+               row_blocks):
         # Every thread takes part in the output stages, so the bounds guards sit on the
         # loads and stores, not at the top.
         tx = cuda.threadIdx.x
@@ -763,7 +772,12 @@ def local_conv2d_weight_grad_kernel(code, kernel_h, kernel_w, rows, channels):
         tid = ty * 32 + tx
         nthreads = 32 * by
         n_pos = h_O * w_O
-        pos0 = cuda.blockIdx.x * 32
+        blocks_per_group = (c_Og + CB - 1) // CB
+        channel_blocks = (c_O // c_Og) * blocks_per_group
+        rb = cuda.blockIdx.x % row_blocks
+        t = cuda.blockIdx.x // row_blocks
+        cb = t % channel_blocks
+        pos0 = (t // channel_blocks) * 32
         pos = pos0 + tx
         pos_ok = pos < n_pos
         block_pos = min(32, n_pos - pos0)
@@ -771,13 +785,12 @@ def local_conv2d_weight_grad_kernel(code, kernel_h, kernel_w, rows, channels):
         ox = pos - oy * w_O
         iy0 = oy * sh - pt
         ix0 = ox * sw - pl
-        blocks_per_group = (c_Og + CB - 1) // CB
-        g = cuda.blockIdx.y // blocks_per_group
-        co0 = g * c_Og + (cuda.blockIdx.y % blocks_per_group) * CB
+        g = cb // blocks_per_group
+        co0 = g * c_Og + (cb % blocks_per_group) * CB
         n_co = min(CB, (g + 1) * c_Og - co0)
         n_rows = c_Ig * KH
         k_len = c_Ig * KHW
-        blk_row0 = cuda.blockIdx.z * by * R
+        blk_row0 = rb * by * R
         blk_rows = min(by * R, n_rows - blk_row0)
         row0 = blk_row0 + ty * R
 
@@ -831,7 +844,7 @@ def local_conv2d_weight_grad_kernel(code, kernel_h, kernel_w, rows, channels):
                 gw[uint64(dst0 + j * k_len + kk)] = tile[q * SQ + j * SP + kk]
 
     name = f"local_conv2d_wgrad_{code}_k{KH}x{KW}_r{R}_c{CB}"
-    signature = (_array(code, 1),) * 3 + (types.int64,) * 15
+    signature = (_array(code, 1),) * 3 + (types.int64,) * 16
     # At most 8 rows of threads, two blocks per SM: each thread may use 128 registers or more.
     return KernelSpec(name, _rename(kernel, name), signature, (32 * BYMAX, 2))
 
@@ -841,7 +854,8 @@ class LocalWeightGradConfig(NamedTuple):
 
     kernel: KernelSpec
     block: tuple       # (32, by)
-    grid: tuple        # (position blocks, channel blocks, kernel-row blocks)
+    grid: tuple        # (position blocks * channel blocks * row blocks,)
+    row_blocks: int    # blocks of by * rows kernel rows
 
 
 def local_conv2d_weight_grad_config(geom, dtype):
@@ -867,11 +881,12 @@ def local_conv2d_weight_grad_config(geom, dtype):
     by_max = local_wgrad_max_rows(code, kw, rows, channels)
     by = max(1, min(by_max, -(-n_rows // rows)))
     n_pos = geom.out_height * geom.out_width
-    grid = check_grid((-(-n_pos // 32),
-                       geom.groups * -(-geom.out_channels_per_group // channels),
-                       -(-n_rows // (by * rows))), "the local_conv2d weight gradient")
+    row_blocks = -(-n_rows // (by * rows))
+    grid = check_grid((-(-n_pos // 32) * geom.groups
+                       * -(-geom.out_channels_per_group // channels) * row_blocks,),
+                      "the local_conv2d weight gradient")
     spec = local_conv2d_weight_grad_kernel(code, geom.kernel_height, kw, rows, channels)
-    return LocalWeightGradConfig(spec, (32, by), grid)
+    return LocalWeightGradConfig(spec, (32, by), grid, row_blocks)
 
 
 # --------------------------------------------------------------------------------------------

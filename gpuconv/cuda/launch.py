@@ -375,6 +375,7 @@ def launch_local_conv2d_weight_grad(x, grad_output, out, geom, stream, empty=Non
         geom.stride_h, geom.stride_w,
         geom.pad_top, geom.pad_left,
         geom.dilation_h, geom.dilation_w,
+        config.row_blocks,          # blocks of kernel rows
     )
 
 
