@@ -23,7 +23,7 @@ Each row says:
   - ``cpu_scratch(geom, itemsize)``: bytes the CPU kernel allocates beyond ``out``;
   - ``cuda(*operands, out, geom, stream, empty=None)``: Numba device arrays (the forward's
     bias may be None); ``empty(shape, dtype)`` allocates scratch on the caller's stream;
-  - ``cuda_scratch(geom)``: elements of device scratch the launch allocates.
+  - ``cuda_scratch(geom, dtype)``: elements of device scratch the launch allocates.
 
 Adding an operation is adding a row (and its kernels).
 """
@@ -110,20 +110,20 @@ OPS = {op.name: op for op in (
        cpu="gpuconv.cpu.conv2d_grad:conv2d_input_grad",
        cpu_scratch="gpuconv.cpu.conv2d_grad:conv2d_input_grad_scratch_bytes",
        cuda="gpuconv.cuda.launch:launch_conv2d_input_grad",
-       cuda_scratch="gpuconv.cuda.launch:conv2d_input_grad_scratch_elements"),
+       cuda_scratch="gpuconv.cuda.launch:no_scratch_elements"),
     Op("conv2d_weight", WEIGHT_GRAD, False,
        cpu="gpuconv.cpu.conv2d_grad:conv2d_weight_grad",
        cpu_scratch="gpuconv.cpu.conv2d_grad:conv2d_weight_grad_scratch_bytes",
        cuda="gpuconv.cuda.launch:launch_conv2d_weight_grad",
-       cuda_scratch="gpuconv.cuda.launch:conv2d_weight_grad_scratch_elements"),
+       cuda_scratch="gpuconv.cuda.grad_kernels:conv2d_weight_grad_scratch_elements"),
     Op("local_conv2d_input", INPUT_GRAD, True,
        cpu="gpuconv.cpu.local_conv2d_grad:local_conv2d_input_grad",
        cpu_scratch="gpuconv.cpu.local_conv2d_grad:local_conv2d_input_grad_scratch_bytes",
        cuda="gpuconv.cuda.launch:launch_local_conv2d_input_grad",
-       cuda_scratch="gpuconv.cuda.launch:local_conv2d_input_grad_scratch_elements"),
+       cuda_scratch="gpuconv.cuda.launch:no_scratch_elements"),
     Op("local_conv2d_weight", WEIGHT_GRAD, True,
        cpu="gpuconv.cpu.local_conv2d_grad:local_conv2d_weight_grad",
        cpu_scratch="gpuconv.cpu.local_conv2d_grad:local_conv2d_weight_grad_scratch_bytes",
        cuda="gpuconv.cuda.launch:launch_local_conv2d_weight_grad",
-       cuda_scratch="gpuconv.cuda.launch:local_conv2d_weight_grad_scratch_elements"),
+       cuda_scratch="gpuconv.cuda.launch:no_scratch_elements"),
 )}

@@ -270,6 +270,32 @@ def test_local_conv2d_several_batch_passes(bias_kind):
 
 @pytest.mark.cuda
 @needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_local_conv2d_weight_stages_cross_channels_and_position_blocks(dtype):
+    """Two kernel rows per shared-memory stage (stages end inside a channel's kernel, the
+    last one partial), 49 positions (a full and a partial block of 32), two groups, a
+    partial channel block and a batch in two passes."""
+    from numba import cuda
+
+    from gpuconv.cuda import kernels as _cuda_kernels, launch as _cuda
+
+    rng = np.random.default_rng(17)
+    geom = _geometry(3, 6, 7, 9, 6, 3, padding=(1, 0), groups=2)  # c_Ig 3: 9 kernel rows
+    assert geom.out_height * geom.out_width == 49
+    x, w, b = _operands(rng, geom, dtype, True, "position")
+    code = "f32" if dtype == np.float32 else "f64"
+    spec = _cuda_kernels.local_conv2d_kernel(code, 3, 3, 2, 2, stage_rows=2)
+    assert spec.name == f"local_conv2d_{code}_k3x3_b2_c2_s2"
+    config = _cuda_kernels.local_conv2d_config(geom, dtype)
+    config = config._replace(kernel=spec, block=(32, 1), grid=(2, 4), batch_block=2)
+    d_x, d_w, d_b = _device_arrays(x, w, b)
+    d_out = cuda.to_device(np.full(geom.output_shape, np.nan, dtype))
+    _cuda._launch_local_conv2d(d_x, d_w, d_b, d_out, geom, cuda.default_stream(), config)
+    _assert_matches(d_out.copy_to_host(), *_reference(True, x, w, b, geom), dtype)
+
+
+@pytest.mark.cuda
+@needs_cuda
 @pytest.mark.parametrize("local", [False, True], ids=["conv2d", "local_conv2d"])
 def test_nan_input_reaches_exactly_the_outputs_whose_window_holds_it(local):
     rng = np.random.default_rng(16)

@@ -60,7 +60,7 @@ def test_bytes_needed_counts_output_copies_and_local_scratch():
     w = _conv._operand(np.zeros((4, 4, 4, 3, 3, 3), np.float32), "weight")
     geom = conv_geometry(x.shape, (3, 3), 4)
     out, xs, ws = 2 * 4 * 4 * 4, 2 * 3 * 6 * 6, 4 * 4 * 4 * 3 * 3 * 3
-    expected = out + xs + ws + ws + 3 * 6 * 6 * (2 + 32)
+    expected = out + xs + ws + 3 * 6 * 6 * (2 + 7)
     assert _cuda._bytes_needed(OPS["local_conv2d"], [x, w, None], geom, True) == 4 * expected
 
 

@@ -39,7 +39,7 @@ __all__ = ["KernelSpec", "Conv2dConfig", "LocalConv2dConfig", "conv2d_kernel",
            "conv2d_config", "local_conv2d_config", "workload_specialisations",
            "workload_kernel_names", "workload_geometries", "SHARED_BUDGET_BYTES",
            "GRID_YZ_LIMIT", "check_grid",
-           "SHARED_LIMIT_BYTES"]
+           "SHARED_LIMIT_BYTES", "LOCAL_STAGE_BYTES", "local_stage_rows", "local_stage_bytes"]
 
 # Dynamic shared memory one conv2d block may use: small enough that several blocks share an
 # SM (an H100/H200 SM has 228 KiB), and under the 48 KiB that needs no opt-in.
@@ -332,31 +332,41 @@ def conv2d_config(geom, dtype):
 
 
 # --------------------------------------------------------------------------------------------
-# local_conv2d: one kernel per output position; batch reuse in registers, coalesced weights
+# local_conv2d: one kernel per output position; batch reuse in registers, weights staged in
+# shared memory from the caller's layout
 # --------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def local_conv2d_kernel(code, kernel_h, kernel_w, batch_block, channels):
+def local_conv2d_kernel(code, kernel_h, kernel_w, batch_block, channels, stage_rows=None):
     """Locally connected convolution kernel, specialised on dtype, kernel size and register block.
 
-    Works on two layouts made on the device by :func:`transpose_kernel`:
+    Reads the weights in the caller's layout ``(c_O, h_O, w_O, c_Ig, k_H, k_W)``. For one
+    output channel, the kernels of 32 consecutive output positions are one contiguous block
+    of ``32 * c_Ig * k_H * k_W`` values; the block stages it through shared memory a few
+    kernel rows at a time (:func:`local_stage_rows` rows of ``k_W`` values per position and
+    channel), with consecutive threads loading consecutive words. Each thread then reads its
+    own position's row from shared memory, the rows padded to an odd stride so the 32
+    threads of a warp hit 32 different banks. ``stage_rows`` overrides the rows per stage
+    (tests use it to cross stage boundaries at tiny sizes; the name then ends in
+    ``_s<rows>``).
 
-    - weights with the output position innermost, ``(c_O, c_Ig, k_H, k_W, P)``: the 32
-      threads of a warp (32 consecutive output positions) read 32 consecutive weights;
-    - the input with the batch innermost, ``(c_I, h, w, n_pad)`` (``n_pad`` rounds ``n`` up to
-      ``batch_block``, the padding zero): a thread's ``batch_block`` images of one input
-      value are consecutive words, one address and one 32-byte sector.
+    The input is read with the batch innermost, ``(c_I, h, w, n_pad)``, made on the device
+    by :func:`transpose_kernel` (``n_pad`` rounds ``n`` up to ``batch_block``, the padding
+    zero): a thread's ``batch_block`` images of one input value are consecutive words.
 
     Each thread owns one output position, ``channels`` output channels and ``batch_block``
-    batch elements at a time: every weight it loads serves ``batch_block`` images, every
-    input value ``channels`` output channels. The threads of a block along y take other
-    batch slices of the same positions and channels, so they read the same weights (from
-    DRAM once, then from cache): the batch is the inner loop.
+    batch elements at a time: every weight it reads from shared memory serves
+    ``batch_block`` images, every input value ``channels`` output channels. The threads of
+    a block along y take other batch slices of the same positions and channels and share
+    the staged weights, so a weight comes from DRAM once per pass over ``32 * by * batch_block``
+    images (one pass for the benchmark batches).
 
     Launch: ``grid = (ceil(P / 32), groups * ceil(c_Og / channels))``,
-    ``block = (32, by)`` with ``by = min(16 (float32) or 8 (float64), ceil(n / batch_block))``.
+    ``block = (32, by)`` with ``by = min(16 (float32) or 8 (float64), ceil(n / batch_block))``;
+    static shared memory ``channels * 32 * stride * itemsize`` bytes, ``stride`` the odd
+    number at least ``local_stage_rows(...) * k_W``.
 
-    Kernel arguments: flat ``x_t (c_I, h, w, n_pad)``, ``weight_t (c_O, c_Ig, k_H, k_W, P)``,
+    Kernel arguments: flat ``x_t (c_I, h, w, n_pad)``, ``weight (c_O, h_O, w_O, c_Ig, k_H, k_W)``,
     ``bias (c_O, bias_len)`` (``bias_len`` 1 or ``P``; or a dummy) and
     ``out (n, c_O, h_O, w_O)``, then ``has_bias, bias_len, n, n_pad, h, w, c_O, h_O, w_O,
     c_Ig, c_Og, s_h, s_w, p_top, p_left, d_h, d_w``.
@@ -365,13 +375,26 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_block, channels):
     KH, KW, NB, CB = kernel_h, kernel_w, batch_block, channels
     KHW = KH * KW
     NACC = NB * CB
+    RS = stage_rows or local_stage_rows(code, KW, CB)  # kernel rows per shared-memory stage
+    STAGE = RS * KW                      # weights per position and channel in one stage
+    ROW = STAGE | 1                      # odd row stride: conflict-free reads across a warp
+    SLAB = 32 * ROW                      # one output channel's stage
+    STAGE_ALL = CB * 32 * STAGE
+    SMEM = CB * SLAB
 
-    def kernel(x_t, weight_t, bias, out, has_bias, bias_len, n, n_pad, h, wd, c_O, h_O, w_O,
+    def kernel(x_t, weight, bias, out, has_bias, bias_len, n, n_pad, h, wd, c_O, h_O, w_O,
                c_Ig, c_Og, sh, sw, pt, pl, dh, dw):
-        pos = cuda.grid(1)
+        # Every thread takes part in the shared-memory stages, so the bounds guards sit on
+        # the compute and the stores, not at the top.
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        by = cuda.blockDim.y
+        tid = ty * 32 + tx
+        nthreads = 32 * by
         n_pos = h_O * w_O
-        if pos >= n_pos:
-            return
+        pos0 = cuda.blockIdx.x * 32
+        pos = pos0 + tx
+        block_pos = min(32, n_pos - pos0)  # positions of this block
         oy = pos // w_O
         ox = pos - oy * w_O
         iy0 = oy * sh - pt
@@ -379,52 +402,99 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_block, channels):
         blocks_per_group = (c_Og + CB - 1) // CB
         g = cuda.blockIdx.y // blocks_per_group
         co0 = g * c_Og + (cuda.blockIdx.y % blocks_per_group) * CB
-        co_end = min(co0 + CB, (g + 1) * c_Og)
-        w_channel = c_Ig * KHW * n_pos  # distance between two output channels' weights
+        n_co = min(CB, (g + 1) * c_Og - co0)
+        k_len = c_Ig * KHW   # weights of one position and output channel
+        n_rows = c_Ig * KH   # kernel rows of one position and output channel
 
+        wsm = cuda.shared.array(SMEM, dtype=scalar)
         acc = cuda.local.array(NACC, dtype=scalar)
         wreg = cuda.local.array(CB, dtype=scalar)
         xreg = cuda.local.array(NB, dtype=scalar)
-        for b0 in range(cuda.threadIdx.y * NB, n, cuda.blockDim.y * NB):
+        for pass0 in range(0, n, by * NB):  # the same trip count in every thread
+            b0 = pass0 + ty * NB
+            active = pos < n_pos and b0 < n  # b0 < n: the images up to b0 + NB are in n_pad
             for a in range(NACC):
                 acc[a] = scalar(0)  # keep the math in the input dtype
-            for ci in range(c_Ig):
-                x_plane = (g * c_Ig + ci) * h
-                w_plane = (co0 * c_Ig + ci) * KHW * n_pos + pos
-                for ky in range(KH):
-                    iy = iy0 + ky * dh
-                    if iy >= 0 and iy < h:
-                        for kx in range(KW):
-                            ix = ix0 + kx * dw
-                            if ix >= 0 and ix < wd:
-                                xofs = ((x_plane + iy) * wd + ix) * n_pad + b0
-                                for bb in range(NB):
-                                    xreg[bb] = x_t[uint64(xofs + bb)]
-                                wofs = w_plane + (ky * KW + kx) * n_pos
-                                for q in range(CB):
-                                    # Channels past the group's end reread the last one;
-                                    # their sums are never stored.
-                                    qq = min(q, co_end - 1 - co0)
-                                    wreg[q] = weight_t[uint64(wofs + qq * w_channel)]
-                                for bb in range(NB):
-                                    for q in range(CB):
-                                        acc[bb * CB + q] += xreg[bb] * wreg[q]
-            bias_pos = pos if bias_len > 1 else 0
-            for bb in range(NB):
-                if b0 + bb < n:
-                    ofs = ((b0 + bb) * c_O + co0) * n_pos + pos
-                    for q in range(CB):
-                        if co0 + q < co_end:
-                            v = acc[bb * CB + q]
-                            if has_bias:
-                                v += bias[uint64((co0 + q) * bias_len + bias_pos)]
-                            out[uint64(ofs)] = v
-                        ofs += n_pos
+            for r0 in range(0, n_rows, RS):
+                k0 = r0 * KW
+                kc = min(RS, n_rows - r0) * KW
+                # Wait until the previous stage has been read before overwriting it.
+                cuda.syncthreads()
+                # Consecutive threads load consecutive words: runs of kc values, one per
+                # position (the whole 32-position block when one stage holds a kernel).
+                for e in range(tid, STAGE_ALL, nthreads):
+                    q = e // (32 * STAGE)
+                    rest = e - q * (32 * STAGE)
+                    j = rest // STAGE
+                    kk = rest - j * STAGE
+                    if q < n_co and j < block_pos and kk < kc:
+                        src = ((co0 + q) * n_pos + pos0 + j) * k_len + k0 + kk
+                        wsm[q * SLAB + j * ROW + kk] = weight[uint64(src)]
+                cuda.syncthreads()
+                if active:
+                    for rr in range(RS):
+                        r = r0 + rr
+                        if r < n_rows:
+                            ci = r // KH
+                            ky = r - ci * KH
+                            iy = iy0 + ky * dh
+                            if iy >= 0 and iy < h:
+                                x_row = ((g * c_Ig + ci) * h + iy) * wd
+                                for kx in range(KW):
+                                    ix = ix0 + kx * dw
+                                    if ix >= 0 and ix < wd:
+                                        xofs = (x_row + ix) * n_pad + b0
+                                        for bb in range(NB):
+                                            xreg[bb] = x_t[uint64(xofs + bb)]
+                                        # Channels past the group's end read stale words;
+                                        # their sums are never stored.
+                                        sofs = tx * ROW + rr * KW + kx
+                                        for q in range(CB):
+                                            wreg[q] = wsm[q * SLAB + sofs]
+                                        for bb in range(NB):
+                                            for q in range(CB):
+                                                acc[bb * CB + q] += xreg[bb] * wreg[q]
+            if active:
+                bias_pos = pos if bias_len > 1 else 0
+                for bb in range(NB):
+                    if b0 + bb < n:
+                        ofs = ((b0 + bb) * c_O + co0) * n_pos + pos
+                        for q in range(CB):
+                            if q < n_co:
+                                v = acc[bb * CB + q]
+                                if has_bias:
+                                    v += bias[uint64((co0 + q) * bias_len + bias_pos)]
+                                out[uint64(ofs)] = v
+                            ofs += n_pos
 
     name = f"local_conv2d_{code}_k{KH}x{KW}_b{NB}_c{CB}"
+    if RS != local_stage_rows(code, KW, CB):
+        name += f"_s{RS}"
     signature = (_array(code, 1),) * 4 + (types.int64,) * 17
     return KernelSpec(name, _rename(kernel, name), signature,
                       (32 * _LOCAL_MAX_ROWS[code], 1))
+
+
+# Weights one local_conv2d block stages at a time: 16 KiB leaves room for several blocks
+# on an SM, and is far more than the few rows a warp needs to load whole 128-byte lines.
+LOCAL_STAGE_BYTES = 16 * 1024
+
+
+def local_stage_rows(code, kernel_w, channels):
+    """Kernel rows (``k_W`` weights each) per position and channel that local_conv2d stages
+    in shared memory at a time: as many as fit :data:`LOCAL_STAGE_BYTES` for the block's
+    32 positions and ``channels`` output channels, at least one."""
+    itemsize = _NUMPY[code].itemsize
+    rows = 1
+    while channels * 32 * (((rows + 1) * kernel_w) | 1) * itemsize <= LOCAL_STAGE_BYTES:
+        rows += 1
+    return rows
+
+
+def local_stage_bytes(code, kernel_w, channels):
+    """Static shared memory of :func:`local_conv2d_kernel` (bytes)."""
+    return (channels * 32 * ((local_stage_rows(code, kernel_w, channels) * kernel_w) | 1)
+            * _NUMPY[code].itemsize)
 
 
 # Rows of 32 threads in a local_conv2d block: enough for a batch of 128 (float32) in one
@@ -445,11 +515,21 @@ def local_conv2d_config(geom, dtype):
     """Pick the specialisation and launch shape of local_conv2d (a pure function, no GPU).
 
     Register block: up to 8 (float32) or 4 (float64) batch elements x up to 4 output channels
-    per thread, each split evenly (a batch of 10 runs as two blocks of 5).
+    per thread, each split evenly (a batch of 10 runs as two blocks of 5); fewer channels
+    only where one kernel row of 32 positions would not fit the shared-memory limit (very
+    wide kernels), refused when even one channel would not.
     """
     code = dtype_code(dtype)
     batch_block = _even_split(max(geom.batch, 1), 8 if code == "f32" else 4)
     channels = _even_split(geom.out_channels_per_group, 4)
+    while channels > 1 and local_stage_bytes(code, geom.kernel_width, channels) > SHARED_LIMIT_BYTES:
+        channels = _even_split(geom.out_channels_per_group, channels - 1)
+    if local_stage_bytes(code, geom.kernel_width, channels) > SHARED_LIMIT_BYTES:
+        raise ValueError(
+            f"local_conv2d on the GPU stages one kernel row of 32 output positions in shared "
+            f"memory: a kernel {geom.kernel_width} wide needs "
+            f"{local_stage_bytes(code, geom.kernel_width, channels)} bytes, more than "
+            f"{SHARED_LIMIT_BYTES}; use device='cpu'")
     n_pos = geom.out_height * geom.out_width
     by = max(1, min(_LOCAL_MAX_ROWS[code], -(-geom.batch // batch_block)))
     grid = check_grid((-(-n_pos // 32), geom.groups * -(-geom.out_channels_per_group // channels)),
@@ -459,7 +539,7 @@ def local_conv2d_config(geom, dtype):
 
 
 # --------------------------------------------------------------------------------------------
-# helpers: weight transpose for local_conv2d, strided-to-contiguous copy
+# helpers: batch-innermost transpose for local_conv2d, strided-to-contiguous copy
 # --------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
@@ -468,8 +548,7 @@ def transpose_kernel(code, tile=32):
     shared tile (the spare column puts the transposed reads in different banks); the
     ``R_pad - R >= 0`` extra entries of each ``dst`` row are zeros.
 
-    Used for local_conv2d: weights ``(c_O, P, c_Ig*k_H*k_W) -> (c_O, c_Ig*k_H*k_W, P)``
-    (positions innermost) and the input ``(1, n, c_I*h*w) -> (1, c_I*h*w, n_pad)`` (batch
+    Used for local_conv2d's input, ``(1, n, c_I*h*w) -> (1, c_I*h*w, n_pad)`` (batch
     innermost). Reads and writes are coalesced. Launch:
     ``grid = (ceil(C / tile), min(ceil(R_pad / tile), 65535), min(B, 65535))``,
     ``block = (tile, rows)`` for any ``rows``: blocks loop over the row tiles and batches
@@ -567,13 +646,19 @@ def workload_specialisations(codes=("f32", "f64")):
     """Every kernel the benchmark layers launch (each op on each layer), deduplicated.
 
     Both ops run on every layer (the shared and the unshared operation can be timed on the
-    same geometry), plus the helper kernels. Returns a list of :class:`KernelSpec`.
+    same geometry), with the four gradient kernels of each (see
+    :mod:`gpuconv.cuda.grad_kernels`), plus the helper kernels. Returns a list of
+    :class:`KernelSpec`.
     """
+    from . import grad_kernels  # it builds on this module
+
     specs = {}
     for code in codes:
         dtype = _NUMPY[code]
         for _, geom in workload_geometries():
             for spec in (conv2d_config(geom, dtype).kernel, local_conv2d_config(geom, dtype).kernel):
+                specs.setdefault(spec.name, spec)
+            for spec, _ in grad_kernels.grad_specialisations(geom, dtype):
                 specs.setdefault(spec.name, spec)
         for spec in (transpose_kernel(code), copy_kernel(code)):
             specs.setdefault(spec.name, spec)

@@ -30,7 +30,7 @@ import threading
 import numpy as np
 from numba import cuda
 
-from . import kernels
+from . import grad_kernels, kernels
 from ..device import check_memory
 
 __all__ = ["run", "from_host_like", "HALF_SUPPORTED"]
@@ -231,25 +231,10 @@ def _transpose(src, rows_padded, stream, empty):
     return dst
 
 
-def transpose_local_weights(weight, geom, stream, empty=None):
-    """``(c_O, h_O, w_O, c_Ig, k_H, k_W)`` -> ``(c_O, c_Ig, k_H, k_W, h_O * w_O)`` on the GPU.
-
-    The local_conv2d kernel reads weights with the output position innermost, so a warp's
-    32 threads (32 consecutive positions) read 32 consecutive words. This transpose costs one
-    extra read and one extra write of the weights (a tiled, coalesced kernel, queued before
-    the convolution on the same stream), i.e. the weight traffic of a call goes from one
-    pass to three; the convolution's own pass is then coalesced and reused across the batch.
-    """
-    n_pos = geom.out_height * geom.out_width
-    k = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
-    dst = _transpose(weight.reshape(geom.out_channels, n_pos, k), n_pos, stream, empty)
-    return dst.reshape(geom.out_channels, geom.in_channels_per_group, geom.kernel_height,
-                       geom.kernel_width, n_pos)
-
-
 def _batch_innermost(x, n_pad, stream, empty=None):
     """``(n, c_I, h, w)`` -> ``(c_I, h, w, n_pad)``, zeros past ``n``: one extra read and
-    write of the input (small next to the weights of a locally connected layer)."""
+    write of the input (small next to the weights of a locally connected layer, which the
+    kernel reads in the caller's layout)."""
     n = x.shape[0]
     return _transpose(x.reshape(1, n, x.size // n), n_pad, stream, empty)
 
@@ -261,7 +246,6 @@ def launch_local_conv2d(x, weight, bias, out, geom, stream, config=None, empty=N
     config = config or kernels.local_conv2d_config(geom, x.dtype)
     batch_block = config.batch_block
     n_pad = -(-geom.batch // batch_block) * batch_block
-    weight_t = transpose_local_weights(weight, geom, stream, empty)
     x_t = _batch_innermost(x, n_pad, stream, empty)
     n_pos = geom.out_height * geom.out_width
     if bias is None:
@@ -271,7 +255,7 @@ def launch_local_conv2d(x, weight, bias, out, geom, stream, config=None, empty=N
     kernel = kernels.compiled(config.kernel)
     kernel[config.grid, config.block, stream](
         _flat(x_t),                 # (c_I, h, w, n_pad), batch innermost
-        _flat(weight_t),            # (c_O, c_Ig, k_H, k_W, P), positions innermost
+        _flat(weight),              # (c_O, h_O, w_O, c_Ig, k_H, k_W), the caller's layout
         _flat(bias),                # (c_O, 1 or P) or a dummy
         _flat(out),                 # (n, c_O, h_O, w_O), written
         has_bias,                   # 0 or 1
@@ -286,16 +270,131 @@ def launch_local_conv2d(x, weight, bias, out, geom, stream, config=None, empty=N
     )
 
 
-def conv2d_scratch_elements(geom):
+def no_scratch_elements(geom, dtype):
+    """Device scratch of a launch that writes only its output: none."""
+    return 0
+
+
+def conv2d_scratch_elements(geom, dtype):
     """Device scratch of :func:`launch_conv2d`, in elements: none (a bias placeholder)."""
     return 1
 
 
-def local_conv2d_scratch_elements(geom):
-    """Device scratch of :func:`launch_local_conv2d`, in elements: the positions-innermost
-    weights and the batch-innermost input."""
-    return (math.prod(geom.local_weight_shape())
-            + geom.in_channels * geom.in_height * geom.in_width * (geom.batch + 32))
+def local_conv2d_scratch_elements(geom, dtype):
+    """Device scratch of :func:`launch_local_conv2d`, in elements: the batch-innermost
+    input, its batch padded by fewer than 8."""
+    return geom.in_channels * geom.in_height * geom.in_width * (geom.batch + 7)
+
+
+# --------------------------------------------------------------------------------------------
+# gradient launches (all arrays Numba device arrays, C-contiguous, one dtype; the kernels
+# live in :mod:`gpuconv.cuda.grad_kernels`). Each fills every element of ``out``, queues its
+# work on ``stream`` without waiting for it, and gives bitwise equal results for equal
+# inputs. ``config`` overrides the ``*_config`` choice (tests use it); ``empty(shape,
+# dtype)`` allocates scratch (default: Numba device arrays).
+# --------------------------------------------------------------------------------------------
+
+def launch_conv2d_input_grad(grad_output, weight, out, geom, stream, empty=None, config=None):
+    """``out (n, c_I, h, w)`` = the gradient of conv2d's input, from ``grad_output
+    (n, c_O, h_O, w_O)`` and ``weight (c_O, c_Ig, k_H, k_W)``. No scratch."""
+    if geom.batch == 0:
+        return
+    config = config or grad_kernels.conv2d_input_grad_config(geom, out.dtype)
+    kernel = kernels.compiled(config.kernel)
+    kernel[config.grid, config.block, stream, config.shared_bytes](
+        _flat(grad_output),         # (n, c_O, h_O, w_O)
+        _flat(weight),              # (c_O, c_Ig, k_H, k_W)
+        _flat(out),                 # (n, c_I, h, w), written
+        geom.batch, geom.in_channels, geom.in_height, geom.in_width,
+        geom.out_channels, geom.out_height, geom.out_width,
+        geom.in_channels_per_group, geom.out_channels_per_group,
+        geom.stride_h, geom.stride_w,
+        geom.pad_top, geom.pad_left,
+        geom.dilation_h, geom.dilation_w,
+        config.tiles_x,             # tiles along a phase's sub-grid width
+        config.gt_h, config.gt_w,   # grad_output tile
+        config.chunk,               # output channels per shared-memory stage
+    )
+
+
+def launch_conv2d_weight_grad(x, grad_output, out, geom, stream, empty=None, config=None):
+    """``out (c_O, c_Ig, k_H, k_W)`` = the gradient of conv2d's weights, from ``x
+    (n, c_I, h, w)`` and ``grad_output (n, c_O, h_O, w_O)`` (zeros for an empty batch).
+
+    With more than one slice of the batch x positions, the partial sums go to a scratch
+    array of :func:`~gpuconv.cuda.grad_kernels.conv2d_weight_grad_scratch_elements` elements
+    from ``empty``, then a second kernel adds them in order."""
+    config = config or grad_kernels.conv2d_weight_grad_config(geom, out.dtype)
+    size = out.size
+    new = empty or _numba_empty(stream)
+    part = out if config.slices == 1 else new((max(config.slices, 1) * size,), out.dtype)
+    if config.slices > 0:
+        kernel = kernels.compiled(config.kernel)
+        kernel[config.grid, config.block, stream](
+            _flat(x),                   # (n, c_I, h, w)
+            _flat(grad_output),         # (n, c_O, h_O, w_O)
+            _flat(part),                # (slices, c_O, c_Ig, k_H, k_W), written
+            geom.in_channels, geom.in_height, geom.in_width,
+            geom.out_channels, geom.out_height, geom.out_width,
+            geom.in_channels_per_group, geom.out_channels_per_group,
+            geom.stride_h, geom.stride_w,
+            geom.pad_top, geom.pad_left,
+            geom.dilation_h, geom.dilation_w,
+            geom.kernel_height, geom.kernel_width,
+            geom.batch * geom.out_height * geom.out_width,  # m: (image, position) pairs
+            config.m_slice,             # m per slice
+        )
+    if config.slices != 1:
+        total = kernels.compiled(grad_kernels.sum_slices_kernel(kernels.dtype_code(out.dtype)))
+        threads = 256
+        blocks = kernels.check_grid((max(1, min(-(-size // threads), 65535)),), "a slice sum")
+        total[blocks, threads, stream](_flat(part), _flat(out), config.slices, size)
+
+
+def launch_local_conv2d_input_grad(grad_output, weight, out, geom, stream, empty=None,
+                                   config=None):
+    """``out (n, c_I, h, w)`` = the gradient of local_conv2d's input, from ``grad_output
+    (n, c_O, h_O, w_O)`` and ``weight (c_O, h_O, w_O, c_Ig, k_H, k_W)`` (the caller's
+    layout, read as is). No scratch."""
+    if geom.batch == 0:
+        return
+    config = config or grad_kernels.local_conv2d_input_grad_config(geom, out.dtype)
+    kernel = kernels.compiled(config.kernel)
+    kernel[config.grid, config.block, stream, config.shared_bytes](
+        _flat(grad_output),         # (n, c_O, h_O, w_O)
+        _flat(weight),              # (c_O, h_O, w_O, c_Ig, k_H, k_W)
+        _flat(out),                 # (n, c_I, h, w), written
+        geom.batch, geom.in_channels, geom.in_height, geom.in_width,
+        geom.out_channels, geom.out_height, geom.out_width,
+        geom.in_channels_per_group, geom.out_channels_per_group,
+        geom.stride_h, geom.stride_w,
+        geom.pad_top, geom.pad_left,
+        geom.dilation_h, geom.dilation_w,
+        config.v_tiles,             # tiles of 32 columns of a phase's sub-grid
+        config.slab_j,              # positions staged per kernel row
+        config.chunk,               # output channels per shared-memory stage
+    )
+
+
+def launch_local_conv2d_weight_grad(x, grad_output, out, geom, stream, empty=None,
+                                    config=None):
+    """``out (c_O, h_O, w_O, c_Ig, k_H, k_W)`` = the gradient of local_conv2d's weights in
+    the caller's layout, from ``x (n, c_I, h, w)`` and ``grad_output (n, c_O, h_O, w_O)``
+    (zeros for an empty batch). No scratch."""
+    config = config or grad_kernels.local_conv2d_weight_grad_config(geom, out.dtype)
+    kernel = kernels.compiled(config.kernel)
+    kernel[config.grid, config.block, stream](
+        _flat(x),                   # (n, c_I, h, w)
+        _flat(grad_output),         # (n, c_O, h_O, w_O)
+        _flat(out),                 # (c_O, h_O, w_O, c_Ig, k_H, k_W), written
+        geom.batch, geom.in_channels, geom.in_height, geom.in_width,
+        geom.out_channels, geom.out_height, geom.out_width,
+        geom.in_channels_per_group, geom.out_channels_per_group,
+        geom.stride_h, geom.stride_w,
+        geom.pad_top, geom.pad_left,
+        geom.dilation_h, geom.dilation_w,
+        config.row_blocks,          # blocks of kernel rows
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,7 +405,7 @@ def _bytes_needed(op, operands, geom, host):
     """Device memory one call allocates, at most: output, the launch's scratch, copies."""
     itemsize = operands[0].dtype.itemsize
     present = [o for o in operands if o is not None]
-    total = math.prod(op.output_shape(geom)) + op.scratch("cuda")(geom)
+    total = math.prod(op.output_shape(geom)) + op.scratch("cuda")(geom, operands[0].dtype)
     # device copies: host inputs are always copied; device inputs only when strided
     total += sum(math.prod(o.shape) for o in present
                  if host or not _operand_is_contiguous(o, itemsize))

@@ -4,8 +4,8 @@ For every specialisation the benchmark layers launch (see
 :func:`gpuconv.cuda.kernels.workload_specialisations`) this compiles PTX with
 :func:`numba.cuda.compile_ptx` for a compute capability, assembles it with ``ptxas -v`` for
 the matching architecture and reads back registers per thread, spill stores/loads, stack
-frame and static shared memory. The dynamic shared memory of ``conv2d`` is chosen at launch;
-the table shows the largest the benchmark layers ask for.
+frame and static shared memory. The dynamic shared memory of ``conv2d`` and of the input
+gradients is chosen at launch; the table shows the largest the benchmark layers ask for.
 
 Used by ``tests/test_cuda_ptx.py`` (which asserts no spills in float32) and by
 ``scripts/ptx_report.py`` (which prints the table for the benchmark documents).
@@ -119,14 +119,16 @@ def ptxas_info(ptx, arch, kernel="", ptxas=None, dynamic_smem=0):
 def _dynamic_smem_by_kernel():
     import numpy as np
 
-    from . import kernels
+    from . import grad_kernels, kernels
 
     largest = {}
     for dtype in (np.float32, np.float64):
         for _, geom in kernels.workload_geometries():
             config = kernels.conv2d_config(geom, dtype)
-            name = config.kernel.name
-            largest[name] = max(largest.get(name, 0), config.shared_bytes)
+            launches = [(config.kernel, config.shared_bytes)]
+            launches += grad_kernels.grad_specialisations(geom, dtype)
+            for spec, shared_bytes in launches:
+                largest[spec.name] = max(largest.get(spec.name, 0), shared_bytes)
     return largest
 
 
