@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numba
@@ -13,20 +14,55 @@ from .simd import VECTOR_BYTES as _VECTOR_BYTES
 from .simd import prefer_wide_vectors as _prefer_wide_vectors
 from .simd import vfma as _vfma, vload as _vload, vstore as _vstore, vzero as _vzero
 
-__all__ = ["conv2d_forward", "choose_cpu_kernel", "conv2d_scratch_bytes"]
+__all__ = ["conv2d_forward", "choose_cpu_kernel", "conv2d_scratch_bytes", "CpuKernel",
+           "CPU_KERNELS"]
 
 # Output channels per register block of the pixel-vector shared kernel (at most; a group's
 # channels are split into even blocks).
 _PVEC_CHANNELS = 6
-# Output channels per block of the unshared kernel (weights of one block and position are
 # The channel-vector kernels fill vectors with output channels: with at most this many per
 # group the pixel-vector kernel (blocks of _PVEC_CHANNELS) wastes fewer lanes.
 _PVEC_MAX_CHANNELS = 12
 
-def choose_cpu_kernel(geom):
-    """Name the CPU kernel variant that :func:`conv2d_forward` uses for a geometry.
+# The kernel's variant numbers: 0 pixel-vector, 1 or 2 channel-vector with that many
+# vectors of output channels.
+_VECTORS = ("pvec", "cvec1", "cvec2")
+_RUNS = ("merged", "rows")
 
-    Returns ``"<vector>-<runs>"``:
+
+@dataclass(frozen=True)
+class CpuKernel:
+    """A CPU kernel variant of :func:`conv2d_forward` (see :func:`choose_cpu_kernel`);
+    ``str()`` gives its name, ``"<vector>-<runs>"``.
+
+    >>> k = CpuKernel("cvec2", "merged")
+    >>> str(k), k.merged
+    ('cvec2-merged', True)
+    """
+
+    vector: str  # "pvec", "cvec1" or "cvec2"
+    runs: str    # "merged" or "rows"
+
+    def __post_init__(self):
+        if self.vector not in _VECTORS or self.runs not in _RUNS:
+            raise ValueError(f"no CPU kernel {self.vector!r}-{self.runs!r}")
+
+    def __str__(self):
+        return f"{self.vector}-{self.runs}"
+
+    @property
+    def merged(self):
+        """Whether all output rows of all images form one run of virtual pixels."""
+        return self.runs == "merged"
+
+
+# Every variant, in the order of the kernel's variant numbers.
+CPU_KERNELS = tuple(CpuKernel(vector, runs) for vector in _VECTORS for runs in _RUNS)
+
+
+def choose_cpu_kernel(geom):
+    """The CPU kernel variant (a :class:`CpuKernel`) that :func:`conv2d_forward` uses for a
+    geometry; ``str()`` of it names it ``"<vector>-<runs>"``:
 
     - vector: ``"cvec2"`` (more than one float32 vector, 16, of output channels per group)
       or ``"cvec1"`` (13 to 16): two or one vectors of output channels times a block of 12
@@ -41,10 +77,10 @@ def choose_cpu_kernel(geom):
 
     >>> from gpuconv.geometry import conv_geometry
     >>> choose_cpu_kernel(conv_geometry((1, 3, 8, 8), (3, 3), 4))
-    'pvec-merged'
-    >>> choose_cpu_kernel(conv_geometry((1, 3, 8, 8), (3, 3), 16))
+    CpuKernel(vector='pvec', runs='merged')
+    >>> str(choose_cpu_kernel(conv_geometry((1, 3, 8, 8), (3, 3), 16)))
     'cvec1-merged'
-    >>> choose_cpu_kernel(conv_geometry((1, 3, 8, 8), (3, 3), 64, stride=2))
+    >>> str(choose_cpu_kernel(conv_geometry((1, 3, 8, 8), (3, 3), 64, stride=2)))
     'cvec2-rows'
     """
     lanes = _VECTOR_BYTES // 4  # float32 lanes per vector
@@ -54,7 +90,7 @@ def choose_cpu_kernel(geom):
     else:
         vector = "cvec1" if c_Og <= lanes else "cvec2"
     runs = "merged" if geom.stride_h == 1 and geom.stride_w == 1 else "rows"
-    return f"{vector}-{runs}"
+    return CpuKernel(vector, runs)
 
 
 # --------------------------------------------------------------------------------------
@@ -660,8 +696,8 @@ class _Conv2dLayout(NamedTuple):
 def _conv2d_layout(geom, itemsize):
     s_H, s_W = geom.stride_h, geom.stride_w
     kernel = choose_cpu_kernel(geom)
-    variant = 0 if kernel.startswith("pvec") else int(kernel[4])
-    merged = kernel.endswith("merged")
+    variant = _VECTORS.index(kernel.vector)
+    merged = kernel.merged
     lanes = _VECTOR_BYTES // itemsize
     pixel_block = max(_PIXEL_BLOCK_1, _PIXEL_BLOCK_2, 4 * lanes)
     if merged:
