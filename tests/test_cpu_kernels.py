@@ -12,6 +12,7 @@ import pytest
 
 from gpuconv import conv2d, local_conv2d
 from gpuconv.cpu import choose_cpu_kernel
+from gpuconv.cpu import conv2d as cpu_conv2d
 from gpuconv.cpu.conv2d import CPU_KERNELS, CpuKernel
 from gpuconv.geometry import conv_geometry
 from reference import assert_close, conv2d_ref, local_conv2d_ref
@@ -148,6 +149,14 @@ def test_cpu_kernel_str_is_its_name():
         CpuKernel("cvec3", "merged")
     with pytest.raises(ValueError):
         CpuKernel("pvec", "columns")
+
+
+def test_generated_register_blocks_are_current():
+    """_conv2d_blocks.py is generated from conv2d.py (the register blocks' one source) and
+    checked in; regenerate it after changing the generator or its table."""
+    assert cpu_conv2d._BLOCKS_FILE.read_text() == cpu_conv2d._register_blocks_source(), (
+        "gpuconv/cpu/_conv2d_blocks.py is stale: run "
+        "python -c \"from gpuconv.cpu import conv2d; conv2d._write_register_blocks()\"")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
