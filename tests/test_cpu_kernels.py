@@ -159,20 +159,34 @@ def test_generated_register_blocks_are_current():
         "python -c \"from gpuconv.cpu import conv2d; conv2d._write_register_blocks()\"")
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("stride", [1, 2], ids=["merged", "rows"])
-@pytest.mark.parametrize("c_out", [6, 16, 40], ids=["pvec", "cvec1", "cvec2"])
-def test_reduction_split_into_several_tap_chunks(c_out, stride, dtype):
-    """80 input channels x 3 x 3 = 720 taps: more than one L1-sized chunk of the reduction in
-    every variant (128, 256 or about 682 taps a chunk), so partial sums are carried over."""
+# Input shape and (output channels, stride) of the chunked-reduction cases: 80 input
+# channels x 3 x 3 = 720 taps.
+CHUNKED_INPUT = (3, 80, 9, 10)
+CHUNKED = [(c_out, stride) for c_out in (6, 16, 40) for stride in (1, 2)]
 
+
+def _chunked_geometry(c_out, stride):
+    return conv_geometry(CHUNKED_INPUT, (3, 3), c_out, stride=stride, padding=1)
+
+
+def test_chunked_cases_reach_every_kernel_variant():
+    assert {choose_cpu_kernel(_chunked_geometry(*c)) for c in CHUNKED} == set(CPU_KERNELS)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("c_out, stride", CHUNKED,
+                         ids=[str(choose_cpu_kernel(_chunked_geometry(*c))) for c in CHUNKED])
+def test_reduction_split_into_several_tap_chunks(c_out, stride, dtype):
+    """More taps than one L1-sized chunk of the reduction holds, so partial sums are carried
+    over from chunk to chunk."""
+    geom = _chunked_geometry(c_out, stride)
+    layout = cpu_conv2d._conv2d_layout(geom, np.dtype(dtype).itemsize)
+    assert layout.n_taps > layout.tap_chunk
     rng = np.random.default_rng(c_out + stride)
-    x = rng.uniform(-1, 1, (3, 80, 9, 10)).astype(dtype)
-    w = rng.uniform(-1, 1, (c_out, 80, 3, 3)).astype(dtype)
+    x = rng.uniform(-1, 1, CHUNKED_INPUT).astype(dtype)
+    w = rng.uniform(-1, 1, geom.shared_weight_shape()).astype(dtype)
     b = rng.uniform(-1, 1, c_out).astype(dtype)
     kwargs = dict(stride=stride, padding=1)
-    kernel = choose_cpu_kernel(conv_geometry(x.shape, (3, 3), c_out, **kwargs))
-    assert kernel.vector == {6: "pvec", 16: "cvec1", 40: "cvec2"}[c_out]
     y = conv2d(x, w, b, device="cpu", **kwargs)
     bound = conv2d_ref(np.abs(x), np.abs(w), np.abs(b), **kwargs)
     assert_close(y, conv2d_ref(x, w, b, **kwargs), bound, dtype)

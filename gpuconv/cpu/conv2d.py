@@ -332,18 +332,17 @@ def _write_register_blocks():
 
 
 @njit(parallel=True, cache=True)
-def _conv2d_kernel(xf, tap_off, wq, variant, px, channel_major, block, bias, has_bias, out,
-                   tiles, groups, c_Ig, h_P, s_H, s_W, w_Q, merged):
+def _conv2d_kernel(xf, tap_off, wq, variant, px, channel_major, block, tap_chunk, bias,
+                   has_bias, out, tiles, groups, c_Ig, h_P, s_H, s_W, w_Q, merged):
     """The shared-weight kernel around register block number ``variant`` of
     ``_REGISTER_BLOCKS`` (``px`` pixels by ``block`` output channels; ``channel_major`` for
     blocks of pixel vectors). Jobs are (run of pixel blocks, block of output channels); each
-    job runs the reduction in L1-sized chunks of taps over all the pixel blocks of its run,
-    then scatters its tiles to the output."""
+    job runs the reduction in chunks of ``tap_chunk`` taps (whose weights fit in L1) over all
+    the pixel blocks of its run, then scatters its tiles to the output."""
     n, c_O, h_O, w_O = out.shape
     c_Og = c_O // groups
     n_taps = tap_off.shape[0]
     lanes = _VECTOR_BYTES // wq.itemsize
-    tap_chunk = max(1, _TAP_CHUNK_BYTES // (block * wq.itemsize))
     blocks_per_group = -(-c_Og // block)
     n_blocks = blocks_per_group * groups
     channel_stride = n * h_P * s_W * w_Q
@@ -454,6 +453,7 @@ class _Conv2dLayout(NamedTuple):
     packed_size: int      # elements of the padded, phase-split input
     slack: int            # zero elements after it
     block: int            # output channels per register block
+    tap_chunk: int        # taps per pass over a run (their weights fit in L1)
     blocks_per_group: int
     n_taps: int
     tile: int             # per-thread scratch elements
@@ -495,8 +495,9 @@ def _conv2d_layout(geom, itemsize):
     blocks_per_group = -(-geom.out_channels_per_group // block)
     tile = _RUN_BLOCKS * max(blk.pixels(lanes) * blk.channels(lanes)
                              for blk in _REGISTER_BLOCKS)
+    tap_chunk = max(1, _TAP_CHUNK_BYTES // (block * itemsize))
     return _Conv2dLayout(variant, reg.pixels(lanes), channel_major, merged, h_P, w_Q,
-                         packed_size, slack, block, blocks_per_group, n_taps, tile)
+                         packed_size, slack, block, tap_chunk, blocks_per_group, n_taps, tile)
 
 
 _SMALL_SCRATCH = 1 << 16  # array headers, the bias placeholder, index temporaries
@@ -533,7 +534,7 @@ def conv2d_forward(x, weight, bias, has_bias, out, geom):
     _pack_weights(weight, wq, geom.out_channels_per_group)
     tiles = np.empty((numba.get_num_threads(), layout.tile), dtype=x.dtype)
     _conv2d_kernel(xf, tap_off, wq.reshape(-1), layout.variant, layout.pixels,
-                   layout.channel_major, block, bias, has_bias, out, tiles, geom.groups,
-                   geom.in_channels_per_group, h_P, s_H, s_W, w_Q, merged)
+                   layout.channel_major, block, layout.tap_chunk, bias, has_bias, out, tiles,
+                   geom.groups, geom.in_channels_per_group, h_P, s_H, s_W, w_Q, merged)
     return out
 
