@@ -145,13 +145,14 @@ def cvec1_block(xf, base, tap_off, t0, t1, wq, w_base, width, lanes, tile, tile_
                 row_step, first):
     """1 vector of output channels x 24 pixels.
 
-    For p < 24 and k < width = 1 * lanes, with T the sum over taps
-    t0 <= t < t1 of ``wq[w_base + t * width + k] * xf[base + tap_off[t] + p]``:
-    ``tile[tile_base + p * width + k] = T`` if ``first``, else ``+= T``
-    (``row_step`` is ``width``).
+    For p < 24 and k < step = 1 * lanes, with T the sum over taps
+    t0 <= t < t1 of ``wq[w_base + t * step + k] * xf[base + tap_off[t] + p]``:
+    ``tile[tile_base + p * step + k] = T`` if ``first``, else ``+= T``
+    (``width`` and ``row_step`` are ``step``).
     Per tap, 1 weight vector is loaded and each input value is broadcast against it.
     """
     _prefer_wide_vectors()
+    step = 1 * lanes
     if first:
         a0_0 = _vzero(xf)
         a1_0 = _vzero(xf)
@@ -179,31 +180,31 @@ def cvec1_block(xf, base, tap_off, t0, t1, wq, w_base, width, lanes, tile, tile_
         a23_0 = _vzero(xf)
     else:
         a0_0 = _vload(tile, tile_base)
-        a1_0 = _vload(tile, tile_base + lanes)
-        a2_0 = _vload(tile, tile_base + 2 * lanes)
-        a3_0 = _vload(tile, tile_base + 3 * lanes)
-        a4_0 = _vload(tile, tile_base + 4 * lanes)
-        a5_0 = _vload(tile, tile_base + 5 * lanes)
-        a6_0 = _vload(tile, tile_base + 6 * lanes)
-        a7_0 = _vload(tile, tile_base + 7 * lanes)
-        a8_0 = _vload(tile, tile_base + 8 * lanes)
-        a9_0 = _vload(tile, tile_base + 9 * lanes)
-        a10_0 = _vload(tile, tile_base + 10 * lanes)
-        a11_0 = _vload(tile, tile_base + 11 * lanes)
-        a12_0 = _vload(tile, tile_base + 12 * lanes)
-        a13_0 = _vload(tile, tile_base + 13 * lanes)
-        a14_0 = _vload(tile, tile_base + 14 * lanes)
-        a15_0 = _vload(tile, tile_base + 15 * lanes)
-        a16_0 = _vload(tile, tile_base + 16 * lanes)
-        a17_0 = _vload(tile, tile_base + 17 * lanes)
-        a18_0 = _vload(tile, tile_base + 18 * lanes)
-        a19_0 = _vload(tile, tile_base + 19 * lanes)
-        a20_0 = _vload(tile, tile_base + 20 * lanes)
-        a21_0 = _vload(tile, tile_base + 21 * lanes)
-        a22_0 = _vload(tile, tile_base + 22 * lanes)
-        a23_0 = _vload(tile, tile_base + 23 * lanes)
+        a1_0 = _vload(tile, tile_base + step)
+        a2_0 = _vload(tile, tile_base + 2 * step)
+        a3_0 = _vload(tile, tile_base + 3 * step)
+        a4_0 = _vload(tile, tile_base + 4 * step)
+        a5_0 = _vload(tile, tile_base + 5 * step)
+        a6_0 = _vload(tile, tile_base + 6 * step)
+        a7_0 = _vload(tile, tile_base + 7 * step)
+        a8_0 = _vload(tile, tile_base + 8 * step)
+        a9_0 = _vload(tile, tile_base + 9 * step)
+        a10_0 = _vload(tile, tile_base + 10 * step)
+        a11_0 = _vload(tile, tile_base + 11 * step)
+        a12_0 = _vload(tile, tile_base + 12 * step)
+        a13_0 = _vload(tile, tile_base + 13 * step)
+        a14_0 = _vload(tile, tile_base + 14 * step)
+        a15_0 = _vload(tile, tile_base + 15 * step)
+        a16_0 = _vload(tile, tile_base + 16 * step)
+        a17_0 = _vload(tile, tile_base + 17 * step)
+        a18_0 = _vload(tile, tile_base + 18 * step)
+        a19_0 = _vload(tile, tile_base + 19 * step)
+        a20_0 = _vload(tile, tile_base + 20 * step)
+        a21_0 = _vload(tile, tile_base + 21 * step)
+        a22_0 = _vload(tile, tile_base + 22 * step)
+        a23_0 = _vload(tile, tile_base + 23 * step)
     for t in range(t0, t1):
-        vo = w_base + t * width
+        vo = w_base + t * step
         so = np.uint64(base + tap_off[t])
         v0 = _vload(wq, vo)
         s = xf[so]
@@ -255,29 +256,29 @@ def cvec1_block(xf, base, tap_off, t0, t1, wq, w_base, width, lanes, tile, tile_
         s = xf[so + np.uint64(23)]
         a23_0 = _vfma(a23_0, v0, s)
     _vstore(tile, tile_base, a0_0)
-    _vstore(tile, tile_base + lanes, a1_0)
-    _vstore(tile, tile_base + 2 * lanes, a2_0)
-    _vstore(tile, tile_base + 3 * lanes, a3_0)
-    _vstore(tile, tile_base + 4 * lanes, a4_0)
-    _vstore(tile, tile_base + 5 * lanes, a5_0)
-    _vstore(tile, tile_base + 6 * lanes, a6_0)
-    _vstore(tile, tile_base + 7 * lanes, a7_0)
-    _vstore(tile, tile_base + 8 * lanes, a8_0)
-    _vstore(tile, tile_base + 9 * lanes, a9_0)
-    _vstore(tile, tile_base + 10 * lanes, a10_0)
-    _vstore(tile, tile_base + 11 * lanes, a11_0)
-    _vstore(tile, tile_base + 12 * lanes, a12_0)
-    _vstore(tile, tile_base + 13 * lanes, a13_0)
-    _vstore(tile, tile_base + 14 * lanes, a14_0)
-    _vstore(tile, tile_base + 15 * lanes, a15_0)
-    _vstore(tile, tile_base + 16 * lanes, a16_0)
-    _vstore(tile, tile_base + 17 * lanes, a17_0)
-    _vstore(tile, tile_base + 18 * lanes, a18_0)
-    _vstore(tile, tile_base + 19 * lanes, a19_0)
-    _vstore(tile, tile_base + 20 * lanes, a20_0)
-    _vstore(tile, tile_base + 21 * lanes, a21_0)
-    _vstore(tile, tile_base + 22 * lanes, a22_0)
-    _vstore(tile, tile_base + 23 * lanes, a23_0)
+    _vstore(tile, tile_base + step, a1_0)
+    _vstore(tile, tile_base + 2 * step, a2_0)
+    _vstore(tile, tile_base + 3 * step, a3_0)
+    _vstore(tile, tile_base + 4 * step, a4_0)
+    _vstore(tile, tile_base + 5 * step, a5_0)
+    _vstore(tile, tile_base + 6 * step, a6_0)
+    _vstore(tile, tile_base + 7 * step, a7_0)
+    _vstore(tile, tile_base + 8 * step, a8_0)
+    _vstore(tile, tile_base + 9 * step, a9_0)
+    _vstore(tile, tile_base + 10 * step, a10_0)
+    _vstore(tile, tile_base + 11 * step, a11_0)
+    _vstore(tile, tile_base + 12 * step, a12_0)
+    _vstore(tile, tile_base + 13 * step, a13_0)
+    _vstore(tile, tile_base + 14 * step, a14_0)
+    _vstore(tile, tile_base + 15 * step, a15_0)
+    _vstore(tile, tile_base + 16 * step, a16_0)
+    _vstore(tile, tile_base + 17 * step, a17_0)
+    _vstore(tile, tile_base + 18 * step, a18_0)
+    _vstore(tile, tile_base + 19 * step, a19_0)
+    _vstore(tile, tile_base + 20 * step, a20_0)
+    _vstore(tile, tile_base + 21 * step, a21_0)
+    _vstore(tile, tile_base + 22 * step, a22_0)
+    _vstore(tile, tile_base + 23 * step, a23_0)
 
 
 @njit(cache=True)
@@ -285,13 +286,14 @@ def cvec2_block(xf, base, tap_off, t0, t1, wq, w_base, width, lanes, tile, tile_
                 row_step, first):
     """2 vectors of output channels x 12 pixels.
 
-    For p < 12 and k < width = 2 * lanes, with T the sum over taps
-    t0 <= t < t1 of ``wq[w_base + t * width + k] * xf[base + tap_off[t] + p]``:
-    ``tile[tile_base + p * width + k] = T`` if ``first``, else ``+= T``
-    (``row_step`` is ``width``).
+    For p < 12 and k < step = 2 * lanes, with T the sum over taps
+    t0 <= t < t1 of ``wq[w_base + t * step + k] * xf[base + tap_off[t] + p]``:
+    ``tile[tile_base + p * step + k] = T`` if ``first``, else ``+= T``
+    (``width`` and ``row_step`` are ``step``).
     Per tap, 2 weight vectors are loaded and each input value is broadcast against them.
     """
     _prefer_wide_vectors()
+    step = 2 * lanes
     if first:
         a0_0 = _vzero(xf)
         a0_1 = _vzero(xf)
@@ -320,30 +322,30 @@ def cvec2_block(xf, base, tap_off, t0, t1, wq, w_base, width, lanes, tile, tile_
     else:
         a0_0 = _vload(tile, tile_base)
         a0_1 = _vload(tile, tile_base + lanes)
-        a1_0 = _vload(tile, tile_base + 2 * lanes)
-        a1_1 = _vload(tile, tile_base + 3 * lanes)
-        a2_0 = _vload(tile, tile_base + 4 * lanes)
-        a2_1 = _vload(tile, tile_base + 5 * lanes)
-        a3_0 = _vload(tile, tile_base + 6 * lanes)
-        a3_1 = _vload(tile, tile_base + 7 * lanes)
-        a4_0 = _vload(tile, tile_base + 8 * lanes)
-        a4_1 = _vload(tile, tile_base + 9 * lanes)
-        a5_0 = _vload(tile, tile_base + 10 * lanes)
-        a5_1 = _vload(tile, tile_base + 11 * lanes)
-        a6_0 = _vload(tile, tile_base + 12 * lanes)
-        a6_1 = _vload(tile, tile_base + 13 * lanes)
-        a7_0 = _vload(tile, tile_base + 14 * lanes)
-        a7_1 = _vload(tile, tile_base + 15 * lanes)
-        a8_0 = _vload(tile, tile_base + 16 * lanes)
-        a8_1 = _vload(tile, tile_base + 17 * lanes)
-        a9_0 = _vload(tile, tile_base + 18 * lanes)
-        a9_1 = _vload(tile, tile_base + 19 * lanes)
-        a10_0 = _vload(tile, tile_base + 20 * lanes)
-        a10_1 = _vload(tile, tile_base + 21 * lanes)
-        a11_0 = _vload(tile, tile_base + 22 * lanes)
-        a11_1 = _vload(tile, tile_base + 23 * lanes)
+        a1_0 = _vload(tile, tile_base + step)
+        a1_1 = _vload(tile, tile_base + step + lanes)
+        a2_0 = _vload(tile, tile_base + 2 * step)
+        a2_1 = _vload(tile, tile_base + 2 * step + lanes)
+        a3_0 = _vload(tile, tile_base + 3 * step)
+        a3_1 = _vload(tile, tile_base + 3 * step + lanes)
+        a4_0 = _vload(tile, tile_base + 4 * step)
+        a4_1 = _vload(tile, tile_base + 4 * step + lanes)
+        a5_0 = _vload(tile, tile_base + 5 * step)
+        a5_1 = _vload(tile, tile_base + 5 * step + lanes)
+        a6_0 = _vload(tile, tile_base + 6 * step)
+        a6_1 = _vload(tile, tile_base + 6 * step + lanes)
+        a7_0 = _vload(tile, tile_base + 7 * step)
+        a7_1 = _vload(tile, tile_base + 7 * step + lanes)
+        a8_0 = _vload(tile, tile_base + 8 * step)
+        a8_1 = _vload(tile, tile_base + 8 * step + lanes)
+        a9_0 = _vload(tile, tile_base + 9 * step)
+        a9_1 = _vload(tile, tile_base + 9 * step + lanes)
+        a10_0 = _vload(tile, tile_base + 10 * step)
+        a10_1 = _vload(tile, tile_base + 10 * step + lanes)
+        a11_0 = _vload(tile, tile_base + 11 * step)
+        a11_1 = _vload(tile, tile_base + 11 * step + lanes)
     for t in range(t0, t1):
-        vo = w_base + t * width
+        vo = w_base + t * step
         so = np.uint64(base + tap_off[t])
         v0 = _vload(wq, vo)
         v1 = _vload(wq, vo + lanes)
@@ -385,28 +387,28 @@ def cvec2_block(xf, base, tap_off, t0, t1, wq, w_base, width, lanes, tile, tile_
         a11_1 = _vfma(a11_1, v1, s)
     _vstore(tile, tile_base, a0_0)
     _vstore(tile, tile_base + lanes, a0_1)
-    _vstore(tile, tile_base + 2 * lanes, a1_0)
-    _vstore(tile, tile_base + 3 * lanes, a1_1)
-    _vstore(tile, tile_base + 4 * lanes, a2_0)
-    _vstore(tile, tile_base + 5 * lanes, a2_1)
-    _vstore(tile, tile_base + 6 * lanes, a3_0)
-    _vstore(tile, tile_base + 7 * lanes, a3_1)
-    _vstore(tile, tile_base + 8 * lanes, a4_0)
-    _vstore(tile, tile_base + 9 * lanes, a4_1)
-    _vstore(tile, tile_base + 10 * lanes, a5_0)
-    _vstore(tile, tile_base + 11 * lanes, a5_1)
-    _vstore(tile, tile_base + 12 * lanes, a6_0)
-    _vstore(tile, tile_base + 13 * lanes, a6_1)
-    _vstore(tile, tile_base + 14 * lanes, a7_0)
-    _vstore(tile, tile_base + 15 * lanes, a7_1)
-    _vstore(tile, tile_base + 16 * lanes, a8_0)
-    _vstore(tile, tile_base + 17 * lanes, a8_1)
-    _vstore(tile, tile_base + 18 * lanes, a9_0)
-    _vstore(tile, tile_base + 19 * lanes, a9_1)
-    _vstore(tile, tile_base + 20 * lanes, a10_0)
-    _vstore(tile, tile_base + 21 * lanes, a10_1)
-    _vstore(tile, tile_base + 22 * lanes, a11_0)
-    _vstore(tile, tile_base + 23 * lanes, a11_1)
+    _vstore(tile, tile_base + step, a1_0)
+    _vstore(tile, tile_base + step + lanes, a1_1)
+    _vstore(tile, tile_base + 2 * step, a2_0)
+    _vstore(tile, tile_base + 2 * step + lanes, a2_1)
+    _vstore(tile, tile_base + 3 * step, a3_0)
+    _vstore(tile, tile_base + 3 * step + lanes, a3_1)
+    _vstore(tile, tile_base + 4 * step, a4_0)
+    _vstore(tile, tile_base + 4 * step + lanes, a4_1)
+    _vstore(tile, tile_base + 5 * step, a5_0)
+    _vstore(tile, tile_base + 5 * step + lanes, a5_1)
+    _vstore(tile, tile_base + 6 * step, a6_0)
+    _vstore(tile, tile_base + 6 * step + lanes, a6_1)
+    _vstore(tile, tile_base + 7 * step, a7_0)
+    _vstore(tile, tile_base + 7 * step + lanes, a7_1)
+    _vstore(tile, tile_base + 8 * step, a8_0)
+    _vstore(tile, tile_base + 8 * step + lanes, a8_1)
+    _vstore(tile, tile_base + 9 * step, a9_0)
+    _vstore(tile, tile_base + 9 * step + lanes, a9_1)
+    _vstore(tile, tile_base + 10 * step, a10_0)
+    _vstore(tile, tile_base + 10 * step + lanes, a10_1)
+    _vstore(tile, tile_base + 11 * step, a11_0)
+    _vstore(tile, tile_base + 11 * step + lanes, a11_1)
 
 
 @njit(inline="always", cache=True)

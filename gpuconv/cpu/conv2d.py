@@ -249,19 +249,20 @@ def _register_block_source(blk):
     grid = [(i, j) for i in range(rows) for j in range(cols)]
 
     if blk.vectors_of == "channels":
-        # Pixel-major tile: rows are ``width == cols * lanes`` apart; ``row_step`` (equal)
-        # is not read, so that each offset is a multiple of ``lanes``.
+        # Pixel-major tile, rows ``step = cols * lanes`` apart; ``width`` and ``row_step``
+        # are equal to it and not read: with a step derived from ``lanes``, LLVM folds the
+        # offsets of the weights and of the tile.
         def tile_at(i, j):
-            return _sum(("tile_base", 1), ("lanes", i * cols + j))
+            return _sum(("tile_base", 1), ("step", i), ("lanes", j))
 
-        vec, vec_off, sca, sca_off = "wq", "w_base + t * width", "xf", "base + tap_off[t]"
+        vec, vec_off, sca, sca_off = "wq", "w_base + t * step", "xf", "base + tap_off[t]"
         doc = [
             f'"""{cols} vector{"s" * (cols > 1)} of output channels x {rows} pixels.',
             "",
-            f"For p < {rows} and k < width = {cols} * lanes, with T the sum over taps",
-            "t0 <= t < t1 of ``wq[w_base + t * width + k] * xf[base + tap_off[t] + p]``:",
-            "``tile[tile_base + p * width + k] = T`` if ``first``, else ``+= T``",
-            "(``row_step`` is ``width``).",
+            f"For p < {rows} and k < step = {cols} * lanes, with T the sum over taps",
+            "t0 <= t < t1 of ``wq[w_base + t * step + k] * xf[base + tap_off[t] + p]``:",
+            "``tile[tile_base + p * step + k] = T`` if ``first``, else ``+= T``",
+            "(``width`` and ``row_step`` are ``step``).",
             f"Per tap, {cols} weight vector{'s are' if cols > 1 else ' is'} loaded and each "
             f"input value is broadcast against {'them' if cols > 1 else 'it'}.",
             '"""',
@@ -284,7 +285,10 @@ def _register_block_source(blk):
         ]
     out = ["@njit(cache=True)", *_wrapped(f"def {blk.name}_block(", _BLOCK_ARGS, "):")]
     out += ["    " + line if line else "" for line in doc]
-    out += ["    _prefer_wide_vectors()", "    if first:"]
+    out += ["    _prefer_wide_vectors()"]
+    if blk.vectors_of == "channels":
+        out += [f"    step = {cols} * lanes"]
+    out += ["    if first:"]
     out += [f"        a{i}_{j} = _vzero(xf)" for i, j in grid]
     out += ["    else:"]
     out += [f"        a{i}_{j} = _vload(tile, {tile_at(i, j)})" for i, j in grid]
