@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -61,6 +62,7 @@ _REGISTER_BLOCKS = (
     _RegisterBlock("cvec2", "channels", rows=12, cols=2),
 )
 _BLOCK_BY_NAME = {blk.name: blk for blk in _REGISTER_BLOCKS}
+_VARIANT = {blk.name: variant for variant, blk in enumerate(_REGISTER_BLOCKS)}
 _RUNS = ("merged", "rows")
 
 # The channel-vector kernels fill vectors with output channels: with at most this many per
@@ -96,6 +98,7 @@ class CpuKernel:
 
 # Every variant, in the order of _REGISTER_BLOCKS.
 CPU_KERNELS = tuple(CpuKernel(blk.name, runs) for blk in _REGISTER_BLOCKS for runs in _RUNS)
+_CPU_KERNEL = {(k.vector, k.runs): k for k in CPU_KERNELS}  # built once: a call is cheaper
 
 
 def choose_cpu_kernel(geom):
@@ -128,7 +131,7 @@ def choose_cpu_kernel(geom):
     else:
         vector = "cvec1" if c_Og <= lanes else "cvec2"
     runs = "merged" if geom.stride_h == 1 and geom.stride_w == 1 else "rows"
-    return CpuKernel(vector, runs)
+    return _CPU_KERNEL[vector, runs]
 
 
 # --------------------------------------------------------------------------------------
@@ -463,14 +466,21 @@ class _Conv2dLayout(NamedTuple):
     tile: int             # per-thread scratch elements
 
 
+@functools.lru_cache(maxsize=None)
+def _largest_blocks(lanes):
+    """Most pixels of any register block, and most elements of any block's tile of a run."""
+    return (max(blk.pixels(lanes) for blk in _REGISTER_BLOCKS),
+            _RUN_BLOCKS * max(blk.pixels(lanes) * blk.channels(lanes)
+                              for blk in _REGISTER_BLOCKS))
+
+
 def _conv2d_layout(geom, itemsize):
     s_H, s_W = geom.stride_h, geom.stride_w
     kernel = choose_cpu_kernel(geom)
     reg = _BLOCK_BY_NAME[kernel.vector]
-    variant = _REGISTER_BLOCKS.index(reg)
     merged = kernel.merged
     lanes = _VECTOR_BYTES // itemsize
-    pixel_block = max(blk.pixels(lanes) for blk in _REGISTER_BLOCKS)
+    pixel_block, tile = _largest_blocks(lanes)
     if merged:
         # Stride 1: one zero column between neighbouring rows serves as the right padding of
         # one and the left padding of the next (likewise rows between images), so fewer
@@ -497,10 +507,8 @@ def _conv2d_layout(geom, itemsize):
     else:
         block = reg.channels(lanes)
     blocks_per_group = -(-geom.out_channels_per_group // block)
-    tile = _RUN_BLOCKS * max(blk.pixels(lanes) * blk.channels(lanes)
-                             for blk in _REGISTER_BLOCKS)
     tap_chunk = max(1, _TAP_CHUNK_BYTES // (block * itemsize))
-    return _Conv2dLayout(variant, reg.pixels(lanes), channel_major, merged, h_P, w_Q,
+    return _Conv2dLayout(_VARIANT[reg.name], reg.pixels(lanes), channel_major, merged, h_P, w_Q,
                          packed_size, slack, block, tap_chunk, blocks_per_group, n_taps, tile)
 
 
