@@ -141,14 +141,12 @@ def pvec_block(xf, base, tap_off, t0, t1, wq, w_base, width, lanes, tile, tile_b
 
 
 @njit(cache=True)
-def cvec1_block(xf, base, tap_off, t0, t1, wq, w_base, width, lanes, tile, tile_base,
-                row_step, first):
+def cvec1_block(xf, base, tap_off, t0, t1, wq, w_base, lanes, tile, tile_base, first):
     """1 vector of output channels x 24 pixels.
 
     For p < 24 and k < step = 1 * lanes, with T the sum over taps
     t0 <= t < t1 of ``wq[w_base + t * step + k] * xf[base + tap_off[t] + p]``:
-    ``tile[tile_base + p * step + k] = T`` if ``first``, else ``+= T``
-    (``width`` and ``row_step`` are ``step``).
+    ``tile[tile_base + p * step + k] = T`` if ``first``, else ``+= T``.
     Per tap, 1 weight vector is loaded and each input value is broadcast against it.
     """
     _prefer_wide_vectors()
@@ -282,14 +280,12 @@ def cvec1_block(xf, base, tap_off, t0, t1, wq, w_base, width, lanes, tile, tile_
 
 
 @njit(cache=True)
-def cvec2_block(xf, base, tap_off, t0, t1, wq, w_base, width, lanes, tile, tile_base,
-                row_step, first):
+def cvec2_block(xf, base, tap_off, t0, t1, wq, w_base, lanes, tile, tile_base, first):
     """2 vectors of output channels x 12 pixels.
 
     For p < 12 and k < step = 2 * lanes, with T the sum over taps
     t0 <= t < t1 of ``wq[w_base + t * step + k] * xf[base + tap_off[t] + p]``:
-    ``tile[tile_base + p * step + k] = T`` if ``first``, else ``+= T``
-    (``width`` and ``row_step`` are ``step``).
+    ``tile[tile_base + p * step + k] = T`` if ``first``, else ``+= T``.
     Per tap, 2 weight vectors are loaded and each input value is broadcast against them.
     """
     _prefer_wide_vectors()
@@ -419,8 +415,12 @@ def register_block(variant, xf, base, tap_off, t0, t1, wq, w_base, width, lanes,
         pvec_block(xf, base, tap_off, t0, t1, wq, w_base, width, lanes, tile, tile_base,
                    row_step, first)
     elif variant == 1:
-        cvec1_block(xf, base, tap_off, t0, t1, wq, w_base, width, lanes, tile, tile_base,
-                    row_step, first)
+        cvec1_block(xf, base, tap_off, t0, t1, wq, w_base, lanes, tile, tile_base, first)
     else:
-        cvec2_block(xf, base, tap_off, t0, t1, wq, w_base, width, lanes, tile, tile_base,
-                    row_step, first)
+        cvec2_block(xf, base, tap_off, t0, t1, wq, w_base, lanes, tile, tile_base, first)
+
+
+@njit(inline="always", cache=True)
+def tile_is_channel_major(variant):
+    """Whether register block number ``variant`` keeps a channel-major tile."""
+    return variant == 0

@@ -212,8 +212,16 @@ _RUN_BLOCKS = 8
 # is current.
 
 _BLOCKS_FILE = Path(__file__).with_name("_conv2d_blocks.py")
+# Arguments of register_block; a block of channel vectors takes all but width and row_step
+# (its own step, cols * lanes, is both).
 _BLOCK_ARGS = ("xf", "base", "tap_off", "t0", "t1", "wq", "w_base", "width", "lanes", "tile",
                "tile_base", "row_step", "first")
+
+
+def _block_args(blk):
+    if blk.vectors_of == "channels":
+        return tuple(arg for arg in _BLOCK_ARGS if arg not in ("width", "row_step"))
+    return _BLOCK_ARGS
 _BLOCKS_HEADER = '''\
 """Register blocks of the shared-weight CPU kernel: generated from ``_REGISTER_BLOCKS`` in
 :mod:`gpuconv.cpu.conv2d`, which documents them. Do not edit: change the generator there and
@@ -252,9 +260,8 @@ def _register_block_source(blk):
     grid = [(i, j) for i in range(rows) for j in range(cols)]
 
     if blk.vectors_of == "channels":
-        # Pixel-major tile, rows ``step = cols * lanes`` apart; ``width`` and ``row_step``
-        # are equal to it and not read: with a step derived from ``lanes``, LLVM folds the
-        # offsets of the weights and of the tile.
+        # Pixel-major tile, rows ``step = cols * lanes`` apart, as the weights of one tap:
+        # derived from ``lanes``, so that LLVM folds the offsets of the weights and the tile.
         def tile_at(i, j):
             return _sum(("tile_base", 1), ("step", i), ("lanes", j))
 
@@ -264,8 +271,7 @@ def _register_block_source(blk):
             "",
             f"For p < {rows} and k < step = {cols} * lanes, with T the sum over taps",
             "t0 <= t < t1 of ``wq[w_base + t * step + k] * xf[base + tap_off[t] + p]``:",
-            "``tile[tile_base + p * step + k] = T`` if ``first``, else ``+= T``",
-            "(``width`` and ``row_step`` are ``step``).",
+            "``tile[tile_base + p * step + k] = T`` if ``first``, else ``+= T``.",
             f"Per tap, {cols} weight vector{'s are' if cols > 1 else ' is'} loaded and each "
             f"input value is broadcast against {'them' if cols > 1 else 'it'}.",
             '"""',
@@ -286,7 +292,7 @@ def _register_block_source(blk):
             "the tests of ``width`` always go the same way and cost next to nothing.",
             '"""',
         ]
-    out = ["@njit(cache=True)", *_wrapped(f"def {blk.name}_block(", _BLOCK_ARGS, "):")]
+    out = ["@njit(cache=True)", *_wrapped(f"def {blk.name}_block(", _block_args(blk), "):")]
     out += ["    " + line if line else "" for line in doc]
     out += ["    _prefer_wide_vectors()"]
     if blk.vectors_of == "channels":
@@ -312,8 +318,9 @@ def _register_block_source(blk):
 
 
 def _register_blocks_source():
-    """Source of ``_conv2d_blocks.py``: one function per entry of ``_REGISTER_BLOCKS``, and
-    ``register_block`` that calls one of them by its index (the kernel's ``variant``)."""
+    """Source of ``_conv2d_blocks.py``: one function per entry of ``_REGISTER_BLOCKS``,
+    ``register_block`` that calls one of them by its index (the kernel's ``variant``), and
+    ``tile_is_channel_major``."""
     parts = [_BLOCKS_HEADER]
     parts += [_register_block_source(blk) for blk in _REGISTER_BLOCKS]
     # Inlined by Numba into the caller, which then calls the blocks directly.
@@ -327,8 +334,15 @@ def _register_blocks_source():
             dispatch.append(f"    elif variant == {v}:")
         else:
             dispatch.append("    else:")
-        dispatch += _wrapped(f"        {blk.name}_block(", _BLOCK_ARGS, ")")
+        dispatch += _wrapped(f"        {blk.name}_block(", _block_args(blk), ")")
     parts.append("\n".join(dispatch))
+    channel_major = " or ".join(f"variant == {v}" for v, blk in enumerate(_REGISTER_BLOCKS)
+                                if blk.vectors_of == "pixels") or "False"
+    parts.append("\n".join([
+        '@njit(inline="always", cache=True)',
+        "def tile_is_channel_major(variant):",
+        '    """Whether register block number ``variant`` keeps a channel-major tile."""',
+        f"    return {channel_major}"]))
     return "\n\n\n".join(parts) + "\n"
 
 
@@ -339,13 +353,14 @@ def _write_register_blocks():
 
 
 @njit(parallel=True, cache=True)
-def _conv2d_kernel(xf, tap_off, wq, variant, px, channel_major, block, tap_chunk, bias,
+def _conv2d_kernel(xf, tap_off, wq, variant, px, block, block_step, row_step, tap_chunk, bias,
                    has_bias, out, tiles, groups, c_Ig, h_P, s_H, s_W, w_Q, merged):
     """The shared-weight kernel around register block number ``variant`` of
-    ``_REGISTER_BLOCKS`` (``px`` pixels by ``block`` output channels; ``channel_major`` for
-    blocks of pixel vectors). Jobs are (run of pixel blocks, block of output channels); each
-    job runs the reduction in chunks of ``tap_chunk`` taps (whose weights fit in L1) over all
-    the pixel blocks of its run, then scatters its tiles to the output."""
+    ``_REGISTER_BLOCKS`` (``px`` pixels by ``block`` output channels, ``block_step`` apart in
+    the tile, rows ``row_step`` apart: see :class:`_Conv2dLayout`). Jobs are (run of pixel
+    blocks, block of output channels); each job runs the reduction in chunks of ``tap_chunk``
+    taps (whose weights fit in L1) over all the pixel blocks of its run, then scatters its
+    tiles to the output."""
     n, c_O, h_O, w_O = out.shape
     c_Og = c_O // groups
     n_taps = tap_off.shape[0]
@@ -364,12 +379,6 @@ def _conv2d_kernel(xf, tap_off, wq, variant, px, channel_major, block, tap_chunk
         total = 0
     n_jobs = runs * n_blocks
     n_threads = tiles.shape[0]
-    if channel_major:
-        # channel-major over the whole run: tile[k * run_len + i]
-        block_step, row_step = px, run_len
-    else:
-        # pixel-major: tile[i * block + k]
-        block_step, row_step = px * block, block
     out_flat = out.reshape(-1)
     for thread in prange(n_threads):
         tile = tiles[thread]
@@ -416,7 +425,11 @@ def _conv2d_kernel(xf, tap_off, wq, variant, px, channel_major, block, tap_chunk
                     k = co - co0
                     o = ((b * c_O + co) * h_O + oy) * w_O + ox
                     add = bias[co, 0, 0] if has_bias else 0
-                    if channel_major:
+                    # Tested here, inside the parallel loop, on the variant number: LLVM then
+                    # compiles the same scatter loops as for the hand-written dispatch. (A
+                    # flag computed outside prange reaches the loop body as a separate
+                    # argument, and LLVM compiles slower strided loops for it.)
+                    if _blocks.tile_is_channel_major(variant):
                         t = k * run_len + i0
                         for q in range(valid):
                             out_flat[np.uint64(o + q)] = tile[np.uint64(t + q)] + add
@@ -453,7 +466,8 @@ class _Conv2dLayout(NamedTuple):
 
     variant: int          # index of the register block in _REGISTER_BLOCKS
     pixels: int           # output pixels per register block
-    channel_major: bool   # tile layout of blocks of pixel vectors
+    block_step: int       # tile elements between consecutive pixel blocks of a run
+    row_step: int         # tile elements between the rows of a register block
     merged: bool          # stride-1 layout whose rows and images share their padding
     h_P: int
     w_Q: int
@@ -499,16 +513,22 @@ def _conv2d_layout(geom, itemsize):
         slack = pixel_block
     packed_size = geom.in_channels * geom.batch * h_P * s_W * w_Q
     n_taps = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
-    channel_major = reg.vectors_of == "pixels"
-    if channel_major:
+    if reg.vectors_of == "pixels":
         # Even blocks of at most reg.rows channels: 10 channels as 2 x 5, not 6 + 4.
         c_Og = geom.out_channels_per_group
         block = -(-c_Og // -(-c_Og // reg.channels(lanes)))
     else:
         block = reg.channels(lanes)
     blocks_per_group = -(-geom.out_channels_per_group // block)
+    px = reg.pixels(lanes)
+    if reg.vectors_of == "pixels":
+        # channel-major over the whole run: tile[k * run_len + i], rows are channels
+        block_step, row_step = px, _RUN_BLOCKS * px
+    else:
+        # pixel-major: tile[i * block + k], rows are pixels
+        block_step, row_step = px * block, block
     tap_chunk = max(1, _TAP_CHUNK_BYTES // (block * itemsize))
-    return _Conv2dLayout(_VARIANT[reg.name], reg.pixels(lanes), channel_major, merged, h_P, w_Q,
+    return _Conv2dLayout(_VARIANT[reg.name], px, block_step, row_step, merged, h_P, w_Q,
                          packed_size, slack, block, tap_chunk, blocks_per_group, n_taps, tile)
 
 
@@ -545,8 +565,8 @@ def conv2d_forward(x, weight, bias, has_bias, out, geom):
     wq = np.empty((layout.blocks_per_group * geom.groups, layout.n_taps, block), dtype=x.dtype)
     _pack_weights(weight, wq, geom.out_channels_per_group)
     tiles = np.empty((numba.get_num_threads(), layout.tile), dtype=x.dtype)
-    _conv2d_kernel(xf, tap_off, wq.reshape(-1), layout.variant, layout.pixels,
-                   layout.channel_major, block, layout.tap_chunk, bias, has_bias, out, tiles,
-                   geom.groups, geom.in_channels_per_group, h_P, s_H, s_W, w_Q, merged)
+    _conv2d_kernel(xf, tap_off, wq.reshape(-1), layout.variant, layout.pixels, block,
+                   layout.block_step, layout.row_step, layout.tap_chunk, bias, has_bias, out,
+                   tiles, geom.groups, geom.in_channels_per_group, h_P, s_H, s_W, w_Q, merged)
     return out
 
