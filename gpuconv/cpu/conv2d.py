@@ -219,9 +219,12 @@ _BLOCK_ARGS = ("xf", "base", "tap_off", "t0", "t1", "wq", "w_base", "width", "la
 
 
 def _block_args(blk):
+    """The arguments of one register block function."""
     if blk.vectors_of == "channels":
         return tuple(arg for arg in _BLOCK_ARGS if arg not in ("width", "row_step"))
     return _BLOCK_ARGS
+
+
 _BLOCKS_HEADER = '''\
 """Register blocks of the shared-weight CPU kernel: generated from ``_REGISTER_BLOCKS`` in
 :mod:`gpuconv.cpu.conv2d`, which documents them. Do not edit: change the generator there and
@@ -425,10 +428,10 @@ def _conv2d_kernel(xf, tap_off, wq, variant, px, block, block_step, row_step, ta
                     k = co - co0
                     o = ((b * c_O + co) * h_O + oy) * w_O + ox
                     add = bias[co, 0, 0] if has_bias else 0
-                    # Tested here, inside the parallel loop, on the variant number: LLVM then
-                    # compiles the same scatter loops as for the hand-written dispatch. (A
-                    # flag computed outside prange reaches the loop body as a separate
-                    # argument, and LLVM compiles slower strided loops for it.)
+                    # Tested here, inside the parallel loop, on the variant number, which
+                    # LLVM relates to the branches of register_block. (A flag computed
+                    # outside prange reaches the loop body as a separate argument, and LLVM
+                    # then compiles a slower strided loop for pixel-major tiles.)
                     if _blocks.tile_is_channel_major(variant):
                         t = k * run_len + i0
                         for q in range(valid):
