@@ -1,11 +1,10 @@
 """CPU kernel variants against the float64 reference, and the CPU kernel chooser.
 
 tests/test_conv.py keeps its sizes tiny (they also run in the CUDA simulator), so they only
-reach the pixel-vector kernel. These cases are sized to reach every variant named by
-``choose_cpu_kernel`` (channel-vector blocks from 13 output channels per group, two
-vectors from 17), with
-channel counts that leave partly filled blocks, pixel runs that end mid-block, strides,
-dilation, groups and asymmetric ("same" with an even kernel) padding.
+reach the pixel-vector kernel. These cases are sized to reach every variant that
+``choose_cpu_kernel`` can return (``CPU_KERNELS``; checked below), with channel counts that
+leave partly filled blocks, pixel runs that end mid-block, strides, dilation, groups and
+asymmetric ("same" with an even kernel) padding.
 """
 
 import numpy as np
@@ -13,36 +12,55 @@ import pytest
 
 from gpuconv import conv2d, local_conv2d
 from gpuconv.cpu import choose_cpu_kernel
+from gpuconv.cpu import conv2d as cpu_conv2d
+from gpuconv.cpu.conv2d import CPU_KERNELS, CpuKernel
 from gpuconv.geometry import conv_geometry
 from reference import assert_close, conv2d_ref, local_conv2d_ref
 
 DTYPES = [np.float32, np.float64]
 
-# (name, N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups, expected variant)
+K = CpuKernel
+# (name, N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups, expected variant,
+#  also run unshared)
 CASES = [
-    ("cvec_merged", 2, 5, 9, 11, 37, 3, 1, 1, 1, 1, "cvec2-merged"),
-    ("cvec_rows_stride", 1, 3, 13, 12, 33, (3, 5), (2, 3), (1, 2), 1, 1, "cvec2-rows"),
-    ("cvec_dilated_same_even", 1, 4, 10, 9, 40, (2, 4), 1, "same", (2, 1), 1, "cvec2-merged"),
-    ("cvec_groups", 2, 6, 7, 8, 66, 3, 1, 1, 1, 2, "cvec2-merged"),
-    ("cvec_1x1", 3, 17, 5, 4, 64, 1, 1, 0, 1, 1, "cvec2-merged"),
-    ("cvec_out_1x1", 1, 3, 5, 5, 32, 5, 1, 0, 1, 1, "cvec2-merged"),
-    ("cvec_wide_row", 1, 2, 3, 700, 32, 3, (1, 2), 1, 1, 1, "cvec2-rows"),
-    ("cvec1_merged", 1, 3, 40, 37, 14, 5, 1, 0, 1, 1, "cvec1-merged"),
-    ("cvec1_rows", 2, 3, 23, 29, 16, 3, (2, 1), (0, 1), 1, 1, "cvec1-rows"),
-    ("cvec1_groups", 1, 4, 9, 8, 32, 3, 1, 1, 1, 2, "cvec1-merged"),
-    ("cvec1_wide_row", 1, 2, 3, 900, 13, 3, (1, 3), 1, 1, 1, "cvec1-rows"),
-    ("pvec_merged", 1, 3, 40, 37, 10, 5, 1, 0, 1, 1, "pvec-merged"),
-    ("pvec_rows", 2, 3, 23, 29, 5, 3, (2, 1), (0, 1), 1, 1, "pvec-rows"),
-    ("pvec_groups_partial_blocks", 1, 6, 8, 9, 21, 2, 1, 1, 1, 3, "pvec-merged"),
-    ("pvec_long_row", 1, 1, 2, 1100, 3, (1, 3), 1, 0, 1, 1, "pvec-merged"),
-    ("pvec_dilated_rows", 2, 3, 13, 19, 12, 3, (1, 2), (2, 0), (2, 3), 1, "pvec-rows"),
+    ("cvec_merged", 2, 5, 9, 11, 37, 3, 1, 1, 1, 1, K("cvec2", "merged"), True),
+    ("cvec_rows_stride", 1, 3, 13, 12, 33, (3, 5), (2, 3), (1, 2), 1, 1, K("cvec2", "rows"), True),
+    ("cvec_dilated_same_even", 1, 4, 10, 9, 40, (2, 4), 1, "same", (2, 1), 1,
+     K("cvec2", "merged"), True),
+    ("cvec_groups", 2, 6, 7, 8, 66, 3, 1, 1, 1, 2, K("cvec2", "merged"), True),
+    ("cvec_1x1", 3, 17, 5, 4, 64, 1, 1, 0, 1, 1, K("cvec2", "merged"), False),
+    ("cvec_out_1x1", 1, 3, 5, 5, 32, 5, 1, 0, 1, 1, K("cvec2", "merged"), False),
+    ("cvec_wide_row", 1, 2, 3, 700, 32, 3, (1, 2), 1, 1, 1, K("cvec2", "rows"), False),
+    ("cvec1_merged", 1, 3, 40, 37, 14, 5, 1, 0, 1, 1, K("cvec1", "merged"), True),
+    ("cvec1_rows", 2, 3, 23, 29, 16, 3, (2, 1), (0, 1), 1, 1, K("cvec1", "rows"), True),
+    ("cvec1_groups", 1, 4, 9, 8, 32, 3, 1, 1, 1, 2, K("cvec1", "merged"), False),
+    ("cvec1_wide_row", 1, 2, 3, 900, 13, 3, (1, 3), 1, 1, 1, K("cvec1", "rows"), False),
+    ("pvec_merged", 1, 3, 40, 37, 10, 5, 1, 0, 1, 1, K("pvec", "merged"), True),
+    ("pvec_rows", 2, 3, 23, 29, 5, 3, (2, 1), (0, 1), 1, 1, K("pvec", "rows"), True),
+    ("pvec_groups_partial_blocks", 1, 6, 8, 9, 21, 2, 1, 1, 1, 3, K("pvec", "merged"), False),
+    ("pvec_long_row", 1, 1, 2, 1100, 3, (1, 3), 1, 0, 1, 1, K("pvec", "merged"), False),
+    ("pvec_dilated_rows", 2, 3, 13, 19, 12, 3, (1, 2), (2, 0), (2, 3), 1, K("pvec", "rows"),
+     False),
 ]
+LOCAL_CASES = [case for case in CASES if case[-1]]
+
+
+def _geometry(case):
+    _, n, c_in, h, w, c_out, k, stride, padding, dilation, groups, _, _ = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    return conv_geometry((n, c_in, h, w), (kh, kw), c_out, stride, padding, dilation, groups)
+
+
+def test_cases_reach_every_kernel_variant():
+    """Each variant (and so each register block, merged and by rows) is some case's choice."""
+    assert {case[-2] for case in CASES} == set(CPU_KERNELS)
+    for case in CASES:
+        assert choose_cpu_kernel(_geometry(case)) == case[-2], case[0]
 
 
 def _arrays(rng, case, dtype, local):
-    _, n, c_in, h, w, c_out, k, stride, padding, dilation, groups, _ = case
-    kh, kw = (k, k) if isinstance(k, int) else k
-    geom = conv_geometry((n, c_in, h, w), (kh, kw), c_out, stride, padding, dilation, groups)
+    _, n, c_in, h, w, c_out, k, stride, padding, dilation, groups, _, _ = case
+    geom = _geometry(case)
     x = rng.uniform(-1, 1, (n, c_in, h, w)).astype(dtype)
     shape = geom.local_weight_shape() if local else geom.shared_weight_shape()
     wt = rng.uniform(-1, 1, shape).astype(dtype)
@@ -64,13 +82,12 @@ def _check(op, ref, x, wt, b, kwargs, dtype):
 def test_conv2d_kernel_variants_match_reference(case, dtype):
     rng = np.random.default_rng(10)
     geom, x, wt, b, kwargs = _arrays(rng, case, dtype, local=False)
-    assert choose_cpu_kernel(geom) == case[-1]
+    assert choose_cpu_kernel(geom) == case[-2]
     _check(conv2d, conv2d_ref, x, wt, b, kwargs, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("case", CASES[:4] + CASES[7:9] + CASES[11:13],
-                         ids=[c[0] for c in CASES[:4] + CASES[7:9] + CASES[11:13]])
+@pytest.mark.parametrize("case", LOCAL_CASES, ids=[c[0] for c in LOCAL_CASES])
 def test_local_conv2d_larger_cases_match_reference(case, dtype):
     rng = np.random.default_rng(11)
     _, x, wt, b, kwargs = _arrays(rng, case, dtype, local=True)
@@ -107,34 +124,69 @@ def test_tied_filters_make_the_local_kernel_the_shared_one():
 
 def test_choose_cpu_kernel_names_the_variant():
     g = conv_geometry((1, 64, 56, 56), (3, 3), 64, 1, 1)
-    assert choose_cpu_kernel(g) == "cvec2-merged"
+    assert choose_cpu_kernel(g) == CpuKernel("cvec2", "merged")
     g = conv_geometry((1, 3, 224, 224), (7, 7), 64, 2, 3)
-    assert choose_cpu_kernel(g) == "cvec2-rows"
+    assert choose_cpu_kernel(g) == CpuKernel("cvec2", "rows")
     g = conv_geometry((1, 10, 496, 496), (3, 3), 5)
-    assert choose_cpu_kernel(g) == "pvec-merged"
+    assert choose_cpu_kernel(g) == CpuKernel("pvec", "merged")
     g = conv_geometry((1, 10, 496, 496), (3, 3), 13)
-    assert choose_cpu_kernel(g) == "cvec1-merged"
+    assert choose_cpu_kernel(g) == CpuKernel("cvec1", "merged")
     # groups: what counts is the output channels of one group
     g = conv_geometry((1, 64, 8, 8), (3, 3), 64, groups=4)
-    assert choose_cpu_kernel(g) == "cvec1-merged"
+    assert choose_cpu_kernel(g) == CpuKernel("cvec1", "merged")
     g = conv_geometry((1, 64, 8, 8), (3, 3), 64, groups=8)
-    assert choose_cpu_kernel(g) == "pvec-merged"
+    assert choose_cpu_kernel(g) == CpuKernel("pvec", "merged")
+
+
+def test_cpu_kernel_str_is_its_name():
+    """Benchmarks and docs print the chosen variant: ``str()`` keeps the "<vector>-<runs>"
+    names."""
+    assert [str(k) for k in CPU_KERNELS] == ["pvec-merged", "pvec-rows", "cvec1-merged",
+                                             "cvec1-rows", "cvec2-merged", "cvec2-rows"]
+    assert f"{CpuKernel('cvec1', 'rows')}" == "cvec1-rows"
+    assert CpuKernel("pvec", "merged").merged and not CpuKernel("pvec", "rows").merged
+    with pytest.raises(ValueError):
+        CpuKernel("cvec3", "merged")
+    with pytest.raises(ValueError):
+        CpuKernel("pvec", "columns")
+
+
+def test_generated_register_blocks_are_current():
+    """_conv2d_blocks.py is generated from conv2d.py (the register blocks' one source) and
+    checked in; regenerate it after changing the generator or its table."""
+    assert cpu_conv2d._BLOCKS_FILE.read_text() == cpu_conv2d._register_blocks_source(), (
+        "gpuconv/cpu/_conv2d_blocks.py is stale: run "
+        "python -c \"from gpuconv.cpu import conv2d; conv2d._write_register_blocks()\"")
+
+
+# Input shape and (output channels, stride) of the chunked-reduction cases: 80 input
+# channels x 3 x 3 = 720 taps.
+CHUNKED_INPUT = (3, 80, 9, 10)
+CHUNKED = [(c_out, stride) for c_out in (6, 16, 40) for stride in (1, 2)]
+
+
+def _chunked_geometry(c_out, stride):
+    return conv_geometry(CHUNKED_INPUT, (3, 3), c_out, stride=stride, padding=1)
+
+
+def test_chunked_cases_reach_every_kernel_variant():
+    assert {choose_cpu_kernel(_chunked_geometry(*c)) for c in CHUNKED} == set(CPU_KERNELS)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("stride", [1, 2], ids=["merged", "rows"])
-@pytest.mark.parametrize("c_out", [6, 16, 40], ids=["pvec", "cvec1", "cvec2"])
+@pytest.mark.parametrize("c_out, stride", CHUNKED,
+                         ids=[str(choose_cpu_kernel(_chunked_geometry(*c))) for c in CHUNKED])
 def test_reduction_split_into_several_tap_chunks(c_out, stride, dtype):
-    """80 input channels x 3 x 3 = 720 taps: more than one L1-sized chunk of the reduction in
-    every variant (128, 256 or about 682 taps a chunk), so partial sums are carried over."""
-
+    """More taps than one L1-sized chunk of the reduction holds, so partial sums are carried
+    over from chunk to chunk."""
+    geom = _chunked_geometry(c_out, stride)
+    layout = cpu_conv2d._conv2d_layout(geom, np.dtype(dtype).itemsize)
+    assert layout.n_taps > layout.tap_chunk
     rng = np.random.default_rng(c_out + stride)
-    x = rng.uniform(-1, 1, (3, 80, 9, 10)).astype(dtype)
-    w = rng.uniform(-1, 1, (c_out, 80, 3, 3)).astype(dtype)
+    x = rng.uniform(-1, 1, CHUNKED_INPUT).astype(dtype)
+    w = rng.uniform(-1, 1, geom.shared_weight_shape()).astype(dtype)
     b = rng.uniform(-1, 1, c_out).astype(dtype)
     kwargs = dict(stride=stride, padding=1)
-    name = choose_cpu_kernel(conv_geometry(x.shape, (3, 3), c_out, **kwargs))
-    assert name.startswith({6: "pvec", 16: "cvec1", 40: "cvec2"}[c_out])
     y = conv2d(x, w, b, device="cpu", **kwargs)
     bound = conv2d_ref(np.abs(x), np.abs(w), np.abs(b), **kwargs)
     assert_close(y, conv2d_ref(x, w, b, **kwargs), bound, dtype)

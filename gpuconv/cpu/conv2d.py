@@ -3,37 +3,114 @@
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import numba
 import numpy as np
 from numba import njit, prange
 
+from . import _conv2d_blocks as _blocks
 from .simd import VECTOR_BYTES as _VECTOR_BYTES
-from .simd import prefer_wide_vectors as _prefer_wide_vectors
-from .simd import vfma as _vfma, vload as _vload, vstore as _vstore, vzero as _vzero
 
-__all__ = ["conv2d_forward", "choose_cpu_kernel", "conv2d_scratch_bytes"]
+__all__ = ["conv2d_forward", "choose_cpu_kernel", "conv2d_scratch_bytes", "CpuKernel",
+           "CPU_KERNELS"]
 
-# Output channels per register block of the pixel-vector shared kernel (at most; a group's
-# channels are split into even blocks).
-_PVEC_CHANNELS = 6
-# Output channels per block of the unshared kernel (weights of one block and position are
+
+class _RegisterBlock(NamedTuple):
+    """Shape of a register block: ``rows`` x ``cols`` vector accumulators that stay in
+    registers for a whole chunk of the reduction. Per tap it loads ``cols`` vectors of
+    consecutive elements and broadcasts ``rows`` scalars against them, one fused multiply-add
+    per accumulator. ``vectors_of`` says what the vectors hold:
+
+    - ``"channels"``: the weights of ``cols * lanes`` output channels; the scalars are the
+      input values of ``rows`` consecutive pixels (which may run past the end of a run: the
+      extra pixels are computed and dropped). The tile is pixel-major:
+      ``tile[pixel * block + channel]``;
+    - ``"pixels"``: the input values of ``cols * lanes`` consecutive pixels; the scalars are
+      the weights of up to ``rows`` output channels (fewer in the last block of a group: the
+      rows past ``width`` are skipped). The tile is channel-major over the whole run:
+      ``tile[channel * run_len + pixel]``.
+
+    The functions themselves are generated from this table (:func:`_register_blocks_source`)
+    into ``_conv2d_blocks.py``.
+    """
+
+    name: str
+    vectors_of: str  # "channels" or "pixels"
+    rows: int
+    cols: int
+
+    def pixels(self, lanes):
+        """Output pixels per block."""
+        return self.rows if self.vectors_of == "channels" else self.cols * lanes
+
+    def channels(self, lanes):
+        """Output channels per block (at most, for ``"pixels"``)."""
+        return self.cols * lanes if self.vectors_of == "channels" else self.rows
+
+
+# Each block has 24 accumulators, which leave registers for the operands of one tap (two
+# weight vectors and one input value, or four input vectors and one weight) on a
+# 32-register machine. The index of a block in this tuple is its variant number in the
+# kernel.
+_REGISTER_BLOCKS = (
+    _RegisterBlock("pvec", "pixels", rows=6, cols=4),
+    _RegisterBlock("cvec1", "channels", rows=24, cols=1),
+    _RegisterBlock("cvec2", "channels", rows=12, cols=2),
+)
+_BLOCK_BY_NAME = {blk.name: blk for blk in _REGISTER_BLOCKS}
+_VARIANT = {blk.name: variant for variant, blk in enumerate(_REGISTER_BLOCKS)}
+_RUNS = ("merged", "rows")
+
 # The channel-vector kernels fill vectors with output channels: with at most this many per
-# group the pixel-vector kernel (blocks of _PVEC_CHANNELS) wastes fewer lanes.
+# group the pixel-vector kernel (blocks of at most 6 channels) wastes fewer lanes.
 _PVEC_MAX_CHANNELS = 12
 
-def choose_cpu_kernel(geom):
-    """Name the CPU kernel variant that :func:`conv2d_forward` uses for a geometry.
 
-    Returns ``"<vector>-<runs>"``:
+@dataclass(frozen=True)
+class CpuKernel:
+    """A CPU kernel variant of :func:`conv2d_forward` (see :func:`choose_cpu_kernel`);
+    ``str()`` gives its name, ``"<vector>-<runs>"``.
+
+    >>> k = CpuKernel("cvec2", "merged")
+    >>> str(k), k.merged
+    ('cvec2-merged', True)
+    """
+
+    vector: str  # "pvec", "cvec1" or "cvec2"
+    runs: str    # "merged" or "rows"
+
+    def __post_init__(self):
+        if self.vector not in _BLOCK_BY_NAME or self.runs not in _RUNS:
+            raise ValueError(f"no CPU kernel {self.vector!r}-{self.runs!r}")
+
+    def __str__(self):
+        return f"{self.vector}-{self.runs}"
+
+    @property
+    def merged(self):
+        """Whether all output rows of all images form one run of virtual pixels."""
+        return self.runs == "merged"
+
+
+# Every variant, in the order of _REGISTER_BLOCKS.
+CPU_KERNELS = tuple(CpuKernel(blk.name, runs) for blk in _REGISTER_BLOCKS for runs in _RUNS)
+_CPU_KERNEL = {(k.vector, k.runs): k for k in CPU_KERNELS}  # built once: a call is cheaper
+
+
+def choose_cpu_kernel(geom):
+    """The CPU kernel variant (a :class:`CpuKernel`) that :func:`conv2d_forward` uses for a
+    geometry; ``str()`` of it names it ``"<vector>-<runs>"``:
 
     - vector: ``"cvec2"`` (more than one float32 vector, 16, of output channels per group)
       or ``"cvec1"`` (13 to 16): two or one vectors of output channels times a block of 12
       or 24 output pixels; ``"pvec"`` (at most ``_PVEC_MAX_CHANNELS``, where channel vectors
-      would be mostly empty): blocks of ``_PVEC_CHANNELS`` output channels times four
-      vectors of consecutive output pixels. All three keep 24 vector accumulators in
-      registers for a whole chunk of the reduction;
+      would be mostly empty): blocks of at most 6 output channels times four vectors of
+      consecutive output pixels. All three keep 24 vector accumulators in registers for a
+      whole chunk of the reduction (``_REGISTER_BLOCKS``);
     - runs ``"merged"`` when ``stride == (1, 1)``: all output rows of all images form one run
       of virtual pixels on the padded grid (long runs even for 7 x 7 maps, at the price of
       computing the pixels that fall in the padding columns and rows, which are dropped);
@@ -41,10 +118,10 @@ def choose_cpu_kernel(geom):
 
     >>> from gpuconv.geometry import conv_geometry
     >>> choose_cpu_kernel(conv_geometry((1, 3, 8, 8), (3, 3), 4))
-    'pvec-merged'
-    >>> choose_cpu_kernel(conv_geometry((1, 3, 8, 8), (3, 3), 16))
+    CpuKernel(vector='pvec', runs='merged')
+    >>> str(choose_cpu_kernel(conv_geometry((1, 3, 8, 8), (3, 3), 16)))
     'cvec1-merged'
-    >>> choose_cpu_kernel(conv_geometry((1, 3, 8, 8), (3, 3), 64, stride=2))
+    >>> str(choose_cpu_kernel(conv_geometry((1, 3, 8, 8), (3, 3), 64, stride=2)))
     'cvec2-rows'
     """
     lanes = _VECTOR_BYTES // 4  # float32 lanes per vector
@@ -54,7 +131,7 @@ def choose_cpu_kernel(geom):
     else:
         vector = "cvec1" if c_Og <= lanes else "cvec2"
     runs = "merged" if geom.stride_h == 1 and geom.stride_w == 1 else "rows"
-    return f"{vector}-{runs}"
+    return _CPU_KERNEL[vector, runs]
 
 
 # --------------------------------------------------------------------------------------
@@ -116,11 +193,7 @@ def _pack_weights(w, wp, c_Og):
                         wp[blk, t, k] = w[co, c, u, v] if co < co1 else 0
 
 
-# Pixels per register block of the channel-vector kernels: 24 accumulators (one or two
-# vectors of output channels each) leave registers for the weights and one input value on a
-# 32-register machine.
-_PIXEL_BLOCK_1 = 24  # one vector of channels
-_PIXEL_BLOCK_2 = 12  # two vectors of channels
+
 # Taps per pass over a run of pixel blocks: the pass's weights (at most 16 KiB) stay in L1
 # while they are applied to every block of the run.
 _TAP_CHUNK_BYTES = 16384
@@ -128,420 +201,173 @@ _TAP_CHUNK_BYTES = 16384
 _RUN_BLOCKS = 8
 
 
-@njit(cache=True)
-def _conv2d_cvec2_block(xf, base, tap_off, t0, t1, wq, w_base, lanes, tile, tile_base, first):
-    """Register block of the channel-vector kernel, two vectors of channels x 12 pixels.
+# --------------------------------------------------------------------------------------
+# Register blocks: generated from _REGISTER_BLOCKS into _conv2d_blocks.py
+# --------------------------------------------------------------------------------------
+#
+# Numba keeps values in registers only if they are separate local variables, so each block
+# is written out in full: 24 accumulators, each loaded, updated once per tap and stored by
+# its own statement. The generated module is checked in (Numba caches compiled code only
+# for functions whose source is in a real file) and tests/test_cpu_kernels.py checks that it
+# is current.
 
-    For p < 12 and k < 2 * lanes, with T the sum over taps t0 <= t < t1 of
-    ``wq[w_base + t * 2 * lanes + k] * xf[base + tap_off[t] + p]``:
-    ``tile[tile_base + p * 2 * lanes + k] = T`` if ``first``, else ``+= T``.
-    Two weight vectors are loaded per tap and each input value is broadcast against them
-    (the inner loop of Georganas et al.); the 24 accumulators stay in registers.
-    """
-    _prefer_wide_vectors()
-    step = 2 * lanes
-    if first:
-        a0_0 = _vzero(xf)
-        a0_1 = _vzero(xf)
-        a1_0 = _vzero(xf)
-        a1_1 = _vzero(xf)
-        a2_0 = _vzero(xf)
-        a2_1 = _vzero(xf)
-        a3_0 = _vzero(xf)
-        a3_1 = _vzero(xf)
-        a4_0 = _vzero(xf)
-        a4_1 = _vzero(xf)
-        a5_0 = _vzero(xf)
-        a5_1 = _vzero(xf)
-        a6_0 = _vzero(xf)
-        a6_1 = _vzero(xf)
-        a7_0 = _vzero(xf)
-        a7_1 = _vzero(xf)
-        a8_0 = _vzero(xf)
-        a8_1 = _vzero(xf)
-        a9_0 = _vzero(xf)
-        a9_1 = _vzero(xf)
-        a10_0 = _vzero(xf)
-        a10_1 = _vzero(xf)
-        a11_0 = _vzero(xf)
-        a11_1 = _vzero(xf)
+_BLOCKS_FILE = Path(__file__).with_name("_conv2d_blocks.py")
+# Arguments of register_block; a block of channel vectors takes all but width and row_step
+# (its own step, cols * lanes, is both).
+_BLOCK_ARGS = ("xf", "base", "tap_off", "t0", "t1", "wq", "w_base", "width", "lanes", "tile",
+               "tile_base", "row_step", "first")
+
+
+def _block_args(blk):
+    """The arguments of one register block function."""
+    if blk.vectors_of == "channels":
+        return tuple(arg for arg in _BLOCK_ARGS if arg not in ("width", "row_step"))
+    return _BLOCK_ARGS
+
+
+_BLOCKS_HEADER = '''\
+"""Register blocks of the shared-weight CPU kernel: generated from ``_REGISTER_BLOCKS`` in
+:mod:`gpuconv.cpu.conv2d`, which documents them. Do not edit: change the generator there and
+run ``python -c "from gpuconv.cpu import conv2d; conv2d._write_register_blocks()"``.
+"""
+
+import numpy as np
+from numba import njit
+
+from .simd import prefer_wide_vectors as _prefer_wide_vectors
+from .simd import vfma as _vfma, vload as _vload, vstore as _vstore, vzero as _vzero'''
+
+
+def _wrapped(head, args, tail):
+    """``head`` + the comma-separated ``args`` + ``tail``, wrapped at 92 columns under the
+    first argument."""
+    lines = [head]
+    for i, arg in enumerate(args):
+        piece = arg + (tail if i == len(args) - 1 else ", ")
+        if len(lines[-1]) + len(piece.rstrip()) > 92:
+            lines[-1] = lines[-1].rstrip()
+            lines.append(" " * len(head))
+        lines[-1] += piece
+    return lines
+
+
+def _sum(*terms):
+    """``a + 2 * b`` from ``("a", 1), ("b", 2)``: terms with a zero factor left out."""
+    parts = [n if k == 1 else f"{k} * {n}" for n, k in terms if k]
+    return " + ".join(parts) or "0"
+
+
+def _register_block_source(blk):
+    """Source of one register block function: see :class:`_RegisterBlock`."""
+    rows, cols = blk.rows, blk.cols
+    grid = [(i, j) for i in range(rows) for j in range(cols)]
+
+    if blk.vectors_of == "channels":
+        # Pixel-major tile, rows ``step = cols * lanes`` apart, as the weights of one tap:
+        # derived from ``lanes``, so that LLVM folds the offsets of the weights and the tile.
+        def tile_at(i, j):
+            return _sum(("tile_base", 1), ("step", i), ("lanes", j))
+
+        vec, vec_off, sca, sca_off = "wq", "w_base + t * step", "xf", "base + tap_off[t]"
+        doc = [
+            f'"""{cols} vector{"s" * (cols > 1)} of output channels x {rows} pixels.',
+            "",
+            f"For p < {rows} and k < step = {cols} * lanes, with T the sum over taps",
+            "t0 <= t < t1 of ``wq[w_base + t * step + k] * xf[base + tap_off[t] + p]``:",
+            "``tile[tile_base + p * step + k] = T`` if ``first``, else ``+= T``.",
+            f"Per tap, {cols} weight vector{'s are' if cols > 1 else ' is'} loaded and each "
+            f"input value is broadcast against {'them' if cols > 1 else 'it'}.",
+            '"""',
+        ]
     else:
-        a0_0 = _vload(tile, tile_base + 0 * step)
-        a0_1 = _vload(tile, tile_base + 0 * step + 1 * lanes)
-        a1_0 = _vload(tile, tile_base + 1 * step)
-        a1_1 = _vload(tile, tile_base + 1 * step + 1 * lanes)
-        a2_0 = _vload(tile, tile_base + 2 * step)
-        a2_1 = _vload(tile, tile_base + 2 * step + 1 * lanes)
-        a3_0 = _vload(tile, tile_base + 3 * step)
-        a3_1 = _vload(tile, tile_base + 3 * step + 1 * lanes)
-        a4_0 = _vload(tile, tile_base + 4 * step)
-        a4_1 = _vload(tile, tile_base + 4 * step + 1 * lanes)
-        a5_0 = _vload(tile, tile_base + 5 * step)
-        a5_1 = _vload(tile, tile_base + 5 * step + 1 * lanes)
-        a6_0 = _vload(tile, tile_base + 6 * step)
-        a6_1 = _vload(tile, tile_base + 6 * step + 1 * lanes)
-        a7_0 = _vload(tile, tile_base + 7 * step)
-        a7_1 = _vload(tile, tile_base + 7 * step + 1 * lanes)
-        a8_0 = _vload(tile, tile_base + 8 * step)
-        a8_1 = _vload(tile, tile_base + 8 * step + 1 * lanes)
-        a9_0 = _vload(tile, tile_base + 9 * step)
-        a9_1 = _vload(tile, tile_base + 9 * step + 1 * lanes)
-        a10_0 = _vload(tile, tile_base + 10 * step)
-        a10_1 = _vload(tile, tile_base + 10 * step + 1 * lanes)
-        a11_0 = _vload(tile, tile_base + 11 * step)
-        a11_1 = _vload(tile, tile_base + 11 * step + 1 * lanes)
-    for t in range(t0, t1):
-        o = np.uint64(base + tap_off[t])
-        wo = w_base + t * step
-        w0 = _vload(wq, wo)
-        w1 = _vload(wq, wo + 1 * lanes)
-        x = xf[o]
-        a0_0 = _vfma(a0_0, w0, x)
-        a0_1 = _vfma(a0_1, w1, x)
-        x = xf[o + np.uint64(1)]
-        a1_0 = _vfma(a1_0, w0, x)
-        a1_1 = _vfma(a1_1, w1, x)
-        x = xf[o + np.uint64(2)]
-        a2_0 = _vfma(a2_0, w0, x)
-        a2_1 = _vfma(a2_1, w1, x)
-        x = xf[o + np.uint64(3)]
-        a3_0 = _vfma(a3_0, w0, x)
-        a3_1 = _vfma(a3_1, w1, x)
-        x = xf[o + np.uint64(4)]
-        a4_0 = _vfma(a4_0, w0, x)
-        a4_1 = _vfma(a4_1, w1, x)
-        x = xf[o + np.uint64(5)]
-        a5_0 = _vfma(a5_0, w0, x)
-        a5_1 = _vfma(a5_1, w1, x)
-        x = xf[o + np.uint64(6)]
-        a6_0 = _vfma(a6_0, w0, x)
-        a6_1 = _vfma(a6_1, w1, x)
-        x = xf[o + np.uint64(7)]
-        a7_0 = _vfma(a7_0, w0, x)
-        a7_1 = _vfma(a7_1, w1, x)
-        x = xf[o + np.uint64(8)]
-        a8_0 = _vfma(a8_0, w0, x)
-        a8_1 = _vfma(a8_1, w1, x)
-        x = xf[o + np.uint64(9)]
-        a9_0 = _vfma(a9_0, w0, x)
-        a9_1 = _vfma(a9_1, w1, x)
-        x = xf[o + np.uint64(10)]
-        a10_0 = _vfma(a10_0, w0, x)
-        a10_1 = _vfma(a10_1, w1, x)
-        x = xf[o + np.uint64(11)]
-        a11_0 = _vfma(a11_0, w0, x)
-        a11_1 = _vfma(a11_1, w1, x)
-    _vstore(tile, tile_base + 0 * step, a0_0)
-    _vstore(tile, tile_base + 0 * step + 1 * lanes, a0_1)
-    _vstore(tile, tile_base + 1 * step, a1_0)
-    _vstore(tile, tile_base + 1 * step + 1 * lanes, a1_1)
-    _vstore(tile, tile_base + 2 * step, a2_0)
-    _vstore(tile, tile_base + 2 * step + 1 * lanes, a2_1)
-    _vstore(tile, tile_base + 3 * step, a3_0)
-    _vstore(tile, tile_base + 3 * step + 1 * lanes, a3_1)
-    _vstore(tile, tile_base + 4 * step, a4_0)
-    _vstore(tile, tile_base + 4 * step + 1 * lanes, a4_1)
-    _vstore(tile, tile_base + 5 * step, a5_0)
-    _vstore(tile, tile_base + 5 * step + 1 * lanes, a5_1)
-    _vstore(tile, tile_base + 6 * step, a6_0)
-    _vstore(tile, tile_base + 6 * step + 1 * lanes, a6_1)
-    _vstore(tile, tile_base + 7 * step, a7_0)
-    _vstore(tile, tile_base + 7 * step + 1 * lanes, a7_1)
-    _vstore(tile, tile_base + 8 * step, a8_0)
-    _vstore(tile, tile_base + 8 * step + 1 * lanes, a8_1)
-    _vstore(tile, tile_base + 9 * step, a9_0)
-    _vstore(tile, tile_base + 9 * step + 1 * lanes, a9_1)
-    _vstore(tile, tile_base + 10 * step, a10_0)
-    _vstore(tile, tile_base + 10 * step + 1 * lanes, a10_1)
-    _vstore(tile, tile_base + 11 * step, a11_0)
-    _vstore(tile, tile_base + 11 * step + 1 * lanes, a11_1)
+        def tile_at(i, j):
+            return _sum(("tile_base", 1), ("row_step", i), ("lanes", j))
+
+        vec, vec_off, sca, sca_off = "xf", "base + tap_off[t]", "wq", "w_base + t * width"
+        doc = [
+            f'"""width (1 to {rows}) output channels x {cols} vectors of pixels.',
+            "",
+            f"For k < width and p < {cols} * lanes, with T the sum over taps t0 <= t < t1 of",
+            "``wq[w_base + t * width + k] * xf[base + tap_off[t] + p]``:",
+            "``tile[tile_base + k * row_step + p] = T`` if ``first``, else ``+= T``.",
+            f"Per tap, {cols} input vectors are loaded and each weight is broadcast against "
+            "them;",
+            "the tests of ``width`` always go the same way and cost next to nothing.",
+            '"""',
+        ]
+    out = ["@njit(cache=True)", *_wrapped(f"def {blk.name}_block(", _block_args(blk), "):")]
+    out += ["    " + line if line else "" for line in doc]
+    out += ["    _prefer_wide_vectors()"]
+    if blk.vectors_of == "channels":
+        out += [f"    step = {cols} * lanes"]
+    out += ["    if first:"]
+    out += [f"        a{i}_{j} = _vzero(xf)" for i, j in grid]
+    out += ["    else:"]
+    out += [f"        a{i}_{j} = _vload(tile, {tile_at(i, j)})" for i, j in grid]
+    out += ["    for t in range(t0, t1):",
+            f"        vo = {vec_off}",
+            f"        so = np.uint64({sca_off})"]
+    out += [f"        v{j} = _vload({vec}, {_sum(('vo', 1), ('lanes', j))})"
+            for j in range(cols)]
+    for i in range(rows):
+        pad = "        "
+        if blk.vectors_of == "pixels" and i > 0:
+            out.append(f"        if width > {i}:")
+            pad += "    "
+        out.append(f"{pad}s = {sca}[so]" if i == 0 else f"{pad}s = {sca}[so + np.uint64({i})]")
+        out += [f"{pad}a{i}_{j} = _vfma(a{i}_{j}, v{j}, s)" for j in range(cols)]
+    out += [f"    _vstore(tile, {tile_at(i, j)}, a{i}_{j})" for i, j in grid]
+    return "\n".join(out)
 
 
-@njit(cache=True)
-def _conv2d_cvec1_block(xf, base, tap_off, t0, t1, wq, w_base, lanes, tile, tile_base, first):
-    """Register block of the channel-vector kernel, one vector of channels x 24 pixels
-    (for layers with at most one vector of output channels); as :func:`_conv2d_cvec2_block`.
-    """
-    _prefer_wide_vectors()
-    step = 1 * lanes
-    if first:
-        a0_0 = _vzero(xf)
-        a1_0 = _vzero(xf)
-        a2_0 = _vzero(xf)
-        a3_0 = _vzero(xf)
-        a4_0 = _vzero(xf)
-        a5_0 = _vzero(xf)
-        a6_0 = _vzero(xf)
-        a7_0 = _vzero(xf)
-        a8_0 = _vzero(xf)
-        a9_0 = _vzero(xf)
-        a10_0 = _vzero(xf)
-        a11_0 = _vzero(xf)
-        a12_0 = _vzero(xf)
-        a13_0 = _vzero(xf)
-        a14_0 = _vzero(xf)
-        a15_0 = _vzero(xf)
-        a16_0 = _vzero(xf)
-        a17_0 = _vzero(xf)
-        a18_0 = _vzero(xf)
-        a19_0 = _vzero(xf)
-        a20_0 = _vzero(xf)
-        a21_0 = _vzero(xf)
-        a22_0 = _vzero(xf)
-        a23_0 = _vzero(xf)
-    else:
-        a0_0 = _vload(tile, tile_base + 0 * step)
-        a1_0 = _vload(tile, tile_base + 1 * step)
-        a2_0 = _vload(tile, tile_base + 2 * step)
-        a3_0 = _vload(tile, tile_base + 3 * step)
-        a4_0 = _vload(tile, tile_base + 4 * step)
-        a5_0 = _vload(tile, tile_base + 5 * step)
-        a6_0 = _vload(tile, tile_base + 6 * step)
-        a7_0 = _vload(tile, tile_base + 7 * step)
-        a8_0 = _vload(tile, tile_base + 8 * step)
-        a9_0 = _vload(tile, tile_base + 9 * step)
-        a10_0 = _vload(tile, tile_base + 10 * step)
-        a11_0 = _vload(tile, tile_base + 11 * step)
-        a12_0 = _vload(tile, tile_base + 12 * step)
-        a13_0 = _vload(tile, tile_base + 13 * step)
-        a14_0 = _vload(tile, tile_base + 14 * step)
-        a15_0 = _vload(tile, tile_base + 15 * step)
-        a16_0 = _vload(tile, tile_base + 16 * step)
-        a17_0 = _vload(tile, tile_base + 17 * step)
-        a18_0 = _vload(tile, tile_base + 18 * step)
-        a19_0 = _vload(tile, tile_base + 19 * step)
-        a20_0 = _vload(tile, tile_base + 20 * step)
-        a21_0 = _vload(tile, tile_base + 21 * step)
-        a22_0 = _vload(tile, tile_base + 22 * step)
-        a23_0 = _vload(tile, tile_base + 23 * step)
-    for t in range(t0, t1):
-        o = np.uint64(base + tap_off[t])
-        wo = w_base + t * step
-        w0 = _vload(wq, wo)
-        x = xf[o]
-        a0_0 = _vfma(a0_0, w0, x)
-        x = xf[o + np.uint64(1)]
-        a1_0 = _vfma(a1_0, w0, x)
-        x = xf[o + np.uint64(2)]
-        a2_0 = _vfma(a2_0, w0, x)
-        x = xf[o + np.uint64(3)]
-        a3_0 = _vfma(a3_0, w0, x)
-        x = xf[o + np.uint64(4)]
-        a4_0 = _vfma(a4_0, w0, x)
-        x = xf[o + np.uint64(5)]
-        a5_0 = _vfma(a5_0, w0, x)
-        x = xf[o + np.uint64(6)]
-        a6_0 = _vfma(a6_0, w0, x)
-        x = xf[o + np.uint64(7)]
-        a7_0 = _vfma(a7_0, w0, x)
-        x = xf[o + np.uint64(8)]
-        a8_0 = _vfma(a8_0, w0, x)
-        x = xf[o + np.uint64(9)]
-        a9_0 = _vfma(a9_0, w0, x)
-        x = xf[o + np.uint64(10)]
-        a10_0 = _vfma(a10_0, w0, x)
-        x = xf[o + np.uint64(11)]
-        a11_0 = _vfma(a11_0, w0, x)
-        x = xf[o + np.uint64(12)]
-        a12_0 = _vfma(a12_0, w0, x)
-        x = xf[o + np.uint64(13)]
-        a13_0 = _vfma(a13_0, w0, x)
-        x = xf[o + np.uint64(14)]
-        a14_0 = _vfma(a14_0, w0, x)
-        x = xf[o + np.uint64(15)]
-        a15_0 = _vfma(a15_0, w0, x)
-        x = xf[o + np.uint64(16)]
-        a16_0 = _vfma(a16_0, w0, x)
-        x = xf[o + np.uint64(17)]
-        a17_0 = _vfma(a17_0, w0, x)
-        x = xf[o + np.uint64(18)]
-        a18_0 = _vfma(a18_0, w0, x)
-        x = xf[o + np.uint64(19)]
-        a19_0 = _vfma(a19_0, w0, x)
-        x = xf[o + np.uint64(20)]
-        a20_0 = _vfma(a20_0, w0, x)
-        x = xf[o + np.uint64(21)]
-        a21_0 = _vfma(a21_0, w0, x)
-        x = xf[o + np.uint64(22)]
-        a22_0 = _vfma(a22_0, w0, x)
-        x = xf[o + np.uint64(23)]
-        a23_0 = _vfma(a23_0, w0, x)
-    _vstore(tile, tile_base + 0 * step, a0_0)
-    _vstore(tile, tile_base + 1 * step, a1_0)
-    _vstore(tile, tile_base + 2 * step, a2_0)
-    _vstore(tile, tile_base + 3 * step, a3_0)
-    _vstore(tile, tile_base + 4 * step, a4_0)
-    _vstore(tile, tile_base + 5 * step, a5_0)
-    _vstore(tile, tile_base + 6 * step, a6_0)
-    _vstore(tile, tile_base + 7 * step, a7_0)
-    _vstore(tile, tile_base + 8 * step, a8_0)
-    _vstore(tile, tile_base + 9 * step, a9_0)
-    _vstore(tile, tile_base + 10 * step, a10_0)
-    _vstore(tile, tile_base + 11 * step, a11_0)
-    _vstore(tile, tile_base + 12 * step, a12_0)
-    _vstore(tile, tile_base + 13 * step, a13_0)
-    _vstore(tile, tile_base + 14 * step, a14_0)
-    _vstore(tile, tile_base + 15 * step, a15_0)
-    _vstore(tile, tile_base + 16 * step, a16_0)
-    _vstore(tile, tile_base + 17 * step, a17_0)
-    _vstore(tile, tile_base + 18 * step, a18_0)
-    _vstore(tile, tile_base + 19 * step, a19_0)
-    _vstore(tile, tile_base + 20 * step, a20_0)
-    _vstore(tile, tile_base + 21 * step, a21_0)
-    _vstore(tile, tile_base + 22 * step, a22_0)
-    _vstore(tile, tile_base + 23 * step, a23_0)
+def _register_blocks_source():
+    """Source of ``_conv2d_blocks.py``: one function per entry of ``_REGISTER_BLOCKS``,
+    ``register_block`` that calls one of them by its index (the kernel's ``variant``), and
+    ``tile_is_channel_major``."""
+    parts = [_BLOCKS_HEADER]
+    parts += [_register_block_source(blk) for blk in _REGISTER_BLOCKS]
+    # Inlined by Numba into the caller, which then calls the blocks directly.
+    dispatch = ['@njit(inline="always", cache=True)',
+                *_wrapped("def register_block(", ("variant",) + _BLOCK_ARGS, "):"),
+                '    """Register block number ``variant`` of ``_REGISTER_BLOCKS``."""']
+    for v, blk in enumerate(_REGISTER_BLOCKS):
+        if v == 0:
+            dispatch.append(f"    if variant == {v}:")
+        elif v < len(_REGISTER_BLOCKS) - 1:
+            dispatch.append(f"    elif variant == {v}:")
+        else:
+            dispatch.append("    else:")
+        dispatch += _wrapped(f"        {blk.name}_block(", _block_args(blk), ")")
+    parts.append("\n".join(dispatch))
+    channel_major = " or ".join(f"variant == {v}" for v, blk in enumerate(_REGISTER_BLOCKS)
+                                if blk.vectors_of == "pixels") or "False"
+    parts.append("\n".join([
+        '@njit(inline="always", cache=True)',
+        "def tile_is_channel_major(variant):",
+        '    """Whether register block number ``variant`` keeps a channel-major tile."""',
+        f"    return {channel_major}"]))
+    return "\n\n\n".join(parts) + "\n"
 
 
-@njit(cache=True)
-def _conv2d_pvec_block(xf, base, tap_off, t0, t1, wq, w_base, width, lanes, tile,
-                       tile_base, channel_step, first):
-    """Register block of the pixel-vector kernel: ``width`` (1 to 6) output channels x 4
-    vectors of pixels.
-
-    For k < width and p < 4 * lanes, with T the sum over taps t0 <= t < t1 of
-    ``wq[w_base + t * width + k] * xf[base + tap_off[t] + p]``:
-    ``tile[tile_base + k * channel_step + p] = T`` if ``first``, else ``+= T``.
-    Four input vectors (consecutive pixels) are loaded per tap and each weight is broadcast
-    against them; the (up to) 24 accumulators stay in registers. The tests on ``width``
-    inside the tap loop always go the same way and cost next to nothing. For layers with few output
-    channels, which would leave most lanes of a channel vector empty.
-    """
-    _prefer_wide_vectors()
-    step = channel_step
-    if first:
-        a0_0 = _vzero(xf)
-        a0_1 = _vzero(xf)
-        a0_2 = _vzero(xf)
-        a0_3 = _vzero(xf)
-        a1_0 = _vzero(xf)
-        a1_1 = _vzero(xf)
-        a1_2 = _vzero(xf)
-        a1_3 = _vzero(xf)
-        a2_0 = _vzero(xf)
-        a2_1 = _vzero(xf)
-        a2_2 = _vzero(xf)
-        a2_3 = _vzero(xf)
-        a3_0 = _vzero(xf)
-        a3_1 = _vzero(xf)
-        a3_2 = _vzero(xf)
-        a3_3 = _vzero(xf)
-        a4_0 = _vzero(xf)
-        a4_1 = _vzero(xf)
-        a4_2 = _vzero(xf)
-        a4_3 = _vzero(xf)
-        a5_0 = _vzero(xf)
-        a5_1 = _vzero(xf)
-        a5_2 = _vzero(xf)
-        a5_3 = _vzero(xf)
-    else:
-        a0_0 = _vload(tile, tile_base + 0 * step + 0 * lanes)
-        a0_1 = _vload(tile, tile_base + 0 * step + 1 * lanes)
-        a0_2 = _vload(tile, tile_base + 0 * step + 2 * lanes)
-        a0_3 = _vload(tile, tile_base + 0 * step + 3 * lanes)
-        a1_0 = _vload(tile, tile_base + 1 * step + 0 * lanes)
-        a1_1 = _vload(tile, tile_base + 1 * step + 1 * lanes)
-        a1_2 = _vload(tile, tile_base + 1 * step + 2 * lanes)
-        a1_3 = _vload(tile, tile_base + 1 * step + 3 * lanes)
-        a2_0 = _vload(tile, tile_base + 2 * step + 0 * lanes)
-        a2_1 = _vload(tile, tile_base + 2 * step + 1 * lanes)
-        a2_2 = _vload(tile, tile_base + 2 * step + 2 * lanes)
-        a2_3 = _vload(tile, tile_base + 2 * step + 3 * lanes)
-        a3_0 = _vload(tile, tile_base + 3 * step + 0 * lanes)
-        a3_1 = _vload(tile, tile_base + 3 * step + 1 * lanes)
-        a3_2 = _vload(tile, tile_base + 3 * step + 2 * lanes)
-        a3_3 = _vload(tile, tile_base + 3 * step + 3 * lanes)
-        a4_0 = _vload(tile, tile_base + 4 * step + 0 * lanes)
-        a4_1 = _vload(tile, tile_base + 4 * step + 1 * lanes)
-        a4_2 = _vload(tile, tile_base + 4 * step + 2 * lanes)
-        a4_3 = _vload(tile, tile_base + 4 * step + 3 * lanes)
-        a5_0 = _vload(tile, tile_base + 5 * step + 0 * lanes)
-        a5_1 = _vload(tile, tile_base + 5 * step + 1 * lanes)
-        a5_2 = _vload(tile, tile_base + 5 * step + 2 * lanes)
-        a5_3 = _vload(tile, tile_base + 5 * step + 3 * lanes)
-    for t in range(t0, t1):
-        o = base + tap_off[t]
-        x0 = _vload(xf, o + 0 * lanes)
-        x1 = _vload(xf, o + 1 * lanes)
-        x2 = _vload(xf, o + 2 * lanes)
-        x3 = _vload(xf, o + 3 * lanes)
-        wo = np.uint64(w_base + t * width)
-        w = wq[wo]
-        a0_0 = _vfma(a0_0, x0, w)
-        a0_1 = _vfma(a0_1, x1, w)
-        a0_2 = _vfma(a0_2, x2, w)
-        a0_3 = _vfma(a0_3, x3, w)
-        if width > 1:
-            w = wq[wo + np.uint64(1)]
-            a1_0 = _vfma(a1_0, x0, w)
-            a1_1 = _vfma(a1_1, x1, w)
-            a1_2 = _vfma(a1_2, x2, w)
-            a1_3 = _vfma(a1_3, x3, w)
-        if width > 2:
-            w = wq[wo + np.uint64(2)]
-            a2_0 = _vfma(a2_0, x0, w)
-            a2_1 = _vfma(a2_1, x1, w)
-            a2_2 = _vfma(a2_2, x2, w)
-            a2_3 = _vfma(a2_3, x3, w)
-        if width > 3:
-            w = wq[wo + np.uint64(3)]
-            a3_0 = _vfma(a3_0, x0, w)
-            a3_1 = _vfma(a3_1, x1, w)
-            a3_2 = _vfma(a3_2, x2, w)
-            a3_3 = _vfma(a3_3, x3, w)
-        if width > 4:
-            w = wq[wo + np.uint64(4)]
-            a4_0 = _vfma(a4_0, x0, w)
-            a4_1 = _vfma(a4_1, x1, w)
-            a4_2 = _vfma(a4_2, x2, w)
-            a4_3 = _vfma(a4_3, x3, w)
-        if width > 5:
-            w = wq[wo + np.uint64(5)]
-            a5_0 = _vfma(a5_0, x0, w)
-            a5_1 = _vfma(a5_1, x1, w)
-            a5_2 = _vfma(a5_2, x2, w)
-            a5_3 = _vfma(a5_3, x3, w)
-    _vstore(tile, tile_base + 0 * step + 0 * lanes, a0_0)
-    _vstore(tile, tile_base + 0 * step + 1 * lanes, a0_1)
-    _vstore(tile, tile_base + 0 * step + 2 * lanes, a0_2)
-    _vstore(tile, tile_base + 0 * step + 3 * lanes, a0_3)
-    _vstore(tile, tile_base + 1 * step + 0 * lanes, a1_0)
-    _vstore(tile, tile_base + 1 * step + 1 * lanes, a1_1)
-    _vstore(tile, tile_base + 1 * step + 2 * lanes, a1_2)
-    _vstore(tile, tile_base + 1 * step + 3 * lanes, a1_3)
-    _vstore(tile, tile_base + 2 * step + 0 * lanes, a2_0)
-    _vstore(tile, tile_base + 2 * step + 1 * lanes, a2_1)
-    _vstore(tile, tile_base + 2 * step + 2 * lanes, a2_2)
-    _vstore(tile, tile_base + 2 * step + 3 * lanes, a2_3)
-    _vstore(tile, tile_base + 3 * step + 0 * lanes, a3_0)
-    _vstore(tile, tile_base + 3 * step + 1 * lanes, a3_1)
-    _vstore(tile, tile_base + 3 * step + 2 * lanes, a3_2)
-    _vstore(tile, tile_base + 3 * step + 3 * lanes, a3_3)
-    _vstore(tile, tile_base + 4 * step + 0 * lanes, a4_0)
-    _vstore(tile, tile_base + 4 * step + 1 * lanes, a4_1)
-    _vstore(tile, tile_base + 4 * step + 2 * lanes, a4_2)
-    _vstore(tile, tile_base + 4 * step + 3 * lanes, a4_3)
-    _vstore(tile, tile_base + 5 * step + 0 * lanes, a5_0)
-    _vstore(tile, tile_base + 5 * step + 1 * lanes, a5_1)
-    _vstore(tile, tile_base + 5 * step + 2 * lanes, a5_2)
-    _vstore(tile, tile_base + 5 * step + 3 * lanes, a5_3)
+def _write_register_blocks():
+    """Regenerate ``_conv2d_blocks.py`` (after a change of ``_REGISTER_BLOCKS`` or of the
+    generator)."""
+    _BLOCKS_FILE.write_text(_register_blocks_source())
 
 
 @njit(parallel=True, cache=True)
-def _conv2d_kernel(xf, tap_off, wq, variant, block, bias, has_bias, out, tiles, groups, c_Ig,
-                   h_P, s_H, s_W, w_Q, merged):
-    """The shared-weight kernel around a register block ``variant`` (0: pixel-vector,
-    1 or 2: channel-vector with that many vectors of channels). Jobs are (run of pixel
-    blocks, block of output channels); each job runs the reduction in L1-sized chunks of
-    taps over all the pixel blocks of its run, then scatters its tiles to the output."""
+def _conv2d_kernel(xf, tap_off, wq, variant, px, block, block_step, row_step, tap_chunk, bias,
+                   has_bias, out, tiles, groups, c_Ig, h_P, s_H, s_W, w_Q, merged):
+    """The shared-weight kernel around register block number ``variant`` of
+    ``_REGISTER_BLOCKS`` (``px`` pixels by ``block`` output channels, ``block_step`` apart in
+    the tile, rows ``row_step`` apart: see :class:`_Conv2dLayout`). Jobs are (run of pixel
+    blocks, block of output channels); each job runs the reduction in chunks of ``tap_chunk``
+    taps (whose weights fit in L1) over all the pixel blocks of its run, then scatters its
+    tiles to the output."""
     n, c_O, h_O, w_O = out.shape
     c_Og = c_O // groups
     n_taps = tap_off.shape[0]
     lanes = _VECTOR_BYTES // wq.itemsize
-    if variant == 0:
-        px = 4 * lanes                          # pixels per block
-    else:
-        px = _PIXEL_BLOCK_1 if variant == 1 else _PIXEL_BLOCK_2
-    tap_chunk = max(1, _TAP_CHUNK_BYTES // (block * wq.itemsize))
     blocks_per_group = -(-c_Og // block)
     n_blocks = blocks_per_group * groups
     channel_stride = n * h_P * s_W * w_Q
@@ -556,7 +382,6 @@ def _conv2d_kernel(xf, tap_off, wq, variant, block, bias, has_bias, out, tiles, 
         total = 0
     n_jobs = runs * n_blocks
     n_threads = tiles.shape[0]
-    tile_step = px * block
     out_flat = out.reshape(-1)
     for thread in prange(n_threads):
         tile = tiles[thread]
@@ -589,16 +414,9 @@ def _conv2d_kernel(xf, tap_off, wq, variant, block, bias, has_bias, out, tiles, 
                 t1 = min(t0 + tap_chunk, n_taps)
                 for j in range(n_px_blocks):
                     base = row_base + v_start + j * px
-                    if variant == 0:
-                        # channel-major over the whole run: tile[k * run_len + i]
-                        _conv2d_pvec_block(xf, base, tap_off, t0, t1, wq, w_base, block,
-                                           lanes, tile, j * px, run_len, t0 == 0)
-                    elif variant == 1:
-                        _conv2d_cvec1_block(xf, base, tap_off, t0, t1, wq, w_base, lanes,
-                                            tile, j * tile_step, t0 == 0)
-                    else:
-                        _conv2d_cvec2_block(xf, base, tap_off, t0, t1, wq, w_base, lanes,
-                                            tile, j * tile_step, t0 == 0)
+                    _blocks.register_block(variant, xf, base, tap_off, t0, t1, wq, w_base,
+                                           block, lanes, tile, j * block_step, row_step,
+                                           t0 == 0)
             # Scatter the run's tiles to the output, one stretch of an output row at a time.
             i0 = 0
             while i0 < v_end - v_start:
@@ -610,7 +428,11 @@ def _conv2d_kernel(xf, tap_off, wq, variant, block, bias, has_bias, out, tiles, 
                     k = co - co0
                     o = ((b * c_O + co) * h_O + oy) * w_O + ox
                     add = bias[co, 0, 0] if has_bias else 0
-                    if variant == 0:
+                    # Tested here, inside the parallel loop, on the variant number, which
+                    # LLVM relates to the branches of register_block. (A flag computed
+                    # outside prange reaches the loop body as a separate argument, and LLVM
+                    # then compiles a slower strided loop for pixel-major tiles.)
+                    if _blocks.tile_is_channel_major(variant):
                         t = k * run_len + i0
                         for q in range(valid):
                             out_flat[np.uint64(o + q)] = tile[np.uint64(t + q)] + add
@@ -645,25 +467,37 @@ def _tap_offsets(geom, h_P, w_Q):
 class _Conv2dLayout(NamedTuple):
     """Sizes of the shared kernel's repacked buffers for one geometry (see conv2d_forward)."""
 
-    variant: int          # 0: pvec, 1: cvec1, 2: cvec2
+    variant: int          # index of the register block in _REGISTER_BLOCKS
+    pixels: int           # output pixels per register block
+    block_step: int       # tile elements between consecutive pixel blocks of a run
+    row_step: int         # tile elements between the rows of a register block
     merged: bool          # stride-1 layout whose rows and images share their padding
     h_P: int
     w_Q: int
     packed_size: int      # elements of the padded, phase-split input
     slack: int            # zero elements after it
     block: int            # output channels per register block
+    tap_chunk: int        # taps per pass over a run (their weights fit in L1)
     blocks_per_group: int
     n_taps: int
     tile: int             # per-thread scratch elements
 
 
+@functools.lru_cache(maxsize=None)
+def _largest_blocks(lanes):
+    """Most pixels of any register block, and most elements of any block's tile of a run."""
+    return (max(blk.pixels(lanes) for blk in _REGISTER_BLOCKS),
+            _RUN_BLOCKS * max(blk.pixels(lanes) * blk.channels(lanes)
+                              for blk in _REGISTER_BLOCKS))
+
+
 def _conv2d_layout(geom, itemsize):
     s_H, s_W = geom.stride_h, geom.stride_w
     kernel = choose_cpu_kernel(geom)
-    variant = 0 if kernel.startswith("pvec") else int(kernel[4])
-    merged = kernel.endswith("merged")
+    reg = _BLOCK_BY_NAME[kernel.vector]
+    merged = kernel.merged
     lanes = _VECTOR_BYTES // itemsize
-    pixel_block = max(_PIXEL_BLOCK_1, _PIXEL_BLOCK_2, 4 * lanes)
+    pixel_block, tile = _largest_blocks(lanes)
     if merged:
         # Stride 1: one zero column between neighbouring rows serves as the right padding of
         # one and the left padding of the next (likewise rows between images), so fewer
@@ -682,17 +516,23 @@ def _conv2d_layout(geom, itemsize):
         slack = pixel_block
     packed_size = geom.in_channels * geom.batch * h_P * s_W * w_Q
     n_taps = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
-    if variant == 0:
-        # Even blocks of at most _PVEC_CHANNELS: 10 channels as 2 x 5, not 6 + 4.
+    if reg.vectors_of == "pixels":
+        # Even blocks of at most reg.rows channels: 10 channels as 2 x 5, not 6 + 4.
         c_Og = geom.out_channels_per_group
-        block = -(-c_Og // -(-c_Og // _PVEC_CHANNELS))
+        block = -(-c_Og // -(-c_Og // reg.channels(lanes)))
     else:
-        block = variant * lanes
+        block = reg.channels(lanes)
     blocks_per_group = -(-geom.out_channels_per_group // block)
-    tile = _RUN_BLOCKS * max(_PIXEL_BLOCK_1 * lanes, 2 * _PIXEL_BLOCK_2 * lanes,
-                             4 * lanes * _PVEC_CHANNELS)
-    return _Conv2dLayout(variant, merged, h_P, w_Q, packed_size, slack, block,
-                         blocks_per_group, n_taps, tile)
+    px = reg.pixels(lanes)
+    if reg.vectors_of == "pixels":
+        # channel-major over the whole run: tile[k * run_len + i], rows are channels
+        block_step, row_step = px, _RUN_BLOCKS * px
+    else:
+        # pixel-major: tile[i * block + k], rows are pixels
+        block_step, row_step = px * block, block
+    tap_chunk = max(1, _TAP_CHUNK_BYTES // (block * itemsize))
+    return _Conv2dLayout(_VARIANT[reg.name], px, block_step, row_step, merged, h_P, w_Q,
+                         packed_size, slack, block, tap_chunk, blocks_per_group, n_taps, tile)
 
 
 _SMALL_SCRATCH = 1 << 16  # array headers, the bias placeholder, index temporaries
@@ -717,7 +557,7 @@ def conv2d_forward(x, weight, bias, has_bias, out, geom):
     that takes (about the padded input's size).
     """
     layout = _conv2d_layout(geom, x.dtype.itemsize)
-    variant, merged, block = layout.variant, layout.merged, layout.block
+    merged, block = layout.merged, layout.block
     h_P, w_Q, s_H, s_W = layout.h_P, layout.w_Q, geom.stride_h, geom.stride_w
     packed_size = layout.packed_size
     xf = np.empty(packed_size + layout.slack, dtype=x.dtype)
@@ -728,7 +568,8 @@ def conv2d_forward(x, weight, bias, has_bias, out, geom):
     wq = np.empty((layout.blocks_per_group * geom.groups, layout.n_taps, block), dtype=x.dtype)
     _pack_weights(weight, wq, geom.out_channels_per_group)
     tiles = np.empty((numba.get_num_threads(), layout.tile), dtype=x.dtype)
-    _conv2d_kernel(xf, tap_off, wq.reshape(-1), variant, block, bias, has_bias, out, tiles,
-                   geom.groups, geom.in_channels_per_group, h_P, s_H, s_W, w_Q, merged)
+    _conv2d_kernel(xf, tap_off, wq.reshape(-1), layout.variant, layout.pixels, block,
+                   layout.block_step, layout.row_step, layout.tap_chunk, bias, has_bias, out,
+                   tiles, geom.groups, geom.in_channels_per_group, h_P, s_H, s_W, w_Q, merged)
     return out
 
