@@ -290,7 +290,7 @@ def test_local_conv2d_weight_stages_cross_channels_and_position_blocks(dtype):
     config = config._replace(kernel=spec, block=(32, 1), grid=(2, 4), batch_block=2)
     d_x, d_w, d_b = _device_arrays(x, w, b)
     d_out = cuda.to_device(np.full(geom.output_shape, np.nan, dtype))
-    _cuda._launch_local_conv2d(d_x, d_w, d_b, d_out, geom, cuda.default_stream(), config)
+    _cuda.launch_local_conv2d(d_x, d_w, d_b, d_out, geom, cuda.default_stream(), config)
     _assert_matches(d_out.copy_to_host(), *_reference(True, x, w, b, geom), dtype)
 
 
