@@ -63,6 +63,9 @@ def gpu_description():
     """Name and compute capability of the current CUDA device, or ``None``."""
     try:
         from numba import cuda
+
+        from .device import simulator_enabled
+
         device = cuda.get_current_device()
     except Exception:
         return None
@@ -70,7 +73,7 @@ def gpu_description():
     if isinstance(name, bytes):
         name = name.decode(errors="replace")
     if not name:
-        name = ("Numba CUDA simulator" if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+        name = ("Numba CUDA simulator" if simulator_enabled()
                 else "unnamed CUDA device")
     try:
         major, minor = device.compute_capability

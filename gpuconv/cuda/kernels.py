@@ -33,6 +33,7 @@ import numpy as np
 from numba import cuda, float32, float64, int64, types, uint64
 
 from .. import workloads
+from ..device import simulator_enabled
 
 __all__ = ["KernelSpec", "Conv2dConfig", "LocalConv2dConfig", "conv2d_kernel",
            "local_conv2d_kernel", "transpose_kernel", "copy_kernel", "compiled",
@@ -88,7 +89,7 @@ def _rename(func, name):
 @functools.lru_cache(maxsize=None)
 def compiled(spec):
     """The launchable kernel of ``spec`` (compiled on first launch for the current GPU)."""
-    if spec.launch_bounds is None or cuda.config.ENABLE_CUDASIM:  # the simulator has none
+    if spec.launch_bounds is None or simulator_enabled():  # the simulator has none
         return cuda.jit(spec.signature)(spec.pyfunc)
     try:
         return cuda.jit(spec.signature, launch_bounds=spec.launch_bounds)(spec.pyfunc)

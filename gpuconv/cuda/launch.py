@@ -31,7 +31,8 @@ import numpy as np
 from numba import cuda
 
 from . import grad_kernels, kernels
-from ..device import check_memory
+from ..device import (DLPACK_CUDA_DEVICES, c_strides, check_memory, is_c_contiguous,
+                      simulator_enabled)
 
 __all__ = ["run", "from_host_like", "HALF_SUPPORTED"]
 
@@ -65,7 +66,7 @@ def _device_id(obj):
     if dlpack_device is not None:
         try:
             kind, index = dlpack_device()
-            if int(kind) in (2, 13):
+            if int(kind) in DLPACK_CUDA_DEVICES:
                 return int(index)
         except Exception:
             pass
@@ -107,10 +108,6 @@ def _same_stream(a, b):
         return a is b
 
 
-def _simulated():
-    return bool(cuda.config.ENABLE_CUDASIM)
-
-
 def _as_device_array(obj, sync):
     """A Numba device array viewing ``obj`` (no copy); with ``sync``, first wait for the
     stream that produced it."""
@@ -130,7 +127,7 @@ class _View6:
         itemsize = np.dtype(cai["typestr"]).itemsize
         strides = cai.get("strides")
         if strides is None:
-            strides = _c_strides(cai["shape"], itemsize)
+            strides = c_strides(cai["shape"], itemsize)
         self.__cuda_array_interface__ = {
             "shape": (1,) * pad + tuple(cai["shape"]),
             "strides": (0,) * pad + tuple(strides),
@@ -140,14 +137,6 @@ class _View6:
             "stream": None,
         }
         self._keep = array
-
-
-def _c_strides(shape, itemsize):
-    strides, step = [], itemsize
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(int(size), 1)
-    return tuple(reversed(strides))
 
 
 def _is_contiguous(array):
@@ -166,7 +155,7 @@ def _contiguous(array, stream, empty=None):
     dst = (empty or _numba_empty(stream))(array.shape, array.dtype)
     if array.size == 0:
         return dst
-    if _simulated():
+    if simulator_enabled():
         src6 = cuda.devicearray.FakeCUDAArray(
             np.asarray(array._ary)[(None,) * (6 - array.ndim)])
         dst6 = cuda.devicearray.FakeCUDAArray(dst._ary.reshape((1,) * (6 - array.ndim) + array.shape))
@@ -222,7 +211,7 @@ def _transpose(src, rows_padded, stream, empty):
     dst = (empty or _numba_empty(stream))((batches, cols, rows_padded), src.dtype)
     # 32 x 32 tiles, eight rows of threads, on a GPU; 16 x 16 tiles and one row in the
     # simulator, where every thread is a Python thread (the kernel is the same code).
-    tile, threads_y = (16, 1) if _simulated() else (32, 8)
+    tile, threads_y = (16, 1) if simulator_enabled() else (32, 8)
     kernel = kernels.compiled(kernels.transpose_kernel(kernels.dtype_code(src.dtype), tile))
     grid = (-(-cols // tile), min(-(-rows_padded // tile), kernels.GRID_YZ_LIMIT),
             min(batches, kernels.GRID_YZ_LIMIT))
@@ -417,13 +406,12 @@ def _operand_is_contiguous(op, itemsize):
     cai = getattr(op.obj, "__cuda_array_interface__", None)
     if cai is None:  # a simulator device array
         return bool(op.obj.is_c_contiguous())
-    strides = cai.get("strides")
-    return strides is None or tuple(strides) == _c_strides(op.shape, itemsize)
+    return is_c_contiguous(op.shape, cai.get("strides"), itemsize)
 
 
 def _free_bytes(template=None):
     """Free device memory, counting what the caller's library holds cached but unused."""
-    if _simulated():
+    if simulator_enabled():
         return None
     try:
         free = int(cuda.current_context().get_memory_info()[0])
@@ -492,7 +480,7 @@ def _allocate_like(template, shape, dtype, stream):
 
 def _run_gpu(op, operands, geom):
     present = [o for o in operands if o is not None]
-    simulated = _simulated()
+    simulated = simulator_enabled()
     device = None
     if not simulated:
         ids = {_device_id(o.obj) for o in present}
@@ -540,7 +528,7 @@ def run(op, operands, geom):
     operand decides the kind of array returned and the stream. ``geom`` is the validated
     :class:`~gpuconv.geometry.ConvGeometry`.
     """
-    with _SIMULATOR_LOCK if _simulated() else contextlib.nullcontext():
+    with _SIMULATOR_LOCK if simulator_enabled() else contextlib.nullcontext():
         if operands[0].on_gpu:
             return _run_gpu(op, operands, geom)
         return _run_host(op, operands, geom)
