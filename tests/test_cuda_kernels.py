@@ -320,7 +320,7 @@ def test_inputs_on_different_gpus_are_refused(monkeypatch):
     geom = _geometry(1, 1, 3, 3, 1, 3)
     x, w = _device_arrays(np.ones((1, 1, 3, 3)), np.ones((1, 1, 3, 3)))
     ids = iter([0, 1])
-    monkeypatch.setattr(_cuda, "_simulated", lambda: False)
+    monkeypatch.setattr(_cuda, "simulator_enabled", lambda: False)
     monkeypatch.setattr(_cuda, "_device_id", lambda obj: next(ids))
     with pytest.raises(ValueError, match="same GPU"):
         _run(False, x, w, None, geom)
