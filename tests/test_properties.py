@@ -16,8 +16,9 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, strategies as st  # noqa: E402
 
 import gpuconv  # noqa: E402
-from reference import (assert_close, conv2d_ref, local_conv2d_ref, output_size,  # noqa: E402
-                       padding_totals)
+from reference import (assert_close, conv2d_input_grad_ref, conv2d_ref,  # noqa: E402
+                       conv2d_weight_grad_ref, local_conv2d_input_grad_ref, local_conv2d_ref,
+                       local_conv2d_weight_grad_ref, output_size, padding_totals)
 
 small = st.integers(1, 3)
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -97,3 +98,36 @@ def test_tied_kernels_identity(case, device):
     tol = 1e-5 if x.dtype == np.float32 else 1e-12
     scale = max(1.0, float(np.abs(shared).max()))
     np.testing.assert_allclose(local, shared, rtol=0, atol=tol * scale * 10)
+
+
+def _check_gradients(case, device, local):
+    x, w, _, kwargs = case
+    if local:
+        gin, gin_ref = gpuconv.grad.local_conv2d_input, local_conv2d_input_grad_ref
+        gwt, gwt_ref = gpuconv.grad.local_conv2d_weight, local_conv2d_weight_grad_ref
+        out_hw = w.shape[1:3]
+    else:
+        gin, gin_ref = gpuconv.grad.conv2d_input, conv2d_input_grad_ref
+        gwt, gwt_ref = gpuconv.grad.conv2d_weight, conv2d_weight_grad_ref
+        out_hw = output_size(x.shape[2:], w.shape[2:], kwargs["stride"], kwargs["padding"],
+                             kwargs["dilation"])
+    gy = np.random.default_rng(x.size).uniform(-1, 1, (x.shape[0], w.shape[0], *out_hw))
+    gy = gy.astype(x.dtype)
+    gx = gin(x.shape, w, gy, device=device, **kwargs)
+    assert gx.dtype == x.dtype
+    assert_close(gx, gin_ref(x.shape, w, gy, **kwargs),
+                 gin_ref(x.shape, np.abs(w), np.abs(gy), **kwargs), x.dtype)
+    gw = gwt(x, w.shape, gy, device=device, **kwargs)
+    assert gw.dtype == x.dtype
+    assert_close(gw, gwt_ref(x, w.shape, gy, **kwargs),
+                 gwt_ref(np.abs(x), w.shape, np.abs(gy), **kwargs), x.dtype)
+
+
+@given(case=geometries(local=False))
+def test_conv2d_gradients_property(case, device, poisoned_outputs):
+    _check_gradients(case, device, local=False)
+
+
+@given(case=geometries(local=True))
+def test_local_conv2d_gradients_property(case, device, poisoned_outputs):
+    _check_gradients(case, device, local=True)

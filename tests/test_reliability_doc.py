@@ -26,6 +26,8 @@ def _describe(op, override):
     for key, value in override.items():
         if isinstance(value, np.ndarray):
             parts.append(f"{key}: shape {value.shape}, {value.dtype}")
+        elif isinstance(value, list):
+            parts.append(f"{key}: a Python list of shape {np.shape(value)}")
         else:
             parts.append(f"{key}={value!r}")
     return f"`{op}` with " + ", ".join(parts)
