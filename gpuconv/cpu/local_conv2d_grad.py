@@ -411,10 +411,13 @@ def _lwg_kernel(xpf, gy, outf, wins, gys, groups, c_I, k_H, k_W, s_H, s_W, d_H, 
 
 def _lwg_chunk(geom, itemsize):
     """Positions per job of the weight gradient: as many as keep one thread's windows
-    within _WINDOW_BYTES (at least one, at most the row)."""
+    within _WINDOW_BYTES (at least one), the row split into runs of (nearly) equal length
+    so that jobs, dealt to the threads in turn, carry equal work."""
     per_position = geom.batch * geom.in_channels_per_group * geom.kernel_height \
         * geom.kernel_width * itemsize
-    return int(max(1, min(geom.out_width, _WINDOW_BYTES // max(1, per_position))))
+    most = max(1, min(geom.out_width, _WINDOW_BYTES // max(1, per_position)))
+    runs = -(-geom.out_width // most)
+    return int(-(-geom.out_width // runs))
 
 
 class _LwgLayout(NamedTuple):
