@@ -438,12 +438,14 @@ def _wg_kernel(xf, tap_off, gyp, mask, dest, tiles, groups, c_Og, n_taps, group_
     for thread in prange(n_threads):
         tile = tiles[thread]
         for job in range(thread, n_jobs, n_threads):
+            # channel blocks vary fastest: consecutive jobs share the tap group's input
+            # (kept in cache) and stream the smaller gy rows
             part = job // jobs_per_part
             rest = job - part * jobs_per_part
-            tg = rest % tap_groups
-            rest = rest // tap_groups
             cb = rest % co_blocks
-            g = rest // co_blocks
+            rest = rest // co_blocks
+            tg = rest % tap_groups
+            g = rest // tap_groups
             r_lo = part * part_rows
             r_hi = min(r_lo + part_rows, n_rows)
             tb0 = tg * _WG_TAP_BLOCKS
