@@ -168,8 +168,9 @@ def main():
         torch.set_num_threads(numba.get_num_threads())
     dtype = np.dtype(args.dtype)
     ops = ("conv2d", "local_conv2d") if args.op == "both" else (args.op,)
-    print(f"threads: {numba.get_num_threads()} ({'process CPU time' if args.one_core else 'wall time'}),"
-          f" {args.dtype}, {args.rounds} rounds x {args.burst} calls, medians")
+    timing = "process CPU time" if args.one_core else "wall time"
+    print(f"threads: {numba.get_num_threads()} ({timing}), {args.dtype}, "
+          f"{args.rounds} rounds x {args.burst} calls, medians")
     print("| layer | op | gpuconv ms | peer ms | ratio | in ratio | w ratio | rel. diff | detail |")
     print("|---|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)

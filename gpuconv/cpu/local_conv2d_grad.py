@@ -66,7 +66,6 @@ def _lig_position(wf, gyt, acc, p0, p1, p2, p3, width, r_len, nb, acc_base, c_Ig
     ``t = (c * k_H + u) * k_W + v`` and
     ``a = acc_base + c * acc_channel + (u - u0) * acc_row + v * acc_tap + bv * lanes``;
     vectors of ``vbytes`` bytes (a constant)."""
-    numba.literally(vbytes)  # compiled once per vector size
     _prefer_wide_vectors()
     lanes = vbytes // wf.itemsize
     w0 = p0 * r_len
@@ -111,78 +110,102 @@ def _pack_gy(gy, gyt):
                     gyt[o, oy, ox, b] = 0
 
 
-@njit(parallel=True, cache=True)
-def _lig_kernel(wf, gyt, out, accs, groups, k_H, k_W, s_H, s_W, pt, pl, d_H, d_W, band_rows,
-                w_P, lanes):
+@njit(cache=True)
+def _lig_band(wf, gyt, out, acc, g, y0, y1, k_H, k_W, s_H, s_W, pt, pl, d_H, d_W, band_rows,
+              w_P, c_Og, vbytes):
+    """Input rows [y0, y1) of group g: every position whose window reaches them, in order,
+    into the band's accumulators, then the band's real pixels to ``out``. ``vbytes`` (the
+    vector size) must be a constant: one compiled variant per size."""
     n, c_I, h, wd = out.shape
-    c_O, h_O, w_O, nb = gyt.shape
-    c_Og = c_O // groups
-    c_Ig = c_I // groups
+    h_O, w_O, nb = gyt.shape[1], gyt.shape[2], gyt.shape[3]
+    c_Ig = c_I // (gyt.shape[0] // c_Og)
+    lanes = vbytes // wf.itemsize
     n_V = nb // lanes
-    vbytes = lanes * wf.itemsize
     r_len = c_Ig * k_H * k_W
     acc_tap = d_W * nb
     acc_col = nb
     acc_row = w_P * nb
     acc_channel = band_rows * acc_row
-    bands = -(-h // band_rows)
-    n_jobs = groups * bands
     blocks = -(-c_Og // _CO_BLOCK)
+    for i in range(c_Ig * band_rows * acc_row):
+        acc[i] = 0
+    # output rows whose windows reach input rows [y0, y1)
+    oy_lo = max(0, -((-(y0 + pt - (k_H - 1) * d_H)) // s_H))
+    oy_hi = min(h_O - 1, (y1 - 1 + pt) // s_H)
+    for oy in range(oy_lo, oy_hi + 1):
+        top = oy * s_H - pt                   # input row of tap u = 0
+        u0 = max(0, -((-(y0 - top)) // d_H))  # first tap row inside the band
+        u1 = min(k_H, (y1 - 1 - top) // d_H + 1)
+        if u1 <= u0:
+            continue
+        row_base = (top + u0 * d_H - y0) * acc_row
+        for blk in range(blocks):
+            co0 = g * c_Og + blk * _CO_BLOCK
+            width = min(_CO_BLOCK, (g + 1) * c_Og - co0)
+            p0 = co0 * h_O * w_O + oy * w_O
+            p1 = (co0 + min(1, width - 1)) * h_O * w_O + oy * w_O
+            p2 = (co0 + min(2, width - 1)) * h_O * w_O + oy * w_O
+            p3 = (co0 + min(3, width - 1)) * h_O * w_O + oy * w_O
+            for ox in range(w_O):
+                _lig_position(wf, gyt, acc, p0 + ox, p1 + ox, p2 + ox, p3 + ox, width, r_len,
+                              nb, row_base + ox * s_W * acc_col, c_Ig, k_H, k_W, u0, u1,
+                              acc_channel, d_H * acc_row, acc_tap, n_V, vbytes)
+    # the band's real pixels to the output (columns no window reaches are zero)
+    for b in range(n):
+        for c in range(c_Ig):
+            for y in range(y0, y1):
+                base = c * acc_channel + (y - y0) * acc_row + b
+                for ix in range(wd):
+                    j = ix + pl
+                    if j < w_P:
+                        out[b, g * c_Ig + c, y, ix] = acc[base + j * acc_col]
+                    else:
+                        out[b, g * c_Ig + c, y, ix] = 0
+
+
+# One parallel kernel per vector size (16, 32 or 64 bytes), each compiled when first used;
+# jobs are (group, band of band_rows input rows), dealt to the threads in turn.
+
+@njit(parallel=True, cache=True)
+def _lig_kernel16(wf, gyt, out, accs, groups, k_H, k_W, s_H, s_W, pt, pl, d_H, d_W,
+                  band_rows, w_P):
+    bands = -(-out.shape[2] // band_rows)
     n_threads = accs.shape[0]
     for thread in prange(n_threads):
-        acc = accs[thread]
-        for job in range(thread, n_jobs, n_threads):
-            g = job // bands
-            y0 = (job - g * bands) * band_rows
-            y1 = min(y0 + band_rows, h)
-            for i in range(c_Ig * band_rows * acc_row):
-                acc[i] = 0
-            # output rows whose windows reach input rows [y0, y1)
-            oy_lo = max(0, -((-(y0 + pt - (k_H - 1) * d_H)) // s_H))
-            oy_hi = min(h_O - 1, (y1 - 1 + pt) // s_H)
-            for oy in range(oy_lo, oy_hi + 1):
-                top = oy * s_H - pt                   # input row of tap u = 0
-                u0 = max(0, -((-(y0 - top)) // d_H))  # first tap row inside the band
-                u1 = min(k_H, (y1 - 1 - top) // d_H + 1)
-                if u1 <= u0:
-                    continue
-                row_base = (top + u0 * d_H - y0) * acc_row
-                for blk in range(blocks):
-                    co0 = g * c_Og + blk * _CO_BLOCK
-                    width = min(_CO_BLOCK, (g + 1) * c_Og - co0)
-                    co_a = co0 + min(1, width - 1)
-                    co_b = co0 + min(2, width - 1)
-                    co_c = co0 + min(3, width - 1)
-                    p0 = co0 * h_O * w_O + oy * w_O
-                    p1 = co_a * h_O * w_O + oy * w_O
-                    p2 = co_b * h_O * w_O + oy * w_O
-                    p3 = co_c * h_O * w_O + oy * w_O
-                    # the vector size as a constant: one compiled variant each
-                    for ox in range(w_O):
-                        a_b = row_base + ox * s_W * acc_col
-                        if vbytes == 16:
-                            _lig_position(wf, gyt, acc, p0 + ox, p1 + ox, p2 + ox, p3 + ox,
-                                          width, r_len, nb, a_b, c_Ig, k_H, k_W, u0, u1,
-                                          acc_channel, d_H * acc_row, acc_tap, n_V, 16)
-                        elif vbytes == 32:
-                            _lig_position(wf, gyt, acc, p0 + ox, p1 + ox, p2 + ox, p3 + ox,
-                                          width, r_len, nb, a_b, c_Ig, k_H, k_W, u0, u1,
-                                          acc_channel, d_H * acc_row, acc_tap, n_V, 32)
-                        else:
-                            _lig_position(wf, gyt, acc, p0 + ox, p1 + ox, p2 + ox, p3 + ox,
-                                          width, r_len, nb, a_b, c_Ig, k_H, k_W, u0, u1,
-                                          acc_channel, d_H * acc_row, acc_tap, n_V, 64)
-            # the band's real pixels to the output (columns no window reaches are zero)
-            for b in range(n):
-                for c in range(c_Ig):
-                    for y in range(y0, y1):
-                        base = c * acc_channel + (y - y0) * acc_row + b
-                        for ix in range(wd):
-                            j = ix + pl
-                            if j < w_P:
-                                out[b, g * c_Ig + c, y, ix] = acc[base + j * acc_col]
-                            else:
-                                out[b, g * c_Ig + c, y, ix] = 0
+        for job in range(thread, groups * bands, n_threads):
+            y0 = (job % bands) * band_rows
+            _lig_band(wf, gyt, out, accs[thread], job // bands, y0,
+                      min(y0 + band_rows, out.shape[2]), k_H, k_W, s_H, s_W, pt, pl, d_H, d_W,
+                      band_rows, w_P, gyt.shape[0] // groups, 16)
+
+
+@njit(parallel=True, cache=True)
+def _lig_kernel32(wf, gyt, out, accs, groups, k_H, k_W, s_H, s_W, pt, pl, d_H, d_W,
+                  band_rows, w_P):
+    bands = -(-out.shape[2] // band_rows)
+    n_threads = accs.shape[0]
+    for thread in prange(n_threads):
+        for job in range(thread, groups * bands, n_threads):
+            y0 = (job % bands) * band_rows
+            _lig_band(wf, gyt, out, accs[thread], job // bands, y0,
+                      min(y0 + band_rows, out.shape[2]), k_H, k_W, s_H, s_W, pt, pl, d_H, d_W,
+                      band_rows, w_P, gyt.shape[0] // groups, 32)
+
+
+@njit(parallel=True, cache=True)
+def _lig_kernel64(wf, gyt, out, accs, groups, k_H, k_W, s_H, s_W, pt, pl, d_H, d_W,
+                  band_rows, w_P):
+    bands = -(-out.shape[2] // band_rows)
+    n_threads = accs.shape[0]
+    for thread in prange(n_threads):
+        for job in range(thread, groups * bands, n_threads):
+            y0 = (job % bands) * band_rows
+            _lig_band(wf, gyt, out, accs[thread], job // bands, y0,
+                      min(y0 + band_rows, out.shape[2]), k_H, k_W, s_H, s_W, pt, pl, d_H, d_W,
+                      band_rows, w_P, gyt.shape[0] // groups, 64)
+
+
+_LIG_KERNELS = {16: _lig_kernel16, 32: _lig_kernel32, 64: _lig_kernel64}
 
 
 class _LigLayout(NamedTuple):
@@ -236,9 +259,10 @@ def local_conv2d_input_grad(grad_output, weight, out, geom):
     gyt = np.empty((geom.out_channels, geom.out_height, geom.out_width, layout.nb), dtype)
     _pack_gy(grad_output, gyt)
     accs = np.empty((threads, layout.acc), dtype=dtype)
-    _lig_kernel(weight.reshape(-1), gyt, out, accs, geom.groups, geom.kernel_height,
-                geom.kernel_width, geom.stride_h, geom.stride_w, geom.pad_top, geom.pad_left,
-                geom.dilation_h, geom.dilation_w, layout.band_rows, layout.w_P, layout.lanes)
+    kernel = _LIG_KERNELS[layout.lanes * dtype.itemsize]
+    kernel(weight.reshape(-1), gyt, out, accs, geom.groups, geom.kernel_height,
+           geom.kernel_width, geom.stride_h, geom.stride_w, geom.pad_top, geom.pad_left,
+           geom.dilation_h, geom.dilation_w, layout.band_rows, layout.w_P)
     return out
 
 
@@ -411,10 +435,13 @@ def _lwg_kernel(xpf, gy, outf, wins, gys, groups, c_I, k_H, k_W, s_H, s_W, d_H, 
 
 def _lwg_chunk(geom, itemsize):
     """Positions per job of the weight gradient: as many as keep one thread's windows
-    within _WINDOW_BYTES (at least one, at most the row)."""
+    within _WINDOW_BYTES (at least one), the row split into runs of (nearly) equal length
+    so that jobs, dealt to the threads in turn, carry equal work."""
     per_position = geom.batch * geom.in_channels_per_group * geom.kernel_height \
         * geom.kernel_width * itemsize
-    return int(max(1, min(geom.out_width, _WINDOW_BYTES // max(1, per_position))))
+    most = max(1, min(geom.out_width, _WINDOW_BYTES // max(1, per_position)))
+    runs = -(-geom.out_width // most)
+    return int(-(-geom.out_width // runs))
 
 
 class _LwgLayout(NamedTuple):
