@@ -685,8 +685,9 @@ def workload_kernel_names(dtype=np.float32):
     return names
 
 
-def workload_specialisations(codes=("f32", "f64")):
-    """Every kernel the benchmark layers launch (each op on each layer), deduplicated.
+def workload_specialisations(codes=CODES):
+    """Every kernel the benchmark layers launch (each op on each layer), deduplicated, for
+    each dtype code of ``codes`` (default: float16, float32 and float64).
 
     Both ops run on every layer (the shared and the unshared operation can be timed on the
     same geometry), with the four gradient kernels of each (see
