@@ -4,7 +4,8 @@ No GPU needed: Numba compiles PTX for compute capabilities 9.0 and 8.0 and ``ptx
 (from the ``nvidia-cuda-nvcc`` wheel, ``$CUDA_HOME`` or ``PATH``) reports registers, spills,
 stack frame and shared memory per kernel.
 
-    PYTHONPATH=. python scripts/ptx_report.py [--float32-only] [--cc 9.0 8.0]
+    PYTHONPATH=. python scripts/ptx_report.py [--codes f16 f32 f64 | --float32-only]
+                                              [--cc 9.0 8.0]
 """
 
 import argparse
@@ -14,13 +15,17 @@ import time
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--float32-only", action="store_true", help="skip the float64 kernels")
+    parser.add_argument("--codes", nargs="+", default=["f16", "f32", "f64"],
+                        choices=["f16", "f32", "f64"],
+                        help="dtype codes of the kernels (default: f16 f32 f64)")
+    parser.add_argument("--float32-only", action="store_true",
+                        help="only the float32 kernels (same as --codes f32)")
     parser.add_argument("--cc", nargs="+", default=["9.0", "8.0"],
                         help="compute capabilities (default: 9.0 8.0)")
     args = parser.parse_args(argv)
     from gpuconv.cuda import ptx as _cuda_ptx
 
-    codes = ("f32",) if args.float32_only else ("f32", "f64")
+    codes = ("f32",) if args.float32_only else tuple(args.codes)
     ccs = tuple(tuple(int(v) for v in cc.split(".")) for cc in args.cc)
     start = time.perf_counter()
     rows = _cuda_ptx.ptx_report(codes=codes, ccs=ccs, ptxas_codes=codes)

@@ -11,7 +11,7 @@ import pytest
 
 from gpuconv.device import cuda_available
 from gpuconv.geometry import ConvGeometry, get_conv_outsize
-from reference import (TOLERANCE, conv2d_input_grad_ref, conv2d_weight_grad_ref,
+from reference import (TOLERANCE, conv2d_input_grad_ref, conv2d_weight_grad_ref, half_tolerance,
                        local_conv2d_input_grad_ref, local_conv2d_weight_grad_ref)
 
 needs_cuda = pytest.mark.skipif(not cuda_available(), reason="numba.cuda cannot launch kernels "
@@ -121,13 +121,25 @@ def _launch(op, geom, x, w, gy, config=None, out=None):
     return out.copy_to_host()
 
 
-def _assert_matches(result, expected, bound, dtype):
+def _terms(op, geom):
+    """Length of each output's sum: taps x channels (input gradients) or images x
+    positions (weight gradients; one position for the local one)."""
+    if op in ("conv2d_input", "local_input"):
+        return geom.out_channels_per_group * geom.kernel_height * geom.kernel_width
+    if op == "conv2d_weight":
+        return geom.batch * geom.out_height * geom.out_width
+    return geom.batch
+
+
+def _assert_matches(result, expected, bound, dtype, terms=None):
+    """float16 needs ``terms``, the length of each output's sum (see half_tolerance)."""
     result = np.asarray(result, dtype=np.float64)
     assert result.shape == expected.shape
     assert np.all(np.isfinite(result)), "NaN left in the output (an element not written?)"
     scale = max(float(np.abs(bound).max()) if bound.size else 0.0, np.finfo(np.float64).tiny)
     err = float(np.abs(result - expected).max()) if expected.size else 0.0
-    assert err <= TOLERANCE[np.dtype(dtype)] * scale, f"error {err:.3e}, scale {scale:.3e}"
+    tol = half_tolerance(terms) if np.dtype(dtype) == np.float16 else TOLERANCE[np.dtype(dtype)]
+    assert err <= tol * scale, f"error {err:.3e}, scale {scale:.3e}"
 
 
 def _check(op, geom, dtype, seed, config=None):
@@ -135,15 +147,17 @@ def _check(op, geom, dtype, seed, config=None):
     x, w, gy = _operands(rng, op, geom, dtype)
     result = _launch(op, geom, x, w, gy, config)
     assert result.dtype == np.dtype(dtype)
-    _assert_matches(result, *_reference(op, geom, x, w, gy), dtype)
+    _assert_matches(result, *_reference(op, geom, x, w, gy), dtype, _terms(op, geom))
     return result
 
 
-# float64 on every feature, float32 on those that exercise the most index arithmetic: the
-# simulator runs every thread as a Python thread.
+# float64 on every feature, float32 on those that exercise the most index arithmetic, float16
+# on two of them: the simulator runs every thread as a Python thread.
 GRID = ([pytest.param(name, np.float64, id=f"{name}-f64") for name in FEATURES]
         + [pytest.param(name, np.float32, id=f"{name}-f32")
-           for name in ("stride", "asymmetric_padding", "stride_dilation", "groups")])
+           for name in ("stride", "asymmetric_padding", "stride_dilation", "groups")]
+        + [pytest.param(name, np.float16, id=f"{name}-f16")
+           for name in ("stride_dilation", "groups")])
 
 
 @pytest.mark.cuda
@@ -171,7 +185,7 @@ def test_conv2d_input_grad_several_stages_and_batch_grid_stride():
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES + [np.float16], ids=DTYPE_IDS + ["f16"])
 def test_conv2d_weight_grad_partial_sums_over_slices(dtype):
     """Three slices of three chunks of 4 (the last slice shorter, its last chunk partial),
     summed by the second kernel into a NaN-filled output; a k tile and a channel tile
@@ -181,7 +195,8 @@ def test_conv2d_weight_grad_partial_sums_over_slices(dtype):
     geom = _geometry(2, 4, 5, 5, 6, 3, stride=(1, 2), pad=(1, 1, 0, 2), groups=2)
     m_total = geom.batch * geom.out_height * geom.out_width
     assert m_total == 2 * 5 * 3  # slices of 12, 12 and 6
-    spec = gk.conv2d_weight_grad_kernel("f32" if dtype == np.float32 else "f64", 2, 8, 1, 2, 4)
+    spec = gk.conv2d_weight_grad_kernel(
+        {np.float16: "f16", np.float32: "f32", np.float64: "f64"}[dtype], 2, 8, 1, 2, 4)
     assert spec.name.endswith("_t2x8_r1x2_m4")
     k_total = geom.in_channels_per_group * 9
     config = gk.Conv2dWeightGradConfig(
@@ -260,6 +275,28 @@ def test_empty_batch(op):
     assert result.shape == _out_shape(op, geom)
     if op.endswith("weight"):
         np.testing.assert_array_equal(result, 0)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_float16_weight_grad_sums_beyond_the_half_range():
+    """A weight gradient of 2 * 60000 - 60000 over three positions: its float32 partial sum
+    passes 65504 (float16's largest value) on the way and comes back exact, through one
+    slice (float32 scratch, then the rounding slice sum) and through three."""
+    from gpuconv.cuda import grad_kernels as gk
+
+    geom = _geometry(1, 1, 1, 3, 1, 1)
+    x = np.ones((1, 1, 1, 3), np.float16)
+    gy = np.array([[[[60000, 60000, -60000]]]], np.float16)
+    w = np.ones(geom.shared_weight_shape(), np.float16)
+    config = gk.conv2d_weight_grad_config(geom, np.float16)
+    assert config.slices == 1 and config.scratch_elements == 1  # float32, one slice
+    np.testing.assert_array_equal(_launch("conv2d_weight", geom, x, w, gy, config), 60000)
+    np.testing.assert_array_equal(_launch("local_weight", geom, x, w, gy).ravel(),
+                                  [60000, 60000, -60000])
+    spec = gk.conv2d_weight_grad_kernel("f16", 1, 1, 1, 1, 1)
+    sliced = gk.Conv2dWeightGradConfig(spec, (1, 1), (1, 1, 3), 3, 1, 3)
+    np.testing.assert_array_equal(_launch("conv2d_weight", geom, x, w, gy, sliced), 60000)
 
 
 # ----------------------------------------------------------------------------------------
@@ -341,3 +378,28 @@ def test_workload_specialisations_include_the_gradient_kernels():
     for prefix in ("conv2d_igrad_f32_k11x11", "conv2d_wgrad_f64_", "sum_slices_f32",
                    "local_conv2d_igrad_f32_k9x9", "local_conv2d_wgrad_f64_k7x7"):
         assert any(name.startswith(prefix) for name in names), prefix
+
+
+def test_float16_gradients_take_the_float32_launch_shapes():
+    """float16 stages float32 in shared memory: float32's shapes under f16 names; its
+    conv2d weight gradient always sums through float32 scratch, counted in float16 elements."""
+    from gpuconv.cuda import grad_kernels as gk, kernels as k
+
+    for _, geom in k.workload_geometries():
+        for config_of in (gk.conv2d_input_grad_config, gk.local_conv2d_input_grad_config,
+                          gk.local_conv2d_weight_grad_config):
+            half, single = config_of(geom, np.float16), config_of(geom, np.float32)
+            assert half.kernel.name == single.kernel.name.replace("_f32_", "_f16_")
+            assert half._replace(kernel=None) == single._replace(kernel=None)
+        half = gk.conv2d_weight_grad_config(geom, np.float16)
+        single = gk.conv2d_weight_grad_config(geom, np.float32)
+        assert half.kernel.name == single.kernel.name.replace("_f32_", "_f16_")
+        assert (half.grid, half.slices, half.m_slice) == (single.grid, single.slices,
+                                                          single.m_slice)
+        weights = geom.out_channels * geom.in_channels_per_group * geom.kernel_height \
+            * geom.kernel_width
+        assert half.scratch_elements == half.slices * weights
+        assert gk.conv2d_weight_grad_scratch_elements(geom, np.float16) == 2 * half.slices * weights
+    assert gk.partial_dtype(np.float16) == np.float32
+    assert gk.partial_dtype(np.float64) == np.float64
+    assert gk.sum_slices_kernel("f16").name == "sum_slices_f16"

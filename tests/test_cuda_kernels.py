@@ -11,7 +11,7 @@ import pytest
 from gpuconv.conv import _Operand
 from gpuconv.device import cuda_available
 from gpuconv.geometry import conv_geometry
-from reference import TOLERANCE, conv2d_ref, local_conv2d_ref
+from reference import TOLERANCE, conv2d_ref, half_tolerance, local_conv2d_ref
 
 needs_cuda = pytest.mark.skipif(not cuda_available(), reason="numba.cuda cannot launch kernels "
                                 "(no GPU and the simulator is off; tests/test_cuda_sim.py runs "
@@ -55,13 +55,15 @@ def _reference(local, x, w, b, geom):
     return expected, bound
 
 
-def _assert_matches(y, expected, bound, dtype):
+def _assert_matches(y, expected, bound, dtype, terms=None):
+    """float16 needs ``terms``, the length of each output's sum (see half_tolerance)."""
     y = np.asarray(y, dtype=np.float64)
     assert y.shape == expected.shape
     assert np.all(np.isfinite(y)), "NaN/Inf in the output where the reference has none"
     scale = max(float(np.abs(bound).max()), np.finfo(np.float64).tiny)
     err = float(np.abs(y - expected).max())
-    assert err <= TOLERANCE[np.dtype(dtype)] * scale, f"error {err:.3e}, scale {scale:.3e}"
+    tol = half_tolerance(terms) if np.dtype(dtype) == np.float16 else TOLERANCE[np.dtype(dtype)]
+    assert err <= tol * scale, f"error {err:.3e}, scale {scale:.3e}"
 
 
 def _op(value):
@@ -327,6 +329,95 @@ def test_inputs_on_different_gpus_are_refused(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------
+# float16: stored in half precision, computed in float32 (the public tests run the feature
+# grid; these cover the launch paths and what float32 accumulation buys)
+# ----------------------------------------------------------------------------------------
+
+def _terms(geom, bias):
+    return geom.in_channels_per_group * geom.kernel_height * geom.kernel_width + (bias is not None)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("name", ["wide_two_tiles", "partial_channel_block"])
+@pytest.mark.parametrize("local", [False, True], ids=["conv2d", "local_conv2d"])
+def test_float16_numba_device_arrays(local, name):
+    """Device arrays in, a float16 device array out: two tiles of the wide register block,
+    a partial channel block."""
+    rng = np.random.default_rng(31)
+    geom, padding = _feature_geometry(name)
+    x, w, b = _operands(rng, geom, np.float16, local, "position" if local else "channel")
+    y = _run(local, *_device_arrays(x, w, b), geom)
+    assert np.dtype(y.dtype) == np.float16 and tuple(y.shape) == geom.output_shape
+    _assert_matches(y.copy_to_host(), *_reference_public(local, x, w, b, geom, padding),
+                    np.float16, _terms(geom, b))
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("local", [False, True], ids=["conv2d", "local_conv2d"])
+def test_float16_non_contiguous_device_inputs_are_copied_as_half(local):
+    """Strided float16 device inputs get contiguous float16 copies (copy6d_f16)."""
+    rng = np.random.default_rng(32)
+    geom, padding = _feature_geometry("stride")
+    x, w, b = _operands(rng, geom, np.float16, local, "channel")
+    big_x = np.zeros((geom.batch, geom.in_channels, geom.in_height, 2 * geom.in_width),
+                     np.float16)
+    big_x[..., ::2] = x
+    d_x = _device_arrays(big_x)[0][..., ::2]
+    d_w = _device_arrays(np.ascontiguousarray(w[::-1]))[0][::-1]
+    assert not d_x.is_c_contiguous() and not d_w.is_c_contiguous()
+    y = _run(local, d_x, d_w, _device_arrays(b)[0], geom)
+    _assert_matches(y.copy_to_host(), *_reference_public(local, x, w, b, geom, padding),
+                    np.float16, _terms(geom, b))
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_float16_local_conv2d_batch_padding_and_passes():
+    """A batch of 5 in passes of 2 (the batch-innermost float16 copy padded to 6 with
+    zeros), two weight stages per kernel."""
+    from numba import cuda
+
+    from gpuconv.cuda import kernels as _cuda_kernels, launch as _cuda
+
+    rng = np.random.default_rng(33)
+    geom = _geometry(5, 2, 4, 5, 3, 2, stride=(1, 2))
+    x, w, b = _operands(rng, geom, np.float16, True, "position")
+    config = _cuda_kernels.local_conv2d_config(geom, np.float16)
+    spec = _cuda_kernels.local_conv2d_kernel("f16", 2, 2, 2, 2, stage_rows=2)
+    assert spec.name == "local_conv2d_f16_k2x2_b2_c2_s2"
+    config = config._replace(kernel=spec, block=(32, 1), grid=(config.grid[0], 2), batch_block=2)
+    d_x, d_w, d_b = _device_arrays(x, w, b)
+    d_out = cuda.to_device(np.full(geom.output_shape, np.nan, np.float16))
+    _cuda.launch_local_conv2d(d_x, d_w, d_b, d_out, geom, cuda.default_stream(), config)
+    _assert_matches(d_out.copy_to_host(), *_reference(True, x, w, b, geom), np.float16,
+                    _terms(geom, b))
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("local", [False, True], ids=["conv2d", "local_conv2d"])
+def test_float16_sums_beyond_the_half_range_come_back_in_range(local):
+    """Partial sums of 2 * 60000 exceed float16's largest value (65504); accumulated in
+    float32 they do not overflow, and the result, 60000, is exact. NaN and Inf in the
+    input reach exactly their windows."""
+    geom = _geometry(1, 3, 3, 3, 2, 1)
+    x = np.empty((1, 3, 3, 3), np.float16)
+    x[0, 0], x[0, 1], x[0, 2] = 60000, 60000, -60000
+    x[0, 1, 2, 2] = np.nan
+    x[0, 0, 0, 2] = np.inf
+    shape = geom.local_weight_shape() if local else geom.shared_weight_shape()
+    w = np.ones(shape, np.float16)
+    y = _run(local, x, w, None, geom)
+    assert y.dtype == np.float16
+    expected = np.full((1, 2, 3, 3), 60000.0)
+    expected[0, :, 2, 2] = np.nan
+    expected[0, :, 0, 2] = np.inf
+    np.testing.assert_array_equal(y, expected)
+
+
+# ----------------------------------------------------------------------------------------
 # pure launch-shape logic (no GPU needed)
 # ----------------------------------------------------------------------------------------
 
@@ -388,5 +479,22 @@ def test_workload_specialisations_cover_both_ops_and_dtypes():
     layers = k.workload_kernel_names()
     assert len(layers) == 13 and all(a in names and b in names for a, b in layers.values())
     for prefix in ("conv2d_f32_k11x11", "conv2d_f64_k1x1", "local_conv2d_f32_k9x9",
-                   "local_conv2d_f64_k5x5", "transpose_f32", "copy6d_f64"):
+                   "local_conv2d_f64_k5x5", "transpose_f32", "copy6d_f64", "conv2d_f16_k3x3",
+                   "local_conv2d_f16_k5x5", "transpose_f16", "copy6d_f16"):
         assert any(name.startswith(prefix) for name in names), prefix
+
+
+def test_float16_takes_the_float32_launch_shapes_under_its_own_names():
+    """float16 stages float32 in shared memory, so its launch shapes are float32's."""
+    from gpuconv.cuda import kernels as k
+
+    for _, geom in k.workload_geometries():
+        for config_of in (k.conv2d_config, k.local_conv2d_config):
+            half, single = config_of(geom, np.float16), config_of(geom, np.float32)
+            assert half.kernel.name == single.kernel.name.replace("_f32_", "_f16_")
+            assert half._replace(kernel=None) == single._replace(kernel=None)
+            assert half.kernel.launch_bounds == single.kernel.launch_bounds
+    assert k.conv2d_kernel("f16", 3, 3, 2, 4, 8).name == "conv2d_f16_k3x3_r2x4_c8"
+    assert k.transpose_kernel("f16").name == "transpose_f16_t32"
+    assert k.dtype_code(np.float16) == "f16" and k.compute_code("f16") == "f32"
+    assert k.local_stage_bytes("f16", 3, 4) == k.local_stage_bytes("f32", 3, 4)

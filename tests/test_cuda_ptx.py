@@ -1,20 +1,23 @@
 """The CUDA kernels compile to real PTX and assemble without spills (no GPU needed).
 
 Every specialisation the benchmark layers launch is compiled once per session with Numba
-for compute capabilities 9.0 and 8.0, in float32 and float64; ``ptxas -v`` reports registers,
-spills and shared memory for sm_90 and sm_80. float32 kernels must keep their register
-blocks in registers: no spills and no stack frame. The table is printed at the end of the
-run (and by ``scripts/ptx_report.py``).
+for compute capabilities 9.0 and 8.0, in float16, float32 and float64; ``ptxas -v`` reports
+registers, spills and shared memory for sm_90 and sm_80. float16 and float32 kernels must
+keep their register blocks in registers: no spills and no stack frame. float16 kernels must
+load and store 16-bit words, convert them to and from float32 in registers, and never touch
+float64. The table is printed at the end of the run (and by ``scripts/ptx_report.py``).
 
 Skipped under the CUDA simulator, or when numba-cuda's compiler (NVVM) is not installed.
 """
 
 import os
+import re
 
 import pytest
 
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 CCS = ((9, 0), (8, 0))
+CODES = ("f16", "f32", "f64")
 
 
 def _nvvm_missing():
@@ -42,8 +45,8 @@ def report():
     from gpuconv.cuda import ptx as _cuda_ptx
 
     ptx = {}
-    codes = ("f32", "f64") if _cuda_ptx.find_ptxas() else ()
-    rows = _cuda_ptx.ptx_report(codes=("f32", "f64"), ccs=CCS, ptxas_codes=codes, ptx_cache=ptx)
+    codes = CODES if _cuda_ptx.find_ptxas() else ()
+    rows = _cuda_ptx.ptx_report(codes=CODES, ccs=CCS, ptxas_codes=codes, ptx_cache=ptx)
     return rows, ptx
 
 
@@ -67,16 +70,53 @@ def test_every_specialisation_compiles_for_each_cc(report):
             assert spec.name in text, "kernel name should carry the specialisation"
 
 
-def test_float32_kernels_do_not_spill(ptxas_rows, capsys):
-    rows = [r for r in ptxas_rows if "_f32" in r.kernel]
+def test_float16_and_float32_kernels_do_not_spill(ptxas_rows, capsys):
+    rows = [r for r in ptxas_rows if "_f32" in r.kernel or "_f16" in r.kernel]
     assert {r.arch for r in rows} == {"sm_90", "sm_80"}
+    assert any("_f16" in r.kernel for r in rows)
     spilling = [r for r in rows if r.spill_stores or r.spill_loads or r.stack_frame]
     from gpuconv.cuda import ptx as _cuda_ptx
 
     with capsys.disabled():  # always shown, not only with -s
         print("\n\nCUDA kernels: ptxas resource usage (benchmark specialisations)\n"
               + _cuda_ptx.format_report(ptxas_rows))
-    assert not spilling, "float32 kernels use local memory:\n" + _cuda_ptx.format_report(spilling)
+    assert not spilling, ("float16/float32 kernels use local memory:\n"
+                          + _cuda_ptx.format_report(spilling))
+
+
+# Global-memory accesses of the float16 kernels, by the PTX type they move: 16-bit words
+# everywhere, except the conv2d weight gradient's float32 partial sums (written by the
+# gradient kernel, read by the slice sum).
+_GLOBAL_LD = re.compile(r"\bld\.global(?:\.nc)?\.(\w+)")
+_GLOBAL_ST = re.compile(r"\bst\.global\.(\w+)")
+_FLOAT32_PARTIALS = {"conv2d_wgrad_f16": ("st", "f32"), "sum_slices_f16": ("ld", "f32")}
+
+
+def test_float16_kernels_move_half_words_and_compute_in_float32(report):
+    """Loads are 16-bit words converted with ``cvt.f32.f16``, results are rounded with
+    ``cvt.rn.f16.f32`` and stored as 16-bit words, and no float64 register, constant or
+    conversion appears (a Python float or a mixed-type expression would bring one)."""
+    from gpuconv.cuda import kernels as kernels
+
+    _, ptx = report
+    specs = kernels.workload_specialisations(("f16",))
+    assert specs
+    for spec in specs:
+        family = spec.name[:spec.name.index("_f16") + 4]  # e.g. conv2d_wgrad_f16
+        mover = family.startswith(("transpose_", "copy6d_"))  # pure copies: no conversion
+        for cc in CCS:
+            text = ptx[(spec.name, cc)]
+            assert ".f64" not in text, f"{spec.name} ({cc}) uses float64"
+            kinds = {("ld", t) for t in _GLOBAL_LD.findall(text)}
+            kinds |= {("st", t) for t in _GLOBAL_ST.findall(text)}
+            allowed = {("ld", "u16"), ("ld", "b16"), ("st", "u16"), ("st", "b16")}
+            allowed.add(_FLOAT32_PARTIALS.get(family, ("st", "u16")))
+            assert kinds and kinds <= allowed, (spec.name, cc, kinds)
+            if not mover:
+                if family != "sum_slices_f16":
+                    assert "cvt.f32.f16" in text, spec.name
+                if family != "conv2d_wgrad_f16":
+                    assert "cvt.rn.f16.f32" in text, spec.name
 
 
 def test_kernels_fit_the_register_file_and_shared_memory(ptxas_rows):
@@ -94,8 +134,10 @@ def test_kernels_fit_the_register_file_and_shared_memory(ptxas_rows):
 @pytest.mark.parametrize("spec_args", [
     ("conv2d", ("f32", 2, 4, 2, 2, 2)),      # the small specialisations the tests launch
     ("conv2d", ("f32", 1, 1, 2, 2, 1)),
+    ("conv2d", ("f16", 2, 4, 2, 2, 2)),
     ("local", ("f32", 3, 3, 2, 1)),
     ("local", ("f32", 2, 2, 8, 2)),
+    ("local", ("f16", 3, 3, 2, 1)),
 ])
 def test_small_test_specialisations_compile_without_spills(spec_args):
     from gpuconv.cuda import kernels as kernels

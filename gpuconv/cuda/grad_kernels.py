@@ -2,7 +2,9 @@
 
 Same habits as :mod:`gpuconv.cuda.kernels`: each factory is memoised on exactly the
 compile-time constants that change the generated code and names the kernel by them; flat
-arrays indexed with non-negative 64-bit offsets; typed accumulators in the input dtype; no
+arrays indexed with non-negative 64-bit offsets; typed accumulators in the compute type
+(float32 for ``"f16"``: float16 converted once on load, rounded once on store; shared
+memory stages float32, so a float16 kernel has the float32 kernel's launch shape); no
 fastmath; every ``*_config(geom, dtype)`` is a pure function of the geometry (no GPU).
 
 No kernel here uses atomics: every output element is summed by one thread in a fixed order
@@ -25,12 +27,14 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
+import numpy as np
+
 from numba import cuda, int64, types, uint64
 
-from .kernels import (_NUMPY, _SCALAR, GRID_YZ_LIMIT, LOCAL_STAGE_BYTES,
+from .kernels import (_COMPUTE, _NUMPY, _SCALAR, GRID_YZ_LIMIT, LOCAL_STAGE_BYTES,
                       SHARED_BUDGET_BYTES, SHARED_LIMIT_BYTES, KernelSpec, _array,
-                      _conv2d_launch_bounds, _even_split, _pow2_at_least, _rename, check_grid,
-                      dtype_code)
+                      _conv2d_launch_bounds, _even_split, _pow2_at_least, _rename,
+                      _stage_itemsize, check_grid, compute_code, dtype_code)
 
 __all__ = ["conv2d_input_grad_kernel", "conv2d_input_grad_config", "Conv2dInputGradConfig",
            "conv2d_weight_grad_kernel", "conv2d_weight_grad_config", "Conv2dWeightGradConfig",
@@ -38,7 +42,7 @@ __all__ = ["conv2d_input_grad_kernel", "conv2d_input_grad_config", "Conv2dInputG
            "local_conv2d_input_grad_kernel", "local_conv2d_input_grad_config",
            "LocalInputGradConfig", "local_conv2d_weight_grad_kernel",
            "local_conv2d_weight_grad_config", "LocalWeightGradConfig", "grad_specialisations",
-           "PARTIAL_BUDGET_BYTES"]
+           "PARTIAL_BUDGET_BYTES", "partial_dtype"]
 
 
 def _odd(value):
@@ -72,14 +76,15 @@ def conv2d_input_grad_kernel(code, kernel_h, kernel_w, rows, cols, channels):
     Launch: ``grid = (tiles * s_h * s_w, groups * ceil(c_Ig / channels), min(n, 65535))``
     (the phase varies fastest, so the phases of one tile run together and share its ``gy``
     in L2), ``block = (bx, by)``, dynamic shared memory
-    ``chunk * (gt_h * gt_w + channels * k_H * k_W) * itemsize`` bytes with the ``gy`` tile
+    ``chunk * (gt_h * gt_w + channels * k_H * k_W) * itemsize`` bytes (compute type) with
+    the ``gy`` tile
     ``gt_h = by * rows + (k_H - 1) * d_h // s_h + 1`` (same for W).
 
     Kernel arguments: flat ``gy (n, c_O, h_O, w_O)``, ``weight (c_O, c_Ig, k_H, k_W)``,
     ``gx (n, c_I, h, w)`` (written), then ``n, c_I, h, w, c_O, h_O, w_O, c_Ig, c_Og, s_h,
     s_w, p_top, p_left, d_h, d_w, tiles_x, gt_h, gt_w, chunk``.
     """
-    scalar = _SCALAR[code]
+    store, scalar = _SCALAR[code], _COMPUTE[code]
     KH, KW, RY, RX, CB = kernel_h, kernel_w, rows, cols, channels
     KHW = KH * KW
     WCH = CB * KHW   # weights of one output channel in a stage
@@ -134,7 +139,7 @@ def conv2d_input_grad_kernel(code, kernel_h, kernel_w, rows, cols, channels):
 
         for b in range(cuda.blockIdx.z, n, cuda.gridDim.z):
             for a in range(NACC):
-                acc[a] = scalar(0)  # keep the math in the input dtype
+                acc[a] = scalar(0)  # keep the math in the compute type
             for c0 in range(0, c_Og, chunk):
                 nc = min(chunk, c_Og - c0)
                 # Stage the gy tiles of nc output channels, zeros outside the output.
@@ -148,7 +153,7 @@ def conv2d_input_grad_kernel(code, kernel_h, kernel_w, rows, cols, channels):
                             ox = ox_lo + col
                             v = scalar(0)
                             if oy >= 0 and oy < h_O and ox >= 0 and ox < w_O:
-                                v = gy[uint64(row + ox)]
+                                v = scalar(gy[uint64(row + ox)])
                             smem[uint64(srow + col)] = v
                 # ... and their weights for this block's input channels, [c][q][ky][kx].
                 for e in range(tid, nc * WCH, nthreads):
@@ -160,7 +165,7 @@ def conv2d_input_grad_kernel(code, kernel_h, kernel_w, rows, cols, channels):
                     # never stored.
                     qq = min(q, n_cl - 1)
                     src = ((g * c_Og + c0 + c) * c_Ig + cl0 + qq) * KHW + t
-                    smem[uint64(w_base + e)] = weight[uint64(src)]
+                    smem[uint64(w_base + e)] = scalar(weight[uint64(src)])
                 cuda.syncthreads()
                 for c in range(nc):
                     for ky in range(KH):
@@ -190,7 +195,7 @@ def conv2d_input_grad_kernel(code, kernel_h, kernel_w, rows, cols, channels):
                         ofs = first + iy * wd + ix
                         for q in range(CB):
                             if q < n_cl:
-                                gx[uint64(ofs)] = acc[(i * RX + j) * CB + q]
+                                gx[uint64(ofs)] = store(acc[(i * RX + j) * CB + q])
                             ofs += plane
 
     name = f"conv2d_igrad_{code}_k{KH}x{KW}_r{RY}x{RX}_c{CB}"
@@ -218,16 +223,17 @@ def conv2d_input_grad_config(geom, dtype):
     block ``2 x 4`` (float32, sub-grid wider than 32) or ``2 x 2`` pixels x up to 8 (float32)
     or 4 (float64) input channels; at most 16 x 8 threads, shrunk to the sub-grid and (down
     to one warp) to keep one output channel's stage within half the shared-memory budget;
-    as many output channels per stage as fit the budget.
+    as many output channels per stage as fit the budget. float16 takes the float32 choices.
     """
     code = dtype_code(dtype)
-    itemsize = _NUMPY[code].itemsize
+    fp32 = compute_code(code) == "f32"
+    itemsize = _stage_itemsize(code)
     kh, kw = geom.kernel_height, geom.kernel_width
     sh, sw = geom.stride_h, geom.stride_w
     hu, wu = -(-geom.in_height // sh), -(-geom.in_width // sw)
     rows = 2
-    cols = 4 if code == "f32" and wu > 32 else 2
-    channels = _even_split(geom.in_channels_per_group, 8 if code == "f32" else 4)
+    cols = 4 if fp32 and wu > 32 else 2
+    channels = _even_split(geom.in_channels_per_group, 8 if fp32 else 4)
     bx = _pow2_at_least(-(-wu // cols), 16)
     by = _pow2_at_least(-(-hu // rows), 8)
     while bx * by < 32 and (bx < 32 or by < 32):
@@ -290,18 +296,20 @@ def conv2d_weight_grad_kernel(code, co_tile, k_tile, rows, cols, chunk):
 
     The grid's z index is the slice: block ``z`` sums ``m`` in ``[z * m_slice,
     (z + 1) * m_slice)`` in order and writes its partial sum to ``part[z]``, laid out as
-    the weights (``(slices, c_O, c_Ig, k_H, k_W)``); with one slice ``part`` is the output.
-    :func:`sum_slices_kernel` then adds the slices in order.
+    the weights (``(slices, c_O, c_Ig, k_H, k_W)``), in the compute type; with one slice
+    of float32 or float64, ``part`` is the output. :func:`sum_slices_kernel` then adds the
+    slices in order (for float16 also a single one: it rounds the float32 sums once, as it
+    stores them).
 
     Launch: ``grid = (ceil(K / k_tile), groups * ceil(c_Og / co_tile), slices)`` with
     ``K = c_Ig * k_H * k_W``, ``block = (k_tile // cols, co_tile // rows)``; static shared
     memory.
 
     Kernel arguments: flat ``x (n, c_I, h, w)``, ``gy (n, c_O, h_O, w_O)``, ``part``
-    (written), then ``c_I, h, w, c_O, h_O, w_O, c_Ig, c_Og, s_h, s_w, p_top, p_left, d_h,
-    d_w, k_H, k_W, m_total, m_slice``.
+    (written, of the compute type), then ``c_I, h, w, c_O, h_O, w_O, c_Ig, c_Og, s_h, s_w,
+    p_top, p_left, d_h, d_w, k_H, k_W, m_total, m_slice``.
     """
-    scalar = _SCALAR[code]
+    scalar = _COMPUTE[code]
     CO_T, K_T, RC, RK, MC = co_tile, k_tile, rows, cols, chunk
     TY, TX = CO_T // RC, K_T // RK
     NT = TX * TY
@@ -351,7 +359,7 @@ def conv2d_weight_grad_kernel(code, co_tile, k_tile, rows, cols, chunk):
         areg = cuda.local.array(RC, dtype=scalar)
         breg = cuda.local.array(RK, dtype=scalar)
         for a in range(NACC):
-            acc[a] = scalar(0)  # keep the math in the input dtype
+            acc[a] = scalar(0)  # keep the math in the compute type
         for m0 in range(m_start, m_end, MC):  # the same trip count in every thread
             # This thread's (image, position) of the chunk.
             m = m0 + ml
@@ -370,7 +378,7 @@ def conv2d_weight_grad_kernel(code, co_tile, k_tile, rows, cols, chunk):
             for cl in range(kfirst, CO_T, KSTEP):
                 v = scalar(0)
                 if m_ok and col0 + cl < c_Og:
-                    v = gy[uint64(g_base + cl * n_pos)]
+                    v = scalar(gy[uint64(g_base + cl * n_pos)])
                 gys[ml, cl] = v
             for kl in range(kfirst, K_T, KSTEP):
                 v = scalar(0)
@@ -379,7 +387,7 @@ def conv2d_weight_grad_kernel(code, co_tile, k_tile, rows, cols, chunk):
                     iy = iy0 + ktab[1, kl]
                     ix = ix0 + ktab[2, kl]
                     if iy >= 0 and iy < h and ix >= 0 and ix < wd:
-                        v = x[uint64(x_base + plane + iy * wd + ix)]
+                        v = scalar(x[uint64(x_base + plane + iy * wd + ix)])
                 xs[ml, kl] = v
             cuda.syncthreads()
             for mm in range(MC):
@@ -400,33 +408,36 @@ def conv2d_weight_grad_kernel(code, co_tile, k_tile, rows, cols, chunk):
                         part[uint64(row + k)] = acc[i * RK + j]
 
     name = f"conv2d_wgrad_{code}_t{CO_T}x{K_T}_r{RC}x{RK}_m{MC}"
-    signature = (_array(code, 1),) * 3 + (types.int64,) * 18
+    signature = (_array(code, 1),) * 2 + (types.Array(scalar, 1, "C"),) + (types.int64,) * 18
     return KernelSpec(name, _rename(kernel, name), signature, (NT, 2))
 
 
 @functools.lru_cache(maxsize=None)
 def sum_slices_kernel(code):
     """``out[e] = part[0, e] + part[1, e] + ...`` over ``slices`` slices, in that order
-    (zeros for no slice). Consecutive threads read consecutive words. Launch: 1-D, any size
-    (grid-stride). Arguments: flat ``part (slices, size)``, ``out (size,)``, ``slices, size``.
+    (zeros for no slice), summed in the compute type and rounded once to ``out``'s dtype.
+    Consecutive threads read consecutive words. Launch: 1-D, any size (grid-stride).
+    Arguments: flat ``part (slices, size)`` (compute type: float32 for ``"f16"``),
+    ``out (size,)``, ``slices, size``.
     """
-    scalar = _SCALAR[code]
+    store, scalar = _SCALAR[code], _COMPUTE[code]
 
     def kernel(part, out, slices, size):
         for e in range(cuda.grid(1), size, cuda.gridsize(1)):
             v = scalar(0)
             for s in range(slices):
                 v += part[uint64(s * size + e)]
-            out[uint64(e)] = v
+            out[uint64(e)] = store(v)
 
     name = f"sum_slices_{code}"
-    signature = (_array(code, 1),) * 2 + (types.int64,) * 2
+    signature = (types.Array(scalar, 1, "C"), _array(code, 1)) + (types.int64,) * 2
     return KernelSpec(name, _rename(kernel, name), signature)
 
 
 # Partial sums of the conv2d weight gradient: at most this many bytes of scratch (one slice,
-# written straight into the output, needs none). 32 MiB leaves even the largest benchmark
-# layer (VGG-16 conv5_1, 9.4 MB of float32 weights) three slices.
+# written straight into a float32 or float64 output, needs none; float16 always sums in a
+# float32 scratch). 32 MiB leaves even the largest benchmark layer (VGG-16 conv5_1, 9.4 MB of
+# float32 weights) three slices.
 PARTIAL_BUDGET_BYTES = 32 * 1024 * 1024
 
 # Blocks the weight gradient aims for: several waves on a 132-SM GPU.
@@ -444,7 +455,14 @@ class Conv2dWeightGradConfig(NamedTuple):
     grid: tuple        # (k tiles, groups * co tiles, slices), or None for an empty batch
     slices: int        # slices of m (0 for an empty batch: the output is zeros)
     m_slice: int       # m per slice, a multiple of the kernel's chunk
-    scratch_elements: int  # partial sums (0 with one slice)
+    scratch_elements: int  # partial sums, of partial_dtype (0: one slice, into the output)
+
+
+def partial_dtype(dtype):
+    """dtype of the conv2d weight gradient's partial sums: the compute type (float32 for
+    float16, whose partial sums must not be rounded to half precision before they are
+    added)."""
+    return _NUMPY[compute_code(dtype_code(dtype))]
 
 
 def conv2d_weight_grad_config(geom, dtype):
@@ -452,17 +470,19 @@ def conv2d_weight_grad_config(geom, dtype):
 
     Tile: up to 64 output channels x 128 (float32) or 64 (float64) k, rounded up to powers of
     two no larger than needed; up to 8 x 8 (float32) or 4 x 4 (float64) entries per thread,
-    fewer where that leaves under 64 threads. Slices: enough for
+    fewer where that leaves under 64 threads (float16 as float32). Slices: enough for
     about 1024 blocks, each slice at least 4 chunks of m long, the partial sums within
-    :data:`PARTIAL_BUDGET_BYTES`.
+    :data:`PARTIAL_BUDGET_BYTES`. float16 writes its partial sums to float32 scratch even
+    with one slice, and the slice sum rounds them.
     """
     code = dtype_code(dtype)
-    itemsize = _NUMPY[code].itemsize
+    fp32 = compute_code(code) == "f32"
+    itemsize = _stage_itemsize(code)  # of the shared tiles and the partial sums
     c_og = geom.out_channels_per_group
     k_total = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
     co_t = _pow2_at_least(c_og, 64)
-    k_t = _pow2_at_least(k_total, 128 if code == "f32" else 64)
-    reg = 8 if code == "f32" else 4
+    k_t = _pow2_at_least(k_total, 128 if fp32 else 64)
+    reg = 8 if fp32 else 4
     rc, rk = min(reg, co_t), min(reg, k_t)
     while (co_t // rc) * (k_t // rk) < 64 and (rc > 1 or rk > 1):
         if rc >= rk:
@@ -470,7 +490,7 @@ def conv2d_weight_grad_config(geom, dtype):
         else:
             rk //= 2
     threads = (co_t // rc) * (k_t // rk)
-    chunk = min(32 if code == "f32" else 16, threads)
+    chunk = min(32 if fp32 else 16, threads)
     spec = conv2d_weight_grad_kernel(code, co_t, k_t, rc, rk, chunk)
     block = (k_t // rk, co_t // rc)
 
@@ -487,14 +507,17 @@ def conv2d_weight_grad_config(geom, dtype):
     slices = -(-m_total // m_slice)  # no empty slice
     grid = check_grid((-(-k_total // k_t), geom.groups * -(-c_og // co_t), slices),
                       "the conv2d weight gradient")
+    direct = slices == 1 and code == compute_code(code)
     return Conv2dWeightGradConfig(spec, block, grid, slices, m_slice,
-                                  slices * weight_elements if slices > 1 else 0)
+                                  0 if direct else slices * weight_elements)
 
 
 def conv2d_weight_grad_scratch_elements(geom, dtype):
-    """Elements of scratch (partial sums) the conv2d weight gradient allocates: 0 or at most
-    :data:`PARTIAL_BUDGET_BYTES` worth."""
-    return conv2d_weight_grad_config(geom, dtype).scratch_elements
+    """Scratch (partial sums) the conv2d weight gradient allocates, in elements of ``dtype``
+    (float16's float32 partial sums count two each): 0 or at most
+    :data:`PARTIAL_BUDGET_BYTES` worth (float16: at least one float32 copy of the weights)."""
+    elements = conv2d_weight_grad_config(geom, dtype).scratch_elements
+    return elements * partial_dtype(dtype).itemsize // np.dtype(dtype).itemsize
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,14 +547,14 @@ def local_conv2d_input_grad_kernel(code, kernel_h, kernel_w, batch_block, channe
     blocks that read the same ``gy`` and neighbouring weight words run together and share
     them in L2), ``block = (32, by)`` with
     ``by = min(8, ceil(n / batch_block))``, dynamic shared memory
-    ``chunk * channels * slab_j * k_W' * itemsize`` bytes (``slab_j`` the staged positions,
-    ``k_W'`` the odd number at least ``k_W``).
+    ``chunk * channels * slab_j * k_W' * itemsize`` bytes (compute type; ``slab_j`` the
+    staged positions, ``k_W'`` the odd number at least ``k_W``).
 
     Kernel arguments: flat ``gy (n, c_O, h_O, w_O)``, ``weight (c_O, h_O, w_O, c_Ig, k_H,
     k_W)``, ``gx (n, c_I, h, w)`` (written), then ``n, c_I, h, w, c_O, h_O, w_O, c_Ig,
     c_Og, s_h, s_w, p_top, p_left, d_h, d_w, v_tiles, slab_j, chunk``.
     """
-    scalar = _SCALAR[code]
+    store, scalar = _SCALAR[code], _COMPUTE[code]
     KH, KW, NB, CB = kernel_h, kernel_w, batch_block, channels
     KHW = KH * KW
     KWP = _odd(KW)
@@ -584,7 +607,7 @@ def local_conv2d_input_grad_kernel(code, kernel_h, kernel_w, batch_block, channe
             b0 = pass0 + ty * NB
             active = ix < wd and b0 < n
             for a in range(NACC):
-                acc[a] = scalar(0)  # keep the math in the input dtype
+                acc[a] = scalar(0)  # keep the math in the compute type
             for c0 in range(0, c_Og, chunk):
                 nc = min(chunk, c_Og - c0)
                 for ky in range(KH):
@@ -606,7 +629,7 @@ def local_conv2d_input_grad_kernel(code, kernel_h, kernel_w, batch_block, channe
                             if ox >= 0 and ox < w_O and q < n_cl:
                                 src = ((((g * c_Og + c0 + c) * h_O + oy) * w_O + ox) * k_len
                                        + (cl0 + q) * KHW + w_row + kx)
-                                val = weight[uint64(src)]
+                                val = scalar(weight[uint64(src)])
                             smem[uint64(((c * CB + q) * slab_j + j) * KWP + kx)] = val
                         cuda.syncthreads()
                         if active:
@@ -620,7 +643,8 @@ def local_conv2d_input_grad_kernel(code, kernel_h, kernel_w, batch_block, channe
                                             for bb in range(NB):
                                                 gv[bb] = scalar(0)
                                                 if b0 + bb < n:
-                                                    gv[bb] = gy[uint64((b0 + bb) * img + g_row + ox)]
+                                                    gv[bb] = scalar(
+                                                        gy[uint64((b0 + bb) * img + g_row + ox)])
                                             sofs = (c * CB * slab_j + tx + jo) * KWP + kx
                                             for q in range(CB):
                                                 wreg[q] = smem[uint64(sofs + q * run)]
@@ -634,7 +658,7 @@ def local_conv2d_input_grad_kernel(code, kernel_h, kernel_w, batch_block, channe
                         ofs = ((b0 + bb) * c_I + g * c_Ig + cl0) * plane + iy * wd + ix
                         for q in range(CB):
                             if q < n_cl:
-                                gx[uint64(ofs)] = acc[bb * CB + q]
+                                gx[uint64(ofs)] = store(acc[bb * CB + q])
                             ofs += plane
 
     name = f"local_conv2d_igrad_{code}_k{KH}x{KW}_b{NB}_c{CB}"
@@ -664,14 +688,14 @@ class LocalInputGradConfig(NamedTuple):
 def local_conv2d_input_grad_config(geom, dtype):
     """Specialisation and launch shape of the local_conv2d input gradient (pure, no GPU).
 
-    Register block as the forward's: up to 8 (float32) or 4 (float64) images x up to 4 input
-    channels per thread, split evenly; as many output channels per stage as fit
+    Register block as the forward's: up to 8 (float16, float32) or 4 (float64) images x up
+    to 4 input channels per thread, split evenly; as many output channels per stage as fit
     :data:`~gpuconv.cuda.kernels.LOCAL_STAGE_BYTES` (fewer input channels per thread only
     where one would not fit the shared-memory limit).
     """
     code = dtype_code(dtype)
-    itemsize = _NUMPY[code].itemsize
-    batch_block = _even_split(max(geom.batch, 1), 8 if code == "f32" else 4)
+    itemsize = _stage_itemsize(code)
+    batch_block = _even_split(max(geom.batch, 1), 8 if compute_code(code) == "f32" else 4)
     c_ig = geom.in_channels_per_group
     kw = geom.kernel_width
     sh, sw = geom.stride_h, geom.stride_w
@@ -708,7 +732,7 @@ _LOCAL_WGRAD_MAX_ROWS = 8
 
 
 def _local_wgrad_tile_bytes(code, kernel_w, rows, channels, by):
-    return channels * 32 * _odd(by * rows * kernel_w) * _NUMPY[code].itemsize
+    return channels * 32 * _odd(by * rows * kernel_w) * _stage_itemsize(code)
 
 
 def local_wgrad_max_rows(code, kernel_w, rows, channels):
@@ -738,7 +762,8 @@ def local_conv2d_weight_grad_kernel(code, kernel_h, kernel_w, rows, channels):
 
     The result is written once, in the caller's layout ``(c_O, h_O, w_O, c_Ig, k_H, k_W)``:
     the block stages its ``channels x 32 x (by * rows * k_W)`` tile in shared memory (odd
-    row stride) and writes it with consecutive threads on consecutive words; per output
+    row stride, compute type: float16 is rounded as the tile is written out) and writes it
+    with consecutive threads on consecutive words; per output
     channel one contiguous block of ``32 * c_Ig * k_H * k_W`` words when the block holds
     every kernel row.
 
@@ -752,7 +777,7 @@ def local_conv2d_weight_grad_kernel(code, kernel_h, kernel_w, rows, channels):
     then ``n, c_I, h, w, c_O, h_O, w_O, c_Ig, c_Og, s_h, s_w, p_top, p_left, d_h, d_w,
     row_blocks``.
     """
-    scalar = _SCALAR[code]
+    store, scalar = _SCALAR[code], _COMPUTE[code]
     KH, KW, R, CB = kernel_h, kernel_w, rows, channels
     KHW = KH * KW
     RKW = R * KW          # taps per thread
@@ -811,7 +836,7 @@ def local_conv2d_weight_grad_kernel(code, kernel_h, kernel_w, rows, channels):
         acc = cuda.local.array(NACC, dtype=scalar)
         gv = cuda.local.array(CB, dtype=scalar)
         for a in range(NACC):
-            acc[a] = scalar(0)  # keep the math in the input dtype
+            acc[a] = scalar(0)  # keep the math in the compute type
         if pos_ok:
             x_img = c_I * h * wd
             g_img = c_O * n_pos
@@ -819,13 +844,13 @@ def local_conv2d_weight_grad_kernel(code, kernel_h, kernel_w, rows, channels):
             for b in range(n):
                 for q in range(CB):
                     # Channels past the group's end reread the last one; never stored.
-                    gv[q] = gy[uint64(b * g_img + gofs + min(q, n_co - 1) * n_pos)]
+                    gv[q] = scalar(gy[uint64(b * g_img + gofs + min(q, n_co - 1) * n_pos)])
                 xb = b * x_img
                 for t in range(RKW):
                     o = xofs[t]
                     xv = scalar(0)
                     if o >= 0:
-                        xv = x[uint64(xb + o)]
+                        xv = scalar(x[uint64(xb + o)])
                     for q in range(CB):
                         acc[q * RKW + t] += gv[q] * xv
 
@@ -841,7 +866,7 @@ def local_conv2d_weight_grad_kernel(code, kernel_h, kernel_w, rows, channels):
             for e in range(tid, block_pos * klen, nthreads):
                 j = e // klen
                 kk = e - j * klen
-                gw[uint64(dst0 + j * k_len + kk)] = tile[q * SQ + j * SP + kk]
+                gw[uint64(dst0 + j * k_len + kk)] = store(tile[q * SQ + j * SP + kk])
 
     name = f"local_conv2d_wgrad_{code}_k{KH}x{KW}_r{R}_c{CB}"
     signature = (_array(code, 1),) * 3 + (types.int64,) * 16

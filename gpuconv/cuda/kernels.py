@@ -20,8 +20,12 @@ Notation (as in :mod:`gpuconv.geometry`; the short names appear only inside kern
     k_H, k_W kernel height, width       s, p, d     stride, padding, dilation
     P        h_O * w_O output positions
 
-All kernels accumulate in the input dtype with a typed accumulator and are compiled without
-fastmath, so NaN and Inf reach exactly the outputs whose window holds them.
+Each factory takes a dtype code: ``"f32"`` and ``"f64"`` compute in the input dtype;
+``"f16"`` stores float16 and computes in float32. A float16 value is converted to float32
+once, as it is loaded from global memory, and every result is rounded to float16 once, as
+it is stored; accumulators, registers and shared-memory stages hold float32 (see
+:func:`compute_code`). Accumulators are typed and kernels are compiled without fastmath,
+so NaN and Inf reach exactly the outputs whose window holds them.
 """
 
 from __future__ import annotations
@@ -31,13 +35,15 @@ from typing import NamedTuple
 
 import numpy as np
 from numba import cuda, float32, float64, int64, types, uint64
+from numba.types import float16
 
 from .. import workloads
 from ..device import simulator_enabled
 
 __all__ = ["KernelSpec", "Conv2dConfig", "LocalConv2dConfig", "conv2d_kernel",
            "local_conv2d_kernel", "transpose_kernel", "copy_kernel", "compiled",
-           "conv2d_config", "local_conv2d_config", "workload_specialisations",
+           "conv2d_config", "local_conv2d_config", "workload_specialisations", "dtype_code",
+           "compute_code", "CODES",
            "workload_kernel_names", "workload_geometries", "SHARED_BUDGET_BYTES",
            "GRID_YZ_LIMIT", "check_grid",
            "SHARED_LIMIT_BYTES", "LOCAL_STAGE_BYTES", "local_stage_rows", "local_stage_bytes"]
@@ -58,13 +64,38 @@ def _conv2d_launch_bounds(accumulators):
 # Shared memory a block may use without opting in (every GPU since Kepler).
 SHARED_LIMIT_BYTES = 48 * 1024
 
-_SCALAR = {"f32": float32, "f64": float64}
-_NUMPY = {"f32": np.dtype(np.float32), "f64": np.dtype(np.float64)}
+#: The dtype codes the factories take.
+CODES = ("f16", "f32", "f64")
+# Element type of the arrays a kernel reads and writes ...
+_SCALAR = {"f16": float16, "f32": float32, "f64": float64}
+# ... and the type it computes in: registers, accumulators, shared-memory stages.
+_COMPUTE = {"f16": float32, "f32": float32, "f64": float64}
+_NUMPY = {"f16": np.dtype(np.float16), "f32": np.dtype(np.float32),
+          "f64": np.dtype(np.float64)}
 
 
 def dtype_code(dtype):
-    """``"f32"`` or ``"f64"`` for a NumPy dtype."""
-    return {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}[np.dtype(dtype)]
+    """``"f16"``, ``"f32"`` or ``"f64"`` for a NumPy dtype."""
+    return {np.dtype(np.float16): "f16", np.dtype(np.float32): "f32",
+            np.dtype(np.float64): "f64"}[np.dtype(dtype)]
+
+
+def compute_code(code):
+    """The code of the type kernels of ``code`` compute in: ``"f32"`` for ``"f16"``.
+
+    float16 kernels stage float32 in shared memory (each value converted once, as it is
+    staged) rather than float16: the inner loops then read and multiply exactly as the
+    float32 kernels do, with no conversion per shared-memory read, and the odd row strides
+    that keep a warp's reads on 32 different banks stay in 4-byte words. So a float16
+    kernel has the float32 kernel's shared-memory budget, register block and launch shape;
+    only its global loads and stores are half as wide.
+    """
+    return "f32" if code == "f16" else code
+
+
+def _stage_itemsize(code):
+    """Bytes of one shared-memory word of the kernels of ``code`` (the compute type)."""
+    return _NUMPY[compute_code(code)].itemsize
 
 
 class KernelSpec(NamedTuple):
@@ -106,7 +137,7 @@ def conv2d_kernel(code, kernel_h, kernel_w, rows, cols, channels):
     """Shared-weight convolution kernel, specialised on dtype, kernel size and register block.
 
     Args:
-        code: ``"f32"`` or ``"f64"``.
+        code: ``"f16"``, ``"f32"`` or ``"f64"`` (the arrays' dtype).
         kernel_h, kernel_w: ``k_H, k_W``.
         rows, cols: outputs per thread along H and W (a thread owns outputs
             ``(ty + i * blockDim.y, tx + j * blockDim.x)`` of its block's tile, so neighbouring
@@ -115,7 +146,8 @@ def conv2d_kernel(code, kernel_h, kernel_w, rows, cols, channels):
 
     Launch: ``grid = (tiles_y * tiles_x, groups * ceil(c_Og / channels), min(n, 65535))``,
     ``block = (bx, by)``, dynamic shared memory
-    ``chunk * (tile_h * tile_w + k_H * k_W * channels) * itemsize`` bytes, where the output
+    ``chunk * (tile_h * tile_w + k_H * k_W * channels) * itemsize`` bytes (``itemsize`` of
+    the compute type: 4 for float16), where the output
     tile is ``(by * rows) x (bx * cols)`` and the input tile (with halo)
     ``tile_h = (by * rows - 1) * s_h + (k_H - 1) * d_h + 1`` (same for W).
 
@@ -125,7 +157,7 @@ def conv2d_kernel(code, kernel_h, kernel_w, rows, cols, channels):
     d_w, tiles_x, tile_h, tile_w, chunk``. Flat arrays indexed with non-negative 64-bit
     offsets keep the address arithmetic to a few adds (no negative-index wraparound).
     """
-    scalar = _SCALAR[code]
+    store, scalar = _SCALAR[code], _COMPUTE[code]
     KH, KW, RY, RX, CB = kernel_h, kernel_w, rows, cols, channels
     KHW = KH * KW
     NPOS = RY * RX
@@ -167,7 +199,7 @@ def conv2d_kernel(code, kernel_h, kernel_w, rows, cols, channels):
 
         for b in range(cuda.blockIdx.z, n, cuda.gridDim.z):
             for a in range(NACC):
-                acc[a] = scalar(0)  # keep the math in the input dtype
+                acc[a] = scalar(0)  # keep the math in the compute type
             for c0 in range(0, c_Ig, chunk):
                 nc = min(chunk, c_Ig - c0)
                 # Stage the input tiles of nc channels, zeros outside the image (padding).
@@ -181,7 +213,7 @@ def conv2d_kernel(code, kernel_h, kernel_w, rows, cols, channels):
                             ix = ix0 + col
                             v = scalar(0)
                             if iy >= 0 and iy < h and ix >= 0 and ix < wd:
-                                v = x[uint64(row + ix)]
+                                v = scalar(x[uint64(row + ix)])
                             smem[uint64(srow + col)] = v
                 # Stage the weights as [c][ky][kx][channel], zeros past the group's end;
                 # rest = c * k_H * k_W + ky * k_W + kx walks one output channel's weights.
@@ -190,7 +222,7 @@ def conv2d_kernel(code, kernel_h, kernel_w, rows, cols, channels):
                     rest = idx // CB
                     v = scalar(0)
                     if co0 + q < co_end:
-                        v = weight[uint64(((co0 + q) * c_Ig + c0) * KHW + rest)]
+                        v = scalar(weight[uint64(((co0 + q) * c_Ig + c0) * KHW + rest)])
                     smem[uint64(w_base + idx)] = v
                 # Wait until both tiles are staged before anyone reads them.
                 cuda.syncthreads()
@@ -220,8 +252,8 @@ def conv2d_kernel(code, kernel_h, kernel_w, rows, cols, channels):
                             if co0 + q < co_end:
                                 v = acc[(i * RX + j) * CB + q]
                                 if has_bias:
-                                    v += bias[uint64(co0 + q)]
-                                out[uint64(ofs)] = v
+                                    v += scalar(bias[uint64(co0 + q)])
+                                out[uint64(ofs)] = store(v)
                             ofs += plane
 
     name = f"conv2d_{code}_k{KH}x{KW}_r{RY}x{RX}_c{CB}"
@@ -277,15 +309,17 @@ def conv2d_config(geom, dtype):
     per thread (the group's channels split evenly); a block of at most 16 x 8 threads,
     shrunk to the output and (down to one warp) to keep one input channel's tile (with halo)
     within half the shared-memory budget; as many input channels per stage as fit the budget
-    (at least one, whose stage may take up to ``SHARED_LIMIT_BYTES``).
+    (at least one, whose stage may take up to ``SHARED_LIMIT_BYTES``). float16 takes the
+    float32 choices (:func:`compute_code`).
     """
     code = dtype_code(dtype)
-    itemsize = _NUMPY[code].itemsize
+    fp32 = compute_code(code) == "f32"
+    itemsize = _stage_itemsize(code)
     # float32: 2 x 4 outputs x 8 channels (16 shared-memory loads per 64 FMAs) where the
     # output is wide enough to fill the tiles, else 2 x 2; float64: 2 x 2 x 4.
     rows = 2
-    cols = 4 if code == "f32" and geom.out_width > 32 else 2
-    channels = _even_split(geom.out_channels_per_group, 8 if code == "f32" else 4)
+    cols = 4 if fp32 and geom.out_width > 32 else 2
+    channels = _even_split(geom.out_channels_per_group, 8 if fp32 else 4)
     kh, kw = geom.kernel_height, geom.kernel_width
     # At most 16 x 8 threads: at ~150-170 registers a thread, three such blocks share an
     # SM's 64K registers (12 warps), where a single 256-thread block would leave 8.
@@ -363,16 +397,17 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_block, channels, stage_r
     images (one pass for the benchmark batches).
 
     Launch: ``grid = (ceil(P / 32), groups * ceil(c_Og / channels))``,
-    ``block = (32, by)`` with ``by = min(16 (float32) or 8 (float64), ceil(n / batch_block))``;
-    static shared memory ``channels * 32 * stride * itemsize`` bytes, ``stride`` the odd
-    number at least ``local_stage_rows(...) * k_W``.
+    ``block = (32, by)`` with ``by = min(16 (float16, float32) or 8 (float64),
+    ceil(n / batch_block))``; static shared memory ``channels * 32 * stride * itemsize``
+    bytes (``itemsize`` of the compute type), ``stride`` the odd number at least
+    ``local_stage_rows(...) * k_W``.
 
     Kernel arguments: flat ``x_t (c_I, h, w, n_pad)``, ``weight (c_O, h_O, w_O, c_Ig, k_H, k_W)``,
     ``bias (c_O, bias_len)`` (``bias_len`` 1 or ``P``; or a dummy) and
     ``out (n, c_O, h_O, w_O)``, then ``has_bias, bias_len, n, n_pad, h, w, c_O, h_O, w_O,
     c_Ig, c_Og, s_h, s_w, p_top, p_left, d_h, d_w``.
     """
-    scalar = _SCALAR[code]
+    store, scalar = _SCALAR[code], _COMPUTE[code]
     KH, KW, NB, CB = kernel_h, kernel_w, batch_block, channels
     KHW = KH * KW
     NACC = NB * CB
@@ -415,7 +450,7 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_block, channels, stage_r
             b0 = pass0 + ty * NB
             active = pos < n_pos and b0 < n  # b0 < n: the images up to b0 + NB are in n_pad
             for a in range(NACC):
-                acc[a] = scalar(0)  # keep the math in the input dtype
+                acc[a] = scalar(0)  # keep the math in the compute type
             for r0 in range(0, n_rows, RS):
                 k0 = r0 * KW
                 kc = min(RS, n_rows - r0) * KW
@@ -430,7 +465,7 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_block, channels, stage_r
                     kk = rest - j * STAGE
                     if q < n_co and j < block_pos and kk < kc:
                         src = ((co0 + q) * n_pos + pos0 + j) * k_len + k0 + kk
-                        wsm[q * SLAB + j * ROW + kk] = weight[uint64(src)]
+                        wsm[q * SLAB + j * ROW + kk] = scalar(weight[uint64(src)])
                 cuda.syncthreads()
                 if active:
                     for rr in range(RS):
@@ -446,7 +481,7 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_block, channels, stage_r
                                     if ix >= 0 and ix < wd:
                                         xofs = (x_row + ix) * n_pad + b0
                                         for bb in range(NB):
-                                            xreg[bb] = x_t[uint64(xofs + bb)]
+                                            xreg[bb] = scalar(x_t[uint64(xofs + bb)])
                                         # Channels past the group's end read stale words;
                                         # their sums are never stored.
                                         sofs = tx * ROW + rr * KW + kx
@@ -464,8 +499,8 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_block, channels, stage_r
                             if q < n_co:
                                 v = acc[bb * CB + q]
                                 if has_bias:
-                                    v += bias[uint64((co0 + q) * bias_len + bias_pos)]
-                                out[uint64(ofs)] = v
+                                    v += scalar(bias[uint64((co0 + q) * bias_len + bias_pos)])
+                                out[uint64(ofs)] = store(v)
                             ofs += n_pos
 
     name = f"local_conv2d_{code}_k{KH}x{KW}_b{NB}_c{CB}"
@@ -473,7 +508,7 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_block, channels, stage_r
         name += f"_s{RS}"
     signature = (_array(code, 1),) * 4 + (types.int64,) * 17
     return KernelSpec(name, _rename(kernel, name), signature,
-                      (32 * _LOCAL_MAX_ROWS[code], 1))
+                      (32 * _LOCAL_MAX_ROWS[compute_code(code)], 1))
 
 
 # Weights one local_conv2d block stages at a time: 16 KiB leaves room for several blocks
@@ -484,8 +519,9 @@ LOCAL_STAGE_BYTES = 16 * 1024
 def local_stage_rows(code, kernel_w, channels):
     """Kernel rows (``k_W`` weights each) per position and channel that local_conv2d stages
     in shared memory at a time: as many as fit :data:`LOCAL_STAGE_BYTES` for the block's
-    32 positions and ``channels`` output channels, at least one."""
-    itemsize = _NUMPY[code].itemsize
+    32 positions and ``channels`` output channels, at least one (words of the compute
+    type: float16 stages float32)."""
+    itemsize = _stage_itemsize(code)
     rows = 1
     while channels * 32 * (((rows + 1) * kernel_w) | 1) * itemsize <= LOCAL_STAGE_BYTES:
         rows += 1
@@ -495,11 +531,12 @@ def local_stage_rows(code, kernel_w, channels):
 def local_stage_bytes(code, kernel_w, channels):
     """Static shared memory of :func:`local_conv2d_kernel` (bytes)."""
     return (channels * 32 * ((local_stage_rows(code, kernel_w, channels) * kernel_w) | 1)
-            * _NUMPY[code].itemsize)
+            * _stage_itemsize(code))
 
 
-# Rows of 32 threads in a local_conv2d block: enough for a batch of 128 (float32) in one
-# pass, so each weight comes from DRAM once; 512 threads x <= 128 registers fit an SM.
+# Rows of 32 threads in a local_conv2d block (by compute type): enough for a batch of 128
+# (float32) in one pass, so each weight comes from DRAM once; 512 threads x <= 128
+# registers fit an SM.
 _LOCAL_MAX_ROWS = {"f32": 16, "f64": 8}
 
 
@@ -515,13 +552,13 @@ class LocalConv2dConfig(NamedTuple):
 def local_conv2d_config(geom, dtype):
     """Pick the specialisation and launch shape of local_conv2d (a pure function, no GPU).
 
-    Register block: up to 8 (float32) or 4 (float64) batch elements x up to 4 output channels
-    per thread, each split evenly (a batch of 10 runs as two blocks of 5); fewer channels
-    only where one kernel row of 32 positions would not fit the shared-memory limit (very
-    wide kernels), refused when even one channel would not.
+    Register block: up to 8 (float16, float32) or 4 (float64) batch elements x up to 4
+    output channels per thread, each split evenly (a batch of 10 runs as two blocks of 5);
+    fewer channels only where one kernel row of 32 positions would not fit the
+    shared-memory limit (very wide kernels), refused when even one channel would not.
     """
     code = dtype_code(dtype)
-    batch_block = _even_split(max(geom.batch, 1), 8 if code == "f32" else 4)
+    batch_block = _even_split(max(geom.batch, 1), 8 if compute_code(code) == "f32" else 4)
     channels = _even_split(geom.out_channels_per_group, 4)
     while channels > 1 and local_stage_bytes(code, geom.kernel_width, channels) > SHARED_LIMIT_BYTES:
         channels = _even_split(geom.out_channels_per_group, channels - 1)
@@ -532,7 +569,7 @@ def local_conv2d_config(geom, dtype):
             f"{local_stage_bytes(code, geom.kernel_width, channels)} bytes, more than "
             f"{SHARED_LIMIT_BYTES}; use device='cpu'")
     n_pos = geom.out_height * geom.out_width
-    by = max(1, min(_LOCAL_MAX_ROWS[code], -(-geom.batch // batch_block)))
+    by = max(1, min(_LOCAL_MAX_ROWS[compute_code(code)], -(-geom.batch // batch_block)))
     grid = check_grid((-(-n_pos // 32), geom.groups * -(-geom.out_channels_per_group // channels)),
                       "local_conv2d")
     spec = local_conv2d_kernel(code, geom.kernel_height, geom.kernel_width, batch_block, channels)
@@ -554,13 +591,17 @@ def transpose_kernel(code, tile=32):
     ``grid = (ceil(C / tile), min(ceil(R_pad / tile), 65535), min(B, 65535))``,
     ``block = (tile, rows)`` for any ``rows``: blocks loop over the row tiles and batches
     beyond the grid (CUDA caps grid y and z at 65535).
+
+    A pure copy: the tile holds the arrays' own dtype (float16 moves as float16, bits
+    unchanged, and its tile is half the size).
     """
-    scalar = _SCALAR[code]
+    scalar, compute = _SCALAR[code], _COMPUTE[code]
     TILE = tile
     TILE_PADDED = tile + 1
 
     def kernel(src, dst):
         buf = cuda.shared.array((TILE, TILE_PADDED), dtype=scalar)
+        zero = scalar(compute(0))  # float16's zero from float32's: no float64 constant
         rows = src.shape[1]
         cols = src.shape[2]
         rows_padded = dst.shape[2]
@@ -573,7 +614,7 @@ def transpose_kernel(code, tile=32):
                 r0 = rt * TILE
                 for k in range(cuda.threadIdx.y, TILE, cuda.blockDim.y):
                     r = r0 + k
-                    v = scalar(0)  # rows past the end become the zero padding
+                    v = zero  # rows past the end become the zero padding
                     if r < rows and c0 + tx < cols:
                         v = src[bt, r, c0 + tx]
                     buf[k, tx] = v
@@ -596,7 +637,8 @@ def copy_kernel(code):
     """Strided 6-D array to a C-contiguous one of the same shape (grid-stride over elements).
 
     Makes contiguous device copies of non-contiguous GPU inputs (lower-rank arrays are
-    viewed as 6-D with leading length-1 axes). Launch: 1-D, any size.
+    viewed as 6-D with leading length-1 axes), in their own dtype (no conversion). Launch:
+    1-D, any size.
     """
 
     def kernel(src, dst):
@@ -643,8 +685,9 @@ def workload_kernel_names(dtype=np.float32):
     return names
 
 
-def workload_specialisations(codes=("f32", "f64")):
-    """Every kernel the benchmark layers launch (each op on each layer), deduplicated.
+def workload_specialisations(codes=CODES):
+    """Every kernel the benchmark layers launch (each op on each layer), deduplicated, for
+    each dtype code of ``codes`` (default: float16, float32 and float64).
 
     Both ops run on every layer (the shared and the unshared operation can be timed on the
     same geometry), with the four gradient kernels of each (see

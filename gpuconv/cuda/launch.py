@@ -36,8 +36,9 @@ from ..device import (DLPACK_CUDA_DEVICES, c_strides, check_memory, is_c_contigu
 
 __all__ = ["run", "from_host_like", "HALF_SUPPORTED"]
 
-#: Whether the CUDA kernels take float16 operands.
-HALF_SUPPORTED = False
+#: Whether the CUDA kernels take float16 operands (they do: stored in half precision, loaded
+#: straight into float32 registers, accumulated in float32, rounded once as they are stored).
+HALF_SUPPORTED = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,13 +311,16 @@ def launch_conv2d_weight_grad(x, grad_output, out, geom, stream, empty=None, con
     """``out (c_O, c_Ig, k_H, k_W)`` = the gradient of conv2d's weights, from ``x
     (n, c_I, h, w)`` and ``grad_output (n, c_O, h_O, w_O)`` (zeros for an empty batch).
 
-    With more than one slice of the batch x positions, the partial sums go to a scratch
-    array of :func:`~gpuconv.cuda.grad_kernels.conv2d_weight_grad_scratch_elements` elements
-    from ``empty``, then a second kernel adds them in order."""
+    With more than one slice of the batch x positions (or any for float16, whose partial
+    sums stay float32), the partial sums go to a scratch array of
+    :func:`~gpuconv.cuda.grad_kernels.partial_dtype` from ``empty``, then a second kernel
+    adds them in order."""
     config = config or grad_kernels.conv2d_weight_grad_config(geom, out.dtype)
     size = out.size
     new = empty or _numba_empty(stream)
-    part = out if config.slices == 1 else new((max(config.slices, 1) * size,), out.dtype)
+    direct = config.slices == 1 and config.scratch_elements == 0
+    part = out if direct else new((max(config.slices, 1) * size,),
+                                  grad_kernels.partial_dtype(out.dtype))
     if config.slices > 0:
         kernel = kernels.compiled(config.kernel)
         kernel[config.grid, config.block, stream](
@@ -333,7 +337,7 @@ def launch_conv2d_weight_grad(x, grad_output, out, geom, stream, empty=None, con
             geom.batch * geom.out_height * geom.out_width,  # m: (image, position) pairs
             config.m_slice,             # m per slice
         )
-    if config.slices != 1:
+    if not direct:
         total = kernels.compiled(grad_kernels.sum_slices_kernel(kernels.dtype_code(out.dtype)))
         threads = 256
         blocks = kernels.check_grid((max(1, min(-(-size // threads), 65535)),), "a slice sum")
@@ -470,7 +474,9 @@ def _allocate_like(template, shape, dtype, stream):
     library = _library(template)
     if library == "torch":
         torch = sys.modules["torch"]
-        return torch.empty(shape, dtype=template.dtype, device=template.device)
+        # scratch may differ from the operands' dtype (float16's float32 partial sums)
+        return torch.empty(shape, dtype=getattr(torch, np.dtype(dtype).name),
+                           device=template.device)
     if library == "cupy":
         cupy = sys.modules["cupy"]
         with template.device:

@@ -7,8 +7,9 @@ the matching architecture and reads back registers per thread, spill stores/load
 frame and static shared memory. The dynamic shared memory of ``conv2d`` and of the input
 gradients is chosen at launch; the table shows the largest the benchmark layers ask for.
 
-Used by ``tests/test_cuda_ptx.py`` (which asserts no spills in float32) and by
-``scripts/ptx_report.py`` (which prints the table for the benchmark documents).
+Used by ``tests/test_cuda_ptx.py`` (which asserts no spills in float16 and float32, and
+that float16 kernels load half values into float32 registers with no float64 on the way)
+and by ``scripts/ptx_report.py`` (which prints the table for the benchmark documents).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def compile_ptx_multi(spec, ccs):
 
 _REGISTERS = re.compile(r"Used (\d+) registers")
 _SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_CODE = re.compile(r"_(f32|f64)(?:_|$)")
+_CODE = re.compile(r"_(f16|f32|f64)(?:_|$)")
 _SMEM = re.compile(r"(\d+) bytes smem")
 
 
@@ -122,7 +123,7 @@ def _dynamic_smem_by_kernel():
     from . import grad_kernels, kernels
 
     largest = {}
-    for dtype in (np.float32, np.float64):
+    for dtype in (np.float16, np.float32, np.float64):
         for _, geom in kernels.workload_geometries():
             config = kernels.conv2d_config(geom, dtype)
             launches = [(config.kernel, config.shared_bytes)]
@@ -157,8 +158,8 @@ def _compile_all(codes, ccs, processes):
     return ordered
 
 
-def ptx_report(codes=("f32", "f64"), ccs=((9, 0), (8, 0)), ptxas_codes=("f32", "f64"),
-               ptx_cache=None, processes=None):
+def ptx_report(codes=("f16", "f32", "f64"), ccs=((9, 0), (8, 0)),
+               ptxas_codes=("f16", "f32", "f64"), ptx_cache=None, processes=None):
     """Compile every benchmark specialisation for each ``cc`` and run ``ptxas`` on those of
     ``ptxas_codes`` (the architecture matching the cc: ``sm_90`` for ``(9, 0)``).
 
