@@ -381,7 +381,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, d
 
     Args:
         x: input ``(N, C_in, H, W)``, or ``(C_in, H, W)`` for one image (the result is then
-            ``(C_out, H_out, W_out)``); float32 or float64. NumPy (or any host array), or a
+            ``(C_out, H_out, W_out)``); float16, float32 or float64 (float16 is stored in half
+            precision and accumulated in float32). NumPy (or any host array), or a
             GPU array (CuPy, PyTorch CUDA tensor, Numba device array). ``C_in`` may be 0: the
             result is then the bias (zeros without one), as in PyTorch.
         weight: ``(C_out, C_in/groups, kH, kW)``, same dtype as ``x``.
@@ -425,7 +426,7 @@ def local_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1
                         * x_padded[n, g(o) * C_in/groups + c, i * s_h + u * d_h, j * s_w + v * d_w]
 
     Args:
-        x: input ``(N, C_in, H, W)`` or ``(C_in, H, W)``, float32 or float64 (host or GPU
+        x: input ``(N, C_in, H, W)`` or ``(C_in, H, W)``, float16, float32 or float64 (host or GPU
             array, as :func:`conv2d`).
         weight: ``(C_out, H_out, W_out, C_in/groups, kH, kW)`` (Chainer's and Theano's
             layout), same dtype as ``x``; ``H_out, W_out`` must match the geometry.
