@@ -1,0 +1,628 @@
+"""CPU gradient kernels of the shared-weight convolution (notation: :mod:`gpuconv.geometry`).
+
+With ``y = conv2d(x, w)`` and ``gy`` the gradient of a scalar loss with respect to ``y``:
+
+* **Input gradient** (:func:`conv2d_input_grad`), a gather: input pixel ``(b, c, iy, ix)``
+  receives ``w[o, c', u, v] * gy[b, o, oy, ox]`` from every output ``(oy, ox)`` whose window
+  covers it (``oy * s_H + u * d_H - p_top = iy``, likewise for columns). Along an axis, the
+  input rows with one value of ``(iy + p_top) mod s_H`` (a *phase*) are all reached by the
+  same kernel taps ``u``, which step through ``gy`` every ``d_H / gcd(s_H, d_H)`` rows; so each
+  of the ``s_H * s_W`` phases is a stride-1 convolution of ``gy`` with the channel-transposed,
+  flipped sub-kernel of those taps (dilated, with its own padding). Each phase runs the
+  forward kernel (:func:`gpuconv.cpu.conv2d_forward`, a black box here) and its result is
+  copied to every ``s_H``-th row and ``s_W``-th column of the output; with stride 1 there is
+  one phase, written in place. Phases without taps are zero.
+* **Weight gradient** (:func:`conv2d_weight_grad`): ``gw[o, c, u, v]`` is the dot product, over
+  every output pixel of every image, of ``gy[:, o]`` and the input seen by tap ``(c, u, v)``.
+  The input is repacked zero-padded and phase-split by columns, as the forward does, so that
+  every tap reads a contiguous run of input for a run of consecutive output pixels, and
+  ``gy`` is repacked onto the same runs. Register block: 4 output channels x 6 taps = 24
+  vector accumulators, each a vector of consecutive pixels (per step: 4 ``gy`` vectors and 6
+  input vectors loaded, 24 fused multiply-adds). With stride 1 the runs span all rows and
+  images of the padded grid (7 x 7 maps still give full vectors); the pixels that fall in
+  the padding ("junk") are masked off the input loads, so they contribute exactly nothing
+  (``0 * inf`` is never formed). With strides, one run per output row, its tail masked.
+
+  Parallelism without atomics: the pixels are split into ``P`` parts, a number that depends
+  on the geometry only (never on the thread count or timing). A job is (part, block of 4
+  output channels, group of taps); it owns its outputs, accumulates the part's pixels in
+  L1-sized passes, sums each vector's lanes (a fixed tree) and writes its results to the part's
+  private slice of a partial-sum buffer (or straight to ``out`` when ``P == 1``). A second
+  pass adds the parts in order ``0, 1, ..., P - 1``. The partial buffers are at most
+  ``_PARTIAL_BYTES`` (or one weight's size when the weight alone is larger: then ``P = 1``).
+  The result is bitwise the same on every call and for every thread count.
+
+Every multiply-add is one fused multiply-add; nothing is relaxed, so NaN and Inf propagate.
+"""
+
+from __future__ import annotations
+
+from math import gcd
+from typing import NamedTuple
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from ..geometry import ConvGeometry
+from .conv2d import conv2d_forward, conv2d_scratch_bytes
+from .simd import VECTOR_BYTES as _VECTOR_BYTES
+from .simd import prefer_wide_vectors as _prefer_wide_vectors
+from .simd import vload as _vload, vstore as _vstore, vzero as _vzero
+from .simd_ext import vfmav as _vfmav, vload_masked as _vload_masked, vsum_lanes as _vsum_lanes
+
+__all__ = ["conv2d_input_grad", "conv2d_input_grad_scratch_bytes", "conv2d_weight_grad",
+           "conv2d_weight_grad_scratch_bytes"]
+
+_SMALL_SCRATCH = 1 << 16  # array headers, index temporaries
+
+
+# --------------------------------------------------------------------------------------
+# Input gradient: one stride-1 forward convolution of gy per phase
+# --------------------------------------------------------------------------------------
+
+class _AxisPhase(NamedTuple):
+    """One phase of one axis: the input positions ``first, first + s, ...`` (``count`` of
+    them) and the stride-1 convolution over ``gy[lo:hi]`` that gives their gradient."""
+
+    first: int
+    count: int
+    taps: tuple         # kernel taps of the phase, in the order the sub-kernel applies them
+    dilation: int
+    lo: int             # gy rows (columns) [lo, hi) that the phase reads
+    hi: int
+    pad_before: int
+    pad_after: int
+
+
+def _axis_phases(size, out_size, kernel, stride, pad, dilation):
+    """The phases of one axis (input positions ``i`` with ``(i + pad) % stride == r``).
+
+    Input position ``i = r + stride * m - pad`` receives tap ``u`` from output
+    ``m - e_u`` where ``e_u = (u * dilation - r) / stride``, for the taps with
+    ``u * dilation = r (mod stride)``; they step ``e`` by ``dilation / gcd(stride, dilation)``.
+    Reversed, they are a forward convolution with that dilation and padding
+    ``e_last - m_first`` before; ``gy`` is cropped where that padding would be negative.
+    A phase without taps, or whose taps reach no output, has ``taps == ()`` (zeros).
+    """
+    phases = []
+    for r in range(stride):
+        m0 = -((r - pad) // stride)               # first m with r + stride * m - pad >= 0
+        m1 = (size - 1 + pad - r) // stride
+        count = m1 - m0 + 1
+        if count <= 0:
+            continue
+        first = r + stride * m0 - pad
+        taps = [u for u in range(kernel) if (u * dilation - r) % stride == 0]
+        if not taps:
+            phases.append(_AxisPhase(first, count, (), 1, 0, 0, 0, 0))
+            continue
+        e = [(u * dilation - r) // stride for u in taps]
+        step = dilation // gcd(stride, dilation)
+        span = (len(taps) - 1) * step
+        before = e[-1] - m0                       # output i reads gy[i + j * step - before]
+        lo = max(0, -before)
+        hi = min(out_size, count + span - before)
+        if hi <= lo:
+            phases.append(_AxisPhase(first, count, (), 1, 0, 0, 0, 0))
+            continue
+        after = count - 1 + span - before - (hi - 1)
+        phases.append(_AxisPhase(first, count, tuple(reversed(taps)), step, lo, hi,
+                                 before + lo, after))
+    return phases
+
+
+def _phase_geometry(geom, ph, pw):
+    """The forward convolution of one phase: gy (cropped) -> the phase's input gradient."""
+    return ConvGeometry(
+        geom.batch, geom.out_channels, ph.hi - ph.lo, pw.hi - pw.lo, geom.in_channels,
+        len(ph.taps), len(pw.taps), 1, 1, ph.pad_before, ph.pad_after, pw.pad_before,
+        pw.pad_after, ph.dilation, pw.dilation, geom.groups, ph.count, pw.count)
+
+
+def _phases(geom):
+    rows = _axis_phases(geom.in_height, geom.out_height, geom.kernel_height, geom.stride_h,
+                        geom.pad_top, geom.dilation_h)
+    cols = _axis_phases(geom.in_width, geom.out_width, geom.kernel_width, geom.stride_w,
+                        geom.pad_left, geom.dilation_w)
+    return rows, cols
+
+
+def _in_place(geom, ph, pw):
+    """Whether the phase's result is the whole output (stride 1): no copy needed."""
+    return ph.count == geom.in_height and pw.count == geom.in_width
+
+
+@njit(parallel=True, cache=True)
+def _sub_kernel(weight, taps, w_sub, groups):
+    """w_sub[g * c_Ig + c, o, t] = weight[g * c_Og + o, c, taps[t]] (kernels flattened): a
+    phase's sub-kernel with the channels of each group transposed, in blocks of 16 output
+    channels so that both sides move through memory in runs."""
+    c_O, c_Ig = weight.shape[0], weight.shape[1]
+    c_Og = c_O // groups
+    n_t = taps.shape[0]
+    blocks = -(-c_Og // 16)
+    for job in prange(groups * blocks):
+        g = job // blocks
+        o0 = (job - g * blocks) * 16
+        o1 = min(o0 + 16, c_Og)
+        for c in range(c_Ig):
+            for o in range(o0, o1):
+                src = weight[g * c_Og + o, c]
+                dst = w_sub[g * c_Ig + c, o]
+                for t in range(n_t):
+                    dst[t] = src[taps[t]]
+
+
+def conv2d_input_grad_scratch_bytes(geom, itemsize):
+    """Bytes of scratch :func:`conv2d_input_grad` allocates beyond ``out``: the largest
+    phase's transposed sub-kernel, cropped ``gy``, result (strided layers only) and forward
+    scratch (the phases run one after another)."""
+    rows, cols = _phases(geom)
+    most = 0
+    for ph in rows:
+        for pw in cols:
+            if not ph.taps or not pw.taps:
+                continue
+            sub = _phase_geometry(geom, ph, pw)
+            n_elem = geom.in_channels * geom.out_channels_per_group * len(ph.taps) * len(pw.taps)
+            if (ph.hi - ph.lo, pw.hi - pw.lo) != (geom.out_height, geom.out_width):
+                n_elem += geom.batch * geom.out_channels * (ph.hi - ph.lo) * (pw.hi - pw.lo)
+            if not _in_place(geom, ph, pw):
+                n_elem += geom.batch * geom.in_channels * ph.count * pw.count
+            most = max(most, n_elem * itemsize + conv2d_scratch_bytes(sub, itemsize))
+    return most + _SMALL_SCRATCH
+
+
+def conv2d_input_grad(grad_output, weight, out, geom):
+    """``out = d(sum(conv2d(x, weight) * grad_output)) / dx``, every element written.
+
+    ``grad_output`` ``(n, c_O, h_O, w_O)``, ``weight`` ``(c_O, c_I/g, k_H, k_W)``, ``out``
+    ``(n, c_I, h, w)``: C-contiguous, one dtype. One forward convolution per phase (see the
+    module docstring); the result is deterministic.
+    """
+    dtype = out.dtype
+    c_I, c_O, groups = geom.in_channels, geom.out_channels, geom.groups
+    c_Ig, c_Og = c_I // groups, c_O // groups
+    no_bias = np.zeros((c_I, 1, 1), dtype=dtype)
+    rows, cols = _phases(geom)
+    for ph in rows:
+        for pw in cols:
+            rows_sel = slice(ph.first, ph.first + (ph.count - 1) * geom.stride_h + 1,
+                             geom.stride_h)
+            cols_sel = slice(pw.first, pw.first + (pw.count - 1) * geom.stride_w + 1,
+                             geom.stride_w)
+            if not ph.taps or not pw.taps:
+                out[:, :, rows_sel, cols_sel] = 0
+                continue
+            sub = _phase_geometry(geom, ph, pw)
+            w_sub = np.empty((c_I, c_Og, len(ph.taps), len(pw.taps)), dtype=dtype)
+            taps = (np.array(ph.taps, dtype=np.int64)[:, None] * geom.kernel_width
+                    + np.array(pw.taps, dtype=np.int64)[None, :]).reshape(-1)
+            _sub_kernel(weight.reshape(c_O, c_Ig, -1), taps,
+                        w_sub.reshape(c_I, c_Og, -1), groups)
+            gy = grad_output
+            if (ph.lo, ph.hi, pw.lo, pw.hi) != (0, geom.out_height, 0, geom.out_width):
+                gy = np.ascontiguousarray(gy[:, :, ph.lo:ph.hi, pw.lo:pw.hi])
+            if _in_place(geom, ph, pw):
+                conv2d_forward(gy, w_sub, no_bias, False, out, sub)
+            else:
+                part = np.empty((geom.batch, c_I, ph.count, pw.count), dtype=dtype)
+                conv2d_forward(gy, w_sub, no_bias, False, part, sub)
+                out[:, :, rows_sel, cols_sel] = part
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Weight gradient: pixel-vector dot products, 4 output channels x 6 taps per block
+# --------------------------------------------------------------------------------------
+
+_WG_CO = 4            # output channels per register block
+_WG_TAPS = 6          # taps per register block
+_WG_PASS_PIXELS = 1024  # pixels per pass: the pass's gy and input stay in L1/L2
+_WG_TAP_BLOCKS = 16   # register blocks of taps per job (96 taps)
+_WG_PART_PIXELS = 1 << 15  # pixels per part at most (accuracy: 2048 terms per lane)
+_WG_MIN_JOBS = 32     # parts are added until there are this many jobs (if memory allows)
+_PARTIAL_BYTES = 1 << 25  # partial-sum buffers at most (32 MiB; or one weight if larger)
+
+
+@njit(cache=True)
+def _pack_input(x, xp, pt, pl, s_W):
+    """Zero-padded, channel-major, column-phase-split copy: xp[c, b, y, ph, j] =
+    x_padded[b, c, y, j * s_W + ph] (the forward kernel's layout)."""
+    n, c_I, h, wd = x.shape
+    h_P = xp.shape[2]
+    w_Q = xp.shape[4]
+    for c in range(c_I):
+        for b in range(n):
+            for y in range(h_P):
+                iy = y - pt
+                for ph in range(s_W):
+                    for j in range(w_Q):
+                        ix = j * s_W + ph - pl
+                        if iy >= 0 and iy < h and ix >= 0 and ix < wd:
+                            xp[c, b, y, ph, j] = x[b, c, iy, ix]
+                        else:
+                            xp[c, b, y, ph, j] = 0
+
+
+@njit(cache=True)
+def _pack_grad_output(gy, gyp, merged, h_P, w_Q, row_len):
+    """gy onto the runs of the weight-gradient kernel, zero elsewhere: with ``merged``,
+    gyp[o, (b * h_P + oy) * w_Q + ox]; otherwise gyp[o, (b * h_O + oy) * row_len + ox]."""
+    n, c_O, h_O, w_O = gy.shape
+    length = gyp.shape[1]
+    for o in range(c_O):
+        for i in range(length):
+            gyp[o, i] = 0
+        for b in range(n):
+            for oy in range(h_O):
+                if merged:
+                    base = (b * h_P + oy) * w_Q
+                else:
+                    base = (b * h_O + oy) * row_len
+                for ox in range(w_O):
+                    gyp[o, base + ox] = gy[b, o, oy, ox]
+
+
+@njit(cache=True)
+def _wg_block(xf, x0, x1, x2, x3, x4, x5, gyp, g0, g1, g2, g3, mask, r0, r1, rows_per_img,
+              img_stride, row_stride, g_stride, m_stride, n_vec, lanes, tile, tile_base,
+              first):
+    """Register block of the weight gradient: 4 channels (gy runs at g0..g3) x 6 taps
+    (input runs at x0..x5), over the runs ``r0 <= r < r1``. Run ``r`` (image ``b``, row
+    ``oy = r - b * rows_per_img``) has ``n_vec`` vectors of pixels starting at
+    ``b * img_stride + oy * row_stride`` in the input, ``r * g_stride`` in gy and
+    ``r * m_stride`` in the mask (input lanes with mask 0 are zero). The 24 vector
+    accumulators ``tile[tile_base + (k * 6 + t) * lanes ...]`` (k channel, t tap) start at
+    zero if ``first``, else at the tile's values, and are stored back at the end."""
+    _prefer_wide_vectors()
+    if first:
+        a00 = _vzero(xf)
+        a01 = _vzero(xf)
+        a02 = _vzero(xf)
+        a03 = _vzero(xf)
+        a04 = _vzero(xf)
+        a05 = _vzero(xf)
+        a10 = _vzero(xf)
+        a11 = _vzero(xf)
+        a12 = _vzero(xf)
+        a13 = _vzero(xf)
+        a14 = _vzero(xf)
+        a15 = _vzero(xf)
+        a20 = _vzero(xf)
+        a21 = _vzero(xf)
+        a22 = _vzero(xf)
+        a23 = _vzero(xf)
+        a24 = _vzero(xf)
+        a25 = _vzero(xf)
+        a30 = _vzero(xf)
+        a31 = _vzero(xf)
+        a32 = _vzero(xf)
+        a33 = _vzero(xf)
+        a34 = _vzero(xf)
+        a35 = _vzero(xf)
+    else:
+        a00 = _vload(tile, tile_base + 0 * lanes)
+        a01 = _vload(tile, tile_base + 1 * lanes)
+        a02 = _vload(tile, tile_base + 2 * lanes)
+        a03 = _vload(tile, tile_base + 3 * lanes)
+        a04 = _vload(tile, tile_base + 4 * lanes)
+        a05 = _vload(tile, tile_base + 5 * lanes)
+        a10 = _vload(tile, tile_base + 6 * lanes)
+        a11 = _vload(tile, tile_base + 7 * lanes)
+        a12 = _vload(tile, tile_base + 8 * lanes)
+        a13 = _vload(tile, tile_base + 9 * lanes)
+        a14 = _vload(tile, tile_base + 10 * lanes)
+        a15 = _vload(tile, tile_base + 11 * lanes)
+        a20 = _vload(tile, tile_base + 12 * lanes)
+        a21 = _vload(tile, tile_base + 13 * lanes)
+        a22 = _vload(tile, tile_base + 14 * lanes)
+        a23 = _vload(tile, tile_base + 15 * lanes)
+        a24 = _vload(tile, tile_base + 16 * lanes)
+        a25 = _vload(tile, tile_base + 17 * lanes)
+        a30 = _vload(tile, tile_base + 18 * lanes)
+        a31 = _vload(tile, tile_base + 19 * lanes)
+        a32 = _vload(tile, tile_base + 20 * lanes)
+        a33 = _vload(tile, tile_base + 21 * lanes)
+        a34 = _vload(tile, tile_base + 22 * lanes)
+        a35 = _vload(tile, tile_base + 23 * lanes)
+    for r in range(r0, r1):
+        b = r // rows_per_img
+        xb = b * img_stride + (r - b * rows_per_img) * row_stride
+        gb = r * g_stride
+        mb = r * m_stride
+        for j in range(n_vec):
+            p = j * lanes
+            m = mb + p
+            v0 = _vload_masked(xf, xb + x0 + p, mask, m)
+            v1 = _vload_masked(xf, xb + x1 + p, mask, m)
+            v2 = _vload_masked(xf, xb + x2 + p, mask, m)
+            v3 = _vload_masked(xf, xb + x3 + p, mask, m)
+            v4 = _vload_masked(xf, xb + x4 + p, mask, m)
+            v5 = _vload_masked(xf, xb + x5 + p, mask, m)
+            g = _vload(gyp, gb + g0 + p)
+            a00 = _vfmav(a00, g, v0)
+            a01 = _vfmav(a01, g, v1)
+            a02 = _vfmav(a02, g, v2)
+            a03 = _vfmav(a03, g, v3)
+            a04 = _vfmav(a04, g, v4)
+            a05 = _vfmav(a05, g, v5)
+            g = _vload(gyp, gb + g1 + p)
+            a10 = _vfmav(a10, g, v0)
+            a11 = _vfmav(a11, g, v1)
+            a12 = _vfmav(a12, g, v2)
+            a13 = _vfmav(a13, g, v3)
+            a14 = _vfmav(a14, g, v4)
+            a15 = _vfmav(a15, g, v5)
+            g = _vload(gyp, gb + g2 + p)
+            a20 = _vfmav(a20, g, v0)
+            a21 = _vfmav(a21, g, v1)
+            a22 = _vfmav(a22, g, v2)
+            a23 = _vfmav(a23, g, v3)
+            a24 = _vfmav(a24, g, v4)
+            a25 = _vfmav(a25, g, v5)
+            g = _vload(gyp, gb + g3 + p)
+            a30 = _vfmav(a30, g, v0)
+            a31 = _vfmav(a31, g, v1)
+            a32 = _vfmav(a32, g, v2)
+            a33 = _vfmav(a33, g, v3)
+            a34 = _vfmav(a34, g, v4)
+            a35 = _vfmav(a35, g, v5)
+    _vstore(tile, tile_base + 0 * lanes, a00)
+    _vstore(tile, tile_base + 1 * lanes, a01)
+    _vstore(tile, tile_base + 2 * lanes, a02)
+    _vstore(tile, tile_base + 3 * lanes, a03)
+    _vstore(tile, tile_base + 4 * lanes, a04)
+    _vstore(tile, tile_base + 5 * lanes, a05)
+    _vstore(tile, tile_base + 6 * lanes, a10)
+    _vstore(tile, tile_base + 7 * lanes, a11)
+    _vstore(tile, tile_base + 8 * lanes, a12)
+    _vstore(tile, tile_base + 9 * lanes, a13)
+    _vstore(tile, tile_base + 10 * lanes, a14)
+    _vstore(tile, tile_base + 11 * lanes, a15)
+    _vstore(tile, tile_base + 12 * lanes, a20)
+    _vstore(tile, tile_base + 13 * lanes, a21)
+    _vstore(tile, tile_base + 14 * lanes, a22)
+    _vstore(tile, tile_base + 15 * lanes, a23)
+    _vstore(tile, tile_base + 16 * lanes, a24)
+    _vstore(tile, tile_base + 17 * lanes, a25)
+    _vstore(tile, tile_base + 18 * lanes, a30)
+    _vstore(tile, tile_base + 19 * lanes, a31)
+    _vstore(tile, tile_base + 20 * lanes, a32)
+    _vstore(tile, tile_base + 21 * lanes, a33)
+    _vstore(tile, tile_base + 22 * lanes, a34)
+    _vstore(tile, tile_base + 23 * lanes, a35)
+
+
+@njit(parallel=True, cache=True)
+def _wg_kernel(xf, tap_off, gyp, mask, dest, tiles, groups, c_Og, n_taps, group_stride,
+               n_rows, part_rows, pass_rows, rows_per_img, img_stride, row_stride, g_stride,
+               m_stride, n_vec):
+    """Jobs (part, group, block of 4 channels, group of tap blocks); dest[part, o, tap]
+    (``dest.shape[0] == 1``: dest is the output itself, viewed as (1, c_O, taps))."""
+    lanes = _VECTOR_BYTES // xf.itemsize
+    # per thread: the accumulators of the job's register blocks, then their lane sums
+    sums_base = (_WG_TAP_BLOCKS * _WG_CO * _WG_TAPS + lanes) * lanes
+    co_blocks = -(-c_Og // _WG_CO)
+    tap_blocks = tap_off.shape[0] // _WG_TAPS
+    tap_groups = -(-tap_blocks // _WG_TAP_BLOCKS)
+    n_parts = dest.shape[0]
+    jobs_per_part = groups * co_blocks * tap_groups
+    n_jobs = n_parts * jobs_per_part
+    n_threads = tiles.shape[0]
+    block_size = _WG_CO * _WG_TAPS * lanes
+    for thread in prange(n_threads):
+        tile = tiles[thread]
+        for job in range(thread, n_jobs, n_threads):
+            part = job // jobs_per_part
+            rest = job - part * jobs_per_part
+            tg = rest % tap_groups
+            rest = rest // tap_groups
+            cb = rest % co_blocks
+            g = rest // co_blocks
+            r_lo = part * part_rows
+            r_hi = min(r_lo + part_rows, n_rows)
+            tb0 = tg * _WG_TAP_BLOCKS
+            tb1 = min(tb0 + _WG_TAP_BLOCKS, tap_blocks)
+            co0 = g * c_Og + cb * _WG_CO
+            co1 = min(co0 + _WG_CO, (g + 1) * c_Og)
+            # channels past the block's end repeat its last channel (computed, dropped)
+            g0 = co0 * gyp.shape[1]
+            g1 = min(co0 + 1, co1 - 1) * gyp.shape[1]
+            g2 = min(co0 + 2, co1 - 1) * gyp.shape[1]
+            g3 = min(co0 + 3, co1 - 1) * gyp.shape[1]
+            x_group = g * group_stride
+            for q in range(r_lo, r_hi, pass_rows):
+                q1 = min(q + pass_rows, r_hi)
+                for tb in range(tb0, tb1):
+                    t = tb * _WG_TAPS
+                    _wg_block(xf, x_group + tap_off[t], x_group + tap_off[t + 1],
+                              x_group + tap_off[t + 2], x_group + tap_off[t + 3],
+                              x_group + tap_off[t + 4], x_group + tap_off[t + 5],
+                              gyp, g0, g1, g2, g3, mask, q, q1, rows_per_img, img_stride,
+                              row_stride, g_stride, m_stride, n_vec, lanes, tile,
+                              (tb - tb0) * block_size, q == r_lo)
+            # lane sums (a fixed tree), then the valid (channel, tap) pairs to dest
+            n_vectors = (tb1 - tb0) * _WG_CO * _WG_TAPS
+            for v in range(0, n_vectors, lanes):
+                _vsum_lanes(tile, v * lanes, tile, sums_base + v)
+            for tb in range(tb0, tb1):
+                for k in range(co1 - co0):
+                    for i in range(_WG_TAPS):
+                        t = tb * _WG_TAPS + i
+                        if t < n_taps:
+                            dest[part, co0 + k, t] = tile[
+                                sums_base + (tb - tb0) * _WG_CO * _WG_TAPS + k * _WG_TAPS + i]
+
+
+@njit(parallel=True, cache=True)
+def _sum_parts(partial, out):
+    """out[i] = partial[0, i] + partial[1, i] + ... in part order."""
+    n_parts = partial.shape[0]
+    size = partial.shape[1]
+    chunk = 4096
+    for c in prange(-(-size // chunk)):
+        for i in range(c * chunk, min(size, (c + 1) * chunk)):
+            s = partial[0, i]
+            for p in range(1, n_parts):
+                s += partial[p, i]
+            out[i] = s
+
+
+class _WgLayout(NamedTuple):
+    merged: bool
+    h_P: int
+    w_Q: int
+    channel_stride: int   # elements per input channel in the packed input
+    x_size: int           # elements of the packed input, slack included
+    n_rows: int           # runs
+    run_pixels: int       # pixels per run (a multiple of the vector length)
+    part_rows: int
+    n_parts: int
+    pass_rows: int
+    gy_len: int           # elements per channel of the packed gy
+    mask_len: int
+    n_taps: int           # taps per group (c_I/g * k_H * k_W)
+    padded_taps: int      # rounded up to whole register blocks
+    tile: int             # per-thread tile elements
+
+
+def _wg_layout(geom, itemsize):
+    lanes = _VECTOR_BYTES // itemsize
+    n, s_H, s_W = geom.batch, geom.stride_h, geom.stride_w
+    h_O, w_O = geom.out_height, geom.out_width
+    d_H, d_W = geom.dilation_h, geom.dilation_w
+    k_H, k_W = geom.kernel_height, geom.kernel_width
+    merged = s_H == 1 and s_W == 1
+    if merged:
+        # Rows and images share their padding (as the forward's merged layout): reads past
+        # a row's end land in the next row's left padding.
+        h_P = max(geom.in_height + max(geom.pad_top, geom.pad_bottom), h_O)
+        w_Q = max(geom.in_width + max(geom.pad_left, geom.pad_right), w_O)
+        used = ((n - 1) * h_P + h_O - 1) * w_Q + w_O     # virtual pixels up to the last
+        n_rows = -(-used // _WG_PASS_PIXELS)
+        run_pixels = -(-(-(-used // n_rows)) // lanes) * lanes
+        pixels = n_rows * run_pixels
+        pass_rows = 1
+    else:
+        h_P = (h_O - 1) * s_H + (k_H - 1) * d_H + 1
+        w_needed = (w_O - 1) * s_W + (k_W - 1) * d_W + 1
+        w_Q = -(-w_needed // s_W)
+        run_pixels = -(-w_O // lanes) * lanes
+        n_rows = n * h_O
+        pixels = n_rows * run_pixels
+        pass_rows = max(1, _WG_PASS_PIXELS // run_pixels)
+    channel_stride = n * h_P * s_W * w_Q
+    max_tap = (k_H - 1) * d_H * s_W * w_Q + max(
+        (v * d_W) % s_W * w_Q + (v * d_W) // s_W for v in range(k_W))
+    if merged:
+        last_read = pixels + max_tap
+    else:
+        last_read = ((n - 1) * h_P + (h_O - 1) * s_H) * s_W * w_Q + max_tap + run_pixels
+    x_size = max(geom.in_channels * channel_stride,
+                 (geom.in_channels - 1) * channel_stride + last_read)
+    n_taps = geom.in_channels_per_group * k_H * k_W
+    padded_taps = -(-n_taps // _WG_TAPS) * _WG_TAPS
+    # Parts: enough for accuracy and for _WG_MIN_JOBS jobs, within the memory bound;
+    # a function of the geometry only.
+    c_Og = geom.out_channels_per_group
+    jobs_per_part = geom.groups * -(-c_Og // _WG_CO) * -(-(padded_taps // _WG_TAPS)
+                                                         // _WG_TAP_BLOCKS)
+    n_parts = max(-(-pixels // _WG_PART_PIXELS), -(-_WG_MIN_JOBS // jobs_per_part))
+    weight_bytes = geom.out_channels * n_taps * itemsize
+    n_parts = max(1, min(n_parts, n_rows, _PARTIAL_BYTES // weight_bytes))
+    part_rows = -(-n_rows // n_parts)
+    n_parts = -(-n_rows // part_rows)
+    gy_len = pixels
+    mask_len = pixels if merged else run_pixels
+    vectors = _WG_TAP_BLOCKS * _WG_CO * _WG_TAPS + lanes   # whole groups of lane sums
+    tile = vectors * lanes + vectors
+    return _WgLayout(merged, h_P, w_Q, channel_stride, x_size, n_rows, run_pixels,
+                     part_rows, n_parts, pass_rows, gy_len, mask_len, n_taps, padded_taps,
+                     tile)
+
+
+def _wg_tap_offsets(geom, layout):
+    """Offset in the packed input of each tap (c, u, v) of a group, padded to whole
+    register blocks by repeating tap 0 (computed, dropped)."""
+    s_W, w_Q = geom.stride_w, layout.w_Q
+    c = np.arange(geom.in_channels_per_group).reshape(-1, 1, 1)
+    u = np.arange(geom.kernel_height).reshape(1, -1, 1)
+    v = np.arange(geom.kernel_width).reshape(1, 1, -1)
+    col = v * geom.dilation_w
+    offsets = (c * layout.channel_stride + u * geom.dilation_h * s_W * w_Q
+               + (col % s_W) * w_Q + col // s_W).reshape(-1)
+    padded = np.full(layout.padded_taps, offsets[0], dtype=np.int64)
+    padded[:offsets.size] = offsets
+    return padded
+
+
+def _wg_mask(geom, layout):
+    if layout.merged:
+        p = np.arange(layout.mask_len)
+        col = p % layout.w_Q
+        row = (p // layout.w_Q) % layout.h_P
+        image = p // (layout.w_Q * layout.h_P)
+        keep = (col < geom.out_width) & (row < geom.out_height) & (image < geom.batch)
+    else:
+        keep = np.arange(layout.mask_len) < geom.out_width
+    return keep.astype(np.uint8)
+
+
+def conv2d_weight_grad_scratch_bytes(geom, itemsize):
+    """Bytes of scratch :func:`conv2d_weight_grad` allocates beyond ``out``: the packed input
+    and gy, the mask, per-thread tiles and the partial sums (none when ``P == 1``)."""
+    layout = _wg_layout(geom, itemsize)
+    elements = (layout.x_size + geom.out_channels * layout.gy_len
+                + numba.get_num_threads() * layout.tile)
+    if layout.n_parts > 1:
+        elements += layout.n_parts * geom.out_channels * layout.n_taps
+    return (elements * itemsize + layout.mask_len + layout.padded_taps * 8 * 4
+            + _SMALL_SCRATCH)
+
+
+def conv2d_weight_grad(x, grad_output, out, geom):
+    """``out = d(sum(conv2d(x, w) * grad_output)) / dw``, every element written.
+
+    ``x`` ``(n, c_I, h, w)``, ``grad_output`` ``(n, c_O, h_O, w_O)``, ``out``
+    ``(c_O, c_I/g, k_H, k_W)``: C-contiguous, one dtype. Deterministic: the same bits on
+    every call and for every thread count (see the module docstring).
+    """
+    dtype = out.dtype
+    layout = _wg_layout(geom, dtype.itemsize)
+    lanes = _VECTOR_BYTES // dtype.itemsize
+    xf = np.empty(layout.x_size, dtype=dtype)
+    packed = geom.in_channels * layout.channel_stride
+    xf[packed:] = 0
+    _pack_input(x, xf[:packed].reshape(geom.in_channels, geom.batch, layout.h_P,
+                                       geom.stride_w, layout.w_Q),
+                geom.pad_top, geom.pad_left, geom.stride_w)
+    gyp = np.empty((geom.out_channels, layout.gy_len), dtype=dtype)
+    _pack_grad_output(grad_output, gyp, layout.merged, layout.h_P, layout.w_Q,
+                      layout.run_pixels)
+    mask = _wg_mask(geom, layout)
+    tap_off = _wg_tap_offsets(geom, layout)
+    tiles = np.empty((numba.get_num_threads(), layout.tile), dtype=dtype)
+    if layout.merged:
+        rows_per_img, img_stride = layout.n_rows, 0
+        row_stride = g_stride = m_stride = layout.run_pixels
+    else:
+        rows_per_img = geom.out_height
+        img_stride = layout.h_P * geom.stride_w * layout.w_Q
+        row_stride = geom.stride_h * geom.stride_w * layout.w_Q
+        g_stride, m_stride = layout.run_pixels, 0
+    n_vec = layout.run_pixels // lanes
+    out2 = out.reshape(1, geom.out_channels, layout.n_taps)
+    if layout.n_parts == 1:
+        dest = out2
+    else:
+        dest = np.empty((layout.n_parts, geom.out_channels, layout.n_taps), dtype=dtype)
+    _wg_kernel(xf, tap_off, gyp, mask, dest, tiles, geom.groups,
+               geom.out_channels_per_group, layout.n_taps,
+               geom.in_channels_per_group * layout.channel_stride,
+               layout.n_rows, layout.part_rows, layout.pass_rows, rows_per_img, img_stride,
+               row_stride, g_stride, m_stride, n_vec)
+    if layout.n_parts > 1:
+        _sum_parts(dest.reshape(layout.n_parts, -1), out.reshape(-1))
+    return out

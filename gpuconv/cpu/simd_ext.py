@@ -1,0 +1,167 @@
+"""More vector intrinsics for the gradient kernels, on the vectors of :mod:`.simd`.
+
+- :func:`vfmav`: ``acc + a * b`` with two vectors (the pixel-vector dot products of the
+  shared weight gradient);
+- :func:`vload_masked`: a load whose lanes are zero where a byte mask is zero (junk pixels
+  of a padded grid contribute exactly nothing, whatever they hold: ``0 * inf`` never
+  happens because the junk value itself is never read);
+- :func:`vstore_first`: store only the first ``count`` lanes (the tail of a run, without
+  touching the memory after it).
+
+As in :mod:`.simd`: one fused multiply-add per multiply-add, nothing relaxed.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .simd import _Vector, _vector_of
+
+__all__ = ["vfmav", "vload_masked", "vstore_first", "vsum_lanes"]
+
+
+def _element(vector_type):
+    return "f32" if vector_type.element == ir.FloatType() else "f64"
+
+
+def _fma_name(vector_type):
+    return f"llvm.fma.v{vector_type.count}{_element(vector_type)}"
+
+
+@intrinsic
+def vfmav(typingctx, acc, a, b):
+    """``acc + a * b`` lane by lane (three vectors of one type), one fused multiply-add."""
+    if not isinstance(acc, _Vector) or a != acc or b != acc:
+        return None
+
+    def codegen(context, builder, signature, args):
+        vector_type = args[0].type
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vector_type, [vector_type] * 3),
+            _fma_name(vector_type))
+        return builder.call(fma, [args[1], args[2], args[0]])
+
+    return acc(acc, a, b), codegen
+
+
+def _lane_mask(builder, mask_data, mask_index, lanes):
+    """``<lanes x i1>``: mask_data[mask_index + l] != 0 (a uint8 array)."""
+    pointer = builder.gep(mask_data, [mask_index])
+    byte_vector = ir.VectorType(ir.IntType(8), lanes)
+    pointer = builder.bitcast(pointer, byte_vector.as_pointer())
+    bytes_ = builder.load(pointer, align=1)
+    return builder.icmp_unsigned("!=", bytes_, ir.Constant(byte_vector, None))
+
+
+@intrinsic
+def vload_masked(typingctx, array, index, mask, mask_index):
+    """``array[index : index + lanes]`` where ``mask[mask_index + l] != 0``, zero elsewhere
+    (``mask`` a 1-D uint8 array; no bounds check). A masked load: the masked-off elements
+    are not read, so they may hold anything, NaN included."""
+    if not (isinstance(mask, types.Array) and mask.dtype == types.uint8):
+        return None
+    vector = _vector_of(array)
+
+    def codegen(context, builder, signature, args):
+        vector_type = context.get_value_type(vector)
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        pointer = builder.bitcast(builder.gep(data, [args[1]]), vector_type.as_pointer())
+        mask_data = context.make_array(signature.args[2])(context, builder, args[2]).data
+        lanes = _lane_mask(builder, mask_data, args[3], vector.lanes)
+        load = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(vector_type, [pointer.type, ir.IntType(32), lanes.type,
+                                          vector_type]),
+            f"llvm.masked.load.v{vector.lanes}{_element(vector_type)}.p0")
+        return builder.call(load, [pointer, ir.Constant(ir.IntType(32),
+                                                        array.dtype.bitwidth // 8),
+                                   lanes, ir.Constant(vector_type, None)])
+
+    return vector(array, index, mask, mask_index), codegen
+
+
+@intrinsic
+def vstore_first(typingctx, array, index, value, count):
+    """``array[index : index + count] = value[:count]`` for ``0 <= count <= lanes``; the
+    memory after it is neither read nor written (a masked store)."""
+    if not isinstance(value, _Vector):
+        return None
+
+    def codegen(context, builder, signature, args):
+        vector_type = args[2].type
+        lanes = vector_type.count
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        pointer = builder.bitcast(builder.gep(data, [args[1]]), vector_type.as_pointer())
+        count = builder.sext(args[3], ir.IntType(64)) if args[3].type.width < 64 else args[3]
+        iota = ir.Constant(ir.VectorType(ir.IntType(64), lanes), list(range(lanes)))
+        splat = builder.insert_element(ir.Constant(iota.type, ir.Undefined), count,
+                                       ir.Constant(ir.IntType(32), 0))
+        splat = builder.shuffle_vector(splat, ir.Constant(iota.type, ir.Undefined),
+                                       ir.Constant(ir.VectorType(ir.IntType(32), lanes),
+                                                   [0] * lanes))
+        mask = builder.icmp_signed("<", iota, splat)
+        store = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.VoidType(), [vector_type, pointer.type, ir.IntType(32),
+                                            mask.type]),
+            f"llvm.masked.store.v{lanes}{_element(vector_type)}.p0")
+        builder.call(store, [args[2], pointer, ir.Constant(ir.IntType(32),
+                                                           array.dtype.bitwidth // 8), mask])
+        return context.get_dummy_value()
+
+    return types.none(array, index, value, count), codegen
+
+
+@intrinsic
+def vsum_lanes(typingctx, src, src_index, dst, dst_index):
+    """``dst[dst_index + i] = sum(src[src_index + i * lanes : src_index + (i + 1) * lanes])``
+    for ``i < lanes``: the lane sums of ``lanes`` consecutive vectors, as one vector.
+
+    A fixed tree: each level adds the lower and upper halves of every segment of two
+    vectors (15 vector additions and 30 shuffles for 16 float32 vectors instead of 240 scalar
+    additions); the order never changes, so the result is deterministic."""
+    if not (isinstance(src, types.Array) and dst == src):
+        return None
+    vector = _vector_of(src)
+
+    def codegen(context, builder, signature, args):
+        vector_type = context.get_value_type(vector)
+        lanes = vector.lanes
+        align = src.dtype.bitwidth // 8
+        src_data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        dst_data = context.make_array(signature.args[2])(context, builder, args[2]).data
+        index = args[1]
+        values = []
+        for i in range(lanes):
+            offset = builder.add(index, ir.Constant(index.type, i * lanes))
+            pointer = builder.bitcast(builder.gep(src_data, [offset]),
+                                      vector_type.as_pointer())
+            values.append(builder.load(pointer, align=align))
+        segment = lanes          # lanes per accumulator's partial sums in each vector
+        while len(values) > 1:
+            half = segment // 2
+            count = lanes // segment   # segments per vector
+            low = []
+            high = []
+            for which in range(2):     # the first vector's segments, then the second's
+                for s in range(count):
+                    base = which * lanes + s * segment
+                    low.extend(range(base, base + half))
+                    high.extend(range(base + half, base + segment))
+            i32 = ir.IntType(32)
+            low_mask = ir.Constant(ir.VectorType(i32, lanes), low)
+            high_mask = ir.Constant(ir.VectorType(i32, lanes), high)
+            folded = []
+            for a, b in zip(values[0::2], values[1::2]):
+                folded.append(builder.fadd(builder.shuffle_vector(a, b, low_mask),
+                                           builder.shuffle_vector(a, b, high_mask)))
+            values = folded
+            segment = half
+        pointer = builder.bitcast(builder.gep(dst_data, [args[3]]), vector_type.as_pointer())
+        builder.store(values[0], pointer, align=align)
+        return context.get_dummy_value()
+
+    return types.none(src, src_index, dst, dst_index), codegen
