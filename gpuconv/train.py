@@ -433,10 +433,15 @@ class _Progress:
         self.stream = stream
         self.enabled = enabled and stream is not None
         self.tty = self.enabled and hasattr(stream, "isatty") and stream.isatty()
+        self.drawn = 0.0
 
     def step(self, label, epoch, epochs, done, total):
         if not self.tty:
             return
+        now = time.perf_counter()
+        if done < total and now - self.drawn < 0.1:  # at most ten redraws a second
+            return
+        self.drawn = now
         width = 24
         filled = int(width * done / max(total, 1))
         self.stream.write(f"\r{label} epoch {epoch}/{epochs} [{'#' * filled}"
