@@ -565,7 +565,7 @@ def check_output_path(path, what):
 
 #: CPU threads for PyTorch and for gpuconv's Numba kernels while training on the CPU. These
 #: networks are small (a step is a few milliseconds of work): on a busy 2-core machine two
-#: threads in each runtime made a step 10-30x slower than one thread (the threads wait for
+#: threads in each runtime made a step 6-37x slower than one thread (the threads wait for
 #: each other at every parallel region), so one thread is the default.
 DEFAULT_CPU_THREADS = 1
 
