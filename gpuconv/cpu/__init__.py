@@ -34,6 +34,17 @@ SC18): no im2col matrix is built.
   elements of a small per-thread window of the input (batch innermost). It runs at the speed
   of streaming the weights from memory.
 
+Gradients (:mod:`.conv2d_grad`, :mod:`.local_conv2d_grad`; designs in their docstrings), same
+rules, no float atomics, the same bits on every call and for every thread count:
+
+* ``conv2d`` input gradient: one stride-1 forward convolution (:func:`conv2d_forward`) of the
+  output gradient per stride phase, with the flipped, channel-transposed sub-kernel of the
+  taps that reach that phase; weight gradient: pixel-vector dot products (4 output channels x
+  6 taps of vector accumulators) over the forward's padded, phase-split input, junk pixels
+  masked off the loads, per-part partial sums (the parts fixed by the geometry) added in order;
+* ``local_conv2d`` input gradient: a gather over bands of input rows, the weights read in
+  order, batch innermost; weight gradient: per-position batch sums written once, in order.
+
 Parallelism: ``prange`` over one chunk per thread, jobs dealt cyclically, so both cores are
 busy at batch 1; per-thread scratch is allocated by the caller (visible to ``tracemalloc``).
 Compilation is cached on disk (``cache=True``): a later process reuses it.
@@ -46,7 +57,13 @@ registers LLVM splits them, so the same code is correct everywhere, only slower 
 """
 
 from .conv2d import choose_cpu_kernel, conv2d_forward, conv2d_scratch_bytes
+from .conv2d_grad import (conv2d_input_grad, conv2d_input_grad_scratch_bytes,
+                          conv2d_weight_grad, conv2d_weight_grad_scratch_bytes)
 from .local_conv2d import local_conv2d_forward, local_conv2d_scratch_bytes
+from .local_conv2d_grad import (local_conv2d_input_grad,
+                                local_conv2d_input_grad_scratch_bytes,
+                                local_conv2d_weight_grad,
+                                local_conv2d_weight_grad_scratch_bytes)
 
 
 
@@ -62,4 +79,8 @@ def jit_functions():
 
 
 __all__ = ["jit_functions", "choose_cpu_kernel", "conv2d_forward", "conv2d_scratch_bytes", "local_conv2d_forward",
-           "local_conv2d_scratch_bytes"]
+           "local_conv2d_scratch_bytes",
+           "conv2d_input_grad", "conv2d_input_grad_scratch_bytes", "conv2d_weight_grad",
+           "conv2d_weight_grad_scratch_bytes", "local_conv2d_input_grad",
+           "local_conv2d_input_grad_scratch_bytes", "local_conv2d_weight_grad",
+           "local_conv2d_weight_grad_scratch_bytes"]

@@ -11,7 +11,11 @@ With ``y = conv2d(x, w)`` and ``gy`` the gradient of a scalar loss with respect 
   flipped sub-kernel of those taps (dilated, with its own padding). Each phase runs the
   forward kernel (:func:`gpuconv.cpu.conv2d_forward`, a black box here) and its result is
   copied to every ``s_H``-th row and ``s_W``-th column of the output; with stride 1 there is
-  one phase, written in place. Phases without taps are zero.
+  one phase, written in place. Phases without taps are zero. All phases' sub-kernels are
+  built in one pass (at most the weight's size). As in any forward convolution, the zero
+  padding of ``gy`` meets every tap: an infinite weight gives ``0 * inf = NaN`` at border
+  pixels whose window sums, by the definition above, would not include it (finite weights
+  are exact).
 * **Weight gradient** (:func:`conv2d_weight_grad`): ``gw[o, c, u, v]`` is the dot product, over
   every output pixel of every image, of ``gy[:, o]`` and the input seen by tap ``(c, u, v)``.
   The input is repacked zero-padded and phase-split by columns, as the forward does, so that
@@ -134,44 +138,56 @@ def _in_place(geom, ph, pw):
 
 
 @njit(parallel=True, cache=True)
-def _sub_kernel(weight, taps, w_sub, groups):
-    """w_sub[g * c_Ig + c, o, t] = weight[g * c_Og + o, c, taps[t]] (kernels flattened): a
-    phase's sub-kernel with the channels of each group transposed, in blocks of 16 output
-    channels so that both sides move through memory in runs."""
+def _sub_kernels(weight, taps, starts, w_all, groups):
+    """Every phase's sub-kernel, channels transposed within each group: phase ``p`` uses the
+    flattened taps ``taps[starts[p]:starts[p + 1]]`` (``n_p`` of them) and its block of
+    ``w_all``, from ``c_I * c_O/g * starts[p]`` on, is ``(c_I, c_O/g, n_p)`` with
+    ``[g * c_Ig + c, o, t] = weight[g * c_Og + o, c, taps[starts[p] + t]]``. One pass for all
+    phases, in blocks of 16 output channels so both sides move through memory in runs."""
     c_O, c_Ig = weight.shape[0], weight.shape[1]
     c_Og = c_O // groups
-    n_t = taps.shape[0]
+    c_I = c_Ig * groups
     blocks = -(-c_Og // 16)
     for job in prange(groups * blocks):
         g = job // blocks
         o0 = (job - g * blocks) * 16
         o1 = min(o0 + 16, c_Og)
-        for c in range(c_Ig):
-            for o in range(o0, o1):
-                src = weight[g * c_Og + o, c]
-                dst = w_sub[g * c_Ig + c, o]
-                for t in range(n_t):
-                    dst[t] = src[taps[t]]
+        for p in range(starts.shape[0] - 1):
+            t0 = starts[p]
+            n_t = starts[p + 1] - t0
+            block = c_I * c_Og * t0
+            for c in range(c_Ig):
+                for o in range(o0, o1):
+                    src = weight[g * c_Og + o, c]
+                    dst = block + ((g * c_Ig + c) * c_Og + o) * n_t
+                    for t in range(n_t):
+                        w_all[dst + t] = src[taps[t0 + t]]
+
+
+def _plan(geom):
+    """The phases that compute something, as (rows phase, columns phase), and all phases."""
+    rows, cols = _phases(geom)
+    active = [(ph, pw) for ph in rows for pw in cols if ph.taps and pw.taps]
+    return active, rows, cols
 
 
 def conv2d_input_grad_scratch_bytes(geom, itemsize):
-    """Bytes of scratch :func:`conv2d_input_grad` allocates beyond ``out``: the largest
-    phase's transposed sub-kernel, cropped ``gy``, result (strided layers only) and forward
-    scratch (the phases run one after another)."""
-    rows, cols = _phases(geom)
+    """Bytes of scratch :func:`conv2d_input_grad` allocates beyond ``out``: the transposed
+    sub-kernels of all phases (at most the weight's size), plus the largest phase's cropped
+    ``gy``, result (strided layers only) and forward scratch (phases run one at a time)."""
+    active, _, _ = _plan(geom)
+    n_sub = sum(len(ph.taps) * len(pw.taps) for ph, pw in active)
     most = 0
-    for ph in rows:
-        for pw in cols:
-            if not ph.taps or not pw.taps:
-                continue
-            sub = _phase_geometry(geom, ph, pw)
-            n_elem = geom.in_channels * geom.out_channels_per_group * len(ph.taps) * len(pw.taps)
-            if (ph.hi - ph.lo, pw.hi - pw.lo) != (geom.out_height, geom.out_width):
-                n_elem += geom.batch * geom.out_channels * (ph.hi - ph.lo) * (pw.hi - pw.lo)
-            if not _in_place(geom, ph, pw):
-                n_elem += geom.batch * geom.in_channels * ph.count * pw.count
-            most = max(most, n_elem * itemsize + conv2d_scratch_bytes(sub, itemsize))
-    return most + _SMALL_SCRATCH
+    for ph, pw in active:
+        sub = _phase_geometry(geom, ph, pw)
+        n_elem = 0
+        if (ph.hi - ph.lo, pw.hi - pw.lo) != (geom.out_height, geom.out_width):
+            n_elem += geom.batch * geom.out_channels * (ph.hi - ph.lo) * (pw.hi - pw.lo)
+        if not _in_place(geom, ph, pw):
+            n_elem += geom.batch * geom.in_channels * ph.count * pw.count
+        most = max(most, n_elem * itemsize + conv2d_scratch_bytes(sub, itemsize))
+    sub_kernels = geom.in_channels * geom.out_channels_per_group * n_sub * itemsize
+    return sub_kernels + most + 8 * (n_sub + len(active) + 1) + _SMALL_SCRATCH
 
 
 def conv2d_input_grad(grad_output, weight, out, geom):
@@ -184,32 +200,34 @@ def conv2d_input_grad(grad_output, weight, out, geom):
     dtype = out.dtype
     c_I, c_O, groups = geom.in_channels, geom.out_channels, geom.groups
     c_Ig, c_Og = c_I // groups, c_O // groups
-    no_bias = np.zeros((c_I, 1, 1), dtype=dtype)
-    rows, cols = _phases(geom)
+    active, rows, cols = _plan(geom)
+    # phases that receive nothing
     for ph in rows:
         for pw in cols:
-            rows_sel = slice(ph.first, ph.first + (ph.count - 1) * geom.stride_h + 1,
-                             geom.stride_h)
-            cols_sel = slice(pw.first, pw.first + (pw.count - 1) * geom.stride_w + 1,
-                             geom.stride_w)
             if not ph.taps or not pw.taps:
-                out[:, :, rows_sel, cols_sel] = 0
-                continue
-            sub = _phase_geometry(geom, ph, pw)
-            w_sub = np.empty((c_I, c_Og, len(ph.taps), len(pw.taps)), dtype=dtype)
-            taps = (np.array(ph.taps, dtype=np.int64)[:, None] * geom.kernel_width
-                    + np.array(pw.taps, dtype=np.int64)[None, :]).reshape(-1)
-            _sub_kernel(weight.reshape(c_O, c_Ig, -1), taps,
-                        w_sub.reshape(c_I, c_Og, -1), groups)
-            gy = grad_output
-            if (ph.lo, ph.hi, pw.lo, pw.hi) != (0, geom.out_height, 0, geom.out_width):
-                gy = np.ascontiguousarray(gy[:, :, ph.lo:ph.hi, pw.lo:pw.hi])
-            if _in_place(geom, ph, pw):
-                conv2d_forward(gy, w_sub, no_bias, False, out, sub)
-            else:
-                part = np.empty((geom.batch, c_I, ph.count, pw.count), dtype=dtype)
-                conv2d_forward(gy, w_sub, no_bias, False, part, sub)
-                out[:, :, rows_sel, cols_sel] = part
+                out[:, :, ph.first::geom.stride_h, pw.first::geom.stride_w] = 0
+    if not active:
+        return out
+    taps = [np.add.outer(np.array(ph.taps) * geom.kernel_width, np.array(pw.taps)).reshape(-1)
+            for ph, pw in active]
+    starts = np.cumsum([0] + [t.size for t in taps]).astype(np.int64)
+    w_all = np.empty(c_I * c_Og * int(starts[-1]), dtype=dtype)
+    _sub_kernels(weight.reshape(c_O, c_Ig, -1), np.concatenate(taps).astype(np.int64), starts,
+                 w_all, groups)
+    no_bias = np.zeros((c_I, 1, 1), dtype=dtype)
+    for p, (ph, pw) in enumerate(active):
+        sub = _phase_geometry(geom, ph, pw)
+        w_sub = w_all[c_I * c_Og * starts[p]:c_I * c_Og * starts[p + 1]].reshape(
+            c_I, c_Og, len(ph.taps), len(pw.taps))
+        gy = grad_output
+        if (ph.lo, ph.hi, pw.lo, pw.hi) != (0, geom.out_height, 0, geom.out_width):
+            gy = np.ascontiguousarray(gy[:, :, ph.lo:ph.hi, pw.lo:pw.hi])
+        if _in_place(geom, ph, pw):
+            conv2d_forward(gy, w_sub, no_bias, False, out, sub)
+        else:
+            part = np.empty((geom.batch, c_I, ph.count, pw.count), dtype=dtype)
+            conv2d_forward(gy, w_sub, no_bias, False, part, sub)
+            out[:, :, ph.first::geom.stride_h, pw.first::geom.stride_w] = part
     return out
 
 
@@ -327,11 +345,16 @@ def _wg_block(xf, x0, x1, x2, x3, x4, x5, gyp, g0, g1, g2, g3, mask, r0, r1, row
         a33 = _vload(tile, tile_base + 21 * lanes)
         a34 = _vload(tile, tile_base + 22 * lanes)
         a35 = _vload(tile, tile_base + 23 * lanes)
+    b = r0 // rows_per_img
+    oy = r0 - b * rows_per_img
     for r in range(r0, r1):
-        b = r // rows_per_img
-        xb = b * img_stride + (r - b * rows_per_img) * row_stride
+        xb = b * img_stride + oy * row_stride
         gb = r * g_stride
         mb = r * m_stride
+        oy += 1
+        if oy == rows_per_img:
+            oy = 0
+            b += 1
         for j in range(n_vec):
             p = j * lanes
             m = mb + p
@@ -415,12 +438,14 @@ def _wg_kernel(xf, tap_off, gyp, mask, dest, tiles, groups, c_Og, n_taps, group_
     for thread in prange(n_threads):
         tile = tiles[thread]
         for job in range(thread, n_jobs, n_threads):
+            # channel blocks vary fastest: consecutive jobs share the tap group's input
+            # (kept in cache) and stream the smaller gy rows
             part = job // jobs_per_part
             rest = job - part * jobs_per_part
-            tg = rest % tap_groups
-            rest = rest // tap_groups
             cb = rest % co_blocks
-            g = rest // co_blocks
+            rest = rest // co_blocks
+            tg = rest % tap_groups
+            g = rest // tap_groups
             r_lo = part * part_rows
             r_hi = min(r_lo + part_rows, n_rows)
             tb0 = tg * _WG_TAP_BLOCKS

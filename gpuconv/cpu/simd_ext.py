@@ -6,7 +6,12 @@
   of a padded grid contribute exactly nothing, whatever they hold: ``0 * inf`` never
   happens because the junk value itself is never read);
 - :func:`vstore_first`: store only the first ``count`` lanes (the tail of a run, without
-  touching the memory after it).
+  touching the memory after it);
+- :func:`vload_bytes`: a narrower vector (its size a constant), for a vector dimension
+  shorter than a full register (a batch of 8 float32 needs 32 bytes, not 64; a 512-bit
+  operation costs two 256-bit ones on some processors). :func:`.simd.vfma` and
+  :func:`.simd.vstore` take vectors of any width.
+- :func:`vsum_lanes`: the lane sums of a group of vectors, by a fixed tree.
 
 As in :mod:`.simd`: one fused multiply-add per multiply-add, nothing relaxed.
 """
@@ -14,13 +19,13 @@ As in :mod:`.simd`: one fused multiply-add per multiply-add, nothing relaxed.
 from __future__ import annotations
 
 from llvmlite import ir
-from numba import types
+from numba import errors, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .simd import _Vector, _vector_of
 
-__all__ = ["vfmav", "vload_masked", "vstore_first", "vsum_lanes"]
+__all__ = ["vfmav", "vload_bytes", "vload_masked", "vstore_first", "vsum_lanes"]
 
 
 def _element(vector_type):
@@ -45,6 +50,23 @@ def vfmav(typingctx, acc, a, b):
         return builder.call(fma, [args[1], args[2], args[0]])
 
     return acc(acc, a, b), codegen
+
+
+@intrinsic
+def vload_bytes(typingctx, array, index, nbytes):
+    """``array[index : index + lanes]`` as a vector of ``nbytes`` bytes (a compile-time
+    constant, a multiple of the element size; unaligned, no bounds check)."""
+    if not isinstance(nbytes, types.IntegerLiteral):
+        raise errors.RequireLiteralValue("vload_bytes: nbytes must be a constant")
+    vector = _Vector(array.dtype, nbytes.literal_value * 8 // array.dtype.bitwidth)
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        pointer = builder.bitcast(builder.gep(data, [args[1]]),
+                                  context.get_value_type(vector).as_pointer())
+        return builder.load(pointer, align=array.dtype.bitwidth // 8)
+
+    return vector(array, index, nbytes), codegen
 
 
 def _lane_mask(builder, mask_data, mask_index, lanes):
