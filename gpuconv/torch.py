@@ -51,8 +51,12 @@ _GEOMETRY = "int[] stride, int[] padding, int[] dilation, int groups"
 # --------------------------------------------------------------------------------------------
 
 def _run(op_name, device, arrays, stride, padding, dilation, groups, sizes=None):
-    """Run one of gpuconv's operations on ``device`` with tensors that record no graph."""
-    arrays = {k: None if t is None else t.detach() for k, t in arrays.items()}
+    """Run one of gpuconv's operations on ``device`` with tensors that record no graph.
+
+    Gradients often arrive strided (``sum()``'s backward expands with zero strides): they are
+    made contiguous here by PyTorch, on its current stream (a no-op for contiguous tensors).
+    """
+    arrays = {k: None if t is None else t.detach().contiguous() for k, t in arrays.items()}
     top, bottom, left, right = padding
     return call(op_name, arrays, tuple(stride), ((top, bottom), (left, right)), tuple(dilation),
                 groups, device, sizes=sizes)
@@ -88,8 +92,10 @@ def _weight_grad(op_name):
 
 
 _FORWARD_SCHEMA = f"(Tensor x, Tensor weight, Tensor? bias, {_GEOMETRY}) -> Tensor"
-_INPUT_GRAD_SCHEMA = f"(SymInt[] input_size, Tensor weight, Tensor grad_output, {_GEOMETRY}) -> Tensor"
-_WEIGHT_GRAD_SCHEMA = f"(Tensor input, SymInt[] weight_size, Tensor grad_output, {_GEOMETRY}) -> Tensor"
+_INPUT_GRAD_SCHEMA = (f"(SymInt[] input_size, Tensor weight, Tensor grad_output, {_GEOMETRY})"
+                      " -> Tensor")
+_WEIGHT_GRAD_SCHEMA = (f"(Tensor input, SymInt[] weight_size, Tensor grad_output, {_GEOMETRY})"
+                       " -> Tensor")
 
 _conv2d_op = _define("conv2d", _FORWARD_SCHEMA, _forward("conv2d"))
 _local_conv2d_op = _define("local_conv2d", _FORWARD_SCHEMA, _forward("local_conv2d"))
@@ -377,8 +383,9 @@ class LocallyConnected2d(nn.Module):
 
     >>> import torch, gpuconv.torch
     >>> layer = gpuconv.torch.LocallyConnected2d(3, 8, 5, input_size=(32, 32))
-    >>> layer
-    LocallyConnected2d(3, 8, kernel_size=(5, 5), input_size=(32, 32), output_size=(28, 28), stride=(1, 1), params=476,672)
+    >>> layer  # doctest: +NORMALIZE_WHITESPACE
+    LocallyConnected2d(3, 8, kernel_size=(5, 5), input_size=(32, 32), output_size=(28, 28),
+                       stride=(1, 1), params=476,672)
     >>> layer(torch.randn(2, 3, 32, 32)).shape
     torch.Size([2, 8, 28, 28])
     """
