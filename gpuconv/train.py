@@ -929,7 +929,7 @@ def run(args):
                        json_path=args.json, plot_path=args.plot, threads=args.threads,
                        command=_argv_of(args))
     except ImportError as exc:
-        print(f"gpuconv train: {exc}", file=sys.stderr)
+        print(f"gpuconv: error: {exc}", file=sys.stderr)
         return 2
     print(format_tables(result))
     machine = result["machine"]

@@ -182,3 +182,9 @@ def test_api_errors():
         T.train("digits", batch=0)
     with pytest.raises(TypeError, match="epochs"):
         T.train("digits", epochs=1.5)
+
+
+def test_missing_scikit_learn_says_how_to_install(capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "sklearn", None)
+    code, _, err = _cli(capsys, "--dataset", "digits")
+    assert code == 2 and "pip install 'gpuconv[train]'" in err
