@@ -5,6 +5,7 @@ Needs PyTorch and scikit-learn (the ``train`` extra); skipped without them.
 
 import io
 import json
+import sys
 
 import pytest
 
@@ -185,6 +186,6 @@ def test_api_errors():
 
 
 def test_missing_scikit_learn_says_how_to_install(capsys, monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn", None)
     code, _, err = _cli(capsys, "--dataset", "digits")
     assert code == 2 and "pip install 'gpuconv[train]'" in err
