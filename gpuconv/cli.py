@@ -5,6 +5,7 @@ Subcommands::
     gpuconv info [--json]       versions, CUDA availability, what device="auto" picks
     gpuconv params [...]        the lecture note's parameter arithmetic
     gpuconv bench [...]         benchmarks (see gpuconv.bench)
+    gpuconv train [...]         train shared / unshared / dense networks (see gpuconv.train)
 
 Without a subcommand the help is printed (exit status 2). Argument errors, whether argparse
 finds them or a command does (an impossible layer, an unwritable output path, a device that
@@ -242,6 +243,19 @@ def _add_bench(subparsers, load):
         parser.set_defaults(func=_bench_missing, accepts_extra=True)
 
 
+# ----------------------------------------------------------------------------- train
+
+def _add_train(subparsers):
+    """Register ``train`` (:mod:`gpuconv.train`; it imports PyTorch only when it runs)."""
+    from . import train
+
+    parser = subparsers.add_parser(
+        "train", help="train the note's network with shared, unshared or dense layers",
+        description=train.DESCRIPTION)
+    train.add_arguments(parser)
+    parser.set_defaults(func=train.run)
+
+
 # ----------------------------------------------------------------------------- main
 
 def _selected_command(argv):
@@ -267,6 +281,7 @@ def build_parser(argv=()):
     _add_info(subparsers)
     _add_params(subparsers)
     _add_bench(subparsers, load=_selected_command(argv) == "bench")
+    _add_train(subparsers)
     return parser
 
 
