@@ -5,6 +5,8 @@ one API.
 Layout: the public functions (:mod:`.conv`, :mod:`.grad`) check a call once and pick a device
 (:mod:`.device`); :mod:`.ops` declares every operation and names its kernels in
 :mod:`.cpu` and :mod:`.cuda`; :mod:`.geometry` holds the shapes and the notation.
+:mod:`gpuconv.torch` (the ``torch`` extra, imported only on request) wraps both operations as
+PyTorch custom operators, functional ops and modules.
 """
 
 from . import grad

@@ -48,14 +48,19 @@ def _grad_mode_on():
     return torch is None or torch.is_grad_enabled()
 
 
+def _records_autograd(arrays):
+    """Whether a call would have to record PyTorch's autograd graph."""
+    return any(getattr(v, "requires_grad", False) for v in arrays.values()) and _grad_mode_on()
+
+
 def _operand(value, name):
     if value is None:
         return None
     if getattr(value, "requires_grad", False) and _grad_mode_on():
         raise TypeError(
-            f"{name} is a tensor that requires grad and grad mode is on; gpuconv's functions "
-            f"do not record an autograd graph: pass {name}.detach(), or call inside "
-            "torch.no_grad(), or use the gradient functions in gpuconv.grad")
+            f"{name} is a tensor that requires grad and grad mode is on; the gradient "
+            f"functions do not record an autograd graph: pass {name}.detach(), or call inside "
+            "torch.no_grad(); gpuconv.conv2d and gpuconv.local_conv2d do record it")
     if is_device_array(value):
         if simulator_enabled() and not hasattr(value, "__cuda_array_interface__"):
             # a device array of the CUDA simulator (it has no array interface)
@@ -337,6 +342,10 @@ def call(op_name, arrays, stride, padding, dilation, groups, device, sizes=None)
     every public function. ``arrays`` maps argument names to arrays in kernel order; the
     result is a new array of the kind of the first one."""
     op = OPS[op_name]
+    if op.kind == FORWARD and _records_autograd(arrays):
+        from .torch import autograd_forward  # the differentiable custom operators
+
+        return autograd_forward(op_name, arrays, stride, padding, dilation, groups, device)
     operands, geom, target, unbatched = _check_call(op, arrays, sizes or {}, stride, padding,
                                                     dilation, groups, device)
     template = next(iter(arrays.values()))
@@ -388,6 +397,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, d
         ``(N, C_out, H_out, W_out)`` array of the same kind and dtype as ``x``, with
         ``H_out = (H + pad_top + pad_bottom - d_h * (kH - 1) - 1) // s_h + 1`` (same for W);
         ``C_out`` may be 0 (an empty result). A new array: it never aliases an input.
+        PyTorch tensors that require grad (with grad mode on) go through the differentiable
+        operators of :mod:`gpuconv.torch`: the result then has a ``grad_fn``, and the call runs
+        on the tensors' device.
 
     >>> import numpy as np, gpuconv
     >>> x = np.arange(16, dtype=np.float64).reshape(1, 1, 4, 4)
@@ -422,7 +434,8 @@ def local_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1
     Returns:
         ``(N, C_out, H_out, W_out)`` array of the same kind and dtype as ``x``; ``H_out`` and
         ``W_out`` follow the formula of :func:`conv2d`. If every position's kernel is the
-        same, the result equals :func:`conv2d` with that kernel.
+        same, the result equals :func:`conv2d` with that kernel. Tensors that require grad
+        record the autograd graph, as in :func:`conv2d`.
 
     >>> import numpy as np, gpuconv
     >>> x = np.arange(9, dtype=np.float64).reshape(1, 1, 3, 3)

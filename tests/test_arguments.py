@@ -133,8 +133,11 @@ def test_torch_cpu_tensors_round_trip():
     np.testing.assert_allclose(y.numpy(), expected.numpy(), rtol=0, atol=1e-4)
 
 
-def test_tensor_requiring_grad_gets_a_clear_error():
+def test_tensor_requiring_grad_records_the_graph_and_gradient_functions_refuse_it():
     torch = pytest.importorskip("torch")
     x = torch.zeros((1, 4, 8, 8), requires_grad=True)
-    with pytest.raises(TypeError, match=r"x is a tensor that requires grad.*x.detach\(\)"):
-        conv2d(x, torch.from_numpy(W), device="cpu")
+    y = conv2d(x, torch.from_numpy(W), device="cpu")
+    assert y.grad_fn is not None and y.shape == (1, 6, 6, 6)
+    gy = torch.zeros((1, 6, 6, 6), requires_grad=True)
+    with pytest.raises(TypeError, match=r"grad_output is a tensor that requires grad.*detach\(\)"):
+        gpuconv.grad.conv2d_input((1, 4, 8, 8), torch.from_numpy(W), gy, device="cpu")

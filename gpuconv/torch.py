@@ -1,0 +1,470 @@
+"""PyTorch layers on gpuconv's kernels: custom operators, autograd, functional ops and modules.
+
+Install with ``pip install "gpuconv[torch]"``; nothing else in gpuconv imports PyTorch.
+
+- Functional, autograd-aware: :func:`conv2d` and :func:`local_conv2d` (tensors in, tensors out,
+  like ``torch.nn.functional.conv2d``).
+- Modules: :class:`Conv2d` (a drop-in for ``torch.nn.Conv2d`` with zeros padding: same
+  parameter names, shapes and initialisation, so a ``state_dict`` loads into either) and
+  :class:`LocallyConnected2d` (unshared weights: one kernel per output position).
+- Custom operators (``torch.library.custom_op``), each with a fake (shape-only) kernel for
+  ``torch.compile`` and an autograd formula, with CPU and CUDA kernels registered per device::
+
+      gpuconv::conv2d(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding,
+                      int[] dilation, int groups) -> Tensor
+      gpuconv::local_conv2d(Tensor x, Tensor weight, Tensor? bias, int[] stride,
+                            int[] padding, int[] dilation, int groups) -> Tensor
+      gpuconv::conv2d_input(SymInt[] input_size, Tensor weight, Tensor grad_output, ...) -> Tensor
+      gpuconv::conv2d_weight(Tensor input, SymInt[] weight_size, Tensor grad_output, ...) -> Tensor
+      gpuconv::local_conv2d_input(...), gpuconv::local_conv2d_weight(...)  (the same)
+
+  where ``...`` is ``int[] stride, int[] padding, int[] dilation, int groups``. The operators
+  take 4-D inputs and explicit geometry: ``stride`` and ``dilation`` ``[h, w]``, ``padding``
+  ``[top, bottom, left, right]``; the functional ops resolve ints, pairs, ``"same"``,
+  ``"valid"`` and ``((top, bottom), (left, right))`` to that, and accept unbatched 3-D input.
+
+The backward of each forward operator is the two gradient operators (and a sum for the bias);
+the gradient operators' own backward is again made of these operators, so double backward
+(``torch.autograd.grad(..., create_graph=True)``, ``gradgradcheck``) works too.
+
+CPU tensors run gpuconv's CPU kernels; CUDA tensors run its CUDA kernels on PyTorch's current
+stream, without copies. float32 and float64 only: other dtypes raise ``TypeError``.
+"""
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .conv import call
+from .geometry import conv_geometry, get_conv_outsize, pair, resolve_padding
+
+__all__ = ["conv2d", "local_conv2d", "Conv2d", "LocallyConnected2d"]
+
+_DTYPES = (torch.float32, torch.float64)
+_GEOMETRY = "int[] stride, int[] padding, int[] dilation, int groups"
+
+
+# --------------------------------------------------------------------------------------------
+# custom operators
+# --------------------------------------------------------------------------------------------
+
+def _run(op_name, device, arrays, stride, padding, dilation, groups, sizes=None):
+    """Run one of gpuconv's operations on ``device`` with tensors that record no graph.
+
+    Gradients often arrive strided (``sum()``'s backward expands with zero strides): they are
+    made contiguous here by PyTorch, on its current stream (a no-op for contiguous tensors).
+    """
+    arrays = {k: None if t is None else t.detach().contiguous() for k, t in arrays.items()}
+    top, bottom, left, right = padding
+    return call(op_name, arrays, tuple(stride), ((top, bottom), (left, right)), tuple(dilation),
+                groups, device, sizes=sizes)
+
+
+def _define(name, schema, run):
+    """Define ``gpuconv::name`` with a CPU kernel and a CUDA kernel (``run(device, *args)``)."""
+    op = torch.library.custom_op(f"gpuconv::{name}", mutates_args=(), device_types="cpu",
+                                 schema=schema)(lambda *args: run("cpu", *args))
+    op.register_kernel("cuda")(lambda *args: run("cuda", *args))
+    return op
+
+
+def _forward(op_name):
+    def run(device, x, weight, bias, stride, padding, dilation, groups):
+        return _run(op_name, device, {"x": x, "weight": weight, "bias": bias}, stride, padding,
+                    dilation, groups)
+    return run
+
+
+def _input_grad(op_name):
+    def run(device, input_size, weight, grad_output, stride, padding, dilation, groups):
+        return _run(op_name, device, {"grad_output": grad_output, "weight": weight}, stride,
+                    padding, dilation, groups, sizes={"input_size": tuple(input_size)})
+    return run
+
+
+def _weight_grad(op_name):
+    def run(device, input, weight_size, grad_output, stride, padding, dilation, groups):
+        return _run(op_name, device, {"input": input, "grad_output": grad_output}, stride,
+                    padding, dilation, groups, sizes={"weight_size": tuple(weight_size)})
+    return run
+
+
+_FORWARD_SCHEMA = f"(Tensor x, Tensor weight, Tensor? bias, {_GEOMETRY}) -> Tensor"
+_INPUT_GRAD_SCHEMA = f"(SymInt[] input_size, Tensor weight, Tensor grad_output, {_GEOMETRY}) -> Tensor"
+_WEIGHT_GRAD_SCHEMA = f"(Tensor input, SymInt[] weight_size, Tensor grad_output, {_GEOMETRY}) -> Tensor"
+
+_conv2d_op = _define("conv2d", _FORWARD_SCHEMA, _forward("conv2d"))
+_local_conv2d_op = _define("local_conv2d", _FORWARD_SCHEMA, _forward("local_conv2d"))
+_conv2d_input_op = _define("conv2d_input", _INPUT_GRAD_SCHEMA, _input_grad("conv2d_input"))
+_conv2d_weight_op = _define("conv2d_weight", _WEIGHT_GRAD_SCHEMA, _weight_grad("conv2d_weight"))
+_local_conv2d_input_op = _define("local_conv2d_input", _INPUT_GRAD_SCHEMA,
+                                 _input_grad("local_conv2d_input"))
+_local_conv2d_weight_op = _define("local_conv2d_weight", _WEIGHT_GRAD_SCHEMA,
+                                  _weight_grad("local_conv2d_weight"))
+
+# Shared and unshared operators, by role: forward, input gradient, weight gradient.
+_SHARED = (_conv2d_op, _conv2d_input_op, _conv2d_weight_op)
+_LOCAL = (_local_conv2d_op, _local_conv2d_input_op, _local_conv2d_weight_op)
+
+
+def _check_fake(x_name, x, w_name, weight, weight_rank):
+    torch._check(x.dim() == 4, lambda: f"{x_name} must be 4-D (N, C_in, H, W), got {x.dim()}-D")
+    torch._check(weight.dim() == weight_rank,
+                 lambda: f"{w_name} must be {weight_rank}-D, got {weight.dim()}-D")
+    torch._check(x.dtype == weight.dtype and x.dtype in _DTYPES,
+                 lambda: f"{x_name} and {w_name} must both be float32 or both float64, got "
+                         f"{x.dtype} and {w_name} {weight.dtype}")
+
+
+@_conv2d_op.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups):
+    _check_fake("x", x, "weight", weight, 4)
+    out_h = get_conv_outsize(x.shape[2], weight.shape[2], stride[0], padding[0] + padding[1],
+                             dilation[0])
+    out_w = get_conv_outsize(x.shape[3], weight.shape[3], stride[1], padding[2] + padding[3],
+                             dilation[1])
+    return x.new_empty((x.shape[0], weight.shape[0], out_h, out_w))
+
+
+@_local_conv2d_op.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups):
+    _check_fake("x", x, "weight", weight, 6)
+    return x.new_empty((x.shape[0], weight.shape[0], weight.shape[1], weight.shape[2]))
+
+
+def _fake_input_grad(rank):
+    def fake(input_size, weight, grad_output, stride, padding, dilation, groups):
+        _check_fake("grad_output", grad_output, "weight", weight, rank)
+        return grad_output.new_empty(input_size)
+    return fake
+
+
+def _fake_weight_grad(rank):
+    def fake(input, weight_size, grad_output, stride, padding, dilation, groups):
+        _check_fake("input", input, "grad_output", grad_output, 4)
+        torch._check(len(weight_size) == rank, lambda: f"weight_size must have {rank} entries")
+        return input.new_empty(weight_size)
+    return fake
+
+
+for _ops, _rank in ((_SHARED, 4), (_LOCAL, 6)):
+    _ops[1].register_fake(_fake_input_grad(_rank))
+    _ops[2].register_fake(_fake_weight_grad(_rank))
+
+
+# Autograd. With y = A_w x (A_w linear in both w and x) and L = <y, gy>:
+#   dL/dx = A_w^T gy           (the input-gradient operator)
+#   dL/dw = B(x, gy)           (the weight-gradient operator)
+# and the gradient operators are linear in each argument, so their backward is again made of
+# the three operators (double backward): for gx = A_w^T gy and an upstream ggx,
+#   d<ggx, gx>/dgy = A_w ggx = forward(ggx, w),  d<ggx, gx>/dw = B(ggx, gy);
+# for gw = B(x, gy) and an upstream ggw,
+#   d<ggw, gw>/dx = A_ggw^T gy = input_grad(ggw, gy),  d<ggw, gw>/dgy = forward(x, ggw).
+
+def _save_geometry(ctx, stride, padding, dilation, groups):
+    ctx.geometry = (list(stride), list(padding), list(dilation), groups)
+
+
+def _register_autograd(ops):
+    forward_op, input_op, weight_op = ops
+
+    def setup_forward(ctx, inputs, output):
+        x, weight, bias, *geometry = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.bias_per_position = bias is not None and bias.dim() == 3
+        _save_geometry(ctx, *geometry)
+
+    def backward_forward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g_x = g_w = g_b = None
+        if ctx.needs_input_grad[0]:
+            g_x = input_op(list(x.shape), weight, grad, *ctx.geometry)
+        if ctx.needs_input_grad[1]:
+            g_w = weight_op(x, list(weight.shape), grad, *ctx.geometry)
+        if ctx.needs_input_grad[2]:
+            g_b = grad.sum(0) if ctx.bias_per_position else grad.sum((0, 2, 3))
+        return g_x, g_w, g_b, None, None, None, None
+
+    def setup_input_grad(ctx, inputs, output):
+        _, weight, grad_output, *geometry = inputs
+        ctx.save_for_backward(weight, grad_output)
+        _save_geometry(ctx, *geometry)
+
+    def backward_input_grad(ctx, grad):
+        weight, grad_output = ctx.saved_tensors
+        g_w = g_gy = None
+        if ctx.needs_input_grad[1]:
+            g_w = weight_op(grad, list(weight.shape), grad_output, *ctx.geometry)
+        if ctx.needs_input_grad[2]:
+            g_gy = forward_op(grad, weight, None, *ctx.geometry)
+        return None, g_w, g_gy, None, None, None, None
+
+    def setup_weight_grad(ctx, inputs, output):
+        x, _, grad_output, *geometry = inputs
+        ctx.save_for_backward(x, grad_output)
+        _save_geometry(ctx, *geometry)
+
+    def backward_weight_grad(ctx, grad):
+        x, grad_output = ctx.saved_tensors
+        g_x = g_gy = None
+        if ctx.needs_input_grad[0]:
+            g_x = input_op(list(x.shape), grad, grad_output, *ctx.geometry)
+        if ctx.needs_input_grad[2]:
+            g_gy = forward_op(x, grad, None, *ctx.geometry)
+        return g_x, None, g_gy, None, None, None, None
+
+    forward_op.register_autograd(backward_forward, setup_context=setup_forward)
+    input_op.register_autograd(backward_input_grad, setup_context=setup_input_grad)
+    weight_op.register_autograd(backward_weight_grad, setup_context=setup_weight_grad)
+
+
+_register_autograd(_SHARED)
+_register_autograd(_LOCAL)
+
+
+# --------------------------------------------------------------------------------------------
+# functional
+# --------------------------------------------------------------------------------------------
+
+def _check_tensors(fn, x, weight, bias):
+    for name, value in (("x", x), ("weight", weight), ("bias", bias)):
+        if not isinstance(value, Tensor) and not (name == "bias" and value is None):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{fn}: x must be float32 or float64, got {x.dtype}; convert it, e.g. "
+                        "x.float() or x.double()")
+    for name, value in (("weight", weight), ("bias", bias)):
+        if value is not None and value.dtype != x.dtype:
+            raise TypeError(f"{fn}: {name} must have the dtype of x ({x.dtype}), got "
+                            f"{value.dtype}; cast one of them, e.g. {name}.to(x.dtype)")
+    if x.dim() not in (3, 4):
+        raise ValueError(f"{fn}: x must be 4-D (N, C_in, H, W) or 3-D (C_in, H, W), got shape "
+                         f"{tuple(x.shape)}")
+
+
+def _geometry_args(weight, stride, padding, dilation, groups):
+    """Explicit ``[h, w]`` stride and dilation, ``[top, bottom, left, right]`` padding."""
+    stride = pair(stride, "stride", 1)
+    dilation = pair(dilation, "dilation", 1)
+    kernel = (int(weight.shape[-2]), int(weight.shape[-1]))
+    padding = resolve_padding(padding, kernel, stride, dilation)
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise TypeError(f"groups must be an int, got {groups!r}")
+    return list(stride), list(padding), list(dilation), groups
+
+
+def _apply(fn, op, x, weight, bias, stride, padding, dilation, groups):
+    _check_tensors(fn, x, weight, bias)
+    geometry = _geometry_args(weight, stride, padding, dilation, groups)
+    if x.dim() == 3:
+        return op(x.unsqueeze(0), weight, bias, *geometry).squeeze(0)
+    return op(x, weight, bias, *geometry)
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,
+           dilation=1, groups=1) -> Tensor:
+    """2-D convolution with shared weights, differentiable (``torch.nn.functional.conv2d``'s
+    arguments, plus asymmetric padding).
+
+    Args:
+        x: ``(N, C_in, H, W)`` or ``(C_in, H, W)``, float32 or float64, on the CPU or a GPU.
+        weight: ``(C_out, C_in/groups, kH, kW)``, same dtype and device.
+        bias: ``None`` or ``(C_out,)``.
+        stride, dilation: int or ``(h, w)``.
+        padding: int, ``(p_h, p_w)``, ``((top, bottom), (left, right))``, ``"valid"`` or
+            ``"same"`` (stride 1).
+        groups: divides ``C_in`` and ``C_out``.
+
+    Returns:
+        ``(N, C_out, H_out, W_out)`` (``(C_out, H_out, W_out)`` for 3-D ``x``), recording the
+        autograd graph when an argument requires grad.
+
+    >>> import torch, gpuconv.torch
+    >>> x = torch.ones(1, 1, 3, 3, requires_grad=True)
+    >>> y = gpuconv.torch.conv2d(x, torch.ones(1, 1, 2, 2))
+    >>> y.sum().backward()
+    >>> x.grad[0, 0]
+    tensor([[1., 2., 1.],
+            [2., 4., 2.],
+            [1., 2., 1.]])
+    """
+    return _apply("conv2d", _conv2d_op, x, weight, bias, stride, padding, dilation, groups)
+
+
+def local_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1,
+                 padding=0, dilation=1, groups=1) -> Tensor:
+    """Locally connected (unshared) 2-D convolution, differentiable.
+
+    Args:
+        x: ``(N, C_in, H, W)`` or ``(C_in, H, W)``, float32 or float64.
+        weight: ``(C_out, H_out, W_out, C_in/groups, kH, kW)``: one kernel per output position.
+        bias: ``None``, ``(C_out,)`` (one per map) or ``(C_out, H_out, W_out)`` (one per
+            position).
+        stride, padding, dilation, groups: as :func:`conv2d`.
+
+    Returns:
+        ``(N, C_out, H_out, W_out)`` (``(C_out, H_out, W_out)`` for 3-D ``x``).
+    """
+    return _apply("local_conv2d", _local_conv2d_op, x, weight, bias, stride, padding, dilation,
+                  groups)
+
+
+def autograd_forward(op_name, arrays, stride, padding, dilation, groups, device):
+    """:func:`gpuconv.conv2d` / :func:`gpuconv.local_conv2d` on tensors that require grad:
+    the same call through the differentiable operators. The tensors' device decides where it
+    runs; ``device`` may be ``"auto"`` or that device."""
+    x, weight, bias = arrays["x"], arrays["weight"], arrays["bias"]
+    for name, value in arrays.items():
+        if value is not None and not isinstance(value, Tensor):
+            raise TypeError(
+                f"{name} must be a torch.Tensor when another argument is a tensor that requires "
+                f"grad (got {type(value).__name__}); convert it with torch.as_tensor")
+    if device not in ("auto", x.device.type):
+        raise ValueError(
+            f"device={device!r} was requested but x lives on {x.device}; a call that records "
+            "the autograd graph runs where its tensors are: move them with .to(device)")
+    fn = conv2d if op_name == "conv2d" else local_conv2d
+    return fn(x, weight, bias, stride, padding, dilation, groups)
+
+
+# --------------------------------------------------------------------------------------------
+# modules
+# --------------------------------------------------------------------------------------------
+
+class Conv2d(nn.Conv2d):
+    """``torch.nn.Conv2d`` computed by gpuconv's kernels (zeros padding only).
+
+    Same arguments, parameter names, shapes and default initialisation as ``torch.nn.Conv2d``
+    (it is a subclass), so a ``state_dict`` loads into either. ``padding`` also takes
+    ``((top, bottom), (left, right))``.
+
+    >>> import torch, gpuconv.torch
+    >>> _ = torch.manual_seed(0); a = gpuconv.torch.Conv2d(3, 8, 3, padding=1)
+    >>> _ = torch.manual_seed(0); b = torch.nn.Conv2d(3, 8, 3, padding=1)
+    >>> x = torch.randn(2, 3, 16, 16)
+    >>> torch.allclose(a(x), b(x), atol=1e-5)
+    True
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, padding_mode="zeros", device=None, dtype=None):
+        if padding_mode != "zeros":
+            raise ValueError(f"gpuconv.torch.Conv2d supports padding_mode='zeros' only, got "
+                             f"{padding_mode!r}")
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, groups=groups, bias=bias, padding_mode="zeros",
+                         device=device, dtype=dtype)
+
+    def _conv_forward(self, input, weight, bias):
+        return conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class LocallyConnected2d(nn.Module):
+    """A locally connected (unshared) 2-D layer: a different kernel at every output position.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups: as
+            ``torch.nn.Conv2d`` (``padding`` also ``((top, bottom), (left, right))``).
+        input_size: ``(H, W)`` (or an int): the layer only takes inputs of this size.
+        bias: one learnable bias per output position, ``(C_out, H_out, W_out)``.
+
+    Attributes:
+        output_size: ``(H_out, W_out)``.
+        weight: ``(C_out, H_out, W_out, C_in/groups, kH, kW)``, initialised as
+            ``torch.nn.Conv2d`` initialises its kernel (uniform in ``±1/sqrt(fan_in)``,
+            ``fan_in = C_in/groups * kH * kW``), independently at every position.
+        bias: ``(C_out, H_out, W_out)`` or ``None``, uniform in ``±1/sqrt(fan_in)``.
+
+    Input ``(N, C_in, H, W)`` or ``(C_in, H, W)``; output ``(N, C_out, H_out, W_out)``.
+
+    >>> import torch, gpuconv.torch
+    >>> layer = gpuconv.torch.LocallyConnected2d(3, 8, 5, input_size=(32, 32))
+    >>> layer
+    LocallyConnected2d(3, 8, kernel_size=(5, 5), input_size=(32, 32), output_size=(28, 28), stride=(1, 1), params=476,672)
+    >>> layer(torch.randn(2, 3, 32, 32)).shape
+    torch.Size([2, 8, 28, 28])
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, input_size, stride=1, padding=0,
+                 dilation=1, groups=1, bias=True, device=None, dtype=None):
+        super().__init__()
+        kernel_size = pair(kernel_size, "kernel_size", 1)
+        input_size = pair(input_size, "input_size", 1)
+        stride = pair(stride, "stride", 1)
+        dilation = pair(dilation, "dilation", 1)
+        if isinstance(padding, int) and not isinstance(padding, bool):
+            padding = (padding, padding)
+        elif isinstance(padding, (tuple, list)):
+            padding = tuple(tuple(p) if isinstance(p, (tuple, list)) else p for p in padding)
+        geom = conv_geometry((1, in_channels) + input_size, kernel_size, out_channels, stride,
+                             padding, dilation, groups)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.input_size = kernel_size, input_size
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.output_size = (geom.out_height, geom.out_width)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(geom.local_weight_shape(), **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty((out_channels,) + self.output_size, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Uniform in ``±1/sqrt(fan_in)``, weight and bias: ``torch.nn.Conv2d``'s default
+        (``kaiming_uniform_(a=sqrt(5))`` gives that bound) with its fan-in."""
+        fan_in = self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
+        if fan_in == 0:
+            return
+        bound = 1 / math.sqrt(fan_in)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, Tensor) and tuple(input.shape[-2:]) != self.input_size:
+            raise ValueError(
+                f"LocallyConnected2d was built for inputs of H x W = {self.input_size[0]} x "
+                f"{self.input_size[1]} (input_size), got shape {tuple(input.shape)}: its weights "
+                "are tied to output positions, so the input size is fixed")
+        return local_conv2d(input, self.weight, self.bias, self.stride, self.padding,
+                            self.dilation, self.groups)
+
+    def extra_repr(self):
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"input_size={self.input_size}, output_size={self.output_size}, "
+             f"stride={self.stride}")
+        if self.padding not in ((0, 0), "valid"):
+            s += f", padding={self.padding!r}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        count = sum(p.numel() for p in self.parameters())
+        return s + f", params={count:,}"
+
+    @classmethod
+    def from_conv2d(cls, conv, input_size):
+        """An unshared layer holding ``conv``'s kernel (and bias) at every output position.
+
+        ``conv`` is a ``torch.nn.Conv2d`` (or :class:`Conv2d`) with zeros padding; the new
+        layer's output equals ``conv``'s on inputs of ``input_size`` until training unties
+        the positions. Parameters are copies on ``conv``'s device, in its dtype.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"conv must use padding_mode='zeros', got {conv.padding_mode!r}")
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, input_size,
+                    stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                    groups=conv.groups, bias=conv.bias is not None, device=conv.weight.device,
+                    dtype=conv.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight[:, None, None].expand(layer.weight.shape))
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias[:, None, None].expand(layer.bias.shape))
+        return layer
