@@ -92,8 +92,10 @@ def _weight_grad(op_name):
 
 
 _FORWARD_SCHEMA = f"(Tensor x, Tensor weight, Tensor? bias, {_GEOMETRY}) -> Tensor"
-_INPUT_GRAD_SCHEMA = f"(SymInt[] input_size, Tensor weight, Tensor grad_output, {_GEOMETRY}) -> Tensor"
-_WEIGHT_GRAD_SCHEMA = f"(Tensor input, SymInt[] weight_size, Tensor grad_output, {_GEOMETRY}) -> Tensor"
+_INPUT_GRAD_SCHEMA = (f"(SymInt[] input_size, Tensor weight, Tensor grad_output, {_GEOMETRY})"
+                      " -> Tensor")
+_WEIGHT_GRAD_SCHEMA = (f"(Tensor input, SymInt[] weight_size, Tensor grad_output, {_GEOMETRY})"
+                       " -> Tensor")
 
 _conv2d_op = _define("conv2d", _FORWARD_SCHEMA, _forward("conv2d"))
 _local_conv2d_op = _define("local_conv2d", _FORWARD_SCHEMA, _forward("local_conv2d"))
@@ -381,8 +383,9 @@ class LocallyConnected2d(nn.Module):
 
     >>> import torch, gpuconv.torch
     >>> layer = gpuconv.torch.LocallyConnected2d(3, 8, 5, input_size=(32, 32))
-    >>> layer
-    LocallyConnected2d(3, 8, kernel_size=(5, 5), input_size=(32, 32), output_size=(28, 28), stride=(1, 1), params=476,672)
+    >>> layer  # doctest: +NORMALIZE_WHITESPACE
+    LocallyConnected2d(3, 8, kernel_size=(5, 5), input_size=(32, 32), output_size=(28, 28),
+                       stride=(1, 1), params=476,672)
     >>> layer(torch.randn(2, 3, 32, 32)).shape
     torch.Size([2, 8, 28, 28])
     """

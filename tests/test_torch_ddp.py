@@ -30,8 +30,9 @@ TIME_LIMIT_S = 150
 
 def _run_script(args):
     """Run the script in its own process group; kill the whole group past the time limit."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", GPUCONV_DEVICE="cpu")
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1",
+               GPUCONV_DEVICE="cpu")
     proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
