@@ -1,4 +1,4 @@
-"""CPU speed of gpuconv against what a user would pick instead, each benchmark layer with its own operation, forward and backward.
+"""CPU speed of gpuconv against what a user would pick instead, each layer with its own op.
 
 ``gpuconv bench`` (:func:`gpuconv.bench.run_benchmark`) with another selection: every layer
 of :mod:`gpuconv.workloads` at its CPU batch size, float32, timed with the operation the

@@ -23,8 +23,10 @@
 
 Everything is printed and, when ``OUT`` is set, written to ``$OUT/gpu_check.json`` (its
 ``bench`` and ``bench_gradients`` entries have the schema of ``gpuconv bench --json``).
-Exit status 1 if a correctness check fails or an implementation fails in the benchmark. The CPU-side logic (arguments, geometry grid, layer list, kernel names, the
-speed section on the CPU) imports without a GPU; ``tests/test_gpu_check.py`` covers it.
+Exit status 1 if a correctness check fails or an implementation fails in the benchmark.
+The CPU-side logic (arguments, geometry grids, layer lists, kernel names, the references,
+the gradient checks and the speed sections on the CPU) imports without a GPU;
+``tests/test_gpu_check.py`` covers it.
 """
 
 from __future__ import annotations
@@ -505,6 +507,7 @@ def main(argv=None):
         import torch
 
         import gpuconv
+        from gpuconv import grad as gpuconv_grad
         from gpuconv.cuda import kernels as _cuda_kernels
         from numba import cuda
     except Exception as exc:
@@ -541,7 +544,6 @@ def main(argv=None):
           f"({time.perf_counter() - start:.1f} s)")
     start = time.perf_counter()
     grad_checks = []
-    from gpuconv import grad as gpuconv_grad
     for dtype in (torch.float64, torch.float32):
         for case in grad_grid(args.quick):
             for op in ("conv2d", "local_conv2d"):

@@ -30,9 +30,10 @@ from ..device import host_memory_available
 from .stats import PASSES
 
 __all__ = ["Impl", "PASSES", "load_torch", "torch_problem", "implementations",
-           "describe_peers", "describe_peers_by_pass", "Backend", "available_memory", "measure_ceilings",
-           "peak_extra_bytes", "measure_bandwidth", "torch_conv2d", "torch_unfold_einsum", "torch_unfold_bmm",
-           "locally_connected_layers", "torch_autograd_backward"]
+           "describe_peers", "describe_peers_by_pass", "Backend", "available_memory",
+           "measure_ceilings", "measure_bandwidth", "peak_extra_bytes", "torch_conv2d",
+           "torch_unfold_einsum", "torch_unfold_bmm", "bmm_weight_layout",
+           "from_bmm_weight_layout", "locally_connected_layers", "torch_autograd_backward"]
 
 _torch_problem = None  # why the last load_torch() found no torch
 
