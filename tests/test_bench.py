@@ -909,3 +909,17 @@ def test_cpu_speed_times_the_gradients_too(fast, monkeypatch):
             assert row["peer"] is None  # no NumPy peer for the gradients
     text = cpu_speed.format_rows(result)
     assert "| backward |" in text and "local_conv2d backward: geometric mean" in text
+
+
+def test_cli_backward_with_plot_sweeps_the_backward(fast, monkeypatch, capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
+    code, out = _cli(["--device", "cpu", "--quick", "--repeat", "1", "--pass", "backward",
+                      "--json", str(json_path), "--plot", str(png_path)], monkeypatch, capsys,
+                     torch_available=False)
+    assert code == 0 and png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = json.loads(json_path.read_text())["records"]
+    assert {r["pass"] for r in records} == {"backward"}
+    sweep = [r for r in records if r["part"] == "batch-sweep"]
+    assert sorted({r["N"] for r in sweep}) == sorted(bench.SWEEP_BATCHES)
+    assert "Batch sweep (tiny, backward):" in out.out

@@ -725,7 +725,8 @@ def run_benchmark(layers, device="cpu", dtype="float32", repeat=DEFAULT_REPEAT,
                            progress)
     bar.line(f"gpuconv bench on {device}: {_plural(len(layer_objs), 'layer')}"
              + (f" and a batch sweep of {len(sweep_batches)}" if sweep_batches else "")
-             + ("" if passes == ("forward",) else f", passes {', '.join(by_pass) or 'none'}")
+             + ("" if passes == ("forward",) else
+                f", {'pass' if len(by_pass) == 1 else 'passes'} {', '.join(by_pass) or 'none'}")
              + f"; peers: {peers_note}"
              + ("; measuring the ceilings first" if ceilings is None else ""))
     tf32 = None
