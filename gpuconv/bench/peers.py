@@ -606,7 +606,6 @@ def _step_make(build):
         def call():
             with torch.enable_grad():
                 return torch.autograd.grad(layer(x), inputs, gy)
-        call.layer = layer
         return call
     return make
 
