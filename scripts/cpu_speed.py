@@ -15,7 +15,8 @@ forward without PyTorch), in the passes ``--pass`` asks for, as ``gpuconv bench 
   the PyTorch-only locally connected layers (unfold + einsum, unfold + bmm).
 
 Same timing rules as the benchmark (BENCHMARKS.md): warm-up, then alternating bursts,
-medians. The copy bandwidth is measured first (the local layers' %bw); no compute ceiling.
+medians. The copy bandwidth is measured first, with the same clock (the local layers' %bw);
+no compute ceiling.
 
 Usage::
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from gpuconv import bench
 from gpuconv.bench import peers
@@ -64,13 +66,13 @@ def run(ops, rounds, burst, only=None, one_core=False, torch="auto", progress=No
         passes=("forward",), ceilings=None):
     """The benchmark's result for ``ops`` on :data:`SELECTION` (or the layers in ``only``),
     in ``passes``. ``ceilings``: ``None`` measures the copy bandwidth first."""
-    clock = None
+    clock = time.perf_counter
     if torch == "auto":
         torch = peers.load_torch()
     if one_core:
         clock = bench.one_core(torch)
     if ceilings is None:
-        ceilings = peers.measure_bandwidth("float32", quick=True)
+        ceilings = peers.measure_bandwidth("float32", quick=True, clock=clock)
     records, machine = [], None
     for op in ops:
         layers = [name for name in SELECTION[op] if not only or name in only]

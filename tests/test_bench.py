@@ -827,19 +827,26 @@ def test_summary_per_pass_with_bandwidth_and_memory():
     assert speedups["local_conv2d backward vs torch-unfold"]["geomean_speedup"] == \
         pytest.approx(4.0)
     assert speedups["local_conv2d backward vs torch-unfold"]["pass"] == "backward"
-    share = bench.local_bandwidth(records, "backward")
-    expected = stats.min_bytes("local_conv2d", geom, 4, "backward") / 1e-3 / 1e9 / 20.0
-    assert share["count"] == 2 and share["geomean_fraction"] == pytest.approx(expected)
+    ceilings = dict(CEILINGS, bandwidth_new_gbs=8.0)
+    share = bench.local_bandwidth(records, "backward", ceilings)
+    gbs = stats.min_bytes("local_conv2d", geom, 4, "backward") / 1e-3 / 1e9
+    assert share["count"] == 2 and share["geomean_fraction"] == pytest.approx(gbs / 20.0)
+    assert share["geomean_fraction_new"] == pytest.approx(gbs / 8.0)
+    assert bench.local_bandwidth(records, "backward")["layers_new"] == {}
     memory = bench.backward_memory(records)
     assert memory["a"]["peak_scratch_bytes"] == 5000 - 1944
     assert memory["a"]["grad_weight_bytes"] == gw
-    text = bench.format_summary({"machine": {"ceilings": CEILINGS}, "records": records})
+    text = bench.format_summary({"machine": {"ceilings": ceilings}, "records": records})
     assert "conv2d vs torch 3x" in text  # the forward, as before
     assert re.search(r"conv2d backward vs torch +1x over 2 layers", text)
     assert re.search(r"local_conv2d backward vs torch-unfold +4x over 2 layers", text)
-    assert f"{expected * 100:.1f}% of copy bandwidth" in text
-    assert f"extra {(5000 - 1944) / 1e6:.1f} MB beyond the gradients" in text
+    assert (f"geometric mean {gbs / 20.0 * 100:.1f}% of copy bandwidth "
+            f"({gbs / 8.0 * 100:.1f}% of a copy into a new array)") in text
+    row = [line.split() for line in text.splitlines() if line.startswith("  a ")][-1]
+    assert row == ["a", f"{gbs / 20.0 * 100:.1f}%", f"{gbs / 8.0 * 100:.1f}%",
+                   f"{(5000 - 1944) / 1e6:.1f}", f"{gw / 1e6:.1f}"]
     assert "below the weight gradient's size on 2 of 2 layers" in text
+    assert "into a new array 8 GB/s" in " ".join(text.split())
 
 
 @pytest.mark.parametrize("torch_available", [

@@ -986,17 +986,23 @@ def sharing_speedups(records, part="suite", pass_name="forward"):
     return out
 
 
-def local_bandwidth(records, pass_name="backward"):
+def local_bandwidth(records, pass_name="backward", ceilings=None):
     """How close gpuconv's local_conv2d comes to streaming its data at the copy bandwidth:
-    ``{"layers": {layer: fraction}, "geomean_fraction": x, "count": k}`` over the suite
-    records of ``pass_name`` (fraction = fewest bytes / median time / measured copy
-    bandwidth, the table's %bw). ``geomean_fraction`` is ``None`` when nothing was
-    measured."""
-    shares = {r["layer"]: r["bandwidth_fraction"] for r in records
-              if (r["part"], r["op"], r["impl"]) == ("suite", "local_conv2d", "gpuconv")
-              and _pass_of(r) == pass_name and r["bandwidth_fraction"]}
+    ``{"layers": {layer: fraction}, "geomean_fraction": x, "count": k, "layers_new": {...},
+    "geomean_fraction_new": y}`` over the suite records of ``pass_name``: fraction = fewest
+    bytes / median time / measured copy bandwidth (the table's %bw); ``..._new`` the same
+    against a copy into a newly allocated array (``ceilings["bandwidth_new_gbs"]``, which a
+    call returning a new weight-sized gradient pays too; empty without it). The geometric
+    means are ``None`` when nothing was measured."""
+    rows = [r for r in records
+            if (r["part"], r["op"], r["impl"]) == ("suite", "local_conv2d", "gpuconv")
+            and _pass_of(r) == pass_name and r["bandwidth_fraction"]]
+    shares = {r["layer"]: r["bandwidth_fraction"] for r in rows}
+    new = (ceilings or {}).get("bandwidth_new_gbs")
+    shares_new = {r["layer"]: r["gbs"] / new for r in rows} if new else {}
     return {"layers": shares, "geomean_fraction": geomean(shares.values()),
-            "count": len(shares)}
+            "count": len(shares), "layers_new": shares_new,
+            "geomean_fraction_new": geomean(shares_new.values())}
 
 
 def backward_memory(records, pass_name="backward"):
@@ -1045,36 +1051,49 @@ def _geomean_lines(records, pass_name):
     return lines
 
 
-def _local_lines(records, layers, width, pass_name):
+def _local_lines(records, layers, width, pass_name, ceilings=None):
     """gpuconv's local_conv2d in ``pass_name``: share of the copy bandwidth, memory beyond
     its results beside the weight gradient."""
-    shares = local_bandwidth(records, pass_name)
+    shares = local_bandwidth(records, pass_name, ceilings)
     memory = backward_memory(records, pass_name)
     if not shares["count"] and not memory:
         return []
-    lines = textwrap.wrap(
-        f"gpuconv local_conv2d, {pass_name}: share of the copy bandwidth (fewest bytes / "
-        "median time; it streams weight-sized data), and peak memory one call allocates "
-        "beyond the gradients it returns, beside the weight gradient's size", 100)
+    title = (f"gpuconv local_conv2d, {pass_name}: fewest bytes / median time as a share of the "
+             "copy bandwidth (it streams weight-sized data)")
+    if shares["layers_new"]:
+        title += (", and of a copy into a new array (which pays the first touch of a new "
+                  "result's pages, as a new weight gradient does)")
+    if memory:
+        title += ("; peak memory one call allocates beyond the gradients it returns, beside the "
+                  "weight gradient's size")
+    lines = textwrap.wrap(title, 100)
+    columns = [("%copy", lambda name: _pct(shares["layers"].get(name)))]
+    if shares["layers_new"]:
+        columns.append(("%copy new", lambda name: _pct(shares["layers_new"].get(name))))
+    if memory:
+        columns += [("beyond gradients MB",
+                     lambda name: _mb(memory.get(name, {}).get("peak_scratch_bytes"))),
+                    ("weight gradient MB",
+                     lambda name: _mb(memory.get(name, {}).get("grad_weight_bytes")))]
+    lines.append(f"  {'layer':<{width}}" + "".join(f"  {head:>9}" for head, _ in columns))
     for name in layers:
-        share, mem = shares["layers"].get(name), memory.get(name)
-        if share is None and mem is None:
+        if name not in shares["layers"] and name not in memory:
             continue
-        text = f"  {name:<{width}}  {_pct(share):>6} of copy bandwidth"
-        if mem is not None:
-            text += (f"   extra {_mb(mem['peak_scratch_bytes'])} MB beyond the gradients "
-                     f"({_mb(mem['peak_extra_bytes'])} MB with them), weight gradient "
-                     f"{_mb(mem['grad_weight_bytes'])} MB")
-        lines.append(text)
+        lines.append(f"  {name:<{width}}" + "".join(f"  {cell(name):>{max(9, len(head))}}"
+                                                   for head, cell in columns))
     summary = []
     if shares["count"]:
-        summary.append(f"geometric mean {_pct(shares['geomean_fraction'])} of copy bandwidth "
-                       f"over {_plural(shares['count'], 'layer')}")
+        new = ""
+        if shares["geomean_fraction_new"] is not None:
+            new = f" ({_pct(shares['geomean_fraction_new'])} of a copy into a new array)"
+        summary.append(f"geometric mean {_pct(shares['geomean_fraction'])} of copy bandwidth"
+                       f"{new} over {_plural(shares['count'], 'layer')}")
     if memory:
         below = sum(m["peak_scratch_bytes"] < m["grad_weight_bytes"] for m in memory.values())
         summary.append(f"extra memory below the weight gradient's size on {below} of "
                        f"{_plural(len(memory), 'layer')}")
-    lines.append("  " + "; ".join(summary))
+    lines.extend(textwrap.wrap("; ".join(summary), 100, initial_indent="  ",
+                               subsequent_indent="    "))
     return lines
 
 
@@ -1104,7 +1123,8 @@ def format_summary(result):
             lines.extend(_geomean_lines(result["records"], pass_name))
         else:
             lines.append("gpuconv vs peers: no peer ran in this pass (see peers: above)")
-        local = _local_lines(records, layers, width, pass_name)
+        local = _local_lines(records, layers, width, pass_name,
+                             result["machine"].get("ceilings"))
         if local:
             lines.append("")
             lines.extend(local)
@@ -1120,13 +1140,19 @@ def format_summary(result):
                          f"{_ms(r['first_call_s']):>8} ms "
                          f"(median afterwards {_ms(r['median_s'])} ms{how})")
     ceilings = result["machine"]["ceilings"]
+    new = ""
+    if passes != ["forward"] and ceilings.get("bandwidth_new_gbs"):
+        how = ceilings.get("bandwidth_new_method")
+        new = (f"; into a new array {_num(ceilings['bandwidth_new_gbs'], '.4g')} GB/s"
+               + (f" ({how})" if how else ""))
     lines.append("")
     lines.append(textwrap.fill(
         f"Ceilings measured in this run: compute "
         f"{_num(ceilings.get('compute_gflops'), '.4g')} GFLOP/s "
         f"({ceilings.get('compute_method', 'not measured')}); bandwidth "
         f"{_num(ceilings.get('bandwidth_gbs'), '.4g')} GB/s "
-        f"({ceilings.get('bandwidth_method', 'not measured')}).", 100, subsequent_indent="  "))
+        f"({ceilings.get('bandwidth_method', 'not measured')}){new}.", 100,
+        subsequent_indent="  "))
     return "\n".join(lines)
 
 

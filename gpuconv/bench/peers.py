@@ -1013,18 +1013,18 @@ def _blas_name():
 _CEILING_CONVS = ((1, 256, 56, 256), (2, 512, 14, 512))
 
 
-def _best_of(fn, warmup, repeat):
+def _best_of(fn, warmup, repeat, clock=time.perf_counter):
     for _ in range(warmup):
         fn()
     best = float("inf")
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return best
 
 
-def _torch_conv_gflops(torch, dtype, repeat):
+def _torch_conv_gflops(torch, dtype, repeat, clock=time.perf_counter):
     """Best GFLOP/s of PyTorch's conv2d (oneDNN) over :data:`_CEILING_CONVS`."""
     torch_dtype = getattr(torch, np.dtype(dtype).name)
     best = 0.0
@@ -1033,33 +1033,45 @@ def _torch_conv_gflops(torch, dtype, repeat):
             x = torch.ones((n, c_in, size, size), dtype=torch_dtype)
             w = torch.ones((c_out, c_in, 3, 3), dtype=torch_dtype)
             flops = 2 * n * c_out * size * size * c_in * 9
-            seconds = _best_of(lambda: torch.nn.functional.conv2d(x, w, padding=1), 3, repeat)
+            seconds = _best_of(lambda: torch.nn.functional.conv2d(x, w, padding=1), 3, repeat,
+                               clock)
             best = max(best, flops / seconds / 1e9)
     return best
 
 
-def measure_bandwidth(dtype, quick=False):
-    """The host's copy bandwidth, measured now: ``{"bandwidth_gbs", "bandwidth_method"}``
-    (read + write bytes of a 256 MiB NumPy copy, one thread, / its best time)."""
+def measure_bandwidth(dtype, quick=False, clock=time.perf_counter):
+    """The host's copy bandwidth, measured now with ``clock``, one thread:
+
+    - ``bandwidth_gbs``: read + write bytes of a 256 MiB NumPy copy into an existing array,
+      / its best time;
+    - ``bandwidth_new_gbs``: the same copy into a newly allocated array (``src.copy()``): what
+      a call that returns a new result of that size pays, the operating system's first
+      touch of its pages included.
+    """
     dtype = np.dtype(dtype)
     repeat = 3 if quick else 5
     copy_bytes = 256 * 2 ** 20
     src = np.ones(copy_bytes // dtype.itemsize, dtype=dtype)
     dst = np.ones_like(src)
-    seconds = _best_of(lambda: np.copyto(dst, src), 1, repeat + 2)
-    bandwidth = 2 * src.nbytes / seconds
-    return {"bandwidth_gbs": bandwidth / 1e9,
+    seconds = _best_of(lambda: np.copyto(dst, src), 1, repeat + 2, clock)
+    seconds_new = _best_of(src.copy, 1, repeat + 2, clock)
+    return {"bandwidth_gbs": 2 * src.nbytes / seconds / 1e9,
             "bandwidth_method": f"NumPy copy of {copy_bytes // 2 ** 20} MiB, "
-                                f"(read + write bytes) / best of {repeat + 2}"}
+                                f"(read + write bytes) / best of {repeat + 2}",
+            "bandwidth_new_gbs": 2 * src.nbytes / seconds_new / 1e9,
+            "bandwidth_new_method": f"the same copy into a newly allocated array, best of "
+                                    f"{repeat + 2}"}
 
 
 def measure_ceilings(backend, dtype, quick=False):
     """Measured in this run: memory bandwidth and a compute reference for ``dtype``.
 
-    CPU: bandwidth = read + write bytes of a large NumPy copy / its best time; compute = the
-    better of a large NumPy matmul (BLAS) and, when PyTorch is installed, PyTorch's conv2d on
-    VGG-16 conv3_2 (oneDNN), both reported. CUDA: a device-to-device copy and a PyTorch
-    matmul with TF32 off (compute is not measured without PyTorch).
+    CPU, timed with ``backend.clock`` (process CPU time with ``--one-core``, like the
+    kernels): bandwidth = read + write bytes of a large NumPy copy / its best time (also into
+    a new array: :func:`measure_bandwidth`); compute = the better of a large NumPy matmul
+    (BLAS) and, when PyTorch is installed, PyTorch's conv2d on VGG-16 conv3_2 (oneDNN), both
+    reported. CUDA: a device-to-device copy and a PyTorch matmul with TF32 off (compute is
+    not measured without PyTorch).
     """
     dtype = np.dtype(dtype)
     repeat = 3 if quick else 5
@@ -1071,16 +1083,16 @@ def measure_ceilings(backend, dtype, quick=False):
         if backend.torch is not None:
             try:
                 candidates[f"PyTorch {dtype.name} conv2d (VGG-16 conv3_2 N=1, conv5_1 N=2)"] = \
-                    _torch_conv_gflops(backend.torch, dtype, 2 * repeat)
+                    _torch_conv_gflops(backend.torch, dtype, 2 * repeat, backend.clock)
             except Exception:  # pragma: no cover - a broken torch must not stop the run
                 pass
         a = np.ones((matmul_n, matmul_n), dtype=dtype)
-        matmul = 2 * matmul_n ** 3 / _best_of(lambda: a @ a, 2, 2 * repeat) / 1e9
+        matmul = 2 * matmul_n ** 3 / _best_of(lambda: a @ a, 2, 2 * repeat, backend.clock) / 1e9
         del a
         candidates[f"NumPy {dtype.name} {matmul_n}x{matmul_n} matmul ({_blas_name()})"] = matmul
         best_name = max(candidates, key=candidates.get)
         return {
-            **measure_bandwidth(dtype, quick),
+            **measure_bandwidth(dtype, quick, backend.clock),
             "compute_gflops": candidates[best_name],
             "compute_method": "best of: " + "; ".join(
                 f"{name} {value:.4g} GFLOP/s" for name, value in candidates.items())
