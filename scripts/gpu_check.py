@@ -1,24 +1,32 @@
 """One-command check of the CUDA path on a real NVIDIA GPU (PyTorch, CuPy, numba-cuda, no network).
 
     PYTHONPATH=. python scripts/gpu_check.py [--quick] [--skip-bench] [--skip-sanitizer]
+                                             [--pass PASS...]
 
 1. correctness: both operations against PyTorch on the GPU, in float64 and float32, over a
    grid of geometries (stride, padding, dilation, groups, bias kinds, odd sizes); cuDNN with
    TF32 off; the references are the benchmark's PyTorch peers (``torch.nn.functional.conv2d``,
    and ``unfold`` + ``einsum`` for local_conv2d) in float64, the tolerances
-   :data:`gpuconv.bench.stats.TOLERANCE`. Also the array kinds (torch in -> torch out, CuPy,
-   Numba device arrays, NumPy), a side stream, non-contiguous inputs, an empty batch and NaN
-   propagation;
-2. speed: ``gpuconv bench`` on the GPU (:func:`gpuconv.bench.run_benchmark`: both operations
-   on every benchmark layer at its GPU batch size beside the PyTorch peers, alternating bursts
-   timed with CUDA events, ceilings measured in the same run), with the name of the kernel
-   each gpuconv record launched and the registers and memory of those kernels;
+   :data:`gpuconv.bench.stats.TOLERANCE`. The four gradient functions (``gpuconv.grad``)
+   likewise, on a smaller grid (:func:`grad_grid`), against PyTorch autograd through the same
+   peers in float64 (:func:`gpuconv.bench.peers.torch_autograd_backward`). Also the array
+   kinds (torch in -> torch out, CuPy, Numba device arrays, NumPy), a side stream,
+   non-contiguous inputs, an empty batch and NaN propagation;
+2. speed: ``gpuconv bench`` on the GPU (:func:`gpuconv.bench.run_benchmark`, alternating
+   bursts timed with CUDA events, ceilings measured once): the forward of both operations on
+   every benchmark layer at its GPU batch size beside the PyTorch peers, with the name of the
+   kernel each gpuconv record launched and the registers and memory of those kernels; then
+   (``--pass``, default all) the backward and the training step on the default suite with
+   few timed calls (:data:`GRADIENT_REPEAT` x :data:`GRADIENT_BURSTS`), which keeps the GPU
+   work bounded;
 3. ``compute-sanitizer --tool memcheck`` on a small case, where the tool exists.
 
 Everything is printed and, when ``OUT`` is set, written to ``$OUT/gpu_check.json`` (its
-``bench`` entry has the schema of ``gpuconv bench --json``). Exit status 1 if a correctness
-check fails. The CPU-side logic (arguments, geometry grid, layer list, kernel names, the
-speed section on the CPU) imports without a GPU; ``tests/test_gpu_check.py`` covers it.
+``bench`` and ``bench_gradients`` entries have the schema of ``gpuconv bench --json``).
+Exit status 1 if a correctness check fails or an implementation fails in the benchmark.
+The CPU-side logic (arguments, geometry grids, layer lists, kernel names, the references,
+the gradient checks and the speed sections on the CPU) imports without a GPU;
+``tests/test_gpu_check.py`` covers it.
 """
 
 from __future__ import annotations
@@ -89,6 +97,27 @@ def geometry_grid(quick=False):
     return cases[:6] if quick else cases
 
 
+#: The gradient checks' cases (names in :func:`geometry_grid`): every kind of geometry, fewer
+#: sizes (each gradient function compiles its own kernels).
+GRAD_CASES = ("basic", "pad_bias", "stride2", "stride_gt_kernel", "rect", "dilation", "groups",
+              "output_1x1", "big_batch", "same_even_kernel")
+
+#: The four gradient functions of gpuconv.grad, by operation: (input gradient, weight gradient).
+GRAD_FUNCTIONS = {"conv2d": ("conv2d_input", "conv2d_weight"),
+                  "local_conv2d": ("local_conv2d_input", "local_conv2d_weight")}
+
+#: Timed calls per burst and bursts, for the backward and the training step.
+GRADIENT_REPEAT, GRADIENT_BURSTS = 2, 2
+
+
+def grad_grid(quick=False):
+    """The cases the gradient functions are checked on: :data:`GRAD_CASES` (quick: the first
+    four)."""
+    by_name = {case.name: case for case in geometry_grid()}
+    names = GRAD_CASES[:4] if quick else GRAD_CASES
+    return [by_name[name] for name in names]
+
+
 def case_geometry(case):
     """The :class:`~gpuconv.geometry.ConvGeometry` of a :class:`Case`."""
     return conv_geometry((case.n, case.c_in, case.h, case.w), case.kernel, case.c_out,
@@ -108,6 +137,10 @@ def bench_layer_list(quick):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Check gpuconv's CUDA path on this GPU.")
+    parser.add_argument("--pass", dest="passes", nargs="+", choices=tuple(bench.PASS_CHOICES),
+                        default=["all"], metavar="PASS",
+                        help="what the speed section times, as gpuconv bench --pass "
+                             "(default: all = forward, backward and the training step)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer geometries, layers and timed calls (a smoke test)")
     parser.add_argument("--skip-bench", action="store_true", help="no timings")
@@ -123,6 +156,7 @@ def parse_args(argv=None):
     args.bursts = bench.QUICK_BURSTS if args.quick else bench.DEFAULT_BURSTS
     if args.json is None and os.environ.get("OUT"):
         args.json = os.path.join(os.environ["OUT"], "gpu_check.json")
+    args.passes = bench.resolve_passes(args.passes)
     return args
 
 
@@ -137,12 +171,21 @@ def _kernel_name(op, geom, dtype="float32"):
     return config.kernel.name
 
 
-def speed(layers, repeat, bursts, quick=False, device="cuda", torch="auto", progress=None):
-    """``gpuconv bench`` on ``layers`` (names or :class:`~gpuconv.workloads.Layer`) at their
-    batch sizes for ``device``; each gpuconv record also names the CUDA kernel that geometry
-    launches (``kernel``)."""
+def gradient_layers(quick=False):
+    """The layers the backward and the training step are timed on: the default suite of
+    ``gpuconv bench`` (quick: its quick layers)."""
+    return list(bench.QUICK_LAYERS if quick else bench.SUITES["default"])
+
+
+def speed(layers, repeat, bursts, quick=False, device="cuda", torch="auto", progress=None,
+          ceilings=None):
+    """``gpuconv bench`` (the forward) on ``layers`` (names or
+    :class:`~gpuconv.workloads.Layer`) at their batch sizes for ``device``; each gpuconv
+    record also names the CUDA kernel that geometry launches (``kernel``). An
+    implementation that fails is recorded as skipped (``failed: ...``), not raised."""
     result = bench.run_benchmark(layers, device=device, repeat=repeat, bursts=bursts,
-                                 quick=quick, torch=torch, progress=progress)
+                                 quick=quick, torch=torch, progress=progress,
+                                 ceilings=ceilings, on_error="record")
     by_name = {layer.name: layer for layer in
                (workloads.LAYERS[x] if isinstance(x, str) else x for x in layers)}
     for r in result["records"]:
@@ -150,6 +193,26 @@ def speed(layers, repeat, bursts, quick=False, device="cuda", torch="auto", prog
             geom = by_name[r["layer"]].geometry(r["N"])
             r["kernel"] = _kernel_name(r["op"], geom, r["dtype"])
     return result
+
+
+def gradient_speed(layers, passes, ceilings, quick=False, device="cuda", torch="auto",
+                   progress=None):
+    """``gpuconv bench --pass`` for the passes of ``passes`` other than the forward, on
+    ``layers``, :data:`GRADIENT_REPEAT` x :data:`GRADIENT_BURSTS` timed calls, with the
+    ceilings already measured; ``None`` when there is no such pass."""
+    passes = tuple(p for p in passes if p != "forward")
+    if not passes:
+        return None
+    return bench.run_benchmark(layers, device=device, repeat=GRADIENT_REPEAT,
+                               bursts=GRADIENT_BURSTS, quick=quick, torch=torch,
+                               progress=progress, ceilings=ceilings, passes=passes,
+                               on_error="record")
+
+
+def failed_records(result):
+    """The records of implementations that raised (``skipped: "failed: ..."``)."""
+    return [r for r in (result or {}).get("records", ())
+            if (r.get("skipped") or "").startswith("failed")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,6 +267,60 @@ def check_case(torch, gpuconv, case, op, dtype, device="cuda"):
             "scale": scale, "tolerance": TOLERANCE[dtype_name],
             "result_kind_ok": ok_type, "finite": finite,
             "ok": ok_type and finite and within_tolerance(err, scale, dtype_name)}
+
+
+def _grad_reference(torch, op, geom, x, w, gy):
+    """``((gx, gw), (gx bound, gw bound))`` in float64: PyTorch autograd's backward of the
+    benchmark's peer of ``op`` (no bias) for ``gy``, and the same on the absolute values
+    (each gradient is a sum of products of ``w`` and ``gy``, or ``x`` and ``gy``)."""
+    peer = peers.torch_unfold_einsum if op == "local_conv2d" else peers.torch_conv2d
+    d = (lambda t: t.double())
+    a = (lambda t: t.double().abs())
+    ref = peers.torch_autograd_backward(torch, peer, geom, d(x), d(w), d(gy))()
+    bound = peers.torch_autograd_backward(torch, peer, geom, a(x), a(w), a(gy))()
+    return ref, bound
+
+
+def check_grad_case(torch, gpuconv_grad, case, op, dtype, device="cuda"):
+    """Both gradients of ``op`` on one case through ``gpuconv.grad`` (torch tensors on
+    ``device``) against PyTorch autograd in float64: one result per gradient function."""
+    seed = sum(map(ord, case.name + op + "grad"))
+    generator = torch.Generator(device=device).manual_seed(seed)
+    geom, x, w, _ = _case_tensors(torch, case, op, dtype, device, generator)
+    gy = (torch.rand(geom.output_shape, generator=generator, dtype=torch.float64,
+                     device=device) * 2 - 1).to(dtype)
+    kwargs = dict(stride=case.stride, padding=case.padding, dilation=case.dilation,
+                  groups=case.groups)
+    input_name, weight_name = GRAD_FUNCTIONS[op]
+    results = []
+    (gx_ref, gw_ref), (gx_bound, gw_bound) = _grad_reference(torch, op, geom, x, w, gy)
+    for name, call, ref, bound in (
+            (input_name, lambda: getattr(gpuconv_grad, input_name)(tuple(x.shape), w, gy,
+                                                                   **kwargs), gx_ref, gx_bound),
+            (weight_name, lambda: getattr(gpuconv_grad, weight_name)(x, tuple(w.shape), gy,
+                                                                     **kwargs), gw_ref, gw_bound)):
+        dtype_name = str(dtype).replace("torch.", "")
+        try:
+            result = call()
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+        except Exception as exc:
+            results.append({"case": case.name, "op": name, "dtype": dtype_name, "ok": False,
+                            "error": f"{type(exc).__name__}: {exc}",
+                            "traceback": traceback.format_exc()[-2000:]})
+            continue
+        ok_type = (isinstance(result, torch.Tensor)
+                   and result.device.type == torch.device(device).type
+                   and result.dtype == dtype and result.shape == ref.shape)
+        err = float((result.double() - ref).abs().max()) if ok_type and ref.numel() else 0.0
+        scale = float(bound.abs().max()) if bound.numel() else 0.0
+        finite = bool(torch.isfinite(result).all()) if ok_type else False
+        results.append({"case": case.name, "op": name, "dtype": dtype_name,
+                        "max_abs_error": err, "scale": scale,
+                        "tolerance": TOLERANCE[dtype_name], "result_kind_ok": ok_type,
+                        "finite": finite,
+                        "ok": ok_type and finite and within_tolerance(err, scale, dtype_name)})
+    return results
 
 
 def check_array_kinds(torch, gpuconv):
@@ -390,6 +507,7 @@ def main(argv=None):
         import torch
 
         import gpuconv
+        from gpuconv import grad as gpuconv_grad
         from gpuconv.cuda import kernels as _cuda_kernels
         from numba import cuda
     except Exception as exc:
@@ -424,6 +542,26 @@ def main(argv=None):
     report["correctness"] = checks
     print(f"correctness: {sum(c['ok'] for c in checks)}/{len(checks)} cases within tolerance "
           f"({time.perf_counter() - start:.1f} s)")
+    start = time.perf_counter()
+    grad_checks = []
+    for dtype in (torch.float64, torch.float32):
+        for case in grad_grid(args.quick):
+            for op in ("conv2d", "local_conv2d"):
+                try:
+                    results = check_grad_case(torch, gpuconv_grad, case, op, dtype)
+                except Exception as exc:
+                    results = [{"case": case.name, "op": op, "dtype": str(dtype), "ok": False,
+                                "error": f"{type(exc).__name__}: {exc}",
+                                "traceback": traceback.format_exc()[-2000:]}]
+                for result in results:
+                    grad_checks.append(result)
+                    if not result["ok"]:
+                        failures += 1
+                        print(f"FAIL {result}")
+    report["gradients"] = grad_checks
+    print(f"gradients: {sum(c['ok'] for c in grad_checks)}/{len(grad_checks)} within tolerance "
+          f"(4 functions x {len(grad_grid(args.quick))} cases x 2 dtypes; "
+          f"{time.perf_counter() - start:.1f} s)")
     kinds = check_array_kinds(torch, gpuconv)
     report["array_kinds"] = kinds
     for k in kinds:
@@ -434,15 +572,27 @@ def main(argv=None):
     if not args.skip_bench:
         layers = bench_layer_list(args.quick)
         start = time.perf_counter()
+        result = None
         try:
-            result = speed(layers, args.repeat, args.bursts, args.quick, torch=torch)
+            if "forward" in args.passes:
+                result = speed(layers, args.repeat, args.bursts, args.quick, torch=torch)
+                report["bench"] = result
+                print(bench.format_report(result))
+            ceilings = result["machine"]["ceilings"] if result else None
+            gradients = gradient_speed(gradient_layers(args.quick), args.passes, ceilings,
+                                       args.quick, torch=torch)
+            if gradients is not None:
+                report["bench_gradients"] = gradients
+                print(bench.format_report(gradients))
         except Exception as exc:
             failures += 1
             report["bench_error"] = traceback.format_exc()[-4000:]
             print(f"FAIL benchmark: {type(exc).__name__}: {exc}\n{report['bench_error']}")
-        else:
-            report["bench"] = result
-            print(bench.format_report(result))
+        for part in ("bench", "bench_gradients"):
+            for r in failed_records(report.get(part)):
+                failures += 1
+                print(f"FAIL benchmark {r.get('pass', 'forward')} {r['layer']} {r['op']} "
+                      f"{r['impl']}: {r['skipped']}")
         print(f"benchmark: {time.perf_counter() - start:.1f} s")
         report["kernels"] = kernel_resources(_cuda_kernels, layers)
 

@@ -19,7 +19,9 @@ from gpuconv.bench import stats
 from gpuconv.device import cuda_available
 from gpuconv.geometry import conv_geometry
 
-from reference import conv2d_ref, local_conv2d_ref
+from reference import (conv2d_input_grad_ref, conv2d_ref, conv2d_weight_grad_ref,
+                       local_conv2d_input_grad_ref, local_conv2d_ref,
+                       local_conv2d_weight_grad_ref)
 
 TINY = bench.Layer("tiny", "tiny test layer", 2, 2, 3, 9, 4, 3, 2, 1, "the tests")
 TINY_GROUPED = bench.Layer("tiny-grouped", "grouped", 2, 2, 4, 8, 6, 3, 1, 1, "the tests",
@@ -605,3 +607,326 @@ def test_time_kernels_wrapper_defaults():
     assert args.quick and not args.peers and args.device == "auto"
     args = module.build_parser().parse_args(["--peers", "--full-size", "--layers", "deepface-l4"])
     assert args.peers and not args.quick and args.layers == ["deepface-l4"]
+
+
+# ----------------------------------------------------------------------------- passes
+
+def test_backward_and_step_flops_and_bytes_by_hand():
+    """The backward is the input gradient and the weight gradient, each the forward's
+    multiply-adds; its fewest bytes are those of the two calls, each reading its operands
+    and writing its gradient once."""
+    geom = TINY.geometry(2)  # x 2x3x9x9 = 486, y 2x4x5x5 = 200, kernel 3x3x3
+    forward = 2 * 2 * 4 * 5 * 5 * 3 * 3 * 3
+    assert geom.flops == forward == 10_800
+    shared, local, x, y = 4 * 27, 4 * 5 * 5 * 27, 486, 200
+    expected = {
+        ("conv2d", "backward"): (2 * forward, ((shared + y + x) + (x + y + shared)) * 4),
+        ("local_conv2d", "backward"): (2 * forward, ((local + y + x) + (x + y + local)) * 4),
+        ("conv2d", "step"): (3 * forward, (x + shared + 4 + y) * 4
+                             + ((shared + y + x) + (x + y + shared)) * 4 + 4 * 4),
+        # the step's local layer has a bias per position (4 x 5 x 5)
+        ("local_conv2d", "step"): (3 * forward, (x + local + 100 + y) * 4
+                                   + ((local + y + x) + (x + y + local)) * 4 + 100 * 4),
+    }
+    for (op, pass_name), (flops, nbytes) in expected.items():
+        r = bench.make_record(op, "gpuconv", "tiny", "cpu", "float32", geom, [1e-3], CEILINGS,
+                              pass_name=pass_name)
+        assert r["pass"] == pass_name and r["flops"] == flops and r["bytes"] == nbytes
+        assert r["gflops"] == pytest.approx(flops / 1e-3 / 1e9)
+        assert r["bandwidth_fraction"] == pytest.approx(nbytes / 1e-3 / 1e9 / 20.0)
+        weights = shared if op == "conv2d" else local
+        assert r["grad_weight_bytes"] == weights * 4
+    assert stats.grad_bytes("local_conv2d", "input", geom, 4) == (local + y + x) * 4
+    assert stats.grad_bytes("local_conv2d", "weight", geom, 8) == (x + y + local) * 8
+    r = bench.make_record("conv2d", "gpuconv", "tiny", "cpu", "float32", geom, [1e-3])
+    assert r["pass"] == "forward" and r["grad_weight_bytes"] is None and r["flops"] == forward
+    r = bench.make_record("local_conv2d", "gpuconv", "tiny", "cpu", "float32", geom, [1e-3],
+                          pass_name="backward", peak_extra_bytes=30_000, result_bytes=12_744)
+    assert r["peak_scratch_bytes"] == 30_000 - 12_744
+
+
+@pytest.mark.parametrize("argv, passes", [
+    ([], ("forward",)), (["--pass", "backward"], ("backward",)),
+    (["--pass", "both"], ("forward", "backward")), (["--pass", "step", "forward"],
+                                                    ("forward", "step")),
+    (["--pass", "all"], ("forward", "backward", "step"))])
+def test_pass_option(argv, passes):
+    assert bench.resolve_passes(parser().parse_args(argv).passes) == passes
+
+
+def test_bad_pass_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parser().parse_args(["--pass", "sideways"])
+    assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def _grad_refs(x, w, wl, gy, kw):
+    return {
+        "conv2d": (conv2d_input_grad_ref(x.shape, w, gy, **kw),
+                   conv2d_weight_grad_ref(x, w.shape, gy, **kw)),
+        "local_conv2d": (local_conv2d_input_grad_ref(x.shape, wl, gy, **kw),
+                         local_conv2d_weight_grad_ref(x, wl.shape, gy, **kw)),
+    }
+
+
+@needs_torch
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+@pytest.mark.parametrize("spec", PEER_GEOMETRIES)
+def test_backward_and_step_implementations_match_the_reference(spec):
+    """Every implementation the backward and the step time, on float64 arrays, against the
+    float64 gradient references (the step's bias gradient: gy summed over the batch, and
+    over the positions for a bias per channel)."""
+    geom, x, w, wl, b, kw = _peer_case(spec, np.random.default_rng(6))
+    gy = np.random.default_rng(7).standard_normal(geom.output_shape)
+    b_position = np.random.default_rng(8).standard_normal(geom.output_shape[1:])
+    refs = _grad_refs(x, w, wl, gy, kw)
+    seen = set()
+    for impl in _bench_impls.implementations("cpu", torch, passes=("backward", "step")):
+        local = impl.op == "local_conv2d"
+        bias = b_position if local and impl.pass_name == "step" else b
+        arrays = {"x": x, "weight": wl if local else w, "bias": bias, "gy": gy}
+        if impl.array_kind == "torch":
+            arrays = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        result = impl.make(arrays, geom)()
+        if impl.canonical is not None:
+            result = impl.canonical(result, geom)
+        result = [np.asarray(r.detach().numpy() if hasattr(r, "detach") else r) for r in result]
+        expected = list(refs[impl.op])
+        if impl.pass_name == "step":
+            expected.append(gy.sum(0) if local else gy.sum((0, 2, 3)))
+        assert len(result) == len(expected), impl
+        for got, want in zip(result, expected):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10, err_msg=repr(impl))
+        seen.add((impl.pass_name, impl.op, impl.name))
+    assert {("backward", "conv2d", "torch"), ("backward", "local_conv2d", "torch-unfold"),
+            ("step", "local_conv2d", "torch-bmm"), ("step", "conv2d", "gpuconv")} <= seen
+
+
+@needs_torch
+@pytest.mark.parametrize("spec", PEER_GEOMETRIES)
+def test_pytorch_only_local_layers_are_locally_connected(spec):
+    """The step's PyTorch-only layers: the forward of gpuconv.local_conv2d (any batch size),
+    their weights given and returned in gpuconv's layout, and the bmm layout round trip."""
+    geom, x, _, wl, b, kw = _peer_case(spec, np.random.default_rng(9), "position")
+    for name, cls in _bench_impls.locally_connected_layers(torch).items():
+        layer = cls(geom, torch.from_numpy(wl), torch.from_numpy(b))
+        for xb in (x, x[:1]):
+            y = layer(torch.from_numpy(xb)).detach().numpy()
+            np.testing.assert_allclose(y, local_conv2d_ref(xb, wl, b, **kw), rtol=1e-10,
+                                       atol=1e-10, err_msg=name)
+        assert torch.equal(layer.weight_in_gpuconv_layout().detach(), torch.from_numpy(wl))
+    t = torch.from_numpy(wl)
+    assert torch.equal(_bench_impls.from_bmm_weight_layout(
+        _bench_impls.bmm_weight_layout(t, geom), geom), t)
+
+
+def test_describe_peers_says_what_the_gradients_miss_without_torch():
+    text = _bench_impls.describe_peers("cpu", None, True, "not installed",
+                                       ("forward", "backward", "step"))
+    assert "NumPy im2col baselines instead" in text
+    assert "backward: none, PyTorch not installed: missing torch" in text
+    assert "torch-unfold (autograd's backward through unfold + einsum)" in text
+    assert "step: not run, PyTorch not installed" in text
+    assert _bench_impls.implementations("cpu", None, True, ("step",)) == []
+    assert {(i.op, i.name) for i in _bench_impls.implementations(
+        "cpu", None, True, ("backward",))} == {("conv2d", "gpuconv"), ("local_conv2d", "gpuconv")}
+
+
+def _check_pass_run(result, passes, torch_module):
+    records = result["records"]
+    assert [p for p in bench.PASSES if p in {r["pass"] for r in records}] == list(passes)
+    by = {(r["pass"], r["op"], r["impl"]): r for r in records}
+    for (pass_name, op, impl), r in by.items():
+        forward = by[("forward", op, "gpuconv")] if ("forward", op, "gpuconv") in by else None
+        assert r["flops"] == stats.PASS_FLOPS[pass_name] * TINY.geometry(r["N"]).flops
+        if forward is not None:
+            assert r["flops"] == stats.PASS_FLOPS[pass_name] * forward["flops"]
+        assert r["median_s"] > 0 and r["max_rel_diff"] < stats.TOLERANCE["float32"], r
+        if pass_name != "forward":
+            assert r["grad_weight_bytes"] > 0 and r["result_bytes"] > 0
+    expected = {(i.pass_name, i.op, i.name)
+                for i in _bench_impls.implementations("cpu", torch_module, True, passes)}
+    assert set(by) == expected
+
+
+@needs_torch
+def test_tiny_run_of_every_pass(fast):
+    passes = ("forward", "backward", "step")
+    result = bench.run_benchmark([TINY], repeat=1, bursts=1, progress=False, passes=passes)
+    _check_pass_run(result, passes, torch)
+    machine = result["machine"]
+    assert machine["passes"] == list(passes) and machine["passes_not_run"] == {}
+    assert set(machine["peers_by_pass"]["step"]) == {
+        "conv2d: torch", "local_conv2d: torch-unfold", "local_conv2d: torch-bmm"}
+    local = [r for r in result["records"] if r["op"] == "local_conv2d"
+             and r["pass"] == "backward"]
+    for r in local:
+        assert r["peak_extra_bytes"] >= r["result_bytes"] > 0
+        assert r["peak_scratch_bytes"] == r["peak_extra_bytes"] - r["result_bytes"]
+    text = bench.format_report(result)
+    for title in bench.PASS_TITLES.values():
+        assert title in text
+    assert "conv2d backward vs torch" in text and "local_conv2d step vs torch-bmm" in text
+    assert "of copy bandwidth" in text and "weight gradient" in text
+
+
+def test_backward_without_torch_runs_gpuconv_and_says_what_is_missing(fast):
+    result = bench.run_benchmark([TINY_GROUPED], repeat=1, bursts=1, progress=False,
+                                 torch=None, passes=("backward", "step"))
+    assert {(r["pass"], r["impl"]) for r in result["records"]} == {("backward", "gpuconv")}
+    for r in result["records"]:
+        assert r["flops"] == 2 * TINY_GROUPED.geometry(r["N"]).flops and r["median_s"] > 0
+    machine = result["machine"]
+    assert "step" in machine["passes_not_run"]
+    text = bench.format_report(result)
+    assert "missing torch" in text and "autograd: not run, PyTorch not used" in text
+    assert "no peer ran in this pass" in text
+
+
+def test_a_failing_implementation_is_recorded_when_asked(fast, monkeypatch):
+    real = _bench_impls.implementations
+
+    def broken(*args, **kwargs):
+        impls = real(*args, **kwargs)
+        for impl in impls:
+            if impl.op == "local_conv2d" and impl.name == "gpuconv":
+                def make(arrays, geom):
+                    def call():
+                        raise RuntimeError("no kernel")
+                    return call
+                impl.make = make
+        return impls
+    monkeypatch.setattr(_bench_impls, "implementations", broken)
+    with pytest.raises(RuntimeError, match="no kernel"):
+        bench.run_benchmark([TINY], repeat=1, bursts=1, progress=False, torch=None)
+    result = bench.run_benchmark([TINY], repeat=1, bursts=1, progress=False, torch=None,
+                                 passes=("backward",), on_error="record")
+    by = {(r["op"], r["impl"]): r for r in result["records"]}
+    assert by[("local_conv2d", "gpuconv")]["skipped"] == "failed: RuntimeError: no kernel"
+    assert by[("conv2d", "gpuconv")]["median_s"] > 0
+
+
+def _grad_timed(op, impl, times, layer="tiny", pass_name="backward", **extra):
+    return bench.make_record(op, impl, layer, "cpu", "float32", TINY.geometry(2), times,
+                             CEILINGS, pass_name=pass_name, **extra)
+
+
+def test_summary_per_pass_with_bandwidth_and_memory():
+    geom = TINY.geometry(2)
+    gw = bench.param_count("local_conv2d", geom).weights * 4
+    records = [_timed("conv2d", "gpuconv", [1e-3]), _timed("conv2d", "torch", [3e-3])]
+    for layer, mine, peer in (("a", 1e-3, 2e-3), ("b", 1e-3, 8e-3)):
+        records += [_grad_timed("conv2d", "gpuconv", [mine], layer),
+                    _grad_timed("conv2d", "torch", [peer / 4], layer),
+                    _grad_timed("local_conv2d", "gpuconv", [mine], layer,
+                                peak_extra_bytes=gw + 5000, result_bytes=gw + 1944),
+                    _grad_timed("local_conv2d", "torch-unfold", [peer], layer)]
+    speedups = bench.peer_speedups(records)
+    assert speedups["conv2d vs torch"]["geomean_speedup"] == pytest.approx(3.0)
+    assert speedups["conv2d backward vs torch"]["geomean_speedup"] == pytest.approx(1.0)
+    assert speedups["local_conv2d backward vs torch-unfold"]["geomean_speedup"] == \
+        pytest.approx(4.0)
+    assert speedups["local_conv2d backward vs torch-unfold"]["pass"] == "backward"
+    ceilings = dict(CEILINGS, bandwidth_new_gbs=8.0)
+    share = bench.local_bandwidth(records, "backward", ceilings)
+    gbs = stats.min_bytes("local_conv2d", geom, 4, "backward") / 1e-3 / 1e9
+    assert share["count"] == 2 and share["geomean_fraction"] == pytest.approx(gbs / 20.0)
+    assert share["geomean_fraction_new"] == pytest.approx(gbs / 8.0)
+    assert bench.local_bandwidth(records, "backward")["layers_new"] == {}
+    memory = bench.backward_memory(records)
+    assert memory["a"]["peak_scratch_bytes"] == 5000 - 1944
+    assert memory["a"]["grad_weight_bytes"] == gw
+    text = bench.format_summary({"machine": {"ceilings": ceilings}, "records": records})
+    assert "conv2d vs torch 3x" in text  # the forward, as before
+    assert re.search(r"conv2d backward vs torch +1x over 2 layers", text)
+    assert re.search(r"local_conv2d backward vs torch-unfold +4x over 2 layers", text)
+    assert (f"geometric mean {gbs / 20.0 * 100:.1f}% of copy bandwidth "
+            f"({gbs / 8.0 * 100:.1f}% of a copy into a new array)") in text
+    row = [line.split() for line in text.splitlines() if line.startswith("  a ")][-1]
+    assert row == ["a", f"{gbs / 20.0 * 100:.1f}%", f"{gbs / 8.0 * 100:.1f}%",
+                   f"{(5000 - 1944) / 1e6:.1f}", f"{gw / 1e6:.1f}"]
+    assert "below the weight gradient's size on 2 of 2 layers" in text
+    assert "into a new array 8 GB/s" in " ".join(text.split())
+
+
+@pytest.mark.parametrize("torch_available", [
+    pytest.param(True, marks=needs_torch), False])
+def test_cli_pass_both_writes_pass_fields(fast, monkeypatch, capsys, tmp_path, torch_available):
+    json_path = tmp_path / "bench.json"
+    code, out = _cli(["--device", "cpu", "--quick", "--repeat", "1", "--pass", "both",
+                      "--json", str(json_path)], monkeypatch, capsys, torch_available)
+    assert code == 0
+    result = json.loads(json_path.read_text())
+    records = result["records"]
+    forward = [r for r in records if r["pass"] == "forward"]
+    backward = [r for r in records if r["pass"] == "backward"]
+    assert forward and backward and len(forward) + len(backward) == len(records)
+    for r in backward:
+        twin = next(f for f in forward if (f["layer"], f["op"]) == (r["layer"], r["op"]))
+        assert r["flops"] == 2 * twin["flops"] and r["grad_weight_bytes"] > 0
+        assert set(r) == set(twin)  # one schema; the forward's keys plus pass and its fields
+    assert result["machine"]["passes"] == ["forward", "backward"]
+    assert "--pass both" in result["machine"]["command"]
+    assert "Backward pass: dL/dx and dL/dw" in out.out and "backward: " in out.out
+    news = out.err.splitlines()
+    assert any(" backward: conv2d gpuconv" in line for line in news)
+    if not torch_available:
+        assert "missing torch" in out.out
+
+
+def test_cli_step_without_torch_is_a_clear_error(fast, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: pytest.fail("timed anyway"))
+    code, out = _cli(["--device", "cpu", "--pass", "step"], monkeypatch, capsys,
+                     torch_available=False)
+    assert code == 2 and "need PyTorch" in out.err and out.out == ""
+
+
+def test_one_core_sets_threads_and_the_clock(fast, monkeypatch, capsys):
+    import time
+
+    import numba
+
+    seen = {}
+
+    def fake_run(names, **kwargs):
+        seen.update(kwargs, threads=numba.get_num_threads())
+        raise SystemExit(0)
+    threads = numba.get_num_threads()
+    monkeypatch.setattr(bench, "run_benchmark", fake_run)
+    try:
+        with pytest.raises(SystemExit):
+            _cli(["--device", "cpu", "--one-core", "--quick"], monkeypatch, capsys,
+                 torch_available=False)
+    finally:
+        numba.set_num_threads(threads)
+    assert seen["clock"] is time.process_time and seen["threads"] == 1
+
+
+def test_cpu_speed_times_the_gradients_too(fast, monkeypatch):
+    cpu_speed = _script("cpu_speed")
+    monkeypatch.setattr(cpu_speed, "SELECTION", {"conv2d": ["tiny"], "local_conv2d": ["tiny"]})
+    result = cpu_speed.run(("conv2d", "local_conv2d"), rounds=1, burst=1, torch=None,
+                           progress=False, passes=("forward", "backward"),
+                           ceilings=dict(CEILINGS))
+    rows = cpu_speed.rows(result["records"])
+    assert {(row["op"], row["pass"]) for row in rows} == {
+        (op, p) for op in ("conv2d", "local_conv2d") for p in ("forward", "backward")}
+    for row in rows:
+        if row["pass"] == "backward":
+            assert row["peer"] is None  # no NumPy peer for the gradients
+    text = cpu_speed.format_rows(result)
+    assert "| backward |" in text and "local_conv2d backward: geometric mean" in text
+
+
+def test_cli_backward_with_plot_sweeps_the_backward(fast, monkeypatch, capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
+    code, out = _cli(["--device", "cpu", "--quick", "--repeat", "1", "--pass", "backward",
+                      "--json", str(json_path), "--plot", str(png_path)], monkeypatch, capsys,
+                     torch_available=False)
+    assert code == 0 and png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = json.loads(json_path.read_text())["records"]
+    assert {r["pass"] for r in records} == {"backward"}
+    sweep = [r for r in records if r["part"] == "batch-sweep"]
+    assert sorted({r["N"] for r in sweep}) == sorted(bench.SWEEP_BATCHES)
+    assert "Batch sweep (tiny, backward):" in out.out

@@ -1,6 +1,7 @@
-"""The CPU-side logic of scripts/gpu_check.py: arguments, geometry grid, layer list, kernel
-names, its references (checked on the CPU against tests/reference.py) and its speed section
-(gpuconv bench, run here on the CPU)."""
+"""The CPU-side logic of scripts/gpu_check.py: arguments, geometry grids, layer lists, kernel
+names, its references for the forward and the gradients (checked on the CPU against
+tests/reference.py), the gradient checks and its speed sections (gpuconv bench, every pass,
+run here on the CPU)."""
 
 import importlib.util
 import pathlib
@@ -9,9 +10,12 @@ import numpy as np
 import pytest
 
 from gpuconv import bench, workloads
+from gpuconv import grad as gpuconv_grad
 from gpuconv.bench import peers as _bench_impls
 from gpuconv.cuda import kernels as _cuda_kernels
-from reference import conv2d_ref, local_conv2d_ref, output_size
+from reference import (conv2d_input_grad_ref, conv2d_ref, conv2d_weight_grad_ref,
+                       local_conv2d_input_grad_ref, local_conv2d_ref,
+                       local_conv2d_weight_grad_ref, output_size)
 
 SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
 
@@ -33,6 +37,8 @@ def test_arguments_and_json_destination(gpu_check, monkeypatch, tmp_path):
     args = gpu_check.parse_args(["--quick"])
     assert (args.repeat, args.bursts) == (bench.QUICK_REPEAT, bench.QUICK_BURSTS)
     assert gpu_check.parse_args(["--repeats", "7"]).repeat == 7  # the old spelling
+    assert args.passes == ("forward", "backward", "step")  # --pass both and the step
+    assert gpu_check.parse_args(["--pass", "both"]).passes == ("forward", "backward")
     monkeypatch.setenv("OUT", str(tmp_path))
     assert gpu_check.parse_args([]).json == str(tmp_path / "gpu_check.json")
     assert gpu_check.parse_args(["--json", "x.json"]).json == "x.json"
@@ -158,3 +164,101 @@ def test_array_kind_checks_judge_against_the_reference(gpu_check, factor, ok):
     fake = types.SimpleNamespace(conv2d=conv2d, local_conv2d=gpuconv.local_conv2d)
     numpy_in = gpu_check.check_array_kinds(torch, fake)[0]
     assert numpy_in["check"] == "numpy in -> numpy out" and numpy_in["ok"] is ok
+
+
+# ----------------------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_grad_grid_is_part_of_the_geometry_grid(gpu_check, quick):
+    cases = gpu_check.grad_grid(quick)
+    assert cases and set(cases) <= set(gpu_check.geometry_grid())
+    if not quick:
+        geoms = [gpu_check.case_geometry(c) for c in cases]
+        assert any(g.groups > 1 for g in geoms) and any(g.dilation_h > 1 for g in geoms)
+        assert any(g.stride_h > g.kernel_height for g in geoms)
+        assert any(g.pad_top != g.pad_bottom or g.pad_left != g.pad_right for g in geoms)
+    names = [name for pair in gpu_check.GRAD_FUNCTIONS.values() for name in pair]
+    assert sorted(names) == sorted(gpuconv_grad.__all__)
+
+GRAD_REFS = {"conv2d": (conv2d_input_grad_ref, conv2d_weight_grad_ref),
+             "local_conv2d": (local_conv2d_input_grad_ref, local_conv2d_weight_grad_ref)}
+
+
+@pytest.mark.parametrize("case_index", [2, 6, -1])
+@pytest.mark.parametrize("op", ["conv2d", "local_conv2d"])
+def test_grad_references_match_the_float64_reference(gpu_check, op, case_index):
+    """The script's gradient reference (autograd through the benchmark's peers) and its
+    magnitude bound."""
+    torch = pytest.importorskip("torch")
+    case = gpu_check.grad_grid()[case_index]
+    generator = torch.Generator().manual_seed(1)
+    geom, x, w, _ = gpu_check._case_tensors(torch, case, op, torch.float64, "cpu", generator)
+    gy = torch.rand(geom.output_shape, generator=generator, dtype=torch.float64) * 2 - 1
+    (gx, gw), (gx_bound, gw_bound) = gpu_check._grad_reference(torch, op, geom, x, w, gy)
+    kwargs = dict(stride=case.stride, padding=case.padding, dilation=case.dilation,
+                  groups=case.groups)
+    input_ref, weight_ref = GRAD_REFS[op]
+    xn, wn, gyn = x.numpy(), w.numpy(), gy.numpy()
+    np.testing.assert_allclose(gx.numpy(), input_ref(xn.shape, wn, gyn, **kwargs),
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(gw.numpy(), weight_ref(xn, wn.shape, gyn, **kwargs),
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(gx_bound.numpy(), input_ref(
+        xn.shape, np.abs(wn), np.abs(gyn), **kwargs), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(gw_bound.numpy(), weight_ref(
+        np.abs(xn), wn.shape, np.abs(gyn), **kwargs), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("op", ["conv2d", "local_conv2d"])
+def test_check_grad_case_end_to_end_on_the_cpu(gpu_check, op):
+    """The gradient loop body, run with CPU tensors (gpuconv.grad picks its CPU path): one
+    result per gradient function, each within tolerance."""
+    torch = pytest.importorskip("torch")
+    case = gpu_check.grad_grid()[6]  # groups
+    for dtype in (torch.float64, torch.float32):
+        results = gpu_check.check_grad_case(torch, gpuconv_grad, case, op, dtype, device="cpu")
+        assert [r["op"] for r in results] == list(gpu_check.GRAD_FUNCTIONS[op])
+        for r in results:
+            assert r["ok"], r
+            assert r["tolerance"] == bench.stats.TOLERANCE[r["dtype"]] and r["scale"] > 0
+
+
+def test_check_grad_case_fails_a_wrong_or_missing_gradient(gpu_check):
+    torch = pytest.importorskip("torch")
+    import types
+
+    def weight_grad(*args, **kwargs):
+        return gpuconv_grad.conv2d_weight(*args, **kwargs) * 1.001
+
+    def input_grad(*args, **kwargs):
+        raise AttributeError("module 'gpuconv.cuda.launch' has no attribute 'launch'")
+    wrong = types.SimpleNamespace(conv2d_input=input_grad, conv2d_weight=weight_grad)
+    case = gpu_check.grad_grid()[0]
+    results = gpu_check.check_grad_case(torch, wrong, case, "conv2d", torch.float32, "cpu")
+    assert [r["ok"] for r in results] == [False, False]
+    assert "AttributeError" in results[0]["error"] and results[1]["result_kind_ok"]
+
+
+def test_gradient_speed_is_gpuconv_bench_with_the_other_passes(gpu_check, monkeypatch):
+    """The backward and the step on the default suite, few timed calls, the forward's
+    ceilings; failures are recorded, not raised."""
+    monkeypatch.setattr(_bench_impls, "measure_ceilings",
+                        lambda *a, **k: pytest.fail("ceilings measured twice"))
+    monkeypatch.setattr(bench, "WARMUP_S", 0.0)
+    assert gpu_check.gradient_layers() == list(bench.SUITES["default"])
+    assert gpu_check.gradient_layers(True) == list(bench.QUICK_LAYERS)
+    assert gpu_check.gradient_speed([], ("forward",), {}) is None
+    tiny = bench.Layer("tiny", "tiny test layer", 2, 2, 3, 9, 4, 3, 2, 1, "the tests")
+    ceilings = {"bandwidth_gbs": 10.0}
+    result = gpu_check.gradient_speed([tiny], ("forward", "backward", "step"), ceilings,
+                                      device="cpu", torch=None, progress=False)
+    records = result["records"]
+    assert {r["pass"] for r in records} == {"backward"}  # no step without PyTorch
+    assert all(r["samples"] == gpu_check.GRADIENT_REPEAT * gpu_check.GRADIENT_BURSTS
+               for r in records)
+    assert result["machine"]["ceilings"] == ceilings
+    assert "step" in result["machine"]["passes_not_run"]
+    assert gpu_check.failed_records(result) == []
+    records[0]["skipped"] = "failed: RuntimeError: boom"
+    assert gpu_check.failed_records(result) == [records[0]]
+    assert gpu_check.failed_records(None) == []

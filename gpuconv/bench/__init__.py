@@ -22,6 +22,19 @@ How the timing is done (the machines this runs on are noisy):
 - GFLOP/s and GB/s (fewest bytes: inputs, weights and biases read once, output written once)
   are compared with ceilings measured in the same run.
 
+Three passes can be timed (``--pass``; :data:`gpuconv.bench.stats.PASSES`), each with its
+own records (field ``pass``), table and summary:
+
+- ``forward`` (the default): ``y = op(x, w) + b``;
+- ``backward``: both gradients, ``dL/dx`` and ``dL/dw`` for a given ``dL/dy``
+  (:mod:`gpuconv.grad`), against PyTorch's autograd backward of ``conv2d`` (oneDNN / cuDNN)
+  and through ``unfold`` + ``einsum``: their forward runs once before the timing with its
+  graph retained, and only the backward is timed;
+- ``step``: one training step of a layer, forward and backward through autograd:
+  ``gpuconv.torch.Conv2d`` against ``torch.nn.Conv2d``, ``gpuconv.torch.LocallyConnected2d``
+  against PyTorch-only locally connected layers (``unfold`` + ``einsum``, ``unfold`` +
+  ``bmm`` over the positions). It needs PyTorch.
+
 Every comparison is printed as a speedup, one implementation's time over the time of the
 one it is compared with: ``peer time / gpuconv time`` (above 1: gpuconv is faster), and,
 for what sharing buys, ``local_conv2d time / conv2d time`` (above 1: the shared layer is
@@ -52,14 +65,17 @@ import time
 import numpy as np
 
 from . import peers as impls_mod
-from .stats import format_bytes, geomean, min_bytes, paired_ratios, param_count, summarize
+from .stats import (PASSES, format_bytes, geomean, min_bytes, paired_ratios, param_count,
+                    pass_flops, summarize)
 from ..cli import gpu_description, positive_int
 from ..device import CudaUnavailableError, select_device
 from ..workloads import LAYERS, Layer
 
-__all__ = ["Layer", "LAYERS", "SUITES", "QUICK_LAYERS", "add_arguments", "run",
-           "run_benchmark", "make_record", "format_report", "format_table", "format_summary",
-           "peer_speedups", "sharing_speedups", "param_count", "min_bytes", "layer_names"]
+__all__ = ["Layer", "LAYERS", "SUITES", "QUICK_LAYERS", "PASSES", "PASS_CHOICES",
+           "add_arguments", "run", "run_benchmark", "make_record", "format_report",
+           "format_table", "format_summary", "peer_speedups", "sharing_speedups",
+           "local_bandwidth", "backward_memory", "param_count", "min_bytes", "layer_names",
+           "one_core", "resolve_passes"]
 
 
 #: Named suites: layer names in the order they run.
@@ -92,6 +108,18 @@ MEMORY_FRACTION = 0.7
 
 #: The operations, in the order they are reported.
 OPS = ("conv2d", "local_conv2d")
+
+#: ``--pass`` values: a pass of :data:`PASSES`, or several at once.
+PASS_CHOICES = {"forward": ("forward",), "backward": ("backward",), "step": ("step",),
+                "both": ("forward", "backward"), "all": PASSES}
+
+#: What each pass times, as the report says it.
+PASS_TITLES = {
+    "forward": "Forward pass: y = op(x, w) + b",
+    "backward": "Backward pass: dL/dx and dL/dw for a given dL/dy (no bias)",
+    "step": "Training step of one layer: forward + backward (dL/dx, dL/dw, dL/db) "
+            "through autograd",
+}
 
 
 def layer_names():
@@ -126,12 +154,28 @@ def add_arguments(parser):
                         help=f"timed calls per burst (default {DEFAULT_REPEAT}, "
                              f"--quick {QUICK_REPEAT}); each implementation runs "
                              f"{DEFAULT_BURSTS} bursts ({QUICK_BURSTS} with --quick)")
+    parser.add_argument("--pass", dest="passes", nargs="+", choices=tuple(PASS_CHOICES),
+                        default=["forward"], metavar="PASS",
+                        help="what to time (default: forward): forward (y = op(x, w) + b); "
+                             "backward (dL/dx and dL/dw: gpuconv.grad against PyTorch's "
+                             "autograd backward of conv2d and through unfold + einsum, the "
+                             "backward alone, their forward run once untimed with the graph "
+                             "retained); step (one training step, forward + backward of a "
+                             "layer: gpuconv.torch.Conv2d vs torch.nn.Conv2d, "
+                             "gpuconv.torch.LocallyConnected2d vs PyTorch-only unfold + einsum "
+                             "and unfold + bmm layers; needs PyTorch); both (forward and "
+                             "backward); all (the three). Several may be given")
+    parser.add_argument("--one-core", action="store_true",
+                        help="CPU only: one thread for gpuconv and PyTorch, timed in process "
+                             "CPU time (compares the kernels per core; robust on a busy "
+                             "machine)")
     parser.add_argument("--no-peers", dest="peers", action="store_false",
                         help="time gpuconv only (no PyTorch / NumPy comparison)")
     parser.add_argument("--json", metavar="PATH", help="write machine and records as JSON")
     parser.add_argument("--plot", metavar="PATH",
                         help="write a PNG (needs matplotlib: pip install 'gpuconv[bench]'); "
-                             f"adds a batch sweep {SWEEP_BATCHES} on {SWEEP_LAYER}")
+                             f"adds a batch sweep {SWEEP_BATCHES} on {SWEEP_LAYER} (in the "
+                             "first pass asked for)")
     return parser
 
 
@@ -242,24 +286,35 @@ def _geometry_fields(geom):
     }
 
 
+def _bias_kind(op, pass_name):
+    """The bias the timed layer has: one per position for ``local_conv2d`` layers in a
+    training step (as ``gpuconv.torch.LocallyConnected2d``), else one per output channel."""
+    return "position" if (op, pass_name) == ("local_conv2d", "step") else "channel"
+
+
 def make_record(op, impl, layer, device, dtype, geom, samples=None, ceilings=None,
-                description="", part="suite", **extra):
+                description="", part="suite", pass_name="forward", **extra):
     """One JSON record. ``samples`` (seconds, in the order they were timed) is ``None`` for a
-    skipped implementation."""
+    skipped implementation. ``pass_name``: what was timed (:data:`PASSES`); FLOPs and bytes
+    are that pass's (:func:`gpuconv.bench.stats.pass_flops`,
+    :func:`~gpuconv.bench.stats.min_bytes`)."""
     itemsize = np.dtype(dtype).itemsize
-    count = param_count(op, geom)
-    flops = geom.flops
-    nbytes = min_bytes(op, geom, itemsize)
+    bias = _bias_kind(op, pass_name)
+    count = param_count(op, geom, bias)
+    flops = pass_flops(geom, pass_name)
+    nbytes = min_bytes(op, geom, itemsize, pass_name, bias)
     record = {
-        "part": part, "op": op, "impl": impl, "description": description, "layer": layer,
-        "device": device, "dtype": dtype, **_geometry_fields(geom),
+        "part": part, "pass": pass_name, "op": op, "impl": impl, "description": description,
+        "layer": layer, "device": device, "dtype": dtype, **_geometry_fields(geom),
         "params": count.total, "params_weights": count.weights, "params_biases": count.biases,
         "flops": flops, "bytes": nbytes, "flop_per_byte": flops / nbytes,
         "median_s": None, "q1_s": None, "q3_s": None, "min_s": None, "max_s": None,
         "samples": 0, "times_s": [], "gflops": None, "gbs": None,
         "compute_fraction": None, "bandwidth_fraction": None,
         "first_call_s": None, "first_call_in_process": None, "jit": None,
-        "peak_extra_bytes": None, "peak_extra_method": None,
+        "peak_extra_bytes": None, "peak_extra_method": None, "result_bytes": None,
+        "peak_scratch_bytes": None,
+        "grad_weight_bytes": (count.weights * itemsize if pass_name != "forward" else None),
         "max_rel_diff": None, "skipped": None,
     }
     if samples:
@@ -275,6 +330,8 @@ def make_record(op, impl, layer, device, dtype, geom, samples=None, ceilings=Non
         if ceilings.get("bandwidth_gbs"):
             record["bandwidth_fraction"] = record["gbs"] / ceilings["bandwidth_gbs"]
     record.update(extra)
+    if record["peak_extra_bytes"] is not None and record["result_bytes"] is not None:
+        record["peak_scratch_bytes"] = max(0, record["peak_extra_bytes"] - record["result_bytes"])
     return record
 
 
@@ -339,8 +396,10 @@ def _plural(count, noun):
 
 
 def _layer_news(records, done, total):
-    """``"[2/4] alexnet-conv1 N=2: conv2d gpuconv 11.3 ms, torch 36 ms; ..."``."""
+    """``"[2/4] alexnet-conv1 N=2: conv2d gpuconv 11.3 ms, torch 36 ms; ..."`` (the pass
+    after ``N=2`` unless it is the forward)."""
     first = records[0]
+    pass_name = first.get("pass", "forward")
     cells = []
     for op in OPS:
         parts = []
@@ -350,10 +409,11 @@ def _layer_news(records, done, total):
                              else f"{r['impl']} skipped")
         if parts:
             cells.append(f"{op} " + ", ".join(parts))
-    return f"[{done}/{total}] {first['layer']} N={first['N']}: " + "; ".join(cells)
+    label = "" if pass_name == "forward" else f" {pass_name}"
+    return f"[{done}/{total}] {first['layer']} N={first['N']}{label}: " + "; ".join(cells)
 
 
-_CALLED = set()  # (op, impl, device, dtype) called at least once in this process
+_CALLED = set()  # (op, impl, device, dtype, pass) called at least once in this process
 
 
 def _numba_cache_stats():
@@ -394,7 +454,7 @@ class _Unit:
 
 
 def _bench_geometries(layer_name, geoms, part, backend, impl_list, dtype, repeat, bursts,
-                      ceilings, progress, rng):
+                      ceilings, progress, rng, on_error="raise"):
     """Records for ``geoms`` (one layer's geometries): every implementation in
     ``impl_list`` on each. All (geometry, implementation) pairs take turns in one rotation of
     bursts, so that in a batch sweep a slow spell of the machine does not land on one batch
@@ -402,7 +462,7 @@ def _bench_geometries(layer_name, geoms, part, backend, impl_list, dtype, repeat
     skipped, units, keep = [], [], []
     for geom in geoms:
         s, u, k = _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng,
-                           bursts)
+                           bursts, on_error)
         skipped += s
         units += u
         keep.append(k)
@@ -439,34 +499,46 @@ def _records(skipped, units, impl_list, device, dtype, ceilings):
         impl = unit.impl
         records.append(make_record(impl.op, impl.name, unit.layer_name, device, dtype,
                                    unit.geom, unit.samples, ceilings, impl.description,
-                                   unit.part, **unit.extra))
+                                   unit.part, impl.pass_name, **unit.extra))
     order = {(i.op, i.name): n for n, i in enumerate(impl_list)}
     records.sort(key=lambda r: (r["N"], order[(r["op"], r["impl"])]))
     return records
 
 
-def _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng, bursts):
-    """Arrays, first calls, agreement and memory checks for one geometry.
+def _as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng, bursts,
+             on_error="raise"):
+    """Arrays, first calls, agreement and memory checks for one geometry and one pass (the
+    implementations in ``impl_list`` all time the same pass).
+
+    ``on_error="record"``: an implementation whose set-up or first call raises is recorded
+    as skipped (``"failed: <exception>"``) and the others run on; ``"raise"``: it raises.
 
     Returns ``(skipped records, units to time, arrays to keep alive)``.
     """
     device = backend.kind
     itemsize = np.dtype(dtype).itemsize
+    pass_name = impl_list[0].pass_name if impl_list else "forward"
     records = []
 
     def skipped(impl, reason):
         records.append(make_record(impl.op, impl.name, layer_name, device, dtype, geom,
-                                   description=impl.description, part=part, skipped=reason))
+                                   description=impl.description, part=part,
+                                   pass_name=impl.pass_name, skipped=reason))
 
     # Check memory before allocating anything for this layer.
     available = impls_mod.available_memory(backend)
     budget = None if available is None else int(available * MEMORY_FRACTION)
     x_bytes = geom.batch * geom.in_channels * geom.in_height * geom.in_width * itemsize
+    gy_bytes = 0 if pass_name == "forward" else math.prod(geom.output_shape) * itemsize
     weight_bytes = {"conv2d": math.prod(geom.shared_weight_shape()) * itemsize,
                     "local_conv2d": math.prod(geom.local_weight_shape()) * itemsize}
     runnable = []
     for impl in impl_list:
-        need = (x_bytes + weight_bytes["conv2d"] + weight_bytes[impl.op]
+        need = (x_bytes + gy_bytes + weight_bytes["conv2d"] + weight_bytes[impl.op]
                 + impl.workspace(geom, itemsize))
         if budget is not None and need > budget:
             skipped(impl, f"needs about {format_bytes(need)}; {format_bytes(available)} "
@@ -490,9 +562,14 @@ def _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng, b
         flat *= np.asarray(1.0 / np.sqrt(geom.in_channels_per_group * geom.kernel_height
                                          * geom.kernel_width), dtype=dtype)
     host = {"x": x, "bias": bias, "conv2d": shared, "local_conv2d": local}
+    if pass_name != "forward":
+        host["gy"] = rng.standard_normal(geom.output_shape, dtype=dtype)
+    if pass_name == "step" and local is not None:
+        host["bias_position"] = rng.standard_normal(
+            (geom.out_channels, geom.out_height, geom.out_width), dtype=dtype)
 
     converted = {}  # (array kind, array name) -> that array as the implementation reads it
-    arrays = {}  # (array kind, op) -> {"x", "weight", "bias"}
+    arrays = {}  # (array kind, op) -> {"x", "weight", "bias"[, "gy"]}
 
     def arrays_for(impl):
         key = (impl.array_kind, impl.op)
@@ -509,20 +586,33 @@ def _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng, b
                 if cache_key not in converted:
                     converted[cache_key] = convert(host[name])
                 return converted[cache_key]
-            arrays[key] = {"x": once("x"), "bias": once("bias"), "weight": once(impl.op)}
+            bias_name = "bias_position" if _bias_kind(impl.op, pass_name) == "position" \
+                else "bias"
+            arrays[key] = {"x": once("x"), "bias": once(bias_name), "weight": once(impl.op)}
+            if "gy" in host:
+                arrays[key]["gy"] = once("gy")
         return arrays[key]
 
     calls = {}
     extra = {}
     reference = {}
     outputs = {}
-    for impl in runnable:
-        fn = impl.make(arrays_for(impl), geom)
-        calls[impl] = fn
-        key = (impl.op, impl.name, device, dtype)
+    for impl in list(runnable):
+        key = (impl.op, impl.name, device, dtype, pass_name)
         first_in_process = key not in _CALLED
         stats_before = _numba_cache_stats() if impl.name == "gpuconv" and device == "cpu" else None
-        seconds, out = backend.time_first_call(fn)
+        try:
+            fn = impl.make(arrays_for(impl), geom)
+            seconds, out = backend.time_first_call(fn)
+        except Exception as exc:
+            if on_error != "record":
+                raise
+            skipped(impl, f"failed: {type(exc).__name__}: {exc}"[:300])
+            runnable.remove(impl)
+            for _ in range(1 + bursts):
+                progress.step(f"{layer_name}: failed {impl.op} {impl.name}")
+            continue
+        calls[impl] = fn
         _CALLED.add(key)
         jit = None
         if stats_before is not None and first_in_process:
@@ -534,17 +624,26 @@ def _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng, b
                     jit = "loaded from Numba's disk cache"
         extra[impl] = {"first_call_s": seconds, "first_call_in_process": first_in_process,
                        "jit": jit}
-        outputs[impl] = backend.to_host(out)
+        out = _as_tuple(out)
+        extra[impl]["result_bytes"] = sum(int(piece.nbytes) for piece in out)
+        if impl.canonical is not None:
+            out = impl.canonical(out, geom)
+        outputs[impl] = tuple(backend.to_host(piece) for piece in out)
         del out
         progress.step(f"{layer_name}: first call {impl.op} {impl.name}")
-    # Agreement: every implementation against the first peer of its op (or gpuconv).
+    # Agreement: every implementation against the first peer of its op (or gpuconv); for
+    # several results (gradients) the largest difference, each relative to its reference.
     for impl in runnable:
         peers = [i for i in runnable if i.op == impl.op and i.name != "gpuconv"]
         ref = peers[0] if peers else next(i for i in runnable if i.op == impl.op)
         reference[impl] = ref
-        ref_out = outputs[ref].astype(np.float64)
-        scale = float(np.max(np.abs(ref_out))) or 1.0
-        diff = float(np.max(np.abs(outputs[impl].astype(np.float64) - ref_out))) / scale
+        diff = 0.0
+        for mine, theirs in zip(outputs[impl], outputs[ref]):
+            ref_out = theirs.astype(np.float64)
+            scale = float(np.max(np.abs(ref_out))) if ref_out.size else 0.0
+            if ref_out.size:
+                diff = max(diff, float(np.max(np.abs(mine.astype(np.float64) - ref_out)))
+                           / (scale or 1.0))
         extra[impl]["max_rel_diff"] = diff
         extra[impl]["compared_with"] = ref.name
     outputs.clear()
@@ -560,10 +659,22 @@ def _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng, b
     return records, units, (host, converted, arrays)
 
 
+def one_core(torch=None):
+    """One thread for gpuconv's CPU kernels (Numba) and for PyTorch; returns the clock to
+    time them with, ``time.process_time`` (CPU time of the process: time spent waiting for
+    a core on a busy machine is not counted)."""
+    import numba
+
+    numba.set_num_threads(1)
+    if torch is not None:
+        torch.set_num_threads(1)
+    return time.process_time
+
+
 def run_benchmark(layers, device="cpu", dtype="float32", repeat=DEFAULT_REPEAT,
                   bursts=DEFAULT_BURSTS, batch=None, batch_cap=None, peers=True,
                   sweep=None, torch="auto", progress=None, quick=False, seed=0, ops=OPS,
-                  ceilings=None, clock=None):
+                  ceilings=None, clock=None, passes=("forward",), on_error="raise"):
     """Run the benchmark; return ``{"machine": {...}, "records": [...]}``.
 
     Args:
@@ -575,32 +686,47 @@ def run_benchmark(layers, device="cpu", dtype="float32", repeat=DEFAULT_REPEAT,
             ``batch_cap`` limits it.
         peers: also time PyTorch (or NumPy) peers.
         sweep: ``None`` or ``(layer name, batches)`` for a batch sweep (records with
-            ``part="batch-sweep"``).
+            ``part="batch-sweep"``), in the first of ``passes``.
         torch: ``"auto"`` (import it if installed), ``None`` (do not use it), or a module.
         progress: ``None`` (a bar when stderr is a terminal, else a line per layer),
             ``False`` (silent), ``True`` (a bar) or ``"lines"``.
         quick: smaller ceiling measurements.
         ops: the operations to time (both by default).
         ceilings: the ceilings to compare with (``None``: measure them first).
-        clock: host timer (default ``time.perf_counter``).
+        clock: host timer (default ``time.perf_counter``; :func:`one_core` gives another).
+        passes: what to time, of :data:`PASSES`; each layer runs them in that order, each
+            pass's implementations in their own rotation of bursts. ``"step"`` without
+            PyTorch has nothing to time (``machine["passes_not_run"]`` says why).
+        on_error: ``"raise"`` (an implementation that raises stops the run) or ``"record"``
+            (it is recorded as skipped, ``"failed: ..."``, and the run goes on).
     """
     problem = None
     if torch == "auto":
         torch = impls_mod.load_torch()
         problem = impls_mod.torch_problem()
+    passes = tuple(p for p in PASSES if p in passes)
     backend = impls_mod.Backend(device, torch, clock or time.perf_counter)
     layer_objs = [LAYERS[name] if isinstance(name, str) else name for name in layers]
-    impl_list = [i for i in impls_mod.implementations(device, torch, peers) if i.op in ops]
-    peers_note = impls_mod.describe_peers(device, torch, peers, problem)
+    impl_list = [i for i in impls_mod.implementations(device, torch, peers, passes)
+                 if i.op in ops]
+    by_pass = {p: [i for i in impl_list if i.pass_name == p] for p in passes}
+    pass_peers = impls_mod.describe_peers_by_pass(device, torch, peers, problem, passes)
+    not_run = {p: pass_peers[p] for p in passes if not by_pass[p]}
+    by_pass = {p: impls for p, impls in by_pass.items() if impls}
+    peers_note = impls_mod.describe_peers(device, torch, peers, problem, passes)
     sweep_batches = ()
-    if sweep is not None:
+    if sweep is not None and by_pass:
         sweep_layer, sweep_batches = sweep
         sweep_layer = LAYERS[sweep_layer] if isinstance(sweep_layer, str) else sweep_layer
-    per_geom = len(impl_list) * (1 + bursts)
-    geometries = len(layer_objs) + len(sweep_batches)
-    bar = _Progress.choose(per_geom * geometries, progress)
+        sweep_pass = next(iter(by_pass))
+    per_layer = sum(len(impls) for impls in by_pass.values()) * (1 + bursts)
+    per_sweep = len(by_pass[sweep_pass]) * (1 + bursts) if sweep_batches else 0
+    bar = _Progress.choose(per_layer * len(layer_objs) + per_sweep * len(sweep_batches),
+                           progress)
     bar.line(f"gpuconv bench on {device}: {_plural(len(layer_objs), 'layer')}"
              + (f" and a batch sweep of {len(sweep_batches)}" if sweep_batches else "")
+             + ("" if passes == ("forward",) else
+                f", {'pass' if len(by_pass) == 1 else 'passes'} {', '.join(by_pass) or 'none'}")
              + f"; peers: {peers_note}"
              + ("; measuring the ceilings first" if ceilings is None else ""))
     tf32 = None
@@ -616,29 +742,43 @@ def run_benchmark(layers, device="cpu", dtype="float32", repeat=DEFAULT_REPEAT,
         load_start = _load_average()
         machine = machine_info(device, torch, ceilings, dtype)
         machine["load_average_start"] = load_start
-        machine["peers"] = sorted({f"{i.op}: {i.name}" for i in impl_list if i.name != "gpuconv"})
+        machine["peers"] = sorted({f"{i.op}: {i.name}" for i in impl_list
+                                   if i.name != "gpuconv" and i.pass_name == "forward"})
+        if passes != ("forward",):
+            machine["passes"] = list(by_pass)
+            machine["passes_not_run"] = not_run
+            machine["peers_by_pass"] = {
+                p: sorted({f"{i.op}: {i.name}" for i in impls if i.name != "gpuconv"})
+                for p, impls in by_pass.items()}
+            machine["peers_reason_by_pass"] = pass_peers
         machine["peers_reason"] = peers_note
         if torch is not None and device == "cpu":
             machine["torch_threads"] = torch.get_num_threads()
         machine["timing"] = {"repeat": repeat, "bursts": bursts,
                              "memory_fraction": MEMORY_FRACTION, "warmup_s": WARMUP_S,
                              "clock": getattr(backend.clock, "__name__", str(backend.clock))}
+        if device == "cpu":
+            import numba
+
+            machine["timing"]["numba_threads"] = numba.get_num_threads()
         rng = np.random.default_rng(seed)
         records = []
         for done, layer in enumerate(layer_objs, 1):
             n = batch or layer.batch(device)
             if batch_cap:
                 n = min(n, batch_cap)
-            layer_records = _bench_geometries(layer.name, [layer.geometry(n)], "suite",
-                                              backend, impl_list, dtype, repeat, bursts,
-                                              ceilings, bar, rng)
-            if layer_records:
-                bar.line(_layer_news(layer_records, done, len(layer_objs)))
-            records.extend(layer_records)
+            for impls in by_pass.values():
+                layer_records = _bench_geometries(layer.name, [layer.geometry(n)], "suite",
+                                                  backend, impls, dtype, repeat, bursts,
+                                                  ceilings, bar, rng, on_error)
+                if layer_records:
+                    bar.line(_layer_news(layer_records, done, len(layer_objs)))
+                records.extend(layer_records)
         if sweep_batches:
             sweep_records = _bench_geometries(
                 sweep_layer.name, [sweep_layer.geometry(n) for n in sweep_batches],
-                "batch-sweep", backend, impl_list, dtype, repeat, bursts, ceilings, bar, rng)
+                "batch-sweep", backend, by_pass[sweep_pass], dtype, repeat, bursts, ceilings,
+                bar, rng, on_error)
             for done, n in enumerate(sweep_batches, 1):
                 bar.line("batch sweep " + _layer_news(
                     [r for r in sweep_records if r["N"] == n], done, len(sweep_batches)))
@@ -698,6 +838,24 @@ TABLE_LEGEND = (
     "extra MB = peak memory one call allocates, output included (local_conv2d only).",
 )
 
+#: What the tables of the other passes add to the legend (printed when they ran).
+PASS_LEGEND = {
+    "backward": "backward: gpuconv = gpuconv.grad's input gradient then weight gradient, two "
+                "calls; torch and torch-unfold = PyTorch autograd's backward alone "
+                "(torch.autograd.grad with retain_graph=True) of F.conv2d and of unfold + "
+                "einsum: their forward ran once before the timing, and what it saved for the "
+                "backward (unfold's columns) is not in extra MB. GFLOP/s count 2x the "
+                "forward's FLOPs (each gradient takes the forward's multiply-adds); GB/s the "
+                "fewest bytes of the two gradient calls (the input gradient reads the weights "
+                "and dL/dy and writes dL/dx, the weight gradient reads x and dL/dy and writes "
+                "dL/dw); extra MB includes the gradients returned.",
+    "step": "step: y = layer(x), then torch.autograd.grad(y, (x, weight, bias), dL/dy), every "
+            "call; 3x the forward's FLOPs; the local layers have one bias per output position. "
+            "torch-unfold = a PyTorch-only layer computing unfold + einsum, weights in "
+            "gpuconv's layout; torch-bmm = unfold, then one torch.bmm over the output "
+            "positions, weights stored positions-major.",
+}
+
 
 def table_rows(records):
     """The table's cells, one tuple per record, formatted from the record's own numbers."""
@@ -748,10 +906,21 @@ def format_table(records):
     return "\n".join(lines)
 
 
-def _find(records, layer, op, impl, part, n=None):
+def _pass_of(record):
+    """The record's pass (records written before passes existed are forward)."""
+    return record.get("pass", "forward")
+
+
+def _passes(records):
+    """The passes present in ``records``, in :data:`PASSES` order."""
+    present = {_pass_of(r) for r in records}
+    return [p for p in PASSES if p in present]
+
+
+def _find(records, layer, op, impl, part, n=None, pass_name="forward"):
     for r in records:
         if (r["layer"], r["op"], r["impl"], r["part"]) == (layer, op, impl, part) \
-                and (n is None or r["N"] == n) and r["median_s"]:
+                and _pass_of(r) == pass_name and (n is None or r["N"] == n) and r["median_s"]:
             return r
     return None
 
@@ -761,25 +930,36 @@ def _speedup(slower, faster):
     return None if slower is None or faster is None else slower["median_s"] / faster["median_s"]
 
 
-def peer_speedups(records):
-    """Geometric mean, over the layers where both ran, of peer time / gpuconv time.
+def _comparison(op, pass_name, peer):
+    """``"conv2d vs torch"`` (forward), ``"conv2d backward vs torch"``."""
+    return f"{op} vs {peer}" if pass_name == "forward" else f"{op} {pass_name} vs {peer}"
 
-    Returns ``{"conv2d vs torch": {"layers": k, "geomean_speedup": x}, ...}``: ``x`` above 1
-    means gpuconv is faster (higher throughput) than that peer on this suite.
+
+def peer_speedups(records):
+    """Geometric mean, over the layers where both ran, of peer time / gpuconv time, per op,
+    pass and peer.
+
+    Returns ``{"conv2d vs torch": {"layers": k, "geomean_speedup": x, "op", "pass",
+    "peer"}, "conv2d backward vs torch": ..., ...}`` (the forward's keys without the pass):
+    ``x`` above 1 means gpuconv is faster (higher throughput) than that peer on this suite.
     """
     records = [r for r in records if r["part"] == "suite" and r["median_s"]]
     ratios = {}
     for r in records:
         if r["impl"] == "gpuconv":
             continue
-        mine = _find(records, r["layer"], r["op"], "gpuconv", "suite", r["N"])
+        pass_name = _pass_of(r)
+        mine = _find(records, r["layer"], r["op"], "gpuconv", "suite", r["N"], pass_name)
         if mine:
-            ratios.setdefault(f"{r['op']} vs {r['impl']}", []).append(_speedup(r, mine))
-    return {key: {"layers": len(values), "geomean_speedup": geomean(values)}
-            for key, values in ratios.items()}
+            entry = ratios.setdefault(_comparison(r["op"], pass_name, r["impl"]), {
+                "op": r["op"], "pass": pass_name, "peer": r["impl"], "values": []})
+            entry["values"].append(_speedup(r, mine))
+    return {key: {"layers": len(entry["values"]), "geomean_speedup": geomean(entry["values"]),
+                  "op": entry["op"], "pass": entry["pass"], "peer": entry["peer"]}
+            for key, entry in ratios.items()}
 
 
-def sharing_speedups(records, part="suite"):
+def sharing_speedups(records, part="suite", pass_name="forward"):
     """What sharing buys in time, per layer: gpuconv's local_conv2d time / conv2d time.
 
     Returns ``{layer: {"N", "speedup", "median", "q1", "q3", "count", "params"}}``:
@@ -790,10 +970,11 @@ def sharing_speedups(records, part="suite"):
     """
     out = {}
     for r in records:
-        if (r["part"], r["op"], r["impl"]) != (part, "local_conv2d", "gpuconv"):
+        if (r["part"], r["op"], r["impl"], _pass_of(r)) != (part, "local_conv2d", "gpuconv",
+                                                            pass_name):
             continue
-        unshared = _find(records, r["layer"], "local_conv2d", "gpuconv", part, r["N"])
-        shared = _find(records, r["layer"], "conv2d", "gpuconv", part, r["N"])
+        unshared = _find(records, r["layer"], "local_conv2d", "gpuconv", part, r["N"], pass_name)
+        shared = _find(records, r["layer"], "conv2d", "gpuconv", part, r["N"], pass_name)
         if unshared is None or shared is None:
             continue
         paired = paired_ratios(unshared.get("times_s") or [], shared.get("times_s") or [])
@@ -805,11 +986,179 @@ def sharing_speedups(records, part="suite"):
     return out
 
 
+def local_bandwidth(records, pass_name="backward", ceilings=None):
+    """How close gpuconv's local_conv2d comes to streaming its data at the copy bandwidth:
+    ``{"layers": {layer: fraction}, "geomean_fraction": x, "count": k, "layers_new": {...},
+    "geomean_fraction_new": y}`` over the suite records of ``pass_name``: fraction = fewest
+    bytes / median time / measured copy bandwidth (the table's %bw); ``..._new`` the same
+    against a copy into a newly allocated array (``ceilings["bandwidth_new_gbs"]``, which a
+    call returning a new weight-sized gradient pays too; empty without it). The geometric
+    means are ``None`` when nothing was measured."""
+    rows = [r for r in records
+            if (r["part"], r["op"], r["impl"]) == ("suite", "local_conv2d", "gpuconv")
+            and _pass_of(r) == pass_name and r["bandwidth_fraction"]]
+    shares = {r["layer"]: r["bandwidth_fraction"] for r in rows}
+    new = (ceilings or {}).get("bandwidth_new_gbs")
+    shares_new = {r["layer"]: r["gbs"] / new for r in rows} if new else {}
+    return {"layers": shares, "geomean_fraction": geomean(shares.values()),
+            "count": len(shares), "layers_new": shares_new,
+            "geomean_fraction_new": geomean(shares_new.values())}
+
+
+def backward_memory(records, pass_name="backward"):
+    """gpuconv's local_conv2d memory per layer in ``pass_name``: ``{layer: {"peak_extra_bytes"
+    (one call's peak allocation, its results included), "peak_scratch_bytes" (beyond the
+    results it returns), "grad_weight_bytes" (the weight gradient's size)}}``, the layers
+    where the peak was measured."""
+    return {r["layer"]: {key: r[key] for key in ("peak_extra_bytes", "peak_scratch_bytes",
+                                                 "grad_weight_bytes")}
+            for r in records
+            if (r["part"], r["op"], r["impl"]) == ("suite", "local_conv2d", "gpuconv")
+            and _pass_of(r) == pass_name and r.get("peak_scratch_bytes") is not None}
+
+
+def _peer_lines(records, layers, width, pass_name):
+    """One line per layer: each op against each peer, in ``pass_name``."""
+    lines = []
+    for name in layers:
+        cells = []
+        for op in OPS:
+            for r in records:
+                if r["layer"] != name or r["op"] != op or r["impl"] == "gpuconv" \
+                        or _pass_of(r) != pass_name:
+                    continue
+                mine = _find(records, name, op, "gpuconv", "suite", r["N"], pass_name)
+                if not (r["median_s"] and mine):
+                    continue
+                cell = f"{op} vs {r['impl']} {_times(_speedup(r, mine))}"
+                if mine["peak_extra_bytes"] is not None and r["peak_extra_bytes"] is not None:
+                    cell += (f" (extra memory {_mb(mine['peak_extra_bytes'])} vs "
+                             f"{_mb(r['peak_extra_bytes'])} MB)")
+                cells.append(cell)
+        if cells:
+            lines.append(f"  {name:<{width}}  " + "   ".join(cells))
+    return lines
+
+
+def _geomean_lines(records, pass_name):
+    lines = []
+    values = [(key, value) for key, value in peer_speedups(records).items()
+              if value["pass"] == pass_name]
+    width = 32 if pass_name == "forward" else 38
+    for key, value in values:
+        lines.append(f"  {key:<{width}} {_times(value['geomean_speedup'])} "
+                     f"over {value['layers']} layers")
+    return lines
+
+
+def _local_lines(records, layers, width, pass_name, ceilings=None):
+    """gpuconv's local_conv2d in ``pass_name``: share of the copy bandwidth, memory beyond
+    its results beside the weight gradient."""
+    shares = local_bandwidth(records, pass_name, ceilings)
+    memory = backward_memory(records, pass_name)
+    if not shares["count"] and not memory:
+        return []
+    title = (f"gpuconv local_conv2d, {pass_name}: fewest bytes / median time as a share of the "
+             "copy bandwidth (it streams weight-sized data)")
+    if shares["layers_new"]:
+        title += (", and of a copy into a new array (which pays the first touch of a new "
+                  "result's pages, as a new weight gradient does)")
+    if memory:
+        title += ("; peak memory one call allocates beyond the gradients it returns, beside the "
+                  "weight gradient's size")
+    lines = textwrap.wrap(title, 100)
+    columns = [("%copy", lambda name: _pct(shares["layers"].get(name)))]
+    if shares["layers_new"]:
+        columns.append(("%copy new", lambda name: _pct(shares["layers_new"].get(name))))
+    if memory:
+        columns += [("beyond gradients MB",
+                     lambda name: _mb(memory.get(name, {}).get("peak_scratch_bytes"))),
+                    ("weight gradient MB",
+                     lambda name: _mb(memory.get(name, {}).get("grad_weight_bytes")))]
+    lines.append(f"  {'layer':<{width}}" + "".join(f"  {head:>9}" for head, _ in columns))
+    for name in layers:
+        if name not in shares["layers"] and name not in memory:
+            continue
+        lines.append(f"  {name:<{width}}" + "".join(f"  {cell(name):>{max(9, len(head))}}"
+                                                   for head, cell in columns))
+    summary = []
+    if shares["count"]:
+        new = ""
+        if shares["geomean_fraction_new"] is not None:
+            new = f" ({_pct(shares['geomean_fraction_new'])} of a copy into a new array)"
+        summary.append(f"geometric mean {_pct(shares['geomean_fraction'])} of copy bandwidth"
+                       f"{new} over {_plural(shares['count'], 'layer')}")
+    if memory:
+        below = sum(m["peak_scratch_bytes"] < m["grad_weight_bytes"] for m in memory.values())
+        summary.append(f"extra memory below the weight gradient's size on {below} of "
+                       f"{_plural(len(memory), 'layer')}")
+    lines.extend(textwrap.wrap("; ".join(summary), 100, initial_indent="  ",
+                               subsequent_indent="    "))
+    return lines
+
+
 def format_summary(result):
-    """What sharing buys per layer, and gpuconv against its peers (speedups)."""
+    """What sharing buys per layer, and gpuconv against its peers (speedups), per pass; for
+    the gradients also gpuconv's local_conv2d against the copy bandwidth and its memory."""
     records = [r for r in result["records"] if r["part"] == "suite"]
     layers = list(dict.fromkeys(r["layer"] for r in records))
     width = max([len(name) for name in layers] + [5])
+    passes = _passes(records) or ["forward"]
+    lines = []
+    if "forward" in passes:
+        lines += _forward_summary(result, records, layers, width)
+    for pass_name in passes:
+        if pass_name == "forward":
+            continue
+        if lines:
+            lines.append("")
+        lines.append(f"{PASS_TITLES[pass_name]}")
+        peer_lines = _peer_lines(records, layers, width, pass_name)
+        if peer_lines:
+            lines.append("gpuconv vs peers: speedup = peer time / gpuconv time "
+                         "(above 1: gpuconv is faster)")
+            lines.extend(peer_lines)
+            lines.append("")
+            lines.append("Geometric mean of the speedups over the layers:")
+            lines.extend(_geomean_lines(result["records"], pass_name))
+        else:
+            lines.append("gpuconv vs peers: no peer ran in this pass (see peers: above)")
+        local = _local_lines(records, layers, width, pass_name,
+                             result["machine"].get("ceilings"))
+        if local:
+            lines.append("")
+            lines.extend(local)
+    firsts = [r for r in result["records"] if r["first_call_in_process"] and r["median_s"]]
+    if firsts:
+        label_width = 12 if passes == ["forward"] else 21
+        lines.append("")
+        lines.append("First call in this process (* in the table; not in the medians):")
+        for r in firsts:
+            how = f", {r['jit']}" if r["jit"] else ""
+            label = r["op"] if _pass_of(r) == "forward" else f"{r['op']} {_pass_of(r)}"
+            lines.append(f"  {label:<{label_width}}  {r['impl']:<13} "
+                         f"{_ms(r['first_call_s']):>8} ms "
+                         f"(median afterwards {_ms(r['median_s'])} ms{how})")
+    ceilings = result["machine"]["ceilings"]
+    new = ""
+    if passes != ["forward"] and ceilings.get("bandwidth_new_gbs"):
+        how = ceilings.get("bandwidth_new_method")
+        new = (f"; into a new array {_num(ceilings['bandwidth_new_gbs'], '.4g')} GB/s"
+               + (f" ({how})" if how else ""))
+    lines.append("")
+    lines.append(textwrap.fill(
+        f"Ceilings measured in this run: compute "
+        f"{_num(ceilings.get('compute_gflops'), '.4g')} GFLOP/s "
+        f"({ceilings.get('compute_method', 'not measured')}); bandwidth "
+        f"{_num(ceilings.get('bandwidth_gbs'), '.4g')} GB/s "
+        f"({ceilings.get('bandwidth_method', 'not measured')}){new}.", 100,
+        subsequent_indent="  "))
+    return "\n".join(lines)
+
+
+def _forward_summary(result, records, layers, width):
+    """The forward's summary: what sharing buys, gpuconv vs peers, their geometric means."""
+    records = [r for r in records if _pass_of(r) == "forward"]
     sharing = sharing_speedups(records)
     lines = ["What sharing buys (gpuconv, same geometry): parameters of local_conv2d / conv2d,",
              "and speedup of conv2d = local_conv2d time / conv2d time (above 1: the shared layer",
@@ -828,23 +1177,7 @@ def format_summary(result):
         param_ratio = params["local_conv2d"] / params["conv2d"] if len(params) == 2 else None
         param_text = "-" if param_ratio is None else f"{param_ratio:,.0f}x"
         lines.append(f"  {name:<{width}}  params {param_text:>9}   {time_text}")
-    peer_lines = []
-    for name in layers:
-        cells = []
-        for op in OPS:
-            for r in records:
-                if r["layer"] != name or r["op"] != op or r["impl"] == "gpuconv":
-                    continue
-                mine = _find(records, name, op, "gpuconv", "suite", r["N"])
-                if not (r["median_s"] and mine):
-                    continue
-                cell = f"{op} vs {r['impl']} {_times(_speedup(r, mine))}"
-                if mine["peak_extra_bytes"] is not None and r["peak_extra_bytes"] is not None:
-                    cell += (f" (extra memory {_mb(mine['peak_extra_bytes'])} vs "
-                             f"{_mb(r['peak_extra_bytes'])} MB)")
-                cells.append(cell)
-        if cells:
-            peer_lines.append(f"  {name:<{width}}  " + "   ".join(cells))
+    peer_lines = _peer_lines(records, layers, width, "forward")
     if peer_lines:
         lines.append("")
         lines.append("gpuconv vs peers: speedup = peer time / gpuconv time "
@@ -852,26 +1185,8 @@ def format_summary(result):
         lines.extend(peer_lines)
         lines.append("")
         lines.append("Geometric mean of the speedups over the layers:")
-        for key, value in peer_speedups(result["records"]).items():
-            lines.append(f"  {key:<32} {_times(value['geomean_speedup'])} "
-                         f"over {value['layers']} layers")
-    firsts = [r for r in result["records"] if r["first_call_in_process"] and r["median_s"]]
-    if firsts:
-        lines.append("")
-        lines.append("First call in this process (* in the table; not in the medians):")
-        for r in firsts:
-            how = f", {r['jit']}" if r["jit"] else ""
-            lines.append(f"  {r['op']:<12}  {r['impl']:<13} {_ms(r['first_call_s']):>8} ms "
-                         f"(median afterwards {_ms(r['median_s'])} ms{how})")
-    ceilings = result["machine"]["ceilings"]
-    lines.append("")
-    lines.append(textwrap.fill(
-        f"Ceilings measured in this run: compute "
-        f"{_num(ceilings.get('compute_gflops'), '.4g')} GFLOP/s "
-        f"({ceilings.get('compute_method', 'not measured')}); bandwidth "
-        f"{_num(ceilings.get('bandwidth_gbs'), '.4g')} GB/s "
-        f"({ceilings.get('bandwidth_method', 'not measured')}).", 100, subsequent_indent="  "))
-    return "\n".join(lines)
+        lines.extend(_geomean_lines(result["records"], "forward"))
+    return lines
 
 
 def format_header(result):
@@ -882,21 +1197,44 @@ def format_header(result):
     if m.get("load_average_start") is not None:
         load = (f", load average {m['load_average_start']} at start, "
                 f"{m.get('load_average_end')} at end")
-    peers = m.get("peers_reason") or (", ".join(m.get("peers", ())) or "none")
+    peers = " " + (m.get("peers_reason") or (", ".join(m.get("peers", ())) or "none"))
+    if m.get("peers_reason_by_pass"):  # one line per pass
+        peers = "".join("\n" + textwrap.fill(f"  {name}: {text}", 100, subsequent_indent="    ")
+                        for name, text in m["peers_reason_by_pass"].items())
+    clock = ""
+    if timing.get("clock") == "process_time":
+        threads = timing.get("numba_threads")
+        clock = (f"; timed in process CPU time, {_plural(threads, 'Numba thread')}"
+                 if threads else "; timed in process CPU time")
+        if m.get("torch_threads"):
+            clock += f", {_plural(m['torch_threads'], 'PyTorch thread')}"
     return (f"gpuconv bench on {m['device']} ({where}, {m['cores']} cores), {m['dtype']}, "
             f"{m['date']}{load}\n"
-            f"peers: {peers}\n"
-            f"median of {timing['bursts']} alternating bursts x {timing['repeat']} timed calls")
+            f"peers:{peers}\n"
+            f"median of {timing['bursts']} alternating bursts x {timing['repeat']} timed calls"
+            f"{clock}")
 
 
 def format_report(result):
-    """The whole text report: header, table and its legend, batch sweep, summary."""
-    parts = [format_header(result), "", format_table(
-        [r for r in result["records"] if r["part"] == "suite"])]
-    parts += [""] + [textwrap.fill(text, 100, subsequent_indent="  ") for text in TABLE_LEGEND]
+    """The whole text report: header, table(s) (one per pass) and the legend, batch sweep,
+    summary."""
+    suite = [r for r in result["records"] if r["part"] == "suite"]
+    passes = _passes(result["records"])
+    parts = [format_header(result)]
+    if passes in ([], ["forward"]) and not result["machine"].get("passes_not_run"):
+        parts += ["", format_table(suite)]
+    else:
+        for pass_name in passes:
+            parts += ["", f"{PASS_TITLES[pass_name]}:",
+                      format_table([r for r in suite if _pass_of(r) == pass_name])]
+        for pass_name, why in result["machine"].get("passes_not_run", {}).items():
+            parts += ["", f"{PASS_TITLES[pass_name]}: {why}"]
+    legend = TABLE_LEGEND + tuple(PASS_LEGEND[p] for p in passes if p in PASS_LEGEND)
+    parts += [""] + [textwrap.fill(text, 100, subsequent_indent="  ") for text in legend]
     sweep = [r for r in result["records"] if r["part"] == "batch-sweep"]
     if sweep:
-        parts += ["", f"Batch sweep ({sweep[0]['layer']}):", format_table(sweep)]
+        label = "" if _pass_of(sweep[0]) == "forward" else f", {_pass_of(sweep[0])}"
+        parts += ["", f"Batch sweep ({sweep[0]['layer']}{label}):", format_table(sweep)]
     parts += ["", format_summary(result)]
     return "\n".join(parts)
 
@@ -938,12 +1276,31 @@ def run(args):
         print(f"gpuconv bench: error: {problem}", file=sys.stderr)
         return 2
     names, repeat, bursts, batch_cap = _plan(args)
+    passes = resolve_passes(getattr(args, "passes", None))
+    torch = "auto"
+    if "step" in passes or getattr(args, "one_core", False):
+        torch = impls_mod.load_torch()
+        if passes == ("step",) and (torch is None or (device == "cuda"
+                                                      and not torch.cuda.is_available())):
+            why = impls_mod.torch_problem() or "built without CUDA"
+            print(f"gpuconv bench: error: --pass step times gpuconv.torch layers, which need "
+                  f"PyTorch (PyTorch {why}); pip install torch", file=sys.stderr)
+            return 2
+        if torch is None:
+            torch = "auto"  # run_benchmark loads it again and says why it is missing
+    clock = None
+    if getattr(args, "one_core", False):
+        if device != "cpu":
+            print("gpuconv bench: error: --one-core times CPU threads; the device is "
+                  f"{device}", file=sys.stderr)
+            return 2
+        clock = one_core(None if torch == "auto" else torch)
     sweep = (SWEEP_LAYER, SWEEP_BATCHES) if args.plot else None
     start = time.perf_counter()
     result = run_benchmark(names, device=device, dtype=args.dtype, repeat=repeat,
                            bursts=bursts, batch=args.batch, batch_cap=batch_cap,
                            peers=getattr(args, "peers", True), sweep=sweep,
-                           quick=args.quick)
+                           quick=args.quick, passes=passes, torch=torch, clock=clock)
     result["machine"]["command"] = "gpuconv bench " + " ".join(_argv_of(args))
     result["machine"]["wall_s"] = round(time.perf_counter() - start, 1)
     print(format_report(result))
@@ -958,6 +1315,15 @@ def run(args):
     return 0
 
 
+def resolve_passes(names):
+    """The passes ``--pass NAME...`` asks for (:data:`PASS_CHOICES`), in :data:`PASSES`
+    order; ``("forward",)`` for none."""
+    wanted = set()
+    for name in names or ["forward"]:
+        wanted.update(PASS_CHOICES[name])
+    return tuple(p for p in PASSES if p in wanted)
+
+
 def _argv_of(args):
     """The options as given (for the record)."""
     out = [f"--device {args.device}"]
@@ -965,7 +1331,11 @@ def _argv_of(args):
         out.append("--layers " + " ".join(args.layers))
     else:
         out.append(f"--suite {args.suite}")
-    for flag, value in (("--quick", args.quick), ("--no-peers", not getattr(args, "peers", True))):
+    passes = getattr(args, "passes", None) or ["forward"]
+    if passes != ["forward"]:
+        out.append("--pass " + " ".join(passes))
+    for flag, value in (("--quick", args.quick), ("--no-peers", not getattr(args, "peers", True)),
+                        ("--one-core", getattr(args, "one_core", False))):
         if value:
             out.append(flag)
     for flag, value in (("--batch", args.batch), ("--repeat", args.repeat)):

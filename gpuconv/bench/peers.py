@@ -1,8 +1,16 @@
 """What ``gpuconv bench`` times, and how: implementations, timers, memory probes, ceilings.
 
-Every implementation computes the same thing on the same arrays: ``y = op(x, weight) + bias``
-with one bias per output channel. Nothing here imports PyTorch at module import; the torch
-implementations exist only when :func:`load_torch` finds it.
+Every implementation of one pass computes the same thing on the same arrays:
+
+- ``"forward"``: ``y = op(x, weight) + bias`` with one bias per output channel;
+- ``"backward"``: ``(dL/dx, dL/dweight)`` for an upstream gradient ``gy = dL/dy`` (no bias);
+- ``"step"``: one training step of a layer, forward then backward:
+  ``(dL/dx, dL/dweight, dL/dbias)`` (``local_conv2d`` layers have one bias per position, as
+  ``gpuconv.torch.LocallyConnected2d``).
+
+Nothing here imports PyTorch at module import; the torch implementations, and the
+PyTorch-only locally connected layers (:func:`locally_connected_layers`), exist only when
+:func:`load_torch` finds it.
 
 Notation as in :mod:`gpuconv.geometry`: ``K = (C_in / groups) * kH * kW`` values per
 receptive field, ``L = H_out * W_out`` output positions.
@@ -19,10 +27,13 @@ import tracemalloc
 import numpy as np
 
 from ..device import host_memory_available
+from .stats import PASSES
 
-__all__ = ["Impl", "load_torch", "torch_problem", "implementations", "describe_peers",
-           "Backend", "available_memory", "measure_ceilings", "peak_extra_bytes",
-           "torch_conv2d", "torch_unfold_einsum"]
+__all__ = ["Impl", "PASSES", "load_torch", "torch_problem", "implementations",
+           "describe_peers", "describe_peers_by_pass", "Backend", "available_memory",
+           "measure_ceilings", "measure_bandwidth", "peak_extra_bytes", "torch_conv2d",
+           "torch_unfold_einsum", "torch_unfold_bmm", "bmm_weight_layout",
+           "from_bmm_weight_layout", "locally_connected_layers", "torch_autograd_backward"]
 
 _torch_problem = None  # why the last load_torch() found no torch
 
@@ -127,6 +138,8 @@ class Backend:
         return time.perf_counter() - start, out
 
     def to_host(self, out):
+        if hasattr(out, "detach"):
+            out = out.detach()
         if self.kind == "cpu":
             return np.asarray(out.numpy() if hasattr(out, "numpy") and not isinstance(
                 out, np.ndarray) else out)
@@ -155,27 +168,38 @@ def available_memory(backend):
 # ----------------------------------------------------------------------------- implementations
 
 class Impl:
-    """One implementation of one operation.
+    """One implementation of one operation in one pass.
 
     Attributes:
         op: ``"conv2d"`` or ``"local_conv2d"``.
-        name: short label used in records (``"gpuconv"``, ``"torch"``, ...).
+        name: short label used in records (``"gpuconv"``, ``"torch"``, ...); the same peer
+            keeps its name across passes (the record's ``pass`` tells them apart).
         description: one line saying exactly what is timed.
-        make: ``make(arrays, geom) -> fn``; ``fn()`` runs one forward pass and returns ``y``.
-            ``arrays`` has ``x``, ``weight``, ``bias`` as this implementation reads them.
+        make: ``make(arrays, geom) -> fn``; ``fn()`` runs one pass. ``arrays`` has ``x``,
+            ``weight``, ``bias`` and (backward, step) ``gy`` as this implementation reads
+            them. The forward returns ``y``; the backward ``(gx, gw)``; the step
+            ``(gx, gw, gb)``.
         array_kind: ``"gpuconv"``, ``"torch"`` or ``"numpy"``: what ``make`` expects.
         workspace: ``workspace(geom, itemsize) -> bytes``, an upper estimate of what one call
-            allocates beyond its inputs (output included); used to skip what will not fit.
+            allocates beyond its inputs (results included); used to skip what will not fit.
         memory_probe: ``"tracemalloc"``, ``"torch-cpu"``, ``"torch-cuda"`` or ``None``.
+        pass_name: one of :data:`PASSES`.
+        canonical: ``canonical(result, geom) -> tuple``: the result as gpuconv lays it out
+            (weights ``(C_out, H_out, W_out, C_in/g, kH, kW)`` for ``local_conv2d``), for the
+            agreement check only, never timed; ``None``: the result as it is.
     """
 
-    def __init__(self, op, name, description, make, array_kind, workspace, memory_probe):
+    def __init__(self, op, name, description, make, array_kind, workspace, memory_probe,
+                 pass_name="forward", canonical=None):
         self.op, self.name, self.description = op, name, description
         self.make, self.array_kind = make, array_kind
         self.workspace, self.memory_probe = workspace, memory_probe
+        self.pass_name, self.canonical = pass_name, canonical
 
     def __repr__(self):
-        return f"Impl({self.op!r}, {self.name!r})"
+        if self.pass_name == "forward":
+            return f"Impl({self.op!r}, {self.name!r})"
+        return f"Impl({self.op!r}, {self.name!r}, {self.pass_name!r})"
 
 
 def _out_bytes(geom, itemsize):
@@ -200,6 +224,14 @@ def _symmetric(geom):
     return geom.pad_top == geom.pad_bottom and geom.pad_left == geom.pad_right
 
 
+def _gpuconv_geometry(geom):
+    """``(stride, padding, dilation)`` as gpuconv's functions and layers take them."""
+    stride, padding, dilation = _pairs(geom)
+    if not _symmetric(geom):
+        padding = "same"  # uneven padding comes only from "same" (stride 1)
+    return stride, padding, dilation
+
+
 def _gpuconv_make(op, device):
     import gpuconv
 
@@ -207,9 +239,7 @@ def _gpuconv_make(op, device):
 
     def make(arrays, geom):
         x, weight, bias = arrays["x"], arrays["weight"], arrays["bias"]
-        stride, padding, dilation = _pairs(geom)
-        if not _symmetric(geom):
-            padding = "same"  # uneven padding comes only from "same" (stride 1)
+        stride, padding, dilation = _gpuconv_geometry(geom)
         groups = geom.groups
 
         def call():
@@ -251,23 +281,79 @@ def torch_unfold_einsum(torch, geom, weight, bias=None):
     copied); ``bias`` ``None``, ``(C_out,)`` or ``(C_out, H_out, W_out)``.
     """
     functional = torch.nn.functional
-    n, g = geom.batch, geom.groups
+    g = geom.groups
     positions = geom.out_height * geom.out_width
     k = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
     # (C_out, H_out, W_out, C_in/g, kH, kW) -> (g, C_out/g, L, K): a view, no copy.
     weight_view = weight.view(g, geom.out_channels_per_group, positions, k)
-    if bias is not None:
-        bias = bias.view(1, geom.out_channels, 1, 1) if bias.dim() == 1 else bias.unsqueeze(0)
+    bias = _torch_bias(bias, geom)
     kernel = (geom.kernel_height, geom.kernel_width)
     stride, _, dilation = _pairs(geom)
     prepare = _torch_input(torch, geom)
-    out_shape = geom.output_shape
+    out_shape = geom.output_shape[1:]
 
     def call(x):
+        n = x.shape[0]
         x, padding = prepare(x)
         cols = functional.unfold(x, kernel, dilation, padding, stride)  # (N, g*K, L)
         y = torch.einsum("ngkl,golk->ngol", cols.view(n, g, k, positions), weight_view)
-        y = y.reshape(out_shape)
+        y = y.reshape((n,) + out_shape)
+        return y if bias is None else y + bias
+    return call
+
+
+def _torch_bias(bias, geom):
+    """``None``, ``(C_out,)`` or ``(C_out, H_out, W_out)`` -> broadcastable to the output."""
+    if bias is None:
+        return None
+    return bias.view(1, geom.out_channels, 1, 1) if bias.dim() == 1 else bias.unsqueeze(0)
+
+
+def bmm_weight_layout(weight, geom):
+    """gpuconv's local weights ``(C_out, H_out, W_out, C_in/g, kH, kW)`` as
+    :func:`torch_unfold_bmm` reads them: ``(g * L, K, C_out/g)``, positions outermost (a
+    copy). :func:`from_bmm_weight_layout` is its inverse."""
+    g, og = geom.groups, geom.out_channels_per_group
+    positions = geom.out_height * geom.out_width
+    k = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
+    return weight.reshape(g, og, positions, k).permute(0, 2, 3, 1).reshape(
+        g * positions, k, og)
+
+
+def from_bmm_weight_layout(weight, geom):
+    """The inverse of :func:`bmm_weight_layout` (a copy)."""
+    g, og = geom.groups, geom.out_channels_per_group
+    positions = geom.out_height * geom.out_width
+    k = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
+    return weight.reshape(g, positions, k, og).permute(0, 3, 1, 2).reshape(
+        geom.local_weight_shape())
+
+
+def torch_unfold_bmm(torch, geom, weight, bias=None):
+    """``x -> y``: a locally connected layer as one batched matrix product over the output
+    positions: ``unfold``, the columns copied positions-major ``(g * L, N, K)``, then
+    ``torch.bmm`` with the weights stored positions-major ``(g * L, K, C_out/g)``
+    (:func:`bmm_weight_layout`, so that ``bmm`` reads them in place, without the copy
+    ``einsum`` may make of gpuconv's layout), then the result back to ``(N, C_out, H_out,
+    W_out)`` (a copy). Any stride, padding, dilation and groups.
+    """
+    functional = torch.nn.functional
+    g, og = geom.groups, geom.out_channels_per_group
+    positions = geom.out_height * geom.out_width
+    k = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
+    bias = _torch_bias(bias, geom)
+    kernel = (geom.kernel_height, geom.kernel_width)
+    stride, _, dilation = _pairs(geom)
+    prepare = _torch_input(torch, geom)
+    out_shape = geom.output_shape[1:]
+
+    def call(x):
+        n = x.shape[0]
+        x, padding = prepare(x)
+        cols = functional.unfold(x, kernel, dilation, padding, stride)  # (N, g*K, L)
+        cols = cols.view(n, g, k, positions).permute(1, 3, 0, 2).reshape(g * positions, n, k)
+        y = torch.bmm(cols, weight)  # (g*L, N, C_out/g)
+        y = y.view(g, positions, n, og).permute(2, 0, 3, 1).reshape((n,) + out_shape)
         return y if bias is None else y + bias
     return call
 
@@ -353,13 +439,317 @@ def _numpy_local_make(arrays, geom):
     return _numpy_im2col_make(arrays, geom, group_out)
 
 
-def implementations(device, torch=None, peers=True):
-    """The implementations to time on ``device`` (``"cpu"`` or ``"cuda"``), in burst order.
+# ----------------------------------------------------------------------------- backward
 
-    gpuconv's two operations always; with ``peers``, PyTorch's ``conv2d`` and the
-    unfold + einsum recipe when PyTorch is installed (and, on ``"cuda"``, built with CUDA),
-    else (on the CPU only) NumPy im2col baselines.
+def _gpuconv_backward_make(op, device):
+    """``make`` of gpuconv's backward: ``gpuconv.grad.<op>_input`` then ``<op>_weight``."""
+    from .. import grad
+
+    input_fn, weight_fn = ((grad.conv2d_input, grad.conv2d_weight) if op == "conv2d"
+                           else (grad.local_conv2d_input, grad.local_conv2d_weight))
+
+    def make(arrays, geom):
+        x, weight, gy = arrays["x"], arrays["weight"], arrays["gy"]
+        stride, padding, dilation = _gpuconv_geometry(geom)
+        input_size = tuple(geom.input_shape)
+        weight_size = tuple(geom.shared_weight_shape() if op == "conv2d"
+                            else geom.local_weight_shape())
+        groups = geom.groups
+
+        def call():
+            gx = input_fn(input_size, weight, gy, stride, padding, dilation, groups,
+                          device=device)
+            gw = weight_fn(x, weight_size, gy, stride, padding, dilation, groups, device=device)
+            return gx, gw
+        return call
+    return make
+
+
+def torch_autograd_backward(torch, peer, geom, x, weight, gy):
+    """``fn() -> (gx, gw)``: PyTorch's backward of ``y = peer(torch, geom, weight)(x)``
+    (:func:`torch_conv2d` or :func:`torch_unfold_einsum`, no bias) for the upstream gradient
+    ``gy``, through autograd.
+
+    The forward runs once, here, with its graph kept (``retain_graph=True``); each call of
+    ``fn`` runs the backward alone: ``torch.autograd.grad(y, (x, weight), gy)``. For
+    ``torch_conv2d`` that is one ``convolution_backward`` (oneDNN on the CPU, cuDNN on a GPU)
+    computing both gradients; for the unfold recipe, einsum's backward (two batched matrix
+    products) and unfold's (a fold).
     """
+    x = x.detach().requires_grad_(True)
+    weight = weight.detach().requires_grad_(True)
+    with torch.enable_grad():
+        y = peer(torch, geom, weight)(x)
+
+    def call():
+        return torch.autograd.grad(y, (x, weight), gy, retain_graph=True)
+    return call
+
+
+def _torch_backward_make(peer):
+    def with_torch(torch):
+        def make(arrays, geom):
+            return torch_autograd_backward(torch, peer, geom, arrays["x"], arrays["weight"],
+                                           arrays["gy"])
+        return make
+    return with_torch
+
+
+# ----------------------------------------------------------------------------- training step
+
+_LAYER_CLASSES = {}
+
+
+def locally_connected_layers(torch):
+    """The PyTorch-only locally connected layers the training step is compared with:
+    ``{"einsum": UnfoldEinsumLocal2d, "bmm": UnfoldBmmLocal2d}``, ``torch.nn.Module``
+    classes built as ``cls(geom, weight, bias=None)`` (``geom``: a
+    :class:`~gpuconv.geometry.ConvGeometry`, any batch size is accepted; ``weight`` in
+    gpuconv's layout ``(C_out, H_out, W_out, C_in/g, kH, kW)``, copied into the layer's own;
+    ``bias`` ``(C_out, H_out, W_out)`` or ``(C_out,)``). Their ``weight_in_gpuconv_layout()``
+    gives the weight (or, with an argument, its gradient) in gpuconv's layout.
+
+    - ``UnfoldEinsumLocal2d``: the usual recipe, :func:`torch_unfold_einsum`, its weight
+      stored in gpuconv's layout;
+    - ``UnfoldBmmLocal2d``: :func:`torch_unfold_bmm`, its weight stored positions-major so
+      that one ``torch.bmm`` over the positions reads it in place.
+    """
+    key = id(torch)
+    if key in _LAYER_CLASSES:
+        return _LAYER_CLASSES[key]
+    nn = torch.nn
+
+    class _Local(nn.Module):
+        forward_of = None  # torch_unfold_einsum or torch_unfold_bmm
+
+        def __init__(self, geom, weight, bias=None):
+            super().__init__()
+            self.geom = geom
+            self.weight = nn.Parameter(self.from_gpuconv_layout(weight.detach()).clone())
+            self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+        def from_gpuconv_layout(self, weight):
+            return weight
+
+        def weight_in_gpuconv_layout(self, weight=None):
+            return self.weight if weight is None else weight
+
+        def forward(self, x):
+            return type(self).forward_of(torch, self.geom, self.weight, self.bias)(x)
+
+    class UnfoldEinsumLocal2d(_Local):
+        """Locally connected layer: ``unfold`` + ``einsum``, weight in gpuconv's layout."""
+
+        forward_of = staticmethod(torch_unfold_einsum)
+
+    class UnfoldBmmLocal2d(_Local):
+        """Locally connected layer: ``unfold`` + ``bmm`` over output positions, weight
+        ``(g * H_out * W_out, C_in/g * kH * kW, C_out/g)``."""
+
+        forward_of = staticmethod(torch_unfold_bmm)
+
+        def from_gpuconv_layout(self, weight):
+            return bmm_weight_layout(weight, self.geom)
+
+        def weight_in_gpuconv_layout(self, weight=None):
+            return from_bmm_weight_layout(self.weight if weight is None else weight, self.geom)
+
+    _LAYER_CLASSES[key] = {"einsum": UnfoldEinsumLocal2d, "bmm": UnfoldBmmLocal2d}
+    return _LAYER_CLASSES[key]
+
+
+def _conv_layer(cls, geom, weight, bias):
+    """A ``torch.nn.Conv2d``-like ``cls`` on ``geom`` holding copies of ``weight``, ``bias``."""
+    import torch
+
+    stride, padding, dilation = _gpuconv_geometry(geom)
+    layer = cls(geom.in_channels, geom.out_channels, (geom.kernel_height, geom.kernel_width),
+                stride, padding, dilation, geom.groups, bias=bias is not None,
+                device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+def _gpuconv_local_layer(geom, weight, bias):
+    """``gpuconv.torch.LocallyConnected2d`` on ``geom`` holding copies of ``weight``, ``bias``."""
+    import torch
+
+    from ..torch import LocallyConnected2d
+
+    padding = ((geom.pad_top, geom.pad_bottom), (geom.pad_left, geom.pad_right))
+    layer = LocallyConnected2d(geom.in_channels, geom.out_channels,
+                               (geom.kernel_height, geom.kernel_width),
+                               (geom.in_height, geom.in_width), (geom.stride_h, geom.stride_w),
+                               padding, (geom.dilation_h, geom.dilation_w), geom.groups,
+                               bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+def _step_make(build):
+    """``make`` of a training step: ``layer = build(torch, geom, weight, bias)`` once, then
+    each call ``y = layer(x)`` and ``torch.autograd.grad(y, (x, weight, bias), gy)``."""
+    def make(arrays, geom):
+        import torch
+
+        layer = build(torch, geom, arrays["weight"], arrays["bias"])
+        x = arrays["x"].detach().requires_grad_(True)
+        inputs = (x, layer.weight) + (() if layer.bias is None else (layer.bias,))
+        gy = arrays["gy"]
+
+        def call():
+            with torch.enable_grad():
+                return torch.autograd.grad(layer(x), inputs, gy)
+        return call
+    return make
+
+
+def _bmm_canonical(result, geom):
+    gx, gw, *rest = result
+    return (gx, from_bmm_weight_layout(gw, geom), *rest)
+
+
+def _step_impls(device, torch_ok, torch):
+    """The training-step implementations (they all need PyTorch)."""
+    if not torch_ok:
+        return []
+    from .. import torch as gpuconv_torch
+
+    # Memory is not probed in the step: gpuconv.torch allocates through both NumPy and
+    # PyTorch, and neither probe sees the other's allocations.
+    probe = None
+    local = locally_connected_layers(torch)
+
+    def work(op, recipe=False):
+        """``workspace``: the layer's own copy of the weights, their gradient, the output,
+        the input gradient; for the PyTorch recipes also their columns (kept for the
+        backward, and their gradient) and the copies of the weights einsum or bmm make."""
+        def workspace(geom, itemsize):
+            x = geom.batch * geom.in_channels * geom.in_height * geom.in_width * itemsize
+            weights = (math.prod(geom.shared_weight_shape()) * itemsize if op == "conv2d"
+                       else _local_weight_bytes(geom, itemsize))
+            total = 2 * weights + 2 * _out_bytes(geom, itemsize) + 2 * x
+            if recipe:
+                total += 3 * _cols_bytes(geom, itemsize) + 2 * weights
+            return total
+        return workspace
+
+    return [
+        Impl("conv2d", "gpuconv", "gpuconv.torch.Conv2d: forward + backward (autograd)",
+             _step_make(lambda t, geom, w, b: _conv_layer(gpuconv_torch.Conv2d, geom, w, b)),
+             "torch", work("conv2d"), probe, "step"),
+        Impl("conv2d", "torch", "torch.nn.Conv2d: forward + backward (autograd)",
+             _step_make(lambda t, geom, w, b: _conv_layer(t.nn.Conv2d, geom, w, b)),
+             "torch", work("conv2d"), probe, "step"),
+        Impl("local_conv2d", "gpuconv",
+             "gpuconv.torch.LocallyConnected2d: forward + backward (autograd)",
+             _step_make(lambda t, geom, w, b: _gpuconv_local_layer(geom, w, b)),
+             "torch", work("local_conv2d"), probe, "step"),
+        Impl("local_conv2d", "torch-unfold",
+             "PyTorch-only layer, unfold + einsum: forward + backward (autograd)",
+             _step_make(lambda t, geom, w, b: local["einsum"](geom, w, b)),
+             "torch", work("local_conv2d", True), probe, "step"),
+        Impl("local_conv2d", "torch-bmm",
+             "PyTorch-only layer, unfold + bmm over positions: forward + backward (autograd)",
+             _step_make(lambda t, geom, w, b: local["bmm"](geom, w, b)),
+             "torch", work("local_conv2d", True), probe, "step", canonical=_bmm_canonical),
+    ]
+
+
+def _gpuconv_grad_scratch(name, device, geom, itemsize):
+    """Bytes of scratch the gradient kernel ``name`` allocates beyond its result, from its
+    own estimate (:mod:`gpuconv.ops`); the result's size again where there is none."""
+    from ..ops import OPS
+
+    op = OPS[name]
+    try:
+        estimate = op.scratch(device)
+        if device == "cpu":
+            return int(estimate(geom, itemsize))
+        return int(estimate(geom)) * itemsize
+    except (ImportError, AttributeError):
+        return math.prod(op.output_shape(geom)) * itemsize
+
+
+def _backward_impls(device, torch_ok, torch, peers):
+    def gpuconv_work(op):
+        def workspace(geom, itemsize):
+            x = geom.batch * geom.in_channels * geom.in_height * geom.in_width * itemsize
+            w = (_local_weight_bytes(geom, itemsize) if op == "local_conv2d"
+                 else math.prod(geom.shared_weight_shape()) * itemsize)
+            return x + w + max(_gpuconv_grad_scratch(f"{op}_input", device, geom, itemsize),
+                               _gpuconv_grad_scratch(f"{op}_weight", device, geom, itemsize))
+        return workspace
+
+    impls = [
+        Impl("conv2d", "gpuconv",
+             f"gpuconv.grad.conv2d_input + conv2d_weight (device={device!r})",
+             _gpuconv_backward_make("conv2d", device), "gpuconv", gpuconv_work("conv2d"),
+             "tracemalloc", "backward"),
+        Impl("local_conv2d", "gpuconv",
+             f"gpuconv.grad.local_conv2d_input + local_conv2d_weight (device={device!r})",
+             _gpuconv_backward_make("local_conv2d", device), "gpuconv",
+             gpuconv_work("local_conv2d"), "tracemalloc", "backward"),
+    ]
+    if not (peers and torch_ok):
+        return impls
+    probe = "torch-cuda" if device == "cuda" else "torch-cpu"
+    library = "cuDNN" if device == "cuda" else "oneDNN"
+    impls.insert(1, Impl(
+        "conv2d", "torch",
+        f"torch.autograd.grad of torch.nn.functional.conv2d w.r.t. (x, weight), {library}: "
+        "the backward alone (forward once, untimed, graph retained)",
+        _torch_backward_make(torch_conv2d)(torch), "torch",
+        lambda geom, itemsize: (2 * _out_bytes(geom, itemsize)
+                                + 2 * geom.batch * geom.in_channels * geom.in_height
+                                * geom.in_width * itemsize), probe, "backward"))
+    impls.append(Impl(
+        "local_conv2d", "torch-unfold",
+        "torch.autograd.grad through unfold + einsum w.r.t. (x, weight): the backward alone "
+        "(forward once, untimed, graph retained)",
+        _torch_backward_make(torch_unfold_einsum)(torch), "torch",
+        # retained graph (columns, output) + the gradients + einsum's copies
+        lambda geom, itemsize: (3 * _cols_bytes(geom, itemsize) + 2 * _out_bytes(geom, itemsize)
+                                + 3 * _local_weight_bytes(geom, itemsize)
+                                + geom.batch * geom.in_channels * geom.in_height
+                                * geom.in_width * itemsize),
+        probe, "backward"))
+    return impls
+
+
+def implementations(device, torch=None, peers=True, passes=("forward",)):
+    """The implementations to time on ``device`` (``"cpu"`` or ``"cuda"``), in burst order,
+    for each pass in ``passes`` (:data:`PASSES`), forward first.
+
+    - forward: gpuconv's two operations always; with ``peers``, PyTorch's ``conv2d`` and the
+      unfold + einsum recipe when PyTorch is installed (and, on ``"cuda"``, built with CUDA),
+      else (on the CPU only) NumPy im2col baselines;
+    - backward: ``gpuconv.grad``'s two gradients of each operation; with ``peers`` and
+      PyTorch, autograd's backward through ``conv2d`` and through unfold + einsum
+      (:func:`torch_autograd_backward`); no NumPy baselines;
+    - step (needs PyTorch: nothing without it): ``gpuconv.torch.Conv2d`` and
+      ``LocallyConnected2d``; with ``peers``, ``torch.nn.Conv2d`` and the PyTorch-only
+      locally connected layers (:func:`locally_connected_layers`).
+    """
+    torch_ok = torch is not None and (device == "cpu" or torch.cuda.is_available())
+    impls = []
+    if "forward" in passes:
+        impls += _forward_impls(device, torch_ok, torch, peers)
+    if "backward" in passes:
+        impls += _backward_impls(device, torch_ok, torch, peers)
+    if "step" in passes:
+        impls += [i for i in _step_impls(device, torch_ok, torch)
+                  if peers or i.name == "gpuconv"]
+    return impls
+
+
+def _forward_impls(device, torch_ok, torch, peers):
     impls = [
         Impl("conv2d", "gpuconv", f"gpuconv.conv2d(device={device!r})",
              _gpuconv_make("conv2d", device), "gpuconv",
@@ -370,7 +760,6 @@ def implementations(device, torch=None, peers=True):
     ]
     if not peers:
         return impls
-    torch_ok = torch is not None and (device == "cpu" or torch.cuda.is_available())
     if torch_ok:
         probe = "torch-cuda" if device == "cuda" else "torch-cpu"
         impls.insert(1, Impl(
@@ -400,14 +789,57 @@ def implementations(device, torch=None, peers=True):
     return impls
 
 
-def describe_peers(device, torch=None, peers=True, problem=None):
-    """One line: which peers :func:`implementations` picks for these arguments, and why.
+def describe_peers(device, torch=None, peers=True, problem=None, passes=("forward",)):
+    """One line: which peers :func:`implementations` picks for these arguments, and why;
+    for the backward and the step (``"backward: ..."``, ``"step: ..."``), which are missing
+    without PyTorch.
 
     ``problem`` says why ``torch`` is ``None`` (:func:`torch_problem`); without one, PyTorch
     was not asked for.
     """
-    if not peers:
-        return "none asked for: gpuconv only"
+    texts = describe_peers_by_pass(device, torch, peers, problem, passes)
+    return "; ".join(text if name == "forward" else f"{name}: {text}"
+                     for name, text in texts.items())
+
+
+def describe_peers_by_pass(device, torch=None, peers=True, problem=None, passes=("forward",)):
+    """``{pass: what its peers are, or why there are none}`` for each of ``passes``
+    (:func:`describe_peers` says it in one line)."""
+    missing = _torch_missing(device, torch, problem)
+    texts = {}
+    for name in (p for p in PASSES if p in passes):
+        if name == "forward":
+            texts[name] = ("none asked for: gpuconv only" if not peers
+                           else _describe_forward(device, torch, problem))
+        elif name == "step" and missing:
+            texts[name] = f"not run, {missing} (gpuconv.torch and every peer need it)"
+        elif not peers:
+            texts[name] = "none asked for: gpuconv only"
+        elif name == "backward" and missing:
+            texts[name] = (f"none, {missing}: missing torch (autograd's backward of "
+                           "torch.nn.functional.conv2d) and torch-unfold (autograd's backward "
+                           "through unfold + einsum)")
+        elif name == "backward":
+            texts[name] = ("PyTorch autograd, the backward alone (forward once, untimed, graph "
+                           "retained): through torch.nn.functional.conv2d beside conv2d, "
+                           "through unfold + einsum beside local_conv2d")
+        else:
+            texts[name] = ("torch.nn.Conv2d beside gpuconv.torch.Conv2d; PyTorch-only unfold + "
+                           "einsum (torch-unfold) and unfold + bmm (torch-bmm) layers beside "
+                           "gpuconv.torch.LocallyConnected2d")
+    return texts
+
+
+def _torch_missing(device, torch, problem):
+    """Why PyTorch cannot run here (a phrase), or ``None`` when it can."""
+    if torch is not None and (device == "cpu" or torch.cuda.is_available()):
+        return None
+    if torch is not None:
+        return f"PyTorch {torch.__version__} is built without CUDA"
+    return f"PyTorch {problem}" if problem else "PyTorch not used"
+
+
+def _describe_forward(device, torch, problem):
     missing = f"PyTorch {problem}" if problem else "PyTorch not used"
     if torch is not None and (device == "cpu" or torch.cuda.is_available()):
         return (f"PyTorch {torch.__version__} found: torch.nn.functional.conv2d beside conv2d, "
@@ -581,18 +1013,18 @@ def _blas_name():
 _CEILING_CONVS = ((1, 256, 56, 256), (2, 512, 14, 512))
 
 
-def _best_of(fn, warmup, repeat):
+def _best_of(fn, warmup, repeat, clock=time.perf_counter):
     for _ in range(warmup):
         fn()
     best = float("inf")
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return best
 
 
-def _torch_conv_gflops(torch, dtype, repeat):
+def _torch_conv_gflops(torch, dtype, repeat, clock=time.perf_counter):
     """Best GFLOP/s of PyTorch's conv2d (oneDNN) over :data:`_CEILING_CONVS`."""
     torch_dtype = getattr(torch, np.dtype(dtype).name)
     best = 0.0
@@ -601,18 +1033,45 @@ def _torch_conv_gflops(torch, dtype, repeat):
             x = torch.ones((n, c_in, size, size), dtype=torch_dtype)
             w = torch.ones((c_out, c_in, 3, 3), dtype=torch_dtype)
             flops = 2 * n * c_out * size * size * c_in * 9
-            seconds = _best_of(lambda: torch.nn.functional.conv2d(x, w, padding=1), 3, repeat)
+            seconds = _best_of(lambda: torch.nn.functional.conv2d(x, w, padding=1), 3, repeat,
+                               clock)
             best = max(best, flops / seconds / 1e9)
     return best
+
+
+def measure_bandwidth(dtype, quick=False, clock=time.perf_counter):
+    """The host's copy bandwidth, measured now with ``clock``, one thread:
+
+    - ``bandwidth_gbs``: read + write bytes of a 256 MiB NumPy copy into an existing array,
+      / its best time;
+    - ``bandwidth_new_gbs``: the same copy into a newly allocated array (``src.copy()``): what
+      a call that returns a new result of that size pays, the operating system's first
+      touch of its pages included.
+    """
+    dtype = np.dtype(dtype)
+    repeat = 3 if quick else 5
+    copy_bytes = 256 * 2 ** 20
+    src = np.ones(copy_bytes // dtype.itemsize, dtype=dtype)
+    dst = np.ones_like(src)
+    seconds = _best_of(lambda: np.copyto(dst, src), 1, repeat + 2, clock)
+    seconds_new = _best_of(src.copy, 1, repeat + 2, clock)
+    return {"bandwidth_gbs": 2 * src.nbytes / seconds / 1e9,
+            "bandwidth_method": f"NumPy copy of {copy_bytes // 2 ** 20} MiB, "
+                                f"(read + write bytes) / best of {repeat + 2}",
+            "bandwidth_new_gbs": 2 * src.nbytes / seconds_new / 1e9,
+            "bandwidth_new_method": f"the same copy into a newly allocated array, best of "
+                                    f"{repeat + 2}"}
 
 
 def measure_ceilings(backend, dtype, quick=False):
     """Measured in this run: memory bandwidth and a compute reference for ``dtype``.
 
-    CPU: bandwidth = read + write bytes of a large NumPy copy / its best time; compute = the
-    better of a large NumPy matmul (BLAS) and, when PyTorch is installed, PyTorch's conv2d on
-    VGG-16 conv3_2 (oneDNN), both reported. CUDA: a device-to-device copy and a PyTorch
-    matmul with TF32 off (compute is not measured without PyTorch).
+    CPU, timed with ``backend.clock`` (process CPU time with ``--one-core``, like the
+    kernels): bandwidth = read + write bytes of a large NumPy copy / its best time (also into
+    a new array: :func:`measure_bandwidth`); compute = the better of a large NumPy matmul
+    (BLAS) and, when PyTorch is installed, PyTorch's conv2d on VGG-16 conv3_2 (oneDNN), both
+    reported. CUDA: a device-to-device copy and a PyTorch matmul with TF32 off (compute is
+    not measured without PyTorch).
     """
     dtype = np.dtype(dtype)
     repeat = 3 if quick else 5
@@ -624,23 +1083,16 @@ def measure_ceilings(backend, dtype, quick=False):
         if backend.torch is not None:
             try:
                 candidates[f"PyTorch {dtype.name} conv2d (VGG-16 conv3_2 N=1, conv5_1 N=2)"] = \
-                    _torch_conv_gflops(backend.torch, dtype, 2 * repeat)
+                    _torch_conv_gflops(backend.torch, dtype, 2 * repeat, backend.clock)
             except Exception:  # pragma: no cover - a broken torch must not stop the run
                 pass
         a = np.ones((matmul_n, matmul_n), dtype=dtype)
-        matmul = 2 * matmul_n ** 3 / _best_of(lambda: a @ a, 2, 2 * repeat) / 1e9
+        matmul = 2 * matmul_n ** 3 / _best_of(lambda: a @ a, 2, 2 * repeat, backend.clock) / 1e9
         del a
         candidates[f"NumPy {dtype.name} {matmul_n}x{matmul_n} matmul ({_blas_name()})"] = matmul
-        src = np.ones(copy_bytes // dtype.itemsize, dtype=dtype)
-        dst = np.ones_like(src)
-        seconds = _best_of(lambda: np.copyto(dst, src), 1, repeat + 2)
-        bandwidth = 2 * src.nbytes / seconds
-        del src, dst
         best_name = max(candidates, key=candidates.get)
         return {
-            "bandwidth_gbs": bandwidth / 1e9,
-            "bandwidth_method": f"NumPy copy of {copy_bytes // 2 ** 20} MiB, "
-                                f"(read + write bytes) / best of {repeat + 2}",
+            **measure_bandwidth(dtype, quick, backend.clock),
             "compute_gflops": candidates[best_name],
             "compute_method": "best of: " + "; ".join(
                 f"{name} {value:.4g} GFLOP/s" for name, value in candidates.items())

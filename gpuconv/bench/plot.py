@@ -32,8 +32,11 @@ def plot(result, path):
     import matplotlib.pyplot as plt
 
     records = [r for r in result["records"] if r["median_s"]]
-    suite = [r for r in records if r["part"] == "suite"]
     sweep = [r for r in records if r["part"] == "batch-sweep"]
+    # One pass per figure: the sweep's (the first the run timed), else the first present.
+    passes = [r.get("pass", "forward") for r in sweep + records]
+    shown = passes[0] if passes else "forward"
+    suite = [r for r in records if r["part"] == "suite" and r.get("pass", "forward") == shown]
     machine = result["machine"]
     panels = 2 if sweep else 1
     fig, axes = plt.subplots(1, panels, figsize=(16 if sweep else 11, 5.8),
@@ -64,8 +67,10 @@ def plot(result, path):
     ax.set_xticklabels([f"{layer}\nN={next(r['N'] for r in suite if r['layer'] == layer)}"
                         for layer in layers], fontsize=8)
     ax.set_ylabel("median time per call (ms, log scale)")
-    ax.set_title("Shared vs unshared, and the peers (bars: median, whiskers: quartiles)",
-                 fontsize=10)
+    title = "Shared vs unshared, and the peers (bars: median, whiskers: quartiles)"
+    if shown != "forward":
+        title += f"\n{shown} pass"
+    ax.set_title(title, fontsize=10)
     ax.grid(axis="y", which="both", alpha=0.25)
     ax.set_axisbelow(True)
     tallest = max((r["q3_s"] for r in suite), default=1.0) * 1e3

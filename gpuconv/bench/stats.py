@@ -1,6 +1,8 @@
 """The numbers of ``gpuconv bench`` and its scripts, each written once.
 
-- what one layer costs: :func:`param_count`, :func:`min_bytes` (its FLOPs are
+- what one layer costs, per pass (:data:`PASSES`: the forward, the backward = both
+  gradients, a training step = both): :func:`param_count`, :func:`pass_flops`,
+  :func:`min_bytes` and, per gradient, :func:`grad_bytes` (the forward's FLOPs are
   :attr:`gpuconv.geometry.ConvGeometry.flops`);
 - summaries of timings: :func:`quantile`, :func:`summarize`, :func:`paired_ratios`,
   :func:`geomean`, :func:`rate`;
@@ -18,7 +20,8 @@ import sys
 
 from ..params import conv2d_param_count, local_conv2d_param_count
 
-__all__ = ["TOLERANCE", "within_tolerance", "param_count", "min_bytes", "quantile",
+__all__ = ["TOLERANCE", "within_tolerance", "PASSES", "PASS_FLOPS", "param_count",
+           "pass_flops", "min_bytes", "grad_bytes", "quantile",
            "summarize", "paired_ratios", "geomean", "rate", "format_bytes"]
 
 #: Largest accepted ``max|result - reference|`` relative to the magnitude bound
@@ -34,22 +37,80 @@ def within_tolerance(err, bound, dtype_name):
 
 # ----------------------------------------------------------------------------- counts
 
-def param_count(op, geom):
+#: What a benchmark pass times: ``"forward"`` (``y`` from ``x``, the weights and the bias),
+#: ``"backward"`` (the input gradient and the weight gradient from ``x``, the weights and
+#: ``gy``) and ``"step"`` (one training step of a layer: the forward, then the input, weight
+#: and bias gradients).
+PASSES = ("forward", "backward", "step")
+
+#: FLOPs of a pass in units of the forward's: the input gradient and the weight gradient
+#: each take exactly the forward's multiply-adds (every product ``x * w`` of the forward is
+#: once ``gy * w`` in the one and once ``gy * x`` in the other). Bias sums are not counted.
+PASS_FLOPS = {"forward": 1, "backward": 2, "step": 3}
+
+
+def param_count(op, geom, bias="channel"):
     """Learnable numbers of the layer as the benchmark times it: ``conv2d`` or
     ``local_conv2d`` on ``geom`` (a :class:`~gpuconv.geometry.ConvGeometry`), one bias per
-    output channel. A :class:`gpuconv.params.ParamCount`."""
+    output channel (``bias="position"``: one per output value, ``local_conv2d`` only, as
+    ``gpuconv.torch.LocallyConnected2d`` has it). A :class:`gpuconv.params.ParamCount`."""
     kernel = (geom.kernel_height, geom.kernel_width)
     if op == "conv2d":
         return conv2d_param_count(geom.in_channels, geom.out_channels, kernel, geom.groups, True)
     return local_conv2d_param_count(geom.in_channels, geom.out_channels, kernel,
-                                    (geom.out_height, geom.out_width), geom.groups, "channel")
+                                    (geom.out_height, geom.out_width), geom.groups, bias)
 
 
-def min_bytes(op, geom, itemsize):
-    """Fewest bytes one call moves: input, weights and biases read once, output written once."""
+def pass_flops(geom, pass_name="forward"):
+    """FLOPs of one ``pass_name`` (:data:`PASSES`) on ``geom``: :data:`PASS_FLOPS` times
+    the forward's ``2 N C_out H_out W_out (C_in/groups) kH kW`` (the same for both ops)."""
+    return PASS_FLOPS[pass_name] * geom.flops
+
+
+def _sizes(op, geom):
+    """Elements of ``(x, weights, y)``."""
     inputs = geom.batch * geom.in_channels * geom.in_height * geom.in_width
     outputs = geom.batch * geom.out_channels * geom.out_height * geom.out_width
-    return (inputs + param_count(op, geom).total + outputs) * itemsize
+    return inputs, param_count(op, geom, None if op == "local_conv2d" else "channel").weights, \
+        outputs
+
+
+def grad_bytes(op, which, geom, itemsize):
+    """Fewest bytes one gradient call moves, each array read or written once:
+
+    - ``which="input"``: read the weights and ``gy``, write ``gx`` (input-sized);
+    - ``which="weight"``: read ``x`` and ``gy``, write ``gw`` (weight-sized).
+
+    For ``local_conv2d`` the weights (or their gradient) dominate: both calls stream
+    weight-sized data once, which is why they are compared with the copy bandwidth.
+    """
+    inputs, weights, outputs = _sizes(op, geom)
+    if which == "input":
+        return (weights + outputs + inputs) * itemsize
+    if which == "weight":
+        return (inputs + outputs + weights) * itemsize
+    raise ValueError(f"which must be 'input' or 'weight', got {which!r}")
+
+
+def min_bytes(op, geom, itemsize, pass_name="forward", bias="channel"):
+    """Fewest bytes one ``pass_name`` moves.
+
+    - ``"forward"``: input, weights and biases read once, output written once;
+    - ``"backward"``: the two gradient calls, each as :func:`grad_bytes` (``gy`` is read by
+      both: they are separate calls);
+    - ``"step"``: the forward, the backward, and the bias gradient written.
+    """
+    inputs, _, outputs = _sizes(op, geom)
+    params = param_count(op, geom, bias).total
+    forward = (inputs + params + outputs) * itemsize
+    if pass_name == "forward":
+        return forward
+    backward = grad_bytes(op, "input", geom, itemsize) + grad_bytes(op, "weight", geom, itemsize)
+    if pass_name == "backward":
+        return backward
+    if pass_name == "step":
+        return forward + backward + param_count(op, geom, bias).biases * itemsize
+    raise ValueError(f"pass_name must be one of {PASSES}, got {pass_name!r}")
 
 
 # ----------------------------------------------------------------------------- summaries
