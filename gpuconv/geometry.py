@@ -1,11 +1,15 @@
 """Geometry of a 2-D convolution: argument normalisation and output sizes.
 
-Notation used across the package (the short names appear only inside kernels)::
+Notation used across the package, stated here once (:class:`ConvGeometry` spells the names
+out; the short names appear only inside kernels, CPU and CUDA alike)::
 
-    n     batch size                    c_I   input channels
-    h, w  input height, width           c_O   output channels
-    k_H, k_W  kernel height, width      g     groups
-    h_O, w_O  output height, width      s, p, d   stride, padding, dilation
+    n         batch size                   c_I, c_O    input, output channels
+    h, w      input height, width          c_Ig, c_Og  input, output channels per group
+    k_H, k_W  kernel height, width         g           groups
+    h_O, w_O  output height, width         P           h_O * w_O output positions
+    s_H, s_W  stride (stride_h, stride_w)  d_H, d_W    dilation (dilation_h, dilation_w)
+    pt, pl    top and left padding (pad_top, pad_left; the bottom and right padding only
+              bound the output size)
 
 Every piece of the package that needs an output size calls :func:`get_conv_outsize`.
 """

@@ -11,12 +11,12 @@ No kernel here uses atomics: every output element is summed by one thread in a f
 (the conv2d weight gradient in two fixed-order steps, per slice of the batch x positions
 and then over the slices), so two calls with the same inputs give bitwise equal results.
 
-Notation as in :mod:`gpuconv.cuda.kernels`; ``gy`` is the gradient of the output
+Notation as in :mod:`gpuconv.geometry`; ``gy`` is the gradient of the output
 ``(n, c_O, h_O, w_O)``, ``gx`` that of the input ``(n, c_I, h, w)``.
 
-Strided input gradients are split into stride phases: the input rows ``iy = r_y + s_h * u``
-(``0 <= r_y < s_h``) receive from tap ``k_y`` exactly when ``r_y + p_top - k_y * d_h`` is a
-multiple of ``s_h``, and then from output row ``u + (r_y + p_top - k_y * d_h) / s_h``. On
+Strided input gradients are split into stride phases: the input rows ``iy = r_y + s_H * u``
+(``0 <= r_y < s_H``) receive from tap ``k_y`` exactly when ``r_y + p_top - k_y * d_H`` is a
+multiple of ``s_H``, and then from output row ``u + (r_y + p_top - k_y * d_H) / s_H``. On
 the sub-grid of one phase the gather is a stride-1 correlation with a fixed set of taps, so
 a block works on one phase: which taps apply is the same for all its threads (no divergence)
 and neighbouring threads read neighbouring words.
@@ -73,16 +73,16 @@ def conv2d_input_grad_kernel(code, kernel_h, kernel_w, rows, cols, channels):
     ``channels`` broadcast reads and ``rows * cols`` conflict-free reads for
     ``rows * cols * channels`` multiply-adds.
 
-    Launch: ``grid = (tiles * s_h * s_w, groups * ceil(c_Ig / channels), min(n, 65535))``
+    Launch: ``grid = (tiles * s_H * s_W, groups * ceil(c_Ig / channels), min(n, 65535))``
     (the phase varies fastest, so the phases of one tile run together and share its ``gy``
     in L2), ``block = (bx, by)``, dynamic shared memory
     ``chunk * (gt_h * gt_w + channels * k_H * k_W) * itemsize`` bytes (compute type) with
     the ``gy`` tile
-    ``gt_h = by * rows + (k_H - 1) * d_h // s_h + 1`` (same for W).
+    ``gt_h = by * rows + (k_H - 1) * d_H // s_H + 1`` (same for W).
 
     Kernel arguments: flat ``gy (n, c_O, h_O, w_O)``, ``weight (c_O, c_Ig, k_H, k_W)``,
-    ``gx (n, c_I, h, w)`` (written), then ``n, c_I, h, w, c_O, h_O, w_O, c_Ig, c_Og, s_h,
-    s_w, p_top, p_left, d_h, d_w, tiles_x, gt_h, gt_w, chunk``.
+    ``gx (n, c_I, h, w)`` (written), then ``n, c_I, h, w, c_O, h_O, w_O, c_Ig, c_Og, s_H,
+    s_W, p_top, p_left, d_H, d_W, tiles_x, gt_h, gt_w, chunk``.
     """
     store, scalar = _SCALAR[code], _COMPUTE[code]
     KH, KW, RY, RX, CB = kernel_h, kernel_w, rows, cols, channels
@@ -91,8 +91,8 @@ def conv2d_input_grad_kernel(code, kernel_h, kernel_w, rows, cols, channels):
     NPOS = RY * RX
     NACC = NPOS * CB
 
-    def kernel(gy, weight, gx, n, c_I, h, wd, c_O, h_O, w_O, c_Ig, c_Og, sh, sw, pt, pl,
-               dh, dw, tiles_x, gt_h, gt_w, chunk):
+    def kernel(gy, weight, gx, n, c_I, h, wd, c_O, h_O, w_O, c_Ig, c_Og, s_H, s_W, pt, pl,
+               d_H, d_W, tiles_x, gt_h, gt_w, chunk):
         # A tile kernel: every thread takes part in the shared-memory stages, so the bounds
         # guard sits on the stores, not at the top.
         tx = cuda.threadIdx.x
@@ -103,19 +103,19 @@ def conv2d_input_grad_kernel(code, kernel_h, kernel_w, rows, cols, channels):
         nthreads = bx * by
         gt_hw = gt_h * gt_w
 
-        phases = sh * sw
+        phases = s_H * s_W
         phase = cuda.blockIdx.x % phases
         tile = cuda.blockIdx.x // phases
-        ry = phase // sw
-        rx = phase - ry * sw
+        ry = phase // s_W
+        rx = phase - ry * s_W
         u0 = (tile // tiles_x) * (by * RY)
         v0 = (tile % tiles_x) * (bx * RX)
         blocks_per_group = (c_Ig + CB - 1) // CB
         g = cuda.blockIdx.y // blocks_per_group
         cl0 = (cuda.blockIdx.y % blocks_per_group) * CB  # first input channel, in the group
         n_cl = min(CB, c_Ig - cl0)
-        ey_lo = (ry + pt - (KH - 1) * dh) // sh   # floor: the tile's first row and column
-        ex_lo = (rx + pl - (KW - 1) * dw) // sw   # relative to the phase tile's origin
+        ey_lo = (ry + pt - (KH - 1) * d_H) // s_H   # floor: the tile's first row and column
+        ex_lo = (rx + pl - (KW - 1) * d_W) // s_W   # relative to the phase tile's origin
         oy_lo = u0 + ey_lo
         ox_lo = v0 + ex_lo
 
@@ -123,10 +123,10 @@ def conv2d_input_grad_kernel(code, kernel_h, kernel_w, rows, cols, channels):
         # for every thread of the block (so are the rows, found in the tap loop).
         tcol = cuda.local.array(KW, dtype=int64)
         for kx in range(KW):
-            a = rx + pl - kx * dw
+            a = rx + pl - kx * d_W
             tcol[kx] = -1
-            if a % sw == 0:
-                tcol[kx] = a // sw - ex_lo
+            if a % s_W == 0:
+                tcol[kx] = a // s_W - ex_lo
         base = cuda.local.array(NPOS, dtype=int64)
         for i in range(RY):
             for j in range(RX):
@@ -169,9 +169,9 @@ def conv2d_input_grad_kernel(code, kernel_h, kernel_w, rows, cols, channels):
                 cuda.syncthreads()
                 for c in range(nc):
                     for ky in range(KH):
-                        a = ry + pt - ky * dh
-                        if a % sh == 0:
-                            ro = (a // sh - ey_lo) * gt_w  # row offset in the gy tile
+                        a = ry + pt - ky * d_H
+                        if a % s_H == 0:
+                            ro = (a // s_H - ey_lo) * gt_w  # row offset in the gy tile
                             for kx in range(KW):
                                 co = tcol[kx]
                                 if co >= 0:
@@ -188,9 +188,9 @@ def conv2d_input_grad_kernel(code, kernel_h, kernel_w, rows, cols, channels):
             plane = h * wd
             first = (b * c_I + g * c_Ig + cl0) * plane
             for i in range(RY):
-                iy = ry + sh * (u0 + ty + i * by)
+                iy = ry + s_H * (u0 + ty + i * by)
                 for j in range(RX):
-                    ix = rx + sw * (v0 + tx + j * bx)
+                    ix = rx + s_W * (v0 + tx + j * bx)
                     if iy < h and ix < wd:
                         ofs = first + iy * wd + ix
                         for q in range(CB):
@@ -219,7 +219,7 @@ class Conv2dInputGradConfig(NamedTuple):
 def conv2d_input_grad_config(geom, dtype):
     """Specialisation and launch shape of the conv2d input gradient (pure, no GPU).
 
-    The forward's choices on the phase sub-grid (``ceil(h / s_h) x ceil(w / s_w)``): register
+    The forward's choices on the phase sub-grid (``ceil(h / s_H) x ceil(w / s_W)``): register
     block ``2 x 4`` (float32, sub-grid wider than 32) or ``2 x 2`` pixels x up to 8 (float32)
     or 4 (float64) input channels; at most 16 x 8 threads, shrunk to the sub-grid and (down
     to one warp) to keep one output channel's stage within half the shared-memory budget;
@@ -229,8 +229,8 @@ def conv2d_input_grad_config(geom, dtype):
     fp32 = compute_code(code) == "f32"
     itemsize = _stage_itemsize(code)
     kh, kw = geom.kernel_height, geom.kernel_width
-    sh, sw = geom.stride_h, geom.stride_w
-    hu, wu = -(-geom.in_height // sh), -(-geom.in_width // sw)
+    s_H, s_W = geom.stride_h, geom.stride_w
+    hu, wu = -(-geom.in_height // s_H), -(-geom.in_width // s_W)
     rows = 2
     cols = 4 if fp32 and wu > 32 else 2
     channels = _even_split(geom.in_channels_per_group, 8 if fp32 else 4)
@@ -243,8 +243,8 @@ def conv2d_input_grad_config(geom, dtype):
             by *= 2
 
     def tile_dims(bx, by):
-        return (by * rows + (kh - 1) * geom.dilation_h // sh + 1,
-                bx * cols + (kw - 1) * geom.dilation_w // sw + 1)
+        return (by * rows + (kh - 1) * geom.dilation_h // s_H + 1,
+                bx * cols + (kw - 1) * geom.dilation_w // s_W + 1)
 
     def stage_bytes(bx, by):
         gt_h, gt_w = tile_dims(bx, by)
@@ -267,7 +267,7 @@ def conv2d_input_grad_config(geom, dtype):
                        SHARED_BUDGET_BYTES // (per_channel * itemsize)))
     tiles_y = -(-hu // (by * rows))
     tiles_x = -(-wu // (bx * cols))
-    grid = check_grid((tiles_y * tiles_x * sh * sw,
+    grid = check_grid((tiles_y * tiles_x * s_H * s_W,
                        geom.groups * -(-geom.in_channels_per_group // channels),
                        max(1, min(geom.batch, GRID_YZ_LIMIT))), "the conv2d input gradient")
     spec = conv2d_input_grad_kernel(code, kh, kw, rows, cols, channels)
@@ -306,8 +306,8 @@ def conv2d_weight_grad_kernel(code, co_tile, k_tile, rows, cols, chunk):
     memory.
 
     Kernel arguments: flat ``x (n, c_I, h, w)``, ``gy (n, c_O, h_O, w_O)``, ``part``
-    (written, of the compute type), then ``c_I, h, w, c_O, h_O, w_O, c_Ig, c_Og, s_h, s_w,
-    p_top, p_left, d_h, d_w, k_H, k_W, m_total, m_slice``.
+    (written, of the compute type), then ``c_I, h, w, c_O, h_O, w_O, c_Ig, c_Og, s_H, s_W,
+    p_top, p_left, d_H, d_W, k_H, k_W, m_total, m_slice``.
     """
     scalar = _COMPUTE[code]
     CO_T, K_T, RC, RK, MC = co_tile, k_tile, rows, cols, chunk
@@ -318,7 +318,7 @@ def conv2d_weight_grad_kernel(code, co_tile, k_tile, rows, cols, chunk):
     COP, KTP = _odd(CO_T), _odd(K_T)
     NACC = RC * RK
 
-    def kernel(x, gy, part, c_I, h, wd, c_O, h_O, w_O, c_Ig, c_Og, sh, sw, pt, pl, dh, dw,
+    def kernel(x, gy, part, c_I, h, wd, c_O, h_O, w_O, c_Ig, c_Og, s_H, s_W, pt, pl, d_H, d_W,
                kh, kw, m_total, m_slice):
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
@@ -350,8 +350,8 @@ def conv2d_weight_grad_kernel(code, co_tile, k_tile, rows, cols, chunk):
                 kx = t - ky * kw
                 plane = c * h * wd
             ktab[0, kl] = plane
-            ktab[1, kl] = ky * dh
-            ktab[2, kl] = kx * dw
+            ktab[1, kl] = ky * d_H
+            ktab[2, kl] = kx * d_W
 
         ml = tid % MC
         kfirst = tid // MC
@@ -369,8 +369,8 @@ def conv2d_weight_grad_kernel(code, co_tile, k_tile, rows, cols, chunk):
             oy = p // w_O
             ox = p - oy * w_O
             x_base = (b * c_I + g * c_Ig) * h * wd
-            iy0 = oy * sh - pt
-            ix0 = ox * sw - pl
+            iy0 = oy * s_H - pt
+            ix0 = ox * s_W - pl
             g_base = (b * c_O + g * c_Og + col0) * n_pos + p
             # Wait until the previous chunk has been read (and, the first time, the k table
             # has been written).
@@ -534,7 +534,7 @@ def local_conv2d_input_grad_kernel(code, kernel_h, kernel_w, batch_block, channe
     every thread ``channels`` input channels. For each output channel and each tap row
     ``k_y`` the phase uses, the input row reads one output row ``oy``; the block stages from
     the weights ``(c_O, h_O, w_O, c_Ig, k_H, k_W)`` the runs ``w[co, oy, ox, c, k_y, :]`` of
-    the ``32 + (k_W - 1) * d_w // s_w + 1`` positions ``ox`` its columns read (``k_W``
+    the ``32 + (k_W - 1) * d_W // s_W + 1`` positions ``ox`` its columns read (``k_W``
     consecutive words each, consecutive threads loading consecutive words), ``chunk``
     output channels at a time. A thread then reads the weight of each tap ``k_x`` of the
     phase from shared memory (runs padded to an odd stride: conflict-free) and multiplies it
@@ -542,7 +542,7 @@ def local_conv2d_input_grad_kernel(code, kernel_h, kernel_w, batch_block, channe
     the 32 threads of a warp read 32 consecutive positions. Every weight loaded serves
     ``batch_block`` images, every ``gy`` value ``channels`` input channels.
 
-    Launch: ``grid = ceil(h / s_h) * ceil(ceil(w / s_w) / 32) * s_h * s_w * groups *
+    Launch: ``grid = ceil(h / s_H) * ceil(ceil(w / s_W) / 32) * s_H * s_W * groups *
     ceil(c_Ig / channels)`` (1-D; the channel block varies fastest, then the phase, so the
     blocks that read the same ``gy`` and neighbouring weight words run together and share
     them in L2), ``block = (32, by)`` with
@@ -552,7 +552,7 @@ def local_conv2d_input_grad_kernel(code, kernel_h, kernel_w, batch_block, channe
 
     Kernel arguments: flat ``gy (n, c_O, h_O, w_O)``, ``weight (c_O, h_O, w_O, c_Ig, k_H,
     k_W)``, ``gx (n, c_I, h, w)`` (written), then ``n, c_I, h, w, c_O, h_O, w_O, c_Ig,
-    c_Og, s_h, s_w, p_top, p_left, d_h, d_w, v_tiles, slab_j, chunk``.
+    c_Og, s_H, s_W, p_top, p_left, d_H, d_W, v_tiles, slab_j, chunk``.
     """
     store, scalar = _SCALAR[code], _COMPUTE[code]
     KH, KW, NB, CB = kernel_h, kernel_w, batch_block, channels
@@ -560,14 +560,14 @@ def local_conv2d_input_grad_kernel(code, kernel_h, kernel_w, batch_block, channe
     KWP = _odd(KW)
     NACC = NB * CB
 
-    def kernel(gy, weight, gx, n, c_I, h, wd, c_O, h_O, w_O, c_Ig, c_Og, sh, sw, pt, pl,
-               dh, dw, v_tiles, slab_j, chunk):
+    def kernel(gy, weight, gx, n, c_I, h, wd, c_O, h_O, w_O, c_Ig, c_Og, s_H, s_W, pt, pl,
+               d_H, d_W, v_tiles, slab_j, chunk):
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
         by = cuda.blockDim.y
         tid = ty * 32 + tx
         nthreads = 32 * by
-        phases = sh * sw
+        phases = s_H * s_W
         blocks_per_group = (c_Ig + CB - 1) // CB
         channel_blocks = (c_I // c_Ig) * blocks_per_group
         cb = cuda.blockIdx.x % channel_blocks
@@ -576,28 +576,28 @@ def local_conv2d_input_grad_kernel(code, kernel_h, kernel_w, batch_block, channe
         t = t // phases
         vt = t % v_tiles
         u = t // v_tiles
-        ry = phase // sw
-        rx = phase - ry * sw
-        iy = ry + sh * u
+        ry = phase // s_W
+        rx = phase - ry * s_W
+        iy = ry + s_H * u
         if iy >= h:  # the same for the whole block: no barrier is left waiting
             return
         v = vt * 32 + tx
-        ix = rx + sw * v
+        ix = rx + s_W * v
         g = cb // blocks_per_group
         cl0 = (cb % blocks_per_group) * CB  # first input channel, in the group
         n_cl = min(CB, c_Ig - cl0)
         n_pos = h_O * w_O
         k_len = c_Ig * KHW
         img = c_O * n_pos
-        f_lo = (rx + pl - (KW - 1) * dw) // sw  # floor: the first staged position, relative
+        f_lo = (rx + pl - (KW - 1) * d_W) // s_W  # floor: the first staged position, relative
         ox_lo = vt * 32 + f_lo                  # to the block's first column
         # Staged column tap kx reads, relative to the thread's column; -1 off this phase.
         tcol = cuda.local.array(KW, dtype=int64)
         for kx in range(KW):
-            a = rx + pl - kx * dw
+            a = rx + pl - kx * d_W
             tcol[kx] = -1
-            if a % sw == 0:
-                tcol[kx] = a // sw - f_lo
+            if a % s_W == 0:
+                tcol[kx] = a // s_W - f_lo
         run = slab_j * KWP    # one (output channel, input channel) of the stage
         smem = cuda.shared.array(0, dtype=scalar)
         acc = cuda.local.array(NACC, dtype=scalar)
@@ -611,9 +611,9 @@ def local_conv2d_input_grad_kernel(code, kernel_h, kernel_w, batch_block, channe
             for c0 in range(0, c_Og, chunk):
                 nc = min(chunk, c_Og - c0)
                 for ky in range(KH):
-                    a = ry + pt - ky * dh
-                    oy = u + a // sh
-                    if a % sh == 0 and oy >= 0 and oy < h_O:  # the same for the whole block
+                    a = ry + pt - ky * d_H
+                    oy = u + a // s_H
+                    if a % s_H == 0 and oy >= 0 and oy < h_O:  # the same for the whole block
                         # Wait until the previous stage has been read.
                         cuda.syncthreads()
                         w_row = ky * KW
@@ -698,9 +698,9 @@ def local_conv2d_input_grad_config(geom, dtype):
     batch_block = _even_split(max(geom.batch, 1), 8 if compute_code(code) == "f32" else 4)
     c_ig = geom.in_channels_per_group
     kw = geom.kernel_width
-    sh, sw = geom.stride_h, geom.stride_w
-    hu, wu = -(-geom.in_height // sh), -(-geom.in_width // sw)
-    slab_j = 32 + (kw - 1) * geom.dilation_w // sw + 1
+    s_H, s_W = geom.stride_h, geom.stride_w
+    hu, wu = -(-geom.in_height // s_H), -(-geom.in_width // s_W)
+    slab_j = 32 + (kw - 1) * geom.dilation_w // s_W + 1
     channels = _even_split(c_ig, 4)
 
     def per_channel(channels):
@@ -716,7 +716,7 @@ def local_conv2d_input_grad_config(geom, dtype):
     chunk = max(1, min(geom.out_channels_per_group, LOCAL_STAGE_BYTES // per_channel(channels)))
     by = max(1, min(_LOCAL_IGRAD_MAX_ROWS, -(-geom.batch // batch_block)))
     v_tiles = -(-wu // 32)
-    grid = check_grid((hu * v_tiles * sh * sw * geom.groups * -(-c_ig // channels),),
+    grid = check_grid((hu * v_tiles * s_H * s_W * geom.groups * -(-c_ig // channels),),
                       "the local_conv2d input gradient")
     spec = local_conv2d_input_grad_kernel(code, geom.kernel_height, kw, batch_block, channels)
     return LocalInputGradConfig(spec, (32, by), grid, v_tiles, slab_j, chunk,
@@ -774,7 +774,7 @@ def local_conv2d_weight_grad_kernel(code, kernel_h, kernel_w, rows, channels):
     ``block = (32, by)`` with ``by <= local_wgrad_max_rows(...)``; static shared memory.
 
     Kernel arguments: flat ``x (n, c_I, h, w)``, ``gy (n, c_O, h_O, w_O)``, ``gw`` (written),
-    then ``n, c_I, h, w, c_O, h_O, w_O, c_Ig, c_Og, s_h, s_w, p_top, p_left, d_h, d_w,
+    then ``n, c_I, h, w, c_O, h_O, w_O, c_Ig, c_Og, s_H, s_W, p_top, p_left, d_H, d_W,
     row_blocks``.
     """
     store, scalar = _SCALAR[code], _COMPUTE[code]
@@ -787,7 +787,7 @@ def local_conv2d_weight_grad_kernel(code, kernel_h, kernel_w, rows, channels):
     SQ = 32 * SP            # one output channel's tile
     SMEM = CB * SQ
 
-    def kernel(x, gy, gw, n, c_I, h, wd, c_O, h_O, w_O, c_Ig, c_Og, sh, sw, pt, pl, dh, dw,
+    def kernel(x, gy, gw, n, c_I, h, wd, c_O, h_O, w_O, c_Ig, c_Og, s_H, s_W, pt, pl, d_H, d_W,
                row_blocks):
         # Every thread takes part in the output stages, so the bounds guards sit on the
         # loads and stores, not at the top.
@@ -808,8 +808,8 @@ def local_conv2d_weight_grad_kernel(code, kernel_h, kernel_w, rows, channels):
         block_pos = min(32, n_pos - pos0)
         oy = pos // w_O
         ox = pos - oy * w_O
-        iy0 = oy * sh - pt
-        ix0 = ox * sw - pl
+        iy0 = oy * s_H - pt
+        ix0 = ox * s_W - pl
         g = cb // blocks_per_group
         co0 = g * c_Og + (cb % blocks_per_group) * CB
         n_co = min(CB, (g + 1) * c_Og - co0)
@@ -825,9 +825,9 @@ def local_conv2d_weight_grad_kernel(code, kernel_h, kernel_w, rows, channels):
             r = row0 + rr
             ci = r // KH
             ky = r - ci * KH
-            iy = iy0 + ky * dh
+            iy = iy0 + ky * d_H
             for kx in range(KW):
-                ix = ix0 + kx * dw
+                ix = ix0 + kx * d_W
                 o = -1
                 if pos_ok and r < n_rows and iy >= 0 and iy < h and ix >= 0 and ix < wd:
                     o = ((g * c_Ig + ci) * h + iy) * wd + ix

@@ -12,13 +12,7 @@ Kernels index flat (1-D) arrays with non-negative 64-bit offsets (cast to unsign
 emits no negative-index wraparound): flat offsets past 2**31 elements are safe, and the
 address arithmetic stays a few adds.
 
-Notation (as in :mod:`gpuconv.geometry`; the short names appear only inside kernels)::
-
-    n        batch                      c_I, c_O    input, output channels
-    c_Ig     input channels per group   c_Og        output channels per group
-    h, w     input height, width        h_O, w_O    output height, width
-    k_H, k_W kernel height, width       s, p, d     stride, padding, dilation
-    P        h_O * w_O output positions
+Names inside kernels follow the notation of :mod:`gpuconv.geometry`.
 
 Each factory takes a dtype code: ``"f32"`` and ``"f64"`` compute in the input dtype;
 ``"f16"`` stores float16 and computes in float32. A float16 value is converted to float32
@@ -149,12 +143,12 @@ def conv2d_kernel(code, kernel_h, kernel_w, rows, cols, channels):
     ``chunk * (tile_h * tile_w + k_H * k_W * channels) * itemsize`` bytes (``itemsize`` of
     the compute type: 4 for float16), where the output
     tile is ``(by * rows) x (bx * cols)`` and the input tile (with halo)
-    ``tile_h = (by * rows - 1) * s_h + (k_H - 1) * d_h + 1`` (same for W).
+    ``tile_h = (by * rows - 1) * s_H + (k_H - 1) * d_H + 1`` (same for W).
 
     Kernel arguments: the flat (C-order, 1-D) ``x (n, c_I, h, w)``,
     ``weight (c_O, c_Ig, k_H, k_W)``, ``bias (c_O,)`` (or a dummy) and ``out (n, c_O, h_O, w_O)``,
-    then ``has_bias, n, c_I, h, w, c_O, h_O, w_O, c_Ig, c_Og, s_h, s_w, p_top, p_left, d_h,
-    d_w, tiles_x, tile_h, tile_w, chunk``. Flat arrays indexed with non-negative 64-bit
+    then ``has_bias, n, c_I, h, w, c_O, h_O, w_O, c_Ig, c_Og, s_H, s_W, p_top, p_left, d_H,
+    d_W, tiles_x, tile_h, tile_w, chunk``. Flat arrays indexed with non-negative 64-bit
     offsets keep the address arithmetic to a few adds (no negative-index wraparound).
     """
     store, scalar = _SCALAR[code], _COMPUTE[code]
@@ -164,7 +158,7 @@ def conv2d_kernel(code, kernel_h, kernel_w, rows, cols, channels):
     NACC = NPOS * CB
 
     def kernel(x, weight, bias, out, has_bias, n, c_I, h, wd, c_O, h_O, w_O, c_Ig, c_Og,
-               sh, sw, pt, pl, dh, dw, tiles_x, tile_h, tile_w, chunk):
+               s_H, s_W, pt, pl, d_H, d_W, tiles_x, tile_h, tile_w, chunk):
         # A tile kernel: every thread takes part in the shared-memory stages, so the bounds
         # guard sits on the stores, not at the top.
         tx = cuda.threadIdx.x
@@ -182,8 +176,8 @@ def conv2d_kernel(code, kernel_h, kernel_w, rows, cols, channels):
         g = cuda.blockIdx.y // blocks_per_group
         co0 = g * c_Og + (cuda.blockIdx.y % blocks_per_group) * CB
         co_end = min(co0 + CB, (g + 1) * c_Og)
-        iy0 = oy0 * sh - pt
-        ix0 = ox0 * sw - pl
+        iy0 = oy0 * s_H - pt
+        ix0 = ox0 * s_W - pl
 
         smem = cuda.shared.array(0, dtype=scalar)
         w_base = chunk * tile_hw  # weights follow the input tiles in shared memory
@@ -192,7 +186,7 @@ def conv2d_kernel(code, kernel_h, kernel_w, rows, cols, channels):
         base = cuda.local.array(NPOS, dtype=int64)
         for i in range(RY):
             for j in range(RX):
-                base[i * RX + j] = (ty + i * by) * sh * tile_w + (tx + j * bx) * sw
+                base[i * RX + j] = (ty + i * by) * s_H * tile_w + (tx + j * bx) * s_W
 
         acc = cuda.local.array(NACC, dtype=scalar)
         wreg = cuda.local.array(CB, dtype=scalar)
@@ -232,7 +226,7 @@ def conv2d_kernel(code, kernel_h, kernel_w, rows, cols, channels):
                             wofs = w_base + ((c * KH + ky) * KW + kx) * CB
                             for q in range(CB):
                                 wreg[q] = smem[uint64(wofs + q)]
-                            xofs = c * tile_hw + ky * dh * tile_w + kx * dw
+                            xofs = c * tile_hw + ky * d_H * tile_w + kx * d_W
                             for p in range(NPOS):
                                 xv = smem[uint64(xofs + base[p])]
                                 for q in range(CB):
@@ -405,7 +399,7 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_block, channels, stage_r
     Kernel arguments: flat ``x_t (c_I, h, w, n_pad)``, ``weight (c_O, h_O, w_O, c_Ig, k_H, k_W)``,
     ``bias (c_O, bias_len)`` (``bias_len`` 1 or ``P``; or a dummy) and
     ``out (n, c_O, h_O, w_O)``, then ``has_bias, bias_len, n, n_pad, h, w, c_O, h_O, w_O,
-    c_Ig, c_Og, s_h, s_w, p_top, p_left, d_h, d_w``.
+    c_Ig, c_Og, s_H, s_W, p_top, p_left, d_H, d_W``.
     """
     store, scalar = _SCALAR[code], _COMPUTE[code]
     KH, KW, NB, CB = kernel_h, kernel_w, batch_block, channels
@@ -419,7 +413,7 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_block, channels, stage_r
     SMEM = CB * SLAB
 
     def kernel(x_t, weight, bias, out, has_bias, bias_len, n, n_pad, h, wd, c_O, h_O, w_O,
-               c_Ig, c_Og, sh, sw, pt, pl, dh, dw):
+               c_Ig, c_Og, s_H, s_W, pt, pl, d_H, d_W):
         # Every thread takes part in the shared-memory stages, so the bounds guards sit on
         # the compute and the stores, not at the top.
         tx = cuda.threadIdx.x
@@ -433,8 +427,8 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_block, channels, stage_r
         block_pos = min(32, n_pos - pos0)  # positions of this block
         oy = pos // w_O
         ox = pos - oy * w_O
-        iy0 = oy * sh - pt
-        ix0 = ox * sw - pl
+        iy0 = oy * s_H - pt
+        ix0 = ox * s_W - pl
         blocks_per_group = (c_Og + CB - 1) // CB
         g = cuda.blockIdx.y // blocks_per_group
         co0 = g * c_Og + (cuda.blockIdx.y % blocks_per_group) * CB
@@ -473,11 +467,11 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_block, channels, stage_r
                         if r < n_rows:
                             ci = r // KH
                             ky = r - ci * KH
-                            iy = iy0 + ky * dh
+                            iy = iy0 + ky * d_H
                             if iy >= 0 and iy < h:
                                 x_row = ((g * c_Ig + ci) * h + iy) * wd
                                 for kx in range(KW):
-                                    ix = ix0 + kx * dw
+                                    ix = ix0 + kx * d_W
                                     if ix >= 0 and ix < wd:
                                         xofs = (x_row + ix) * n_pad + b0
                                         for bb in range(NB):
