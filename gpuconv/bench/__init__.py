@@ -144,7 +144,8 @@ def add_arguments(parser):
                         help="default: a few layers of each kind; full: every layer")
     parser.add_argument("--quick", action="store_true",
                         help=f"reduced run: layers {', '.join(QUICK_LAYERS)}, batch <= "
-                             f"{QUICK_MAX_BATCH}, fewer repeats (well under a minute on a CPU)")
+                             f"{QUICK_MAX_BATCH}, fewer repeats (the forward: well under a minute on "
+                             "a CPU)")
     parser.add_argument("--layers", nargs="+", type=_layer_name, metavar="NAME",
                         help=f"run these layers instead of the suite; one of: {', '.join(LAYERS)}")
     parser.add_argument("--batch", type=positive_int, metavar="N",
