@@ -26,7 +26,7 @@ _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64
 _HALF = np.dtype(np.float16)
 # float16 is stored in half precision and computed in float32: on the CPU the operands are
 # converted once into the float32 kernels' inputs (a pass over them, and float32 copies); the
-# CUDA kernels load the half values themselves (no copies) when launch.HALF_SUPPORTED.
+# CUDA kernels load the half values themselves (no copies).
 _COMPUTE_DTYPE = {_HALF: np.dtype(np.float32)}
 
 
@@ -354,12 +354,6 @@ def call(op_name, arrays, stride, padding, dilation, groups, device, sizes=None)
     if target == "cuda":
         from .cuda import launch
 
-        # A guard for a CUDA layer built without float16 kernels (this one has them).
-        if result is None and operands[0].dtype == _HALF and not launch.HALF_SUPPORTED:
-            raise TypeError(
-                f"float16 runs on the CPU only in this version of gpuconv; use device='cpu', "
-                f"or float32 on the GPU ({next(iter(arrays))}.astype('float32') or "
-                f".float())")
         if result is None:
             result = launch.run(op, operands, geom)
         elif operands[0].on_gpu:

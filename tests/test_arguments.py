@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import gpuconv
-from gpuconv import conv2d, local_conv2d
+from gpuconv import conv2d
 from gpuconv.geometry import get_conv_outsize, resolve_padding
 
 X = np.zeros((2, 4, 8, 8), dtype=np.float32)

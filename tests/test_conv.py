@@ -59,13 +59,6 @@ def _case(rng, geometry, dtype, local, bias_kind):
 
 
 def _check(op, ref, x, wt, b, kwargs, device, dtype):
-    if np.dtype(dtype) == np.float16 and device == "cuda":
-        from gpuconv.cuda import launch
-
-        if not launch.HALF_SUPPORTED:
-            with pytest.raises(TypeError, match="float16 runs on the CPU only"):
-                op(x, wt, b, device=device, **kwargs)
-            return None
     y = op(x, wt, b, device=device, **kwargs)
     assert isinstance(y, np.ndarray) and y.dtype == np.dtype(dtype)
     expected = ref(x, wt, b, **kwargs)

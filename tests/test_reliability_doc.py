@@ -8,7 +8,6 @@ import os
 import pathlib
 
 import numpy as np
-import pytest
 
 import gpuconv
 from test_arguments import ACCEPTED, BAD, W, WL, X

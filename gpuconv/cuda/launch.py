@@ -34,11 +34,7 @@ from . import grad_kernels, kernels
 from ..device import (DLPACK_CUDA_DEVICES, c_strides, check_memory, is_c_contiguous,
                       simulator_enabled)
 
-__all__ = ["run", "from_host_like", "HALF_SUPPORTED"]
-
-#: Whether the CUDA kernels take float16 operands (they do: stored in half precision, loaded
-#: straight into float32 registers, accumulated in float32, rounded once as they are stored).
-HALF_SUPPORTED = True
+__all__ = ["run", "from_host_like"]
 
 
 # --------------------------------------------------------------------------------------------
