@@ -3,26 +3,30 @@
     PYTHONPATH=. python scripts/gpu_check.py [--quick] [--skip-bench] [--skip-sanitizer]
                                              [--pass PASS...]
 
-1. correctness: both operations against PyTorch on the GPU, in float64 and float32, over a
-   grid of geometries (stride, padding, dilation, groups, bias kinds, odd sizes); cuDNN with
-   TF32 off; the references are the benchmark's PyTorch peers (``torch.nn.functional.conv2d``,
-   and ``unfold`` + ``einsum`` for local_conv2d) in float64, the tolerances
-   :data:`gpuconv.bench.stats.TOLERANCE`. The four gradient functions (``gpuconv.grad``)
-   likewise, on a smaller grid (:func:`grad_grid`), against PyTorch autograd through the same
-   peers in float64 (:func:`gpuconv.bench.peers.torch_autograd_backward`). Also the array
-   kinds (torch in -> torch out, CuPy, Numba device arrays, NumPy), a side stream,
-   non-contiguous inputs, an empty batch and NaN propagation;
+1. correctness: both operations against PyTorch on the GPU, in float64, float32 and float16
+   (:data:`DTYPES`), over a grid of geometries (stride, padding, dilation, groups, bias kinds,
+   odd sizes); cuDNN with TF32 off; the references are the benchmark's PyTorch peers
+   (``torch.nn.functional.conv2d``, and ``unfold`` + ``einsum`` for local_conv2d) in float64
+   on the same (rounded) inputs, the tolerances :func:`gpuconv.bench.stats.tolerance`
+   (float16: from its epsilon and the length of each result's sum, :func:`terms`). The four
+   gradient functions (``gpuconv.grad``) likewise, on a smaller grid (:func:`grad_grid`),
+   against PyTorch autograd through the same peers in float64
+   (:func:`gpuconv.bench.peers.torch_autograd_backward`). Also the array kinds (torch in ->
+   torch out, CuPy, Numba device arrays, NumPy), a side stream, non-contiguous inputs, an
+   empty batch and NaN propagation;
 2. speed: ``gpuconv bench`` on the GPU (:func:`gpuconv.bench.run_benchmark`, alternating
    bursts timed with CUDA events, ceilings measured once): the forward of both operations on
    every benchmark layer at its GPU batch size beside the PyTorch peers, with the name of the
    kernel each gpuconv record launched and the registers and memory of those kernels; then
    (``--pass``, default all) the backward and the training step on the default suite with
    few timed calls (:data:`GRADIENT_REPEAT` x :data:`GRADIENT_BURSTS`), which keeps the GPU
-   work bounded;
+   work bounded; and the forward in float16 on the default suite, as few timed calls
+   (:func:`half_speed`: float16 halves the bytes the unshared layer streams);
 3. ``compute-sanitizer --tool memcheck`` on a small case, where the tool exists.
 
 Everything is printed and, when ``OUT`` is set, written to ``$OUT/gpu_check.json`` (its
-``bench`` and ``bench_gradients`` entries have the schema of ``gpuconv bench --json``).
+``bench``, ``bench_gradients`` and ``bench_float16`` entries have the schema of
+``gpuconv bench --json``).
 Exit status 1 if a correctness check fails or an implementation fails in the benchmark.
 The CPU-side logic (arguments, geometry grids, layer lists, kernel names, the references,
 the gradient checks and the speed sections on the CPU) imports without a GPU;
@@ -43,7 +47,7 @@ from typing import NamedTuple
 
 from gpuconv import bench, workloads
 from gpuconv.bench import peers
-from gpuconv.bench.stats import TOLERANCE, within_tolerance
+from gpuconv.bench.stats import reduction_terms, tolerance, within_tolerance
 from gpuconv.cli import positive_int
 from gpuconv.geometry import conv_geometry
 
@@ -106,8 +110,26 @@ GRAD_CASES = ("basic", "pad_bias", "stride2", "stride_gt_kernel", "rect", "dilat
 GRAD_FUNCTIONS = {"conv2d": ("conv2d_input", "conv2d_weight"),
                   "local_conv2d": ("local_conv2d_input", "local_conv2d_weight")}
 
-#: Timed calls per burst and bursts, for the backward and the training step.
+#: Timed calls per burst and bursts, for the backward and the training step, and for the
+#: float16 forward.
 GRADIENT_REPEAT, GRADIENT_BURSTS = 2, 2
+
+#: The dtypes of the correctness checks, as torch dtype names.
+DTYPES = ("float64", "float32", "float16")
+
+
+def terms(name, geom):
+    """The most products one value of the result of ``name`` sums on ``geom``: ``"conv2d"``
+    or ``"local_conv2d"`` (the forward, bias included), or a gradient function of
+    :data:`GRAD_FUNCTIONS` (the input gradient ``(C_out/g) kH kW``; the weight gradient
+    ``N H_out W_out`` for conv2d, ``N`` for local_conv2d). float16's tolerance grows with it."""
+    if name in GRAD_FUNCTIONS:
+        return reduction_terms(name, geom, "forward")
+    window = geom.kernel_height * geom.kernel_width
+    if name.endswith("_input"):
+        return geom.out_channels_per_group * window
+    positions = geom.out_height * geom.out_width
+    return geom.batch * (positions if name == "conv2d_weight" else 1)
 
 
 def grad_grid(quick=False):
@@ -178,13 +200,13 @@ def gradient_layers(quick=False):
 
 
 def speed(layers, repeat, bursts, quick=False, device="cuda", torch="auto", progress=None,
-          ceilings=None):
+          ceilings=None, dtype="float32"):
     """``gpuconv bench`` (the forward) on ``layers`` (names or
-    :class:`~gpuconv.workloads.Layer`) at their batch sizes for ``device``; each gpuconv
-    record also names the CUDA kernel that geometry launches (``kernel``). An
+    :class:`~gpuconv.workloads.Layer`) at their batch sizes for ``device``, in ``dtype``;
+    each gpuconv record also names the CUDA kernel that geometry launches (``kernel``). An
     implementation that fails is recorded as skipped (``failed: ...``), not raised."""
-    result = bench.run_benchmark(layers, device=device, repeat=repeat, bursts=bursts,
-                                 quick=quick, torch=torch, progress=progress,
+    result = bench.run_benchmark(layers, device=device, dtype=dtype, repeat=repeat,
+                                 bursts=bursts, quick=quick, torch=torch, progress=progress,
                                  ceilings=ceilings, on_error="record")
     by_name = {layer.name: layer for layer in
                (workloads.LAYERS[x] if isinstance(x, str) else x for x in layers)}
@@ -193,6 +215,14 @@ def speed(layers, repeat, bursts, quick=False, device="cuda", torch="auto", prog
             geom = by_name[r["layer"]].geometry(r["N"])
             r["kernel"] = _kernel_name(r["op"], geom, r["dtype"])
     return result
+
+
+def half_speed(layers, quick=False, device="cuda", torch="auto", progress=None):
+    """The forward in float16 on ``layers`` (:func:`gradient_layers`: the default suite),
+    :data:`GRADIENT_REPEAT` x :data:`GRADIENT_BURSTS` timed calls, float16's own ceilings
+    (half-precision matmul and copy): :func:`speed` with ``dtype="float16"``."""
+    return speed(layers, GRADIENT_REPEAT, GRADIENT_BURSTS, quick, device, torch, progress,
+                 dtype="float16")
 
 
 def gradient_speed(layers, passes, ceilings, quick=False, device="cuda", torch="auto",
@@ -263,10 +293,11 @@ def check_case(torch, gpuconv, case, op, dtype, device="cuda"):
     scale = float(bound.abs().max()) if bound.numel() else 0.0
     dtype_name = str(dtype).replace("torch.", "")
     finite = bool(torch.isfinite(y).all())
+    count = terms(op, geom)
     return {"case": case.name, "op": op, "dtype": dtype_name, "max_abs_error": err,
-            "scale": scale, "tolerance": TOLERANCE[dtype_name],
+            "scale": scale, "tolerance": tolerance(dtype_name, count), "terms": count,
             "result_kind_ok": ok_type, "finite": finite,
-            "ok": ok_type and finite and within_tolerance(err, scale, dtype_name)}
+            "ok": ok_type and finite and within_tolerance(err, scale, dtype_name, count)}
 
 
 def _grad_reference(torch, op, geom, x, w, gy):
@@ -315,11 +346,13 @@ def check_grad_case(torch, gpuconv_grad, case, op, dtype, device="cuda"):
         err = float((result.double() - ref).abs().max()) if ok_type and ref.numel() else 0.0
         scale = float(bound.abs().max()) if bound.numel() else 0.0
         finite = bool(torch.isfinite(result).all()) if ok_type else False
+        count = terms(name, geom)
         results.append({"case": case.name, "op": name, "dtype": dtype_name,
                         "max_abs_error": err, "scale": scale,
-                        "tolerance": TOLERANCE[dtype_name], "result_kind_ok": ok_type,
-                        "finite": finite,
-                        "ok": ok_type and finite and within_tolerance(err, scale, dtype_name)})
+                        "tolerance": tolerance(dtype_name, count), "terms": count,
+                        "result_kind_ok": ok_type, "finite": finite,
+                        "ok": ok_type and finite and within_tolerance(err, scale, dtype_name,
+                                                                      count)})
     return results
 
 
@@ -526,7 +559,7 @@ def main(argv=None):
     # 1. correctness
     start = time.perf_counter()
     checks = []
-    for dtype in (torch.float64, torch.float32):
+    for dtype in (getattr(torch, name) for name in DTYPES):
         for case in geometry_grid(args.quick):
             for op in ("conv2d", "local_conv2d"):
                 try:
@@ -544,7 +577,7 @@ def main(argv=None):
           f"({time.perf_counter() - start:.1f} s)")
     start = time.perf_counter()
     grad_checks = []
-    for dtype in (torch.float64, torch.float32):
+    for dtype in (getattr(torch, name) for name in DTYPES):
         for case in grad_grid(args.quick):
             for op in ("conv2d", "local_conv2d"):
                 try:
@@ -560,7 +593,7 @@ def main(argv=None):
                         print(f"FAIL {result}")
     report["gradients"] = grad_checks
     print(f"gradients: {sum(c['ok'] for c in grad_checks)}/{len(grad_checks)} within tolerance "
-          f"(4 functions x {len(grad_grid(args.quick))} cases x 2 dtypes; "
+          f"(4 functions x {len(grad_grid(args.quick))} cases x {len(DTYPES)} dtypes; "
           f"{time.perf_counter() - start:.1f} s)")
     kinds = check_array_kinds(torch, gpuconv)
     report["array_kinds"] = kinds
@@ -584,11 +617,15 @@ def main(argv=None):
             if gradients is not None:
                 report["bench_gradients"] = gradients
                 print(bench.format_report(gradients))
+            if "forward" in args.passes:
+                half = half_speed(gradient_layers(args.quick), args.quick, torch=torch)
+                report["bench_float16"] = half
+                print(bench.format_report(half))
         except Exception as exc:
             failures += 1
             report["bench_error"] = traceback.format_exc()[-4000:]
             print(f"FAIL benchmark: {type(exc).__name__}: {exc}\n{report['bench_error']}")
-        for part in ("bench", "bench_gradients"):
+        for part in ("bench", "bench_gradients", "bench_float16"):
             for r in failed_records(report.get(part)):
                 failures += 1
                 print(f"FAIL benchmark {r.get('pass', 'forward')} {r['layer']} {r['op']} "

@@ -20,7 +20,7 @@ from gpuconv.device import cuda_available
 from gpuconv.geometry import conv_geometry
 
 from reference import (conv2d_input_grad_ref, conv2d_ref, conv2d_weight_grad_ref,
-                       local_conv2d_input_grad_ref, local_conv2d_ref,
+                       half_tolerance, local_conv2d_input_grad_ref, local_conv2d_ref,
                        local_conv2d_weight_grad_ref)
 
 TINY = bench.Layer("tiny", "tiny test layer", 2, 2, 3, 9, 4, 3, 2, 1, "the tests")
@@ -125,7 +125,7 @@ def test_skipped_record_has_no_numbers():
     (["--repeat", "0"], "must be >= 1"),
     (["--batch", "-3"], "must be >= 1"),
     (["--batch", "two"], "expected a positive integer"),
-    (["--dtype", "float16"], "invalid choice"),
+    (["--dtype", "float8"], "invalid choice"),
     (["--device", "tpu"], "invalid choice"),
     (["--suite", "huge"], "invalid choice"),
 ])
@@ -930,3 +930,156 @@ def test_cli_backward_with_plot_sweeps_the_backward(fast, monkeypatch, capsys, t
     sweep = [r for r in records if r["part"] == "batch-sweep"]
     assert sorted({r["N"] for r in sweep}) == sorted(bench.SWEEP_BATCHES)
     assert "Batch sweep (tiny, backward):" in out.out
+
+
+# ----------------------------------------------------------------------------- float16
+
+def test_float16_tolerance_and_reduction_terms_by_hand():
+    geom = TINY_GROUPED.geometry(2)  # N=2, C_in=4, 8x8, C_out=6, k=3, pad 1, groups=2: 8x8 out
+    assert stats.reduction_terms("conv2d", geom) == 2 * 9 + 1
+    assert stats.reduction_terms("local_conv2d", geom, "forward") == 19
+    # input gradient 3 * 9 = 27; weight gradient 2 * 64 = 128 (conv2d), 2 (local_conv2d)
+    assert stats.reduction_terms("conv2d", geom, "backward") == 128
+    assert stats.reduction_terms("local_conv2d", geom, "backward") == 27
+    assert stats.reduction_terms("local_conv2d", geom, "step") == 27
+    for terms in (1, 19, 10_000):
+        assert stats.tolerance("float16", terms) == half_tolerance(terms)  # the tests' own
+    assert stats.tolerance("float32", 19) == stats.TOLERANCE["float32"]
+    assert stats.within_tolerance(1e-3, 2.0, "float16", 19)
+    assert not stats.within_tolerance(3e-3, 2.0, "float16", 19)
+    with pytest.raises(ValueError, match="terms"):
+        stats.tolerance("float16")
+
+
+def test_float16_inputs_are_float32_draws_rounded():
+    a = bench._normal(np.random.default_rng(3), (5, 7), "float16")
+    b = np.random.default_rng(3).standard_normal((5, 7), dtype=np.float32)
+    assert a.dtype == np.float16 and np.array_equal(a, b.astype(np.float16))
+    x, shared, bias = bench._random_arrays(np.random.default_rng(0), TINY.geometry(2),
+                                           "float16")
+    assert {x.dtype, shared.dtype, bias.dtype} == {np.dtype(np.float16)}
+    assert np.isfinite(x).all() and x.std() > 0.5
+
+
+def _check_half_records(result, passes):
+    records = result["records"]
+    assert records and {r["pass"] for r in records} == set(passes)
+    for r in records:
+        geom = TINY.geometry(r["N"])
+        bias = "position" if (r["op"], r["pass"]) == ("local_conv2d", "step") else "channel"
+        nbytes = stats.min_bytes(r["op"], geom, 2, r["pass"], bias)
+        assert r["dtype"] == "float16" and r["bytes"] == nbytes
+        assert 2 * r["bytes"] == stats.min_bytes(r["op"], geom, 4, r["pass"], bias)
+        assert r["gbs"] == pytest.approx(nbytes / r["median_s"] / 1e9)
+        assert r["bandwidth_fraction"] == pytest.approx(r["gbs"] / CEILINGS["bandwidth_gbs"])
+        assert r["tolerance"] == half_tolerance(stats.reduction_terms(r["op"], geom, r["pass"]))
+        assert r["max_rel_diff"] <= r["tolerance"], r
+        # the results are float16 too: 2 bytes per value
+        out = geom.batch * geom.out_channels * geom.out_height * geom.out_width
+        if r["pass"] == "forward":
+            assert r["result_bytes"] == 2 * out
+        else:
+            assert r["grad_weight_bytes"] == 2 * r["params_weights"]
+
+
+@needs_torch
+def test_float16_run_with_torch_times_every_pass_it_can(fast):
+    result = bench.run_benchmark([TINY], dtype="float16", repeat=1, bursts=1, progress=False,
+                                 passes=bench.PASSES)
+    _check_half_records(result, ("forward", "backward"))
+    assert {r["impl"] for r in result["records"]} == {"gpuconv", "torch", "torch-unfold"}
+    machine = result["machine"]
+    assert machine["dtype"] == "float16"
+    assert machine["passes_not_run"] == {"step": bench.STEP_FLOAT16}
+    text = bench.format_report(result)
+    assert "float16" in text.splitlines()[0] and "gpuconv.torch's layers" in text
+    assert "Agreement: all 8 results within the float16 tolerance" in text
+
+
+def test_float16_run_without_torch_casts_the_numpy_baselines(fast):
+    result = bench.run_benchmark([TINY], dtype="float16", repeat=1, bursts=1, progress=False,
+                                 torch=None)
+    _check_half_records(result, ("forward",))
+    peers = [r for r in result["records"] if r["impl"] != "gpuconv"]
+    assert {r["impl"] for r in peers} == {"numpy-im2col", "numpy-im2col-matmul"}
+    assert all("cast to float32 and back" in r["description"] for r in peers)
+
+
+def test_numpy_baselines_in_float16_match_the_reference():
+    geom = conv_geometry((2, 4, 9, 8), (3, 3), 6, 2, 1, 1, 2)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(geom.input_shape).astype(np.float16)
+    w = rng.standard_normal(geom.shared_weight_shape()).astype(np.float16)
+    wl = rng.standard_normal(geom.local_weight_shape()).astype(np.float16)
+    b = rng.standard_normal(6).astype(np.float16)
+    kw = dict(stride=2, padding=1, dilation=1, groups=2)
+    tol = half_tolerance(stats.reduction_terms("conv2d", geom))
+    for make, weight, ref in ((_bench_impls._numpy_conv2d_make, w, conv2d_ref),
+                              (_bench_impls._numpy_local_make, wl, local_conv2d_ref)):
+        y = make({"x": x, "weight": weight, "bias": b}, geom)()
+        expected = ref(x, weight, b, **kw)
+        bound = ref(np.abs(x), np.abs(weight), np.abs(b), **kw)
+        assert y.dtype == np.float16
+        assert np.abs(y - expected).max() <= tol * bound.max()
+
+
+def test_a_peer_without_float16_is_skipped_with_the_reason(fast, monkeypatch):
+    real = _bench_impls.implementations
+
+    def no_half(*args, **kwargs):
+        impls = real(*args, **kwargs)
+        for impl in impls:
+            if impl.name != "gpuconv":
+                def make(arrays, geom):
+                    def call():
+                        raise RuntimeError('"slow_conv2d_cpu" not implemented for \'Half\'')
+                    return call
+                impl.make = make
+        return impls
+    monkeypatch.setattr(_bench_impls, "implementations", no_half)
+    result = bench.run_benchmark([TINY], dtype="float16", repeat=1, bursts=1, progress=False,
+                                 torch=None)  # the default on_error="raise" must not raise
+    skipped = [r for r in result["records"] if r["skipped"]]
+    assert skipped and {r["impl"] for r in skipped} == {"numpy-im2col", "numpy-im2col-matmul"}
+    for r in skipped:
+        assert r["skipped"].startswith("float16 not supported by this peer on cpu: RuntimeError")
+    assert all(r["median_s"] > 0 for r in result["records"] if r["impl"] == "gpuconv")
+    assert "float16 not supported by this peer" in bench.format_table(result["records"])
+    with pytest.raises(RuntimeError):  # in float32 the same failure is an error
+        bench.run_benchmark([TINY], repeat=1, bursts=1, progress=False, torch=None)
+
+
+def test_float16_results_outside_the_tolerance_are_reported(fast, monkeypatch):
+    """The agreement check can fail: gpuconv's float16 output off by 1 % (10x the tolerance)."""
+    real = _bench_impls.implementations
+
+    def off(*args, **kwargs):
+        impls = real(*args, **kwargs)
+        for impl in impls:
+            if (impl.op, impl.name) == ("conv2d", "gpuconv"):
+                make = impl.make
+                impl.make = (lambda m: lambda arrays, geom: (
+                    lambda fn: lambda: (fn() * np.float16(1.01)).astype(np.float16))(
+                        m(arrays, geom)))(make)
+        return impls
+    monkeypatch.setattr(_bench_impls, "implementations", off)
+    result = bench.run_benchmark([TINY], dtype="float16", repeat=1, bursts=1, progress=False,
+                                 torch=None)
+    wrong = [r for r in result["records"] if r["max_rel_diff"] > r["tolerance"]]
+    assert [(r["op"], r["impl"]) for r in wrong] == [("conv2d", "gpuconv")]
+    assert "Agreement: outside the tolerance" in bench.format_summary(result)
+
+
+def test_cli_float16(fast, monkeypatch, capsys, tmp_path):
+    json_path = tmp_path / "bench.json"
+    code, out = _cli(["--device", "cpu", "--quick", "--repeat", "1", "--dtype", "float16",
+                      "--json", str(json_path)], monkeypatch, capsys, torch_available=False)
+    assert code == 0
+    result = json.loads(json_path.read_text())
+    assert "--dtype float16" in result["machine"]["command"]
+    assert {r["dtype"] for r in result["records"]} == {"float16"}
+    assert ", float16," in out.out.splitlines()[0]
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: pytest.fail("timed anyway"))
+    code, out = _cli(["--device", "cpu", "--pass", "step", "--dtype", "float16"], monkeypatch,
+                     capsys)
+    assert code == 2 and "gpuconv.torch's layers" in out.err

@@ -14,7 +14,7 @@ from gpuconv import grad as gpuconv_grad
 from gpuconv.bench import peers as _bench_impls
 from gpuconv.cuda import kernels as _cuda_kernels
 from reference import (conv2d_input_grad_ref, conv2d_ref, conv2d_weight_grad_ref,
-                       local_conv2d_input_grad_ref, local_conv2d_ref,
+                       half_tolerance, local_conv2d_input_grad_ref, local_conv2d_ref,
                        local_conv2d_weight_grad_ref, output_size)
 
 SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
@@ -97,6 +97,10 @@ def test_check_case_end_to_end_on_the_cpu(gpu_check, op):
         result = gpu_check.check_case(torch, gpuconv, case, op, dtype, device="cpu")
         assert result["ok"], result
         assert result["tolerance"] == bench.stats.TOLERANCE[result["dtype"]]
+    result = gpu_check.check_case(torch, gpuconv, case, op, torch.float16, device="cpu")
+    assert result["ok"] and result["dtype"] == "float16", result
+    # stride2: C_in=3, 5x5 kernel, plus the bias
+    assert result["terms"] == 3 * 25 + 1 and result["tolerance"] == half_tolerance(76)
 
 
 def test_check_case_fails_a_wrong_result(gpu_check, monkeypatch):
@@ -221,6 +225,14 @@ def test_check_grad_case_end_to_end_on_the_cpu(gpu_check, op):
         for r in results:
             assert r["ok"], r
             assert r["tolerance"] == bench.stats.TOLERANCE[r["dtype"]] and r["scale"] > 0
+    results = gpu_check.check_grad_case(torch, gpuconv_grad, case, op, torch.float16, "cpu")
+    geom = gpu_check.case_geometry(case)  # groups: N=2, 8 -> 12 channels, 4 groups, 19x18
+    input_terms = 3 * 9
+    weight_terms = 2 * (geom.out_height * geom.out_width if op == "conv2d" else 1)
+    assert [r["terms"] for r in results] == [input_terms, weight_terms]
+    for r in results:
+        assert r["ok"] and r["dtype"] == "float16", r
+        assert r["tolerance"] == half_tolerance(r["terms"])
 
 
 def test_check_grad_case_fails_a_wrong_or_missing_gradient(gpu_check):
@@ -262,3 +274,46 @@ def test_gradient_speed_is_gpuconv_bench_with_the_other_passes(gpu_check, monkey
     records[0]["skipped"] = "failed: RuntimeError: boom"
     assert gpu_check.failed_records(result) == [records[0]]
     assert gpu_check.failed_records(None) == []
+
+
+# ----------------------------------------------------------------------------- float16
+
+def test_float16_is_checked(gpu_check):
+    assert gpu_check.DTYPES == ("float64", "float32", "float16")
+
+
+@pytest.mark.parametrize("factor, ok16, ok32", [(1 + 2e-4, True, False), (1.01, False, False)])
+def test_float16_check_has_its_own_tolerance(gpu_check, factor, ok16, ok32):
+    """An error of 2e-4 of the magnitude passes in float16 (eps 2**-10) and fails in float32;
+    1 % fails both."""
+    torch = pytest.importorskip("torch")
+    import types
+
+    import gpuconv
+
+    def conv2d(*args, **kwargs):  # the error made in float64, then rounded once
+        y = gpuconv.conv2d(*args, **kwargs)
+        return (y.double() * factor).to(y.dtype) if y.dtype == torch.float16 else y * factor
+    wrong = types.SimpleNamespace(conv2d=conv2d)
+    case = gpu_check.geometry_grid()[9]  # k1: 64 terms, sums of many values, none tiny
+    half = gpu_check.check_case(torch, wrong, case, "conv2d", torch.float16, device="cpu")
+    single = gpu_check.check_case(torch, wrong, case, "conv2d", torch.float32, device="cpu")
+    assert (half["ok"], single["ok"]) == (ok16, ok32), (half, single)
+
+
+def test_half_speed_is_the_float16_forward_on_few_calls(gpu_check, monkeypatch):
+    monkeypatch.setattr(_bench_impls, "measure_ceilings", lambda *a, **k: {})
+    monkeypatch.setattr(bench, "WARMUP_S", 0.0)
+    tiny = bench.Layer("tiny", "tiny test layer", 2, 2, 3, 9, 4, 3, 2, 1, "the tests")
+    result = gpu_check.half_speed([tiny], device="cpu", torch=None, progress=False)
+    records = result["records"]
+    assert records and {r["pass"] for r in records} == {"forward"}
+    for r in records:
+        assert r["dtype"] == "float16" and r["max_rel_diff"] <= r["tolerance"]
+        assert r["samples"] == gpu_check.GRADIENT_REPEAT * gpu_check.GRADIENT_BURSTS
+        assert r["bytes"] == bench.stats.min_bytes(r["op"], tiny.geometry(r["N"]), 2)
+        if r["impl"] == "gpuconv":
+            assert r["kernel"] == gpu_check._kernel_name(r["op"], tiny.geometry(r["N"]),
+                                                         "float16")
+            assert "_f16_" in r["kernel"]
+    assert gpu_check.failed_records(result) == []

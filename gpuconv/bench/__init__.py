@@ -66,7 +66,7 @@ import numpy as np
 
 from . import peers as impls_mod
 from .stats import (PASSES, format_bytes, geomean, min_bytes, paired_ratios, param_count,
-                    pass_flops, summarize)
+                    pass_flops, reduction_terms, summarize, tolerance)
 from ..cli import gpu_description, positive_int
 from ..device import CudaUnavailableError, select_device
 from ..workloads import LAYERS, Layer
@@ -75,7 +75,7 @@ __all__ = ["Layer", "LAYERS", "SUITES", "QUICK_LAYERS", "PASSES", "PASS_CHOICES"
            "add_arguments", "run", "run_benchmark", "make_record", "format_report",
            "format_table", "format_summary", "peer_speedups", "sharing_speedups",
            "local_bandwidth", "backward_memory", "param_count", "min_bytes", "layer_names",
-           "one_core", "resolve_passes"]
+           "one_core", "resolve_passes", "DTYPES"]
 
 
 #: Named suites: layer names in the order they run.
@@ -108,6 +108,15 @@ MEMORY_FRACTION = 0.7
 
 #: The operations, in the order they are reported.
 OPS = ("conv2d", "local_conv2d")
+
+#: ``--dtype`` values. float16 is stored in half precision and accumulated in float32 by
+#: gpuconv: its bytes (GB/s, %bw) count 2 per value.
+DTYPES = ("float16", "float32", "float64")
+
+#: Why the training step is not timed in float16: gpuconv.torch's layers take float32 and
+#: float64 only (gpuconv.conv2d, local_conv2d and gpuconv.grad take float16).
+STEP_FLOAT16 = ("not run in float16: gpuconv.torch's layers (Conv2d, LocallyConnected2d) take "
+                "float32 and float64 only; the forward and the backward take float16")
 
 #: ``--pass`` values: a pass of :data:`PASSES`, or several at once.
 PASS_CHOICES = {"forward": ("forward",), "backward": ("backward",), "step": ("step",),
@@ -150,7 +159,10 @@ def add_arguments(parser):
                         help=f"run these layers instead of the suite; one of: {', '.join(LAYERS)}")
     parser.add_argument("--batch", type=positive_int, metavar="N",
                         help="batch size for every layer (default: each layer's own, per device)")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="float32 (default), float64, or float16 (stored in half "
+                             "precision, accumulated in float32; bytes counted at 2 per value; "
+                             "no training step: gpuconv.torch takes float32 and float64)")
     parser.add_argument("--repeat", type=positive_int, metavar="R",
                         help=f"timed calls per burst (default {DEFAULT_REPEAT}, "
                              f"--quick {QUICK_REPEAT}); each implementation runs "
@@ -316,7 +328,9 @@ def make_record(op, impl, layer, device, dtype, geom, samples=None, ceilings=Non
         "peak_extra_bytes": None, "peak_extra_method": None, "result_bytes": None,
         "peak_scratch_bytes": None,
         "grad_weight_bytes": (count.weights * itemsize if pass_name != "forward" else None),
-        "max_rel_diff": None, "skipped": None,
+        "max_rel_diff": None, "tolerance": tolerance(np.dtype(dtype).name,
+                                                     reduction_terms(op, geom, pass_name)),
+        "skipped": None,
     }
     if samples:
         summary = summarize(samples)
@@ -433,15 +447,23 @@ def _numba_cache_stats():
     return hits, misses
 
 
+def _normal(rng, shape, dtype):
+    """Standard normal values of ``dtype``: float16 ones are drawn in float32, then rounded
+    (NumPy draws float32 and float64 only)."""
+    dtype = np.dtype(dtype)
+    if dtype == np.float16:
+        return rng.standard_normal(shape, dtype=np.float32).astype(np.float16)
+    return rng.standard_normal(shape, dtype=dtype)
+
+
 def _random_arrays(rng, geom, dtype):
-    """x, shared weight, local weight, bias (NumPy), scaled so outputs stay O(1)."""
+    """x, shared weight, bias (NumPy), scaled so outputs stay O(1)."""
     fan_in = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
     scale = np.asarray(1.0 / np.sqrt(fan_in), dtype=dtype)
-    x = rng.standard_normal((geom.batch, geom.in_channels, geom.in_height, geom.in_width),
-                            dtype=dtype)
-    shared = rng.standard_normal(geom.shared_weight_shape(), dtype=dtype)
+    x = _normal(rng, (geom.batch, geom.in_channels, geom.in_height, geom.in_width), dtype)
+    shared = _normal(rng, geom.shared_weight_shape(), dtype)
     shared *= scale
-    bias = rng.standard_normal((geom.out_channels,), dtype=dtype)
+    bias = _normal(rng, (geom.out_channels,), dtype)
     return x, shared, bias
 
 
@@ -559,15 +581,15 @@ def _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng, b
         # temporary stays small.
         flat = local.reshape(geom.out_channels, -1)
         for row in flat:
-            row[:] = rng.standard_normal(row.shape[0], dtype=dtype)
+            row[:] = _normal(rng, row.shape[0], dtype)
         flat *= np.asarray(1.0 / np.sqrt(geom.in_channels_per_group * geom.kernel_height
                                          * geom.kernel_width), dtype=dtype)
     host = {"x": x, "bias": bias, "conv2d": shared, "local_conv2d": local}
     if pass_name != "forward":
-        host["gy"] = rng.standard_normal(geom.output_shape, dtype=dtype)
+        host["gy"] = _normal(rng, geom.output_shape, dtype)
     if pass_name == "step" and local is not None:
-        host["bias_position"] = rng.standard_normal(
-            (geom.out_channels, geom.out_height, geom.out_width), dtype=dtype)
+        host["bias_position"] = _normal(
+            rng, (geom.out_channels, geom.out_height, geom.out_width), dtype)
 
     converted = {}  # (array kind, array name) -> that array as the implementation reads it
     arrays = {}  # (array kind, op) -> {"x", "weight", "bias"[, "gy"]}
@@ -606,9 +628,13 @@ def _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng, b
             fn = impl.make(arrays_for(impl), geom)
             seconds, out = backend.time_first_call(fn)
         except Exception as exc:
-            if on_error != "record":
+            if _half_unsupported(impl, dtype, exc):
+                skipped(impl, f"float16 not supported by this peer on {device}: "
+                              f"{type(exc).__name__}: {exc}"[:300])
+            elif on_error != "record":
                 raise
-            skipped(impl, f"failed: {type(exc).__name__}: {exc}"[:300])
+            else:
+                skipped(impl, f"failed: {type(exc).__name__}: {exc}"[:300])
             runnable.remove(impl)
             for _ in range(1 + bursts):
                 progress.step(f"{layer_name}: failed {impl.op} {impl.name}")
@@ -660,6 +686,14 @@ def _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng, b
     return records, units, (host, converted, arrays)
 
 
+def _half_unsupported(impl, dtype, exc):
+    """Whether ``exc``, raised by ``impl``'s set-up or first call, is a peer saying it has no
+    float16 kernel here (PyTorch raises ``RuntimeError: "..." not implemented for 'Half'``):
+    that peer is skipped, with the reason, and the run goes on."""
+    return (np.dtype(dtype) == np.float16 and impl.name != "gpuconv"
+            and isinstance(exc, (RuntimeError, NotImplementedError, TypeError)))
+
+
 def one_core(torch=None):
     """One thread for gpuconv's CPU kernels (Numba) and for PyTorch; returns the clock to
     time them with, ``time.process_time`` (CPU time of the process: time spent waiting for
@@ -681,7 +715,8 @@ def run_benchmark(layers, device="cpu", dtype="float32", repeat=DEFAULT_REPEAT,
     Args:
         layers: layer names (keys of :data:`LAYERS`) or :class:`Layer` objects.
         device: ``"cpu"`` or ``"cuda"`` (already resolved).
-        dtype: ``"float32"`` or ``"float64"``.
+        dtype: ``"float32"``, ``"float64"`` or ``"float16"`` (no ``"step"``:
+            :data:`STEP_FLOAT16`).
         repeat: timed calls per burst; bursts: bursts per implementation.
         batch: batch size for every layer (``None``: each layer's, for ``device``);
             ``batch_cap`` limits it.
@@ -712,9 +747,13 @@ def run_benchmark(layers, device="cpu", dtype="float32", repeat=DEFAULT_REPEAT,
                  if i.op in ops]
     by_pass = {p: [i for i in impl_list if i.pass_name == p] for p in passes}
     pass_peers = impls_mod.describe_peers_by_pass(device, torch, peers, problem, passes)
+    if np.dtype(dtype) == np.float16 and "step" in by_pass:
+        by_pass["step"] = []
+        pass_peers["step"] = STEP_FLOAT16
     not_run = {p: pass_peers[p] for p in passes if not by_pass[p]}
     by_pass = {p: impls for p, impls in by_pass.items() if impls}
-    peers_note = impls_mod.describe_peers(device, torch, peers, problem, passes)
+    peers_note = "; ".join(text if name == "forward" else f"{name}: {text}"
+                           for name, text in pass_peers.items())
     sweep_batches = ()
     if sweep is not None and by_pass:
         sweep_layer, sweep_batches = sweep
@@ -1140,6 +1179,10 @@ def format_summary(result):
             lines.append(f"  {label:<{label_width}}  {r['impl']:<13} "
                          f"{_ms(r['first_call_s']):>8} ms "
                          f"(median afterwards {_ms(r['median_s'])} ms{how})")
+    agreement = _agreement_line(result["records"], result["machine"].get("dtype"))
+    if agreement:
+        lines.append("")
+        lines.extend(textwrap.wrap(agreement, 100, subsequent_indent="  "))
     ceilings = result["machine"]["ceilings"]
     new = ""
     if passes != ["forward"] and ceilings.get("bandwidth_new_gbs"):
@@ -1155,6 +1198,27 @@ def format_summary(result):
         f"({ceilings.get('bandwidth_method', 'not measured')}){new}.", 100,
         subsequent_indent="  "))
     return "\n".join(lines)
+
+
+def _agreement_line(records, dtype):
+    """How the results agree with their references (``max_rel_diff`` against the record's
+    ``tolerance``): the records outside it, or, in float16 (whose tolerance depends on the
+    reduction length), that all are within; ``None`` otherwise."""
+    checked = [r for r in records if r.get("max_rel_diff") is not None
+               and r.get("tolerance") is not None]
+    outside = [r for r in checked if r["max_rel_diff"] > r["tolerance"]]
+    if outside:
+        return ("Agreement: outside the tolerance (max_rel_diff > tolerance): " + "; ".join(
+            f"{r['layer']} {r['op']}{'' if _pass_of(r) == 'forward' else ' ' + _pass_of(r)} "
+            f"{r['impl']} vs {r.get('compared_with', '?')} {r['max_rel_diff']:.2g} > "
+            f"{r['tolerance']:.2g}" for r in outside))
+    if checked and dtype == "float16":
+        worst = max(checked, key=lambda r: r["max_rel_diff"] / r["tolerance"])
+        return (f"Agreement: all {len(checked)} results within the float16 tolerance of their "
+                f"reference (2**-10 + terms * 2**-23, terms = the longest sum behind a value; "
+                f"closest: {worst['layer']} {worst['op']} {worst['impl']} "
+                f"{worst['max_rel_diff']:.2g} of {worst['tolerance']:.2g}).")
+    return None
 
 
 def _forward_summary(result, records, layers, width):
@@ -1278,6 +1342,9 @@ def run(args):
         return 2
     names, repeat, bursts, batch_cap = _plan(args)
     passes = resolve_passes(getattr(args, "passes", None))
+    if passes == ("step",) and args.dtype == "float16":
+        print(f"gpuconv bench: error: --pass step is {STEP_FLOAT16}", file=sys.stderr)
+        return 2
     torch = "auto"
     if "step" in passes or getattr(args, "one_core", False):
         torch = impls_mod.load_torch()

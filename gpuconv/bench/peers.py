@@ -393,12 +393,24 @@ def _windows(x, geom):
 def _numpy_im2col_make(arrays, geom, group_out):
     """A NumPy im2col peer: the receptive fields of ``x`` (a strided view), then per group
     ``group_out(fields of the group's input channels, the group's weights)`` ->
-    ``(N, C_out/g, H_out*W_out)``, then the bias."""
+    ``(N, C_out/g, H_out*W_out)``, then the bias.
+
+    float16 (which NumPy multiplies without BLAS, one value at a time) is cast to float32
+    inside each call, computed in float32, and the result cast back to float16: the same
+    conversions gpuconv's CPU path makes, timed alike."""
     x, weight, bias = arrays["x"], arrays["weight"], arrays["bias"]
     c_ig, c_og = geom.in_channels_per_group, geom.out_channels_per_group
     positions = geom.out_height * geom.out_width
+    half = x.dtype == np.float16
 
     def call():
+        if half:
+            return compute(x.astype(np.float32), weight.astype(np.float32),
+                           None if bias is None else bias.astype(np.float32)
+                           ).astype(np.float16)
+        return compute(x, weight, bias)
+
+    def compute(x, weight, bias):
         win = _windows(x, geom)
         out = np.empty((geom.batch, geom.out_channels, positions), dtype=x.dtype)
         for gi in range(geom.groups):
@@ -776,13 +788,15 @@ def _forward_impls(device, torch_ok, torch, peers):
             probe))
     elif device == "cpu":
         impls.insert(1, Impl(
-            "conv2d", "numpy-im2col", "NumPy im2col copy + BLAS matmul (no framework installed)",
+            "conv2d", "numpy-im2col", "NumPy im2col copy + BLAS matmul (no framework "
+            "installed; float16: cast to float32 and back in each call)",
             lambda arrays, geom: _numpy_conv2d_make(arrays, geom), "numpy",
             lambda geom, itemsize: _cols_bytes(geom, itemsize) + 2 * _out_bytes(geom, itemsize)
             + _padded_bytes(geom, itemsize), "tracemalloc"))
         impls.append(Impl(
             "local_conv2d", "numpy-im2col-matmul",
-            "NumPy im2col copy + batched matmul per output position (no framework installed)",
+            "NumPy im2col copy + batched matmul per output position (no framework "
+            "installed; float16: cast to float32 and back in each call)",
             lambda arrays, geom: _numpy_local_make(arrays, geom), "numpy",
             lambda geom, itemsize: _cols_bytes(geom, itemsize) + 2 * _out_bytes(geom, itemsize)
             + _padded_bytes(geom, itemsize), "tracemalloc"))
@@ -1064,7 +1078,8 @@ def measure_bandwidth(dtype, quick=False, clock=time.perf_counter):
 
 
 def measure_ceilings(backend, dtype, quick=False):
-    """Measured in this run: memory bandwidth and a compute reference for ``dtype``.
+    """Measured in this run: memory bandwidth and a compute reference for ``dtype``
+    (float16 on the CPU: float32's compute reference, which is what runs there).
 
     CPU, timed with ``backend.clock`` (process CPU time with ``--one-core``, like the
     kernels): bandwidth = read + write bytes of a large NumPy copy / its best time (also into
@@ -1077,6 +1092,14 @@ def measure_ceilings(backend, dtype, quick=False):
     repeat = 3 if quick else 5
     copy_bytes = 256 * 2 ** 20
     matmul_n = 2048
+    if backend.kind == "cpu" and dtype == np.float16:
+        # gpuconv computes float16 in float32 on the CPU (one conversion pass, then the
+        # float32 kernels), and NumPy's float16 matmul runs without BLAS (minutes at this
+        # size): the compute reference is float32's. A copy moves bytes, whatever their dtype.
+        result = measure_ceilings(backend, np.float32, quick)
+        result["compute_method"] = ("float32, as gpuconv computes float16 on the CPU: "
+                                    + result["compute_method"])
+        return result
     if backend.kind == "cpu":
         candidates = {}
         # PyTorch first: after a NumPy/BLAS call its threads still hold the cores.

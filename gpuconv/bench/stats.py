@@ -6,7 +6,9 @@
   :attr:`gpuconv.geometry.ConvGeometry.flops`);
 - summaries of timings: :func:`quantile`, :func:`summarize`, :func:`paired_ratios`,
   :func:`geomean`, :func:`rate`;
-- how close two outputs must be: :data:`TOLERANCE`, :func:`within_tolerance`;
+- how close two outputs must be: :data:`TOLERANCE`, :func:`half_tolerance`,
+  :func:`tolerance`, :func:`within_tolerance`, and the length of the sums behind each
+  result, :func:`reduction_terms`;
 - :func:`format_bytes` for what is printed.
 
 Importing this module imports nothing beyond the standard library and gpuconv's own
@@ -20,7 +22,8 @@ import sys
 
 from ..params import conv2d_param_count, local_conv2d_param_count
 
-__all__ = ["TOLERANCE", "within_tolerance", "PASSES", "PASS_FLOPS", "param_count",
+__all__ = ["TOLERANCE", "half_tolerance", "tolerance", "reduction_terms",
+           "within_tolerance", "PASSES", "PASS_FLOPS", "param_count",
            "pass_flops", "min_bytes", "grad_bytes", "quantile",
            "summarize", "paired_ratios", "geomean", "rate", "format_bytes"]
 
@@ -30,9 +33,54 @@ __all__ = ["TOLERANCE", "within_tolerance", "PASSES", "PASS_FLOPS", "param_count
 TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
 
 
-def within_tolerance(err, bound, dtype_name):
-    """``err <= TOLERANCE[dtype_name] * bound`` (a zero bound accepts only a zero error)."""
-    return err <= TOLERANCE[dtype_name] * max(bound, sys.float_info.min)
+
+def half_tolerance(terms):
+    """Relative tolerance of a float16 result accumulated in float32 over ``terms`` products:
+    one rounding of the result to float16 (half an ulp, 2**-11, taken twice for margin) plus
+    at most ``terms`` float32 roundings of partial sums (2**-24 each, taken twice), relative
+    to the magnitude bound. float16 stores 11 significant bits, so no constant fits every
+    reduction length."""
+    return 2.0 ** -10 + terms * 2.0 ** -23
+
+
+def tolerance(dtype_name, terms=None):
+    """The relative tolerance of ``dtype_name`` results: :data:`TOLERANCE`, or for float16
+    :func:`half_tolerance` of ``terms`` (required then)."""
+    if dtype_name == "float16":
+        if terms is None:
+            raise ValueError("float16's tolerance depends on the reduction length: give terms")
+        return half_tolerance(terms)
+    return TOLERANCE[dtype_name]
+
+
+def within_tolerance(err, bound, dtype_name, terms=None):
+    """``err <= tolerance(dtype_name, terms) * bound`` (a zero bound accepts only a zero
+    error); ``terms``, the length of the reduction behind each value, only matters for
+    float16."""
+    return err <= tolerance(dtype_name, terms) * max(bound, sys.float_info.min)
+
+
+def reduction_terms(op, geom, pass_name="forward"):
+    """The most products one result value of ``pass_name`` sums (at most; padding and stride
+    leave fewer for some values), over every result of the pass:
+
+    - forward: ``(C_in/g) kH kW`` per output value (the bias adds one);
+    - input gradient: ``(C_out/g) kH kW``; weight gradient: ``N H_out W_out`` for ``conv2d``
+      (a weight is used at every position), ``N`` for ``local_conv2d``;
+    - step: the forward, both gradients and the bias gradient (``N H_out W_out`` per
+      channel, ``N`` per position for ``local_conv2d``: as many as its weight gradient).
+    """
+    window = geom.kernel_height * geom.kernel_width
+    forward = geom.in_channels_per_group * window + 1
+    if pass_name == "forward":
+        return forward
+    uses = geom.batch * (geom.out_height * geom.out_width if op == "conv2d" else 1)
+    backward = max(geom.out_channels_per_group * window, uses)
+    if pass_name == "backward":
+        return backward
+    if pass_name == "step":
+        return max(forward, backward)  # the bias gradient sums as the weight gradient
+    raise ValueError(f"pass_name must be one of {PASSES}, got {pass_name!r}")
 
 
 # ----------------------------------------------------------------------------- counts
