@@ -922,7 +922,13 @@ def _argv_of(args):
 
 
 def run(args):
-    """The ``train`` command. Returns the exit status."""
+    """The ``train`` command. Returns the exit status (2: the options cannot work)."""
+    try:  # unwritable outputs are argument errors, reported before any training
+        check_output_path(args.json, "JSON output")
+        check_output_path(args.plot, "plot")
+    except ValueError as exc:
+        print(f"gpuconv train: error: {exc}", file=sys.stderr)
+        return 2
     try:
         result = train(args.dataset, args.variant, epochs=args.epochs, batch=args.batch,
                        device=args.device, seed=args.seed, seeds=args.seeds, quick=args.quick,
