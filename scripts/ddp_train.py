@@ -104,6 +104,9 @@ def run(rank, world_size, args, init_method):
                 print(f"step {step}: loss {loss.item():.4f} (rank 0's share)", flush=True)
         if args.save and rank == 0:
             torch.save({k: v.cpu() for k, v in model.state_dict().items()}, args.save)
+        # No rank tears the group down while another still works in it: gloo aborts a process
+        # whose peer disappears under a pending operation.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
