@@ -20,6 +20,7 @@ import os
 
 __all__ = ["DEVICES", "ENV_VAR", "DLPACK_CUDA_DEVICES", "simulator_enabled", "c_strides",
            "is_c_contiguous", "CudaUnavailableError", "InsufficientMemoryError",
+           "toolchain_problem", "cuda_toolchain_problem",
            "select_device", "cuda_available", "is_device_array", "explain_auto",
            "host_memory_available", "check_memory"]
 
@@ -72,6 +73,68 @@ class InsufficientMemoryError(MemoryError, ValueError):
     """
 
 
+#: numba-cuda releases that are known not to work with a NumPy release: (the newest such
+#: numba-cuda, the first such NumPy, why). numba-cuda up to 0.30.4 registers ``np.row_stack``
+#: for its kernels when it compiles the first one; NumPy 2.5 removed that function, so the
+#: first CUDA compilation dies with an ``AttributeError`` deep inside numba-cuda.
+KNOWN_BROKEN_PAIRS = (
+    ((0, 30, 4), (2, 5), "it uses np.row_stack, which NumPy 2.5 removed"),
+)
+
+
+def _release(version):
+    """The leading numeric release of a version string: ``"2.5.0rc1"`` -> ``(2, 5, 0)``."""
+    parts = []
+    for piece in str(version).split("+")[0].split("."):
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        parts.append(int(digits))
+        if len(digits) != len(piece):
+            break
+    return tuple(parts)
+
+
+def toolchain_problem(numba_cuda_version, numpy_version):
+    """Why this numba-cuda / NumPy pair cannot compile CUDA kernels, or ``None``.
+
+    >>> toolchain_problem("0.30.4", "2.4.6") is None
+    True
+    >>> print(toolchain_problem("0.30.4", "2.5.2"))  # doctest: +NORMALIZE_WHITESPACE
+    numba-cuda 0.30.4 does not work with NumPy 2.5.2 (it uses np.row_stack, which NumPy 2.5
+    removed): install NumPy below 2.5 (pip install "numpy<2.5"), or a numba-cuda release
+    newer than 0.30.4 that supports NumPy 2.5
+    """
+    cuda_release, numpy_release = _release(numba_cuda_version), _release(numpy_version)
+    for newest_broken, first_numpy, why in KNOWN_BROKEN_PAIRS:
+        if cuda_release and cuda_release <= newest_broken and numpy_release >= first_numpy:
+            numpy_floor = ".".join(map(str, first_numpy))
+            newest = ".".join(map(str, newest_broken))
+            return (f"numba-cuda {numba_cuda_version} does not work with NumPy {numpy_version} "
+                    f"({why}): install NumPy below {numpy_floor} (pip install "
+                    f"\"numpy<{numpy_floor}\"), or a numba-cuda release newer than {newest} "
+                    f"that supports NumPy {numpy_floor}")
+    return None
+
+
+def cuda_toolchain_problem():
+    """:func:`toolchain_problem` for the numba-cuda and NumPy installed here (``None`` when
+    numba-cuda is not installed as a package, or the pair is not known to be broken)."""
+    from importlib import metadata
+
+    import numpy
+
+    try:
+        numba_cuda = metadata.version("numba-cuda")
+    except metadata.PackageNotFoundError:
+        return None
+    return toolchain_problem(numba_cuda, numpy.__version__)
+
+
 def host_memory_available():
     """Bytes of host memory available to a new allocation, or ``None`` if unknown."""
     try:
@@ -113,6 +176,9 @@ def _cuda_status():
         if cuda.is_available():
             if simulator_enabled():
                 return True, "the Numba CUDA simulator is enabled (NUMBA_ENABLE_CUDASIM=1)"
+            problem = cuda_toolchain_problem()
+            if problem is not None:  # the first kernel compilation would crash
+                return False, problem
             return True, "a CUDA GPU is present"
         return False, "numba.cuda.is_available() is False (no CUDA driver or GPU)"
     except Exception as exc:
@@ -190,7 +256,22 @@ def select_device(*arrays, device="auto"):
                 if requested == "cuda" else
                 f"some inputs live on a GPU but the CUDA path is unusable: {reason}")
         return "cuda"
-    return "cuda" if cuda_available() else "cpu"
+    if cuda_available():
+        return "cuda"
+    _warn_if_toolchain_broken()
+    return "cpu"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_if_toolchain_broken():
+    """Once per process: ``"auto"`` chose the CPU although a GPU is there, because the
+    installed numba-cuda / NumPy pair cannot compile kernels (say so, with the fix)."""
+    available, reason = _cuda_status()
+    if not available and reason == cuda_toolchain_problem():
+        import warnings
+
+        warnings.warn(f"gpuconv runs on the CPU: a CUDA GPU is present but {reason}",
+                      RuntimeWarning, stacklevel=3)
 
 
 def explain_auto():

@@ -1083,3 +1083,44 @@ def test_cli_float16(fast, monkeypatch, capsys, tmp_path):
     code, out = _cli(["--device", "cpu", "--pass", "step", "--dtype", "float16"], monkeypatch,
                      capsys)
     assert code == 2 and "gpuconv.torch's layers" in out.err
+
+
+# --- the CUDA backward and step passes ------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("name", ["conv2d_input", "conv2d_weight", "local_conv2d_input",
+                                  "local_conv2d_weight"])
+def test_gradient_workspace_asks_the_cuda_estimates_with_the_dtype(name, dtype):
+    """The CUDA scratch estimates take (geometry, dtype) and count elements: the bench's
+    backward pass on CUDA crashed calling them with the geometry alone."""
+    from gpuconv.ops import OPS
+
+    geom = conv_geometry((3, 4, 9, 9), (3, 3), 5, stride=2, padding=1)
+    itemsize = np.dtype(dtype).itemsize
+    expected = OPS[name].scratch("cuda")(geom, np.dtype(dtype)) * itemsize
+    assert _bench_impls._gpuconv_grad_scratch(name, "cuda", geom, itemsize) == expected
+    if name == "conv2d_weight" and dtype == np.float16:
+        assert expected > 0  # float16's float32 partial sums: a real estimate, not zero
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not cuda_available(), reason="numba.cuda cannot launch kernels here")
+def test_cuda_backward_and_step_passes_run():
+    """``gpuconv bench --device cuda --pass backward step`` on a tiny layer: every gpuconv
+    gradient record is timed; the step runs where PyTorch has CUDA, else it says why."""
+    from gpuconv.workloads import Layer
+
+    layer = Layer("tiny", "Tiny", 2, 2, 2, 6, 3, 3, 1, 0, "test")
+    result = bench.run_benchmark([layer], device="cuda", repeat=1, bursts=1, quick=True,
+                                 passes=("backward", "step"), on_error="raise")
+    backward = [r for r in result["records"] if r["pass"] == "backward"
+                and r["impl"] == "gpuconv"]
+    assert sorted(r["op"] for r in backward) == ["conv2d", "local_conv2d"]
+    assert all(r["samples"] == 1 and not r["skipped"] for r in backward)
+    step = [r for r in result["records"] if r["pass"] == "step"]
+    not_run = result["machine"].get("passes_not_run") or {}
+    if step:
+        assert all(r["samples"] == 1 and not r["skipped"] for r in step
+                   if r["impl"] == "gpuconv")
+    else:
+        assert "CUDA" in str(not_run.get("step")), not_run

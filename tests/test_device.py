@@ -104,3 +104,54 @@ def test_explain_auto_mentions_the_reason(monkeypatch, no_cuda):
     assert _device.explain_auto().startswith("cpu (no GPU (test))")
     monkeypatch.setenv("GPUCONV_DEVICE", "cpu")
     assert "GPUCONV_DEVICE" in _device.explain_auto()
+
+
+# --- the numba-cuda / NumPy pair -------------------------------------------------------------
+
+@pytest.mark.parametrize("numba_cuda, numpy_version, broken", [
+    ("0.30.4", "2.5.2", True),       # the pair the first GPU run met
+    ("0.30.4", "2.5.0rc1", True),
+    ("0.20.0", "2.6.0", True),
+    ("0.30.4", "2.4.6", False),
+    ("0.30.5", "2.5.2", False),      # newer than any release known to be broken
+    ("0.31.0.dev3", "2.5.2", False),
+    ("0.30.4", "1.26.4", False),
+])
+def test_known_broken_toolchain_pairs(numba_cuda, numpy_version, broken):
+    problem = _device.toolchain_problem(numba_cuda, numpy_version)
+    assert (problem is not None) == broken
+    if broken:
+        assert f"numba-cuda {numba_cuda}" in problem and f"NumPy {numpy_version}" in problem
+        assert 'pip install "numpy<2.5"' in problem
+
+
+def test_a_broken_pair_makes_cuda_unusable_with_one_clear_error(monkeypatch):
+    """A GPU is present but numba-cuda cannot compile with this NumPy: device='cuda' stops
+    with the versions and the fix before any compilation, and 'auto' warns once and uses the
+    CPU."""
+    from numba import cuda
+
+    message = _device.toolchain_problem("0.30.4", "2.5.2")
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_device, "simulator_enabled", lambda: False)
+    monkeypatch.setattr(_device, "cuda_toolchain_problem", lambda: message)
+    status = _device._cuda_status.__wrapped__()
+    assert status == (False, message)
+    monkeypatch.setattr(_device, "_cuda_status", lambda: status)
+    with pytest.raises(CudaUnavailableError, match=r"numba-cuda 0\.30\.4 does not work with "
+                                                   r"NumPy 2\.5\.2"):
+        select_device(np.zeros(3), device="cuda")
+    _device._warn_if_toolchain_broken.cache_clear()
+    with pytest.warns(RuntimeWarning, match="numpy<2.5"):
+        assert select_device(np.zeros(3)) == "cpu"
+    _device._warn_if_toolchain_broken.cache_clear()
+
+
+def test_the_installed_pair_is_checked():
+    from importlib import metadata
+
+    try:
+        version = metadata.version("numba-cuda")
+    except metadata.PackageNotFoundError:
+        pytest.skip("numba-cuda is not installed as a package")
+    assert _device.cuda_toolchain_problem() == _device.toolchain_problem(version, np.__version__)

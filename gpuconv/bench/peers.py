@@ -684,7 +684,8 @@ def _gpuconv_grad_scratch(name, device, geom, itemsize):
         estimate = op.scratch(device)
         if device == "cpu":
             return int(estimate(geom, itemsize))
-        return int(estimate(geom)) * itemsize
+        # the CUDA estimates count elements of the operands' dtype
+        return int(estimate(geom, np.dtype(f"f{itemsize}"))) * itemsize
     except (ImportError, AttributeError):
         return math.prod(op.output_shape(geom)) * itemsize
 
