@@ -111,6 +111,25 @@ def test_make_record_statistics_and_ceilings():
     assert r["stride"] == [2, 2] and r["padding"] == [1, 1, 1, 1]
 
 
+def test_kernel_time_column_beside_the_call_time():
+    """On CUDA a record carries its kernel time: the table shows it after the call's
+    quartiles, and the record what the host added; without kernel times no such column."""
+    geom = TINY.geometry(2)
+    timed = bench.make_record("conv2d", "gpuconv", "tiny", "cuda", "float32", geom,
+                              [5e-3, 3e-3, 4e-3], CEILINGS, kernel_s=1e-3)
+    untimed = bench.make_record("conv2d", "torch", "tiny", "cuda", "float32", geom,
+                                [2e-3], CEILINGS, kernel_note="no profiler")
+    assert timed["call_minus_kernel_s"] == pytest.approx(3e-3)
+    assert untimed["kernel_s"] is None and untimed["call_minus_kernel_s"] is None
+    header, _, first, second = bench.format_table([timed, untimed]).splitlines()
+    columns = header.split()
+    assert columns[columns.index("kernel") - 2:columns.index("kernel") + 2] == [
+        "q1-q3", "ms", "kernel", "ms"]
+    assert first.split()[6] == bench._ms(1e-3) and second.split()[6] == "-"
+    assert "kernel" not in bench.format_table([untimed])
+    assert len(bench.table_rows([timed])[0]) == len(bench.table_columns([timed]))
+
+
 def test_skipped_record_has_no_numbers():
     r = bench.make_record("local_conv2d", "gpuconv", "tiny", "cpu", "float32",
                           TINY.geometry(1), skipped="too big")

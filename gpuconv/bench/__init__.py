@@ -328,6 +328,7 @@ def make_record(op, impl, layer, device, dtype, geom, samples=None, ceilings=Non
         "peak_extra_bytes": None, "peak_extra_method": None, "result_bytes": None,
         "peak_scratch_bytes": None,
         "grad_weight_bytes": (count.weights * itemsize if pass_name != "forward" else None),
+        "kernel_s": None, "kernel_note": None, "call_minus_kernel_s": None,
         "max_rel_diff": None, "tolerance": tolerance(np.dtype(dtype).name,
                                                      reduction_terms(op, geom, pass_name)),
         "skipped": None,
@@ -345,6 +346,9 @@ def make_record(op, impl, layer, device, dtype, geom, samples=None, ceilings=Non
         if ceilings.get("bandwidth_gbs"):
             record["bandwidth_fraction"] = record["gbs"] / ceilings["bandwidth_gbs"]
     record.update(extra)
+    if record.get("kernel_s") and record["median_s"]:
+        # what the host adds to a call beyond its kernels (checks, allocation, launch)
+        record["call_minus_kernel_s"] = record["median_s"] - record["kernel_s"]
     if record["peak_extra_bytes"] is not None and record["result_bytes"] is not None:
         record["peak_scratch_bytes"] = max(0, record["peak_extra_bytes"] - record["result_bytes"])
     return record
@@ -467,6 +471,55 @@ def _random_arrays(rng, geom, dtype):
     return x, shared, bias
 
 
+def _random_on_host(rng, geom, dtype, need_local, pass_name):
+    """The arrays of one geometry and pass, drawn by NumPy: x, the shared and (when
+    ``need_local``) the unshared weights, the bias (per position too, for the step), dL/dy
+    (not for the forward)."""
+    x, shared, bias = _random_arrays(rng, geom, dtype)
+    local = None
+    if need_local:
+        local = np.empty(geom.local_weight_shape(), dtype=dtype)
+        # Each position its own random kernel, drawn one output channel at a time so the
+        # temporary stays small.
+        flat = local.reshape(geom.out_channels, -1)
+        for row in flat:
+            row[:] = _normal(rng, row.shape[0], dtype)
+        flat *= np.asarray(1.0 / np.sqrt(geom.in_channels_per_group * geom.kernel_height
+                                         * geom.kernel_width), dtype=dtype)
+    host = {"x": x, "bias": bias, "conv2d": shared, "local_conv2d": local}
+    if pass_name != "forward":
+        host["gy"] = _normal(rng, geom.output_shape, dtype)
+    if pass_name == "step" and local is not None:
+        host["bias_position"] = _normal(
+            rng, (geom.out_channels, geom.out_height, geom.out_width), dtype)
+    return host
+
+
+def _random_on_gpu(torch, rng, geom, dtype, need_local, pass_name):
+    """The arrays of :func:`_random_on_host`, drawn on the GPU by PyTorch (seeded from
+    ``rng``): the unshared weights of the large layers are gigabytes, which the host would
+    take seconds to draw and copy."""
+    generator = torch.Generator(device="cuda").manual_seed(int(rng.integers(2**62)))
+    target = getattr(torch, np.dtype(dtype).name)
+    scale = 1.0 / math.sqrt(geom.in_channels_per_group * geom.kernel_height * geom.kernel_width)
+
+    def normal(shape, factor=1.0):
+        # drawn in float32 (or float64) and rounded, as on the host
+        draw = torch.float64 if target == torch.float64 else torch.float32
+        values = torch.randn(tuple(shape), generator=generator, device="cuda", dtype=draw)
+        return (values.mul_(factor) if factor != 1.0 else values).to(target)
+
+    arrays = {"x": normal((geom.batch, geom.in_channels, geom.in_height, geom.in_width)),
+              "conv2d": normal(geom.shared_weight_shape(), scale),
+              "bias": normal((geom.out_channels,)),
+              "local_conv2d": normal(geom.local_weight_shape(), scale) if need_local else None}
+    if pass_name != "forward":
+        arrays["gy"] = normal(geom.output_shape)
+    if pass_name == "step" and need_local:
+        arrays["bias_position"] = normal((geom.out_channels, geom.out_height, geom.out_width))
+    return arrays
+
+
 class _Unit:
     """One implementation on one geometry, ready to be timed."""
 
@@ -508,12 +561,18 @@ def _warm_up(fn, backend):
 
 def _time_units(units, backend, repeat, bursts, progress):
     """Alternating bursts: each unit warms up untimed, then ``repeat`` timed calls; round
-    again ``bursts`` times."""
+    again ``bursts`` times. On CUDA, then the kernel time of ``repeat`` more calls of each
+    (:meth:`~gpuconv.bench.peers.Backend.kernel_seconds`), recorded beside the call time."""
     for _ in range(bursts):
         for unit in units:
             _warm_up(unit.fn, backend)
             unit.samples.extend(backend.time_calls(unit.fn, repeat))
             progress.step(f"{unit.layer_name}: {unit.impl.op} {unit.impl.name}")
+    if backend.kind == "cuda":
+        for unit in units:
+            seconds, reason = backend.kernel_seconds(unit.fn, repeat)
+            unit.extra["kernel_s"] = seconds
+            unit.extra["kernel_note"] = reason
 
 
 def _records(skipped, units, impl_list, device, dtype, ceilings):
@@ -573,23 +632,11 @@ def _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng, b
     if not runnable:
         return records, [], None
 
-    x, shared, bias = _random_arrays(rng, geom, dtype)
-    local = None
-    if any(impl.op == "local_conv2d" for impl in runnable):
-        local = np.empty(geom.local_weight_shape(), dtype=dtype)
-        # Each position its own random kernel, drawn one output channel at a time so the
-        # temporary stays small.
-        flat = local.reshape(geom.out_channels, -1)
-        for row in flat:
-            row[:] = _normal(rng, row.shape[0], dtype)
-        flat *= np.asarray(1.0 / np.sqrt(geom.in_channels_per_group * geom.kernel_height
-                                         * geom.kernel_width), dtype=dtype)
-    host = {"x": x, "bias": bias, "conv2d": shared, "local_conv2d": local}
-    if pass_name != "forward":
-        host["gy"] = _normal(rng, geom.output_shape, dtype)
-    if pass_name == "step" and local is not None:
-        host["bias_position"] = _normal(
-            rng, (geom.out_channels, geom.out_height, geom.out_width), dtype)
+    need_local = any(impl.op == "local_conv2d" for impl in runnable)
+    if backend.torch_cuda and not backend.simulator:
+        host = _random_on_gpu(backend.torch, rng, geom, dtype, need_local, pass_name)
+    else:
+        host = _random_on_host(rng, geom, dtype, need_local, pass_name)
 
     converted = {}  # (array kind, array name) -> that array as the implementation reads it
     arrays = {}  # (array kind, op) -> {"x", "weight", "bias"[, "gy"]}
@@ -598,7 +645,7 @@ def _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng, b
         key = (impl.array_kind, impl.op)
         if key not in arrays:
             if impl.array_kind == "numpy":
-                convert = np.asarray
+                convert = backend.to_host
             elif impl.array_kind == "torch":
                 convert = backend.to_torch
             else:
@@ -878,6 +925,13 @@ TABLE_LEGEND = (
     "extra MB = peak memory one call allocates, output included (local_conv2d only).",
 )
 
+#: The legend of the ``kernel ms`` column (printed when the records have kernel times).
+KERNEL_LEGEND = (
+    "kernel ms (CUDA) = the device time of the kernels and copies one call queues (PyTorch's "
+    "profiler, the mean of as many calls as a burst); median ms - kernel ms is what the host "
+    "adds to a call (checks, allocation, launch) when the GPU waits for it.",
+)
+
 #: What the tables of the other passes add to the legend (printed when they ran).
 PASS_LEGEND = {
     "backward": "backward: gpuconv = gpuconv.grad's input gradient then weight gradient, two "
@@ -897,34 +951,52 @@ PASS_LEGEND = {
 }
 
 
+def _has_kernel_times(records):
+    return any(r.get("kernel_s") for r in records)
+
+
+def table_columns(records):
+    """The table's columns: :data:`TABLE_COLUMNS`, with ``kernel ms`` after the call's
+    quartiles when the records have kernel times (CUDA, with PyTorch's profiler)."""
+    if not _has_kernel_times(records):
+        return TABLE_COLUMNS
+    return TABLE_COLUMNS[:6] + ("kernel ms",) + TABLE_COLUMNS[6:]
+
+
 def table_rows(records):
-    """The table's cells, one tuple per record, formatted from the record's own numbers."""
+    """The table's cells, one tuple per record, formatted from the record's own numbers
+    (the columns of :func:`table_columns`)."""
+    kernel = _has_kernel_times(records)
     rows = []
     for r in records:
         if r["skipped"]:
-            rows.append((r["layer"], r["op"], r["impl"], str(r["N"]),
-                         f"skipped: {r['skipped']}", "", "", "", "", "", "",
-                         _count(r["params"]), ""))
-            continue
-        rows.append((
-            r["layer"], r["op"], r["impl"], str(r["N"]), _ms(r["median_s"]),
-            f"{_ms(r['q1_s'])}-{_ms(r['q3_s'])}", _num(r["gflops"], ".3g"),
-            _num(r["gbs"], ".3g"), _pct(r["compute_fraction"]),
-            _pct(r["bandwidth_fraction"]),
-            _ms(r["first_call_s"]) + ("*" if r["first_call_in_process"] else ""),
-            _count(r["params"]), _mb(r["peak_extra_bytes"])))
+            row = (r["layer"], r["op"], r["impl"], str(r["N"]), f"skipped: {r['skipped']}",
+                   "", "", "", "", "", "", _count(r["params"]), "")
+        else:
+            row = (
+                r["layer"], r["op"], r["impl"], str(r["N"]), _ms(r["median_s"]),
+                f"{_ms(r['q1_s'])}-{_ms(r['q3_s'])}", _num(r["gflops"], ".3g"),
+                _num(r["gbs"], ".3g"), _pct(r["compute_fraction"]),
+                _pct(r["bandwidth_fraction"]),
+                _ms(r["first_call_s"]) + ("*" if r["first_call_in_process"] else ""),
+                _count(r["params"]), _mb(r["peak_extra_bytes"]))
+        if kernel:
+            cell = "" if r["skipped"] else ("-" if not r.get("kernel_s") else _ms(r["kernel_s"]))
+            row = row[:6] + (cell,) + row[6:]
+        rows.append(row)
     return rows
 
 
 def format_table(records):
     """A plain-text table of ``records`` (the same numbers as the JSON, formatted)."""
+    columns = table_columns(records)
     rows = table_rows(records)
-    widths = [len(c) for c in TABLE_COLUMNS]
+    widths = [len(c) for c in columns]
     for row in rows:
         if row[4].startswith("skipped"):
             continue
         widths = [max(w, len(cell)) for w, cell in zip(widths, row)]
-    right = {3, 4, 5, 6, 7, 8, 9, 10, 11, 12}
+    right = set(range(3, len(columns)))
 
     def line(cells):
         out = []
@@ -932,14 +1004,14 @@ def format_table(records):
             out.append(cell.rjust(width) if i in right else cell.ljust(width))
         return "  ".join(out).rstrip()
 
-    lines = [line(TABLE_COLUMNS), line(["-" * w for w in widths])]
+    lines = [line(columns), line(["-" * w for w in widths])]
     previous = None
     for row in rows:
         if previous is not None and row[0] != previous:
             lines.append("")
         previous = row[0]
         if row[4].startswith("skipped"):
-            head = line(list(row[:4]) + [""] * 9)
+            head = line(list(row[:4]) + [""] * (len(columns) - 4))
             lines.append(f"{head}  {row[4]}")
         else:
             lines.append(line(row))
@@ -1294,7 +1366,8 @@ def format_report(result):
                       format_table([r for r in suite if _pass_of(r) == pass_name])]
         for pass_name, why in result["machine"].get("passes_not_run", {}).items():
             parts += ["", f"{PASS_TITLES[pass_name]}: {why}"]
-    legend = TABLE_LEGEND + tuple(PASS_LEGEND[p] for p in passes if p in PASS_LEGEND)
+    legend = (TABLE_LEGEND + (KERNEL_LEGEND if _has_kernel_times(suite) else ())
+              + tuple(PASS_LEGEND[p] for p in passes if p in PASS_LEGEND))
     parts += [""] + [textwrap.fill(text, 100, subsequent_indent="  ") for text in legend]
     sweep = [r for r in result["records"] if r["part"] == "batch-sweep"]
     if sweep:

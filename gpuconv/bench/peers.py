@@ -81,9 +81,12 @@ class Backend:
         self.simulator = kind == "cuda" and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
     # arrays
+    def _is_tensor(self, array):
+        return self.torch is not None and isinstance(array, self.torch.Tensor)
+
     def to_device(self, array):
-        """``array`` (NumPy) where gpuconv should read it."""
-        if self.kind == "cpu":
+        """``array`` (NumPy, or a tensor drawn on the GPU) where gpuconv should read it."""
+        if self.kind == "cpu" or self._is_tensor(array):
             return array
         if self.torch_cuda:
             return self.torch.from_numpy(array).cuda()
@@ -91,7 +94,10 @@ class Backend:
         return cuda.to_device(array)
 
     def to_torch(self, array):
-        """``array`` (NumPy) as a tensor on this device, sharing memory on the host."""
+        """``array`` (NumPy, or a tensor drawn on the GPU) as a tensor on this device,
+        sharing memory on the host."""
+        if self._is_tensor(array):
+            return array
         tensor = self.torch.from_numpy(array)
         return tensor.cuda() if self.kind == "cuda" else tensor
 
@@ -128,6 +134,32 @@ class Backend:
         self.synchronize()
         # torch.cuda.Event and numba.cuda.Event both give milliseconds
         return [start.elapsed_time(stop) / 1e3 for start, stop in events]
+
+    def kernel_seconds(self, fn, count):
+        """``(seconds, None)``: the device time of the kernels and copies one call of ``fn``
+        queues (the mean of ``count`` calls), from PyTorch's profiler (CUPTI sees every
+        kernel of the process, gpuconv's Numba kernels included); ``(None, reason)`` where
+        it cannot tell. Beside a call's time (CUDA events around it), the difference is what
+        the host adds: argument checks, allocation, launch."""
+        if self.kind != "cuda":
+            return None, "kernel time is measured on CUDA only"
+        if not self.torch_cuda or self.simulator:
+            return None, "kernel time needs PyTorch's profiler on a CUDA GPU"
+        try:
+            profiler = self.torch.profiler
+            device_type = self.torch.autograd.DeviceType.CUDA
+            self.synchronize()
+            with profiler.profile(activities=[profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(count):
+                    fn()
+                self.synchronize()
+            total_us = sum(event.time_range.elapsed_us() for event in prof.events()
+                           if event.device_type == device_type)
+        except Exception as exc:  # no CUPTI, a profiler already running, ...
+            return None, f"PyTorch's profiler failed: {type(exc).__name__}: {exc}"[:200]
+        if total_us <= 0:
+            return None, "PyTorch's profiler saw no kernel"
+        return total_us / 1e6 / count, None
 
     def time_first_call(self, fn):
         """Seconds of one call, synchronised (wall clock: it may include compilation)."""
