@@ -1,59 +1,104 @@
-"""One-command check of the CUDA path on a real NVIDIA GPU (PyTorch, CuPy, numba-cuda, no network).
+"""The GPU acceptance run: one command that checks and times gpuconv's CUDA path.
 
-    PYTHONPATH=. python scripts/gpu_check.py [--quick] [--skip-bench] [--skip-sanitizer]
-                                             [--pass PASS...]
+    PYTHONPATH=. python scripts/gpu_check.py [--budget-s 450] [--quick] [--only PHASE ...]
+                                             [--skip PHASE ...] [--plan] [--dry-run]
 
-1. correctness: both operations against PyTorch on the GPU, in float64, float32 and float16
-   (:data:`DTYPES`), over a grid of geometries (stride, padding, dilation, groups, bias kinds,
-   odd sizes); cuDNN with TF32 off; the references are the benchmark's PyTorch peers
-   (``torch.nn.functional.conv2d``, and ``unfold`` + ``einsum`` for local_conv2d) in float64
-   on the same (rounded) inputs, the tolerances :func:`gpuconv.bench.stats.tolerance`
-   (float16: from its epsilon and the length of each result's sum, :func:`terms`). The four
-   gradient functions (``gpuconv.grad``) likewise, on a smaller grid (:func:`grad_grid`),
-   against PyTorch autograd through the same peers in float64
-   (:func:`gpuconv.bench.peers.torch_autograd_backward`). Also the array kinds (torch in ->
-   torch out, CuPy, Numba device arrays, NumPy), a side stream, non-contiguous inputs, an
-   empty batch and NaN propagation;
-2. speed: ``gpuconv bench`` on the GPU (:func:`gpuconv.bench.run_benchmark`, alternating
-   bursts timed with CUDA events, ceilings measured once): the forward of both operations on
-   every benchmark layer at its GPU batch size beside the PyTorch peers, with the name of the
-   kernel each gpuconv record launched and the registers and memory of those kernels; then
-   (``--pass``, default all) the backward and the training step on the default suite with
-   few timed calls (:data:`GRADIENT_REPEAT` x :data:`GRADIENT_BURSTS`), which keeps the GPU
-   work bounded; and the forward in float16 on the default suite, as few timed calls
-   (:func:`half_speed`: float16 halves the bytes the unshared layer streams);
-3. ``compute-sanitizer --tool memcheck`` on a small case, where the tool exists.
+Run from the source tree on a machine with an NVIDIA GPU, PyTorch (a CUDA build), numba,
+numba-cuda and, where present, CuPy and compute-sanitizer. A GPU is lent to the project rarely
+and briefly, so the run is planned: the phases below run in this order (correctness first),
+each with an estimate of its time from the kernels it compiles and the calls it makes
+(:func:`plan`); a phase that would not fit the rest of ``--budget-s`` is skipped with a line,
+and a phase stops between items when the budget runs out. The default budget fits 8 minutes
+on an H200 with JIT compilation included.
 
-Everything is printed and, when ``OUT`` is set, written to ``$OUT/gpu_check.json`` (its
-``bench``, ``bench_gradients`` and ``bench_float16`` entries have the schema of
-``gpuconv bench --json``).
-Exit status 1 if a correctness check fails or an implementation fails in the benchmark.
-The CPU-side logic (arguments, geometry grids, layer lists, kernel names, the references,
-the gradient checks and the speed sections on the CPU) imports without a GPU;
-``tests/test_gpu_check.py`` covers it.
+1. ``env`` -- versions of Python, NumPy, numba, numba-cuda, NVVM, nvJitLink, the driver, the
+   CUDA runtime, PyTorch, cuDNN, CuPy; the GPU, its clocks; the commit. Printed first. A
+   numba-cuda / NumPy pair known not to compile stops the run here with the fix.
+2. ``suite`` -- every kernel the benchmark times: each default-suite layer's own forward
+   specialisation of both operations, at the smallest batch that selects the same kernels as
+   the layer's GPU batch, in float32 and float16, against float64 PyTorch
+   (``F.conv2d``; ``unfold`` + ``einsum`` for the unshared layer).
+3. ``suite-gradients`` -- the four gradient functions on every default-suite layer likewise,
+   against PyTorch autograd in float64.
+4. ``multipass`` -- paths that only real sizes reach: a batch beyond one block's share and not
+   a multiple of it, input channels that leave a partial chunk, the conv2d weight gradient's
+   slices.
+5. ``determinism`` -- the six functions called twice give bitwise equal results; a batch of
+   more than 65,535 images (the grid's limit along y and z) through all six.
+6. ``memcheck`` -- ``compute-sanitizer --tool memcheck`` on tiny calls of every forward and
+   gradient kernel, float32 and float16.
+7. ``time-forward`` -- ``gpuconv bench`` on the default suite at the GPU batch: gpuconv beside
+   the PyTorch peers, call time (CUDA events) and kernel time (PyTorch's profiler), the share of
+   the roofline, what the host adds. A result outside the tolerance of its peer fails.
+8. ``overhead`` -- the per-call cost of tiny calls on CUDA tensors beside ``F.conv2d``, and a
+   profile of where gpuconv's host time goes.
+9. ``time-backward``, ``time-step`` -- the gradients and a training step of the PyTorch layers.
+10. ``array-kinds`` -- torch, CuPy, Numba and NumPy arrays in and out, a side stream,
+    non-contiguous inputs, an empty batch, NaN propagation.
+11. ``grid`` -- awkward geometries (:func:`geometry_grid`): every feature of the forward in
+    float64, float32 and float16, and of the gradients.
+12. ``time-float16`` -- the forward in float16 on the default suite.
+13. ``racecheck``, ``synccheck`` -- compute-sanitizer's race and barrier checks on the tiny
+    calls of ``memcheck``.
+
+``--dry-run`` needs no GPU: it turns on Numba's CUDA simulator itself (before Numba is
+imported), runs every phase's logic at tiny sizes (tiny layers stand in for the suite, a
+batch of 3 for the 65,535 limit), skips with a line what the machine lacks (CuPy,
+compute-sanitizer, a CUDA build of PyTorch), and makes no timing claims. A test runs it, so the
+script cannot rot between GPU runs. ``--plan`` prints the phases, their counts and estimates,
+and exits.
+
+Everything is printed; the JSON and a short text summary go to ``$OUT/gpu_check.json`` and
+``$OUT/gpu_check_summary.txt`` when ``OUT`` is set (or ``--json``). Exit status 0 when every
+check that ran passed, 1 when one failed, 2 when the run could not start.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import shutil
-import subprocess
 import sys
-import time
-import traceback
-from typing import NamedTuple
 
-from gpuconv import bench, workloads
-from gpuconv.bench import peers
-from gpuconv.bench.stats import reduction_terms, tolerance, within_tolerance
-from gpuconv.cli import positive_int
-from gpuconv.geometry import conv_geometry
+if __name__ == "__main__" and "--dry-run" in sys.argv[1:]:
+    # The simulator must be chosen before Numba is first imported (by gpuconv below).
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+import argparse  # noqa: E402
+import cProfile  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import pstats  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from typing import NamedTuple  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from gpuconv import bench, workloads  # noqa: E402
+from gpuconv.bench import peers  # noqa: E402
+from gpuconv.bench.stats import reduction_terms, tolerance, within_tolerance  # noqa: E402
+from gpuconv.geometry import conv_geometry  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # --------------------------------------------------------------------------------------------
-# CPU-side logic (importable without a GPU)
+# what is checked (CPU-side, importable without a GPU)
 # --------------------------------------------------------------------------------------------
+
+#: The forward operations and the gradient functions of each (input, weight).
+FORWARD_OPS = ("conv2d", "local_conv2d")
+GRAD_FUNCTIONS = {"conv2d": ("conv2d_input", "conv2d_weight"),
+                  "local_conv2d": ("local_conv2d_input", "local_conv2d_weight")}
+ALL_FUNCTIONS = FORWARD_OPS + tuple(f for pair in GRAD_FUNCTIONS.values() for f in pair)
+
+#: The dtypes of the correctness checks, as torch dtype names; the suite's kernels are
+#: checked in the two the benchmark times.
+DTYPES = ("float64", "float32", "float16")
+SUITE_DTYPES = ("float32", "float16")
+
+#: A batch beyond the grid's limit of 65,535 blocks along y and z.
+BIG_BATCH = 70_000
 
 
 class Case(NamedTuple):
@@ -74,8 +119,8 @@ class Case(NamedTuple):
 
 
 def geometry_grid(quick=False):
-    """Correctness cases: awkward sizes on purpose (not multiples of any tile, odd kernels,
-    stride > kernel, batch 1, one channel, outputs of size 1, partial channel blocks, uneven
+    """Awkward geometries on purpose (not multiples of any tile, odd kernels, stride >
+    kernel, batch 1, one channel, outputs of size 1, partial channel blocks, uneven
     padding)."""
     cases = [
         Case("basic", 2, 3, 17, 19, 5, (3, 3), (1, 1), (0, 0), (1, 1), 1, None),
@@ -101,35 +146,16 @@ def geometry_grid(quick=False):
     return cases[:6] if quick else cases
 
 
-#: The gradient checks' cases (names in :func:`geometry_grid`): every kind of geometry, fewer
-#: sizes (each gradient function compiles its own kernels).
+#: The gradient checks' cases (names in :func:`geometry_grid`).
 GRAD_CASES = ("basic", "pad_bias", "stride2", "stride_gt_kernel", "rect", "dilation", "groups",
               "output_1x1", "big_batch", "same_even_kernel")
 
-#: The four gradient functions of gpuconv.grad, by operation: (input gradient, weight gradient).
-GRAD_FUNCTIONS = {"conv2d": ("conv2d_input", "conv2d_weight"),
-                  "local_conv2d": ("local_conv2d_input", "local_conv2d_weight")}
-
-#: Timed calls per burst and bursts, for the backward and the training step, and for the
-#: float16 forward.
-GRADIENT_REPEAT, GRADIENT_BURSTS = 2, 2
-
-#: The dtypes of the correctness checks, as torch dtype names.
-DTYPES = ("float64", "float32", "float16")
-
-
-def terms(name, geom):
-    """The most products one value of the result of ``name`` sums on ``geom``: ``"conv2d"``
-    or ``"local_conv2d"`` (the forward, bias included), or a gradient function of
-    :data:`GRAD_FUNCTIONS` (the input gradient ``(C_out/g) kH kW``; the weight gradient
-    ``N H_out W_out`` for conv2d, ``N`` for local_conv2d). float16's tolerance grows with it."""
-    if name in GRAD_FUNCTIONS:
-        return reduction_terms(name, geom, "forward")
-    window = geom.kernel_height * geom.kernel_width
-    if name.endswith("_input"):
-        return geom.out_channels_per_group * window
-    positions = geom.out_height * geom.out_width
-    return geom.batch * (positions if name == "conv2d_weight" else 1)
+#: Tiny cases that stand in for the grid in a dry run (the simulator runs every GPU thread as
+#: a Python thread): stride, padding, dilation, groups and both bias kinds between them.
+DRY_GRID = (
+    Case("dry_stride_pad", 2, 2, 7, 6, 3, (3, 3), (2, 1), (1, 1), (1, 1), 1, "channel"),
+    Case("dry_groups_dilation", 1, 4, 7, 7, 2, (2, 2), (1, 1), (1, 0), (2, 1), 2, "position"),
+)
 
 
 def grad_grid(quick=False):
@@ -146,220 +172,541 @@ def case_geometry(case):
                          case.stride, case.padding, case.dilation, case.groups)
 
 
-def bench_layer_list(quick):
-    """Names of the layers timed: all of them, or (quick) every third plus the locally
-    connected ones."""
-    names = list(workloads.LAYERS)
-    if not quick:
-        return names
-    local = [name for name, layer in workloads.LAYERS.items()
-             if layer.network_op == "local_conv2d"]
-    return list(dict.fromkeys(names[::3] + local))
+def layer_case(layer, batch, bias="channel"):
+    """A :class:`Case` for a benchmark layer (:class:`~gpuconv.workloads.Layer`) at ``batch``."""
+    k, s, p = layer.kernel, layer.stride, layer.padding
+    return Case(f"{layer.name}@{batch}", batch, layer.in_channels, layer.size, layer.size,
+                layer.out_channels, (k, k), (s, s), (p, p), (1, 1), layer.groups, bias)
+
+
+def terms(name, geom):
+    """The most products one value of the result of ``name`` sums on ``geom``: a forward
+    operation (bias included), or a gradient function (the input gradient ``(C_out/g) kH
+    kW``; the weight gradient ``N H_out W_out`` for conv2d, ``N`` for local_conv2d).
+    float16's tolerance grows with it."""
+    if name in FORWARD_OPS:
+        return reduction_terms(name, geom, "forward")
+    window = geom.kernel_height * geom.kernel_width
+    if name.endswith("_input"):
+        return geom.out_channels_per_group * window
+    positions = geom.out_height * geom.out_width
+    return geom.batch * (positions if name == "conv2d_weight" else 1)
+
+
+def kernel_names(name, geom, dtype="float32"):
+    """The CUDA kernel specialisations one call of ``name`` (a function of
+    :data:`ALL_FUNCTIONS`) launches on ``geom``, from the same configuration functions the
+    launches use. Compiles nothing."""
+    from gpuconv.cuda import grad_kernels, kernels
+
+    configs = {"conv2d": kernels.conv2d_config, "local_conv2d": kernels.local_conv2d_config,
+               "conv2d_input": grad_kernels.conv2d_input_grad_config,
+               "conv2d_weight": grad_kernels.conv2d_weight_grad_config,
+               "local_conv2d_input": grad_kernels.local_conv2d_input_grad_config,
+               "local_conv2d_weight": grad_kernels.local_conv2d_weight_grad_config}
+    config = configs[name](geom, np.dtype(dtype).type)
+    names = [config.kernel.name]
+    if name == "conv2d_weight" and not (config.slices == 1 and config.scratch_elements == 0):
+        names.append(f"sum_slices_{np.dtype(dtype).name}")
+    return tuple(names)
+
+
+def reduced_batch(layer, functions, dtype="float32"):
+    """The smallest batch (a power of two, or the GPU batch itself) at which every function
+    of ``functions`` launches the same kernels on ``layer`` as at the layer's GPU batch: the
+    correctness check then runs the benchmark's own kernels at a fraction of the cost."""
+    full = layer.batch_gpu
+    target = [kernel_names(f, layer.geometry(full), dtype) for f in functions]
+    batch = 1
+    while batch < full:
+        if [kernel_names(f, layer.geometry(batch), dtype) for f in functions] == target:
+            return batch
+        batch *= 2
+    return full
+
+
+#: Tiny layers that stand in for the default suite in a dry run.
+DRY_LAYERS = (
+    workloads.Layer("dry-a", "Dry A", 2, 2, 2, 6, 3, 3, 1, 0, "tiny stand-in"),
+    workloads.Layer("dry-b", "Dry B", 2, 2, 4, 6, 2, 3, 2, 1, "tiny stand-in", groups=2),
+)
+
+
+def suite_layers(dry_run=False, quick=False):
+    """The layers whose kernels are checked and timed: the benchmark's default suite
+    (quick: its quick layers), or :data:`DRY_LAYERS`."""
+    if dry_run:
+        return list(DRY_LAYERS)
+    names = bench.QUICK_LAYERS if quick else bench.SUITES["default"]
+    return [workloads.LAYERS[name] for name in names]
+
+
+def multipass_cases(dry_run=False):
+    """``(case, functions)`` that only real sizes reach: a local batch beyond one block's
+    share and not a multiple of it, input channels that leave a partial channel chunk, the
+    conv2d weight gradient summed over several slices."""
+    if dry_run:
+        return [(Case("dry_batch_9", 9, 2, 6, 6, 3, (3, 3), (1, 1), (0, 0), (1, 1), 1,
+                      "position"), ("local_conv2d", "local_conv2d_input",
+                                    "local_conv2d_weight")),
+                (Case("dry_channels_5", 2, 5, 6, 6, 2, (3, 3), (1, 1), (1, 1), (1, 1), 1,
+                      "channel"), ("conv2d", "local_conv2d", "conv2d_weight"))]
+    l6, vgg, res2 = (workloads.LAYERS[n] for n in ("deepface-l6", "vgg16-conv5_1",
+                                                   "resnet50-res2-3x3"))
+    partial = layer_case(vgg, 4)._replace(name="vgg16-conv5_1-cin500@4", c_in=500)
+    return [(layer_case(l6, 136, "position"), ("local_conv2d",) + GRAD_FUNCTIONS["local_conv2d"]),
+            (partial, ("conv2d", "local_conv2d")),
+            (layer_case(res2, res2.batch_gpu), GRAD_FUNCTIONS["conv2d"])]
+
+
+def determinism_cases(dry_run=False):
+    """Geometries on which the six functions must repeat bitwise, and the big-batch case."""
+    if dry_run:
+        big = Case("batch_3", 3, 1, 5, 5, 2, (3, 3), (1, 1), (0, 0), (1, 1), 1, "channel")
+        return [layer_case(DRY_LAYERS[0], 2)], big
+    cases = [layer_case(workloads.LAYERS[n], b) for n, b in
+             (("deepface-l6", 16), ("deepface-l5", 16), ("resnet50-res2-3x3", 4))]
+    big = Case(f"batch_{BIG_BATCH}", BIG_BATCH, 1, 6, 6, 2, (3, 3), (1, 1), (0, 0), (1, 1),
+               1, "channel")
+    return cases, big
+
+
+# --------------------------------------------------------------------------------------------
+# the plan: phases, their order, their estimated time
+# --------------------------------------------------------------------------------------------
+
+#: Seconds one new kernel specialisation takes to compile and first run on the H200 machine,
+#: and one correctness check on kernels already compiled (references included), from the first
+#: GPU run: 34 forward specialisations checked in 39 s, 24 gradient checks in 35 s.
+COMPILE_S, CHECK_S = 1.1, 0.3
+#: Seconds per layer of the timing phases (warm-up 0.25 s per implementation and burst, the
+#: timed calls, the first calls, the agreement check, the profiler), and of one
+#: compute-sanitizer run over the tiny calls (its own process and compilations).
+TIME_LAYER_S = {"time-forward": 5.0, "time-backward": 6.0, "time-step": 7.0,
+                "time-float16": 4.0}
+SANITIZER_S = {"memcheck": 45.0, "racecheck": 75.0, "synccheck": 50.0}
+#: Start-up: imports, the CUDA context, PyTorch's CUDA initialisation.
+STARTUP_S = 15.0
+
+PHASES = ("env", "suite", "suite-gradients", "multipass", "determinism", "memcheck",
+          "time-forward", "overhead", "time-backward", "time-step", "array-kinds", "grid",
+          "time-float16", "racecheck", "synccheck")
+
+#: The default budget: 8 minutes on an H200 less a margin for the interpreter's start and
+#: the JSON.
+DEFAULT_BUDGET_S = 450
+
+
+class Phase(NamedTuple):
+    name: str
+    checks: int          # correctness checks or timed layers
+    kernels: int         # kernel specialisations it compiles that earlier phases did not
+    estimate_s: float
+
+
+def _phase_items(name, dry_run, quick):
+    """``(checks, [(function, geometry, dtype), ...])`` of one correctness phase, or None."""
+    layers = suite_layers(dry_run, quick)
+    if name == "suite":
+        items = []
+        for layer in layers:
+            for op in FORWARD_OPS:
+                for dtype in SUITE_DTYPES:
+                    batch = layer.batch_gpu if dry_run else reduced_batch(layer, (op,), dtype)
+                    items.append((op, layer.geometry(batch), dtype))
+        return items
+    if name == "suite-gradients":
+        items = []
+        for layer in layers:
+            for op, functions in GRAD_FUNCTIONS.items():
+                for dtype in SUITE_DTYPES:
+                    batch = (layer.batch_gpu if dry_run
+                             else reduced_batch(layer, functions, dtype))
+                    items += [(f, layer.geometry(batch), dtype) for f in functions]
+        return items
+    if name == "multipass":
+        return [(f, case_geometry(case), "float32") for case, functions
+                in multipass_cases(dry_run) for f in functions]
+    if name == "determinism":
+        cases, big = determinism_cases(dry_run)
+        return ([(f, case_geometry(c), "float32") for c in cases for f in ALL_FUNCTIONS]
+                + [(f, case_geometry(big), "float32") for f in ALL_FUNCTIONS])
+    if name == "grid":
+        grid = list(DRY_GRID) if dry_run else geometry_grid(quick)
+        grads = list(DRY_GRID) if dry_run else grad_grid(quick)
+        return ([(op, case_geometry(c), d) for d in DTYPES for c in grid for op in FORWARD_OPS]
+                + [(f, case_geometry(c), d) for d in DTYPES for c in grads
+                   for op in FORWARD_OPS for f in GRAD_FUNCTIONS[op]])
+    return None
+
+
+def plan(dry_run=False, quick=False):
+    """The phases in the order they run, each with its checks, the kernels it compiles that
+    earlier phases did not, and its estimated seconds on an H200 (:data:`COMPILE_S`,
+    :data:`CHECK_S`, :data:`TIME_LAYER_S`, :data:`SANITIZER_S`)."""
+    seen = set()
+    phases = []
+    layers = len(suite_layers(dry_run, quick))
+    for name in PHASES:
+        items = _phase_items(name, dry_run, quick)
+        if items is not None:
+            new = set()
+            for function, geom, dtype in items:
+                new.update((n, dtype) for n in kernel_names(function, geom, dtype))
+            new -= seen
+            seen |= new
+            checks = len(items) * (2 if name == "determinism" else 1)
+            phases.append(Phase(name, checks, len(new), len(new) * COMPILE_S + checks * CHECK_S))
+        elif name in TIME_LAYER_S:
+            phases.append(Phase(name, layers, 0, layers * TIME_LAYER_S[name]))
+        elif name in SANITIZER_S:
+            phases.append(Phase(name, 2 * len(ALL_FUNCTIONS), 0, SANITIZER_S[name]))
+        elif name == "env":
+            phases.append(Phase(name, 0, 0, STARTUP_S))
+        elif name == "overhead":
+            phases.append(Phase(name, 3, 0, 10.0))
+        else:  # array-kinds
+            phases.append(Phase(name, 8, 6, 6 * COMPILE_S + 8 * CHECK_S))
+    return phases
+
+
+def scheduled(phases, budget_s):
+    """``[(phase, runs)]``: which phases the budget admits if each takes its estimate (a
+    phase runs when its estimate fits what the phases before it left of the budget)."""
+    used, out = 0.0, []
+    for p in phases:
+        runs = used + p.estimate_s <= budget_s
+        used += p.estimate_s if runs else 0.0
+        out.append((p, runs))
+    return out
+
+
+def format_plan(phases, budget_s):
+    lines = [f"{'phase':16s} {'checks':>6s} {'new kernels':>11s} {'estimate s':>10s} "
+             f"{'cumulative s':>12s}"]
+    total = 0.0
+    for p, runs in scheduled(phases, budget_s):
+        total += p.estimate_s if runs else 0.0
+        lines.append(f"{p.name:16s} {p.checks:6d} {p.kernels:11d} {p.estimate_s:10.0f} "
+                     + (f"{total:12.0f}" if runs else f"{'skipped':>12s} (budget)"))
+    lines.append(f"budget {budget_s:.0f} s; estimates for an H200 from the first GPU run "
+                 f"({COMPILE_S} s per new kernel, {CHECK_S} s per check)")
+    return "\n".join(lines)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Check gpuconv's CUDA path on this GPU.")
-    parser.add_argument("--pass", dest="passes", nargs="+", choices=tuple(bench.PASS_CHOICES),
-                        default=["all"], metavar="PASS",
-                        help="what the speed section times, as gpuconv bench --pass "
-                             "(default: all = forward, backward and the training step)")
+    parser = argparse.ArgumentParser(
+        description="The GPU acceptance run: check and time gpuconv's CUDA path on this GPU.")
+    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                        help=f"seconds the whole run may take (default {DEFAULT_BUDGET_S}: "
+                             "8 minutes on an H200 with compilation); phases that would not "
+                             "fit are skipped, lowest priority first")
     parser.add_argument("--quick", action="store_true",
-                        help="fewer geometries, layers and timed calls (a smoke test)")
-    parser.add_argument("--skip-bench", action="store_true", help="no timings")
-    parser.add_argument("--skip-sanitizer", action="store_true", help="no compute-sanitizer")
-    parser.add_argument("--repeat", "--repeats", dest="repeat", type=positive_int,
-                        help=f"timed calls per burst (default {bench.DEFAULT_REPEAT}, "
-                             f"--quick {bench.QUICK_REPEAT}), as gpuconv bench --repeat")
+                        help="the benchmark's quick layers and the smaller grids")
+    parser.add_argument("--only", nargs="+", choices=PHASES, metavar="PHASE",
+                        help=f"run only these phases (of: {', '.join(PHASES)})")
+    parser.add_argument("--skip", nargs="+", choices=PHASES, default=[], metavar="PHASE",
+                        help="phases not to run")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="timed calls per burst in the timing phases (default 5)")
+    parser.add_argument("--bursts", type=int, default=2,
+                        help="bursts per implementation in the timing phases (default 2)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the phases with their counts and estimates, and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="no GPU: Numba's CUDA simulator, tiny sizes, every phase's logic, "
+                             "no timing claims")
     parser.add_argument("--json", default=None,
-                        help="where to write the JSON (default: $OUT/gpu_check.json if OUT is set)")
+                        help="where to write the JSON (default: $OUT/gpu_check.json if OUT "
+                             "is set)")
     args = parser.parse_args(argv)
-    if args.repeat is None:
-        args.repeat = bench.QUICK_REPEAT if args.quick else bench.DEFAULT_REPEAT
-    args.bursts = bench.QUICK_BURSTS if args.quick else bench.DEFAULT_BURSTS
+    if args.repeat < 1 or args.bursts < 1:
+        parser.error("--repeat and --bursts must be >= 1")
+    if args.budget_s <= 0:
+        parser.error("--budget-s must be > 0")
     if args.json is None and os.environ.get("OUT"):
         args.json = os.path.join(os.environ["OUT"], "gpu_check.json")
-    args.passes = bench.resolve_passes(args.passes)
+    if args.dry_run:  # the simulator's calls take a second each: the logic once is enough
+        args.repeat = args.bursts = 1
     return args
 
 
-def _kernel_name(op, geom, dtype="float32"):
-    """Name of the gpuconv kernel (specialisation) ``op`` launches on ``geom``."""
-    import numpy as np
+# --------------------------------------------------------------------------------------------
+# the environment
+# --------------------------------------------------------------------------------------------
 
-    from gpuconv.cuda import kernels as _cuda_kernels
-
-    config = (_cuda_kernels.local_conv2d_config if op == "local_conv2d"
-              else _cuda_kernels.conv2d_config)(geom, np.dtype(dtype).type)
-    return config.kernel.name
-
-
-def gradient_layers(quick=False):
-    """The layers the backward and the training step are timed on: the default suite of
-    ``gpuconv bench`` (quick: its quick layers)."""
-    return list(bench.QUICK_LAYERS if quick else bench.SUITES["default"])
+_DISTRIBUTIONS = ("numpy", "numba", "numba-cuda", "llvmlite", "cuda-bindings", "cuda-python",
+                  "cuda-core", "nvidia-nvjitlink", "nvidia-nvjitlink-cu12", "nvidia-nvvm",
+                  "nvidia-cuda-nvcc", "nvidia-cuda-nvcc-cu12", "nvidia-cuda-runtime",
+                  "nvidia-cuda-runtime-cu12", "torch", "cupy-cuda12x", "cupy-cuda13x")
 
 
-def speed(layers, repeat, bursts, quick=False, device="cuda", torch="auto", progress=None,
-          ceilings=None, dtype="float32"):
-    """``gpuconv bench`` (the forward) on ``layers`` (names or
-    :class:`~gpuconv.workloads.Layer`) at their batch sizes for ``device``, in ``dtype``;
-    each gpuconv record also names the CUDA kernel that geometry launches (``kernel``). An
-    implementation that fails is recorded as skipped (``failed: ...``), not raised."""
-    result = bench.run_benchmark(layers, device=device, dtype=dtype, repeat=repeat,
-                                 bursts=bursts, quick=quick, torch=torch, progress=progress,
-                                 ceilings=ceilings, on_error="record")
-    by_name = {layer.name: layer for layer in
-               (workloads.LAYERS[x] if isinstance(x, str) else x for x in layers)}
-    for r in result["records"]:
-        if r["impl"] == "gpuconv":
-            geom = by_name[r["layer"]].geometry(r["N"])
-            r["kernel"] = _kernel_name(r["op"], geom, r["dtype"])
-    return result
+def _try(fn):
+    try:
+        return fn()
+    except Exception as exc:
+        return f"unknown ({type(exc).__name__}: {exc})"[:200]
 
 
-def half_speed(layers, quick=False, device="cuda", torch="auto", progress=None):
-    """The forward in float16 on ``layers`` (:func:`gradient_layers`: the default suite),
-    :data:`GRADIENT_REPEAT` x :data:`GRADIENT_BURSTS` timed calls, float16's own ceilings
-    (half-precision matmul and copy): :func:`speed` with ``dtype="float16"``."""
-    return speed(layers, GRADIENT_REPEAT, GRADIENT_BURSTS, quick, device, torch, progress,
-                 dtype="float16")
+def _git(*args):
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=10).stdout.strip()
 
 
-def gradient_speed(layers, passes, ceilings, quick=False, device="cuda", torch="auto",
-                   progress=None):
-    """``gpuconv bench --pass`` for the passes of ``passes`` other than the forward, on
-    ``layers``, :data:`GRADIENT_REPEAT` x :data:`GRADIENT_BURSTS` timed calls, with the
-    ceilings already measured; ``None`` when there is no such pass."""
-    passes = tuple(p for p in passes if p != "forward")
-    if not passes:
-        return None
-    return bench.run_benchmark(layers, device=device, repeat=GRADIENT_REPEAT,
-                               bursts=GRADIENT_BURSTS, quick=quick, torch=torch,
-                               progress=progress, ceilings=ceilings, passes=passes,
-                               on_error="record")
+def environment(torch=None, dry_run=False):
+    """What ran: package versions, NVVM, the driver and runtime, the GPU and its clocks, the
+    commit; and the numba-cuda / NumPy pair's known problem, if any."""
+    from importlib import metadata
 
+    from gpuconv.device import cuda_toolchain_problem
 
-def failed_records(result):
-    """The records of implementations that raised (``skipped: "failed: ..."``)."""
-    return [r for r in (result or {}).get("records", ())
-            if (r.get("skipped") or "").startswith("failed")]
+    packages = {}
+    for name in _DISTRIBUTIONS:
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    info = {"python": platform.python_version(), "packages": packages,
+            "commit": _try(lambda: _git("rev-parse", "HEAD")),
+            "modified": _try(lambda: bool(_git("status", "--porcelain", "--untracked-files=no"))),
+            "toolchain_problem": cuda_toolchain_problem(), "dry_run": dry_run}
+    if torch is not None:
+        info["torch"] = torch.__version__
+        info["torch_cuda"] = torch.version.cuda
+        info["cudnn"] = _try(lambda: torch.backends.cudnn.version())
+    if dry_run:
+        info["gpu"] = "none: Numba's CUDA simulator"
+        return info
+    from numba import cuda
+
+    def nvvm_version():
+        from numba.cuda.cudadrv import nvvm
+        return ".".join(map(str, nvvm.NVVM().get_version()))
+
+    info["nvvm"] = _try(nvvm_version)
+    info["driver_cuda"] = _try(lambda: ".".join(
+        map(str, cuda.cudadrv.driver.driver.get_version())))
+    info["runtime_cuda"] = _try(lambda: ".".join(map(str, cuda.runtime.get_version())))
+    info["nvjitlink"] = _try(lambda: ".".join(
+        map(str, __import__("numba.cuda.cudadrv.nvjitlink",
+                            fromlist=["x"]).nvJitLinkGetVersion())))
+    if torch is not None and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = {"name": props.name, "capability": [props.major, props.minor],
+                       "sms": props.multi_processor_count,
+                       "memory_gib": round(props.total_memory / 2**30, 1)}
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        info["nvidia_smi"] = _try(lambda: subprocess.run(
+            [smi, "--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,"
+                  "power.draw,temperature.gpu,utilization.gpu", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20).stdout.strip())
+    return info
 
 
 # --------------------------------------------------------------------------------------------
-# GPU parts
+# where the arrays live
 # --------------------------------------------------------------------------------------------
 
-def _case_tensors(torch, case, op, dtype, device, generator):
-    geom = case_geometry(case)
-    x = torch.rand((case.n, case.c_in, case.h, case.w), generator=generator, dtype=torch.float64,
-                   device=device) * 2 - 1
-    wshape = geom.local_weight_shape() if op == "local_conv2d" else geom.shared_weight_shape()
-    w = torch.rand(wshape, generator=generator, dtype=torch.float64, device=device) * 2 - 1
+class Target:
+    """Where gpuconv's operands live. On a GPU: PyTorch CUDA tensors (drawn on the GPU), and
+    the float64 references computed there too. In a dry run: the references on PyTorch's CPU,
+    gpuconv's operands copied into the simulator's device arrays."""
+
+    def __init__(self, torch, dry_run):
+        self.torch, self.dry_run = torch, dry_run
+        self.device = "cpu" if dry_run else "cuda"
+
+    def generator(self, seed):
+        return self.torch.Generator(device=self.device).manual_seed(seed)
+
+    def uniform(self, shape, generator):
+        """Values in [-1, 1), float64, where the references run."""
+        return self.torch.rand(tuple(shape), generator=generator, dtype=self.torch.float64,
+                               device=self.device) * 2 - 1
+
+    def to_gpuconv(self, tensor):
+        if tensor is None or not self.dry_run:
+            return tensor
+        from numba import cuda
+        return cuda.to_device(np.ascontiguousarray(tensor.numpy()))
+
+    def from_gpuconv(self, result):
+        if not self.dry_run:
+            return result
+        return self.torch.from_numpy(np.asarray(result.copy_to_host()))
+
+    def kind_ok(self, result, dtype):
+        """The result is the caller's kind of array on the GPU, in ``dtype``."""
+        if self.dry_run:
+            return (hasattr(result, "copy_to_host")
+                    and np.dtype(result.dtype) == np.dtype(str(dtype).replace("torch.", "")))
+        return (isinstance(result, self.torch.Tensor) and result.is_cuda
+                and result.dtype == dtype)
+
+    def synchronize(self):
+        if self.dry_run:
+            from numba import cuda
+            cuda.synchronize()
+        else:
+            self.torch.cuda.synchronize()
+
+
+def _public_kwargs(geom):
+    return dict(stride=(geom.stride_h, geom.stride_w),
+                padding=((geom.pad_top, geom.pad_bottom), (geom.pad_left, geom.pad_right)),
+                dilation=(geom.dilation_h, geom.dilation_w), groups=geom.groups)
+
+
+def _inputs(target, geom, op, bias, seed):
+    """float64 x, weight, bias (None, "channel" or "position") and dL/dy, where the
+    references run."""
+    generator = target.generator(seed)
+    x = target.uniform(geom.input_shape, generator)
+    w = target.uniform(geom.local_weight_shape() if op == "local_conv2d"
+                       else geom.shared_weight_shape(), generator)
     b = None
-    if case.bias == "channel" or (case.bias == "position" and op == "conv2d"):
-        b = torch.rand((case.c_out,), generator=generator, dtype=torch.float64, device=device) * 2 - 1
-    elif case.bias == "position":
-        b = torch.rand((case.c_out, geom.out_height, geom.out_width), generator=generator,
-                       dtype=torch.float64, device=device) * 2 - 1
-    cast = (lambda t: None if t is None else t.to(dtype))
-    return geom, cast(x), cast(w), cast(b)
+    if bias == "channel" or (bias == "position" and op == "conv2d"):
+        b = target.uniform((geom.out_channels,), generator)
+    elif bias == "position":
+        b = target.uniform((geom.out_channels, geom.out_height, geom.out_width), generator)
+    gy = target.uniform(geom.output_shape, generator)
+    return x, w, b, gy
+
+
+def _peer(op):
+    return peers.torch_unfold_einsum if op == "local_conv2d" else peers.torch_conv2d
 
 
 def _reference(torch, op, geom, x, w, b):
     """``(reference, magnitude bound)`` in float64: the benchmark's PyTorch peer of ``op`` on
     the inputs, and on their absolute values."""
-    peer = peers.torch_unfold_einsum if op == "local_conv2d" else peers.torch_conv2d
     d = (lambda t: None if t is None else t.double())
     a = (lambda t: None if t is None else t.double().abs())
-    return peer(torch, geom, d(w), d(b))(d(x)), peer(torch, geom, a(w), a(b))(a(x))
-
-
-def check_case(torch, gpuconv, case, op, dtype, device="cuda"):
-    """Run one case through gpuconv (torch tensors on ``device``) and compare with the
-    float64 PyTorch peer. The result must be a torch tensor on the same device."""
-    seed = sum(map(ord, case.name + op))  # stable across runs (str hashes are not)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    geom, x, w, b = _case_tensors(torch, case, op, dtype, device, generator)
-    kwargs = dict(stride=case.stride, padding=case.padding, dilation=case.dilation,
-                  groups=case.groups)
-    fn = getattr(gpuconv, op)
-    y = fn(x, w, b, **kwargs)
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-    ref, bound = _reference(torch, op, geom, x, w, b)
-    ok_type = (isinstance(y, torch.Tensor) and y.device.type == torch.device(device).type
-               and y.dtype == dtype)
-    err = float((y.double() - ref).abs().max()) if ref.numel() else 0.0
-    scale = float(bound.abs().max()) if bound.numel() else 0.0
-    dtype_name = str(dtype).replace("torch.", "")
-    finite = bool(torch.isfinite(y).all())
-    count = terms(op, geom)
-    return {"case": case.name, "op": op, "dtype": dtype_name, "max_abs_error": err,
-            "scale": scale, "tolerance": tolerance(dtype_name, count), "terms": count,
-            "result_kind_ok": ok_type, "finite": finite,
-            "ok": ok_type and finite and within_tolerance(err, scale, dtype_name, count)}
+    return _peer(op)(torch, geom, d(w), d(b))(d(x)), _peer(op)(torch, geom, a(w), a(b))(a(x))
 
 
 def _grad_reference(torch, op, geom, x, w, gy):
     """``((gx, gw), (gx bound, gw bound))`` in float64: PyTorch autograd's backward of the
-    benchmark's peer of ``op`` (no bias) for ``gy``, and the same on the absolute values
-    (each gradient is a sum of products of ``w`` and ``gy``, or ``x`` and ``gy``)."""
-    peer = peers.torch_unfold_einsum if op == "local_conv2d" else peers.torch_conv2d
+    peer of ``op`` (no bias) for ``gy``, and the same on the absolute values."""
     d = (lambda t: t.double())
     a = (lambda t: t.double().abs())
-    ref = peers.torch_autograd_backward(torch, peer, geom, d(x), d(w), d(gy))()
-    bound = peers.torch_autograd_backward(torch, peer, geom, a(x), a(w), a(gy))()
+    ref = peers.torch_autograd_backward(torch, _peer(op), geom, d(x), d(w), d(gy))()
+    bound = peers.torch_autograd_backward(torch, _peer(op), geom, a(x), a(w), a(gy))()
     return ref, bound
 
 
-def check_grad_case(torch, gpuconv_grad, case, op, dtype, device="cuda"):
-    """Both gradients of ``op`` on one case through ``gpuconv.grad`` (torch tensors on
-    ``device``) against PyTorch autograd in float64: one result per gradient function."""
-    seed = sum(map(ord, case.name + op + "grad"))
-    generator = torch.Generator(device=device).manual_seed(seed)
-    geom, x, w, _ = _case_tensors(torch, case, op, dtype, device, generator)
-    gy = (torch.rand(geom.output_shape, generator=generator, dtype=torch.float64,
-                     device=device) * 2 - 1).to(dtype)
-    kwargs = dict(stride=case.stride, padding=case.padding, dilation=case.dilation,
-                  groups=case.groups)
-    input_name, weight_name = GRAD_FUNCTIONS[op]
+def _compare(target, label, name, geom, dtype, result, ref, bound):
+    torch = target.torch
+    dtype_name = str(dtype).replace("torch.", "")
+    ok_kind = target.kind_ok(result, dtype)
+    got = target.from_gpuconv(result) if ok_kind else None
+    ok_shape = got is not None and tuple(got.shape) == tuple(ref.shape)
+    err = float((got.double().to(ref.device) - ref).abs().max()) \
+        if ok_shape and ref.numel() else 0.0
+    scale = float(bound.abs().max()) if bound.numel() else 0.0
+    finite = bool(torch.isfinite(got).all()) if ok_shape else False
+    count = terms(name, geom)
+    return {"case": label, "function": name, "dtype": dtype_name,
+            "kernels": list(kernel_names(name, geom, dtype_name)),
+            "max_abs_error": err, "scale": scale, "tolerance": tolerance(dtype_name, count),
+            "terms": count, "result_kind_ok": ok_kind and ok_shape, "finite": finite,
+            "ok": bool(ok_kind and ok_shape and finite
+                       and within_tolerance(err, scale, dtype_name, count))}
+
+
+def check_functions(target, gpuconv, label, geom, functions, dtype, bias="channel", seed=0):
+    """Each gpuconv function of ``functions`` (of :data:`ALL_FUNCTIONS`, sharing one
+    geometry) on random inputs in ``dtype`` (a torch dtype) against the float64 PyTorch
+    reference: one result dict per function."""
+    torch = target.torch
+    from gpuconv import grad as gpuconv_grad
+
     results = []
-    (gx_ref, gw_ref), (gx_bound, gw_bound) = _grad_reference(torch, op, geom, x, w, gy)
-    for name, call, ref, bound in (
-            (input_name, lambda: getattr(gpuconv_grad, input_name)(tuple(x.shape), w, gy,
-                                                                   **kwargs), gx_ref, gx_bound),
-            (weight_name, lambda: getattr(gpuconv_grad, weight_name)(x, tuple(w.shape), gy,
-                                                                     **kwargs), gw_ref, gw_bound)):
-        dtype_name = str(dtype).replace("torch.", "")
-        try:
-            result = call()
-            if torch.device(device).type == "cuda":
-                torch.cuda.synchronize()
-        except Exception as exc:
-            results.append({"case": case.name, "op": name, "dtype": dtype_name, "ok": False,
-                            "error": f"{type(exc).__name__}: {exc}",
-                            "traceback": traceback.format_exc()[-2000:]})
-            continue
-        ok_type = (isinstance(result, torch.Tensor)
-                   and result.device.type == torch.device(device).type
-                   and result.dtype == dtype and result.shape == ref.shape)
-        err = float((result.double() - ref).abs().max()) if ok_type and ref.numel() else 0.0
-        scale = float(bound.abs().max()) if bound.numel() else 0.0
-        finite = bool(torch.isfinite(result).all()) if ok_type else False
-        count = terms(name, geom)
-        results.append({"case": case.name, "op": name, "dtype": dtype_name,
-                        "max_abs_error": err, "scale": scale,
-                        "tolerance": tolerance(dtype_name, count), "terms": count,
-                        "result_kind_ok": ok_type, "finite": finite,
-                        "ok": ok_type and finite and within_tolerance(err, scale, dtype_name,
-                                                                      count)})
+    ops = {f if f in FORWARD_OPS else f.rsplit("_", 1)[0] for f in functions}
+    for op in sorted(ops):
+        x, w, b, gy = _inputs(target, geom, op, bias, seed + sum(map(ord, op)))
+        x, w, gy = x.to(dtype), w.to(dtype), gy.to(dtype)
+        b = None if b is None else b.to(dtype)
+        kwargs = _public_kwargs(geom)
+        calls = {}
+        if op in functions:
+            calls[op] = (lambda: getattr(gpuconv, op)(
+                target.to_gpuconv(x), target.to_gpuconv(w), target.to_gpuconv(b), **kwargs),
+                lambda: _reference(torch, op, geom, x, w, b))
+        grads = [f for f in GRAD_FUNCTIONS[op] if f in functions]
+        if grads:
+            grad_refs = {}
+
+            def grad_ref(index):
+                if not grad_refs:
+                    grad_refs["value"] = _grad_reference(torch, op, geom, x, w, gy)
+                (gx, gw), (bx, bw) = grad_refs["value"]
+                return ((gx, bx), (gw, bw))[index]
+            input_name, weight_name = GRAD_FUNCTIONS[op]
+            if input_name in grads:
+                calls[input_name] = (lambda: getattr(gpuconv_grad, input_name)(
+                    tuple(x.shape), target.to_gpuconv(w), target.to_gpuconv(gy), **kwargs),
+                    lambda: grad_ref(0))
+            if weight_name in grads:
+                calls[weight_name] = (lambda: getattr(gpuconv_grad, weight_name)(
+                    target.to_gpuconv(x), tuple(w.shape), target.to_gpuconv(gy), **kwargs),
+                    lambda: grad_ref(1))
+        for name, (call, reference) in calls.items():
+            try:
+                result = call()
+                target.synchronize()
+                ref, bound = reference()
+                results.append(_compare(target, label, name, geom, dtype, result, ref, bound))
+            except Exception as exc:
+                results.append({"case": label, "function": name,
+                                "dtype": str(dtype).replace("torch.", ""), "ok": False,
+                                "error": f"{type(exc).__name__}: {exc}"[:500],
+                                "traceback": traceback.format_exc()[-2000:]})
     return results
 
 
-def check_array_kinds(torch, gpuconv):
+def check_repeatable(target, gpuconv, label, geom, functions, dtype):
+    """Each function twice on the same inputs: bitwise equal results (no atomics, a fixed
+    order of every sum)."""
+    from gpuconv import grad as gpuconv_grad
+
+    results = []
+    for name in functions:
+        op = name if name in FORWARD_OPS else name.rsplit("_", 1)[0]
+        x, w, b, gy = (None if t is None else t.to(dtype)
+                       for t in _inputs(target, geom, op, "channel", 7))
+        kwargs = _public_kwargs(geom)
+        args = {"conv2d": lambda: (target.to_gpuconv(x), target.to_gpuconv(w),
+                                   target.to_gpuconv(b)),
+                "local_conv2d": lambda: (target.to_gpuconv(x), target.to_gpuconv(w),
+                                         target.to_gpuconv(b)),
+                f"{op}_input": lambda: (tuple(x.shape), target.to_gpuconv(w),
+                                        target.to_gpuconv(gy)),
+                f"{op}_weight": lambda: (target.to_gpuconv(x), tuple(w.shape),
+                                         target.to_gpuconv(gy))}[name]()
+        fn = getattr(gpuconv if name in FORWARD_OPS else gpuconv_grad, name)
+        try:
+            first = target.from_gpuconv(fn(*args, **kwargs)).clone()
+            second = target.from_gpuconv(fn(*args, **kwargs))
+            target.synchronize()
+            same = bool(target.torch.equal(first, second))
+            results.append({"case": label, "function": name, "ok": same,
+                            "detail": "bitwise equal" if same else "results differ"})
+        except Exception as exc:
+            results.append({"case": label, "function": name, "ok": False,
+                            "error": f"{type(exc).__name__}: {exc}"[:500]})
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# array kinds (GPU only, but for the host and Numba arrays, which the simulator has)
+# --------------------------------------------------------------------------------------------
+
+def check_array_kinds(torch, gpuconv, dry_run=False):
     """torch in -> torch out, CuPy in -> CuPy out, Numba in -> Numba out, NumPy in -> NumPy
-    out; a side stream; non-contiguous inputs; empty batch; NaN propagation."""
-    import numpy as np
+    out; a side stream; non-contiguous inputs; empty batch; NaN propagation. In a dry run,
+    the host and Numba arrays only (the rest says what it needs)."""
     from numba import cuda
 
     results = []
@@ -382,7 +729,6 @@ def check_array_kinds(torch, gpuconv):
             for op, w in (("conv2d", w_np), ("local_conv2d", wl_np))}
 
     def close(y, op="conv2d"):
-        """``y`` (float64) within tolerance of the PyTorch peer of ``op``."""
         ref, bound = refs[op]
         return within_tolerance(float(np.abs(np.asarray(y) - ref).max()), float(bound.max()),
                                 "float64")
@@ -391,23 +737,23 @@ def check_array_kinds(torch, gpuconv):
         y = gpuconv.conv2d(x_np, w_np, b_np, groups=2, device="cuda")
         return isinstance(y, np.ndarray) and close(y), type(y).__name__
 
-    def torch_in():
-        t = lambda a: torch.from_numpy(a).cuda()  # noqa: E731
-        y = gpuconv.conv2d(t(x_np), t(w_np), t(b_np), groups=2)
-        yl = gpuconv.local_conv2d(t(x_np), t(wl_np), t(b_np), groups=2)
-        return (isinstance(y, torch.Tensor) and y.is_cuda and close(y.cpu().numpy())
-                and close(yl.cpu().numpy(), "local_conv2d")), type(y).__name__
-
     def numba_in():
         y = gpuconv.conv2d(cuda.to_device(x_np), cuda.to_device(w_np), cuda.to_device(b_np),
                            groups=2)
-        return hasattr(y, "copy_to_host") and close(y.copy_to_host()), type(y).__name__
+        yl = gpuconv.local_conv2d(cuda.to_device(x_np), cuda.to_device(wl_np),
+                                  cuda.to_device(b_np), groups=2)
+        return (hasattr(y, "copy_to_host") and close(y.copy_to_host())
+                and close(yl.copy_to_host(), "local_conv2d")), type(y).__name__
+
+    def torch_in():
+        tc = lambda a: torch.from_numpy(a).cuda()  # noqa: E731
+        y = gpuconv.conv2d(tc(x_np), tc(w_np), tc(b_np), groups=2)
+        yl = gpuconv.local_conv2d(tc(x_np), tc(wl_np), tc(b_np), groups=2)
+        return (isinstance(y, torch.Tensor) and y.is_cuda and close(y.cpu().numpy())
+                and close(yl.cpu().numpy(), "local_conv2d")), type(y).__name__
 
     def cupy_in():
-        try:
-            import cupy
-        except ImportError:
-            return True, "CuPy not installed (skipped)"
+        import cupy
         y = gpuconv.conv2d(cupy.asarray(x_np), cupy.asarray(w_np), cupy.asarray(b_np), groups=2)
         yl = gpuconv.local_conv2d(cupy.asarray(x_np), cupy.asarray(wl_np), cupy.asarray(b_np),
                                   groups=2)
@@ -417,23 +763,18 @@ def check_array_kinds(torch, gpuconv):
     def side_stream():
         stream = torch.cuda.Stream()
         with torch.cuda.stream(stream):
-            xs = torch.from_numpy(x_np).cuda()
-            ws = torch.from_numpy(w_np).cuda()
-            bs = torch.from_numpy(b_np).cuda()
+            xs, ws, bs = (torch.from_numpy(a).cuda() for a in (x_np, w_np, b_np))
             y = gpuconv.conv2d(xs, ws, bs, groups=2)
-            y2 = y * 1.0  # queued on the same stream after our kernel
+            y2 = y * 1.0  # queued on the same stream after gpuconv's kernel
         stream.synchronize()
         return close(y2.cpu().numpy()), "torch side stream"
 
     def non_contiguous():
         xt = torch.from_numpy(np.ascontiguousarray(x_np.transpose(0, 1, 3, 2))).cuda().transpose(2, 3)
-        wt = torch.from_numpy(np.ascontiguousarray(w_np[:, :, ::-1])).cuda().flip(2)
         big = torch.zeros((6, 2, 3, 6), dtype=torch.float64, device="cuda")
         big[..., ::2] = torch.from_numpy(w_np).cuda()
-        y1 = gpuconv.conv2d(xt, big[..., ::2], torch.from_numpy(b_np).cuda(), groups=2)
-        y2 = gpuconv.conv2d(xt, wt.contiguous(), torch.from_numpy(b_np).cuda(), groups=2)
-        return (not xt.is_contiguous() and close(y1.cpu().numpy())
-                and close(y2.cpu().numpy())), "transposed and strided views"
+        y = gpuconv.conv2d(xt, big[..., ::2], torch.from_numpy(b_np).cuda(), groups=2)
+        return not xt.is_contiguous() and close(y.cpu().numpy()), "transposed and strided views"
 
     def empty_batch():
         x0 = torch.zeros((0, 4, 13, 11), dtype=torch.float32, device="cuda")
@@ -444,60 +785,67 @@ def check_array_kinds(torch, gpuconv):
         x = torch.ones((2, 1, 9, 9), dtype=torch.float32, device="cuda")
         x[0, 0, 4, 4] = float("nan")
         x[1, 0, 0, 8] = float("inf")
-        w = torch.ones((1, 1, 3, 3), device="cuda")
-        y = gpuconv.conv2d(x, w, stride=2, padding=1)
-        # Expected from the windows themselves (a cuDNN algorithm may smear NaN further).
+        y = gpuconv.conv2d(x, torch.ones((1, 1, 3, 3), device="cuda"), stride=2, padding=1)
+        # expected from the windows themselves (a cuDNN algorithm may smear NaN further)
         cols = torch.nn.functional.unfold(x.double(), (3, 3), padding=1, stride=2)
         nan = cols.isnan().any(1).reshape(y.shape)
         inf = cols.isinf().any(1).reshape(y.shape) & ~nan
         same = bool((torch.isnan(y) == nan).all() and (torch.isinf(y) == inf).all())
         return same and bool(nan.any()), f"{int(torch.isnan(y).sum())} NaN outputs"
 
-    for name, fn in (("numpy in -> numpy out", numpy_in), ("torch in -> torch out", torch_in),
-                     ("numba in -> numba out", numba_in), ("cupy in -> cupy out", cupy_in),
-                     ("torch side stream", side_stream), ("non-contiguous inputs", non_contiguous),
-                     ("empty batch", empty_batch), ("NaN propagation", nan_propagation)):
+    checks = [("numpy in -> numpy out", numpy_in), ("numba in -> numba out", numba_in)]
+    torch_checks = [("torch in -> torch out", torch_in), ("torch side stream", side_stream),
+                    ("non-contiguous inputs", non_contiguous), ("empty batch", empty_batch),
+                    ("NaN propagation", nan_propagation)]
+    skipped = []
+    if dry_run or not torch.cuda.is_available():
+        skipped += [(name, "needs a CUDA build of PyTorch") for name, _ in torch_checks]
+    else:
+        checks += torch_checks
+    try:
+        import cupy  # noqa: F401
+        if dry_run:
+            skipped.append(("cupy in -> cupy out", "CuPy needs a GPU (not the simulator)"))
+        else:
+            checks.append(("cupy in -> cupy out", cupy_in))
+    except Exception:
+        skipped.append(("cupy in -> cupy out", "CuPy is not installed"))
+    for name, fn in checks:
         record(name, fn)
+    for name, why in skipped:
+        results.append({"check": name, "ok": True, "skipped": why, "detail": f"skipped: {why}"})
     return results
 
 
-def kernel_resources(kernels, layers):
-    """Registers, local and shared memory of the kernels ``layers`` (names) launch at their
-    GPU batch sizes in float32, as compiled here."""
-    import numpy as np
+# --------------------------------------------------------------------------------------------
+# compute-sanitizer
+# --------------------------------------------------------------------------------------------
 
-    info = {}
-    for name in layers:
-        geom = workloads.gpu_geometry(name)
-        for config in (kernels.conv2d_config(geom, np.float32),
-                       kernels.local_conv2d_config(geom, np.float32)):
-            spec = config.kernel
-            try:
-                dispatcher = kernels.compiled(spec)
-                info[spec.name] = {
-                    "registers": dispatcher.get_regs_per_thread(),
-                    "local_bytes_per_thread": dispatcher.get_local_mem_per_thread(),
-                    "static_shared_bytes": dispatcher.get_shared_mem_per_block(),
-                }
-            except Exception as exc:
-                info[spec.name] = {"error": f"{type(exc).__name__}: {exc}"}
-    return info
-
-
+#: Tiny calls of every forward and gradient kernel, float32 and float16, for compute-sanitizer:
+#: stride, padding, groups, both bias kinds, a strided device input, and a conv2d weight
+#: gradient long enough to be summed in several slices.
 SANITIZER_SNIPPET = """
 import numpy as np, gpuconv
+from gpuconv import grad
 from numba import cuda
 rng = np.random.default_rng(0)
-for dt in (np.float32, np.float64):
-    x = rng.standard_normal((3, 4, 13, 17)).astype(dt)
-    w = rng.standard_normal((10, 2, 3, 5)).astype(dt)
-    b = rng.standard_normal(10).astype(dt)
-    gpuconv.conv2d(x, w, b, stride=(2, 1), padding=(1, 2), groups=2, device="cuda")
-    wl = rng.standard_normal((10, 7, 17, 2, 3, 5)).astype(dt)
-    gpuconv.local_conv2d(x, wl, b, stride=(2, 1), padding=(1, 2), groups=2, device="cuda")
+for dt in (np.float32, np.float16):
+    r = lambda *s: rng.standard_normal(s).astype(dt)
+    x, w, b = r(3, 4, 13, 17), r(10, 2, 3, 5), r(10)
+    kw = dict(stride=(2, 1), padding=(1, 2), groups=2)
+    y = gpuconv.conv2d(x, w, b, device="cuda", **kw)
+    wl, bl = r(10, 7, 17, 2, 3, 5), r(10, 7, 17)
+    gpuconv.local_conv2d(x, wl, bl, device="cuda", **kw)
+    gy = r(*y.shape)
+    grad.conv2d_input(x.shape, w, gy, device="cuda", **kw)
+    grad.conv2d_weight(x, w.shape, gy, device="cuda", **kw)
+    grad.local_conv2d_input(x.shape, wl, gy, device="cuda", **kw)
+    grad.local_conv2d_weight(x, wl.shape, gy, device="cuda", **kw)
+    xb, gb = r(64, 2, 33, 33), r(64, 3, 31, 31)
+    grad.conv2d_weight(xb, (3, 2, 3, 3), gb, device="cuda")
     gpuconv.conv2d(cuda.to_device(x)[:, :, ::2], cuda.to_device(w), None, groups=2)
 cuda.synchronize()
-print("sanitizer case done")
+print("sanitizer calls done")
 """
 
 
@@ -505,7 +853,7 @@ def find_compute_sanitizer():
     found = shutil.which("compute-sanitizer")
     if found:
         return found
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if home:
             path = os.path.join(home, "bin", "compute-sanitizer")
             if os.path.exists(path):
@@ -513,143 +861,392 @@ def find_compute_sanitizer():
     return None
 
 
-def run_sanitizer(timeout=180):
-    tool = find_compute_sanitizer()
-    if tool is None:
+def run_sanitizer(tool="memcheck", timeout=240):
+    """``compute-sanitizer --tool TOOL`` over :data:`SANITIZER_SNIPPET`."""
+    found = find_compute_sanitizer()
+    if found is None:
         return {"status": "skipped: compute-sanitizer not found"}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                    os.environ.get("PYTHONPATH")) if p))
+        p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
     try:
-        result = subprocess.run([tool, "--tool", "memcheck", "--error-exitcode", "3",
+        result = subprocess.run([found, "--tool", tool, "--error-exitcode", "3",
                                  sys.executable, "-c", SANITIZER_SNIPPET],
                                 capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "timeout_s": timeout}
     text = result.stdout + result.stderr
-    ok = result.returncode == 0 and "ERROR SUMMARY: 0 errors" in text
+    ok = (result.returncode == 0 and "ERROR SUMMARY: 0 errors" in text
+          and "sanitizer calls done" in text)
     return {"status": "ok" if ok else "errors", "returncode": result.returncode,
             "output_tail": text[-3000:]}
 
 
+# --------------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------------
+
+def _roofline(record, ceilings):
+    """Seconds the record's pass takes at the measured ceilings (compute or bytes)."""
+    compute, bandwidth = ceilings.get("compute_gflops"), ceilings.get("bandwidth_gbs")
+    if not compute or not bandwidth:
+        return None
+    return max(record["flops"] / (compute * 1e9), record["bytes"] / (bandwidth * 1e9))
+
+
+def timing_lines(records, ceilings):
+    """One line per gpuconv record: call and kernel time, what the host adds, the share of
+    the roofline (of the kernel time), and the speedup over each peer (peer / gpuconv)."""
+    lines = []
+    for r in records:
+        if r["impl"] != "gpuconv" or r["skipped"]:
+            continue
+        roof = _roofline(r, ceilings or {})
+        kernel = r.get("kernel_s")
+        share = (roof / kernel if roof and kernel else None)
+        speed = []
+        for peer in records:
+            if (peer["op"] == r["op"] and peer["layer"] == r["layer"] and peer["N"] == r["N"]
+                    and peer["pass"] == r["pass"] and peer["impl"] != "gpuconv"
+                    and not peer["skipped"]):
+                mine = kernel if kernel and peer.get("kernel_s") else r["median_s"]
+                theirs = peer.get("kernel_s") if kernel and peer.get("kernel_s") \
+                    else peer["median_s"]
+                speed.append(f"{theirs / mine:.2f}x {peer['impl']}")
+        host = r.get("call_minus_kernel_s")
+        cells = ("-" if not kernel else f"{kernel * 1e3:.3f}",
+                 "-" if host is None else f"{host * 1e3:.3f}",
+                 "-" if share is None else f"{100 * share:.1f} %")
+        lines.append(
+            f"{r['pass']:8s} {r['layer']:18s} {r['op']:13s} N={r['N']:<4d} call "
+            f"{r['median_s'] * 1e3:8.3f} ms  kernel {cells[0]:>8s} ms  host {cells[1]:>7s} ms"
+            f"  roofline {cells[2]:>7s}  " + ", ".join(speed))
+    return lines
+
+
+def disagreements(records):
+    """Records whose result differs from their reference beyond the tolerance, and records
+    of implementations that failed."""
+    bad = []
+    for r in records:
+        if (r.get("skipped") or "").startswith("failed"):
+            bad.append(f"{r['pass']} {r['layer']} {r['op']} {r['impl']}: {r['skipped']}")
+        elif (r.get("max_rel_diff") is not None and r.get("tolerance") is not None
+              and r["max_rel_diff"] > r["tolerance"]):
+            bad.append(f"{r['pass']} {r['layer']} {r['op']} {r['impl']} vs "
+                       f"{r.get('compared_with')}: {r['max_rel_diff']:.3g} > "
+                       f"{r['tolerance']:.3g}")
+    return bad
+
+
+def time_pass(layers, pass_name, args, deadline, ceilings=None, dtype="float32",
+              torch="auto"):
+    """``gpuconv bench`` for one pass, one layer at a time (so the budget is checked between
+    layers), with the ceilings measured once. Returns ``(result, layers not reached)``."""
+    records, machine, left = [], None, []
+    for index, layer in enumerate(layers):
+        if time.perf_counter() > deadline:
+            left = [lay.name for lay in layers[index:]]
+            break
+        result = bench.run_benchmark([layer], device="cuda", dtype=dtype, repeat=args.repeat,
+                                     bursts=args.bursts, torch=torch, ceilings=ceilings,
+                                     passes=(pass_name,), on_error="record",
+                                     progress=False if args.dry_run else None)
+        machine = machine or result["machine"]
+        ceilings = ceilings or result["machine"].get("ceilings")
+        records += result["records"]
+    return {"machine": machine or {}, "records": records}, left
+
+
+def overhead(target, gpuconv, calls=200):
+    """Per-call cost of tiny calls on the GPU's own arrays (x 8x16x16x16, 16 maps 3x3; and
+    x 1x3x16x16, 4 maps 3x3): gpuconv's conv2d and local_conv2d beside ``F.conv2d``, calls
+    queued back to back and the device synchronised once; and a profile of gpuconv's host
+    path (the functions with the most cumulative time over ``calls`` calls)."""
+    torch = target.torch
+    F = torch.nn.functional
+    results = {}
+    for label, (n, c, size, maps) in (("8x16x16x16, 16 maps 3x3", (8, 16, 16, 16)),
+                                      ("1x3x16x16, 4 maps 3x3", (1, 3, 16, 4))):
+        geom = conv_geometry((n, c, size, size), (3, 3), maps, padding=1)
+        generator = target.generator(1)
+        x = target.uniform(geom.input_shape, generator).float()
+        w = target.uniform(geom.shared_weight_shape(), generator).float()
+        wl = target.uniform(geom.local_weight_shape(), generator).float()
+        gx, gw, gwl = (target.to_gpuconv(t) for t in (x, w, wl))
+        fns = {"gpuconv.conv2d": lambda: gpuconv.conv2d(gx, gw, padding=1),
+               "gpuconv.local_conv2d": lambda: gpuconv.local_conv2d(gx, gwl, padding=1)}
+        if not target.dry_run:
+            fns["torch F.conv2d"] = lambda: F.conv2d(x, w, padding=1)
+        row = {}
+        count = calls if not target.dry_run else 3
+        for name, fn in fns.items():
+            for _ in range(3 if target.dry_run else 20):
+                fn()
+            target.synchronize()
+            start = time.perf_counter()
+            for _ in range(count):
+                fn()
+            target.synchronize()
+            row[name] = (time.perf_counter() - start) / count
+        results[label] = row
+    profile = cProfile.Profile()
+    fn = fns["gpuconv.conv2d"]
+    profile.enable()
+    for _ in range(count):
+        fn()
+    target.synchronize()
+    profile.disable()
+    stats = pstats.Stats(profile)
+    top = sorted(((value[3] / count, f"{func[0].rsplit(os.sep, 1)[-1]}:{func[1]}({func[2]})")
+                  for func, value in stats.stats.items()), reverse=True)[:25]
+    return {"per_call_s": results, "calls": count,
+            "profile_top_cumulative": [{"function": name, "s_per_call": s} for s, name in top]}
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------
+
+class Run:
+    """The report, the failures, the budget, and what was printed (for the summary)."""
+
+    def __init__(self, args):
+        self.args = args
+        self.start = time.perf_counter()
+        self.deadline = self.start + args.budget_s
+        self.report = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args),
+                       "phases": {}}
+        self.failures = 0
+        self.summary = []
+
+    def say(self, text, summary=False):
+        print(text, flush=True)
+        if summary:
+            self.summary.append(text)
+
+    def left_s(self):
+        return self.deadline - time.perf_counter()
+
+    def results(self, phase, results, seconds, stopped=None):
+        failed = [r for r in results if not r.get("ok")]
+        self.failures += len(failed)
+        for r in failed:
+            self.say(f"FAIL {phase}: {json.dumps({k: v for k, v in r.items() if k != 'traceback'}, default=str)[:600]}")
+        skipped = sum(1 for r in results if r.get("skipped"))
+        line = (f"{phase}: {len(results) - len(failed) - skipped}/{len(results) - skipped} ok"
+                + (f", {skipped} skipped" if skipped else "") + f" ({seconds:.1f} s)"
+                + (f"; {stopped}" if stopped else ""))
+        self.say(line, summary=True)
+        self.report["phases"][phase] = {"results": results, "seconds": seconds,
+                                        "stopped": stopped}
+
+
+def _items_loop(run, phase, items, one):
+    """Run ``one(item)`` (a list of results) for each item until the budget runs out."""
+    start = time.perf_counter()
+    results, stopped = [], None
+    for index, item in enumerate(items):
+        if time.perf_counter() > run.deadline:
+            stopped = f"budget ran out after {index} of {len(items)} items"
+            break
+        results += one(item)
+    run.results(phase, results, time.perf_counter() - start, stopped)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    report = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args)}
-    failures = 0
+    phases = plan(args.dry_run, args.quick)
+    if args.plan:
+        print(format_plan(phases, args.budget_s))
+        return 0
+    run = Run(args)
     try:
         import torch
 
         import gpuconv
-        from gpuconv import grad as gpuconv_grad
-        from gpuconv.cuda import kernels as _cuda_kernels
-        from numba import cuda
+        from gpuconv.device import cuda_toolchain_problem, simulator_enabled
     except Exception as exc:
-        print(f"cannot start: {exc}")
+        print(f"cannot start: {type(exc).__name__}: {exc}")
         return 2
-    if not torch.cuda.is_available():
-        print("no CUDA GPU visible to PyTorch")
+    if args.dry_run and not simulator_enabled():
+        print("cannot start: --dry-run needs NUMBA_ENABLE_CUDASIM=1 before Numba is imported "
+              "(run the script itself: python scripts/gpu_check.py --dry-run)")
         return 2
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    report["device"] = {"name": torch.cuda.get_device_name(),
-                        "capability": list(torch.cuda.get_device_capability()),
-                        "torch": torch.__version__, "numba_cuda_device": str(cuda.get_current_device().name)}
-    print(f"device: {report['device']}")
+    if not args.dry_run and not torch.cuda.is_available():
+        print("cannot start: no CUDA GPU visible to PyTorch (use --dry-run to check the logic "
+              "without one)")
+        return 2
+    if not args.dry_run:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    target = Target(torch, args.dry_run)
+    selected = [p for p in phases if (args.only is None or p.name in args.only or p.name == "env")
+                and p.name not in args.skip]
 
-    # 1. correctness
-    start = time.perf_counter()
-    checks = []
-    for dtype in (getattr(torch, name) for name in DTYPES):
-        for case in geometry_grid(args.quick):
-            for op in ("conv2d", "local_conv2d"):
-                try:
-                    result = check_case(torch, gpuconv, case, op, dtype)
-                except Exception as exc:
-                    result = {"case": case.name, "op": op, "dtype": str(dtype), "ok": False,
-                              "error": f"{type(exc).__name__}: {exc}",
-                              "traceback": traceback.format_exc()[-2000:]}
-                checks.append(result)
-                if not result["ok"]:
-                    failures += 1
-                    print(f"FAIL {result}")
-    report["correctness"] = checks
-    print(f"correctness: {sum(c['ok'] for c in checks)}/{len(checks)} cases within tolerance "
-          f"({time.perf_counter() - start:.1f} s)")
-    start = time.perf_counter()
-    grad_checks = []
-    for dtype in (getattr(torch, name) for name in DTYPES):
-        for case in grad_grid(args.quick):
-            for op in ("conv2d", "local_conv2d"):
-                try:
-                    results = check_grad_case(torch, gpuconv_grad, case, op, dtype)
-                except Exception as exc:
-                    results = [{"case": case.name, "op": op, "dtype": str(dtype), "ok": False,
-                                "error": f"{type(exc).__name__}: {exc}",
-                                "traceback": traceback.format_exc()[-2000:]}]
-                for result in results:
-                    grad_checks.append(result)
-                    if not result["ok"]:
-                        failures += 1
-                        print(f"FAIL {result}")
-    report["gradients"] = grad_checks
-    print(f"gradients: {sum(c['ok'] for c in grad_checks)}/{len(grad_checks)} within tolerance "
-          f"(4 functions x {len(grad_grid(args.quick))} cases x {len(DTYPES)} dtypes; "
-          f"{time.perf_counter() - start:.1f} s)")
-    kinds = check_array_kinds(torch, gpuconv)
-    report["array_kinds"] = kinds
-    for k in kinds:
-        print(f"{'ok  ' if k['ok'] else 'FAIL'} {k['check']}: {k['detail']}")
-        failures += 0 if k["ok"] else 1
+    env = environment(torch, args.dry_run)
+    run.report["environment"] = env
+    run.say("environment: " + json.dumps(env, default=str), summary=True)
+    problem = cuda_toolchain_problem()
+    if problem and not args.dry_run:
+        run.say(f"cannot start: {problem}", summary=True)
+        _write(run, 2)
+        return 2
+    run.say(("dry run: Numba's CUDA simulator, tiny sizes; no timing claims\n" if args.dry_run
+             else "") + format_plan(selected, args.budget_s))
 
-    # 2. speed: gpuconv bench on the GPU
-    if not args.skip_bench:
-        layers = bench_layer_list(args.quick)
-        start = time.perf_counter()
-        result = None
+    layers = suite_layers(args.dry_run, args.quick)
+    for phase in selected:
+        if phase.name == "env":
+            continue
+        if phase.estimate_s > run.left_s():
+            run.say(f"{phase.name}: skipped, estimated {phase.estimate_s:.0f} s and "
+                    f"{max(run.left_s(), 0):.0f} s of the budget left", summary=True)
+            run.report["phases"][phase.name] = {"skipped": "budget"}
+            continue
         try:
-            if "forward" in args.passes:
-                result = speed(layers, args.repeat, args.bursts, args.quick, torch=torch)
-                report["bench"] = result
-                print(bench.format_report(result))
-            ceilings = result["machine"]["ceilings"] if result else None
-            gradients = gradient_speed(gradient_layers(args.quick), args.passes, ceilings,
-                                       args.quick, torch=torch)
-            if gradients is not None:
-                report["bench_gradients"] = gradients
-                print(bench.format_report(gradients))
-            if "forward" in args.passes:
-                half = half_speed(gradient_layers(args.quick), args.quick, torch=torch)
-                report["bench_float16"] = half
-                print(bench.format_report(half))
+            _run_phase(run, phase.name, target, gpuconv, layers)
         except Exception as exc:
-            failures += 1
-            report["bench_error"] = traceback.format_exc()[-4000:]
-            print(f"FAIL benchmark: {type(exc).__name__}: {exc}\n{report['bench_error']}")
-        for part in ("bench", "bench_gradients", "bench_float16"):
-            for r in failed_records(report.get(part)):
-                failures += 1
-                print(f"FAIL benchmark {r.get('pass', 'forward')} {r['layer']} {r['op']} "
-                      f"{r['impl']}: {r['skipped']}")
-        print(f"benchmark: {time.perf_counter() - start:.1f} s")
-        report["kernels"] = kernel_resources(_cuda_kernels, layers)
+            run.failures += 1
+            run.say(f"FAIL {phase.name}: {type(exc).__name__}: {exc}", summary=True)
+            run.report["phases"][phase.name] = {"error": traceback.format_exc()[-4000:]}
+            print(run.report["phases"][phase.name]["error"])
+    status = 0 if run.failures == 0 else 1
+    _write(run, status)
+    return status
 
-    # 3. sanitizer
-    if not args.skip_sanitizer:
-        report["sanitizer"] = run_sanitizer()
-        print(f"compute-sanitizer memcheck: {report['sanitizer']['status']}")
-        if report["sanitizer"]["status"] == "errors":
-            failures += 1
-            print(report["sanitizer"]["output_tail"])
 
-    report["failures"] = failures
-    report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1, default=str)
-        print(f"wrote {args.json}")
-    print("PASS" if failures == 0 else f"FAIL ({failures} failures)")
-    return 0 if failures == 0 else 1
+def _run_phase(run, name, target, gpuconv, layers):
+    args, torch = run.args, target.torch
+    if name == "suite":
+        def one(item):
+            layer, op, dtype = item
+            batch = layer.batch_gpu if args.dry_run else reduced_batch(layer, (op,), dtype)
+            return check_functions(target, gpuconv, f"{layer.name}@{batch}",
+                                   layer.geometry(batch), (op,), getattr(torch, dtype),
+                                   seed=batch)
+        _items_loop(run, name, [(lay, op, d) for lay in layers for op in FORWARD_OPS
+                                for d in SUITE_DTYPES], one)
+    elif name == "suite-gradients":
+        def one(item):
+            layer, op, dtype = item
+            functions = GRAD_FUNCTIONS[op]
+            batch = layer.batch_gpu if args.dry_run else reduced_batch(layer, functions, dtype)
+            return check_functions(target, gpuconv, f"{layer.name}@{batch}",
+                                   layer.geometry(batch), functions, getattr(torch, dtype),
+                                   seed=batch + 1)
+        _items_loop(run, name, [(lay, op, d) for lay in layers for op in FORWARD_OPS
+                                for d in SUITE_DTYPES], one)
+    elif name == "multipass":
+        _items_loop(run, name, multipass_cases(args.dry_run), lambda item: check_functions(
+            target, gpuconv, item[0].name, case_geometry(item[0]), item[1], torch.float32,
+            bias=item[0].bias, seed=3))
+    elif name == "determinism":
+        cases, big = determinism_cases(args.dry_run)
+        items = [("repeat", c) for c in cases] + [("big", big)]
+
+        def one(item):
+            kind, case = item
+            if kind == "repeat":
+                return check_repeatable(target, gpuconv, case.name, case_geometry(case),
+                                        ALL_FUNCTIONS, torch.float32)
+            return check_functions(target, gpuconv, case.name, case_geometry(case),
+                                   ALL_FUNCTIONS, torch.float32, seed=5)
+        _items_loop(run, name, items, one)
+    elif name in ("memcheck", "racecheck", "synccheck"):
+        start = time.perf_counter()
+        if args.dry_run:
+            result = {"status": "skipped: the simulator has no device code to check"}
+        else:
+            result = run_sanitizer(name, timeout=max(30, int(min(run.left_s(), 300))))
+        ok = result["status"] == "ok" or result["status"].startswith("skipped")
+        entry = {"check": name, "ok": ok, "detail": result["status"],
+                 "output_tail": result.get("output_tail")}
+        if result["status"].startswith("skipped"):
+            entry["skipped"] = result["status"]
+        run.results(name, [entry], time.perf_counter() - start)
+    elif name.startswith("time-"):
+        _timing_phase(run, name, target, layers)
+    elif name == "overhead":
+        start = time.perf_counter()
+        result = overhead(target, gpuconv)
+        run.report["phases"][name] = {"result": result,
+                                      "seconds": time.perf_counter() - start}
+        if args.dry_run:
+            run.say("overhead: ran (simulator: no timing claim)", summary=True)
+            return
+        for label, row in result["per_call_s"].items():
+            run.say(f"overhead {label}: " + ", ".join(
+                f"{k} {v * 1e6:.1f} us" for k, v in row.items()), summary=True)
+        for entry in result["profile_top_cumulative"][:10]:
+            run.say(f"  {entry['s_per_call'] * 1e6:9.1f} us/call  {entry['function']}")
+    elif name == "array-kinds":
+        start = time.perf_counter()
+        results = check_array_kinds(torch, gpuconv, args.dry_run)
+        for r in results:
+            run.say(f"  {'ok  ' if r['ok'] else 'FAIL'} {r['check']}: {r['detail']}")
+        run.results(name, results, time.perf_counter() - start)
+    elif name == "grid":
+        grid = list(DRY_GRID) if args.dry_run else geometry_grid(args.quick)
+        grads = list(DRY_GRID) if args.dry_run else grad_grid(args.quick)
+        items = ([(c, FORWARD_OPS, d) for d in DTYPES for c in grid]
+                 + [(c, GRAD_FUNCTIONS[op], d) for d in DTYPES for c in grads
+                    for op in FORWARD_OPS])
+        _items_loop(run, name, items, lambda item: check_functions(
+            target, gpuconv, item[0].name, case_geometry(item[0]), item[1],
+            getattr(torch, item[2]), bias=item[0].bias, seed=11))
+
+
+def _timing_phase(run, name, target, layers):
+    args = run.args
+    start = time.perf_counter()
+    pass_name = {"time-forward": "forward", "time-backward": "backward",
+                 "time-step": "step", "time-float16": "forward"}[name]
+    dtype = "float16" if name == "time-float16" else "float32"
+    ceilings = run.report.get("ceilings")
+    result, left = time_pass(layers, pass_name, args, run.deadline, ceilings, dtype,
+                             torch=target.torch)
+    run.report["ceilings"] = ceilings or result["machine"].get("ceilings")
+    records = result["records"]
+    bad = disagreements(records)
+    run.failures += len(bad)
+    for line in bad:
+        run.say(f"FAIL {name}: {line}", summary=True)
+    not_run = (result["machine"].get("passes_not_run") or {}).get(pass_name)
+    run.report["phases"][name] = {"bench": result, "layers_not_reached": left,
+                                  "seconds": time.perf_counter() - start}
+    stopped = f"; budget ran out before {', '.join(left)}" if left else ""
+    if not_run:
+        run.say(f"{name}: {not_run}", summary=True)
+        return
+    if args.dry_run:
+        run.say(f"{name}: {len(records)} records, {len(bad)} disagreements "
+                f"(simulator: no timing claim){stopped}", summary=True)
+        return
+    print(bench.format_report(result))
+    for line in timing_lines(records, run.report["ceilings"] or {}):
+        run.say(line, summary=True)
+    run.say(f"{name}: {len(records)} records, {len(bad)} disagreements "
+            f"({time.perf_counter() - start:.1f} s){stopped}", summary=True)
+
+
+def _write(run, status):
+    run.report["failures"] = run.failures
+    run.report["seconds"] = time.perf_counter() - run.start
+    run.report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    verdict = "PASS" if status == 0 else ("CANNOT START" if status == 2
+                                          else f"FAIL ({run.failures} failures)")
+    run.say(f"{verdict} in {run.report['seconds']:.0f} s of a {run.args.budget_s:.0f} s budget",
+            summary=True)
+    if run.args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(run.args.json)), exist_ok=True)
+        with open(run.args.json, "w") as handle:
+            json.dump(run.report, handle, indent=1, default=str)
+        summary = os.path.join(os.path.dirname(os.path.abspath(run.args.json)),
+                               "gpu_check_summary.txt")
+        with open(summary, "w") as handle:
+            handle.write("\n".join(run.summary) + "\n")
+        print(f"wrote {run.args.json} and {summary}")
 
 
 if __name__ == "__main__":

@@ -1,23 +1,25 @@
-"""The CPU-side logic of scripts/gpu_check.py: arguments, geometry grids, layer lists, kernel
-names, its references for the forward and the gradients (checked on the CPU against
-tests/reference.py), the gradient checks and its speed sections (gpuconv bench, every pass,
-run here on the CPU)."""
+"""scripts/gpu_check.py, the GPU acceptance run, without a GPU: its plan (phases, the kernels
+each compiles, the budget), its references and checks (on PyTorch's CPU against
+tests/reference.py), its verdicts, and the whole script in its dry run (Numba's CUDA
+simulator, every phase at tiny sizes) so that it cannot rot between GPU runs."""
 
 import importlib.util
+import json
+import os
 import pathlib
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
 from gpuconv import bench, workloads
-from gpuconv import grad as gpuconv_grad
-from gpuconv.bench import peers as _bench_impls
-from gpuconv.cuda import kernels as _cuda_kernels
-from reference import (conv2d_input_grad_ref, conv2d_ref, conv2d_weight_grad_ref,
-                       half_tolerance, local_conv2d_input_grad_ref, local_conv2d_ref,
-                       local_conv2d_weight_grad_ref, output_size)
+from reference import conv2d_ref, half_tolerance, local_conv2d_ref, output_size
 
-SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "gpu_check.py"
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 
 
 @pytest.fixture(scope="module")
@@ -31,38 +33,129 @@ def gpu_check():
 def test_arguments_and_json_destination(gpu_check, monkeypatch, tmp_path):
     monkeypatch.delenv("OUT", raising=False)
     args = gpu_check.parse_args([])
-    assert (args.quick, args.skip_bench, args.skip_sanitizer) == (False, False, False)
-    assert (args.repeat, args.bursts) == (bench.DEFAULT_REPEAT, bench.DEFAULT_BURSTS)
-    assert args.json is None
-    args = gpu_check.parse_args(["--quick"])
-    assert (args.repeat, args.bursts) == (bench.QUICK_REPEAT, bench.QUICK_BURSTS)
-    assert gpu_check.parse_args(["--repeats", "7"]).repeat == 7  # the old spelling
-    assert args.passes == ("forward", "backward", "step")  # --pass both and the step
-    assert gpu_check.parse_args(["--pass", "both"]).passes == ("forward", "backward")
+    assert args.budget_s == gpu_check.DEFAULT_BUDGET_S <= 8 * 60
+    assert (args.repeat, args.bursts, args.json, args.dry_run) == (5, 2, None, False)
+    assert gpu_check.parse_args(["--dry-run"]).repeat == 1
     monkeypatch.setenv("OUT", str(tmp_path))
     assert gpu_check.parse_args([]).json == str(tmp_path / "gpu_check.json")
     assert gpu_check.parse_args(["--json", "x.json"]).json == "x.json"
-    with pytest.raises(SystemExit) as exc:
-        gpu_check.parse_args(["--repeat", "0"])
-    assert exc.value.code == 2
+    for bad in (["--budget-s", "0"], ["--repeat", "0"], ["--only", "nonsense"]):
+        with pytest.raises(SystemExit) as exc:
+            gpu_check.parse_args(bad)
+        assert exc.value.code == 2
 
 
 @pytest.mark.parametrize("quick", [False, True])
 def test_geometry_grid_is_valid_and_awkward(gpu_check, quick):
     cases = gpu_check.geometry_grid(quick)
     assert len({c.name for c in cases}) == len(cases)
-    for c in cases:
+    for c in cases + list(gpu_check.DRY_GRID):
         geom = gpu_check.case_geometry(c)  # raises on an impossible case
-        # the output size as the independent reference computes it
         assert (geom.out_height, geom.out_width) == output_size(
             (c.h, c.w), c.kernel, c.stride, c.padding, c.dilation)
     if not quick:
         names = {c.name for c in cases}
         assert {"stride_gt_kernel", "groups", "depthwise", "output_1x1", "dilation"} <= names
         assert any(c.bias == "position" for c in cases)
-        assert any(gpu_check.case_geometry(c).out_width % 32 for c in cases)
         geoms = [gpu_check.case_geometry(c) for c in cases]
         assert any(g.pad_left != g.pad_right or g.pad_top != g.pad_bottom for g in geoms)
+
+
+# --- the kernels each phase reaches --------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_the_suite_is_checked_on_the_benchmarks_own_kernels(gpu_check, dtype):
+    """For every default-suite layer and function, the reduced batch launches exactly the
+    kernels the benchmark times at the GPU batch, and is never larger."""
+    reduced_somewhere = False
+    for layer in gpu_check.suite_layers():
+        for functions in [(op,) for op in gpu_check.FORWARD_OPS] + list(
+                gpu_check.GRAD_FUNCTIONS.values()):
+            batch = gpu_check.reduced_batch(layer, functions, dtype)
+            assert 1 <= batch <= layer.batch_gpu
+            reduced_somewhere |= batch < layer.batch_gpu
+            for f in functions:
+                assert (gpu_check.kernel_names(f, layer.geometry(batch), dtype)
+                        == gpu_check.kernel_names(f, layer.geometry(layer.batch_gpu), dtype))
+    assert reduced_somewhere
+
+
+def test_kernel_names_name_the_specialisation(gpu_check):
+    geom = workloads.gpu_geometry("resnet50-res2-3x3")
+    for f in gpu_check.ALL_FUNCTIONS:
+        f32 = gpu_check.kernel_names(f, geom, "float32")
+        assert f32 and f32 != gpu_check.kernel_names(f, geom, "float16")
+    # the conv2d weight gradient of a long batch x positions sum adds the slice sum
+    assert len(gpu_check.kernel_names("conv2d_weight", geom, "float32")) == 2
+
+
+def test_plan_puts_correctness_first_and_fits_the_budget(gpu_check):
+    phases = gpu_check.plan()
+    names = [p.name for p in phases]
+    assert names == list(gpu_check.PHASES)
+    assert names.index("suite") < names.index("determinism") < names.index("time-forward")
+    assert all(p.estimate_s > 0 for p in phases)
+    # the correctness phases and the main timings fit the default budget on their own
+    core = ("env", "suite", "suite-gradients", "multipass", "determinism", "memcheck",
+            "time-forward", "overhead", "time-backward")
+    assert sum(p.estimate_s for p in phases if p.name in core) < gpu_check.DEFAULT_BUDGET_S
+    assert {p.name: p for p in phases}["suite"].kernels > 0
+    # a kernel compiled by an earlier phase is not counted again
+    assert sum(p.kernels for p in phases if p.name != "array-kinds") == len({
+        (n, d) for p in gpu_check.PHASES
+        for f, g, d in (gpu_check._phase_items(p, False, False) or [])
+        for n in gpu_check.kernel_names(f, g, d)})
+    text = gpu_check.format_plan(phases, 100)
+    assert "skipped (budget)" in text and text.splitlines()[1].startswith("env")
+    admitted = [p.name for p, runs in gpu_check.scheduled(phases, gpu_check.DEFAULT_BUDGET_S)
+                if runs]
+    assert set(core) <= set(admitted)
+    assert sum(p.estimate_s for p in phases if p.name in admitted) <= gpu_check.DEFAULT_BUDGET_S
+
+
+def test_plan_option_prints_and_exits(gpu_check, capsys):
+    assert gpu_check.main(["--plan", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "suite-gradients" in out and "budget 450 s" in out
+
+
+def test_items_stop_when_the_budget_runs_out(gpu_check):
+    run = gpu_check.Run(gpu_check.parse_args(["--budget-s", "1"]))
+    run.deadline = time.perf_counter() - 1
+    gpu_check._items_loop(run, "suite", [1, 2, 3], lambda item: [{"ok": True}])
+    assert run.report["phases"]["suite"]["stopped"] == "budget ran out after 0 of 3 items"
+    assert run.failures == 0
+    run.deadline = time.perf_counter() + 60
+    gpu_check._items_loop(run, "grid", [1, 2], lambda item: [{"ok": item == 1}])
+    assert run.failures == 1 and run.summary[-1].startswith("grid: 1/2 ok")
+
+
+# --- references and checks, on PyTorch's CPU -------------------------------------------------
+
+class CpuTarget:
+    """gpu_check's Target with the operands left as CPU tensors: gpuconv takes its CPU path,
+    which tests the checking logic (references, tolerances, verdicts) without a GPU."""
+
+    def __init__(self, torch):
+        self.torch, self.dry_run, self.device = torch, True, "cpu"
+
+    def generator(self, seed):
+        return self.torch.Generator().manual_seed(seed)
+
+    def uniform(self, shape, generator):
+        return self.torch.rand(tuple(shape), generator=generator, dtype=self.torch.float64) * 2 - 1
+
+    def to_gpuconv(self, tensor):
+        return tensor
+
+    def from_gpuconv(self, result):
+        return result
+
+    def kind_ok(self, result, dtype):
+        return isinstance(result, self.torch.Tensor) and result.dtype == dtype
+
+    def synchronize(self):
+        pass
 
 
 @pytest.mark.parametrize("case_index", [2, 6, 7, -1])
@@ -71,249 +164,152 @@ def test_references_match_the_float64_reference(gpu_check, op, case_index):
     """The script's reference (the benchmark's PyTorch peers) and its magnitude bound."""
     torch = pytest.importorskip("torch")
     case = gpu_check.geometry_grid()[case_index]
-    generator = torch.Generator().manual_seed(0)
-    geom, x, w, b = gpu_check._case_tensors(torch, case, op, torch.float64, "cpu", generator)
+    geom = gpu_check.case_geometry(case)
+    x, w, b, _ = gpu_check._inputs(CpuTarget(torch), geom, op, case.bias, 0)
     ref, bound = gpu_check._reference(torch, op, geom, x, w, b)
     kwargs = dict(stride=case.stride, padding=case.padding, dilation=case.dilation,
                   groups=case.groups)
-    expected = (local_conv2d_ref if op == "local_conv2d" else conv2d_ref)
-    n = (lambda t: None if t is None else t.numpy())
-    np.testing.assert_allclose(ref.numpy(), expected(n(x), n(w), n(b), **kwargs),
-                               rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(bound.numpy(), expected(
-        np.abs(n(x)), np.abs(n(w)), None if b is None else np.abs(n(b)), **kwargs),
-        rtol=1e-12, atol=1e-12)
+    expected = (local_conv2d_ref if op == "local_conv2d" else conv2d_ref)(
+        x.numpy(), w.numpy(), None if b is None else b.numpy(), **kwargs)
+    np.testing.assert_allclose(ref.numpy(), expected, rtol=1e-12, atol=1e-12)
     assert float(bound.min()) >= 0 and bool((bound >= ref.abs() - 1e-12).all())
 
 
-@pytest.mark.parametrize("op", ["conv2d", "local_conv2d"])
-def test_check_case_end_to_end_on_the_cpu(gpu_check, op):
-    """The correctness loop body, run with CPU tensors (gpuconv picks its CPU path)."""
+@pytest.mark.parametrize("dtype_name", ["float64", "float32", "float16"])
+def test_check_functions_passes_right_results(gpu_check, dtype_name):
     torch = pytest.importorskip("torch")
     import gpuconv
 
+    case = gpu_check.geometry_grid()[7]  # groups
+    results = gpu_check.check_functions(CpuTarget(torch), gpuconv, case.name,
+                                        gpu_check.case_geometry(case), gpu_check.ALL_FUNCTIONS,
+                                        getattr(torch, dtype_name), bias="position")
+    assert sorted(r["function"] for r in results) == sorted(gpu_check.ALL_FUNCTIONS)
+    assert all(r["ok"] for r in results), results
+    forward = next(r for r in results if r["function"] == "conv2d")
+    if dtype_name == "float16":  # C_in/groups = 2, a 3x3 kernel, plus the bias
+        assert forward["terms"] == 2 * 9 + 1 and forward["tolerance"] == half_tolerance(19)
+
+
+@pytest.mark.parametrize("function", ["conv2d", "local_conv2d_input", "conv2d_weight"])
+def test_check_functions_fails_wrong_results(gpu_check, function):
+    torch = pytest.importorskip("torch")
+    import gpuconv
+    from gpuconv import grad
+
+    module = gpuconv if function in gpu_check.FORWARD_OPS else grad
+    real = getattr(module, function)
+    wrong = type("wrong", (), {function: staticmethod(lambda *a, **k: real(*a, **k) * 1.001)})
     case = gpu_check.geometry_grid()[2]
-    for dtype in (torch.float64, torch.float32):
-        result = gpu_check.check_case(torch, gpuconv, case, op, dtype, device="cpu")
-        assert result["ok"], result
-        assert result["tolerance"] == bench.stats.TOLERANCE[result["dtype"]]
-    result = gpu_check.check_case(torch, gpuconv, case, op, torch.float16, device="cpu")
-    assert result["ok"] and result["dtype"] == "float16", result
-    # stride2: C_in=3, 5x5 kernel, plus the bias
-    assert result["terms"] == 3 * 25 + 1 and result["tolerance"] == half_tolerance(76)
+    target = CpuTarget(torch)
+    geom = gpu_check.case_geometry(case)
+    if module is grad:
+        original = getattr(grad, function)
+        setattr(grad, function, getattr(wrong, function))
+        try:
+            results = gpu_check.check_functions(target, gpuconv, "x", geom, (function,),
+                                                torch.float32)
+        finally:
+            setattr(grad, function, original)
+    else:
+        results = gpu_check.check_functions(target, wrong, "x", geom, (function,),
+                                            torch.float32)
+    assert len(results) == 1 and not results[0]["ok"] and results[0]["result_kind_ok"]
 
 
-def test_check_case_fails_a_wrong_result(gpu_check, monkeypatch):
+def test_repeatability_check_sees_a_difference(gpu_check):
     torch = pytest.importorskip("torch")
     import gpuconv
 
-    real = gpuconv.conv2d
-    wrong = type("wrong", (), {"conv2d": staticmethod(lambda *a, **k: real(*a, **k) * 1.001)})
-    case = gpu_check.geometry_grid()[2]
-    result = gpu_check.check_case(torch, wrong, case, "conv2d", torch.float32, device="cpu")
-    assert not result["ok"] and result["result_kind_ok"]
+    geom = gpu_check.case_geometry(gpu_check.DRY_GRID[0])
+    target = CpuTarget(torch)
+    same = gpu_check.check_repeatable(target, gpuconv, "x", geom, gpu_check.ALL_FUNCTIONS,
+                                      torch.float32)
+    assert len(same) == 6 and all(r["ok"] for r in same), same
+    calls = iter(range(100))
+    noisy = type("noisy", (), {"conv2d": staticmethod(
+        lambda *a, **k: gpuconv.conv2d(*a, **k) + next(calls))})
+    assert not gpu_check.check_repeatable(target, noisy, "x", geom, ("conv2d",),
+                                          torch.float32)[0]["ok"]
+
+
+# --- verdicts on the benchmark's records -----------------------------------------------------
+
+def _record(impl, median, kernel=None, diff=0.0, skipped=None, pass_name="forward"):
+    geom = workloads.gpu_geometry("deepface-l6", 4)
+    extra = {"max_rel_diff": diff} if not skipped else {}
+    return bench.make_record("local_conv2d", impl, "deepface-l6", "cuda", "float32", geom,
+                             None if skipped else [median], {"compute_gflops": 1e4,
+                                                             "bandwidth_gbs": 1e3},
+                             pass_name=pass_name, skipped=skipped, kernel_s=kernel, **extra)
+
+
+def test_disagreement_beyond_the_tolerance_fails(gpu_check):
+    good, peer = _record("gpuconv", 2e-3, 1e-3), _record("torch-unfold", 4e-3, 3e-3)
+    assert gpu_check.disagreements([good, peer]) == []
+    bad = _record("gpuconv", 2e-3, 1e-3, diff=1.0)
+    failed = _record("gpuconv", None, skipped="failed: TypeError: boom")
+    found = gpu_check.disagreements([bad, failed, peer])
+    assert len(found) == 2 and "1 >" in found[0] and "boom" in found[1]
+
+
+def test_timing_lines_give_kernel_host_roofline_and_speedup(gpu_check):
+    good, peer = _record("gpuconv", 2e-3, 1e-3), _record("torch-unfold", 4e-3, 3e-3)
+    (line,) = gpu_check.timing_lines([good, peer], {"compute_gflops": 1e4,
+                                                    "bandwidth_gbs": 1e3})
+    assert "kernel    1.000 ms" in line and "host   1.000 ms" in line
+    assert "3.00x torch-unfold" in line  # kernel time against kernel time
+    roof = max(good["flops"] / 1e13, good["bytes"] / 1e12)
+    assert f"{100 * roof / 1e-3:.1f} %" in line
 
 
 def test_sanitizer_is_optional(gpu_check, monkeypatch):
     monkeypatch.setattr(gpu_check, "find_compute_sanitizer", lambda: None)
-    assert gpu_check.run_sanitizer()["status"].startswith("skipped")
+    assert gpu_check.run_sanitizer("racecheck")["status"].startswith("skipped")
+    for name in ("conv2d(", "local_conv2d(", "conv2d_input(", "conv2d_weight(",
+                 "local_conv2d_input(", "local_conv2d_weight(", "float16"):
+        assert name in gpu_check.SANITIZER_SNIPPET
 
 
-def test_bench_layer_lists(gpu_check):
-    assert gpu_check.bench_layer_list(False) == list(workloads.LAYERS)
-    quick = gpu_check.bench_layer_list(True)
-    assert len(quick) == len(set(quick)) < len(workloads.LAYERS)
-    local = {name for name, layer in workloads.LAYERS.items()
-             if layer.network_op == "local_conv2d"}
-    assert local and local <= set(quick)
+# --- the whole script, in its dry run --------------------------------------------------------
+
+def _numba_cuda_importable():
+    try:
+        import numba.cuda  # noqa: F401
+    except Exception:
+        return False
+    return True
 
 
-@pytest.mark.parametrize("name", list(workloads.LAYERS))
-def test_kernel_names_are_those_the_layers_launch(gpu_check, name):
-    """The script names, per record, the kernels that the CUDA module reports for the layer."""
-    geom = workloads.gpu_geometry(name)
-    names = (gpu_check._kernel_name("conv2d", geom), gpu_check._kernel_name("local_conv2d", geom))
-    assert names == tuple(_cuda_kernels.workload_kernel_names()[workloads.LAYERS[name].short_title])
+@pytest.mark.skipif(SIMULATOR, reason="the dry run starts its own simulator process")
+@pytest.mark.skipif(not _numba_cuda_importable(), reason="numba.cuda is not installed")
+def test_dry_run_runs_every_phase(tmp_path):
+    pytest.importorskip("torch")
+    env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=str(ROOT))
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    result = subprocess.run([sys.executable, str(SCRIPT), "--dry-run"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=1500)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    summary = (tmp_path / "gpu_check_summary.txt").read_text()
+    assert report["failures"] == 0 and summary.splitlines()[-1].startswith("PASS")
+    assert report["environment"]["packages"]["numba-cuda"]
+    phases = report["phases"]
+    assert set(phases) == set(PHASES_AFTER_ENV)
+    assert not any(phase.get("skipped") or phase.get("error") for phase in phases.values())
+    # every check of the correctness phases ran and passed
+    for name in ("suite", "suite-gradients", "multipass", "determinism", "grid"):
+        results = phases[name]["results"]
+        assert results and all(r["ok"] for r in results), name
+    # the bench's CUDA backward ran (the crash of the first GPU run), the step says why not
+    backward = phases["time-backward"]["bench"]["records"]
+    assert {r["op"] for r in backward if r["impl"] == "gpuconv" and r["samples"]} == {
+        "conv2d", "local_conv2d"}
+    assert "time-step: " in summary
+    assert "no timing claim" in output and " us" not in summary
 
 
-def test_speed_is_gpuconv_bench_with_kernel_names(gpu_check, monkeypatch):
-    """The speed section on the CPU: the benchmark's records, each gpuconv one naming its
-    kernel."""
-    monkeypatch.setattr(_bench_impls, "measure_ceilings", lambda *a, **k: {})
-    monkeypatch.setattr(bench, "WARMUP_S", 0.0)
-    tiny = bench.Layer("tiny", "tiny test layer", 2, 2, 3, 9, 4, 3, 2, 1, "the tests")
-    result = gpu_check.speed([tiny], repeat=1, bursts=1, device="cpu", torch=None,
-                             progress=False)
-    records = result["records"]
-    assert {(r["op"], r["impl"]) for r in records} == {
-        (i.op, i.name) for i in _bench_impls.implementations("cpu", None)}
-    for r in records:
-        if r["impl"] == "gpuconv":
-            assert r["kernel"] == gpu_check._kernel_name(r["op"], tiny.geometry(r["N"]))
-        else:
-            assert "kernel" not in r
-    assert "gpuconv bench on cpu" in bench.format_report(result)
-
-
-@pytest.mark.parametrize("factor, ok", [(1.0, True), (1 + 1e-9, False)])
-def test_array_kind_checks_judge_against_the_reference(gpu_check, factor, ok):
-    """The NumPy-in check, with gpuconv's CPU path standing in for the GPU."""
-    torch = pytest.importorskip("torch")
-    import types
-
-    import gpuconv
-
-    def conv2d(*args, device=None, **kwargs):
-        return gpuconv.conv2d(*args, device="cpu", **kwargs) * factor
-    fake = types.SimpleNamespace(conv2d=conv2d, local_conv2d=gpuconv.local_conv2d)
-    numpy_in = gpu_check.check_array_kinds(torch, fake)[0]
-    assert numpy_in["check"] == "numpy in -> numpy out" and numpy_in["ok"] is ok
-
-
-# ----------------------------------------------------------------------------- gradients
-
-@pytest.mark.parametrize("quick", [False, True])
-def test_grad_grid_is_part_of_the_geometry_grid(gpu_check, quick):
-    cases = gpu_check.grad_grid(quick)
-    assert cases and set(cases) <= set(gpu_check.geometry_grid())
-    if not quick:
-        geoms = [gpu_check.case_geometry(c) for c in cases]
-        assert any(g.groups > 1 for g in geoms) and any(g.dilation_h > 1 for g in geoms)
-        assert any(g.stride_h > g.kernel_height for g in geoms)
-        assert any(g.pad_top != g.pad_bottom or g.pad_left != g.pad_right for g in geoms)
-    names = [name for pair in gpu_check.GRAD_FUNCTIONS.values() for name in pair]
-    assert sorted(names) == sorted(gpuconv_grad.__all__)
-
-GRAD_REFS = {"conv2d": (conv2d_input_grad_ref, conv2d_weight_grad_ref),
-             "local_conv2d": (local_conv2d_input_grad_ref, local_conv2d_weight_grad_ref)}
-
-
-@pytest.mark.parametrize("case_index", [2, 6, -1])
-@pytest.mark.parametrize("op", ["conv2d", "local_conv2d"])
-def test_grad_references_match_the_float64_reference(gpu_check, op, case_index):
-    """The script's gradient reference (autograd through the benchmark's peers) and its
-    magnitude bound."""
-    torch = pytest.importorskip("torch")
-    case = gpu_check.grad_grid()[case_index]
-    generator = torch.Generator().manual_seed(1)
-    geom, x, w, _ = gpu_check._case_tensors(torch, case, op, torch.float64, "cpu", generator)
-    gy = torch.rand(geom.output_shape, generator=generator, dtype=torch.float64) * 2 - 1
-    (gx, gw), (gx_bound, gw_bound) = gpu_check._grad_reference(torch, op, geom, x, w, gy)
-    kwargs = dict(stride=case.stride, padding=case.padding, dilation=case.dilation,
-                  groups=case.groups)
-    input_ref, weight_ref = GRAD_REFS[op]
-    xn, wn, gyn = x.numpy(), w.numpy(), gy.numpy()
-    np.testing.assert_allclose(gx.numpy(), input_ref(xn.shape, wn, gyn, **kwargs),
-                               rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(gw.numpy(), weight_ref(xn, wn.shape, gyn, **kwargs),
-                               rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(gx_bound.numpy(), input_ref(
-        xn.shape, np.abs(wn), np.abs(gyn), **kwargs), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(gw_bound.numpy(), weight_ref(
-        np.abs(xn), wn.shape, np.abs(gyn), **kwargs), rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("op", ["conv2d", "local_conv2d"])
-def test_check_grad_case_end_to_end_on_the_cpu(gpu_check, op):
-    """The gradient loop body, run with CPU tensors (gpuconv.grad picks its CPU path): one
-    result per gradient function, each within tolerance."""
-    torch = pytest.importorskip("torch")
-    case = gpu_check.grad_grid()[6]  # groups
-    for dtype in (torch.float64, torch.float32):
-        results = gpu_check.check_grad_case(torch, gpuconv_grad, case, op, dtype, device="cpu")
-        assert [r["op"] for r in results] == list(gpu_check.GRAD_FUNCTIONS[op])
-        for r in results:
-            assert r["ok"], r
-            assert r["tolerance"] == bench.stats.TOLERANCE[r["dtype"]] and r["scale"] > 0
-    results = gpu_check.check_grad_case(torch, gpuconv_grad, case, op, torch.float16, "cpu")
-    geom = gpu_check.case_geometry(case)  # groups: N=2, 8 -> 12 channels, 4 groups, 19x18
-    input_terms = 3 * 9
-    weight_terms = 2 * (geom.out_height * geom.out_width if op == "conv2d" else 1)
-    assert [r["terms"] for r in results] == [input_terms, weight_terms]
-    for r in results:
-        assert r["ok"] and r["dtype"] == "float16", r
-        assert r["tolerance"] == half_tolerance(r["terms"])
-
-
-def test_check_grad_case_fails_a_wrong_or_missing_gradient(gpu_check):
-    torch = pytest.importorskip("torch")
-    import types
-
-    def weight_grad(*args, **kwargs):
-        return gpuconv_grad.conv2d_weight(*args, **kwargs) * 1.001
-
-    def input_grad(*args, **kwargs):
-        raise AttributeError("module 'gpuconv.cuda.launch' has no attribute 'launch'")
-    wrong = types.SimpleNamespace(conv2d_input=input_grad, conv2d_weight=weight_grad)
-    case = gpu_check.grad_grid()[0]
-    results = gpu_check.check_grad_case(torch, wrong, case, "conv2d", torch.float32, "cpu")
-    assert [r["ok"] for r in results] == [False, False]
-    assert "AttributeError" in results[0]["error"] and results[1]["result_kind_ok"]
-
-
-def test_gradient_speed_is_gpuconv_bench_with_the_other_passes(gpu_check, monkeypatch):
-    """The backward and the step on the default suite, few timed calls, the forward's
-    ceilings; failures are recorded, not raised."""
-    monkeypatch.setattr(_bench_impls, "measure_ceilings",
-                        lambda *a, **k: pytest.fail("ceilings measured twice"))
-    monkeypatch.setattr(bench, "WARMUP_S", 0.0)
-    assert gpu_check.gradient_layers() == list(bench.SUITES["default"])
-    assert gpu_check.gradient_layers(True) == list(bench.QUICK_LAYERS)
-    assert gpu_check.gradient_speed([], ("forward",), {}) is None
-    tiny = bench.Layer("tiny", "tiny test layer", 2, 2, 3, 9, 4, 3, 2, 1, "the tests")
-    ceilings = {"bandwidth_gbs": 10.0}
-    result = gpu_check.gradient_speed([tiny], ("forward", "backward", "step"), ceilings,
-                                      device="cpu", torch=None, progress=False)
-    records = result["records"]
-    assert {r["pass"] for r in records} == {"backward"}  # no step without PyTorch
-    assert all(r["samples"] == gpu_check.GRADIENT_REPEAT * gpu_check.GRADIENT_BURSTS
-               for r in records)
-    assert result["machine"]["ceilings"] == ceilings
-    assert "step" in result["machine"]["passes_not_run"]
-    assert gpu_check.failed_records(result) == []
-    records[0]["skipped"] = "failed: RuntimeError: boom"
-    assert gpu_check.failed_records(result) == [records[0]]
-    assert gpu_check.failed_records(None) == []
-
-
-# ----------------------------------------------------------------------------- float16
-
-def test_float16_is_checked(gpu_check):
-    assert gpu_check.DTYPES == ("float64", "float32", "float16")
-
-
-@pytest.mark.parametrize("factor, ok16, ok32", [(1 + 2e-4, True, False), (1.01, False, False)])
-def test_float16_check_has_its_own_tolerance(gpu_check, factor, ok16, ok32):
-    """An error of 2e-4 of the magnitude passes in float16 (eps 2**-10) and fails in float32;
-    1 % fails both."""
-    torch = pytest.importorskip("torch")
-    import types
-
-    import gpuconv
-
-    def conv2d(*args, **kwargs):  # the error made in float64, then rounded once
-        y = gpuconv.conv2d(*args, **kwargs)
-        return (y.double() * factor).to(y.dtype) if y.dtype == torch.float16 else y * factor
-    wrong = types.SimpleNamespace(conv2d=conv2d)
-    case = gpu_check.geometry_grid()[9]  # k1: 64 terms, sums of many values, none tiny
-    half = gpu_check.check_case(torch, wrong, case, "conv2d", torch.float16, device="cpu")
-    single = gpu_check.check_case(torch, wrong, case, "conv2d", torch.float32, device="cpu")
-    assert (half["ok"], single["ok"]) == (ok16, ok32), (half, single)
-
-
-def test_half_speed_is_the_float16_forward_on_few_calls(gpu_check, monkeypatch):
-    monkeypatch.setattr(_bench_impls, "measure_ceilings", lambda *a, **k: {})
-    monkeypatch.setattr(bench, "WARMUP_S", 0.0)
-    tiny = bench.Layer("tiny", "tiny test layer", 2, 2, 3, 9, 4, 3, 2, 1, "the tests")
-    result = gpu_check.half_speed([tiny], device="cpu", torch=None, progress=False)
-    records = result["records"]
-    assert records and {r["pass"] for r in records} == {"forward"}
-    for r in records:
-        assert r["dtype"] == "float16" and r["max_rel_diff"] <= r["tolerance"]
-        assert r["samples"] == gpu_check.GRADIENT_REPEAT * gpu_check.GRADIENT_BURSTS
-        assert r["bytes"] == bench.stats.min_bytes(r["op"], tiny.geometry(r["N"]), 2)
-        if r["impl"] == "gpuconv":
-            assert r["kernel"] == gpu_check._kernel_name(r["op"], tiny.geometry(r["N"]),
-                                                         "float16")
-            assert "_f16_" in r["kernel"]
-    assert gpu_check.failed_records(result) == []
+PHASES_AFTER_ENV = ("suite", "suite-gradients", "multipass", "determinism", "memcheck",
+                    "time-forward", "overhead", "time-backward", "time-step", "array-kinds",
+                    "grid", "time-float16", "racecheck", "synccheck")
