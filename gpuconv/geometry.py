@@ -61,11 +61,12 @@ def resolve_padding(padding, kernel_size, stride, dilation):
     ``padding`` is an int, a pair ``(pad_h, pad_w)``, a pair of pairs
     ``((top, bottom), (left, right))`` (explicit asymmetric padding, as JAX's
     ``lax.conv_general_dilated``, Theano and TensorFlow take it), ``"valid"`` (no padding) or
-    ``"same"`` (output size equals input size; stride 1 only). For ``"same"`` the total
+    ``"same"`` (output size equals input size; stride 1 only), in any case. For ``"same"`` the total
     padding along an axis is ``dilation * (kernel - 1)``; an odd total puts the extra row
     (column) at the bottom (right), as PyTorch does.
     """
     if isinstance(padding, str):
+        padding = padding.lower()  # "SAME" and "VALID", as TensorFlow and Keras spell them
         if padding == "valid":
             return (0, 0, 0, 0)
         if padding == "same":

@@ -355,9 +355,15 @@ class Conv2d(nn.Conv2d):
         if padding_mode != "zeros":
             raise ValueError(f"gpuconv.torch.Conv2d supports padding_mode='zeros' only, got "
                              f"{padding_mode!r}")
+        if isinstance(padding, str):
+            padding = padding.lower()  # "SAME" / "VALID", as gpuconv.conv2d takes them
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          dilation=dilation, groups=groups, bias=bias, padding_mode="zeros",
                          device=device, dtype=dtype)
+
+    def _get_name(self):
+        # print(model) tells this layer from torch.nn.Conv2d (same arguments otherwise)
+        return "gpuconv.torch.Conv2d"
 
     def _conv_forward(self, input, weight, bias):
         return conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)

@@ -929,6 +929,13 @@ def run(args):
     except ValueError as exc:
         print(f"gpuconv train: error: {exc}", file=sys.stderr)
         return 2
+    try:  # a device that is not there is an argument error too (one line, exit 2)
+        _resolve_device(args.device)
+    except ImportError:
+        pass  # PyTorch missing: reported below, with the extra to install
+    except ValueError as exc:
+        print(f"gpuconv train: error: {exc}", file=sys.stderr)
+        return 2
     try:
         result = train(args.dataset, args.variant, epochs=args.epochs, batch=args.batch,
                        device=args.device, seed=args.seed, seeds=args.seeds, quick=args.quick,

@@ -116,6 +116,17 @@ def test_same_padding_split():
     assert resolve_padding((1, 2), (3, 3), (2, 2), (1, 1)) == (1, 1, 2, 2)
 
 
+@pytest.mark.parametrize("word", ["SAME", "Same", "VALID", "Valid"])
+def test_padding_words_in_any_case(word):
+    """TensorFlow and Keras write "SAME" and "VALID"."""
+    assert resolve_padding(word, (2, 4), (1, 1), (1, 1)) == resolve_padding(
+        word.lower(), (2, 4), (1, 1), (1, 1))
+    y = conv2d(X[:1], W, padding=word, device="cpu")
+    assert y.shape[-2:] == ((8, 8) if word.lower() == "same" else (6, 6))
+    with pytest.raises(ValueError, match="'valid' or 'same'"):
+        resolve_padding("full", (3, 3), (1, 1), (1, 1))
+
+
 def test_array_likes_and_result_kind():
     x = X[:1].astype(np.float64).tolist()
     y = conv2d(x, W.astype(np.float64), device="cpu")

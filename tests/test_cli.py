@@ -292,3 +292,28 @@ def test_info_survives_a_failing_device_query(monkeypatch):
 
     monkeypatch.setattr(cuda, "get_current_device", broken)
     assert cli.gpu_description() is None
+
+
+@pytest.mark.parametrize("command", [["params"], ["info"]])
+def test_a_closed_pipe_ends_quietly(command):
+    """``gpuconv params | head -1``: no BrokenPipeError traceback."""
+    script = ("import sys\nfrom gpuconv import cli\nsys.exit(cli.main(sys.argv[1:]))\n")
+    reader = subprocess.Popen([sys.executable, "-c", script, *command],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent)))
+    reader.stdout.readline()
+    reader.stdout.close()  # the reader goes away after one line, as head -1 does
+    err = reader.stderr.read().decode()
+    reader.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert reader.returncode in (0, 141)
+
+
+def test_train_on_a_missing_gpu_is_one_line(capsys, monkeypatch):
+    pytest.importorskip("torch")
+    from gpuconv import device as _device
+
+    monkeypatch.setattr(_device, "_cuda_status", lambda: (False, "no GPU (test)"))
+    code = cli.main(["train", "--device", "cuda", "--quick"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no GPU (test)" in err

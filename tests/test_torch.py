@@ -402,3 +402,11 @@ def test_cuda_training_step_matches_cpu():
     for (name, p), q in zip(model.named_parameters(), clone.parameters()):
         assert q.grad.device.type == "cuda"
         torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_layer_repr_says_it_is_gpuconvs_and_padding_words_in_any_case():
+    layer = gt.Conv2d(3, 4, 3, padding="SAME")
+    text = repr(nn.Sequential(nn.Conv2d(3, 3, 1), layer))
+    assert "gpuconv.torch.Conv2d(3, 4, kernel_size=(3, 3)" in text
+    assert "(0): Conv2d(3, 3" in text  # PyTorch's own keeps its name
+    assert layer.padding == "same" and layer(torch.randn(1, 3, 5, 5)).shape == (1, 4, 5, 5)
