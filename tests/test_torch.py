@@ -304,7 +304,7 @@ def test_conv2d_is_a_drop_in_for_torch_conv2d():
     again = nn.Conv2d(4, 6, (3, 2), **kwargs)
     again.load_state_dict(ours.state_dict())
     torch.testing.assert_close(again(x), ref(x))
-    assert repr(ours).startswith("Conv2d(4, 6, kernel_size=(3, 2), stride=(2, 1)")
+    assert repr(ours).startswith("gpuconv.torch.Conv2d(4, 6, kernel_size=(3, 2), stride=(2, 1)")
     with pytest.raises(ValueError, match="padding_mode='zeros' only"):
         gt.Conv2d(4, 6, 3, padding_mode="reflect")
     no_bias = gt.Conv2d(4, 6, 3, bias=False, padding="same")
