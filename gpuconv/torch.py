@@ -335,12 +335,31 @@ def autograd_forward(op_name, arrays, stride, padding, dilation, groups, device)
 # modules
 # --------------------------------------------------------------------------------------------
 
+#: ``padding_mode`` values, with ``torch.nn.Conv2d``'s meaning: zeros, or the input padded by
+#: ``torch.nn.functional.pad`` in that mode before an unpadded convolution.
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _check_padding_mode(mode):
+    if mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {', '.join(map(repr, PADDING_MODES))}, "
+                         f"got {mode!r}")
+
+
+def _pad_input(input, padding, kernel_size, stride, dilation, mode):
+    """``input`` padded in ``mode`` (not zeros) by ``padding``'s amounts, as
+    ``torch.nn.Conv2d`` does before convolving without padding."""
+    top, bottom, left, right = resolve_padding(padding, kernel_size, stride, dilation)
+    return nn.functional.pad(input, (left, right, top, bottom), mode=mode)
+
+
 class Conv2d(nn.Conv2d):
-    """``torch.nn.Conv2d`` computed by gpuconv's kernels (zeros padding only).
+    """``torch.nn.Conv2d`` computed by gpuconv's kernels.
 
     Same arguments, parameter names, shapes and default initialisation as ``torch.nn.Conv2d``
     (it is a subclass), so a ``state_dict`` loads into either. ``padding`` also takes
-    ``((top, bottom), (left, right))``.
+    ``((top, bottom), (left, right))`` and ``"SAME"``/``"VALID"`` in any case;
+    ``padding_mode`` is one of :data:`PADDING_MODES`, as in ``torch.nn.Conv2d``.
 
     >>> import torch, gpuconv.torch
     >>> _ = torch.manual_seed(0); a = gpuconv.torch.Conv2d(3, 8, 3, padding=1)
@@ -352,29 +371,33 @@ class Conv2d(nn.Conv2d):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, padding_mode="zeros", device=None, dtype=None):
-        if padding_mode != "zeros":
-            raise ValueError(f"gpuconv.torch.Conv2d supports padding_mode='zeros' only, got "
-                             f"{padding_mode!r}")
+        _check_padding_mode(padding_mode)
         if isinstance(padding, str):
             padding = padding.lower()  # "SAME" / "VALID", as gpuconv.conv2d takes them
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                         dilation=dilation, groups=groups, bias=bias, padding_mode="zeros",
-                         device=device, dtype=dtype)
+                         dilation=dilation, groups=groups, bias=bias,
+                         padding_mode=padding_mode, device=device, dtype=dtype)
 
     def _get_name(self):
         # print(model) tells this layer from torch.nn.Conv2d (same arguments otherwise)
         return "gpuconv.torch.Conv2d"
 
     def _conv_forward(self, input, weight, bias):
-        return conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            input = _pad_input(input, padding, self.kernel_size, self.stride, self.dilation,
+                               self.padding_mode)
+            padding = 0
+        return conv2d(input, weight, bias, self.stride, padding, self.dilation, self.groups)
 
 
 class LocallyConnected2d(nn.Module):
     """A locally connected (unshared) 2-D layer: a different kernel at every output position.
 
     Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation, groups: as
-            ``torch.nn.Conv2d`` (``padding`` also ``((top, bottom), (left, right))``).
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+            padding_mode: as ``torch.nn.Conv2d`` (``padding`` also ``((top, bottom), (left,
+            right))``; ``padding_mode`` one of :data:`PADDING_MODES`).
         input_size: ``(H, W)`` (or an int): the layer only takes inputs of this size.
         bias: one learnable bias per output position, ``(C_out, H_out, W_out)``.
 
@@ -397,8 +420,11 @@ class LocallyConnected2d(nn.Module):
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, input_size, stride=1, padding=0,
-                 dilation=1, groups=1, bias=True, device=None, dtype=None):
+                 dilation=1, groups=1, bias=True, padding_mode="zeros", device=None,
+                 dtype=None):
         super().__init__()
+        _check_padding_mode(padding_mode)
+        self.padding_mode = padding_mode
         kernel_size = pair(kernel_size, "kernel_size", 1)
         input_size = pair(input_size, "input_size", 1)
         stride = pair(stride, "stride", 1)
@@ -407,6 +433,8 @@ class LocallyConnected2d(nn.Module):
             padding = (padding, padding)
         elif isinstance(padding, (tuple, list)):
             padding = tuple(tuple(p) if isinstance(p, (tuple, list)) else p for p in padding)
+        elif isinstance(padding, str):
+            padding = padding.lower()
         geom = conv_geometry((1, in_channels) + input_size, kernel_size, out_channels, stride,
                              padding, dilation, groups)
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -438,7 +466,12 @@ class LocallyConnected2d(nn.Module):
                 f"LocallyConnected2d was built for inputs of H x W = {self.input_size[0]} x "
                 f"{self.input_size[1]} (input_size), got shape {tuple(input.shape)}: its weights "
                 "are tied to output positions, so the input size is fixed")
-        return local_conv2d(input, self.weight, self.bias, self.stride, self.padding,
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            input = _pad_input(input, padding, self.kernel_size, self.stride, self.dilation,
+                               self.padding_mode)
+            padding = 0
+        return local_conv2d(input, self.weight, self.bias, self.stride, padding,
                             self.dilation, self.groups)
 
     def extra_repr(self):
@@ -449,6 +482,8 @@ class LocallyConnected2d(nn.Module):
             s += f", padding={self.padding!r}"
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
         if self.groups != 1:
             s += f", groups={self.groups}"
         if self.bias is None:
@@ -460,17 +495,16 @@ class LocallyConnected2d(nn.Module):
     def from_conv2d(cls, conv, input_size):
         """An unshared layer holding ``conv``'s kernel (and bias) at every output position.
 
-        ``conv`` is a ``torch.nn.Conv2d`` (or :class:`Conv2d`) with zeros padding; the new
+        ``conv`` is a ``torch.nn.Conv2d`` (or :class:`Conv2d`), any ``padding_mode``; the new
         layer's output equals ``conv``'s on inputs of ``input_size`` until training unties
         the positions. Parameters are copies on ``conv``'s device, in its dtype.
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"conv must use padding_mode='zeros', got {conv.padding_mode!r}")
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, input_size,
                     stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                    groups=conv.groups, bias=conv.bias is not None, device=conv.weight.device,
+                    groups=conv.groups, bias=conv.bias is not None,
+                    padding_mode=conv.padding_mode, device=conv.weight.device,
                     dtype=conv.weight.dtype)
         with torch.no_grad():
             layer.weight.copy_(conv.weight[:, None, None].expand(layer.weight.shape))

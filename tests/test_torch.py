@@ -305,8 +305,8 @@ def test_conv2d_is_a_drop_in_for_torch_conv2d():
     again.load_state_dict(ours.state_dict())
     torch.testing.assert_close(again(x), ref(x))
     assert repr(ours).startswith("gpuconv.torch.Conv2d(4, 6, kernel_size=(3, 2), stride=(2, 1)")
-    with pytest.raises(ValueError, match="padding_mode='zeros' only"):
-        gt.Conv2d(4, 6, 3, padding_mode="reflect")
+    with pytest.raises(ValueError, match="padding_mode must be one of 'zeros', 'reflect'"):
+        gt.Conv2d(4, 6, 3, padding_mode="mirror")
     no_bias = gt.Conv2d(4, 6, 3, bias=False, padding="same")
     torch.testing.assert_close(no_bias(x), F.conv2d(x, no_bias.weight, padding="same"),
                                rtol=1e-5, atol=1e-5)
@@ -410,3 +410,33 @@ def test_layer_repr_says_it_is_gpuconvs_and_padding_words_in_any_case():
     assert "gpuconv.torch.Conv2d(3, 4, kernel_size=(3, 3)" in text
     assert "(0): Conv2d(3, 3" in text  # PyTorch's own keeps its name
     assert layer.padding == "same" and layer(torch.randn(1, 3, 5, 5)).shape == (1, 4, 5, 5)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("padding", [1, (2, 1), "same"])
+def test_padding_modes_as_torch_nn_conv2d(mode, padding):
+    """padding_mode with nn.Conv2d's meaning, forward and gradients, in float64 against
+    PyTorch's own layer; the unshared layer with tied kernels against the same."""
+    torch.manual_seed(0)
+    ref = nn.Conv2d(4, 6, 3, padding=padding, padding_mode=mode, groups=2,
+                    dtype=torch.float64)
+    ours = gt.Conv2d(4, 6, 3, padding=padding, padding_mode=mode, groups=2,
+                     dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 4, 7, 8, dtype=torch.float64, requires_grad=True)
+    y_ref = ref(x)
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), (x, ref.weight))
+    y = ours(x)
+    grads = torch.autograd.grad(y.square().sum(), (x, ours.weight))
+    torch.testing.assert_close(y, y_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+    local = gt.LocallyConnected2d.from_conv2d(ref, (7, 8))
+    assert local.padding_mode == mode and f"padding_mode='{mode}'" in repr(local)
+    torch.testing.assert_close(local(x), y_ref)
+    torch.testing.assert_close(local(x[0]), y_ref[0])  # unbatched
+
+
+def test_locally_connected_padding_mode_is_checked():
+    with pytest.raises(ValueError, match="padding_mode must be one of"):
+        gt.LocallyConnected2d(3, 4, 3, (8, 8), padding=1, padding_mode="zero")
