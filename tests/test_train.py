@@ -82,6 +82,7 @@ def test_ci_run_reaches_the_measured_accuracy(digits_run):
         assert record["test_accuracy"] >= CI_ACCURACY[record["variant"]], record["variant"]
         assert 0 <= record["val_accuracy"] <= 1
         assert record["epoch_seconds"] > 0
+        assert record["warmup_seconds"] > 0  # the first calls, kept out of the epochs' times
         assert len(record["curve"]) == record["epochs"] == T.PLANS["digits"][1].epochs
         assert record["train_loss"][-1] < record["train_loss"][0]
         assert record["sizes"] == {"train": 1144, "val": 203, "test": 450}
