@@ -465,6 +465,10 @@ def _typed(value):
     if kind is int or kind is str:
         return value
     if kind is tuple or kind is list:
+        if len(value) == 2:  # the usual pair of ints, without a generator
+            first, second = value
+            if type(first) is int and type(second) is int:
+                return kind, (first, second)
         return kind, tuple(_typed(v) for v in value)
     if isinstance(value, _SCALARS):
         return kind, value
@@ -497,6 +501,10 @@ def _call_key(op_name, arrays, operands, sizes, stride, padding, dilation, group
         return None
     if device == "auto" and type(device) is str:
         parts.append(os.environ.get(ENV_VAR))
+    if operands[0] is None or not operands[0].on_gpu:  # CPU scratch grows with the threads
+        from .cpu import threads
+
+        parts.append(threads.count())
     return tuple(parts)
 
 

@@ -55,8 +55,11 @@ def _arrays(op, geom, rng):
 def crossover(calls, rounds, ops):
     rng = np.random.default_rng(0)
     print(f"load average before: {os.getloadavg()[0]:.2f} (cores: {os.cpu_count()})")
-    print(f"{'op':<20} {'N C H W -> C_out k':<22} {'MFLOP':>8} {'1 thread us':>12} "
-          f"{'all us':>10} {'1 / all':>8}")
+    print("medians (lower quartiles) of the calls' times: on a busy machine the parallel\n"
+          "calls wait for a core (milliseconds); their lower quartile is then closer to the\n"
+          "time on an idle machine, and the last column compares the lower quartiles")
+    print(f"{'op':<20} {'N C H W -> C_out k':<22} {'MFLOP':>8} {'1 thread us':>16} "
+          f"{'all us':>16} {'1 / all':>8} {'(q1)':>6}")
     for name in ops:
         op = OPS[name]
         for n, c, h, w, co, k in LADDER:
@@ -77,8 +80,10 @@ def crossover(calls, rounds, ops):
                         _conv._run_cpu(op, operands, plan.geom, p)
                         times[which].append(time.perf_counter_ns() - t)
             one, every = _median_us(times[True]), _median_us(times[False])
+            q_one, q_every = (float(np.percentile(times[w], 25)) / 1e3 for w in (True, False))
             print(f"{name:<20} {f'{n} {c} {h} {w} -> {co} {k}':<22} {geom.flops / 1e6:>8.3f} "
-                  f"{one:>12.1f} {every:>10.1f} {one / every:>8.2f}")
+                  f"{one:>8.1f} ({q_one:>5.1f}) {every:>8.1f} ({q_every:>5.1f}) "
+                  f"{one / every:>8.2f} {q_one / q_every:>6.2f}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

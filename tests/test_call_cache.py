@@ -236,3 +236,18 @@ def test_small_calls_run_on_the_callers_thread(monkeypatch):
     gpuconv.conv2d(x, w, b, device="cpu")
     assert seen == ["caller"]
     assert numba.get_num_threads() >= 1
+
+
+def test_thread_count_is_part_of_the_key():
+    """The CPU kernels' scratch (checked against free memory) grows with the threads."""
+    import numba
+
+    x, w, b = _good(False)
+    threads = numba.get_num_threads()
+    gpuconv.conv2d(x, w, b, device="cpu")
+    try:
+        numba.set_num_threads(1)
+        gpuconv.conv2d(x, w, b, device="cpu")
+    finally:
+        numba.set_num_threads(threads)
+    assert len(_conv._PLANS) == (2 if threads > 1 else 1)

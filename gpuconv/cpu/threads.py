@@ -18,9 +18,12 @@ import numba
 __all__ = ["SERIAL_FLOPS", "runs_on_caller_thread", "on_caller_thread", "count"]
 
 #: Work (FLOPs of the forward, which every gradient matches) below which a call runs on the
-#: caller's thread alone. ``python scripts/percall.py --crossover`` measures where two
-#: threads start to beat one on this machine.
-SERIAL_FLOPS = {"conv2d": 4_000_000, "local_conv2d": 4_000_000}
+#: caller's thread alone, per family (an operation and its two gradients).
+#: ``python scripts/percall.py --crossover`` measures where two threads start to beat one:
+#: on the 2-core benchmark machine about 4-7 MFLOP for conv2d (its kernels are fast per FLOP,
+#: so a parallel region pays off late) and about 20-40 kFLOP for local_conv2d (BENCHMARKS.md,
+#: "Threads by work size").
+SERIAL_FLOPS = {"conv2d": 5_000_000, "local_conv2d": 20_000}
 
 
 def runs_on_caller_thread(op_name, geom):
