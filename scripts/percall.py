@@ -1,6 +1,6 @@
 """Per-call cost of gpuconv on the CPU: tiny shapes beside PyTorch, and the thread crossover.
 
-    python scripts/percall.py                 # per-call table (gpuconv.bench.percall)
+    python scripts/percall.py                 # per-call table, tiny shapes, torch tensors
     python scripts/percall.py --crossover     # one thread against all, by work size
     python scripts/percall.py --steps         # the steps of one tiny call's host path
 
@@ -21,12 +21,9 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import gpuconv  # noqa: E402
-from gpuconv import conv as _conv  # noqa: E402
-from gpuconv.geometry import conv_geometry  # noqa: E402
-from gpuconv.ops import OPS  # noqa: E402
+import gpuconv
+from gpuconv.geometry import conv_geometry
+from gpuconv.ops import OPS
 
 # (N, C_in, H, W, C_out, k): growing work, shapes as small layers have them.
 LADDER = (
@@ -53,6 +50,8 @@ def _arrays(op, geom, rng):
 
 
 def crossover(calls, rounds, ops):
+    from gpuconv import conv as _conv
+
     rng = np.random.default_rng(0)
     print(f"load average before: {os.getloadavg()[0]:.2f} (cores: {os.cpu_count()})")
     print("medians (lower quartiles) of the calls' times: on a busy machine the parallel\n"
@@ -101,19 +100,45 @@ def steps():
         print(f"{label}: {parts}; whole call {result['total_us']:.1f} us")
 
 
-def table(quick):
-    from gpuconv.bench import peers
-    from gpuconv.bench.percall import format_section, measure
+def table(calls, rounds):
+    """Per-call medians on the tiny shapes, public functions only (so that the same command
+    times an older checkout too: ``PYTHONPATH=<checkout> python scripts/percall.py``)."""
+    import torch
 
-    torch = peers.load_torch()
-    print(format_section(measure("cpu", torch, quick=quick)))
+    conv = torch.nn.functional.conv2d
+    rng = np.random.default_rng(0)
+    print(f"gpuconv {gpuconv.__version__} from {os.path.dirname(gpuconv.__file__)}; load average "
+          f"{os.getloadavg()[0]:.2f} (cores: {os.cpu_count()})")
+    print(f"{'shape':<26} {'implementation':<22} {'median us':>10} {'/ torch conv2d':>15}")
+    for (n, c, h, w), maps in (((1, 3, 16, 16), 4), ((8, 16, 16, 16), 16)):
+        x = torch.from_numpy(rng.standard_normal((n, c, h, w), dtype=np.float32))
+        wt = torch.from_numpy(rng.standard_normal((maps, c, 3, 3), dtype=np.float32))
+        wl = torch.from_numpy(rng.standard_normal((maps, h - 2, w - 2, c, 3, 3),
+                                                  dtype=np.float32))
+        impls = (("gpuconv conv2d", lambda: gpuconv.conv2d(x, wt)),
+                 ("gpuconv local_conv2d", lambda: gpuconv.local_conv2d(x, wl)),
+                 ("torch conv2d", lambda: conv(x, wt)))
+        times = {label: [] for label, _ in impls}
+        for _ in range(rounds):
+            for label, fn in impls:
+                for _ in range(20):
+                    fn()
+                for _ in range(calls):
+                    t = time.perf_counter_ns()
+                    fn()
+                    times[label].append(time.perf_counter_ns() - t)
+        base = _median_us(times["torch conv2d"])
+        for label, _ in impls:
+            m = _median_us(times[label])
+            print(f"{f'{n}x{c}x{h}x{w}, {maps} maps 3x3':<26} {label:<22} {m:>10.1f} "
+                  f"{m / base:>14.2f}x")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--crossover", action="store_true")
     parser.add_argument("--steps", action="store_true")
-    parser.add_argument("--quick", action="store_true")
     parser.add_argument("--calls", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
@@ -123,7 +148,7 @@ def main(argv=None):
     elif args.steps:
         steps()
     else:
-        table(args.quick)
+        table(args.calls, args.rounds)
     return 0
 
 
