@@ -478,34 +478,41 @@ def _typed(value):
 def _call_key(op_name, arrays, operands, sizes, stride, padding, dilation, groups, device):
     """Everything :func:`_check_operands` and the plan depend on, or None (not cacheable)."""
     parts = [op_name]
+    append = parts.append
     for (name, value), o in zip(arrays.items(), operands):
         if o is None:
-            parts.append((name, None))
+            append((name, None))
         elif o.on_gpu:
             cai = o.cai
             strides = (cai.get("strides") if cai is not None
                        else getattr(o.obj, "strides", None))
-            parts.append((name, type(value), o.shape, o.dtype, True, strides))
+            append((name, type(value), o.shape, o.dtype, True, strides))
         else:
-            parts.append((name, type(value), o.shape, o.dtype, False,
-                          o.obj.flags.c_contiguous))
+            append((name, type(value), o.shape, o.dtype, False, o.obj.strides))
     try:
-        parts.append(_typed(stride))
-        parts.append(_typed(padding))
-        parts.append(_typed(dilation))
-        parts.append(_typed(groups))
-        parts.append(_typed(device))
+        append(_typed(stride))
+        append(_typed(padding))
+        append(_typed(dilation))
+        append(_typed(groups))
+        append(_typed(device))
         for name, value in sizes.items():
-            parts.append((name, _typed(value)))
+            append((name, _typed(value)))
     except _Uncacheable:
         return None
-    if device == "auto" and type(device) is str:
-        parts.append(os.environ.get(ENV_VAR))
+    if type(device) is str and device == "auto":
+        append(os.environ.get(ENV_VAR))
     if operands[0] is None or not operands[0].on_gpu:  # CPU scratch grows with the threads
-        from .cpu import threads
-
-        parts.append(threads.count())
+        append(_cpu_threads())
     return tuple(parts)
+
+
+def _cpu_threads():
+    """Numba's thread count for the calling thread (:func:`gpuconv.cpu.threads.count`)."""
+    global _cpu_threads
+    from .cpu.threads import count
+
+    _cpu_threads = count  # the import once; then the counter itself
+    return count()
 
 
 def _plan_for(op, arrays, operands, sizes, stride, padding, dilation, groups, device):
