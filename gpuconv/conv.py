@@ -54,7 +54,10 @@ def _grad_mode_on():
 
 def _records_autograd(arrays):
     """Whether a call would have to record PyTorch's autograd graph."""
-    return any(getattr(v, "requires_grad", False) for v in arrays.values()) and _grad_mode_on()
+    for v in arrays.values():
+        if getattr(v, "requires_grad", False):
+            return _grad_mode_on()
+    return False
 
 
 def _is_torch_tensor(value):
@@ -329,7 +332,7 @@ class _CpuPlan:
     """What a CPU call derives from its operands' shapes, dtypes and layout (cached)."""
 
     __slots__ = ("kernel", "dtype", "compute", "out_shape", "bias_shape", "no_bias", "needed",
-                 "serial")
+                 "serial", "ready", "on_caller_thread")
 
     def __init__(self, op, operands, geom):
         dtype = operands[0].dtype
@@ -343,9 +346,14 @@ class _CpuPlan:
                 (1, 1) if bias is None or len(bias.shape) == 1 else tuple(bias.shape[1:]))
 
         self.needed = _host_bytes_needed(op, operands, geom)
-        from .cpu import runs_on_caller_thread
+        # operands the kernel can take as they are: C-contiguous NumPy arrays of its dtype
+        self.ready = tuple(o is not None and type(o.obj) is np.ndarray
+                           and o.dtype == self.compute and o.obj.flags.c_contiguous
+                           for o in operands)
+        from . import cpu
 
-        self.serial = runs_on_caller_thread(op.name, geom)
+        self.serial = cpu.runs_on_caller_thread(op.name, geom)
+        self.on_caller_thread = cpu.on_caller_thread
 
 
 def _kernel_arguments(op, operands, geom, plan=None):
@@ -353,8 +361,8 @@ def _kernel_arguments(op, operands, geom, plan=None):
     ``(C_out, 1, 1)`` or ``(C_out, H_out, W_out)`` plus a has-bias flag."""
     plan = plan or _CpuPlan(op, operands, geom)
     compute = plan.compute
-    arrays = [None if o is None else np.ascontiguousarray(o.obj, dtype=compute)
-              for o in operands]
+    arrays = [None if o is None else o.obj if ready else np.ascontiguousarray(o.obj, dtype=compute)
+              for o, ready in zip(operands, plan.ready)]
     if op.kind != FORWARD:
         return arrays
     x, weight, bias = arrays
@@ -385,9 +393,7 @@ def _run_cpu(op, operands, geom, plan=None):
 
 def _run_kernel(plan, arguments, out, geom):
     if plan.serial:
-        from .cpu import on_caller_thread
-
-        on_caller_thread(plan.kernel, *arguments, out, geom)
+        plan.on_caller_thread(plan.kernel, *arguments, out, geom)
     else:
         plan.kernel(*arguments, out, geom)
 
