@@ -35,6 +35,11 @@ own records (field ``pass``), table and summary:
   against PyTorch-only locally connected layers (``unfold`` + ``einsum``, ``unfold`` +
   ``bmm`` over the positions). It needs PyTorch.
 
+The command also reports what a call costs beyond its kernel on tiny shapes, gpuconv beside
+PyTorch's conv2d (:mod:`gpuconv.bench.percall`; ``machine["per_call"]`` in the JSON), and
+flags a run whose load average exceeded the core count (``machine["overloaded"]`` and a
+warning line): its times then include waits for a core, not only the kernels.
+
 Every comparison is printed as a speedup, one implementation's time over the time of the
 one it is compared with: ``peer time / gpuconv time`` (above 1: gpuconv is faster), and,
 for what sharing buys, ``local_conv2d time / conv2d time`` (above 1: the shared layer is
