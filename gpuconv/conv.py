@@ -9,18 +9,20 @@ the only module that knows about both devices; the kernels behind it (:mod:`gpuc
 
 from __future__ import annotations
 
+import collections
 import math
+import os
 import sys
 import threading
 
 import numpy as np
 
-from .device import (check_memory, host_memory_available, is_device_array, select_device,
-                     simulator_enabled)
+from .device import (ENV_VAR, FreeMemory, host_memory_available, is_device_array,
+                     select_device, simulator_enabled)
 from .geometry import conv_geometry
 from .ops import FORWARD, OPS, WEIGHT_GRAD
 
-__all__ = ["conv2d", "local_conv2d"]
+__all__ = ["conv2d", "local_conv2d", "clear_call_cache"]
 
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _HALF = np.dtype(np.float16)
@@ -33,11 +35,12 @@ _COMPUTE_DTYPE = {_HALF: np.dtype(np.float32)}
 class _Operand:
     """An argument as the public layer sees it: the caller's object, its shape and dtype."""
 
-    __slots__ = ("obj", "shape", "dtype", "on_gpu", "origin")
+    __slots__ = ("obj", "shape", "dtype", "on_gpu", "origin", "cai")
 
-    def __init__(self, obj, shape, dtype, on_gpu, origin=""):
+    def __init__(self, obj, shape, dtype, on_gpu, origin="", cai=None):
         self.obj, self.shape, self.dtype, self.on_gpu = obj, shape, dtype, on_gpu
         self.origin = origin  # how a non-array argument became this array, for messages
+        self.cai = cai  # a device array's __cuda_array_interface__, read once per call
 
     @property
     def ndim(self):
@@ -51,17 +54,34 @@ def _grad_mode_on():
 
 def _records_autograd(arrays):
     """Whether a call would have to record PyTorch's autograd graph."""
-    return any(getattr(v, "requires_grad", False) for v in arrays.values()) and _grad_mode_on()
+    for v in arrays.values():
+        if getattr(v, "requires_grad", False):
+            return _grad_mode_on()
+    return False
+
+
+def _is_torch_tensor(value):
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
 
 
 def _operand(value, name):
     if value is None:
         return None
+    if type(value) is np.ndarray:  # the common case, first
+        return _Operand(value, value.shape, value.dtype, False)
     if getattr(value, "requires_grad", False) and _grad_mode_on():
         raise TypeError(
             f"{name} is a tensor that requires grad and grad mode is on; the gradient "
             f"functions do not record an autograd graph: pass {name}.detach(), or call inside "
             "torch.no_grad(); gpuconv.conv2d and gpuconv.local_conv2d do record it")
+    if getattr(value, "is_cpu", False) and _is_torch_tensor(value):
+        try:  # a view of the tensor's memory, as np.from_dlpack below gives, but cheaper
+            host = value.numpy()
+        except (TypeError, RuntimeError):  # dtypes NumPy lacks, conjugate views: as below
+            pass
+        else:
+            return _Operand(host, host.shape, host.dtype, False)
     if is_device_array(value):
         if simulator_enabled() and not hasattr(value, "__cuda_array_interface__"):
             # a device array of the CUDA simulator (it has no array interface)
@@ -71,7 +91,8 @@ def _operand(value, name):
             raise TypeError(
                 f"{name} lives on a GPU but does not expose __cuda_array_interface__; "
                 "pass a CuPy array, a PyTorch CUDA tensor or a Numba device array")
-        return _Operand(value, tuple(int(s) for s in cai["shape"]), np.dtype(cai["typestr"]), True)
+        return _Operand(value, tuple(int(s) for s in cai["shape"]), np.dtype(cai["typestr"]), True,
+                        cai=cai)
     if isinstance(value, np.ndarray):
         host = value
     elif hasattr(value, "__dlpack__"):
@@ -174,9 +195,14 @@ def _check_call(op, arrays, sizes, stride, padding, dilation, groups, device):
     """Check one call of ``op`` once: operands, shapes against the op's rules, dtypes,
     location, device. ``arrays`` maps argument names to the caller's arrays in kernel order
     (the forward's bias may be None); ``sizes`` maps ``input_size``/``weight_size`` to shapes
-    given instead of arrays. Returns (operands, geometry, device)."""
-    names = list(arrays)
+    given instead of arrays. Returns (operands, geometry, device, unbatched)."""
     operands = [_operand(value, name) for name, value in arrays.items()]
+    return _check_operands(op, list(arrays), operands, sizes, stride, padding, dilation, groups,
+                           device)
+
+
+def _check_operands(op, names, operands, sizes, stride, padding, dilation, groups, device):
+    """:func:`_check_call` on operands already made by :func:`_operand`."""
     by_name = dict(zip(names, operands))
     for name, o in by_name.items():
         if o is None and name != "bias":
@@ -244,7 +270,7 @@ def _with_batch_axis(o):
             view = obj[None]
         except (TypeError, IndexError, ValueError):  # Numba device arrays
             view = obj.reshape((1,) + tuple(o.shape))
-    return _Operand(view, (1,) + tuple(o.shape), o.dtype, o.on_gpu, o.origin)
+    return _Operand(view, (1,) + tuple(o.shape), o.dtype, o.on_gpu, o.origin)  # (no cai: a new view)
 
 
 def _trivial_result(op, operands, geom):
@@ -275,6 +301,8 @@ def _wrap_like(template, result):
     """Return ``result`` (a NumPy array) as the same kind of host array as ``template``."""
     if isinstance(template, np.ndarray) or not hasattr(template, "__dlpack__"):
         return result
+    if _is_torch_tensor(template):
+        return sys.modules["torch"].from_numpy(result)  # (torch.from_dlpack, cheaper)
     module = sys.modules.get(type(template).__module__.split(".")[0])
     from_dlpack = getattr(module, "from_dlpack", None)
     return from_dlpack(result) if from_dlpack is not None else result
@@ -300,69 +328,261 @@ def _host_bytes_needed(op, operands, geom):
     return out + copies + op.scratch("cpu")(geom, compute.itemsize)
 
 
-def _kernel_arguments(op, operands, geom):
+class _CpuPlan:
+    """What a CPU call derives from its operands' shapes, dtypes and layout (cached)."""
+
+    __slots__ = ("kernel", "dtype", "compute", "out_shape", "bias_shape", "no_bias", "needed",
+                 "serial", "ready", "on_caller_thread")
+
+    def __init__(self, op, operands, geom):
+        dtype = operands[0].dtype
+        self.kernel = op.kernel("cpu")
+        self.dtype, self.compute = dtype, _COMPUTE_DTYPE.get(dtype, dtype)
+        self.out_shape = op.output_shape(geom)
+        self.bias_shape = self.no_bias = None  # the forward's bias as the kernel takes it (3-D)
+        if op.kind == FORWARD:
+            bias = operands[2]
+            self.bias_shape = (geom.out_channels,) + (
+                (1, 1) if bias is None or len(bias.shape) == 1 else tuple(bias.shape[1:]))
+
+        self.needed = _host_bytes_needed(op, operands, geom)
+        # operands the kernel can take as they are: C-contiguous NumPy arrays of its dtype
+        self.ready = tuple(o is not None and type(o.obj) is np.ndarray
+                           and o.dtype == self.compute and o.obj.flags.c_contiguous
+                           for o in operands)
+        from . import cpu
+
+        self.serial = cpu.runs_on_caller_thread(op.name, geom)
+        self.on_caller_thread = cpu.on_caller_thread
+
+
+def _kernel_arguments(op, operands, geom, plan=None):
     """The CPU kernel's operands: C-contiguous arrays; the forward's bias as a 3-D array
     ``(C_out, 1, 1)`` or ``(C_out, H_out, W_out)`` plus a has-bias flag."""
-    compute = _COMPUTE_DTYPE.get(operands[0].dtype, operands[0].dtype)
-    arrays = [None if o is None else np.ascontiguousarray(o.obj, dtype=compute)
-              for o in operands]
+    plan = plan or _CpuPlan(op, operands, geom)
+    compute = plan.compute
+    arrays = [None if o is None else o.obj if ready else np.ascontiguousarray(o.obj, dtype=compute)
+              for o, ready in zip(operands, plan.ready)]
     if op.kind != FORWARD:
         return arrays
     x, weight, bias = arrays
     if bias is None:
-        return [x, weight, np.zeros((geom.out_channels, 1, 1), dtype=x.dtype), False]
-    return [x, weight, bias.reshape(geom.out_channels, *(bias.shape[1:] or (1, 1))), True]
+        if plan.no_bias is None:  # made on first use (after the memory check), then kept:
+            plan.no_bias = np.zeros(plan.bias_shape, dtype=x.dtype)  # never read nor written
+        return [x, weight, plan.no_bias, False]
+    return [x, weight, bias.reshape(plan.bias_shape), True]
 
 
-def _run_cpu(op, operands, geom):
-    check_memory(_host_bytes_needed(op, operands, geom), host_memory_available(), "host")
-    dtype = operands[0].dtype
-    out = _empty_output(op.output_shape(geom), _COMPUTE_DTYPE.get(dtype, dtype))
-    kernel = op.kernel("cpu")
-    arguments = _kernel_arguments(op, operands, geom)
+# Free host memory as last read; read again only for a call that needs a noticeable share of
+# it, or when the reading is old (see :class:`gpuconv.device.FreeMemory`).
+_HOST_MEMORY = FreeMemory(lambda: host_memory_available(), "host")
+
+
+def _run_cpu(op, operands, geom, plan=None):
+    plan = plan or _CpuPlan(op, operands, geom)
+    _HOST_MEMORY.check(plan.needed)
+    out = _empty_output(plan.out_shape, plan.compute)
+    arguments = _kernel_arguments(op, operands, geom, plan)
     if _threading_layer() == "workqueue":
         with _WORKQUEUE_LOCK:
-            kernel(*arguments, out, geom)
+            _run_kernel(plan, arguments, out, geom)
     else:
-        kernel(*arguments, out, geom)
-    return out if out.dtype == dtype else out.astype(dtype)
+        _run_kernel(plan, arguments, out, geom)
+    return out if out.dtype == plan.dtype else out.astype(plan.dtype)
+
+
+def _run_kernel(plan, arguments, out, geom):
+    if plan.serial:
+        plan.on_caller_thread(plan.kernel, *arguments, out, geom)
+    else:
+        plan.kernel(*arguments, out, geom)
+
+
+_LAYER = []  # Numba's threading layer, once one has been chosen
 
 
 def _threading_layer():
     """Numba's threading layer once one has been chosen (by the first parallel launch)."""
+    if _LAYER:
+        return _LAYER[0]
     import numba
 
     try:
-        return numba.threading_layer()
+        _LAYER.append(numba.threading_layer())
     except ValueError:  # no parallel kernel has run yet: be safe for this first call
         return "workqueue"
+    return _LAYER[0]
+
+
+# --------------------------------------------------------------------------------------------
+# the call cache: what a call checks and derives from its arguments, once per key
+# --------------------------------------------------------------------------------------------
+
+class _Plan:
+    """What :func:`call` derived from one key's arguments: the checked geometry, where the
+    call runs, and the device's own plan (kernel, output shape, scratch, launch configuration)."""
+
+    __slots__ = ("geom", "target", "unbatched", "batched", "trivial", "device_plan")
+
+    def __init__(self, op, names, operands, sizes, stride, padding, dilation, groups, device):
+        checked, geom, target, unbatched = _check_operands(
+            op, names, operands, sizes, stride, padding, dilation, groups, device)
+        self.geom, self.target, self.unbatched = geom, target, unbatched
+        self.batched = tuple(i for i, name in enumerate(names) if name in _BATCHED
+                             and operands[i] is not None) if unbatched else ()
+        self.trivial = not (geom.batch and geom.in_channels and geom.out_channels)
+        self.device_plan = None
+        if not self.trivial:
+            if target == "cuda":
+                from .cuda import launch
+
+                self.device_plan = launch.plan(op, checked, geom)
+            else:
+                self.device_plan = _CpuPlan(op, checked, geom)
+
+
+#: Most keys the call cache holds (least recently used first out).
+CALL_CACHE_SIZE = 512
+_PLANS = collections.OrderedDict()
+_PLANS_LOCK = threading.Lock()  # (insertions and evictions; look-ups are atomic)
+
+
+def clear_call_cache():
+    """Forget every cached call plan and memory reading (the next calls check from scratch)."""
+    with _PLANS_LOCK:
+        _PLANS.clear()
+    _HOST_MEMORY.clear()
+    launch = sys.modules.get(__package__ + ".cuda.launch")
+    if launch is not None:
+        launch.clear_caches()
+
+
+class _Uncacheable(Exception):
+    pass
+
+
+_SCALARS = (bool, float, type(None), np.integer, np.floating, np.bool_)
+
+
+def _typed(value):
+    """``value`` as a key that equals another only for the same types and values (``1``,
+    ``True`` and ``1.0`` are equal in Python, but not as arguments here)."""
+    kind = type(value)
+    if kind is int or kind is str:
+        return value
+    if kind is tuple or kind is list:
+        if len(value) == 2:  # the usual pair of ints, without a generator
+            first, second = value
+            if type(first) is int and type(second) is int:
+                return kind, (first, second)
+        return kind, tuple(_typed(v) for v in value)
+    if isinstance(value, _SCALARS):
+        return kind, value
+    raise _Uncacheable
+
+
+def _call_key(op_name, arrays, operands, sizes, stride, padding, dilation, groups, device):
+    """Everything :func:`_check_operands` and the plan depend on, or None (not cacheable)."""
+    parts = [op_name]
+    append = parts.append
+    for (name, value), o in zip(arrays.items(), operands):
+        if o is None:
+            append((name, None))
+        elif o.on_gpu:
+            cai = o.cai
+            strides = (cai.get("strides") if cai is not None
+                       else getattr(o.obj, "strides", None))
+            append((name, type(value), o.shape, o.dtype, True, strides))
+        else:
+            append((name, type(value), o.shape, o.dtype, False, o.obj.strides))
+    try:
+        append(_typed(stride))
+        append(_typed(padding))
+        append(_typed(dilation))
+        append(_typed(groups))
+        append(_typed(device))
+        for name, value in sizes.items():
+            append((name, _typed(value)))
+    except _Uncacheable:
+        return None
+    if type(device) is str and device == "auto":
+        append(os.environ.get(ENV_VAR))
+    if operands[0] is None or not operands[0].on_gpu:  # CPU scratch grows with the threads
+        append(_cpu_threads())
+    return tuple(parts)
+
+
+def _cpu_threads():
+    """Numba's thread count for the calling thread (:func:`gpuconv.cpu.threads.count`)."""
+    global _cpu_threads
+    from .cpu.threads import count
+
+    _cpu_threads = count  # the import once; then the counter itself
+    return count()
+
+
+def _plan_for(op, arrays, operands, sizes, stride, padding, dilation, groups, device):
+    key = _call_key(op.name, arrays, operands, sizes, stride, padding, dilation, groups,
+                    device)
+    if key is not None:
+        plan = _PLANS.get(key)
+        if plan is not None:
+            try:
+                _PLANS.move_to_end(key)  # most recently used last
+            except KeyError:  # evicted by another thread meanwhile
+                pass
+            return plan
+    plan = _Plan(op, list(arrays), operands, sizes, stride, padding, dilation, groups, device)
+    if key is not None:
+        with _PLANS_LOCK:
+            _PLANS[key] = plan
+            while len(_PLANS) > CALL_CACHE_SIZE:
+                _PLANS.popitem(last=False)
+    return plan
 
 
 def call(op_name, arrays, stride, padding, dilation, groups, device, sizes=None):
     """Check and run the operation ``op_name`` of :data:`gpuconv.ops.OPS`: the one path of
     every public function. ``arrays`` maps argument names to arrays in kernel order; the
-    result is a new array of the kind of the first one."""
+    result is a new array of the kind of the first one.
+
+    What the checks derive from the arguments (geometry, device, kernel, output shape,
+    scratch, launch configuration) is cached per key: the op, every operand's type, shape,
+    dtype, location and layout, the geometry arguments, the device asked for (and
+    ``GPUCONV_DEVICE``) and the sizes. Anything a check depends on is in the key, and only
+    calls that passed every check are cached, so a cached call raises exactly what an
+    uncached one would (:func:`clear_call_cache` empties the cache)."""
     op = OPS[op_name]
     if op.kind == FORWARD and _records_autograd(arrays):
         from .torch import autograd_forward  # the differentiable custom operators
 
         return autograd_forward(op_name, arrays, stride, padding, dilation, groups, device)
-    operands, geom, target, unbatched = _check_call(op, arrays, sizes or {}, stride, padding,
-                                                    dilation, groups, device)
-    template = next(iter(arrays.values()))
-    result = _trivial_result(op, operands, geom)
-    if target == "cuda":
+    operands = [_operand(value, name) for name, value in arrays.items()]
+    plan = _plan_for(op, arrays, operands, sizes or {}, stride, padding, dilation, groups,
+                     device)
+    geom = plan.geom
+    if plan.unbatched:
+        operands = list(operands)
+        for i in plan.batched:
+            operands[i] = _with_batch_axis(operands[i])
+    first = operands[0]
+    if plan.trivial:
+        result = _trivial_result(op, operands, geom)
+        if plan.target == "cuda" and first.on_gpu:
+            from .cuda import launch
+
+            result = launch.from_host_like(first.obj, result)
+    elif plan.target == "cuda":
         from .cuda import launch
 
-        if result is None:
-            result = launch.run(op, operands, geom)
-        elif operands[0].on_gpu:
-            result = launch.from_host_like(operands[0].obj, result)
-    elif result is None:
-        result = _run_cpu(op, operands, geom)
-    if not operands[0].on_gpu:
-        result = _wrap_like(template, result)
-    return result[0] if unbatched and op.kind != WEIGHT_GRAD else result
+        result = launch.run(op, operands, geom, plan.device_plan)
+    else:
+        result = _run_cpu(op, operands, geom, plan.device_plan)
+    if not first.on_gpu:
+        template = arrays[next(iter(arrays))]
+        if type(template) is not np.ndarray:
+            result = _wrap_like(template, result)
+    return result[0] if plan.unbatched and op.kind != WEIGHT_GRAD else result
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, device="auto"):

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
+import time
 
 __all__ = ["DEVICES", "ENV_VAR", "DLPACK_CUDA_DEVICES", "simulator_enabled", "c_strides",
            "is_c_contiguous", "CudaUnavailableError", "InsufficientMemoryError",
            "toolchain_problem", "cuda_toolchain_problem",
            "select_device", "cuda_available", "is_device_array", "explain_auto",
-           "host_memory_available", "check_memory"]
+           "host_memory_available", "check_memory", "FreeMemory"]
 
 DEVICES = ("auto", "cpu", "cuda")
 ENV_VAR = "GPUCONV_DEVICE"
@@ -156,6 +158,40 @@ def check_memory(needed, available, where):
         raise InsufficientMemoryError(
             f"this call needs about {_format_bytes(needed)} of {where} memory but only "
             f"{_format_bytes(available)} is free; use a smaller batch or split the layer")
+
+
+class FreeMemory:
+    """The free-memory check of :func:`check_memory`, made cheap for repeated calls.
+
+    ``query()`` (bytes free, or ``None`` if unknown) is asked again only when a call needs
+    more than :attr:`SHARE` of the last answer, when that answer is older than
+    :attr:`MAX_AGE_S`, or when there is none; otherwise the last answer is used. A call that
+    does not fit what was free raises :class:`InsufficientMemoryError` as before; one that
+    needs less than an eighth of what was free a moment ago is not worth a system call (or
+    a driver call) each time. :meth:`clear` forgets the reading.
+    """
+
+    SHARE = 1 / 8
+    MAX_AGE_S = 1.0
+
+    def __init__(self, query, where):
+        self._query, self._where = query, where
+        self._free, self._when = None, 0.0
+        self._lock = threading.Lock()
+
+    def clear(self):
+        with self._lock:
+            self._free = None
+
+    def check(self, needed, *query_args):
+        """Raise :class:`InsufficientMemoryError` if ``needed`` bytes do not fit (``query_args``
+        go to ``query`` when it is asked)."""
+        free, now = self._free, time.monotonic()
+        if free is None or needed > free * self.SHARE or now - self._when > self.MAX_AGE_S:
+            free = self._query(*query_args)
+            with self._lock:
+                self._free, self._when = free, now
+        check_memory(needed, free, self._where)
 
 
 def _format_bytes(count):

@@ -28,7 +28,11 @@ the gradient operators' own backward is again made of these operators, so double
 (``torch.autograd.grad(..., create_graph=True)``, ``gradgradcheck``) works too.
 
 CPU tensors run gpuconv's CPU kernels; CUDA tensors run its CUDA kernels on PyTorch's current
-stream, without copies. float32 and float64 only: other dtypes raise ``TypeError``.
+stream, without copies. In plain eager mode the functional ops and modules call the same
+kernels without the operator dispatcher (a ``torch.autograd.Function`` records the graph, with
+the same gradient formulas), which saves PyTorch's per-call dispatch; under ``torch.compile``,
+tracing, a dispatch or torch-function mode, functorch transforms or tensor subclasses they go
+through the operators. float32 and float64 only: other dtypes raise ``TypeError``.
 """
 
 import math
@@ -260,9 +264,103 @@ def _geometry_args(weight, stride, padding, dilation, groups):
 def _apply(fn, op, x, weight, bias, stride, padding, dilation, groups):
     _check_tensors(fn, x, weight, bias)
     geometry = _geometry_args(weight, stride, padding, dilation, groups)
-    if x.dim() == 3:
-        return op(x.unsqueeze(0), weight, bias, *geometry).squeeze(0)
-    return op(x, weight, bias, *geometry)
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    if _plain_eager(x, weight, bias):
+        y = _eager(fn, x, weight, bias, geometry)
+    else:
+        y = op(x, weight, bias, *geometry)
+    return y.squeeze(0) if unbatched else y
+
+
+# --------------------------------------------------------------------------------------------
+# eager calls: the same computation without the operator dispatcher
+# --------------------------------------------------------------------------------------------
+# A call through a custom operator pays PyTorch's dispatch and its Python autograd wrapper
+# (about 15-25 us on the CPU). In plain eager mode (not compiling or tracing, no torch-function
+# or dispatch mode, no functorch transform, plain tensors on one CPU or CUDA device) the
+# functional ops run the same kernels directly, recording the graph with a small
+# ``torch.autograd.Function`` whose backward runs the gradient kernels directly too, or, when
+# the graph of the backward is itself recorded (``create_graph=True``), the differentiable
+# gradient operators: the results are the same, bit for bit.
+
+_PLAIN = (Tensor, nn.Parameter)
+
+
+def _plain_eager(x, weight, bias):
+    if torch.compiler.is_compiling():
+        return False
+    if type(x) is not Tensor or type(weight) not in _PLAIN or (
+            bias is not None and type(bias) not in _PLAIN):
+        return False
+    device = x.device
+    if device.type not in ("cpu", "cuda") or weight.device != device or (
+            bias is not None and bias.device != device):
+        return False
+    if torch._C._is_torch_function_mode_enabled() or _dispatch_mode() is not None:
+        return False
+    return _functorch_level() is None
+
+
+def _dispatch_mode():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode()
+
+
+def _functorch_level():
+    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+    return None if peek is None else peek()
+
+
+_OPS_BY_FN = {"conv2d": ("conv2d", "conv2d_input", "conv2d_weight", _SHARED),
+              "local_conv2d": ("local_conv2d", "local_conv2d_input", "local_conv2d_weight",
+                               _LOCAL)}
+
+
+def _eager(fn, x, weight, bias, geometry):
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (
+            bias is not None and bias.requires_grad)):
+        return _EagerForward.apply(fn, x, weight, bias, *geometry)
+    return _run(fn, x.device.type, {"x": x, "weight": weight, "bias": bias}, *geometry)
+
+
+class _EagerForward(torch.autograd.Function):
+    """The forward operator's computation and gradient formula (see ``_register_autograd``)
+    without the dispatcher."""
+
+    @staticmethod
+    def forward(ctx, fn, x, weight, bias, stride, padding, dilation, groups):
+        ctx.fn = fn
+        ctx.geometry = (stride, padding, dilation, groups)
+        ctx.bias_per_position = bias is not None and bias.dim() == 3
+        ctx.save_for_backward(x, weight)
+        return _run(fn, x.device.type, {"x": x, "weight": weight, "bias": bias}, stride,
+                    padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        _, input_name, weight_name, (_, input_op, weight_op) = _OPS_BY_FN[ctx.fn]
+        needs = ctx.needs_input_grad
+        g_x = g_w = g_b = None
+        if torch.is_grad_enabled():  # create_graph: differentiable gradient operators
+            if needs[1]:
+                g_x = input_op(list(x.shape), weight, grad, *ctx.geometry)
+            if needs[2]:
+                g_w = weight_op(x, list(weight.shape), grad, *ctx.geometry)
+        else:
+            device = x.device.type
+            if needs[1]:
+                g_x = _run(input_name, device, {"grad_output": grad, "weight": weight},
+                           *ctx.geometry, sizes={"input_size": tuple(x.shape)})
+            if needs[2]:
+                g_w = _run(weight_name, device, {"input": x, "grad_output": grad},
+                           *ctx.geometry, sizes={"weight_size": tuple(weight.shape)})
+        if needs[3]:
+            g_b = grad.sum(0) if ctx.bias_per_position else grad.sum((0, 2, 3))
+        return None, g_x, g_w, g_b, None, None, None, None
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,

@@ -113,7 +113,8 @@ def test_torch_cpu_tensor_on_cuda_comes_back_as_a_tensor(monkeypatch):
     from gpuconv.cuda import launch
 
     monkeypatch.setattr("gpuconv.conv.select_device", lambda *a, device: "cuda")
-    monkeypatch.setattr(launch, "run", lambda op, operands, geom: np.ones(op.output_shape(geom)))
+    monkeypatch.setattr(launch, "run",
+                        lambda op, operands, geom, *plan: np.ones(op.output_shape(geom)))
     y = gpuconv.conv2d(torch.zeros(1, 1, 3, 3, dtype=torch.float64),
                        torch.zeros(1, 1, 2, 2, dtype=torch.float64), device="cuda")
     assert isinstance(y, torch.Tensor) and tuple(y.shape) == (1, 1, 2, 2)

@@ -35,6 +35,11 @@ own records (field ``pass``), table and summary:
   against PyTorch-only locally connected layers (``unfold`` + ``einsum``, ``unfold`` +
   ``bmm`` over the positions). It needs PyTorch.
 
+The command also reports what a call costs beyond its kernel on tiny shapes, gpuconv beside
+PyTorch's conv2d (:mod:`gpuconv.bench.percall`; ``machine["per_call"]`` in the JSON), and
+flags a run whose load average exceeded the core count (``machine["overloaded"]`` and a
+warning line): its times then include waits for a core, not only the kernels.
+
 Every comparison is printed as a speedup, one implementation's time over the time of the
 one it is compared with: ``peer time / gpuconv time`` (above 1: gpuconv is faster), and,
 for what sharing buys, ``local_conv2d time / conv2d time`` (above 1: the shared layer is
@@ -64,6 +69,7 @@ import time
 
 import numpy as np
 
+from . import percall as _percall
 from . import peers as impls_mod
 from .stats import (PASSES, format_bytes, geomean, min_bytes, paired_ratios, param_count,
                     pass_flops, reduction_terms, summarize, tolerance)
@@ -184,6 +190,9 @@ def add_arguments(parser):
                              "machine)")
     parser.add_argument("--no-peers", dest="peers", action="store_false",
                         help="time gpuconv only (no PyTorch / NumPy comparison)")
+    parser.add_argument("--no-per-call", dest="per_call", action="store_false",
+                        help="skip the per-call section (tiny shapes, gpuconv beside "
+                             "PyTorch's conv2d, a few seconds)")
     parser.add_argument("--json", metavar="PATH", help="write machine and records as JSON")
     parser.add_argument("--plot", metavar="PATH",
                         help="write a PNG (needs matplotlib: pip install 'gpuconv[bench]'); "
@@ -276,6 +285,26 @@ def _git_state():
         return None, None
     modified = sorted(line[3:] for line in status.stdout.splitlines() if line.strip())
     return commit.stdout.strip(), modified
+
+
+def _load_flag(samples):
+    """``load_average_max`` (the largest 1-minute load average sampled: at the start, after
+    each layer, at the end) and ``overloaded``: whether it exceeded the core count, when
+    the timings include waits for a core (scheduler stalls), not only the kernels' time."""
+    values = [v for v in samples if v is not None]
+    most = max(values) if values else None
+    return {"load_average_max": most,
+            "overloaded": most is not None and most > (os.cpu_count() or 1)}
+
+
+def _overload_warning(machine):
+    """A warning line for a run whose load exceeded the cores, or None."""
+    if not machine.get("overloaded"):
+        return None
+    return (f"WARNING: the load average reached {machine['load_average_max']} on "
+            f"{machine['cores']} cores: other work competed for the cores, and these times "
+            "include waits for one (scheduler stalls), not only the kernels; rerun on an idle "
+            "machine, or with --one-core (process CPU time)")
 
 
 def _load_average():
@@ -827,6 +856,7 @@ def run_benchmark(layers, device="cpu", dtype="float32", repeat=DEFAULT_REPEAT,
             bar.line(f"ceilings: compute {_num(ceilings.get('compute_gflops'), '.4g')} GFLOP/s, "
                      f"bandwidth {_num(ceilings.get('bandwidth_gbs'), '.4g')} GB/s")
         load_start = _load_average()
+        loads = [load_start]
         machine = machine_info(device, torch, ceilings, dtype)
         machine["load_average_start"] = load_start
         machine["peers"] = sorted({f"{i.op}: {i.name}" for i in impl_list
@@ -861,6 +891,7 @@ def run_benchmark(layers, device="cpu", dtype="float32", repeat=DEFAULT_REPEAT,
                 if layer_records:
                     bar.line(_layer_news(layer_records, done, len(layer_objs)))
                 records.extend(layer_records)
+            loads.append(_load_average())
         if sweep_batches:
             sweep_records = _bench_geometries(
                 sweep_layer.name, [sweep_layer.geometry(n) for n in sweep_batches],
@@ -872,6 +903,7 @@ def run_benchmark(layers, device="cpu", dtype="float32", repeat=DEFAULT_REPEAT,
             records.extend(sweep_records)
         bar.close()
         machine["load_average_end"] = _load_average()
+        machine.update(_load_flag(loads + [machine["load_average_end"]]))
     finally:
         if tf32 is not None:
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -1345,11 +1377,12 @@ def format_header(result):
                  if threads else "; timed in process CPU time")
         if m.get("torch_threads"):
             clock += f", {_plural(m['torch_threads'], 'PyTorch thread')}"
+    warning = _overload_warning(m)
     return (f"gpuconv bench on {m['device']} ({where}, {m['cores']} cores), {m['dtype']}, "
             f"{m['date']}{load}\n"
             f"peers:{peers}\n"
             f"median of {timing['bursts']} alternating bursts x {timing['repeat']} timed calls"
-            f"{clock}")
+            f"{clock}" + ("" if warning is None else "\n" + textwrap.fill(warning, 100)))
 
 
 def format_report(result):
@@ -1443,8 +1476,14 @@ def run(args):
                            peers=getattr(args, "peers", True), sweep=sweep,
                            quick=args.quick, passes=passes, torch=torch, clock=clock)
     result["machine"]["command"] = "gpuconv bench " + " ".join(_argv_of(args))
+    per_call = None
+    if getattr(args, "per_call", True):
+        per_call = _per_call(device, torch, args.quick)
+        result["machine"]["per_call"] = per_call
     result["machine"]["wall_s"] = round(time.perf_counter() - start, 1)
     print(format_report(result))
+    if per_call is not None:
+        print("\n" + _percall.format_section(per_call))
     print(f"\n{len(result['records'])} records in {result['machine']['wall_s']:.0f} s")
     if args.json:
         write_json(result, args.json)
@@ -1454,6 +1493,16 @@ def run(args):
         _bench_plot.plot(result, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _per_call(device, torch, quick):
+    """The per-call section (:mod:`gpuconv.bench.percall`): tiny shapes, gpuconv beside
+    PyTorch's conv2d, on ``device``; with the threads the run used."""
+    if torch == "auto":
+        torch = impls_mod.load_torch()
+    if device == "cuda" and torch is not None and not torch.cuda.is_available():
+        torch = None
+    return _percall.measure(device, torch, quick=quick)
 
 
 def resolve_passes(names):
@@ -1476,7 +1525,8 @@ def _argv_of(args):
     if passes != ["forward"]:
         out.append("--pass " + " ".join(passes))
     for flag, value in (("--quick", args.quick), ("--no-peers", not getattr(args, "peers", True)),
-                        ("--one-core", getattr(args, "one_core", False))):
+                        ("--one-core", getattr(args, "one_core", False)),
+                        ("--no-per-call", not getattr(args, "per_call", True))):
         if value:
             out.append(flag)
     for flag, value in (("--batch", args.batch), ("--repeat", args.repeat)):

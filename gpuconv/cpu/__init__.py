@@ -46,7 +46,8 @@ rules, no float atomics, the same bits on every call and for every thread count:
   order, batch innermost; weight gradient: per-position batch sums written once, in order.
 
 Parallelism: ``prange`` over one chunk per thread, jobs dealt cyclically, so both cores are
-busy at batch 1; per-thread scratch is allocated by the caller (visible to ``tracemalloc``).
+busy at batch 1; calls below a measured amount of work run on the caller's thread alone
+(:mod:`.threads`); per-thread scratch is allocated by the caller (visible to ``tracemalloc``).
 Compilation is cached on disk (``cache=True``): a later process reuses it.
 
 Floating point: every multiply-add is one fused multiply-add (``llvm.fma``: one rounding
@@ -60,6 +61,7 @@ from .conv2d import choose_cpu_kernel, conv2d_forward, conv2d_scratch_bytes
 from .conv2d_grad import (conv2d_input_grad, conv2d_input_grad_scratch_bytes,
                           conv2d_weight_grad, conv2d_weight_grad_scratch_bytes)
 from .local_conv2d import local_conv2d_forward, local_conv2d_scratch_bytes
+from .threads import SERIAL_FLOPS, on_caller_thread, runs_on_caller_thread
 from .local_conv2d_grad import (local_conv2d_input_grad,
                                 local_conv2d_input_grad_scratch_bytes,
                                 local_conv2d_weight_grad,
@@ -78,7 +80,7 @@ def jit_functions():
             yield from (v for v in vars(module).values() if isinstance(v, Dispatcher))
 
 
-__all__ = ["jit_functions", "choose_cpu_kernel", "conv2d_forward", "conv2d_scratch_bytes", "local_conv2d_forward",
+__all__ = ["SERIAL_FLOPS", "on_caller_thread", "runs_on_caller_thread", "jit_functions", "choose_cpu_kernel", "conv2d_forward", "conv2d_scratch_bytes", "local_conv2d_forward",
            "local_conv2d_scratch_bytes",
            "conv2d_input_grad", "conv2d_input_grad_scratch_bytes", "conv2d_weight_grad",
            "conv2d_weight_grad_scratch_bytes", "local_conv2d_input_grad",

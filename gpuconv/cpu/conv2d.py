@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import numba
 import numpy as np
 from numba import njit, prange
+
+from . import threads as _threads
 
 from . import _conv2d_blocks as _blocks
 from .simd import VECTOR_BYTES as _VECTOR_BYTES
@@ -450,6 +451,7 @@ def _conv2d_kernel(xf, tap_off, wq, variant, px, block, block_step, row_step, ta
                         b += 1
 
 
+@functools.lru_cache(maxsize=256)  # per geometry: computed once, not per call
 def _tap_offsets(geom, h_P, w_Q):
     """Offset in the packed input of each tap (c, u, v) of one group, tap-major as in
     :func:`_pack_weights`."""
@@ -491,6 +493,7 @@ def _largest_blocks(lanes):
                               for blk in _REGISTER_BLOCKS))
 
 
+@functools.lru_cache(maxsize=256)  # per geometry: computed once, not per call
 def _conv2d_layout(geom, itemsize):
     s_H, s_W = geom.stride_h, geom.stride_w
     kernel = choose_cpu_kernel(geom)
@@ -546,7 +549,7 @@ def conv2d_scratch_bytes(geom, itemsize):
     weights = layout.blocks_per_group * geom.groups * layout.n_taps * layout.block
     tap_offsets = 4 * layout.n_taps * 8  # the int64 offsets and their temporaries
     return ((layout.packed_size + layout.slack + weights
-             + numba.get_num_threads() * layout.tile) * itemsize + tap_offsets + _SMALL_SCRATCH)
+             + _threads.count() * layout.tile) * itemsize + tap_offsets + _SMALL_SCRATCH)
 
 
 def conv2d_forward(x, weight, bias, has_bias, out, geom):
@@ -567,7 +570,7 @@ def conv2d_forward(x, weight, bias, has_bias, out, geom):
     tap_off = _tap_offsets(geom, h_P, w_Q)
     wq = np.empty((layout.blocks_per_group * geom.groups, layout.n_taps, block), dtype=x.dtype)
     _pack_weights(weight, wq, geom.out_channels_per_group)
-    tiles = np.empty((numba.get_num_threads(), layout.tile), dtype=x.dtype)
+    tiles = np.empty((_threads.count(), layout.tile), dtype=x.dtype)
     _conv2d_kernel(xf, tap_off, wq.reshape(-1), layout.variant, layout.pixels, block,
                    layout.block_step, layout.row_step, layout.tap_chunk, bias, has_bias, out,
                    tiles, geom.groups, geom.in_channels_per_group, h_P, s_H, s_W, w_Q, merged)

@@ -41,12 +41,15 @@ Every multiply-add is one fused multiply-add; nothing is relaxed, so NaN and Inf
 
 from __future__ import annotations
 
+import functools
+
 from math import gcd
 from typing import NamedTuple
 
-import numba
 import numpy as np
 from numba import njit, prange
+
+from . import threads as _threads
 
 from ..geometry import ConvGeometry
 from .conv2d import conv2d_forward, conv2d_scratch_bytes
@@ -164,6 +167,7 @@ def _sub_kernels(weight, taps, starts, w_all, groups):
                         w_all[dst + t] = src[taps[t0 + t]]
 
 
+@functools.lru_cache(maxsize=256)  # per geometry: computed once, not per call
 def _plan(geom):
     """The phases that compute something, as (rows phase, columns phase), and all phases."""
     rows, cols = _phases(geom)
@@ -513,6 +517,7 @@ class _WgLayout(NamedTuple):
     tile: int             # per-thread tile elements
 
 
+@functools.lru_cache(maxsize=256)  # per geometry: computed once, not per call
 def _wg_layout(geom, itemsize):
     lanes = _VECTOR_BYTES // itemsize
     n, s_H, s_W = geom.batch, geom.stride_h, geom.stride_w
@@ -568,6 +573,7 @@ def _wg_layout(geom, itemsize):
                      tile)
 
 
+@functools.lru_cache(maxsize=256)  # per geometry: computed once, not per call
 def _wg_tap_offsets(geom, layout):
     """Offset in the packed input of each tap (c, u, v) of a group, padded to whole
     register blocks by repeating tap 0 (computed, dropped)."""
@@ -583,6 +589,7 @@ def _wg_tap_offsets(geom, layout):
     return padded
 
 
+@functools.lru_cache(maxsize=256)  # per geometry: computed once, not per call
 def _wg_mask(geom, layout):
     if layout.merged:
         p = np.arange(layout.mask_len)
@@ -600,7 +607,7 @@ def conv2d_weight_grad_scratch_bytes(geom, itemsize):
     and gy, the mask, per-thread tiles and the partial sums (none when ``P == 1``)."""
     layout = _wg_layout(geom, itemsize)
     elements = (layout.x_size + geom.out_channels * layout.gy_len
-                + numba.get_num_threads() * layout.tile)
+                + _threads.count() * layout.tile)
     if layout.n_parts > 1:
         elements += layout.n_parts * geom.out_channels * layout.n_taps
     return (elements * itemsize + layout.mask_len + layout.padded_taps * 8 * 4
@@ -628,7 +635,7 @@ def conv2d_weight_grad(x, grad_output, out, geom):
                       layout.run_pixels)
     mask = _wg_mask(geom, layout)
     tap_off = _wg_tap_offsets(geom, layout)
-    tiles = np.empty((numba.get_num_threads(), layout.tile), dtype=dtype)
+    tiles = np.empty((_threads.count(), layout.tile), dtype=dtype)
     if layout.merged:
         rows_per_img, img_stride = layout.n_rows, 0
         row_stride = g_stride = m_stride = layout.run_pixels

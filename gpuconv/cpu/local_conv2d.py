@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 from typing import NamedTuple
 
-import numba
 import numpy as np
 from numba import njit, prange
+
+from . import threads as _threads
 
 from .simd import VECTOR_BYTES as _VECTOR_BYTES
 from .simd import prefer_wide_vectors as _prefer_wide_vectors
@@ -153,6 +156,7 @@ class _LocalLayout(NamedTuple):
     tile: int             # elements of one thread's accumulators
 
 
+@functools.lru_cache(maxsize=256)  # per geometry: computed once, not per call
 def _local_layout(geom, itemsize, threads):
     lanes = _VECTOR_BYTES // itemsize
     n_V = -(-geom.batch // lanes)
@@ -165,7 +169,7 @@ def _local_layout(geom, itemsize, threads):
 def local_conv2d_scratch_bytes(geom, itemsize):
     """Bytes of scratch :func:`local_conv2d_forward` allocates beyond its output: each
     thread's input window and accumulators."""
-    threads = numba.get_num_threads()
+    threads = _threads.count()
     layout = _local_layout(geom, itemsize, threads)
     return threads * (layout.window + layout.lanes + layout.tile) * itemsize + (1 << 16)
 
@@ -178,7 +182,7 @@ def local_conv2d_forward(x, weight, bias, has_bias, out, geom):
     the output over all threads, and that chunk's accumulators; the weights are read in
     place, once, in order.
     """
-    threads = numba.get_num_threads()
+    threads = _threads.count()
     layout = _local_layout(geom, x.dtype.itemsize, threads)
     chunk = layout.chunk
     windows = np.empty((threads, layout.window + layout.lanes), dtype=x.dtype)

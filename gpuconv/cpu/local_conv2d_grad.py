@@ -32,11 +32,14 @@ the benchmark layers. Every multiply-add is one fused multiply-add; nothing is r
 
 from __future__ import annotations
 
+import functools
+
 from typing import NamedTuple
 
-import numba
 import numpy as np
 from numba import njit, prange
+
+from . import threads as _threads
 
 from .simd import VECTOR_BYTES as _VECTOR_BYTES
 from .simd import prefer_wide_vectors as _prefer_wide_vectors
@@ -216,6 +219,7 @@ class _LigLayout(NamedTuple):
     acc: int         # accumulator elements per thread
 
 
+@functools.lru_cache(maxsize=256)  # per geometry: computed once, not per call
 def _lig_layout(geom, itemsize, threads):
     # The narrowest vector of 16, 32 or 64 bytes that holds the batch (a batch of 8 float32
     # in 32 bytes: half the work and accumulators of a 64-byte vector); larger batches take
@@ -240,7 +244,7 @@ def _lig_layout(geom, itemsize, threads):
 def local_conv2d_input_grad_scratch_bytes(geom, itemsize):
     """Bytes of scratch :func:`local_conv2d_input_grad` allocates beyond ``out``: the batch-
     innermost copy of ``grad_output`` and each thread's band of accumulators."""
-    threads = numba.get_num_threads()
+    threads = _threads.count()
     layout = _lig_layout(geom, itemsize, threads)
     gyt = geom.out_channels * geom.out_height * geom.out_width * layout.nb
     return (gyt + threads * layout.acc) * itemsize + _SMALL_SCRATCH
@@ -253,7 +257,7 @@ def local_conv2d_input_grad(grad_output, weight, out, geom):
     ``out`` ``(n, c_I, h, w)``: C-contiguous, one dtype. Deterministic, and the same for
     every thread count (see the module docstring).
     """
-    threads = numba.get_num_threads()
+    threads = _threads.count()
     dtype = out.dtype
     layout = _lig_layout(geom, dtype.itemsize, threads)
     gyt = np.empty((geom.out_channels, geom.out_height, geom.out_width, layout.nb), dtype)
@@ -453,6 +457,7 @@ class _LwgLayout(NamedTuple):
     padded: int      # elements of the padded input, slack included
 
 
+@functools.lru_cache(maxsize=256)  # per geometry: computed once, not per call
 def _lwg_layout(geom, itemsize):
     lanes = _VECTOR_BYTES // itemsize
     chunk = _lwg_chunk(geom, itemsize)
@@ -469,7 +474,7 @@ def local_conv2d_weight_grad_scratch_bytes(geom, itemsize):
     """Bytes of scratch :func:`local_conv2d_weight_grad` allocates beyond ``out``: the
     zero-padded input, each thread's windows of one run of positions and their ``gy``."""
     layout = _lwg_layout(geom, itemsize)
-    return ((layout.padded + numba.get_num_threads() * (layout.window + layout.gys))
+    return ((layout.padded + _threads.count() * (layout.window + layout.gys))
             * itemsize + _SMALL_SCRATCH)
 
 
@@ -480,7 +485,7 @@ def local_conv2d_weight_grad(x, grad_output, out, geom):
     ``(c_O, h_O, w_O, c_I/g, k_H, k_W)``: C-contiguous, one dtype. Each element is the sum
     over the batch, in batch order (deterministic).
     """
-    threads = numba.get_num_threads()
+    threads = _threads.count()
     dtype = out.dtype
     layout = _lwg_layout(geom, dtype.itemsize)
     xpf = np.empty(layout.padded, dtype=dtype)

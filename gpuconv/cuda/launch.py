@@ -31,7 +31,7 @@ import numpy as np
 from numba import cuda
 
 from . import grad_kernels, kernels
-from ..device import (DLPACK_CUDA_DEVICES, c_strides, check_memory, is_c_contiguous,
+from ..device import (DLPACK_CUDA_DEVICES, FreeMemory, c_strides, is_c_contiguous,
                       simulator_enabled)
 
 __all__ = ["run", "from_host_like"]
@@ -70,8 +70,9 @@ def _device_id(obj):
     return None
 
 
-def _stream_of(obj):
-    """The Numba stream the producer of ``obj`` asked consumers to order work on.
+def _stream_of(obj, device=None, cai=None):
+    """The Numba stream the producer of ``obj`` asked consumers to order work on
+    (``device``: the GPU ordinal of ``obj`` when known, ``cai``: its array interface).
 
     PyTorch exports no stream in its array interface, so its current stream on the tensor's
     device is asked directly; CuPy's current stream likewise; other producers say it in the
@@ -88,14 +89,33 @@ def _stream_of(obj):
         with obj.device:
             handle = sys.modules["cupy"].cuda.get_current_stream().ptr
     else:
-        handle = obj.__cuda_array_interface__.get("stream")
-    if not handle:
-        return cuda.default_stream()
-    if handle == 1:
-        return cuda.legacy_default_stream()
-    if handle == 2:
-        return cuda.per_thread_default_stream()
-    return cuda.external_stream(handle)
+        handle = (cai or obj.__cuda_array_interface__).get("stream")
+    return _numba_stream(handle, device)
+
+
+# Numba wrappers of the callers' streams, per (GPU, handle): made once, not on every call.
+_STREAMS = {}
+
+
+def _numba_stream(handle, device=None):
+    """The Numba stream object for a stream handle (0/None: the default stream; 1, 2: the
+    legacy and per-thread default streams) on GPU ``device`` (None: the current one)."""
+    key = (device, handle)
+    stream = _STREAMS.get(key)
+    if stream is None:
+        if not handle:
+            stream = cuda.default_stream()
+        elif handle == 1:
+            stream = cuda.legacy_default_stream()
+        elif handle == 2:
+            stream = cuda.per_thread_default_stream()
+        else:
+            stream = cuda.external_stream(handle)
+        if device is not None:  # (the simulator's streams are not cached: no device ids)
+            if len(_STREAMS) > 256:
+                _STREAMS.clear()
+            _STREAMS[key] = stream
+    return stream
 
 
 def _same_stream(a, b):
@@ -105,14 +125,19 @@ def _same_stream(a, b):
         return a is b
 
 
-def _as_device_array(obj, sync):
+def _as_device_array(obj, sync, cai=None):
     """A Numba device array viewing ``obj`` (no copy); with ``sync``, first wait for the
-    stream that produced it."""
+    stream that produced it. ``cai``: ``obj``'s array interface, if already read."""
     if _is_numba_device_array(obj):
         if sync and getattr(obj, "stream", 0):
             obj.stream.synchronize()
         return obj
-    return cuda.as_cuda_array(obj, sync=sync)
+    if cai is None:
+        cai = obj.__cuda_array_interface__
+    if not sync and cai.get("stream") is not None:
+        # nothing to wait for: no need for a Numba wrapper of the producer's stream
+        cai = dict(cai, stream=None)
+    return cuda.from_cuda_array_interface(cai, owner=obj, sync=sync)
 
 
 class _View6:
@@ -403,7 +428,8 @@ def _bytes_needed(op, operands, geom, host):
 
 def _operand_is_contiguous(op, itemsize):
     """Whether a device operand is C-contiguous (from its array interface's strides)."""
-    cai = getattr(op.obj, "__cuda_array_interface__", None)
+    cai = op.cai if getattr(op, "cai", None) is not None else getattr(
+        op.obj, "__cuda_array_interface__", None)
     if cai is None:  # a simulator device array
         return bool(op.obj.is_c_contiguous())
     return is_c_contiguous(op.shape, cai.get("strides"), itemsize)
@@ -430,20 +456,83 @@ def _free_bytes(template=None):
     return free
 
 
-def _check_device_memory(op, operands, geom, template=None):
-    check_memory(_bytes_needed(op, operands, geom, template is None),
-                 _free_bytes(template), "GPU")
+# Free device memory as last asked of the driver (and the caller's library), per (library,
+# GPU): asked again only for a call that needs more than an eighth of it, or when the
+# reading is more than a second old (:class:`gpuconv.device.FreeMemory`).
+_FREE = {}
 
 
-def _run_host(op, operands, geom):
+def _check_device_memory(op, operands, geom, template=None, device=None, needed=None):
+    if needed is None:
+        needed = _bytes_needed(op, operands, geom, template is None)
+    key = (None if template is None else _library(template), device)
+    gauge = _FREE.get(key)
+    if gauge is None:
+        gauge = _FREE[key] = FreeMemory(lambda t=None: _free_bytes(t), "GPU")
+    gauge.check(needed, template)
+
+
+class _Plan:
+    """What a CUDA call derives from its operands' shapes, dtypes, layout and library,
+    computed once per key by the public layer's call cache (:func:`plan`)."""
+
+    __slots__ = ("launch", "config", "out_shape", "dtype", "library", "alloc_dtype", "needed",
+                 "contiguous", "configs")
+
+    def __init__(self, op, operands, geom):
+        first = operands[0]
+        self.launch = op.kernel("cuda")
+        self.config = _CONFIG[op.name]
+        self.configs = {}  # launch configuration per GPU ordinal
+        self.out_shape = op.output_shape(geom)
+        self.dtype = first.dtype
+        host = not first.on_gpu
+        self.library = None if host else _library(first.obj)
+        self.alloc_dtype = self.dtype
+        if self.library == "torch":
+            self.alloc_dtype = getattr(sys.modules["torch"], self.dtype.name)
+        self.needed = _bytes_needed(op, operands, geom, host)
+        itemsize = first.dtype.itemsize
+        self.contiguous = tuple(True if o is None or host else _operand_is_contiguous(o, itemsize)
+                                for o in operands)
+
+    def config_for(self, geom, device):
+        config = self.configs.get(device)
+        if config is None:
+            config = self.configs[device] = self.config(geom, self.dtype)
+        return config
+
+
+_CONFIG = {
+    "conv2d": kernels.conv2d_config,
+    "local_conv2d": kernels.local_conv2d_config,
+    "conv2d_input": grad_kernels.conv2d_input_grad_config,
+    "conv2d_weight": grad_kernels.conv2d_weight_grad_config,
+    "local_conv2d_input": grad_kernels.local_conv2d_input_grad_config,
+    "local_conv2d_weight": grad_kernels.local_conv2d_weight_grad_config,
+}
+
+
+def plan(op, operands, geom):
+    """What :func:`run` needs beyond the arrays themselves, for operands of these shapes,
+    dtypes, layouts and library (the public layer caches it per call key)."""
+    return _Plan(op, operands, geom)
+
+
+def clear_caches():
+    """Forget the memory readings and stream wrappers (tests; a new process starts empty)."""
+    _FREE.clear()
+    _STREAMS.clear()
+
+
+def _run_host(op, operands, geom, plan):
     dtype = operands[0].dtype
-    shape = op.output_shape(geom)
-    _check_device_memory(op, operands, geom)
+    _check_device_memory(op, operands, geom, needed=plan.needed)
     stream = cuda.stream()
     arrays = [None if o is None else cuda.to_device(np.ascontiguousarray(o.obj), stream=stream)
               for o in operands]
-    d_out = cuda.device_array(shape, dtype=dtype, stream=stream)
-    op.kernel("cuda")(*arrays, d_out, geom, stream)
+    d_out = cuda.device_array(plan.out_shape, dtype=dtype, stream=stream)
+    plan.launch(*arrays, d_out, geom, stream, config=plan.config_for(geom, None))
     result = d_out.copy_to_host(stream=stream)
     stream.synchronize()
     return result
@@ -480,60 +569,85 @@ def _allocate_like(template, shape, dtype, stream):
     return cuda.device_array(shape, dtype=dtype, stream=stream)
 
 
-def _run_gpu(op, operands, geom):
+def _current_device_id():
+    return cuda.get_current_device().id
+
+
+def _run_gpu(op, operands, geom, plan, timer=None):
     present = [o for o in operands if o is not None]
-    simulated = simulator_enabled()
-    device = None
-    if not simulated:
-        ids = {_device_id(o.obj) for o in present}
-        if None in ids:
-            ids.discard(None)
-            ids.add(cuda.get_current_device().id)
-        if len(ids) > 1:
-            raise ValueError(
-                f"the operands of {op.name} must live on the same GPU, got devices {sorted(ids)}")
-        device = ids.pop()
-    if simulated or device == cuda.get_current_device().id:
-        return _run_gpu_on_device(op, operands, geom)
+    if simulator_enabled():
+        return _run_gpu_on_device(op, operands, geom, plan, None, timer)
+    ids = {_device_id(o.obj) for o in present}
+    current = None
+    if None in ids:
+        ids.discard(None)
+        current = _current_device_id()
+        ids.add(current)
+    if len(ids) > 1:
+        raise ValueError(
+            f"the operands of {op.name} must live on the same GPU, got devices {sorted(ids)}")
+    device = ids.pop()
+    if current is None:
+        current = _current_device_id()
+    if device == current:
+        return _run_gpu_on_device(op, operands, geom, plan, device, timer)
     with cuda.gpus[device]:
-        return _run_gpu_on_device(op, operands, geom)
+        return _run_gpu_on_device(op, operands, geom, plan, device, timer)
 
 
-def _run_gpu_on_device(op, operands, geom):
+def _run_gpu_on_device(op, operands, geom, plan, device, timer=None):
     template = operands[0]
-    _check_device_memory(op, operands, geom, template=template.obj)
-    stream = _stream_of(template.obj)
-    out_obj = _allocate_like(template.obj, op.output_shape(geom), template.dtype, stream)
+    obj = template.obj
+    _check_device_memory(op, operands, geom, template=obj, device=device, needed=plan.needed)
+    stream = _stream_of(obj, device, template.cai)
+    if timer:
+        timer("check")
+    if plan.library == "torch":
+        out_obj = sys.modules["torch"].empty(plan.out_shape, dtype=plan.alloc_dtype,
+                                             device=obj.device)
+    else:
+        out_obj = _allocate_like(obj, plan.out_shape, plan.dtype, stream)
     arrays = []
     for o in operands:
         if o is None:
             arrays.append(None)
             continue
         # Operands produced on another stream: wait for them, as the interface asks.
-        other_stream = o is not template and not _same_stream(_stream_of(o.obj), stream)
-        arrays.append(_as_device_array(o.obj, sync=other_stream))
+        other_stream = (o is not template
+                        and not _same_stream(_stream_of(o.obj, device, o.cai), stream))
+        arrays.append(_as_device_array(o.obj, other_stream, o.cai))
 
     def empty(shape, dtype):  # scratch from the caller's library, on its stream
-        return _as_device_array(_allocate_like(template.obj, shape, dtype, stream), sync=False)
+        return _as_device_array(_allocate_like(obj, shape, dtype, stream), sync=False)
 
-    arrays = [None if a is None else _contiguous(a, stream, empty) for a in arrays]
+    arrays = [a if a is None or contiguous else _contiguous(a, stream, empty)
+              for a, contiguous in zip(arrays, plan.contiguous)]
     d_out = _as_device_array(out_obj, sync=False)
-    op.kernel("cuda")(*arrays, d_out, geom, stream, empty=empty)
+    if timer:
+        timer("allocate")
+    plan.launch(*arrays, d_out, geom, stream, empty=empty,
+                config=plan.config_for(geom, device))
+    if timer:
+        timer("launch")
     return out_obj
 
 
-def run(op, operands, geom):
+def run(op, operands, geom, plan=None, timer=None):
     """Run the :class:`~gpuconv.ops.Op` ``op`` on the GPU; see the module docstring.
 
     ``operands`` are the public layer's operands (``.obj``, ``.shape``, ``.dtype``,
-    ``.on_gpu``) in the order of the op's kind; the forward's bias may be None. The first
-    operand decides the kind of array returned and the stream. ``geom`` is the validated
-    :class:`~gpuconv.geometry.ConvGeometry`.
+    ``.on_gpu``, ``.cai``) in the order of the op's kind; the forward's bias may be None. The
+    first operand decides the kind of array returned and the stream. ``geom`` is the
+    validated :class:`~gpuconv.geometry.ConvGeometry`; ``plan`` what :func:`plan` made of
+    them (made here if None). ``timer(step)``, if given, is called after the memory check
+    and stream look-up (``"check"``), the allocations and views (``"allocate"``) and the
+    launch (``"launch"``) of a call on device arrays.
     """
+    plan = plan or _Plan(op, operands, geom)
     with _SIMULATOR_LOCK if simulator_enabled() else contextlib.nullcontext():
         if operands[0].on_gpu:
-            return _run_gpu(op, operands, geom)
-        return _run_host(op, operands, geom)
+            return _run_gpu(op, operands, geom, plan, timer)
+        return _run_host(op, operands, geom, plan)
 
 
 # The simulator runs one kernel at a time per process; calls from several threads take turns

@@ -1,0 +1,92 @@
+"""gpuconv bench's per-call section and its load flag; the host-path step timer."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from gpuconv import bench
+from gpuconv.bench import peers as _bench_impls
+from gpuconv.bench import percall
+
+try:
+    import torch
+except ImportError:  # pragma: no cover - torch is optional
+    torch = None
+
+TINY = bench.Layer("tiny", "tiny test layer", 2, 2, 3, 9, 4, 3, 2, 1, "the tests")
+CEILINGS = {"bandwidth_gbs": 20.0, "bandwidth_method": "stub", "compute_gflops": 100.0,
+            "compute_method": "stub"}
+SMALL = (("1x2x6x6, 2 maps 3x3", (1, 2, 6, 6), 2, 3),)
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    monkeypatch.setattr(_bench_impls, "measure_ceilings", lambda *a, **k: dict(CEILINGS))
+    monkeypatch.setattr(bench, "WARMUP_S", 0.0)
+    monkeypatch.setattr(bench, "LAYERS", dict(bench.LAYERS, tiny=TINY))
+    monkeypatch.setattr(bench, "SUITES", {"default": ("tiny",), "full": ("tiny",)})
+    monkeypatch.setattr(bench, "QUICK_LAYERS", ("tiny",))
+    monkeypatch.setattr(percall, "SHAPES", SMALL)
+    monkeypatch.setattr(percall, "QUICK_CALLS", 3)
+    monkeypatch.setattr(percall, "QUICK_BURSTS", 2)
+    monkeypatch.setattr(percall, "WARMUP", 1)
+
+
+def test_load_flag_by_hand(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert bench._load_flag([0.5, None, 1.9]) == {"load_average_max": 1.9, "overloaded": False}
+    assert bench._load_flag([0.5, 2.01]) == {"load_average_max": 2.01, "overloaded": True}
+    assert bench._load_flag([None]) == {"load_average_max": None, "overloaded": False}
+
+
+@pytest.mark.parametrize("loads, warned", [((0.1, 0.2, 0.3), False), ((0.1, 9.5, 0.3), True)])
+def test_a_run_above_the_core_count_is_flagged(fast, monkeypatch, loads, warned):
+    samples = iter(loads * 10)
+    monkeypatch.setattr(bench, "_load_average", lambda: next(samples))
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    result = bench.run_benchmark([TINY], repeat=1, bursts=1, progress=False, torch=None)
+    machine = result["machine"]
+    assert machine["overloaded"] is warned
+    assert machine["load_average_max"] == max(loads)
+    header = bench.format_header(result)
+    assert ("WARNING: the load average reached 9.5 on 2 cores" in header) is warned
+    assert len(header.split("\nWARNING")[0].splitlines()) == 3  # the header as before, then it
+
+
+def test_per_call_section_in_the_report_and_the_json(fast, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(_bench_impls, "load_torch", lambda: torch)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    path = tmp_path / "bench.json"
+    code = bench.run(parser.parse_args(["--device", "cpu", "--quick", "--repeat", "1",
+                                        "--json", str(path)]))
+    out = capsys.readouterr().out
+    assert code == 0
+    result = json.loads(path.read_text())
+    assert set(result) == {"machine", "records"}
+    per_call = result["machine"]["per_call"]
+    impls = {"gpuconv conv2d", "gpuconv local_conv2d"} | ({"torch conv2d"} if torch else set())
+    assert {r["impl"] for r in per_call["records"]} == impls
+    for r in per_call["records"]:
+        assert r["calls"] == 6 and 0 < r["q1_us"] <= r["median_us"] <= r["q3_us"]
+        assert (r["ratio_to_torch"] is None) == (torch is None)
+        assert f"{r['median_us']:.1f}" in out
+    assert "Per-call cost on tiny shapes (cpu;" in out
+    assert set(per_call["load"]) == {"cores", "load_average_max", "overloaded"}
+    code = bench.run(parser.parse_args(["--device", "cpu", "--quick", "--repeat", "1",
+                                        "--no-per-call", "--json", str(path)]))
+    assert code == 0 and "per_call" not in json.loads(path.read_text())["machine"]
+    assert "Per-call cost" not in capsys.readouterr().out
+
+
+def test_call_steps_on_host_arrays():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    result = percall.call_steps("conv2d", x, w, device="cpu", repeat=5, warmup=1)
+    assert set(result["steps_us"]) == {"operands", "lookup", "allocate", "kernel"}
+    assert all(v > 0 for v in result["steps_us"].values()) and result["total_us"] > 0
+    with pytest.raises(TypeError, match="takes 3 arrays"):
+        percall.call_steps("conv2d", x, device="cpu")

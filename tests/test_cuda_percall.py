@@ -1,0 +1,86 @@
+"""The per-call path on device arrays: cached plans, the cheap free-memory check, the step
+timer (real GPU or simulator)."""
+
+import numpy as np
+import pytest
+
+import gpuconv
+from gpuconv import conv as _conv
+from gpuconv.device import cuda_available
+from reference import conv2d_ref, local_conv2d_ref
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not cuda_available(), reason="needs CUDA (a GPU or the simulator); "
+                                 "tests/test_cuda_sim.py runs these in the simulator")]
+
+
+@pytest.fixture(autouse=True)
+def empty_cache():
+    _conv.clear_call_cache()
+    yield
+    _conv.clear_call_cache()
+
+
+def _arrays(local):
+    from numba import cuda
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 2, 5, 5))
+    w = rng.standard_normal((3, 3, 3, 2, 3, 3) if local else (3, 2, 3, 3))
+    b = rng.standard_normal(3)
+    return (x, w, b), tuple(cuda.to_device(a) for a in (x, w, b))
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_repeated_device_calls_use_one_plan_and_stay_exact(local):
+    (x, w, b), (dx, dw, db) = _arrays(local)
+    fn = gpuconv.local_conv2d if local else gpuconv.conv2d
+    ref = (local_conv2d_ref if local else conv2d_ref)(x, w, b)
+    for _ in range(3):
+        y = fn(dx, dw, db)
+        np.testing.assert_allclose(y.copy_to_host(), ref, rtol=1e-12, atol=1e-12)
+    assert len(_conv._PLANS) == 1
+    plan = next(iter(_conv._PLANS.values()))
+    assert plan.target == "cuda" and plan.device_plan.configs  # the launch configuration kept
+
+
+def test_free_memory_is_asked_once_for_small_calls_and_still_refuses(monkeypatch):
+    from gpuconv.cuda import launch
+
+    asked = []
+
+    def free(template=None):
+        asked.append(template)
+        return 1 << 40
+
+    monkeypatch.setattr(launch, "_free_bytes", free)
+    _, (dx, dw, db) = _arrays(False)
+    for _ in range(3):
+        gpuconv.conv2d(dx, dw, db)
+    assert len(asked) == 1  # the call needs far less than an eighth of what was free
+    monkeypatch.setattr(launch, "_free_bytes", lambda template=None: 100)
+    launch.clear_caches()
+    with pytest.raises(gpuconv.InsufficientMemoryError, match="only 100 B is free"):
+        gpuconv.conv2d(dx, dw, db)
+
+
+def test_call_steps_times_each_step_of_a_device_call():
+    from gpuconv.bench.percall import call_steps
+
+    _, (dx, dw, db) = _arrays(False)
+    result = call_steps("conv2d", dx, dw, db, repeat=3, warmup=1)
+    assert {"operands", "lookup", "check", "allocate", "launch", "sync"} <= set(result["steps_us"])
+    assert all(v >= 0 for v in result["steps_us"].values()) and result["total_us"] > 0
+
+
+def test_strided_device_operand_after_a_contiguous_one():
+    from numba import cuda
+
+    (x, w, b), (dx, dw, db) = _arrays(False)
+    gpuconv.conv2d(dx, dw, db)
+    wide = np.zeros((2, 2, 5, 10))
+    wide[..., ::2] = x
+    strided = cuda.to_device(wide)[..., ::2]
+    y = gpuconv.conv2d(strided, dw, db)
+    assert len(_conv._PLANS) == 2
+    np.testing.assert_allclose(y.copy_to_host(), conv2d_ref(x, w, b), rtol=1e-12, atol=1e-12)
