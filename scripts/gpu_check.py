@@ -958,50 +958,43 @@ def time_pass(layers, pass_name, args, deadline, ceilings=None, dtype="float32",
     return {"machine": machine or {}, "records": records}, left
 
 
-def overhead(target, gpuconv, calls=200):
-    """Per-call cost of tiny calls on the GPU's own arrays (x 8x16x16x16, 16 maps 3x3; and
-    x 1x3x16x16, 4 maps 3x3): gpuconv's conv2d and local_conv2d beside ``F.conv2d``, calls
-    queued back to back and the device synchronised once; and a profile of gpuconv's host
-    path (the functions with the most cumulative time over ``calls`` calls)."""
+def overhead(target, gpuconv, calls=100):
+    """What a call costs beyond its kernels, on the GPU's own arrays: the per-call table of
+    ``gpuconv bench`` (tiny shapes, gpuconv's conv2d and local_conv2d beside ``F.conv2d``,
+    :func:`gpuconv.bench.percall.measure`), the steps of one call's host path
+    (:func:`gpuconv.bench.percall.call_steps`: operands, call-cache look-up, memory check and
+    stream, allocation, launch, sync) on x 8x16x16x16 with 16 maps 3x3, and a profile of that
+    call (the functions with the most cumulative time per call). In a dry run the table is
+    left out (the simulator takes a second a call) and the rest runs a few calls on a tiny
+    geometry."""
+    from gpuconv.bench import percall
+
     torch = target.torch
-    F = torch.nn.functional
-    results = {}
-    for label, (n, c, size, maps) in (("8x16x16x16, 16 maps 3x3", (8, 16, 16, 16)),
-                                      ("1x3x16x16, 4 maps 3x3", (1, 3, 16, 4))):
-        geom = conv_geometry((n, c, size, size), (3, 3), maps, padding=1)
-        generator = target.generator(1)
-        x = target.uniform(geom.input_shape, generator).float()
-        w = target.uniform(geom.shared_weight_shape(), generator).float()
-        wl = target.uniform(geom.local_weight_shape(), generator).float()
-        gx, gw, gwl = (target.to_gpuconv(t) for t in (x, w, wl))
-        fns = {"gpuconv.conv2d": lambda: gpuconv.conv2d(gx, gw, padding=1),
-               "gpuconv.local_conv2d": lambda: gpuconv.local_conv2d(gx, gwl, padding=1)}
-        if not target.dry_run:
-            fns["torch F.conv2d"] = lambda: F.conv2d(x, w, padding=1)
-        row = {}
-        count = calls if not target.dry_run else 3
-        for name, fn in fns.items():
-            for _ in range(3 if target.dry_run else 20):
-                fn()
-            target.synchronize()
-            start = time.perf_counter()
-            for _ in range(count):
-                fn()
-            target.synchronize()
-            row[name] = (time.perf_counter() - start) / count
-        results[label] = row
+    count = 2 if target.dry_run else calls
+    result = {"calls": count}
+    if not target.dry_run:
+        result["per_call"] = percall.measure(device="cuda", torch=torch)
+    geom = conv_geometry((1, 2, 5, 5) if target.dry_run else (8, 16, 16, 16), (3, 3),
+                         2 if target.dry_run else 16, padding=1)
+    generator = target.generator(1)
+    x, w, wl = (target.to_gpuconv(target.uniform(shape, generator).float())
+                for shape in (geom.input_shape, geom.shared_weight_shape(),
+                              geom.local_weight_shape()))
+    result["steps"] = {op: percall.call_steps(op, x, weight, padding=1, repeat=count,
+                                              warmup=1 if target.dry_run else 10)
+                       for op, weight in (("conv2d", w), ("local_conv2d", wl))}
     profile = cProfile.Profile()
-    fn = fns["gpuconv.conv2d"]
     profile.enable()
     for _ in range(count):
-        fn()
+        gpuconv.conv2d(x, w, padding=1)
     target.synchronize()
     profile.disable()
     stats = pstats.Stats(profile)
     top = sorted(((value[3] / count, f"{func[0].rsplit(os.sep, 1)[-1]}:{func[1]}({func[2]})")
                   for func, value in stats.stats.items()), reverse=True)[:25]
-    return {"per_call_s": results, "calls": count,
-            "profile_top_cumulative": [{"function": name, "s_per_call": s} for s, name in top]}
+    result["profile_top_cumulative"] = [{"function": name, "s_per_call": sec}
+                                        for sec, name in top]
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -1175,9 +1168,13 @@ def _run_phase(run, name, target, gpuconv, layers):
         if args.dry_run:
             run.say("overhead: ran (simulator: no timing claim)", summary=True)
             return
-        for label, row in result["per_call_s"].items():
-            run.say(f"overhead {label}: " + ", ".join(
-                f"{k} {v * 1e6:.1f} us" for k, v in row.items()), summary=True)
+        from gpuconv.bench import percall
+
+        run.say(percall.format_section(result["per_call"]), summary=True)
+        for op, steps in result["steps"].items():
+            run.say(f"overhead steps {op} (8x16x16x16, 16 maps 3x3): " + ", ".join(
+                f"{k} {v:.1f} us" for k, v in steps["steps_us"].items())
+                + f"; whole call {steps['total_us']:.1f} us", summary=True)
         for entry in result["profile_top_cumulative"][:10]:
             run.say(f"  {entry['s_per_call'] * 1e6:9.1f} us/call  {entry['function']}")
     elif name == "array-kinds":
