@@ -116,8 +116,8 @@ def _check_dtypes(op, operands, names):
     """One float dtype for every operand; the message names the argument and how to cast."""
     first, first_name = operands[0], names[0]
     if first.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{first_name} must be float16, float32 or float64, got dtype "
-                        f"{first.dtype}{first.origin}")
+        raise TypeError(f"{first_name} must be float16, float32 or float64 (or a bfloat16 "
+                        f"PyTorch tensor), got dtype {first.dtype}{first.origin}")
     for name, o in zip(names[1:], operands[1:]):
         if o is not None and o.dtype != first.dtype:
             raise TypeError(
@@ -541,6 +541,36 @@ def _plan_for(op, arrays, operands, sizes, stride, padding, dilation, groups, de
     return plan
 
 
+def _has_bfloat16(arrays):
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    bfloat16 = torch.bfloat16
+    return any(getattr(v, "dtype", None) is bfloat16 for v in arrays.values())
+
+
+def _bfloat16_call(op_name, arrays, stride, padding, dilation, groups, device, sizes):
+    """A call on bfloat16 PyTorch tensors (NumPy, and so the kernels, have no bfloat16): every
+    operand is converted to float32 by PyTorch on its own device (a pass over each, and a
+    float32 copy), the call computes in float32, and its result is rounded once to bfloat16.
+    As for every dtype, all operands must share it: the message names the argument."""
+    torch = sys.modules["torch"]
+    present = [(name, value) for name, value in arrays.items() if value is not None]
+    first_name, first = present[0]
+    for name, value in present[1:]:
+        if getattr(value, "dtype", None) != getattr(first, "dtype", None):
+            raise TypeError(
+                f"{name} must have the dtype of {first_name} ({first.dtype}), got "
+                f"{getattr(value, 'dtype', type(value).__name__)}; cast one of them, e.g. "
+                f"{name}.to({first_name}.dtype)")
+    if not isinstance(first, torch.Tensor):
+        raise TypeError(f"{first_name} must be float16, float32 or float64, got bfloat16")
+    converted = {name: None if value is None else value.float()
+                 for name, value in arrays.items()}
+    result = call(op_name, converted, stride, padding, dilation, groups, device, sizes)
+    return result.to(torch.bfloat16)
+
+
 def call(op_name, arrays, stride, padding, dilation, groups, device, sizes=None):
     """Check and run the operation ``op_name`` of :data:`gpuconv.ops.OPS`: the one path of
     every public function. ``arrays`` maps argument names to arrays in kernel order; the
@@ -557,6 +587,8 @@ def call(op_name, arrays, stride, padding, dilation, groups, device, sizes=None)
         from .torch import autograd_forward  # the differentiable custom operators
 
         return autograd_forward(op_name, arrays, stride, padding, dilation, groups, device)
+    if _has_bfloat16(arrays):
+        return _bfloat16_call(op_name, arrays, stride, padding, dilation, groups, device, sizes)
     operands = [_operand(value, name) for name, value in arrays.items()]
     plan = _plan_for(op, arrays, operands, sizes or {}, stride, padding, dilation, groups,
                      device)
@@ -596,7 +628,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, d
     Args:
         x: input ``(N, C_in, H, W)``, or ``(C_in, H, W)`` for one image (the result is then
             ``(C_out, H_out, W_out)``); float16, float32 or float64 (float16 is stored in half
-            precision and accumulated in float32). NumPy (or any host array), or a
+            precision and accumulated in float32), or bfloat16 for PyTorch tensors (converted
+            to float32 by PyTorch, computed in float32, the result rounded once to bfloat16).
+            NumPy (or any host array), or a
             GPU array (CuPy, PyTorch CUDA tensor, Numba device array). ``C_in`` may be 0: the
             result is then the bias (zeros without one), as in PyTorch.
         weight: ``(C_out, C_in/groups, kH, kW)``, same dtype as ``x``.

@@ -46,7 +46,10 @@ from .geometry import conv_geometry, get_conv_outsize, pair, resolve_padding
 
 __all__ = ["conv2d", "local_conv2d", "Conv2d", "LocallyConnected2d"]
 
-_DTYPES = (torch.float32, torch.float64)
+#: The dtypes the layers and functional ops take: float16 and bfloat16 are stored in half
+#: precision and accumulated in float32 (bfloat16 through a float32 copy, see
+#: :func:`gpuconv.conv.call`), the result rounded once.
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _GEOMETRY = "int[] stride, int[] padding, int[] dilation, int groups"
 
 
@@ -120,8 +123,8 @@ def _check_fake(x_name, x, w_name, weight, weight_rank):
     torch._check(weight.dim() == weight_rank,
                  lambda: f"{w_name} must be {weight_rank}-D, got {weight.dim()}-D")
     torch._check(x.dtype == weight.dtype and x.dtype in _DTYPES,
-                 lambda: f"{x_name} and {w_name} must both be float32 or both float64, got "
-                         f"{x.dtype} and {w_name} {weight.dtype}")
+                 lambda: f"{x_name} and {w_name} must share one of float16, bfloat16, float32 "
+                         f"or float64, got {x.dtype} and {w_name} {weight.dtype}")
 
 
 @_conv2d_op.register_fake
@@ -239,8 +242,8 @@ def _check_tensors(fn, x, weight, bias):
         if not isinstance(value, Tensor) and not (name == "bias" and value is None):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(value).__name__}")
     if x.dtype not in _DTYPES:
-        raise TypeError(f"{fn}: x must be float32 or float64, got {x.dtype}; convert it, e.g. "
-                        "x.float() or x.double()")
+        raise TypeError(f"{fn}: x must be float16, bfloat16, float32 or float64, got "
+                        f"{x.dtype}; convert it, e.g. x.float()")
     for name, value in (("weight", weight), ("bias", bias)):
         if value is not None and value.dtype != x.dtype:
             raise TypeError(f"{fn}: {name} must have the dtype of x ({x.dtype}), got "
@@ -261,7 +264,25 @@ def _geometry_args(weight, stride, padding, dilation, groups):
     return list(stride), list(padding), list(dilation), groups
 
 
+def _autocast(x, weight, bias):
+    """Under ``torch.autocast`` on the tensors' device, the floating-point operands cast to
+    the autocast dtype, as PyTorch's own convolution does (bfloat16 on the CPU, float16 or
+    bfloat16 on CUDA): half-precision storage, float32 accumulation inside the kernels. The
+    casts are recorded by autograd, so gradients reach the parameters in their own dtype."""
+    device_type = x.device.type if isinstance(x, Tensor) else None
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        if not isinstance(t, Tensor) or not t.is_floating_point() or t.dtype == dtype:
+            return t
+        return t.to(dtype)
+    return cast(x), cast(weight), cast(bias)
+
+
 def _apply(fn, op, x, weight, bias, stride, padding, dilation, groups):
+    x, weight, bias = _autocast(x, weight, bias)
     _check_tensors(fn, x, weight, bias)
     geometry = _geometry_args(weight, stride, padding, dilation, groups)
     unbatched = x.dim() == 3
@@ -369,7 +390,10 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, p
     arguments, plus asymmetric padding).
 
     Args:
-        x: ``(N, C_in, H, W)`` or ``(C_in, H, W)``, float32 or float64, on the CPU or a GPU.
+        x: ``(N, C_in, H, W)`` or ``(C_in, H, W)``, float16, bfloat16, float32 or float64
+            (the half types stored in half precision and accumulated in float32), on the CPU
+            or a GPU. Under ``torch.autocast`` the operands are cast to its dtype first, as
+            PyTorch's convolution does.
         weight: ``(C_out, C_in/groups, kH, kW)``, same dtype and device.
         bias: ``None`` or ``(C_out,)``.
         stride, dilation: int or ``(h, w)``.
@@ -398,7 +422,8 @@ def local_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, strid
     """Locally connected (unshared) 2-D convolution, differentiable.
 
     Args:
-        x: ``(N, C_in, H, W)`` or ``(C_in, H, W)``, float32 or float64.
+        x: ``(N, C_in, H, W)`` or ``(C_in, H, W)``, float16, bfloat16, float32 or float64
+            (autocast as :func:`conv2d`).
         weight: ``(C_out, H_out, W_out, C_in/groups, kH, kW)``: one kernel per output position.
         bias: ``None``, ``(C_out,)`` (one per map) or ``(C_out, H_out, W_out)`` (one per
             position).

@@ -1011,7 +1011,7 @@ def test_float16_run_with_torch_times_every_pass_it_can(fast):
     assert machine["dtype"] == "float16"
     assert machine["passes_not_run"] == {"step": bench.STEP_FLOAT16}
     text = bench.format_report(result)
-    assert "float16" in text.splitlines()[0] and "gpuconv.torch's layers" in text
+    assert "float16" in text.splitlines()[0] and "timed in float32 and float64" in text
     assert "Agreement: all 8 results within the float16 tolerance" in text
 
 
@@ -1101,7 +1101,7 @@ def test_cli_float16(fast, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: pytest.fail("timed anyway"))
     code, out = _cli(["--device", "cpu", "--pass", "step", "--dtype", "float16"], monkeypatch,
                      capsys)
-    assert code == 2 and "gpuconv.torch's layers" in out.err
+    assert code == 2 and "timed in float32 and float64" in out.err
 
 
 # --- the CUDA backward and step passes ------------------------------------------------------

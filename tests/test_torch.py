@@ -177,9 +177,7 @@ def test_operator_schemas():
 
 def test_other_dtypes_are_refused():
     x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
-    with pytest.raises(TypeError, match="float32 or float64, got torch.float16"):
-        gt.conv2d(x.half(), w.half())
-    with pytest.raises(TypeError, match="float32 or float64, got torch.int64"):
+    with pytest.raises(TypeError, match="bfloat16, float32 or float64, got torch.int64"):
         gt.local_conv2d(x.long(), torch.zeros(3, 3, 3, 2, 3, 3, dtype=torch.long))
     with pytest.raises(TypeError, match=r"weight must have the dtype of x.*weight.to\(x.dtype\)"):
         gt.conv2d(x, w.double())
@@ -440,3 +438,80 @@ def test_padding_modes_as_torch_nn_conv2d(mode, padding):
 def test_locally_connected_padding_mode_is_checked():
     with pytest.raises(ValueError, match="padding_mode must be one of"):
         gt.LocallyConnected2d(3, 4, 3, (8, 8), padding=1, padding_mode="zero")
+
+
+# --- half precision and autocast -------------------------------------------------------------
+
+def _half_tolerance(dtype, terms):
+    """A result stored in ``dtype`` after a float32 sum of ``terms`` products of O(1) values:
+    one rounding to the storage type (relative 2**-8 for bfloat16, 2**-11 for float16) of a
+    value up to ``terms`` in size, plus float32's sum error."""
+    eps = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    return terms * (eps + terms * 2.0**-24)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("local", [False, True])
+def test_half_precision_layers_train(dtype, local):
+    """float16 and bfloat16 through the layers with gradients: the result is the float64
+    computation on the same (rounded) values, rounded once to the half type."""
+    torch.manual_seed(0)
+    layer = (gt.LocallyConnected2d(4, 3, 3, (6, 7), padding=1) if local
+             else gt.Conv2d(4, 3, 3, padding=1)).to(dtype)
+    ref = (gt.LocallyConnected2d(4, 3, 3, (6, 7), padding=1) if local
+           else nn.Conv2d(4, 3, 3, padding=1)).double()
+    ref.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
+    x = torch.randn(2, 4, 6, 7).to(dtype).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    y, y64 = layer(x), ref(x64)
+    assert y.dtype == dtype
+    tol = _half_tolerance(dtype, 4 * 9 + 1)
+    assert float((y.detach().double() - y64.detach()).abs().max()) <= tol
+    gy = torch.randn_like(y64)
+    y.backward(gy.to(dtype))
+    y64.backward(gy)
+    assert x.grad.dtype == dtype and layer.weight.grad.dtype == dtype
+    grad_tol = _half_tolerance(dtype, 3 * 9 if not local else 3 * 9) + 1e-6
+    assert float((x.grad.double() - x64.grad).abs().max()) <= grad_tol
+    terms = 2 * (1 if local else 6 * 7)
+    scale = float(ref.weight.grad.abs().max())
+    assert float((layer.weight.grad.double() - ref.weight.grad).abs().max()) <= (
+        _half_tolerance(dtype, terms) * max(1.0, scale / terms) * 4)
+
+
+def test_autocast_on_the_cpu_runs_a_mixed_stack():
+    """The issue's example: after a layer that autocast converts, a gpuconv layer takes the
+    bfloat16 activations; forward and backward match float32 within bfloat16's precision."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), gt.Conv2d(8, 8, 3, padding=1),
+                          gt.LocallyConnected2d(8, 2, 3, (16, 16), padding=1))
+    x = torch.randn(4, 3, 16, 16)
+    y32 = model(x)
+    grads32 = torch.autograd.grad(y32.square().sum(), list(model.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+        assert y.dtype == torch.bfloat16
+        loss = y.float().square().sum()
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert all(g.dtype == torch.float32 for g in grads)  # the parameters' own dtype
+    # bfloat16 keeps 8 bits: relative 2**-8 per rounding, three layers deep
+    scale = float(y32.abs().max())
+    assert float((y.float() - y32).abs().max()) <= 3 * 2.0**-8 * 4 * scale
+    for g, g32 in zip(grads, grads32):
+        assert float((g - g32).norm() / g32.norm()) < 0.05
+    # outside the region, float32 again
+    assert model(x).dtype == torch.float32
+
+
+def test_bfloat16_in_the_core_api():
+    import gpuconv
+
+    x, w = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
+    y = gpuconv.conv2d(x.bfloat16(), w.bfloat16(), device="cpu")
+    expected = F.conv2d(x.bfloat16().double(), w.bfloat16().double())
+    assert y.dtype == torch.bfloat16
+    assert float((y.double() - expected).abs().max()) <= _half_tolerance(torch.bfloat16, 27)
+    with pytest.raises(TypeError, match=r"weight must have the dtype of x \(torch.bfloat16\)"):
+        gpuconv.conv2d(x.bfloat16(), w, device="cpu")
+    with pytest.raises(TypeError, match=r"weight must have the dtype of x \(torch.float32\)"):
+        gpuconv.conv2d(x, w.bfloat16(), device="cpu")

@@ -121,8 +121,9 @@ DTYPES = ("float16", "float32", "float64")
 
 #: Why the training step is not timed in float16: gpuconv.torch's layers take float32 and
 #: float64 only (gpuconv.conv2d, local_conv2d and gpuconv.grad take float16).
-STEP_FLOAT16 = ("not run in float16: gpuconv.torch's layers (Conv2d, LocallyConnected2d) take "
-                "float32 and float64 only; the forward and the backward take float16")
+STEP_FLOAT16 = ("not run in float16: the training step is timed in float32 and float64 "
+                "(in float16 the peers' own training steps are not what users run: mixed "
+                "precision keeps float32 parameters); the forward and the backward take float16")
 
 #: ``--pass`` values: a pass of :data:`PASSES`, or several at once.
 PASS_CHOICES = {"forward": ("forward",), "backward": ("backward",), "step": ("step",),
@@ -168,7 +169,7 @@ def add_arguments(parser):
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="float32 (default), float64, or float16 (stored in half "
                              "precision, accumulated in float32; bytes counted at 2 per value; "
-                             "no training step: gpuconv.torch takes float32 and float64)")
+                             "no training step: it is timed in float32 and float64)")
     parser.add_argument("--repeat", type=positive_int, metavar="R",
                         help=f"timed calls per burst (default {DEFAULT_REPEAT}, "
                              f"--quick {QUICK_REPEAT}); each implementation runs "
