@@ -491,8 +491,9 @@ def test_workload_specialisations_cover_both_ops_and_dtypes():
     layers = k.workload_kernel_names()
     assert len(layers) == 13 and all(a in names and b in names for a, b in layers.values())
     for prefix in ("conv2d_f32_k11x11", "conv2d_gemm_f64_t64x64", "local_conv2d_f32_k9x9",
-                   "local_conv2d_f64_k5x5", "transpose_f32", "copy6d_f64", "conv2d_f16_k3x3", "conv2d_gemm_f16_t128x64",
-                   "local_conv2d_f16_k5x5", "transpose_f16", "copy6d_f16"):
+                   "local_conv2d_f64_k5x5", "transpose_f32", "copy6d_f64", "conv2d_f16_k3x3",
+                   "conv2d_gemm_f16_t128x64", "local_conv2d_f16_k5x5", "transpose_f16",
+                   "copy6d_f16"):
         assert any(name.startswith(prefix) for name in names), prefix
 
 
