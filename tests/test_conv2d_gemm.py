@@ -149,16 +149,16 @@ def test_tile_choice_and_launch_shape():
         pytest.skip("the simulator has its own tile")
     by_title = {layer.short_title: geom for layer, geom in kernels.workload_geometries()}
     res2 = conv2d_gemm.conv2d_gemm_config(by_title["ResNet-50 res2 3x3"], np.float32)
-    assert res2.kernel.name == "conv2d_gemm_f32_t128x64_k8_r8x4"
+    assert res2.kernel.name == "conv2d_gemm_f32_t128x64_k8_r8x4_o2"
     assert res2.grid == (32 * 56 * 56 // 128, 1) and res2.block == (256,)
     vgg = conv2d_gemm.conv2d_gemm_config(by_title["VGG-16 conv5_1"], np.float32)
-    assert vgg.kernel.name == "conv2d_gemm_f32_t128x64_k8_r8x4"   # 392 blocks: a full wave
+    assert vgg.kernel.name == "conv2d_gemm_f32_t128x64_k8_r8x4_o2"   # 392 blocks: a full wave
     assert vgg.grid == (32 * 14 * 14 // 128, 512 // 64)
     res5 = conv2d_gemm.conv2d_gemm_config(by_title["ResNet-50 res5 3x3"], np.float32)
-    assert res5.kernel.name == "conv2d_gemm_f32_t64x64_k8_r4x4"   # 104 large tiles: idle SMs
+    assert res5.kernel.name == "conv2d_gemm_f32_t64x64_k8_r4x4_o4"   # 104 large tiles: idle SMs
     assert res5.grid == (-(-32 * 7 * 7 // 64), 512 // 64)
     assert conv2d_gemm.conv2d_gemm_config(
-        by_title["VGG-16 conv5_1"], np.float64).kernel.name == "conv2d_gemm_f64_t64x64_k8_r4x4"
+        by_title["VGG-16 conv5_1"], np.float64).kernel.name == "conv2d_gemm_f64_t64x64_k8_r4x4_o2"
     grouped = conv_geometry((3, 64, 5, 5), (3, 3), 130, padding=1, groups=2)
     config = conv2d_gemm.conv2d_gemm_config(grouped, np.float32)
     assert config.blocks_n == 2 and config.grid == (-(-75 // 64), 4)
@@ -167,11 +167,12 @@ def test_tile_choice_and_launch_shape():
 def test_factory_is_memoised_named_and_checks_its_tile():
     from gpuconv.cuda import conv2d_gemm
 
-    spec = conv2d_gemm.conv2d_gemm_kernel("f16", 128, 64, 8, 8, 4)
-    assert spec is conv2d_gemm.conv2d_gemm_kernel("f16", 128, 64, 8, 8, 4)
-    assert spec.name == "conv2d_gemm_f16_t128x64_k8_r8x4"
+    spec = conv2d_gemm.conv2d_gemm_kernel("f16", 128, 64, 8, 8, 4, 2)
+    assert spec is conv2d_gemm.conv2d_gemm_kernel("f16", 128, 64, 8, 8, 4, 2)
+    assert spec.name == "conv2d_gemm_f16_t128x64_k8_r8x4_o2"
     assert spec.launch_bounds == (256, 2)
+    assert conv2d_gemm.conv2d_gemm_kernel("f32", 64, 64, 8, 4, 4, 4).launch_bounds == (256, 4)
     with pytest.raises(ValueError, match="split evenly"):
-        conv2d_gemm.conv2d_gemm_kernel("f32", 64, 64, 8, 3, 4)
+        conv2d_gemm.conv2d_gemm_kernel("f32", 64, 64, 8, 3, 4, 2)
     with pytest.raises(ValueError, match="multiple of 4"):
-        conv2d_gemm.conv2d_gemm_kernel("f32", 64, 64, 2, 4, 4)
+        conv2d_gemm.conv2d_gemm_kernel("f32", 64, 64, 2, 4, 4, 2)

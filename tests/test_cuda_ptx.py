@@ -138,9 +138,9 @@ def test_kernels_fit_the_register_file_and_shared_memory(ptxas_rows):
     ("local", ("f32", 3, 3, 2, 1)),
     ("local", ("f32", 2, 2, 8, 2)),
     ("local", ("f16", 3, 3, 2, 1)),
-    ("gemm", ("f32", 8, 8, 4, 2, 2)),       # the implicit GEMM's simulator tile
-    ("gemm", ("f16", 8, 8, 4, 2, 2)),
-    ("gemm", ("f64", 8, 8, 4, 2, 2)),
+    ("gemm", ("f32", 8, 8, 4, 2, 2, 1)),       # the implicit GEMM's simulator tile
+    ("gemm", ("f16", 8, 8, 4, 2, 2, 1)),
+    ("gemm", ("f64", 8, 8, 4, 2, 2, 1)),
 ])
 def test_small_test_specialisations_compile_without_spills(spec_args):
     from gpuconv.cuda import conv2d_gemm, kernels as kernels

@@ -26,7 +26,7 @@ positions ``tile_m / thread_m`` apart and its maps ``tile_n / thread_n`` apart, 
 output are runs of 16 consecutive addresses.
 
 The factory is memoised on the dtype code and the tile shape, the only compile-time
-constants; the kernel is named by them (``conv2d_gemm_f32_t128x64_k8_r8x4``). Kernel size,
+constants; the kernel is named by them (``conv2d_gemm_f32_t128x64_k8_r8x4_o2``). Kernel size,
 stride, padding and dilation are run-time arguments: the tap loop is the outer loop of the
 ``K`` walk, so it costs a few integer operations per chunk, not per element.
 
@@ -57,17 +57,18 @@ GEMM_MIN_CHANNELS = 32
 # Words added to each shared row (see the module docstring).
 _PAD = 4
 
-#: Tile shapes ``(tile_m, tile_n, tile_k, thread_m, thread_n)`` by compute type: the large
-#: one where the grid fills several waves, the small one for small products (few positions
-#: or maps), and a tiny one for the simulator, where every thread is a Python thread.
+#: Tile shapes ``(tile_m, tile_n, tile_k, thread_m, thread_n, blocks_per_sm)`` by compute
+#: type: the large one where the grid fills the GPU's first wave, the small one for small
+#: products (few positions or maps), and a tiny one for the simulator, where every thread is
+#: a Python thread. ``blocks_per_sm`` goes into the launch bounds: ptxas keeps each thread
+#: within ``65536 / (threads * blocks_per_sm)`` registers (115 -> 128 for the large float32
+#: tile, 64 for the small one; asking the large one for 3 blocks spills on sm_80).
 TILES = {
-    "f32": ((128, 64, 8, 8, 4), (64, 64, 8, 4, 4)),
-    "f64": ((64, 64, 8, 4, 4),),
-    "sim": ((8, 8, 4, 2, 2),),
+    "f32": ((128, 64, 8, 8, 4, 2), (64, 64, 8, 4, 4, 4)),
+    "f64": ((64, 64, 8, 4, 4, 2),),
+    "sim": ((8, 8, 4, 2, 2, 1),),
 }
 
-# Blocks one SM runs at once for each tile (launch bounds; ptxas keeps the registers within).
-_BLOCKS_PER_SM = 2
 # The GPU the tile choice is tuned for: an H100/H200 has 132 SMs.
 _SMS = 132
 
@@ -78,7 +79,7 @@ def use_gemm(geom):
 
 
 @functools.lru_cache(maxsize=None)
-def conv2d_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n):
+def conv2d_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blocks_per_sm):
     """Implicit-GEMM conv2d kernel, specialised on dtype and tile shape.
 
     Args:
@@ -87,6 +88,7 @@ def conv2d_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n):
         tile_m, tile_n: output positions x output channels per block.
         tile_k: input channels per ``K`` chunk (one tap at a time).
         thread_m, thread_n: outputs per thread along positions and channels.
+        blocks_per_sm: blocks an SM should hold at once (the launch bounds' minimum).
 
     Launch: ``grid = (ceil(n * h_O * w_O / tile_m), groups * ceil(c_Og / tile_n))``,
     ``block = (tile_m / thread_m * tile_n / thread_n,)``, static shared memory
@@ -250,9 +252,9 @@ def conv2d_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n):
                             v += scalar(bias[uint64(co0 + ty + j * NSTEP)])
                         out[uint64(ofs + j * NSTEP * n_pq)] = store(v)
 
-    name = f"conv2d_gemm_{code}_t{BM}x{BN}_k{BK}_r{TM}x{TN}"
+    name = f"conv2d_gemm_{code}_t{BM}x{BN}_k{BK}_r{TM}x{TN}_o{blocks_per_sm}"
     signature = (_array(code, 1),) * 4 + (types.int64,) * 19
-    return KernelSpec(name, _rename(kernel, name), signature, (NT, _BLOCKS_PER_SM))
+    return KernelSpec(name, _rename(kernel, name), signature, (NT, blocks_per_sm))
 
 
 class Conv2dGemmConfig(NamedTuple):
@@ -269,13 +271,13 @@ def conv2d_gemm_config(geom, dtype):
     """Pick the tile and launch shape of the implicit GEMM for ``geom`` (a pure function).
 
     float16 and float32 take ``128 x 64`` tiles (8 x 4 outputs a thread: 32 FMAs per 12
-    shared loads) when their grid fills the GPU's first wave (132 SMs x 2 blocks), else
-    ``64 x 64`` (4 x 4: 16 FMAs per 8 loads), which doubles the blocks of a small product
-    (ResNet-50 res5 at batch 32: 104 large tiles would leave SMs idle, 200 small ones do
-    not). A partial last wave is cheaper than it looks: a block alone on its SM has the
-    SM's shared-memory bandwidth to itself. float64 always takes ``64 x 64``. 8 input
-    channels a chunk in every case; in the simulator ``8 x 8`` with 4 channels a chunk
-    (16 threads).
+    shared loads, two blocks an SM) when their grid fills the GPU's first wave (132 SMs x 2
+    blocks), else ``64 x 64`` (4 x 4: 16 FMAs per 8 loads, four blocks an SM), which gives a
+    small product more blocks and more warps (ResNet-50 res5 at batch 32: 104 large tiles
+    would leave SMs idle; 200 small ones spread over all). A partial last wave is cheaper
+    than it looks: a block alone on its SM has the SM's shared-memory bandwidth to itself.
+    float64 always takes ``64 x 64`` (two blocks an SM). 8 input channels a chunk in every
+    case; in the simulator ``8 x 8`` with 4 channels a chunk (16 threads).
     """
     code = dtype_code(dtype)
     tiles = TILES["sim"] if simulator_enabled() else TILES[compute_code(code)]
@@ -284,7 +286,7 @@ def conv2d_gemm_config(geom, dtype):
     choice = tiles[-1]
     for tile in tiles:
         blocks = -(-m_total // tile[0]) * geom.groups * -(-c_og // tile[1])
-        if blocks >= _SMS * _BLOCKS_PER_SM:
+        if blocks >= _SMS * tile[5]:
             choice = tile
             break
     tile_m, tile_n = choice[0], choice[1]
