@@ -25,10 +25,13 @@ positions ``tile_m / thread_m`` apart and its maps ``tile_n / thread_n`` apart, 
 16 distinct positions are 16 consecutive shared words (no conflicts) and its stores to the
 output are runs of 16 consecutive addresses.
 
-The factory is memoised on the dtype code and the tile shape, the only compile-time
-constants; the kernel is named by them (``conv2d_gemm_f32_t128x64_k8_r8x4_o2``). Kernel size,
-stride, padding and dilation are run-time arguments: the tap loop is the outer loop of the
-``K`` walk, so it costs a few integer operations per chunk, not per element.
+The factory is memoised on the dtype code, the tile shape and the blocks per SM its launch
+bounds ask for, the only compile-time constants; the kernel is named by them
+(``conv2d_gemm_f32_t128x64_k8_r8x4_o2``). Kernel size, stride, padding and dilation are
+run-time arguments: the tap loop is the outer loop of the ``K`` walk, so it costs a few
+integer operations per chunk, not per element. The multiply loop indexes shared memory at
+offsets fixed per chunk plus constants; the staging adds 64-bit offsets (Numba widens integer
+arithmetic to 64 bits), so flat offsets past 2**31 elements are safe, as in the other kernels.
 
 :func:`conv2d_gemm_config` picks the tile for a geometry; :func:`use_gemm` says which
 layers take this path (:func:`gpuconv.cuda.kernels.conv2d_config` asks it first).
