@@ -434,10 +434,25 @@ def test_factories_are_memoised_and_named_by_their_constants():
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("layer", range(13))
 def test_launch_shapes_of_the_workload_layers_fit_the_hardware(layer, dtype):
-    from gpuconv.cuda import kernels as k
+    from gpuconv.cuda import conv2d_gemm, kernels as k
 
     _, geom = k.workload_geometries()[layer]
     conv = k.conv2d_config(geom, dtype)
+    if isinstance(conv, conv2d_gemm.Conv2dGemmConfig):  # channel-heavy: the implicit GEMM
+        tile_m, tile_n = (int(v) for v in conv.kernel.name.split("_t")[1].split("_")[0].split("x"))
+        assert conv.grid[0] * tile_m >= geom.batch * geom.out_height * geom.out_width
+        assert conv.grid[1] == geom.groups * conv.blocks_n
+        assert conv.blocks_n * tile_n >= geom.out_channels_per_group
+        assert conv.block[0] == conv.kernel.launch_bounds[0] <= 1024
+        assert conv.grid[1] <= 65535
+    else:
+        _check_direct_conv2d_launch(conv, geom, k)
+    local = k.local_conv2d_config(geom, dtype)
+    assert local.grid[0] * 32 >= geom.out_height * geom.out_width
+    assert local.block[0] * local.block[1] <= 1024
+
+
+def _check_direct_conv2d_launch(conv, geom, k):
     per_channel = conv.shared_bytes // conv.chunk
     assert conv.shared_bytes <= max(k.SHARED_BUDGET_BYTES, per_channel) <= k.SHARED_LIMIT_BYTES
     assert 32 <= conv.block[0] * conv.block[1] <= 1024
@@ -446,9 +461,6 @@ def test_launch_shapes_of_the_workload_layers_fit_the_hardware(layer, dtype):
     assert conv.grid[0] * conv.block[0] * conv.block[1] * rows * cols >= \
         geom.out_height * geom.out_width
     assert conv.tile_h == (conv.block[1] * rows - 1) * geom.stride_h + geom.kernel_height
-    local = k.local_conv2d_config(geom, dtype)
-    assert local.grid[0] * 32 >= geom.out_height * geom.out_width
-    assert local.block[0] * local.block[1] <= 1024
 
 
 def test_wide_float32_outputs_use_the_larger_register_block():
@@ -478,9 +490,10 @@ def test_workload_specialisations_cover_both_ops_and_dtypes():
     assert len(names) == len(set(names))
     layers = k.workload_kernel_names()
     assert len(layers) == 13 and all(a in names and b in names for a, b in layers.values())
-    for prefix in ("conv2d_f32_k11x11", "conv2d_f64_k1x1", "local_conv2d_f32_k9x9",
+    for prefix in ("conv2d_f32_k11x11", "conv2d_gemm_f64_t64x64", "local_conv2d_f32_k9x9",
                    "local_conv2d_f64_k5x5", "transpose_f32", "copy6d_f64", "conv2d_f16_k3x3",
-                   "local_conv2d_f16_k5x5", "transpose_f16", "copy6d_f16"):
+                   "conv2d_gemm_f16_t128x64", "local_conv2d_f16_k5x5", "transpose_f16",
+                   "copy6d_f16"):
         assert any(name.startswith(prefix) for name in names), prefix
 
 

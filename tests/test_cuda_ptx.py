@@ -138,13 +138,17 @@ def test_kernels_fit_the_register_file_and_shared_memory(ptxas_rows):
     ("local", ("f32", 3, 3, 2, 1)),
     ("local", ("f32", 2, 2, 8, 2)),
     ("local", ("f16", 3, 3, 2, 1)),
+    ("gemm", ("f32", 8, 8, 4, 2, 2, 1)),       # the implicit GEMM's simulator tile
+    ("gemm", ("f16", 8, 8, 4, 2, 2, 1)),
+    ("gemm", ("f64", 8, 8, 4, 2, 2, 1)),
 ])
 def test_small_test_specialisations_compile_without_spills(spec_args):
-    from gpuconv.cuda import kernels as kernels
+    from gpuconv.cuda import conv2d_gemm, kernels as kernels
     from gpuconv.cuda import ptx as _cuda_ptx
 
     family, args = spec_args
-    factory = kernels.conv2d_kernel if family == "conv2d" else kernels.local_conv2d_kernel
+    factory = {"conv2d": kernels.conv2d_kernel, "local": kernels.local_conv2d_kernel,
+               "gemm": conv2d_gemm.conv2d_gemm_kernel}[family]
     spec = factory(*args)
     ptx = _cuda_ptx.compile_ptx(spec, (9, 0))
     if _cuda_ptx.find_ptxas() is None:

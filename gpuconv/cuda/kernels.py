@@ -305,7 +305,14 @@ def conv2d_config(geom, dtype):
     within half the shared-memory budget; as many input channels per stage as fit the budget
     (at least one, whose stage may take up to ``SHARED_LIMIT_BYTES``). float16 takes the
     float32 choices (:func:`compute_code`).
+
+    Layers with many input channels a group (:func:`gpuconv.cuda.conv2d_gemm.use_gemm`) take
+    the implicit GEMM instead: its :class:`~gpuconv.cuda.conv2d_gemm.Conv2dGemmConfig`.
     """
+    from . import conv2d_gemm  # it builds on this module
+
+    if conv2d_gemm.use_gemm(geom):
+        return conv2d_gemm.conv2d_gemm_config(geom, dtype)
     code = dtype_code(dtype)
     fp32 = compute_code(code) == "f32"
     itemsize = _stage_itemsize(code)

@@ -30,7 +30,7 @@ import threading
 import numpy as np
 from numba import cuda
 
-from . import grad_kernels, kernels
+from . import conv2d_gemm, grad_kernels, kernels
 from ..device import (DLPACK_CUDA_DEVICES, FreeMemory, c_strides, is_c_contiguous,
                       simulator_enabled)
 
@@ -209,6 +209,9 @@ def launch_conv2d(x, weight, bias, out, geom, stream, config=None, empty=None):
     else:
         has_bias = 1
     kernel = kernels.compiled(config.kernel)
+    if isinstance(config, conv2d_gemm.Conv2dGemmConfig):  # channel-heavy layers
+        return conv2d_gemm.launch(kernel, config, _flat(x), _flat(weight), _flat(bias),
+                                  _flat(out), has_bias, geom, stream)
     kernel[config.grid, config.block, stream, config.shared_bytes](
         _flat(x),                   # (n, c_I, h, w)
         _flat(weight),              # (c_O, c_Ig, k_H, k_W)

@@ -1,0 +1,320 @@
+"""conv2d as an implicit GEMM: the CUDA path for channel-heavy layers.
+
+A convolution read as a matrix product (the vocabulary of CUTLASS's implicit GEMM):
+
+- ``M = n * h_O * w_O`` rows, one per output position of every image;
+- ``N = c_Og`` columns, one per output channel (map) of a group;
+- ``K = c_Ig * k_H * k_W`` terms of each dot product, one per (input channel, tap).
+
+The ``M x K`` operand is the input seen through im2col; it is never built. A block owns a
+``tile_m x tile_n`` tile of the product (output positions x maps) and walks ``K`` in chunks of
+``tile_k`` input channels at one tap (taps outer, channels inner), so the position
+arithmetic of a chunk is one bounds check and one offset per thread: each loading thread
+owns one output position of the tile for the whole loop (its image, row and column are found
+once per tile, the only divisions in the kernel), and a chunk's ``tile_k`` channels of it are
+``h * w`` apart. Loads of the input run along the positions: consecutive threads read
+consecutive output columns, consecutive addresses at stride 1. The weights are staged
+transposed (``[k][map]``), read with the channel fastest so a warp touches few lines.
+
+Both operands go through shared memory, double-buffered: while the block multiplies one
+chunk, each thread holds the next chunk's few global values in registers and stores them
+into the other buffer afterwards, so one barrier per chunk suffices. Row pitches are padded
+by four words: a warp's stores of the transposed weights (8 channels x 4 maps) land on 32
+different banks. Each thread accumulates ``thread_m x thread_n`` outputs in registers, its
+positions ``tile_m / thread_m`` apart and its maps ``tile_n / thread_n`` apart, so a warp's
+16 distinct positions are 16 consecutive shared words (no conflicts) and its stores to the
+output are runs of 16 consecutive addresses.
+
+The factory is memoised on the dtype code, the tile shape and the blocks per SM its launch
+bounds ask for, the only compile-time constants; the kernel is named by them
+(``conv2d_gemm_f32_t128x64_k8_r8x4_o2``). Kernel size, stride, padding and dilation are
+run-time arguments: the tap loop is the outer loop of the ``K`` walk, so it costs a few
+integer operations per chunk, not per element. The multiply loop indexes shared memory at
+offsets fixed per chunk plus constants; the staging adds 64-bit offsets (Numba widens integer
+arithmetic to 64 bits), so flat offsets past 2**31 elements are safe, as in the other kernels.
+
+:func:`conv2d_gemm_config` picks the tile for a geometry; :func:`use_gemm` says which
+layers take this path (:func:`gpuconv.cuda.kernels.conv2d_config` asks it first).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+from numba import cuda, types, uint64
+
+from ..device import simulator_enabled
+from .kernels import (_COMPUTE, _SCALAR, KernelSpec, _array, _rename, check_grid, compute_code,
+                      dtype_code)
+
+__all__ = ["GEMM_MIN_CHANNELS", "Conv2dGemmConfig", "conv2d_gemm_kernel", "conv2d_gemm_config",
+           "use_gemm", "launch", "TILES"]
+
+#: Input channels per group from which conv2d takes the implicit GEMM. Below it the direct
+#: kernel wins: with few channels a ``K`` chunk would be mostly padding, and the direct
+#: kernel's input tile serves every tap of a channel from one staging (the seed layers run
+#: at 1.3-1.7x cuDNN with it).
+GEMM_MIN_CHANNELS = 32
+
+# Words added to each shared row (see the module docstring).
+_PAD = 4
+
+#: Tile shapes ``(tile_m, tile_n, tile_k, thread_m, thread_n, blocks_per_sm)`` by compute
+#: type: the large one where the grid fills the GPU's first wave, the small one for small
+#: products (few positions or maps), and a tiny one for the simulator, where every thread is
+#: a Python thread. ``blocks_per_sm`` goes into the launch bounds: ptxas keeps each thread
+#: within ``65536 / (threads * blocks_per_sm)`` registers (115 -> 128 for the large float32
+#: tile, 64 for the small one; asking the large one for 3 blocks spills on sm_80).
+TILES = {
+    "f32": ((128, 64, 8, 8, 4, 2), (64, 64, 8, 4, 4, 4)),
+    "f64": ((64, 64, 8, 4, 4, 2),),
+    "sim": ((8, 8, 4, 2, 2, 1),),
+}
+
+# The GPU the tile choice is tuned for: an H100/H200 has 132 SMs.
+_SMS = 132
+
+
+def use_gemm(geom):
+    """True when conv2d of ``geom`` takes the implicit GEMM (``c_Ig >= GEMM_MIN_CHANNELS``)."""
+    return geom.in_channels_per_group >= GEMM_MIN_CHANNELS
+
+
+@functools.lru_cache(maxsize=None)
+def conv2d_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blocks_per_sm):
+    """Implicit-GEMM conv2d kernel, specialised on dtype and tile shape.
+
+    Args:
+        code: ``"f16"``, ``"f32"`` or ``"f64"`` (the arrays' dtype; float16 loads and stores
+            half words and computes in float32).
+        tile_m, tile_n: output positions x output channels per block.
+        tile_k: input channels per ``K`` chunk (one tap at a time).
+        thread_m, thread_n: outputs per thread along positions and channels.
+        blocks_per_sm: blocks an SM should hold at once (the launch bounds' minimum).
+
+    Launch: ``grid = (ceil(n * h_O * w_O / tile_m), groups * ceil(c_Og / tile_n))``,
+    ``block = (tile_m / thread_m * tile_n / thread_n,)``, static shared memory
+    ``2 * tile_k * (tile_m + tile_n + 8) * itemsize`` bytes (itemsize of the compute type).
+
+    Kernel arguments: the flat (C-order, 1-D) ``x (n, c_I, h, w)``,
+    ``weight (c_O, c_Ig, k_H, k_W)``, ``bias (c_O,)`` (or a dummy) and
+    ``out (n, c_O, h_O, w_O)``, then ``has_bias, n, c_I, h, w, c_O, h_O, w_O, c_Ig, c_Og,
+    k_H, k_W, s_H, s_W, p_top, p_left, d_H, d_W, blocks_n`` (``blocks_n`` channel blocks per
+    group).
+    """
+    store, scalar = _SCALAR[code], _COMPUTE[code]
+    BM, BN, BK, TM, TN = tile_m, tile_n, tile_k, thread_m, thread_n
+    MT = BM // TM          # threads along the positions
+    NT = MT * (BN // TN)   # threads per block
+    NSTEP = BN // TN       # distance between a thread's maps
+    if BK % 4:
+        raise ValueError(f"tile_k must be a multiple of 4, got {BK}")
+    if BM % TM or BN % TN or NT % BM or (BM * BK) % NT or NT % BK or (BN * BK) % NT:
+        raise ValueError(f"tile {BM}x{BN}x{BK} with {TM}x{TN} outputs a thread does not "
+                         "split evenly over its threads")
+    LA = BM * BK // NT     # input values a thread stages per chunk
+    ASTEP = NT // BM       # channels between them
+    LB = BN * BK // NT     # weights a thread stages per chunk
+    BSTEP = NT // BK       # maps between them
+    AP = BM + _PAD         # shared row pitches (words)
+    BP = BN + _PAD
+    ABUF = BK * AP         # one buffer of the input stage
+    BBUF = BK * BP
+    ASMEM = 2 * ABUF       # both buffers
+    BSMEM = 2 * BBUF
+    NACC = TM * TN
+
+    @cuda.jit(device=True, inline="always")
+    def mac(a_s, b_s, a_row, b_row, a_frag, b_frag, acc):
+        # One k step: thread_m + thread_n shared loads, thread_m * thread_n FMAs.
+        for i in range(TM):
+            a_frag[i] = a_s[uint64(a_row + i * MT)]
+        for j in range(TN):
+            b_frag[j] = b_s[uint64(b_row + j * NSTEP)]
+        for i in range(TM):
+            for j in range(TN):
+                acc[i * TN + j] += a_frag[i] * b_frag[j]
+
+    def kernel(x, weight, bias, out, has_bias, n, c_I, h, wd, c_O, h_O, w_O, c_Ig, c_Og,
+               k_H, k_W, s_H, s_W, pt, pl, d_H, d_W, blocks_n):
+        # A tile kernel: every thread takes part in every stage and barrier, so the bounds
+        # guards sit on the loads and the stores.
+        tid = cuda.threadIdx.x
+        tx = tid % MT                  # this thread's positions: tx + i * MT
+        ty = tid // MT                 # this thread's maps: ty + j * NSTEP
+        n_pq = h_O * w_O
+        m_total = n * n_pq
+        hw = h * wd
+        khw = k_H * k_W
+        m0 = cuda.blockIdx.x * BM
+        g = cuda.blockIdx.y // blocks_n
+        n0 = (cuda.blockIdx.y - g * blocks_n) * BN
+        co0 = g * c_Og + n0            # first output channel of the block
+        n_co = min(BN, c_Og - n0)      # channels of the block
+
+        a_s = cuda.shared.array(ASMEM, dtype=scalar)
+        b_s = cuda.shared.array(BSMEM, dtype=scalar)
+
+        # The output position this thread stages for the whole K walk: its image, row and
+        # column, found once (the kernel's only divisions).
+        am = tid % BM
+        ak = tid // BM
+        m = m0 + am
+        a_in = m < m_total
+        img = m // n_pq
+        pq = m - img * n_pq
+        oy = pq // w_O
+        ox = pq - oy * w_O
+        iy0 = oy * s_H - pt
+        ix0 = ox * s_W - pl
+        a_first = (img * c_I + g * c_Ig + ak) * hw   # channel ak of this image's group
+        # The weights this thread stages: channel bk of maps bn + j * BSTEP, [k][map] in shared.
+        bk = tid % BK
+        bn = tid // BK
+        b_first = ((co0 + bn) * c_Ig + bk) * khw
+        b_map_step = BSTEP * c_Ig * khw
+
+        a_reg = cuda.local.array(LA, dtype=scalar)
+        b_reg = cuda.local.array(LB, dtype=scalar)
+        acc = cuda.local.array(NACC, dtype=scalar)
+        a_frag = cuda.local.array(TM, dtype=scalar)
+        b_frag = cuda.local.array(TN, dtype=scalar)
+        for a in range(NACC):
+            acc[a] = scalar(0)  # keep the math in the compute type
+
+        stages = khw * ((c_Ig + BK - 1) // BK)
+        # The chunk to load next: tap (ky, kx), channels c0 ...
+        ky = 0
+        kx = 0
+        c0 = 0
+        for st in range(stages + 1):
+            if st < stages:
+                # Global loads of chunk st into registers (before multiplying chunk st - 1,
+                # so their latency hides behind it). Zeros outside the image (padding), past
+                # the group's channels and past the tile's positions or maps.
+                iy = iy0 + ky * d_H
+                ix = ix0 + kx * d_W
+                a_ok = a_in and iy >= 0 and iy < h and ix >= 0 and ix < wd
+                a_ofs = a_first + c0 * hw + iy * wd + ix
+                for j in range(LA):
+                    v = scalar(0)
+                    if a_ok and c0 + ak + j * ASTEP < c_Ig:
+                        v = scalar(x[uint64(a_ofs + j * ASTEP * hw)])
+                    a_reg[j] = v
+                b_ok = c0 + bk < c_Ig
+                b_ofs = b_first + c0 * khw + ky * k_W + kx
+                for j in range(LB):
+                    v = scalar(0)
+                    if b_ok and bn + j * BSTEP < n_co:
+                        v = scalar(weight[uint64(b_ofs + j * b_map_step)])
+                    b_reg[j] = v
+                c0 += BK
+                if c0 >= c_Ig:
+                    c0 = 0
+                    kx += 1
+                    if kx == k_W:
+                        kx = 0
+                        ky += 1
+            if st > 0:
+                # Multiply chunk st - 1 from its buffer.
+                a_buf = ((st - 1) & 1) * ABUF + tx
+                b_buf = ((st - 1) & 1) * BBUF + ty
+                # Four k steps a trip, written out (LLVM does not unroll a loop this long).
+                for k in range(0, BK, 4):
+                    mac(a_s, b_s, a_buf + k * AP, b_buf + k * BP, a_frag, b_frag, acc)
+                    mac(a_s, b_s, a_buf + (k + 1) * AP, b_buf + (k + 1) * BP, a_frag, b_frag,
+                        acc)
+                    mac(a_s, b_s, a_buf + (k + 2) * AP, b_buf + (k + 2) * BP, a_frag, b_frag,
+                        acc)
+                    mac(a_s, b_s, a_buf + (k + 3) * AP, b_buf + (k + 3) * BP, a_frag, b_frag,
+                        acc)
+            if st < stages:
+                # Store chunk st into the other buffer: nobody reads it now (its last reader,
+                # chunk st - 2, finished before the previous barrier).
+                a_buf = (st & 1) * ABUF + ak * AP + am
+                for j in range(LA):
+                    a_s[uint64(a_buf + j * ASTEP * AP)] = a_reg[j]
+                b_buf = (st & 1) * BBUF + bk * BP + bn
+                for j in range(LB):
+                    b_s[uint64(b_buf + j * BSTEP)] = b_reg[j]
+            # Wait until chunk st is stored and chunk st - 1 is read by everyone.
+            cuda.syncthreads()
+
+        # Output offsets: one division per position of the thread, once per tile.
+        for i in range(TM):
+            m = m0 + tx + i * MT
+            if m < m_total:
+                img = m // n_pq
+                pq = m - img * n_pq
+                ofs = (img * c_O + co0 + ty) * n_pq + pq
+                for j in range(TN):
+                    if ty + j * NSTEP < n_co:
+                        v = acc[i * TN + j]
+                        if has_bias:
+                            v += scalar(bias[uint64(co0 + ty + j * NSTEP)])
+                        out[uint64(ofs + j * NSTEP * n_pq)] = store(v)
+
+    name = f"conv2d_gemm_{code}_t{BM}x{BN}_k{BK}_r{TM}x{TN}_o{blocks_per_sm}"
+    signature = (_array(code, 1),) * 4 + (types.int64,) * 19
+    return KernelSpec(name, _rename(kernel, name), signature, (NT, blocks_per_sm))
+
+
+class Conv2dGemmConfig(NamedTuple):
+    """Specialisation and launch shape of one implicit-GEMM conv2d call."""
+
+    kernel: KernelSpec
+    block: tuple       # (threads,)
+    grid: tuple        # (position blocks, channel blocks of all groups)
+    blocks_n: int      # channel blocks per group
+    shared_bytes: int  # dynamic shared memory: none (the stages are static)
+
+
+def conv2d_gemm_config(geom, dtype):
+    """Pick the tile and launch shape of the implicit GEMM for ``geom`` (a pure function).
+
+    float16 and float32 take ``128 x 64`` tiles (8 x 4 outputs a thread: 32 FMAs per 12
+    shared loads, two blocks an SM) when their grid fills the GPU's first wave (132 SMs x 2
+    blocks), else ``64 x 64`` (4 x 4: 16 FMAs per 8 loads, four blocks an SM), which gives a
+    small product more blocks and more warps (ResNet-50 res5 at batch 32: 104 large tiles
+    would leave SMs idle; 200 small ones spread over all). A partial last wave is cheaper
+    than it looks: a block alone on its SM has the SM's shared-memory bandwidth to itself.
+    float64 always takes ``64 x 64`` (two blocks an SM). 8 input channels a chunk in every
+    case; in the simulator ``8 x 8`` with 4 channels a chunk (16 threads).
+    """
+    code = dtype_code(dtype)
+    tiles = TILES["sim"] if simulator_enabled() else TILES[compute_code(code)]
+    m_total = geom.batch * geom.out_height * geom.out_width
+    c_og = geom.out_channels_per_group
+    choice = tiles[-1]
+    for tile in tiles:
+        blocks = -(-m_total // tile[0]) * geom.groups * -(-c_og // tile[1])
+        if blocks >= _SMS * tile[5]:
+            choice = tile
+            break
+    tile_m, tile_n = choice[0], choice[1]
+    blocks_n = -(-c_og // tile_n)
+    grid = check_grid((-(-m_total // tile_m), geom.groups * blocks_n), "conv2d")
+    spec = conv2d_gemm_kernel(code, *choice)
+    threads = (tile_m // choice[3]) * (tile_n // choice[4])
+    return Conv2dGemmConfig(spec, (threads,), grid, blocks_n, 0)
+
+
+def launch(kernel, config, x, weight, bias, out, has_bias, geom, stream):
+    """Launch the compiled ``kernel`` of ``config`` on flat device arrays (called by
+    :func:`gpuconv.cuda.launch.launch_conv2d`, which has made the bias placeholder)."""
+    kernel[config.grid, config.block, stream](
+        x,                          # (n, c_I, h, w)
+        weight,                     # (c_O, c_Ig, k_H, k_W)
+        bias,                       # (c_O,) or a dummy
+        out,                        # (n, c_O, h_O, w_O), written
+        has_bias,                   # 0 or 1
+        geom.batch, geom.in_channels, geom.in_height, geom.in_width,
+        geom.out_channels, geom.out_height, geom.out_width,
+        geom.in_channels_per_group, geom.out_channels_per_group,
+        geom.kernel_height, geom.kernel_width,
+        geom.stride_h, geom.stride_w,
+        geom.pad_top, geom.pad_left,
+        geom.dilation_h, geom.dilation_w,
+        config.blocks_n,            # channel blocks per group
+    )
