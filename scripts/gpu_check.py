@@ -822,8 +822,8 @@ def check_array_kinds(torch, gpuconv, dry_run=False):
 # --------------------------------------------------------------------------------------------
 
 #: Tiny calls of every forward and gradient kernel, float32 and float16, for compute-sanitizer:
-#: stride, padding, groups, both bias kinds, a strided device input, and a conv2d weight
-#: gradient long enough to be summed in several slices.
+#: stride, padding, groups, both bias kinds, a strided device input, a channel-heavy conv2d
+#: (the implicit-GEMM kernel), and a conv2d weight gradient summed in several slices.
 SANITIZER_SNIPPET = """
 import numpy as np, gpuconv
 from gpuconv import grad
@@ -841,6 +841,8 @@ for dt in (np.float32, np.float16):
     grad.conv2d_weight(x, w.shape, gy, device="cuda", **kw)
     grad.local_conv2d_input(x.shape, wl, gy, device="cuda", **kw)
     grad.local_conv2d_weight(x, wl.shape, gy, device="cuda", **kw)
+    xg, wg = r(2, 40, 9, 9), r(6, 40, 3, 3)  # channel-heavy: the implicit-GEMM path
+    gpuconv.conv2d(xg, wg, r(6), padding=(1, 2), device="cuda")
     xb, gb = r(64, 2, 33, 33), r(64, 3, 31, 31)
     grad.conv2d_weight(xb, (3, 2, 3, 3), gb, device="cuda")
     gpuconv.conv2d(cuda.to_device(x)[:, :, ::2], cuda.to_device(w), None, groups=2)
