@@ -418,6 +418,7 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_tile, map_tile, batch_la
     BM = LB * TM
     BO = LO * TO
     UNROLL = 4  # weight loads in flight per thread (more would spill at 128 registers)
+    XUNROLL = 2  # input loads in flight per thread
 
     def kernel(x, weight, bias, out, has_bias, bias_len, n, c_I, h, wd, c_O, h_O, w_O,
                c_Ig, c_Og, s_H, s_W, pt, pl, d_H, d_W, tiles_x, batch_tiles, stage_rows,
@@ -470,6 +471,7 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_tile, map_tile, batch_la
         w_src = cuda.local.array(UNROLL, dtype=int32)
         w_dst = cuda.local.array(UNROLL, dtype=int32)
         w_val = cuda.local.array(UNROLL, dtype=scalar)
+        x_src = cuda.local.array(XUNROLL, dtype=int64)
         acc = cuda.local.array(NACC, dtype=scalar)
         xv = cuda.local.array(TM, dtype=scalar)
         wv = cuda.local.array(TO, dtype=scalar)
@@ -514,27 +516,41 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_tile, map_tile, batch_la
                 for u in range(UNROLL):
                     if w_dst[u] >= 0:
                         smem[uint64(w_dst[u])] = w_val[u]
+            # Input: likewise XUNROLL elements per round; elements off the image are zeros,
+            # those past the stage or the batch are not stored.
             rr = first_r
             b = first_b
             col = first_c
             while rr < nr:
-                if b < n_b:
-                    c = (r0 + rr) // KH
-                    iy = iy0 + (r0 + rr - c * KH) * d_H
-                    ix = ix0 + col
+                for u in range(XUNROLL):
+                    src = -1
+                    dst = -1
+                    if rr < nr and b < n_b:
+                        c = (r0 + rr) // KH
+                        iy = iy0 + (r0 + rr - c * KH) * d_H
+                        ix = ix0 + col
+                        dst = x_stage + rr * win * x_pitch + col * x_pitch + b
+                        if iy >= 0 and iy < h and ix >= 0 and ix < wd:
+                            src = ((x_first + (b * c_I + c) * h) + iy) * wd + ix
+                    x_src[u] = src
+                    w_dst[u] = dst
+                    col += step_c
+                    b += step_b
+                    rr += step_r
+                    if col >= win:
+                        col -= win
+                        b += 1
+                    if b >= BM:
+                        b -= BM
+                        rr += 1
+                for u in range(XUNROLL):
                     v = scalar(0)
-                    if iy >= 0 and iy < h and ix >= 0 and ix < wd:
-                        v = scalar(x[uint64(((x_first + (b * c_I + c) * h) + iy) * wd + ix)])
-                    smem[uint64(x_stage + rr * win * x_pitch + col * x_pitch + b)] = v
-                col += step_c
-                b += step_b
-                rr += step_r
-                if col >= win:
-                    col -= win
-                    b += 1
-                if b >= BM:
-                    b -= BM
-                    rr += 1
+                    if x_src[u] >= 0:
+                        v = scalar(x[uint64(x_src[u])])
+                    w_val[u] = v
+                for u in range(XUNROLL):
+                    if w_dst[u] >= 0:
+                        smem[uint64(w_dst[u])] = w_val[u]
             # Wait until both stages are complete before anyone reads them.
             cuda.syncthreads()
             xo = x_base
