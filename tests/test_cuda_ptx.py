@@ -123,7 +123,7 @@ def test_float16_kernels_move_half_words_and_compute_in_float32(report):
             if not mover:
                 if family != "sum_slices_f16":
                     assert "cvt.f32.f16" in text, spec.name
-                if family != "conv2d_wgrad_f16":
+                if family != "conv2d_wgrad_f16" and not spec.name.endswith("_partial"):
                     assert "cvt.rn.f16.f32" in text, spec.name
 
 

@@ -42,7 +42,7 @@ __all__ = ["KernelSpec", "Conv2dConfig", "LocalConv2dConfig", "conv2d_kernel",
            "GRID_YZ_LIMIT", "check_grid",
            "SHARED_LIMIT_BYTES", "LOCAL_STAGE_BYTES", "LOCAL_FORWARD_STAGE_BYTES",
            "TARGET_SMS", "local_read_wavefronts", "local_conv2d_partial_dtype",
-           "local_conv2d_launch"]
+           "local_conv2d_launch", "LOCAL_WEIGHT_LOADS", "LOCAL_INPUT_LOADS"]
 
 # Dynamic shared memory one conv2d block may use: small enough that several blocks share an
 # SM (an H100/H200 SM has 228 KiB), and under the 48 KiB that needs no opt-in.
@@ -417,8 +417,8 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_tile, map_tile, batch_la
     NACC = TM * TO
     BM = LB * TM
     BO = LO * TO
-    UNROLL = 4  # weight loads in flight per thread (more would spill at 128 registers)
-    XUNROLL = 2  # input loads in flight per thread
+    UNROLL = LOCAL_WEIGHT_LOADS[compute_code(code)]  # weight loads in flight per thread
+    XUNROLL = LOCAL_INPUT_LOADS                       # input loads in flight per thread
 
     def kernel(x, weight, bias, out, has_bias, bias_len, n, c_I, h, wd, c_O, h_O, w_O,
                c_Ig, c_Og, s_H, s_W, pt, pl, d_H, d_W, tiles_x, batch_tiles, stage_rows,
@@ -592,6 +592,12 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_tile, map_tile, batch_la
                  + (types.int64,) * 32)
     return KernelSpec(name, _rename(kernel, name), signature, _LOCAL_LAUNCH_BOUNDS)
 
+
+#: Loads in flight per thread in local_conv2d's staging rounds (weights by compute type,
+#: input): as many as fit the 128 registers beside the accumulators without spills (ptxas:
+#: 8 weight loads spill on sm_90, and 6 in float64).
+LOCAL_WEIGHT_LOADS = {"f32": 6, "f64": 4}
+LOCAL_INPUT_LOADS = 2
 
 # Blocks of at most 256 threads, two per SM: at most 128 registers a thread. Within that
 # cap ptxas keeps up to 40 float32 accumulators (8 x 5) or 16 float64 ones without spills
