@@ -7,7 +7,7 @@ No GPU needed, and nothing in the table is measured: it is the design on paper t
 run then checks.
 
     PYTHONPATH=. python scripts/kernel_table.py [--layers NAME ...] [--suite default|full]
-                                                [--dtype float32|float16]
+                                                [--dtype float32|float16] [--batch N]
                                                 [--no-gradients] [--no-ptxas]
 """
 
@@ -24,6 +24,8 @@ def main(argv=None):
                         help="these layers instead of the suite")
     parser.add_argument("--suite", choices=tuple(bench.SUITES), default="default")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    parser.add_argument("--batch", type=int, metavar="N",
+                        help="this batch instead of each layer's GPU batch")
     parser.add_argument("--no-gradients", action="store_true",
                         help="only the forward kernels (and the split-K sum)")
     parser.add_argument("--no-ptxas", action="store_true",
@@ -49,11 +51,12 @@ def main(argv=None):
     rows = []
     for name in names:
         rows += predict.layer_rows(workloads.LAYERS[name], np.dtype(args.dtype),
-                                   ptxas=ptxas, gradients=not args.no_gradients)
+                                   ptxas=ptxas, gradients=not args.no_gradients,
+                                   batch=args.batch)
     print(f"Predicted on {predict.H200.name} ({predict.H200.sms} SMs, "
           f"{predict.H200.fp32_flops / 1e12:.1f} TFLOP/s, "
           f"{predict.H200.copy_bytes_per_s / 1e12:.2f} TB/s copy), {args.dtype}, "
-          f"GPU batches; registers from "
+          f"{'GPU batches' if args.batch is None else f'batch {args.batch}'}; registers from "
           f"{'the launch bounds' if ptxas is None else 'ptxas sm_90'}. Not measured.\n")
     print(predict.format_rows(rows))
     return 0

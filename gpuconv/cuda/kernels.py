@@ -727,7 +727,8 @@ def local_conv2d_config(geom, dtype):
     fewer than two waves of 512 threads on each of :data:`TARGET_SMS` SMs, the sum over
     ``K`` is split into slices (partial sums in scratch, added in a fixed order, their
     traffic at most half the weights' bytes or what keeps the layer on the compute side of
-    the ridge point), then the register tile shrinks to 4 images, then 4 maps.
+    the ridge point), then the register tile shrinks to 4 images (batches over 8), then
+    to 4 maps, then to 2.
     Refused when even one kernel row of the block's positions does not fit the
     shared-memory stage, or when one block's weights (its maps at every position) reach
     2**31 elements (offsets within a block are 32-bit).
@@ -775,13 +776,13 @@ def local_conv2d_config(geom, dtype):
         affordable = budget // max(2 * outputs * partial_itemsize, 1)
         slices = max(1, min(8, affordable, n_rows // stage[0],
                             -(-_LOCAL_TARGET_THREADS // threads(layout))))
-    for shrink in ("batch", "maps"):
+    for shrink in ("batch", 4, 2):
         if threads(layout) * slices >= _LOCAL_TARGET_THREADS:
             break
         if shrink == "batch" and batch_tile > 4 and geom.batch > 8:
             batch_tile = _even_split(geom.batch, 4)
-        elif shrink == "maps" and map_tile > 4:
-            map_tile = _even_split(geom.out_channels_per_group, 4)
+        elif shrink != "batch" and map_tile > shrink:
+            map_tile = _even_split(geom.out_channels_per_group, shrink)
         layout, stage = plan(batch_tile, map_tile)
     return local_conv2d_launch(geom, dtype, batch_tile, map_tile, layout, stage[0], slices)
 

@@ -323,16 +323,17 @@ def _plain_row(layer, spec, grid, block, shared_bytes, info, device):
                      None, None, None, None, None, None, None, None)
 
 
-def layer_rows(layer, dtype=np.float32, ptxas=None, device=H200, gradients=True):
+def layer_rows(layer, dtype=np.float32, ptxas=None, device=H200, gradients=True, batch=None):
     """Predicted :class:`KernelRow` of every kernel the dispatcher picks on ``layer`` (a
-    :class:`~gpuconv.workloads.Layer`) at its GPU batch: both forwards (modelled), the
+    :class:`~gpuconv.workloads.Layer`) at its GPU batch (or ``batch``): both forwards
+    (modelled), the
     split-K sum if the local forward uses one, and the gradient kernels (resources and
     waves). ``ptxas(spec, shared_bytes)`` returns the :class:`~gpuconv.cuda.ptx.PtxasInfo`
     of a kernel (None: registers from the launch bounds, or unknown)."""
     from .. import workloads
 
-    geom = workloads.gpu_geometry(layer)
-    name = layer.name
+    geom = workloads.gpu_geometry(layer, batch)
+    name = layer.name if batch is None else f"{layer.name} (N={batch})"
 
     def info(spec, shared=0):
         return ptxas(spec, shared) if ptxas else None
