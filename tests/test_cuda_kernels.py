@@ -522,3 +522,36 @@ def test_float16_takes_the_float32_launch_shapes_under_its_own_names():
             assert half.kernel.launch_bounds == single.kernel.launch_bounds
     assert k.conv2d_kernel("f16", 3, 3, 2, 4, 8).name == "conv2d_f16_k3x3_r2x4_c8"
     assert k.dtype_code(np.float16) == "f16" and k.compute_code("f16") == "f32"
+
+
+@pytest.mark.parametrize("dtype, per_partial", [(np.float32, 1), (np.float16, 2)],
+                         ids=["f32", "f16"])
+def test_local_scratch_counts_the_split_k_partial_sums(dtype, per_partial):
+    """DeepFace L5 at its GPU batch splits K (its grid would be under two waves): the
+    scratch is one partial sum per slice (float32 for float16: two elements each) and a
+    bias placeholder; no transposed copy of the input any more."""
+    from gpuconv import workloads
+    from gpuconv.cuda import kernels as k
+    from gpuconv.cuda import launch as _cuda
+
+    geom = workloads.gpu_geometry("deepface-l5")
+    config = k.local_conv2d_config(geom, dtype)
+    assert config.slices > 1 and config.grid[2] == config.slices
+    out = geom.batch * geom.out_channels * geom.out_height * geom.out_width
+    assert _cuda.local_conv2d_scratch_elements(geom, dtype) == \
+        config.slices * out * per_partial + 1
+
+
+def test_local_reads_are_conflict_free_on_the_default_suite():
+    """The config's pitches put every lane of a warp's hot-loop reads in its own bank (or a
+    broadcast), and the grid gives at least one wave of 512 threads on 132 SMs."""
+    from gpuconv import bench, workloads
+    from gpuconv.cuda import kernels as k
+
+    for name in bench.SUITES["default"]:
+        geom = workloads.gpu_geometry(name)
+        config = k.local_conv2d_config(geom, np.float32)
+        assert k.local_read_wavefronts(config.block, config.pos_pitch, config.x_pitch,
+                                       geom.stride_w) == (1, 1), name
+        threads = config.block[0] * config.block[1] * config.block[2]
+        assert threads * config.grid[0] * config.grid[1] * config.grid[2] >= 132 * 512, name
