@@ -386,14 +386,17 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_tile, map_tile, batch_la
     map_tile`` FMAs, and the lanes of a warp read consecutive words.
 
     ``K`` is walked a few kernel rows (``k_W`` values of one input channel) at a time.
-    For each stage the block copies (1) the weights of its positions and maps, one warp per
-    (position, map) row, its lanes on consecutive words of that row (coalesced; every weight
-    read from memory once per block), stored k-major with the maps innermost at an odd pitch,
-    and (2) the input rows those kernel rows touch, for its images, consecutive threads on
-    consecutive columns (coalesced), zeros outside the image, stored column-major with the
-    images innermost. The input window of the segment serves all ``BO`` maps and every
-    position that overlaps it. Staging walks its elements with carries (no division per
-    element); the hot loop indexes shared memory with one add per kernel tap.
+    For each stage the block copies (1) the weights of its positions and maps, walked
+    (position, map, tap) with the taps fastest, so consecutive threads load consecutive
+    words of a (map, position) row (coalesced; every weight read from memory once per
+    block), stored tap-major with the maps innermost at an odd pitch, and (2) the input rows
+    those kernel rows touch, for its images, consecutive threads on consecutive columns
+    (coalesced), zeros outside the image, stored column-major with the images innermost.
+    The input window of the segment serves all ``BO`` maps and every position that overlaps
+    it. Both walks advance with carries (no division per element) in rounds of
+    :data:`LOCAL_WEIGHT_LOADS` / :data:`LOCAL_INPUT_LOADS` loads issued before their
+    stores; the hot loop reads shared memory at immediate offsets from two pointers, one
+    add each per kernel tap.
 
     ``partial`` builds the split-K variant's kernel for float16: it writes float32 partial
     sums (its name ends in ``_partial``); for float32 and float64 the partial sums have the
@@ -402,14 +405,16 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_tile, map_tile, batch_la
     Launch (see :func:`local_conv2d_config`): ``block = (batch_lanes, map_lanes,
     positions)``, ``grid = (batch tiles * position tiles, groups * map blocks, slices)``
     (the batch tiles of one position tile are neighbours in the grid, so their shared weights
-    come from L2), dynamic shared memory ``positions * pos_pitch + stage_rows * BM *
-    win * x_pitch`` words of the compute type (``win`` the input columns under the
+    come from L2), dynamic shared memory ``positions * pos_pitch + stage_rows * win *
+    x_pitch`` words of the compute type (``win`` the input columns under the
     segment). Kernel arguments: the flat ``x (n, c_I, h, w)``,
     ``weight``, ``bias (c_O, bias_len)`` (or a dummy) and ``out (slices, n, c_O, h_O,
     w_O)``, then ``has_bias, bias_len, n, c_I, h, w, c_O, h_O, w_O, c_Ig, c_Og, s_H, s_W,
     p_top, p_left, d_H, d_W, tiles_x, batch_tiles, stage_rows, slice_rows, w_pitch,
-    pos_pitch, x_pitch, slice_size``: slice ``z`` sums kernel rows ``[z * slice_rows, (z + 1)
-    * slice_rows)`` into ``out[z]`` (``slice_size`` elements apart; the bias goes to slice 0).
+    pos_pitch, x_pitch, slice_size`` and the walks' constants ``win, step_j, step_o,
+    step_k, step_r, step_b, step_c`` (:func:`_local_walk`): slice ``z`` sums kernel rows
+    ``[z * slice_rows, (z + 1) * slice_rows)`` into ``out[z]`` (``slice_size`` elements
+    apart, 0 for one slice; the bias goes to slice 0).
     """
     scalar = _COMPUTE[code]
     store = scalar if partial else _SCALAR[code]
