@@ -249,51 +249,87 @@ def test_conv2d_several_channel_stages_and_batch_grid_stride(c_in, chunk, dtype)
     _assert_matches(d_out.copy_to_host(), *_reference(False, x, w, b, geom), dtype)
 
 
-@pytest.mark.cuda
-@needs_cuda
-@pytest.mark.parametrize("bias_kind", [None, "channel", "position"])
-def test_local_conv2d_several_batch_passes(bias_kind):
-    """Batch larger than one pass of the block (batch block 2, one row of threads)."""
+# local_conv2d with forced small tiles: every remainder path of the batched-GEMM kernel at
+# simulator sizes. Geometry: batch 5 in tiles of 2 x 2 images (a full and a partial batch
+# tile), c_Og 3 in blocks of 2 maps (a partial map block), two groups, W_out 5 in blocks
+# of 3 positions (a partial position tile), c_Ig * k_H = 6 kernel rows in stages of 2 or 4
+# (the last one partial), stride, padding and dilation; one or two split-K slices.
+_LOCAL_FORCED = dict(n=5, c_in=4, h=6, w=9, c_out=6, k=(3, 2), stride=(1, 2),
+                     padding=(1, 1), dilation=(2, 1), groups=2)
+
+
+def _forced_local_geometry():
+    g = _LOCAL_FORCED
+    return _geometry(g["n"], g["c_in"], g["h"], g["w"], g["c_out"], g["k"], g["stride"],
+                     g["padding"], g["dilation"], g["groups"])
+
+
+def _forced_local_config(geom, dtype, stage_rows, slices):
+    from gpuconv.cuda import kernels as _cuda_kernels
+
+    config = _cuda_kernels.local_conv2d_launch(geom, dtype, 2, 2, (2, 1, 3),
+                                               stage_rows=stage_rows, slices=slices)
+    assert config.batch_tiles == 2 and config.tiles_x == 2 and config.grid[1] == 4
+    assert config.slices == slices and config.stage_rows == stage_rows
+    return config
+
+
+def _launch_local(config, x, w, b, geom, dtype):
     from numba import cuda
 
-    from gpuconv.cuda import kernels as _cuda_kernels, launch as _cuda
+    from gpuconv.cuda import launch as _cuda
 
-    rng = np.random.default_rng(15)
-    geom = _geometry(5, 2, 4, 5, 3, 2, stride=(1, 2))
-    x, w, b = _operands(rng, geom, np.float32, True, bias_kind)
-    config = _cuda_kernels.local_conv2d_config(geom, np.float32)
-    config = config._replace(kernel=_cuda_kernels.local_conv2d_kernel("f32", 2, 2, 2, 2),
-                             block=(32, 1), grid=(config.grid[0], 2), batch_block=2)
-    d_x, d_w, d_b = _device_arrays(x, w, b)
-    d_out = cuda.to_device(np.full(geom.output_shape, np.nan, np.float32))
-    _cuda.launch_local_conv2d(d_x, d_w, d_b, d_out, geom, cuda.default_stream(), config)
-    _assert_matches(d_out.copy_to_host(), *_reference(True, x, w, b, geom), np.float32)
-
-
-@pytest.mark.cuda
-@needs_cuda
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_local_conv2d_weight_stages_cross_channels_and_position_blocks(dtype):
-    """Two kernel rows per shared-memory stage (stages end inside a channel's kernel, the
-    last one partial), 49 positions (a full and a partial block of 32), two groups, a
-    partial channel block and a batch in two passes."""
-    from numba import cuda
-
-    from gpuconv.cuda import kernels as _cuda_kernels, launch as _cuda
-
-    rng = np.random.default_rng(17)
-    geom = _geometry(3, 6, 7, 9, 6, 3, padding=(1, 0), groups=2)  # c_Ig 3: 9 kernel rows
-    assert geom.out_height * geom.out_width == 49
-    x, w, b = _operands(rng, geom, dtype, True, "position")
-    code = "f32" if dtype == np.float32 else "f64"
-    spec = _cuda_kernels.local_conv2d_kernel(code, 3, 3, 2, 2, stage_rows=2)
-    assert spec.name == f"local_conv2d_{code}_k3x3_b2_c2_s2"
-    config = _cuda_kernels.local_conv2d_config(geom, dtype)
-    config = config._replace(kernel=spec, block=(32, 1), grid=(2, 4), batch_block=2)
     d_x, d_w, d_b = _device_arrays(x, w, b)
     d_out = cuda.to_device(np.full(geom.output_shape, np.nan, dtype))
     _cuda.launch_local_conv2d(d_x, d_w, d_b, d_out, geom, cuda.default_stream(), config)
-    _assert_matches(d_out.copy_to_host(), *_reference(True, x, w, b, geom), dtype)
+    return d_out.copy_to_host()
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("stage_rows, slices", [(2, 1), (4, 1), (2, 2)],
+                         ids=["stages_2x3", "stages_4_2", "two_slices"])
+@pytest.mark.parametrize("bias_kind", [None, "channel", "position"])
+@pytest.mark.parametrize("dtype", DTYPES + [np.float16], ids=DTYPE_IDS + ["f16"])
+def test_local_conv2d_remainders_stages_and_slices(dtype, bias_kind, stage_rows, slices):
+    geom = _forced_local_geometry()
+    assert (geom.out_width, geom.in_channels_per_group * geom.kernel_height) == (5, 6)
+    rng = np.random.default_rng(15)
+    x, w, b = _operands(rng, geom, dtype, True, bias_kind)
+    config = _forced_local_config(geom, dtype, stage_rows, slices)
+    y = _launch_local(config, x, w, b, geom, dtype)
+    _assert_matches(y, *_reference(True, x, w, b, geom), dtype, _terms(geom, b))
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+def test_local_conv2d_is_bitwise_deterministic(dtype):
+    """The same call twice gives the same bits, split-K partial sums included (added in a
+    fixed order, no atomics)."""
+    geom = _forced_local_geometry()
+    rng = np.random.default_rng(18)
+    x, w, b = _operands(rng, geom, dtype, True, "position")
+    config = _forced_local_config(geom, dtype, 2, 2)
+    first = _launch_local(config, x, w, b, geom, dtype)
+    second = _launch_local(config, x, w, b, geom, dtype)
+    np.testing.assert_array_equal(first.view(np.uint8), second.view(np.uint8))
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_local_conv2d_small_batch_streams_the_weights():
+    """A batch of 3 (<= 8): the register tile holds every image, so each weight is read
+    by one thread; 13 maps on 4 map lanes of up to 4 maps (the last tile partial)."""
+    from gpuconv.cuda import kernels as _cuda_kernels
+
+    geom = _geometry(3, 2, 5, 12, 13, 3, padding=1)
+    config = _cuda_kernels.local_conv2d_config(geom, np.float32)
+    assert config.block[0] == 1 and "_t3x" in config.kernel.name
+    rng = np.random.default_rng(19)
+    x, w, b = _operands(rng, geom, np.float32, True, "channel")
+    y = _launch_local(config, x, w, b, geom, np.float32)
+    _assert_matches(y, *_reference(True, x, w, b, geom), np.float32)
 
 
 @pytest.mark.cuda
@@ -374,29 +410,6 @@ def test_float16_non_contiguous_device_inputs_are_copied_as_half(local):
 
 @pytest.mark.cuda
 @needs_cuda
-def test_float16_local_conv2d_batch_padding_and_passes():
-    """A batch of 5 in passes of 2 (the batch-innermost float16 copy padded to 6 with
-    zeros), two weight stages per kernel."""
-    from numba import cuda
-
-    from gpuconv.cuda import kernels as _cuda_kernels, launch as _cuda
-
-    rng = np.random.default_rng(33)
-    geom = _geometry(5, 2, 4, 5, 3, 2, stride=(1, 2))
-    x, w, b = _operands(rng, geom, np.float16, True, "position")
-    config = _cuda_kernels.local_conv2d_config(geom, np.float16)
-    spec = _cuda_kernels.local_conv2d_kernel("f16", 2, 2, 2, 2, stage_rows=2)
-    assert spec.name == "local_conv2d_f16_k2x2_b2_c2_s2"
-    config = config._replace(kernel=spec, block=(32, 1), grid=(config.grid[0], 2), batch_block=2)
-    d_x, d_w, d_b = _device_arrays(x, w, b)
-    d_out = cuda.to_device(np.full(geom.output_shape, np.nan, np.float16))
-    _cuda.launch_local_conv2d(d_x, d_w, d_b, d_out, geom, cuda.default_stream(), config)
-    _assert_matches(d_out.copy_to_host(), *_reference(True, x, w, b, geom), np.float16,
-                    _terms(geom, b))
-
-
-@pytest.mark.cuda
-@needs_cuda
 @pytest.mark.parametrize("local", [False, True], ids=["conv2d", "local_conv2d"])
 def test_float16_sums_beyond_the_half_range_come_back_in_range(local):
     """Partial sums of 2 * 60000 exceed float16's largest value (65504); accumulated in
@@ -427,8 +440,11 @@ def test_factories_are_memoised_and_named_by_their_constants():
     spec = k.conv2d_kernel("f32", 3, 5, 2, 2, 8)
     assert spec is k.conv2d_kernel("f32", 3, 5, 2, 2, 8)
     assert spec.name == "conv2d_f32_k3x5_r2x2_c8" == spec.pyfunc.__name__
-    assert k.local_conv2d_kernel("f64", 7, 7, 4, 4).name == "local_conv2d_f64_k7x7_b4_c4"
-    assert k.transpose_kernel("f32").name == "transpose_f32_t32"
+    local = k.local_conv2d_kernel("f64", 7, 7, 4, 3, 8, 2)
+    assert local is k.local_conv2d_kernel("f64", 7, 7, 4, 3, 8, 2)
+    assert local.name == "local_conv2d_f64_k7x7_t4x3_l8x2" == local.pyfunc.__name__
+    assert k.local_conv2d_kernel("f16", 3, 3, 8, 4, 4, 8, True).name == \
+        "local_conv2d_f16_k3x3_t8x4_l4x8_partial"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -448,8 +464,15 @@ def test_launch_shapes_of_the_workload_layers_fit_the_hardware(layer, dtype):
     else:
         _check_direct_conv2d_launch(conv, geom, k)
     local = k.local_conv2d_config(geom, dtype)
-    assert local.grid[0] * 32 >= geom.out_height * geom.out_width
-    assert local.block[0] * local.block[1] <= 1024
+    batch_lanes, map_lanes, positions = local.block
+    tile, maps = (int(v) for v in local.kernel.name.split("_t")[1].split("_")[0].split("x"))
+    assert local.grid[0] == local.batch_tiles * local.tiles_x * geom.out_height
+    assert local.batch_tiles * batch_lanes * tile >= geom.batch
+    assert local.tiles_x * positions >= geom.out_width
+    assert local.grid[1] * map_lanes * maps >= geom.out_channels
+    assert local.slices * local.slice_rows >= geom.in_channels_per_group * geom.kernel_height
+    assert batch_lanes * map_lanes * positions <= local.kernel.launch_bounds[0]
+    assert local.shared_bytes <= k.SHARED_LIMIT_BYTES
 
 
 def _check_direct_conv2d_launch(conv, geom, k):
@@ -491,9 +514,9 @@ def test_workload_specialisations_cover_both_ops_and_dtypes():
     layers = k.workload_kernel_names()
     assert len(layers) == 13 and all(a in names and b in names for a, b in layers.values())
     for prefix in ("conv2d_f32_k11x11", "conv2d_gemm_f64_t64x64", "local_conv2d_f32_k9x9",
-                   "local_conv2d_f64_k5x5", "transpose_f32", "copy6d_f64", "conv2d_f16_k3x3",
-                   "conv2d_gemm_f16_t128x64", "local_conv2d_f16_k5x5", "transpose_f16",
-                   "copy6d_f16"):
+                   "local_conv2d_f64_k5x5", "copy6d_f64", "conv2d_f16_k3x3",
+                   "conv2d_gemm_f16_t128x64", "local_conv2d_f16_k5x5",
+                   "local_conv2d_f16_k3x3_t8x4_l4x8_partial", "sum_slices_f32", "copy6d_f16"):
         assert any(name.startswith(prefix) for name in names), prefix
 
 
@@ -504,10 +527,43 @@ def test_float16_takes_the_float32_launch_shapes_under_its_own_names():
     for _, geom in k.workload_geometries():
         for config_of in (k.conv2d_config, k.local_conv2d_config):
             half, single = config_of(geom, np.float16), config_of(geom, np.float32)
-            assert half.kernel.name == single.kernel.name.replace("_f32_", "_f16_")
+            # (float16's split-K partial sums are float32: a kernel of its own)
+            assert half.kernel.name.removesuffix("_partial") == \
+                single.kernel.name.replace("_f32_", "_f16_")
             assert half._replace(kernel=None) == single._replace(kernel=None)
             assert half.kernel.launch_bounds == single.kernel.launch_bounds
     assert k.conv2d_kernel("f16", 3, 3, 2, 4, 8).name == "conv2d_f16_k3x3_r2x4_c8"
-    assert k.transpose_kernel("f16").name == "transpose_f16_t32"
     assert k.dtype_code(np.float16) == "f16" and k.compute_code("f16") == "f32"
-    assert k.local_stage_bytes("f16", 3, 4) == k.local_stage_bytes("f32", 3, 4)
+
+
+@pytest.mark.parametrize("dtype, per_partial", [(np.float32, 1), (np.float16, 2)],
+                         ids=["f32", "f16"])
+def test_local_scratch_counts_the_split_k_partial_sums(dtype, per_partial):
+    """DeepFace L5 at its GPU batch splits K (its grid would be under two waves): the
+    scratch is one partial sum per slice (float32 for float16: two elements each) and a
+    bias placeholder; no transposed copy of the input any more."""
+    from gpuconv import workloads
+    from gpuconv.cuda import kernels as k
+    from gpuconv.cuda import launch as _cuda
+
+    geom = workloads.gpu_geometry("deepface-l5")
+    config = k.local_conv2d_config(geom, dtype)
+    assert config.slices > 1 and config.grid[2] == config.slices
+    out = geom.batch * geom.out_channels * geom.out_height * geom.out_width
+    assert _cuda.local_conv2d_scratch_elements(geom, dtype) == \
+        config.slices * out * per_partial + 1
+
+
+def test_local_reads_are_conflict_free_on_the_default_suite():
+    """The config's pitches put every lane of a warp's hot-loop reads in its own bank (or a
+    broadcast), and the grid gives at least one wave of 512 threads on 132 SMs."""
+    from gpuconv import bench, workloads
+    from gpuconv.cuda import kernels as k
+
+    for name in bench.SUITES["default"]:
+        geom = workloads.gpu_geometry(name)
+        config = k.local_conv2d_config(geom, np.float32)
+        assert k.local_read_wavefronts(config.block, config.pos_pitch, config.x_pitch,
+                                       geom.stride_w) == (1, 1), name
+        threads = config.block[0] * config.block[1] * config.block[2]
+        assert threads * config.grid[0] * config.grid[1] * config.grid[2] >= 132 * 512, name

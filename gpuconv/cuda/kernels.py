@@ -28,19 +28,21 @@ import functools
 from typing import NamedTuple
 
 import numpy as np
-from numba import cuda, float32, float64, int64, types, uint64
+from numba import cuda, float32, float64, int32, int64, types, uint64
 from numba.types import float16
 
 from .. import workloads
 from ..device import simulator_enabled
 
 __all__ = ["KernelSpec", "Conv2dConfig", "LocalConv2dConfig", "conv2d_kernel",
-           "local_conv2d_kernel", "transpose_kernel", "copy_kernel", "compiled",
+           "local_conv2d_kernel", "copy_kernel", "compiled",
            "conv2d_config", "local_conv2d_config", "workload_specialisations", "dtype_code",
            "compute_code", "CODES",
            "workload_kernel_names", "workload_geometries", "SHARED_BUDGET_BYTES",
            "GRID_YZ_LIMIT", "check_grid",
-           "SHARED_LIMIT_BYTES", "LOCAL_STAGE_BYTES", "local_stage_rows", "local_stage_bytes"]
+           "SHARED_LIMIT_BYTES", "LOCAL_STAGE_BYTES", "LOCAL_FORWARD_STAGE_BYTES",
+           "TARGET_SMS", "local_read_wavefronts", "local_conv2d_partial_dtype",
+           "local_conv2d_launch", "LOCAL_WEIGHT_LOADS", "LOCAL_INPUT_LOADS"]
 
 # Dynamic shared memory one conv2d block may use: small enough that several blocks share an
 # SM (an H100/H200 SM has 228 KiB), and under the 48 KiB that needs no opt-in.
@@ -368,270 +370,506 @@ def conv2d_config(geom, dtype):
 
 
 # --------------------------------------------------------------------------------------------
-# local_conv2d: one kernel per output position; batch reuse in registers, weights staged in
-# shared memory from the caller's layout
+# local_conv2d: a batched GEMM over output positions, Y[:, :, p] = X_p . W_p^T
 # --------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def local_conv2d_kernel(code, kernel_h, kernel_w, batch_block, channels, stage_rows=None):
-    """Locally connected convolution kernel, specialised on dtype, kernel size and register block.
+def local_conv2d_kernel(code, kernel_h, kernel_w, batch_tile, map_tile, batch_lanes,
+                        map_lanes, partial=False):
+    """Locally connected convolution as a batched GEMM, specialised on dtype, kernel size,
+    register tile and thread layout.
 
-    Reads the weights in the caller's layout ``(c_O, h_O, w_O, c_Ig, k_H, k_W)``. For one
-    output channel, the kernels of 32 consecutive output positions are one contiguous block
-    of ``32 * c_Ig * k_H * k_W`` values; the block stages it through shared memory a few
-    kernel rows at a time (:func:`local_stage_rows` rows of ``k_W`` values per position and
-    channel), with consecutive threads loading consecutive words. Each thread then reads its
-    own position's row from shared memory, the rows padded to an odd stride so the 32
-    threads of a warp hit 32 different banks. ``stage_rows`` overrides the rows per stage
-    (tests use it to cross stage boundaries at tiny sizes; the name then ends in
-    ``_s<rows>``).
+    Per output position ``p`` the layer is the product ``Y[:, :, p] = X_p . W_p^T`` with
+    ``M = n`` (images), ``N = c_Og`` (maps of a group) and ``K = c_Ig * k_H * k_W``: ``X_p``
+    is the input window of ``p`` (an implicit im2col, never built) and ``W_p`` the weights
+    of ``p`` in the caller's layout ``(c_O, h_O, w_O, c_Ig, k_H, k_W)``, ``K`` contiguous
+    for each (map, position).
 
-    The input is read with the batch innermost, ``(c_I, h, w, n_pad)``, made on the device
-    by :func:`transpose_kernel` (``n_pad`` rounds ``n`` up to ``batch_block``, the padding
-    zero): a thread's ``batch_block`` images of one input value are consecutive words.
+    A block computes ``BM = batch_lanes * batch_tile`` images x ``BO = map_lanes * map_tile``
+    maps of one group for ``blockDim.z`` consecutive positions of one output row. Thread
+    ``(tb, to, j)`` owns position ``j`` of the segment, images ``tb, tb + batch_lanes, ...``
+    and maps ``to, to + map_lanes, ...``: ``batch_tile x map_tile`` accumulators, each step
+    of ``K`` costs ``batch_tile + map_tile`` shared-memory reads for ``batch_tile *
+    map_tile`` FMAs, and the lanes of a warp read consecutive words.
 
-    Each thread owns one output position, ``channels`` output channels and ``batch_block``
-    batch elements at a time: every weight it reads from shared memory serves
-    ``batch_block`` images, every input value ``channels`` output channels. The threads of
-    a block along y take other batch slices of the same positions and channels and share
-    the staged weights, so a weight comes from DRAM once per pass over ``32 * by * batch_block``
-    images (one pass for the benchmark batches).
+    ``K`` is walked a few kernel rows (``k_W`` values of one input channel) at a time.
+    For each stage the block copies (1) the weights of its positions and maps, walked
+    (position, map, tap) with the taps fastest, so consecutive threads load consecutive
+    words of a (map, position) row (coalesced; every weight read from memory once per
+    block), stored tap-major with the maps innermost at an odd pitch, and (2) the input rows
+    those kernel rows touch, for its images, consecutive threads on consecutive columns
+    (coalesced), zeros outside the image, stored column-major with the images innermost.
+    The input window of the segment serves all ``BO`` maps and every position that overlaps
+    it. Both walks advance with carries (no division per element) in rounds of
+    :data:`LOCAL_WEIGHT_LOADS` / :data:`LOCAL_INPUT_LOADS` loads issued before their
+    stores; the hot loop reads shared memory at immediate offsets from two pointers, one
+    add each per kernel tap.
 
-    Launch: ``grid = (ceil(P / 32), groups * ceil(c_Og / channels))``,
-    ``block = (32, by)`` with ``by = min(16 (float16, float32) or 8 (float64),
-    ceil(n / batch_block))``; static shared memory ``channels * 32 * stride * itemsize``
-    bytes (``itemsize`` of the compute type), ``stride`` the odd number at least
-    ``local_stage_rows(...) * k_W``.
+    ``partial`` builds the split-K variant's kernel for float16: it writes float32 partial
+    sums (its name ends in ``_partial``); for float32 and float64 the partial sums have the
+    output's type and the same kernel serves both.
 
-    Kernel arguments: flat ``x_t (c_I, h, w, n_pad)``, ``weight (c_O, h_O, w_O, c_Ig, k_H, k_W)``,
-    ``bias (c_O, bias_len)`` (``bias_len`` 1 or ``P``; or a dummy) and
-    ``out (n, c_O, h_O, w_O)``, then ``has_bias, bias_len, n, n_pad, h, w, c_O, h_O, w_O,
-    c_Ig, c_Og, s_H, s_W, p_top, p_left, d_H, d_W``.
+    Launch (see :func:`local_conv2d_config`): ``block = (batch_lanes, map_lanes,
+    positions)``, ``grid = (batch tiles * position tiles, groups * map blocks, slices)``
+    (the batch tiles of one position tile are neighbours in the grid, so their shared weights
+    come from L2), dynamic shared memory ``positions * pos_pitch + stage_rows * win *
+    x_pitch`` words of the compute type (``win`` the input columns under the
+    segment). Kernel arguments: the flat ``x (n, c_I, h, w)``,
+    ``weight``, ``bias (c_O, bias_len)`` (or a dummy) and ``out (slices, n, c_O, h_O,
+    w_O)``, then ``has_bias, bias_len, n, c_I, h, w, c_O, h_O, w_O, c_Ig, c_Og, s_H, s_W,
+    p_top, p_left, d_H, d_W, tiles_x, batch_tiles, stage_rows, slice_rows, w_pitch,
+    pos_pitch, x_pitch, slice_size`` and the walks' constants ``win, step_j, step_o,
+    step_k, step_r, step_b, step_c`` (:func:`_local_walk`): slice ``z`` sums kernel rows
+    ``[z * slice_rows, (z + 1) * slice_rows)`` into ``out[z]`` (``slice_size`` elements
+    apart, 0 for one slice; the bias goes to slice 0).
     """
-    store, scalar = _SCALAR[code], _COMPUTE[code]
-    KH, KW, NB, CB = kernel_h, kernel_w, batch_block, channels
-    KHW = KH * KW
-    NACC = NB * CB
-    RS = stage_rows or local_stage_rows(code, KW, CB)  # kernel rows per shared-memory stage
-    STAGE = RS * KW                      # weights per position and channel in one stage
-    ROW = STAGE | 1                      # odd row stride: conflict-free reads across a warp
-    SLAB = 32 * ROW                      # one output channel's stage
-    STAGE_ALL = CB * 32 * STAGE
-    SMEM = CB * SLAB
+    scalar = _COMPUTE[code]
+    store = scalar if partial else _SCALAR[code]
+    KH, KW, TM, TO, LB, LO = kernel_h, kernel_w, batch_tile, map_tile, batch_lanes, map_lanes
+    NACC = TM * TO
+    BM = LB * TM
+    BO = LO * TO
+    UNROLL = LOCAL_WEIGHT_LOADS[compute_code(code)]  # weight loads in flight per thread
+    XUNROLL = LOCAL_INPUT_LOADS                       # input loads in flight per thread
 
-    def kernel(x_t, weight, bias, out, has_bias, bias_len, n, n_pad, h, wd, c_O, h_O, w_O,
-               c_Ig, c_Og, s_H, s_W, pt, pl, d_H, d_W):
-        # Every thread takes part in the shared-memory stages, so the bounds guards sit on
-        # the compute and the stores, not at the top.
-        tx = cuda.threadIdx.x
-        ty = cuda.threadIdx.y
-        by = cuda.blockDim.y
-        tid = ty * 32 + tx
-        nthreads = 32 * by
-        n_pos = h_O * w_O
-        pos0 = cuda.blockIdx.x * 32
-        pos = pos0 + tx
-        block_pos = min(32, n_pos - pos0)  # positions of this block
-        oy = pos // w_O
-        ox = pos - oy * w_O
-        iy0 = oy * s_H - pt
-        ix0 = ox * s_W - pl
-        blocks_per_group = (c_Og + CB - 1) // CB
+    def kernel(x, weight, bias, out, has_bias, bias_len, n, c_I, h, wd, c_O, h_O, w_O,
+               c_Ig, c_Og, s_H, s_W, pt, pl, d_H, d_W, tiles_x, batch_tiles, stage_rows,
+               slice_rows, w_pitch, pos_pitch, x_pitch, slice_size, win, step_j, step_o,
+               step_k, step_r, step_b, step_c):
+        # Every thread takes part in the stages, so the bounds guards sit on the stores.
+        # Values that stay live across the loops are kept in 32 bits (they are small).
+        tb = cuda.threadIdx.x
+        to = cuda.threadIdx.y
+        j = cuda.threadIdx.z
+        ptw = cuda.blockDim.z
+        tid = (j * LO + to) * LB + tb
+
+        pos_tile = cuda.blockIdx.x // batch_tiles
+        n0 = (cuda.blockIdx.x - pos_tile * batch_tiles) * BM
+        oy = pos_tile // tiles_x
+        ox0 = (pos_tile - oy * tiles_x) * ptw
+        blocks_per_group = (c_Og + BO - 1) // BO
         g = cuda.blockIdx.y // blocks_per_group
-        co0 = g * c_Og + (cuda.blockIdx.y % blocks_per_group) * CB
-        n_co = min(CB, (g + 1) * c_Og - co0)
-        k_len = c_Ig * KHW   # weights of one position and output channel
-        n_rows = c_Ig * KH   # kernel rows of one position and output channel
+        co0 = g * c_Og + (cuda.blockIdx.y - g * blocks_per_group) * BO
+        n_co = int32(min(BO, (g + 1) * c_Og - co0))
+        n_j = int32(min(ptw, w_O - ox0))
+        n_b = int32(min(BM, n - n0))
+        r_end = int32(min(c_Ig * KH, (cuda.blockIdx.z + 1) * slice_rows))
+        iy0 = int32(oy * s_H - pt)
+        ix0 = int32(ox0 * s_W - pl)
+        x_stage = int32(ptw * pos_pitch)  # the input stage follows the weight stage
+        # Flat offsets of the block's first weight row and first input row.
+        w_first = (co0 * h_O + oy) * w_O + ox0
+        x_first = (n0 * c_I + g * c_Ig) * h
+        smem = cuda.shared.array(0, dtype=scalar)
 
-        wsm = cuda.shared.array(SMEM, dtype=scalar)
+        # Weight elements (position, map, tap) of the stage, taps fastest, in steps of the
+        # block's threads: the walk advances with carries (steps from the host), no division.
+        KC = stage_rows * KW
+        first_k = int32(tid % KC)
+        rest = tid // KC
+        first_o = int32(rest % BO)
+        first_j = int32(rest // BO)
+        n_pos = h_O * w_O
+        k_len = c_Ig * KH * KW
+        w_block = w_first * k_len  # flat offset of the block's first weight
+        # Input elements (kernel row, image, column) of the stage, columns fastest.
+        per_row = BM * win
+        first_r = int32(tid // per_row)
+        rest = tid - first_r * per_row
+        first_b = int32(rest // win)
+        first_c = int32(rest - first_b * win)
+
+        w_src = cuda.local.array(UNROLL, dtype=int32)
+        w_dst = cuda.local.array(UNROLL, dtype=int32)
+        w_val = cuda.local.array(UNROLL, dtype=scalar)
+        x_src = cuda.local.array(XUNROLL, dtype=int64)
         acc = cuda.local.array(NACC, dtype=scalar)
-        wreg = cuda.local.array(CB, dtype=scalar)
-        xreg = cuda.local.array(NB, dtype=scalar)
-        for pass0 in range(0, n, by * NB):  # the same trip count in every thread
-            b0 = pass0 + ty * NB
-            active = pos < n_pos and b0 < n  # b0 < n: the images up to b0 + NB are in n_pad
-            for a in range(NACC):
-                acc[a] = scalar(0)  # keep the math in the compute type
-            for r0 in range(0, n_rows, RS):
-                k0 = r0 * KW
-                kc = min(RS, n_rows - r0) * KW
-                # Wait until the previous stage has been read before overwriting it.
-                cuda.syncthreads()
-                # Consecutive threads load consecutive words: runs of kc values, one per
-                # position (the whole 32-position block when one stage holds a kernel).
-                for e in range(tid, STAGE_ALL, nthreads):
-                    q = e // (32 * STAGE)
-                    rest = e - q * (32 * STAGE)
-                    j = rest // STAGE
-                    kk = rest - j * STAGE
-                    if q < n_co and j < block_pos and kk < kc:
-                        src = ((co0 + q) * n_pos + pos0 + j) * k_len + k0 + kk
-                        wsm[q * SLAB + j * ROW + kk] = scalar(weight[uint64(src)])
-                cuda.syncthreads()
-                if active:
-                    for rr in range(RS):
-                        r = r0 + rr
-                        if r < n_rows:
-                            ci = r // KH
-                            ky = r - ci * KH
-                            iy = iy0 + ky * d_H
-                            if iy >= 0 and iy < h:
-                                x_row = ((g * c_Ig + ci) * h + iy) * wd
-                                for kx in range(KW):
-                                    ix = ix0 + kx * d_W
-                                    if ix >= 0 and ix < wd:
-                                        xofs = (x_row + ix) * n_pad + b0
-                                        for bb in range(NB):
-                                            xreg[bb] = scalar(x_t[uint64(xofs + bb)])
-                                        # Channels past the group's end read stale words;
-                                        # their sums are never stored.
-                                        sofs = tx * ROW + rr * KW + kx
-                                        for q in range(CB):
-                                            wreg[q] = wsm[q * SLAB + sofs]
-                                        for bb in range(NB):
-                                            for q in range(CB):
-                                                acc[bb * CB + q] += xreg[bb] * wreg[q]
-            if active:
-                bias_pos = pos if bias_len > 1 else 0
-                for bb in range(NB):
-                    if b0 + bb < n:
-                        ofs = ((b0 + bb) * c_O + co0) * n_pos + pos
-                        for q in range(CB):
-                            if q < n_co:
-                                v = acc[bb * CB + q]
-                                if has_bias:
-                                    v += scalar(bias[uint64((co0 + q) * bias_len + bias_pos)])
-                                out[uint64(ofs)] = store(v)
-                            ofs += n_pos
+        xv = cuda.local.array(TM, dtype=scalar)
+        wv = cuda.local.array(TO, dtype=scalar)
+        for a in range(NACC):
+            acc[a] = scalar(0)  # keep the math in the compute type
+        w_base = int32(j * pos_pitch + to)
+        x_base = int32(x_stage + j * s_W * x_pitch + tb)
+        x_tap = int32(d_W * x_pitch)                  # next kernel column
+        x_skip = int32((win - KW * d_W) * x_pitch)    # from past the last column to the next row
 
-    name = f"local_conv2d_{code}_k{KH}x{KW}_b{NB}_c{CB}"
-    if RS != local_stage_rows(code, KW, CB):
-        name += f"_s{RS}"
-    signature = (_array(code, 1),) * 4 + (types.int64,) * 17
-    return KernelSpec(name, _rename(kernel, name), signature,
-                      (32 * _LOCAL_MAX_ROWS[compute_code(code)], 1))
+        for r0 in range(cuda.blockIdx.z * slice_rows, r_end, stage_rows):
+            nr = min(stage_rows, r_end - r0)
+            kc = nr * KW
+            # Wait until everyone has read the previous stage before overwriting it.
+            cuda.syncthreads()
+            # Weights: UNROLL elements of the stage per round, loads first, so that each
+            # thread has UNROLL loads in flight; elements off the tile load a valid word
+            # (the block's first) and are not stored.
+            sj = first_j
+            so = first_o
+            kk = first_k
+            while sj < ptw:
+                for u in range(UNROLL):
+                    src = 0
+                    dst = -1
+                    if sj < n_j and so < n_co and kk < kc:
+                        src = (so * n_pos + sj) * k_len + r0 * KW + kk
+                        dst = sj * pos_pitch + kk * w_pitch + so
+                    w_src[u] = src  # 32 bits: the config keeps a block's weights under 2**31
+                    w_dst[u] = dst
+                    kk += step_k
+                    so += step_o
+                    sj += step_j
+                    if kk >= KC:
+                        kk -= KC
+                        so += 1
+                    if so >= BO:
+                        so -= BO
+                        sj += 1
+                for u in range(UNROLL):
+                    w_val[u] = scalar(weight[uint64(w_block + w_src[u])])
+                for u in range(UNROLL):
+                    if w_dst[u] >= 0:
+                        smem[uint64(w_dst[u])] = w_val[u]
+            # Input: likewise XUNROLL elements per round; elements off the image are zeros,
+            # those past the stage or the batch are not stored.
+            rr = first_r
+            b = first_b
+            col = first_c
+            while rr < nr:
+                for u in range(XUNROLL):
+                    src = -1
+                    dst = -1
+                    if rr < nr and b < n_b:
+                        c = (r0 + rr) // KH
+                        iy = iy0 + (r0 + rr - c * KH) * d_H
+                        ix = ix0 + col
+                        dst = x_stage + rr * win * x_pitch + col * x_pitch + b
+                        if iy >= 0 and iy < h and ix >= 0 and ix < wd:
+                            src = ((x_first + (b * c_I + c) * h) + iy) * wd + ix
+                    x_src[u] = src
+                    w_dst[u] = dst
+                    col += step_c
+                    b += step_b
+                    rr += step_r
+                    if col >= win:
+                        col -= win
+                        b += 1
+                    if b >= BM:
+                        b -= BM
+                        rr += 1
+                for u in range(XUNROLL):
+                    v = scalar(0)
+                    if x_src[u] >= 0:
+                        v = scalar(x[uint64(x_src[u])])
+                    w_val[u] = v
+                for u in range(XUNROLL):
+                    if w_dst[u] >= 0:
+                        smem[uint64(w_dst[u])] = w_val[u]
+            # Wait until both stages are complete before anyone reads them.
+            cuda.syncthreads()
+            xo = x_base
+            wo = w_base
+            for rr in range(nr):
+                for kx in range(KW):
+                    for i in range(TM):
+                        xv[i] = smem[uint64(xo + i * LB)]
+                    for q in range(TO):
+                        wv[q] = smem[uint64(wo + q * LO)]
+                    for i in range(TM):
+                        for q in range(TO):
+                            acc[i * TO + q] += xv[i] * wv[q]
+                    xo += x_tap
+                    wo += w_pitch
+                xo += x_skip
+
+        if j < n_j:
+            p = oy * w_O + ox0 + j
+            bias_pos = p if bias_len > 1 else 0
+            first = cuda.blockIdx.z * slice_size
+            for i in range(TM):
+                b = tb + i * LB
+                if b < n_b:
+                    ofs = first + ((n0 + b) * c_O + co0 + to) * n_pos + p
+                    for q in range(TO):
+                        if to + q * LO < n_co:
+                            v = acc[i * TO + q]
+                            if has_bias != 0 and cuda.blockIdx.z == 0:
+                                v += scalar(bias[uint64((co0 + to + q * LO) * bias_len
+                                                        + bias_pos)])
+                            out[uint64(ofs)] = store(v)
+                        ofs += LO * n_pos
+
+    name = f"local_conv2d_{code}_k{KH}x{KW}_t{TM}x{TO}_l{LB}x{LO}"
+    if partial and store is not _SCALAR[code]:
+        name += "_partial"
+    signature = ((_array(code, 1),) * 3 + (types.Array(store, 1, "C"),)
+                 + (types.int64,) * 32)
+    return KernelSpec(name, _rename(kernel, name), signature, _LOCAL_LAUNCH_BOUNDS)
 
 
-# Weights one local_conv2d block stages at a time: 16 KiB leaves room for several blocks
-# on an SM, and is far more than the few rows a warp needs to load whole 128-byte lines.
+#: Loads in flight per thread in local_conv2d's staging rounds (weights by compute type,
+#: input): as many as fit the 128 registers beside the accumulators without spills (ptxas:
+#: 8 weight loads spill on sm_90, and 6 in float64).
+LOCAL_WEIGHT_LOADS = {"f32": 6, "f64": 4}
+LOCAL_INPUT_LOADS = 2
+
+# Blocks of at most 256 threads, two per SM: at most 128 registers a thread. Within that
+# cap ptxas keeps up to 40 float32 accumulators (8 x 5) or 16 float64 ones without spills
+# (an 8 x 8 float32 tile spills 20-32 bytes on sm_90/sm_80); the tests check every
+# specialisation the benchmark layers launch.
+_LOCAL_MAX_ACCUMULATORS = {"f32": 40, "f64": 16}
+_LOCAL_MAX_THREADS = 256
+_LOCAL_LAUNCH_BOUNDS = (_LOCAL_MAX_THREADS, 2)
+
+# Shared memory the local_conv2d gradient kernels stage at a time (see grad_kernels).
 LOCAL_STAGE_BYTES = 16 * 1024
 
+# Shared memory of one local_conv2d forward block: the weight stage of its positions and
+# maps plus the input stage of its images. 32 KiB keeps two blocks (and more) on an SM.
+LOCAL_FORWARD_STAGE_BYTES = 32 * 1024
 
-def local_stage_rows(code, kernel_w, channels):
-    """Kernel rows (``k_W`` weights each) per position and channel that local_conv2d stages
-    in shared memory at a time: as many as fit :data:`LOCAL_STAGE_BYTES` for the block's
-    32 positions and ``channels`` output channels, at least one (words of the compute
-    type: float16 stages float32)."""
-    itemsize = _stage_itemsize(code)
-    rows = 1
-    while channels * 32 * (((rows + 1) * kernel_w) | 1) * itemsize <= LOCAL_STAGE_BYTES:
-        rows += 1
-    return rows
-
-
-def local_stage_bytes(code, kernel_w, channels):
-    """Static shared memory of :func:`local_conv2d_kernel` (bytes)."""
-    return (channels * 32 * ((local_stage_rows(code, kernel_w, channels) * kernel_w) | 1)
-            * _stage_itemsize(code))
+#: The H200's SM count, the device the launch shapes are sized for (several waves).
+TARGET_SMS = 132
+# FLOP per byte where the H200's float32 arithmetic (66.9 TFLOP/s) meets its copy
+# bandwidth (about 4.25 TB/s).
+_RIDGE_FLOP_PER_BYTE = 16
+# Threads the local_conv2d grid aims for: two waves of 512 resident threads on each SM.
+_LOCAL_TARGET_THREADS = 2 * TARGET_SMS * 512
 
 
-# Rows of 32 threads in a local_conv2d block (by compute type): enough for a batch of 128
-# (float32) in one pass, so each weight comes from DRAM once; 512 threads x <= 128
-# registers fit an SM.
-_LOCAL_MAX_ROWS = {"f32": 16, "f64": 8}
+def _bank_wavefronts(addresses):
+    """Shared-memory wavefronts of one warp's access to these word addresses: the most
+    distinct words that fall in one of the 32 banks (equal words are one broadcast)."""
+    banks = {}
+    for a in set(addresses):
+        banks[a % 32] = banks.get(a % 32, 0) + 1
+    return max(banks.values()) if banks else 0
+
+
+def _warps(batch_lanes, map_lanes, positions):
+    """``[[(tb, to, j) of each lane]]`` of every warp of a block."""
+    threads = [(tb, to, j) for j in range(positions) for to in range(map_lanes)
+               for tb in range(batch_lanes)]
+    return [threads[w:w + 32] for w in range(0, len(threads), 32)]
+
+
+def local_read_wavefronts(layout, pos_pitch, x_pitch, stride_w):
+    """(input, weight) wavefronts of the hot loop's shared-memory reads, worst warp
+    (1 means conflict-free: every lane's word in its own bank or broadcast)."""
+    batch_lanes, map_lanes, positions = layout
+    warps = _warps(batch_lanes, map_lanes, positions)
+    x = max(_bank_wavefronts([j * stride_w * x_pitch + tb for tb, _, j in w]) for w in warps)
+    wt = max(_bank_wavefronts([j * pos_pitch + to for _, to, j in w]) for w in warps)
+    return x, wt
+
+
+def _pitch(minimum, cost):
+    """The pitch in ``[minimum, minimum + 32)`` of least ``cost(pitch)``, smallest first."""
+    return min(range(minimum, minimum + 32), key=lambda p: (cost(p), p))
 
 
 class LocalConv2dConfig(NamedTuple):
     """Compile-time constants and launch shape of one local_conv2d call."""
 
     kernel: KernelSpec
-    block: tuple
-    grid: tuple
-    batch_block: int   # the kernel's batch_block: the input's batch is padded to a multiple
+    block: tuple         # (batch lanes, map lanes, positions per block)
+    grid: tuple          # (batch tiles * position tiles, groups * map blocks, slices)
+    shared_bytes: int    # dynamic shared memory
+    tiles_x: int         # position tiles along an output row
+    batch_tiles: int
+    stage_rows: int      # kernel rows (k_W weights each) per shared-memory stage
+    slice_rows: int      # kernel rows per split-K slice (all of them for one slice)
+    w_pitch: int         # words between kernel taps in the weight stage (odd, >= maps)
+    pos_pitch: int       # words between positions in the weight stage
+    x_pitch: int         # words between input columns in the input stage (>= images)
+    slices: int          # split-K slices: > 1 sums partials in scratch, in a fixed order
+    walk: tuple          # (win, step_j, step_o, step_k, step_r, step_b, step_c)
+
+
+def _local_layout(geom, code, batch_tile, map_tile):
+    """(batch lanes, map lanes, positions per block) for a register tile."""
+    wide = compute_code(code) == "f32"
+    batch_lanes = min(-(-max(geom.batch, 1) // batch_tile), 16 if wide else 8)
+    map_lanes = min(-(-geom.out_channels_per_group // map_tile), max(1, 32 // batch_lanes))
+    per_position = batch_lanes * map_lanes
+    positions = _even_split(geom.out_width, max(1, _LOCAL_MAX_THREADS // per_position))
+    return batch_lanes, map_lanes, positions
+
+
+def _local_stage(geom, code, layout, batch_tile, map_tile):
+    """(stage rows, w_pitch, pos_pitch, x_pitch) within :data:`LOCAL_FORWARD_STAGE_BYTES`,
+    or None if not even one kernel row fits."""
+    batch_lanes, map_lanes, positions = layout
+    words = LOCAL_FORWARD_STAGE_BYTES // _stage_itemsize(code)
+    kw = geom.kernel_width
+    bm, bo = batch_lanes * batch_tile, map_lanes * map_tile
+    win = (positions - 1) * geom.stride_w + (kw - 1) * geom.dilation_w + 1
+    w_pitch = bo | 1  # odd: a warp's 32 consecutive staged words go to 32 banks
+
+    def x_cost(pitch):  # hot-loop reads first, then the staging stores of a warp
+        reads = local_read_wavefronts(layout, 1, pitch, geom.stride_w)[0]
+        stores = _bank_wavefronts([(e % win) * pitch + e // win for e in range(32)])
+        return 8 * reads + stores
+
+    x_pitch = _pitch(bm, x_cost)
+    n_rows = geom.in_channels_per_group * geom.kernel_height
+    best = None
+    for rows in range(1, n_rows + 1):
+        kc = rows * kw
+        pos_pitch = _pitch(kc * w_pitch,
+                           lambda p: local_read_wavefronts(layout, p, 1, 1)[1])
+        if positions * pos_pitch + rows * win * x_pitch > words:
+            break
+        # Lanes busy in a warp's pass over a weight row, then the larger stage.
+        use = kc / (32 * -(-kc // 32))
+        if best is None or use >= 0.9 * best[0]:
+            best = (max(use, best[0]) if best else use, (rows, w_pitch, pos_pitch, x_pitch))
+    return None if best is None else best[1]
 
 
 def local_conv2d_config(geom, dtype):
     """Pick the specialisation and launch shape of local_conv2d (a pure function, no GPU).
 
-    Register block: up to 8 (float16, float32) or 4 (float64) batch elements x up to 4
-    output channels per thread, each split evenly (a batch of 10 runs as two blocks of 5);
-    fewer channels only where one kernel row of 32 positions would not fit the
-    shared-memory limit (very wide kernels), refused when even one channel would not.
+    Register tile: up to 8 images x 5 maps per thread (float16, float32: 8 x 4 where the
+    maps do not split into tiles of at most 5; float64 4 x 4), each split evenly (a batch
+    of 10 runs as tiles of 5). The block holds the whole batch
+    up to 128 images (32 in float64), so each weight comes from memory once; larger
+    batches are split into batch tiles (neighbours in the grid, the weights re-read from
+    L2). Batches of at most 8 get one batch lane: each weight is read by exactly one
+    thread and serves all images, so the kernel streams the weights. The block spans up to
+    256 threads, the positions of an output row split evenly. Where the grid would give
+    fewer than two waves of 512 threads on each of :data:`TARGET_SMS` SMs, the sum over
+    ``K`` is split into slices (partial sums in scratch, added in a fixed order, their
+    traffic at most half the weights' bytes or what keeps the layer on the compute side of
+    the ridge point), then the register tile shrinks to 4 images (batches over 8), then
+    to 4 maps, then to 2.
+    Refused when even one kernel row of the block's positions does not fit the
+    shared-memory stage, or when one block's weights (its maps at every position) reach
+    2**31 elements (offsets within a block are 32-bit).
     """
     code = dtype_code(dtype)
-    batch_block = _even_split(max(geom.batch, 1), 8 if compute_code(code) == "f32" else 4)
-    channels = _even_split(geom.out_channels_per_group, 4)
-    while channels > 1 and local_stage_bytes(code, geom.kernel_width, channels) > SHARED_LIMIT_BYTES:
-        channels = _even_split(geom.out_channels_per_group, channels - 1)
-    if local_stage_bytes(code, geom.kernel_width, channels) > SHARED_LIMIT_BYTES:
-        raise ValueError(
-            f"local_conv2d on the GPU stages one kernel row of 32 output positions in shared "
-            f"memory: a kernel {geom.kernel_width} wide needs "
-            f"{local_stage_bytes(code, geom.kernel_width, channels)} bytes, more than "
-            f"{SHARED_LIMIT_BYTES}; use device='cpu'")
+    wide = compute_code(code) == "f32"
+    tile_cap = 8 if wide else 4
+    batch_tile = _even_split(max(geom.batch, 1), tile_cap)
+    map_tile = _even_split(geom.out_channels_per_group, tile_cap)
+    if batch_tile * map_tile > _LOCAL_MAX_ACCUMULATORS[compute_code(code)]:
+        map_tile = _even_split(geom.out_channels_per_group, 4)
+    n_rows = geom.in_channels_per_group * geom.kernel_height
     n_pos = geom.out_height * geom.out_width
-    by = max(1, min(_LOCAL_MAX_ROWS[compute_code(code)], -(-geom.batch // batch_block)))
-    grid = check_grid((-(-n_pos // 32), geom.groups * -(-geom.out_channels_per_group // channels)),
-                      "local_conv2d")
-    spec = local_conv2d_kernel(code, geom.kernel_height, geom.kernel_width, batch_block, channels)
-    return LocalConv2dConfig(spec, (32, by), grid, batch_block)
+    outputs = max(geom.batch, 1) * geom.out_channels * n_pos
+    # (sized in the compute type: float16 takes float32's choices)
+    partial_itemsize = _stage_itemsize(code)
+    weight_bytes = geom.out_channels * n_pos * geom.in_channels_per_group * \
+        geom.kernel_height * geom.kernel_width * partial_itemsize
+
+    def plan(batch_tile, map_tile):
+        layout = _local_layout(geom, code, batch_tile, map_tile)
+        stage = _local_stage(geom, code, layout, batch_tile, map_tile)
+        while stage is None and layout[2] > 1:
+            layout = layout[:2] + (_even_split(geom.out_width, layout[2] - 1),)
+            stage = _local_stage(geom, code, layout, batch_tile, map_tile)
+        return layout, stage
+
+    def threads(layout):
+        batch_lanes, map_lanes, positions = layout
+        return (-(-max(geom.batch, 1) // (batch_lanes * batch_tile)) * batch_lanes
+                * -(-geom.out_width // positions) * positions * geom.out_height
+                * geom.groups * -(-geom.out_channels_per_group // (map_lanes * map_tile))
+                * map_lanes)
+
+    layout, stage = plan(batch_tile, map_tile)
+    if stage is None:  # refused with the reason
+        return local_conv2d_launch(geom, dtype, batch_tile, map_tile, layout)
+    slices = 1
+    if threads(layout) < _LOCAL_TARGET_THREADS:
+        # Partial sums are written and read once more: at most half the weights' bytes, or
+        # what keeps the traffic under the arithmetic at the ridge point (16 FLOP/byte).
+        flops = 2 * outputs * geom.in_channels_per_group * geom.kernel_height * \
+            geom.kernel_width
+        budget = max(weight_bytes // 2, flops // _RIDGE_FLOP_PER_BYTE - weight_bytes)
+        affordable = budget // max(2 * outputs * partial_itemsize, 1)
+        slices = max(1, min(8, affordable, n_rows // stage[0],
+                            -(-_LOCAL_TARGET_THREADS // threads(layout))))
+    for shrink in ("batch", 4, 2):
+        if threads(layout) * slices >= _LOCAL_TARGET_THREADS:
+            break
+        if shrink == "batch" and batch_tile > 4 and geom.batch > 8:
+            batch_tile = _even_split(geom.batch, 4)
+        elif shrink != "batch" and map_tile > shrink:
+            map_tile = _even_split(geom.out_channels_per_group, shrink)
+        layout, stage = plan(batch_tile, map_tile)
+    return local_conv2d_launch(geom, dtype, batch_tile, map_tile, layout, stage[0], slices)
+
+
+def local_conv2d_launch(geom, dtype, batch_tile, map_tile, layout, stage_rows=None,
+                        slices=1):
+    """The :class:`LocalConv2dConfig` of given choices (:func:`local_conv2d_config` makes
+    them; tests force small tiles, stages and slices through this): register tile
+    ``batch_tile x map_tile``, ``layout = (batch lanes, map lanes, positions per block)``,
+    kernel rows per stage (default: as many as fit), split-K slices (whole stages each;
+    fewer if there are not enough stages)."""
+    code = dtype_code(dtype)
+    batch_lanes, map_lanes, positions = layout
+    best = _local_stage(geom, code, layout, batch_tile, map_tile)
+    if best is None:
+        raise ValueError(
+            f"local_conv2d on the GPU stages at least one kernel row of its output positions "
+            f"in shared memory: a kernel {geom.kernel_width} wide with stride "
+            f"{geom.stride_w} and dilation {geom.dilation_w} needs more than "
+            f"{LOCAL_FORWARD_STAGE_BYTES} bytes; use device='cpu'")
+    _, w_pitch, _, x_pitch = best
+    stage_rows = stage_rows or best[0]
+    kc = stage_rows * geom.kernel_width
+    pos_pitch = _pitch(kc * w_pitch, lambda p: local_read_wavefronts(layout, p, 1, 1)[1])
+    n_rows = geom.in_channels_per_group * geom.kernel_height
+    # Whole stages per slice, and no empty slice.
+    slice_rows = -(-(-(-n_rows // slices)) // stage_rows) * stage_rows
+    slices = -(-n_rows // slice_rows)
+    bo = map_lanes * map_tile
+    k_len = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
+    if bo * geom.out_height * geom.out_width * k_len >= 2**31:
+        raise ValueError(
+            f"local_conv2d on the GPU indexes the weights of {bo} maps with 32-bit offsets: "
+            f"{bo * geom.out_height * geom.out_width * k_len} weights is too many; use "
+            "device='cpu'")
+    tiles_x = -(-geom.out_width // positions)
+    batch_tiles = -(-max(geom.batch, 1) // (batch_lanes * batch_tile))
+    map_blocks = -(-geom.out_channels_per_group // bo)
+    grid = check_grid((batch_tiles * tiles_x * geom.out_height, geom.groups * map_blocks,
+                       slices), "local_conv2d")
+    spec = local_conv2d_kernel(code, geom.kernel_height, geom.kernel_width, batch_tile,
+                               map_tile, batch_lanes, map_lanes,
+                               slices > 1 and code != compute_code(code))
+    win = (positions - 1) * geom.stride_w + (geom.kernel_width - 1) * geom.dilation_w + 1
+    shared = (positions * pos_pitch + stage_rows * win * x_pitch) * _stage_itemsize(code)
+    return LocalConv2dConfig(spec, tuple(layout), grid, shared, tiles_x, batch_tiles,
+                             stage_rows, slice_rows, w_pitch, pos_pitch, x_pitch, slices,
+                             _local_walk(geom, layout, batch_tile, map_tile, stage_rows))
+
+
+def _local_walk(geom, layout, batch_tile, map_tile, stage_rows):
+    """The staging walks' constants (see :func:`local_conv2d_kernel`): the input columns
+    under a block's positions and the steps of both walks (weights: position, map, tap;
+    input: kernel row, image, column) in one pass of all the block's threads."""
+    batch_lanes, map_lanes, positions = layout
+    threads = batch_lanes * map_lanes * positions
+    bm, bo = batch_lanes * batch_tile, map_lanes * map_tile
+    kc = stage_rows * geom.kernel_width
+    win = (positions - 1) * geom.stride_w + (geom.kernel_width - 1) * geom.dilation_w + 1
+    step_rows, step_k = divmod(threads, kc)
+    step_j, step_o = divmod(step_rows, bo)
+    step_r, rest = divmod(threads, bm * win)
+    step_b, step_c = divmod(rest, win)
+    return (win, step_j, step_o, step_k, step_r, step_b, step_c)
+
+
+def local_conv2d_partial_dtype(dtype):
+    """dtype of local_conv2d's split-K partial sums: the compute type (float32 for
+    float16)."""
+    return _NUMPY[compute_code(dtype_code(dtype))]
 
 
 # --------------------------------------------------------------------------------------------
-# helpers: batch-innermost transpose for local_conv2d, strided-to-contiguous copy
+# helpers: strided-to-contiguous copy
 # --------------------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def transpose_kernel(code, tile=32):
-    """Batched transpose ``src (B, R, C) -> dst (B, C, R_pad)`` through a ``tile x (tile + 1)``
-    shared tile (the spare column puts the transposed reads in different banks); the
-    ``R_pad - R >= 0`` extra entries of each ``dst`` row are zeros.
-
-    Used for local_conv2d's input, ``(1, n, c_I*h*w) -> (1, c_I*h*w, n_pad)`` (batch
-    innermost). Reads and writes are coalesced. Launch:
-    ``grid = (ceil(C / tile), min(ceil(R_pad / tile), 65535), min(B, 65535))``,
-    ``block = (tile, rows)`` for any ``rows``: blocks loop over the row tiles and batches
-    beyond the grid (CUDA caps grid y and z at 65535).
-
-    A pure copy: the tile holds the arrays' own dtype (float16 moves as float16, bits
-    unchanged, and its tile is half the size).
-    """
-    scalar, compute = _SCALAR[code], _COMPUTE[code]
-    TILE = tile
-    TILE_PADDED = tile + 1
-
-    def kernel(src, dst):
-        buf = cuda.shared.array((TILE, TILE_PADDED), dtype=scalar)
-        zero = scalar(compute(0))  # float16's zero from float32's: no float64 constant
-        rows = src.shape[1]
-        cols = src.shape[2]
-        rows_padded = dst.shape[2]
-        row_tiles = (rows_padded + TILE - 1) // TILE
-        c0 = cuda.blockIdx.x * TILE
-        tx = cuda.threadIdx.x
-        # The loop bounds depend on the block only, so every thread reaches each barrier.
-        for bt in range(cuda.blockIdx.z, src.shape[0], cuda.gridDim.z):
-            for rt in range(cuda.blockIdx.y, row_tiles, cuda.gridDim.y):
-                r0 = rt * TILE
-                for k in range(cuda.threadIdx.y, TILE, cuda.blockDim.y):
-                    r = r0 + k
-                    v = zero  # rows past the end become the zero padding
-                    if r < rows and c0 + tx < cols:
-                        v = src[bt, r, c0 + tx]
-                    buf[k, tx] = v
-                # Wait for the whole tile before reading it transposed.
-                cuda.syncthreads()
-                for k in range(cuda.threadIdx.y, TILE, cuda.blockDim.y):
-                    c = c0 + k
-                    if c < cols and r0 + tx < rows_padded:
-                        dst[bt, c, r0 + tx] = buf[tx, k]
-                # Wait until the tile has been read before the next one overwrites it.
-                cuda.syncthreads()
-
-    name = f"transpose_{code}_t{TILE}"
-    signature = (_array(code, 3), _array(code, 3))
-    return KernelSpec(name, _rename(kernel, name), signature)
-
 
 @functools.lru_cache(maxsize=None)
 def copy_kernel(code):
@@ -701,11 +939,15 @@ def workload_specialisations(codes=CODES):
     for code in codes:
         dtype = _NUMPY[code]
         for _, geom in workload_geometries():
-            for spec in (conv2d_config(geom, dtype).kernel, local_conv2d_config(geom, dtype).kernel):
+            local = local_conv2d_config(geom, dtype)
+            for spec in (conv2d_config(geom, dtype).kernel, local.kernel):
+                specs.setdefault(spec.name, spec)
+            if local.slices > 1:
+                spec = grad_kernels.sum_slices_kernel(code)
                 specs.setdefault(spec.name, spec)
             for spec, _ in grad_kernels.grad_specialisations(geom, dtype):
                 specs.setdefault(spec.name, spec)
-        for spec in (transpose_kernel(code), copy_kernel(code)):
+        for spec in (copy_kernel(code),):
             specs.setdefault(spec.name, spec)
     return list(specs.values())
 

@@ -230,58 +230,52 @@ def launch_conv2d(x, weight, bias, out, geom, stream, config=None, empty=None):
     )
 
 
-def _transpose(src, rows_padded, stream, empty):
-    """``src (B, R, C) -> (B, C, rows_padded)`` on the GPU, zero-padded past ``R``."""
-    batches, rows, cols = src.shape
-    dst = (empty or _numba_empty(stream))((batches, cols, rows_padded), src.dtype)
-    # 32 x 32 tiles, eight rows of threads, on a GPU; 16 x 16 tiles and one row in the
-    # simulator, where every thread is a Python thread (the kernel is the same code).
-    tile, threads_y = (16, 1) if simulator_enabled() else (32, 8)
-    kernel = kernels.compiled(kernels.transpose_kernel(kernels.dtype_code(src.dtype), tile))
-    grid = (-(-cols // tile), min(-(-rows_padded // tile), kernels.GRID_YZ_LIMIT),
-            min(batches, kernels.GRID_YZ_LIMIT))
-    kernel[kernels.check_grid(grid, "the local_conv2d layout transpose"), (tile, threads_y),
-           stream](src, dst)
-    return dst
-
-
-def _batch_innermost(x, n_pad, stream, empty=None):
-    """``(n, c_I, h, w)`` -> ``(c_I, h, w, n_pad)``, zeros past ``n``: one extra read and
-    write of the input (small next to the weights of a locally connected layer, which the
-    kernel reads in the caller's layout)."""
-    n = x.shape[0]
-    return _transpose(x.reshape(1, n, x.size // n), n_pad, stream, empty)
-
-
 def launch_local_conv2d(x, weight, bias, out, geom, stream, config=None, empty=None):
     """Write local_conv2d into ``out``; ``config`` overrides
     :func:`~gpuconv.cuda.kernels.local_conv2d_config`, ``empty(shape, dtype)`` allocates
-    scratch (default: Numba device arrays)."""
+    scratch (default: Numba device arrays). The operands are read in the caller's layouts
+    (no transposed copy); with more than one split-K slice the partial sums go to a scratch
+    array of :func:`~gpuconv.cuda.kernels.local_conv2d_partial_dtype`, then a second kernel
+    adds them in order."""
     config = config or kernels.local_conv2d_config(geom, x.dtype)
-    batch_block = config.batch_block
-    n_pad = -(-geom.batch // batch_block) * batch_block
-    x_t = _batch_innermost(x, n_pad, stream, empty)
+    new = empty or _numba_empty(stream)
     n_pos = geom.out_height * geom.out_width
     if bias is None:
-        bias, has_bias, bias_len = (empty or _numba_empty(stream))((1,), x.dtype), 0, 1
+        bias, has_bias, bias_len = new((1,), x.dtype), 0, 1
     else:
         has_bias, bias_len = 1, (n_pos if bias.ndim == 3 else 1)
+    if config.slices > 1:
+        part = new((config.slices * out.size,), kernels.local_conv2d_partial_dtype(out.dtype))
+    else:
+        part = out
     kernel = kernels.compiled(config.kernel)
-    kernel[config.grid, config.block, stream](
-        _flat(x_t),                 # (c_I, h, w, n_pad), batch innermost
+    kernel[config.grid, config.block, stream, config.shared_bytes](
+        _flat(x),                   # (n, c_I, h, w)
         _flat(weight),              # (c_O, h_O, w_O, c_Ig, k_H, k_W), the caller's layout
         _flat(bias),                # (c_O, 1 or P) or a dummy
-        _flat(out),                 # (n, c_O, h_O, w_O), written
+        _flat(part),                # (slices, n, c_O, h_O, w_O), written
         has_bias,                   # 0 or 1
         bias_len,                   # 1 (per map) or P (per position)
-        geom.batch, n_pad,
-        geom.in_height, geom.in_width,
+        geom.batch, geom.in_channels, geom.in_height, geom.in_width,
         geom.out_channels, geom.out_height, geom.out_width,
         geom.in_channels_per_group, geom.out_channels_per_group,
         geom.stride_h, geom.stride_w,
         geom.pad_top, geom.pad_left,
         geom.dilation_h, geom.dilation_w,
+        config.tiles_x,             # position tiles along an output row
+        config.batch_tiles,         # batch tiles (neighbours along grid x)
+        config.stage_rows,          # kernel rows per shared-memory stage
+        config.slice_rows,          # kernel rows per split-K slice
+        config.w_pitch, config.pos_pitch, config.x_pitch,  # shared-memory pitches
+        out.size if config.slices > 1 else 0,  # elements between slices
+        *config.walk,               # staging walks: columns, walkers, steps
     )
+    if config.slices > 1:
+        total = kernels.compiled(grad_kernels.sum_slices_kernel(kernels.dtype_code(out.dtype)))
+        threads = 256
+        blocks = kernels.check_grid((max(1, min(-(-out.size // threads), 65535)),),
+                                    "a slice sum")
+        total[blocks, threads, stream](_flat(part), _flat(out), config.slices, out.size)
 
 
 def no_scratch_elements(geom, dtype):
@@ -295,9 +289,16 @@ def conv2d_scratch_elements(geom, dtype):
 
 
 def local_conv2d_scratch_elements(geom, dtype):
-    """Device scratch of :func:`launch_local_conv2d`, in elements: the batch-innermost
-    input, its batch padded by fewer than 8."""
-    return geom.in_channels * geom.in_height * geom.in_width * (geom.batch + 7)
+    """Device scratch of :func:`launch_local_conv2d`, in elements of ``dtype``: the split-K
+    partial sums (float16's float32 partial sums count two each), if it splits ``K``; a
+    bias placeholder."""
+    config = kernels.local_conv2d_config(geom, dtype)
+    partial = 0
+    if config.slices > 1:
+        partial = (config.slices * math.prod(geom.output_shape)
+                   * kernels.local_conv2d_partial_dtype(dtype).itemsize
+                   // np.dtype(dtype).itemsize)
+    return partial + 1
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ For every specialisation the benchmark layers launch (see
 :func:`gpuconv.cuda.kernels.workload_specialisations`) this compiles PTX with
 :func:`numba.cuda.compile_ptx` for a compute capability, assembles it with ``ptxas -v`` for
 the matching architecture and reads back registers per thread, spill stores/loads, stack
-frame and static shared memory. The dynamic shared memory of ``conv2d`` and of the input
+frame and static shared memory. The dynamic shared memory of both forwards and of the input
 gradients is chosen at launch; the table shows the largest the benchmark layers ask for.
 
 Used by ``tests/test_cuda_ptx.py`` (which asserts no spills in float16 and float32, and
@@ -126,7 +126,8 @@ def _dynamic_smem_by_kernel():
     for dtype in (np.float16, np.float32, np.float64):
         for _, geom in kernels.workload_geometries():
             config = kernels.conv2d_config(geom, dtype)
-            launches = [(config.kernel, config.shared_bytes)]
+            local = kernels.local_conv2d_config(geom, dtype)
+            launches = [(config.kernel, config.shared_bytes), (local.kernel, local.shared_bytes)]
             launches += grad_kernels.grad_specialisations(geom, dtype)
             for spec, shared_bytes in launches:
                 largest[spec.name] = max(largest.get(spec.name, 0), shared_bytes)

@@ -1,0 +1,384 @@
+"""Predicted cost of the CUDA kernels on an H200, from their launch shapes and their own index
+arithmetic, without a GPU.
+
+For every kernel the dispatcher picks on a layer this gives occupancy (from the registers and
+shared memory ``ptxas`` reports, or the launch bounds if none is given), waves on the GPU's
+SMs, and for the two forward kernels a traffic and time model:
+
+- global memory: the addresses of one full block's staging loads, computed exactly as the
+  kernel computes them, grouped by warp instruction, give 32-byte sectors and 128-byte lines
+  per instruction and per FMA;
+- shared memory: the hot loop's reads of one warp, by bank, give wavefronts per FMA;
+- DRAM bytes per FMA: each operand once (the weights once per call, split-K partial sums
+  written and read once more);
+- time: the largest of the FMA pipe (4 warp instructions a clock per SM), the shared-memory
+  pipe (1 wavefront a clock), instruction issue (4 a clock), DRAM (the measured copy
+  bandwidth) and the staging latency (per block and stage, one load round trip per round
+  of loads in flight, then the stage's FMAs; nothing overlaps within a block), the last
+  wave's idle SMs counted.
+
+Every figure here is a prediction: nothing in this module has been measured on a GPU.
+Used by ``scripts/kernel_table.py``; see BENCHMARKS.md for the table and its assumptions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from . import grad_kernels, kernels
+
+__all__ = ["H200", "Device", "occupancy", "KernelRow", "layer_rows", "format_rows"]
+
+
+class Device(NamedTuple):
+    name: str
+    sms: int
+    clock_hz: float
+    fp32_flops: float        # FMA = 2 FLOP, without tensor cores
+    copy_bytes_per_s: float  # measured device-to-device copy (read + write)
+    registers_per_sm: int
+    shared_per_sm: int       # bytes usable by blocks
+    shared_reserved: int     # bytes the driver reserves per block
+    max_warps: int
+    max_blocks: int
+    dram_latency_s: float    # an assumed round trip of a global load that misses L2
+    l2_latency_s: float      # ... and of one that hits L2
+
+
+#: The H200 of the first GPU run (132 SMs; compute and copy figures from that run's notes).
+H200 = Device("H200", 132, 1.98e9, 66.9e12, 4.25e12, 65536, 227 * 1024, 1024, 64, 32,
+              700e-9, 300e-9)
+
+# Warp instructions per staged element, read from the sm_90 SASS (nvdisasm) of
+# local_conv2d_f32_k3x3_t8x4_l4x8 and conv2d_f32_k3x3_r2x4_c8, rounded: the carry walk,
+# address, load, conversion and store.
+_LOCAL_WEIGHT_INSTR = 14
+_LOCAL_INPUT_INSTR = 24
+_CONV_STAGE_INSTR = 16
+# Integer and branch instructions per kernel tap of the hot loop (two pointer adds, the loop
+# counter and branch), besides its loads and FMAs.
+_TAP_OVERHEAD = 6
+
+
+def occupancy(threads, registers, shared_bytes, device=H200):
+    """Resident blocks per SM: the least of the register file (allocated per warp in units
+    of 256), shared memory, warps and the block limit."""
+    warps = -(-threads // 32)
+    regs_per_warp = -(-registers * 32 // 256) * 256
+    by_regs = device.registers_per_sm // max(regs_per_warp * warps, 1)
+    by_smem = device.shared_per_sm // (shared_bytes + device.shared_reserved)
+    return max(0, min(by_regs, by_smem, device.max_warps // warps, device.max_blocks))
+
+
+class KernelRow(NamedTuple):
+    """One kernel launch of one layer, predicted (None where not modelled)."""
+
+    layer: str
+    kernel: str
+    registers: int | None
+    shared_bytes: int        # static + dynamic per block
+    threads: int             # per block
+    blocks: int
+    blocks_per_sm: int
+    occupancy: float         # resident warps / 64
+    waves: float
+    sectors_per_fma: float | None      # 32-byte global sectors the staging loads touch
+    lines_per_load: float | None       # 128-byte lines per warp load instruction
+    lds_wavefronts_per_fma: float | None
+    dram_bytes_per_fma: float | None
+    bound: str | None                  # what limits the predicted time
+    time_s: float | None
+    roofline_share: float | None       # predicted FLOP rate / min(compute, AI x copy)
+    hidden_share: float | None         # the same were the staging latency hidden
+
+
+def _warp_loads(elements, threads, unroll, address, itemsize):
+    """(warp load instructions, 32-byte sectors, 128-byte lines, rounds) of a staging walk
+    over ``elements`` flat indices, thread ``t`` taking ``t, t + threads, ...`` in rounds
+    of ``unroll`` loads; ``address(e)`` is the element's flat offset in its array, or None
+    if it is not loaded (padding, past the tile)."""
+    rounds = -(-elements // (threads * unroll)) if elements else 0
+    instructions = sectors = lines = 0
+    for m in range(rounds * unroll):
+        for w0 in range(0, threads, 32):
+            instructions += 1
+            found = [a for e in range(m * threads + w0, m * threads + min(w0 + 32, threads))
+                     if e < elements and (a := address(e)) is not None]
+            sectors += len({a * itemsize // 32 for a in found})
+            lines += len({a * itemsize // 128 for a in found})
+    return instructions, sectors, lines, rounds
+
+
+def _roofline(geom, flops, itemsize, weight_elements, device):
+    """The H200 roofline of a layer: min(compute, arithmetic intensity x copy bandwidth),
+    with the fewest bytes (each operand once)."""
+    x = geom.batch * geom.in_channels * geom.in_height * geom.in_width
+    y = geom.batch * geom.out_channels * geom.out_height * geom.out_width
+    least = (x + y + weight_elements) * itemsize
+    return min(device.fp32_flops, flops / least * device.copy_bytes_per_s)
+
+
+def _time(device, blocks, blocks_per_sm, ffma, lds, issue, dram_bytes, stage_ffma,
+          stage_latency, stages):
+    """(time, bound, time if the staging latency were hidden) of a launch.
+
+    Pipes and DRAM over all SMs, the last wave's idle SMs counted; and the staging latency:
+    a block's stage is its loads' round trips (one per round of loads in flight) followed by
+    its FMAs (on at most 4 schedulers), nothing overlapped within the block, the SM's
+    resident blocks side by side.
+    """
+    slots = device.sms * max(blocks_per_sm, 1)
+    waves = math.ceil(blocks / slots)
+    tail = blocks / (waves * slots)
+    per_sm = device.sms * device.clock_hz * tail
+    pipes = {"FMA": ffma / 4 / per_sm, "shared memory": lds / per_sm,
+             "issue": issue / 4 / per_sm, "DRAM": dram_bytes / device.copy_bytes_per_s}
+    bound = max(pipes, key=pipes.get)
+    hidden = pipes[bound]
+    stage = stage_latency + stage_ffma / 4 / device.clock_hz
+    exposed = waves * stages * stage
+    if exposed > hidden:
+        return exposed, "load latency", hidden
+    return hidden, bound, hidden
+
+
+def _local_row(layer, geom, dtype, info, device):
+    config = kernels.local_conv2d_config(geom, dtype)
+    itemsize = np.dtype(dtype).itemsize
+    lanes_b, lanes_o, ptw = config.block
+    tm, to = (int(v) for v in config.kernel.name.split("_t")[1].split("_")[0].split("x"))
+    threads = lanes_b * lanes_o * ptw
+    bm, bo = lanes_b * tm, lanes_o * to
+    kh, kw = geom.kernel_height, geom.kernel_width
+    k_len = geom.in_channels_per_group * kh * kw
+    n_pos = geom.out_height * geom.out_width
+    win = config.walk[0]
+    rows = config.stage_rows
+    kc = rows * kw
+    # One full stage of the first block (images, maps and positions from 0), the kernel's
+    # own walks: weights (position, map, tap), input (kernel row, image, column).
+    n_j, n_co, n_b = min(ptw, geom.out_width), min(bo, geom.out_channels_per_group), \
+        min(bm, geom.batch)
+
+    def weight_address(e):
+        kk, rest = e % kc, e // kc
+        o, j = rest % bo, rest // bo
+        if j < n_j and o < n_co:
+            return (o * n_pos + j) * k_len + kk
+        return None
+
+    def input_address(e):
+        col, rest = e % win, e // win
+        b, rr = rest % bm, rest // bm
+        c, ky = divmod(rr, kh)
+        iy = ky * geom.dilation_h - geom.pad_top
+        ix = col - geom.pad_left
+        if b < n_b and 0 <= iy < geom.in_height and 0 <= ix < geom.in_width:
+            return ((b * geom.in_channels + c) * geom.in_height + iy) * geom.in_width + ix
+        return None
+
+    w_loads = kernels.LOCAL_WEIGHT_LOADS[kernels.compute_code(kernels.dtype_code(dtype))]
+    w_instr, w_sectors, w_lines, w_rounds = _warp_loads(ptw * bo * kc, threads, w_loads,
+                                                        weight_address, itemsize)
+    x_instr, x_sectors, x_lines, x_rounds = _warp_loads(rows * bm * win, threads,
+                                                        kernels.LOCAL_INPUT_LOADS,
+                                                        input_address, itemsize)
+    stage_fma = threads * tm * to * kc
+    sectors_per_fma = (w_sectors + x_sectors) / stage_fma
+    lines_per_load = (w_lines + x_lines) / max(w_instr + x_instr, 1)
+    wx, ww = kernels.local_read_wavefronts(config.block, config.pos_pitch, config.x_pitch,
+                                           geom.stride_w)
+    warps = -(-threads // 32)
+    lds_per_tap = warps * (tm * wx + to * ww)
+    lds_per_fma = lds_per_tap / (threads * tm * to)
+
+    blocks = config.grid[0] * config.grid[1] * config.grid[2]
+    registers = info.registers if info else config.kernel.launch_bounds and \
+        65536 // (config.kernel.launch_bounds[0] * config.kernel.launch_bounds[1])
+    smem = config.shared_bytes + (info.static_smem if info else 0)
+    per_sm = occupancy(threads, registers, smem, device)
+    waves = blocks / (device.sms * max(per_sm, 1))
+
+    fma = geom.batch * geom.out_channels * n_pos * k_len
+    flops = 2 * fma
+    stages_per_block = -(-config.slice_rows // rows)
+    taps = blocks * stages_per_block * kc  # kernel taps run by all blocks
+    ffma = taps * warps * tm * to
+    lds = taps * lds_per_tap
+    staged = blocks * stages_per_block * (w_instr * _LOCAL_WEIGHT_INSTR
+                                          + x_instr * _LOCAL_INPUT_INSTR)
+    issue = ffma + taps * warps * (tm + to + _TAP_OVERHEAD) + staged
+    weights = geom.out_channels * n_pos * k_len
+    x_el = geom.batch * geom.in_channels * geom.in_height * geom.in_width
+    y_el = geom.batch * geom.out_channels * n_pos
+    dram = (weights + x_el + y_el) * itemsize
+    if config.slices > 1:  # partial sums written, then read and summed by a second kernel
+        partial = kernels.local_conv2d_partial_dtype(dtype).itemsize
+        dram += 2 * config.slices * y_el * partial
+    # Weights stream from DRAM; the input windows overlap their neighbours' (L2).
+    latency = w_rounds * device.dram_latency_s + x_rounds * device.l2_latency_s
+    time, bound, hidden = _time(device, blocks, per_sm, ffma, lds, issue, dram,
+                                stage_fma / 32, latency, stages_per_block)
+    roof = _roofline(geom, flops, itemsize, weights, device)
+    return KernelRow(layer, config.kernel.name, registers, smem, threads, blocks, per_sm,
+                     per_sm * warps / device.max_warps, waves, sectors_per_fma,
+                     lines_per_load, lds_per_fma, dram / fma, bound, time,
+                     flops / time / roof, flops / hidden / roof)
+
+
+def _conv2d_row(layer, geom, dtype, info, device):
+    config = kernels.conv2d_config(geom, dtype)
+    itemsize = np.dtype(dtype).itemsize
+    bx, by = config.block
+    name = config.kernel.name
+    ry, rx = (int(v) for v in name.split("_r")[1].split("_")[0].split("x"))
+    cb = int(name.split("_c")[-1])
+    threads = bx * by
+    kh, kw = geom.kernel_height, geom.kernel_width
+    c_ig = geom.in_channels_per_group
+    chunk = config.chunk
+    tile = config.tile_h * config.tile_w
+    # Staging of one chunk: consecutive threads on consecutive columns of a tile row; the
+    # weights [c][ky][kx][channel], consecutive threads on consecutive words.
+    h, w = geom.in_height, geom.in_width
+
+    def input_address(e):
+        col, rest = e % config.tile_w, e // config.tile_w
+        r, c = rest % config.tile_h, rest // config.tile_h
+        iy, ix = r - geom.pad_top, col - geom.pad_left
+        if 0 <= iy < h and 0 <= ix < w:
+            return (c * h + iy) * w + ix
+        return None
+
+    def weight_address(e):
+        q, rest = e % cb, e // cb
+        if q < min(cb, geom.out_channels_per_group):
+            return (q * c_ig) * kh * kw + rest
+        return None
+
+    # conv2d's staging loops issue one load at a time (a row of threads per tile row).
+    x_instr, x_sectors, x_lines, x_rounds = _warp_loads(chunk * tile, threads, 1,
+                                                        input_address, itemsize)
+    w_instr, w_sectors, w_lines, w_rounds = _warp_loads(chunk * kh * kw * cb, threads, 1,
+                                                        weight_address, itemsize)
+    npos = ry * rx
+    stage_fma = threads * npos * cb * chunk * kh * kw
+    sectors_per_fma = (x_sectors + w_sectors) / stage_fma
+    lines_per_load = (x_lines + w_lines) / max(x_instr + w_instr, 1)
+    # Hot loop reads: lane (tx, ty) reads base (ty + i by) s_H tile_w + (tx + j bx) s_W;
+    # the weights are a broadcast.
+    warps_list = [[(t % bx, t // bx) for t in range(w0, min(w0 + 32, threads))]
+                  for w0 in range(0, threads, 32)]
+    wx = max(kernels._bank_wavefronts([ty * geom.stride_h * config.tile_w + tx * geom.stride_w
+                                       for tx, ty in lanes]) for lanes in warps_list)
+    warps = len(warps_list)
+    lds_per_tap = warps * (npos * wx + cb)
+    lds_per_fma = lds_per_tap / (threads * npos * cb)
+
+    blocks = config.grid[0] * config.grid[1] * config.grid[2]
+    batch_per_block = -(-geom.batch // config.grid[2])
+    registers = info.registers if info else 65536 // (
+        config.kernel.launch_bounds[0] * config.kernel.launch_bounds[1])
+    smem = config.shared_bytes + (info.static_smem if info else 0)
+    per_sm = occupancy(threads, registers, smem, device)
+    waves = blocks / (device.sms * max(per_sm, 1))
+    n_pos = geom.out_height * geom.out_width
+    fma = geom.batch * geom.out_channels * n_pos * c_ig * kh * kw
+    flops = 2 * fma
+    chunks = -(-c_ig // chunk)
+    taps = blocks * batch_per_block * c_ig * kh * kw
+    ffma = taps * warps * npos * cb
+    lds = taps * lds_per_tap
+    staged = blocks * batch_per_block * chunks * (x_instr + w_instr) * _CONV_STAGE_INSTR
+    issue = ffma + taps * warps * (npos + cb + _TAP_OVERHEAD) + staged
+    weights = geom.out_channels * c_ig * kh * kw
+    x_el = geom.batch * geom.in_channels * h * w
+    y_el = geom.batch * geom.out_channels * n_pos
+    dram = (weights + x_el + y_el) * itemsize
+    # The input streams from DRAM; the shared weights stay in L2.
+    latency = x_rounds * device.dram_latency_s + w_rounds * device.l2_latency_s
+    time, bound, hidden = _time(device, blocks, per_sm, ffma, lds, issue, dram,
+                                stage_fma / 32, latency, batch_per_block * chunks)
+    roof = _roofline(geom, flops, itemsize, weights, device)
+    return KernelRow(layer, name, registers, smem, threads, blocks, per_sm,
+                     per_sm * warps / device.max_warps, waves, sectors_per_fma,
+                     lines_per_load, lds_per_fma, dram / fma, bound, time,
+                     flops / time / roof, flops / hidden / roof)
+
+
+def _plain_row(layer, spec, grid, block, shared_bytes, info, device):
+    """A kernel whose traffic is not modelled yet: resources, occupancy and waves."""
+    threads = math.prod(block) if isinstance(block, tuple) else block
+    blocks = math.prod(grid) if isinstance(grid, tuple) else grid
+    registers = info.registers if info else None
+    smem = shared_bytes + (info.static_smem if info else 0)
+    per_sm = occupancy(threads, registers or 64, smem, device)
+    warps = -(-threads // 32)
+    return KernelRow(layer, spec.name, registers, smem, threads, blocks, per_sm,
+                     per_sm * warps / device.max_warps,
+                     blocks / (device.sms * max(per_sm, 1)),
+                     None, None, None, None, None, None, None, None)
+
+
+def layer_rows(layer, dtype=np.float32, ptxas=None, device=H200, gradients=True, batch=None):
+    """Predicted :class:`KernelRow` of every kernel the dispatcher picks on ``layer`` (a
+    :class:`~gpuconv.workloads.Layer`) at its GPU batch (or ``batch``): both forwards
+    (modelled), the
+    split-K sum if the local forward uses one, and the gradient kernels (resources and
+    waves). ``ptxas(spec, shared_bytes)`` returns the :class:`~gpuconv.cuda.ptx.PtxasInfo`
+    of a kernel (None: registers from the launch bounds, or unknown)."""
+    from .. import workloads
+
+    geom = workloads.gpu_geometry(layer, batch)
+    name = layer.name if batch is None else f"{layer.name} (N={batch})"
+
+    def info(spec, shared=0):
+        return ptxas(spec, shared) if ptxas else None
+
+    local = kernels.local_conv2d_config(geom, dtype)
+    conv = kernels.conv2d_config(geom, dtype)
+    rows = [_conv2d_row(name, geom, dtype, info(conv.kernel, conv.shared_bytes), device),
+            _local_row(name, geom, dtype, info(local.kernel, local.shared_bytes), device)]
+    if local.slices > 1:
+        spec = grad_kernels.sum_slices_kernel(kernels.dtype_code(dtype))
+        size = geom.batch * geom.out_channels * geom.out_height * geom.out_width
+        rows.append(_plain_row(name, spec, (max(1, min(-(-size // 256), 65535)),), (256,), 0,
+                               info(spec), device))
+    if gradients:
+        for config in (grad_kernels.conv2d_input_grad_config(geom, dtype),
+                       grad_kernels.conv2d_weight_grad_config(geom, dtype),
+                       grad_kernels.local_conv2d_input_grad_config(geom, dtype),
+                       grad_kernels.local_conv2d_weight_grad_config(geom, dtype)):
+            shared = getattr(config, "shared_bytes", 0)
+            if config.grid is None:
+                continue
+            rows.append(_plain_row(name, config.kernel, tuple(config.grid),
+                                   tuple(config.block), shared, info(config.kernel, shared),
+                                   device))
+    return rows
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def format_rows(rows):
+    """A Markdown table of predicted rows."""
+    head = ("| layer | kernel | regs | smem B | threads | blocks | blocks/SM | occupancy | "
+            "waves | sectors/FMA | lines/load | LDS wavefronts/FMA | DRAM B/FMA | bound | "
+            "predicted time | % of roofline | % if staging hidden |")
+    lines = [head, "|" + "---|" * 17]
+    for r in rows:
+        lines.append(
+            f"| {r.layer} | `{r.kernel}` | {_fmt(r.registers, 'd')} | {r.shared_bytes} | "
+            f"{r.threads} | {r.blocks} | {r.blocks_per_sm} | {r.occupancy:.0%} | "
+            f"{r.waves:.2f} | {_fmt(r.sectors_per_fma, '.4f')} | "
+            f"{_fmt(r.lines_per_load, '.2f')} | {_fmt(r.lds_wavefronts_per_fma, '.3f')} | "
+            f"{_fmt(r.dram_bytes_per_fma, '.4f')} | {r.bound or '-'} | "
+            f"{'-' if r.time_s is None else f'{r.time_s * 1e3:.3f} ms'} | "
+            f"{'-' if r.roofline_share is None else f'{r.roofline_share:.0%}'} | "
+            f"{'-' if r.hidden_share is None else f'{r.hidden_share:.0%}'} |")
+    return "\n".join(lines)

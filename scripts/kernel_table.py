@@ -1,0 +1,66 @@
+"""Print the predicted H200 table of every CUDA kernel the dispatcher picks on the default
+benchmark suite: resources from ``ptxas`` (sm_90), occupancy, waves, global sectors and
+lines from the kernels' own staging addresses, shared-memory wavefronts, DRAM bytes per FMA,
+the predicted bound, time and share of the roofline (see :mod:`gpuconv.cuda.predict`).
+
+No GPU needed, and nothing in the table is measured: it is the design on paper that a GPU
+run then checks.
+
+    PYTHONPATH=. python scripts/kernel_table.py [--layers NAME ...] [--suite default|full]
+                                                [--dtype float32|float16] [--batch N]
+                                                [--no-gradients] [--no-ptxas]
+"""
+
+import argparse
+import functools
+import sys
+
+
+def main(argv=None):
+    from gpuconv import bench, workloads
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", nargs="+", choices=tuple(workloads.LAYERS), metavar="NAME",
+                        help="these layers instead of the suite")
+    parser.add_argument("--suite", choices=tuple(bench.SUITES), default="default")
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    parser.add_argument("--batch", type=int, metavar="N",
+                        help="this batch instead of each layer's GPU batch")
+    parser.add_argument("--no-gradients", action="store_true",
+                        help="only the forward kernels (and the split-K sum)")
+    parser.add_argument("--no-ptxas", action="store_true",
+                        help="registers from the launch bounds instead of ptxas (faster)")
+    args = parser.parse_args(argv)
+
+    import numpy as np
+
+    from gpuconv.cuda import predict
+    from gpuconv.cuda import ptx as _cuda_ptx
+
+    ptxas = None
+    if not args.no_ptxas:
+        if _cuda_ptx.find_ptxas() is None:
+            parser.error("ptxas not found (pip install nvidia-cuda-nvcc), or pass --no-ptxas")
+
+        @functools.lru_cache(maxsize=None)
+        def ptxas(spec, shared_bytes=0):
+            return _cuda_ptx.ptxas_info(_cuda_ptx.compile_ptx(spec, (9, 0)), "sm_90",
+                                        spec.name, dynamic_smem=shared_bytes)
+
+    names = args.layers or bench.SUITES[args.suite]
+    rows = []
+    for name in names:
+        rows += predict.layer_rows(workloads.LAYERS[name], np.dtype(args.dtype),
+                                   ptxas=ptxas, gradients=not args.no_gradients,
+                                   batch=args.batch)
+    print(f"Predicted on {predict.H200.name} ({predict.H200.sms} SMs, "
+          f"{predict.H200.fp32_flops / 1e12:.1f} TFLOP/s, "
+          f"{predict.H200.copy_bytes_per_s / 1e12:.2f} TB/s copy), {args.dtype}, "
+          f"{'GPU batches' if args.batch is None else f'batch {args.batch}'}; registers from "
+          f"{'the launch bounds' if ptxas is None else 'ptxas sm_90'}. Not measured.\n")
+    print(predict.format_rows(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""scripts/kernel_table.py and gpuconv.cuda.predict: the predicted H200 table (no GPU).
+
+The model's inputs are checked against counts made by hand, and the script runs on one
+layer (without ptxas: fast) so the table in BENCHMARKS.md can always be regenerated.
+"""
+
+import importlib.util
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+pytestmark = pytest.mark.skipif(SIMULATOR, reason="the model reads kernel specs, not launches")
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("kernel_table",
+                                                  ROOT / "scripts" / "kernel_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_occupancy_by_hand():
+    from gpuconv.cuda import predict
+
+    # 256 threads x 128 registers: 8 warps x 4096 registers, 64K / 32K = 2 blocks.
+    assert predict.occupancy(256, 128, 20000) == 2
+    # 126 registers round up to 128 per thread (256 per warp granule).
+    assert predict.occupancy(256, 126, 1000) == 2
+    # shared memory limits: 227 KiB / (60000 + 1024) = 3.
+    assert predict.occupancy(64, 32, 60000) == 3
+    # warps limit: 64 / 32 = 2 blocks of 1024 threads.
+    assert predict.occupancy(1024, 16, 0) == 2
+
+
+def test_bank_wavefronts_by_hand():
+    from gpuconv.cuda import kernels
+
+    assert kernels._bank_wavefronts(list(range(32))) == 1         # 32 banks
+    assert kernels._bank_wavefronts([0] * 32) == 1                # one broadcast word
+    assert kernels._bank_wavefronts([2 * i for i in range(32)]) == 2   # stride 2: 2-way
+    assert kernels._bank_wavefronts([32 * i for i in range(4)]) == 4   # one bank, 4 words
+
+
+def test_weight_loads_of_a_full_warp_touch_whole_sectors():
+    """A warp loading 32 consecutive float32 words from a 128-byte aligned start: 4
+    sectors, 1 line; stride-2 words: 8 sectors, 2 lines."""
+    from gpuconv.cuda import predict
+
+    assert predict._warp_loads(32, 32, 1, lambda e: e, 4) == (1, 4, 1, 1)
+    assert predict._warp_loads(32, 32, 1, lambda e: 2 * e, 4) == (1, 8, 2, 1)
+    # 100 elements, 32 threads, 2 loads per round: 2 rounds of 2 loads = 4 instructions.
+    instructions, _, _, rounds = predict._warp_loads(100, 32, 2, lambda e: e, 4)
+    assert (instructions, rounds) == (4, 2)
+
+
+def test_local_rows_follow_the_dispatcher():
+    from gpuconv import workloads
+    from gpuconv.cuda import kernels, predict
+
+    layer = workloads.LAYERS["deepface-l6"]
+    rows = predict.layer_rows(layer, np.float32, gradients=False)
+    geom = workloads.gpu_geometry(layer)
+    config = kernels.local_conv2d_config(geom, np.float32)
+    local = [r for r in rows if r.kernel == config.kernel.name]
+    assert len(local) == 1
+    row = local[0]
+    assert row.blocks == config.grid[0] * config.grid[1] * config.grid[2]
+    assert row.threads == config.block[0] * config.block[1] * config.block[2]
+    # Each weight is read once: at least 4 bytes per (batch) FMAs on it, the input and
+    # output on top.
+    assert row.dram_bytes_per_fma >= 4 / geom.batch
+    assert 0 < row.roofline_share <= row.hidden_share <= 1
+    assert row.lds_wavefronts_per_fma > 0 and row.sectors_per_fma > 0
+
+
+def test_script_prints_the_table_for_one_layer(capsys):
+    assert _script().main(["--layers", "deepface-l6", "--no-ptxas"]) == 0
+    out = capsys.readouterr().out
+    assert "Not measured" in out
+    lines = [line for line in out.splitlines() if line.startswith("| deepface-l6")]
+    names = [line.split("`")[1] for line in lines]
+    assert any(n.startswith("local_conv2d_f32_") for n in names)
+    assert any(n.startswith("conv2d_f32_") for n in names)
+    assert any("igrad" in n for n in names) and any("wgrad" in n for n in names)
+
+
+def test_script_reads_registers_from_ptxas(capsys):
+    from gpuconv.cuda import ptx as _cuda_ptx
+
+    if _cuda_ptx.find_ptxas() is None:
+        pytest.skip("ptxas not found (pip install nvidia-cuda-nvcc)")
+    try:
+        assert _script().main(["--layers", "deepface-l6", "--no-gradients"]) == 0
+    except Exception as exc:  # numba-cuda's NVVM missing
+        pytest.skip(f"cannot compile PTX here ({type(exc).__name__}: {exc})")
+    out = capsys.readouterr().out
+    assert "ptxas sm_90" in out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| deepface-l6")]
+    assert rows and all(0 < int(cells[3]) <= 255 for cells in rows)
