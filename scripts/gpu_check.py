@@ -208,6 +208,8 @@ def kernel_names(name, geom, dtype="float32"):
     names = [config.kernel.name]
     if name == "conv2d_weight" and not (config.slices == 1 and config.scratch_elements == 0):
         names.append(f"sum_slices_{np.dtype(dtype).name}")
+    if name == "local_conv2d" and config.slices > 1:  # split-K partial sums, added in order
+        names.append(f"sum_slices_{np.dtype(dtype).name}")
     return tuple(names)
 
 
