@@ -143,9 +143,6 @@ def test_kernels_fit_the_register_file_and_shared_memory(ptxas_rows):
     ("conv2d", ("f32", 2, 4, 2, 2, 2)),      # the small specialisations the tests launch
     ("conv2d", ("f32", 1, 1, 2, 2, 1)),
     ("conv2d", ("f16", 2, 4, 2, 2, 2)),
-    ("local", ("f32", 3, 3, 2, 1)),
-    ("local", ("f32", 2, 2, 8, 2)),
-    ("local", ("f16", 3, 3, 2, 1)),
     ("gemm", ("f32", 8, 8, 4, 2, 2, 1)),       # the implicit GEMM's simulator tile
     ("gemm", ("f16", 8, 8, 4, 2, 2, 1)),
     ("gemm", ("f64", 8, 8, 4, 2, 2, 1)),
