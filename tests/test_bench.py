@@ -404,7 +404,7 @@ def test_cli_quick_run_writes_json_and_png_that_agree_with_the_table(
     pytest.importorskip("matplotlib")
     json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
     code, out = _cli(["--device", "cpu", "--quick", "--repeat", "1", "--json", str(json_path),
-                      "--plot", str(png_path)], monkeypatch, capsys, torch_available)
+                      "--plot", str(png_path), "--wide"], monkeypatch, capsys, torch_available)
     assert code == 0
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads(json_path.read_text())
@@ -425,7 +425,8 @@ def test_cli_quick_run_writes_json_and_png_that_agree_with_the_table(
         assert row[10].rstrip("*") == f"{r['first_call_s'] * 1e3:.4g}"
     # Which peers ran, and why, in the report.
     why = "PyTorch" if torch_available else "PyTorch not installed, so NumPy im2col"
-    assert f"peers: {result['machine']['peers_reason']}" in out.out and why in out.out
+    flat = " ".join(out.out.split())  # the header is wrapped at 100 columns
+    assert f"peers: {result['machine']['peers_reason']}" in flat and why in flat
     assert "%cmp = " in out.out and "more than 100 %" in out.out
     assert "What sharing buys" in out.out and "gpuconv vs peers: speedup = peer time" in out.out
     # Not a terminal: a line when it starts and with the ceilings, then one per finished
@@ -1143,3 +1144,30 @@ def test_cuda_backward_and_step_passes_run():
                    if r["impl"] == "gpuconv")
     else:
         assert "CUDA" in str(not_run.get("step")), not_run
+
+
+def test_the_default_table_fits_100_columns(fast, monkeypatch, capsys):
+    """Without --wide the report fits 100 columns (a pipe, a log, an 80-120 column
+    terminal): the table leaves out its least needed columns and says which."""
+    code, out = _cli(["--device", "cpu", "--quick", "--repeat", "1", "--no-per-call"],
+                     monkeypatch, capsys, False)
+    assert code == 0
+    table = [line for line in out.out.splitlines() if line.startswith("layer ")]
+    assert table and "median ms" in table[0] and "1st call ms" not in table[0]
+    assert "Left out to fit 100 columns" in out.out and "1st call ms" in out.out
+    assert max(len(line) for line in out.out.splitlines()) <= 100
+
+
+def test_the_cpu_run_says_how_long_it_will_take_before_it_starts():
+    args = argparse.Namespace(quick=False, layers=None, batch=None, repeat=None)
+    line = bench._expected_duration("cpu", list(bench.SUITES["default"]), args, ("forward",),
+                                    None)
+    assert f"about {bench.EXPECTED_CPU_S['default']} s" in line
+    quick = argparse.Namespace(quick=True, layers=None, batch=None, repeat=None)
+    assert "--quick" in bench._expected_duration("cpu", list(bench.QUICK_LAYERS), quick,
+                                                  ("forward",), None)
+    # nothing measured says how long these take: no guess
+    assert bench._expected_duration("cuda", list(bench.SUITES["default"]), args,
+                                    ("forward",), None) is None
+    assert bench._expected_duration("cpu", list(bench.SUITES["default"]), args,
+                                    ("backward",), None) is None

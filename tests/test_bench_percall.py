@@ -52,7 +52,9 @@ def test_a_run_above_the_core_count_is_flagged(fast, monkeypatch, loads, warned)
     assert machine["load_average_max"] == max(loads)
     header = bench.format_header(result)
     assert ("WARNING: the load average reached 9.5 on 2 cores" in header) is warned
-    assert len(header.split("\nWARNING")[0].splitlines()) == 3  # the header as before, then it
+    before = header.split("\nWARNING")[0]  # the header as before, then the warning
+    assert before.splitlines()[-1].startswith("median of ") and before == bench.format_header(
+        dict(result, machine=dict(machine, overloaded=False, load_average_max=0.3)))
 
 
 def test_per_call_section_in_the_report_and_the_json(fast, monkeypatch, capsys, tmp_path):

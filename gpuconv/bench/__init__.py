@@ -97,7 +97,7 @@ QUICK_MAX_BATCH = 2
 
 #: Timed calls per burst, and bursts per implementation.
 DEFAULT_REPEAT, QUICK_REPEAT = 5, 2
-DEFAULT_BURSTS, QUICK_BURSTS = 3, 2
+DEFAULT_BURSTS, QUICK_BURSTS = 2, 2
 
 #: ``--plot``: the batch sweep that makes the cost model visible.
 SWEEP_LAYER = "deepface-l5"
@@ -191,6 +191,11 @@ def add_arguments(parser):
                              "machine)")
     parser.add_argument("--no-peers", dest="peers", action="store_false",
                         help="time gpuconv only (no PyTorch / NumPy comparison)")
+    parser.add_argument("--wide", action="store_true",
+                        help=f"print every column of the table (default: at most "
+                             f"{TABLE_WIDTH} characters, or the terminal's width, leaving out "
+                             "the first call, the quartiles, the parameters, the memory and "
+                             "GB/s as needed; the JSON always has them)")
     parser.add_argument("--no-per-call", dest="per_call", action="store_false",
                         help="skip the per-call section (tiny shapes, gpuconv beside "
                              "PyTorch's conv2d, a few seconds)")
@@ -1020,10 +1025,51 @@ def table_rows(records):
     return rows
 
 
-def format_table(records):
-    """A plain-text table of ``records`` (the same numbers as the JSON, formatted)."""
-    columns = table_columns(records)
+#: Columns left out, in this order, when the table would be wider than its limit (the JSON
+#: and ``--wide`` keep them all): the first call, the quartiles, the parameters, the memory,
+#: the bytes per second.
+NARROW_DROP = ("1st call ms", "q1-q3 ms", "params", "extra MB", "GB/s")
+
+#: The text table's width on a pipe or in a log, and at least on a terminal.
+TABLE_WIDTH = 100
+
+
+def _table_width(columns, rows):
+    widths = [len(c) for c in columns]
+    for row in rows:
+        if not row[4].startswith("skipped"):
+            widths = [max(w, len(cell)) for w, cell in zip(widths, row)]
+    return sum(widths) + 2 * (len(widths) - 1)
+
+
+def fitted_columns(records, width=None):
+    """``(columns kept, columns left out)`` so that the table of ``records`` fits ``width``
+    characters (``None``: keep all), leaving out :data:`NARROW_DROP` in order."""
+    columns = list(table_columns(records))
     rows = table_rows(records)
+    dropped = []
+    for name in NARROW_DROP:
+        if width is None or _table_width(columns, [_pick(row, columns, table_columns(records))
+                                                   for row in rows]) <= width:
+            break
+        if name in columns:
+            columns.remove(name)
+            dropped.append(name)
+    return tuple(columns), tuple(dropped)
+
+
+def _pick(row, columns, all_columns):
+    index = {name: i for i, name in enumerate(all_columns)}
+    return tuple(row[index[name]] for name in columns)
+
+
+def format_table(records, width=None):
+    """A plain-text table of ``records`` (the same numbers as the JSON, formatted), at most
+    ``width`` characters wide where leaving out :data:`NARROW_DROP` allows (``None``: every
+    column)."""
+    all_columns = table_columns(records)
+    columns, _ = fitted_columns(records, width)
+    rows = [_pick(row, columns, all_columns) for row in table_rows(records)]
     widths = [len(c) for c in columns]
     for row in rows:
         if row[4].startswith("skipped"):
@@ -1177,11 +1223,14 @@ def _peer_lines(records, layers, width, pass_name):
                     continue
                 cell = f"{op} vs {r['impl']} {_times(_speedup(r, mine))}"
                 if mine["peak_extra_bytes"] is not None and r["peak_extra_bytes"] is not None:
-                    cell += (f" (extra memory {_mb(mine['peak_extra_bytes'])} vs "
+                    cell += (f" (memory {_mb(mine['peak_extra_bytes'])} vs "
                              f"{_mb(r['peak_extra_bytes'])} MB)")
                 cells.append(cell)
         if cells:
-            lines.append(f"  {name:<{width}}  " + "   ".join(cells))
+            line = f"  {name:<{width}}  " + "   ".join(cells)
+            if len(line) > TABLE_WIDTH:  # one cell a line, under the layer's name
+                line = f"  {name:<{width}}  " + ("\n" + " " * (width + 4)).join(cells)
+            lines.append(line)
     return lines
 
 
@@ -1283,7 +1332,7 @@ def format_summary(result):
             label = r["op"] if _pass_of(r) == "forward" else f"{r['op']} {_pass_of(r)}"
             lines.append(f"  {label:<{label_width}}  {r['impl']:<13} "
                          f"{_ms(r['first_call_s']):>8} ms "
-                         f"(median afterwards {_ms(r['median_s'])} ms{how})")
+                         f"(then {_ms(r['median_s'])} ms{how})")
     agreement = _agreement_line(result["records"], result["machine"].get("dtype"))
     if agreement:
         lines.append("")
@@ -1379,34 +1428,50 @@ def format_header(result):
         if m.get("torch_threads"):
             clock += f", {_plural(m['torch_threads'], 'PyTorch thread')}"
     warning = _overload_warning(m)
-    return (f"gpuconv bench on {m['device']} ({where}, {m['cores']} cores), {m['dtype']}, "
-            f"{m['date']}{load}\n"
+    first = textwrap.fill(f"gpuconv bench on {m['device']} ({where}, {m['cores']} cores), "
+                          f"{m['dtype']}, {m['date']}{load}", 100, subsequent_indent="  ")
+    if not m.get("peers_reason_by_pass"):
+        peers = textwrap.fill(f"peers:{peers}", 100, subsequent_indent="  ")[len("peers:"):]
+    return (f"{first}\n"
             f"peers:{peers}\n"
             f"median of {timing['bursts']} alternating bursts x {timing['repeat']} timed calls"
             f"{clock}" + ("" if warning is None else "\n" + textwrap.fill(warning, 100)))
 
 
-def format_report(result):
+def format_report(result, width=None):
     """The whole text report: header, table(s) (one per pass) and the legend, batch sweep,
-    summary."""
+    summary; tables at most ``width`` characters wide where :func:`format_table` can (the
+    columns it leaves out are named under them)."""
     suite = [r for r in result["records"] if r["part"] == "suite"]
     passes = _passes(result["records"])
     parts = [format_header(result)]
+    dropped = set()
+
+    def table(records):
+        dropped.update(fitted_columns(records, width)[1])
+        return format_table(records, width)
     if passes in ([], ["forward"]) and not result["machine"].get("passes_not_run"):
-        parts += ["", format_table(suite)]
+        parts += ["", table(suite)]
     else:
         for pass_name in passes:
             parts += ["", f"{PASS_TITLES[pass_name]}:",
-                      format_table([r for r in suite if _pass_of(r) == pass_name])]
+                      table([r for r in suite if _pass_of(r) == pass_name])]
         for pass_name, why in result["machine"].get("passes_not_run", {}).items():
             parts += ["", f"{PASS_TITLES[pass_name]}: {why}"]
     legend = (TABLE_LEGEND + (KERNEL_LEGEND if _has_kernel_times(suite) else ())
               + tuple(PASS_LEGEND[p] for p in passes if p in PASS_LEGEND))
-    parts += [""] + [textwrap.fill(text, 100, subsequent_indent="  ") for text in legend]
     sweep = [r for r in result["records"] if r["part"] == "batch-sweep"]
+    sweep_table = table(sweep) if sweep else None
+    legend = tuple(text for text in legend
+                   if not any(text.startswith(name.split(" ")[0] + " ") or
+                              text.startswith(name + " ") for name in dropped))
+    if dropped:
+        legend += (f"Left out to fit {width} columns (in the JSON, and shown by --wide): "
+                   + ", ".join(name for name in NARROW_DROP if name in dropped) + ".",)
+    parts += [""] + [textwrap.fill(text, 100, subsequent_indent="  ") for text in legend]
     if sweep:
         label = "" if _pass_of(sweep[0]) == "forward" else f", {_pass_of(sweep[0])}"
-        parts += ["", f"Batch sweep ({sweep[0]['layer']}{label}):", format_table(sweep)]
+        parts += ["", f"Batch sweep ({sweep[0]['layer']}{label}):", sweep_table]
     parts += ["", format_summary(result)]
     return "\n".join(parts)
 
@@ -1471,6 +1536,9 @@ def run(args):
             return 2
         clock = one_core(None if torch == "auto" else torch)
     sweep = (SWEEP_LAYER, SWEEP_BATCHES) if args.plot else None
+    expected = _expected_duration(device, names, args, passes, sweep)
+    if expected:
+        print(f"gpuconv bench: {expected}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     result = run_benchmark(names, device=device, dtype=args.dtype, repeat=repeat,
                            bursts=bursts, batch=args.batch, batch_cap=batch_cap,
@@ -1482,7 +1550,7 @@ def run(args):
         per_call = _per_call(device, torch, args.quick)
         result["machine"]["per_call"] = per_call
     result["machine"]["wall_s"] = round(time.perf_counter() - start, 1)
-    print(format_report(result))
+    print(format_report(result, None if getattr(args, "wide", False) else _report_width()))
     if per_call is not None:
         print("\n" + _percall.format_section(per_call))
     print(f"\n{len(result['records'])} records in {result['machine']['wall_s']:.0f} s")
@@ -1494,6 +1562,39 @@ def run(args):
         _bench_plot.plot(result, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+#: Seconds the CPU forward took on a quiet 2-core machine (the one BENCHMARKS.md was measured
+#: on, load average 0.9-1.5, PyTorch peers, the per-call section included; 64 s and 21 s on
+#: 2026-12-04): the default suite and --quick. Other machines, passes and options take other
+#: times.
+EXPECTED_CPU_S = {"default": 65, "quick": 22}
+
+
+def _expected_duration(device, names, args, passes, sweep):
+    """A line saying about how long the run will take, before it starts (``None`` where no
+    measurement says: other devices, passes, layers or options)."""
+    if device != "cpu" or passes != ("forward",) or sweep or args.batch:
+        return None
+    if args.quick and not getattr(args, "layers", None):
+        kind = "quick"
+    elif tuple(names) == SUITES["default"] and args.repeat in (None, DEFAULT_REPEAT):
+        kind = "default"
+    else:
+        return None
+    seconds = EXPECTED_CPU_S[kind]
+    what = "--quick" if kind == "quick" else "the default suite; --quick is the short run"
+    return (f"about {seconds} s on a quiet 2-core CPU ({what}; longer on a busy machine, "
+            "shorter on more cores)")
+
+
+def _report_width():
+    """:data:`TABLE_WIDTH`, or the terminal's width when standard output is a wider one."""
+    if sys.stdout.isatty():
+        import shutil
+
+        return max(TABLE_WIDTH, shutil.get_terminal_size((TABLE_WIDTH, 24)).columns)
+    return TABLE_WIDTH
 
 
 def _per_call(device, torch, quick):

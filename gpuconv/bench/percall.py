@@ -165,7 +165,10 @@ def format_section(result):
     records = result["records"]
     if not records:
         return ""
-    lines = [f"Per-call cost on tiny shapes ({records[0]['device']}; {result['method']}):",
+    import textwrap
+
+    lines = [textwrap.fill(f"Per-call cost on tiny shapes ({records[0]['device']}; "
+                           f"{result['method']}):", 100, subsequent_indent="  "),
              f"  {'shape':<26} {'implementation':<21} {'median us':>10} "
              f"{'quartiles us':>17} {'/ torch conv2d':>14}"]
     for r in records:
