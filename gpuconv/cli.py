@@ -26,6 +26,8 @@ import platform
 import sys
 from importlib import metadata
 
+from .appkit import gpu_description, positive_int
+
 __all__ = ["main", "build_parser", "collect_info", "positive_int", "gpu_description"]
 
 PROG = "gpuconv"
@@ -58,29 +60,6 @@ def _module_version(module):
         if version is not None:
             return version
     return None
-
-
-def gpu_description():
-    """Name and compute capability of the current CUDA device, or ``None``."""
-    try:
-        from numba import cuda
-
-        from .device import simulator_enabled
-
-        device = cuda.get_current_device()
-    except Exception:
-        return None
-    name = getattr(device, "name", None)
-    if isinstance(name, bytes):
-        name = name.decode(errors="replace")
-    if not name:
-        name = ("Numba CUDA simulator" if simulator_enabled()
-                else "unnamed CUDA device")
-    try:
-        major, minor = device.compute_capability
-    except Exception:
-        return name
-    return f"{name} (compute capability {major}.{minor})"
 
 
 def collect_info():
@@ -152,21 +131,7 @@ def _add_info(subparsers):
 
 # ----------------------------------------------------------------------------- params
 
-def positive_int(text):
-    """argparse type: an integer >= 1 (``100_000`` and ``1e5``-style integers accepted)."""
-    try:
-        value = int(text.replace("_", ""), 10)
-    except ValueError:
-        try:
-            number = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-        if not number.is_integer():
-            raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-        value = int(number)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return value
+
 
 
 def _run_params(args):

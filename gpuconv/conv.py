@@ -20,7 +20,7 @@ import numpy as np
 from .device import (ENV_VAR, FreeMemory, host_memory_available, is_device_array,
                      select_device, simulator_enabled)
 from .geometry import conv_geometry
-from .ops import FORWARD, OPS, WEIGHT_GRAD
+from .ops import FORWARD, OPS, WEIGHT_GRAD, autograd_forward
 
 __all__ = ["conv2d", "local_conv2d", "clear_call_cache"]
 
@@ -583,10 +583,8 @@ def call(op_name, arrays, stride, padding, dilation, groups, device, sizes=None)
     calls that passed every check are cached, so a cached call raises exactly what an
     uncached one would (:func:`clear_call_cache` empties the cache)."""
     op = OPS[op_name]
-    if op.kind == FORWARD and _records_autograd(arrays):
-        from .torch import autograd_forward  # the differentiable custom operators
-
-        return autograd_forward(op_name, arrays, stride, padding, dilation, groups, device)
+    if op.kind == FORWARD and _records_autograd(arrays):  # the differentiable operators
+        return autograd_forward()(op_name, arrays, stride, padding, dilation, groups, device)
     if _has_bfloat16(arrays):
         return _bfloat16_call(op_name, arrays, stride, padding, dilation, groups, device, sizes)
     operands = [_operand(value, name) for name, value in arrays.items()]

@@ -33,7 +33,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-__all__ = ["Op", "OPS", "FORWARD", "INPUT_GRAD", "WEIGHT_GRAD"]
+__all__ = ["Op", "OPS", "FORWARD", "INPUT_GRAD", "WEIGHT_GRAD", "AUTOGRAD_FORWARD",
+           "autograd_forward"]
 
 FORWARD, INPUT_GRAD, WEIGHT_GRAD = "forward", "input_grad", "weight_grad"
 
@@ -93,6 +94,18 @@ class Op:
     def scratch(self, device):
         """The scratch estimate of this operation's kernel on ``device``."""
         return _resolve(self.cpu_scratch if device == "cpu" else self.cuda_scratch)
+
+
+#: Where a forward call on PyTorch tensors that require grad goes: the differentiable custom
+#: operators of :mod:`gpuconv.torch`, a layer above the public functions. Named here, as the
+#: kernels are, and resolved on first use, so the public layer reaches PyTorch's autograd
+#: without importing the PyTorch layer (which imports it).
+AUTOGRAD_FORWARD = "gpuconv.torch:autograd_forward"
+
+
+def autograd_forward():
+    """The function :data:`AUTOGRAD_FORWARD` names (imports PyTorch on first use)."""
+    return _resolve(AUTOGRAD_FORWARD)
 
 
 OPS = {op.name: op for op in (

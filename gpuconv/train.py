@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .appkit import positive_int
 from .params import conv2d_param_count, fully_connected_param_count, local_conv2d_param_count
 
 __all__ = ["DATASETS", "VARIANTS", "Network", "network", "expected_params", "build_model",
@@ -709,10 +710,10 @@ def _run_all(datasets, variants, epochs, batch, lr, device, seed, seeds, quick, 
     import numba
     import torch
 
-    from .bench import _load_average, machine_info
+    from .appkit import load_average, machine_info
 
     machine = machine_info(device, torch, None, "float32")
-    machine["load_average_start"] = _load_average()
+    machine["load_average_start"] = load_average()
     machine["torch_threads"] = torch.get_num_threads()
     machine["numba_threads"] = numba.get_num_threads()
     machine["command"] = command
@@ -741,7 +742,7 @@ def _run_all(datasets, variants, epochs, batch, lr, device, seed, seeds, quick, 
                     base.update(_train_one(net, var, data, plan, run_seed, device, reporter))
                 records.append(base)
     machine["wall_s"] = round(time.perf_counter() - start, 1)
-    machine["load_average_end"] = _load_average()
+    machine["load_average_end"] = load_average()
     return {"machine": machine, "records": records}
 
 
@@ -870,16 +871,6 @@ def plot(result, path):
 
 # ----------------------------------------------------------------------------- command
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _nonnegative_int(text):
     try:
         value = int(text)
@@ -898,24 +889,24 @@ def add_arguments(parser):
     parser.add_argument("--dataset", choices=DATASETS + ("all",), default="all",
                         help="digits (8x8, 10 labels), sample-images (20x20 crops of two "
                              "photos, 2 labels) or all (default)")
-    parser.add_argument("--epochs", type=_positive_int, metavar="N",
+    parser.add_argument("--epochs", type=positive_int, metavar="N",
                         help="epochs (default per dataset: digits "
                              f"{PLANS['digits'][0].epochs}, sample-images "
                              f"{PLANS['sample-images'][0].epochs}; fewer with --quick)")
-    parser.add_argument("--batch", type=_positive_int, metavar="N",
+    parser.add_argument("--batch", type=positive_int, metavar="N",
                         help=f"minibatch size (default {PLANS['digits'][0].batch})")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to train (default: auto, as gpuconv.select_device)")
     parser.add_argument("--seed", type=_nonnegative_int, default=0,
                         help="first seed: fixes the split, the initial weights and the batch "
                              "order (default 0)")
-    parser.add_argument("--seeds", type=_positive_int, default=1, metavar="N",
+    parser.add_argument("--seeds", type=positive_int, default=1, metavar="N",
                         help="run N seeds (seed, seed+1, ...) and report mean ± spread "
                              "(default 1)")
     parser.add_argument("--json", metavar="PATH", help="write the machine and the records")
     parser.add_argument("--plot", metavar="PATH",
                         help="write a PNG of the learning curves (needs matplotlib)")
-    parser.add_argument("--threads", type=_positive_int, metavar="N",
+    parser.add_argument("--threads", type=positive_int, metavar="N",
                         help=f"CPU threads for PyTorch and the kernels (default "
                              f"{DEFAULT_CPU_THREADS}: these networks are too small to gain "
                              "from more, and lose much on a busy machine)")

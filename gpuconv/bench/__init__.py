@@ -57,12 +57,10 @@ Importing this module imports neither PyTorch nor matplotlib.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import math
 import os
-import platform
 import sys
 import textwrap
 import time
@@ -73,7 +71,8 @@ from . import percall as _percall
 from . import peers as impls_mod
 from .stats import (PASSES, format_bytes, geomean, min_bytes, paired_ratios, param_count,
                     pass_flops, reduction_terms, summarize, tolerance)
-from ..cli import gpu_description, positive_int
+from ..appkit import machine_info, positive_int
+from ..appkit import load_average as _load_average
 from ..device import CudaUnavailableError, select_device
 from ..workloads import LAYERS, Layer
 
@@ -240,59 +239,6 @@ def _unwritable(path):
 
 # ----------------------------------------------------------------------------- machine
 
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device, torch, ceilings, dtype):
-    import numba
-
-    from .. import __version__
-
-    info = {
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "numba": numba.__version__,
-        "torch": getattr(torch, "__version__", None),
-        "gpuconv": __version__,
-        "device": device,
-        "gpu": gpu_description() if device == "cuda" else None,
-        "dtype": dtype,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "ceilings": ceilings,
-    }
-    info["git_commit"], info["git_modified"] = _git_state()
-    return info
-
-
-def _git_state():
-    """``(commit, modified package files)`` when gpuconv runs from a git checkout."""
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root,
-                                capture_output=True, text=True, timeout=5)
-        if commit.returncode != 0:
-            return None, None
-        status = subprocess.run(["git", "status", "--porcelain", "--", "gpuconv"], cwd=root,
-                                capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-    modified = sorted(line[3:] for line in status.stdout.splitlines() if line.strip())
-    return commit.stdout.strip(), modified
-
-
 def _load_flag(samples):
     """``load_average_max`` (the largest 1-minute load average sampled: at the start, after
     each layer, at the end) and ``overloaded``: whether it exceeded the core count, when
@@ -311,14 +257,6 @@ def _overload_warning(machine):
             f"{machine['cores']} cores: other work competed for the cores, and these times "
             "include waits for one (scheduler stalls), not only the kernels; rerun on an idle "
             "machine, or with --one-core (process CPU time)")
-
-
-def _load_average():
-    """1-minute load average (other work on the machine skews the timings), or None."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError):
-        return None
 
 
 # ----------------------------------------------------------------------------- records

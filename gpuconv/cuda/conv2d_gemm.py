@@ -45,8 +45,8 @@ from typing import NamedTuple
 from numba import cuda, types, uint64
 
 from ..device import simulator_enabled
-from .kernels import (_COMPUTE, _SCALAR, KernelSpec, _array, _rename, check_grid, compute_code,
-                      dtype_code)
+from .spec import (_COMPUTE, _SCALAR, KernelSpec, _array, _rename, check_grid, compute_code,
+                   dtype_code)
 
 __all__ = ["GEMM_MIN_CHANNELS", "Conv2dGemmConfig", "conv2d_gemm_kernel", "conv2d_gemm_config",
            "use_gemm", "launch", "TILES"]

@@ -31,10 +31,10 @@ import numpy as np
 
 from numba import cuda, int64, types, uint64
 
-from .kernels import (_COMPUTE, _NUMPY, _SCALAR, GRID_YZ_LIMIT, LOCAL_STAGE_BYTES,
-                      SHARED_BUDGET_BYTES, SHARED_LIMIT_BYTES, KernelSpec, _array,
-                      _conv2d_launch_bounds, _even_split, _pow2_at_least, _rename,
-                      _stage_itemsize, check_grid, compute_code, dtype_code)
+from .spec import (_COMPUTE, _NUMPY, _SCALAR, GRID_YZ_LIMIT, LOCAL_STAGE_BYTES,
+                   SHARED_BUDGET_BYTES, SHARED_LIMIT_BYTES, KernelSpec, _array,
+                   _conv2d_launch_bounds, _even_split, _pow2_at_least, _rename,
+                   _stage_itemsize, check_grid, compute_code, dtype_code)
 
 __all__ = ["conv2d_input_grad_kernel", "conv2d_input_grad_config", "Conv2dInputGradConfig",
            "conv2d_weight_grad_kernel", "conv2d_weight_grad_config", "Conv2dWeightGradConfig",

@@ -1,0 +1,134 @@
+"""What every CUDA kernel module shares: the kernel spec, dtype codes, limits and helpers.
+
+The kernel modules (:mod:`gpuconv.cuda.kernels`, the forward factories and the choice of
+kernel per geometry; :mod:`gpuconv.cuda.grad_kernels`; :mod:`gpuconv.cuda.conv2d_gemm`)
+build on this one and on nothing of each other's below them: ``kernels`` chooses among
+them, so it imports the other two, never the other way round.
+
+A factory returns a :class:`KernelSpec`: the bare Python function, its Numba signature, its
+name and launch bounds; :func:`compiled` turns a spec into a launchable kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import numpy as np
+from numba import cuda, float32, float64, types
+from numba.types import float16
+
+from ..device import simulator_enabled
+
+__all__ = ["KernelSpec", "compiled", "dtype_code", "compute_code", "CODES", "check_grid",
+           "GRID_YZ_LIMIT", "SHARED_BUDGET_BYTES", "SHARED_LIMIT_BYTES", "LOCAL_STAGE_BYTES"]
+
+# Dynamic shared memory one conv2d block may use: small enough that several blocks share an
+# SM (an H100/H200 SM has 228 KiB), and under the 48 KiB that needs no opt-in.
+SHARED_BUDGET_BYTES = 24 * 1024
+
+
+# conv2d blocks have at most 128 threads. Up to 32 accumulators a thread, asking for three
+# blocks per SM (170 registers a thread, 64K / 384) costs no spills; with 64 accumulators
+# sm_80 would spill at that cap, so those ask for two (255 registers). ptxas checks both in
+# the tests.
+def _conv2d_launch_bounds(accumulators):
+    return (128, 3) if accumulators <= 32 else (128, 2)
+
+
+# Shared memory a block may use without opting in (every GPU since Kepler).
+SHARED_LIMIT_BYTES = 48 * 1024
+
+#: The dtype codes the factories take.
+CODES = ("f16", "f32", "f64")
+# Element type of the arrays a kernel reads and writes ...
+_SCALAR = {"f16": float16, "f32": float32, "f64": float64}
+# ... and the type it computes in: registers, accumulators, shared-memory stages.
+_COMPUTE = {"f16": float32, "f32": float32, "f64": float64}
+_NUMPY = {"f16": np.dtype(np.float16), "f32": np.dtype(np.float32),
+          "f64": np.dtype(np.float64)}
+
+
+def dtype_code(dtype):
+    """``"f16"``, ``"f32"`` or ``"f64"`` for a NumPy dtype."""
+    return {np.dtype(np.float16): "f16", np.dtype(np.float32): "f32",
+            np.dtype(np.float64): "f64"}[np.dtype(dtype)]
+
+
+def compute_code(code):
+    """The code of the type kernels of ``code`` compute in: ``"f32"`` for ``"f16"``.
+
+    float16 kernels stage float32 in shared memory (each value converted once, as it is
+    staged) rather than float16: the inner loops then read and multiply exactly as the
+    float32 kernels do, with no conversion per shared-memory read, and the odd row strides
+    that keep a warp's reads on 32 different banks stay in 4-byte words. So a float16
+    kernel has the float32 kernel's shared-memory budget, register block and launch shape;
+    only its global loads and stores are half as wide.
+    """
+    return "f32" if code == "f16" else code
+
+
+def _stage_itemsize(code):
+    """Bytes of one shared-memory word of the kernels of ``code`` (the compute type)."""
+    return _NUMPY[compute_code(code)].itemsize
+
+
+class KernelSpec(NamedTuple):
+    """A kernel before compilation: what :func:`numba.cuda.compile_ptx` needs."""
+
+    name: str            # encodes the specialisation, e.g. conv2d_f32_k3x3_r2x2_c8
+    pyfunc: object       # the bare Python function
+    signature: tuple     # Numba argument types
+    launch_bounds: tuple | None = None  # (max threads per block, min blocks per SM)
+
+
+def _array(code, ndim):
+    return types.Array(_SCALAR[code], ndim, "C")
+
+
+def _rename(func, name):
+    func.__name__ = name
+    func.__qualname__ = name
+    return func
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(spec):
+    """The launchable kernel of ``spec`` (compiled on first launch for the current GPU)."""
+    if spec.launch_bounds is None or simulator_enabled():  # the simulator has none
+        return cuda.jit(spec.signature)(spec.pyfunc)
+    try:
+        return cuda.jit(spec.signature, launch_bounds=spec.launch_bounds)(spec.pyfunc)
+    except TypeError:  # a numba-cuda without launch bounds: same code, registers uncapped
+        return cuda.jit(spec.signature)(spec.pyfunc)
+
+
+def _even_split(count, cap):
+    """Block size ``<= cap`` that splits ``count`` into the fewest, most equal blocks
+    (10 channels with cap 8: two blocks of 5, not 8 + 2 of 16 computed)."""
+    return -(-count // -(-count // cap))
+
+
+def _pow2_at_least(value, cap):
+    result = 1
+    while result < value and result < cap:
+        result *= 2
+    return result
+
+
+#: CUDA's limit on grid dimensions y and z (x allows 2**31 - 1).
+GRID_YZ_LIMIT = 65535
+
+
+def check_grid(grid, what):
+    """Refuse a launch whose grid exceeds CUDA's limits, with a clear error."""
+    if grid[0] > 2**31 - 1 or any(g > GRID_YZ_LIMIT for g in grid[1:]):
+        raise ValueError(
+            f"{what} would need a CUDA grid of {tuple(grid)} blocks, beyond CUDA's limits "
+            f"(x < 2**31, y and z <= {GRID_YZ_LIMIT}); use device='cpu' or split the layer "
+            "(e.g. over its output channels)")
+    return grid
+
+
+# Shared memory the local_conv2d gradient kernels stage at a time (see grad_kernels).
+LOCAL_STAGE_BYTES = 16 * 1024
