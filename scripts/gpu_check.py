@@ -450,18 +450,15 @@ def _try(fn):
         return f"unknown ({type(exc).__name__}: {exc})"[:200]
 
 
-def _git(*args):
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=10).stdout.strip()
-
-
 def environment(torch=None, dry_run=False):
     """What ran: package versions, NVVM, the driver and runtime, the GPU and its clocks, the
     commit; and the numba-cuda / NumPy pair's known problem, if any."""
     from importlib import metadata
 
+    from gpuconv.appkit import git_state
     from gpuconv.device import cuda_toolchain_problem
 
+    commit, modified = git_state()  # the package files modified in the checkout, if any
     packages = {}
     for name in _DISTRIBUTIONS:
         try:
@@ -469,8 +466,7 @@ def environment(torch=None, dry_run=False):
         except metadata.PackageNotFoundError:
             pass
     info = {"python": platform.python_version(), "packages": packages,
-            "commit": _try(lambda: _git("rev-parse", "HEAD")),
-            "modified": _try(lambda: bool(_git("status", "--porcelain", "--untracked-files=no"))),
+            "commit": commit, "modified": modified,
             "toolchain_problem": cuda_toolchain_problem(), "dry_run": dry_run}
     if torch is not None:
         info["torch"] = torch.__version__
@@ -617,87 +613,76 @@ def _compare(target, label, name, geom, dtype, result, ref, bound):
                        and within_tolerance(err, scale, dtype_name, count))}
 
 
+def _op_of(name):
+    """The forward operation of a function of :data:`ALL_FUNCTIONS`."""
+    return name if name in FORWARD_OPS else name.rsplit("_", 1)[0]
+
+
+def _call(target, gpuconv, name, geom, x, w, b, gy):
+    """One call of the gpuconv function ``name`` on the reference's tensors ``x, w, b, gy``,
+    given to gpuconv as ``target`` places them."""
+    from gpuconv import grad as gpuconv_grad
+
+    put = target.to_gpuconv
+    kwargs = _public_kwargs(geom)
+    if name in FORWARD_OPS:
+        return getattr(gpuconv, name)(put(x), put(w), put(b), **kwargs)
+    if name.endswith("_input"):
+        return getattr(gpuconv_grad, name)(tuple(x.shape), put(w), put(gy), **kwargs)
+    return getattr(gpuconv_grad, name)(put(x), tuple(w.shape), put(gy), **kwargs)
+
+
+def _failure(label, name, dtype, exc):
+    return {"case": label, "function": name, "dtype": str(dtype).replace("torch.", ""),
+            "ok": False, "error": f"{type(exc).__name__}: {exc}"[:500],
+            "traceback": traceback.format_exc()[-2000:]}
+
+
 def check_functions(target, gpuconv, label, geom, functions, dtype, bias="channel", seed=0):
     """Each gpuconv function of ``functions`` (of :data:`ALL_FUNCTIONS`, sharing one
     geometry) on random inputs in ``dtype`` (a torch dtype) against the float64 PyTorch
     reference: one result dict per function."""
     torch = target.torch
-    from gpuconv import grad as gpuconv_grad
-
     results = []
-    ops = {f if f in FORWARD_OPS else f.rsplit("_", 1)[0] for f in functions}
-    for op in sorted(ops):
-        x, w, b, gy = _inputs(target, geom, op, bias, seed + sum(map(ord, op)))
-        x, w, gy = x.to(dtype), w.to(dtype), gy.to(dtype)
-        b = None if b is None else b.to(dtype)
-        kwargs = _public_kwargs(geom)
-        calls = {}
-        if op in functions:
-            calls[op] = (lambda: getattr(gpuconv, op)(
-                target.to_gpuconv(x), target.to_gpuconv(w), target.to_gpuconv(b), **kwargs),
-                lambda: _reference(torch, op, geom, x, w, b))
-        grads = [f for f in GRAD_FUNCTIONS[op] if f in functions]
-        if grads:
-            grad_refs = {}
-
-            def grad_ref(index):
-                if not grad_refs:
-                    grad_refs["value"] = _grad_reference(torch, op, geom, x, w, gy)
-                (gx, gw), (bx, bw) = grad_refs["value"]
-                return ((gx, bx), (gw, bw))[index]
-            input_name, weight_name = GRAD_FUNCTIONS[op]
-            if input_name in grads:
-                calls[input_name] = (lambda: getattr(gpuconv_grad, input_name)(
-                    tuple(x.shape), target.to_gpuconv(w), target.to_gpuconv(gy), **kwargs),
-                    lambda: grad_ref(0))
-            if weight_name in grads:
-                calls[weight_name] = (lambda: getattr(gpuconv_grad, weight_name)(
-                    target.to_gpuconv(x), tuple(w.shape), target.to_gpuconv(gy), **kwargs),
-                    lambda: grad_ref(1))
-        for name, (call, reference) in calls.items():
+    for op in sorted({_op_of(f) for f in functions}):
+        x, w, b, gy = (None if t is None else t.to(dtype)
+                       for t in _inputs(target, geom, op, bias, seed + sum(map(ord, op))))
+        grad_refs = {}
+        for name in (op,) + GRAD_FUNCTIONS[op]:
+            if name not in functions:
+                continue
             try:
-                result = call()
+                result = _call(target, gpuconv, name, geom, x, w, b, gy)
                 target.synchronize()
-                ref, bound = reference()
+                if name == op:
+                    ref, bound = _reference(torch, op, geom, x, w, b)
+                else:  # one autograd backward gives both gradients
+                    if not grad_refs:
+                        grad_refs["value"] = _grad_reference(torch, op, geom, x, w, gy)
+                    (gx, gw), (bx, bw) = grad_refs["value"]
+                    ref, bound = (gx, bx) if name.endswith("_input") else (gw, bw)
                 results.append(_compare(target, label, name, geom, dtype, result, ref, bound))
             except Exception as exc:
-                results.append({"case": label, "function": name,
-                                "dtype": str(dtype).replace("torch.", ""), "ok": False,
-                                "error": f"{type(exc).__name__}: {exc}"[:500],
-                                "traceback": traceback.format_exc()[-2000:]})
+                results.append(_failure(label, name, dtype, exc))
     return results
 
 
 def check_repeatable(target, gpuconv, label, geom, functions, dtype):
     """Each function twice on the same inputs: bitwise equal results (no atomics, a fixed
     order of every sum)."""
-    from gpuconv import grad as gpuconv_grad
-
     results = []
     for name in functions:
-        op = name if name in FORWARD_OPS else name.rsplit("_", 1)[0]
         x, w, b, gy = (None if t is None else t.to(dtype)
-                       for t in _inputs(target, geom, op, "channel", 7))
-        kwargs = _public_kwargs(geom)
-        args = {"conv2d": lambda: (target.to_gpuconv(x), target.to_gpuconv(w),
-                                   target.to_gpuconv(b)),
-                "local_conv2d": lambda: (target.to_gpuconv(x), target.to_gpuconv(w),
-                                         target.to_gpuconv(b)),
-                f"{op}_input": lambda: (tuple(x.shape), target.to_gpuconv(w),
-                                        target.to_gpuconv(gy)),
-                f"{op}_weight": lambda: (target.to_gpuconv(x), tuple(w.shape),
-                                         target.to_gpuconv(gy))}[name]()
-        fn = getattr(gpuconv if name in FORWARD_OPS else gpuconv_grad, name)
+                       for t in _inputs(target, geom, _op_of(name), "channel", 7))
         try:
-            first = target.from_gpuconv(fn(*args, **kwargs)).clone()
-            second = target.from_gpuconv(fn(*args, **kwargs))
+            first = target.from_gpuconv(_call(target, gpuconv, name, geom, x, w, b, gy)).clone()
+            second = target.from_gpuconv(_call(target, gpuconv, name, geom, x, w, b, gy))
             target.synchronize()
             same = bool(target.torch.equal(first, second))
             results.append({"case": label, "function": name, "ok": same,
                             "detail": "bitwise equal" if same else "results differ"})
         except Exception as exc:
-            results.append({"case": label, "function": name, "ok": False,
-                            "error": f"{type(exc).__name__}: {exc}"[:500]})
+            results.append(_failure(label, name, dtype, exc))
     return results
 
 

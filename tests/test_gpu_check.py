@@ -16,6 +16,7 @@ import pytest
 
 from gpuconv import bench, workloads
 from reference import conv2d_ref, half_tolerance, local_conv2d_ref, output_size
+from test_cuda_sim import _numba_cuda_importable
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
@@ -272,14 +273,6 @@ def test_sanitizer_is_optional(gpu_check, monkeypatch):
 
 
 # --- the whole script, in its dry run --------------------------------------------------------
-
-def _numba_cuda_importable():
-    try:
-        import numba.cuda  # noqa: F401
-    except Exception:
-        return False
-    return True
-
 
 @pytest.mark.skipif(SIMULATOR, reason="the dry run starts its own simulator process")
 @pytest.mark.skipif(not _numba_cuda_importable(), reason="numba.cuda is not installed")
