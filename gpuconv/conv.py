@@ -476,6 +476,8 @@ def _typed(value):
             if type(first) is int and type(second) is int:
                 return kind, (first, second)
         return kind, tuple(_typed(v) for v in value)
+    if isinstance(value, tuple):  # a tuple's subclass, such as torch.Size (a tensor's shape)
+        return kind, tuple(_typed(v) for v in value)
     if isinstance(value, _SCALARS):
         return kind, value
     raise _Uncacheable

@@ -251,3 +251,20 @@ def test_thread_count_is_part_of_the_key():
     finally:
         numba.set_num_threads(threads)
     assert len(_conv._PLANS) == (2 if threads > 1 else 1)
+
+
+def test_a_tensors_shape_as_a_size_is_cached():
+    """``torch.Size`` (what ``tensor.shape`` is) as ``input_size`` / ``weight_size``: a tuple
+    of ints, looked up like one; the key still tells it from a list of the same ints."""
+    torch = pytest.importorskip("torch")
+    x, w, _ = _good(False)
+    gy = np.random.default_rng(2).standard_normal((2, 4, 4, 4))
+    tx, tw, tgy = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(gy)
+    gx = _grad.conv2d_input(tx.shape, tw, tgy)
+    gw = _grad.conv2d_weight(tx, tw.shape, tgy)
+    assert len(_conv._PLANS) == 2
+    np.testing.assert_array_equal(_grad.conv2d_input(tx.shape, tw, tgy).numpy(), gx.numpy())
+    np.testing.assert_array_equal(_grad.conv2d_weight(tx, tw.shape, tgy).numpy(), gw.numpy())
+    assert len(_conv._PLANS) == 2
+    _grad.conv2d_input(list(tx.shape), tw, tgy)
+    assert len(_conv._PLANS) == 3

@@ -34,6 +34,8 @@ CASES = [
     ("cvec1_merged", 1, 3, 40, 37, 14, 5, 1, 0, 1, 1, K("cvec1", "merged"), True),
     ("cvec1_rows", 2, 3, 23, 29, 16, 3, (2, 1), (0, 1), 1, 1, K("cvec1", "rows"), True),
     ("cvec1_groups", 1, 4, 9, 8, 32, 3, 1, 1, 1, 2, K("cvec1", "merged"), False),
+    # stride 1, but by rows: a wide unpadded kernel on a small map (DeepFace L6's shape)
+    ("cvec1_rows_small_map", 2, 3, 25, 25, 16, 5, 1, 0, 1, 1, K("cvec1", "rows"), True),
     ("cvec1_wide_row", 1, 2, 3, 900, 13, 3, (1, 3), 1, 1, 1, K("cvec1", "rows"), False),
     ("pvec_merged", 1, 3, 40, 37, 10, 5, 1, 0, 1, 1, K("pvec", "merged"), True),
     ("pvec_rows", 2, 3, 23, 29, 5, 3, (2, 1), (0, 1), 1, 1, K("pvec", "rows"), True),
