@@ -462,6 +462,7 @@ class _Uncacheable(Exception):
 
 
 _SCALARS = (bool, float, type(None), np.integer, np.floating, np.bool_)
+_JUST_INT = {int}
 
 
 def _typed(value):
@@ -475,12 +476,23 @@ def _typed(value):
             first, second = value
             if type(first) is int and type(second) is int:
                 return kind, (first, second)
+        elif set(map(type, value)) == _JUST_INT:  # ints only (padding's four), in C loops
+            return kind, tuple(value)
         return kind, tuple(_typed(v) for v in value)
     if isinstance(value, tuple):  # a tuple's subclass, such as torch.Size (a tensor's shape)
         return kind, tuple(_typed(v) for v in value)
     if isinstance(value, _SCALARS):
         return kind, value
     raise _Uncacheable
+
+
+def typed_key(value):
+    """``value`` (ints, strings, scalars, tuples and lists of them) as a dictionary key that
+    equals another only for the same types and values, or None if it has anything else."""
+    try:
+        return _typed(value)
+    except _Uncacheable:
+        return None
 
 
 def _call_key(op_name, arrays, operands, sizes, stride, padding, dilation, groups, device):

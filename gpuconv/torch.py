@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .conv import call
+from .conv import call, typed_key
 from .geometry import conv_geometry, get_conv_outsize, pair, resolve_padding
 
 __all__ = ["conv2d", "local_conv2d", "Conv2d", "LocallyConnected2d"]
@@ -253,11 +253,27 @@ def _check_tensors(fn, x, weight, bias):
                          f"{tuple(x.shape)}")
 
 
+_GEOMETRY_ARGS = {}  # (kernel, typed arguments) -> their explicit form (layers repeat them)
+
+
 def _geometry_args(weight, stride, padding, dilation, groups):
-    """Explicit ``[h, w]`` stride and dilation, ``[top, bottom, left, right]`` padding."""
+    """Explicit ``[h, w]`` stride and dilation, ``[top, bottom, left, right]`` padding (the
+    lists are shared between calls with the same arguments: never modify them)."""
+    kernel = (int(weight.shape[-2]), int(weight.shape[-1]))
+    key = typed_key((kernel, stride, padding, dilation, groups))
+    if key is not None:
+        found = _GEOMETRY_ARGS.get(key)
+        if found is not None:
+            return found
+    found = _explicit_geometry(kernel, stride, padding, dilation, groups)
+    if key is not None and len(_GEOMETRY_ARGS) < 1024:
+        _GEOMETRY_ARGS[key] = found
+    return found
+
+
+def _explicit_geometry(kernel, stride, padding, dilation, groups):
     stride = pair(stride, "stride", 1)
     dilation = pair(dilation, "dilation", 1)
-    kernel = (int(weight.shape[-2]), int(weight.shape[-1]))
     padding = resolve_padding(padding, kernel, stride, dilation)
     if isinstance(groups, bool) or not isinstance(groups, int):
         raise TypeError(f"groups must be an int, got {groups!r}")
