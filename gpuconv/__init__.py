@@ -1,6 +1,8 @@
 """gpuconv: shared (conv2d) and unshared (local_conv2d) 2-D convolutions and their gradients
 (:mod:`gpuconv.grad`), with Numba CUDA kernels for NVIDIA GPUs and Numba CPU kernels behind
-one API.
+one API. The rest of the family runs on the same kernels: the transposed convolutions
+(:mod:`.transpose`) on the input-gradient kernels, the 1-D ones (:mod:`.one_dimensional`) on
+the 2-D kernels with a height of one.
 
 Layout: the public functions (:mod:`.conv`, :mod:`.grad`) check a call once and pick a device
 (:mod:`.device`); :mod:`.ops` declares every operation and names its kernels in
