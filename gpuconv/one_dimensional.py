@@ -12,12 +12,14 @@ also ``"valid"`` or ``"same"``) and are checked here, in 1-D terms, before the 2
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from .conv import conv2d, local_conv2d
 from .geometry import _is_int, get_conv_outsize
 
-__all__ = ["conv1d", "local_conv1d", "geometry_1d"]
+__all__ = ["conv1d", "local_conv1d", "geometry_1d", "Geometry1d"]
 
 _SHARED_LAYOUT = "(C_out, C_in/groups, k)"
 _LOCAL_LAYOUT = "(C_out, L_out, C_in/groups, k)"
@@ -25,6 +27,8 @@ _LOCAL_LAYOUT = "(C_out, L_out, C_in/groups, k)"
 
 def _single(value, name, minimum):
     """An int or a 1-tuple of one int, ``>= minimum``."""
+    if type(value) is int and value >= minimum:  # the common case, first
+        return value
     if isinstance(value, (tuple, list)) and len(value) == 1:
         value = value[0]
     if not _is_int(value):
@@ -34,13 +38,25 @@ def _single(value, name, minimum):
     return int(value)
 
 
+class Geometry1d(NamedTuple):
+    """A checked 1-D call: the 2-D call's ``stride``, ``padding`` and ``dilation``, the output
+    length, and the zeros at the two ``ends`` ``(left, right)``."""
+
+    stride: tuple
+    padding: object
+    dilation: tuple
+    out_length: int
+    ends: tuple
+
+
 def geometry_1d(x_shape, weight_shape, local, stride=1, padding=0, dilation=1, groups=1):
     """Check a 1-D call's shapes and arguments in 1-D terms.
 
     ``x_shape`` is ``(N, C_in, L)`` or ``(C_in, L)``; ``weight_shape`` ``(C_out, C_in/groups,
-    k)``, or for ``local`` ``(C_out, L_out, C_in/groups, k)``. Returns the 2-D call's
-    ``(stride, padding, dilation)`` (``(1, s)``, ``((0, 0), (left, right))``, ``(1, d)``) and
-    ``L_out``. Raises ``ValueError``/``TypeError`` naming the argument.
+    k)``, or for ``local`` ``(C_out, L_out, C_in/groups, k)``. Returns a :class:`Geometry1d`
+    whose 2-D arguments are ``(1, s)``, ``(0, p)`` / ``"valid"`` / ``"same"`` (which the 2-D
+    call resolves to the same zeros at the ends) and ``(1, d)``. Raises
+    ``ValueError``/``TypeError`` naming the argument.
     """
     x_shape, weight_shape = tuple(x_shape), tuple(weight_shape)
     if len(x_shape) not in (2, 3):
@@ -57,7 +73,7 @@ def geometry_1d(x_shape, weight_shape, local, stride=1, padding=0, dilation=1, g
         raise ValueError(f"weight must have k >= 1 {layout}, got shape {weight_shape}")
     stride = _single(stride, "stride", 1)
     dilation = _single(dilation, "dilation", 1)
-    if isinstance(groups, bool) or not _is_int(groups):
+    if type(groups) is not int and (isinstance(groups, bool) or not _is_int(groups)):
         raise TypeError(f"groups must be an int, got {groups!r}")
     if groups < 1:
         raise ValueError(f"groups must be >= 1, got {groups}")
@@ -72,7 +88,7 @@ def geometry_1d(x_shape, weight_shape, local, stride=1, padding=0, dilation=1, g
             f"groups={groups} (weight must be {layout} with C_in/groups={c_in // groups}), got "
             f"weight shape {weight_shape}")
     if isinstance(padding, str):
-        word = padding.lower()
+        word = padding = padding.lower()
         if word == "valid":
             left = right = 0
         elif word == "same":
@@ -90,6 +106,7 @@ def geometry_1d(x_shape, weight_shape, local, stride=1, padding=0, dilation=1, g
         except TypeError:
             raise TypeError(f"padding must be an int, a 1-tuple, 'valid' or 'same', got "
                             f"{padding!r}") from None
+        padding = (0, left)
     out_length = get_conv_outsize(length, kernel, stride, left + right, dilation)
     if out_length < 1:
         raise ValueError(
@@ -100,7 +117,26 @@ def geometry_1d(x_shape, weight_shape, local, stride=1, padding=0, dilation=1, g
             f"weight holds kernels for L_out={weight_shape[1]} but x of L={length} with this "
             f"stride/padding/dilation gives L_out={out_length} (weight must be {layout} = "
             f"{(c_out, out_length) + weight_shape[2:]})")
-    return (1, stride), ((0, 0), (left, right)), (1, dilation), out_length
+    return Geometry1d((1, stride), padding, (1, dilation), out_length, (left, right))
+
+
+# geometry_1d's results for calls that passed it, keyed by shapes and plain int / str
+# arguments (``True`` equals ``1`` as a key, so other types are checked every time).
+_CHECKED = {}
+
+
+def _checked(x_shape, weight_shape, local, stride, padding, dilation, groups):
+    plain = (type(stride) is int and type(dilation) is int and type(groups) is int
+             and type(padding) in (int, str))
+    key = (x_shape, weight_shape, local, stride, padding, dilation, groups) if plain else None
+    geom = _CHECKED.get(key) if plain else None
+    if geom is None:
+        geom = geometry_1d(x_shape, weight_shape, local, stride, padding, dilation, groups)
+        if plain:
+            if len(_CHECKED) > 512:
+                _CHECKED.clear()
+            _CHECKED[key] = geom
+    return geom
 
 
 def _array(value, name):
@@ -118,6 +154,8 @@ def _array(value, name):
 def _view(array, index, shape):
     """``array[index]`` (a view), or for Numba device arrays, which do not index with None,
     ``array.reshape(shape)`` (a view of a contiguous array)."""
+    if type(array) is np.ndarray:
+        return array[index]
     if getattr(array, "__cuda_ndarray__", False) or not hasattr(array, "__getitem__"):
         return array.reshape(shape)
     try:
@@ -170,8 +208,8 @@ def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, d
     array([[[1., 3., 5., 7.]]])
     """
     x, weight = _array(x, "x"), _array(weight, "weight")
-    stride, padding, dilation, out_length = geometry_1d(x.shape, weight.shape, False, stride,
-                                                        padding, dilation, groups)
+    stride, padding, dilation, out_length, _ = _checked(tuple(x.shape), tuple(weight.shape),
+                                                        False, stride, padding, dilation, groups)
     if bias is not None:
         bias = _array(bias, "bias")
         _check_bias(bias, weight.shape[0], out_length, False)
@@ -207,8 +245,8 @@ def local_conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1
     array([[[  1.,  30., 500.]]])
     """
     x, weight = _array(x, "x"), _array(weight, "weight")
-    stride, padding, dilation, out_length = geometry_1d(x.shape, weight.shape, True, stride,
-                                                        padding, dilation, groups)
+    stride, padding, dilation, out_length, _ = _checked(tuple(x.shape), tuple(weight.shape),
+                                                        True, stride, padding, dilation, groups)
     if bias is not None:
         bias = _array(bias, "bias")
         _check_bias(bias, weight.shape[0], out_length, True)

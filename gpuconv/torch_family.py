@@ -134,8 +134,8 @@ def conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, p
         ``(N, C_out, L_out)`` (``(C_out, L_out)`` for 2-D ``x``).
     """
     _check_types("conv1d", x, weight, bias)
-    stride, padding, dilation, out_length = geometry_1d(x.shape, weight.shape, False, stride,
-                                                        padding, dilation, groups)
+    stride, padding, dilation, out_length, _ = geometry_1d(x.shape, weight.shape, False,
+                                                           stride, padding, dilation, groups)
     _check_bias_1d(bias, weight.shape[0], out_length, False)
     return _apply_1d("conv1d", "conv2d", _conv2d_op, x.unsqueeze(-2), weight.unsqueeze(-2),
                      bias, stride, padding, dilation, groups)
@@ -153,8 +153,8 @@ def local_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, strid
         stride, padding, dilation, groups: as :func:`conv1d`.
     """
     _check_types("local_conv1d", x, weight, bias)
-    stride, padding, dilation, out_length = geometry_1d(x.shape, weight.shape, True, stride,
-                                                        padding, dilation, groups)
+    stride, padding, dilation, out_length, _ = geometry_1d(x.shape, weight.shape, True,
+                                                           stride, padding, dilation, groups)
     _check_bias_1d(bias, weight.shape[0], out_length, True)
     if bias is not None and bias.dim() == 2:
         bias = bias.unsqueeze(1)
@@ -386,14 +386,14 @@ class LocallyConnected1d(nn.Module):
         if isinstance(padding, str):
             padding = padding.lower()
         weight_shape = (out_channels, _per_group(in_channels, groups), kernel_size)
-        stride2, padding2, dilation2, out_length = geometry_1d(
-            (1, in_channels, input_size), weight_shape, False, stride, padding, dilation, groups)
+        geom = geometry_1d((1, in_channels, input_size), weight_shape, False, stride, padding,
+                           dilation, groups)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.input_size = kernel_size, input_size
-        self.stride, self.dilation, self.groups = stride2[1], dilation2[1], groups
+        self.stride, self.dilation, self.groups = geom.stride[1], geom.dilation[1], groups
         self.padding, self.padding_mode = padding, padding_mode
-        self._padding_2d = padding2
-        self.output_size = out_length
+        self._pad_ends = geom.ends  # (left, right), for the padding modes other than zeros
+        self.output_size = out_length = geom.out_length
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(
             (out_channels, out_length, in_channels // groups, kernel_size), **factory))
@@ -415,7 +415,7 @@ class LocallyConnected1d(nn.Module):
                 "positions, so the input length is fixed")
         padding = self.padding
         if self.padding_mode != "zeros":
-            input = nn.functional.pad(input, self._padding_2d[1], mode=self.padding_mode)
+            input = nn.functional.pad(input, self._pad_ends, mode=self.padding_mode)
             padding = 0
         return local_conv1d(input, self.weight, self.bias, self.stride, padding, self.dilation,
                             self.groups)
