@@ -234,7 +234,10 @@ def _check_bias(bias, geom, local):
 
 
 def _check_device(device, x):
-    if device not in ("auto", x.device.type):
+    """A call that records the graph runs where its tensors are (a non-tensor ``x`` is
+    refused by the PyTorch layer, naming it)."""
+    where = getattr(getattr(x, "device", None), "type", None)
+    if where is not None and device not in ("auto", where):
         raise ValueError(
             f"device={device!r} was requested but x lives on {x.device}; a call that records "
             "the autograd graph runs where its tensors are: move them with .to(device)")
