@@ -639,6 +639,8 @@ class LocallyConnected2d(nn.Module):
 # --------------------------------------------------------------------------------------------
 # the transposed and one-dimensional layers (gpuconv.torch_family), imported on first use
 # --------------------------------------------------------------------------------------------
+# (gpuconv.torch_family is built on this module's operators: importing it on first use, not
+# here, keeps either module importable first.)
 
 _FAMILY = ("conv_transpose2d", "local_conv_transpose2d", "conv1d", "local_conv1d",
            "ConvTranspose2d", "LocallyConnectedTranspose2d", "Conv1d", "LocallyConnected1d")

@@ -27,6 +27,7 @@ right (PyTorch tensors use PyTorch's own addition and padding instead).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -310,9 +311,7 @@ def _transpose(op_name, local, x, weight, bias, stride, padding, output_padding,
                  sizes={"input_size": _unbatched_shape(geom.reached_shape, unbatched)})
     else:  # the padding crops every pixel any input reaches: the output is the bias
         y = _zeros_like_kind(x, _unbatched_shape(geom.output_shape, unbatched), x.dtype)
-        geom = TransposeGeometry(geom.input_shape, geom.output_shape, geom.stride, geom.padding,
-                                 geom.output_padding, geom.dilation, geom.groups, (0, 0),
-                                 geom.forward_padding)
+        geom = dataclasses.replace(geom, extra=(0, 0))  # (the bias alone remains to add)
     return _finish(y, bias, geom, unbatched)
 
 
