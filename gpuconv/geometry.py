@@ -19,7 +19,8 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
-__all__ = ["ConvGeometry", "get_conv_outsize", "pair", "resolve_padding", "conv_geometry"]
+__all__ = ["ConvGeometry", "get_conv_outsize", "get_conv_transpose_outsize", "pair",
+           "resolve_padding", "conv_geometry"]
 
 
 def get_conv_outsize(size, kernel, stride, pad_total, dilation=1):
@@ -32,6 +33,20 @@ def get_conv_outsize(size, kernel, stride, pad_total, dilation=1):
     whether that is an error.
     """
     return (size + pad_total - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def get_conv_transpose_outsize(size, kernel, stride, pad, dilation=1, output_padding=0):
+    """Output length of a transposed convolution along one axis (PyTorch's formula).
+
+    ``out = (size - 1) * stride - 2 * pad + dilation * (kernel - 1) + output_padding + 1``
+
+    ``pad`` is the padding on each side of the convolution it transposes (the rows it crops
+    from each end of the full output), ``output_padding`` the rows added at the end. For
+    ``output_padding < stride`` this is the longest input whose convolution with ``kernel``,
+    ``stride``, ``pad`` and ``dilation`` has length ``size``: ``get_conv_outsize(out, kernel,
+    stride, 2 * pad, dilation) == size``.
+    """
+    return (size - 1) * stride - 2 * pad + dilation * (kernel - 1) + output_padding + 1
 
 
 def _is_int(value):

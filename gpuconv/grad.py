@@ -27,6 +27,13 @@ from .conv import call
 
 __all__ = ["conv2d_input", "conv2d_weight", "local_conv2d_input", "local_conv2d_weight"]
 
+# The transposed convolutions' gradients are forward operations (gpuconv.transpose).
+from .transpose import (conv_transpose2d_input, conv_transpose2d_weight,  # noqa: E402
+                        local_conv_transpose2d_input, local_conv_transpose2d_weight)
+
+__all__ += ["conv_transpose2d_input", "conv_transpose2d_weight",
+            "local_conv_transpose2d_input", "local_conv_transpose2d_weight"]
+
 
 def conv2d_input(input_size, weight, grad_output, stride=1, padding=0, dilation=1, groups=1, *,
                  device="auto"):

@@ -650,3 +650,22 @@ class LocallyConnected2d(nn.Module):
             if conv.bias is not None:
                 layer.bias.copy_(conv.bias[:, None, None].expand(layer.bias.shape))
         return layer
+
+
+# --------------------------------------------------------------------------------------------
+# the transposed and one-dimensional layers (gpuconv.torch_family), imported on first use
+# --------------------------------------------------------------------------------------------
+# (gpuconv.torch_family is built on this module's operators: importing it on first use, not
+# here, keeps either module importable first.)
+
+_FAMILY = ("conv_transpose2d", "local_conv_transpose2d", "conv1d", "local_conv1d",
+           "ConvTranspose2d", "LocallyConnectedTranspose2d", "Conv1d", "LocallyConnected1d")
+__all__ += list(_FAMILY)
+
+
+def __getattr__(name):
+    if name in _FAMILY:
+        from . import torch_family
+
+        return getattr(torch_family, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

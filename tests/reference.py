@@ -220,3 +220,67 @@ def local_conv2d_weight_grad_ref(x, weight_shape, gy, stride=1, padding=0, dilat
                                          groups):
         out[:, i, j] = term
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# The rest of the family, from their definitions: a transposed convolution spreads each input
+# pixel through its kernel over a canvas of the full output, which its padding then crops; a
+# 1-D convolution slides its window along one axis. No code is shared with gpuconv.
+# --------------------------------------------------------------------------------------------
+
+def local_conv_transpose2d_ref(x, w, b=None, stride=1, padding=0, output_padding=0, groups=1,
+                               dilation=1):
+    """float64 reference of gpuconv.local_conv_transpose2d: x (N, C_in, H_in, W_in),
+    w (C_in, H_in, W_in, C_out/groups, kH, kW); b None, (C_out,) or (C_out, H_out, W_out)."""
+    x = np.asarray(x, dtype=np.float64)
+    w = np.asarray(w, dtype=np.float64)
+    (s_h, s_w), (p_h, p_w) = _pairs(stride), _pairs(padding)
+    (op_h, op_w), (d_h, d_w) = _pairs(output_padding), _pairs(dilation)
+    n, c_in, h_in, w_in = x.shape
+    c_out_g, kh, kw = w.shape[3:]
+    c_in_g = c_in // groups
+    canvas = np.zeros((n, c_out_g * groups, (h_in - 1) * s_h + d_h * (kh - 1) + 1 + op_h,
+                       (w_in - 1) * s_w + d_w * (kw - 1) + 1 + op_w))
+    for i in range(h_in):
+        for j in range(w_in):
+            rows = slice(i * s_h, i * s_h + d_h * (kh - 1) + 1, d_h)
+            cols = slice(j * s_w, j * s_w + d_w * (kw - 1) + 1, d_w)
+            for g in range(groups):
+                ins, outs = slice(g * c_in_g, (g + 1) * c_in_g), slice(g * c_out_g, (g + 1) * c_out_g)
+                canvas[:, outs, rows, cols] += np.einsum("nc,couv->nouv", x[:, ins, i, j],
+                                                         w[ins, i, j])
+    out_h = canvas.shape[2] - 2 * p_h
+    out_w = canvas.shape[3] - 2 * p_w
+    out = canvas[:, :, p_h:p_h + out_h, p_w:p_w + out_w].copy()
+    if b is not None:
+        b = np.asarray(b, dtype=np.float64)
+        out += b[None, :, None, None] if b.ndim == 1 else b[None]
+    return out
+
+
+def local_conv1d_ref(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    """float64 reference of gpuconv.local_conv1d: x (N, C_in, L), w (C_out, L_out, C_in/groups, k),
+    b None, (C_out,) or (C_out, L_out); padding an int, "valid" or "same" (stride 1)."""
+    x = np.asarray(x, dtype=np.float64)
+    w = np.asarray(w, dtype=np.float64)
+    c_out, l_out, c_in_g, k = w.shape
+    c_out_g = c_out // groups
+    if padding == "valid":
+        left = right = 0
+    elif padding == "same":
+        total = dilation * (k - 1)
+        left, right = total // 2, total - total // 2
+    else:
+        left = right = padding
+    xp = np.pad(x, ((0, 0), (0, 0), (left, right)))
+    out = np.zeros((x.shape[0], c_out, l_out))
+    for i in range(l_out):
+        window = xp[:, :, i * stride:i * stride + dilation * (k - 1) + 1:dilation]
+        for g in range(groups):
+            out[:, g * c_out_g:(g + 1) * c_out_g, i] = np.einsum(
+                "ncu,ocu->no", window[:, g * c_in_g:(g + 1) * c_in_g],
+                w[g * c_out_g:(g + 1) * c_out_g, i])
+    if b is not None:
+        b = np.asarray(b, dtype=np.float64)
+        out += b[None, :, None] if b.ndim == 1 else b[None]
+    return out
