@@ -30,7 +30,7 @@ import threading
 import numpy as np
 from numba import cuda
 
-from . import conv2d_gemm, grad_kernels, kernels
+from . import conv2d_gemm, grad_kernels, kernels, local_grad_gemm
 from ..device import (DLPACK_CUDA_DEVICES, FreeMemory, c_strides, is_c_contiguous,
                       simulator_enabled)
 
@@ -373,10 +373,13 @@ def launch_local_conv2d_input_grad(grad_output, weight, out, geom, stream, empty
                                    config=None):
     """``out (n, c_I, h, w)`` = the gradient of local_conv2d's input, from ``grad_output
     (n, c_O, h_O, w_O)`` and ``weight (c_O, h_O, w_O, c_Ig, k_H, k_W)`` (the caller's
-    layout, read as is). No scratch."""
+    layout, read as is). No scratch: the batched-GEMM gather of
+    :mod:`gpuconv.cuda.local_grad_gemm` where its stage fits, else the direct kernel."""
     if geom.batch == 0:
         return
-    config = config or grad_kernels.local_conv2d_input_grad_config(geom, out.dtype)
+    config = config or local_conv2d_input_grad_config(geom, out.dtype)
+    if isinstance(config, local_grad_gemm.LocalInputGradGemmConfig):
+        return _launch_local_input_grad_gemm(grad_output, weight, out, geom, stream, config)
     kernel = kernels.compiled(config.kernel)
     kernel[config.grid, config.block, stream, config.shared_bytes](
         _flat(grad_output),         # (n, c_O, h_O, w_O)
@@ -398,8 +401,13 @@ def launch_local_conv2d_weight_grad(x, grad_output, out, geom, stream, empty=Non
                                     config=None):
     """``out (c_O, h_O, w_O, c_Ig, k_H, k_W)`` = the gradient of local_conv2d's weights in
     the caller's layout, from ``x (n, c_I, h, w)`` and ``grad_output (n, c_O, h_O, w_O)``
-    (zeros for an empty batch). No scratch."""
-    config = config or grad_kernels.local_conv2d_weight_grad_config(geom, out.dtype)
+    (zeros for an empty batch). The GEMM kernel's batch slices, if it splits the batch,
+    sum into scratch from ``empty`` (the compute type), then a second kernel adds them in
+    order."""
+    config = config or local_conv2d_weight_grad_config(geom, out.dtype)
+    if isinstance(config, local_grad_gemm.LocalWeightGradGemmConfig):
+        return _launch_local_weight_grad_gemm(x, grad_output, out, geom, stream, empty,
+                                              config)
     kernel = kernels.compiled(config.kernel)
     kernel[config.grid, config.block, stream](
         _flat(x),                   # (n, c_I, h, w)
@@ -413,6 +421,93 @@ def launch_local_conv2d_weight_grad(x, grad_output, out, geom, stream, empty=Non
         geom.dilation_h, geom.dilation_w,
         config.row_blocks,          # blocks of kernel rows
     )
+
+
+def local_conv2d_input_grad_config(geom, dtype):
+    """The local input gradient's launch choice: the batched-GEMM gather of
+    :mod:`gpuconv.cuda.local_grad_gemm`, or the direct kernel of
+    :mod:`gpuconv.cuda.grad_kernels` for a layer the GEMM's stage cannot hold (one map's
+    staged gradient and weights over 32 KiB: very wide, strided or dilated kernels)."""
+    try:
+        return local_grad_gemm.local_input_grad_gemm_config(geom, dtype)
+    except ValueError:
+        return grad_kernels.local_conv2d_input_grad_config(geom, dtype)
+
+
+def local_conv2d_weight_grad_config(geom, dtype):
+    """The local weight gradient's launch choice: the batched GEMM of
+    :mod:`gpuconv.cuda.local_grad_gemm`, or the direct kernel of
+    :mod:`gpuconv.cuda.grad_kernels` for a layer the GEMM's stage cannot hold."""
+    try:
+        return local_grad_gemm.local_weight_grad_gemm_config(geom, dtype)
+    except ValueError:
+        return grad_kernels.local_conv2d_weight_grad_config(geom, dtype)
+
+
+def local_conv2d_weight_grad_scratch_elements(geom, dtype):
+    """Device scratch of :func:`launch_local_conv2d_weight_grad`, in elements of ``dtype``:
+    the batch slices' partial sums of the GEMM kernel (none for the direct kernel)."""
+    config = local_conv2d_weight_grad_config(geom, dtype)
+    if isinstance(config, local_grad_gemm.LocalWeightGradGemmConfig):
+        return local_grad_gemm.local_weight_grad_gemm_scratch_elements(geom, dtype)
+    return 0
+
+
+def _launch_local_input_grad_gemm(grad_output, weight, out, geom, stream, config):
+    kernel = kernels.compiled(config.kernel)
+    kernel[config.grid, config.block, stream, config.shared_bytes](
+        _flat(grad_output),         # (n, c_O, h_O, w_O)
+        _flat(weight),              # (c_O, h_O, w_O, c_Ig, k_H, k_W), the caller's layout
+        _flat(out),                 # (n, c_I, h, w), written
+        geom.batch, geom.in_channels, geom.in_height, geom.in_width,
+        geom.out_channels, geom.out_height, geom.out_width,
+        geom.in_channels_per_group, geom.out_channels_per_group,
+        geom.stride_h, geom.stride_w,
+        geom.pad_top, geom.pad_left,
+        geom.dilation_h, geom.dilation_w,
+        config.v_tiles,             # column tiles of a phase's sub-grid
+        config.batch_tiles,         # batch tiles (fastest along grid x)
+        config.chunk,               # maps per shared-memory stage
+        config.sj,                  # output columns staged per block
+        config.g_pitch, config.g_co,  # gy stage: column pitch, words per map
+        config.w_pitch, config.w_kv, config.w_co,  # weight stage: column, tap, map
+        config.kstep, config.dcol,  # a phase's kernel columns and what they read
+    )
+
+
+def _launch_local_weight_grad_gemm(x, grad_output, out, geom, stream, empty, config):
+    new = empty or _numba_empty(stream)
+    if config.slices > 1:
+        part = new((config.scratch_elements,),
+                   grad_kernels.partial_dtype(out.dtype))
+    else:
+        part = out
+    kernel = kernels.compiled(config.kernel)
+    kernel[config.grid, config.block, stream, config.shared_bytes](
+        _flat(x),                   # (n, c_I, h, w)
+        _flat(grad_output),         # (n, c_O, h_O, w_O)
+        _flat(part),                # (slices, c_O, h_O, w_O, c_Ig, k_H, k_W), written
+        geom.batch, geom.in_channels, geom.in_height, geom.in_width,
+        geom.out_channels, geom.out_height, geom.out_width,
+        geom.in_channels_per_group, geom.out_channels_per_group,
+        geom.stride_h, geom.stride_w,
+        geom.pad_top, geom.pad_left,
+        geom.dilation_h, geom.dilation_w,
+        config.tiles_x,             # position tiles along an output row
+        config.k_tiles,             # kernel-row tiles (fastest along grid z)
+        config.stage_rows,          # kernel rows per block
+        config.chunk,               # images per shared-memory stage
+        config.slice_n,             # images per batch slice
+        config.o_pitch, config.g_img, config.x_img,  # stage pitches
+        config.win,                 # input columns under the block's positions
+        out.size if config.slices > 1 else 0,  # elements between slices
+    )
+    if config.slices > 1:
+        total = kernels.compiled(grad_kernels.sum_slices_kernel(kernels.dtype_code(out.dtype)))
+        threads = 256
+        blocks = kernels.check_grid((max(1, min(-(-out.size // threads), 65535)),),
+                                    "a slice sum")
+        total[blocks, threads, stream](_flat(part), _flat(out), config.slices, out.size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -512,8 +607,8 @@ _CONFIG = {
     "local_conv2d": kernels.local_conv2d_config,
     "conv2d_input": grad_kernels.conv2d_input_grad_config,
     "conv2d_weight": grad_kernels.conv2d_weight_grad_config,
-    "local_conv2d_input": grad_kernels.local_conv2d_input_grad_config,
-    "local_conv2d_weight": grad_kernels.local_conv2d_weight_grad_config,
+    "local_conv2d_input": local_conv2d_input_grad_config,
+    "local_conv2d_weight": local_conv2d_weight_grad_config,
 }
 
 
