@@ -265,3 +265,9 @@ def test_weight_grad_slices_are_never_empty():
     # 5 images in 4 slices: slices of 2, so 3 of them (no empty slice).
     assert (config.slices, config.slice_n) == (3, 2)
     assert config.grid[2] == config.slices * config.k_tiles
+
+
+def test_walk_steps_by_hand():
+    """256 threads over (columns 10, images 8, maps ...): 256 = 3 * 80 + 1 * 10 + 6."""
+    assert _gemm()._walk_steps(256, 10, 8) == (6, 1, 3)
+    assert _gemm()._walk_steps(7, 3, 2, 5) == (1, 0, 1, 0)

@@ -31,7 +31,7 @@ import numpy as np
 from numba import cuda, int32, int64, types, uint64
 
 from .. import workloads
-from . import conv2d_gemm, grad_kernels
+from . import conv2d_gemm, grad_kernels, local_grad_gemm
 from .spec import (_COMPUTE, _NUMPY, _SCALAR, CODES, GRID_YZ_LIMIT, LOCAL_STAGE_BYTES,
                    SHARED_BUDGET_BYTES, SHARED_LIMIT_BYTES, KernelSpec, _array,
                    _conv2d_launch_bounds, _even_split, _pow2_at_least, _rename,
@@ -822,7 +822,8 @@ def workload_specialisations(codes=CODES):
 
     Both ops run on every layer (the shared and the unshared operation can be timed on the
     same geometry), with the four gradient kernels of each (see
-    :mod:`gpuconv.cuda.grad_kernels`), plus the helper kernels. Returns a list of
+    :mod:`gpuconv.cuda.grad_kernels`) and the local gradients as batched GEMMs (see
+    :mod:`gpuconv.cuda.local_grad_gemm`), plus the helper kernels. Returns a list of
     :class:`KernelSpec`.
     """
 
@@ -837,6 +838,8 @@ def workload_specialisations(codes=CODES):
                 spec = grad_kernels.sum_slices_kernel(code)
                 specs.setdefault(spec.name, spec)
             for spec, _ in grad_kernels.grad_specialisations(geom, dtype):
+                specs.setdefault(spec.name, spec)
+            for spec, _ in local_grad_gemm.gemm_grad_specialisations(geom, dtype):
                 specs.setdefault(spec.name, spec)
         for spec in (copy_kernel(code),):
             specs.setdefault(spec.name, spec)

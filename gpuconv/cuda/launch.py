@@ -472,6 +472,8 @@ def _launch_local_input_grad_gemm(grad_output, weight, out, geom, stream, config
         config.g_pitch, config.g_co,  # gy stage: column pitch, words per map
         config.w_pitch, config.w_kv, config.w_co,  # weight stage: column, tap, map
         config.kstep, config.dcol,  # a phase's kernel columns and what they read
+        config.nkw,                 # the most kernel columns a phase takes
+        *config.walk,               # staging walks' steps
     )
 
 

@@ -56,7 +56,7 @@ __all__ = ["local_input_grad_gemm_kernel", "local_input_grad_gemm_config",
 GRAD_STAGE_BYTES = 32 * 1024
 
 #: Loads each thread issues before storing them, per staging round.
-STAGE_LOADS = 4
+STAGE_LOADS = 2
 
 # Blocks of at most 256 threads, two per SM: at most 128 registers a thread (ptxas keeps
 # the 8 x 4 float32 / 4 x 4 float64 tiles, the staging rounds and the pointers in them; the
@@ -83,11 +83,12 @@ def _pitch(minimum, cost):
 
 
 def _walk_steps(threads, *sizes):
-    """Steps of a carry walk over ``sizes`` (fastest first) advanced by ``threads``
-    elements at a time (fastest first); the host computes them once."""
+    """Steps of a carry walk over axes of ``sizes`` (fastest first) and one unbounded
+    outermost axis, advanced by ``threads`` elements at a time: one step per axis, fastest
+    first (the host computes them once)."""
     steps = []
     rest = threads
-    for size in sizes[:-1]:
+    for size in sizes:
         rest, step = divmod(rest, size)
         steps.append(step)
     steps.append(rest)
@@ -127,9 +128,11 @@ def local_input_grad_gemm_kernel(code, kernel_h, kernel_w, batch_tile, channel_t
     words of the compute type. Kernel arguments: flat ``gy (n, c_O, h_O, w_O)``, ``weight
     (c_O, h_O, w_O, c_Ig, k_H, k_W)``, ``gx (n, c_I, h, w)`` (written), then ``n, c_I, h,
     w, c_O, h_O, w_O, c_Ig, c_Og, s_H, s_W, p_top, p_left, d_H, d_W, v_tiles, batch_tiles,
-    chunk, sj, g_pitch, g_co, w_pitch, w_kv, w_co, kstep, dcol`` (``kstep = s_W /
+    chunk, sj, g_pitch, g_co, w_pitch, w_kv, w_co, kstep, dcol, nkw`` (``kstep = s_W /
     gcd(s_W, d_W)`` the kernel columns between two of a phase, ``dcol = kstep * d_W / s_W``
-    the output columns between what they read).
+    the output columns between what they read, ``nkw`` the most kernel columns a phase
+    takes) and the walks' steps ``gsc, gsb, gsm`` (gy: column, image, map) and ``wsk,
+    wsc, wsj, wsm`` (weights: tap, channel, column, map) for all the block's threads.
     """
     store, scalar = _SCALAR[code], _COMPUTE[code]
     KH, KW, TM, TC, LB, LC = kernel_h, kernel_w, batch_tile, channel_tile, batch_lanes, \
@@ -141,7 +144,7 @@ def local_input_grad_gemm_kernel(code, kernel_h, kernel_w, batch_tile, channel_t
 
     def kernel(gy, weight, gx, n, c_I, h, wd, c_O, h_O, w_O, c_Ig, c_Og, s_H, s_W, pt, pl,
                d_H, d_W, v_tiles, batch_tiles, chunk, sj, g_pitch, g_co, w_pitch, w_kv, w_co,
-               kstep, dcol):
+               kstep, dcol, nkw, gsc, gsb, gsm, wsk, wsc, wsj, wsm):
         # Every thread takes part in the stages, so the bounds guards sit on the stores.
         tb = cuda.threadIdx.x
         tc = cuda.threadIdx.y
@@ -188,29 +191,8 @@ def local_input_grad_gemm_kernel(code, kernel_h, kernel_w, batch_tile, channel_t
         smem = cuda.shared.array(0, dtype=scalar)
 
         # gy walk (map, image, column), columns fastest; weight walk (map, column, channel,
-        # tap), taps fastest: starts and steps once per thread, carries per element.
-        gc0 = int32(tid % sj)
-        rest = tid // sj
-        gb0 = int32(rest % BM)
-        gm0 = int32(rest // BM)
-        gsc = int32(threads % sj)
-        rest = threads // sj
-        gsb = int32(rest % BM)
-        gsm = int32(rest // BM)
-        nk = max(nkx, int32(1))
-        wk0 = int32(tid % nk)
-        rest = tid // nk
-        wc0 = int32(rest % BC)
-        rest = rest // BC
-        wj0 = int32(rest % sj)
-        wm0 = int32(rest // sj)
-        wsk = int32(threads % nk)
-        rest = threads // nk
-        wsc = int32(rest % BC)
-        rest = rest // BC
-        wsj = int32(rest % sj)
-        wsm = int32(rest // sj)
-
+        # tap) over the most taps a phase takes (``nkw``), taps fastest: starts once per
+        # stage, steps from the host, carries per element.
         src = cuda.local.array(U, dtype=int32)
         dst = cuda.local.array(U, dtype=int32)
         val = cuda.local.array(U, dtype=scalar)
@@ -237,9 +219,10 @@ def local_input_grad_gemm_kernel(code, kernel_h, kernel_w, batch_tile, channel_t
                 # Wait until everyone has read the previous stage before overwriting it.
                 cuda.syncthreads()
                 # gy: U elements per round, loads first; outside the output row zeros.
-                m = gm0
-                b = gb0
-                col = gc0
+                col = int32(tid % sj)
+                rest = tid // sj
+                b = int32(rest % BM)
+                m = int32(rest // BM)
                 while m < nc:
                     for e in range(U):
                         s = int32(-1)
@@ -269,10 +252,12 @@ def local_input_grad_gemm_kernel(code, kernel_h, kernel_w, batch_tile, channel_t
                         if dst[e] >= 0:
                             smem[uint64(dst[e])] = val[e]
                 # Weights of the phase's taps; outside the output row or the group zeros.
-                m = wm0
-                jj = wj0
-                cc = wc0
-                kk = wk0
+                kk = int32(tid % nkw)
+                rest = tid // nkw
+                cc = int32(rest % BC)
+                rest = rest // BC
+                jj = int32(rest % sj)
+                m = int32(rest // sj)
                 while m < nc:
                     for e in range(U):
                         s = int32(-1)
@@ -288,8 +273,8 @@ def local_input_grad_gemm_kernel(code, kernel_h, kernel_w, batch_tile, channel_t
                         cc += wsc
                         jj += wsj
                         m += wsm
-                        if kk >= nk:
-                            kk -= nk
+                        if kk >= nkw:
+                            kk -= nkw
                             cc += 1
                         if cc >= BC:
                             cc -= BC
@@ -340,7 +325,7 @@ def local_input_grad_gemm_kernel(code, kernel_h, kernel_w, batch_tile, channel_t
                         ofs += LC * plane
 
     name = f"local_conv2d_igrad_gemm_{code}_k{KH}x{KW}_t{TM}x{TC}_l{LB}x{LC}"
-    signature = (_array(code, 1),) * 3 + (types.int64,) * 26
+    signature = (_array(code, 1),) * 3 + (types.int64,) * 34
     return KernelSpec(name, _rename(kernel, name), signature, _LAUNCH_BOUNDS)
 
 
@@ -362,6 +347,8 @@ class LocalInputGradGemmConfig(NamedTuple):
     w_co: int            # words of one map's weight stage
     kstep: int           # kernel columns between two taps of a phase
     dcol: int            # output columns between what two taps of a phase read
+    nkw: int             # most kernel columns a phase takes
+    walk: tuple          # steps of the staging walks (gsc, gsb, gsm, wsk, wsc, wsj, wsm)
 
 
 def _warps(lanes_x, lanes_y, lanes_z):
@@ -414,7 +401,9 @@ def local_input_grad_gemm_launch(geom, dtype, batch_tile, channel_tile, layout=N
     return LocalInputGradGemmConfig(spec, (lanes_b, lanes_c, columns), grid,
                                     chunk * (g_co + w_co) * _stage_itemsize(code), v_tiles,
                                     batch_tiles, chunk, sj, g_pitch, g_co, w_pitch, w_kv,
-                                    w_co, kstep, dcol)
+                                    w_co, kstep, dcol, nkx,
+                                    _walk_steps(lanes_b * lanes_c * columns, sj, bm)
+                                    + _walk_steps(lanes_b * lanes_c * columns, nkx, bc, sj))
 
 
 def _input_layout(geom, code, batch_tile, channel_tile):

@@ -120,7 +120,7 @@ def ptxas_info(ptx, arch, kernel="", ptxas=None, dynamic_smem=0):
 def _dynamic_smem_by_kernel():
     import numpy as np
 
-    from . import grad_kernels, kernels
+    from . import grad_kernels, kernels, local_grad_gemm
 
     largest = {}
     for dtype in (np.float16, np.float32, np.float64):
@@ -129,6 +129,7 @@ def _dynamic_smem_by_kernel():
             local = kernels.local_conv2d_config(geom, dtype)
             launches = [(config.kernel, config.shared_bytes), (local.kernel, local.shared_bytes)]
             launches += grad_kernels.grad_specialisations(geom, dtype)
+            launches += local_grad_gemm.gemm_grad_specialisations(geom, dtype)
             for spec, shared_bytes in launches:
                 largest[spec.name] = max(largest.get(spec.name, 0), shared_bytes)
     return largest
