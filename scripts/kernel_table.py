@@ -9,6 +9,11 @@ run then checks.
     PYTHONPATH=. python scripts/kernel_table.py [--layers NAME ...] [--suite default|full]
                                                 [--dtype float32|float16] [--batch N]
                                                 [--no-gradients] [--no-ptxas]
+                                                [--local-gradients]
+
+``--local-gradients`` prints only the local_conv2d gradient kernels (the batched GEMMs and
+the weight gradient's slice sum), then each layer's predicted local backward beside the
+unfold + einsum autograd backward measured on the first H200 run.
 """
 
 import argparse
@@ -28,6 +33,9 @@ def main(argv=None):
                         help="this batch instead of each layer's GPU batch")
     parser.add_argument("--no-gradients", action="store_true",
                         help="only the forward kernels (and the split-K sum)")
+    parser.add_argument("--local-gradients", action="store_true",
+                        help="only the local_conv2d gradient kernels, and the predicted local "
+                        "backward against unfold + einsum")
     parser.add_argument("--no-ptxas", action="store_true",
                         help="registers from the launch bounds instead of ptxas (faster)")
     args = parser.parse_args(argv)
@@ -50,6 +58,10 @@ def main(argv=None):
     names = args.layers or bench.SUITES[args.suite]
     rows = []
     for name in names:
+        if args.local_gradients:
+            rows += predict.local_gradient_rows(workloads.LAYERS[name], np.dtype(args.dtype),
+                                                ptxas=ptxas, batch=args.batch)
+            continue
         rows += predict.layer_rows(workloads.LAYERS[name], np.dtype(args.dtype),
                                    ptxas=ptxas, gradients=not args.no_gradients,
                                    batch=args.batch)
@@ -59,6 +71,11 @@ def main(argv=None):
           f"{'GPU batches' if args.batch is None else f'batch {args.batch}'}; registers from "
           f"{'the launch bounds' if ptxas is None else 'ptxas sm_90'}. Not measured.\n")
     print(predict.format_rows(rows))
+    if args.local_gradients and args.batch is None:
+        print("\nPredicted local backward (kernel time) against the unfold + einsum autograd "
+              "backward measured on the first H200 run (whole calls, float32):\n")
+        print(predict.format_backward_rows(predict.local_backward_rows(
+            [workloads.LAYERS[name] for name in names], np.dtype(args.dtype), ptxas=ptxas)))
     return 0
 
 

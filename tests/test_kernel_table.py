@@ -102,3 +102,50 @@ def test_script_reads_registers_from_ptxas(capsys):
     assert "ptxas sm_90" in out
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| deepface-l6")]
     assert rows and all(0 < int(cells[3]) <= 255 for cells in rows)
+
+
+def test_local_gradient_rows_follow_the_dispatcher():
+    """The local gradient rows are the batched-GEMM kernels the dispatcher picks, modelled:
+    every weight of the layer read (the weight gradient: written) once at least, and a
+    predicted time within the roofline."""
+    from gpuconv import workloads
+    from gpuconv.cuda import launch, predict
+
+    layer = workloads.LAYERS["deepface-l6"]
+    geom = workloads.gpu_geometry(layer)
+    rows = predict.local_gradient_rows(layer, np.float32)
+    igrad = launch.local_conv2d_input_grad_config(geom, np.float32)
+    wgrad = launch.local_conv2d_weight_grad_config(geom, np.float32)
+    assert [r.kernel for r in rows[:2]] == [igrad.kernel.name, wgrad.kernel.name]
+    assert rows[1].blocks == int(np.prod(wgrad.grid))
+    assert rows[0].threads == int(np.prod(igrad.block))
+    for row in rows[:2]:
+        assert row.dram_bytes_per_fma >= 4 / geom.batch
+        assert 0 < row.roofline_share <= row.hidden_share <= 1
+        assert row.lds_wavefronts_per_fma > 0 and row.sectors_per_fma > 0
+    if wgrad.slices > 1:
+        assert rows[2].kernel == "sum_slices_f32" and rows[2].time_s > 0
+
+
+def test_local_backward_is_set_against_the_measured_peer():
+    from gpuconv import workloads
+    from gpuconv.cuda import predict
+
+    layers = [workloads.LAYERS[name] for name in ("deepface-l6", "seed-conv2")]
+    rows = predict.local_backward_rows(layers)
+    assert rows[0].peer_s == predict.LOCAL_BACKWARD_PEER_S["deepface-l6"]
+    assert rows[0].speedup == rows[0].peer_s / rows[0].predicted_s
+    assert rows[1].peer_s is None and rows[1].speedup is None
+    table = predict.format_backward_rows(rows)
+    assert "geometric mean" in table and "| seed-conv2 |" in table
+
+
+def test_script_prints_the_local_gradients_view(capsys):
+    assert _script().main(["--layers", "deepface-l6", "--local-gradients", "--no-ptxas"]) == 0
+    out = capsys.readouterr().out
+    names = [line.split("`")[1] for line in out.splitlines()
+             if line.startswith("| deepface-l6") and "`" in line]
+    assert any(n.startswith("local_conv2d_igrad_gemm_f32_") for n in names)
+    assert any(n.startswith("local_conv2d_wgrad_gemm_f32_") for n in names)
+    assert not any(n.startswith("conv2d_") for n in names)
+    assert "unfold + einsum" in out and "x |" in out

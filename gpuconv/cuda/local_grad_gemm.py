@@ -49,22 +49,30 @@ __all__ = ["local_input_grad_gemm_kernel", "local_input_grad_gemm_config",
            "local_weight_grad_gemm_kernel", "local_weight_grad_gemm_config",
            "LocalWeightGradGemmConfig", "local_weight_grad_gemm_launch",
            "local_weight_grad_gemm_scratch_elements", "gemm_grad_specialisations",
-           "GRAD_STAGE_BYTES", "STAGE_LOADS"]
+           "GRAD_STAGE_BYTES", "STAGE_LOADS", "WEIGHT_STAGE_LOADS"]
 
 #: Shared memory of one gradient block's stage (both operands): 32 KiB keeps two blocks of
 #: 256 threads (and more) on an SM, as the forward's.
 GRAD_STAGE_BYTES = 32 * 1024
 
-#: Loads each thread issues before storing them, per staging round.
+#: Loads each thread issues before storing them, per staging round: the gy and input walks,
+#: and the input gradient's weight walk (whose loads miss L2: as many as fit the 128
+#: registers without spills, ptxas sm_90).
 STAGE_LOADS = 2
+WEIGHT_STAGE_LOADS = {"f32": 4, "f64": 2}
 
 # Blocks of at most 256 threads, two per SM: at most 128 registers a thread (ptxas keeps
 # the 8 x 4 float32 / 4 x 4 float64 tiles, the staging rounds and the pointers in them; the
 # PTX tests check every specialisation the benchmark layers launch).
 _MAX_THREADS = 256
 _LAUNCH_BOUNDS = (_MAX_THREADS, 2)
-# Threads the grid aims for: two waves of 512 resident threads on each of 132 SMs.
+# Threads the weight gradient's grid aims for: two waves of 512 resident threads on each of
+# 132 SMs (its blocks are short: batch slices are cheap next to them).
 _TARGET_THREADS = 2 * 132 * 512
+# Threads below which the input gradient shrinks its register tile: one block of 256 on each
+# SM. Above that the predicted time (gpuconv.cuda.predict) favours the larger tile's reuse
+# over more waves (VGG-16 conv5_1: 8 x 4 on 1.7 waves 3.4 ms, 4 x 4 on 3.4 waves 4.2 ms).
+_INPUT_MIN_THREADS = 132 * _MAX_THREADS
 # Register tile caps by compute type.
 _TILE = {"f32": 8, "f64": 4}
 
@@ -141,6 +149,7 @@ def local_input_grad_gemm_kernel(code, kernel_h, kernel_w, batch_tile, channel_t
     BM, BC = LB * TM, LC * TC
     NACC = TM * TC
     U = STAGE_LOADS
+    UW = WEIGHT_STAGE_LOADS[compute_code(code)]
 
     def kernel(gy, weight, gx, n, c_I, h, wd, c_O, h_O, w_O, c_Ig, c_Og, s_H, s_W, pt, pl,
                d_H, d_W, v_tiles, batch_tiles, chunk, sj, g_pitch, g_co, w_pitch, w_kv, w_co,
@@ -193,9 +202,9 @@ def local_input_grad_gemm_kernel(code, kernel_h, kernel_w, batch_tile, channel_t
         # gy walk (map, image, column), columns fastest; weight walk (map, column, channel,
         # tap) over the most taps a phase takes (``nkw``), taps fastest: starts once per
         # stage, steps from the host, carries per element.
-        src = cuda.local.array(U, dtype=int32)
-        dst = cuda.local.array(U, dtype=int32)
-        val = cuda.local.array(U, dtype=scalar)
+        src = cuda.local.array(UW, dtype=int32)
+        dst = cuda.local.array(UW, dtype=int32)
+        val = cuda.local.array(UW, dtype=scalar)
         acc = cuda.local.array(NACC, dtype=scalar)
         gv = cuda.local.array(TM, dtype=scalar)
         wv = cuda.local.array(TC, dtype=scalar)
@@ -259,7 +268,7 @@ def local_input_grad_gemm_kernel(code, kernel_h, kernel_w, batch_tile, channel_t
                 jj = int32(rest % sj)
                 m = int32(rest // sj)
                 while m < nc:
-                    for e in range(U):
+                    for e in range(UW):
                         s = int32(-1)
                         d = int32(-1)
                         if m < nc and kk < nkx:
@@ -282,12 +291,12 @@ def local_input_grad_gemm_kernel(code, kernel_h, kernel_w, batch_tile, channel_t
                         if jj >= sj:
                             jj -= sj
                             m += 1
-                    for e in range(U):
+                    for e in range(UW):
                         v = scalar(0)
                         if src[e] >= 0:
                             v = scalar(weight[uint64(w_row + src[e])])
                         val[e] = v
-                    for e in range(U):
+                    for e in range(UW):
                         if dst[e] >= 0:
                             smem[uint64(dst[e])] = val[e]
                 # Wait until both stages are complete before anyone reads them.
@@ -444,8 +453,8 @@ def local_input_grad_gemm_config(geom, dtype):
 
     Register tile up to 8 images x 4 input channels (float16, float32; float64 4 x 4), each
     split evenly; a block holds up to 128 images (64 in float64) and spans up to 256 threads,
-    the columns of a phase row split evenly. Where the grid would give fewer than two waves
-    of 512 threads on 132 SMs, the tile shrinks to 4 images (batches over 8), then to 2
+    the columns of a phase row split evenly. Where the grid would not fill one block of 256
+    threads on each of 132 SMs, the tile shrinks to 4 images (batches over 8), then to 2
     channels. As many maps per stage as fit :data:`GRAD_STAGE_BYTES`.
     """
     code = dtype_code(dtype)
@@ -462,10 +471,10 @@ def local_input_grad_gemm_config(geom, dtype):
                 * -(-max(geom.batch, 1) // bm) * geom.groups
                 * -(-geom.in_channels_per_group // bc) * lanes_b * lanes_c * columns)
 
-    if threads(batch_tile, channel_tile) < _TARGET_THREADS and batch_tile > 4 and \
+    if threads(batch_tile, channel_tile) < _INPUT_MIN_THREADS and batch_tile > 4 and \
             geom.batch > 8:
         batch_tile = _even_split(geom.batch, 4)
-    if threads(batch_tile, channel_tile) < _TARGET_THREADS and channel_tile > 2:
+    if threads(batch_tile, channel_tile) < _INPUT_MIN_THREADS and channel_tile > 2:
         channel_tile = _even_split(geom.in_channels_per_group, 2)
     return local_input_grad_gemm_launch(geom, dtype, batch_tile, channel_tile)
 

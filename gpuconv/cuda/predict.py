@@ -30,7 +30,9 @@ import numpy as np
 
 from . import grad_kernels, kernels
 
-__all__ = ["H200", "Device", "occupancy", "KernelRow", "layer_rows", "format_rows"]
+__all__ = ["H200", "Device", "occupancy", "KernelRow", "layer_rows", "format_rows",
+           "local_gradient_rows", "local_backward_rows", "format_backward_rows", "BackwardRow",
+           "LOCAL_BACKWARD_PEER_S"]
 
 
 class Device(NamedTuple):
@@ -349,15 +351,14 @@ def layer_rows(layer, dtype=np.float32, ptxas=None, device=H200, gradients=True,
                                info(spec), device))
     if gradients:
         for config in (grad_kernels.conv2d_input_grad_config(geom, dtype),
-                       grad_kernels.conv2d_weight_grad_config(geom, dtype),
-                       grad_kernels.local_conv2d_input_grad_config(geom, dtype),
-                       grad_kernels.local_conv2d_weight_grad_config(geom, dtype)):
+                       grad_kernels.conv2d_weight_grad_config(geom, dtype)):
             shared = getattr(config, "shared_bytes", 0)
             if config.grid is None:
                 continue
             rows.append(_plain_row(name, config.kernel, tuple(config.grid),
                                    tuple(config.block), shared, info(config.kernel, shared),
                                    device))
+        rows += local_gradient_rows(layer, dtype, ptxas, device, batch)
     return rows
 
 
@@ -381,4 +382,275 @@ def format_rows(rows):
             f"{'-' if r.time_s is None else f'{r.time_s * 1e3:.3f} ms'} | "
             f"{'-' if r.roofline_share is None else f'{r.roofline_share:.0%}'} | "
             f"{'-' if r.hidden_share is None else f'{r.hidden_share:.0%}'} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# the local_conv2d gradients as batched GEMMs (gpuconv.cuda.local_grad_gemm)
+# --------------------------------------------------------------------------------------------
+
+#: Whole-call backward time (dL/dx and dL/dw) of PyTorch's unfold + einsum autograd on the
+#: first H200 run (commit dc5a7fa, ``gpuconv bench --device cuda --pass backward``, float32,
+#: GPU batches), in seconds: the peer the predicted local backward is set against.
+LOCAL_BACKWARD_PEER_S = {"deepface-l4": 21.1e-3, "deepface-l6": 0.7969e-3,
+                         "resnet50-res2-3x3": 2.263e-3}
+
+# Warp instructions per staged element of the gradients' carry walks (address, carries,
+# load, conversion, store), as the forward's input walk.
+_GRAD_STAGE_INSTR = 24
+
+
+def _tile_of(name):
+    """The register tile ``(a, b)`` of a ``..._t{a}x{b}_...`` kernel name."""
+    return tuple(int(v) for v in name.split("_t")[-1].split("_")[0].split("x"))
+
+
+def _phase_taps(geom):
+    """``[(blocks' rows, valid kernel rows, kernel columns)]`` per stride phase: for each
+    phase ``(r_y, r_x)`` of the input gradient, the rows ``u`` of its sub-grid, how many
+    (output row, kernel row) pairs each reaches, and how many kernel columns it takes."""
+    s_h, s_w = geom.stride_h, geom.stride_w
+    rows = []
+    for ry in range(s_h):
+        pairs = 0
+        count = 0
+        for u in range(-(-geom.in_height // s_h)):
+            if ry + s_h * u >= geom.in_height:
+                continue
+            count += 1
+            for ky in range(geom.kernel_height):
+                a = ry + geom.pad_top - ky * geom.dilation_h
+                if a % s_h == 0 and 0 <= u + a // s_h < geom.out_height:
+                    pairs += 1
+        for rx in range(s_w):
+            nkx = sum(1 for kx in range(geom.kernel_width)
+                      if (rx + geom.pad_left - kx * geom.dilation_w) % s_w == 0)
+            rows.append((count, pairs, nkx))
+    return rows
+
+
+def _local_igrad_gemm_row(layer, geom, dtype, info, device):
+    from . import local_grad_gemm as gemm
+
+    config = gemm.local_input_grad_gemm_config(geom, dtype)
+    itemsize = np.dtype(dtype).itemsize
+    lanes_b, lanes_c, columns = config.block
+    tm, tc = _tile_of(config.kernel.name)
+    threads = lanes_b * lanes_c * columns
+    warps = -(-threads // 32)
+    bm, bc = lanes_b * tm, lanes_c * tc
+    c_og = geom.out_channels_per_group
+    n_pos = geom.out_height * geom.out_width
+    k_len = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
+    khw = geom.kernel_height * geom.kernel_width
+    sj, chunk, nkw = config.sj, config.chunk, config.nkw
+    # One full stage of an interior block (first images, maps and channels; output row 0,
+    # first staged column 0): the kernel's own walks.
+
+    def gy_address(e):
+        col, rest = e % sj, e // sj
+        b, m = rest % bm, rest // bm
+        if b < min(bm, geom.batch) and col < geom.out_width:
+            return (b * geom.out_channels + m) * n_pos + col
+        return None
+
+    def weight_address(e):
+        kk, rest = e % nkw, e // nkw
+        cc, rest = rest % bc, rest // bc
+        jj, m = rest % sj, rest // sj
+        if cc < min(bc, geom.in_channels_per_group) and jj < geom.out_width:
+            return (m * n_pos + jj) * k_len + cc * khw + kk * config.kstep
+        return None
+
+    g_instr, g_sectors, g_lines, g_rounds = _warp_loads(chunk * bm * sj, threads,
+                                                        gemm.STAGE_LOADS, gy_address, itemsize)
+    w_instr, w_sectors, w_lines, w_rounds = _warp_loads(
+        chunk * sj * bc * nkw, threads,
+        gemm.WEIGHT_STAGE_LOADS[kernels.compute_code(kernels.dtype_code(dtype))],
+        weight_address, itemsize)
+    stage_fma = threads * tm * tc * chunk * nkw
+    lanes = gemm._warps(lanes_b, lanes_c, columns)
+    wg = max(gemm._bank_wavefronts([z * config.g_pitch + a for a, _, z in w]) for w in lanes)
+    ww = max(gemm._bank_wavefronts([z * config.w_pitch + b for _, b, z in w]) for w in lanes)
+    lds_per_tap = warps * (tm * wg + tc * ww)
+
+    blocks = config.grid[0] * config.grid[1]
+    registers = info.registers if info else 65536 // (
+        config.kernel.launch_bounds[0] * config.kernel.launch_bounds[1])
+    smem = config.shared_bytes + (info.static_smem if info else 0)
+    per_sm = occupancy(threads, registers, smem, device)
+    # Every block of a phase: its valid (output row, kernel row) pairs x maps x its taps;
+    # per pair, ceil(c_Og / chunk) stages.
+    per_block_tiles = config.v_tiles * config.batch_tiles * config.grid[1]
+    taps = stages = 0
+    for count, pairs, nkx in _phase_taps(geom):
+        taps += pairs * per_block_tiles * c_og * nkx
+        stages += pairs * per_block_tiles * -(-c_og // chunk)
+    busy = sum(count for count, _, _ in _phase_taps(geom)) * per_block_tiles
+    ffma = taps * warps * tm * tc
+    lds = taps * lds_per_tap
+    staged = stages * (g_instr + w_instr) * _GRAD_STAGE_INSTR
+    issue = ffma + taps * warps * (tm + tc + _TAP_OVERHEAD) + staged
+    fma = geom.batch * geom.out_channels * n_pos * k_len
+    weights = geom.out_channels * n_pos * k_len
+    x_el = geom.batch * geom.in_channels * geom.in_height * geom.in_width
+    y_el = geom.batch * geom.out_channels * n_pos
+    dram = (weights + x_el + y_el) * itemsize
+    latency = w_rounds * device.dram_latency_s + g_rounds * device.l2_latency_s
+    stages_per_block = stages / max(busy, 1)
+    time, bound, hidden = _time(device, busy, per_sm, ffma, lds, issue, dram,
+                                stage_fma / 32, latency, stages_per_block)
+    roof = _roofline(geom, 2 * fma, itemsize, weights, device)
+    return KernelRow(layer, config.kernel.name, registers, smem, threads, blocks, per_sm,
+                     per_sm * warps / device.max_warps, blocks / (device.sms * max(per_sm, 1)),
+                     (g_sectors + w_sectors) / stage_fma,
+                     (g_lines + w_lines) / max(g_instr + w_instr, 1), lds_per_tap /
+                     (threads * tm * tc), dram / fma, bound, time, 2 * fma / time / roof,
+                     2 * fma / hidden / roof)
+
+
+def _local_wgrad_gemm_row(layer, geom, dtype, info, device):
+    from . import local_grad_gemm as gemm
+
+    config = gemm.local_weight_grad_gemm_config(geom, dtype)
+    itemsize = np.dtype(dtype).itemsize
+    lanes_k, lanes_o, positions = config.block
+    to, tk = _tile_of(config.kernel.name)
+    threads = lanes_k * lanes_o * positions
+    warps = -(-threads // 32)
+    bo = lanes_o * to
+    kw = geom.kernel_width
+    n_pos = geom.out_height * geom.out_width
+    k_len = geom.in_channels_per_group * geom.kernel_height * kw
+    rows, chunk, win = config.stage_rows, config.chunk, config.win
+    kc = rows * kw
+
+    def gy_address(e):
+        jj, rest = e % positions, e // positions
+        o, b = rest % bo, rest // bo
+        if o < min(bo, geom.out_channels_per_group) and jj < geom.out_width:
+            return (b * geom.out_channels + o) * n_pos + jj
+        return None
+
+    def input_address(e):
+        col, rest = e % win, e // win
+        rr, b = rest % rows, rest // rows
+        c, ky = divmod(rr, geom.kernel_height)
+        iy = ky * geom.dilation_h - geom.pad_top
+        ix = col - geom.pad_left
+        if 0 <= iy < geom.in_height and 0 <= ix < geom.in_width:
+            return ((b * geom.in_channels + c) * geom.in_height + iy) * geom.in_width + ix
+        return None
+
+    g_instr, g_sectors, g_lines, g_rounds = _warp_loads(chunk * bo * positions, threads,
+                                                        gemm.STAGE_LOADS, gy_address, itemsize)
+    x_instr, x_sectors, x_lines, x_rounds = _warp_loads(chunk * rows * win, threads,
+                                                        gemm.STAGE_LOADS, input_address,
+                                                        itemsize)
+    stage_fma = threads * to * tk * chunk
+    lanes = gemm._warps(lanes_k, lanes_o, positions)
+    wg = max(gemm._bank_wavefronts([o * config.o_pitch + j for _, o, j in w]) for w in lanes)
+    wx = 0
+    for i in range(tk):
+        def tap(t, j):
+            return (t // kw) * win + j * geom.stride_w + (t % kw) * geom.dilation_w
+        wx += max(gemm._bank_wavefronts([tap(k + i * lanes_k, j) for k, _, j in w
+                                         if k + i * lanes_k < kc]) for w in lanes)
+    lds_per_image = warps * (to * wg + wx)
+
+    blocks = config.grid[0] * config.grid[1] * config.grid[2]
+    registers = info.registers if info else 65536 // (
+        config.kernel.launch_bounds[0] * config.kernel.launch_bounds[1])
+    smem = config.shared_bytes + (info.static_smem if info else 0)
+    per_sm = occupancy(threads, registers, smem, device)
+    images = geom.batch * (blocks // config.slices)  # every block of a slice, its images
+    stages = (blocks // config.slices) * -(-geom.batch // chunk)
+    ffma = images * warps * to * tk
+    lds = images * lds_per_image
+    staged = stages * (g_instr + x_instr) * _GRAD_STAGE_INSTR
+    issue = ffma + images * warps * (to + tk + _TAP_OVERHEAD) + staged
+    fma = geom.batch * geom.out_channels * n_pos * k_len
+    weights = geom.out_channels * n_pos * k_len
+    x_el = geom.batch * geom.in_channels * geom.in_height * geom.in_width
+    y_el = geom.batch * geom.out_channels * n_pos
+    dram = (weights + x_el + y_el) * itemsize
+    if config.slices > 1:  # partial sums written, then read and summed by a second kernel
+        partial = grad_kernels.partial_dtype(dtype).itemsize
+        dram += 2 * config.slices * weights * partial - weights * itemsize
+    latency = g_rounds * device.l2_latency_s + x_rounds * device.l2_latency_s
+    time, bound, hidden = _time(device, blocks, per_sm, ffma, lds, issue, dram,
+                                stage_fma / 32, latency, stages / max(blocks, 1))
+    roof = _roofline(geom, 2 * fma, itemsize, weights, device)
+    return KernelRow(layer, config.kernel.name, registers, smem, threads, blocks, per_sm,
+                     per_sm * warps / device.max_warps, blocks / (device.sms * max(per_sm, 1)),
+                     (g_sectors + x_sectors) / stage_fma,
+                     (g_lines + x_lines) / max(g_instr + x_instr, 1),
+                     lds_per_image / (threads * to * tk), dram / fma, bound, time,
+                     2 * fma / time / roof, 2 * fma / hidden / roof)
+
+
+def local_gradient_rows(layer, dtype=np.float32, ptxas=None, device=H200, batch=None):
+    """Predicted :class:`KernelRow` of the local_conv2d gradient kernels the dispatcher picks
+    on ``layer``: the batched-GEMM input and weight gradients (modelled as the forward is)
+    and the weight gradient's slice sum where it splits the batch (DRAM: the partial sums
+    read, the weights written)."""
+    from .. import workloads
+    from . import local_grad_gemm as gemm
+
+    geom = workloads.gpu_geometry(layer, batch)
+    name = layer.name if batch is None else f"{layer.name} (N={batch})"
+
+    def info(spec, shared=0):
+        return ptxas(spec, shared) if ptxas else None
+
+    igrad = gemm.local_input_grad_gemm_config(geom, dtype)
+    wgrad = gemm.local_weight_grad_gemm_config(geom, dtype)
+    rows = [_local_igrad_gemm_row(name, geom, dtype, info(igrad.kernel, igrad.shared_bytes),
+                                  device),
+            _local_wgrad_gemm_row(name, geom, dtype, info(wgrad.kernel, wgrad.shared_bytes),
+                                  device)]
+    if wgrad.slices > 1:
+        spec = grad_kernels.sum_slices_kernel(kernels.dtype_code(dtype))
+        size = math.prod(geom.local_weight_shape())
+        row = _plain_row(name, spec, (max(1, min(-(-size // 256), 65535)),), (256,), 0,
+                         info(spec), device)
+        moved = size * (wgrad.slices * grad_kernels.partial_dtype(dtype).itemsize
+                        + np.dtype(dtype).itemsize)
+        rows.append(row._replace(bound="DRAM", time_s=moved / device.copy_bytes_per_s))
+    return rows
+
+
+class BackwardRow(NamedTuple):
+    """A layer's predicted local backward (input and weight gradients) against the measured
+    unfold + einsum autograd backward."""
+
+    layer: str
+    predicted_s: float
+    peer_s: float | None
+    speedup: float | None
+
+
+def local_backward_rows(layers, dtype=np.float32, ptxas=None, device=H200):
+    """:class:`BackwardRow` of each layer: the sum of :func:`local_gradient_rows`' predicted
+    times beside :data:`LOCAL_BACKWARD_PEER_S` (None where the peer was not measured)."""
+    out = []
+    for layer in layers:
+        total = sum(r.time_s for r in local_gradient_rows(layer, dtype, ptxas, device))
+        peer = LOCAL_BACKWARD_PEER_S.get(layer.name)
+        out.append(BackwardRow(layer.name, total, peer, None if peer is None else peer / total))
+    return out
+
+
+def format_backward_rows(rows):
+    """A Markdown table of :class:`BackwardRow`, with the geometric mean of the speedups."""
+    lines = ["| layer | predicted backward (kernels) | unfold+einsum autograd (measured, "
+             "whole call) | predicted speedup |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.layer} | {r.predicted_s * 1e3:.3f} ms | "
+                     f"{'-' if r.peer_s is None else f'{r.peer_s * 1e3:.3f} ms'} | "
+                     f"{'-' if r.speedup is None else f'{r.speedup:.1f}x'} |")
+    speedups = [r.speedup for r in rows if r.speedup]
+    if speedups:
+        mean = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
+        lines.append(f"| geometric mean | | | {mean:.1f}x |")
     return "\n".join(lines)
