@@ -196,19 +196,22 @@ def terms(name, geom):
 def kernel_names(name, geom, dtype="float32"):
     """The CUDA kernel specialisations one call of ``name`` (a function of
     :data:`ALL_FUNCTIONS`) launches on ``geom``, from the same configuration functions the
-    launches use. Compiles nothing."""
-    from gpuconv.cuda import grad_kernels, kernels
+    launches use (the local gradients: the dispatcher's choice between the batched GEMMs and
+    the direct kernels). Compiles nothing."""
+    from gpuconv.cuda import grad_kernels, kernels, launch
 
     configs = {"conv2d": kernels.conv2d_config, "local_conv2d": kernels.local_conv2d_config,
                "conv2d_input": grad_kernels.conv2d_input_grad_config,
                "conv2d_weight": grad_kernels.conv2d_weight_grad_config,
-               "local_conv2d_input": grad_kernels.local_conv2d_input_grad_config,
-               "local_conv2d_weight": grad_kernels.local_conv2d_weight_grad_config}
+               "local_conv2d_input": launch.local_conv2d_input_grad_config,
+               "local_conv2d_weight": launch.local_conv2d_weight_grad_config}
     config = configs[name](geom, np.dtype(dtype).type)
     names = [config.kernel.name]
     if name == "conv2d_weight" and not (config.slices == 1 and config.scratch_elements == 0):
         names.append(f"sum_slices_{np.dtype(dtype).name}")
     if name == "local_conv2d" and config.slices > 1:  # split-K partial sums, added in order
+        names.append(f"sum_slices_{np.dtype(dtype).name}")
+    if name == "local_conv2d_weight" and getattr(config, "slices", 1) > 1:  # batch slices
         names.append(f"sum_slices_{np.dtype(dtype).name}")
     return tuple(names)
 

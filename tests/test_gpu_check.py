@@ -90,6 +90,22 @@ def test_kernel_names_name_the_specialisation(gpu_check):
     assert len(gpu_check.kernel_names("conv2d_weight", geom, "float32")) == 2
 
 
+def test_local_gradients_are_checked_and_timed_on_the_batched_gemms(gpu_check):
+    """The local gradients reach the batched-GEMM kernels on the default suite (the
+    dispatcher's choice), with the slice sum where the weight gradient splits the batch
+    (DeepFace L6 at its GPU batch), and the multipass case runs them over two batch tiles."""
+    for layer in gpu_check.suite_layers():
+        geom = layer.geometry(layer.batch_gpu)
+        assert gpu_check.kernel_names("local_conv2d_input", geom)[0].startswith(
+            "local_conv2d_igrad_gemm_f32_")
+        assert gpu_check.kernel_names("local_conv2d_weight", geom)[0].startswith(
+            "local_conv2d_wgrad_gemm_f32_")
+    l6 = workloads.gpu_geometry("deepface-l6")
+    assert gpu_check.kernel_names("local_conv2d_weight", l6)[1:] == ("sum_slices_float32",)
+    cases = dict((c.name, f) for c, f in gpu_check.multipass_cases())
+    assert any("local_conv2d_input" in f and "local_conv2d_weight" in f for f in cases.values())
+
+
 def test_plan_puts_correctness_first_and_fits_the_budget(gpu_check):
     phases = gpu_check.plan()
     names = [p.name for p in phases]
