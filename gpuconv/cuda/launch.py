@@ -303,7 +303,8 @@ def local_conv2d_scratch_elements(geom, dtype):
 
 # --------------------------------------------------------------------------------------------
 # gradient launches (all arrays Numba device arrays, C-contiguous, one dtype; the kernels
-# live in :mod:`gpuconv.cuda.grad_kernels`). Each fills every element of ``out``, queues its
+# live in :mod:`gpuconv.cuda.grad_kernels` and, for the local gradients,
+# :mod:`gpuconv.cuda.local_grad_gemm`). Each fills every element of ``out``, queues its
 # work on ``stream`` without waiting for it, and gives bitwise equal results for equal
 # inputs. ``config`` overrides the ``*_config`` choice (tests use it); ``empty(shape,
 # dtype)`` allocates scratch (default: Numba device arrays).

@@ -17,7 +17,8 @@ gradients are products of the same operands:
   the batch): a block owns a tile of (positions of one output row) x (maps) x (kernel rows)
   and sums over its images in order; where the grid needs more blocks the batch is split
   into slices whose partial sums go to scratch and are added in slice order by
-  :func:`gpuconv.cuda.grad_kernels.sum_slices_kernel` (bitwise deterministic).
+  :func:`gpuconv.cuda.grad_kernels.sum_slices_kernel`, launched after it by
+  :mod:`gpuconv.cuda.launch` (bitwise deterministic).
 
 Both stage their operands in shared memory from the caller's layouts (``x (n, c_I, h, w)``,
 ``weight (c_O, h_O, w_O, c_Ig, k_H, k_W)``, ``gy (n, c_O, h_O, w_O)``), consecutive threads
@@ -849,13 +850,9 @@ def local_weight_grad_gemm_scratch_elements(geom, dtype):
 
 
 def gemm_grad_specialisations(geom, dtype):
-    """``[(KernelSpec, dynamic shared bytes)]``: the local gradient kernels a layer launches
-    (the slice sum included where the weight gradient splits the batch)."""
-    from .grad_kernels import sum_slices_kernel
-
+    """``[(KernelSpec, dynamic shared bytes)]``: the two local gradient kernels a layer
+    launches (the weight gradient's slice sum, where it splits the batch, is
+    :func:`gpuconv.cuda.grad_kernels.sum_slices_kernel`, listed with that module's kernels)."""
     igrad = local_input_grad_gemm_config(geom, dtype)
     wgrad = local_weight_grad_gemm_config(geom, dtype)
-    found = [(igrad.kernel, igrad.shared_bytes), (wgrad.kernel, wgrad.shared_bytes)]
-    if wgrad.slices > 1:
-        found.append((sum_slices_kernel(dtype_code(dtype)), 0))
-    return found
+    return [(igrad.kernel, igrad.shared_bytes), (wgrad.kernel, wgrad.shared_bytes)]
