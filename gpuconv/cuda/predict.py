@@ -3,7 +3,8 @@ arithmetic, without a GPU.
 
 For every kernel the dispatcher picks on a layer this gives occupancy (from the registers and
 shared memory ``ptxas`` reports, or the launch bounds if none is given), waves on the GPU's
-SMs, and for the two forward kernels a traffic and time model:
+SMs, and for the two forward kernels and the local gradients' batched GEMMs
+(:func:`local_gradient_rows`) a traffic and time model:
 
 - global memory: the addresses of one full block's staging loads, computed exactly as the
   kernel computes them, grouped by warp instruction, give 32-byte sectors and 128-byte lines
