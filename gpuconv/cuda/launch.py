@@ -504,6 +504,7 @@ def _launch_local_weight_grad_gemm(x, grad_output, out, geom, stream, empty, con
         config.o_pitch, config.g_img, config.x_img,  # stage pitches
         config.win,                 # input columns under the block's positions
         out.size if config.slices > 1 else 0,  # elements between slices
+        *config.walk,               # staging walks' steps
     )
     if config.slices > 1:
         total = kernels.compiled(grad_kernels.sum_slices_kernel(kernels.dtype_code(out.dtype)))

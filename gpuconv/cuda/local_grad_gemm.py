@@ -50,17 +50,19 @@ __all__ = ["local_input_grad_gemm_kernel", "local_input_grad_gemm_config",
            "local_weight_grad_gemm_kernel", "local_weight_grad_gemm_config",
            "LocalWeightGradGemmConfig", "local_weight_grad_gemm_launch",
            "local_weight_grad_gemm_scratch_elements", "gemm_grad_specialisations",
-           "GRAD_STAGE_BYTES", "STAGE_LOADS", "WEIGHT_STAGE_LOADS"]
+           "GRAD_STAGE_BYTES", "STAGE_LOADS", "WEIGHT_STAGE_LOADS", "WEIGHT_GRAD_STAGE_LOADS"]
 
 #: Shared memory of one gradient block's stage (both operands): 32 KiB keeps two blocks of
 #: 256 threads (and more) on an SM, as the forward's.
 GRAD_STAGE_BYTES = 32 * 1024
 
-#: Loads each thread issues before storing them, per staging round: the gy and input walks,
-#: and the input gradient's weight walk (whose loads miss L2: as many as fit the 128
-#: registers without spills, ptxas sm_90).
+#: Loads each thread issues before storing them, per staging round, as many as fit the 128
+#: registers without spills (ptxas sm_90, sm_80): the input gradient's gy walk, its weight
+#: walk (whose loads miss L2) ...
 STAGE_LOADS = 2
 WEIGHT_STAGE_LOADS = {"f32": 4, "f64": 2}
+#: ... and the weight gradient's walks (gy and input), by compute type.
+WEIGHT_GRAD_STAGE_LOADS = {"f32": 4, "f64": 2}
 
 # Blocks of at most 256 threads, two per SM: at most 128 registers a thread (ptxas keeps
 # the 8 x 4 float32 / 4 x 4 float64 tiles, the staging rounds and the pointers in them; the
@@ -510,19 +512,21 @@ def local_weight_grad_gemm_kernel(code, kernel_h, kernel_w, map_tile, tap_tile, 
     words. Kernel arguments: flat ``x (n, c_I, h, w)``, ``gy (n, c_O, h_O, w_O)``, ``out
     (slices, c_O, h_O, w_O, c_Ig, k_H, k_W)`` (written), then ``n, c_I, h, w, c_O, h_O,
     w_O, c_Ig, c_Og, s_H, s_W, p_top, p_left, d_H, d_W, tiles_x, k_tiles, stage_rows,
-    chunk, slice_n, o_pitch, g_img, x_img, win, slice_size``: slice ``z`` sums images
-    ``[z * slice_n, (z + 1) * slice_n)`` into ``out[z]`` (``slice_size`` elements apart).
+    chunk, slice_n, o_pitch, g_img, x_img, win, slice_size`` and the walks' steps ``gsj,
+    gso, gsb`` (gy: position, map, image) and ``xsc, xsr, xsb`` (input: column, kernel row,
+    image) for all the block's threads: slice ``z`` sums images ``[z * slice_n, (z + 1) *
+    slice_n)`` into ``out[z]`` (``slice_size`` elements apart).
     """
     scalar = _COMPUTE[code]
     store = scalar if partial else _SCALAR[code]
     KH, KW, TO, TK, LO, LK = kernel_h, kernel_w, map_tile, tap_tile, map_lanes, tap_lanes
     BO = LO * TO
     NACC = TO * TK
-    U = STAGE_LOADS
+    U = WEIGHT_GRAD_STAGE_LOADS[compute_code(code)]
 
     def kernel(x, gy, out, n, c_I, h, wd, c_O, h_O, w_O, c_Ig, c_Og, s_H, s_W, pt, pl, d_H,
                d_W, tiles_x, k_tiles, stage_rows, chunk, slice_n, o_pitch, g_img, x_img, win,
-               slice_size):
+               slice_size, gsj, gso, gsb, xsc, xsr, xsb):
         # Every thread takes part in the stages, so the bounds guards sit on the stores.
         tk = cuda.threadIdx.x
         to = cuda.threadIdx.y
@@ -564,24 +568,7 @@ def local_weight_grad_gemm_kernel(code, kernel_h, kernel_w, map_tile, tap_tile, 
             xoff[i] = o
 
         # gy walk (image, map, position) and input walk (image, kernel row, column), the
-        # innermost fastest: starts and steps once, carries per element.
-        gj0 = int32(tid % ptw)
-        rest = tid // ptw
-        go0 = int32(rest % BO)
-        gb0 = int32(rest // BO)
-        gsj = int32(threads % ptw)
-        rest = threads // ptw
-        gso = int32(rest % BO)
-        gsb = int32(rest // BO)
-        xc0 = int32(tid % win)
-        rest = tid // win
-        xr0 = int32(rest % stage_rows)
-        xb0 = int32(rest // stage_rows)
-        xsc = int32(threads % win)
-        rest = threads // win
-        xsr = int32(rest % stage_rows)
-        xsb = int32(rest // stage_rows)
-
+        # innermost fastest: starts once per stage, steps from the host, carries per element.
         src = cuda.local.array(U, dtype=int32)
         dst = cuda.local.array(U, dtype=int32)
         val = cuda.local.array(U, dtype=scalar)
@@ -599,9 +586,10 @@ def local_weight_grad_gemm_kernel(code, kernel_h, kernel_w, map_tile, tap_tile, 
             x_first = (n0 * c_I + g * c_Ig) * h * wd
             # Wait until everyone has read the previous stage before overwriting it.
             cuda.syncthreads()
-            b = gb0
-            o = go0
-            jj = gj0
+            jj = int32(tid % ptw)
+            rest = tid // ptw
+            o = int32(rest % BO)
+            b = int32(rest // BO)
             while b < nb:
                 for e in range(U):
                     s = int32(-1)
@@ -629,9 +617,10 @@ def local_weight_grad_gemm_kernel(code, kernel_h, kernel_w, map_tile, tap_tile, 
                 for e in range(U):
                     if dst[e] >= 0:
                         smem[uint64(dst[e])] = val[e]
-            b = xb0
-            rr = xr0
-            col = xc0
+            col = int32(tid % win)
+            rest = tid // win
+            rr = int32(rest % stage_rows)
+            b = int32(rest // stage_rows)
             while b < nb:
                 for e in range(U):
                     s = int32(-1)
@@ -693,7 +682,7 @@ def local_weight_grad_gemm_kernel(code, kernel_h, kernel_w, map_tile, tap_tile, 
     if partial and store is not _SCALAR[code]:
         name += "_partial"
     signature = ((_array(code, 1),) * 2 + (types.Array(store, 1, "C"),)
-                 + (types.int64,) * 25)
+                 + (types.int64,) * 31)
     return KernelSpec(name, _rename(kernel, name), signature, _LAUNCH_BOUNDS)
 
 
@@ -715,6 +704,7 @@ class LocalWeightGradGemmConfig(NamedTuple):
     x_img: int           # words of one image's input stage
     win: int             # input columns under the block's positions
     scratch_elements: int  # partial sums, of the compute type (0: straight into the output)
+    walk: tuple          # steps of the staging walks (gsj, gso, gsb, xsc, xsr, xsb)
 
 
 #: Bytes of split-batch partial sums the local weight gradient may allocate.
@@ -782,7 +772,10 @@ def local_weight_grad_gemm_launch(geom, dtype, map_tile, tap_tile, stage_rows, l
     return LocalWeightGradGemmConfig(spec, (lanes_k, lanes_o, positions), grid,
                                      chunk * (g_img + x_img) * _stage_itemsize(code), tiles_x,
                                      k_tiles, stage_rows, chunk, slices, slice_n, o_pitch,
-                                     g_img, x_img, win, scratch)
+                                     g_img, x_img, win, scratch,
+                                     _walk_steps(lanes_k * lanes_o * positions, positions, bo)
+                                     + _walk_steps(lanes_k * lanes_o * positions, win,
+                                                   stage_rows))
 
 
 def _weight_layout(geom, code, map_tile, tap_tile, stage_rows):

@@ -543,11 +543,11 @@ def _local_wgrad_gemm_row(layer, geom, dtype, info, device):
             return ((b * geom.in_channels + c) * geom.in_height + iy) * geom.in_width + ix
         return None
 
+    loads = gemm.WEIGHT_GRAD_STAGE_LOADS[kernels.compute_code(kernels.dtype_code(dtype))]
     g_instr, g_sectors, g_lines, g_rounds = _warp_loads(chunk * bo * positions, threads,
-                                                        gemm.STAGE_LOADS, gy_address, itemsize)
+                                                        loads, gy_address, itemsize)
     x_instr, x_sectors, x_lines, x_rounds = _warp_loads(chunk * rows * win, threads,
-                                                        gemm.STAGE_LOADS, input_address,
-                                                        itemsize)
+                                                        loads, input_address, itemsize)
     stage_fma = threads * to * tk * chunk
     lanes = gemm._warps(lanes_k, lanes_o, positions)
     wg = max(gemm._bank_wavefronts([o * config.o_pitch + j for _, o, j in w]) for w in lanes)
