@@ -389,9 +389,10 @@ def local_input_grad_gemm_launch(geom, dtype, batch_tile, channel_tile, layout=N
 
     sj, g_pitch, g_co, w_pitch, w_kv, w_co = _input_stage(geom, layout, bm, bc)
     if g_co + w_co > words:
+        stage_bytes = (g_co + w_co) * _stage_itemsize(code)
         raise ValueError(
             f"the local_conv2d input gradient on the GPU stages one map's gradient and "
-            f"weights for {columns} columns in shared memory: {(g_co + w_co) * _stage_itemsize(code)} "
+            f"weights for {columns} columns in shared memory: {stage_bytes} "
             f"bytes for a kernel {kw} wide with stride {s_w} and dilation {d_w} exceeds "
             f"{GRAD_STAGE_BYTES}; use device='cpu'")
     chunk = chunk or max(1, min(geom.out_channels_per_group, words // (g_co + w_co)))
