@@ -20,7 +20,7 @@ import numpy as np
 from .device import (ENV_VAR, FreeMemory, host_memory_available, is_device_array,
                      select_device, simulator_enabled)
 from .geometry import conv_geometry
-from .ops import FORWARD, OPS, WEIGHT_GRAD, autograd_forward
+from .ops import FORWARD, OPS, WEIGHT_GRAD, autograd
 
 __all__ = ["conv2d", "local_conv2d", "clear_call_cache"]
 
@@ -598,7 +598,7 @@ def call(op_name, arrays, stride, padding, dilation, groups, device, sizes=None)
     uncached one would (:func:`clear_call_cache` empties the cache)."""
     op = OPS[op_name]
     if op.kind == FORWARD and _records_autograd(arrays):  # the differentiable operators
-        return autograd_forward()(op_name, arrays, stride, padding, dilation, groups, device)
+        return autograd("forward")(op_name, arrays, stride, padding, dilation, groups, device)
     if _has_bfloat16(arrays):
         return _bfloat16_call(op_name, arrays, stride, padding, dilation, groups, device, sizes)
     operands = [_operand(value, name) for name, value in arrays.items()]
