@@ -15,7 +15,7 @@ How the timing is done (the machines this runs on are noisy):
   implementation in the process (so it includes JIT compilation, or loading it from Numba's
   disk cache — ``jit`` says which for gpuconv on the CPU);
 - then implementations run in alternating bursts — untimed calls for at least
-  :data:`WARMUP_S` (at least one), then ``repeat`` timed calls back to back — ``bursts``
+  :data:`.timing.WARMUP_S` (at least one), then ``repeat`` timed calls back to back — ``bursts``
   times round (A A A A, B B B B, ..., A A A A, ...);
 - the median of all timed calls is reported with the quartiles, min and max, and every
   timed call in order (``times_s``); on a GPU each call is timed with CUDA events;
