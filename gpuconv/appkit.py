@@ -1,9 +1,10 @@
 """What every command of gpuconv shares: argument types, output paths, progress lines, the
-command echo, JSON, and the facts of the machine.
+command echo, JSON, thread counts, and the facts of the machine.
 
 ``gpuconv bench``, ``gpuconv train``, ``gpuconv info`` and the scripts take the same argument
 types, check their output paths the same way before any work, say what they are doing on
-stderr the same way and record the same machine block; this module holds that plumbing,
+stderr the same way, set Numba's and PyTorch's threads the same way and record the same
+machine block; this module holds that plumbing,
 below every command, so that no command reaches into another. It imports only the standard
 library and NumPy at import time (Numba and numba-cuda when asked about the machine,
 matplotlib when asked for it).
@@ -12,6 +13,7 @@ matplotlib when asked for it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -22,7 +24,8 @@ import time
 import numpy as np
 
 __all__ = ["positive_int", "nonnegative_int", "unwritable", "check_output_path", "write_json",
-           "command_line", "Progress", "bar", "require_matplotlib", "gpu_description",
+           "command_line", "Progress", "bar", "require_matplotlib", "set_threads", "threads",
+           "gpu_description",
            "cpu_model", "machine_info", "git_state", "load_average"]
 
 
@@ -194,6 +197,40 @@ class Progress:
         """Take the bar off the screen."""
         self._clear()
         self.stream.flush()
+
+
+# ----------------------------------------------------------------------------- threads
+
+def set_threads(count, torch=None):
+    """Run gpuconv's CPU kernels (Numba, at most its configured thread count) and PyTorch
+    (the module, when given) on ``count`` threads; returns the counts they had,
+    ``(numba, torch)`` (``torch``: ``None`` when not given)."""
+    import numba
+
+    before = (numba.get_num_threads(),
+              None if torch is None else torch.get_num_threads())
+    numba.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
+    if torch is not None:
+        torch.set_num_threads(count)
+    return before
+
+
+@contextlib.contextmanager
+def threads(count, torch=None):
+    """:func:`set_threads` for the ``with`` block, the counts restored afterwards;
+    ``count=None`` changes nothing."""
+    if count is None:
+        yield
+        return
+    import numba
+
+    numba_before, torch_before = set_threads(count, torch)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(numba_before)
+        if torch is not None:
+            torch.set_num_threads(torch_before)
 
 
 # ----------------------------------------------------------------------------- the machine

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import peers as impls_mod
 from . import suite
-from ..appkit import Progress, load_average, machine_info
+from ..appkit import Progress, load_average, machine_info, set_threads
 from .report import _ms, _num, _plural
 from .stats import PASSES, format_bytes
 from .suite import (DEFAULT_BURSTS, DEFAULT_REPEAT, OPS, STEP_FLOAT16, _bias_kind,
@@ -373,11 +373,7 @@ def one_core(torch=None):
     """One thread for gpuconv's CPU kernels (Numba) and for PyTorch; returns the clock to
     time them with, ``time.process_time`` (CPU time of the process: time spent waiting for
     a core on a busy machine is not counted)."""
-    import numba
-
-    numba.set_num_threads(1)
-    if torch is not None:
-        torch.set_num_threads(1)
+    set_threads(1, torch)
     return time.process_time
 
 

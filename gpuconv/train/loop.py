@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import appkit
 from ..appkit import Progress, bar, check_output_path, require_matplotlib, write_json
 from .data import INSTALL_HINT, _need, load_data
 from .models import (DATASETS, VARIANTS, _check_choice, build_model, checked_params,
@@ -167,31 +168,6 @@ def _positive(value, name, allow_none=True):
 DEFAULT_CPU_THREADS = 1
 
 
-class _Threads:
-    """Set PyTorch's and Numba's thread counts for the CPU runs; restore them afterwards."""
-
-    def __init__(self, threads):
-        self.threads = threads
-
-    def __enter__(self):
-        import numba
-        import torch
-
-        self.saved = (torch.get_num_threads(), numba.get_num_threads())
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
-            numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
-        return self
-
-    def __exit__(self, *exc):
-        import numba
-        import torch
-
-        torch.set_num_threads(self.saved[0])
-        numba.set_num_threads(self.saved[1])
-        return False
-
-
 def _resolve_device(device):
     from ..device import select_device
 
@@ -270,7 +246,9 @@ def train(dataset="all", variant="all", *, epochs=None, batch=None, device="auto
 
     if device == "cpu" and threads is None:
         threads = DEFAULT_CPU_THREADS
-    with _Threads(threads if device == "cpu" else None):
+    import torch
+
+    with appkit.threads(threads if device == "cpu" else None, torch):
         result = _run_all(datasets, variants, epochs, batch, lr, device, seed, seeds, quick,
                           progress, command)
     if json_path is not None:
