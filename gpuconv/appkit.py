@@ -4,10 +4,9 @@ command echo, JSON, thread counts, and the facts of the machine.
 ``gpuconv bench``, ``gpuconv train``, ``gpuconv info`` and the scripts take the same argument
 types, check their output paths the same way before any work, say what they are doing on
 stderr the same way, set Numba's and PyTorch's threads the same way and record the same
-machine block; this module holds that plumbing,
-below every command, so that no command reaches into another. It imports only the standard
-library and NumPy at import time (Numba and numba-cuda when asked about the machine,
-matplotlib when asked for it).
+machine block; this module holds that plumbing, below every command, so that no command
+reaches into another. It imports only the standard library and NumPy at import time (Numba
+and numba-cuda when asked about the machine or the threads, matplotlib when asked for it).
 """
 
 from __future__ import annotations
