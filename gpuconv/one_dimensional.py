@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .conv import conv2d, local_conv2d
-from .geometry import _is_int, get_conv_outsize
+from .geometry import _is_int, get_conv_outsize, shape_in
 
 __all__ = ["conv1d", "local_conv1d", "geometry_1d", "Geometry1d"]
 
@@ -174,7 +174,7 @@ def _check_bias(bias, c_out, out_length, local):
     if bias is None:
         return
     allowed = [(c_out,)] + ([(c_out, out_length)] if local else [])
-    if tuple(bias.shape) not in allowed:
+    if not shape_in(tuple(bias.shape), allowed):
         kinds = " or ".join(str(a) for a in allowed)
         raise ValueError(f"bias must have shape {kinds}, got {tuple(bias.shape)}")
 
