@@ -216,6 +216,8 @@ def test_local_batch_spanning_several_vectors(batch, dtype):
     # strided, dilated, grouped, asymmetric "same" (stride 1)
     ((1, 4, 10, 9), dict(stride=1, padding="same", dilation=(2, 1), groups=2)),
     ((1, 6, 11, 12), dict(stride=(2, 3), padding=(2, 1), dilation=(1, 2), groups=3)),
+    # two input columns, padding 2: every window reaches into the padding (no interior)
+    ((1, 2, 6, 2), dict(stride=1, padding=2, dilation=1, groups=1)),
 ])
 def test_one_image_runs_the_tap_vector_kernel(shape, kwargs, dtype):
     """A batch of one takes the kernel whose vectors run over the taps (the batched kernel's

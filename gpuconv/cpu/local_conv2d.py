@@ -222,6 +222,9 @@ def _local_conv2d_few_images(x, xf, wf, bias, has_bias, out, patches, tiles, sum
     per_position = bias.shape[1] * bias.shape[2] > 1
     n_jobs = n * groups * h_O
     n_threads = patches.shape[0]
+    # output columns [lo, hi) read only columns inside the input
+    lo = min(w_O, -(-pl // s_W))
+    hi = max(lo, min(w_O, (wd - 1 - (k_W - 1) * d_W + pl) // s_W + 1))
     for thread in prange(n_threads):
         patch = patches[thread]
         tile = tiles[thread]
@@ -243,7 +246,13 @@ def _local_conv2d_few_images(x, xf, wf, bias, has_bias, out, patches, tiles, sum
                                 patch[np.uint64(ox * r_pad + t0 + v)] = 0
                         continue
                     row = ((b * c_I + g * c_Ig + c) * h + iy) * wd
-                    for ox in range(w_O):
+                    for ox in range(lo, hi):  # windows inside the row: no checks
+                        base = ox * r_pad + t0
+                        src = row + ox * s_W - pl
+                        for v in range(k_W):
+                            patch[np.uint64(base + v)] = xf[np.uint64(src + v * d_W)]
+                    for e in range(w_O - (hi - lo)):  # the columns at the two edges
+                        ox = e if e < lo else e + (hi - lo)
                         base = ox * r_pad + t0
                         ix0 = ox * s_W - pl
                         for v in range(k_W):
