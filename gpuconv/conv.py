@@ -19,7 +19,7 @@ import numpy as np
 
 from .device import (ENV_VAR, FreeMemory, host_memory_available, is_device_array,
                      select_device, simulator_enabled)
-from .geometry import conv_geometry
+from .geometry import conv_geometry, shape_in
 from .ops import FORWARD, OPS, WEIGHT_GRAD, autograd
 
 __all__ = ["conv2d", "local_conv2d", "clear_call_cache"]
@@ -238,7 +238,7 @@ def _check_operands(op, names, operands, sizes, stride, padding, dilation, group
     bias = by_name.get("bias")
     if bias is not None:
         allowed = op.bias_shapes(geom)
-        if tuple(bias.shape) not in allowed:
+        if not shape_in(tuple(bias.shape), allowed):
             kinds = " or ".join(str(a) for a in allowed)
             raise ValueError(f"bias must have shape {kinds}, got {tuple(bias.shape)}")
     grad_output = by_name.get("grad_output")

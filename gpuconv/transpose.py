@@ -35,7 +35,7 @@ import numpy as np
 
 from .conv import _FLOAT_DTYPES, _records_autograd, _shape_arg, call, conv2d, local_conv2d
 from .device import is_device_array
-from .geometry import get_conv_transpose_outsize, pair
+from .geometry import get_conv_transpose_outsize, pair, shape_in
 from .ops import autograd
 
 __all__ = ["conv_transpose2d", "local_conv_transpose2d", "conv_transpose2d_input",
@@ -229,7 +229,7 @@ def _check_bias(bias, geom, local):
         return
     _, c_out, out_h, out_w = geom.output_shape
     allowed = [(c_out,)] + ([(c_out, out_h, out_w)] if local else [])
-    if tuple(bias.shape) not in allowed:
+    if not shape_in(tuple(bias.shape), allowed):
         kinds = " or ".join(str(a) for a in allowed)
         raise ValueError(f"bias must have shape {kinds}, got {tuple(bias.shape)}")
 
