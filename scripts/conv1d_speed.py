@@ -25,6 +25,8 @@ import time
 import numpy as np
 
 import gpuconv
+from gpuconv import bench
+from gpuconv.appkit import positive_int
 
 #: (name, N, C_in, C_out, L, k, stride, padding): a speech front end (wide, many maps), a
 #: text convolution (short sequence, many channels) and a small call (dispatch dominates).
@@ -33,13 +35,6 @@ SHAPES = [
     ("text", 32, 128, 128, 64, 3, 1, 1),
     ("small", 1, 4, 8, 32, 3, 1, 0),
 ]
-
-
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _operands(shape, local, rng):
@@ -84,10 +79,7 @@ def measure(shapes=SHAPES, rounds=7, burst=10, one_core=False, ops=("conv1d", "l
     alternating in bursts after one warm-up burst each."""
     clock = time.perf_counter
     if one_core:
-        import numba
-
-        numba.set_num_threads(1)
-        clock = time.process_time
+        clock = bench.one_core()
     rng = np.random.default_rng(0)
     results = []
     for shape in shapes:
@@ -107,9 +99,9 @@ def measure(shapes=SHAPES, rounds=7, burst=10, one_core=False, ops=("conv1d", "l
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=_positive_int, default=7,
+    parser.add_argument("--rounds", type=positive_int, default=7,
                         help="alternations of the bursts (default 7)")
-    parser.add_argument("--burst", type=_positive_int, default=10,
+    parser.add_argument("--burst", type=positive_int, default=10,
                         help="timed calls per burst (default 10)")
     parser.add_argument("--one-core", action="store_true",
                         help="one thread, timed in process CPU time")
