@@ -74,15 +74,15 @@ _SMS = 132
 #: gradient by compute type, largest first; ``N`` is the input channels, so narrow tiles
 #: serve 16- and 32-channel groups.
 IGRAD_TILES = {
-    "f32": ((128, 64, 8, 8, 4, 2), (64, 64, 8, 4, 4, 4), (128, 32, 8, 8, 2, 3),
+    "f32": ((128, 64, 8, 8, 4, 2), (64, 64, 8, 4, 4, 2), (128, 32, 8, 8, 2, 2),
             (128, 16, 8, 8, 2, 4)),
-    "f64": ((64, 64, 8, 4, 4, 2), (64, 32, 8, 4, 2, 3), (64, 16, 8, 4, 2, 4)),
+    "f64": ((64, 64, 8, 4, 4, 2), (64, 32, 8, 4, 2, 2), (64, 16, 8, 4, 2, 4)),
     "sim": ((8, 8, 4, 2, 2, 1),),
 }
 
 #: Tile shapes of the weight gradient (``M``: weight columns, ``N``: output channels).
 WGRAD_TILES = {
-    "f32": ((128, 64, 8, 8, 4, 2), (128, 32, 8, 8, 2, 3), (128, 16, 8, 8, 2, 4)),
+    "f32": ((128, 64, 8, 8, 4, 2), (128, 32, 8, 8, 2, 2), (128, 16, 8, 8, 2, 3)),
     "f64": ((64, 64, 8, 4, 4, 2), (64, 32, 8, 4, 2, 3), (64, 16, 8, 4, 2, 4)),
     "sim": ((8, 8, 4, 2, 2, 1),),
 }
@@ -159,6 +159,8 @@ def input_grad_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blo
     BP = BN + _PAD
     ABUF = BK * AP
     BBUF = BK * BP
+    ASMEM = 2 * ABUF       # both buffers (a compile-time constant)
+    BSMEM = 2 * BBUF
     NACC = TM * TN
     mac = _mac(TM, TN, MT, NSTEP)
 
@@ -202,8 +204,8 @@ def input_grad_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blo
         oy_first = (ry + pt - ky0 * d_H) // s_H
         ox_first = (rx + pl - kx0 * d_W) // s_W
 
-        a_s = cuda.shared.array(2 * ABUF, dtype=scalar)
-        b_s = cuda.shared.array(2 * BBUF, dtype=scalar)
+        a_s = cuda.shared.array(ASMEM, dtype=scalar)
+        b_s = cuda.shared.array(BSMEM, dtype=scalar)
 
         # The pixel this thread stages for the whole K walk (its only divisions).
         am = tid % BM
@@ -418,6 +420,8 @@ def weight_grad_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, bl
     BP = BN + _PAD
     ABUF = BK * AP
     BBUF = BK * BP
+    ASMEM = 2 * ABUF       # both buffers (a compile-time constant)
+    BSMEM = 2 * BBUF
     NACC = TM * TN
     mac = _mac(TM, TN, MT, NSTEP)
 
@@ -438,8 +442,8 @@ def weight_grad_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, bl
         k_start = s * k_slice
         k_end = min(k_start + k_slice, m_total)
 
-        a_s = cuda.shared.array(2 * ABUF, dtype=scalar)
-        b_s = cuda.shared.array(2 * BBUF, dtype=scalar)
+        a_s = cuda.shared.array(ASMEM, dtype=scalar)
+        b_s = cuda.shared.array(BSMEM, dtype=scalar)
 
         # This thread's K lane and the weight columns and channels it stages: their channel
         # planes and tap offsets, found once (-1: past the columns).
