@@ -139,3 +139,15 @@ def test_phase_taps_by_hand():
     assert predict._phase_taps(1, 1, 3, 1, 2) == 2
     # stride 3 over 2 taps, no padding: phase 2 gets none.
     assert [predict._phase_taps(r, 0, 2, 1, 3) for r in range(3)] == [1, 1, 0]
+
+
+def test_every_default_suite_layer_gets_rows():
+    """The model covers every kernel the dispatcher picks on the default suite (it once
+    failed on the forward GEMM's one-dimensional block); the conv2d rows are modelled."""
+    from gpuconv import bench, workloads
+    from gpuconv.cuda import predict
+
+    for name in bench.SUITES["default"]:
+        rows = predict.layer_rows(workloads.LAYERS[name], np.float32)
+        conv = [r for r in rows if r.kernel.startswith("conv2d_")]
+        assert conv and all(r.time_s for r in conv if "grad_" not in r.kernel), name
