@@ -397,14 +397,16 @@ def _gemm_row(layer, geom, dtype, kind, config, info, device):
                           if t // BK + j * BS < c_og and t % BK < c_ig else None
                           for t in range(threads)])
     elif kind == "input":
-        LA, AS, LB, BS = BM * BK // threads, threads // BM, BN * BK // threads, threads // BN
+        # a thread stages PA pixels ``threads`` apart, AK channels AS apart for each
+        PA, AS = max(1, BM // threads), max(1, threads // BM)
+        LA, LB, BS = BM * BK // threads, BN * BK // threads, threads // BN
         ky = first_tap(0, g.pad_top, g.kernel_height, g.dilation_h, g.stride_h)
         kx = first_tap(0, g.pad_left, g.kernel_width, g.dilation_w, g.stride_w)
         h_u, w_u = -(-g.in_height // g.stride_h), -(-g.in_width // g.stride_w)
-        for j in range(LA):
+        for p, j in ((p, j) for p in range(PA) for j in range(BK // AS)):
             group = []
             for t in range(threads):
-                img, u, v = position(t % BM, w_u, h_u)
+                img, u, v = position(t % BM + p * threads, w_u, h_u)
                 c = t // BM + j * AS
                 ok = img < g.batch and u < g.out_height and v < g.out_width and c < c_og
                 group.append(((img * g.out_channels + c) * g.out_height + u) * g.out_width + v
