@@ -356,8 +356,9 @@ def input_grad_gemm_config(geom, dtype):
     """Tile and launch shape of the implicit-GEMM input gradient (a pure function).
 
     The tile's ``N`` is the narrowest of 64, 32 or 16 input channels that covers the group
-    (wider groups take 64); among those, the ``128``-pixel tile when its grid fills the
-    GPU's first wave, else the one with the most blocks. float16 takes the float32 tiles.
+    (wider groups take 64); among the tiles of that width, in the order of
+    :data:`IGRAD_TILES`, the first whose grid fills the GPU's first wave (132 SMs x its
+    blocks per SM), else the first with the most blocks. float16 takes the float32 tiles.
     """
     code = dtype_code(dtype)
     tiles = IGRAD_TILES["sim"] if simulator_enabled() else IGRAD_TILES[compute_code(code)]
