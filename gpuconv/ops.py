@@ -145,7 +145,7 @@ OPS = {op.name: op for op in (
        cpu="gpuconv.cpu.conv2d_grad:conv2d_weight_grad",
        cpu_scratch="gpuconv.cpu.conv2d_grad:conv2d_weight_grad_scratch_bytes",
        cuda="gpuconv.cuda.launch:launch_conv2d_weight_grad",
-       cuda_scratch="gpuconv.cuda.grad_kernels:conv2d_weight_grad_scratch_elements"),
+       cuda_scratch="gpuconv.cuda.launch:conv2d_weight_grad_scratch_elements"),
     Op("local_conv2d_input", INPUT_GRAD, True,
        cpu="gpuconv.cpu.local_conv2d_grad:local_conv2d_input_grad",
        cpu_scratch="gpuconv.cpu.local_conv2d_grad:local_conv2d_input_grad_scratch_bytes",
