@@ -196,13 +196,13 @@ def terms(name, geom):
 def kernel_names(name, geom, dtype="float32"):
     """The CUDA kernel specialisations one call of ``name`` (a function of
     :data:`ALL_FUNCTIONS`) launches on ``geom``, from the same configuration functions the
-    launches use (the local gradients: the dispatcher's choice between the batched GEMMs and
-    the direct kernels). Compiles nothing."""
-    from gpuconv.cuda import grad_kernels, kernels, launch
+    launches use (the dispatcher's choice of each gradient's kernel: direct, or implicit or
+    batched GEMM). Compiles nothing."""
+    from gpuconv.cuda import kernels, launch
 
     configs = {"conv2d": kernels.conv2d_config, "local_conv2d": kernels.local_conv2d_config,
-               "conv2d_input": grad_kernels.conv2d_input_grad_config,
-               "conv2d_weight": grad_kernels.conv2d_weight_grad_config,
+               "conv2d_input": launch.conv2d_input_grad_config,    # direct or implicit GEMM
+               "conv2d_weight": launch.conv2d_weight_grad_config,
                "local_conv2d_input": launch.local_conv2d_input_grad_config,
                "local_conv2d_weight": launch.local_conv2d_weight_grad_config}
     config = configs[name](geom, np.dtype(dtype).type)
@@ -813,7 +813,8 @@ def check_array_kinds(torch, gpuconv, dry_run=False):
 
 #: Tiny calls of every forward and gradient kernel, float32 and float16, for compute-sanitizer:
 #: stride, padding, groups, both bias kinds, a strided device input, a channel-heavy conv2d
-#: (the implicit-GEMM kernel), and a conv2d weight gradient summed in several slices.
+#: and its gradients (the implicit-GEMM kernels), and a conv2d weight gradient summed in
+#: several slices.
 SANITIZER_SNIPPET = """
 import numpy as np, gpuconv
 from gpuconv import grad
@@ -833,6 +834,9 @@ for dt in (np.float32, np.float16):
     grad.local_conv2d_weight(x, wl.shape, gy, device="cuda", **kw)
     xg, wg = r(2, 40, 9, 9), r(6, 40, 3, 3)  # channel-heavy: the implicit-GEMM path
     gpuconv.conv2d(xg, wg, r(6), padding=(1, 2), device="cuda")
+    gg = r(2, 6, 5, 6)  # ... and its implicit-GEMM gradients, strided (phases)
+    grad.conv2d_input(xg.shape, wg, gg, stride=2, padding=(1, 2), device="cuda")
+    grad.conv2d_weight(xg, wg.shape, gg, stride=2, padding=(1, 2), device="cuda")
     xb, gb = r(64, 2, 33, 33), r(64, 3, 31, 31)
     grad.conv2d_weight(xb, (3, 2, 3, 3), gb, device="cuda")
     gpuconv.conv2d(cuda.to_device(x)[:, :, ::2], cuda.to_device(w), None, groups=2)

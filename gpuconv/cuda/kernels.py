@@ -31,7 +31,7 @@ import numpy as np
 from numba import cuda, int32, int64, types, uint64
 
 from .. import workloads
-from . import conv2d_gemm, grad_kernels, local_grad_gemm
+from . import conv2d_gemm, conv2d_gemm_grad, grad_kernels, local_grad_gemm
 from .spec import (_COMPUTE, _NUMPY, _SCALAR, CODES, GRID_YZ_LIMIT, LOCAL_STAGE_BYTES,
                    SHARED_BUDGET_BYTES, SHARED_LIMIT_BYTES, KernelSpec, _array,
                    _conv2d_launch_bounds, _even_split, _pow2_at_least, _rename,
@@ -839,6 +839,10 @@ def workload_specialisations(codes=CODES):
                 specs.setdefault(spec.name, spec)
             for spec, _ in grad_kernels.grad_specialisations(geom, dtype):
                 specs.setdefault(spec.name, spec)
+            if conv2d_gemm_grad.use_gemm_grad(geom):  # channel-heavy conv2d gradients
+                for config in (conv2d_gemm_grad.input_grad_gemm_config(geom, dtype),
+                               conv2d_gemm_grad.weight_grad_gemm_config(geom, dtype)):
+                    specs.setdefault(config.kernel.name, config.kernel)
             for spec, _ in local_grad_gemm.gemm_grad_specialisations(geom, dtype):
                 specs.setdefault(spec.name, spec)
         for spec in (copy_kernel(code),):

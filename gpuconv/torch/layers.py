@@ -1,39 +1,6 @@
-"""PyTorch layers on gpuconv's kernels: custom operators, autograd, functional ops and modules.
-
-Install with ``pip install "gpuconv[torch]"``; nothing else in gpuconv imports PyTorch.
-
-- Functional, autograd-aware: :func:`conv2d` and :func:`local_conv2d` (tensors in, tensors out,
-  like ``torch.nn.functional.conv2d``).
-- Modules: :class:`Conv2d` (a drop-in for ``torch.nn.Conv2d`` with zeros padding: same
-  parameter names, shapes and initialisation, so a ``state_dict`` loads into either) and
-  :class:`LocallyConnected2d` (unshared weights: one kernel per output position).
-- Custom operators (``torch.library.custom_op``), each with a fake (shape-only) kernel for
-  ``torch.compile`` and an autograd formula, with CPU and CUDA kernels registered per device::
-
-      gpuconv::conv2d(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding,
-                      int[] dilation, int groups) -> Tensor
-      gpuconv::local_conv2d(Tensor x, Tensor weight, Tensor? bias, int[] stride,
-                            int[] padding, int[] dilation, int groups) -> Tensor
-      gpuconv::conv2d_input(SymInt[] input_size, Tensor weight, Tensor grad_output, ...) -> Tensor
-      gpuconv::conv2d_weight(Tensor input, SymInt[] weight_size, Tensor grad_output, ...) -> Tensor
-      gpuconv::local_conv2d_input(...), gpuconv::local_conv2d_weight(...)  (the same)
-
-  where ``...`` is ``int[] stride, int[] padding, int[] dilation, int groups``. The operators
-  take 4-D inputs and explicit geometry: ``stride`` and ``dilation`` ``[h, w]``, ``padding``
-  ``[top, bottom, left, right]``; the functional ops resolve ints, pairs, ``"same"``,
-  ``"valid"`` and ``((top, bottom), (left, right))`` to that, and accept unbatched 3-D input.
-
-The backward of each forward operator is the two gradient operators (and a sum for the bias);
-the gradient operators' own backward is again made of these operators, so double backward
-(``torch.autograd.grad(..., create_graph=True)``, ``gradgradcheck``) works too.
-
-CPU tensors run gpuconv's CPU kernels; CUDA tensors run its CUDA kernels on PyTorch's current
-stream, without copies. In plain eager mode the functional ops and modules call the same
-kernels without the operator dispatcher (a ``torch.autograd.Function`` records the graph, with
-the same gradient formulas), which saves PyTorch's per-call dispatch; under ``torch.compile``,
-tracing, a dispatch or torch-function mode, functorch transforms or tensor subclasses they go
-through the operators. float32 and float64 only: other dtypes raise ``TypeError``.
-"""
+"""The 2-D PyTorch layers: the custom operators, their autograd, the functional ops
+:func:`conv2d` and :func:`local_conv2d`, and the modules :class:`Conv2d` and
+:class:`LocallyConnected2d` (see :mod:`gpuconv.torch`, which names them)."""
 
 import math
 from typing import Optional
@@ -41,8 +8,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .conv import call, typed_key
-from .geometry import conv_geometry, get_conv_outsize, pair, resolve_padding
+from ..conv import call, typed_key
+from ..geometry import conv_geometry, get_conv_outsize, pair, resolve_padding
+from ..ops import register_autograd
 
 __all__ = ["conv2d", "local_conv2d", "Conv2d", "LocallyConnected2d"]
 
@@ -652,20 +620,5 @@ class LocallyConnected2d(nn.Module):
         return layer
 
 
-# --------------------------------------------------------------------------------------------
-# the transposed and one-dimensional layers (gpuconv.torch_family), imported on first use
-# --------------------------------------------------------------------------------------------
-# (gpuconv.torch_family is built on this module's operators: importing it on first use, not
-# here, keeps either module importable first.)
-
-_FAMILY = ("conv_transpose2d", "local_conv_transpose2d", "conv1d", "local_conv1d",
-           "ConvTranspose2d", "LocallyConnectedTranspose2d", "Conv1d", "LocallyConnected1d")
-__all__ += list(_FAMILY)
-
-
-def __getattr__(name):
-    if name in _FAMILY:
-        from . import torch_family
-
-        return getattr(torch_family, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# gpuconv.conv2d / gpuconv.local_conv2d send tensors that require grad here.
+register_autograd("forward", autograd_forward)
