@@ -1,0 +1,169 @@
+"""CPU kernels of the tiled (partly shared) convolution and its gradients.
+
+A tiled convolution has ``T_h x T_w`` kernel slots ``w[o, sy, sx, c, u, v]``; output row
+``oy`` uses slot row ``rows[oy]`` and column ``ox`` slot column ``cols[ox]``
+(:meth:`gpuconv.geometry.TiledGeometry.row_slots`). The two ends of the dial run the
+kernels of the operations they are:
+
+* ``T = (1, 1)``: :mod:`.conv2d` and :mod:`.conv2d_grad` on the weight viewed as
+  ``(C_out, C_in/groups, kH, kW)``;
+* ``T = (H_out, W_out)`` (the slots are the positions, in both tilings): :mod:`.local_conv2d`
+  and :mod:`.local_conv2d_grad` on the weight as it is.
+
+Between them:
+
+* forward: the unshared kernel with the slot maps (:func:`.local_conv2d.
+  slotted_local_conv2d_forward`): the weight of a position is read at its slot's offset,
+  nothing else changes (the same order of terms, so the result has the bits of
+  ``local_conv2d`` on the expanded weight);
+* input gradient: the unshared input gradient on the weight expanded to one kernel per
+  position (a gather, ``C_out * H_out * W_out * C_in/groups * kH * kW`` elements of scratch);
+* weight gradient: the unshared weight gradient into a scratch of that size, then each slot
+  sums its positions' gradients in a fixed order (output row, then column, ascending):
+  deterministic, the same bits for every thread count.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from .conv2d import conv2d_forward, conv2d_scratch_bytes
+from .conv2d_grad import (conv2d_input_grad, conv2d_input_grad_scratch_bytes,
+                          conv2d_weight_grad, conv2d_weight_grad_scratch_bytes)
+from .local_conv2d import (local_conv2d_forward, local_conv2d_scratch_bytes,
+                           slotted_local_conv2d_forward)
+from .local_conv2d_grad import (local_conv2d_input_grad, local_conv2d_input_grad_scratch_bytes,
+                                local_conv2d_weight_grad,
+                                local_conv2d_weight_grad_scratch_bytes)
+
+__all__ = ["tiled_conv2d_forward", "tiled_conv2d_scratch_bytes", "tiled_conv2d_input_grad",
+           "tiled_conv2d_input_grad_scratch_bytes", "tiled_conv2d_weight_grad",
+           "tiled_conv2d_weight_grad_scratch_bytes", "slot_maps"]
+
+
+@functools.lru_cache(maxsize=256)
+def _untiled(geom):
+    return geom.untiled()
+
+
+@functools.lru_cache(maxsize=256)
+def slot_maps(geom):
+    """``(rows, cols)``: the slot of each output row and column, int64 arrays."""
+    return (np.asarray(geom.row_slots(), dtype=np.int64),
+            np.asarray(geom.col_slots(), dtype=np.int64))
+
+
+def _shared_shape(geom):
+    return (geom.out_channels, geom.in_channels_per_group, geom.kernel_height,
+            geom.kernel_width)
+
+
+def _local_bytes(geom, itemsize):
+    return math.prod(geom.local_weight_shape()) * itemsize
+
+
+def tiled_conv2d_scratch_bytes(geom, itemsize):
+    """Bytes of scratch :func:`tiled_conv2d_forward` allocates beyond its output: those of
+    the kernel it runs."""
+    if geom.shared:
+        return conv2d_scratch_bytes(_untiled(geom), itemsize)
+    return local_conv2d_scratch_bytes(_untiled(geom), itemsize)
+
+
+def tiled_conv2d_forward(x, weight, bias, has_bias, out, geom):
+    """Tiled convolution into ``out``: ``x (n, c_I, h, w)``, ``weight (c_O, T_h, T_w, c_Ig,
+    k_H, k_W)``, ``bias (c_O, 1, 1)`` or ``(c_O, T_h, T_w)``; C-contiguous, one dtype."""
+    plain = _untiled(geom)
+    if geom.shared:
+        return conv2d_forward(x, weight.reshape(_shared_shape(geom)), bias, has_bias, out,
+                              plain)
+    if geom.unshared:
+        return local_conv2d_forward(x, weight, bias, has_bias, out, plain)
+    rows, cols = slot_maps(geom)
+    return slotted_local_conv2d_forward(x, weight, bias, has_bias, out, plain, rows, cols)
+
+
+@njit(parallel=True, cache=True)
+def _expand_slots(weight, rows, cols, out):
+    """``out[o, oy, ox] = weight[o, rows[oy], cols[ox]]`` (the trailing axes flattened)."""
+    c_O, h_O, w_O = out.shape[0], out.shape[1], out.shape[2]
+    for job in prange(c_O * h_O):
+        o = job // h_O
+        oy = job - o * h_O
+        sy = rows[oy]
+        for ox in range(w_O):
+            out[o, oy, ox, :] = weight[o, sy, cols[ox], :]
+
+
+@njit(parallel=True, cache=True)
+def _sum_slots(local, rows, cols, out):
+    """``out[o, sy, sx] = sum of local[o, oy, ox]`` over the positions of slot ``(sy, sx)``,
+    added in order of ``oy``, then ``ox`` (each output channel by one thread: the same bits
+    for every thread count)."""
+    c_O, h_O, w_O = local.shape[0], local.shape[1], local.shape[2]
+    for o in prange(c_O):
+        out[o] = 0
+        for oy in range(h_O):
+            sy = rows[oy]
+            for ox in range(w_O):
+                out[o, sy, cols[ox], :] += local[o, oy, ox, :]
+
+
+def _flat_taps(array):
+    return array.reshape(array.shape[0], array.shape[1], array.shape[2], -1)
+
+
+def expand_weight(weight, geom):
+    """The tiled ``weight`` as a local one ``(C_out, H_out, W_out, C_in/groups, kH, kW)``."""
+    rows, cols = slot_maps(geom)
+    local = np.empty(geom.local_weight_shape(), dtype=weight.dtype)
+    _expand_slots(_flat_taps(weight), rows, cols, _flat_taps(local))
+    return local
+
+
+def tiled_conv2d_input_grad_scratch_bytes(geom, itemsize):
+    """Bytes of scratch :func:`tiled_conv2d_input_grad` allocates beyond ``out``."""
+    plain = _untiled(geom)
+    if geom.shared:
+        return conv2d_input_grad_scratch_bytes(plain, itemsize)
+    extra = 0 if geom.unshared else _local_bytes(geom, itemsize)
+    return local_conv2d_input_grad_scratch_bytes(plain, itemsize) + extra
+
+
+def tiled_conv2d_input_grad(grad_output, weight, out, geom):
+    """``out = d(sum(tiled_conv2d(x, weight) * grad_output)) / dx`` (every element written)."""
+    plain = _untiled(geom)
+    if geom.shared:
+        return conv2d_input_grad(grad_output, weight.reshape(_shared_shape(geom)), out, plain)
+    if not geom.unshared:
+        weight = expand_weight(weight, geom)
+    return local_conv2d_input_grad(grad_output, weight, out, plain)
+
+
+def tiled_conv2d_weight_grad_scratch_bytes(geom, itemsize):
+    """Bytes of scratch :func:`tiled_conv2d_weight_grad` allocates beyond ``out``."""
+    plain = _untiled(geom)
+    if geom.shared:
+        return conv2d_weight_grad_scratch_bytes(plain, itemsize)
+    extra = 0 if geom.unshared else _local_bytes(geom, itemsize)
+    return local_conv2d_weight_grad_scratch_bytes(plain, itemsize) + extra
+
+
+def tiled_conv2d_weight_grad(x, grad_output, out, geom):
+    """``out = d(sum(tiled_conv2d(x, w) * grad_output)) / dw``, ``(c_O, T_h, T_w, c_Ig, k_H,
+    k_W)``; deterministic (see the module docstring)."""
+    plain = _untiled(geom)
+    if geom.shared:
+        conv2d_weight_grad(x, grad_output, out.reshape(_shared_shape(geom)), plain)
+        return out
+    if geom.unshared:
+        return local_conv2d_weight_grad(x, grad_output, out, plain)
+    local = np.empty(geom.local_weight_shape(), dtype=out.dtype)
+    local_conv2d_weight_grad(x, grad_output, local, plain)
+    rows, cols = slot_maps(geom)
+    _sum_slots(_flat_taps(local), rows, cols, _flat_taps(out))
+    return out
