@@ -619,7 +619,8 @@ def call(op_name, arrays, stride, padding, dilation, groups, device, sizes=None)
     uncached one would (:func:`clear_call_cache` empties the cache)."""
     op = OPS[op_name]
     if op.kind == FORWARD and _records_autograd(arrays):  # the differentiable operators
-        return autograd_forward()(op_name, arrays, stride, padding, dilation, groups, device)
+        return autograd_forward()(op_name, arrays, stride, padding, dilation, groups, device,
+                                  **(sizes or {}))
     if _has_bfloat16(arrays):
         return _bfloat16_call(op_name, arrays, stride, padding, dilation, groups, device, sizes)
     operands = [_operand(value, name) for name, value in arrays.items()]

@@ -150,6 +150,8 @@ def test_kernels_fit_the_register_file_and_shared_memory(ptxas_rows):
     ("local", ("f64", 3, 2, 2, 2, 2, 1)),
     ("local", ("f16", 3, 2, 2, 2, 2, 1, True)),
     ("local", ("f32", 3, 3, 3, 4, 1, 4)),   # a small batch: one batch lane
+    ("local", ("f32", 3, 2, 2, 2, 2, 1, False, "periodic")),  # tiled_conv2d's
+    ("local", ("f16", 3, 2, 2, 2, 2, 1, True, "blocks")),
 ])
 def test_small_test_specialisations_compile_without_spills(spec_args):
     from gpuconv.cuda import conv2d_gemm, kernels as kernels

@@ -855,9 +855,11 @@ def workload_specialisations(codes=CODES):
 
     Both ops run on every layer (the shared and the unshared operation can be timed on the
     same geometry), with the four gradient kernels of each (see
-    :mod:`gpuconv.cuda.grad_kernels`), plus the helper kernels. Returns a list of
-    :class:`KernelSpec`.
+    :mod:`gpuconv.cuda.grad_kernels`), plus the helper kernels; the tiled convolution's
+    forward in both tilings (local_conv2d's launch with slots) and its slot helpers
+    (:mod:`gpuconv.cuda.tiled`). Returns a list of :class:`KernelSpec`.
     """
+    from . import tiled
 
     specs = {}
     for code in codes:
@@ -866,12 +868,16 @@ def workload_specialisations(codes=CODES):
             local = local_conv2d_config(geom, dtype)
             for spec in (conv2d_config(geom, dtype).kernel, local.kernel):
                 specs.setdefault(spec.name, spec)
+            for tiling in ("periodic", "blocks"):
+                spec = local_conv2d_config(geom, dtype, tiling).kernel
+                specs.setdefault(spec.name, spec)
             if local.slices > 1:
                 spec = grad_kernels.sum_slices_kernel(code)
                 specs.setdefault(spec.name, spec)
             for spec, _ in grad_kernels.grad_specialisations(geom, dtype):
                 specs.setdefault(spec.name, spec)
-        for spec in (copy_kernel(code),):
+        for spec in (copy_kernel(code), tiled.expand_slots_kernel(code),
+                     tiled.sum_slots_kernel(code)):
             specs.setdefault(spec.name, spec)
     return list(specs.values())
 
