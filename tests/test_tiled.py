@@ -244,3 +244,97 @@ def test_other_errors_name_the_argument():
         gpuconv.tiled_conv2d(x, w, np.zeros(1, np.float32), device="cpu")
     with pytest.raises(ValueError, match="grad_output must have the forward's output shape"):
         grad.tiled_conv2d_input(x.shape, w, np.zeros((1, 1, 2, 2)), device="cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# the PyTorch layer
+# --------------------------------------------------------------------------------------------
+
+def _torch():
+    return pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("tiling", TILINGS)
+def test_gradcheck_through_the_torch_layer(tiling):
+    torch = _torch()
+    import gpuconv.torch as gt
+
+    torch.manual_seed(0)
+    layer = gt.TiledConv2d(3, 4, (3, 2), tiles=(2, 3), tiling=tiling, stride=(1, 2),
+                           padding=1, groups=1).double()
+    x = torch.randn(2, 3, 6, 9, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        return gt.tiled_conv2d(x, w, b, (1, 2), 1, tiling=tiling)
+
+    assert torch.autograd.gradcheck(f, (x, layer.weight, layer.bias))
+    assert torch.autograd.gradgradcheck(f, (x, layer.weight, layer.bias))
+
+
+def test_torch_layer_matches_the_reference_and_its_gradients():
+    torch = _torch()
+    import gpuconv.torch as gt
+
+    torch.manual_seed(1)
+    layer = gt.TiledConv2d(2, 3, 3, tiles=2, tiling="blocks", padding=1).double()
+    x = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    w = layer.weight.detach().numpy()
+    b = layer.bias.detach().numpy()
+    wl, bl = _expand(w, (5, 4), "blocks"), _bias_expand(b, (5, 4), "blocks")
+    expected = local_conv2d_ref(x.detach().numpy(), wl, bl, padding=1)
+    assert_close(y.detach().numpy(), expected, np.abs(expected) + 1, np.float64)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    gb = _fold(gy.sum(0).numpy()[..., None], (2, 2), "blocks")[..., 0]
+    assert np.allclose(layer.bias.grad.numpy(), gb, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_compile_fullgraph_equals_eager():
+    torch = _torch()
+    import gpuconv.torch as gt
+
+    torch.manual_seed(2)
+    layer = gt.TiledConv2d(3, 4, 3, tiles=(2, 2), padding=1)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    eager = layer(x)
+    eager.sum().backward()
+    eager_grads = [x.grad.clone(), layer.weight.grad.clone(), layer.bias.grad.clone()]
+    x.grad = layer.weight.grad = layer.bias.grad = None
+    compiled = torch.compile(layer, fullgraph=True)
+    y = compiled(x)
+    y.sum().backward()
+    assert torch.equal(y, eager)
+    for got, want in zip([x.grad, layer.weight.grad, layer.bias.grad], eager_grads):
+        assert torch.equal(got, want)
+
+
+def test_from_conv2d_unties_a_convolution_and_the_state_dict_round_trips():
+    torch = _torch()
+    import gpuconv.torch as gt
+
+    torch.manual_seed(3)
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1, padding_mode="reflect").double()
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    for tiles, tiling in (((1, 1), "periodic"), ((3, 2), "blocks"), ((7, 6), "periodic")):
+        layer = gt.TiledConv2d.from_conv2d(conv, tiles, tiling)
+        assert layer.weight.shape == (5, *tiles, 3, 3, 3) and layer.bias.shape == (5, *tiles)
+        assert torch.allclose(layer(x), conv(x), rtol=0, atol=1e-12)
+        other = gt.TiledConv2d(3, 5, 3, tiles, tiling, padding=1, padding_mode="reflect").double()
+        other.load_state_dict(layer.state_dict())
+        assert torch.equal(other(x), layer(x))
+    with pytest.raises(TypeError, match="conv must be a torch.nn.Conv2d"):
+        gt.TiledConv2d.from_conv2d(torch.nn.Linear(2, 2), 2)
+
+
+def test_torch_layer_takes_any_input_size_but_refuses_more_tiles_than_outputs():
+    torch = _torch()
+    import gpuconv.torch as gt
+
+    layer = gt.TiledConv2d(1, 2, 3, tiles=(3, 3))
+    assert layer(torch.randn(1, 1, 9, 9)).shape == (1, 2, 7, 7)
+    assert layer(torch.randn(1, 12, 5)).shape == (2, 10, 3)
+    with pytest.raises(ValueError, match=r"weight holds 3x3 kernel slots.*2x2 output"):
+        layer(torch.randn(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="tiling must be one of"):
+        gt.TiledConv2d(1, 2, 3, tiles=2, tiling="stripes")
