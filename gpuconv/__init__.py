@@ -18,7 +18,8 @@ from .geometry import get_conv_outsize
 from .transpose import conv_transpose2d, local_conv_transpose2d
 from .one_dimensional import conv1d, local_conv1d
 from .params import (ParamCount, conv2d_param_count, format_note_arithmetic,
-                     fully_connected_param_count, local_conv2d_param_count, note_arithmetic)
+                     fully_connected_param_count, local_conv2d_param_count, note_arithmetic,
+                     tiled_conv2d_param_count)
 
 __version__ = "0.1.0"
 
@@ -27,5 +28,5 @@ __all__ = ["conv2d", "local_conv2d", "grad", "select_device", "get_conv_outsize"
            "ParamCount", "conv2d_param_count", "local_conv2d_param_count",
            "fully_connected_param_count", "note_arithmetic", "format_note_arithmetic",
            "__version__"]
-__all__ += ["tiled_conv2d"]
+__all__ += ["tiled_conv2d", "tiled_conv2d_param_count"]
 __all__ += ["conv_transpose2d", "local_conv_transpose2d", "conv1d", "local_conv1d"]
