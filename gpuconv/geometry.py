@@ -16,6 +16,7 @@ Every piece of the package that needs an output size calls :func:`get_conv_outsi
 
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass
 
@@ -229,20 +230,22 @@ class TiledGeometry(ConvGeometry):
     tile_width: int
     tiling: str
 
-    @property
+    # (computed once per object: the kernels' wrappers read them on every call)
+    @functools.cached_property
     def tiles(self):
         return (self.tile_height, self.tile_width)
 
-    @property
+    @functools.cached_property
     def shared(self):
-        """One slot: the convolution of :meth:`untiled`."""
+        """One slot: the convolution of :attr:`untiled`."""
         return self.tiles == (1, 1)
 
-    @property
+    @functools.cached_property
     def unshared(self):
-        """A slot per output position: the locally connected layer of :meth:`untiled`."""
+        """A slot per output position: the locally connected layer of :attr:`untiled`."""
         return self.tiles == (self.out_height, self.out_width)
 
+    @functools.cached_property
     def untiled(self):
         """The plain :class:`ConvGeometry` of the same convolution."""
         return ConvGeometry(*(getattr(self, f) for f in ConvGeometry.__dataclass_fields__))

@@ -46,11 +46,6 @@ __all__ = ["tiled_conv2d_forward", "tiled_conv2d_scratch_bytes", "tiled_conv2d_i
 
 
 @functools.lru_cache(maxsize=256)
-def _untiled(geom):
-    return geom.untiled()
-
-
-@functools.lru_cache(maxsize=256)
 def slot_maps(geom):
     """``(rows, cols)``: the slot of each output row and column, int64 arrays."""
     return (np.asarray(geom.row_slots(), dtype=np.int64),
@@ -70,14 +65,14 @@ def tiled_conv2d_scratch_bytes(geom, itemsize):
     """Bytes of scratch :func:`tiled_conv2d_forward` allocates beyond its output: those of
     the kernel it runs."""
     if geom.shared:
-        return conv2d_scratch_bytes(_untiled(geom), itemsize)
-    return local_conv2d_scratch_bytes(_untiled(geom), itemsize)
+        return conv2d_scratch_bytes(geom.untiled, itemsize)
+    return local_conv2d_scratch_bytes(geom.untiled, itemsize)
 
 
 def tiled_conv2d_forward(x, weight, bias, has_bias, out, geom):
     """Tiled convolution into ``out``: ``x (n, c_I, h, w)``, ``weight (c_O, T_h, T_w, c_Ig,
     k_H, k_W)``, ``bias (c_O, 1, 1)`` or ``(c_O, T_h, T_w)``; C-contiguous, one dtype."""
-    plain = _untiled(geom)
+    plain = geom.untiled
     if geom.shared:
         return conv2d_forward(x, weight.reshape(_shared_shape(geom)), bias, has_bias, out,
                               plain)
@@ -127,7 +122,7 @@ def expand_weight(weight, geom):
 
 def tiled_conv2d_input_grad_scratch_bytes(geom, itemsize):
     """Bytes of scratch :func:`tiled_conv2d_input_grad` allocates beyond ``out``."""
-    plain = _untiled(geom)
+    plain = geom.untiled
     if geom.shared:
         return conv2d_input_grad_scratch_bytes(plain, itemsize)
     extra = 0 if geom.unshared else _local_bytes(geom, itemsize)
@@ -136,7 +131,7 @@ def tiled_conv2d_input_grad_scratch_bytes(geom, itemsize):
 
 def tiled_conv2d_input_grad(grad_output, weight, out, geom):
     """``out = d(sum(tiled_conv2d(x, weight) * grad_output)) / dx`` (every element written)."""
-    plain = _untiled(geom)
+    plain = geom.untiled
     if geom.shared:
         return conv2d_input_grad(grad_output, weight.reshape(_shared_shape(geom)), out, plain)
     if not geom.unshared:
@@ -146,7 +141,7 @@ def tiled_conv2d_input_grad(grad_output, weight, out, geom):
 
 def tiled_conv2d_weight_grad_scratch_bytes(geom, itemsize):
     """Bytes of scratch :func:`tiled_conv2d_weight_grad` allocates beyond ``out``."""
-    plain = _untiled(geom)
+    plain = geom.untiled
     if geom.shared:
         return conv2d_weight_grad_scratch_bytes(plain, itemsize)
     extra = 0 if geom.unshared else _local_bytes(geom, itemsize)
@@ -156,7 +151,7 @@ def tiled_conv2d_weight_grad_scratch_bytes(geom, itemsize):
 def tiled_conv2d_weight_grad(x, grad_output, out, geom):
     """``out = d(sum(tiled_conv2d(x, w) * grad_output)) / dw``, ``(c_O, T_h, T_w, c_Ig, k_H,
     k_W)``; deterministic (see the module docstring)."""
-    plain = _untiled(geom)
+    plain = geom.untiled
     if geom.shared:
         conv2d_weight_grad(x, grad_output, out.reshape(_shared_shape(geom)), plain)
         return out

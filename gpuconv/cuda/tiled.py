@@ -38,11 +38,6 @@ __all__ = ["launch_tiled_conv2d", "launch_tiled_conv2d_input_grad",
 _TILING_CODE = {"periodic": 1, "blocks": 2}
 
 
-@functools.lru_cache(maxsize=256)
-def _untiled(geom):
-    return geom.untiled()
-
-
 def _shared_shape(geom):
     return (geom.out_channels, geom.in_channels_per_group, geom.kernel_height,
             geom.kernel_width)
@@ -55,21 +50,21 @@ def _shared_shape(geom):
 def tiled_conv2d_config(geom, dtype):
     """The configuration of the kernel the forward launches: conv2d's at ``T = (1, 1)``,
     local_conv2d's at ``T = (H_out, W_out)``, else local_conv2d's tiled specialisation."""
-    plain = _untiled(geom)
+    plain = geom.untiled
     if geom.shared:
         return kernels.conv2d_config(plain, dtype)
     return kernels.local_conv2d_config(plain, dtype, None if geom.unshared else geom.tiling)
 
 
 def tiled_conv2d_input_grad_config(geom, dtype):
-    plain = _untiled(geom)
+    plain = geom.untiled
     if geom.shared:
         return grad_kernels.conv2d_input_grad_config(plain, dtype)
     return grad_kernels.local_conv2d_input_grad_config(plain, dtype)
 
 
 def tiled_conv2d_weight_grad_config(geom, dtype):
-    plain = _untiled(geom)
+    plain = geom.untiled
     if geom.shared:
         return grad_kernels.conv2d_weight_grad_config(plain, dtype)
     return grad_kernels.local_conv2d_weight_grad_config(plain, dtype)
@@ -79,7 +74,7 @@ def tiled_conv2d_scratch_elements(geom, dtype):
     """Device scratch of :func:`launch_tiled_conv2d`: that of the kernel it launches."""
     if geom.shared:
         return 1
-    return local_conv2d_scratch_elements(_untiled(geom), dtype)
+    return local_conv2d_scratch_elements(geom.untiled, dtype)
 
 
 def _expanded_elements(geom):
@@ -94,7 +89,7 @@ def tiled_conv2d_input_grad_scratch_elements(geom, dtype):
 def tiled_conv2d_weight_grad_scratch_elements(geom, dtype):
     """The local weight gradient (between the ends), or conv2d's weight-gradient scratch."""
     if geom.shared:
-        return grad_kernels.conv2d_weight_grad_scratch_elements(_untiled(geom), dtype)
+        return grad_kernels.conv2d_weight_grad_scratch_elements(geom.untiled, dtype)
     return _expanded_elements(geom)
 
 
@@ -183,7 +178,7 @@ def _launch_slots(spec, src, dst, geom, stream):
 
 def launch_tiled_conv2d(x, weight, bias, out, geom, stream, config=None, empty=None):
     """Write the tiled convolution into ``out`` (see the module docstring)."""
-    plain = _untiled(geom)
+    plain = geom.untiled
     config = config or tiled_conv2d_config(geom, x.dtype)
     if geom.shared:
         return launch_conv2d(x, weight.reshape(_shared_shape(geom)), bias, out, plain, stream,
@@ -195,7 +190,7 @@ def launch_tiled_conv2d(x, weight, bias, out, geom, stream, config=None, empty=N
 def launch_tiled_conv2d_input_grad(grad_output, weight, out, geom, stream, empty=None,
                                    config=None):
     """The input gradient into ``out`` (see the module docstring)."""
-    plain = _untiled(geom)
+    plain = geom.untiled
     config = config or tiled_conv2d_input_grad_config(geom, out.dtype)
     if geom.shared:
         return launch_conv2d_input_grad(grad_output, weight.reshape(_shared_shape(geom)), out,
@@ -212,7 +207,7 @@ def launch_tiled_conv2d_input_grad(grad_output, weight, out, geom, stream, empty
 def launch_tiled_conv2d_weight_grad(x, grad_output, out, geom, stream, empty=None,
                                     config=None):
     """The weight gradient into ``out`` (see the module docstring)."""
-    plain = _untiled(geom)
+    plain = geom.untiled
     config = config or tiled_conv2d_weight_grad_config(geom, out.dtype)
     if geom.shared:
         return launch_conv2d_weight_grad(x, grad_output, out.reshape(_shared_shape(geom)),
