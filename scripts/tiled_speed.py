@@ -97,10 +97,10 @@ def run(names, rounds, burst, clock, between, seed=0):
 
 
 def format_rows(rows):
-    header = f"{'layer':<14} {'pair':<38} {'tiled ms':>9} {'ref ms':>9} {'ratio':>6}  (q1-q3)"
+    header = f"{'layer':<20} {'pair':<38} {'tiled ms':>9} {'ref ms':>9} {'ratio':>6}  (q1-q3)"
     lines = [header, "-" * len(header)]
     for layer, what, tiled, reference, ratio in rows:
-        lines.append(f"{layer:<14} {what:<38} {tiled * 1e3:>9.2f} {reference * 1e3:>9.2f} "
+        lines.append(f"{layer:<20} {what:<38} {tiled * 1e3:>9.2f} {reference * 1e3:>9.2f} "
                      f"{ratio['median']:>6.3f}  ({ratio['q1']:.3f}-{ratio['q3']:.3f})")
     return "\n".join(lines)
 
