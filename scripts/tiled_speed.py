@@ -14,6 +14,7 @@ Usage::
     python scripts/tiled_speed.py                     # DeepFace L5 and L6, one core
     python scripts/tiled_speed.py --only deepface-l4 --rounds 9 --burst 3
     python scripts/tiled_speed.py --all-cores         # Numba's threads, wall-clock time
+    python scripts/tiled_speed.py --gradients         # and both gradients
 
 ``--one-core`` (the default) runs one thread and times CPU time of the process, robust to a
 busy machine; ``--all-cores`` uses every thread and wall-clock time.
@@ -66,7 +67,36 @@ def _time_pair(first, second, rounds, burst, clock):
     return samples
 
 
-def run(names, rounds, burst, clock, between, seed=0):
+def _gradient_pairs(geom, x, shared, local, one, between, kwargs, rng):
+    """Both gradients at the ends (against conv2d's and local_conv2d's) and between (against
+    local_conv2d's)."""
+    grad = gpuconv.grad
+    gy = rng.uniform(-1, 1, geom.output_shape).astype(np.float32)
+    full = (geom.out_height, geom.out_width)
+    points = [((1, 1), one, "conv2d")] + [((t, t), None, "local_conv2d") for t in between]
+    points.append((full, local, "local_conv2d"))
+    pairs = []
+    for tiles, weight, reference in points:
+        tiles = (min(tiles[0], full[0]), min(tiles[1], full[1]))
+        if weight is None:
+            weight = _tiled_weight(rng, geom, tiles)
+        if reference == "conv2d":
+            ref_input = lambda: grad.conv2d_input(x.shape, shared, gy, **kwargs)  # noqa: E731
+            ref_weight = lambda: grad.conv2d_weight(x, shared.shape, gy, **kwargs)  # noqa: E731
+        else:
+            ref_input = lambda: grad.local_conv2d_input(x.shape, local, gy, **kwargs)  # noqa: E731
+            ref_weight = lambda: grad.local_conv2d_weight(x, local.shape, gy, **kwargs)  # noqa: E731
+        label = f"T={tiles[0]}x{tiles[1]}"
+        pairs.append((f"{label} input grad vs {reference}",
+                      lambda w=weight: grad.tiled_conv2d_input(x.shape, w, gy, **kwargs),
+                      ref_input))
+        pairs.append((f"{label} weight grad vs {reference}",
+                      lambda s=weight.shape: grad.tiled_conv2d_weight(x, s, gy, **kwargs),
+                      ref_weight))
+    return pairs
+
+
+def run(names, rounds, burst, clock, between, seed=0, gradients=False):
     """Rows ``(layer, what, tiled median, reference median, ratio summary)``."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -88,6 +118,8 @@ def run(names, rounds, burst, clock, between, seed=0):
             pairs.append((f"T={tiles[0]}x{tiles[1]} (periodic) vs local_conv2d",
                           lambda w=weight: gpuconv.tiled_conv2d(x, w, **kwargs),
                           lambda: gpuconv.local_conv2d(x, local, **kwargs)))
+        if gradients:
+            pairs += _gradient_pairs(geom, x, shared, local, one, between, kwargs, rng)
         for what, tiled, reference in pairs:
             tiled_times, reference_times = _time_pair(tiled, reference, rounds, burst, clock)
             rows.append((layer.short_title, what, summarize(tiled_times)["median"],
@@ -97,10 +129,10 @@ def run(names, rounds, burst, clock, between, seed=0):
 
 
 def format_rows(rows):
-    header = f"{'layer':<20} {'pair':<38} {'tiled ms':>9} {'ref ms':>9} {'ratio':>6}  (q1-q3)"
+    header = f"{'layer':<20} {'pair':<42} {'tiled ms':>9} {'ref ms':>9} {'ratio':>6}  (q1-q3)"
     lines = [header, "-" * len(header)]
     for layer, what, tiled, reference, ratio in rows:
-        lines.append(f"{layer:<20} {what:<38} {tiled * 1e3:>9.2f} {reference * 1e3:>9.2f} "
+        lines.append(f"{layer:<20} {what:<42} {tiled * 1e3:>9.2f} {reference * 1e3:>9.2f} "
                      f"{ratio['median']:>6.3f}  ({ratio['q1']:.3f}-{ratio['q3']:.3f})")
     return "\n".join(lines)
 
@@ -116,6 +148,8 @@ def main(argv=None):
     parser.add_argument("--between", type=positive_int, nargs="*", default=[2, 8],
                         metavar="T", help="T x T periodic tiles also timed against "
                         "local_conv2d (default: 2 8)")
+    parser.add_argument("--gradients", action="store_true",
+                        help="also time both gradients (gpuconv.grad) at the same points")
     cores = parser.add_mutually_exclusive_group()
     cores.add_argument("--one-core", dest="one_core", action="store_true", default=True,
                        help="one thread, CPU time (default)")
@@ -123,7 +157,8 @@ def main(argv=None):
                        help="Numba's threads, wall-clock time")
     args = parser.parse_args(argv)
     clock = one_core() if args.one_core else time.perf_counter
-    rows = run(args.only, args.rounds, args.burst, clock, args.between)
+    rows = run(args.only, args.rounds, args.burst, clock, args.between,
+               gradients=args.gradients)
     print(format_rows(rows))
     return 0
 

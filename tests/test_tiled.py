@@ -16,7 +16,6 @@ from reference import (assert_close, conv2d_ref, local_conv2d_input_grad_ref,
 from test_conv import GEOMETRIES, GRID_DTYPES, GRID_IDS
 
 TILINGS = ["periodic", "blocks"]
-DTYPES = [np.float32, np.float64]
 
 
 def _slot(i, tiles, size, tiling):
@@ -86,7 +85,7 @@ def test_forward_matches_reference(tiling, geometry, dtype, device, poisoned_out
     assert_close(y, expected, bound, dtype, terms=w[0, 0, 0].size + 1)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", GRID_DTYPES, ids=GRID_IDS)
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=[g[0] for g in GEOMETRIES])
 @pytest.mark.parametrize("tiling", TILINGS)
 def test_input_grad_matches_reference(tiling, geometry, dtype, device):
@@ -96,10 +95,10 @@ def test_input_grad_matches_reference(tiling, geometry, dtype, device):
     wl = _expand(w, out_hw, tiling)
     expected = local_conv2d_input_grad_ref(x.shape, wl, gy, **kwargs)
     bound = local_conv2d_input_grad_ref(x.shape, np.abs(wl), np.abs(gy), **kwargs)
-    assert_close(gx, expected, bound, dtype)
+    assert_close(gx, expected, bound, dtype, terms=w.shape[0] * w.shape[-2] * w.shape[-1])
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", GRID_DTYPES, ids=GRID_IDS)
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=[g[0] for g in GEOMETRIES])
 @pytest.mark.parametrize("tiling", TILINGS)
 def test_weight_grad_matches_reference(tiling, geometry, dtype, device):
@@ -111,7 +110,9 @@ def test_weight_grad_matches_reference(tiling, geometry, dtype, device):
                      tiling)
     bound = _fold(local_conv2d_weight_grad_ref(np.abs(x), local_shape, np.abs(gy), **kwargs),
                   w.shape[1:3], tiling)
-    assert_close(gw, expected, bound, dtype)
+    # float16 on the GPU: each position's gradient is rounded to float16 once before the
+    # slot sum (within the tolerance of one rounding)
+    assert_close(gw, expected, bound, dtype, terms=x.shape[0] * out_hw[0] * out_hw[1])
 
 
 @pytest.mark.parametrize("tiling", TILINGS)
@@ -169,13 +170,17 @@ def test_a_slot_per_position_is_local_conv2d_bit_for_bit(geometry, tiling, devic
 
 @pytest.mark.parametrize("tiling", TILINGS)
 def test_between_the_ends_it_is_local_conv2d_of_the_expanded_weight(tiling, device):
-    """The tiled kernels read each position's slot where local_conv2d reads its own kernel:
-    the same terms in the same order, so the same bits."""
+    """The tiled kernels read each position's slot where local_conv2d reads its own kernel
+    (forward and input gradient): the same terms in the same order, so the same bits."""
     x, w, b, _, kwargs, out_hw = _problem(GEOMETRIES[0], np.float32, tiling, 7, tiles=(2, 3))
     y = gpuconv.tiled_conv2d(x, w, b, tiling=tiling, device=device, **kwargs)
     wl = _expand(w, out_hw, tiling).astype(np.float32)
     bl = _bias_expand(b, out_hw, tiling).astype(np.float32)
     assert np.array_equal(y, gpuconv.local_conv2d(x, wl, bl, device=device, **kwargs))
+    gy = np.random.default_rng(8).uniform(-1, 1, y.shape).astype(np.float32)
+    assert np.array_equal(
+        grad.tiled_conv2d_input(x.shape, w, gy, tiling=tiling, device=device, **kwargs),
+        grad.local_conv2d_input(x.shape, wl, gy, device=device, **kwargs))
 
 
 def test_the_slot_rules():

@@ -16,9 +16,11 @@ Between them:
   slotted_local_conv2d_forward`): the weight of a position is read at its slot's offset,
   nothing else changes (the same order of terms, so the result has the bits of
   ``local_conv2d`` on the expanded weight);
-* input gradient: the unshared input gradient on the weight expanded to one kernel per
-  position (a gather, ``C_out * H_out * W_out * C_in/groups * kH * kW`` elements of scratch);
-* weight gradient: the unshared weight gradient into a scratch of that size, then each slot
+* input gradient: the unshared input gradient with the slot maps
+  (:func:`.local_conv2d_grad.slotted_local_conv2d_input_grad`): each position's kernel read
+  at its slot's offset, the same order of terms;
+* weight gradient: the unshared weight gradient into a scratch of the local weight's size
+  (``C_out * H_out * W_out * C_in/groups * kH * kW`` elements), then each slot
   sums its positions' gradients in a fixed order (output row, then column, ascending):
   deterministic, the same bits for every thread count.
 """
@@ -38,7 +40,8 @@ from .local_conv2d import (local_conv2d_forward, local_conv2d_scratch_bytes,
                            slotted_local_conv2d_forward)
 from .local_conv2d_grad import (local_conv2d_input_grad, local_conv2d_input_grad_scratch_bytes,
                                 local_conv2d_weight_grad,
-                                local_conv2d_weight_grad_scratch_bytes)
+                                local_conv2d_weight_grad_scratch_bytes,
+                                slotted_local_conv2d_input_grad)
 
 __all__ = ["tiled_conv2d_forward", "tiled_conv2d_scratch_bytes", "tiled_conv2d_input_grad",
            "tiled_conv2d_input_grad_scratch_bytes", "tiled_conv2d_weight_grad",
@@ -83,18 +86,6 @@ def tiled_conv2d_forward(x, weight, bias, has_bias, out, geom):
 
 
 @njit(parallel=True, cache=True)
-def _expand_slots(weight, rows, cols, out):
-    """``out[o, oy, ox] = weight[o, rows[oy], cols[ox]]`` (the trailing axes flattened)."""
-    c_O, h_O, w_O = out.shape[0], out.shape[1], out.shape[2]
-    for job in prange(c_O * h_O):
-        o = job // h_O
-        oy = job - o * h_O
-        sy = rows[oy]
-        for ox in range(w_O):
-            out[o, oy, ox, :] = weight[o, sy, cols[ox], :]
-
-
-@njit(parallel=True, cache=True)
 def _sum_slots(local, rows, cols, out):
     """``out[o, sy, sx] = sum of local[o, oy, ox]`` over the positions of slot ``(sy, sx)``,
     added in order of ``oy``, then ``ox`` (each output channel by one thread: the same bits
@@ -112,21 +103,12 @@ def _flat_taps(array):
     return array.reshape(array.shape[0], array.shape[1], array.shape[2], -1)
 
 
-def expand_weight(weight, geom):
-    """The tiled ``weight`` as a local one ``(C_out, H_out, W_out, C_in/groups, kH, kW)``."""
-    rows, cols = slot_maps(geom)
-    local = np.empty(geom.local_weight_shape(), dtype=weight.dtype)
-    _expand_slots(_flat_taps(weight), rows, cols, _flat_taps(local))
-    return local
-
-
 def tiled_conv2d_input_grad_scratch_bytes(geom, itemsize):
     """Bytes of scratch :func:`tiled_conv2d_input_grad` allocates beyond ``out``."""
     plain = geom.untiled
     if geom.shared:
         return conv2d_input_grad_scratch_bytes(plain, itemsize)
-    extra = 0 if geom.unshared else _local_bytes(geom, itemsize)
-    return local_conv2d_input_grad_scratch_bytes(plain, itemsize) + extra
+    return local_conv2d_input_grad_scratch_bytes(plain, itemsize)
 
 
 def tiled_conv2d_input_grad(grad_output, weight, out, geom):
@@ -134,9 +116,10 @@ def tiled_conv2d_input_grad(grad_output, weight, out, geom):
     plain = geom.untiled
     if geom.shared:
         return conv2d_input_grad(grad_output, weight.reshape(_shared_shape(geom)), out, plain)
-    if not geom.unshared:
-        weight = expand_weight(weight, geom)
-    return local_conv2d_input_grad(grad_output, weight, out, plain)
+    if geom.unshared:
+        return local_conv2d_input_grad(grad_output, weight, out, plain)
+    rows, cols = slot_maps(geom)
+    return slotted_local_conv2d_input_grad(grad_output, weight, out, plain, rows, cols)
 
 
 def tiled_conv2d_weight_grad_scratch_bytes(geom, itemsize):
