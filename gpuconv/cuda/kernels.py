@@ -334,6 +334,7 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_tile, map_tile, batch_la
     UNROLL = LOCAL_WEIGHT_LOADS[compute_code(code)]  # weight loads in flight per thread
     XUNROLL = LOCAL_INPUT_LOADS                       # input loads in flight per thread
     SLOTS = {None: 0, "periodic": 1, "blocks": 2}[tiling]  # how positions pick weights
+    MAXP = _LOCAL_MAX_THREADS if SLOTS else 1          # positions a block may hold
 
     def kernel(x, weight, bias, out, has_bias, bias_len, n, c_I, h, wd, c_O, h_O, w_O,
                c_Ig, c_Og, s_H, s_W, pt, pl, d_H, d_W, tiles_x, batch_tiles, stage_rows,
@@ -363,17 +364,21 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_tile, map_tile, batch_la
         x_stage = int32(ptw * pos_pitch)  # the input stage follows the weight stage
         # Flat offsets of the block's first weight row and first input row; a map's
         # weights are w_maps rows apart (one per position, or per kernel slot).
+        # The tiled kernel reads position j's weights at row slot_row[j] of its maps, a
+        # table the block fills once (the slot arithmetic stays out of the staging loop).
+        slot_row = cuda.shared.array(MAXP, dtype=int32)
         if SLOTS == 0:
             w_first = (co0 * h_O + oy) * w_O + ox0
             w_maps = h_O * w_O
-            slot_y = 0
         else:
-            if SLOTS == 1:
-                slot_y = oy % t_H
-            else:
-                slot_y = oy * t_H // h_O
-            w_first = (co0 * t_H + slot_y) * t_W
+            w_first = co0 * t_H * t_W
             w_maps = t_H * t_W
+            if tid < ptw:
+                if SLOTS == 1:
+                    slot_row[tid] = (oy % t_H) * t_W + (ox0 + tid) % t_W
+                else:
+                    slot_row[tid] = (oy * t_H // h_O) * t_W + (ox0 + tid) * t_W // w_O
+            # (the first stage's barrier orders these stores before any read)
         x_first = (n0 * c_I + g * c_Ig) * h
         smem = cuda.shared.array(0, dtype=scalar)
 
@@ -424,12 +429,7 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_tile, map_tile, batch_la
                     src = 0
                     dst = -1
                     if sj < n_j and so < n_co and kk < kc:
-                        if SLOTS == 0:
-                            wpos = sj
-                        elif SLOTS == 1:
-                            wpos = (ox0 + sj) % t_W
-                        else:
-                            wpos = (ox0 + sj) * t_W // w_O
+                        wpos = sj if SLOTS == 0 else slot_row[sj]
                         src = (so * w_maps + wpos) * k_len + r0 * KW + kk
                         dst = sj * pos_pitch + kk * w_pitch + so
                     w_src[u] = src  # 32 bits: the config keeps a block's weights under 2**31
@@ -504,10 +504,8 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_tile, map_tile, batch_la
             p = oy * w_O + ox0 + j
             if SLOTS == 0:
                 bias_pos = p if bias_len > 1 else 0
-            elif SLOTS == 1:
-                bias_pos = slot_y * t_W + (ox0 + j) % t_W if bias_len > 1 else 0
             else:
-                bias_pos = slot_y * t_W + (ox0 + j) * t_W // w_O if bias_len > 1 else 0
+                bias_pos = slot_row[j] if bias_len > 1 else 0
             first = cuda.blockIdx.z * slice_size
             for i in range(TM):
                 b = tb + i * LB
