@@ -90,13 +90,19 @@ def _sum_slots(local, rows, cols, out):
     """``out[o, sy, sx] = sum of local[o, oy, ox]`` over the positions of slot ``(sy, sx)``,
     added in order of ``oy``, then ``ox`` (each output channel by one thread: the same bits
     for every thread count)."""
-    c_O, h_O, w_O = local.shape[0], local.shape[1], local.shape[2]
+    c_O, h_O, w_O, r_len = local.shape
+    t_H, t_W = out.shape[1], out.shape[2]
     for o in prange(c_O):
-        out[o] = 0
+        for sy in range(t_H):
+            for sx in range(t_W):
+                for r in range(r_len):
+                    out[o, sy, sx, r] = 0
         for oy in range(h_O):
             sy = rows[oy]
             for ox in range(w_O):
-                out[o, sy, cols[ox], :] += local[o, oy, ox, :]
+                sx = cols[ox]
+                for r in range(r_len):  # (contiguous runs: vectorised)
+                    out[o, sy, sx, r] += local[o, oy, ox, r]
 
 
 def _flat_taps(array):
