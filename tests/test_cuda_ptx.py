@@ -111,7 +111,8 @@ def test_float16_kernels_move_half_words_and_compute_in_float32(report):
     assert specs
     for spec in specs:
         family = spec.name[:spec.name.index("_f16") + 4]  # e.g. conv2d_wgrad_f16
-        mover = family.startswith("copy6d_")  # a pure copy: no conversion
+        # pure copies, no conversion: strided to contiguous, tiled kernel slots to positions
+        mover = family.startswith(("copy6d_", "tiled_expand_slots_"))
         for cc in CCS:
             text = ptx[(spec.name, cc)]
             assert ".f64" not in text, f"{spec.name} ({cc}) uses float64"
