@@ -1,6 +1,7 @@
 """The public layer: argument checks, device choice, output allocation, dispatch.
 
-Every public function, forward (:func:`conv2d`, :func:`local_conv2d`) or gradient
+Every public function, forward (:func:`conv2d`, :func:`local_conv2d`, :func:`tiled_conv2d`)
+or gradient
 (:mod:`gpuconv.grad`), goes through :func:`call`: its arguments are checked once against the
 operation's row in :mod:`gpuconv.ops`, a device is chosen, and the row's kernel runs. This is
 the only module that knows about both devices; the kernels behind it (:mod:`gpuconv.cpu`,
@@ -213,7 +214,8 @@ def _check_call(op, arrays, sizes, stride, padding, dilation, groups, device):
     """Check one call of ``op`` once: operands, shapes against the op's rules, dtypes,
     location, device. ``arrays`` maps argument names to the caller's arrays in kernel order
     (the forward's bias may be None); ``sizes`` maps ``input_size``/``weight_size`` to shapes
-    given instead of arrays. Returns (operands, geometry, device, unbatched)."""
+    given instead of arrays, and for the tiled operations ``tiling`` to the slot rule. Returns
+    (operands, geometry, device, unbatched)."""
     operands = [_operand(value, name) for name, value in arrays.items()]
     return _check_operands(op, list(arrays), operands, sizes, stride, padding, dilation, groups,
                            device)
@@ -609,7 +611,9 @@ def _bfloat16_call(op_name, arrays, stride, padding, dilation, groups, device, s
 def call(op_name, arrays, stride, padding, dilation, groups, device, sizes=None):
     """Check and run the operation ``op_name`` of :data:`gpuconv.ops.OPS`: the one path of
     every public function. ``arrays`` maps argument names to arrays in kernel order; the
-    result is a new array of the kind of the first one.
+    result is a new array of the kind of the first one. ``sizes``: ``input_size`` or
+    ``weight_size`` where a gradient takes a shape instead of an array, and ``tiling`` for
+    the tiled operations.
 
     What the checks derive from the arguments (geometry, device, kernel, output shape,
     scratch, launch configuration) is cached per key: the op, every operand's type, shape,

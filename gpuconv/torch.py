@@ -4,6 +4,8 @@ Install with ``pip install "gpuconv[torch]"``; nothing else in gpuconv imports P
 
 - Functional, autograd-aware: :func:`conv2d` and :func:`local_conv2d` (tensors in, tensors out,
   like ``torch.nn.functional.conv2d``).
+- The tiled convolution (:func:`tiled_conv2d`, :class:`TiledConv2d`, with operators of its
+  own) lives in :mod:`gpuconv.torch_tiled`, reached here on first use.
 - Modules: :class:`Conv2d` (a drop-in for ``torch.nn.Conv2d`` with zeros padding: same
   parameter names, shapes and initialisation, so a ``state_dict`` loads into either) and
   :class:`LocallyConnected2d` (unshared weights: one kernel per output position).
