@@ -3,9 +3,8 @@
 Every public function, forward (:func:`conv2d`, :func:`local_conv2d`, :func:`tiled_conv2d`)
 or gradient (:mod:`gpuconv.grad`), goes through :func:`call`: its arguments are checked once
 against the operation's row in :mod:`gpuconv.ops`, a device is chosen, and the row's kernel
-runs. This is
-the only module that knows about both devices; the kernels behind it (:mod:`gpuconv.cpu`,
-:mod:`gpuconv.cuda.launch`) trust what it hands them.
+runs. This is the only module that knows about both devices; the kernels behind it
+(:mod:`gpuconv.cpu`, :mod:`gpuconv.cuda.launch`) trust what it hands them.
 """
 
 from __future__ import annotations
