@@ -343,3 +343,29 @@ def test_torch_layer_takes_any_input_size_but_refuses_more_tiles_than_outputs():
         layer(torch.randn(1, 1, 4, 4))
     with pytest.raises(ValueError, match="tiling must be one of"):
         gt.TiledConv2d(1, 2, 3, tiles=2, tiling="stripes")
+
+
+_FEW_SLOT_GEOMETRIES = [g for g in GEOMETRIES if g[0] in (
+    "pad1", "stride2", "stride_gt_kernel", "rect_kernel", "dilation", "groups", "same_even",
+    "big_padding", "output_1x1_strided")] + [
+    # slots whose windows see only padding (blocks 3 x 1: rows 0-1 of 7): the unshared path
+    ("padding_only_slot", 1, 1, 1, 2, 2, 1, 1, 3, 1, 1)]
+
+
+@pytest.mark.parametrize("tiles", [(2, 2), (1, 4), (3, 1)], ids=["2x2", "1x4", "3x1"])
+@pytest.mark.parametrize("geometry", _FEW_SLOT_GEOMETRIES, ids=[g[0] for g in _FEW_SLOT_GEOMETRIES])
+@pytest.mark.parametrize("tiling", TILINGS)
+def test_weight_grad_with_few_slots(tiling, geometry, tiles, device):
+    """A few slots: on the CPU one conv2d weight gradient per slot (a strided or cropped
+    convolution, with the padding it reaches), where the windows allow."""
+    _, _, _, _, _, out_hw = _problem(geometry, np.float64, tiling, 9)
+    tiles = (min(tiles[0], out_hw[0]), min(tiles[1], out_hw[1]))
+    x, w, _, gy, kwargs, _ = _problem(geometry, np.float64, tiling, 9, tiles=tiles)
+    gw = grad.tiled_conv2d_weight(x, w.shape, gy, tiling=tiling, device=device, **kwargs)
+    local_shape = (w.shape[0], *out_hw) + w.shape[3:]
+    expected = _fold(local_conv2d_weight_grad_ref(x, local_shape, gy, **kwargs), tiles, tiling)
+    bound = _fold(local_conv2d_weight_grad_ref(np.abs(x), local_shape, np.abs(gy), **kwargs),
+                  tiles, tiling)
+    assert_close(gw, expected, bound, np.float64)
+    assert np.array_equal(gw, grad.tiled_conv2d_weight(x, w.shape, gy, tiling=tiling,
+                                                        device=device, **kwargs))
