@@ -17,6 +17,7 @@ from .device import CudaUnavailableError, InsufficientMemoryError, select_device
 from .geometry import get_conv_outsize
 from .transpose import conv_transpose2d, local_conv_transpose2d
 from .one_dimensional import conv1d, local_conv1d
+from . import torch_hook  # noqa: F401  (tensors that require grad reach gpuconv.torch)
 from .params import (ParamCount, conv2d_param_count, format_note_arithmetic,
                      fully_connected_param_count, local_conv2d_param_count, note_arithmetic,
                      tiled_conv2d_param_count)

@@ -12,8 +12,9 @@ finds them or a command does (an impossible layer, an unwritable output path, a 
 is not there), are one line on stderr and exit status 2; anything else is a bug and shows
 its traceback.
 
-Also the argument type :func:`positive_int` and :func:`gpu_description`, which
-:mod:`gpuconv.bench` and the scripts use too (this module imports only the standard library).
+The top floor: it imports the commands (:mod:`gpuconv.bench` only when it is asked for) and
+nothing imports it. :func:`positive_int` and :func:`gpu_description` are
+:mod:`gpuconv.appkit`'s, named here too.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ import numpy as np
 
 from .device import (ENV_VAR, FreeMemory, host_memory_available, is_device_array,
                      select_device, simulator_enabled)
-from .geometry import TILINGS, TiledGeometry, conv_geometry, tiled_geometry
-from .ops import FORWARD, OPS, WEIGHT_GRAD, autograd_forward
+from .geometry import TILINGS, TiledGeometry, conv_geometry, shape_in, tiled_geometry
+from .ops import FORWARD, OPS, WEIGHT_GRAD, autograd
 
 __all__ = ["conv2d", "local_conv2d", "tiled_conv2d", "clear_call_cache"]
 
@@ -258,7 +258,7 @@ def _check_operands(op, names, operands, sizes, stride, padding, dilation, group
     bias = by_name.get("bias")
     if bias is not None:
         allowed = op.bias_shapes(geom)
-        if tuple(bias.shape) not in allowed:
+        if not shape_in(tuple(bias.shape), allowed):
             kinds = " or ".join(str(a) for a in allowed)
             raise ValueError(f"bias must have shape {kinds}, got {tuple(bias.shape)}")
     grad_output = by_name.get("grad_output")
@@ -622,8 +622,9 @@ def call(op_name, arrays, stride, padding, dilation, groups, device, sizes=None)
     uncached one would (:func:`clear_call_cache` empties the cache)."""
     op = OPS[op_name]
     if op.kind == FORWARD and _records_autograd(arrays):  # the differentiable operators
-        return autograd_forward()(op_name, arrays, stride, padding, dilation, groups, device,
-                                  **(sizes or {}))
+        name = "tiled_forward" if op.tiled else "forward"  # (the tiled one takes its tiling)
+        return autograd(name)(op_name, arrays, stride, padding, dilation, groups, device,
+                              **(sizes or {}))
     if _has_bfloat16(arrays):
         return _bfloat16_call(op_name, arrays, stride, padding, dilation, groups, device, sizes)
     operands = [_operand(value, name) for name, value in arrays.items()]

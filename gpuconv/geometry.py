@@ -51,6 +51,18 @@ def get_conv_transpose_outsize(size, kernel, stride, pad, dilation=1, output_pad
     return (size - 1) * stride - 2 * pad + dilation * (kernel - 1) + output_padding + 1
 
 
+def shape_in(shape, allowed):
+    """Whether ``shape`` equals one of the tuples in ``allowed``, compared size by size.
+
+    Written out (not ``tuple(shape) in allowed``) so that ``torch.compile`` traces it with
+    symbolic sizes: each ``==`` becomes a guard, where a tuple's membership test cannot.
+    """
+    for candidate in allowed:
+        if len(shape) == len(candidate) and all(a == b for a, b in zip(shape, candidate)):
+            return True
+    return False
+
+
 def _is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 

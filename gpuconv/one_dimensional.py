@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .conv import conv2d, local_conv2d
-from .geometry import _is_int, get_conv_outsize
+from .geometry import _is_int, get_conv_outsize, shape_in
 
 __all__ = ["conv1d", "local_conv1d", "geometry_1d", "Geometry1d"]
 
@@ -166,15 +166,25 @@ def _view(array, index, shape):
 
 def _unit_height(array):
     """``(..., L)`` viewed as ``(..., 1, L)``."""
+    if type(array) is np.ndarray:  # the common case, first
+        return array[..., None, :]
     shape = tuple(array.shape)
     return _view(array, (Ellipsis, None, slice(None)), shape[:-1] + (1,) + shape[-1:])
+
+
+def _drop_height(array):
+    """``(..., 1, L)`` viewed as ``(..., L)``."""
+    if type(array) is np.ndarray:
+        return array[..., 0, :]
+    shape = tuple(array.shape)
+    return _view(array, (Ellipsis, 0, slice(None)), shape[:-2] + shape[-1:])
 
 
 def _check_bias(bias, c_out, out_length, local):
     if bias is None:
         return
     allowed = [(c_out,)] + ([(c_out, out_length)] if local else [])
-    if tuple(bias.shape) not in allowed:
+    if not shape_in(tuple(bias.shape), allowed):
         kinds = " or ".join(str(a) for a in allowed)
         raise ValueError(f"bias must have shape {kinds}, got {tuple(bias.shape)}")
 
@@ -215,8 +225,7 @@ def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, d
         _check_bias(bias, weight.shape[0], out_length, False)
     y = conv2d(_unit_height(x), _unit_height(weight), bias, stride, padding, dilation, groups,
                device=device)
-    shape = tuple(y.shape)
-    return _view(y, (Ellipsis, 0, slice(None)), shape[:-2] + shape[-1:])
+    return _drop_height(y)
 
 
 def local_conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
@@ -257,5 +266,4 @@ def local_conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1
                    (c_out, 1, out_length, c_in_group, 1, kernel))
     y = local_conv2d(_unit_height(x), weight, bias, stride, padding, dilation, groups,
                      device=device)
-    shape = tuple(y.shape)
-    return _view(y, (Ellipsis, 0, slice(None)), shape[:-2] + shape[-1:])
+    return _drop_height(y)

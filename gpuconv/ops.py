@@ -36,8 +36,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-__all__ = ["Op", "OPS", "FORWARD", "INPUT_GRAD", "WEIGHT_GRAD", "AUTOGRAD_FORWARD",
-           "autograd_forward"]
+__all__ = ["Op", "OPS", "FORWARD", "INPUT_GRAD", "WEIGHT_GRAD", "register_autograd",
+           "set_autograd_loader", "autograd"]
 
 FORWARD, INPUT_GRAD, WEIGHT_GRAD = "forward", "input_grad", "weight_grad"
 
@@ -108,16 +108,34 @@ class Op:
         return _resolve(self.cpu_scratch if device == "cpu" else self.cuda_scratch)
 
 
-#: Where a forward call on PyTorch tensors that require grad goes: the differentiable custom
-#: operators of :mod:`gpuconv.torch`, a layer above the public functions. Named here, as the
-#: kernels are, and resolved on first use, so the public layer reaches PyTorch's autograd
-#: without importing the PyTorch layer (which imports it).
-AUTOGRAD_FORWARD = "gpuconv.torch:autograd_forward"
+# Where a call on PyTorch tensors that require grad goes: the differentiable operators of
+# gpuconv.torch, a layer above the public functions. That layer registers them here when it is
+# imported (``"forward"`` for conv2d / local_conv2d, ``"tiled_forward"`` for tiled_conv2d,
+# which also takes the call's tiling, ``"conv_transpose2d"``, ``"local_conv_transpose2d"``),
+# so the public functions reach PyTorch's autograd without importing it; gpuconv.torch_hook
+# sets the loader that imports it on the first such call.
+_AUTOGRAD = {}
+_AUTOGRAD_LOADER = []
 
 
-def autograd_forward():
-    """The function :data:`AUTOGRAD_FORWARD` names (imports PyTorch on first use)."""
-    return _resolve(AUTOGRAD_FORWARD)
+def register_autograd(name, function):
+    """Called by :mod:`gpuconv.torch`: ``function`` records the autograd graph for ``name``."""
+    _AUTOGRAD[name] = function
+
+
+def set_autograd_loader(loader):
+    """``loader()`` registers the autograd functions (imports :mod:`gpuconv.torch`)."""
+    _AUTOGRAD_LOADER[:] = [loader]
+
+
+def autograd(name):
+    """The function registered for ``name``, loading the PyTorch layer on first use."""
+    function = _AUTOGRAD.get(name)
+    if function is None:
+        for loader in _AUTOGRAD_LOADER:
+            loader()
+        function = _AUTOGRAD[name]
+    return function
 
 
 OPS = {op.name: op for op in (
@@ -140,7 +158,7 @@ OPS = {op.name: op for op in (
        cpu="gpuconv.cpu.conv2d_grad:conv2d_weight_grad",
        cpu_scratch="gpuconv.cpu.conv2d_grad:conv2d_weight_grad_scratch_bytes",
        cuda="gpuconv.cuda.launch:launch_conv2d_weight_grad",
-       cuda_scratch="gpuconv.cuda.grad_kernels:conv2d_weight_grad_scratch_elements"),
+       cuda_scratch="gpuconv.cuda.launch:conv2d_weight_grad_scratch_elements"),
     Op("local_conv2d_input", INPUT_GRAD, True,
        cpu="gpuconv.cpu.local_conv2d_grad:local_conv2d_input_grad",
        cpu_scratch="gpuconv.cpu.local_conv2d_grad:local_conv2d_input_grad_scratch_bytes",

@@ -35,8 +35,8 @@ import numpy as np
 
 from .conv import _FLOAT_DTYPES, _records_autograd, _shape_arg, call, conv2d, local_conv2d
 from .device import is_device_array
-from .geometry import get_conv_transpose_outsize, pair
-from .ops import _resolve
+from .geometry import get_conv_transpose_outsize, pair, shape_in
+from .ops import autograd
 
 __all__ = ["conv_transpose2d", "local_conv_transpose2d", "conv_transpose2d_input",
            "conv_transpose2d_weight", "local_conv_transpose2d_input",
@@ -229,7 +229,7 @@ def _check_bias(bias, geom, local):
         return
     _, c_out, out_h, out_w = geom.output_shape
     allowed = [(c_out,)] + ([(c_out, out_h, out_w)] if local else [])
-    if tuple(bias.shape) not in allowed:
+    if not shape_in(tuple(bias.shape), allowed):
         kinds = " or ".join(str(a) for a in allowed)
         raise ValueError(f"bias must have shape {kinds}, got {tuple(bias.shape)}")
 
@@ -353,7 +353,7 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     """
     if _records_autograd({"x": x, "weight": weight, "bias": bias}):
         _check_device(device, x)
-        return _resolve("gpuconv.torch:conv_transpose2d")(x, weight, bias, stride, padding,
+        return autograd("conv_transpose2d")(x, weight, bias, stride, padding,
                                                           output_padding, groups, dilation)
     return _transpose("conv2d_input", False, x, weight, bias, stride, padding, output_padding,
                       groups, dilation, device)
@@ -393,7 +393,7 @@ def local_conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_pad
     """
     if _records_autograd({"x": x, "weight": weight, "bias": bias}):
         _check_device(device, x)
-        return _resolve("gpuconv.torch:local_conv_transpose2d")(
+        return autograd("local_conv_transpose2d")(
             x, weight, bias, stride, padding, output_padding, groups, dilation)
     return _transpose("local_conv2d_input", True, x, weight, bias, stride, padding,
                       output_padding, groups, dilation, device)

@@ -42,7 +42,7 @@ import time
 
 from gpuconv import bench
 from gpuconv.bench import peers
-from gpuconv.cli import positive_int
+from gpuconv.appkit import positive_int
 from gpuconv.workloads import LAYERS
 
 #: Each layer with the operation its network uses, and the seed's second layer unshared

@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import gpuconv.torch as gt
+from gpuconv.appkit import set_threads
 
 INPUT = (3, 16, 16)
 CLASSES = 10
@@ -71,13 +72,6 @@ def train_step(model, optimizer, x, labels):
     return loss.detach()
 
 
-def _limit_cpu_threads(threads):
-    torch.set_num_threads(threads)
-    import numba
-
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-
-
 def run(rank, world_size, args, init_method):
     """One process: join the group, train ``args.steps`` steps on its share of each batch."""
     dtype = getattr(torch, args.dtype)
@@ -87,7 +81,7 @@ def run(rank, world_size, args, init_method):
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        _limit_cpu_threads(args.threads)
+        set_threads(args.threads, torch)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=args.timeout))
     try:

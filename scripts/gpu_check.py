@@ -197,11 +197,11 @@ def kernel_names(name, geom, dtype="float32"):
     """The CUDA kernel specialisations one call of ``name`` (a function of
     :data:`ALL_FUNCTIONS`) launches on ``geom``, from the same configuration functions the
     launches use. Compiles nothing."""
-    from gpuconv.cuda import grad_kernels, kernels
+    from gpuconv.cuda import grad_kernels, kernels, launch
 
     configs = {"conv2d": kernels.conv2d_config, "local_conv2d": kernels.local_conv2d_config,
-               "conv2d_input": grad_kernels.conv2d_input_grad_config,
-               "conv2d_weight": grad_kernels.conv2d_weight_grad_config,
+               "conv2d_input": launch.conv2d_input_grad_config,    # direct or implicit GEMM
+               "conv2d_weight": launch.conv2d_weight_grad_config,
                "local_conv2d_input": grad_kernels.local_conv2d_input_grad_config,
                "local_conv2d_weight": grad_kernels.local_conv2d_weight_grad_config}
     config = configs[name](geom, np.dtype(dtype).type)
@@ -810,7 +810,8 @@ def check_array_kinds(torch, gpuconv, dry_run=False):
 
 #: Tiny calls of every forward and gradient kernel, float32 and float16, for compute-sanitizer:
 #: stride, padding, groups, both bias kinds, a strided device input, a channel-heavy conv2d
-#: (the implicit-GEMM kernel), and a conv2d weight gradient summed in several slices.
+#: and its gradients (the implicit-GEMM kernels), and a conv2d weight gradient summed in
+#: several slices.
 SANITIZER_SNIPPET = """
 import numpy as np, gpuconv
 from gpuconv import grad
@@ -830,6 +831,9 @@ for dt in (np.float32, np.float16):
     grad.local_conv2d_weight(x, wl.shape, gy, device="cuda", **kw)
     xg, wg = r(2, 40, 9, 9), r(6, 40, 3, 3)  # channel-heavy: the implicit-GEMM path
     gpuconv.conv2d(xg, wg, r(6), padding=(1, 2), device="cuda")
+    gg = r(2, 6, 5, 6)  # ... and its implicit-GEMM gradients, strided (phases)
+    grad.conv2d_input(xg.shape, wg, gg, stride=2, padding=(1, 2), device="cuda")
+    grad.conv2d_weight(xg, wg.shape, gg, stride=2, padding=(1, 2), device="cuda")
     xb, gb = r(64, 2, 33, 33), r(64, 3, 31, 31)
     grad.conv2d_weight(xb, (3, 2, 3, 3), gb, device="cuda")
     gpuconv.conv2d(cuda.to_device(x)[:, :, ::2], cuda.to_device(w), None, groups=2)

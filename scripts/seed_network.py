@@ -29,7 +29,7 @@ import gpuconv
 from gpuconv import get_conv_outsize
 from gpuconv.bench import peers
 from gpuconv.bench.stats import summarize
-from gpuconv.cli import positive_int
+from gpuconv.appkit import positive_int
 from gpuconv.device import cuda_available
 from gpuconv.params import (conv2d_param_count, fully_connected_param_count,
                             local_conv2d_param_count)

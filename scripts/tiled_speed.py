@@ -30,7 +30,7 @@ import numpy as np
 import gpuconv
 from gpuconv.bench import one_core
 from gpuconv.bench.stats import paired_ratios, summarize
-from gpuconv.cli import positive_int
+from gpuconv.appkit import positive_int
 from gpuconv.workloads import LAYERS
 
 DEFAULT_LAYERS = ("deepface-l5", "deepface-l6")

@@ -13,7 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from gpuconv import bench
+from gpuconv import appkit, bench
+from gpuconv.bench import command, report, timing
 from gpuconv.bench import peers as _bench_impls
 from gpuconv.bench import stats
 from gpuconv.device import cuda_available
@@ -41,13 +42,14 @@ needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed
 def fast(monkeypatch):
     """Stub ceilings; tiny layers registered as a suite, quick list and sweep."""
     monkeypatch.setattr(_bench_impls, "measure_ceilings", lambda *a, **k: dict(CEILINGS))
-    monkeypatch.setattr(bench, "WARMUP_S", 0.0)
-    layers = dict(bench.LAYERS, tiny=TINY, **{"tiny-grouped": TINY_GROUPED})
-    monkeypatch.setattr(bench, "LAYERS", layers)
-    monkeypatch.setattr(bench, "SUITES", {"default": ("tiny",), "full": ("tiny", "tiny-grouped")})
-    monkeypatch.setattr(bench, "QUICK_LAYERS", ("tiny",))
-    monkeypatch.setattr(bench, "SWEEP_LAYER", "tiny")
-    monkeypatch.setattr(bench, "SWEEP_BATCHES", (1, 2))
+    monkeypatch.setattr(bench.timing, "WARMUP_S", 0.0)
+    layers = dict(bench.suite.LAYERS, tiny=TINY, **{"tiny-grouped": TINY_GROUPED})
+    monkeypatch.setattr(bench.suite, "LAYERS", layers)
+    monkeypatch.setattr(bench.suite, "SUITES",
+                        {"default": ("tiny",), "full": ("tiny", "tiny-grouped")})
+    monkeypatch.setattr(bench.suite, "QUICK_LAYERS", ("tiny",))
+    monkeypatch.setattr(bench.suite, "SWEEP_LAYER", "tiny")
+    monkeypatch.setattr(bench.suite, "SWEEP_BATCHES", (1, 2))
 
 
 def parser():
@@ -59,7 +61,7 @@ def parser():
 # ----------------------------------------------------------------------------- formulas
 
 def test_seed_conv1_formulas_by_hand():
-    geom = bench.LAYERS["seed-conv1"].geometry(1)
+    geom = bench.suite.LAYERS["seed-conv1"].geometry(1)
     assert (geom.out_height, geom.out_width) == (496, 496)
     # 2 * N * C_out * H_out * W_out * C_in * kH * kW
     assert geom.flops == 2 * 1 * 10 * 496 * 496 * 3 * 5 * 5 == 369_024_000
@@ -75,16 +77,16 @@ def test_seed_conv1_formulas_by_hand():
     ("deepface-l4", 62_726_400, 55), ("deepface-l5", 7_840_000, 25),
     ("deepface-l6", 2_822_400, 21)])
 def test_deepface_weights_match_the_paper(name, weights, out):
-    geom = bench.LAYERS[name].geometry(8)
+    geom = bench.suite.LAYERS[name].geometry(8)
     assert (geom.out_height, geom.out_width) == (out, out)
     assert bench.param_count("local_conv2d", geom).weights == weights
 
 
 def test_strided_padded_layer_by_hand():
-    geom = bench.LAYERS["alexnet-conv1"].geometry(2)  # (227 - 11) // 4 + 1 = 55
+    geom = bench.suite.LAYERS["alexnet-conv1"].geometry(2)  # (227 - 11) // 4 + 1 = 55
     assert geom.out_height == 55
     assert geom.flops == 2 * 2 * 96 * 55 * 55 * 3 * 11 * 11
-    geom = bench.LAYERS["resnet50-conv1"].geometry(1)  # (224 + 6 - 7) // 2 + 1 = 112
+    geom = bench.suite.LAYERS["resnet50-conv1"].geometry(1)  # (224 + 6 - 7) // 2 + 1 = 112
     assert geom.out_height == 112
 
 
@@ -125,9 +127,9 @@ def test_kernel_time_column_beside_the_call_time():
     columns = header.split()
     assert columns[columns.index("kernel") - 2:columns.index("kernel") + 2] == [
         "q1-q3", "ms", "kernel", "ms"]
-    assert first.split()[6] == bench._ms(1e-3) and second.split()[6] == "-"
+    assert first.split()[6] == report._ms(1e-3) and second.split()[6] == "-"
     assert "kernel" not in bench.format_table([untimed])
-    assert len(bench.table_rows([timed])[0]) == len(bench.table_columns([timed]))
+    assert len(report.table_rows([timed])[0]) == len(report.table_columns([timed]))
 
 
 def test_skipped_record_has_no_numbers():
@@ -156,25 +158,25 @@ def test_bad_options_are_argparse_errors(argv, message, capsys):
 
 
 def test_plan_from_options():
-    names, repeat, bursts, cap = bench._plan(parser().parse_args([]))
-    assert names == list(bench.SUITES["default"]) and repeat == bench.DEFAULT_REPEAT
-    assert cap is None and bursts == bench.DEFAULT_BURSTS
-    names, repeat, bursts, cap = bench._plan(parser().parse_args(["--quick"]))
-    assert names == list(bench.QUICK_LAYERS) and repeat == bench.QUICK_REPEAT
-    assert cap == bench.QUICK_MAX_BATCH
-    names, *_ = bench._plan(parser().parse_args(["--suite", "full"]))
-    assert names == list(bench.LAYERS)
+    names, repeat, bursts, cap = command._plan(parser().parse_args([]))
+    assert names == list(bench.suite.SUITES["default"]) and repeat == bench.suite.DEFAULT_REPEAT
+    assert cap is None and bursts == bench.suite.DEFAULT_BURSTS
+    names, repeat, bursts, cap = command._plan(parser().parse_args(["--quick"]))
+    assert names == list(bench.suite.QUICK_LAYERS) and repeat == bench.suite.QUICK_REPEAT
+    assert cap == bench.suite.QUICK_MAX_BATCH
+    names, *_ = command._plan(parser().parse_args(["--suite", "full"]))
+    assert names == list(bench.suite.LAYERS)
     args = parser().parse_args(["--layers", "DeepFace-L6", "deepface-l6", "seed-conv1",
                                 "--repeat", "7"])
-    names, repeat, *_ = bench._plan(args)
+    names, repeat, *_ = command._plan(args)
     assert names == ["deepface-l6", "seed-conv1"] and repeat == 7
 
 
 def test_every_suite_layer_is_known():
-    for names in bench.SUITES.values():
-        assert set(names) <= set(bench.LAYERS)
-    assert set(bench.QUICK_LAYERS) <= set(bench.LAYERS)
-    assert bench.SWEEP_LAYER in bench.LAYERS
+    for names in bench.suite.SUITES.values():
+        assert set(names) <= set(bench.suite.LAYERS)
+    assert set(bench.suite.QUICK_LAYERS) <= set(bench.suite.LAYERS)
+    assert bench.suite.SWEEP_LAYER in bench.suite.LAYERS
 
 
 def test_import_is_light():
@@ -366,7 +368,7 @@ def test_what_does_not_fit_is_skipped_with_a_reason(fast, monkeypatch):
     local = int(np.prod(geom.local_weight_shape())) * 4
     # room for the shared op, not for the local weights
     monkeypatch.setattr(_bench_impls, "available_memory", lambda backend: int(
-        (x_and_shared + 2000 + local / 2) / bench.MEMORY_FRACTION))
+        (x_and_shared + 2000 + local / 2) / timing.MEMORY_FRACTION))
     result = bench.run_benchmark([TINY], repeat=1, bursts=1, progress=False, torch=None)
     by = {(r["op"], r["impl"]): r for r in result["records"]}
     assert by[("conv2d", "gpuconv")]["median_s"] > 0
@@ -412,8 +414,8 @@ def test_cli_quick_run_writes_json_and_png_that_agree_with_the_table(
     suite = [r for r in result["records"] if r["part"] == "suite"]
     sweep = [r for r in result["records"] if r["part"] == "batch-sweep"]
     impls = _impls(torch if torch_available else None)
-    assert len(suite) == len(bench.QUICK_LAYERS) * len(impls)
-    assert sorted({r["N"] for r in sweep}) == sorted(bench.SWEEP_BATCHES)
+    assert len(suite) == len(bench.suite.QUICK_LAYERS) * len(impls)
+    assert sorted({r["N"] for r in sweep}) == sorted(bench.suite.SWEEP_BATCHES)
     assert (result["machine"]["torch"] is not None) == torch_available
     rows = _table_cells(out.out)
     assert len(rows) == len(suite)
@@ -432,7 +434,7 @@ def test_cli_quick_run_writes_json_and_png_that_agree_with_the_table(
     # Not a terminal: a line when it starts and with the ceilings, then one per finished
     # layer and sweep batch.
     news = out.err.splitlines()
-    assert len(news) == 2 + len(bench.QUICK_LAYERS) + len(bench.SWEEP_BATCHES)
+    assert len(news) == 2 + len(bench.suite.QUICK_LAYERS) + len(bench.suite.SWEEP_BATCHES)
     assert "peers:" in news[0] and "ceilings:" in news[1] and "[1/1] tiny N=" in news[2]
     assert all(line.startswith("[") for line in news)
 
@@ -444,7 +446,7 @@ def test_unwritable_outputs_are_refused_before_timing(fast, monkeypatch, capsys,
     if flag == "--plot":
         pytest.importorskip("matplotlib")
     (tmp_path / "a-directory").mkdir()
-    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: pytest.fail("timed anyway"))
+    monkeypatch.setattr(bench.timing, "run_benchmark", lambda *a, **k: pytest.fail("timed anyway"))
     code, out = _cli(["--device", "cpu", flag, str(tmp_path / where)], monkeypatch, capsys)
     assert code == 2 and out.out == ""
     assert out.err.startswith(f"gpuconv bench: error: {flag} ") and out.err.count("\n") == 1
@@ -452,9 +454,9 @@ def test_unwritable_outputs_are_refused_before_timing(fast, monkeypatch, capsys,
 
 def test_writable_check_leaves_no_file_and_keeps_an_existing_one(tmp_path):
     path = tmp_path / "new.json"
-    assert bench._unwritable(str(path)) is None and not path.exists()
+    assert appkit.unwritable(str(path)) is None and not path.exists()
     path.write_text("old")
-    assert bench._unwritable(str(path)) is None and path.read_text() == "old"
+    assert appkit.unwritable(str(path)) is None and path.read_text() == "old"
 
 
 def test_plot_without_matplotlib_is_a_clear_error(fast, monkeypatch, capsys, tmp_path):
@@ -481,21 +483,21 @@ def test_progress_modes():
         def isatty(self):
             return True
 
-    assert bench._Progress.choose(3, None, io.StringIO()).mode == "lines"
-    assert bench._Progress.choose(3, None, Terminal()).mode == "bar"
-    assert bench._Progress.choose(3, False, Terminal()).mode is None
+    assert appkit.Progress.choose(3, None, io.StringIO()).mode == "lines"
+    assert appkit.Progress.choose(3, None, Terminal()).mode == "bar"
+    assert appkit.Progress.choose(3, False, Terminal()).mode is None
     stream = io.StringIO()
-    quiet = bench._Progress(3, stream, None)
+    quiet = appkit.Progress(3, stream, None)
     quiet.step("a")
     quiet.line("news")
     assert stream.getvalue() == ""
-    lines = bench._Progress(3, stream, "lines")
+    lines = appkit.Progress(3, stream, "lines")
     lines.step("a")
     assert stream.getvalue() == ""  # steps draw nothing without a terminal
     lines.line("layer done")
     assert stream.getvalue().endswith("s] layer done\n")
     stream = io.StringIO()
-    bar = bench._Progress(2, stream, "bar")
+    bar = appkit.Progress(2, stream, "bar")
     bar.step("layer")
     bar.close()
     assert "[###############" in stream.getvalue() and "1/2" in stream.getvalue()
@@ -585,7 +587,7 @@ json.dump({"file": bench.__file__, **result}, sys.stdout)
 
 def test_progress_reaches_its_total(fast, monkeypatch):
     seen = []
-    monkeypatch.setattr(bench._Progress, "close", lambda self: seen.append(
+    monkeypatch.setattr(appkit.Progress, "close", lambda self: seen.append(
         (self.done, self.total)))
     bursts, batches = 2, (1, 2)
     bench.run_benchmark([TINY, TINY_GROUPED], repeat=1, bursts=bursts, progress=False,
@@ -608,7 +610,7 @@ def _script(name):
 def test_cpu_speed_is_the_benchmark_with_each_layers_own_operation(fast, monkeypatch):
     cpu_speed = _script("cpu_speed")
     for op, names in cpu_speed.SELECTION.items():
-        assert names and all(name in bench.LAYERS for name in names)
+        assert names and all(name in bench.suite.LAYERS for name in names)
     assert "deepface-l5" in cpu_speed.SELECTION["local_conv2d"]
     assert "deepface-l5" not in cpu_speed.SELECTION["conv2d"]
     assert cpu_speed._layer("DeepFace L5 (local)") == cpu_speed._layer("deepface-l5")
@@ -784,7 +786,7 @@ def test_tiny_run_of_every_pass(fast):
         assert r["peak_extra_bytes"] >= r["result_bytes"] > 0
         assert r["peak_scratch_bytes"] == r["peak_extra_bytes"] - r["result_bytes"]
     text = bench.format_report(result)
-    for title in bench.PASS_TITLES.values():
+    for title in bench.suite.PASS_TITLES.values():
         assert title in text
     assert "conv2d backward vs torch" in text and "local_conv2d step vs torch-bmm" in text
     assert "of copy bandwidth" in text and "weight gradient" in text
@@ -895,7 +897,7 @@ def test_cli_pass_both_writes_pass_fields(fast, monkeypatch, capsys, tmp_path, t
 
 
 def test_cli_step_without_torch_is_a_clear_error(fast, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: pytest.fail("timed anyway"))
+    monkeypatch.setattr(bench.timing, "run_benchmark", lambda *a, **k: pytest.fail("timed anyway"))
     code, out = _cli(["--device", "cpu", "--pass", "step"], monkeypatch, capsys,
                      torch_available=False)
     assert code == 2 and "need PyTorch" in out.err and out.out == ""
@@ -912,7 +914,7 @@ def test_one_core_sets_threads_and_the_clock(fast, monkeypatch, capsys):
         seen.update(kwargs, threads=numba.get_num_threads())
         raise SystemExit(0)
     threads = numba.get_num_threads()
-    monkeypatch.setattr(bench, "run_benchmark", fake_run)
+    monkeypatch.setattr(bench.timing, "run_benchmark", fake_run)
     try:
         with pytest.raises(SystemExit):
             _cli(["--device", "cpu", "--one-core", "--quick"], monkeypatch, capsys,
@@ -948,7 +950,7 @@ def test_cli_backward_with_plot_sweeps_the_backward(fast, monkeypatch, capsys, t
     records = json.loads(json_path.read_text())["records"]
     assert {r["pass"] for r in records} == {"backward"}
     sweep = [r for r in records if r["part"] == "batch-sweep"]
-    assert sorted({r["N"] for r in sweep}) == sorted(bench.SWEEP_BATCHES)
+    assert sorted({r["N"] for r in sweep}) == sorted(bench.suite.SWEEP_BATCHES)
     assert "Batch sweep (tiny, backward):" in out.out
 
 
@@ -972,11 +974,11 @@ def test_float16_tolerance_and_reduction_terms_by_hand():
 
 
 def test_float16_inputs_are_float32_draws_rounded():
-    a = bench._normal(np.random.default_rng(3), (5, 7), "float16")
+    a = timing._normal(np.random.default_rng(3), (5, 7), "float16")
     b = np.random.default_rng(3).standard_normal((5, 7), dtype=np.float32)
     assert a.dtype == np.float16 and np.array_equal(a, b.astype(np.float16))
-    x, shared, bias = bench._random_arrays(np.random.default_rng(0), TINY.geometry(2),
-                                           "float16")
+    x, shared, bias = timing._random_arrays(np.random.default_rng(0), TINY.geometry(2),
+                                            "float16")
     assert {x.dtype, shared.dtype, bias.dtype} == {np.dtype(np.float16)}
     assert np.isfinite(x).all() and x.std() > 0.5
 
@@ -1010,7 +1012,7 @@ def test_float16_run_with_torch_times_every_pass_it_can(fast):
     assert {r["impl"] for r in result["records"]} == {"gpuconv", "torch", "torch-unfold"}
     machine = result["machine"]
     assert machine["dtype"] == "float16"
-    assert machine["passes_not_run"] == {"step": bench.STEP_FLOAT16}
+    assert machine["passes_not_run"] == {"step": bench.suite.STEP_FLOAT16}
     text = bench.format_report(result)
     assert "float16" in text.splitlines()[0] and "timed in float32 and float64" in text
     assert "Agreement: all 8 results within the float16 tolerance" in text
@@ -1099,7 +1101,7 @@ def test_cli_float16(fast, monkeypatch, capsys, tmp_path):
     assert "--dtype float16" in result["machine"]["command"]
     assert {r["dtype"] for r in result["records"]} == {"float16"}
     assert ", float16," in out.out.splitlines()[0]
-    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: pytest.fail("timed anyway"))
+    monkeypatch.setattr(bench.timing, "run_benchmark", lambda *a, **k: pytest.fail("timed anyway"))
     code, out = _cli(["--device", "cpu", "--pass", "step", "--dtype", "float16"], monkeypatch,
                      capsys)
     assert code == 2 and "timed in float32 and float64" in out.err
@@ -1160,14 +1162,14 @@ def test_the_default_table_fits_100_columns(fast, monkeypatch, capsys):
 
 def test_the_cpu_run_says_how_long_it_will_take_before_it_starts():
     args = argparse.Namespace(quick=False, layers=None, batch=None, repeat=None)
-    line = bench._expected_duration("cpu", list(bench.SUITES["default"]), args, ("forward",),
-                                    None)
-    assert f"about {bench.EXPECTED_CPU_S['default']} s" in line
+    line = command._expected_duration("cpu", list(bench.suite.SUITES["default"]), args,
+                                      ("forward",), None)
+    assert f"about {command.EXPECTED_CPU_S['default']} s" in line
     quick = argparse.Namespace(quick=True, layers=None, batch=None, repeat=None)
-    assert "--quick" in bench._expected_duration("cpu", list(bench.QUICK_LAYERS), quick,
-                                                  ("forward",), None)
+    assert "--quick" in command._expected_duration("cpu", list(bench.suite.QUICK_LAYERS), quick,
+                                                ("forward",), None)
     # nothing measured says how long these take: no guess
-    assert bench._expected_duration("cuda", list(bench.SUITES["default"]), args,
-                                    ("forward",), None) is None
-    assert bench._expected_duration("cpu", list(bench.SUITES["default"]), args,
-                                    ("backward",), None) is None
+    assert command._expected_duration("cuda", list(bench.suite.SUITES["default"]), args,
+                                      ("forward",), None) is None
+    assert command._expected_duration("cpu", list(bench.suite.SUITES["default"]), args,
+                                      ("backward",), None) is None

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from gpuconv import bench
+from gpuconv.bench import report, timing
 from gpuconv.bench import peers as _bench_impls
 from gpuconv.bench import percall
 
@@ -24,10 +25,10 @@ SMALL = (("1x2x6x6, 2 maps 3x3", (1, 2, 6, 6), 2, 3),)
 @pytest.fixture
 def fast(monkeypatch):
     monkeypatch.setattr(_bench_impls, "measure_ceilings", lambda *a, **k: dict(CEILINGS))
-    monkeypatch.setattr(bench, "WARMUP_S", 0.0)
-    monkeypatch.setattr(bench, "LAYERS", dict(bench.LAYERS, tiny=TINY))
-    monkeypatch.setattr(bench, "SUITES", {"default": ("tiny",), "full": ("tiny",)})
-    monkeypatch.setattr(bench, "QUICK_LAYERS", ("tiny",))
+    monkeypatch.setattr(bench.timing, "WARMUP_S", 0.0)
+    monkeypatch.setattr(bench.suite, "LAYERS", dict(bench.suite.LAYERS, tiny=TINY))
+    monkeypatch.setattr(bench.suite, "SUITES", {"default": ("tiny",), "full": ("tiny",)})
+    monkeypatch.setattr(bench.suite, "QUICK_LAYERS", ("tiny",))
     monkeypatch.setattr(percall, "SHAPES", SMALL)
     monkeypatch.setattr(percall, "QUICK_CALLS", 3)
     monkeypatch.setattr(percall, "QUICK_BURSTS", 2)
@@ -36,24 +37,24 @@ def fast(monkeypatch):
 
 def test_load_flag_by_hand(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert bench._load_flag([0.5, None, 1.9]) == {"load_average_max": 1.9, "overloaded": False}
-    assert bench._load_flag([0.5, 2.01]) == {"load_average_max": 2.01, "overloaded": True}
-    assert bench._load_flag([None]) == {"load_average_max": None, "overloaded": False}
+    assert timing._load_flag([0.5, None, 1.9]) == {"load_average_max": 1.9, "overloaded": False}
+    assert timing._load_flag([0.5, 2.01]) == {"load_average_max": 2.01, "overloaded": True}
+    assert timing._load_flag([None]) == {"load_average_max": None, "overloaded": False}
 
 
 @pytest.mark.parametrize("loads, warned", [((0.1, 0.2, 0.3), False), ((0.1, 9.5, 0.3), True)])
 def test_a_run_above_the_core_count_is_flagged(fast, monkeypatch, loads, warned):
     samples = iter(loads * 10)
-    monkeypatch.setattr(bench, "_load_average", lambda: next(samples))
+    monkeypatch.setattr(bench.timing, "load_average", lambda: next(samples))
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     result = bench.run_benchmark([TINY], repeat=1, bursts=1, progress=False, torch=None)
     machine = result["machine"]
     assert machine["overloaded"] is warned
     assert machine["load_average_max"] == max(loads)
-    header = bench.format_header(result)
+    header = report.format_header(result)
     assert ("WARNING: the load average reached 9.5 on 2 cores" in header) is warned
     before = header.split("\nWARNING")[0]  # the header as before, then the warning
-    assert before.splitlines()[-1].startswith("median of ") and before == bench.format_header(
+    assert before.splitlines()[-1].startswith("median of ") and before == report.format_header(
         dict(result, machine=dict(machine, overloaded=False, load_average_max=0.3)))
 
 

@@ -251,7 +251,7 @@ def test_a_bug_in_bench_shows_its_traceback(tmp_path):
     env.pop("GPUCONV_DEVICE", None)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    code = ("import sys, gpuconv.bench as b\n"
+    code = ("import sys, gpuconv.bench.timing as b\n"
             "def broken(*a, **k):\n"
             "    raise ZeroDivisionError('a bug')\n"
             "b.run_benchmark = broken\n"

@@ -161,3 +161,21 @@ def test_numba_device_arrays_in_device_array_out(local):
     y = fn(cuda.to_device(x), cuda.to_device(w), cuda.to_device(b), padding="same")
     assert not isinstance(y, np.ndarray) and tuple(y.shape) == ref.shape
     np.testing.assert_allclose(y.copy_to_host(), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_conv1d_speed_script_runs_and_checks_its_pairs():
+    # scripts/conv1d_speed.py times each 1-D call beside the 2-D call of the same shape; it
+    # first checks that the two agree, so a wrong pairing fails here, not in a table.
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "conv1d_speed.py"
+    spec = importlib.util.spec_from_file_location("conv1d_speed", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    shapes = [("tiny-same", 2, 3, 4, 9, 3, 1, "same"), ("tiny-strided", 1, 2, 2, 11, 3, 2, 1)]
+    results = script.measure(shapes, rounds=1, burst=1)
+    assert [(r["shape"], r["op"]) for r in results] == [
+        ("tiny-same", "conv1d"), ("tiny-same", "local_conv1d"),
+        ("tiny-strided", "conv1d"), ("tiny-strided", "local_conv1d")]
+    assert all(r["ratio"] > 0 for r in results)

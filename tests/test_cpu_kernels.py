@@ -206,3 +206,58 @@ def test_local_batch_spanning_several_vectors(batch, dtype):
     y = local_conv2d(x, w, b, device="cpu", **kwargs)
     bound = local_conv2d_ref(np.abs(x), np.abs(w), np.abs(b), **kwargs)
     assert_close(y, local_conv2d_ref(x, w, b, **kwargs), bound, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape, kwargs", [
+    # a row of 37 outputs: two full vectors of float32 columns and a tail; 5 x 3 taps per
+    # channel, 45 in all: the taps' last vector is partial
+    ((1, 3, 9, 39), dict(stride=1, padding=(1, 0), dilation=1, groups=1)),
+    # strided, dilated, grouped, asymmetric "same" (stride 1)
+    ((1, 4, 10, 9), dict(stride=1, padding="same", dilation=(2, 1), groups=2)),
+    ((1, 6, 11, 12), dict(stride=(2, 3), padding=(2, 1), dilation=(1, 2), groups=3)),
+    # two input columns, padding 2: every window reaches into the padding (no interior)
+    ((1, 2, 6, 2), dict(stride=1, padding=2, dilation=1, groups=1)),
+])
+def test_one_image_runs_the_tap_vector_kernel(shape, kwargs, dtype):
+    """A batch of one takes the kernel whose vectors run over the taps (the batched kernel's
+    run over the images: 15 of 16 lanes idle); its weights are followed in memory by NaN,
+    which the masked load of each weight row's last vector must never read."""
+    from gpuconv.cpu import local_conv2d as kernels
+
+    rng = np.random.default_rng(sum(shape))
+    x = rng.uniform(-1, 1, shape).astype(dtype)
+    kh, kw = 5, 3
+    geom = conv_geometry(shape, (kh, kw), 6, **kwargs)
+    assert kernels._few_images(geom)
+    w_shape = geom.local_weight_shape()
+    size = int(np.prod(w_shape))
+    buffer = np.full(size + 64, np.nan, dtype=dtype)
+    w = buffer[:size].reshape(w_shape)
+    w[...] = rng.uniform(-1, 1, w_shape)
+    b = rng.uniform(-1, 1, w_shape[:3]).astype(dtype)
+    y = local_conv2d(x, w, b, device="cpu", **kwargs)
+    assert np.isfinite(y).all()
+    bound = local_conv2d_ref(np.abs(x), np.abs(w), np.abs(b), **kwargs)
+    assert_close(y, local_conv2d_ref(x, w, b, **kwargs), bound, dtype)
+    two = np.concatenate([x, x])
+    assert not kernels._few_images(conv_geometry(two.shape, (kh, kw), 6, **kwargs))
+    y2 = local_conv2d(two, w, b, device="cpu", **kwargs)
+    assert_close(y2[1], local_conv2d_ref(x, w, b, **kwargs)[0], bound[0], dtype)
+
+
+def test_one_image_kernel_gives_the_same_bits_on_any_thread_count():
+    import numba
+
+    rng = np.random.default_rng(5)
+    x = rng.uniform(-1, 1, (1, 3, 12, 40)).astype(np.float32)
+    w = rng.uniform(-1, 1, (4, 10, 38, 3, 3, 3)).astype(np.float32)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = local_conv2d(x, w, device="cpu")
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        every = local_conv2d(x, w, device="cpu")
+    finally:
+        numba.set_num_threads(before)
+    assert np.array_equal(one, every)

@@ -89,7 +89,8 @@ def test_float16_and_float32_kernels_do_not_spill(ptxas_rows, capsys):
 # gradient kernel, read by the slice sum).
 _GLOBAL_LD = re.compile(r"\bld\.global(?:\.nc)?\.(\w+)")
 _GLOBAL_ST = re.compile(r"\bst\.global\.(\w+)")
-_FLOAT32_PARTIALS = {"conv2d_wgrad_f16": ("st", "f32"), "sum_slices_f16": ("ld", "f32")}
+_FLOAT32_PARTIALS = {"conv2d_wgrad_f16": ("st", "f32"), "conv2d_wgemm_f16": ("st", "f32"),
+                     "sum_slices_f16": ("ld", "f32")}
 
 
 def _float32_partials(name, family):
@@ -124,7 +125,8 @@ def test_float16_kernels_move_half_words_and_compute_in_float32(report):
             if not mover:
                 if family != "sum_slices_f16":
                     assert "cvt.f32.f16" in text, spec.name
-                if family != "conv2d_wgrad_f16" and not spec.name.endswith("_partial"):
+                if (family not in ("conv2d_wgrad_f16", "conv2d_wgemm_f16")
+                        and not spec.name.endswith("_partial")):
                     assert "cvt.rn.f16.f32" in text, spec.name
 
 
@@ -147,6 +149,10 @@ def test_kernels_fit_the_register_file_and_shared_memory(ptxas_rows):
     ("gemm", ("f32", 8, 8, 4, 2, 2, 1)),       # the implicit GEMM's simulator tile
     ("gemm", ("f16", 8, 8, 4, 2, 2, 1)),
     ("gemm", ("f64", 8, 8, 4, 2, 2, 1)),
+    ("igemm", ("f32", 8, 8, 4, 2, 2, 1)),      # the implicit-GEMM gradients' simulator tile
+    ("igemm", ("f16", 8, 8, 4, 2, 2, 1)),
+    ("wgemm", ("f32", 8, 8, 4, 2, 2, 1)),
+    ("wgemm", ("f16", 8, 8, 4, 2, 2, 1)),
     ("local", ("f32", 3, 2, 2, 2, 2, 1)),   # the forced remainder tests' kernels
     ("local", ("f64", 3, 2, 2, 2, 2, 1)),
     ("local", ("f16", 3, 2, 2, 2, 2, 1, True)),
@@ -155,12 +161,14 @@ def test_kernels_fit_the_register_file_and_shared_memory(ptxas_rows):
     ("local", ("f16", 3, 2, 2, 2, 2, 1, True, "blocks")),
 ])
 def test_small_test_specialisations_compile_without_spills(spec_args):
-    from gpuconv.cuda import conv2d_gemm, kernels as kernels
+    from gpuconv.cuda import conv2d_gemm, conv2d_gemm_grad, kernels as kernels
     from gpuconv.cuda import ptx as _cuda_ptx
 
     family, args = spec_args
     factory = {"conv2d": kernels.conv2d_kernel, "local": kernels.local_conv2d_kernel,
-               "gemm": conv2d_gemm.conv2d_gemm_kernel}[family]
+               "gemm": conv2d_gemm.conv2d_gemm_kernel,
+               "igemm": conv2d_gemm_grad.input_grad_gemm_kernel,
+               "wgemm": conv2d_gemm_grad.weight_grad_gemm_kernel}[family]
     spec = factory(*args)
     ptx = _cuda_ptx.compile_ptx(spec, (9, 0))
     if _cuda_ptx.find_ptxas() is None:

@@ -39,7 +39,7 @@ pytestmark = pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))
 
 def _family_specialisations(dtype):
     """``{kernel name: spec}`` of what the new operations launch on typical layers."""
-    from gpuconv.cuda import grad_kernels, kernels
+    from gpuconv.cuda import grad_kernels, kernels, launch
     from gpuconv.geometry import conv_geometry
     from gpuconv.transpose import transpose_geometry
 
@@ -48,7 +48,7 @@ def _family_specialisations(dtype):
     t = transpose_geometry((8, 64, 16, 16), (64, 32, 4, 4), False, 2, 1, 0, 1, 1)
     g = conv_geometry(t.reached_shape, (4, 4), 64, t.stride, t.forward_padding, t.dilation,
                       t.groups)
-    specs.append(grad_kernels.conv2d_input_grad_config(g, dtype).kernel)
+    specs.append(launch.conv2d_input_grad_config(g, dtype).kernel)  # 32 channels: GEMM
     specs.append(grad_kernels.local_conv2d_input_grad_config(g, dtype).kernel)
     # the transposes' bias: a depthwise 1 x 1 forward with unit weights
     e = conv_geometry((8, 32, 32, 32), (1, 1), 32, 1, 0, 1, 32)

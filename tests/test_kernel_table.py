@@ -102,3 +102,52 @@ def test_script_reads_registers_from_ptxas(capsys):
     assert "ptxas sm_90" in out
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| deepface-l6")]
     assert rows and all(0 < int(cells[3]) <= 255 for cells in rows)
+
+
+def test_channel_heavy_layers_get_gemm_rows_that_follow_the_dispatcher():
+    """ResNet-50 res2 (64 channels): the forward GEMM and both GEMM gradients are modelled
+    (a predicted time each), the split-K weight gradient's slice sum too, and the row's
+    blocks are the launch's."""
+    from gpuconv import workloads
+    from gpuconv.cuda import launch, predict
+
+    layer = workloads.LAYERS["resnet50-res2-3x3"]
+    geom = workloads.gpu_geometry(layer)
+    rows = {r.kernel: r for r in predict.layer_rows(layer, np.float32)}
+    igrad = launch.conv2d_input_grad_config(geom, np.float32)
+    wgrad = launch.conv2d_weight_grad_config(geom, np.float32)
+    for config in (igrad, wgrad):
+        row = rows[config.kernel.name]
+        assert row.blocks == int(np.prod(config.grid))
+        assert row.time_s > 0 and 0 < row.roofline_share <= row.hidden_share <= 1
+        assert row.sectors_per_fma > 0 and row.lds_wavefronts_per_fma > 0
+        # every operand read once at least: (x + w + y) / FMA, bytes
+        assert row.dram_bytes_per_fma >= 4 * (geom.batch * 64 * 56 * 56 * 2) / (
+            geom.batch * 64 * 56 * 56 * 64 * 9)
+    assert wgrad.slices > 1 and rows["sum_slices_f32"].time_s > 0
+    forward = [r for r in rows.values() if r.kernel.startswith("conv2d_gemm_f32_")]
+    assert len(forward) == 1 and forward[0].time_s > 0
+    # The tile's shared reads: 8 + 4 words a k step for 32 FMAs a thread, one wavefront each.
+    assert rows[igrad.kernel.name].lds_wavefronts_per_fma == pytest.approx(12 / (32 * 32))
+
+
+def test_phase_taps_by_hand():
+    from gpuconv.cuda import predict
+
+    # stride 2, a 3-tap kernel, padding 1: phase 0 takes taps 1, phase 1 taps 0 and 2.
+    assert predict._phase_taps(0, 1, 3, 1, 2) == 1
+    assert predict._phase_taps(1, 1, 3, 1, 2) == 2
+    # stride 3 over 2 taps, no padding: phase 2 gets none.
+    assert [predict._phase_taps(r, 0, 2, 1, 3) for r in range(3)] == [1, 1, 0]
+
+
+def test_every_default_suite_layer_gets_rows():
+    """The model covers every kernel the dispatcher picks on the default suite (it once
+    failed on the forward GEMM's one-dimensional block); the conv2d rows are modelled."""
+    from gpuconv import bench, workloads
+    from gpuconv.cuda import predict
+
+    for name in bench.SUITES["default"]:
+        rows = predict.layer_rows(workloads.LAYERS[name], np.float32)
+        conv = [r for r in rows if r.kernel.startswith("conv2d_")]
+        assert conv and all(r.time_s for r in conv if "grad_" not in r.kernel), name

@@ -284,6 +284,31 @@ def test_importing_gpuconv_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_a_tensor_that_requires_grad_reaches_autograd_before_gpuconv_torch_is_imported():
+    # The public functions find the PyTorch layer through ops (gpuconv.torch registers itself
+    # there; gpuconv.torch_hook loads it): in a process that never imported it, the call still
+    # records the graph, and the gradients are torch.nn.functional's in float64.
+    code = """
+import sys, torch, torch.nn.functional as F, gpuconv
+assert "gpuconv.torch" not in sys.modules
+x = torch.randn(2, 3, 7, 6, dtype=torch.float64, requires_grad=True)
+w = torch.randn(4, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+gy = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+got = torch.autograd.grad(gpuconv.conv2d(x, w, device="cpu"), (x, w), gy)
+want = torch.autograd.grad(F.conv2d(x, w), (x, w), gy)
+for a, b in zip(got, want):
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+t = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+gy = torch.randn(2, 2, 9, 8, dtype=torch.float64)
+got = torch.autograd.grad(gpuconv.conv_transpose2d(x, t, device="cpu"), (x, t), gy)
+want = torch.autograd.grad(F.conv_transpose2d(x, t), (x, t), gy)
+for a, b in zip(got, want):
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+assert "gpuconv.torch" in sys.modules
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
 # ------------------------------------------------------------------------------------------
 # modules
 # ------------------------------------------------------------------------------------------

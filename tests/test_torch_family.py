@@ -166,3 +166,18 @@ def test_torch_compile_fullgraph_equals_eager():
     torch.testing.assert_close(y, y_eager, rtol=1e-12, atol=1e-12)
     for a, b in zip(grads, grads_eager):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_compile_with_symbolic_sizes_equals_eager():
+    # dynamic=True traces every size as a symbol (as a recompile for a new batch size does):
+    # the layers' shape checks must compare sizes one by one, not tuples.
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        gt.LocallyConnected1d(3, 2, 3, input_size=8, padding="same", dtype=F64),
+        nn.Unflatten(2, (2, 4)),
+        gt.LocallyConnectedTranspose2d(2, 2, 3, input_size=(2, 4), stride=2, padding=1,
+                                       output_padding=1, dtype=F64))
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for batch in (2, 3):
+        x = _randn(batch, 3, 8)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-12, atol=1e-12)

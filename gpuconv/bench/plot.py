@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..appkit import require_matplotlib
+
 __all__ = ["require_matplotlib", "plot"]
 
 # Shared in blue, unshared in orange; gpuconv solid, the peer lighter and hatched.
@@ -11,14 +13,6 @@ _STYLE = {
     ("local_conv2d", True): dict(color="#ff7f0e"),
     ("local_conv2d", False): dict(color="#ffbb78", hatch="//", edgecolor="#ff7f0e"),
 }
-
-
-def require_matplotlib():
-    """Import matplotlib with the Agg backend; raises ``ImportError`` when it is missing."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot  # noqa: F401
 
 
 def _label(op, impl):

@@ -72,18 +72,7 @@ from .local_conv2d_grad import (local_conv2d_input_grad,
                                 local_conv2d_weight_grad,
                                 local_conv2d_weight_grad_scratch_bytes)
 
-
-
-def jit_functions():
-    """Every Numba-compiled function of the CPU kernel modules (for cache statistics)."""
-    import sys
-
-    from numba.core.dispatcher import Dispatcher
-
-    for name, module in list(sys.modules.items()):
-        if name.startswith(__name__ + ".") and module is not None:
-            yield from (v for v in vars(module).values() if isinstance(v, Dispatcher))
-
+from .jit import jit_functions
 
 __all__ = ["SERIAL_FLOPS", "on_caller_thread", "runs_on_caller_thread", "jit_functions", "choose_cpu_kernel", "conv2d_forward", "conv2d_scratch_bytes", "local_conv2d_forward",
            "local_conv2d_scratch_bytes",

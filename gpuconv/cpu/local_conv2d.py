@@ -14,6 +14,7 @@ from . import threads as _threads
 from .simd import VECTOR_BYTES as _VECTOR_BYTES
 from .simd import prefer_wide_vectors as _prefer_wide_vectors
 from .simd import vfma as _vfma, vload as _vload, vstore as _vstore, vzero as _vzero
+from .simd_ext import vfmav as _vfmav, vload_masked as _vload_masked, vsum_lanes as _vsum_lanes
 
 __all__ = ["local_conv2d_forward", "local_conv2d_scratch_bytes"]
 
@@ -180,6 +181,109 @@ def _local_conv2d_kernel(x, wf, bias, has_bias, out, tiles, windows, tap_off, s_
                             out[b, co, oy, ox] = val
 
 
+# ----------------------------------------------------------------------------------
+# Few images: the vector over the taps
+# ----------------------------------------------------------------------------------
+
+# Batches below this run _local_conv2d_few_images: the batched kernel's vectors run over the
+# batch, so with one image 15 of 16 float32 lanes compute nothing. With two images the
+# batched kernel is already ahead (the tap-vector kernel reads the weights once per image);
+# BENCHMARKS.md, "Per-call cost", has the batch-1 timings.
+_FEW_IMAGES = 2
+
+
+@njit(cache=True)
+def _local_dot_columns(wf, w_base, r_len, patch, p_base, r_pad, mask, count, tile, sums):
+    """``sums[i] = sum_t wf[w_base + i * r_len + t] * patch[p_base + i * r_pad + t]`` for
+    ``i < count <= lanes``: the dot products of ``count`` consecutive output columns' weight
+    rows (``r_len`` each, the caller's layout) with their input windows (``r_pad``, zero
+    past ``r_len``). One vector accumulator per column, over the taps; the weights' last
+    vector is a masked load (the weights after a row are never read, whatever they hold);
+    the lane sums by a fixed tree (:func:`.simd_ext.vsum_lanes`): the same bits every call."""
+    _prefer_wide_vectors()
+    lanes = sums.shape[0]
+    for i in range(count):
+        acc = _vzero(tile)
+        wb = w_base + i * r_len
+        pb = p_base + i * r_pad
+        for t0 in range(0, r_pad, lanes):
+            acc = _vfmav(acc, _vload_masked(wf, wb + t0, mask, t0), _vload(patch, pb + t0))
+        _vstore(tile, i * lanes, acc)
+    for i in range(count, lanes):
+        _vstore(tile, i * lanes, _vzero(tile))
+    _vsum_lanes(tile, 0, sums, 0)
+
+
+@njit(parallel=True, cache=True)
+def _local_conv2d_few_images(x, xf, wf, bias, has_bias, out, patches, tiles, sums, mask,
+                             s_H, s_W, pt, pl, d_H, d_W, groups, k_H, k_W):
+    """The unshared convolution for a batch of one or two images: per job (image, group,
+    output row) the row's input windows are copied into a patch (``W_out x r_pad``, the
+    taps of each column contiguous, in the weights' order, zeros for padding), then each
+    output is the dot product of its weight row with its window, the vector running over
+    the taps. (The batched kernel's vectors run over the batch.)"""
+    n, c_I, h, wd = x.shape
+    c_O, h_O, w_O = out.shape[1], out.shape[2], out.shape[3]
+    c_Og = c_O // groups
+    c_Ig = c_I // groups
+    lanes = sums.shape[1]
+    r_len = c_Ig * k_H * k_W
+    r_pad = mask.shape[0]
+    per_position = bias.shape[1] * bias.shape[2] > 1
+    n_jobs = n * groups * h_O
+    n_threads = patches.shape[0]
+    # output columns [lo, hi) read only columns inside the input
+    lo = min(w_O, -(-pl // s_W))
+    hi = max(lo, min(w_O, (wd - 1 - (k_W - 1) * d_W + pl) // s_W + 1))
+    for thread in prange(n_threads):
+        patch = patches[thread]
+        tile = tiles[thread]
+        sum_row = sums[thread]
+        for ox in range(w_O):  # the taps past r_len stay zero
+            for t in range(r_len, r_pad):
+                patch[np.uint64(ox * r_pad + t)] = 0
+        for job in range(thread, n_jobs, n_threads):
+            oy = job % h_O
+            g = job // h_O % groups
+            b = job // h_O // groups
+            for c in range(c_Ig):
+                for u in range(k_H):
+                    iy = oy * s_H + u * d_H - pt
+                    t0 = (c * k_H + u) * k_W
+                    if iy < 0 or iy >= h:
+                        for ox in range(w_O):
+                            for v in range(k_W):
+                                patch[np.uint64(ox * r_pad + t0 + v)] = 0
+                        continue
+                    row = ((b * c_I + g * c_Ig + c) * h + iy) * wd
+                    for ox in range(lo, hi):  # windows inside the row: no checks
+                        base = ox * r_pad + t0
+                        src = row + ox * s_W - pl
+                        for v in range(k_W):
+                            patch[np.uint64(base + v)] = xf[np.uint64(src + v * d_W)]
+                    for e in range(w_O - (hi - lo)):  # the columns at the two edges
+                        ox = e if e < lo else e + (hi - lo)
+                        base = ox * r_pad + t0
+                        ix0 = ox * s_W - pl
+                        for v in range(k_W):
+                            ix = ix0 + v * d_W
+                            if ix >= 0 and ix < wd:
+                                patch[np.uint64(base + v)] = xf[np.uint64(row + ix)]
+                            else:
+                                patch[np.uint64(base + v)] = 0
+            for co in range(g * c_Og, (g + 1) * c_Og):
+                for ox0 in range(0, w_O, lanes):
+                    count = min(lanes, w_O - ox0)
+                    _local_dot_columns(wf, ((co * h_O + oy) * w_O + ox0) * r_len, r_len,
+                                       patch, ox0 * r_pad, r_pad, mask, count, tile, sum_row)
+                    for i in range(count):
+                        val = sum_row[i]
+                        if has_bias:
+                            val = bias[co, oy if per_position else 0,
+                                       ox0 + i if per_position else 0] + val
+                        out[b, co, oy, ox0 + i] = val
+
+
 def _local_chunk(geom, itemsize, threads):
     """Output columns per job of the unshared kernel: as many as keep the per-thread input
     windows within half of the output's size over all threads (at least one column; at
@@ -225,9 +329,37 @@ def _window_taps(geom, chunk):
     return np.ascontiguousarray(offsets.reshape(-1), dtype=np.int64)
 
 
+@functools.lru_cache(maxsize=256)  # per geometry: computed once, not per call
+def _few_images_layout(geom, itemsize):
+    """``(lanes, r_pad, mask)`` of :func:`_local_conv2d_few_images`: the taps per output
+    rounded up to whole vectors, and the mask of the real ones."""
+    lanes = _VECTOR_BYTES // itemsize
+    r_len = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
+    r_pad = -(-r_len // lanes) * lanes
+    mask = np.zeros(r_pad, dtype=np.uint8)
+    mask[:r_len] = 1
+    mask.setflags(write=False)
+    return lanes, r_pad, mask
+
+
+def _few_images(geom):
+    return geom.batch < _FEW_IMAGES
+
+
 def local_conv2d_scratch_bytes(geom, itemsize):
     """Bytes of scratch :func:`local_conv2d_forward` allocates beyond its output: each
     thread's input window and accumulators."""
+    threads = _threads.count()
+    if _few_images(geom):
+        lanes, r_pad, _ = _few_images_layout(geom, itemsize)
+        return threads * (geom.out_width * r_pad + lanes * lanes + lanes) * itemsize + (1 << 16)
+    layout = _local_layout(geom, itemsize, threads)
+    return threads * (layout.window + layout.lanes + layout.tile) * itemsize + (1 << 16)
+
+
+def slotted_scratch_bytes(geom, itemsize):
+    """Bytes of scratch :func:`slotted_local_conv2d_forward` allocates with slots (the
+    batched kernel's, whatever the batch)."""
     threads = _threads.count()
     layout = _local_layout(geom, itemsize, threads)
     return threads * (layout.window + layout.lanes + layout.tile) * itemsize + (1 << 16)
@@ -239,7 +371,8 @@ def local_conv2d_forward(x, weight, bias, has_bias, out, geom):
     Extra memory, per thread: the zero-padded input window of one chunk of output columns
     (``C_in/groups x k_H x w_C x N``), sized by :func:`_local_chunk` to stay within half of
     the output over all threads, and that chunk's accumulators; the weights are read in
-    place, once, in order.
+    place, once, in order. A batch of one image runs :func:`_local_conv2d_few_images`
+    instead (per thread: one output row's input windows, ``W_out x r_pad``).
     """
     return slotted_local_conv2d_forward(x, weight, bias, has_bias, out, geom, None, None)
 
@@ -248,8 +381,19 @@ def slotted_local_conv2d_forward(x, weight, bias, has_bias, out, geom, slot_rows
     """:func:`local_conv2d_forward` with the weights ``(C_out, T_h, T_w, C_in/groups, kH,
     kW)`` of kernel slots: output row ``oy`` takes slot row ``slot_rows[oy]``, column ``ox``
     slot column ``slot_cols[ox]`` (int64 arrays), and a bias per position is one per slot.
-    ``None`` for both is :func:`local_conv2d_forward` itself (its own specialisation)."""
+    ``None`` for both is :func:`local_conv2d_forward` itself (its own specialisation). With
+    slots, a batch of one image runs the batched kernel too (:func:`slotted_scratch_bytes`)."""
     threads = _threads.count()
+    if _few_images(geom) and slot_rows is None:  # (the one-image kernel reads no slots)
+        lanes, r_pad, mask = _few_images_layout(geom, x.dtype.itemsize)
+        patches = np.empty((threads, geom.out_width * r_pad), dtype=x.dtype)
+        tiles = np.empty((threads, lanes * lanes), dtype=x.dtype)
+        sums = np.empty((threads, lanes), dtype=x.dtype)
+        _local_conv2d_few_images(x, x.reshape(-1), weight.reshape(-1), bias, has_bias, out,
+                                 patches, tiles, sums, mask, geom.stride_h, geom.stride_w, geom.pad_top,
+                                 geom.pad_left, geom.dilation_h, geom.dilation_w, geom.groups,
+                                 geom.kernel_height, geom.kernel_width)
+        return out
     layout = _local_layout(geom, x.dtype.itemsize, threads)
     chunk = layout.chunk
     windows = np.empty((threads, layout.window + layout.lanes), dtype=x.dtype)

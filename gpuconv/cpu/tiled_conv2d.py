@@ -40,7 +40,7 @@ from .conv2d import conv2d_forward, conv2d_scratch_bytes
 from .conv2d_grad import (conv2d_input_grad, conv2d_input_grad_scratch_bytes,
                           conv2d_weight_grad, conv2d_weight_grad_scratch_bytes)
 from .local_conv2d import (local_conv2d_forward, local_conv2d_scratch_bytes,
-                           slotted_local_conv2d_forward)
+                           slotted_local_conv2d_forward, slotted_scratch_bytes)
 from .local_conv2d_grad import (local_conv2d_input_grad, local_conv2d_input_grad_scratch_bytes,
                                 local_conv2d_weight_grad,
                                 local_conv2d_weight_grad_scratch_bytes,
@@ -72,7 +72,9 @@ def tiled_conv2d_scratch_bytes(geom, itemsize):
     the kernel it runs."""
     if geom.shared:
         return conv2d_scratch_bytes(geom.untiled, itemsize)
-    return local_conv2d_scratch_bytes(geom.untiled, itemsize)
+    if geom.unshared:
+        return local_conv2d_scratch_bytes(geom.untiled, itemsize)
+    return slotted_scratch_bytes(geom.untiled, itemsize)
 
 
 def tiled_conv2d_forward(x, weight, bias, has_bias, out, geom):

@@ -31,7 +31,7 @@ import numpy as np
 from numba import cuda, int32, int64, types, uint64
 
 from .. import workloads
-from . import conv2d_gemm, grad_kernels
+from . import conv2d_gemm, conv2d_gemm_grad, grad_kernels, tiled_kernels
 from .spec import (_COMPUTE, _NUMPY, _SCALAR, CODES, GRID_YZ_LIMIT, LOCAL_STAGE_BYTES,
                    SHARED_BUDGET_BYTES, SHARED_LIMIT_BYTES, KernelSpec, _array,
                    _conv2d_launch_bounds, _even_split, _pow2_at_least, _rename,
@@ -857,8 +857,6 @@ def workload_specialisations(codes=CODES):
     forward in both tilings (local_conv2d's launch with slots) and its slot helpers
     (:mod:`gpuconv.cuda.tiled`). Returns a list of :class:`KernelSpec`.
     """
-    from . import tiled
-
     specs = {}
     for code in codes:
         dtype = _NUMPY[code]
@@ -874,8 +872,12 @@ def workload_specialisations(codes=CODES):
                 specs.setdefault(spec.name, spec)
             for spec, _ in grad_kernels.grad_specialisations(geom, dtype):
                 specs.setdefault(spec.name, spec)
-        for spec in (copy_kernel(code), tiled.expand_slots_kernel(code),
-                     tiled.sum_slots_kernel(code)):
+            if conv2d_gemm_grad.use_gemm_grad(geom):  # channel-heavy conv2d gradients
+                for config in (conv2d_gemm_grad.input_grad_gemm_config(geom, dtype),
+                               conv2d_gemm_grad.weight_grad_gemm_config(geom, dtype)):
+                    specs.setdefault(config.kernel.name, config.kernel)
+        for spec in (copy_kernel(code), tiled_kernels.expand_slots_kernel(code),
+                     tiled_kernels.sum_slots_kernel(code)):
             specs.setdefault(spec.name, spec)
     return list(specs.values())
 

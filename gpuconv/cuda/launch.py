@@ -30,7 +30,7 @@ import threading
 import numpy as np
 from numba import cuda
 
-from . import conv2d_gemm, grad_kernels, kernels
+from . import conv2d_gemm, conv2d_gemm_grad, grad_kernels, kernels
 from ..device import (DLPACK_CUDA_DEVICES, FreeMemory, c_strides, is_c_contiguous,
                       simulator_enabled)
 
@@ -312,13 +312,40 @@ def local_conv2d_scratch_elements(geom, dtype):
 # dtype)`` allocates scratch (default: Numba device arrays).
 # --------------------------------------------------------------------------------------------
 
+def conv2d_input_grad_config(geom, dtype):
+    """The conv2d input gradient's kernel for ``geom``: the implicit GEMM of
+    :mod:`~gpuconv.cuda.conv2d_gemm_grad` for channel-heavy layers
+    (:func:`~gpuconv.cuda.conv2d_gemm_grad.use_gemm_grad`), else the direct kernel."""
+    if conv2d_gemm_grad.use_gemm_grad(geom):
+        return conv2d_gemm_grad.input_grad_gemm_config(geom, dtype)
+    return grad_kernels.conv2d_input_grad_config(geom, dtype)
+
+
+def conv2d_weight_grad_config(geom, dtype):
+    """The conv2d weight gradient's kernel for ``geom``, chosen as the input gradient's."""
+    if conv2d_gemm_grad.use_gemm_grad(geom):
+        return conv2d_gemm_grad.weight_grad_gemm_config(geom, dtype)
+    return grad_kernels.conv2d_weight_grad_config(geom, dtype)
+
+
+def conv2d_weight_grad_scratch_elements(geom, dtype):
+    """Device scratch of :func:`launch_conv2d_weight_grad` (the chosen kernel's partial sums),
+    in elements of ``dtype``."""
+    if conv2d_gemm_grad.use_gemm_grad(geom):
+        return conv2d_gemm_grad.weight_grad_gemm_scratch(geom, dtype)
+    return grad_kernels.conv2d_weight_grad_scratch_elements(geom, dtype)
+
+
 def launch_conv2d_input_grad(grad_output, weight, out, geom, stream, empty=None, config=None):
     """``out (n, c_I, h, w)`` = the gradient of conv2d's input, from ``grad_output
     (n, c_O, h_O, w_O)`` and ``weight (c_O, c_Ig, k_H, k_W)``. No scratch."""
     if geom.batch == 0:
         return
-    config = config or grad_kernels.conv2d_input_grad_config(geom, out.dtype)
+    config = config or conv2d_input_grad_config(geom, out.dtype)
     kernel = kernels.compiled(config.kernel)
+    if isinstance(config, conv2d_gemm_grad.InputGradGemmConfig):  # channel-heavy layers
+        return conv2d_gemm_grad.launch_input_grad(kernel, config, _flat(grad_output),
+                                                  _flat(weight), _flat(out), geom, stream)
     kernel[config.grid, config.block, stream, config.shared_bytes](
         _flat(grad_output),         # (n, c_O, h_O, w_O)
         _flat(weight),              # (c_O, c_Ig, k_H, k_W)
@@ -343,13 +370,16 @@ def launch_conv2d_weight_grad(x, grad_output, out, geom, stream, empty=None, con
     sums stay float32), the partial sums go to a scratch array of
     :func:`~gpuconv.cuda.grad_kernels.partial_dtype` from ``empty``, then a second kernel
     adds them in order."""
-    config = config or grad_kernels.conv2d_weight_grad_config(geom, out.dtype)
+    config = config or conv2d_weight_grad_config(geom, out.dtype)
     size = out.size
     new = empty or _numba_empty(stream)
     direct = config.slices == 1 and config.scratch_elements == 0
     part = out if direct else new((max(config.slices, 1) * size,),
                                   grad_kernels.partial_dtype(out.dtype))
-    if config.slices > 0:
+    if config.slices > 0 and isinstance(config, conv2d_gemm_grad.WeightGradGemmConfig):
+        conv2d_gemm_grad.launch_weight_grad(kernels.compiled(config.kernel), config, _flat(x),
+                                            _flat(grad_output), _flat(part), geom, stream)
+    elif config.slices > 0:
         kernel = kernels.compiled(config.kernel)
         kernel[config.grid, config.block, stream](
             _flat(x),                   # (n, c_I, h, w)
@@ -513,26 +543,41 @@ class _Plan:
 _CONFIG = {
     "conv2d": kernels.conv2d_config,
     "local_conv2d": kernels.local_conv2d_config,
-    "conv2d_input": grad_kernels.conv2d_input_grad_config,
-    "conv2d_weight": grad_kernels.conv2d_weight_grad_config,
+    "conv2d_input": conv2d_input_grad_config,
+    "conv2d_weight": conv2d_weight_grad_config,
     "local_conv2d_input": grad_kernels.local_conv2d_input_grad_config,
     "local_conv2d_weight": grad_kernels.local_conv2d_weight_grad_config,
 }
 
 
-def _tiled_config(name):
-    """A configuration function of :mod:`gpuconv.cuda.tiled` (which imports this module)."""
-    def config(geom, dtype):
-        from . import tiled
+def tiled_conv2d_config(geom, dtype):
+    """The configuration of what :func:`gpuconv.cuda.tiled.launch_tiled_conv2d` launches:
+    conv2d's kernel at ``T = (1, 1)``, local_conv2d's at ``T = (H_out, W_out)``, else
+    local_conv2d's tiled specialisation (``geom`` a :class:`~gpuconv.geometry.TiledGeometry`)."""
+    if geom.shared:
+        return kernels.conv2d_config(geom.untiled, dtype)
+    return kernels.local_conv2d_config(geom.untiled, dtype,
+                                       None if geom.unshared else geom.tiling)
 
-        return getattr(tiled, name)(geom, dtype)
-    return config
+
+def tiled_conv2d_input_grad_config(geom, dtype):
+    """conv2d's input-gradient configuration at ``T = (1, 1)``, else local_conv2d's."""
+    if geom.shared:
+        return conv2d_input_grad_config(geom.untiled, dtype)
+    return grad_kernels.local_conv2d_input_grad_config(geom.untiled, dtype)
+
+
+def tiled_conv2d_weight_grad_config(geom, dtype):
+    """conv2d's weight-gradient configuration at ``T = (1, 1)``, else local_conv2d's."""
+    if geom.shared:
+        return conv2d_weight_grad_config(geom.untiled, dtype)
+    return grad_kernels.local_conv2d_weight_grad_config(geom.untiled, dtype)
 
 
 _CONFIG.update({
-    "tiled_conv2d": _tiled_config("tiled_conv2d_config"),
-    "tiled_conv2d_input": _tiled_config("tiled_conv2d_input_grad_config"),
-    "tiled_conv2d_weight": _tiled_config("tiled_conv2d_weight_grad_config"),
+    "tiled_conv2d": tiled_conv2d_config,
+    "tiled_conv2d_input": tiled_conv2d_input_grad_config,
+    "tiled_conv2d_weight": tiled_conv2d_weight_grad_config,
 })
 
 

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import grad_kernels, kernels
+from . import conv2d_gemm, conv2d_gemm_grad, grad_kernels, kernels
 
 __all__ = ["H200", "Device", "occupancy", "KernelRow", "layer_rows", "format_rows"]
 
@@ -309,6 +309,202 @@ def _conv2d_row(layer, geom, dtype, info, device):
                      flops / time / roof, flops / hidden / roof)
 
 
+# Warp instructions per staged element of the implicit-GEMM kernels (guard, address, load,
+# conversion, shared store), and per chunk and warp besides the k steps (barrier, buffer
+# switch, chunk and tap counters): estimates from the kernels' source, not read from SASS.
+_GEMM_STAGE_INSTR = 8
+_GEMM_CHUNK_INSTR = 30
+
+
+def _gemm_tile(name):
+    """``(tile_m, tile_n, tile_k, thread_m, thread_n)`` from an implicit-GEMM kernel name
+    (``..._t128x64_k8_r8x4_o2``)."""
+    tm, tn = (int(v) for v in name.split("_t")[1].split("_")[0].split("x"))
+    tk = int(name.split("_k")[-1].split("_")[0])
+    rm, rn = (int(v) for v in name.split("_r")[-1].split("_")[0].split("x"))
+    return tm, tn, tk, rm, rn
+
+
+def _phase_taps(r, pad, k, d, s):
+    """Taps of one kernel axis that reach input phase ``r`` (the input gradient's gather)."""
+    return sum(1 for t in range(k) if (r + pad - t * d) % s == 0)
+
+
+def _gemm_row(layer, geom, dtype, kind, config, info, device):
+    """A row of an implicit-GEMM kernel: ``kind`` ``"forward"`` (:mod:`.conv2d_gemm`),
+    ``"input"`` or ``"weight"`` (:mod:`.conv2d_gemm_grad`).
+
+    The tile's work counts padding (whole chunks of whole tiles); shared reads are a warp's
+    ``thread_m + thread_n`` words a k step (consecutive words: one wavefront each, two for
+    float64); the staging loads of one chunk of the first block are walked at the kernel's
+    own addresses (the first tap that applies, away from the padding) for sectors and lines;
+    double buffering hides a chunk's load latency behind the previous chunk's FMAs, so a
+    chunk costs the larger of the two.
+    """
+    itemsize = np.dtype(dtype).itemsize
+    code = kernels.dtype_code(dtype)
+    cs = np.dtype(kernels._NUMPY[kernels.compute_code(code)]).itemsize
+    BM, BN, BK, TM, TN = _gemm_tile(config.kernel.name)
+    MT, NSTEP = BM // TM, BN // TN
+    threads = MT * NSTEP
+    warps = -(-threads // 32)
+    blocks = math.prod(config.grid)
+    g = geom
+    khw = g.kernel_height * g.kernel_width
+    n_pq = g.out_height * g.out_width
+    hw = g.in_height * g.in_width
+    c_ig, c_og = g.in_channels_per_group, g.out_channels_per_group
+    chunks_of = lambda n: -(-n // BK)  # noqa: E731
+    if kind == "forward":
+        block_chunks = blocks * khw * chunks_of(c_ig)
+    elif kind == "input":
+        taps = sum(_phase_taps(ry, g.pad_top, g.kernel_height, g.dilation_h, g.stride_h)
+                   * _phase_taps(rx, g.pad_left, g.kernel_width, g.dilation_w, g.stride_w)
+                   for ry in range(g.stride_h) for rx in range(g.stride_w))
+        block_chunks = config.tiles_m * config.grid[1] * taps * chunks_of(c_og)
+    else:
+        m_total = g.batch * n_pq
+        per_slice = [min(config.k_slice, m_total - z * config.k_slice)
+                     for z in range(config.slices)]
+        block_chunks = config.grid[0] * config.grid[1] * sum(chunks_of(k) for k in per_slice)
+    chunks_per_block = block_chunks / max(blocks, 1)
+
+    # One chunk of the first block, each thread's loads at the kernel's addresses.
+    def first_tap(r, pad, k, d, s):
+        return next((t for t in range(k) if (r + pad - t * d) % s == 0), 0)
+
+    def position(m, width, height):
+        img, rest = divmod(m, width * height)
+        return img, rest // width, rest % width
+
+    loads = []  # (thread, flat address or None), grouped per staged register
+    if kind == "forward":
+        LA, AS, LB, BS = BM * BK // threads, threads // BM, BN * BK // threads, threads // BK
+        ky, kx = g.kernel_height // 2, g.kernel_width // 2
+        for j in range(LA):
+            group = []
+            for t in range(threads):
+                img, oy, ox = position(t % BM, g.out_width, g.out_height)
+                iy = oy * g.stride_h - g.pad_top + ky * g.dilation_h
+                ix = ox * g.stride_w - g.pad_left + kx * g.dilation_w
+                c = t // BM + j * AS
+                ok = img < g.batch and 0 <= iy < g.in_height and 0 <= ix < g.in_width
+                group.append(((img * g.in_channels + c) * g.in_height + iy) * g.in_width + ix
+                             if ok and c < c_ig else None)
+            loads.append(group)
+        for j in range(LB):
+            loads.append([((t // BK + j * BS) * c_ig + t % BK) * khw + ky * g.kernel_width + kx
+                          if t // BK + j * BS < c_og and t % BK < c_ig else None
+                          for t in range(threads)])
+    elif kind == "input":
+        # a thread stages PA pixels ``threads`` apart, AK channels AS apart for each
+        PA, AS = max(1, BM // threads), max(1, threads // BM)
+        LA, LB, BS = BM * BK // threads, BN * BK // threads, threads // BN
+        ky = first_tap(0, g.pad_top, g.kernel_height, g.dilation_h, g.stride_h)
+        kx = first_tap(0, g.pad_left, g.kernel_width, g.dilation_w, g.stride_w)
+        h_u, w_u = -(-g.in_height // g.stride_h), -(-g.in_width // g.stride_w)
+        for p, j in ((p, j) for p in range(PA) for j in range(BK // AS)):
+            group = []
+            for t in range(threads):
+                img, u, v = position(t % BM + p * threads, w_u, h_u)
+                c = t // BM + j * AS
+                ok = img < g.batch and u < g.out_height and v < g.out_width and c < c_og
+                group.append(((img * g.out_channels + c) * g.out_height + u) * g.out_width + v
+                             if ok else None)
+            loads.append(group)
+        for j in range(LB):
+            loads.append([((t // BN + j * BS) * c_ig + t % BN) * khw + ky * g.kernel_width + kx
+                          if t // BN + j * BS < c_og and t % BN < c_ig else None
+                          for t in range(threads)])
+    else:
+        KT = threads // BK
+        LA, LB = BM * BK // threads, BN * BK // threads
+        for j in range(LA):
+            group = []
+            for t in range(threads):
+                col = t // BK + j * KT
+                ci, tap = divmod(col, khw)
+                ky, kx = divmod(tap, g.kernel_width)
+                img, oy, ox = position(t % BK + n_pq // 2, g.out_width, g.out_height)
+                iy = oy * g.stride_h - g.pad_top + ky * g.dilation_h
+                ix = ox * g.stride_w - g.pad_left + kx * g.dilation_w
+                ok = ci < c_ig and 0 <= iy < g.in_height and 0 <= ix < g.in_width
+                group.append(((img * g.in_channels + ci) * g.in_height + iy) * g.in_width + ix
+                             if ok else None)
+            loads.append(group)
+        for j in range(LB):
+            group = []
+            for t in range(threads):
+                img, oy, ox = position(t % BK + n_pq // 2, g.out_width, g.out_height)
+                co = t // BK + j * KT
+                group.append(((img * g.out_channels + co) * g.out_height + oy) * g.out_width
+                             + ox if co < c_og else None)
+            loads.append(group)
+    instr = sectors = lines = 0
+    for group in loads:
+        for w0 in range(0, threads, 32):
+            found = [a for a in group[w0:w0 + 32] if a is not None]
+            instr += 1
+            sectors += len({a * itemsize // 32 for a in found})
+            lines += len({a * itemsize // 128 for a in found})
+    chunk_fma = BM * BN * BK
+    sectors_per_fma = sectors / chunk_fma
+    lines_per_load = lines / max(instr, 1)
+    wave_a = max(1, -(-min(MT, 32) * cs // 128))
+    wave_b = max(1, -(-max(1, 32 // MT) * cs // 128))
+    lds_per_chunk = warps * BK * (TM * wave_a + TN * wave_b)
+    lds_per_fma = lds_per_chunk / chunk_fma
+
+    registers = info.registers if info else 65536 // math.prod(config.kernel.launch_bounds)
+    smem = 2 * BK * (BM + BN + 8) * cs if info is None else info.static_smem
+    per_sm = occupancy(threads, registers, smem, device)
+    waves = blocks / (device.sms * max(per_sm, 1))
+    ffma = block_chunks * warps * TM * TN * BK
+    lds = block_chunks * lds_per_chunk
+    issue = ffma + block_chunks * warps * (BK * (TM + TN) + (LA + LB) * _GEMM_STAGE_INSTR
+                                           + _GEMM_CHUNK_INSTR)
+    fma = g.batch * g.out_channels * n_pq * c_ig * khw
+    flops = 2 * fma
+    weights = g.out_channels * c_ig * khw
+    x_el = g.batch * g.in_channels * hw
+    y_el = g.batch * g.out_channels * n_pq
+    dram = (weights + x_el + y_el) * itemsize
+    if kind == "weight" and config.scratch_elements:  # partial sums written, read, summed
+        dram += 2 * config.scratch_elements * cs
+    # The activations stream from DRAM, the weights stay in L2: a chunk's loads (all in
+    # flight at once) against the previous chunk's FMAs on the SM's 4 schedulers, shared
+    # with the other resident blocks.
+    latency = device.dram_latency_s if kind != "input" else device.l2_latency_s
+    chunk_compute = warps * TM * TN * BK / 4 / device.clock_hz * max(per_sm, 1)
+    time, bound, hidden = _time(device, blocks, per_sm, ffma, lds, issue, dram, 0,
+                                max(latency, chunk_compute), chunks_per_block)
+    roof = _roofline(g, flops, itemsize, weights, device)
+    return KernelRow(layer, config.kernel.name, registers, smem, threads, blocks, per_sm,
+                     per_sm * warps / device.max_warps, waves, sectors_per_fma,
+                     lines_per_load, lds_per_fma, dram / fma, bound, time,
+                     flops / time / roof, flops / hidden / roof)
+
+
+def predicted_backward_s(rows, kernels_of_call):
+    """Predicted time of a backward pass: the sum of the rows whose kernels it launches."""
+    return sum(r.time_s for r in rows if r.kernel in kernels_of_call and r.time_s)
+
+
+def _sum_row(layer, geom, dtype, slices, info, device):
+    """The slice sum after a split-K weight gradient: DRAM-bound, the partial sums (compute
+    type) read once and the weights written once."""
+    code = kernels.dtype_code(dtype)
+    spec = grad_kernels.sum_slices_kernel(code)
+    size = geom.out_channels * geom.in_channels_per_group * geom.kernel_height * (
+        geom.kernel_width)
+    blocks = max(1, min(-(-size // 256), 65535))
+    row = _plain_row(layer, spec, (blocks,), (256,), 0, info(spec), device)
+    cs = np.dtype(kernels._NUMPY[kernels.compute_code(code)]).itemsize
+    dram = slices * size * cs + size * np.dtype(dtype).itemsize
+    return row._replace(dram_bytes_per_fma=None, bound="DRAM",
+                        time_s=dram / device.copy_bytes_per_s)
+
+
 def _plain_row(layer, spec, grid, block, shared_bytes, info, device):
     """A kernel whose traffic is not modelled yet: resources, occupancy and waves."""
     threads = math.prod(block) if isinstance(block, tuple) else block
@@ -340,7 +536,11 @@ def layer_rows(layer, dtype=np.float32, ptxas=None, device=H200, gradients=True,
 
     local = kernels.local_conv2d_config(geom, dtype)
     conv = kernels.conv2d_config(geom, dtype)
-    rows = [_conv2d_row(name, geom, dtype, info(conv.kernel, conv.shared_bytes), device),
+    if isinstance(conv, conv2d_gemm.Conv2dGemmConfig):  # channel-heavy: the implicit GEMM
+        conv_row = _gemm_row(name, geom, dtype, "forward", conv, info(conv.kernel), device)
+    else:
+        conv_row = _conv2d_row(name, geom, dtype, info(conv.kernel, conv.shared_bytes), device)
+    rows = [conv_row,
             _local_row(name, geom, dtype, info(local.kernel, local.shared_bytes), device)]
     if local.slices > 1:
         spec = grad_kernels.sum_slices_kernel(kernels.dtype_code(dtype))
@@ -348,12 +548,21 @@ def layer_rows(layer, dtype=np.float32, ptxas=None, device=H200, gradients=True,
         rows.append(_plain_row(name, spec, (max(1, min(-(-size // 256), 65535)),), (256,), 0,
                                info(spec), device))
     if gradients:
-        for config in (grad_kernels.conv2d_input_grad_config(geom, dtype),
-                       grad_kernels.conv2d_weight_grad_config(geom, dtype),
-                       grad_kernels.local_conv2d_input_grad_config(geom, dtype),
-                       grad_kernels.local_conv2d_weight_grad_config(geom, dtype)):
+        from .launch import conv2d_input_grad_config, conv2d_weight_grad_config
+
+        for kind, config in (("input", conv2d_input_grad_config(geom, dtype)),
+                             ("weight", conv2d_weight_grad_config(geom, dtype)),
+                             (None, grad_kernels.local_conv2d_input_grad_config(geom, dtype)),
+                             (None, grad_kernels.local_conv2d_weight_grad_config(geom, dtype))):
             shared = getattr(config, "shared_bytes", 0)
             if config.grid is None:
+                continue
+            if isinstance(config, (conv2d_gemm_grad.InputGradGemmConfig,
+                                   conv2d_gemm_grad.WeightGradGemmConfig)):
+                rows.append(_gemm_row(name, geom, dtype, kind, config, info(config.kernel),
+                                      device))
+                if kind == "weight" and config.scratch_elements:
+                    rows.append(_sum_row(name, geom, dtype, config.slices, info, device))
                 continue
             rows.append(_plain_row(name, config.kernel, tuple(config.grid),
                                    tuple(config.block), shared, info(config.kernel, shared),

@@ -1,9 +1,10 @@
 """What every CUDA kernel module shares: the kernel spec, dtype codes, limits and helpers.
 
 The kernel modules (:mod:`gpuconv.cuda.kernels`, the forward factories and the choice of
-kernel per geometry; :mod:`gpuconv.cuda.grad_kernels`; :mod:`gpuconv.cuda.conv2d_gemm`)
-build on this one and on nothing of each other's below them: ``kernels`` chooses among
-them, so it imports the other two, never the other way round.
+kernel per geometry; :mod:`gpuconv.cuda.grad_kernels`; :mod:`gpuconv.cuda.conv2d_gemm`;
+:mod:`gpuconv.cuda.conv2d_gemm_grad`) build on this one and on nothing of each other's below
+them: ``kernels`` chooses among them, so it imports the others, never the other way round
+(the choice between the two conv2d gradient kernels is made in :mod:`gpuconv.cuda.launch`).
 
 A factory returns a :class:`KernelSpec`: the bare Python function, its Numba signature, its
 name and launch bounds; :func:`compiled` turns a spec into a launchable kernel.

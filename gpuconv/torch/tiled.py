@@ -1,9 +1,8 @@
 """PyTorch layer of the tiled convolution: :func:`tiled_conv2d` and :class:`TiledConv2d`.
 
-Reached as ``gpuconv.torch.<name>`` (this module is imported on first use of one of its
-names there); built on :mod:`gpuconv.torch`'s machinery, with three custom operators of its
-own, each with a fake kernel for ``torch.compile`` and the autograd formula of the other
-operators (:func:`gpuconv.torch._register_autograd`)::
+Reached as ``gpuconv.torch.<name>``; built on :mod:`.layers`' machinery, with three custom
+operators of its own, each with a fake kernel for ``torch.compile`` and the autograd formula
+of the other operators (:func:`.layers._register_autograd`)::
 
     gpuconv::tiled_conv2d(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding,
                           int[] dilation, int groups, str tiling) -> Tensor
@@ -22,9 +21,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .geometry import TILINGS, get_conv_outsize, pair
-from .torch import (_GEOMETRY, _autocast, _check_fake, _check_padding_mode, _check_tensors,
-                    _define, _explicit_geometry, _geometry_args, _pad_input, _register_autograd, _run)
+from ..geometry import TILINGS, get_conv_outsize, pair
+from ..ops import register_autograd
+from .layers import (_GEOMETRY, _autocast, _check_fake, _check_padding_mode, _check_tensors,
+                     _define, _explicit_geometry, _geometry_args, _pad_input,
+                     _register_autograd, _run, check_autograd_call)
 
 __all__ = ["tiled_conv2d", "TiledConv2d"]
 
@@ -251,3 +252,15 @@ class TiledConv2d(nn.Module):
             if conv.bias is not None:
                 layer.bias.copy_(conv.bias[:, None, None].expand(layer.bias.shape))
         return layer
+
+
+def autograd_forward(op_name, arrays, stride, padding, dilation, groups, device, tiling):
+    """:func:`gpuconv.tiled_conv2d` on tensors that require grad: the same call through the
+    differentiable operators, on the tensors' device."""
+    check_autograd_call(arrays, device)
+    return tiled_conv2d(arrays["x"], arrays["weight"], arrays["bias"], stride, padding,
+                        dilation, groups, tiling=tiling)
+
+
+# gpuconv.tiled_conv2d sends tensors that require grad here.
+register_autograd("tiled_forward", autograd_forward)

@@ -1,41 +1,6 @@
-"""PyTorch layers on gpuconv's kernels: custom operators, autograd, functional ops and modules.
-
-Install with ``pip install "gpuconv[torch]"``; nothing else in gpuconv imports PyTorch.
-
-- Functional, autograd-aware: :func:`conv2d` and :func:`local_conv2d` (tensors in, tensors out,
-  like ``torch.nn.functional.conv2d``).
-- The tiled convolution (:func:`tiled_conv2d`, :class:`TiledConv2d`, with operators of its
-  own) lives in :mod:`gpuconv.torch_tiled`, reached here on first use.
-- Modules: :class:`Conv2d` (a drop-in for ``torch.nn.Conv2d`` with zeros padding: same
-  parameter names, shapes and initialisation, so a ``state_dict`` loads into either) and
-  :class:`LocallyConnected2d` (unshared weights: one kernel per output position).
-- Custom operators (``torch.library.custom_op``), each with a fake (shape-only) kernel for
-  ``torch.compile`` and an autograd formula, with CPU and CUDA kernels registered per device::
-
-      gpuconv::conv2d(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding,
-                      int[] dilation, int groups) -> Tensor
-      gpuconv::local_conv2d(Tensor x, Tensor weight, Tensor? bias, int[] stride,
-                            int[] padding, int[] dilation, int groups) -> Tensor
-      gpuconv::conv2d_input(SymInt[] input_size, Tensor weight, Tensor grad_output, ...) -> Tensor
-      gpuconv::conv2d_weight(Tensor input, SymInt[] weight_size, Tensor grad_output, ...) -> Tensor
-      gpuconv::local_conv2d_input(...), gpuconv::local_conv2d_weight(...)  (the same)
-
-  where ``...`` is ``int[] stride, int[] padding, int[] dilation, int groups``. The operators
-  take 4-D inputs and explicit geometry: ``stride`` and ``dilation`` ``[h, w]``, ``padding``
-  ``[top, bottom, left, right]``; the functional ops resolve ints, pairs, ``"same"``,
-  ``"valid"`` and ``((top, bottom), (left, right))`` to that, and accept unbatched 3-D input.
-
-The backward of each forward operator is the two gradient operators (and a sum for the bias);
-the gradient operators' own backward is again made of these operators, so double backward
-(``torch.autograd.grad(..., create_graph=True)``, ``gradgradcheck``) works too.
-
-CPU tensors run gpuconv's CPU kernels; CUDA tensors run its CUDA kernels on PyTorch's current
-stream, without copies. In plain eager mode the functional ops and modules call the same
-kernels without the operator dispatcher (a ``torch.autograd.Function`` records the graph, with
-the same gradient formulas), which saves PyTorch's per-call dispatch; under ``torch.compile``,
-tracing, a dispatch or torch-function mode, functorch transforms or tensor subclasses they go
-through the operators. float32 and float64 only: other dtypes raise ``TypeError``.
-"""
+"""The 2-D PyTorch layers: the custom operators, their autograd, the functional ops
+:func:`conv2d` and :func:`local_conv2d`, and the modules :class:`Conv2d` and
+:class:`LocallyConnected2d` (see :mod:`gpuconv.torch`, which names them)."""
 
 import math
 from typing import Optional
@@ -43,8 +8,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .conv import call, typed_key
-from .geometry import conv_geometry, get_conv_outsize, pair, resolve_padding
+from ..conv import call, typed_key
+from ..geometry import conv_geometry, get_conv_outsize, pair, resolve_padding
+from ..ops import register_autograd
 
 __all__ = ["conv2d", "local_conv2d", "Conv2d", "LocallyConnected2d"]
 
@@ -203,7 +169,8 @@ def _register_autograd(ops, bias_grad=None):
             if not ctx.bias_per_position:
                 g_b = grad.sum((0, 2, 3))
             else:
-                g_b = grad.sum(0) if bias_grad is None else bias_grad(grad, ctx.bias_shape, ctx.geometry)
+                g_b = (grad.sum(0) if bias_grad is None
+                       else bias_grad(grad, ctx.bias_shape, ctx.geometry))
         return (g_x, g_w, g_b) + (None,) * len(ctx.geometry)
 
     def setup_input_grad(ctx, inputs, output):
@@ -462,12 +429,10 @@ def local_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, strid
                   groups)
 
 
-def autograd_forward(op_name, arrays, stride, padding, dilation, groups, device, tiling=None):
-    """:func:`gpuconv.conv2d` / :func:`gpuconv.local_conv2d` (:func:`gpuconv.tiled_conv2d`
-    with its ``tiling``) on tensors that require grad: the same call through the
-    differentiable operators. The tensors' device decides where it runs; ``device`` may be
-    ``"auto"`` or that device."""
-    x, weight, bias = arrays["x"], arrays["weight"], arrays["bias"]
+def check_autograd_call(arrays, device):
+    """The checks of a public call on tensors that require grad: every array a tensor, and
+    ``device`` ``"auto"`` or the tensors' own."""
+    x = arrays["x"]
     for name, value in arrays.items():
         if value is not None and not isinstance(value, Tensor):
             raise TypeError(
@@ -477,12 +442,15 @@ def autograd_forward(op_name, arrays, stride, padding, dilation, groups, device,
         raise ValueError(
             f"device={device!r} was requested but x lives on {x.device}; a call that records "
             "the autograd graph runs where its tensors are: move them with .to(device)")
-    if op_name == "tiled_conv2d":
-        from .torch_tiled import tiled_conv2d
 
-        return tiled_conv2d(x, weight, bias, stride, padding, dilation, groups, tiling=tiling)
+
+def autograd_forward(op_name, arrays, stride, padding, dilation, groups, device):
+    """:func:`gpuconv.conv2d` / :func:`gpuconv.local_conv2d` on tensors that require grad:
+    the same call through the differentiable operators. The tensors' device decides where it
+    runs; ``device`` may be ``"auto"`` or that device."""
+    check_autograd_call(arrays, device)
     fn = conv2d if op_name == "conv2d" else local_conv2d
-    return fn(x, weight, bias, stride, padding, dilation, groups)
+    return fn(arrays["x"], arrays["weight"], arrays["bias"], stride, padding, dilation, groups)
 
 
 # --------------------------------------------------------------------------------------------
@@ -667,28 +635,5 @@ class LocallyConnected2d(nn.Module):
         return layer
 
 
-# --------------------------------------------------------------------------------------------
-# the transposed and one-dimensional layers (gpuconv.torch_family), imported on first use
-# --------------------------------------------------------------------------------------------
-# (gpuconv.torch_family is built on this module's operators: importing it on first use, not
-# here, keeps either module importable first.)
-
-_FAMILY = ("conv_transpose2d", "local_conv_transpose2d", "conv1d", "local_conv1d",
-           "ConvTranspose2d", "LocallyConnectedTranspose2d", "Conv1d", "LocallyConnected1d")
-__all__ += list(_FAMILY)
-
-
-_TILED = ("tiled_conv2d", "TiledConv2d")  # gpuconv.torch_tiled, imported on first use too
-__all__ += list(_TILED)
-
-
-def __getattr__(name):
-    if name in _FAMILY:
-        from . import torch_family
-
-        return getattr(torch_family, name)
-    if name in _TILED:
-        from . import torch_tiled
-
-        return getattr(torch_tiled, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# gpuconv.conv2d / gpuconv.local_conv2d send tensors that require grad here.
+register_autograd("forward", autograd_forward)

@@ -1,7 +1,7 @@
 """PyTorch layers for the rest of the family: transposed and one-dimensional, shared and unshared.
 
-Reached as ``gpuconv.torch.<name>`` (this module is imported on first use of one of its
-names there); built on :mod:`gpuconv.torch`'s operators, with no operators of their own:
+Reached as ``gpuconv.torch.<name>``; built on the operators of :mod:`gpuconv.torch.layers`,
+with no operators of their own:
 
 - :func:`conv_transpose2d` and :func:`local_conv_transpose2d` are the input-gradient
   operators ``gpuconv::conv2d_input`` / ``gpuconv::local_conv2d_input`` with the layer's input
@@ -24,12 +24,13 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .geometry import _is_int, pair
-from .one_dimensional import _check_bias as _check_bias_1d
-from .one_dimensional import _single, geometry_1d
-from .torch import (_apply, _autocast, _check_padding_mode, _check_tensors,
+from ..geometry import _is_int, pair
+from ..one_dimensional import _check_bias as _check_bias_1d
+from ..one_dimensional import _single, geometry_1d
+from ..ops import register_autograd
+from .layers import (_apply, _autocast, _check_padding_mode, _check_tensors,
                     _conv2d_input_op, _conv2d_op, _local_conv2d_input_op, _local_conv2d_op)
-from .transpose import _check_bias, transpose_geometry
+from ..transpose import _check_bias, transpose_geometry
 
 __all__ = ["conv_transpose2d", "local_conv_transpose2d", "conv1d", "local_conv1d",
            "ConvTranspose2d", "LocallyConnectedTranspose2d", "Conv1d", "LocallyConnected1d"]
@@ -436,3 +437,7 @@ class LocallyConnected1d(nn.Module):
             s += ", bias=False"
         return s + f", params={sum(p.numel() for p in self.parameters()):,}"
 
+
+# gpuconv.conv_transpose2d / gpuconv.local_conv_transpose2d send tensors that require grad here.
+register_autograd("conv_transpose2d", conv_transpose2d)
+register_autograd("local_conv_transpose2d", local_conv_transpose2d)
