@@ -8,11 +8,14 @@ on the weight as it is. Between them:
   (:func:`gpuconv.cuda.kernels.local_conv2d_kernel` with ``tiling``): the same launch, the
   weights staged from each position's kernel slot;
 * input gradient: the weight expanded to one kernel per position
-  (:func:`.tiled_kernels.expand_slots_kernel`,
-  device scratch of the local weight's size), then local_conv2d's input gradient;
+  (:func:`.tiled_kernels.expand_slots_kernel`, device scratch of the local weight's size),
+  then local_conv2d's input gradient;
 * weight gradient: local_conv2d's weight gradient into scratch of that size, then
-  :func:`.tiled_kernels.sum_slots_kernel`: each slot element adds its positions in a fixed order
-  (deterministic, no atomics).
+  :func:`.tiled_kernels.sum_slots_kernel`: each slot element adds its positions in a fixed
+  order (deterministic, no atomics).
+
+The launch configurations are :mod:`gpuconv.cuda.launch`'s (``tiled_conv2d_config`` and the
+gradients'), chosen once per call key.
 """
 
 from __future__ import annotations
