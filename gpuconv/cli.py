@@ -136,7 +136,7 @@ def _add_info(subparsers):
 
 
 def _run_params(args):
-    from .params import format_note_arithmetic, note_arithmetic
+    from .params import format_note_arithmetic, format_note_dial, note_arithmetic, note_dial
 
     field = args.field
     if len(field) not in (1, 2):
@@ -147,9 +147,11 @@ def _run_params(args):
     except ValueError as exc:  # a field larger than the image
         args.parser.error(str(exc))
     if args.json:
-        print(json.dumps(numbers, indent=2))
+        print(json.dumps(dict(numbers, dial=note_dial(numbers)), indent=2))
     else:
         print(format_note_arithmetic(numbers))
+        print()
+        print(format_note_dial(numbers))
     return 0
 
 
@@ -158,7 +160,9 @@ def _add_params(subparsers):
         "params", help="the note's parameter arithmetic (fully vs locally connected vs shared)",
         description="Weights of one layer fed by an H x W input with M neurons: fully "
                     "connected (H*W*M), locally connected with a KH x KW field (KH*KW*M), "
-                    "shared per filter (KH*KW) and with F filters (KH*KW*F). Defaults are the "
+                    "shared per filter (KH*KW) and with F filters (KH*KW*F); then the dial "
+                    "between shared and locally connected: KH*KW*T*T weights for T x T kernel "
+                    "slots shared by the neurons (tiled_conv2d). Defaults are the "
                     "note's example: 500 x 500 image, 10^5 neurons, 10 x 10 field, 64 filters.")
     parser.add_argument("--height", type=positive_int, default=500, metavar="H",
                         help="input height in pixels (default: 500)")

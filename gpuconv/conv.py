@@ -1,10 +1,10 @@
 """The public layer: argument checks, device choice, output allocation, dispatch.
 
-Every public function, forward (:func:`conv2d`, :func:`local_conv2d`) or gradient
-(:mod:`gpuconv.grad`), goes through :func:`call`: its arguments are checked once against the
-operation's row in :mod:`gpuconv.ops`, a device is chosen, and the row's kernel runs. This is
-the only module that knows about both devices; the kernels behind it (:mod:`gpuconv.cpu`,
-:mod:`gpuconv.cuda.launch`) trust what it hands them.
+Every public function, forward (:func:`conv2d`, :func:`local_conv2d`, :func:`tiled_conv2d`)
+or gradient (:mod:`gpuconv.grad`), goes through :func:`call`: its arguments are checked once
+against the operation's row in :mod:`gpuconv.ops`, a device is chosen, and the row's kernel
+runs. This is the only module that knows about both devices; the kernels behind it
+(:mod:`gpuconv.cpu`, :mod:`gpuconv.cuda.launch`) trust what it hands them.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import numpy as np
 
 from .device import (ENV_VAR, FreeMemory, host_memory_available, is_device_array,
                      select_device, simulator_enabled)
-from .geometry import conv_geometry, shape_in
+from .geometry import TILINGS, TiledGeometry, conv_geometry, shape_in, tiled_geometry
 from .ops import FORWARD, OPS, WEIGHT_GRAD, autograd
 
-__all__ = ["conv2d", "local_conv2d", "clear_call_cache"]
+__all__ = ["conv2d", "local_conv2d", "tiled_conv2d", "clear_call_cache"]
 
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _HALF = np.dtype(np.float16)
@@ -149,8 +149,9 @@ def _check_input_shape(shape, name):
 
 
 def _geometry(op, x_shape, x_name, weight_shape, weight_name, stride, padding, dilation,
-              groups):
-    """Check the input and weight shapes against ``op``'s rules; the validated geometry."""
+              groups, tiling=None):
+    """Check the input and weight shapes against ``op``'s rules; the validated geometry
+    (for a tiled op a :class:`~gpuconv.geometry.TiledGeometry` with ``tiling``)."""
     _check_input_shape(x_shape, x_name)
     expected = op.weight_layout
     if len(weight_shape) != op.weight_rank:
@@ -179,7 +180,24 @@ def _geometry(op, x_shape, x_name, weight_shape, weight_name, stride, padding, d
             f"{x_name} {x_shape[2]}x{x_shape[3]} with this stride/padding/dilation gives a "
             f"{geom.out_height}x{geom.out_width} output ({weight_name} must be {expected} = "
             f"{op.weight_shape(geom)})")
+    if op.tiled:
+        return _tiled_geometry(geom, x_name, x_shape, weight_shape, weight_name, tiling)
     return geom
+
+
+def _tiled_geometry(geom, x_name, x_shape, weight_shape, weight_name, tiling):
+    if not isinstance(tiling, str) or tiling not in TILINGS:
+        raise ValueError(f"tiling must be one of {', '.join(map(repr, TILINGS))}, got "
+                         f"{tiling!r}")
+    t_h, t_w = weight_shape[1:3]
+    if not (1 <= t_h <= geom.out_height and 1 <= t_w <= geom.out_width):
+        raise ValueError(
+            f"{weight_name} holds {t_h}x{t_w} kernel slots (C_out, T_h, T_w, C_in/groups, kH, "
+            f"kW), but {x_name} {x_shape[2]}x{x_shape[3]} with this stride/padding/dilation "
+            f"gives a {geom.out_height}x{geom.out_width} output: T_h and T_w must be between 1 "
+            f"and the output size ({geom.out_height}, {geom.out_width}), got shape "
+            f"{tuple(weight_shape)}")
+    return tiled_geometry(geom, (t_h, t_w), tiling)
 
 
 def _same_location(names, operands):
@@ -195,7 +213,8 @@ def _check_call(op, arrays, sizes, stride, padding, dilation, groups, device):
     """Check one call of ``op`` once: operands, shapes against the op's rules, dtypes,
     location, device. ``arrays`` maps argument names to the caller's arrays in kernel order
     (the forward's bias may be None); ``sizes`` maps ``input_size``/``weight_size`` to shapes
-    given instead of arrays. Returns (operands, geometry, device, unbatched)."""
+    given instead of arrays, and for the tiled operations ``tiling`` to the slot rule. Returns
+    (operands, geometry, device, unbatched)."""
     operands = [_operand(value, name) for name, value in arrays.items()]
     return _check_operands(op, list(arrays), operands, sizes, stride, padding, dilation, groups,
                            device)
@@ -233,7 +252,8 @@ def _check_operands(op, names, operands, sizes, stride, padding, dilation, group
                              op.weight_layout)
     else:
         w_name, w_shape = "weight", by_name["weight"].shape
-    geom = _geometry(op, x_shape, x_name, w_shape, w_name, stride, padding, dilation, groups)
+    geom = _geometry(op, x_shape, x_name, w_shape, w_name, stride, padding, dilation, groups,
+                     sizes.get("tiling"))
     _check_dtypes(op, operands, names)
     bias = by_name.get("bias")
     if bias is not None:
@@ -283,6 +303,8 @@ def _trivial_result(op, operands, geom):
     bias = operands[2] if op.kind == FORWARD else None
     if bias is not None and out.size:
         b = np.asarray(_to_host(bias))
+        if isinstance(geom, TiledGeometry) and b.ndim == 3:  # one bias per kernel slot
+            b = b[:, list(geom.row_slots())][:, :, list(geom.col_slots())]
         out += b.reshape(geom.out_channels, *(b.shape[1:] or (1, 1)))
     return out
 
@@ -588,7 +610,9 @@ def _bfloat16_call(op_name, arrays, stride, padding, dilation, groups, device, s
 def call(op_name, arrays, stride, padding, dilation, groups, device, sizes=None):
     """Check and run the operation ``op_name`` of :data:`gpuconv.ops.OPS`: the one path of
     every public function. ``arrays`` maps argument names to arrays in kernel order; the
-    result is a new array of the kind of the first one.
+    result is a new array of the kind of the first one. ``sizes``: ``input_size`` or
+    ``weight_size`` where a gradient takes a shape instead of an array, and ``tiling`` for
+    the tiled operations.
 
     What the checks derive from the arguments (geometry, device, kernel, output shape,
     scratch, launch configuration) is cached per key: the op, every operand's type, shape,
@@ -598,7 +622,9 @@ def call(op_name, arrays, stride, padding, dilation, groups, device, sizes=None)
     uncached one would (:func:`clear_call_cache` empties the cache)."""
     op = OPS[op_name]
     if op.kind == FORWARD and _records_autograd(arrays):  # the differentiable operators
-        return autograd("forward")(op_name, arrays, stride, padding, dilation, groups, device)
+        name = "tiled_forward" if op.tiled else "forward"  # (the tiled one takes its tiling)
+        return autograd(name)(op_name, arrays, stride, padding, dilation, groups, device,
+                              **(sizes or {}))
     if _has_bfloat16(arrays):
         return _bfloat16_call(op_name, arrays, stride, padding, dilation, groups, device, sizes)
     operands = [_operand(value, name) for name, value in arrays.items()]
@@ -709,3 +735,58 @@ def local_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1
     """
     return call("local_conv2d", {"x": x, "weight": weight, "bias": bias}, stride, padding,
                 dilation, groups, device)
+
+
+def tiled_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+                 tiling="periodic", device="auto"):
+    """Tiled (partly shared) 2-D convolution: ``T_h x T_w`` kernels, each shared by a set of
+    output positions; between :func:`conv2d` (one kernel) and :func:`local_conv2d` (one per
+    position).
+
+    ::
+
+        y[n, o, i, j] = bias[o(, r(i), c(j))] + sum_{c', u, v} weight[o, r(i), c(j), c', u, v]
+                        * x_padded[n, g(o) * C_in/groups + c', i * s_h + u * d_h, j * s_w + v * d_w]
+
+    with the kernel slot ``(r(i), c(j))`` of output position ``(i, j)``:
+
+    - ``tiling="periodic"``: ``(i mod T_h, j mod T_w)``, the tiled convolution of Le et al.
+      (NIPS 2010): positions ``T_h`` rows (``T_w`` columns) apart share a kernel, a tile of
+      ``T_h x T_w`` kernels repeats over the map;
+    - ``tiling="blocks"``: ``(floor(i * T_h / H_out), floor(j * T_w / W_out))``: the map is
+      cut into ``T_h x T_w`` near-equal contiguous regions, each sharing one kernel
+      (locally shared weights).
+
+    ``T = (1, 1)`` is :func:`conv2d` (and runs its kernels); ``T = (H_out, W_out)`` is
+    :func:`local_conv2d` (and runs its kernels), in both tilings.
+
+    Args:
+        x: input ``(N, C_in, H, W)`` or ``(C_in, H, W)``, as :func:`conv2d`.
+        weight: ``(C_out, T_h, T_w, C_in/groups, kH, kW)``, same dtype as ``x``, with
+            ``1 <= T_h <= H_out`` and ``1 <= T_w <= W_out``.
+        bias: ``None``, ``(C_out,)`` (one per output map) or ``(C_out, T_h, T_w)`` (one per
+            kernel slot).
+        stride, padding, dilation, groups, device: as :func:`conv2d`.
+        tiling: ``"periodic"`` or ``"blocks"``.
+
+    Returns:
+        ``(N, C_out, H_out, W_out)`` array of the same kind and dtype as ``x``, ``H_out`` and
+        ``W_out`` by the formula of :func:`conv2d`. Tensors that require grad record the
+        autograd graph, as in :func:`conv2d`.
+
+    >>> import numpy as np, gpuconv
+    >>> x = np.ones((1, 1, 4, 4))
+    >>> w = np.zeros((1, 2, 2, 1, 1, 1)); w[0, 0, 0] = 1.0; w[0, 1, 1] = 2.0
+    >>> gpuconv.tiled_conv2d(x, w, device="cpu")[0, 0]
+    array([[1., 0., 1., 0.],
+           [0., 2., 0., 2.],
+           [1., 0., 1., 0.],
+           [0., 2., 0., 2.]])
+    >>> gpuconv.tiled_conv2d(x, w, tiling="blocks", device="cpu")[0, 0]
+    array([[1., 1., 0., 0.],
+           [1., 1., 0., 0.],
+           [0., 0., 2., 2.],
+           [0., 0., 2., 2.]])
+    """
+    return call("tiled_conv2d", {"x": x, "weight": weight, "bias": bias}, stride, padding,
+                dilation, groups, device, sizes={"tiling": tiling})

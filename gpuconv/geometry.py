@@ -16,11 +16,13 @@ Every piece of the package that needs an output size calls :func:`get_conv_outsi
 
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass
 
-__all__ = ["ConvGeometry", "get_conv_outsize", "get_conv_transpose_outsize", "pair",
-           "resolve_padding", "conv_geometry"]
+__all__ = ["ConvGeometry", "TiledGeometry", "TILINGS", "get_conv_outsize",
+           "get_conv_transpose_outsize", "pair", "resolve_padding", "conv_geometry",
+           "tile_slots", "tiled_geometry"]
 
 
 def get_conv_outsize(size, kernel, stride, pad_total, dilation=1):
@@ -212,3 +214,66 @@ def conv_geometry(x_shape, kernel_size, out_channels, stride=1, padding=0, dilat
         batch, in_channels, in_height, in_width, int(out_channels),
         kernel_height, kernel_width, stride[0], stride[1], top, bottom, left, right,
         dilation[0], dilation[1], groups, out_height, out_width)
+
+
+#: How a tiled convolution's output positions pick their kernel slot (see :func:`tile_slots`).
+TILINGS = ("periodic", "blocks")
+
+
+def tile_slots(out_size, tiles, tiling):
+    """The kernel slot of each output row (or column) of a tiled convolution, a tuple.
+
+    ``"periodic"``: position ``i`` uses slot ``i mod tiles`` (Le et al.'s tiled CNNs: units
+    ``tiles`` apart share a kernel); ``"blocks"``: slot ``floor(i * tiles / out_size)``
+    (``tiles`` near-equal contiguous regions, each sharing one kernel). ``tiles = 1`` is a
+    convolution, ``tiles = out_size`` a locally connected layer, in both tilings.
+    """
+    if tiling == "periodic":
+        return tuple(i % tiles for i in range(out_size))
+    return tuple(i * tiles // out_size for i in range(out_size))
+
+
+@dataclass(frozen=True)
+class TiledGeometry(ConvGeometry):
+    """A :class:`ConvGeometry` whose output positions share ``tile_height x tile_width``
+    kernels (slots), assigned by ``tiling`` (one of :data:`TILINGS`; :func:`tile_slots`)."""
+
+    tile_height: int
+    tile_width: int
+    tiling: str
+
+    # (computed once per object: the kernels' wrappers read them on every call)
+    @functools.cached_property
+    def tiles(self):
+        return (self.tile_height, self.tile_width)
+
+    @functools.cached_property
+    def shared(self):
+        """One slot: the convolution of :attr:`untiled`."""
+        return self.tiles == (1, 1)
+
+    @functools.cached_property
+    def unshared(self):
+        """A slot per output position: the locally connected layer of :attr:`untiled`."""
+        return self.tiles == (self.out_height, self.out_width)
+
+    @functools.cached_property
+    def untiled(self):
+        """The plain :class:`ConvGeometry` of the same convolution."""
+        return ConvGeometry(*(getattr(self, f) for f in ConvGeometry.__dataclass_fields__))
+
+    def row_slots(self):
+        return tile_slots(self.out_height, self.tile_height, self.tiling)
+
+    def col_slots(self):
+        return tile_slots(self.out_width, self.tile_width, self.tiling)
+
+    def tiled_weight_shape(self):
+        return (self.out_channels, self.tile_height, self.tile_width,
+                self.in_channels_per_group, self.kernel_height, self.kernel_width)
+
+
+def tiled_geometry(geom, tiles, tiling):
+    """``geom`` with ``tiles = (T_h, T_w)`` kernel slots assigned by ``tiling``."""
+    return TiledGeometry(*(getattr(geom, f) for f in ConvGeometry.__dataclass_fields__),
+                         int(tiles[0]), int(tiles[1]), tiling)

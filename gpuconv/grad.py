@@ -25,7 +25,8 @@ from __future__ import annotations
 
 from .conv import call
 
-__all__ = ["conv2d_input", "conv2d_weight", "local_conv2d_input", "local_conv2d_weight"]
+__all__ = ["conv2d_input", "conv2d_weight", "local_conv2d_input", "local_conv2d_weight",
+           "tiled_conv2d_input", "tiled_conv2d_weight"]
 
 # The transposed convolutions' gradients are forward operations (gpuconv.transpose).
 from .transpose import (conv_transpose2d_input, conv_transpose2d_weight,  # noqa: E402
@@ -155,3 +156,64 @@ def local_conv2d_weight(input, weight_size, grad_output, stride=1, padding=0, di
     """
     return call("local_conv2d_weight", {"input": input, "grad_output": grad_output}, stride,
                 padding, dilation, groups, device, sizes={"weight_size": weight_size})
+
+
+def tiled_conv2d_input(input_size, weight, grad_output, stride=1, padding=0, dilation=1,
+                       groups=1, *, tiling="periodic", device="auto"):
+    """Gradient of :func:`gpuconv.tiled_conv2d` with respect to its input.
+
+    As :func:`local_conv2d_input`, with each output position ``(i, j)`` contributing through
+    its slot's kernel ``weight[o, r(i), c(j), c', u, v]`` (slots as
+    :func:`gpuconv.tiled_conv2d` assigns them for ``tiling``).
+
+    Args:
+        input_size: ``(N, C_in, H, W)``.
+        weight: ``(C_out, T_h, T_w, C_in/groups, kH, kW)``.
+        grad_output: ``(N, C_out, H_out, W_out)``, same dtype as ``weight``.
+        stride, padding, dilation, groups, device: as :func:`gpuconv.conv2d`.
+        tiling: ``"periodic"`` or ``"blocks"``, as the forward.
+
+    Returns:
+        ``(N, C_in, H, W)``, the kind of array ``grad_output`` is.
+
+    >>> import numpy as np, gpuconv
+    >>> w = np.zeros((1, 1, 2, 1, 1, 1)); w[0, 0, 0] = 1.0; w[0, 0, 1] = 2.0
+    >>> gpuconv.grad.tiled_conv2d_input((1, 1, 1, 4), w, np.ones((1, 1, 1, 4)), device="cpu")[0, 0]
+    array([[1., 2., 1., 2.]])
+    """
+    return call("tiled_conv2d_input", {"grad_output": grad_output, "weight": weight}, stride,
+                padding, dilation, groups, device,
+                sizes={"input_size": input_size, "tiling": tiling})
+
+
+def tiled_conv2d_weight(input, weight_size, grad_output, stride=1, padding=0, dilation=1,
+                        groups=1, *, tiling="periodic", device="auto"):
+    """Gradient of :func:`gpuconv.tiled_conv2d` with respect to its weight.
+
+    ::
+
+        gw[o, s, t, c, u, v] = sum over n and the positions (i, j) of slot (s, t) of
+                               gy[n, o, i, j] * x_padded[n, g(o) * C_in/groups + c,
+                                                         i * s_h + u * d_h, j * s_w + v * d_w]
+
+    Args:
+        input: the forward's input ``(N, C_in, H, W)``.
+        weight_size: ``(C_out, T_h, T_w, C_in/groups, kH, kW)``.
+        grad_output: ``(N, C_out, H_out, W_out)``, same dtype as ``input``.
+        stride, padding, dilation, groups, device: as :func:`gpuconv.conv2d`.
+        tiling: ``"periodic"`` or ``"blocks"``, as the forward.
+
+    Returns:
+        ``(C_out, T_h, T_w, C_in/groups, kH, kW)``, the kind of array ``input`` is; zeros
+        for an empty batch. Each slot sums its positions in a fixed order (deterministic).
+
+    >>> import numpy as np, gpuconv
+    >>> x = np.arange(4, dtype=np.float64).reshape(1, 1, 1, 4)
+    >>> gw = gpuconv.grad.tiled_conv2d_weight(x, (1, 1, 2, 1, 1, 1), np.ones((1, 1, 1, 4)),
+    ...                                       device="cpu")
+    >>> gw[0, 0, :, 0, 0, 0]
+    array([2., 4.])
+    """
+    return call("tiled_conv2d_weight", {"input": input, "grad_output": grad_output}, stride,
+                padding, dilation, groups, device,
+                sizes={"weight_size": weight_size, "tiling": tiling})

@@ -11,6 +11,9 @@ Each row says:
 
 - ``name``; ``kind``: ``"forward"`` (``x, weight[, bias] -> y``), ``"input_grad"``
   (``grad_output, weight -> grad_x``) or ``"weight_grad"`` (``x, grad_output -> grad_w``);
+- ``tiled``: ``T_h x T_w`` kernel slots shared by the output positions
+  ``(C_out, T_h, T_w, C_in/groups, kH, kW)``, the geometry a
+  :class:`~gpuconv.geometry.TiledGeometry` (the call's ``tiling`` picks the slots);
 - ``local``: unshared weights ``(C_out, H_out, W_out, C_in/groups, kH, kW)`` instead of
   shared ``(C_out, C_in/groups, kH, kW)``; this fixes the weight rank and shape rule and
   which bias shapes the forward accepts;
@@ -40,6 +43,7 @@ FORWARD, INPUT_GRAD, WEIGHT_GRAD = "forward", "input_grad", "weight_grad"
 
 _SHARED_LAYOUT = "(C_out, C_in/groups, kH, kW)"
 _LOCAL_LAYOUT = "(C_out, H_out, W_out, C_in/groups, kH, kW)"
+_TILED_LAYOUT = "(C_out, T_h, T_w, C_in/groups, kH, kW)"
 
 
 def _resolve(path):
@@ -58,25 +62,33 @@ class Op:
     cpu_scratch: str
     cuda: str
     cuda_scratch: str
+    tiled: bool = False
 
     @property
     def weight_rank(self):
-        return 6 if self.local else 4
+        return 6 if self.local or self.tiled else 4
 
     @property
     def weight_layout(self):
         """The weight's axes, as error messages print them."""
+        if self.tiled:
+            return _TILED_LAYOUT
         return _LOCAL_LAYOUT if self.local else _SHARED_LAYOUT
 
     def weight_shape(self, geom):
         """The weight shape this geometry needs."""
+        if self.tiled:
+            return geom.tiled_weight_shape()
         return geom.local_weight_shape() if self.local else geom.shared_weight_shape()
 
     def bias_shapes(self, geom):
-        """Bias shapes the forward accepts: one per map, and for ``local`` one per position."""
+        """Bias shapes the forward accepts: one per map, and for ``local`` one per position
+        (for ``tiled`` one per kernel slot)."""
         shapes = [(geom.out_channels,)]
         if self.local:
             shapes.append((geom.out_channels, geom.out_height, geom.out_width))
+        if self.tiled:
+            shapes.append((geom.out_channels, geom.tile_height, geom.tile_width))
         return shapes
 
     def output_shape(self, geom):
@@ -98,9 +110,10 @@ class Op:
 
 # Where a call on PyTorch tensors that require grad goes: the differentiable operators of
 # gpuconv.torch, a layer above the public functions. That layer registers them here when it is
-# imported (``"forward"`` for conv2d / local_conv2d, ``"conv_transpose2d"``,
-# ``"local_conv_transpose2d"``), so the public functions reach PyTorch's autograd without
-# importing it; gpuconv.torch_hook sets the loader that imports it on the first such call.
+# imported (``"forward"`` for conv2d / local_conv2d, ``"tiled_forward"`` for tiled_conv2d,
+# which also takes the call's tiling, ``"conv_transpose2d"``, ``"local_conv_transpose2d"``),
+# so the public functions reach PyTorch's autograd without importing it; gpuconv.torch_hook
+# sets the loader that imports it on the first such call.
 _AUTOGRAD = {}
 _AUTOGRAD_LOADER = []
 
@@ -156,4 +169,19 @@ OPS = {op.name: op for op in (
        cpu_scratch="gpuconv.cpu.local_conv2d_grad:local_conv2d_weight_grad_scratch_bytes",
        cuda="gpuconv.cuda.launch:launch_local_conv2d_weight_grad",
        cuda_scratch="gpuconv.cuda.launch:local_conv2d_weight_grad_scratch_elements"),
+    Op("tiled_conv2d", FORWARD, False,
+       cpu="gpuconv.cpu.tiled_conv2d:tiled_conv2d_forward",
+       cpu_scratch="gpuconv.cpu.tiled_conv2d:tiled_conv2d_scratch_bytes",
+       cuda="gpuconv.cuda.tiled:launch_tiled_conv2d",
+       cuda_scratch="gpuconv.cuda.tiled:tiled_conv2d_scratch_elements", tiled=True),
+    Op("tiled_conv2d_input", INPUT_GRAD, False,
+       cpu="gpuconv.cpu.tiled_conv2d:tiled_conv2d_input_grad",
+       cpu_scratch="gpuconv.cpu.tiled_conv2d:tiled_conv2d_input_grad_scratch_bytes",
+       cuda="gpuconv.cuda.tiled:launch_tiled_conv2d_input_grad",
+       cuda_scratch="gpuconv.cuda.tiled:tiled_conv2d_input_grad_scratch_elements", tiled=True),
+    Op("tiled_conv2d_weight", WEIGHT_GRAD, False,
+       cpu="gpuconv.cpu.tiled_conv2d:tiled_conv2d_weight_grad",
+       cpu_scratch="gpuconv.cpu.tiled_conv2d:tiled_conv2d_weight_grad_scratch_bytes",
+       cuda="gpuconv.cuda.tiled:launch_tiled_conv2d_weight_grad",
+       cuda_scratch="gpuconv.cuda.tiled:tiled_conv2d_weight_grad_scratch_elements", tiled=True),
 )}

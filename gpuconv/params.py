@@ -5,8 +5,12 @@ Two things live here:
 - :func:`note_arithmetic` reproduces the worked example of the note on local perception and
   weight sharing (a 500 x 500 image, 10^5 neurons, a 10 x 10 receptive field, 64 filters) and
   :func:`format_note_arithmetic` prints it as a table;
-- :func:`conv2d_param_count`, :func:`local_conv2d_param_count` and
-  :func:`fully_connected_param_count` count the learnable numbers of one layer of each kind.
+- :func:`note_dial` and :func:`format_note_dial` put the ground between shared and
+  locally connected on the same example: ``T x T`` kernel slots shared by the neurons (a
+  tiled convolution, :func:`gpuconv.tiled_conv2d`), from one slot to one per neuron;
+- :func:`conv2d_param_count`, :func:`local_conv2d_param_count`,
+  :func:`tiled_conv2d_param_count` and :func:`fully_connected_param_count` count the
+  learnable numbers of one layer of each kind.
 
 Notation (as in :mod:`gpuconv.geometry`)::
 
@@ -15,6 +19,7 @@ Notation (as in :mod:`gpuconv.geometry`)::
 
     shared (conv2d):          weights = c_O * (c_I / g) * k_H * k_W
     unshared (local_conv2d):  weights = c_O * h_O * w_O * (c_I / g) * k_H * k_W
+    tiled (tiled_conv2d):     weights = c_O * T_h * T_w * (c_I / g) * k_H * k_W
     fully connected:          weights = in_features * out_features
 
 The output size of a layer comes from :func:`gpuconv.get_conv_outsize`.
@@ -27,12 +32,16 @@ from typing import NamedTuple
 
 from .geometry import _is_int, pair
 
-__all__ = ["ParamCount", "note_arithmetic", "format_note_arithmetic",
-           "conv2d_param_count", "local_conv2d_param_count", "fully_connected_param_count",
-           "LOCAL_BIAS_MODES"]
+__all__ = ["ParamCount", "note_arithmetic", "format_note_arithmetic", "note_dial",
+           "format_note_dial", "conv2d_param_count", "local_conv2d_param_count",
+           "tiled_conv2d_param_count", "fully_connected_param_count", "LOCAL_BIAS_MODES",
+           "TILED_BIAS_MODES"]
 
 #: Accepted values of ``bias`` in :func:`local_conv2d_param_count`.
 LOCAL_BIAS_MODES = (None, "channel", "position")
+
+#: Accepted values of ``bias`` in :func:`tiled_conv2d_param_count`.
+TILED_BIAS_MODES = (None, "channel", "slot")
 
 
 class ParamCount(NamedTuple):
@@ -221,6 +230,106 @@ def format_note_arithmetic(numbers=None):
         lines.append(line.rstrip())
     lines.append("Biases are the same in every case and are left out of the comparison.")
     return "\n".join(lines)
+
+
+def note_dial(numbers=None):
+    """Sharing as a dial on the note's example: weights of one filter when ``T x T`` kernel
+    slots are shared by the neurons (a tiled convolution), for ``T = 1, 2, 4, ...`` while
+    ``T * T`` is below the number of neurons, then one slot per neuron.
+
+    ``T = 1`` is the shared filter (``KH * KW`` weights), one slot per neuron the locally
+    connected layer (``KH * KW * M``); each step between multiplies the weights by the
+    number of slots. Returns a list of dicts: ``tiles`` (``[T, T]``, or None for one slot per
+    neuron), ``slots`` and ``weights``.
+
+    Args:
+        numbers: a dict from :func:`note_arithmetic`; ``None`` uses the note's example.
+
+    >>> dial = note_dial()
+    >>> [(row["slots"], row["weights"]) for row in dial[:3]]
+    [(1, 100), (4, 400), (16, 1600)]
+    >>> dial[-1]
+    {'tiles': None, 'slots': 100000, 'weights': 10000000}
+    """
+    if numbers is None:
+        numbers = note_arithmetic()
+    field = numbers["shared_per_filter"]
+    rows = []
+    tiles = 1
+    while tiles * tiles < numbers["neurons"]:
+        rows.append({"tiles": [tiles, tiles], "slots": tiles * tiles,
+                     "weights": tiles * tiles * field})
+        tiles *= 2
+    rows.append({"tiles": None, "slots": numbers["neurons"],
+                 "weights": numbers["locally_connected"]})
+    return rows
+
+
+def format_note_dial(numbers=None):
+    """:func:`note_dial` as a table.
+
+    >>> print(format_note_dial())
+    Sharing as a dial: weights of one 10 x 10 filter shared by T x T kernel slots (tiled_conv2d)
+      tiles 1 x 1 (shared)                       100
+      tiles 2 x 2                                400
+      tiles 4 x 4                              1,600
+      tiles 8 x 8                              6,400
+      tiles 16 x 16                           25,600   2.56 x 10^4
+      tiles 32 x 32                          102,400   1.024 x 10^5
+      tiles 64 x 64                          409,600   4.096 x 10^5
+      tiles 128 x 128                      1,638,400   1.6384 x 10^6
+      tiles 256 x 256                      6,553,600   6.5536 x 10^6
+      one per neuron (locally connected)  10,000,000   10^7
+    """
+    if numbers is None:
+        numbers = note_arithmetic()
+    field_height, field_width = numbers["field"]
+    rows = []
+    for row in note_dial(numbers):
+        if row["tiles"] is None:
+            label = "one per neuron (locally connected)"
+        else:
+            label = "tiles {0} x {1}".format(*row["tiles"])
+            if row["slots"] == 1:
+                label += " (shared)"
+        rows.append((label, f"{row['weights']:,}", _sci(row["weights"])))
+    label_width = max(len(label) for label, _, _ in rows)
+    value_width = max(len(value) for _, value, _ in rows)
+    lines = [f"Sharing as a dial: weights of one {field_height} x {field_width} filter shared "
+             "by T x T kernel slots (tiled_conv2d)"]
+    for label, value, note in rows:
+        lines.append(f"  {label:<{label_width}}  {value:>{value_width}}   {note}".rstrip())
+    return "\n".join(lines)
+
+
+def tiled_conv2d_param_count(in_channels, out_channels, kernel_size, tiles, groups=1,
+                             bias="slot"):
+    """Learnable numbers of a tiled convolution (:func:`gpuconv.tiled_conv2d`).
+
+    ``T_h x T_w`` kernel slots, each shared by its output positions:
+    ``weights = c_O * T_h * T_w * (c_I / g) * k_H * k_W``, whatever the input size.
+
+    Args:
+        in_channels, out_channels, kernel_size, groups: as :func:`conv2d_param_count`.
+        tiles: ``(T_h, T_w)`` (or one int).
+        bias: ``None``, ``"channel"`` (``c_O``) or ``"slot"`` (one per map and slot, as
+            :class:`gpuconv.torch.TiledConv2d` has them: ``c_O * T_h * T_w``).
+
+    >>> tiled_conv2d_param_count(3, 10, 5, (2, 2))
+    ParamCount(weights=3000, biases=40)
+    >>> tiled_conv2d_param_count(3, 10, 5, 1, bias="channel") == conv2d_param_count(3, 10, 5)
+    True
+    """
+    in_per_group, out_channels = _channels_per_group(in_channels, out_channels, groups)
+    kernel_height, kernel_width = pair(kernel_size, "kernel_size", 1)
+    tile_height, tile_width = pair(tiles, "tiles", 1)
+    if not (bias is None or (isinstance(bias, str) and bias in TILED_BIAS_MODES)):
+        raise ValueError(
+            f"bias must be one of {', '.join(map(repr, TILED_BIAS_MODES))}, got {bias!r}")
+    slots = tile_height * tile_width
+    weights = out_channels * slots * in_per_group * kernel_height * kernel_width
+    biases = {None: 0, "channel": out_channels, "slot": out_channels * slots}[bias]
+    return ParamCount(weights, biases)
 
 
 def conv2d_param_count(in_channels, out_channels, kernel_size, groups=1, bias=True):

@@ -317,3 +317,14 @@ def test_train_on_a_missing_gpu_is_one_line(capsys, monkeypatch):
     code = cli.main(["train", "--device", "cuda", "--quick"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "no GPU (test)" in err
+
+
+def test_params_shows_the_dial(capsys):
+    code, out, _ = run(capsys, "params")
+    assert code == 0
+    for text in ("Sharing as a dial", "tiles 1 x 1 (shared)", "tiles 256 x 256", "6,553,600",
+                 "one per neuron (locally connected)"):
+        assert text in out, text
+    code, out, _ = run(capsys, "params", "--json")
+    dial = json.loads(out)["dial"]
+    assert dial[0]["weights"] == 100 and dial[-1]["weights"] == 10_000_000

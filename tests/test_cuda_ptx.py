@@ -112,7 +112,8 @@ def test_float16_kernels_move_half_words_and_compute_in_float32(report):
     assert specs
     for spec in specs:
         family = spec.name[:spec.name.index("_f16") + 4]  # e.g. conv2d_wgrad_f16
-        mover = family.startswith("copy6d_")  # a pure copy: no conversion
+        # pure copies, no conversion: strided to contiguous, tiled kernel slots to positions
+        mover = family.startswith(("copy6d_", "tiled_expand_slots_"))
         for cc in CCS:
             text = ptx[(spec.name, cc)]
             assert ".f64" not in text, f"{spec.name} ({cc}) uses float64"
@@ -156,6 +157,8 @@ def test_kernels_fit_the_register_file_and_shared_memory(ptxas_rows):
     ("local", ("f64", 3, 2, 2, 2, 2, 1)),
     ("local", ("f16", 3, 2, 2, 2, 2, 1, True)),
     ("local", ("f32", 3, 3, 3, 4, 1, 4)),   # a small batch: one batch lane
+    ("local", ("f32", 3, 2, 2, 2, 2, 1, False, "periodic")),  # tiled_conv2d's
+    ("local", ("f16", 3, 2, 2, 2, 2, 1, True, "blocks")),
 ])
 def test_small_test_specialisations_compile_without_spills(spec_args):
     from gpuconv.cuda import conv2d_gemm, conv2d_gemm_grad, kernels as kernels

@@ -211,3 +211,41 @@ def test_fully_connected_real_geometry():
 def test_counters_reject_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# ----------------------------------------------------------------------------- the dial
+
+def test_the_dial_runs_from_the_shared_filter_to_one_kernel_per_neuron():
+    from gpuconv.params import note_dial
+
+    numbers = note_arithmetic()
+    dial = note_dial(numbers)
+    assert dial[0] == {"tiles": [1, 1], "slots": 1, "weights": numbers["shared_per_filter"]}
+    assert dial[-1] == {"tiles": None, "slots": 100_000,
+                        "weights": numbers["locally_connected"]}
+    assert [row["tiles"][0] for row in dial[:-1]] == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    for row in dial[:-1]:
+        assert row["weights"] == row["tiles"][0] ** 2 * 10 * 10  # by hand: T^2 * KH * KW
+    weights = [row["weights"] for row in dial]
+    assert weights == sorted(weights)
+
+
+def test_the_dial_on_other_inputs():
+    from gpuconv.params import note_dial
+
+    dial = note_dial(note_arithmetic(height=28, width=28, neurons=300, field=(3, 5)))
+    assert [(row["slots"], row["weights"]) for row in dial] == [
+        (1, 15), (4, 60), (16, 240), (64, 960), (256, 3840), (300, 4500)]
+
+
+def test_tiled_param_count_by_hand():
+    from gpuconv.params import tiled_conv2d_param_count
+
+    assert tiled_conv2d_param_count(4, 6, (3, 2), (2, 5), groups=2) == ParamCount(
+        6 * 2 * 5 * 2 * 3 * 2, 6 * 10)
+    assert tiled_conv2d_param_count(3, 8, 3, 1, bias=None) == ParamCount(216, 0)
+    # the ends: conv2d and local_conv2d's counts
+    assert tiled_conv2d_param_count(16, 16, 9, (55, 55), bias=None) == \
+        local_conv2d_param_count(16, 16, 9, (55, 55), bias=None)
+    with pytest.raises(ValueError, match="bias must be one of None, 'channel', 'slot'"):
+        tiled_conv2d_param_count(3, 8, 3, 2, bias="position")

@@ -34,6 +34,12 @@ SC18): no im2col matrix is built.
   elements of a small per-thread window of the input (batch innermost). It runs at the speed
   of streaming the weights from memory.
 
+* ``tiled_conv2d`` (:mod:`.tiled_conv2d`): kernel slots shared by the output positions; at
+  one slot the conv2d kernels, at one per position the local_conv2d kernels, between them
+  the local_conv2d forward and input gradient reading each position's slot (slot maps, a
+  Numba specialisation of their own); the weight gradient one conv2d weight gradient per
+  slot (a few slots) or the local one summed into slots.
+
 Gradients (:mod:`.conv2d_grad`, :mod:`.local_conv2d_grad`; designs in their docstrings), same
 rules, no float atomics, the same bits on every call and for every thread count:
 

@@ -92,7 +92,12 @@ _FLAT_TAPS_MAX_WIDTH = 4
 
 @njit(parallel=True, cache=True)
 def _local_conv2d_kernel(x, wf, bias, has_bias, out, tiles, windows, tap_off, s_H, s_W, pt,
-                         pl, d_H, d_W, groups, k_H, k_W, chunk):
+                         pl, d_H, d_W, groups, k_H, k_W, chunk, slot_rows, slot_cols, t_H, t_W):
+    # The weights (and a bias per position) are indexed by kernel slot (sy, sx) of a
+    # (t_H, t_W) grid: with slot_rows and slot_cols None (a specialisation of their own,
+    # the tests on them pruned when Numba compiles it) the slot is the position itself and
+    # (t_H, t_W) = (h_O, w_O), the locally connected layer; else output row oy uses slot row
+    # slot_rows[oy] and column ox slot column slot_cols[ox] (gpuconv.cpu.tiled_conv2d).
     n, c_I, h, wd = x.shape
     c_O, h_O, w_O = out.shape[1], out.shape[2], out.shape[3]
     c_Og = c_O // groups
@@ -116,6 +121,7 @@ def _local_conv2d_kernel(x, wf, bias, has_bias, out, tiles, windows, tap_off, s_
             oy = pos // groups // chunks
             ox0 = (pos // groups % chunks) * chunk
             ox1 = min(ox0 + chunk, w_O)
+            sy = oy if slot_rows is None else slot_rows[oy]
             # xr[c, u, j, b]: the zero-padded input this chunk of the row reads, batch
             # innermost and not padded: a vector starting at batch element 0 of a column runs
             # on into the next column; those lanes are computed and dropped (the buffer has
@@ -144,10 +150,11 @@ def _local_conv2d_kernel(x, wf, bias, has_bias, out, tiles, windows, tap_off, s_
                 co_b = min(co0 + 2, co1 - 1)
                 co_c = min(co0 + 3, co1 - 1)
                 for ox in range(ox0, ox1):
-                    w0 = ((co0 * h_O + oy) * w_O + ox) * r_len
-                    w1 = ((co_a * h_O + oy) * w_O + ox) * r_len
-                    w2 = ((co_b * h_O + oy) * w_O + ox) * r_len
-                    w3 = ((co_c * h_O + oy) * w_O + ox) * r_len
+                    sx = ox if slot_cols is None else slot_cols[ox]
+                    w0 = ((co0 * t_H + sy) * t_W + sx) * r_len
+                    w1 = ((co_a * t_H + sy) * t_W + sx) * r_len
+                    w2 = ((co_b * t_H + sy) * t_W + sx) * r_len
+                    w3 = ((co_c * t_H + sy) * t_W + sx) * r_len
                     for v in range(n_V):
                         if k_W <= _FLAT_TAPS_MAX_WIDTH:
                             _local_conv2d_position_flat(
@@ -166,8 +173,11 @@ def _local_conv2d_kernel(x, wf, bias, has_bias, out, tiles, windows, tap_off, s_
                             val = tile[(ox - ox0) * tile_step + (v * cb + k) * lanes
                                        + b - v * lanes]
                             if has_bias:
-                                val = bias[co, oy if per_position else 0,
-                                           ox if per_position else 0] + val
+                                if per_position:
+                                    bx = ox if slot_cols is None else slot_cols[ox]
+                                    val = bias[co, sy, bx] + val
+                                else:
+                                    val = bias[co, 0, 0] + val
                             out[b, co, oy, ox] = val
 
 
@@ -347,6 +357,14 @@ def local_conv2d_scratch_bytes(geom, itemsize):
     return threads * (layout.window + layout.lanes + layout.tile) * itemsize + (1 << 16)
 
 
+def slotted_scratch_bytes(geom, itemsize):
+    """Bytes of scratch :func:`slotted_local_conv2d_forward` allocates with slots (the
+    batched kernel's, whatever the batch)."""
+    threads = _threads.count()
+    layout = _local_layout(geom, itemsize, threads)
+    return threads * (layout.window + layout.lanes + layout.tile) * itemsize + (1 << 16)
+
+
 def local_conv2d_forward(x, weight, bias, has_bias, out, geom):
     """Unshared (locally connected) convolution into ``out``.
 
@@ -356,8 +374,17 @@ def local_conv2d_forward(x, weight, bias, has_bias, out, geom):
     place, once, in order. A batch of one image runs :func:`_local_conv2d_few_images`
     instead (per thread: one output row's input windows, ``W_out x r_pad``).
     """
+    return slotted_local_conv2d_forward(x, weight, bias, has_bias, out, geom, None, None)
+
+
+def slotted_local_conv2d_forward(x, weight, bias, has_bias, out, geom, slot_rows, slot_cols):
+    """:func:`local_conv2d_forward` with the weights ``(C_out, T_h, T_w, C_in/groups, kH,
+    kW)`` of kernel slots: output row ``oy`` takes slot row ``slot_rows[oy]``, column ``ox``
+    slot column ``slot_cols[ox]`` (int64 arrays), and a bias per position is one per slot.
+    ``None`` for both is :func:`local_conv2d_forward` itself (its own specialisation). With
+    slots, a batch of one image runs the batched kernel too (:func:`slotted_scratch_bytes`)."""
     threads = _threads.count()
-    if _few_images(geom):
+    if _few_images(geom) and slot_rows is None:  # (the one-image kernel reads no slots)
         lanes, r_pad, mask = _few_images_layout(geom, x.dtype.itemsize)
         patches = np.empty((threads, geom.out_width * r_pad), dtype=x.dtype)
         tiles = np.empty((threads, lanes * lanes), dtype=x.dtype)
@@ -374,5 +401,6 @@ def local_conv2d_forward(x, weight, bias, has_bias, out, geom):
     _local_conv2d_kernel(x, weight.reshape(-1), bias, has_bias, out, tiles, windows,
                          _window_taps(geom, chunk), geom.stride_h, geom.stride_w, geom.pad_top, geom.pad_left,
                          geom.dilation_h, geom.dilation_w, geom.groups,
-                         geom.kernel_height, geom.kernel_width, chunk)
+                         geom.kernel_height, geom.kernel_width, chunk, slot_rows, slot_cols,
+                         weight.shape[1], weight.shape[2])
     return out

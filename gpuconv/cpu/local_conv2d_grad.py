@@ -60,21 +60,22 @@ _SMALL_SCRATCH = 1 << 16
 # --------------------------------------------------------------------------------------
 
 @njit(cache=True)
-def _lig_position(wf, gyt, acc, p0, p1, p2, p3, width, r_len, nb, acc_base, c_Ig, k_H, k_W,
-                  u0, u1, acc_channel, acc_row, acc_tap, n_V, vbytes):
+def _lig_position(wf, gyt, acc, p0, p1, p2, p3, q0, q1, q2, q3, width, r_len, nb, acc_base,
+                  c_Ig, k_H, k_W, u0, u1, acc_channel, acc_row, acc_tap, n_V, vbytes):
     """One position and block of ``width`` (1 to 4) channels, ``p_k`` the (channel, position)
-    index of channel ``k`` (channels past ``width`` are not used): for each batch vector
-    ``bv`` and tap ``(c, u, v)`` with ``u0 <= u < u1``, in channel order,
-    ``acc[a] += wf[p_k * r_len + t] * gyt[p_k * nb + bv * lanes ...]`` with
+    index of channel ``k`` and ``q_k`` that of its kernel (the same for the unshared layer,
+    the kernel slot's for the tiled one; channels past ``width`` are not used): for each
+    batch vector ``bv`` and tap ``(c, u, v)`` with ``u0 <= u < u1``, in channel order,
+    ``acc[a] += wf[q_k * r_len + t] * gyt[p_k * nb + bv * lanes ...]`` with
     ``t = (c * k_H + u) * k_W + v`` and
     ``a = acc_base + c * acc_channel + (u - u0) * acc_row + v * acc_tap + bv * lanes``;
     vectors of ``vbytes`` bytes (a constant)."""
     _prefer_wide_vectors()
     lanes = vbytes // wf.itemsize
-    w0 = p0 * r_len
-    w1 = p1 * r_len
-    w2 = p2 * r_len
-    w3 = p3 * r_len
+    w0 = q0 * r_len
+    w1 = q1 * r_len
+    w2 = q2 * r_len
+    w3 = q3 * r_len
     for bv in range(n_V):
         gb = bv * lanes
         gv0 = _vload_bytes(gyt, p0 * nb + gb, vbytes)
@@ -115,10 +116,13 @@ def _pack_gy(gy, gyt):
 
 @njit(cache=True)
 def _lig_band(wf, gyt, out, acc, g, y0, y1, k_H, k_W, s_H, s_W, pt, pl, d_H, d_W, band_rows,
-              w_P, c_Og, vbytes):
+              w_P, c_Og, vbytes, slot_rows, slot_cols, t_H, t_W):
     """Input rows [y0, y1) of group g: every position whose window reaches them, in order,
     into the band's accumulators, then the band's real pixels to ``out``. ``vbytes`` (the
-    vector size) must be a constant: one compiled variant per size."""
+    vector size) must be a constant: one compiled variant per size. The weights are
+    ``(c_O, t_H, t_W, ...)``: with ``slot_rows`` and ``slot_cols`` None (a specialisation of
+    their own) one kernel per position, ``(t_H, t_W) = (h_O, w_O)``; else output row ``oy``
+    and column ``ox`` read kernel slot ``(slot_rows[oy], slot_cols[ox])`` (the tiled layer)."""
     n, c_I, h, wd = out.shape
     h_O, w_O, nb = gyt.shape[1], gyt.shape[2], gyt.shape[3]
     c_Ig = c_I // (gyt.shape[0] // c_Og)
@@ -142,6 +146,7 @@ def _lig_band(wf, gyt, out, acc, g, y0, y1, k_H, k_W, s_H, s_W, pt, pl, d_H, d_W
         if u1 <= u0:
             continue
         row_base = (top + u0 * d_H - y0) * acc_row
+        sy = oy if slot_rows is None else slot_rows[oy]
         for blk in range(blocks):
             co0 = g * c_Og + blk * _CO_BLOCK
             width = min(_CO_BLOCK, (g + 1) * c_Og - co0)
@@ -149,9 +154,15 @@ def _lig_band(wf, gyt, out, acc, g, y0, y1, k_H, k_W, s_H, s_W, pt, pl, d_H, d_W
             p1 = (co0 + min(1, width - 1)) * h_O * w_O + oy * w_O
             p2 = (co0 + min(2, width - 1)) * h_O * w_O + oy * w_O
             p3 = (co0 + min(3, width - 1)) * h_O * w_O + oy * w_O
+            q0 = co0 * t_H * t_W + sy * t_W
+            q1 = (co0 + min(1, width - 1)) * t_H * t_W + sy * t_W
+            q2 = (co0 + min(2, width - 1)) * t_H * t_W + sy * t_W
+            q3 = (co0 + min(3, width - 1)) * t_H * t_W + sy * t_W
             for ox in range(w_O):
-                _lig_position(wf, gyt, acc, p0 + ox, p1 + ox, p2 + ox, p3 + ox, width, r_len,
-                              nb, row_base + ox * s_W * acc_col, c_Ig, k_H, k_W, u0, u1,
+                sx = ox if slot_cols is None else slot_cols[ox]
+                _lig_position(wf, gyt, acc, p0 + ox, p1 + ox, p2 + ox, p3 + ox, q0 + sx,
+                              q1 + sx, q2 + sx, q3 + sx, width, r_len, nb,
+                              row_base + ox * s_W * acc_col, c_Ig, k_H, k_W, u0, u1,
                               acc_channel, d_H * acc_row, acc_tap, n_V, vbytes)
     # the band's real pixels to the output (columns no window reaches are zero)
     for b in range(n):
@@ -171,7 +182,7 @@ def _lig_band(wf, gyt, out, acc, g, y0, y1, k_H, k_W, s_H, s_W, pt, pl, d_H, d_W
 
 @njit(parallel=True, cache=True)
 def _lig_kernel16(wf, gyt, out, accs, groups, k_H, k_W, s_H, s_W, pt, pl, d_H, d_W,
-                  band_rows, w_P):
+                  band_rows, w_P, slot_rows, slot_cols, t_H, t_W):
     bands = -(-out.shape[2] // band_rows)
     n_threads = accs.shape[0]
     for thread in prange(n_threads):
@@ -179,12 +190,13 @@ def _lig_kernel16(wf, gyt, out, accs, groups, k_H, k_W, s_H, s_W, pt, pl, d_H, d
             y0 = (job % bands) * band_rows
             _lig_band(wf, gyt, out, accs[thread], job // bands, y0,
                       min(y0 + band_rows, out.shape[2]), k_H, k_W, s_H, s_W, pt, pl, d_H, d_W,
-                      band_rows, w_P, gyt.shape[0] // groups, 16)
+                      band_rows, w_P, gyt.shape[0] // groups, 16, slot_rows, slot_cols,
+                      t_H, t_W)
 
 
 @njit(parallel=True, cache=True)
 def _lig_kernel32(wf, gyt, out, accs, groups, k_H, k_W, s_H, s_W, pt, pl, d_H, d_W,
-                  band_rows, w_P):
+                  band_rows, w_P, slot_rows, slot_cols, t_H, t_W):
     bands = -(-out.shape[2] // band_rows)
     n_threads = accs.shape[0]
     for thread in prange(n_threads):
@@ -192,12 +204,13 @@ def _lig_kernel32(wf, gyt, out, accs, groups, k_H, k_W, s_H, s_W, pt, pl, d_H, d
             y0 = (job % bands) * band_rows
             _lig_band(wf, gyt, out, accs[thread], job // bands, y0,
                       min(y0 + band_rows, out.shape[2]), k_H, k_W, s_H, s_W, pt, pl, d_H, d_W,
-                      band_rows, w_P, gyt.shape[0] // groups, 32)
+                      band_rows, w_P, gyt.shape[0] // groups, 32, slot_rows, slot_cols,
+                      t_H, t_W)
 
 
 @njit(parallel=True, cache=True)
 def _lig_kernel64(wf, gyt, out, accs, groups, k_H, k_W, s_H, s_W, pt, pl, d_H, d_W,
-                  band_rows, w_P):
+                  band_rows, w_P, slot_rows, slot_cols, t_H, t_W):
     bands = -(-out.shape[2] // band_rows)
     n_threads = accs.shape[0]
     for thread in prange(n_threads):
@@ -205,7 +218,8 @@ def _lig_kernel64(wf, gyt, out, accs, groups, k_H, k_W, s_H, s_W, pt, pl, d_H, d
             y0 = (job % bands) * band_rows
             _lig_band(wf, gyt, out, accs[thread], job // bands, y0,
                       min(y0 + band_rows, out.shape[2]), k_H, k_W, s_H, s_W, pt, pl, d_H, d_W,
-                      band_rows, w_P, gyt.shape[0] // groups, 64)
+                      band_rows, w_P, gyt.shape[0] // groups, 64, slot_rows, slot_cols,
+                      t_H, t_W)
 
 
 _LIG_KERNELS = {16: _lig_kernel16, 32: _lig_kernel32, 64: _lig_kernel64}
@@ -257,6 +271,14 @@ def local_conv2d_input_grad(grad_output, weight, out, geom):
     ``out`` ``(n, c_I, h, w)``: C-contiguous, one dtype. Deterministic, and the same for
     every thread count (see the module docstring).
     """
+    return slotted_local_conv2d_input_grad(grad_output, weight, out, geom, None, None)
+
+
+def slotted_local_conv2d_input_grad(grad_output, weight, out, geom, slot_rows, slot_cols):
+    """:func:`local_conv2d_input_grad` with the weights ``(c_O, T_h, T_w, c_I/g, k_H, k_W)``
+    of kernel slots: output row ``oy`` and column ``ox`` read slot ``(slot_rows[oy],
+    slot_cols[ox])`` (int64 arrays); ``None`` for both is :func:`local_conv2d_input_grad`
+    itself (its own specialisation)."""
     threads = _threads.count()
     dtype = out.dtype
     layout = _lig_layout(geom, dtype.itemsize, threads)
@@ -266,7 +288,8 @@ def local_conv2d_input_grad(grad_output, weight, out, geom):
     kernel = _LIG_KERNELS[layout.lanes * dtype.itemsize]
     kernel(weight.reshape(-1), gyt, out, accs, geom.groups, geom.kernel_height,
            geom.kernel_width, geom.stride_h, geom.stride_w, geom.pad_top, geom.pad_left,
-           geom.dilation_h, geom.dilation_w, layout.band_rows, layout.w_P)
+           geom.dilation_h, geom.dilation_w, layout.band_rows, layout.w_P, slot_rows,
+           slot_cols, weight.shape[1], weight.shape[2])
     return out
 
 

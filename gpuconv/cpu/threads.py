@@ -30,6 +30,8 @@ def runs_on_caller_thread(op_name, geom):
     """Whether a call of ``op_name`` (any of its gradients too) on ``geom`` is small enough to
     run on the caller's thread alone."""
     family = "local_conv2d" if op_name.startswith("local_conv2d") else "conv2d"
+    if op_name.startswith("tiled_conv2d") and not geom.shared:  # on the unshared kernels
+        family = "local_conv2d"
     return geom.flops < SERIAL_FLOPS[family]
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from numba import cuda, int32, int64, types, uint64
 
 from .. import workloads
-from . import conv2d_gemm, conv2d_gemm_grad, grad_kernels, local_grad_gemm
+from . import conv2d_gemm, conv2d_gemm_grad, grad_kernels, local_grad_gemm, tiled_kernels
 from .spec import (_COMPUTE, _NUMPY, _SCALAR, CODES, GRID_YZ_LIMIT, LOCAL_STAGE_BYTES,
                    SHARED_BUDGET_BYTES, SHARED_LIMIT_BYTES, KernelSpec, _array,
                    _conv2d_launch_bounds, _even_split, _pow2_at_least, _rename,
@@ -270,7 +270,7 @@ def conv2d_config(geom, dtype):
 
 @functools.lru_cache(maxsize=None)
 def local_conv2d_kernel(code, kernel_h, kernel_w, batch_tile, map_tile, batch_lanes,
-                        map_lanes, partial=False):
+                        map_lanes, partial=False, tiling=None):
     """Locally connected convolution as a batched GEMM, specialised on dtype, kernel size,
     register tile and thread layout.
 
@@ -304,6 +304,13 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_tile, map_tile, batch_la
     sums (its name ends in ``_partial``); for float32 and float64 the partial sums have the
     output's type and the same kernel serves both.
 
+    ``tiling`` (``"periodic"`` or ``"blocks"``, see :func:`gpuconv.geometry.tile_slots`)
+    builds the tiled convolution's kernel (named ``tiled_conv2d_<tiling>_...``): the weights
+    are ``(c_O, t_H, t_W, c_Ig, k_H, k_W)`` kernel slots and position ``(oy, ox)`` reads the
+    slot of its row and column, computed where a weight is staged; a bias per position is
+    one per slot (``bias_len = t_H * t_W``). Nothing else changes. Without it (the
+    locally connected layer) the last two arguments ``t_H, t_W`` are not read.
+
     Launch (see :func:`local_conv2d_config`): ``block = (batch_lanes, map_lanes,
     positions)``, ``grid = (batch tiles * position tiles, groups * map blocks, slices)``
     (the batch tiles of one position tile are neighbours in the grid, so their shared weights
@@ -326,11 +333,13 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_tile, map_tile, batch_la
     BO = LO * TO
     UNROLL = LOCAL_WEIGHT_LOADS[compute_code(code)]  # weight loads in flight per thread
     XUNROLL = LOCAL_INPUT_LOADS                       # input loads in flight per thread
+    SLOTS = {None: 0, "periodic": 1, "blocks": 2}[tiling]  # how positions pick weights
+    MAXP = _LOCAL_MAX_THREADS if SLOTS else 1          # positions a block may hold
 
     def kernel(x, weight, bias, out, has_bias, bias_len, n, c_I, h, wd, c_O, h_O, w_O,
                c_Ig, c_Og, s_H, s_W, pt, pl, d_H, d_W, tiles_x, batch_tiles, stage_rows,
                slice_rows, w_pitch, pos_pitch, x_pitch, slice_size, win, step_j, step_o,
-               step_k, step_r, step_b, step_c):
+               step_k, step_r, step_b, step_c, t_H, t_W):
         # Every thread takes part in the stages, so the bounds guards sit on the stores.
         # Values that stay live across the loops are kept in 32 bits (they are small).
         tb = cuda.threadIdx.x
@@ -353,8 +362,23 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_tile, map_tile, batch_la
         iy0 = int32(oy * s_H - pt)
         ix0 = int32(ox0 * s_W - pl)
         x_stage = int32(ptw * pos_pitch)  # the input stage follows the weight stage
-        # Flat offsets of the block's first weight row and first input row.
-        w_first = (co0 * h_O + oy) * w_O + ox0
+        # Flat offsets of the block's first weight row and first input row; a map's
+        # weights are w_maps rows apart (one per position, or per kernel slot).
+        # The tiled kernel reads position j's weights at row slot_row[j] of its maps, a
+        # table the block fills once (the slot arithmetic stays out of the staging loop).
+        slot_row = cuda.shared.array(MAXP, dtype=int32)
+        if SLOTS == 0:
+            w_first = (co0 * h_O + oy) * w_O + ox0
+            w_maps = h_O * w_O
+        else:
+            w_first = co0 * t_H * t_W
+            w_maps = t_H * t_W
+            if tid < ptw:
+                if SLOTS == 1:
+                    slot_row[tid] = (oy % t_H) * t_W + (ox0 + tid) % t_W
+                else:
+                    slot_row[tid] = (oy * t_H // h_O) * t_W + (ox0 + tid) * t_W // w_O
+            # (the first stage's barrier orders these stores before any read)
         x_first = (n0 * c_I + g * c_Ig) * h
         smem = cuda.shared.array(0, dtype=scalar)
 
@@ -405,7 +429,8 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_tile, map_tile, batch_la
                     src = 0
                     dst = -1
                     if sj < n_j and so < n_co and kk < kc:
-                        src = (so * n_pos + sj) * k_len + r0 * KW + kk
+                        wpos = sj if SLOTS == 0 else slot_row[sj]
+                        src = (so * w_maps + wpos) * k_len + r0 * KW + kk
                         dst = sj * pos_pitch + kk * w_pitch + so
                     w_src[u] = src  # 32 bits: the config keeps a block's weights under 2**31
                     w_dst[u] = dst
@@ -477,7 +502,10 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_tile, map_tile, batch_la
 
         if j < n_j:
             p = oy * w_O + ox0 + j
-            bias_pos = p if bias_len > 1 else 0
+            if SLOTS == 0:
+                bias_pos = p if bias_len > 1 else 0
+            else:
+                bias_pos = slot_row[j] if bias_len > 1 else 0
             first = cuda.blockIdx.z * slice_size
             for i in range(TM):
                 b = tb + i * LB
@@ -492,11 +520,12 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_tile, map_tile, batch_la
                             out[uint64(ofs)] = store(v)
                         ofs += LO * n_pos
 
-    name = f"local_conv2d_{code}_k{KH}x{KW}_t{TM}x{TO}_l{LB}x{LO}"
+    op = "local_conv2d" if tiling is None else f"tiled_conv2d_{tiling}"
+    name = f"{op}_{code}_k{KH}x{KW}_t{TM}x{TO}_l{LB}x{LO}"
     if partial and store is not _SCALAR[code]:
         name += "_partial"
     signature = ((_array(code, 1),) * 3 + (types.Array(store, 1, "C"),)
-                 + (types.int64,) * 32)
+                 + (types.int64,) * 34)
     return KernelSpec(name, _rename(kernel, name), signature, _LOCAL_LAUNCH_BOUNDS)
 
 
@@ -617,7 +646,7 @@ def _local_stage(geom, code, layout, batch_tile, map_tile):
     return None if best is None else best[1]
 
 
-def local_conv2d_config(geom, dtype):
+def local_conv2d_config(geom, dtype, tiling=None):
     """Pick the specialisation and launch shape of local_conv2d (a pure function, no GPU).
 
     Register tile: up to 8 images x 5 maps per thread (float16, float32: 8 x 4 where the
@@ -635,7 +664,8 @@ def local_conv2d_config(geom, dtype):
     to 4 maps, then to 2.
     Refused when even one kernel row of the block's positions does not fit the
     shared-memory stage, or when one block's weights (its maps at every position) reach
-    2**31 elements (offsets within a block are 32-bit).
+    2**31 elements (offsets within a block are 32-bit). ``tiling`` picks the tiled
+    convolution's kernel of the same launch (see :func:`local_conv2d_kernel`).
     """
     code = dtype_code(dtype)
     wide = compute_code(code) == "f32"
@@ -669,7 +699,7 @@ def local_conv2d_config(geom, dtype):
 
     layout, stage = plan(batch_tile, map_tile)
     if stage is None:  # refused with the reason
-        return local_conv2d_launch(geom, dtype, batch_tile, map_tile, layout)
+        return local_conv2d_launch(geom, dtype, batch_tile, map_tile, layout, tiling=tiling)
     slices = 1
     if threads(layout) < _LOCAL_TARGET_THREADS:
         # Partial sums are written and read once more: at most half the weights' bytes, or
@@ -688,11 +718,12 @@ def local_conv2d_config(geom, dtype):
         elif shrink != "batch" and map_tile > shrink:
             map_tile = _even_split(geom.out_channels_per_group, shrink)
         layout, stage = plan(batch_tile, map_tile)
-    return local_conv2d_launch(geom, dtype, batch_tile, map_tile, layout, stage[0], slices)
+    return local_conv2d_launch(geom, dtype, batch_tile, map_tile, layout, stage[0], slices,
+                               tiling)
 
 
 def local_conv2d_launch(geom, dtype, batch_tile, map_tile, layout, stage_rows=None,
-                        slices=1):
+                        slices=1, tiling=None):
     """The :class:`LocalConv2dConfig` of given choices (:func:`local_conv2d_config` makes
     them; tests force small tiles, stages and slices through this): register tile
     ``batch_tile x map_tile``, ``layout = (batch lanes, map lanes, positions per block)``,
@@ -729,7 +760,7 @@ def local_conv2d_launch(geom, dtype, batch_tile, map_tile, layout, stage_rows=No
                        slices), "local_conv2d")
     spec = local_conv2d_kernel(code, geom.kernel_height, geom.kernel_width, batch_tile,
                                map_tile, batch_lanes, map_lanes,
-                               slices > 1 and code != compute_code(code))
+                               slices > 1 and code != compute_code(code), tiling)
     win = (positions - 1) * geom.stride_w + (geom.kernel_width - 1) * geom.dilation_w + 1
     shared = (positions * pos_pitch + stage_rows * win * x_pitch) * _stage_itemsize(code)
     return LocalConv2dConfig(spec, tuple(layout), grid, shared, tiles_x, batch_tiles,
@@ -823,16 +854,19 @@ def workload_specialisations(codes=CODES):
     Both ops run on every layer (the shared and the unshared operation can be timed on the
     same geometry), with the four gradient kernels of each (see
     :mod:`gpuconv.cuda.grad_kernels`) and the local gradients as batched GEMMs (see
-    :mod:`gpuconv.cuda.local_grad_gemm`), plus the helper kernels. Returns a list of
-    :class:`KernelSpec`.
+    :mod:`gpuconv.cuda.local_grad_gemm`), plus the helper kernels; the tiled convolution's
+    forward in both tilings (local_conv2d's launch with slots) and its slot helpers
+    (:mod:`gpuconv.cuda.tiled`). Returns a list of :class:`KernelSpec`.
     """
-
     specs = {}
     for code in codes:
         dtype = _NUMPY[code]
         for _, geom in workload_geometries():
             local = local_conv2d_config(geom, dtype)
             for spec in (conv2d_config(geom, dtype).kernel, local.kernel):
+                specs.setdefault(spec.name, spec)
+            for tiling in ("periodic", "blocks"):
+                spec = local_conv2d_config(geom, dtype, tiling).kernel
                 specs.setdefault(spec.name, spec)
             if local.slices > 1:
                 spec = grad_kernels.sum_slices_kernel(code)
@@ -845,7 +879,8 @@ def workload_specialisations(codes=CODES):
                     specs.setdefault(config.kernel.name, config.kernel)
             for spec, _ in local_grad_gemm.gemm_grad_specialisations(geom, dtype):
                 specs.setdefault(spec.name, spec)
-        for spec in (copy_kernel(code),):
+        for spec in (copy_kernel(code), tiled_kernels.expand_slots_kernel(code),
+                     tiled_kernels.sum_slots_kernel(code)):
             specs.setdefault(spec.name, spec)
     return list(specs.values())
 

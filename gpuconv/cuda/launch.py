@@ -230,20 +230,22 @@ def launch_conv2d(x, weight, bias, out, geom, stream, config=None, empty=None):
     )
 
 
-def launch_local_conv2d(x, weight, bias, out, geom, stream, config=None, empty=None):
+def launch_local_conv2d(x, weight, bias, out, geom, stream, config=None, empty=None,
+                        tiles=None):
     """Write local_conv2d into ``out``; ``config`` overrides
     :func:`~gpuconv.cuda.kernels.local_conv2d_config`, ``empty(shape, dtype)`` allocates
     scratch (default: Numba device arrays). The operands are read in the caller's layouts
     (no transposed copy); with more than one split-K slice the partial sums go to a scratch
     array of :func:`~gpuconv.cuda.kernels.local_conv2d_partial_dtype`, then a second kernel
-    adds them in order."""
+    adds them in order. ``tiles = (T_h, T_w)``: the weights are kernel slots, for a
+    ``config`` of the tiled kernel (:mod:`gpuconv.cuda.tiled`)."""
     config = config or kernels.local_conv2d_config(geom, x.dtype)
     new = empty or _numba_empty(stream)
     n_pos = geom.out_height * geom.out_width
     if bias is None:
         bias, has_bias, bias_len = new((1,), x.dtype), 0, 1
     else:
-        has_bias, bias_len = 1, (n_pos if bias.ndim == 3 else 1)
+        has_bias, bias_len = 1, (bias.shape[1] * bias.shape[2] if bias.ndim == 3 else 1)
     if config.slices > 1:
         part = new((config.slices * out.size,), kernels.local_conv2d_partial_dtype(out.dtype))
     else:
@@ -269,6 +271,7 @@ def launch_local_conv2d(x, weight, bias, out, geom, stream, config=None, empty=N
         config.w_pitch, config.pos_pitch, config.x_pitch,  # shared-memory pitches
         out.size if config.slices > 1 else 0,  # elements between slices
         *config.walk,               # staging walks: columns, walkers, steps
+        *(tiles or (geom.out_height, geom.out_width)),  # kernel slots (tiled kernel only)
     )
     if config.slices > 1:
         total = kernels.compiled(grad_kernels.sum_slices_kernel(kernels.dtype_code(out.dtype)))
@@ -644,6 +647,37 @@ _CONFIG = {
     "local_conv2d_input": local_conv2d_input_grad_config,
     "local_conv2d_weight": local_conv2d_weight_grad_config,
 }
+
+
+def tiled_conv2d_config(geom, dtype):
+    """The configuration of what :func:`gpuconv.cuda.tiled.launch_tiled_conv2d` launches:
+    conv2d's kernel at ``T = (1, 1)``, local_conv2d's at ``T = (H_out, W_out)``, else
+    local_conv2d's tiled specialisation (``geom`` a :class:`~gpuconv.geometry.TiledGeometry`)."""
+    if geom.shared:
+        return kernels.conv2d_config(geom.untiled, dtype)
+    return kernels.local_conv2d_config(geom.untiled, dtype,
+                                       None if geom.unshared else geom.tiling)
+
+
+def tiled_conv2d_input_grad_config(geom, dtype):
+    """conv2d's input-gradient configuration at ``T = (1, 1)``, else local_conv2d's."""
+    if geom.shared:
+        return conv2d_input_grad_config(geom.untiled, dtype)
+    return local_conv2d_input_grad_config(geom.untiled, dtype)
+
+
+def tiled_conv2d_weight_grad_config(geom, dtype):
+    """conv2d's weight-gradient configuration at ``T = (1, 1)``, else local_conv2d's."""
+    if geom.shared:
+        return conv2d_weight_grad_config(geom.untiled, dtype)
+    return local_conv2d_weight_grad_config(geom.untiled, dtype)
+
+
+_CONFIG.update({
+    "tiled_conv2d": tiled_conv2d_config,
+    "tiled_conv2d_input": tiled_conv2d_input_grad_config,
+    "tiled_conv2d_weight": tiled_conv2d_weight_grad_config,
+})
 
 
 def plan(op, operands, geom):

@@ -128,6 +128,8 @@ def _dynamic_smem_by_kernel():
             config = kernels.conv2d_config(geom, dtype)
             local = kernels.local_conv2d_config(geom, dtype)
             launches = [(config.kernel, config.shared_bytes), (local.kernel, local.shared_bytes)]
+            launches += [(tiled.kernel, tiled.shared_bytes) for tiled in
+                         (kernels.local_conv2d_config(geom, dtype, t) for t in ("periodic", "blocks"))]
             launches += grad_kernels.grad_specialisations(geom, dtype)
             launches += local_grad_gemm.gemm_grad_specialisations(geom, dtype)
             for spec, shared_bytes in launches:

@@ -36,14 +36,18 @@ through the operators. float32 and float64 only: other dtypes raise ``TypeError`
 
 The transposed and one-dimensional layers (:func:`conv_transpose2d`,
 :func:`local_conv_transpose2d`, :func:`conv1d`, :func:`local_conv1d` and their modules) are
-built on the same operators (:mod:`.family`). Importing this package also registers, in
+built on the same operators (:mod:`.family`); the tiled convolution (:func:`tiled_conv2d`,
+:class:`TiledConv2d`: kernel slots shared by the output positions) has operators of its own
+(:mod:`.tiled`). Importing this package also registers, in
 :mod:`gpuconv.ops`, where :func:`gpuconv.conv2d` and the other public functions send tensors
 that require grad.
 """
 from .layers import PADDING_MODES, Conv2d, LocallyConnected2d, conv2d, local_conv2d
 from .family import (Conv1d, ConvTranspose2d, LocallyConnected1d, LocallyConnectedTranspose2d,
                      conv1d, conv_transpose2d, local_conv1d, local_conv_transpose2d)
+from .tiled import TiledConv2d, tiled_conv2d
 
 __all__ = ["conv2d", "local_conv2d", "Conv2d", "LocallyConnected2d",
            "conv_transpose2d", "local_conv_transpose2d", "conv1d", "local_conv1d",
-           "ConvTranspose2d", "LocallyConnectedTranspose2d", "Conv1d", "LocallyConnected1d"]
+           "ConvTranspose2d", "LocallyConnectedTranspose2d", "Conv1d", "LocallyConnected1d",
+           "tiled_conv2d", "TiledConv2d"]

@@ -140,17 +140,22 @@ for _ops, _rank in ((_SHARED, 4), (_LOCAL, 6)):
 # for gw = B(x, gy) and an upstream ggw,
 #   d<ggw, gw>/dx = A_ggw^T gy = input_grad(ggw, gy),  d<ggw, gw>/dgy = forward(x, ggw).
 
-def _save_geometry(ctx, stride, padding, dilation, groups):
-    ctx.geometry = (list(stride), list(padding), list(dilation), groups)
+def _save_geometry(ctx, stride, padding, dilation, groups, *rest):
+    # (rest: the arguments after the geometry, such as the tiled operators' tiling)
+    ctx.geometry = (list(stride), list(padding), list(dilation), groups, *rest)
 
 
-def _register_autograd(ops):
+def _register_autograd(ops, bias_grad=None):
+    """Register the autograd formulas of ``ops`` (forward, input gradient, weight gradient);
+    ``bias_grad(grad, bias_shape, geometry)`` is the gradient of a bias of more than one
+    dimension (default: per position, ``grad.sum(0)``)."""
     forward_op, input_op, weight_op = ops
 
     def setup_forward(ctx, inputs, output):
         x, weight, bias, *geometry = inputs
         ctx.save_for_backward(x, weight)
         ctx.bias_per_position = bias is not None and bias.dim() == 3
+        ctx.bias_shape = None if bias is None else tuple(bias.shape)
         _save_geometry(ctx, *geometry)
 
     def backward_forward(ctx, grad):
@@ -161,8 +166,12 @@ def _register_autograd(ops):
         if ctx.needs_input_grad[1]:
             g_w = weight_op(x, list(weight.shape), grad, *ctx.geometry)
         if ctx.needs_input_grad[2]:
-            g_b = grad.sum(0) if ctx.bias_per_position else grad.sum((0, 2, 3))
-        return g_x, g_w, g_b, None, None, None, None
+            if not ctx.bias_per_position:
+                g_b = grad.sum((0, 2, 3))
+            else:
+                g_b = (grad.sum(0) if bias_grad is None
+                       else bias_grad(grad, ctx.bias_shape, ctx.geometry))
+        return (g_x, g_w, g_b) + (None,) * len(ctx.geometry)
 
     def setup_input_grad(ctx, inputs, output):
         _, weight, grad_output, *geometry = inputs
@@ -176,7 +185,7 @@ def _register_autograd(ops):
             g_w = weight_op(grad, list(weight.shape), grad_output, *ctx.geometry)
         if ctx.needs_input_grad[2]:
             g_gy = forward_op(grad, weight, None, *ctx.geometry)
-        return None, g_w, g_gy, None, None, None, None
+        return (None, g_w, g_gy) + (None,) * len(ctx.geometry)
 
     def setup_weight_grad(ctx, inputs, output):
         x, _, grad_output, *geometry = inputs
@@ -190,7 +199,7 @@ def _register_autograd(ops):
             g_x = input_op(list(x.shape), grad, grad_output, *ctx.geometry)
         if ctx.needs_input_grad[2]:
             g_gy = forward_op(x, grad, None, *ctx.geometry)
-        return g_x, None, g_gy, None, None, None, None
+        return (g_x, None, g_gy) + (None,) * len(ctx.geometry)
 
     forward_op.register_autograd(backward_forward, setup_context=setup_forward)
     input_op.register_autograd(backward_input_grad, setup_context=setup_input_grad)
@@ -420,11 +429,10 @@ def local_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, strid
                   groups)
 
 
-def autograd_forward(op_name, arrays, stride, padding, dilation, groups, device):
-    """:func:`gpuconv.conv2d` / :func:`gpuconv.local_conv2d` on tensors that require grad:
-    the same call through the differentiable operators. The tensors' device decides where it
-    runs; ``device`` may be ``"auto"`` or that device."""
-    x, weight, bias = arrays["x"], arrays["weight"], arrays["bias"]
+def check_autograd_call(arrays, device):
+    """The checks of a public call on tensors that require grad: every array a tensor, and
+    ``device`` ``"auto"`` or the tensors' own."""
+    x = arrays["x"]
     for name, value in arrays.items():
         if value is not None and not isinstance(value, Tensor):
             raise TypeError(
@@ -434,8 +442,15 @@ def autograd_forward(op_name, arrays, stride, padding, dilation, groups, device)
         raise ValueError(
             f"device={device!r} was requested but x lives on {x.device}; a call that records "
             "the autograd graph runs where its tensors are: move them with .to(device)")
+
+
+def autograd_forward(op_name, arrays, stride, padding, dilation, groups, device):
+    """:func:`gpuconv.conv2d` / :func:`gpuconv.local_conv2d` on tensors that require grad:
+    the same call through the differentiable operators. The tensors' device decides where it
+    runs; ``device`` may be ``"auto"`` or that device."""
+    check_autograd_call(arrays, device)
     fn = conv2d if op_name == "conv2d" else local_conv2d
-    return fn(x, weight, bias, stride, padding, dilation, groups)
+    return fn(arrays["x"], arrays["weight"], arrays["bias"], stride, padding, dilation, groups)
 
 
 # --------------------------------------------------------------------------------------------
