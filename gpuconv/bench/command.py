@@ -66,6 +66,12 @@ def add_arguments(parser):
                         help="CPU only: one thread for gpuconv and PyTorch, timed in process "
                              "CPU time (compares the kernels per core; robust on a busy "
                              "machine)")
+    parser.add_argument("--no-dial", dest="dial", action="store_false",
+                        help="leave out the sharing dial: tiled_conv2d at "
+                             + " and ".join(f"{tiling} {t[0]}x{t[1]}" for tiling, t in suite.DIAL)
+                             + " (--quick: " + ", ".join(f"{tiling} {t[0]}x{t[1]}"
+                                                         for tiling, t in suite.QUICK_DIAL)
+                             + "), timed in the forward beside conv2d and local_conv2d")
     parser.add_argument("--no-peers", dest="peers", action="store_false",
                         help="time gpuconv only (no PyTorch / NumPy comparison)")
     parser.add_argument("--wide", action="store_true",
@@ -160,7 +166,8 @@ def run(args):
     result = timing.run_benchmark(names, device=device, dtype=args.dtype, repeat=repeat,
                            bursts=bursts, batch=args.batch, batch_cap=batch_cap,
                            peers=getattr(args, "peers", True), sweep=sweep,
-                           quick=args.quick, passes=passes, torch=torch, clock=clock)
+                           quick=args.quick, passes=passes, torch=torch, clock=clock,
+                           dial=_dial(args))
     result["machine"]["command"] = _command_of(args)
     per_call = None
     if getattr(args, "per_call", True):
@@ -205,6 +212,14 @@ def _expected_duration(device, names, args, passes, sweep):
             "shorter on more cores)")
 
 
+def _dial(args):
+    """The points of the dial to time: :data:`.suite.DIAL` (``--quick``:
+    :data:`.suite.QUICK_DIAL`), none with ``--no-dial``."""
+    if not getattr(args, "dial", True):
+        return ()
+    return suite.QUICK_DIAL if args.quick else suite.DIAL
+
+
 def _report_width():
     """:data:`TABLE_WIDTH`, or the terminal's width when standard output is a wider one."""
     if sys.stdout.isatty():
@@ -232,6 +247,7 @@ def _command_of(args):
         ("--layers", args.layers) if args.layers else ("--suite", args.suite),
         ("--pass", passes if passes != ["forward"] else None),
         ("--quick", args.quick), ("--no-peers", not getattr(args, "peers", True)),
+        ("--no-dial", not getattr(args, "dial", True)),
         ("--one-core", getattr(args, "one_core", False)),
         ("--no-per-call", not getattr(args, "per_call", True)),
         ("--batch", args.batch), ("--repeat", args.repeat),
