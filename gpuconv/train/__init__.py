@@ -3,8 +3,9 @@
 The lecture note the project started from counts parameters: a fully connected layer on a
 500 x 500 image with 10^5 neurons has 2.5 x 10^10 weights, a locally connected one 10^7, a
 shared convolution 100 per feature. ``gpuconv params`` prints those numbers and ``gpuconv
-bench`` times the layers; this module trains the note's network three ways on real data that
-ships with scikit-learn and reports parameters, time per epoch and test accuracy:
+bench`` times the layers; this module trains the note's network three ways (and at three
+points between the first two) on real data that ships with scikit-learn and reports
+parameters, time per epoch and test accuracy:
 
 - ``shared``: the note's network with :class:`gpuconv.torch.Conv2d`::
 

@@ -1,4 +1,4 @@
-"""The networks of ``gpuconv train``: their geometry per dataset, the three variants as PyTorch
+"""The networks of ``gpuconv train``: their geometry per dataset, the variants as PyTorch
 modules, and their parameter counts (checked against :mod:`gpuconv.params`)."""
 
 from __future__ import annotations
