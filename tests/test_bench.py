@@ -311,14 +311,16 @@ def test_the_report_says_which_peers_ran_and_why(device, torch_present, peers, e
 
 # ----------------------------------------------------------------------------- runs
 
-def _impls(torch_module, peers=True):
-    """(op, impl) pairs the benchmark picks on the CPU: the tests follow the list, not a copy."""
-    return {(i.op, i.name) for i in _bench_impls.implementations("cpu", torch_module, peers)}
+def _impls(torch_module, peers=True, dial=()):
+    """(op, impl, tiling, tiles) of what the benchmark picks on the CPU: the tests follow the
+    list, not a copy."""
+    return {i.key for i in _bench_impls.implementations("cpu", torch_module, peers,
+                                                         dial=dial)}
 
 
 def _check_run(result, impls, repeat=1, bursts=2):
     records = result["records"]
-    assert {(r["op"], r["impl"]) for r in records} == impls
+    assert {bench.suite.series_key(r) for r in records} == impls
     for r in records:
         assert r["median_s"] > 0 and r["samples"] == repeat * bursts and r["gflops"] > 0
         assert len(r["times_s"]) == r["samples"] and r["min_s"] == min(r["times_s"])
@@ -335,7 +337,7 @@ def _check_run(result, impls, repeat=1, bursts=2):
 def test_tiny_run_with_torch(fast):
     result = bench.run_benchmark([TINY], repeat=1, bursts=2, progress=False)
     _check_run(result, _impls(torch))
-    assert {impl for _, impl in _impls(torch)} > {"gpuconv"}
+    assert {key[1] for key in _impls(torch)} > {"gpuconv"}
     assert result["machine"]["torch"] == torch.__version__
 
 
@@ -343,7 +345,7 @@ def test_tiny_run_without_torch(fast):
     result = bench.run_benchmark([TINY_GROUPED], repeat=1, bursts=2, progress=False,
                                  torch=None)
     _check_run(result, _impls(None))
-    assert {impl for _, impl in _impls(None)} > {"gpuconv"}
+    assert {key[1] for key in _impls(None)} > {"gpuconv"}
     assert result["machine"]["torch"] is None
     assert "NumPy" in result["machine"]["peers_reason"]
 
@@ -375,6 +377,102 @@ def test_what_does_not_fit_is_skipped_with_a_reason(fast, monkeypatch):
     skipped = by[("local_conv2d", "gpuconv")]
     assert skipped["median_s"] is None and "available" in skipped["skipped"]
     assert "skipped: needs about" in bench.format_table(result["records"])
+
+
+# ----------------------------------------------------------------------------- the dial
+
+def _slots(size, tiles, tiling):
+    """The kernel slot of each output row (column), as issue 21 defines it."""
+    if tiling == "periodic":
+        return np.arange(size) % tiles
+    return np.floor(np.arange(size) * tiles / size).astype(int)
+
+
+def _expand_tiled(w, out_hw, tiling):
+    """Tiled weights ``(C_out, T_h, T_w, ...)`` -> one kernel per output position."""
+    rows = _slots(out_hw[0], w.shape[1], tiling)
+    cols = _slots(out_hw[1], w.shape[2], tiling)
+    return np.asarray(w, dtype=np.float64)[:, rows][:, :, cols]
+
+
+@pytest.mark.parametrize("spec", [PEER_GEOMETRIES[0], PEER_GEOMETRIES[2], PEER_GEOMETRIES[3]])
+@pytest.mark.parametrize("tiling, tiles", [("periodic", (2, 2)), ("blocks", (4, 3))])
+def test_the_timed_tiled_call_matches_the_reference(spec, tiling, tiles):
+    """What the dial times is gpuconv.tiled_conv2d on the layer's geometry (uneven padding
+    included), checked against a local convolution of the expanded weights."""
+    geom, x, _, _, b, kw = _peer_case(spec, np.random.default_rng(6))
+    w = np.random.default_rng(7).standard_normal(
+        (geom.out_channels, *tiles, geom.in_channels_per_group, *spec[1]))
+    (impl,) = _bench_impls.dial_implementations("cpu", [(tiling, tiles)])
+    assert impl.weight_shape(geom) == w.shape and impl.key[2:] == (tiling, tiles)
+    y = impl.make({"x": x, "weight": w, "bias": b}, geom)()
+    ref = local_conv2d_ref(x, _expand_tiled(w, (geom.out_height, geom.out_width), tiling), b,
+                           **kw)
+    np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_dial_records_carry_tiles_tiling_and_the_tiled_weight_size(fast):
+    dial = (("periodic", (2, 2)), ("blocks", (4, 4)), ("blocks", (6, 6)))
+    result = bench.run_benchmark([TINY], repeat=1, bursts=2, progress=False, torch=None,
+                                 dial=dial)
+    records = result["records"]
+    tiled = [r for r in records if r["op"] == "tiled_conv2d"]
+    assert [(r["tiling"], tuple(r["tiles"])) for r in tiled] == list(dial)
+    assert result["machine"]["dial"] == [[tiling, list(tiles)] for tiling, tiles in dial]
+    # burst and report order: conv2d, the dial, local_conv2d
+    assert [r["op"] for r in records if r["impl"] == "gpuconv"] == \
+        ["conv2d", "tiled_conv2d", "tiled_conv2d", "tiled_conv2d", "local_conv2d"]
+    # the records of the ends are as before: no tiles, no tiling
+    assert all("tiles" not in r and "tiling" not in r for r in records
+               if r["op"] != "tiled_conv2d")
+    n = records[0]["N"]
+    for r in tiled[:2]:
+        slots = r["tiles"][0] * r["tiles"][1]
+        # by hand: 4 maps x slots x (3 channels x 3 x 3) weights, one bias per map
+        assert (r["params_weights"], r["params_biases"]) == (4 * slots * 27, 4)
+        # x (N x 3 x 9 x 9) + weights + biases + y (N x 4 x 5 x 5), float32
+        assert r["bytes"] == (n * 243 + 4 * slots * 27 + 4 + n * 100) * 4
+        assert r["flops"] == records[0]["flops"]  # the same multiply-adds as conv2d
+        assert r["median_s"] > 0 and r["samples"] == 2
+        assert r["max_rel_diff"] is None and r["compared_with"] is None  # no peer
+    assert tiled[2]["median_s"] is None
+    assert tiled[2]["skipped"] == "tiles 6x6 exceed the output 5x5"
+    dial_ratios = bench.dial_speedups(records)["tiny"]
+    assert set(dial_ratios) == {"periodic 2x2", "blocks 4x4"}
+    assert dial_ratios["blocks 4x4"]["params"] == pytest.approx((16 * 108 + 4) / (108 + 4))
+    assert dial_ratios["periodic 2x2"]["count"] == 2
+    table = bench.format_table(records)
+    for label in ("tiled_conv2d periodic 2x2", "tiled_conv2d blocks 4x4",
+                  "tiled_conv2d blocks 6x6"):
+        assert label in table
+    assert "skipped: tiles 6x6 exceed the output 5x5" in table
+    text = bench.format_report(result)
+    assert "The sharing dial" in text and "params 15.5x" in text  # (16 x 108 + 4) / 112
+    # the ends' sharing summary still compares local_conv2d with conv2d only
+    local, shared = (next(r for r in records if (r["op"], r["impl"]) == (op, "gpuconv"))
+                     for op in ("local_conv2d", "conv2d"))
+    assert re.search(rf"tiny\s+params\s+{local['params'] / shared['params']:,.0f}x", text)
+    assert "tiled_conv2d: no peer" in result["machine"]["peers_reason"]
+
+
+def test_the_dial_is_off_by_default_and_with_no_dial(fast, monkeypatch, capsys):
+    result = bench.run_benchmark([TINY], repeat=1, bursts=1, progress=False, torch=None)
+    assert not any(r["op"] == "tiled_conv2d" for r in result["records"])
+    assert "dial" not in result["machine"]
+    code, out = _cli(["--device", "cpu", "--quick", "--repeat", "1", "--no-per-call",
+                      "--no-dial"], monkeypatch, capsys, torch_available=False)
+    assert code == 0 and "tiled_conv2d" not in out.out
+
+
+def test_plot_draws_the_dial(fast, tmp_path):
+    pytest.importorskip("matplotlib")
+    from gpuconv.bench import plot as _bench_plot
+
+    result = bench.run_benchmark([TINY], repeat=1, bursts=1, progress=False, torch=None,
+                                 dial=bench.DIAL, sweep=("tiny", (1, 2)))
+    path = tmp_path / "dial.png"
+    _bench_plot.plot(result, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _table_cells(stdout):
@@ -413,14 +511,17 @@ def test_cli_quick_run_writes_json_and_png_that_agree_with_the_table(
     assert set(result) == {"machine", "records"}
     suite = [r for r in result["records"] if r["part"] == "suite"]
     sweep = [r for r in result["records"] if r["part"] == "batch-sweep"]
-    impls = _impls(torch if torch_available else None)
+    impls = _impls(torch if torch_available else None, dial=bench.suite.QUICK_DIAL)
     assert len(suite) == len(bench.suite.QUICK_LAYERS) * len(impls)
+    tiled = [r for r in suite if r["op"] == "tiled_conv2d"]
+    assert [(r["tiling"], tuple(r["tiles"])) for r in tiled] == list(bench.suite.QUICK_DIAL)
+    assert not any(r["op"] == "tiled_conv2d" for r in sweep)  # the sweep times the ends
     assert sorted({r["N"] for r in sweep}) == sorted(bench.suite.SWEEP_BATCHES)
     assert (result["machine"]["torch"] is not None) == torch_available
     rows = _table_cells(out.out)
     assert len(rows) == len(suite)
     for row, r in zip(rows, suite):
-        assert row[:4] == [r["layer"], r["op"], r["impl"], str(r["N"])]
+        assert row[:4] == [r["layer"], bench.suite.series_label(r), r["impl"], str(r["N"])]
         assert row[4] == f"{r['median_s'] * 1e3:.4g}"
         assert float(row[4]) == pytest.approx(r["median_s"] * 1e3, rel=1e-3)
         assert float(row[6]) == pytest.approx(r["gflops"], rel=5e-3)
@@ -431,6 +532,7 @@ def test_cli_quick_run_writes_json_and_png_that_agree_with_the_table(
     assert f"peers: {result['machine']['peers_reason']}" in flat and why in flat
     assert "%cmp = " in out.out and "more than 100 %" in out.out
     assert "What sharing buys" in out.out and "gpuconv vs peers: speedup = peer time" in out.out
+    assert "The sharing dial" in out.out and "no framework offers it" in flat
     # Not a terminal: a line when it starts and with the ceilings, then one per finished
     # layer and sweep batch.
     news = out.err.splitlines()

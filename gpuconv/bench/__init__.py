@@ -22,6 +22,12 @@ How the timing is done (the machines this runs on are noisy):
 - GFLOP/s and GB/s (fewest bytes: inputs, weights and biases read once, output written once)
   are compared with ceilings measured in the same run.
 
+The forward also times the dial between the two, :func:`gpuconv.tiled_conv2d` at a few tile
+sizes (:data:`.suite.DIAL`: periodic 2 x 2 and blocks 4 x 4; ``--quick``: blocks 4 x 4):
+records with ``"op": "tiled_conv2d"``, ``"tiles": [T_h, T_w]`` and ``"tiling"`` (``--no-dial``
+leaves them out). No framework offers that operation: it has no peer, and the summary compares
+each point with gpuconv's conv2d (parameters and paired times).
+
 Three passes can be timed (``--pass``; :data:`gpuconv.bench.stats.PASSES`), each with its
 own records (field ``pass``), table and summary:
 
@@ -57,15 +63,16 @@ neither PyTorch nor matplotlib.
 
 from . import peers, percall, stats  # noqa: F401  (the implementations, per call, numbers)
 from .command import add_arguments, run
-from .report import (backward_memory, format_report, format_summary, format_table,
-                     local_bandwidth, peer_speedups, sharing_speedups)
+from .report import (backward_memory, dial_speedups, format_report, format_summary,
+                     format_table, local_bandwidth, peer_speedups, sharing_speedups)
 from .stats import PASSES, min_bytes, param_count
-from .suite import (DTYPES, LAYERS, PASS_CHOICES, QUICK_LAYERS, SUITES, Layer, layer_names,
-                    make_record, resolve_passes)
+from .suite import (DIAL, DTYPES, LAYERS, PASS_CHOICES, QUICK_LAYERS, SUITES, Layer,
+                    layer_names, make_record, resolve_passes)
 from .timing import one_core, run_benchmark
 
 __all__ = ["Layer", "LAYERS", "SUITES", "QUICK_LAYERS", "PASSES", "PASS_CHOICES",
            "add_arguments", "run", "run_benchmark", "make_record", "format_report",
            "format_table", "format_summary", "peer_speedups", "sharing_speedups",
+           "dial_speedups", "DIAL",
            "local_bandwidth", "backward_memory", "param_count", "min_bytes", "layer_names",
            "one_core", "resolve_passes", "DTYPES"]

@@ -30,6 +30,7 @@ from ..device import host_memory_available
 from .stats import PASSES
 
 __all__ = ["Impl", "PASSES", "load_torch", "torch_problem", "implementations",
+           "dial_implementations",
            "describe_peers", "describe_peers_by_pass", "Backend", "available_memory",
            "measure_ceilings", "measure_bandwidth", "peak_extra_bytes", "torch_conv2d",
            "torch_unfold_einsum", "torch_unfold_bmm", "bmm_weight_layout",
@@ -203,7 +204,7 @@ class Impl:
     """One implementation of one operation in one pass.
 
     Attributes:
-        op: ``"conv2d"`` or ``"local_conv2d"``.
+        op: ``"conv2d"``, ``"local_conv2d"`` or ``"tiled_conv2d"``.
         name: short label used in records (``"gpuconv"``, ``"torch"``, ...); the same peer
             keeps its name across passes (the record's ``pass`` tells them apart).
         description: one line saying exactly what is timed.
@@ -219,19 +220,44 @@ class Impl:
         canonical: ``canonical(result, geom) -> tuple``: the result as gpuconv lays it out
             (weights ``(C_out, H_out, W_out, C_in/g, kH, kW)`` for ``local_conv2d``), for the
             agreement check only, never timed; ``None``: the result as it is.
+        tiles, tiling: ``tiled_conv2d``'s point on the dial, ``(T_h, T_w)`` and
+            ``"periodic"`` or ``"blocks"`` (``None`` for the other operations).
     """
 
     def __init__(self, op, name, description, make, array_kind, workspace, memory_probe,
-                 pass_name="forward", canonical=None):
+                 pass_name="forward", canonical=None, tiles=None, tiling=None):
         self.op, self.name, self.description = op, name, description
         self.make, self.array_kind = make, array_kind
         self.workspace, self.memory_probe = workspace, memory_probe
         self.pass_name, self.canonical = pass_name, canonical
+        self.tiles, self.tiling = (None if tiles is None else tuple(tiles)), tiling
+
+    @property
+    def key(self):
+        """``(op, name, tiling, tiles)``: what tells implementations of one pass apart (the
+        record's :func:`gpuconv.bench.suite.series_key`)."""
+        return (self.op, self.name, self.tiling, self.tiles)
+
+    @property
+    def weight_name(self):
+        """Which of the layer's random weights this implementation reads: its operation's,
+        or for ``tiled_conv2d`` those of its tiles (the same for either tiling)."""
+        return self.op if self.tiles is None else (self.op, self.tiles)
+
+    def weight_shape(self, geom):
+        """The shape of those weights on ``geom``."""
+        if self.op == "conv2d":
+            return geom.shared_weight_shape()
+        if self.op == "tiled_conv2d":
+            return (geom.out_channels, *self.tiles, geom.in_channels_per_group,
+                    geom.kernel_height, geom.kernel_width)
+        return geom.local_weight_shape()
 
     def __repr__(self):
+        dial = "" if self.tiles is None else f", tiles={self.tiles!r}, tiling={self.tiling!r}"
         if self.pass_name == "forward":
-            return f"Impl({self.op!r}, {self.name!r})"
-        return f"Impl({self.op!r}, {self.name!r}, {self.pass_name!r})"
+            return f"Impl({self.op!r}, {self.name!r}{dial})"
+        return f"Impl({self.op!r}, {self.name!r}, {self.pass_name!r}{dial})"
 
 
 def _out_bytes(geom, itemsize):
@@ -278,6 +304,34 @@ def _gpuconv_make(op, device):
             return function(x, weight, bias, stride, padding, dilation, groups, device=device)
         return call
     return make
+
+
+def _gpuconv_tiled_make(device, tiling):
+    import gpuconv
+
+    def make(arrays, geom):
+        x, weight, bias = arrays["x"], arrays["weight"], arrays["bias"]
+        stride, padding, dilation = _gpuconv_geometry(geom)
+        groups = geom.groups
+
+        def call():
+            return gpuconv.tiled_conv2d(x, weight, bias, stride, padding, dilation, groups,
+                                        tiling=tiling, device=device)
+        return call
+    return make
+
+
+def dial_implementations(device, dial):
+    """The forward of :func:`gpuconv.tiled_conv2d` at each ``(tiling, (T_h, T_w))`` of
+    ``dial`` (:data:`gpuconv.bench.suite.DIAL`): no framework has the operation, so there is
+    no peer beside it; the reports compare it with gpuconv's own conv2d and local_conv2d."""
+    return [Impl("tiled_conv2d", "gpuconv",
+                 f"gpuconv.tiled_conv2d(tiling={tiling!r}, tiles {tiles[0]}x{tiles[1]}, "
+                 f"device={device!r})",
+                 _gpuconv_tiled_make(device, tiling), "gpuconv",
+                 lambda geom, itemsize: _out_bytes(geom, itemsize), "tracemalloc",
+                 tiles=tiles, tiling=tiling)
+            for tiling, tiles in dial]
 
 
 def _torch_input(torch, geom):
@@ -768,13 +822,14 @@ def _backward_impls(device, torch_ok, torch, peers):
     return impls
 
 
-def implementations(device, torch=None, peers=True, passes=("forward",)):
+def implementations(device, torch=None, peers=True, passes=("forward",), dial=()):
     """The implementations to time on ``device`` (``"cpu"`` or ``"cuda"``), in burst order,
     for each pass in ``passes`` (:data:`PASSES`), forward first.
 
     - forward: gpuconv's two operations always; with ``peers``, PyTorch's ``conv2d`` and the
       unfold + einsum recipe when PyTorch is installed (and, on ``"cuda"``, built with CUDA),
-      else (on the CPU only) NumPy im2col baselines;
+      else (on the CPU only) NumPy im2col baselines; between the two operations,
+      ``gpuconv.tiled_conv2d`` at each point of ``dial`` (:func:`dial_implementations`);
     - backward: ``gpuconv.grad``'s two gradients of each operation; with ``peers`` and
       PyTorch, autograd's backward through ``conv2d`` and through unfold + einsum
       (:func:`torch_autograd_backward`); no NumPy baselines;
@@ -785,7 +840,10 @@ def implementations(device, torch=None, peers=True, passes=("forward",)):
     torch_ok = torch is not None and (device == "cpu" or torch.cuda.is_available())
     impls = []
     if "forward" in passes:
-        impls += _forward_impls(device, torch_ok, torch, peers)
+        forward = _forward_impls(device, torch_ok, torch, peers)
+        first_local = next(n for n, i in enumerate(forward) if i.op == "local_conv2d")
+        impls += (forward[:first_local] + dial_implementations(device, dial)
+                  + forward[first_local:])
     if "backward" in passes:
         impls += _backward_impls(device, torch_ok, torch, peers)
     if "step" in passes:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from ..appkit import require_matplotlib
+from .suite import OPS, series_key, series_label
 
 __all__ = ["require_matplotlib", "plot"]
 
-# Shared in blue, unshared in orange; gpuconv solid, the peer lighter and hatched.
+# Shared in blue, unshared in orange, the tiled points between them in greens; gpuconv
+# solid, the peer lighter and hatched.
+_TILED_COLORS = ("#2ca02c", "#98df8a", "#17becf", "#9edae5")
 _STYLE = {
     ("conv2d", True): dict(color="#1f77b4"),
     ("conv2d", False): dict(color="#aec7e8", hatch="//", edgecolor="#1f77b4"),
@@ -15,9 +18,19 @@ _STYLE = {
 }
 
 
-def _label(op, impl):
+def _label(op, impl, record=None):
+    if op == "tiled_conv2d":
+        return f"gpuconv {series_label(record)}"
     name = "conv2d (shared)" if op == "conv2d" else "local_conv2d (unshared)"
     return f"gpuconv {name}" if impl == "gpuconv" else f"{impl} {op}"
+
+
+def _style(key, tiled_keys):
+    """The bar style of a series (:func:`.suite.series_key`)."""
+    op, impl = key[:2]
+    if op == "tiled_conv2d":
+        return dict(color=_TILED_COLORS[tiled_keys.index(key) % len(_TILED_COLORS)])
+    return _STYLE.get((op, impl == "gpuconv"), {})
 
 
 def plot(result, path):
@@ -40,21 +53,27 @@ def plot(result, path):
     # Panel 1: per layer, median time of each implementation (log scale), IQR as error bars.
     ax = axes[0]
     layers = list(dict.fromkeys(r["layer"] for r in suite))
-    series = list(dict.fromkeys((r["op"], r["impl"]) for r in suite))
-    series.sort(key=lambda s: (s[0] != "conv2d", s[1] != "gpuconv"))
+    first_of = {}
+    for r in suite:
+        first_of.setdefault(series_key(r), r)
+    series = list(first_of)
+    series.sort(key=lambda s: (OPS.index(s[0]) if s[0] in OPS else len(OPS), s[1] != "gpuconv"))
+    tiled_keys = [key for key in series if key[0] == "tiled_conv2d"]
     width = 0.8 / max(1, len(series))
-    for k, (op, impl) in enumerate(series):
+    for k, key in enumerate(series):
+        op, impl = key[:2]
         xs, ys, low, high = [], [], [], []
         for i, layer in enumerate(layers):
-            match = [r for r in suite if (r["layer"], r["op"], r["impl"]) == (layer, op, impl)]
+            match = [r for r in suite if r["layer"] == layer and series_key(r) == key]
             if match:
                 r = match[0]
                 xs.append(i + (k - (len(series) - 1) / 2) * width)
                 ys.append(r["median_s"] * 1e3)
                 low.append((r["median_s"] - r["q1_s"]) * 1e3)
                 high.append((r["q3_s"] - r["median_s"]) * 1e3)
-        style = _STYLE.get((op, impl == "gpuconv"), {})
-        ax.bar(xs, ys, width * 0.95, yerr=[low, high], capsize=2, label=_label(op, impl),
+        style = _style(key, tiled_keys)
+        ax.bar(xs, ys, width * 0.95, yerr=[low, high], capsize=2,
+               label=_label(op, impl, first_of[key]),
                error_kw={"elinewidth": 0.8, "ecolor": "#333333"}, linewidth=0.6, **style)
     ax.set_yscale("log")
     ax.set_xticks(range(len(layers)))
@@ -62,6 +81,9 @@ def plot(result, path):
                         for layer in layers], fontsize=8)
     ax.set_ylabel("median time per call (ms, log scale)")
     title = "Shared vs unshared, and the peers (bars: median, whiskers: quartiles)"
+    if tiled_keys:
+        title = ("Shared, tiled (the dial) and unshared, and the peers (bars: median, "
+                 "whiskers: quartiles)")
     if shown != "forward":
         title += f"\n{shown} pass"
     ax.set_title(title, fontsize=10)
@@ -77,7 +99,8 @@ def plot(result, path):
     if sweep:
         ax = axes[1]
         layer = sweep[0]["layer"]
-        for op, impl in dict.fromkeys((r["op"], r["impl"]) for r in sweep):
+        for op, impl in dict.fromkeys((r["op"], r["impl"]) for r in sweep
+                                      if r["op"] != "tiled_conv2d"):
             rows = sorted((r for r in sweep if (r["op"], r["impl"]) == (op, impl)),
                           key=lambda r: r["N"])
             color = _STYLE[(op, True)]["color"]

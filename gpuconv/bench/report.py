@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 
 from .stats import PASSES, geomean, paired_ratios
-from .suite import OPS, PASS_TITLES
+from .suite import OPS, PASS_TITLES, series_label
 
 def _overload_warning(machine):
     """A warning line for a run whose load exceeded the cores, or None."""
@@ -68,6 +68,15 @@ TABLE_LEGEND = (
 )
 
 
+#: The legend of the dial's rows (printed when the records have some).
+DIAL_LEGEND = (
+    "tiled_conv2d TILING TxT = gpuconv.tiled_conv2d with T x T kernel slots per map "
+    "(periodic: slot (i mod T_h, j mod T_w); blocks: T x T contiguous regions): points on the "
+    "dial between conv2d (1 x 1) and local_conv2d (one kernel per position); no framework "
+    "offers it, so it has no peer.",
+)
+
+
 #: The legend of the ``kernel ms`` column (printed when the records have kernel times).
 KERNEL_LEGEND = (
     "kernel ms (CUDA) = the device time of the kernels and copies one call queues (PyTorch's "
@@ -114,11 +123,12 @@ def table_rows(records):
     rows = []
     for r in records:
         if r["skipped"]:
-            row = (r["layer"], r["op"], r["impl"], str(r["N"]), f"skipped: {r['skipped']}",
+            row = (r["layer"], series_label(r), r["impl"], str(r["N"]),
+                   f"skipped: {r['skipped']}",
                    "", "", "", "", "", "", _count(r["params"]), "")
         else:
             row = (
-                r["layer"], r["op"], r["impl"], str(r["N"]), _ms(r["median_s"]),
+                r["layer"], series_label(r), r["impl"], str(r["N"]), _ms(r["median_s"]),
                 f"{_ms(r['q1_s'])}-{_ms(r['q3_s'])}", _num(r["gflops"], ".3g"),
                 _num(r["gbs"], ".3g"), _pct(r["compute_fraction"]),
                 _pct(r["bandwidth_fraction"]),
@@ -216,6 +226,8 @@ def _passes(records):
 
 
 def _find(records, layer, op, impl, part, n=None, pass_name="forward"):
+    """The timed record of ``op`` (``conv2d`` or ``local_conv2d``: a ``tiled_conv2d``
+    record is one point of several) by ``impl`` on ``layer``."""
     for r in records:
         if (r["layer"], r["op"], r["impl"], r["part"]) == (layer, op, impl, part) \
                 and _pass_of(r) == pass_name and (n is None or r["N"] == n) and r["median_s"]:
@@ -282,6 +294,64 @@ def sharing_speedups(records, part="suite", pass_name="forward"):
                            "count": paired["count"] if paired else 0,
                            "params": unshared["params"] / shared["params"]}
     return out
+
+
+def dial_speedups(records, part="suite", pass_name="forward"):
+    """Where the tiled points sit between the ends, per layer: each gpuconv ``tiled_conv2d``
+    record against gpuconv's ``conv2d`` on the same layer.
+
+    Returns ``{layer: {point: {"N", "tiles", "tiling", "time", "median", "q1", "q3",
+    "count", "params"}}}`` with ``point`` the record's label (``"periodic 2x2"``):
+    ``time`` = tiled time / conv2d time (ratio of the medians), ``median``, ``q1``, ``q3``
+    the ratios of paired calls (as :func:`sharing_speedups`), ``params`` = tiled parameters /
+    conv2d parameters. Points whose record or conv2d's did not run are left out.
+    """
+    out = {}
+    for r in records:
+        if (r["part"], r["op"], r["impl"], _pass_of(r)) != (part, "tiled_conv2d", "gpuconv",
+                                                            pass_name) or not r["median_s"]:
+            continue
+        shared = _find(records, r["layer"], "conv2d", "gpuconv", part, r["N"], pass_name)
+        if shared is None:
+            continue
+        paired = paired_ratios(r.get("times_s") or [], shared.get("times_s") or [])
+        point = series_label(r)[len("tiled_conv2d "):]
+        out.setdefault(r["layer"], {})[point] = {
+            "N": r["N"], "tiles": r["tiles"], "tiling": r["tiling"],
+            "time": _speedup(r, shared), "median": paired and paired["median"],
+            "q1": paired and paired["q1"], "q3": paired and paired["q3"],
+            "count": paired["count"] if paired else 0, "params": r["params"] / shared["params"]}
+    return out
+
+
+def _dial_lines(records, layers, width):
+    """The forward's dial: per layer, each tiled point's parameters and time as multiples
+    of conv2d's (the local_conv2d end is in the lines above)."""
+    dial = dial_speedups(records)
+    if not dial:
+        return []
+    points = list(dict.fromkeys(point for name in layers for point in dial.get(name, {})))
+    lines = textwrap.wrap(
+        "The sharing dial (gpuconv tiled_conv2d, same geometry): parameters and time as "
+        "multiples of conv2d's (time: the median of the ratios of paired calls; the "
+        "local_conv2d end is above)", 100)
+    cell_width = 24
+    lines.append(f"  {'layer':<{width}}" + "".join(f"  {p:>{cell_width}}" for p in points))
+    for name in layers:
+        if name not in dial:
+            continue
+        cells = []
+        for point in points:
+            value = dial[name].get(point)
+            if value is None:
+                cells.append("-")
+                continue
+            ratio = value["median"] if value["median"] is not None else value["time"]
+            params = value["params"]
+            params = f"{params:.3g}" if params < 100 else f"{params:,.0f}"
+            cells.append(f"params {params}x  time {_times(ratio)}")
+        lines.append(f"  {name:<{width}}" + "".join(f"  {c:>{cell_width}}" for c in cells))
+    return lines
 
 
 def local_bandwidth(records, pass_name="backward", ceilings=None):
@@ -431,12 +501,14 @@ def format_summary(result):
             lines.extend(local)
     firsts = [r for r in result["records"] if r["first_call_in_process"] and r["median_s"]]
     if firsts:
-        label_width = 12 if passes == ["forward"] else 21
+        label_width = max([12 if passes == ["forward"] else 21]
+                          + [len(series_label(r)) for r in firsts if _pass_of(r) == "forward"])
         lines.append("")
         lines.append("First call in this process (* in the table; not in the medians):")
         for r in firsts:
             how = f", {r['jit']}" if r["jit"] else ""
-            label = r["op"] if _pass_of(r) == "forward" else f"{r['op']} {_pass_of(r)}"
+            label = (series_label(r) if _pass_of(r) == "forward"
+                     else f"{series_label(r)} {_pass_of(r)}")
             lines.append(f"  {label:<{label_width}}  {r['impl']:<13} "
                          f"{_ms(r['first_call_s']):>8} ms "
                          f"(then {_ms(r['median_s'])} ms{how})")
@@ -470,7 +542,8 @@ def _agreement_line(records, dtype):
     outside = [r for r in checked if r["max_rel_diff"] > r["tolerance"]]
     if outside:
         return ("Agreement: outside the tolerance (max_rel_diff > tolerance): " + "; ".join(
-            f"{r['layer']} {r['op']}{'' if _pass_of(r) == 'forward' else ' ' + _pass_of(r)} "
+            f"{r['layer']} {series_label(r)}"
+            f"{'' if _pass_of(r) == 'forward' else ' ' + _pass_of(r)} "
             f"{r['impl']} vs {r.get('compared_with', '?')} {r['max_rel_diff']:.2g} > "
             f"{r['tolerance']:.2g}" for r in outside))
     if checked and dtype == "float16":
@@ -491,7 +564,8 @@ def _forward_summary(result, records, layers, width):
              "is faster), the median [quartiles] of the ratios of paired calls (call i of each,",
              "timed in the same round of bursts)"]
     for name in layers:
-        params = {r["op"]: r["params"] for r in records if r["layer"] == name}
+        params = {r["op"]: r["params"] for r in records if r["layer"] == name
+                  and r["op"] in ("conv2d", "local_conv2d")}
         cell = sharing.get(name)
         if cell is None:
             time_text = "time: not measured"
@@ -503,6 +577,10 @@ def _forward_summary(result, records, layers, width):
         param_ratio = params["local_conv2d"] / params["conv2d"] if len(params) == 2 else None
         param_text = "-" if param_ratio is None else f"{param_ratio:,.0f}x"
         lines.append(f"  {name:<{width}}  params {param_text:>9}   {time_text}")
+    dial_lines = _dial_lines(records, layers, width)
+    if dial_lines:
+        lines.append("")
+        lines.extend(dial_lines)
     peer_lines = _peer_lines(records, layers, width, "forward")
     if peer_lines:
         lines.append("")
@@ -566,6 +644,7 @@ def format_report(result, width=None):
         for pass_name, why in result["machine"].get("passes_not_run", {}).items():
             parts += ["", f"{PASS_TITLES[pass_name]}: {why}"]
     legend = (TABLE_LEGEND + (KERNEL_LEGEND if _has_kernel_times(suite) else ())
+              + (DIAL_LEGEND if any(r["op"] == "tiled_conv2d" for r in suite) else ())
               + tuple(PASS_LEGEND[p] for p in passes if p in PASS_LEGEND))
     sweep = [r for r in result["records"] if r["part"] == "batch-sweep"]
     sweep_table = table(sweep) if sweep else None

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import sys
 
-from ..params import conv2d_param_count, local_conv2d_param_count
+from ..params import conv2d_param_count, local_conv2d_param_count, tiled_conv2d_param_count
 
 __all__ = ["TOLERANCE", "half_tolerance", "tolerance", "reduction_terms",
            "within_tolerance", "PASSES", "PASS_FLOPS", "param_count",
@@ -60,13 +60,20 @@ def within_tolerance(err, bound, dtype_name, terms=None):
     return err <= tolerance(dtype_name, terms) * max(bound, sys.float_info.min)
 
 
-def reduction_terms(op, geom, pass_name="forward"):
+def _slot_positions(geom, tiles):
+    """The most output positions one kernel slot of a ``tiles = (T_h, T_w)`` tiled
+    convolution serves (either tiling): ``ceil(H_out / T_h) ceil(W_out / T_w)``."""
+    return -(-geom.out_height // tiles[0]) * -(-geom.out_width // tiles[1])
+
+
+def reduction_terms(op, geom, pass_name="forward", tiles=None):
     """The most products one result value of ``pass_name`` sums (at most; padding and stride
     leave fewer for some values), over every result of the pass:
 
     - forward: ``(C_in/g) kH kW`` per output value (the bias adds one);
     - input gradient: ``(C_out/g) kH kW``; weight gradient: ``N H_out W_out`` for ``conv2d``
-      (a weight is used at every position), ``N`` for ``local_conv2d``;
+      (a weight is used at every position), ``N`` for ``local_conv2d``, ``N`` times the
+      positions of a slot for ``tiled_conv2d`` (``tiles = (T_h, T_w)``);
     - step: the forward, both gradients and the bias gradient (``N H_out W_out`` per
       channel, ``N`` per position for ``local_conv2d``: as many as its weight gradient).
     """
@@ -74,7 +81,12 @@ def reduction_terms(op, geom, pass_name="forward"):
     forward = geom.in_channels_per_group * window + 1
     if pass_name == "forward":
         return forward
-    uses = geom.batch * (geom.out_height * geom.out_width if op == "conv2d" else 1)
+    if op == "conv2d":
+        uses = geom.batch * geom.out_height * geom.out_width
+    elif op == "tiled_conv2d":
+        uses = geom.batch * _slot_positions(geom, tiles)
+    else:
+        uses = geom.batch
     backward = max(geom.out_channels_per_group * window, uses)
     if pass_name == "backward":
         return backward
@@ -97,14 +109,18 @@ PASSES = ("forward", "backward", "step")
 PASS_FLOPS = {"forward": 1, "backward": 2, "step": 3}
 
 
-def param_count(op, geom, bias="channel"):
-    """Learnable numbers of the layer as the benchmark times it: ``conv2d`` or
-    ``local_conv2d`` on ``geom`` (a :class:`~gpuconv.geometry.ConvGeometry`), one bias per
-    output channel (``bias="position"``: one per output value, ``local_conv2d`` only, as
+def param_count(op, geom, bias="channel", tiles=None):
+    """Learnable numbers of the layer as the benchmark times it: ``conv2d``, ``local_conv2d``
+    or ``tiled_conv2d`` (``tiles = (T_h, T_w)`` kernel slots) on ``geom`` (a
+    :class:`~gpuconv.geometry.ConvGeometry`), one bias per output channel
+    (``bias="position"``: one per output value, ``local_conv2d`` only, as
     ``gpuconv.torch.LocallyConnected2d`` has it). A :class:`gpuconv.params.ParamCount`."""
     kernel = (geom.kernel_height, geom.kernel_width)
     if op == "conv2d":
         return conv2d_param_count(geom.in_channels, geom.out_channels, kernel, geom.groups, True)
+    if op == "tiled_conv2d":
+        return tiled_conv2d_param_count(geom.in_channels, geom.out_channels, kernel, tiles,
+                                        geom.groups, None if bias is None else "channel")
     return local_conv2d_param_count(geom.in_channels, geom.out_channels, kernel,
                                     (geom.out_height, geom.out_width), geom.groups, bias)
 
@@ -115,15 +131,15 @@ def pass_flops(geom, pass_name="forward"):
     return PASS_FLOPS[pass_name] * geom.flops
 
 
-def _sizes(op, geom):
+def _sizes(op, geom, tiles=None):
     """Elements of ``(x, weights, y)``."""
     inputs = geom.batch * geom.in_channels * geom.in_height * geom.in_width
     outputs = geom.batch * geom.out_channels * geom.out_height * geom.out_width
-    return inputs, param_count(op, geom, None if op == "local_conv2d" else "channel").weights, \
-        outputs
+    bias = None if op == "local_conv2d" else "channel"
+    return inputs, param_count(op, geom, bias, tiles).weights, outputs
 
 
-def grad_bytes(op, which, geom, itemsize):
+def grad_bytes(op, which, geom, itemsize, tiles=None):
     """Fewest bytes one gradient call moves, each array read or written once:
 
     - ``which="input"``: read the weights and ``gy``, write ``gx`` (input-sized);
@@ -132,7 +148,7 @@ def grad_bytes(op, which, geom, itemsize):
     For ``local_conv2d`` the weights (or their gradient) dominate: both calls stream
     weight-sized data once, which is why they are compared with the copy bandwidth.
     """
-    inputs, weights, outputs = _sizes(op, geom)
+    inputs, weights, outputs = _sizes(op, geom, tiles)
     if which == "input":
         return (weights + outputs + inputs) * itemsize
     if which == "weight":
@@ -140,24 +156,26 @@ def grad_bytes(op, which, geom, itemsize):
     raise ValueError(f"which must be 'input' or 'weight', got {which!r}")
 
 
-def min_bytes(op, geom, itemsize, pass_name="forward", bias="channel"):
-    """Fewest bytes one ``pass_name`` moves.
+def min_bytes(op, geom, itemsize, pass_name="forward", bias="channel", tiles=None):
+    """Fewest bytes one ``pass_name`` moves (``tiles``: a ``tiled_conv2d``'s ``(T_h, T_w)``,
+    whose weights are ``T_h T_w`` kernels).
 
     - ``"forward"``: input, weights and biases read once, output written once;
     - ``"backward"``: the two gradient calls, each as :func:`grad_bytes` (``gy`` is read by
       both: they are separate calls);
     - ``"step"``: the forward, the backward, and the bias gradient written.
     """
-    inputs, _, outputs = _sizes(op, geom)
-    params = param_count(op, geom, bias).total
+    inputs, _, outputs = _sizes(op, geom, tiles)
+    params = param_count(op, geom, bias, tiles).total
     forward = (inputs + params + outputs) * itemsize
     if pass_name == "forward":
         return forward
-    backward = grad_bytes(op, "input", geom, itemsize) + grad_bytes(op, "weight", geom, itemsize)
+    backward = (grad_bytes(op, "input", geom, itemsize, tiles)
+                + grad_bytes(op, "weight", geom, itemsize, tiles))
     if pass_name == "backward":
         return backward
     if pass_name == "step":
-        return forward + backward + param_count(op, geom, bias).biases * itemsize
+        return forward + backward + param_count(op, geom, bias, tiles).biases * itemsize
     raise ValueError(f"pass_name must be one of {PASSES}, got {pass_name!r}")
 
 

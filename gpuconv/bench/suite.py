@@ -43,8 +43,41 @@ SWEEP_LAYER = "deepface-l5"
 SWEEP_BATCHES = (1, 2, 4, 8)
 
 
-#: The operations, in the order they are reported.
-OPS = ("conv2d", "local_conv2d")
+#: The operations, in the order they are reported: the shared end of the dial, the tiled
+#: points on it, the unshared end.
+OPS = ("conv2d", "tiled_conv2d", "local_conv2d")
+
+
+#: The points of the sharing dial that ``gpuconv bench`` times in the forward pass beside the
+#: two ends: ``(tiling, (T_h, T_w))`` for :func:`gpuconv.tiled_conv2d`; ``--quick`` times
+#: :data:`QUICK_DIAL`. On the CPU a tiled call with a few slots costs about what a
+#: local_conv2d call does (measured: ``gpuconv bench --quick``), so each point adds about
+#: one local_conv2d call per timed call of a layer.
+DIAL = (("periodic", (2, 2)), ("blocks", (4, 4)))
+
+
+QUICK_DIAL = (("blocks", (4, 4)),)
+
+
+def dial_label(tiling, tiles):
+    """``"periodic 2x2"``: a point of the dial as the reports name it."""
+    return f"{tiling} {tiles[0]}x{tiles[1]}"
+
+
+def series_label(record):
+    """The operation of a record as the reports name it: ``conv2d``, ``local_conv2d``, or
+    ``tiled_conv2d`` with its point on the dial (``tiled_conv2d periodic 2x2``)."""
+    if record.get("tiles"):
+        return f"{record['op']} {dial_label(record['tiling'], record['tiles'])}"
+    return record["op"]
+
+
+def series_key(record):
+    """What tells a record's implementation apart from the others on the same layer: the
+    operation, the implementation and, for ``tiled_conv2d``, its tiling and tiles."""
+    tiles = record.get("tiles")
+    return (record["op"], record["impl"], record.get("tiling"),
+            None if tiles is None else tuple(tiles))
 
 
 #: ``--dtype`` values. float16 is stored in half precision and accumulated in float32 by
@@ -95,18 +128,23 @@ def _bias_kind(op, pass_name):
 
 
 def make_record(op, impl, layer, device, dtype, geom, samples=None, ceilings=None,
-                description="", part="suite", pass_name="forward", **extra):
+                description="", part="suite", pass_name="forward", tiles=None, tiling=None,
+                **extra):
     """One JSON record. ``samples`` (seconds, in the order they were timed) is ``None`` for a
     skipped implementation. ``pass_name``: what was timed (:data:`PASSES`); FLOPs and bytes
     are that pass's (:func:`gpuconv.bench.stats.pass_flops`,
-    :func:`~gpuconv.bench.stats.min_bytes`)."""
+    :func:`~gpuconv.bench.stats.min_bytes`). ``tiled_conv2d`` records carry ``"tiles":
+    [T_h, T_w]`` and ``"tiling"`` (the others have neither key), and their parameters and
+    bytes count ``T_h T_w`` kernels."""
     itemsize = np.dtype(dtype).itemsize
     bias = _bias_kind(op, pass_name)
-    count = param_count(op, geom, bias)
+    count = param_count(op, geom, bias, tiles)
     flops = pass_flops(geom, pass_name)
-    nbytes = min_bytes(op, geom, itemsize, pass_name, bias)
+    nbytes = min_bytes(op, geom, itemsize, pass_name, bias, tiles)
+    dial = {} if tiles is None else {"tiles": list(tiles), "tiling": tiling}
     record = {
-        "part": part, "pass": pass_name, "op": op, "impl": impl, "description": description,
+        "part": part, "pass": pass_name, "op": op, "impl": impl, **dial,
+        "description": description,
         "layer": layer, "device": device, "dtype": dtype, **_geometry_fields(geom),
         "params": count.total, "params_weights": count.weights, "params_biases": count.biases,
         "flops": flops, "bytes": nbytes, "flop_per_byte": flops / nbytes,
@@ -119,7 +157,8 @@ def make_record(op, impl, layer, device, dtype, geom, samples=None, ceilings=Non
         "grad_weight_bytes": (count.weights * itemsize if pass_name != "forward" else None),
         "kernel_s": None, "kernel_note": None, "call_minus_kernel_s": None,
         "max_rel_diff": None, "tolerance": tolerance(np.dtype(dtype).name,
-                                                     reduction_terms(op, geom, pass_name)),
+                                                     reduction_terms(op, geom, pass_name,
+                                                                     tiles)),
         "skipped": None,
     }
     if samples:

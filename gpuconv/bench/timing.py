@@ -19,7 +19,7 @@ from ..appkit import Progress, load_average, machine_info, set_threads
 from .report import _ms, _num, _plural
 from .stats import PASSES, format_bytes
 from .suite import (DEFAULT_BURSTS, DEFAULT_REPEAT, OPS, STEP_FLOAT16, _bias_kind,
-                    make_record)
+                    make_record, series_key, series_label)
 
 #: Untimed warm-up before each burst: calls for at least this many seconds (at least one).
 #: OpenBLAS's threads keep spinning for about 0.1 s after a NumPy matmul; with 50 ms of
@@ -44,23 +44,23 @@ def _load_flag(samples):
 
 def _layer_news(records, done, total):
     """``"[2/4] alexnet-conv1 N=2: conv2d gpuconv 11.3 ms, torch 36 ms; ..."`` (the pass
-    after ``N=2`` unless it is the forward)."""
+    after ``N=2`` unless it is the forward; ``tiled_conv2d`` once per point of the dial)."""
     first = records[0]
     pass_name = first.get("pass", "forward")
     cells = []
     for op in OPS:
-        parts = []
+        labels = {}
         for r in records:
             if r["op"] == op:
-                parts.append(f"{r['impl']} {_ms(r['median_s'])} ms" if r["median_s"]
-                             else f"{r['impl']} skipped")
-        if parts:
-            cells.append(f"{op} " + ", ".join(parts))
+                labels.setdefault(series_label(r), []).append(
+                    f"{r['impl']} {_ms(r['median_s'])} ms" if r["median_s"]
+                    else f"{r['impl']} skipped")
+        cells += [f"{label} " + ", ".join(parts) for label, parts in labels.items()]
     label = "" if pass_name == "forward" else f" {pass_name}"
     return f"[{done}/{total}] {first['layer']} N={first['N']}{label}: " + "; ".join(cells)
 
 
-_CALLED = set()  # (op, impl, device, dtype, pass) called at least once in this process
+_CALLED = set()  # (op, impl, tiling, tiles, device, dtype, pass) called in this process
 
 
 def _numba_cache_stats():
@@ -99,10 +99,16 @@ def _random_arrays(rng, geom, dtype):
     return x, shared, bias
 
 
-def _random_on_host(rng, geom, dtype, need_local, pass_name):
+def _tiled_shape(geom, tiles):
+    return (geom.out_channels, *tiles, geom.in_channels_per_group, geom.kernel_height,
+            geom.kernel_width)
+
+
+def _random_on_host(rng, geom, dtype, need_local, pass_name, tiled=()):
     """The arrays of one geometry and pass, drawn by NumPy: x, the shared and (when
     ``need_local``) the unshared weights, the bias (per position too, for the step), dL/dy
-    (not for the forward)."""
+    (not for the forward), and the tiled weights of each ``(T_h, T_w)`` in ``tiled``
+    (under ``("tiled_conv2d", tiles)``)."""
     x, shared, bias = _random_arrays(rng, geom, dtype)
     local = None
     if need_local:
@@ -115,6 +121,11 @@ def _random_on_host(rng, geom, dtype, need_local, pass_name):
         flat *= np.asarray(1.0 / np.sqrt(geom.in_channels_per_group * geom.kernel_height
                                          * geom.kernel_width), dtype=dtype)
     host = {"x": x, "bias": bias, "conv2d": shared, "local_conv2d": local}
+    for tiles in tiled:
+        weight = _normal(rng, _tiled_shape(geom, tiles), dtype)
+        weight *= np.asarray(1.0 / np.sqrt(geom.in_channels_per_group * geom.kernel_height
+                                           * geom.kernel_width), dtype=dtype)
+        host[("tiled_conv2d", tiles)] = weight
     if pass_name != "forward":
         host["gy"] = _normal(rng, geom.output_shape, dtype)
     if pass_name == "step" and local is not None:
@@ -123,7 +134,7 @@ def _random_on_host(rng, geom, dtype, need_local, pass_name):
     return host
 
 
-def _random_on_gpu(torch, rng, geom, dtype, need_local, pass_name):
+def _random_on_gpu(torch, rng, geom, dtype, need_local, pass_name, tiled=()):
     """The arrays of :func:`_random_on_host`, drawn on the GPU by PyTorch (seeded from
     ``rng``): the unshared weights of the large layers are gigabytes, which the host would
     take seconds to draw and copy."""
@@ -141,6 +152,8 @@ def _random_on_gpu(torch, rng, geom, dtype, need_local, pass_name):
               "conv2d": normal(geom.shared_weight_shape(), scale),
               "bias": normal((geom.out_channels,)),
               "local_conv2d": normal(geom.local_weight_shape(), scale) if need_local else None}
+    for tiles in tiled:
+        arrays[("tiled_conv2d", tiles)] = normal(_tiled_shape(geom, tiles), scale)
     if pass_name != "forward":
         arrays["gy"] = normal(geom.output_shape)
     if pass_name == "step" and need_local:
@@ -209,9 +222,10 @@ def _records(skipped, units, impl_list, device, dtype, ceilings):
         impl = unit.impl
         records.append(make_record(impl.op, impl.name, unit.layer_name, device, dtype,
                                    unit.geom, unit.samples, ceilings, impl.description,
-                                   unit.part, impl.pass_name, **unit.extra))
-    order = {(i.op, i.name): n for n, i in enumerate(impl_list)}
-    records.sort(key=lambda r: (r["N"], order[(r["op"], r["impl"])]))
+                                   unit.part, impl.pass_name, impl.tiles, impl.tiling,
+                                   **unit.extra))
+    order = {i.key: n for n, i in enumerate(impl_list)}
+    records.sort(key=lambda r: (r["N"], order[series_key(r)]))
     return records
 
 
@@ -237,20 +251,24 @@ def _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng, b
     def skipped(impl, reason):
         records.append(make_record(impl.op, impl.name, layer_name, device, dtype, geom,
                                    description=impl.description, part=part,
-                                   pass_name=impl.pass_name, skipped=reason))
+                                   pass_name=impl.pass_name, tiles=impl.tiles,
+                                   tiling=impl.tiling, skipped=reason))
 
     # Check memory before allocating anything for this layer.
     available = impls_mod.available_memory(backend)
     budget = None if available is None else int(available * MEMORY_FRACTION)
     x_bytes = geom.batch * geom.in_channels * geom.in_height * geom.in_width * itemsize
     gy_bytes = 0 if pass_name == "forward" else math.prod(geom.output_shape) * itemsize
-    weight_bytes = {"conv2d": math.prod(geom.shared_weight_shape()) * itemsize,
-                    "local_conv2d": math.prod(geom.local_weight_shape()) * itemsize}
+    shared_bytes = math.prod(geom.shared_weight_shape()) * itemsize
     runnable = []
     for impl in impl_list:
-        need = (x_bytes + gy_bytes + weight_bytes["conv2d"] + weight_bytes[impl.op]
+        need = (x_bytes + gy_bytes + shared_bytes + math.prod(impl.weight_shape(geom)) * itemsize
                 + impl.workspace(geom, itemsize))
-        if budget is not None and need > budget:
+        if impl.tiles is not None and (impl.tiles[0] > geom.out_height
+                                       or impl.tiles[1] > geom.out_width):
+            skipped(impl, f"tiles {impl.tiles[0]}x{impl.tiles[1]} exceed the output "
+                          f"{geom.out_height}x{geom.out_width}")
+        elif budget is not None and need > budget:
             skipped(impl, f"needs about {format_bytes(need)}; {format_bytes(available)} "
                           f"available (limit {MEMORY_FRACTION:.0%} of it)")
         else:
@@ -261,16 +279,17 @@ def _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng, b
         return records, [], None
 
     need_local = any(impl.op == "local_conv2d" for impl in runnable)
+    tiled = tuple(dict.fromkeys(impl.tiles for impl in runnable if impl.tiles is not None))
     if backend.torch_cuda and not backend.simulator:
-        host = _random_on_gpu(backend.torch, rng, geom, dtype, need_local, pass_name)
+        host = _random_on_gpu(backend.torch, rng, geom, dtype, need_local, pass_name, tiled)
     else:
-        host = _random_on_host(rng, geom, dtype, need_local, pass_name)
+        host = _random_on_host(rng, geom, dtype, need_local, pass_name, tiled)
 
     converted = {}  # (array kind, array name) -> that array as the implementation reads it
-    arrays = {}  # (array kind, op) -> {"x", "weight", "bias"[, "gy"]}
+    arrays = {}  # (array kind, weights) -> {"x", "weight", "bias"[, "gy"]}
 
     def arrays_for(impl):
-        key = (impl.array_kind, impl.op)
+        key = (impl.array_kind, impl.weight_name)
         if key not in arrays:
             if impl.array_kind == "numpy":
                 convert = backend.to_host
@@ -286,7 +305,8 @@ def _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng, b
                 return converted[cache_key]
             bias_name = "bias_position" if _bias_kind(impl.op, pass_name) == "position" \
                 else "bias"
-            arrays[key] = {"x": once("x"), "bias": once(bias_name), "weight": once(impl.op)}
+            arrays[key] = {"x": once("x"), "bias": once(bias_name),
+                           "weight": once(impl.weight_name)}
             if "gy" in host:
                 arrays[key]["gy"] = once("gy")
         return arrays[key]
@@ -296,7 +316,7 @@ def _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng, b
     reference = {}
     outputs = {}
     for impl in list(runnable):
-        key = (impl.op, impl.name, device, dtype, pass_name)
+        key = impl.key + (device, dtype, pass_name)
         first_in_process = key not in _CALLED
         stats_before = _numba_cache_stats() if impl.name == "gpuconv" and device == "cpu" else None
         try:
@@ -335,7 +355,11 @@ def _prepare(layer_name, geom, backend, impl_list, dtype, part, progress, rng, b
         progress.step(f"{layer_name}: first call {impl.op} {impl.name}")
     # Agreement: every implementation against the first peer of its op (or gpuconv); for
     # several results (gradients) the largest difference, each relative to its reference.
+    # tiled_conv2d has no peer (and each point of the dial its own weights): not compared.
     for impl in runnable:
+        if impl.tiles is not None:
+            extra[impl]["max_rel_diff"] = extra[impl]["compared_with"] = None
+            continue
         peers = [i for i in runnable if i.op == impl.op and i.name != "gpuconv"]
         ref = peers[0] if peers else next(i for i in runnable if i.op == impl.op)
         reference[impl] = ref
@@ -380,7 +404,7 @@ def one_core(torch=None):
 def run_benchmark(layers, device="cpu", dtype="float32", repeat=DEFAULT_REPEAT,
                   bursts=DEFAULT_BURSTS, batch=None, batch_cap=None, peers=True,
                   sweep=None, torch="auto", progress=None, quick=False, seed=0, ops=OPS,
-                  ceilings=None, clock=None, passes=("forward",), on_error="raise"):
+                  ceilings=None, clock=None, passes=("forward",), on_error="raise", dial=()):
     """Run the benchmark; return ``{"machine": {...}, "records": [...]}``.
 
     Args:
@@ -406,6 +430,9 @@ def run_benchmark(layers, device="cpu", dtype="float32", repeat=DEFAULT_REPEAT,
             PyTorch has nothing to time (``machine["passes_not_run"]`` says why).
         on_error: ``"raise"`` (an implementation that raises stops the run) or ``"record"``
             (it is recorded as skipped, ``"failed: ..."``, and the run goes on).
+        dial: ``(tiling, (T_h, T_w))`` points at which the forward also times
+            :func:`gpuconv.tiled_conv2d` (``gpuconv bench`` gives :data:`.suite.DIAL`; none by
+            default); not in the batch sweep.
     """
     problem = None
     if torch == "auto":
@@ -414,10 +441,13 @@ def run_benchmark(layers, device="cpu", dtype="float32", repeat=DEFAULT_REPEAT,
     passes = tuple(p for p in PASSES if p in passes)
     backend = impls_mod.Backend(device, torch, clock or time.perf_counter)
     layer_objs = [suite.LAYERS[name] if isinstance(name, str) else name for name in layers]
-    impl_list = [i for i in impls_mod.implementations(device, torch, peers, passes)
+    impl_list = [i for i in impls_mod.implementations(device, torch, peers, passes, dial)
                  if i.op in ops]
     by_pass = {p: [i for i in impl_list if i.pass_name == p] for p in passes}
     pass_peers = impls_mod.describe_peers_by_pass(device, torch, peers, problem, passes)
+    if "forward" in pass_peers and any(i.tiles is not None for i in impl_list):
+        pass_peers["forward"] += ("; tiled_conv2d: no peer (no framework offers it), "
+                                  "compared with gpuconv's conv2d and local_conv2d")
     if np.dtype(dtype) == np.float16 and "step" in by_pass:
         by_pass["step"] = []
         pass_peers["step"] = STEP_FLOAT16
@@ -430,8 +460,9 @@ def run_benchmark(layers, device="cpu", dtype="float32", repeat=DEFAULT_REPEAT,
         sweep_layer, sweep_batches = sweep
         sweep_layer = suite.LAYERS[sweep_layer] if isinstance(sweep_layer, str) else sweep_layer
         sweep_pass = next(iter(by_pass))
+        sweep_impls = [i for i in by_pass[sweep_pass] if i.tiles is None]
     per_layer = sum(len(impls) for impls in by_pass.values()) * (1 + bursts)
-    per_sweep = len(by_pass[sweep_pass]) * (1 + bursts) if sweep_batches else 0
+    per_sweep = len(sweep_impls) * (1 + bursts) if sweep_batches else 0
     steps = per_layer * len(layer_objs) + per_sweep * len(sweep_batches)
     bar = Progress.choose(steps, progress if steps else False)
     bar.line(f"gpuconv bench on {device}: {_plural(len(layer_objs), 'layer')}"
@@ -464,6 +495,9 @@ def run_benchmark(layers, device="cpu", dtype="float32", repeat=DEFAULT_REPEAT,
                 for p, impls in by_pass.items()}
             machine["peers_reason_by_pass"] = pass_peers
         machine["peers_reason"] = peers_note
+        dial_run = [[i.tiling, list(i.tiles)] for i in impl_list if i.tiles is not None]
+        if dial_run:
+            machine["dial"] = dial_run
         if torch is not None and device == "cpu":
             machine["torch_threads"] = torch.get_num_threads()
         machine["timing"] = {"repeat": repeat, "bursts": bursts,
@@ -490,7 +524,7 @@ def run_benchmark(layers, device="cpu", dtype="float32", repeat=DEFAULT_REPEAT,
         if sweep_batches:
             sweep_records = _bench_geometries(
                 sweep_layer.name, [sweep_layer.geometry(n) for n in sweep_batches],
-                "batch-sweep", backend, by_pass[sweep_pass], dtype, repeat, bursts, ceilings,
+                "batch-sweep", backend, sweep_impls, dtype, repeat, bursts, ceilings,
                 bar, rng, on_error)
             for done, n in enumerate(sweep_batches, 1):
                 bar.line("batch sweep " + _layer_news(

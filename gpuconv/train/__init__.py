@@ -3,14 +3,19 @@
 The lecture note the project started from counts parameters: a fully connected layer on a
 500 x 500 image with 10^5 neurons has 2.5 x 10^10 weights, a locally connected one 10^7, a
 shared convolution 100 per feature. ``gpuconv params`` prints those numbers and ``gpuconv
-bench`` times the layers; this module trains the note's network three ways on real data that
-ships with scikit-learn and reports parameters, time per epoch and test accuracy:
+bench`` times the layers; this module trains the note's network three ways (and at three
+points between the first two) on real data that ships with scikit-learn and reports
+parameters, time per epoch and test accuracy:
 
 - ``shared``: the note's network with :class:`gpuconv.torch.Conv2d`::
 
       input -> conv k1 x k1 x C x 10 -> ReLU -> conv k2 x k2 x 10 x 5 -> ReLU -> flatten
             -> fully connected to the labels
 
+- ``blocks-2x2``, ``periodic-2x2``, ``blocks-4x4``: points on the sharing dial between the
+  two (:data:`.models.DIAL`), both conv layers :class:`gpuconv.torch.TiledConv2d` with 2 x 2
+  or 4 x 4 kernel slots per map, each slot shared by a block of the map (``blocks``) or by
+  every second position (``periodic``), with a bias per map and slot;
 - ``unshared``: the same geometry with :class:`gpuconv.torch.LocallyConnected2d` (a kernel
   and a bias at every output position, in both conv layers);
 - ``dense``: the first layer fully connected (every one of its neurons sees the whole image;
@@ -55,10 +60,11 @@ their public pieces; importing it imports neither PyTorch nor scikit-learn nor m
 from .command import DESCRIPTION, add_arguments, run
 from .data import load_data
 from .loop import PLANS, train
-from .models import (DATASETS, VARIANTS, Network, build_model, checked_params, count_params,
-                     dense_requirement, expected_params, network)
-from .report import format_tables, plot
+from .models import (DATASETS, DIAL, VARIANTS, Network, build_model, checked_params,
+                     count_params, dense_requirement, dial_point, expected_params, network)
+from .report import format_tables, plot, sharing_curve
 
 __all__ = ["DATASETS", "VARIANTS", "PLANS", "Network", "network", "expected_params",
            "build_model", "count_params", "checked_params", "load_data", "dense_requirement",
-           "train", "format_tables", "plot", "DESCRIPTION", "add_arguments", "run"]
+           "train", "format_tables", "plot", "sharing_curve", "DESCRIPTION", "add_arguments",
+           "run", "DIAL", "dial_point"]

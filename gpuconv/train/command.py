@@ -7,21 +7,25 @@ import sys
 
 from ..appkit import check_output_path, command_line, nonnegative_int, positive_int
 from .loop import DEFAULT_CPU_THREADS, PLANS, _resolve_device, train
-from .models import DATASETS, VARIANTS
+from .models import DATASETS, DIAL, VARIANTS
 from .report import format_tables
 
 #: The command's one-paragraph description.
 DESCRIPTION = ("Train the lecture note's network (conv 5x5x3x10 -> conv 3x3x10x5 -> fully "
-               "connected) with shared weights (gpuconv Conv2d), unshared ones "
-               "(LocallyConnected2d) and a fully connected first layer, on data shipped with "
-               "scikit-learn, and report parameters, seconds per epoch and test accuracy.")
+               "connected) with shared weights (gpuconv Conv2d), tiled ones (TiledConv2d: "
+               "points on the sharing dial), unshared ones (LocallyConnected2d) and a fully "
+               "connected first layer, on data shipped with scikit-learn, and report "
+               "parameters, seconds per epoch and test accuracy.")
 
 
 def add_arguments(parser):
     """Add the ``train`` options to ``parser``."""
     parser.add_argument("--variant", choices=VARIANTS + ("all",), default="all",
-                        help="shared (gpuconv Conv2d), unshared (LocallyConnected2d), dense "
-                             "(first layer fully connected) or all (default)")
+                        help="shared (gpuconv Conv2d), "
+                             + ", ".join(f"{name} (TiledConv2d, {tiling} {t[0]}x{t[1]})"
+                                         for name, (tiling, t) in DIAL.items())
+                             + ", unshared (LocallyConnected2d), dense (first layer fully "
+                             "connected) or all (default)")
     parser.add_argument("--dataset", choices=DATASETS + ("all",), default="all",
                         help="digits (8x8, 10 labels), sample-images (20x20 crops of two "
                              "photos, 2 labels) or all (default)")

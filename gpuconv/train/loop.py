@@ -14,7 +14,8 @@ from .. import appkit
 from ..appkit import Progress, bar, check_output_path, require_matplotlib, write_json
 from .data import INSTALL_HINT, _need, load_data
 from .models import (DATASETS, VARIANTS, _check_choice, build_model, checked_params,
-                     dense_requirement, dense_skip_reason, expected_params, network)
+                     dense_requirement, dense_skip_reason, dial_point, expected_params,
+                     network)
 from .report import plot
 
 @dataclass(frozen=True)
@@ -204,7 +205,9 @@ def train(dataset="all", variant="all", *, epochs=None, batch=None, device="auto
 
     Returns:
         ``{"machine": {...}, "records": [...]}``: the machine block of ``gpuconv bench`` and
-        one record per (dataset, variant, seed) with ``dataset``, ``variant``, ``seed``,
+        one record per (dataset, variant, seed) with ``dataset``, ``variant``, ``tiles``
+        and ``tiling`` (the variant's point on the sharing dial,
+        :func:`~gpuconv.train.models.dial_point`), ``seed``,
         ``device``, ``params`` (checked against :mod:`gpuconv.params`), ``params_by_layer``,
         ``test_accuracy`` and ``val_accuracy`` (0-1, after the last epoch),
         ``epoch_seconds`` (median training time of an epoch), ``train_seconds``,
@@ -282,9 +285,9 @@ def _run_all(datasets, variants, epochs, batch, lr, device, seed, seeds, quick, 
         for run_seed in range(seed, seed + seeds):
             data = load_data(name, seed=run_seed, quick=quick)
             for var in variants:
-                base = {"dataset": name, "variant": var, "seed": run_seed, "device": device,
-                        "epochs": plan.epochs, "batch": plan.batch, "lr": plan.lr,
-                        "sizes": data.sizes()}
+                base = {"dataset": name, "variant": var, **dial_point(var), "seed": run_seed,
+                        "device": device, "epochs": plan.epochs, "batch": plan.batch,
+                        "lr": plan.lr, "sizes": data.sizes()}
                 reason = dense_skip_reason(net, device) if var == "dense" else None
                 if reason is not None:
                     reporter.line(f"{name} {var} seed {run_seed}: {reason}")

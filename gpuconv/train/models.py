@@ -1,4 +1,4 @@
-"""The networks of ``gpuconv train``: their geometry per dataset, the three variants as PyTorch
+"""The networks of ``gpuconv train``: their geometry per dataset, the variants as PyTorch
 modules, and their parameter counts (checked against :mod:`gpuconv.params`)."""
 
 from __future__ import annotations
@@ -6,12 +6,39 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..params import conv2d_param_count, fully_connected_param_count, local_conv2d_param_count
+from ..params import (conv2d_param_count, fully_connected_param_count,
+                      local_conv2d_param_count, tiled_conv2d_param_count)
 
 DATASETS = ("digits", "sample-images")
 
 
-VARIANTS = ("shared", "unshared", "dense")
+#: The points of the sharing dial between ``shared`` and ``unshared``: variant name ->
+#: ``(tiling, (T_h, T_w))``; both conv layers are :class:`gpuconv.torch.TiledConv2d` with
+#: those tiles (a kernel and a bias per map and slot).
+DIAL = {
+    "blocks-2x2": ("blocks", (2, 2)),
+    "periodic-2x2": ("periodic", (2, 2)),
+    "blocks-4x4": ("blocks", (4, 4)),
+}
+
+
+#: The networks, from the most shared to the least: the dial's points sit between the shared
+#: and the unshared network; dense has no sharing and no locality in its first layer.
+VARIANTS = ("shared",) + tuple(DIAL) + ("unshared", "dense")
+
+
+def dial_point(variant):
+    """``{"tiles": [T_h, T_w], "tiling": ...}`` of a variant's conv layers: ``[1, 1]`` (and
+    no tiling: either is a convolution) for ``shared``, the :data:`DIAL` point of a tiled
+    variant, ``None`` for ``unshared`` (one slot per output position, a different count in
+    each layer) and ``dense``."""
+    _check_choice(variant, VARIANTS, "variant")
+    if variant == "shared":
+        return {"tiles": [1, 1], "tiling": None}
+    if variant in DIAL:
+        tiling, tiles = DIAL[variant]
+        return {"tiles": list(tiles), "tiling": tiling}
+    return {"tiles": None, "tiling": None}
 
 
 #: Bytes per weight of the dense first layer while training (float32 weight, its gradient and
@@ -122,6 +149,12 @@ def expected_params(net, variant):
         elif variant == "shared":
             rows.append((layer.name, "shared conv", layer.description,
                          conv2d_param_count(layer.c_in, layer.c_out, layer.kernel)))
+        elif variant in DIAL:
+            tiling, tiles = DIAL[variant]
+            rows.append((layer.name, f"tiled conv ({tiling} {tiles[0]}x{tiles[1]})",
+                         layer.description,
+                         tiled_conv2d_param_count(layer.c_in, layer.c_out, layer.kernel, tiles,
+                                                  bias="slot")))
         else:
             rows.append((layer.name, "locally connected", layer.description,
                          local_conv2d_param_count(layer.c_in, layer.c_out, layer.kernel,
@@ -187,6 +220,10 @@ def build_model(net, variant, seed=0, device="cpu"):
                        nn.Unflatten(1, (layer.c_out,) + layer.out_size)]
         elif variant == "shared":
             layers.append(gt.Conv2d(layer.c_in, layer.c_out, layer.kernel))
+        elif variant in DIAL:
+            tiling, tiles = DIAL[variant]
+            layers.append(gt.TiledConv2d(layer.c_in, layer.c_out, layer.kernel, tiles,
+                                         tiling=tiling))
         else:
             layers.append(gt.LocallyConnected2d(layer.c_in, layer.c_out, layer.kernel,
                                                 input_size=layer.in_size))

@@ -1,5 +1,5 @@
-"""How ``gpuconv train`` reports: the tables of parameters, times and accuracies, and the
-learning curves."""
+"""How ``gpuconv train`` reports: the tables of parameters, times and accuracies, the
+learning curves, and what sharing buys as a curve (test accuracy against parameters)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ def summarize(records):
         accuracies = [r["test_accuracy"] for r in trained]
         rows.append({
             "dataset": dataset, "variant": variant, "params": group[0]["params"],
+            "tiles": group[0].get("tiles"), "tiling": group[0].get("tiling"),
             "seeds": len(trained),
             "epoch_seconds": (statistics.median(r["epoch_seconds"] for r in trained)
                               if trained else None),
@@ -73,19 +74,80 @@ def format_tables(result):
     return "\n".join(lines)
 
 
-_COLORS = {"shared": "#1f77b4", "unshared": "#ff7f0e", "dense": "#2ca02c"}
+_COLORS = {"shared": "#1f77b4", "blocks-2x2": "#9467bd", "periodic-2x2": "#8c564b",
+           "blocks-4x4": "#e377c2", "unshared": "#ff7f0e", "dense": "#2ca02c"}
+
+
+_DATASET_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
+
+
+def sharing_curve(records):
+    """What sharing buys, as a curve: per dataset, the trained variants from the most shared
+    to the least, ``[{"variant", "tiles", "tiling", "params", "test_accuracy",
+    "test_accuracy_min", "test_accuracy_max", "seeds"}]`` in increasing parameters (dense,
+    which drops locality as well as sharing, included: it is the last point)."""
+    curves = {}
+    for row in summarize(records):
+        if row["test_accuracy"] is None:
+            continue
+        curves.setdefault(row["dataset"], []).append(
+            {key: row[key] for key in ("variant", "tiles", "tiling", "params", "test_accuracy",
+                                       "test_accuracy_min", "test_accuracy_max", "seeds")})
+    return {dataset: sorted(points, key=lambda p: p["params"])
+            for dataset, points in curves.items()}
+
+
+def _plot_sharing_curve(ax, records):
+    """Test accuracy against parameters (log scale), one curve per dataset through shared,
+    the ``blocks`` points and unshared (a block per output position is the unshared
+    layer); ``periodic`` points as triangles and dense as a hollow square beside it;
+    whiskers from the lowest to the highest seed."""
+    for index, (dataset, points) in enumerate(sharing_curve(records).items()):
+        color = _DATASET_COLORS[index % len(_DATASET_COLORS)]
+        curve = [p for p in points if p["variant"] != "dense" and p["tiling"] != "periodic"]
+        ax.plot([p["params"] for p in curve], [100 * p["test_accuracy"] for p in curve],
+                color=color, label=f"{dataset}: shared -> blocks -> unshared")
+        for p in points:
+            low = 100 * (p["test_accuracy"] - p["test_accuracy_min"])
+            high = 100 * (p["test_accuracy_max"] - p["test_accuracy"])
+            marker = {"dense": "s", "periodic": "^"}.get(
+                "dense" if p["variant"] == "dense" else p["tiling"], "o")
+            ax.errorbar([p["params"]], [100 * p["test_accuracy"]], yerr=[[low], [high]],
+                        fmt=marker, color=color, capsize=2,
+                        markerfacecolor="white" if marker == "s" else color)
+            ax.annotate(p["variant"], (p["params"], 100 * p["test_accuracy"]),
+                        textcoords="offset points", xytext=(5, -3), fontsize=7, color=color)
+        for marker, name, face in (("^", "periodic", color), ("s", "dense first layer", "white")):
+            if any(p["variant"] == "dense" if marker == "s" else p["tiling"] == "periodic"
+                   for p in points):
+                ax.plot([], [], marker, color=color, markerfacecolor=face,
+                        label=f"{dataset}: {name}")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("What sharing buys, as a curve: test accuracy against parameters\n"
+                 "(mean over seeds; whiskers: lowest to highest seed)", fontsize=10)
+    ax.grid(which="both", alpha=0.3)
+    low, high = ax.get_xlim()
+    ax.set_xlim(low, high * 4)  # room for the labels of the largest networks
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
 
 
 def plot(result, path):
     """Learning curves: test accuracy against epoch and against training time, per dataset
-    (mean over seeds, the band from the lowest to the highest seed)."""
+    (mean over seeds, the band from the lowest to the highest seed); and, in a third
+    column, test accuracy against parameters, one curve per dataset
+    (:func:`sharing_curve`)."""
     require_matplotlib()
     import matplotlib.pyplot as plt
 
     records = [r for r in result["records"] if r["curve"]]
     datasets = list(dict.fromkeys(r["dataset"] for r in records))
-    fig, axes = plt.subplots(max(1, len(datasets)), 2, figsize=(12, 4.2 * max(1, len(datasets))),
-                             squeeze=False)
+    rows = max(1, len(datasets))
+    fig = plt.figure(figsize=(18, 4.2 * rows))
+    grid = fig.add_gridspec(rows, 3)
+    axes = [[fig.add_subplot(grid[row, col]) for col in range(2)] for row in range(rows)]
+    _plot_sharing_curve(fig.add_subplot(grid[:, 2]), records)
     for row, dataset in enumerate(datasets):
         for variant in VARIANTS:
             group = [r for r in records if (r["dataset"], r["variant"]) == (dataset, variant)]
