@@ -29,7 +29,8 @@ from ..one_dimensional import _check_bias as _check_bias_1d
 from ..one_dimensional import _single, geometry_1d
 from ..ops import register_autograd
 from .layers import (_apply, _autocast, _check_padding_mode, _check_tensors,
-                    _conv2d_input_op, _conv2d_op, _local_conv2d_input_op, _local_conv2d_op)
+                     _conv2d_input_op, _conv2d_op, _local_conv2d_input_op, _local_conv2d_op,
+                     _repr_options)
 from ..transpose import _check_bias, transpose_geometry
 
 __all__ = ["conv_transpose2d", "local_conv_transpose2d", "conv1d", "local_conv1d",
@@ -425,17 +426,7 @@ class LocallyConnected1d(nn.Module):
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
              f"input_size={self.input_size}, output_size={self.output_size}, "
              f"stride={self.stride}")
-        if self.padding not in (0, "valid"):
-            s += f", padding={self.padding!r}"
-        if self.dilation != 1:
-            s += f", dilation={self.dilation}"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode!r}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.bias is None:
-            s += ", bias=False"
-        return s + f", params={sum(p.numel() for p in self.parameters()):,}"
+        return s + _repr_options(self, 0, 1)
 
 
 # gpuconv.conv_transpose2d / gpuconv.local_conv_transpose2d send tensors that require grad here.

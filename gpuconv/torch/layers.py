@@ -600,18 +600,7 @@ class LocallyConnected2d(nn.Module):
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
              f"input_size={self.input_size}, output_size={self.output_size}, "
              f"stride={self.stride}")
-        if self.padding not in ((0, 0), "valid"):
-            s += f", padding={self.padding!r}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode!r}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.bias is None:
-            s += ", bias=False"
-        count = sum(p.numel() for p in self.parameters())
-        return s + f", params={count:,}"
+        return s + _repr_options(self, (0, 0), (1, 1))
 
     @classmethod
     def from_conv2d(cls, conv, input_size):
@@ -637,3 +626,21 @@ class LocallyConnected2d(nn.Module):
 
 # gpuconv.conv2d / gpuconv.local_conv2d send tensors that require grad here.
 register_autograd("forward", autograd_forward)
+
+
+def _repr_options(layer, no_padding, no_dilation):
+    """The end of an unshared or tiled layer's ``extra_repr``: the arguments that differ from
+    their defaults (``no_padding`` / ``no_dilation`` in the layer's own form), then the
+    parameter count."""
+    s = ""
+    if layer.padding not in (no_padding, "valid"):
+        s += f", padding={layer.padding!r}"
+    if layer.dilation != no_dilation:
+        s += f", dilation={layer.dilation}"
+    if layer.padding_mode != "zeros":
+        s += f", padding_mode={layer.padding_mode!r}"
+    if layer.groups != 1:
+        s += f", groups={layer.groups}"
+    if layer.bias is None:
+        s += ", bias=False"
+    return s + f", params={sum(p.numel() for p in layer.parameters()):,}"

@@ -25,7 +25,7 @@ from ..geometry import TILINGS, get_conv_outsize, pair
 from ..ops import register_autograd
 from .layers import (_GEOMETRY, _autocast, _check_fake, _check_padding_mode, _check_tensors,
                      _define, _explicit_geometry, _geometry_args, _pad_input,
-                     _register_autograd, _run, check_autograd_call)
+                     _register_autograd, _repr_options, _run, check_autograd_call)
 
 __all__ = ["tiled_conv2d", "TiledConv2d"]
 
@@ -221,18 +221,7 @@ class TiledConv2d(nn.Module):
     def extra_repr(self):
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
              f"tiles={self.tiles}, tiling={self.tiling!r}, stride={self.stride}")
-        if self.padding not in ((0, 0), "valid"):
-            s += f", padding={self.padding!r}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode!r}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.bias is None:
-            s += ", bias=False"
-        count = sum(p.numel() for p in self.parameters())
-        return s + f", params={count:,}"
+        return s + _repr_options(self, (0, 0), (1, 1))
 
     @classmethod
     def from_conv2d(cls, conv, tiles, tiling="periodic"):
