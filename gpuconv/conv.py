@@ -65,6 +65,10 @@ def _is_torch_tensor(value):
     return torch is not None and isinstance(value, torch.Tensor)
 
 
+class _BFloat16(Exception):
+    """An operand is a bfloat16 PyTorch tensor: the call goes to :func:`_bfloat16_call`."""
+
+
 def _operand(value, name):
     if value is None:
         return None
@@ -75,13 +79,16 @@ def _operand(value, name):
             f"{name} is a tensor that requires grad and grad mode is on; the gradient "
             f"functions do not record an autograd graph: pass {name}.detach(), or call inside "
             "torch.no_grad(); gpuconv.conv2d and gpuconv.local_conv2d do record it")
-    if getattr(value, "is_cpu", False) and _is_torch_tensor(value):
-        try:  # a view of the tensor's memory, as np.from_dlpack below gives, but cheaper
-            host = value.numpy()
-        except (TypeError, RuntimeError):  # dtypes NumPy lacks, conjugate views: as below
-            pass
-        else:
-            return _Operand(host, host.shape, host.dtype, False)
+    if _is_torch_tensor(value):
+        if value.dtype is sys.modules["torch"].bfloat16:  # NumPy has no bfloat16
+            raise _BFloat16
+        if value.is_cpu:
+            try:  # a view of the tensor's memory, as np.from_dlpack below gives, but cheaper
+                host = value.numpy()
+            except (TypeError, RuntimeError):  # conjugate views and such: as below
+                pass
+            else:
+                return _Operand(host, host.shape, host.dtype, False)
     if is_device_array(value):
         if simulator_enabled() and not hasattr(value, "__cuda_array_interface__"):
             # a device array of the CUDA simulator (it has no array interface)
@@ -494,11 +501,12 @@ def _typed(value):
     if kind is int or kind is str:
         return value
     if kind is tuple or kind is list:
-        if len(value) == 2:  # the usual pair of ints, without a generator
+        if len(value) == 2:  # the usual pair of ints (or of pairs: padding), no generator
             first, second = value
             if type(first) is int and type(second) is int:
                 return kind, (first, second)
-        elif set(map(type, value)) == _JUST_INT:  # ints only (padding's four), in C loops
+            return kind, (_typed(first), _typed(second))
+        if set(map(type, value)) == _JUST_INT:  # ints only (padding's four), in C loops
             return kind, tuple(value)
         return kind, tuple(_typed(v) for v in value)
     if isinstance(value, tuple):  # a tuple's subclass, such as torch.Size (a tensor's shape)
@@ -542,10 +550,25 @@ def _call_key(op_name, arrays, operands, sizes, stride, padding, dilation, group
     except _Uncacheable:
         return None
     if type(device) is str and device == "auto":
-        append(os.environ.get(ENV_VAR))
+        append(_environment_device())
     if operands[0] is None or not operands[0].on_gpu:  # CPU scratch grows with the threads
         append(_cpu_threads())
     return tuple(parts)
+
+
+# GPUCONV_DEVICE as os.environ's own mapping stores it (see _environment_device)
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else None
+
+
+def _environment_device():
+    """The value of ``GPUCONV_DEVICE`` as the process environment holds it, read from
+    ``os.environ``'s own mapping without encoding the name and decoding the value on every
+    call (a third of the key's cost); the raw value is as good a key."""
+    env = os.environ
+    data = getattr(env, "_data", None)
+    if _ENV_KEY is not None and type(data) is dict:
+        return data.get(_ENV_KEY)
+    return env.get(ENV_VAR)  # pragma: no cover (a replaced os.environ)
 
 
 def _cpu_threads():
@@ -575,14 +598,6 @@ def _plan_for(op, arrays, operands, sizes, stride, padding, dilation, groups, de
             while len(_PLANS) > CALL_CACHE_SIZE:
                 _PLANS.popitem(last=False)
     return plan
-
-
-def _has_bfloat16(arrays):
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return False
-    bfloat16 = torch.bfloat16
-    return any(getattr(v, "dtype", None) is bfloat16 for v in arrays.values())
 
 
 def _bfloat16_call(op_name, arrays, stride, padding, dilation, groups, device, sizes):
@@ -625,9 +640,10 @@ def call(op_name, arrays, stride, padding, dilation, groups, device, sizes=None)
         name = "tiled_forward" if op.tiled else "forward"  # (the tiled one takes its tiling)
         return autograd(name)(op_name, arrays, stride, padding, dilation, groups, device,
                               **(sizes or {}))
-    if _has_bfloat16(arrays):
+    try:
+        operands = [_operand(value, name) for name, value in arrays.items()]
+    except _BFloat16:
         return _bfloat16_call(op_name, arrays, stride, padding, dilation, groups, device, sizes)
-    operands = [_operand(value, name) for name, value in arrays.items()]
     plan = _plan_for(op, arrays, operands, sizes or {}, stride, padding, dilation, groups,
                      device)
     geom = plan.geom

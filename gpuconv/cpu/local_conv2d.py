@@ -193,52 +193,57 @@ _FEW_IMAGES = 2
 
 
 @njit(cache=True)
-def _local_dot_columns(wf, w_base, r_len, patch, p_base, r_pad, mask, count, tile, sums):
-    """``sums[i] = sum_t wf[w_base + i * r_len + t] * patch[p_base + i * r_pad + t]`` for
-    ``i < count <= lanes``: the dot products of ``count`` consecutive output columns' weight
-    rows (``r_len`` each, the caller's layout) with their input windows (``r_pad``, zero
-    past ``r_len``). One vector accumulator per column, over the taps; the weights' last
-    vector is a masked load (the weights after a row are never read, whatever they hold);
-    the lane sums by a fixed tree (:func:`.simd_ext.vsum_lanes`): the same bits every call."""
+def _local_dot_columns(wf, w_base, r_len, scratch, p_base, r_pad, mask, count, t_base, s_base,
+                       lanes):
+    """``scratch[s_base + i] = sum_t wf[w_base + i * r_len + t] * scratch[p_base + i * r_pad
+    + t]`` for ``i < count <= lanes``: the dot products of ``count`` consecutive output
+    columns' weight rows (``r_len`` each, the caller's layout) with their input windows
+    (``r_pad``, zero past ``r_len``). One vector accumulator per column, over the taps,
+    stored at ``t_base``; the weights' last vector is a masked load (the weights after a row
+    are never read, whatever they hold); the lane sums by a fixed tree
+    (:func:`.simd_ext.vsum_lanes`): the same bits every call."""
     _prefer_wide_vectors()
-    lanes = sums.shape[0]
     for i in range(count):
-        acc = _vzero(tile)
+        acc = _vzero(scratch)
         wb = w_base + i * r_len
         pb = p_base + i * r_pad
         for t0 in range(0, r_pad, lanes):
-            acc = _vfmav(acc, _vload_masked(wf, wb + t0, mask, t0), _vload(patch, pb + t0))
-        _vstore(tile, i * lanes, acc)
+            acc = _vfmav(acc, _vload_masked(wf, wb + t0, mask, t0), _vload(scratch, pb + t0))
+        _vstore(scratch, t_base + i * lanes, acc)
     for i in range(count, lanes):
-        _vstore(tile, i * lanes, _vzero(tile))
-    _vsum_lanes(tile, 0, sums, 0)
+        _vstore(scratch, t_base + i * lanes, _vzero(scratch))
+    _vsum_lanes(scratch, t_base, scratch, s_base)
 
 
 @njit(parallel=True, cache=True)
-def _local_conv2d_few_images(x, xf, wf, bias, has_bias, out, patches, tiles, sums, mask,
-                             s_H, s_W, pt, pl, d_H, d_W, groups, k_H, k_W):
+def _local_conv2d_few_images(x, weight, bias, has_bias, out, scratch, mask, s_H, s_W, pt, pl,
+                             d_H, d_W, groups, k_H, k_W):
     """The unshared convolution for a batch of one or two images: per job (image, group,
     output row) the row's input windows are copied into a patch (``W_out x r_pad``, the
     taps of each column contiguous, in the weights' order, zeros for padding), then each
     output is the dot product of its weight row with its window, the vector running over
-    the taps. (The batched kernel's vectors run over the batch.)"""
+    the taps. (The batched kernel's vectors run over the batch.) ``scratch``: one row per
+    thread, the patch, then ``lanes`` accumulator vectors, then their ``lanes`` sums (one
+    allocation a call: what the call costs counts at this size)."""
+    xf = x.reshape(-1)
+    wf = weight.reshape(-1)
     n, c_I, h, wd = x.shape
     c_O, h_O, w_O = out.shape[1], out.shape[2], out.shape[3]
     c_Og = c_O // groups
     c_Ig = c_I // groups
-    lanes = sums.shape[1]
+    lanes = _VECTOR_BYTES // scratch.itemsize
     r_len = c_Ig * k_H * k_W
     r_pad = mask.shape[0]
+    t_base = w_O * r_pad            # the accumulators' place in a thread's scratch row
+    s_base = t_base + lanes * lanes  # their sums'
     per_position = bias.shape[1] * bias.shape[2] > 1
     n_jobs = n * groups * h_O
-    n_threads = patches.shape[0]
+    n_threads = scratch.shape[0]
     # output columns [lo, hi) read only columns inside the input
     lo = min(w_O, -(-pl // s_W))
     hi = max(lo, min(w_O, (wd - 1 - (k_W - 1) * d_W + pl) // s_W + 1))
     for thread in prange(n_threads):
-        patch = patches[thread]
-        tile = tiles[thread]
-        sum_row = sums[thread]
+        patch = scratch[thread]
         for ox in range(w_O):  # the taps past r_len stay zero
             for t in range(r_len, r_pad):
                 patch[np.uint64(ox * r_pad + t)] = 0
@@ -256,11 +261,10 @@ def _local_conv2d_few_images(x, xf, wf, bias, has_bias, out, patches, tiles, sum
                                 patch[np.uint64(ox * r_pad + t0 + v)] = 0
                         continue
                     row = ((b * c_I + g * c_Ig + c) * h + iy) * wd
-                    for ox in range(lo, hi):  # windows inside the row: no checks
-                        base = ox * r_pad + t0
-                        src = row + ox * s_W - pl
-                        for v in range(k_W):
-                            patch[np.uint64(base + v)] = xf[np.uint64(src + v * d_W)]
+                    for v in range(k_W):  # windows inside the row: no checks; the
+                        src = row - pl + v * d_W  # columns innermost (a few taps each)
+                        for ox in range(lo, hi):
+                            patch[np.uint64(ox * r_pad + t0 + v)] = xf[np.uint64(src + ox * s_W)]
                     for e in range(w_O - (hi - lo)):  # the columns at the two edges
                         ox = e if e < lo else e + (hi - lo)
                         base = ox * r_pad + t0
@@ -275,9 +279,10 @@ def _local_conv2d_few_images(x, xf, wf, bias, has_bias, out, patches, tiles, sum
                 for ox0 in range(0, w_O, lanes):
                     count = min(lanes, w_O - ox0)
                     _local_dot_columns(wf, ((co * h_O + oy) * w_O + ox0) * r_len, r_len,
-                                       patch, ox0 * r_pad, r_pad, mask, count, tile, sum_row)
+                                       patch, ox0 * r_pad, r_pad, mask, count, t_base, s_base,
+                                       lanes)
                     for i in range(count):
-                        val = sum_row[i]
+                        val = patch[s_base + i]
                         if has_bias:
                             val = bias[co, oy if per_position else 0,
                                        ox0 + i if per_position else 0] + val
@@ -386,13 +391,12 @@ def slotted_local_conv2d_forward(x, weight, bias, has_bias, out, geom, slot_rows
     threads = _threads.count()
     if _few_images(geom) and slot_rows is None:  # (the one-image kernel reads no slots)
         lanes, r_pad, mask = _few_images_layout(geom, x.dtype.itemsize)
-        patches = np.empty((threads, geom.out_width * r_pad), dtype=x.dtype)
-        tiles = np.empty((threads, lanes * lanes), dtype=x.dtype)
-        sums = np.empty((threads, lanes), dtype=x.dtype)
-        _local_conv2d_few_images(x, x.reshape(-1), weight.reshape(-1), bias, has_bias, out,
-                                 patches, tiles, sums, mask, geom.stride_h, geom.stride_w, geom.pad_top,
-                                 geom.pad_left, geom.dilation_h, geom.dilation_w, geom.groups,
-                                 geom.kernel_height, geom.kernel_width)
+        scratch = np.empty((threads, geom.out_width * r_pad + lanes * lanes + lanes),
+                           dtype=x.dtype)
+        _local_conv2d_few_images(x, weight, bias, has_bias, out, scratch, mask, geom.stride_h,
+                                 geom.stride_w, geom.pad_top, geom.pad_left, geom.dilation_h,
+                                 geom.dilation_w, geom.groups, geom.kernel_height,
+                                 geom.kernel_width)
         return out
     layout = _local_layout(geom, x.dtype.itemsize, threads)
     chunk = layout.chunk
