@@ -65,6 +65,20 @@ def _is_torch_tensor(value):
     return torch is not None and isinstance(value, torch.Tensor)
 
 
+class _Torch:
+    """PyTorch's tensor type, bfloat16 and from_numpy, once PyTorch has been imported (by
+    anyone: gpuconv never imports it on its own); until then ``tensor`` is None, which no
+    argument's type is."""
+
+    tensor = bfloat16 = from_numpy = None
+
+    @classmethod
+    def seen(cls):
+        torch = sys.modules.get("torch")
+        if cls.tensor is None and torch is not None and hasattr(torch, "from_numpy"):
+            cls.tensor, cls.bfloat16, cls.from_numpy = torch.Tensor, torch.bfloat16, torch.from_numpy
+
+
 class _BFloat16(Exception):
     """An operand is a bfloat16 PyTorch tensor: the call goes to :func:`_bfloat16_call`."""
 
@@ -72,15 +86,26 @@ class _BFloat16(Exception):
 def _operand(value, name):
     if value is None:
         return None
-    if type(value) is np.ndarray:  # the common case, first
+    kind = type(value)
+    if kind is np.ndarray:  # the common cases, first
         return _Operand(value, value.shape, value.dtype, False)
+    if kind is _Torch.tensor and value.is_cpu and not value.requires_grad:
+        if value.dtype is _Torch.bfloat16:  # NumPy has no bfloat16
+            raise _BFloat16
+        try:  # a view of the tensor's memory, as np.from_dlpack below gives, but cheaper
+            host = value.numpy()
+        except (TypeError, RuntimeError):  # conjugate views and such: as below
+            pass
+        else:
+            return _Operand(host, host.shape, host.dtype, False)
     if getattr(value, "requires_grad", False) and _grad_mode_on():
         raise TypeError(
             f"{name} is a tensor that requires grad and grad mode is on; the gradient "
             f"functions do not record an autograd graph: pass {name}.detach(), or call inside "
             "torch.no_grad(); gpuconv.conv2d and gpuconv.local_conv2d do record it")
     if _is_torch_tensor(value):
-        if value.dtype is sys.modules["torch"].bfloat16:  # NumPy has no bfloat16
+        _Torch.seen()
+        if value.dtype is _Torch.bfloat16:  # NumPy has no bfloat16
             raise _BFloat16
         if value.is_cpu:
             try:  # a view of the tensor's memory, as np.from_dlpack below gives, but cheaper
@@ -328,6 +353,8 @@ def _to_host(o):
 
 def _wrap_like(template, result):
     """Return ``result`` (a NumPy array) as the same kind of host array as ``template``."""
+    if type(template) is _Torch.tensor:
+        return _Torch.from_numpy(result)
     if isinstance(template, np.ndarray) or not hasattr(template, "__dlpack__"):
         return result
     if _is_torch_tensor(template):
