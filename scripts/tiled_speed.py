@@ -1,8 +1,8 @@
 """CPU time of the tiled convolution at the two ends of the dial, beside the operations it
 equals there: ``tiled_conv2d`` with one kernel slot against ``conv2d``, and with a slot per
 output position against ``local_conv2d`` (float32, forward, each layer at its CPU batch
-size). A few points between the ends (periodic tiles) are timed too, to show the cost
-moving from one end to the other.
+size). A few points between the ends (periodic tiles, or blocks with ``--tiling blocks``)
+are timed too, against ``local_conv2d``, to show the cost moving from one end to the other.
 
 The two sides of a pair run in alternating bursts (a burst of one, then of the other, round
 after round); each burst gives one sample, the time per call. Reported: the median time of
@@ -67,7 +67,7 @@ def _time_pair(first, second, rounds, burst, clock):
     return samples
 
 
-def _gradient_pairs(geom, x, shared, local, one, between, kwargs, rng):
+def _gradient_pairs(geom, x, shared, local, one, between, kwargs, rng, tiling="periodic"):
     """Both gradients at the ends (against conv2d's and local_conv2d's) and between (against
     local_conv2d's)."""
     grad = gpuconv.grad
@@ -87,16 +87,17 @@ def _gradient_pairs(geom, x, shared, local, one, between, kwargs, rng):
             ref_input = lambda: grad.local_conv2d_input(x.shape, local, gy, **kwargs)  # noqa: E731
             ref_weight = lambda: grad.local_conv2d_weight(x, local.shape, gy, **kwargs)  # noqa: E731
         label = f"T={tiles[0]}x{tiles[1]}"
+        tiled = dict(kwargs, tiling=tiling)  # (at the ends both tilings are the same)
         pairs.append((f"{label} input grad vs {reference}",
-                      lambda w=weight: grad.tiled_conv2d_input(x.shape, w, gy, **kwargs),
+                      lambda w=weight: grad.tiled_conv2d_input(x.shape, w, gy, **tiled),
                       ref_input))
         pairs.append((f"{label} weight grad vs {reference}",
-                      lambda s=weight.shape: grad.tiled_conv2d_weight(x, s, gy, **kwargs),
+                      lambda s=weight.shape: grad.tiled_conv2d_weight(x, s, gy, **tiled),
                       ref_weight))
     return pairs
 
 
-def run(names, rounds, burst, clock, between, seed=0, gradients=False):
+def run(names, rounds, burst, clock, between, seed=0, gradients=False, tiling="periodic"):
     """Rows ``(layer, what, tiled median, reference median, ratio summary)``."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -115,11 +116,11 @@ def run(names, rounds, burst, clock, between, seed=0, gradients=False):
         for tiles in between:
             tiles = (min(tiles, full[0]), min(tiles, full[1]))
             weight = _tiled_weight(rng, geom, tiles)
-            pairs.append((f"T={tiles[0]}x{tiles[1]} (periodic) vs local_conv2d",
-                          lambda w=weight: gpuconv.tiled_conv2d(x, w, **kwargs),
+            pairs.append((f"T={tiles[0]}x{tiles[1]} ({tiling}) vs local_conv2d",
+                          lambda w=weight: gpuconv.tiled_conv2d(x, w, tiling=tiling, **kwargs),
                           lambda: gpuconv.local_conv2d(x, local, **kwargs)))
         if gradients:
-            pairs += _gradient_pairs(geom, x, shared, local, one, between, kwargs, rng)
+            pairs += _gradient_pairs(geom, x, shared, local, one, between, kwargs, rng, tiling)
         for what, tiled, reference in pairs:
             tiled_times, reference_times = _time_pair(tiled, reference, rounds, burst, clock)
             rows.append((layer.short_title, what, summarize(tiled_times)["median"],
@@ -146,8 +147,10 @@ def main(argv=None):
     parser.add_argument("--burst", type=positive_int, default=3,
                         help="calls per burst (default: 3)")
     parser.add_argument("--between", type=positive_int, nargs="*", default=[2, 8],
-                        metavar="T", help="T x T periodic tiles also timed against "
-                        "local_conv2d (default: 2 8)")
+                        metavar="T", help="T x T tiles also timed against local_conv2d "
+                        "(default: 2 8)")
+    parser.add_argument("--tiling", choices=("periodic", "blocks"), default="periodic",
+                        help="the tiling of the tiles between the ends (default: periodic)")
     parser.add_argument("--gradients", action="store_true",
                         help="also time both gradients (gpuconv.grad) at the same points")
     cores = parser.add_mutually_exclusive_group()
@@ -158,7 +161,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     clock = one_core() if args.one_core else time.perf_counter
     rows = run(args.only, args.rounds, args.burst, clock, args.between,
-               gradients=args.gradients)
+               gradients=args.gradients, tiling=args.tiling)
     print(format_rows(rows))
     return 0
 

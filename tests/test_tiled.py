@@ -170,8 +170,9 @@ def test_a_slot_per_position_is_local_conv2d_bit_for_bit(geometry, tiling, devic
 
 @pytest.mark.parametrize("tiling", TILINGS)
 def test_between_the_ends_it_is_local_conv2d_of_the_expanded_weight(tiling, device):
-    """The tiled kernels read each position's slot where local_conv2d reads its own kernel
-    (forward and input gradient): the same terms in the same order, so the same bits."""
+    """With more slots than a few (6 here), the tiled kernels read each position's slot where
+    local_conv2d reads its own kernel (forward and input gradient): the same terms in the
+    same order, so the same bits."""
     x, w, b, _, kwargs, out_hw = _problem(GEOMETRIES[0], np.float32, tiling, 7, tiles=(2, 3))
     y = gpuconv.tiled_conv2d(x, w, b, tiling=tiling, device=device, **kwargs)
     wl = _expand(w, out_hw, tiling).astype(np.float32)
@@ -369,3 +370,74 @@ def test_weight_grad_with_few_slots(tiling, geometry, tiles, device):
     assert_close(gw, expected, bound, np.float64)
     assert np.array_equal(gw, grad.tiled_conv2d_weight(x, w.shape, gy, tiling=tiling,
                                                         device=device, **kwargs))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("tiles", [(2, 2), (1, 4), (3, 1)], ids=["2x2", "1x4", "3x1"])
+@pytest.mark.parametrize("geometry", _FEW_SLOT_GEOMETRIES, ids=[g[0] for g in _FEW_SLOT_GEOMETRIES])
+@pytest.mark.parametrize("tiling", TILINGS)
+def test_forward_and_input_grad_with_few_slots(tiling, geometry, tiles, dtype, device,
+                                              poisoned_outputs):
+    """A few slots: on the CPU one conv2d (and one conv2d input gradient) per slot, its
+    outputs placed on the slot's rows and columns (every output written: the outputs start
+    as NaN) and its input gradients added where its windows read; a bias per slot and one
+    per map."""
+    _, _, _, _, _, out_hw = _problem(geometry, dtype, tiling, 11)
+    tiles = (min(tiles[0], out_hw[0]), min(tiles[1], out_hw[1]))
+    x, w, b, gy, kwargs, _ = _problem(geometry, dtype, tiling, 11, tiles=tiles)
+    wl = _expand(w, out_hw, tiling)
+    for bias, bl in ((b, _bias_expand(b, out_hw, tiling)),
+                     (b[:, 0, 0].copy(), np.repeat(np.repeat(
+                         np.asarray(b[:, :1, :1], dtype=np.float64), out_hw[0], 1), out_hw[1], 2))):
+        y = gpuconv.tiled_conv2d(x, w, bias, tiling=tiling, device=device, **kwargs)
+        expected = local_conv2d_ref(x, wl, bl, **kwargs)
+        bound = local_conv2d_ref(np.abs(x), np.abs(wl), np.abs(bl), **kwargs)
+        assert_close(y, expected, bound, dtype, terms=w[0, 0, 0].size + 1)
+    gx = grad.tiled_conv2d_input(x.shape, w, gy, tiling=tiling, device=device, **kwargs)
+    expected = local_conv2d_input_grad_ref(x.shape, wl, gy, **kwargs)
+    bound = local_conv2d_input_grad_ref(x.shape, np.abs(wl), np.abs(gy), **kwargs)
+    assert_close(gx, expected, bound, dtype, terms=w.shape[0] * w.shape[-2] * w.shape[-1])
+    assert np.array_equal(gx, grad.tiled_conv2d_input(x.shape, w, gy, tiling=tiling,
+                                                       device=device, **kwargs))
+
+
+def test_which_tilings_run_as_one_convolution_per_slot():
+    """The CPU rule of gpuconv.cpu.tiled_conv2d: a few slots run as convolutions where the
+    unshared kernel's batch vectors are mostly idle or the slots are wide; DeepFace L6 at
+    its CPU batch (8 images, slots 10-11 columns wide) keeps the slot maps; a slot stride
+    above 4 keeps them for the input gradient."""
+    from gpuconv.cpu import tiled_conv2d as cpu_tiled
+    from gpuconv.geometry import tiled_geometry
+    from gpuconv.workloads import LAYERS
+
+    def chosen(layer, tiles, tiling, gradient=False, itemsize=4, batch=None):
+        layer = LAYERS[layer]
+        geom = tiled_geometry(layer.geometry(batch or layer.batch_cpu), tiles, tiling)
+        return cpu_tiled._few_slot_problems(geom, itemsize, gradient) is not None
+
+    assert chosen("deepface-l6", (2, 2), "blocks") is False
+    assert chosen("deepface-l6", (2, 2), "blocks", batch=4) is True
+    assert chosen("deepface-l6", (2, 2), "blocks", batch=4, itemsize=8) is False
+    assert chosen("deepface-l4", (2, 2), "periodic") is True        # slots 27-28 wide
+    assert chosen("seed-conv1", (1, 4), "blocks", gradient=True) is True
+    assert chosen("alexnet-conv1", (2, 2), "periodic") is True
+    assert chosen("alexnet-conv1", (2, 2), "periodic", gradient=True) is False  # stride 8
+    assert chosen("alexnet-conv1", (2, 2), "blocks", gradient=True) is True
+    assert chosen("seed-conv1", (3, 2), "blocks") is False          # more than 4 slots
+
+
+def test_tiled_speed_script_runs():
+    # scripts/tiled_speed.py times the dial's points beside conv2d and local_conv2d
+    import importlib.util
+    import pathlib
+    import time
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "tiled_speed.py"
+    spec = importlib.util.spec_from_file_location("tiled_speed", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = script.run(["deepface-l6"], 1, 1, time.perf_counter, [2], gradients=True,
+                      tiling="blocks")
+    assert [r[1] for r in rows][:3] == ["T=1x1 vs conv2d", "T=21x21 vs local_conv2d",
+                                       "T=2x2 (blocks) vs local_conv2d"]
+    assert all(r[2] > 0 and r[3] > 0 for r in rows)

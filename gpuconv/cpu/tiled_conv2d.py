@@ -12,11 +12,16 @@ kernels of the operations they are:
 
 Between them:
 
-* forward: the unshared kernel with the slot maps (:func:`.local_conv2d.
+* a few slots (at most :data:`FEW_SLOTS`), where the unshared kernel would be slower (see
+  :func:`_few_slot_problems`): one conv2d per slot, whose outputs are a strided (periodic
+  tiles) or cropped (blocks) convolution of the input, placed on the slot's rows and
+  columns; the input gradient likewise, one conv2d input gradient per slot added to the
+  input rows and columns its windows read, slot after slot (deterministic);
+* else the forward runs the unshared kernel with the slot maps (:func:`.local_conv2d.
   slotted_local_conv2d_forward`): the weight of a position is read at its slot's offset,
   nothing else changes (the same order of terms, so the result has the bits of
   ``local_conv2d`` on the expanded weight);
-* input gradient: the unshared input gradient with the slot maps
+* and the input gradient the unshared input gradient with the slot maps
   (:func:`.local_conv2d_grad.slotted_local_conv2d_input_grad`): each position's kernel read
   at its slot's offset, the same order of terms;
 * weight gradient: for a few slots (:data:`FEW_SLOTS`) one conv2d weight gradient per slot
@@ -37,6 +42,7 @@ from numba import njit, prange
 
 from ..geometry import conv_geometry
 from .conv2d import conv2d_forward, conv2d_scratch_bytes
+from .simd import VECTOR_BYTES as _VECTOR_BYTES
 from .conv2d_grad import (conv2d_input_grad, conv2d_input_grad_scratch_bytes,
                           conv2d_weight_grad, conv2d_weight_grad_scratch_bytes)
 from .local_conv2d import (local_conv2d_forward, local_conv2d_scratch_bytes,
@@ -69,11 +75,14 @@ def _local_bytes(geom, itemsize):
 
 def tiled_conv2d_scratch_bytes(geom, itemsize):
     """Bytes of scratch :func:`tiled_conv2d_forward` allocates beyond its output: those of
-    the kernel it runs."""
+    the kernel it runs (a few slots: the largest slot's copies and conv2d scratch)."""
     if geom.shared:
         return conv2d_scratch_bytes(geom.untiled, itemsize)
     if geom.unshared:
         return local_conv2d_scratch_bytes(geom.untiled, itemsize)
+    problems = _few_slot_problems(geom, itemsize)
+    if problems is not None:
+        return _by_slot_bytes(problems, itemsize, conv2d_scratch_bytes)
     return slotted_scratch_bytes(geom.untiled, itemsize)
 
 
@@ -86,6 +95,9 @@ def tiled_conv2d_forward(x, weight, bias, has_bias, out, geom):
                               plain)
     if geom.unshared:
         return local_conv2d_forward(x, weight, bias, has_bias, out, plain)
+    problems = _few_slot_problems(geom, x.dtype.itemsize)
+    if problems is not None:
+        return _forward_by_slot(x, weight, bias, has_bias, out, problems)
     rows, cols = slot_maps(geom)
     return slotted_local_conv2d_forward(x, weight, bias, has_bias, out, plain, rows, cols)
 
@@ -119,6 +131,9 @@ def tiled_conv2d_input_grad_scratch_bytes(geom, itemsize):
     plain = geom.untiled
     if geom.shared:
         return conv2d_input_grad_scratch_bytes(plain, itemsize)
+    problems = None if geom.unshared else _few_slot_problems(geom, itemsize, gradient=True)
+    if problems is not None:
+        return _by_slot_bytes(problems, itemsize, conv2d_input_grad_scratch_bytes)
     return local_conv2d_input_grad_scratch_bytes(plain, itemsize)
 
 
@@ -129,6 +144,9 @@ def tiled_conv2d_input_grad(grad_output, weight, out, geom):
         return conv2d_input_grad(grad_output, weight.reshape(_shared_shape(geom)), out, plain)
     if geom.unshared:
         return local_conv2d_input_grad(grad_output, weight, out, plain)
+    problems = _few_slot_problems(geom, out.dtype.itemsize, gradient=True)
+    if problems is not None:
+        return _input_grad_by_slot(grad_output, weight, out, problems)
     rows, cols = slot_maps(geom)
     return slotted_local_conv2d_input_grad(grad_output, weight, out, plain, rows, cols)
 
@@ -194,6 +212,83 @@ def _weight_grad_by_slot(x, grad_output, out, problems):
             grad_output[:, :, r0:r0 + r_step * r_count:r_step, c0:c0 + c_step * c_count:c_step])
         conv2d_weight_grad(x_slot, gy_slot, shared, sub)
         out[:, a, b] = shared
+    return out
+
+
+#: Output columns per slot from which a few slots run as convolutions whatever the batch:
+#: the conv2d kernel's widest register block (see :func:`_few_slot_problems`).
+WIDE_SLOT = 24
+
+#: Largest stride (the layer's times the period) of a slot's convolution whose input
+#: gradient runs by slot: beyond it most phases of each slot's input gradient are empty.
+BY_SLOT_MAX_STRIDE = 4
+
+
+def _few_slot_problems(geom, itemsize, gradient=False):
+    """The forward (and input gradient, ``gradient``) of a tiling strictly between the ends
+    with at most :data:`FEW_SLOTS` slots run as one convolution per slot
+    (:func:`_slot_problems`) where the unshared kernel with slot maps would be slower:
+    when its vectors, which run over the batch, are mostly idle (a batch of at most a quarter
+    of a vector's lanes, 4 images in float32), or when every slot's outputs are at least
+    :data:`WIDE_SLOT` columns wide, and, for the input gradient, the slots' convolutions
+    have a stride of at most :data:`BY_SLOT_MAX_STRIDE`. Else None (the slot maps).
+
+    Measured on one core (``python scripts/tiled_speed.py``; BENCHMARKS.md, "Tiled
+    convolution"): 2 x 2 or 1 x 4 slots as convolutions take 0.05-0.48x the time of the slot
+    maps on the default suite's layers of batch 1-4 and on DeepFace L4, but 0.54-1.45x
+    (forward) and 1.14-2.9x (input gradient) on DeepFace L5/L6, whose batch of 8 fills half
+    the lanes and whose slots are 10-13 columns wide."""
+    if geom.shared or geom.unshared or geom.tile_height * geom.tile_width > FEW_SLOTS:
+        return None
+    problems = _slot_problems(geom)
+    if problems is None:
+        return None
+    lanes = _VECTOR_BYTES // itemsize
+    narrowest = min(sub.out_width for *_, sub, _, _ in problems)
+    if 4 * geom.batch > lanes and narrowest < WIDE_SLOT:
+        return None
+    if gradient and max(max(sub.stride_h, sub.stride_w) for *_, sub, _, _ in problems) > \
+            BY_SLOT_MAX_STRIDE:
+        return None
+    return problems
+
+
+def _by_slot_bytes(problems, itemsize, kernel_scratch_bytes):
+    """Scratch of a by-slot pass: the largest slot's input, output and weight copies, plus
+    the most scratch its conv2d kernel takes."""
+    copies = max(math.prod(sub.input_shape) + math.prod(sub.output_shape)
+                 + math.prod(sub.shared_weight_shape()) + sub.out_channels
+                 for *_, sub, _, _ in problems)
+    return copies * itemsize + max(kernel_scratch_bytes(sub, itemsize)
+                                   for *_, sub, _, _ in problems)
+
+
+def _forward_by_slot(x, weight, bias, has_bias, out, problems):
+    """One conv2d per slot: slot ``(a, b)``'s outputs are a strided (periodic) or cropped
+    (blocks) convolution of ``x`` with its kernel, written to their rows and columns of
+    ``out`` (every output belongs to one slot: every element written)."""
+    per_slot_bias = bias.shape[1] * bias.shape[2] > 1
+    for a, b, rows, cols, sub, (r0, r_step, r_count), (c0, c_step, c_count) in problems:
+        x_slot = np.ascontiguousarray(x[:, :, rows, cols])
+        w_slot = np.ascontiguousarray(weight[:, a, b])
+        b_slot = np.ascontiguousarray(bias[:, a:a + 1, b:b + 1]) if per_slot_bias else bias
+        part = np.empty(sub.output_shape, dtype=out.dtype)
+        conv2d_forward(x_slot, w_slot, b_slot, has_bias, part, sub)
+        out[:, :, r0:r0 + r_step * r_count:r_step, c0:c0 + c_step * c_count:c_step] = part
+    return out
+
+
+def _input_grad_by_slot(grad_output, weight, out, problems):
+    """One conv2d input gradient per slot, each added to the input rows and columns its
+    windows read, slot after slot in order (deterministic)."""
+    out[...] = 0
+    for a, b, rows, cols, sub, (r0, r_step, r_count), (c0, c_step, c_count) in problems:
+        gy_slot = np.ascontiguousarray(
+            grad_output[:, :, r0:r0 + r_step * r_count:r_step, c0:c0 + c_step * c_count:c_step])
+        w_slot = np.ascontiguousarray(weight[:, a, b])
+        part = np.empty(sub.input_shape, dtype=out.dtype)
+        conv2d_input_grad(gy_slot, w_slot, part, sub)
+        out[:, :, rows, cols] += part
     return out
 
 
