@@ -441,3 +441,25 @@ def test_tiled_speed_script_runs():
     assert [r[1] for r in rows][:3] == ["T=1x1 vs conv2d", "T=21x21 vs local_conv2d",
                                        "T=2x2 (blocks) vs local_conv2d"]
     assert all(r[2] > 0 and r[3] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("geometry", [g for g in GEOMETRIES if g[0] in (
+    "pad1", "stride2", "rect_kernel", "dilation", "groups", "big_padding")],
+    ids=lambda g: g[0])
+@pytest.mark.parametrize("tiling", TILINGS)
+def test_one_image_between_the_ends(tiling, geometry, device, poisoned_outputs):
+    """One image and more than a few slots: on the CPU the one-image unshared kernel reads
+    each column's slot (its weight row) and each row's; the float64 reference, a bias per
+    slot, and local_conv2d of the expanded weight bit for bit."""
+    _, _, _, _, _, out_hw = _problem(geometry, np.float32, tiling, 13)
+    tiles = (min(2, out_hw[0]), min(3, out_hw[1]))
+    x, w, b, _, kwargs, _ = _problem(geometry, np.float32, tiling, 13, tiles=tiles)
+    x = x[:1]
+    y = gpuconv.tiled_conv2d(x, w, b, tiling=tiling, device=device, **kwargs)
+    wl, bl = _expand(w, out_hw, tiling), _bias_expand(b, out_hw, tiling)
+    expected = local_conv2d_ref(x, wl, bl, **kwargs)
+    bound = local_conv2d_ref(np.abs(x), np.abs(wl), np.abs(bl), **kwargs)
+    assert_close(y, expected, bound, np.float32, terms=w[0, 0, 0].size + 1)
+    if tiles[0] * tiles[1] > 4:  # (a few slots run as convolutions: other bits)
+        assert np.array_equal(y, gpuconv.local_conv2d(
+            x, wl.astype(np.float32), bl.astype(np.float32), device=device, **kwargs))

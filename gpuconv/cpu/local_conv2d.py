@@ -191,13 +191,20 @@ def _local_conv2d_kernel(x, wf, bias, has_bias, out, tiles, windows, tap_off, s_
 # BENCHMARKS.md, "Per-call cost", has the batch-1 timings.
 _FEW_IMAGES = 2
 
+# Output columns whose windows _local_conv2d_few_images copies tap by tap, columns
+# innermost, for narrow kernels (at most _FLAT_TAPS_MAX_WIDTH wide; wider ones copy each
+# column's taps in a run): a block of them is a few KiB of the patch, in L1 while each of
+# its taps is written (over a whole row of 494 columns, 190 KB, the copy took 1.2x as long).
+_PATCH_COLUMNS = 32
+
 
 @njit(cache=True)
 def _local_dot_columns(wf, w_base, r_len, scratch, p_base, r_pad, mask, count, t_base, s_base,
-                       lanes):
-    """``scratch[s_base + i] = sum_t wf[w_base + i * r_len + t] * scratch[p_base + i * r_pad
-    + t]`` for ``i < count <= lanes``: the dot products of ``count`` consecutive output
-    columns' weight rows (``r_len`` each, the caller's layout) with their input windows
+                       lanes, slot_cols, ox0):
+    """``scratch[s_base + i] = sum_t wf[w_base + (ox0 + i) * r_len + t] * scratch[p_base + i *
+    r_pad + t]`` for ``i < count <= lanes``: the dot products of ``count`` consecutive output
+    columns' weight rows (``r_len`` each, the caller's layout; with ``slot_cols`` not None,
+    column ``ox`` reads slot column ``slot_cols[ox]`` instead) with their input windows
     (``r_pad``, zero past ``r_len``). One vector accumulator per column, over the taps,
     stored at ``t_base``; the weights' last vector is a masked load (the weights after a row
     are never read, whatever they hold); the lane sums by a fixed tree
@@ -205,7 +212,10 @@ def _local_dot_columns(wf, w_base, r_len, scratch, p_base, r_pad, mask, count, t
     _prefer_wide_vectors()
     for i in range(count):
         acc = _vzero(scratch)
-        wb = w_base + i * r_len
+        if slot_cols is None:
+            wb = w_base + (ox0 + i) * r_len
+        else:
+            wb = w_base + slot_cols[ox0 + i] * r_len
         pb = p_base + i * r_pad
         for t0 in range(0, r_pad, lanes):
             acc = _vfmav(acc, _vload_masked(wf, wb + t0, mask, t0), _vload(scratch, pb + t0))
@@ -217,14 +227,16 @@ def _local_dot_columns(wf, w_base, r_len, scratch, p_base, r_pad, mask, count, t
 
 @njit(parallel=True, cache=True)
 def _local_conv2d_few_images(x, weight, bias, has_bias, out, scratch, mask, s_H, s_W, pt, pl,
-                             d_H, d_W, groups, k_H, k_W):
+                             d_H, d_W, groups, k_H, k_W, slot_rows, slot_cols, t_H, t_W):
     """The unshared convolution for a batch of one or two images: per job (image, group,
     output row) the row's input windows are copied into a patch (``W_out x r_pad``, the
     taps of each column contiguous, in the weights' order, zeros for padding), then each
     output is the dot product of its weight row with its window, the vector running over
     the taps. (The batched kernel's vectors run over the batch.) ``scratch``: one row per
     thread, the patch, then ``lanes`` accumulator vectors, then their ``lanes`` sums (one
-    allocation a call: what the call costs counts at this size)."""
+    allocation a call: what the call costs counts at this size). The weights are indexed
+    by kernel slot, as in :func:`_local_conv2d_kernel` (``slot_rows`` and ``slot_cols``
+    None: the position itself, ``(t_H, t_W) = (h_O, w_O)``)."""
     xf = x.reshape(-1)
     wf = weight.reshape(-1)
     n, c_I, h, wd = x.shape
@@ -261,10 +273,22 @@ def _local_conv2d_few_images(x, weight, bias, has_bias, out, scratch, mask, s_H,
                                 patch[np.uint64(ox * r_pad + t0 + v)] = 0
                         continue
                     row = ((b * c_I + g * c_Ig + c) * h + iy) * wd
-                    for v in range(k_W):  # windows inside the row: no checks; the
-                        src = row - pl + v * d_W  # columns innermost (a few taps each)
+                    # windows inside the row: no checks
+                    if k_W <= _FLAT_TAPS_MAX_WIDTH:  # a few taps: columns innermost,
+                        # _PATCH_COLUMNS at a time (their lines stay in L1 across taps)
+                        for c0 in range(lo, hi, _PATCH_COLUMNS):
+                            c1 = min(hi, c0 + _PATCH_COLUMNS)
+                            for v in range(k_W):
+                                src = row - pl + v * d_W
+                                for ox in range(c0, c1):
+                                    patch[np.uint64(ox * r_pad + t0 + v)] = \
+                                        xf[np.uint64(src + ox * s_W)]
+                    else:
                         for ox in range(lo, hi):
-                            patch[np.uint64(ox * r_pad + t0 + v)] = xf[np.uint64(src + ox * s_W)]
+                            base = ox * r_pad + t0
+                            src = row + ox * s_W - pl
+                            for v in range(k_W):
+                                patch[np.uint64(base + v)] = xf[np.uint64(src + v * d_W)]
                     for e in range(w_O - (hi - lo)):  # the columns at the two edges
                         ox = e if e < lo else e + (hi - lo)
                         base = ox * r_pad + t0
@@ -275,17 +299,21 @@ def _local_conv2d_few_images(x, weight, bias, has_bias, out, scratch, mask, s_H,
                                 patch[np.uint64(base + v)] = xf[np.uint64(row + ix)]
                             else:
                                 patch[np.uint64(base + v)] = 0
+            sy = oy if slot_rows is None else slot_rows[oy]
             for co in range(g * c_Og, (g + 1) * c_Og):
                 for ox0 in range(0, w_O, lanes):
                     count = min(lanes, w_O - ox0)
-                    _local_dot_columns(wf, ((co * h_O + oy) * w_O + ox0) * r_len, r_len,
-                                       patch, ox0 * r_pad, r_pad, mask, count, t_base, s_base,
-                                       lanes)
+                    _local_dot_columns(wf, (co * t_H + sy) * t_W * r_len, r_len, patch,
+                                       ox0 * r_pad, r_pad, mask, count, t_base, s_base, lanes,
+                                       slot_cols, ox0)
                     for i in range(count):
                         val = patch[s_base + i]
                         if has_bias:
-                            val = bias[co, oy if per_position else 0,
-                                       ox0 + i if per_position else 0] + val
+                            if per_position:
+                                bx = ox0 + i if slot_cols is None else slot_cols[ox0 + i]
+                                val = bias[co, sy, bx] + val
+                            else:
+                                val = bias[co, 0, 0] + val
                         out[b, co, oy, ox0 + i] = val
 
 
@@ -363,11 +391,9 @@ def local_conv2d_scratch_bytes(geom, itemsize):
 
 
 def slotted_scratch_bytes(geom, itemsize):
-    """Bytes of scratch :func:`slotted_local_conv2d_forward` allocates with slots (the
-    batched kernel's, whatever the batch)."""
-    threads = _threads.count()
-    layout = _local_layout(geom, itemsize, threads)
-    return threads * (layout.window + layout.lanes + layout.tile) * itemsize + (1 << 16)
+    """Bytes of scratch :func:`slotted_local_conv2d_forward` allocates with slots (the same
+    kernels as without: :func:`local_conv2d_scratch_bytes`)."""
+    return local_conv2d_scratch_bytes(geom, itemsize)
 
 
 def local_conv2d_forward(x, weight, bias, has_bias, out, geom):
@@ -386,17 +412,17 @@ def slotted_local_conv2d_forward(x, weight, bias, has_bias, out, geom, slot_rows
     """:func:`local_conv2d_forward` with the weights ``(C_out, T_h, T_w, C_in/groups, kH,
     kW)`` of kernel slots: output row ``oy`` takes slot row ``slot_rows[oy]``, column ``ox``
     slot column ``slot_cols[ox]`` (int64 arrays), and a bias per position is one per slot.
-    ``None`` for both is :func:`local_conv2d_forward` itself (its own specialisation). With
-    slots, a batch of one image runs the batched kernel too (:func:`slotted_scratch_bytes`)."""
+    ``None`` for both is :func:`local_conv2d_forward` itself (its own specialisation)."""
     threads = _threads.count()
-    if _few_images(geom) and slot_rows is None:  # (the one-image kernel reads no slots)
+    if _few_images(geom):
         lanes, r_pad, mask = _few_images_layout(geom, x.dtype.itemsize)
         scratch = np.empty((threads, geom.out_width * r_pad + lanes * lanes + lanes),
                            dtype=x.dtype)
         _local_conv2d_few_images(x, weight, bias, has_bias, out, scratch, mask, geom.stride_h,
                                  geom.stride_w, geom.pad_top, geom.pad_left, geom.dilation_h,
                                  geom.dilation_w, geom.groups, geom.kernel_height,
-                                 geom.kernel_width)
+                                 geom.kernel_width, slot_rows, slot_cols, weight.shape[1],
+                                 weight.shape[2])
         return out
     layout = _local_layout(geom, x.dtype.itemsize, threads)
     chunk = layout.chunk
