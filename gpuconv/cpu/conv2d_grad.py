@@ -56,7 +56,9 @@ from .conv2d import conv2d_forward, conv2d_scratch_bytes
 from .simd import VECTOR_BYTES as _VECTOR_BYTES
 from .simd import prefer_wide_vectors as _prefer_wide_vectors
 from .simd import vload as _vload, vstore as _vstore, vzero as _vzero
-from .simd_ext import vfmav as _vfmav, vload_masked as _vload_masked, vsum_lanes as _vsum_lanes
+from .simd_ext import vfmav as _vfmav, vload_first as _vload_first
+from .simd_ext import vload_masked as _vload_masked, vstore_first as _vstore_first
+from .simd_ext import vsum_lanes as _vsum_lanes
 
 __all__ = ["conv2d_input_grad", "conv2d_input_grad_scratch_bytes", "conv2d_weight_grad",
            "conv2d_weight_grad_scratch_bytes"]
@@ -241,7 +243,8 @@ def conv2d_input_grad(grad_output, weight, out, geom):
 
 _WG_CO = 4            # output channels per register block
 _WG_TAPS = 6          # taps per register block
-_WG_PASS_PIXELS = 1024  # pixels per pass: the pass's gy and input stay in L1/L2
+_WG_RUN_PIXELS = 1024  # pixels per run at most (merged, images and shifted runs)
+_WG_PASS_PIXELS = 4096  # pixels per pass: whole runs; the pass's gy and input stay in L2
 _WG_TAP_BLOCKS = 16   # register blocks of taps per job (96 taps)
 _WG_PART_PIXELS = 1 << 15  # pixels per part at most (accuracy: 2048 terms per lane)
 _WG_MIN_JOBS = 32     # parts are added until there are this many jobs (if memory allows)
@@ -269,9 +272,9 @@ def _pack_input(x, xp, pt, pl, s_W):
 
 
 @njit(cache=True)
-def _pack_grad_output(gy, gyp, merged, h_P, w_Q, row_len):
-    """gy onto the runs of the weight-gradient kernel, zero elsewhere: with ``merged``,
-    gyp[o, (b * h_P + oy) * w_Q + ox]; otherwise gyp[o, (b * h_O + oy) * row_len + ox]."""
+def _pack_grad_output(gy, gyp, image_stride, row_stride):
+    """gy onto the runs of the weight-gradient kernel, zero elsewhere:
+    gyp[o, b * image_stride + oy * row_stride + ox] = gy[b, o, oy, ox]."""
     n, c_O, h_O, w_O = gy.shape
     length = gyp.shape[1]
     for o in range(c_O):
@@ -279,10 +282,7 @@ def _pack_grad_output(gy, gyp, merged, h_P, w_Q, row_len):
             gyp[o, i] = 0
         for b in range(n):
             for oy in range(h_O):
-                if merged:
-                    base = (b * h_P + oy) * w_Q
-                else:
-                    base = (b * h_O + oy) * row_len
+                base = b * image_stride + oy * row_stride
                 for ox in range(w_O):
                     gyp[o, base + ox] = gy[b, o, oy, ox]
 
@@ -295,7 +295,7 @@ def _wg_block(xf, x0, x1, x2, x3, x4, x5, gyp, g0, g1, g2, g3, mask, r0, r1, row
     (input runs at x0..x5), over the runs ``r0 <= r < r1``. Run ``r`` (image ``b``, row
     ``oy = r - b * rows_per_img``) has ``n_vec`` vectors of pixels starting at
     ``b * img_stride + oy * row_stride`` in the input, ``r * g_stride`` in gy and
-    ``r * m_stride`` in the mask (input lanes with mask 0 are zero). The 24 vector
+    ``oy * m_stride`` in the mask (input lanes with mask 0 are zero). The 24 vector
     accumulators ``tile[tile_base + (k * 6 + t) * lanes ...]`` (k channel, t tap) start at
     zero if ``first``, else at the tile's values, and are stored back at the end."""
     _prefer_wide_vectors()
@@ -354,7 +354,7 @@ def _wg_block(xf, x0, x1, x2, x3, x4, x5, gyp, g0, g1, g2, g3, mask, r0, r1, row
     for r in range(r0, r1):
         xb = b * img_stride + oy * row_stride
         gb = r * g_stride
-        mb = r * m_stride
+        mb = oy * m_stride
         oy += 1
         if oy == rows_per_img:
             oy = 0
@@ -500,58 +500,115 @@ def _sum_parts(partial, out):
 
 
 class _WgLayout(NamedTuple):
-    merged: bool
-    h_P: int
-    w_Q: int
+    runs: str             # "merged", "rows" or "shifted" (see _wg_layout)
+    h_P: int              # rows per image of the packed input (per row phase if shifted)
+    w_Q: int              # columns per row of the packed input (per column phase)
     channel_stride: int   # elements per input channel in the packed input
     x_size: int           # elements of the packed input, slack included
     n_rows: int           # runs
     run_pixels: int       # pixels per run (a multiple of the vector length)
+    runs_per_image: int   # runs of one image ("rows_per_img" of the kernel)
+    image_stride: int     # elements from one image to the next in the packed input
+    run_stride: int       # elements from one run of an image to the next, packed input
+    gy_image_stride: int  # elements from one image to the next in the packed gy
+    gy_row_stride: int    # elements from one output row to the next in the packed gy
     part_rows: int
     n_parts: int
     pass_rows: int
     gy_len: int           # elements per channel of the packed gy
     mask_len: int
+    mask_stride: int      # mask elements from one run of an image to the next
     n_taps: int           # taps per group (c_I/g * k_H * k_W)
     padded_taps: int      # rounded up to whole register blocks
     tile: int             # per-thread tile elements
 
 
+def _merged_pixels(geom, lanes):
+    """Virtual pixels of the merged runs (stride 1) and the grid they lie on."""
+    h_P = max(geom.in_height + max(geom.pad_top, geom.pad_bottom), geom.out_height)
+    w_Q = max(geom.in_width + max(geom.pad_left, geom.pad_right), geom.out_width)
+    used = ((geom.batch - 1) * h_P + geom.out_height - 1) * w_Q + geom.out_width
+    n_rows = -(-used // _WG_RUN_PIXELS)
+    run_pixels = -(-(-(-used // n_rows)) // lanes) * lanes
+    return n_rows * run_pixels, h_P, w_Q, n_rows, run_pixels
+
+
+def _image_runs(per_image, lanes):
+    """Runs of one image's ``per_image`` pixels: as few as keep each within about
+    ``_WG_RUN_PIXELS``, of equal length in whole vectors. Returns (runs, run_pixels)."""
+    runs = -(-per_image // _WG_RUN_PIXELS)
+    return runs, -(-(-(-per_image // runs)) // lanes) * lanes
+
+
 @functools.lru_cache(maxsize=256)  # per geometry: computed once, not per call
-def _wg_layout(geom, itemsize):
+def _wg_layout(geom, itemsize, runs=None):
+    """The weight gradient's runs (``runs`` forces one, for the tests), chosen by the pixels
+    each computes:
+
+    - ``"merged"`` (stride 1): all output rows of all images form runs of about
+      ``_WG_RUN_PIXELS`` virtual pixels on the padded grid (the pixels in the padding
+      columns and rows are computed and masked off);
+    - ``"rows"`` (strides): one run per output row, its tail masked;
+    - ``"shifted"``: one copy of the padded input per kernel column ``v`` (shifted by
+      ``v * d_W`` and keeping only the ``w_O`` columns that tap reads; with strides, split
+      by row phase), so that every tap reads one image's whole output as one contiguous
+      run: nothing is computed beyond each image's last vector. Chosen when it computes at
+      most ``_SHIFTED_SHARE`` of the other layout's pixels (DeepFace L6: 8 x 448 pixels
+      instead of 4960 merged).
+    """
     lanes = _VECTOR_BYTES // itemsize
     n, s_H, s_W = geom.batch, geom.stride_h, geom.stride_w
     h_O, w_O = geom.out_height, geom.out_width
     d_H, d_W = geom.dilation_h, geom.dilation_w
     k_H, k_W = geom.kernel_height, geom.kernel_width
-    merged = s_H == 1 and s_W == 1
-    if merged:
+    if s_H == 1 and s_W == 1:
+        merged_pixels, h_P, w_Q, n_rows, run_pixels = _merged_pixels(geom, lanes)
+        image_runs, image_run = _image_runs((h_O - 1) * w_Q + w_O, lanes)
+        pixels = {"merged": merged_pixels, "images": n * image_runs * image_run}
+        if runs is None:
+            runs = "images" if pixels["images"] < merged_pixels else "merged"
+    else:
+        pixels = {"rows": n * h_O * -(-w_O // lanes) * lanes}
+        runs = "rows"
+    if runs == "merged":
         # Rows and images share their padding (as the forward's merged layout): reads past
         # a row's end land in the next row's left padding.
-        h_P = max(geom.in_height + max(geom.pad_top, geom.pad_bottom), h_O)
-        w_Q = max(geom.in_width + max(geom.pad_left, geom.pad_right), w_O)
-        used = ((n - 1) * h_P + h_O - 1) * w_Q + w_O     # virtual pixels up to the last
-        n_rows = -(-used // _WG_PASS_PIXELS)
-        run_pixels = -(-(-(-used // n_rows)) // lanes) * lanes
-        pixels = n_rows * run_pixels
-        pass_rows = 1
-    else:
+        runs_per_image, image_stride, run_stride = n_rows, 0, run_pixels
+        gy_image_stride, gy_row_stride = h_P * w_Q, w_Q
+        channel_stride = n * h_P * w_Q
+        max_tap = (k_H - 1) * d_H * w_Q + (k_W - 1) * d_W
+        last_read = merged_pixels + max_tap
+        mask_len, mask_stride = merged_pixels, run_pixels
+    elif runs == "images":
+        # The merged grid, one image at a time: no run crosses the padding rows between
+        # images.
+        runs_per_image, run_pixels = image_runs, image_run
+        n_rows = n * runs_per_image
+        image_stride, run_stride = h_P * w_Q, run_pixels
+        gy_image_stride, gy_row_stride = runs_per_image * run_pixels, w_Q
+        channel_stride = n * image_stride
+        max_tap = (k_H - 1) * d_H * w_Q + (k_W - 1) * d_W
+        last_read = (n - 1) * image_stride + runs_per_image * run_pixels + max_tap
+        mask_len, mask_stride = runs_per_image * run_pixels, run_pixels
+    elif runs == "rows":
+        run_pixels = -(-w_O // lanes) * lanes
+        n_rows = n * h_O
         h_P = (h_O - 1) * s_H + (k_H - 1) * d_H + 1
         w_needed = (w_O - 1) * s_W + (k_W - 1) * d_W + 1
         w_Q = -(-w_needed // s_W)
-        run_pixels = -(-w_O // lanes) * lanes
-        n_rows = n * h_O
-        pixels = n_rows * run_pixels
-        pass_rows = max(1, _WG_PASS_PIXELS // run_pixels)
-    channel_stride = n * h_P * s_W * w_Q
-    max_tap = (k_H - 1) * d_H * s_W * w_Q + max(
-        (v * d_W) % s_W * w_Q + (v * d_W) // s_W for v in range(k_W))
-    if merged:
-        last_read = pixels + max_tap
-    else:
-        last_read = ((n - 1) * h_P + (h_O - 1) * s_H) * s_W * w_Q + max_tap + run_pixels
+        runs_per_image = h_O
+        image_stride = h_P * s_W * w_Q
+        run_stride = s_H * s_W * w_Q
+        gy_image_stride, gy_row_stride = h_O * run_pixels, run_pixels
+        channel_stride = n * image_stride
+        max_tap = (k_H - 1) * d_H * s_W * w_Q + max(
+            (v * d_W) % s_W * w_Q + (v * d_W) // s_W for v in range(k_W))
+        last_read = (n - 1) * image_stride + (h_O - 1) * run_stride + max_tap + run_pixels
+        mask_len, mask_stride = run_pixels, 0
     x_size = max(geom.in_channels * channel_stride,
                  (geom.in_channels - 1) * channel_stride + last_read)
+    pixels = pixels[runs]
+    pass_rows = max(1, _WG_PASS_PIXELS // run_pixels)
     n_taps = geom.in_channels_per_group * k_H * k_W
     padded_taps = -(-n_taps // _WG_TAPS) * _WG_TAPS
     # Parts: enough for accuracy and for _WG_MIN_JOBS jobs, within the memory bound;
@@ -564,13 +621,12 @@ def _wg_layout(geom, itemsize):
     n_parts = max(1, min(n_parts, n_rows, _PARTIAL_BYTES // weight_bytes))
     part_rows = -(-n_rows // n_parts)
     n_parts = -(-n_rows // part_rows)
-    gy_len = pixels
-    mask_len = pixels if merged else run_pixels
     vectors = _WG_TAP_BLOCKS * _WG_CO * _WG_TAPS + lanes   # whole groups of lane sums
     tile = vectors * lanes + vectors
-    return _WgLayout(merged, h_P, w_Q, channel_stride, x_size, n_rows, run_pixels,
-                     part_rows, n_parts, pass_rows, gy_len, mask_len, n_taps, padded_taps,
-                     tile)
+    return _WgLayout(runs, h_P, w_Q, channel_stride, x_size, n_rows, run_pixels,
+                     runs_per_image, image_stride, run_stride, gy_image_stride,
+                     gy_row_stride, part_rows, n_parts, pass_rows, pixels, mask_len,
+                     mask_stride, n_taps, padded_taps, tile)
 
 
 @functools.lru_cache(maxsize=256)  # per geometry: computed once, not per call
@@ -581,9 +637,11 @@ def _wg_tap_offsets(geom, layout):
     c = np.arange(geom.in_channels_per_group).reshape(-1, 1, 1)
     u = np.arange(geom.kernel_height).reshape(1, -1, 1)
     v = np.arange(geom.kernel_width).reshape(1, 1, -1)
+    row = u * geom.dilation_h
     col = v * geom.dilation_w
-    offsets = (c * layout.channel_stride + u * geom.dilation_h * s_W * w_Q
-               + (col % s_W) * w_Q + col // s_W).reshape(-1)
+    offsets = (c * layout.channel_stride + row * s_W * w_Q
+               + (col % s_W) * w_Q + col // s_W)
+    offsets = offsets.reshape(-1)
     padded = np.full(layout.padded_taps, offsets[0], dtype=np.int64)
     padded[:offsets.size] = offsets
     return padded
@@ -591,14 +649,16 @@ def _wg_tap_offsets(geom, layout):
 
 @functools.lru_cache(maxsize=256)  # per geometry: computed once, not per call
 def _wg_mask(geom, layout):
-    if layout.merged:
-        p = np.arange(layout.mask_len)
+    p = np.arange(layout.mask_len)
+    if layout.runs == "merged":
         col = p % layout.w_Q
         row = (p // layout.w_Q) % layout.h_P
         image = p // (layout.w_Q * layout.h_P)
         keep = (col < geom.out_width) & (row < geom.out_height) & (image < geom.batch)
+    elif layout.runs == "images":
+        keep = (p % layout.w_Q < geom.out_width) & (p // layout.w_Q < geom.out_height)
     else:
-        keep = np.arange(layout.mask_len) < geom.out_width
+        keep = p < geom.out_width
     return keep.astype(np.uint8)
 
 
@@ -614,37 +674,33 @@ def conv2d_weight_grad_scratch_bytes(geom, itemsize):
             + _SMALL_SCRATCH)
 
 
-def conv2d_weight_grad(x, grad_output, out, geom):
-    """``out = d(sum(conv2d(x, w) * grad_output)) / dw``, every element written.
-
-    ``x`` ``(n, c_I, h, w)``, ``grad_output`` ``(n, c_O, h_O, w_O)``, ``out``
-    ``(c_O, c_I/g, k_H, k_W)``: C-contiguous, one dtype. Deterministic: the same bits on
-    every call and for every thread count (see the module docstring).
-    """
-    dtype = out.dtype
-    layout = _wg_layout(geom, dtype.itemsize)
-    lanes = _VECTOR_BYTES // dtype.itemsize
-    xf = np.empty(layout.x_size, dtype=dtype)
+def _wg_pack_input(x, xf, geom, layout):
     packed = geom.in_channels * layout.channel_stride
     xf[packed:] = 0
     _pack_input(x, xf[:packed].reshape(geom.in_channels, geom.batch, layout.h_P,
                                        geom.stride_w, layout.w_Q),
                 geom.pad_top, geom.pad_left, geom.stride_w)
+
+
+def conv2d_weight_grad(x, grad_output, out, geom, runs=None):
+    """``out = d(sum(conv2d(x, w) * grad_output)) / dw``, every element written.
+
+    ``x`` ``(n, c_I, h, w)``, ``grad_output`` ``(n, c_O, h_O, w_O)``, ``out``
+    ``(c_O, c_I/g, k_H, k_W)``: C-contiguous, one dtype. Deterministic: the same bits on
+    every call and for every thread count (see the module docstring). ``runs`` forces the
+    runs of a stride-1 geometry (``"merged"`` or ``"images"``; tests only); by default
+    :func:`_wg_layout` chooses.
+    """
+    dtype = out.dtype
+    layout = _wg_layout(geom, dtype.itemsize, runs)
+    xf = np.empty(layout.x_size, dtype=dtype)
+    _wg_pack_input(x, xf, geom, layout)
     gyp = np.empty((geom.out_channels, layout.gy_len), dtype=dtype)
-    _pack_grad_output(grad_output, gyp, layout.merged, layout.h_P, layout.w_Q,
-                      layout.run_pixels)
+    _pack_grad_output(grad_output, gyp, layout.gy_image_stride, layout.gy_row_stride)
     mask = _wg_mask(geom, layout)
     tap_off = _wg_tap_offsets(geom, layout)
     tiles = np.empty((_threads.count(), layout.tile), dtype=dtype)
-    if layout.merged:
-        rows_per_img, img_stride = layout.n_rows, 0
-        row_stride = g_stride = m_stride = layout.run_pixels
-    else:
-        rows_per_img = geom.out_height
-        img_stride = layout.h_P * geom.stride_w * layout.w_Q
-        row_stride = geom.stride_h * geom.stride_w * layout.w_Q
-        g_stride, m_stride = layout.run_pixels, 0
-    n_vec = layout.run_pixels // lanes
+    n_vec = layout.run_pixels // (_VECTOR_BYTES // dtype.itemsize)
     out2 = out.reshape(1, geom.out_channels, layout.n_taps)
     if layout.n_parts == 1:
         dest = out2
@@ -653,8 +709,9 @@ def conv2d_weight_grad(x, grad_output, out, geom):
     _wg_kernel(xf, tap_off, gyp, mask, dest, tiles, geom.groups,
                geom.out_channels_per_group, layout.n_taps,
                geom.in_channels_per_group * layout.channel_stride,
-               layout.n_rows, layout.part_rows, layout.pass_rows, rows_per_img, img_stride,
-               row_stride, g_stride, m_stride, n_vec)
+               layout.n_rows, layout.part_rows, layout.pass_rows, layout.runs_per_image,
+               layout.image_stride, layout.run_stride, layout.run_pixels,
+               layout.mask_stride, n_vec)
     if layout.n_parts > 1:
         _sum_parts(dest.reshape(layout.n_parts, -1), out.reshape(-1))
     return out
