@@ -90,10 +90,10 @@ def test_gradients_match_reference(case, dtype, local):
 
 def test_weight_grad_partitions_are_reached():
     """The grid reaches one part (written straight to the output) and several parts (the
-    ordered reduction of partial sums), and both run layouts."""
+    ordered reduction of partial sums), and the three run layouts."""
     layouts = [_wg_layout(_setup(c, np.float32, False)[0], 4) for c in CASES]
     assert {lay.n_parts > 1 for lay in layouts} == {False, True}
-    assert {lay.merged for lay in layouts} == {False, True}
+    assert {lay.runs for lay in layouts} == {"merged", "images", "rows"}
     assert any(lay.n_rows > lay.part_rows > 1 for lay in layouts)
 
 

@@ -244,24 +244,44 @@ def conv2d_input_grad(grad_output, weight, out, geom):
 _WG_CO = 4            # output channels per register block
 _WG_TAPS = 6          # taps per register block
 _WG_RUN_PIXELS = 1024  # pixels per run at most (merged, images and shifted runs)
-_WG_PASS_PIXELS = 4096  # pixels per pass: whole runs; the pass's gy and input stay in L2
+_WG_PASS_PIXELS = 1024  # pixels per pass (the nearest whole number of runs): in L1/L2
 _WG_TAP_BLOCKS = 16   # register blocks of taps per job (96 taps)
 _WG_PART_PIXELS = 1 << 15  # pixels per part at most (accuracy: 2048 terms per lane)
-_WG_MIN_JOBS = 32     # parts are added until there are this many jobs (if memory allows)
+_WG_MIN_JOBS = 16     # parts are added until there are this many jobs (if memory allows)
 _PARTIAL_BYTES = 1 << 25  # partial-sum buffers at most (32 MiB; or one weight if larger)
 
 
 @njit(cache=True)
 def _pack_input(x, xp, pt, pl, s_W):
     """Zero-padded, channel-major, column-phase-split copy: xp[c, b, y, ph, j] =
-    x_padded[b, c, y, j * s_W + ph] (the forward kernel's layout)."""
+    x_padded[b, c, y, j * s_W + ph] (the forward kernel's layout). With ``s_W == 1`` the
+    rows move in vectors (masked at their ends: nothing past a row is read or written)."""
+    _prefer_wide_vectors()
     n, c_I, h, wd = x.shape
     h_P = xp.shape[2]
     w_Q = xp.shape[4]
+    lanes = _VECTOR_BYTES // x.itemsize
+    x_flat = x.reshape(-1)
+    xp_flat = xp.reshape(-1)
+    zero = _vzero(xp_flat)
+    inner = min(wd, w_Q - pl)        # input columns inside a packed row (s_W == 1)
     for c in range(c_I):
         for b in range(n):
             for y in range(h_P):
                 iy = y - pt
+                if s_W == 1:
+                    dst = ((c * n + b) * h_P + y) * w_Q
+                    if iy < 0 or iy >= h or pl > 0 or inner < w_Q:
+                        for i in range(0, w_Q, lanes):
+                            _vstore_first(xp_flat, dst + i, zero, min(lanes, w_Q - i))
+                    if iy < 0 or iy >= h:
+                        continue
+                    src = ((b * c_I + c) * h + iy) * wd
+                    for i in range(0, inner, lanes):
+                        count = min(lanes, inner - i)
+                        _vstore_first(xp_flat, dst + pl + i,
+                                      _vload_first(x_flat, src + i, count), count)
+                    continue
                 for ph in range(s_W):
                     for j in range(w_Q):
                         ix = j * s_W + ph - pl
@@ -274,17 +294,34 @@ def _pack_input(x, xp, pt, pl, s_W):
 @njit(cache=True)
 def _pack_grad_output(gy, gyp, image_stride, row_stride):
     """gy onto the runs of the weight-gradient kernel, zero elsewhere:
-    gyp[o, b * image_stride + oy * row_stride + ox] = gy[b, o, oy, ox]."""
+    gyp[o, b * image_stride + oy * row_stride + ox] = gy[b, o, oy, ox] (``row_stride >=
+    w_O``). In vectors: each row is written whole (its tail zero), then the rest of the
+    image's span; images in order, so a row that reaches into the next image's span is
+    overwritten by it; nothing is written past a channel's end."""
+    _prefer_wide_vectors()
     n, c_O, h_O, w_O = gy.shape
     length = gyp.shape[1]
+    lanes = _VECTOR_BYTES // gy.itemsize
+    gy_flat = gy.reshape(-1)
+    gyp_flat = gyp.reshape(-1)
+    zero = _vzero(gyp_flat)
     for o in range(c_O):
-        for i in range(length):
-            gyp[o, i] = 0
+        end = (o + 1) * length
         for b in range(n):
+            base = o * length + b * image_stride
             for oy in range(h_O):
-                base = b * image_stride + oy * row_stride
-                for ox in range(w_O):
-                    gyp[o, base + ox] = gy[b, o, oy, ox]
+                src = ((b * c_O + o) * h_O + oy) * w_O
+                dst = base + oy * row_stride
+                for i in range(0, min(row_stride, end - dst), lanes):
+                    _vstore_first(gyp_flat, dst + i,
+                                  _vload_first(gy_flat, src + i, max(0, min(lanes, w_O - i))),
+                                  min(lanes, row_stride - i, end - dst - i))
+            stop = end if b == n - 1 else base + image_stride
+            for i in range(base + h_O * row_stride, stop, lanes):
+                _vstore_first(gyp_flat, i, zero, min(lanes, stop - i))
+        if n == 0:
+            for i in range(o * length, end, lanes):
+                _vstore_first(gyp_flat, i, zero, min(lanes, end - i))
 
 
 @njit(cache=True)
@@ -608,7 +645,7 @@ def _wg_layout(geom, itemsize, runs=None):
     x_size = max(geom.in_channels * channel_stride,
                  (geom.in_channels - 1) * channel_stride + last_read)
     pixels = pixels[runs]
-    pass_rows = max(1, _WG_PASS_PIXELS // run_pixels)
+    pass_rows = max(1, round(_WG_PASS_PIXELS / run_pixels))
     n_taps = geom.in_channels_per_group * k_H * k_W
     padded_taps = -(-n_taps // _WG_TAPS) * _WG_TAPS
     # Parts: enough for accuracy and for _WG_MIN_JOBS jobs, within the memory bound;
