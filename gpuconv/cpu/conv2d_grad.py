@@ -255,7 +255,8 @@ _PARTIAL_BYTES = 1 << 25  # partial-sum buffers at most (32 MiB; or one weight i
 def _pack_input(x, xp, pt, pl, s_W):
     """Zero-padded, channel-major, column-phase-split copy: xp[c, b, y, ph, j] =
     x_padded[b, c, y, j * s_W + ph] (the forward kernel's layout). With ``s_W == 1`` the
-    rows move in vectors (masked at their ends: nothing past a row is read or written)."""
+    rows move in vectors (masked at their ends: nothing past a row is read or written).
+    Returns whether every copied value is finite (a sum of ``value * 0``, NaN otherwise)."""
     _prefer_wide_vectors()
     n, c_I, h, wd = x.shape
     h_P = xp.shape[2]
@@ -264,6 +265,8 @@ def _pack_input(x, xp, pt, pl, s_W):
     x_flat = x.reshape(-1)
     xp_flat = xp.reshape(-1)
     zero = _vzero(xp_flat)
+    nonfinite = _vzero(xp_flat)      # stays zero while every value is finite
+    nonfinite_scalar = x_flat.dtype.type(0)
     inner = min(wd, w_Q - pl)        # input columns inside a packed row (s_W == 1)
     for c in range(c_I):
         for b in range(n):
@@ -279,16 +282,24 @@ def _pack_input(x, xp, pt, pl, s_W):
                     src = ((b * c_I + c) * h + iy) * wd
                     for i in range(0, inner, lanes):
                         count = min(lanes, inner - i)
-                        _vstore_first(xp_flat, dst + pl + i,
-                                      _vload_first(x_flat, src + i, count), count)
+                        v = _vload_first(x_flat, src + i, count)
+                        nonfinite = _vfmav(nonfinite, v, zero)
+                        _vstore_first(xp_flat, dst + pl + i, v, count)
                     continue
                 for ph in range(s_W):
                     for j in range(w_Q):
                         ix = j * s_W + ph - pl
                         if iy >= 0 and iy < h and ix >= 0 and ix < wd:
-                            xp[c, b, y, ph, j] = x[b, c, iy, ix]
+                            value = x[b, c, iy, ix]
+                            nonfinite_scalar += value * 0
+                            xp[c, b, y, ph, j] = value
                         else:
                             xp[c, b, y, ph, j] = 0
+    lane_values = np.empty(lanes, dtype=x_flat.dtype)
+    _vstore(lane_values, 0, nonfinite)
+    for lane in range(lanes):
+        nonfinite_scalar += lane_values[lane]
+    return nonfinite_scalar == 0
 
 
 @njit(cache=True)
@@ -325,9 +336,9 @@ def _pack_grad_output(gy, gyp, image_stride, row_stride):
 
 
 @njit(cache=True)
-def _wg_block(xf, x0, x1, x2, x3, x4, x5, gyp, g0, g1, g2, g3, mask, r0, r1, rows_per_img,
-              img_stride, row_stride, g_stride, m_stride, n_vec, lanes, tile, tile_base,
-              first):
+def _wg_block(xf, x0, x1, x2, x3, x4, x5, gyp, g0, g1, g2, g3, mask, masked, r0, r1,
+              rows_per_img, img_stride, row_stride, g_stride, m_stride, n_vec, lanes, tile,
+              tile_base, first):
     """Register block of the weight gradient: 4 channels (gy runs at g0..g3) x 6 taps
     (input runs at x0..x5), over the runs ``r0 <= r < r1``. Run ``r`` (image ``b``, row
     ``oy = r - b * rows_per_img``) has ``n_vec`` vectors of pixels starting at
@@ -399,12 +410,20 @@ def _wg_block(xf, x0, x1, x2, x3, x4, x5, gyp, g0, g1, g2, g3, mask, r0, r1, row
         for j in range(n_vec):
             p = j * lanes
             m = mb + p
-            v0 = _vload_masked(xf, xb + x0 + p, mask, m)
-            v1 = _vload_masked(xf, xb + x1 + p, mask, m)
-            v2 = _vload_masked(xf, xb + x2 + p, mask, m)
-            v3 = _vload_masked(xf, xb + x3 + p, mask, m)
-            v4 = _vload_masked(xf, xb + x4 + p, mask, m)
-            v5 = _vload_masked(xf, xb + x5 + p, mask, m)
+            if masked:
+                v0 = _vload_masked(xf, xb + x0 + p, mask, m)
+                v1 = _vload_masked(xf, xb + x1 + p, mask, m)
+                v2 = _vload_masked(xf, xb + x2 + p, mask, m)
+                v3 = _vload_masked(xf, xb + x3 + p, mask, m)
+                v4 = _vload_masked(xf, xb + x4 + p, mask, m)
+                v5 = _vload_masked(xf, xb + x5 + p, mask, m)
+            else:
+                v0 = _vload(xf, xb + x0 + p)
+                v1 = _vload(xf, xb + x1 + p)
+                v2 = _vload(xf, xb + x2 + p)
+                v3 = _vload(xf, xb + x3 + p)
+                v4 = _vload(xf, xb + x4 + p)
+                v5 = _vload(xf, xb + x5 + p)
             g = _vload(gyp, gb + g0 + p)
             a00 = _vfmav(a00, g, v0)
             a01 = _vfmav(a01, g, v1)
@@ -460,9 +479,9 @@ def _wg_block(xf, x0, x1, x2, x3, x4, x5, gyp, g0, g1, g2, g3, mask, r0, r1, row
 
 
 @njit(parallel=True, cache=True)
-def _wg_kernel(xf, tap_off, gyp, mask, dest, tiles, groups, c_Og, n_taps, group_stride,
-               n_rows, part_rows, pass_rows, rows_per_img, img_stride, row_stride, g_stride,
-               m_stride, n_vec):
+def _wg_kernel(xf, tap_off, gyp, mask, masked, dest, tiles, groups, c_Og, n_taps,
+               group_stride, n_rows, part_rows, pass_rows, rows_per_img, img_stride,
+               row_stride, g_stride, m_stride, n_vec):
     """Jobs (part, group, block of 4 channels, group of tap blocks); dest[part, o, tap]
     (``dest.shape[0] == 1``: dest is the output itself, viewed as (1, c_O, taps))."""
     lanes = _VECTOR_BYTES // xf.itemsize
@@ -506,8 +525,8 @@ def _wg_kernel(xf, tap_off, gyp, mask, dest, tiles, groups, c_Og, n_taps, group_
                     _wg_block(xf, x_group + tap_off[t], x_group + tap_off[t + 1],
                               x_group + tap_off[t + 2], x_group + tap_off[t + 3],
                               x_group + tap_off[t + 4], x_group + tap_off[t + 5],
-                              gyp, g0, g1, g2, g3, mask, q, q1, rows_per_img, img_stride,
-                              row_stride, g_stride, m_stride, n_vec, lanes, tile,
+                              gyp, g0, g1, g2, g3, mask, masked, q, q1, rows_per_img,
+                              img_stride, row_stride, g_stride, m_stride, n_vec, lanes, tile,
                               (tb - tb0) * block_size, q == r_lo)
             # lane sums (a fixed tree), then the valid (channel, tap) pairs to dest
             n_vectors = (tb1 - tb0) * _WG_CO * _WG_TAPS
@@ -714,9 +733,9 @@ def conv2d_weight_grad_scratch_bytes(geom, itemsize):
 def _wg_pack_input(x, xf, geom, layout):
     packed = geom.in_channels * layout.channel_stride
     xf[packed:] = 0
-    _pack_input(x, xf[:packed].reshape(geom.in_channels, geom.batch, layout.h_P,
-                                       geom.stride_w, layout.w_Q),
-                geom.pad_top, geom.pad_left, geom.stride_w)
+    return _pack_input(x, xf[:packed].reshape(geom.in_channels, geom.batch, layout.h_P,
+                                              geom.stride_w, layout.w_Q),
+                       geom.pad_top, geom.pad_left, geom.stride_w)
 
 
 def conv2d_weight_grad(x, grad_output, out, geom, runs=None):
@@ -731,7 +750,7 @@ def conv2d_weight_grad(x, grad_output, out, geom, runs=None):
     dtype = out.dtype
     layout = _wg_layout(geom, dtype.itemsize, runs)
     xf = np.empty(layout.x_size, dtype=dtype)
-    _wg_pack_input(x, xf, geom, layout)
+    finite = _wg_pack_input(x, xf, geom, layout)
     gyp = np.empty((geom.out_channels, layout.gy_len), dtype=dtype)
     _pack_grad_output(grad_output, gyp, layout.gy_image_stride, layout.gy_row_stride)
     mask = _wg_mask(geom, layout)
@@ -743,7 +762,7 @@ def conv2d_weight_grad(x, grad_output, out, geom, runs=None):
         dest = out2
     else:
         dest = np.empty((layout.n_parts, geom.out_channels, layout.n_taps), dtype=dtype)
-    _wg_kernel(xf, tap_off, gyp, mask, dest, tiles, geom.groups,
+    _wg_kernel(xf, tap_off, gyp, mask, not finite, dest, tiles, geom.groups,
                geom.out_channels_per_group, layout.n_taps,
                geom.in_channels_per_group * layout.channel_stride,
                layout.n_rows, layout.part_rows, layout.pass_rows, layout.runs_per_image,
