@@ -219,3 +219,56 @@ def test_scratch_bytes_cover_the_allocations(case, which, local):
         tracemalloc.stop()
     estimate = _SCRATCH[(local, which)](geom, 4)
     assert 0 < peak <= estimate
+
+
+# Stride-1 geometries for the two run layouts of the weight gradient, each forced: odd
+# widths, padding on one side, dilation, groups, an image longer than one run, and a
+# batch split into parts (with one run per image, parts end at image boundaries).
+_RUNS_CASES = [
+    CASES[0], CASES[2], CASES[3], CASES[7], CASES[11], CASES[12],
+    ("deepface_l6_like", 3, 4, 25, 25, 5, 5, 1, 0, 1, 1),
+    ("pad_right_only", 2, 3, 9, 13, 4, (2, 3), 1, ((0, 1), (0, 2)), 1, 1),
+    ("batch_40_parts", 40, 1, 12, 11, 2, 3, 1, 0, 1, 1),
+]
+
+
+@pytest.mark.parametrize("runs", ["merged", "images"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", _RUNS_CASES, ids=[c[0] for c in _RUNS_CASES])
+def test_weight_grad_run_layouts_match_reference(case, dtype, runs):
+    geom, x, wt, gy, kwargs = _setup(case, dtype, False)
+    gw = conv2d_weight_grad(x, gy, _nan(wt.shape, dtype), geom, runs)
+    assert_close(gw, conv2d_weight_grad_ref(x, wt.shape, gy, **kwargs),
+                 conv2d_weight_grad_ref(np.abs(x), wt.shape, np.abs(gy), **kwargs), dtype)
+
+
+def test_weight_grad_run_layouts_are_reached():
+    """The run-layout grid above has an image split into several runs and a batch split
+    into several parts in the per-image layout, and the default picks the per-image runs
+    where they compute fewer pixels (DeepFace L6: 8 x 528 instead of 4960)."""
+    layouts = [_wg_layout(_setup(c, np.float32, False)[0], 4, "images") for c in _RUNS_CASES]
+    assert any(lay.runs_per_image > 1 for lay in layouts)
+    assert any(lay.n_parts > 1 and lay.part_rows > 1 for lay in layouts)
+    l6 = conv_geometry((8, 16, 25, 25), (5, 5), 16)
+    assert _wg_layout(l6, 4).runs == "images"
+    assert _wg_layout(l6, 4).gy_len < _wg_layout(l6, 4, "merged").gy_len
+
+
+@pytest.mark.parametrize("runs", ["merged", "images"])
+def test_weight_grad_specials_in_both_run_layouts(runs):
+    """An Inf in the input (read by junk pixels of the padded grid: the masked loads) and,
+    separately, finite inputs (the plain loads) give the reference's pattern and values."""
+    case = ("specials", 3, 3, 9, 10, 5, 3, 1, 1, 1, 1)
+    geom, x, wt, gy, kwargs = _setup(case, np.float64, False, seed=9)
+    finite = conv2d_weight_grad(x, gy, _nan(wt.shape, np.float64), geom, runs)
+    assert_close(finite, conv2d_weight_grad_ref(x, wt.shape, gy, **kwargs),
+                 conv2d_weight_grad_ref(np.abs(x), wt.shape, np.abs(gy), **kwargs),
+                 np.float64)
+    x[1, 0, :, -1] = np.inf
+    x[2, 2, 0, :] = -np.inf
+    gw = conv2d_weight_grad(x, gy, _nan(wt.shape, np.float64), geom, runs)
+    with np.errstate(invalid="ignore"):  # inf - inf in the reference's sums
+        expected = conv2d_weight_grad_ref(x, wt.shape, gy, **kwargs)
+    _same_specials(gw, expected)
+    untouched = np.isfinite(expected)
+    np.testing.assert_allclose(gw[untouched], finite[untouched], rtol=1e-12, atol=1e-12)
