@@ -22,10 +22,14 @@ With ``y = conv2d(x, w)`` and ``gy`` the gradient of a scalar loss with respect 
   every tap reads a contiguous run of input for a run of consecutive output pixels, and
   ``gy`` is repacked onto the same runs. Register block: 4 output channels x 6 taps = 24
   vector accumulators, each a vector of consecutive pixels (per step: 4 ``gy`` vectors and 6
-  input vectors loaded, 24 fused multiply-adds). With stride 1 the runs span all rows and
-  images of the padded grid (7 x 7 maps still give full vectors); the pixels that fall in
-  the padding ("junk") are masked off the input loads, so they contribute exactly nothing
-  (``0 * inf`` is never formed). With strides, one run per output row, its tail masked.
+  input vectors loaded, 24 fused multiply-adds). The runs (:func:`_wg_layout`): with stride 1,
+  each image's output rows form runs on the padded grid (``"images"``), or all rows of all
+  images do (``"merged"``: 7 x 7 maps still give full vectors), whichever computes fewer
+  pixels; with strides, one run per output row (``"rows"``), its tail past ``w_O`` junk.
+  The pixels that fall in the padding ("junk") have ``gy = 0``; the input they read is
+  another pixel's, so when the input holds an Inf or NaN (checked while packing) the input
+  loads are masked at the junk pixels, which then contribute exactly nothing (``0 * inf`` is
+  never formed); with a finite input the loads are plain and a junk pixel adds ``0 * x = 0``.
 
   Parallelism without atomics: the pixels are split into ``P`` parts, a number that depends
   on the geometry only (never on the thread count or timing). A job is (part, block of 4
@@ -340,10 +344,11 @@ def _wg_block(xf, x0, x1, x2, x3, x4, x5, gyp, g0, g1, g2, g3, mask, masked, r0,
               rows_per_img, img_stride, row_stride, g_stride, m_stride, n_vec, lanes, tile,
               tile_base, first):
     """Register block of the weight gradient: 4 channels (gy runs at g0..g3) x 6 taps
-    (input runs at x0..x5), over the runs ``r0 <= r < r1``. Run ``r`` (image ``b``, row
-    ``oy = r - b * rows_per_img``) has ``n_vec`` vectors of pixels starting at
+    (input runs at x0..x5), over the runs ``r0 <= r < r1``. Run ``r`` (image ``b``, its run
+    ``oy = r - b * rows_per_img`` there) has ``n_vec`` vectors of pixels starting at
     ``b * img_stride + oy * row_stride`` in the input, ``r * g_stride`` in gy and
-    ``oy * m_stride`` in the mask (input lanes with mask 0 are zero). The 24 vector
+    ``oy * m_stride`` in the mask (if ``masked``, input lanes with mask 0 load as zero; the
+    branch goes the same way for a whole call). The 24 vector
     accumulators ``tile[tile_base + (k * 6 + t) * lanes ...]`` (k channel, t tap) start at
     zero if ``first``, else at the tile's values, and are stored back at the end."""
     _prefer_wide_vectors()
@@ -598,19 +603,19 @@ def _image_runs(per_image, lanes):
 
 @functools.lru_cache(maxsize=256)  # per geometry: computed once, not per call
 def _wg_layout(geom, itemsize, runs=None):
-    """The weight gradient's runs (``runs`` forces one, for the tests), chosen by the pixels
-    each computes:
+    """The weight gradient's runs (``runs`` forces ``"merged"`` or ``"images"`` on a
+    stride-1 geometry, for the tests):
 
     - ``"merged"`` (stride 1): all output rows of all images form runs of about
-      ``_WG_RUN_PIXELS`` virtual pixels on the padded grid (the pixels in the padding
-      columns and rows are computed and masked off);
-    - ``"rows"`` (strides): one run per output row, its tail masked;
-    - ``"shifted"``: one copy of the padded input per kernel column ``v`` (shifted by
-      ``v * d_W`` and keeping only the ``w_O`` columns that tap reads; with strides, split
-      by row phase), so that every tap reads one image's whole output as one contiguous
-      run: nothing is computed beyond each image's last vector. Chosen when it computes at
-      most ``_SHIFTED_SHARE`` of the other layout's pixels (DeepFace L6: 8 x 448 pixels
-      instead of 4960 merged).
+      ``_WG_RUN_PIXELS`` virtual pixels on the padded grid ``h_P x w_Q`` (the pixels in the
+      padding columns and rows are computed, with ``gy = 0``);
+    - ``"images"`` (stride 1): the same grid, each image's rows its own runs, so no run
+      crosses the padding rows between images; chosen when it computes fewer pixels than
+      ``"merged"`` (DeepFace L6, 25 x 25 input, 5 x 5 kernel, no padding: 8 x 528 pixels
+      instead of 4960, of which 8 x 441 are outputs; a 1 x 1 map keeps ``"merged"``);
+    - ``"rows"`` (strides): one run per output row, rounded up to whole vectors.
+
+    A pass is the nearest whole number of runs to ``_WG_PASS_PIXELS``.
     """
     lanes = _VECTOR_BYTES // itemsize
     n, s_H, s_W = geom.batch, geom.stride_h, geom.stride_w
