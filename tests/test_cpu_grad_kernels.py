@@ -21,7 +21,7 @@ from gpuconv.cpu import (conv2d_forward, conv2d_input_grad, conv2d_input_grad_sc
                          local_conv2d_forward, local_conv2d_input_grad,
                          local_conv2d_input_grad_scratch_bytes, local_conv2d_weight_grad,
                          local_conv2d_weight_grad_scratch_bytes)
-from gpuconv.cpu.conv2d_grad import _wg_layout
+from gpuconv.cpu.conv2d_grad import _weight_grad, _wg_layout
 from gpuconv.geometry import conv_geometry
 from reference import (assert_close, conv2d_input_grad_ref, conv2d_weight_grad_ref,
                        local_conv2d_input_grad_ref, local_conv2d_weight_grad_ref)
@@ -237,7 +237,8 @@ _RUNS_CASES = [
 @pytest.mark.parametrize("case", _RUNS_CASES, ids=[c[0] for c in _RUNS_CASES])
 def test_weight_grad_run_layouts_match_reference(case, dtype, runs):
     geom, x, wt, gy, kwargs = _setup(case, dtype, False)
-    gw = conv2d_weight_grad(x, gy, _nan(wt.shape, dtype), geom, runs)
+    gw = _weight_grad(x, gy, _nan(wt.shape, dtype), geom,
+                      _wg_layout(geom, np.dtype(dtype).itemsize, runs))
     assert_close(gw, conv2d_weight_grad_ref(x, wt.shape, gy, **kwargs),
                  conv2d_weight_grad_ref(np.abs(x), wt.shape, np.abs(gy), **kwargs), dtype)
 
@@ -260,13 +261,14 @@ def test_weight_grad_specials_in_both_run_layouts(runs):
     separately, finite inputs (the plain loads) give the reference's pattern and values."""
     case = ("specials", 3, 3, 9, 10, 5, 3, 1, 1, 1, 1)
     geom, x, wt, gy, kwargs = _setup(case, np.float64, False, seed=9)
-    finite = conv2d_weight_grad(x, gy, _nan(wt.shape, np.float64), geom, runs)
+    layout = _wg_layout(geom, 8, runs)
+    finite = _weight_grad(x, gy, _nan(wt.shape, np.float64), geom, layout)
     assert_close(finite, conv2d_weight_grad_ref(x, wt.shape, gy, **kwargs),
                  conv2d_weight_grad_ref(np.abs(x), wt.shape, np.abs(gy), **kwargs),
                  np.float64)
     x[1, 0, :, -1] = np.inf
     x[2, 2, 0, :] = -np.inf
-    gw = conv2d_weight_grad(x, gy, _nan(wt.shape, np.float64), geom, runs)
+    gw = _weight_grad(x, gy, _nan(wt.shape, np.float64), geom, layout)
     with np.errstate(invalid="ignore"):  # inf - inf in the reference's sums
         expected = conv2d_weight_grad_ref(x, wt.shape, gy, **kwargs)
     _same_specials(gw, expected)

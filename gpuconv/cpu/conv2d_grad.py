@@ -743,17 +743,19 @@ def _wg_pack_input(x, xf, geom, layout):
                        geom.pad_top, geom.pad_left, geom.stride_w)
 
 
-def conv2d_weight_grad(x, grad_output, out, geom, runs=None):
+def conv2d_weight_grad(x, grad_output, out, geom):
     """``out = d(sum(conv2d(x, w) * grad_output)) / dw``, every element written.
 
     ``x`` ``(n, c_I, h, w)``, ``grad_output`` ``(n, c_O, h_O, w_O)``, ``out``
     ``(c_O, c_I/g, k_H, k_W)``: C-contiguous, one dtype. Deterministic: the same bits on
-    every call and for every thread count (see the module docstring). ``runs`` forces the
-    runs of a stride-1 geometry (``"merged"`` or ``"images"``; tests only); by default
-    :func:`_wg_layout` chooses.
+    every call and for every thread count (see the module docstring).
     """
+    return _weight_grad(x, grad_output, out, geom, _wg_layout(geom, out.dtype.itemsize))
+
+
+def _weight_grad(x, grad_output, out, geom, layout):
+    """:func:`conv2d_weight_grad` on the runs of ``layout`` (a :func:`_wg_layout`)."""
     dtype = out.dtype
-    layout = _wg_layout(geom, dtype.itemsize, runs)
     xf = np.empty(layout.x_size, dtype=dtype)
     finite = _wg_pack_input(x, xf, geom, layout)
     gyp = np.empty((geom.out_channels, layout.gy_len), dtype=dtype)
