@@ -260,7 +260,8 @@ def _pack_input(x, xp, pt, pl, s_W):
     """Zero-padded, channel-major, column-phase-split copy: xp[c, b, y, ph, j] =
     x_padded[b, c, y, j * s_W + ph] (the forward kernel's layout). With ``s_W == 1`` the
     rows move in vectors (masked at their ends: nothing past a row is read or written).
-    Returns whether every copied value is finite (a sum of ``value * 0``, NaN otherwise)."""
+    Returns whether every copied value is finite (vectors: a sum of ``value * 0``, NaN
+    otherwise)."""
     _prefer_wide_vectors()
     n, c_I, h, wd = x.shape
     h_P = xp.shape[2]
@@ -270,7 +271,7 @@ def _pack_input(x, xp, pt, pl, s_W):
     xp_flat = xp.reshape(-1)
     zero = _vzero(xp_flat)
     nonfinite = _vzero(xp_flat)      # stays zero while every value is finite
-    nonfinite_scalar = x_flat.dtype.type(0)
+    finite = True
     inner = min(wd, w_Q - pl)        # input columns inside a packed row (s_W == 1)
     for c in range(c_I):
         for b in range(n):
@@ -295,15 +296,17 @@ def _pack_input(x, xp, pt, pl, s_W):
                         ix = j * s_W + ph - pl
                         if iy >= 0 and iy < h and ix >= 0 and ix < wd:
                             value = x[b, c, iy, ix]
-                            nonfinite_scalar += value * 0
+                            if not np.isfinite(value):
+                                finite = False
                             xp[c, b, y, ph, j] = value
                         else:
                             xp[c, b, y, ph, j] = 0
     lane_values = np.empty(lanes, dtype=x_flat.dtype)
     _vstore(lane_values, 0, nonfinite)
     for lane in range(lanes):
-        nonfinite_scalar += lane_values[lane]
-    return nonfinite_scalar == 0
+        if lane_values[lane] != 0:
+            finite = False
+    return finite
 
 
 @njit(cache=True)
