@@ -247,7 +247,7 @@ def conv2d_input_grad(grad_output, weight, out, geom):
 
 _WG_CO = 4            # output channels per register block
 _WG_TAPS = 6          # taps per register block
-_WG_RUN_PIXELS = 1024  # pixels per run at most (merged, images and shifted runs)
+_WG_RUN_PIXELS = 1024  # pixels per run at most (merged and images runs)
 _WG_PASS_PIXELS = 1024  # pixels per pass (the nearest whole number of runs): in L1/L2
 _WG_TAP_BLOCKS = 16   # register blocks of taps per job (96 taps)
 _WG_PART_PIXELS = 1 << 15  # pixels per part at most (accuracy: 2048 terms per lane)
@@ -564,8 +564,8 @@ def _sum_parts(partial, out):
 
 
 class _WgLayout(NamedTuple):
-    runs: str             # "merged", "rows" or "shifted" (see _wg_layout)
-    h_P: int              # rows per image of the packed input (per row phase if shifted)
+    runs: str             # "merged", "images" or "rows" (see _wg_layout)
+    h_P: int              # rows per image of the packed input
     w_Q: int              # columns per row of the packed input (per column phase)
     channel_stride: int   # elements per input channel in the packed input
     x_size: int           # elements of the packed input, slack included
