@@ -21,7 +21,7 @@ from gpuconv.cpu import (conv2d_forward, conv2d_input_grad, conv2d_input_grad_sc
                          local_conv2d_forward, local_conv2d_input_grad,
                          local_conv2d_input_grad_scratch_bytes, local_conv2d_weight_grad,
                          local_conv2d_weight_grad_scratch_bytes)
-from gpuconv.cpu.conv2d_grad import _wg_layout
+from gpuconv.cpu.conv2d_grad import _weight_grad, _wg_layout
 from gpuconv.geometry import conv_geometry
 from reference import (assert_close, conv2d_input_grad_ref, conv2d_weight_grad_ref,
                        local_conv2d_input_grad_ref, local_conv2d_weight_grad_ref)
@@ -90,10 +90,10 @@ def test_gradients_match_reference(case, dtype, local):
 
 def test_weight_grad_partitions_are_reached():
     """The grid reaches one part (written straight to the output) and several parts (the
-    ordered reduction of partial sums), and both run layouts."""
+    ordered reduction of partial sums), and the three run layouts."""
     layouts = [_wg_layout(_setup(c, np.float32, False)[0], 4) for c in CASES]
     assert {lay.n_parts > 1 for lay in layouts} == {False, True}
-    assert {lay.merged for lay in layouts} == {False, True}
+    assert {lay.runs for lay in layouts} == {"merged", "images", "rows"}
     assert any(lay.n_rows > lay.part_rows > 1 for lay in layouts)
 
 
@@ -202,8 +202,8 @@ _SCRATCH = {
 
 @pytest.mark.parametrize("local", [False, True], ids=["conv2d", "local"])
 @pytest.mark.parametrize("which", ["input", "weight"])
-@pytest.mark.parametrize("case", [CASES[1], CASES[6], CASES[12], CASES[13]],
-                         ids=[CASES[i][0] for i in (1, 6, 12, 13)])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[6], CASES[12], CASES[13]],
+                         ids=[CASES[i][0] for i in (0, 1, 6, 12, 13)])
 def test_scratch_bytes_cover_the_allocations(case, which, local):
     input_grad, weight_grad, _, _ = _OPS[local]
     geom, x, wt, gy, _ = _setup(case, np.float32, local)
@@ -219,3 +219,58 @@ def test_scratch_bytes_cover_the_allocations(case, which, local):
         tracemalloc.stop()
     estimate = _SCRATCH[(local, which)](geom, 4)
     assert 0 < peak <= estimate
+
+
+# Stride-1 geometries for the two run layouts of the weight gradient, each forced: odd
+# widths, padding on one side, dilation, groups, an image longer than one run, and a
+# batch split into parts (with one run per image, parts end at image boundaries).
+_RUNS_CASES = [
+    CASES[0], CASES[2], CASES[3], CASES[7], CASES[11], CASES[12],
+    ("deepface_l6_like", 3, 4, 25, 25, 5, 5, 1, 0, 1, 1),
+    ("pad_right_only", 2, 3, 9, 13, 4, (2, 3), 1, ((0, 1), (0, 2)), 1, 1),
+    ("batch_40_parts", 40, 1, 12, 11, 2, 3, 1, 0, 1, 1),
+]
+
+
+@pytest.mark.parametrize("runs", ["merged", "images"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", _RUNS_CASES, ids=[c[0] for c in _RUNS_CASES])
+def test_weight_grad_run_layouts_match_reference(case, dtype, runs):
+    geom, x, wt, gy, kwargs = _setup(case, dtype, False)
+    gw = _weight_grad(x, gy, _nan(wt.shape, dtype), geom,
+                      _wg_layout(geom, np.dtype(dtype).itemsize, runs))
+    assert_close(gw, conv2d_weight_grad_ref(x, wt.shape, gy, **kwargs),
+                 conv2d_weight_grad_ref(np.abs(x), wt.shape, np.abs(gy), **kwargs), dtype)
+
+
+def test_weight_grad_run_layouts_are_reached():
+    """The run-layout grid above has an image split into several runs and a batch split
+    into several parts in the per-image layout, and the default picks the per-image runs
+    where they compute fewer pixels (DeepFace L6: 8 x 528 instead of 4960)."""
+    layouts = [_wg_layout(_setup(c, np.float32, False)[0], 4, "images") for c in _RUNS_CASES]
+    assert any(lay.runs_per_image > 1 for lay in layouts)
+    assert any(lay.n_parts > 1 and lay.part_rows > 1 for lay in layouts)
+    l6 = conv_geometry((8, 16, 25, 25), (5, 5), 16)
+    assert _wg_layout(l6, 4).runs == "images"
+    assert _wg_layout(l6, 4).gy_len < _wg_layout(l6, 4, "merged").gy_len
+
+
+@pytest.mark.parametrize("runs", ["merged", "images"])
+def test_weight_grad_specials_in_both_run_layouts(runs):
+    """An Inf in the input (read by junk pixels of the padded grid: the masked loads) and,
+    separately, finite inputs (the plain loads) give the reference's pattern and values."""
+    case = ("specials", 3, 3, 9, 10, 5, 3, 1, 1, 1, 1)
+    geom, x, wt, gy, kwargs = _setup(case, np.float64, False, seed=9)
+    layout = _wg_layout(geom, 8, runs)
+    finite = _weight_grad(x, gy, _nan(wt.shape, np.float64), geom, layout)
+    assert_close(finite, conv2d_weight_grad_ref(x, wt.shape, gy, **kwargs),
+                 conv2d_weight_grad_ref(np.abs(x), wt.shape, np.abs(gy), **kwargs),
+                 np.float64)
+    x[1, 0, :, -1] = np.inf
+    x[2, 2, 0, :] = -np.inf
+    gw = _weight_grad(x, gy, _nan(wt.shape, np.float64), geom, layout)
+    with np.errstate(invalid="ignore"):  # inf - inf in the reference's sums
+        expected = conv2d_weight_grad_ref(x, wt.shape, gy, **kwargs)
+    _same_specials(gw, expected)
+    untouched = np.isfinite(expected)
+    np.testing.assert_allclose(gw[untouched], finite[untouched], rtol=1e-12, atol=1e-12)

@@ -46,8 +46,11 @@ rules, no float atomics, the same bits on every call and for every thread count:
 * ``conv2d`` input gradient: one stride-1 forward convolution (:func:`conv2d_forward`) of the
   output gradient per stride phase, with the flipped, channel-transposed sub-kernel of the
   taps that reach that phase; weight gradient: pixel-vector dot products (4 output channels x
-  6 taps of vector accumulators) over the forward's padded, phase-split input, junk pixels
-  masked off the loads, per-part partial sums (the parts fixed by the geometry) added in order;
+  6 taps of vector accumulators) over the forward's padded, phase-split input, in runs of
+  one image or of all images (stride 1: whichever computes fewer pixels) or of one output
+  row (strides), junk pixels zero in the output gradient and, where the input holds an Inf or
+  NaN, masked off the input loads, per-part partial sums (the parts fixed by the geometry)
+  added in order;
 * ``local_conv2d`` input gradient: a gather over bands of input rows, the weights read in
   order, batch innermost; weight gradient: per-position batch sums written once, in order.
 

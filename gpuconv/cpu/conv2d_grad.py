@@ -22,10 +22,14 @@ With ``y = conv2d(x, w)`` and ``gy`` the gradient of a scalar loss with respect 
   every tap reads a contiguous run of input for a run of consecutive output pixels, and
   ``gy`` is repacked onto the same runs. Register block: 4 output channels x 6 taps = 24
   vector accumulators, each a vector of consecutive pixels (per step: 4 ``gy`` vectors and 6
-  input vectors loaded, 24 fused multiply-adds). With stride 1 the runs span all rows and
-  images of the padded grid (7 x 7 maps still give full vectors); the pixels that fall in
-  the padding ("junk") are masked off the input loads, so they contribute exactly nothing
-  (``0 * inf`` is never formed). With strides, one run per output row, its tail masked.
+  input vectors loaded, 24 fused multiply-adds). The runs (:func:`_wg_layout`): with stride 1,
+  each image's output rows form runs on the padded grid (``"images"``), or all rows of all
+  images do (``"merged"``: 7 x 7 maps still give full vectors), whichever computes fewer
+  pixels; with strides, one run per output row (``"rows"``), its tail past ``w_O`` junk.
+  The pixels that fall in the padding ("junk") have ``gy = 0``; the input they read is
+  another pixel's, so when the input holds an Inf or NaN (checked while packing) the input
+  loads are masked at the junk pixels, which then contribute exactly nothing (``0 * inf`` is
+  never formed); with a finite input the loads are plain and a junk pixel adds ``0 * x = 0``.
 
   Parallelism without atomics: the pixels are split into ``P`` parts, a number that depends
   on the geometry only (never on the thread count or timing). A job is (part, block of 4
@@ -56,7 +60,9 @@ from .conv2d import conv2d_forward, conv2d_scratch_bytes
 from .simd import VECTOR_BYTES as _VECTOR_BYTES
 from .simd import prefer_wide_vectors as _prefer_wide_vectors
 from .simd import vload as _vload, vstore as _vstore, vzero as _vzero
-from .simd_ext import vfmav as _vfmav, vload_masked as _vload_masked, vsum_lanes as _vsum_lanes
+from .simd_ext import vfmav as _vfmav, vload_first as _vload_first
+from .simd_ext import vload_masked as _vload_masked, vstore_first as _vstore_first
+from .simd_ext import vsum_lanes as _vsum_lanes
 
 __all__ = ["conv2d_input_grad", "conv2d_input_grad_scratch_bytes", "conv2d_weight_grad",
            "conv2d_weight_grad_scratch_bytes"]
@@ -241,61 +247,111 @@ def conv2d_input_grad(grad_output, weight, out, geom):
 
 _WG_CO = 4            # output channels per register block
 _WG_TAPS = 6          # taps per register block
-_WG_PASS_PIXELS = 1024  # pixels per pass: the pass's gy and input stay in L1/L2
+_WG_RUN_PIXELS = 1024  # pixels per run at most (merged and images runs)
+_WG_PASS_PIXELS = 1024  # pixels per pass (the nearest whole number of runs): in L1/L2
 _WG_TAP_BLOCKS = 16   # register blocks of taps per job (96 taps)
 _WG_PART_PIXELS = 1 << 15  # pixels per part at most (accuracy: 2048 terms per lane)
-_WG_MIN_JOBS = 32     # parts are added until there are this many jobs (if memory allows)
+_WG_MIN_JOBS = 16     # parts are added until there are this many jobs (if memory allows)
 _PARTIAL_BYTES = 1 << 25  # partial-sum buffers at most (32 MiB; or one weight if larger)
 
 
 @njit(cache=True)
 def _pack_input(x, xp, pt, pl, s_W):
     """Zero-padded, channel-major, column-phase-split copy: xp[c, b, y, ph, j] =
-    x_padded[b, c, y, j * s_W + ph] (the forward kernel's layout)."""
+    x_padded[b, c, y, j * s_W + ph] (the forward kernel's layout). With ``s_W == 1`` the
+    rows move in vectors (masked at their ends: nothing past a row is read or written).
+    Returns whether every copied value is finite (vectors: a sum of ``value * 0``, NaN
+    otherwise)."""
+    _prefer_wide_vectors()
     n, c_I, h, wd = x.shape
     h_P = xp.shape[2]
     w_Q = xp.shape[4]
+    lanes = _VECTOR_BYTES // x.itemsize
+    x_flat = x.reshape(-1)
+    xp_flat = xp.reshape(-1)
+    zero = _vzero(xp_flat)
+    nonfinite = _vzero(xp_flat)      # stays zero while every value is finite
+    finite = True
+    inner = min(wd, w_Q - pl)        # input columns inside a packed row (s_W == 1)
     for c in range(c_I):
         for b in range(n):
             for y in range(h_P):
                 iy = y - pt
+                if s_W == 1:
+                    dst = ((c * n + b) * h_P + y) * w_Q
+                    if iy < 0 or iy >= h or pl > 0 or inner < w_Q:
+                        for i in range(0, w_Q, lanes):
+                            _vstore_first(xp_flat, dst + i, zero, min(lanes, w_Q - i))
+                    if iy < 0 or iy >= h:
+                        continue
+                    src = ((b * c_I + c) * h + iy) * wd
+                    for i in range(0, inner, lanes):
+                        count = min(lanes, inner - i)
+                        v = _vload_first(x_flat, src + i, count)
+                        nonfinite = _vfmav(nonfinite, v, zero)
+                        _vstore_first(xp_flat, dst + pl + i, v, count)
+                    continue
                 for ph in range(s_W):
                     for j in range(w_Q):
                         ix = j * s_W + ph - pl
                         if iy >= 0 and iy < h and ix >= 0 and ix < wd:
-                            xp[c, b, y, ph, j] = x[b, c, iy, ix]
+                            value = x[b, c, iy, ix]
+                            if not np.isfinite(value):
+                                finite = False
+                            xp[c, b, y, ph, j] = value
                         else:
                             xp[c, b, y, ph, j] = 0
+    lane_values = np.empty(lanes, dtype=x_flat.dtype)
+    _vstore(lane_values, 0, nonfinite)
+    for lane in range(lanes):
+        if lane_values[lane] != 0:
+            finite = False
+    return finite
 
 
 @njit(cache=True)
-def _pack_grad_output(gy, gyp, merged, h_P, w_Q, row_len):
-    """gy onto the runs of the weight-gradient kernel, zero elsewhere: with ``merged``,
-    gyp[o, (b * h_P + oy) * w_Q + ox]; otherwise gyp[o, (b * h_O + oy) * row_len + ox]."""
+def _pack_grad_output(gy, gyp, image_stride, row_stride):
+    """gy onto the runs of the weight-gradient kernel, zero elsewhere:
+    gyp[o, b * image_stride + oy * row_stride + ox] = gy[b, o, oy, ox] (``row_stride >=
+    w_O``). In vectors: each row is written whole (its tail zero), then the rest of the
+    image's span; images in order, so a row that reaches into the next image's span is
+    overwritten by it; nothing is written past a channel's end."""
+    _prefer_wide_vectors()
     n, c_O, h_O, w_O = gy.shape
     length = gyp.shape[1]
+    lanes = _VECTOR_BYTES // gy.itemsize
+    gy_flat = gy.reshape(-1)
+    gyp_flat = gyp.reshape(-1)
+    zero = _vzero(gyp_flat)
     for o in range(c_O):
-        for i in range(length):
-            gyp[o, i] = 0
+        end = (o + 1) * length
         for b in range(n):
+            base = o * length + b * image_stride
             for oy in range(h_O):
-                if merged:
-                    base = (b * h_P + oy) * w_Q
-                else:
-                    base = (b * h_O + oy) * row_len
-                for ox in range(w_O):
-                    gyp[o, base + ox] = gy[b, o, oy, ox]
+                src = ((b * c_O + o) * h_O + oy) * w_O
+                dst = base + oy * row_stride
+                for i in range(0, min(row_stride, end - dst), lanes):
+                    _vstore_first(gyp_flat, dst + i,
+                                  _vload_first(gy_flat, src + i, max(0, min(lanes, w_O - i))),
+                                  min(lanes, row_stride - i, end - dst - i))
+            stop = end if b == n - 1 else base + image_stride
+            for i in range(base + h_O * row_stride, stop, lanes):
+                _vstore_first(gyp_flat, i, zero, min(lanes, stop - i))
+        if n == 0:
+            for i in range(o * length, end, lanes):
+                _vstore_first(gyp_flat, i, zero, min(lanes, end - i))
 
 
 @njit(cache=True)
-def _wg_block(xf, x0, x1, x2, x3, x4, x5, gyp, g0, g1, g2, g3, mask, r0, r1, rows_per_img,
-              img_stride, row_stride, g_stride, m_stride, n_vec, lanes, tile, tile_base,
-              first):
+def _wg_block(xf, x0, x1, x2, x3, x4, x5, gyp, g0, g1, g2, g3, mask, masked, r0, r1,
+              rows_per_img, img_stride, row_stride, g_stride, m_stride, n_vec, lanes, tile,
+              tile_base, first):
     """Register block of the weight gradient: 4 channels (gy runs at g0..g3) x 6 taps
-    (input runs at x0..x5), over the runs ``r0 <= r < r1``. Run ``r`` (image ``b``, row
-    ``oy = r - b * rows_per_img``) has ``n_vec`` vectors of pixels starting at
+    (input runs at x0..x5), over the runs ``r0 <= r < r1``. Run ``r`` (image ``b``, its run
+    ``oy = r - b * rows_per_img`` there) has ``n_vec`` vectors of pixels starting at
     ``b * img_stride + oy * row_stride`` in the input, ``r * g_stride`` in gy and
-    ``r * m_stride`` in the mask (input lanes with mask 0 are zero). The 24 vector
+    ``oy * m_stride`` in the mask (if ``masked``, input lanes with mask 0 load as zero; the
+    branch goes the same way for a whole call). The 24 vector
     accumulators ``tile[tile_base + (k * 6 + t) * lanes ...]`` (k channel, t tap) start at
     zero if ``first``, else at the tile's values, and are stored back at the end."""
     _prefer_wide_vectors()
@@ -354,7 +410,7 @@ def _wg_block(xf, x0, x1, x2, x3, x4, x5, gyp, g0, g1, g2, g3, mask, r0, r1, row
     for r in range(r0, r1):
         xb = b * img_stride + oy * row_stride
         gb = r * g_stride
-        mb = r * m_stride
+        mb = oy * m_stride
         oy += 1
         if oy == rows_per_img:
             oy = 0
@@ -362,12 +418,20 @@ def _wg_block(xf, x0, x1, x2, x3, x4, x5, gyp, g0, g1, g2, g3, mask, r0, r1, row
         for j in range(n_vec):
             p = j * lanes
             m = mb + p
-            v0 = _vload_masked(xf, xb + x0 + p, mask, m)
-            v1 = _vload_masked(xf, xb + x1 + p, mask, m)
-            v2 = _vload_masked(xf, xb + x2 + p, mask, m)
-            v3 = _vload_masked(xf, xb + x3 + p, mask, m)
-            v4 = _vload_masked(xf, xb + x4 + p, mask, m)
-            v5 = _vload_masked(xf, xb + x5 + p, mask, m)
+            if masked:
+                v0 = _vload_masked(xf, xb + x0 + p, mask, m)
+                v1 = _vload_masked(xf, xb + x1 + p, mask, m)
+                v2 = _vload_masked(xf, xb + x2 + p, mask, m)
+                v3 = _vload_masked(xf, xb + x3 + p, mask, m)
+                v4 = _vload_masked(xf, xb + x4 + p, mask, m)
+                v5 = _vload_masked(xf, xb + x5 + p, mask, m)
+            else:
+                v0 = _vload(xf, xb + x0 + p)
+                v1 = _vload(xf, xb + x1 + p)
+                v2 = _vload(xf, xb + x2 + p)
+                v3 = _vload(xf, xb + x3 + p)
+                v4 = _vload(xf, xb + x4 + p)
+                v5 = _vload(xf, xb + x5 + p)
             g = _vload(gyp, gb + g0 + p)
             a00 = _vfmav(a00, g, v0)
             a01 = _vfmav(a01, g, v1)
@@ -423,9 +487,9 @@ def _wg_block(xf, x0, x1, x2, x3, x4, x5, gyp, g0, g1, g2, g3, mask, r0, r1, row
 
 
 @njit(parallel=True, cache=True)
-def _wg_kernel(xf, tap_off, gyp, mask, dest, tiles, groups, c_Og, n_taps, group_stride,
-               n_rows, part_rows, pass_rows, rows_per_img, img_stride, row_stride, g_stride,
-               m_stride, n_vec):
+def _wg_kernel(xf, tap_off, gyp, mask, masked, dest, tiles, groups, c_Og, n_taps,
+               group_stride, n_rows, part_rows, pass_rows, rows_per_img, img_stride,
+               row_stride, g_stride, m_stride, n_vec):
     """Jobs (part, group, block of 4 channels, group of tap blocks); dest[part, o, tap]
     (``dest.shape[0] == 1``: dest is the output itself, viewed as (1, c_O, taps))."""
     lanes = _VECTOR_BYTES // xf.itemsize
@@ -469,8 +533,8 @@ def _wg_kernel(xf, tap_off, gyp, mask, dest, tiles, groups, c_Og, n_taps, group_
                     _wg_block(xf, x_group + tap_off[t], x_group + tap_off[t + 1],
                               x_group + tap_off[t + 2], x_group + tap_off[t + 3],
                               x_group + tap_off[t + 4], x_group + tap_off[t + 5],
-                              gyp, g0, g1, g2, g3, mask, q, q1, rows_per_img, img_stride,
-                              row_stride, g_stride, m_stride, n_vec, lanes, tile,
+                              gyp, g0, g1, g2, g3, mask, masked, q, q1, rows_per_img,
+                              img_stride, row_stride, g_stride, m_stride, n_vec, lanes, tile,
                               (tb - tb0) * block_size, q == r_lo)
             # lane sums (a fixed tree), then the valid (channel, tap) pairs to dest
             n_vectors = (tb1 - tb0) * _WG_CO * _WG_TAPS
@@ -500,58 +564,115 @@ def _sum_parts(partial, out):
 
 
 class _WgLayout(NamedTuple):
-    merged: bool
-    h_P: int
-    w_Q: int
+    runs: str             # "merged", "images" or "rows" (see _wg_layout)
+    h_P: int              # rows per image of the packed input
+    w_Q: int              # columns per row of the packed input (per column phase)
     channel_stride: int   # elements per input channel in the packed input
     x_size: int           # elements of the packed input, slack included
     n_rows: int           # runs
     run_pixels: int       # pixels per run (a multiple of the vector length)
+    runs_per_image: int   # runs of one image ("rows_per_img" of the kernel)
+    image_stride: int     # elements from one image to the next in the packed input
+    run_stride: int       # elements from one run of an image to the next, packed input
+    gy_image_stride: int  # elements from one image to the next in the packed gy
+    gy_row_stride: int    # elements from one output row to the next in the packed gy
     part_rows: int
     n_parts: int
     pass_rows: int
     gy_len: int           # elements per channel of the packed gy
     mask_len: int
+    mask_stride: int      # mask elements from one run of an image to the next
     n_taps: int           # taps per group (c_I/g * k_H * k_W)
     padded_taps: int      # rounded up to whole register blocks
     tile: int             # per-thread tile elements
 
 
+def _merged_pixels(geom, lanes):
+    """Virtual pixels of the merged runs (stride 1) and the grid they lie on."""
+    h_P = max(geom.in_height + max(geom.pad_top, geom.pad_bottom), geom.out_height)
+    w_Q = max(geom.in_width + max(geom.pad_left, geom.pad_right), geom.out_width)
+    used = ((geom.batch - 1) * h_P + geom.out_height - 1) * w_Q + geom.out_width
+    n_rows = -(-used // _WG_RUN_PIXELS)
+    run_pixels = -(-(-(-used // n_rows)) // lanes) * lanes
+    return n_rows * run_pixels, h_P, w_Q, n_rows, run_pixels
+
+
+def _image_runs(per_image, lanes):
+    """Runs of one image's ``per_image`` pixels: as few as keep each within about
+    ``_WG_RUN_PIXELS``, of equal length in whole vectors. Returns (runs, run_pixels)."""
+    runs = -(-per_image // _WG_RUN_PIXELS)
+    return runs, -(-(-(-per_image // runs)) // lanes) * lanes
+
+
 @functools.lru_cache(maxsize=256)  # per geometry: computed once, not per call
-def _wg_layout(geom, itemsize):
+def _wg_layout(geom, itemsize, runs=None):
+    """The weight gradient's runs (``runs`` forces ``"merged"`` or ``"images"`` on a
+    stride-1 geometry, for the tests):
+
+    - ``"merged"`` (stride 1): all output rows of all images form runs of about
+      ``_WG_RUN_PIXELS`` virtual pixels on the padded grid ``h_P x w_Q`` (the pixels in the
+      padding columns and rows are computed, with ``gy = 0``);
+    - ``"images"`` (stride 1): the same grid, each image's rows its own runs, so no run
+      crosses the padding rows between images; chosen when it computes fewer pixels than
+      ``"merged"`` (DeepFace L6, 25 x 25 input, 5 x 5 kernel, no padding: 8 x 528 pixels
+      instead of 4960, of which 8 x 441 are outputs; a 1 x 1 map keeps ``"merged"``);
+    - ``"rows"`` (strides): one run per output row, rounded up to whole vectors.
+
+    A pass is the nearest whole number of runs to ``_WG_PASS_PIXELS``.
+    """
     lanes = _VECTOR_BYTES // itemsize
     n, s_H, s_W = geom.batch, geom.stride_h, geom.stride_w
     h_O, w_O = geom.out_height, geom.out_width
     d_H, d_W = geom.dilation_h, geom.dilation_w
     k_H, k_W = geom.kernel_height, geom.kernel_width
-    merged = s_H == 1 and s_W == 1
-    if merged:
+    if s_H == 1 and s_W == 1:
+        merged_pixels, h_P, w_Q, n_rows, run_pixels = _merged_pixels(geom, lanes)
+        image_runs, image_run = _image_runs((h_O - 1) * w_Q + w_O, lanes)
+        pixels = {"merged": merged_pixels, "images": n * image_runs * image_run}
+        if runs is None:
+            runs = "images" if pixels["images"] < merged_pixels else "merged"
+    else:
+        pixels = {"rows": n * h_O * -(-w_O // lanes) * lanes}
+        runs = "rows"
+    if runs == "merged":
         # Rows and images share their padding (as the forward's merged layout): reads past
         # a row's end land in the next row's left padding.
-        h_P = max(geom.in_height + max(geom.pad_top, geom.pad_bottom), h_O)
-        w_Q = max(geom.in_width + max(geom.pad_left, geom.pad_right), w_O)
-        used = ((n - 1) * h_P + h_O - 1) * w_Q + w_O     # virtual pixels up to the last
-        n_rows = -(-used // _WG_PASS_PIXELS)
-        run_pixels = -(-(-(-used // n_rows)) // lanes) * lanes
-        pixels = n_rows * run_pixels
-        pass_rows = 1
-    else:
+        runs_per_image, image_stride, run_stride = n_rows, 0, run_pixels
+        gy_image_stride, gy_row_stride = h_P * w_Q, w_Q
+        channel_stride = n * h_P * w_Q
+        max_tap = (k_H - 1) * d_H * w_Q + (k_W - 1) * d_W
+        last_read = merged_pixels + max_tap
+        mask_len, mask_stride = merged_pixels, run_pixels
+    elif runs == "images":
+        # The merged grid, one image at a time: no run crosses the padding rows between
+        # images.
+        runs_per_image, run_pixels = image_runs, image_run
+        n_rows = n * runs_per_image
+        image_stride, run_stride = h_P * w_Q, run_pixels
+        gy_image_stride, gy_row_stride = runs_per_image * run_pixels, w_Q
+        channel_stride = n * image_stride
+        max_tap = (k_H - 1) * d_H * w_Q + (k_W - 1) * d_W
+        last_read = (n - 1) * image_stride + runs_per_image * run_pixels + max_tap
+        mask_len, mask_stride = runs_per_image * run_pixels, run_pixels
+    elif runs == "rows":
+        run_pixels = -(-w_O // lanes) * lanes
+        n_rows = n * h_O
         h_P = (h_O - 1) * s_H + (k_H - 1) * d_H + 1
         w_needed = (w_O - 1) * s_W + (k_W - 1) * d_W + 1
         w_Q = -(-w_needed // s_W)
-        run_pixels = -(-w_O // lanes) * lanes
-        n_rows = n * h_O
-        pixels = n_rows * run_pixels
-        pass_rows = max(1, _WG_PASS_PIXELS // run_pixels)
-    channel_stride = n * h_P * s_W * w_Q
-    max_tap = (k_H - 1) * d_H * s_W * w_Q + max(
-        (v * d_W) % s_W * w_Q + (v * d_W) // s_W for v in range(k_W))
-    if merged:
-        last_read = pixels + max_tap
-    else:
-        last_read = ((n - 1) * h_P + (h_O - 1) * s_H) * s_W * w_Q + max_tap + run_pixels
+        runs_per_image = h_O
+        image_stride = h_P * s_W * w_Q
+        run_stride = s_H * s_W * w_Q
+        gy_image_stride, gy_row_stride = h_O * run_pixels, run_pixels
+        channel_stride = n * image_stride
+        max_tap = (k_H - 1) * d_H * s_W * w_Q + max(
+            (v * d_W) % s_W * w_Q + (v * d_W) // s_W for v in range(k_W))
+        last_read = (n - 1) * image_stride + (h_O - 1) * run_stride + max_tap + run_pixels
+        mask_len, mask_stride = run_pixels, 0
     x_size = max(geom.in_channels * channel_stride,
                  (geom.in_channels - 1) * channel_stride + last_read)
+    pixels = pixels[runs]
+    pass_rows = max(1, round(_WG_PASS_PIXELS / run_pixels))
     n_taps = geom.in_channels_per_group * k_H * k_W
     padded_taps = -(-n_taps // _WG_TAPS) * _WG_TAPS
     # Parts: enough for accuracy and for _WG_MIN_JOBS jobs, within the memory bound;
@@ -564,13 +685,12 @@ def _wg_layout(geom, itemsize):
     n_parts = max(1, min(n_parts, n_rows, _PARTIAL_BYTES // weight_bytes))
     part_rows = -(-n_rows // n_parts)
     n_parts = -(-n_rows // part_rows)
-    gy_len = pixels
-    mask_len = pixels if merged else run_pixels
     vectors = _WG_TAP_BLOCKS * _WG_CO * _WG_TAPS + lanes   # whole groups of lane sums
     tile = vectors * lanes + vectors
-    return _WgLayout(merged, h_P, w_Q, channel_stride, x_size, n_rows, run_pixels,
-                     part_rows, n_parts, pass_rows, gy_len, mask_len, n_taps, padded_taps,
-                     tile)
+    return _WgLayout(runs, h_P, w_Q, channel_stride, x_size, n_rows, run_pixels,
+                     runs_per_image, image_stride, run_stride, gy_image_stride,
+                     gy_row_stride, part_rows, n_parts, pass_rows, pixels, mask_len,
+                     mask_stride, n_taps, padded_taps, tile)
 
 
 @functools.lru_cache(maxsize=256)  # per geometry: computed once, not per call
@@ -581,9 +701,11 @@ def _wg_tap_offsets(geom, layout):
     c = np.arange(geom.in_channels_per_group).reshape(-1, 1, 1)
     u = np.arange(geom.kernel_height).reshape(1, -1, 1)
     v = np.arange(geom.kernel_width).reshape(1, 1, -1)
+    row = u * geom.dilation_h
     col = v * geom.dilation_w
-    offsets = (c * layout.channel_stride + u * geom.dilation_h * s_W * w_Q
-               + (col % s_W) * w_Q + col // s_W).reshape(-1)
+    offsets = (c * layout.channel_stride + row * s_W * w_Q
+               + (col % s_W) * w_Q + col // s_W)
+    offsets = offsets.reshape(-1)
     padded = np.full(layout.padded_taps, offsets[0], dtype=np.int64)
     padded[:offsets.size] = offsets
     return padded
@@ -591,14 +713,16 @@ def _wg_tap_offsets(geom, layout):
 
 @functools.lru_cache(maxsize=256)  # per geometry: computed once, not per call
 def _wg_mask(geom, layout):
-    if layout.merged:
-        p = np.arange(layout.mask_len)
+    p = np.arange(layout.mask_len)
+    if layout.runs == "merged":
         col = p % layout.w_Q
         row = (p // layout.w_Q) % layout.h_P
         image = p // (layout.w_Q * layout.h_P)
         keep = (col < geom.out_width) & (row < geom.out_height) & (image < geom.batch)
+    elif layout.runs == "images":
+        keep = (p % layout.w_Q < geom.out_width) & (p // layout.w_Q < geom.out_height)
     else:
-        keep = np.arange(layout.mask_len) < geom.out_width
+        keep = p < geom.out_width
     return keep.astype(np.uint8)
 
 
@@ -614,6 +738,14 @@ def conv2d_weight_grad_scratch_bytes(geom, itemsize):
             + _SMALL_SCRATCH)
 
 
+def _wg_pack_input(x, xf, geom, layout):
+    packed = geom.in_channels * layout.channel_stride
+    xf[packed:] = 0
+    return _pack_input(x, xf[:packed].reshape(geom.in_channels, geom.batch, layout.h_P,
+                                              geom.stride_w, layout.w_Q),
+                       geom.pad_top, geom.pad_left, geom.stride_w)
+
+
 def conv2d_weight_grad(x, grad_output, out, geom):
     """``out = d(sum(conv2d(x, w) * grad_output)) / dw``, every element written.
 
@@ -621,40 +753,31 @@ def conv2d_weight_grad(x, grad_output, out, geom):
     ``(c_O, c_I/g, k_H, k_W)``: C-contiguous, one dtype. Deterministic: the same bits on
     every call and for every thread count (see the module docstring).
     """
+    return _weight_grad(x, grad_output, out, geom, _wg_layout(geom, out.dtype.itemsize))
+
+
+def _weight_grad(x, grad_output, out, geom, layout):
+    """:func:`conv2d_weight_grad` on the runs of ``layout`` (a :func:`_wg_layout`)."""
     dtype = out.dtype
-    layout = _wg_layout(geom, dtype.itemsize)
-    lanes = _VECTOR_BYTES // dtype.itemsize
     xf = np.empty(layout.x_size, dtype=dtype)
-    packed = geom.in_channels * layout.channel_stride
-    xf[packed:] = 0
-    _pack_input(x, xf[:packed].reshape(geom.in_channels, geom.batch, layout.h_P,
-                                       geom.stride_w, layout.w_Q),
-                geom.pad_top, geom.pad_left, geom.stride_w)
+    finite = _wg_pack_input(x, xf, geom, layout)
     gyp = np.empty((geom.out_channels, layout.gy_len), dtype=dtype)
-    _pack_grad_output(grad_output, gyp, layout.merged, layout.h_P, layout.w_Q,
-                      layout.run_pixels)
+    _pack_grad_output(grad_output, gyp, layout.gy_image_stride, layout.gy_row_stride)
     mask = _wg_mask(geom, layout)
     tap_off = _wg_tap_offsets(geom, layout)
     tiles = np.empty((_threads.count(), layout.tile), dtype=dtype)
-    if layout.merged:
-        rows_per_img, img_stride = layout.n_rows, 0
-        row_stride = g_stride = m_stride = layout.run_pixels
-    else:
-        rows_per_img = geom.out_height
-        img_stride = layout.h_P * geom.stride_w * layout.w_Q
-        row_stride = geom.stride_h * geom.stride_w * layout.w_Q
-        g_stride, m_stride = layout.run_pixels, 0
-    n_vec = layout.run_pixels // lanes
+    n_vec = layout.run_pixels // (_VECTOR_BYTES // dtype.itemsize)
     out2 = out.reshape(1, geom.out_channels, layout.n_taps)
     if layout.n_parts == 1:
         dest = out2
     else:
         dest = np.empty((layout.n_parts, geom.out_channels, layout.n_taps), dtype=dtype)
-    _wg_kernel(xf, tap_off, gyp, mask, dest, tiles, geom.groups,
+    _wg_kernel(xf, tap_off, gyp, mask, not finite, dest, tiles, geom.groups,
                geom.out_channels_per_group, layout.n_taps,
                geom.in_channels_per_group * layout.channel_stride,
-               layout.n_rows, layout.part_rows, layout.pass_rows, rows_per_img, img_stride,
-               row_stride, g_stride, m_stride, n_vec)
+               layout.n_rows, layout.part_rows, layout.pass_rows, layout.runs_per_image,
+               layout.image_stride, layout.run_stride, layout.run_pixels,
+               layout.mask_stride, n_vec)
     if layout.n_parts > 1:
         _sum_parts(dest.reshape(layout.n_parts, -1), out.reshape(-1))
     return out

@@ -6,7 +6,7 @@
   of a padded grid contribute exactly nothing, whatever they hold: ``0 * inf`` never
   happens because the junk value itself is never read);
 - :func:`vstore_first`: store only the first ``count`` lanes (the tail of a run, without
-  touching the memory after it);
+  touching the memory after it); :func:`vload_first`, its load (the other lanes zero);
 - :func:`vload_bytes`: a narrower vector (its size a constant), for a vector dimension
   shorter than a full register (a batch of 8 float32 needs 32 bytes, not 64; a 512-bit
   operation costs two 256-bit ones on some processors). :func:`.simd.vfma` and
@@ -25,7 +25,8 @@ from numba.extending import intrinsic
 
 from .simd import _Vector, _vector_of
 
-__all__ = ["vfmav", "vload_bytes", "vload_masked", "vstore_first", "vsum_lanes"]
+__all__ = ["vfmav", "vload_bytes", "vload_first", "vload_masked", "vstore_first",
+           "vsum_lanes"]
 
 
 def _element(vector_type):
@@ -105,6 +106,43 @@ def vload_masked(typingctx, array, index, mask, mask_index):
     return vector(array, index, mask, mask_index), codegen
 
 
+def _first_lanes(builder, count, lanes):
+    """``<lanes x i1>``: lane ``l`` is on where ``l < count``."""
+    count = builder.sext(count, ir.IntType(64)) if count.type.width < 64 else count
+    iota = ir.Constant(ir.VectorType(ir.IntType(64), lanes), list(range(lanes)))
+    splat = builder.insert_element(ir.Constant(iota.type, ir.Undefined), count,
+                                   ir.Constant(ir.IntType(32), 0))
+    splat = builder.shuffle_vector(splat, ir.Constant(iota.type, ir.Undefined),
+                                   ir.Constant(ir.VectorType(ir.IntType(32), lanes),
+                                               [0] * lanes))
+    return builder.icmp_signed("<", iota, splat)
+
+
+@intrinsic
+def vload_first(typingctx, array, index, count):
+    """``array[index : index + count]`` as a vector whose other lanes are zero, for
+    ``0 <= count <= lanes``; the memory after it is not read (a masked load)."""
+    if not isinstance(array, types.Array):
+        return None
+    vector = _vector_of(array)
+
+    def codegen(context, builder, signature, args):
+        vector_type = context.get_value_type(vector)
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        pointer = builder.bitcast(builder.gep(data, [args[1]]), vector_type.as_pointer())
+        mask = _first_lanes(builder, args[2], vector.lanes)
+        load = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(vector_type, [pointer.type, ir.IntType(32), mask.type,
+                                          vector_type]),
+            f"llvm.masked.load.v{vector.lanes}{_element(vector_type)}.p0")
+        return builder.call(load, [pointer, ir.Constant(ir.IntType(32),
+                                                        array.dtype.bitwidth // 8),
+                                   mask, ir.Constant(vector_type, None)])
+
+    return vector(array, index, count), codegen
+
+
 @intrinsic
 def vstore_first(typingctx, array, index, value, count):
     """``array[index : index + count] = value[:count]`` for ``0 <= count <= lanes``; the
@@ -114,22 +152,14 @@ def vstore_first(typingctx, array, index, value, count):
 
     def codegen(context, builder, signature, args):
         vector_type = args[2].type
-        lanes = vector_type.count
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
         pointer = builder.bitcast(builder.gep(data, [args[1]]), vector_type.as_pointer())
-        count = builder.sext(args[3], ir.IntType(64)) if args[3].type.width < 64 else args[3]
-        iota = ir.Constant(ir.VectorType(ir.IntType(64), lanes), list(range(lanes)))
-        splat = builder.insert_element(ir.Constant(iota.type, ir.Undefined), count,
-                                       ir.Constant(ir.IntType(32), 0))
-        splat = builder.shuffle_vector(splat, ir.Constant(iota.type, ir.Undefined),
-                                       ir.Constant(ir.VectorType(ir.IntType(32), lanes),
-                                                   [0] * lanes))
-        mask = builder.icmp_signed("<", iota, splat)
+        mask = _first_lanes(builder, args[3], vector_type.count)
         store = cgutils.get_or_insert_function(
             builder.module,
             ir.FunctionType(ir.VoidType(), [vector_type, pointer.type, ir.IntType(32),
                                             mask.type]),
-            f"llvm.masked.store.v{lanes}{_element(vector_type)}.p0")
+            f"llvm.masked.store.v{vector_type.count}{_element(vector_type)}.p0")
         builder.call(store, [args[2], pointer, ir.Constant(ir.IntType(32),
                                                            array.dtype.bitwidth // 8), mask])
         return context.get_dummy_value()
