@@ -15,6 +15,7 @@ from . import threads as _threads
 
 from . import _conv2d_blocks as _blocks
 from .simd import VECTOR_BYTES as _VECTOR_BYTES
+from .simd import vload as _vload, vstore as _vstore, vzero as _vzero
 
 __all__ = ["conv2d_forward", "choose_cpu_kernel", "conv2d_scratch_bytes", "CpuKernel",
            "CPU_KERNELS"]
@@ -219,29 +220,48 @@ def _pack_input(x, xp, pt, pl, s_W):
     w_Q = xp.shape[4]
     x_flat = x.reshape(-1)
     xp_flat = xp.reshape(-1)
+    lanes = _VECTOR_BYTES // x.itemsize
+    zero = _vzero(xp_flat)
     # Serial: a copy at memory speed, and one parallel region fewer per call (on a busy
     # machine each region waits for every thread to get a core).
-    for c in range(c_I):
-        for b in range(n):
-            for y in range(h_P):
-                iy = y - pt
-                for ph in range(s_W):
+    for ph in range(s_W):
+        # columns j with 0 <= j * s_W + ph - pl < wd (the divisions once, not per row)
+        j_lo = min(w_Q, max(0, (pl - ph + s_W - 1) // s_W))
+        j_hi = min(w_Q, max(j_lo, (wd + pl - ph + s_W - 1) // s_W))
+        for c in range(c_I):
+            for b in range(n):
+                for y in range(h_P):
+                    iy = y - pt
                     dst = (((c * n + b) * h_P + y) * s_W + ph) * w_Q
-                    # columns j with 0 <= j * s_W + ph - pl < wd
-                    j_lo = min(w_Q, max(0, (pl - ph + s_W - 1) // s_W))
-                    j_hi = min(w_Q, max(j_lo, (wd + pl - ph + s_W - 1) // s_W))
-                    if iy < 0 or iy >= h:
-                        j_hi = j_lo
-                    for j in range(j_lo):
-                        xp_flat[np.uint64(dst + j)] = 0
                     src = ((b * c_I + c) * h + iy) * wd + ph - pl
-                    if s_W == 1:
-                        for j in range(j_lo, j_hi):
-                            xp_flat[np.uint64(dst + j)] = x_flat[np.uint64(src + j)]
-                    else:
-                        for j in range(j_lo, j_hi):
-                            xp_flat[np.uint64(dst + j)] = x_flat[np.uint64(src + j * s_W)]
-                    for j in range(j_hi, w_Q):
+                    lo, hi = (j_lo, j_hi) if 0 <= iy < h else (w_Q, w_Q)
+                    if s_W == 1 and w_Q >= lanes:
+                        # Rows are short: whole vectors, the last of a stretch overlapping the
+                        # one before it, cost less than a scalar tail. The zeros first: where
+                        # their vectors reach into the copied columns, the copy overwrites them.
+                        j = 0
+                        while j < lo:
+                            _vstore(xp_flat, dst + min(j, w_Q - lanes), zero)
+                            j += lanes
+                        j = hi
+                        while j < w_Q:
+                            _vstore(xp_flat, dst + min(j, w_Q - lanes), zero)
+                            j += lanes
+                        if hi - lo >= lanes:
+                            j = lo
+                            while j < hi - lanes:
+                                _vstore(xp_flat, dst + j, _vload(x_flat, src + j))
+                                j += lanes
+                            _vstore(xp_flat, dst + hi - lanes, _vload(x_flat, src + hi - lanes))
+                        else:
+                            for j in range(lo, hi):
+                                xp_flat[np.uint64(dst + j)] = x_flat[np.uint64(src + j)]
+                        continue
+                    for j in range(lo):
+                        xp_flat[np.uint64(dst + j)] = 0
+                    for j in range(lo, hi):
+                        xp_flat[np.uint64(dst + j)] = x_flat[np.uint64(src + j * s_W)]
+                    for j in range(hi, w_Q):
                         xp_flat[np.uint64(dst + j)] = 0
 
 
