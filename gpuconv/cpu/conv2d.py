@@ -144,7 +144,8 @@ def choose_cpu_kernel(geom):
     runs = "rows"
     if geom.stride_h == 1 and geom.stride_w == 1:
         merged = _computed_taps(geom, True, _BLOCK_BY_NAME[vector].pixels(lanes))
-        if merged * _MERGED_WASTE < _computed_taps(geom, False, _row_block(geom, vector).rows):
+        rows = _computed_taps(geom, False, _row_block(geom, vector).pixels(lanes))
+        if merged * _MERGED_WASTE < rows:
             runs = "merged"
     return _CPU_KERNEL[vector, runs]
 
