@@ -195,6 +195,24 @@ def test_row_fitted_blocks_and_cropped_kernel_rows(case, dtype):
     _check(conv2d, conv2d_ref, x, wt, b, kwargs, dtype)
 
 
+def test_row_fitted_and_cropped_runs_give_the_same_bits_on_any_thread_count():
+    import numba
+
+    rng = np.random.default_rng(7)
+    x = rng.uniform(-1, 1, (3, 5, 21, 21)).astype(np.float32)
+    w = rng.uniform(-1, 1, (16, 5, 5, 5)).astype(np.float32)
+    assert cpu_conv2d._conv2d_layout(conv_geometry(x.shape, (5, 5), 16, padding=4), 4).crop
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = conv2d(x, w, padding=4, device="cpu")
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        every = conv2d(x, w, padding=4, device="cpu")
+    finally:
+        numba.set_num_threads(before)
+    assert np.array_equal(one, every)
+
+
 def test_kernel_rows_read_inside_the_input():
     """The kernel rows an output row reads inside the input, by brute force."""
     for h, k, s, p, d in [(8, 3, 2, 5, 1), (10, 3, 2, 4, 2), (21, 5, 1, 4, 1), (5, 4, 1, 3, 3)]:
