@@ -119,13 +119,17 @@ def choose_cpu_kernel(geom):
       or 24 output pixels; ``"pvec"`` (at most ``_PVEC_MAX_CHANNELS``, where channel vectors
       would be mostly empty): blocks of at most 6 output channels times four vectors of
       consecutive output pixels. All three keep 24 vector accumulators in registers for a
-      whole chunk of the reduction (``_REGISTER_BLOCKS``);
+      whole chunk of the reduction (``_REGISTER_BLOCKS``); ``"cvec1"`` by rows cuts each
+      output row into blocks of 21, 24, 25 or 28 pixels, whichever computes the fewest
+      (``_ROW_FITTED_PIXELS``: rows of 21, 25 and 55 pixels end with their last block);
     - runs ``"merged"`` when ``stride == (1, 1)``: all output rows of all images form one run
       of virtual pixels on the padded grid (long runs even for 7 x 7 maps, at the price of
       computing the pixels that fall in the padding columns and rows, which are dropped),
-      unless one run per output row computes at most 90 % as many pixels (a wide kernel
-      without padding on a small map, such as DeepFace L6's); ``"rows"`` otherwise: one run
-      per output row.
+      unless one run per output row computes at most 90 % as many multiply-adds (a wide
+      kernel without padding on a small map, such as DeepFace L6's, or a wide kernel with
+      wide padding, such as its input gradient's: by rows, an output row skips the kernel
+      rows that read only the zero padding above or below the input); ``"rows"`` otherwise:
+      one run per output row.
 
     >>> from gpuconv.geometry import conv_geometry
     >>> choose_cpu_kernel(conv_geometry((1, 3, 8, 8), (3, 3), 4))
@@ -134,6 +138,14 @@ def choose_cpu_kernel(geom):
     'cvec1-merged'
     >>> str(choose_cpu_kernel(conv_geometry((1, 3, 8, 8), (3, 3), 64, stride=2)))
     'cvec2-rows'
+
+    DeepFace L6 (16 -> 16 channels, 25 x 25, 5 x 5) and its input gradient (the forward
+    convolution of the 21 x 21 output gradient, padding 4) run by rows:
+
+    >>> str(choose_cpu_kernel(conv_geometry((8, 16, 25, 25), (5, 5), 16)))
+    'cvec1-rows'
+    >>> str(choose_cpu_kernel(conv_geometry((8, 16, 21, 21), (5, 5), 16, padding=4)))
+    'cvec1-rows'
     """
     lanes = _VECTOR_BYTES // 4  # float32 lanes per vector
     c_Og = geom.out_channels_per_group

@@ -13,9 +13,10 @@ With ``y = conv2d(x, w)`` and ``gy`` the gradient of a scalar loss with respect 
   copied to every ``s_H``-th row and ``s_W``-th column of the output; with stride 1 there is
   one phase, written in place. Phases without taps are zero. All phases' sub-kernels are
   built in one pass (at most the weight's size). As in any forward convolution, the zero
-  padding of ``gy`` meets every tap: an infinite weight gives ``0 * inf = NaN`` at border
-  pixels whose window sums, by the definition above, would not include it (finite weights
-  are exact).
+  padding of ``gy`` meets the taps (all of them in the merged runs; by rows, those of the
+  kernel rows that reach into ``gy``): an infinite weight can give ``0 * inf = NaN`` at
+  border pixels whose window sums, by the definition above, would not include it (finite
+  weights are exact).
 * **Weight gradient** (:func:`conv2d_weight_grad`): ``gw[o, c, u, v]`` is the dot product, over
   every output pixel of every image, of ``gy[:, o]`` and the input seen by tap ``(c, u, v)``.
   The input is repacked zero-padded and phase-split by columns, as the forward does, so that
