@@ -323,3 +323,24 @@ def test_one_image_kernel_gives_the_same_bits_on_any_thread_count():
     finally:
         numba.set_num_threads(before)
     assert np.array_equal(one, every)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_vector_transpose_moves_every_element(dtype):
+    """The scatter's in-register transpose: a lanes x lanes block at an offset and a row
+    stride, against numpy's transpose."""
+    from numba import njit
+
+    from gpuconv.cpu.simd_ext import vtranspose
+
+    @njit
+    def transpose(src, index, stride, dst, dst_index):
+        vtranspose(src, index, stride, dst, dst_index)
+
+    lanes = 64 // np.dtype(dtype).itemsize
+    src = np.arange(50 * 40, dtype=dtype)
+    dst = np.full(lanes * lanes + 3, -1, dtype)
+    transpose(src, 7, 40, dst, 3)
+    block = src[7:7 + 40 * lanes].reshape(lanes, 40)[:, :lanes]
+    np.testing.assert_array_equal(dst[3:].reshape(lanes, lanes), block.T)
+    assert np.all(dst[:3] == -1)

@@ -16,6 +16,8 @@ from . import threads as _threads
 from . import _conv2d_blocks as _blocks
 from .simd import VECTOR_BYTES as _VECTOR_BYTES
 from .simd import vload as _vload, vstore as _vstore, vzero as _vzero
+from .simd_ext import vadd_scalar as _vadd_scalar, vstore_first as _vstore_first
+from .simd_ext import vtranspose as _vtranspose
 
 __all__ = ["conv2d_forward", "choose_cpu_kernel", "conv2d_scratch_bytes", "CpuKernel",
            "CPU_KERNELS"]
@@ -513,6 +515,7 @@ def _conv2d_kernel(xf, tap_off, wq, variant, px, block, block_step, row_step, ta
     n_jobs = runs * n_blocks
     row_taps = n_taps // k_H  # taps of one kernel row (crop: they are consecutive)
     n_threads = tiles.shape[0]
+    transposed = tiles.shape[1] - lanes * lanes  # scratch of the pixel-major scatter
     out_flat = out.reshape(-1)
     for thread in prange(n_threads):
         tile = tiles[thread]
@@ -568,22 +571,33 @@ def _conv2d_kernel(xf, tap_off, wq, variant, px, block, block_step, row_step, ta
                 if merged:
                     stretch = min(stretch, w_Q - ox)
                 valid = min(stretch, w_O - ox) if oy < h_O else 0
-                for co in range(co0, co1):
-                    k = co - co0
-                    o = ((b * c_O + co) * h_O + oy) * w_O + ox
-                    add = bias[co, 0, 0] if has_bias else 0
-                    # Tested here, inside the parallel loop, on the variant number, which
-                    # LLVM relates to the branches of register_block. (A flag computed
-                    # outside prange reaches the loop body as a separate argument, and LLVM
-                    # then compiles a slower strided loop for pixel-major tiles.)
-                    if _blocks.tile_is_channel_major(variant):
+                # Tested here, inside the parallel loop, on the variant number, which LLVM
+                # relates to the branches of register_block. (A flag computed outside prange
+                # reaches the loop body as a separate argument, and LLVM then compiles
+                # slower loops.)
+                if _blocks.tile_is_channel_major(variant):
+                    for co in range(co0, co1):
+                        k = co - co0
+                        o = ((b * c_O + co) * h_O + oy) * w_O + ox
+                        add = bias[co, 0, 0] if has_bias else 0
                         t = k * run_len + i0
                         for q in range(valid):
                             out_flat[np.uint64(o + q)] = tile[np.uint64(t + q)] + add
-                    else:
-                        t = i0 * block + k
-                        for q in range(valid):
-                            out_flat[np.uint64(o + q)] = tile[np.uint64(t + q * block)] + add
+                else:
+                    # Pixel-major: blocks of lanes pixels x lanes channels transposed in
+                    # registers into the scratch after the tile, then stored channel by
+                    # channel (the pixels past ``valid`` and the channels past ``co1`` that
+                    # the block reads are dropped).
+                    for q0 in range(0, valid, lanes):
+                        count = min(lanes, valid - q0)
+                        for k0 in range(0, co1 - co0, lanes):
+                            _vtranspose(tile, (i0 + q0) * block + k0, block, tile, transposed)
+                            for k in range(k0, min(k0 + lanes, co1 - co0)):
+                                co = co0 + k
+                                o = ((b * c_O + co) * h_O + oy) * w_O + ox + q0
+                                add = bias[co, 0, 0] if has_bias else 0
+                                row = _vload(tile, transposed + (k - k0) * lanes)
+                                _vstore_first(out_flat, o, _vadd_scalar(row, add), count)
                 i0 += stretch
                 ox += stretch
                 if merged and ox == w_Q:
@@ -633,10 +647,14 @@ class _Conv2dLayout(NamedTuple):
 
 @functools.lru_cache(maxsize=None)
 def _largest_blocks(lanes):
-    """Most pixels of any register block, and most elements of any block's tile of a run."""
+    """Most pixels of any register block, and the elements of a thread's tile: the most of
+    any block's tile of a run, then the rows that the scatter's last transposed block reads
+    past a pixel-major run (``lanes`` rows of at most ``2 * lanes`` channels), then the
+    ``lanes x lanes`` transposed block itself."""
     return (max(blk.pixels(lanes) for blk in _ALL_BLOCKS),
             _RUN_BLOCKS * max(blk.pixels(lanes) * blk.channels(lanes)
-                              for blk in _ALL_BLOCKS))
+                              for blk in _ALL_BLOCKS)
+            + lanes * max(blk.channels(lanes) for blk in _ALL_BLOCKS) + lanes * lanes)
 
 
 @functools.lru_cache(maxsize=256)  # per geometry: computed once, not per call
