@@ -44,6 +44,10 @@ CASES = [
     ("many_channels", 2, 20, 6, 7, 37, 3, 1, 1, 1, 1),
     ("long_runs", 1, 2, 40, 37, 3, 3, 1, 1, 1, 1),
     ("batch_19_groups", 19, 4, 7, 6, 6, 3, (1, 2), (1, 0), (1, 2), 2),
+    # DeepFace L6 and L5 in small: input gradients by rows with 25- and 28-pixel blocks that
+    # skip the kernel rows over gy's zero padding (see test_input_grad_by_cropped_rows)
+    ("deepface_l6_like", 1, 16, 25, 25, 3, 5, 1, 0, 1, 1),
+    ("deepface_l5_like_stride2", 1, 16, 55, 55, 3, 7, 2, 0, 1, 1),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -97,7 +101,19 @@ def test_weight_grad_partitions_are_reached():
     assert any(lay.n_rows > lay.part_rows > 1 for lay in layouts)
 
 
-_DETERMINISM_CASES = [CASES[0], CASES[10], CASES[12], CASES[13]]
+def test_input_grad_by_cropped_rows():
+    """The DeepFace-like cases run phases by rows with cropped kernel rows and row-fitted
+    blocks of 25 and 28 pixels."""
+    from gpuconv.cpu.conv2d import _conv2d_layout
+    from gpuconv.cpu.conv2d_grad import _calls
+
+    layouts = [_conv2d_layout(call.geom, 4) for case in CASES[-2:]
+               for call in _calls(_setup(case, np.float32, False)[0])[0]]
+    assert {(lay.pixels, lay.crop) for lay in layouts if not lay.merged} == {(25, True),
+                                                                            (28, True)}
+
+
+_DETERMINISM_CASES = [CASES[0], CASES[10], CASES[12], CASES[13], CASES[14]]
 
 
 @pytest.mark.parametrize("local", [False, True], ids=["conv2d", "local"])

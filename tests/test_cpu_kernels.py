@@ -23,7 +23,7 @@ K = CpuKernel
 # (name, N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups, expected variant,
 #  also run unshared)
 CASES = [
-    ("cvec_merged", 2, 5, 9, 11, 37, 3, 1, 1, 1, 1, K("cvec2", "merged"), True),
+    ("cvec_merged", 2, 5, 12, 11, 37, 3, 1, 1, 1, 1, K("cvec2", "merged"), True),
     ("cvec_rows_stride", 1, 3, 13, 12, 33, (3, 5), (2, 3), (1, 2), 1, 1, K("cvec2", "rows"), True),
     ("cvec_dilated_same_even", 1, 4, 10, 9, 40, (2, 4), 1, "same", (2, 1), 1,
      K("cvec2", "merged"), True),
@@ -161,6 +161,68 @@ def test_generated_register_blocks_are_current():
         "python -c \"from gpuconv.cpu import conv2d; conv2d._write_register_blocks()\"")
 
 
+# Runs by rows of cvec1 with a block fitted to the row (21, 25 or 28 pixels: every row ends
+# mid-block or exactly at its end), and runs that skip the kernel rows reading only the
+# zero padding above or below the input (taps kernel row first): (name, N, C_in, H, W,
+# C_out, kernel, stride, padding, dilation, groups, pixels per block, rows cropped)
+ROW_FITTED = [
+    ("fit21_l6", 2, 3, 25, 25, 16, 5, 1, 0, 1, 1, 21, False),
+    ("fit25_crop_l6_input_grad", 2, 5, 21, 21, 16, 5, 1, 4, 1, 1, 25, True),
+    ("fit28_two_blocks_last_partial", 1, 3, 13, 59, 16, 5, (2, 1), 0, 1, 1, 28, False),
+    ("fit21_crop_rows_of_padding_only", 1, 3, 8, 30, 16, 3, (2, 1), (5, 1), 1, 1, 21, True),
+    ("fit21_crop_dilated_groups", 1, 4, 10, 27, 32, 3, 2, (4, 1), (2, 1), 2, 21, True),
+    ("cvec1_24_crop_even_kernel", 2, 3, 11, 23, 14, 4, 1, (3, 1), 1, 1, 24, True),
+    # 720 taps of 240 per kernel row: the cropped ranges start and end inside tap chunks
+    ("fit21_crop_chunked", 1, 80, 9, 10, 16, 3, 2, 2, 1, 1, 21, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", ROW_FITTED, ids=[c[0] for c in ROW_FITTED])
+def test_row_fitted_blocks_and_cropped_kernel_rows(case, dtype):
+    name, n, c_in, h, w, c_out, k, stride, padding, dilation, groups, pixels, crop = case
+    geom = conv_geometry((n, c_in, h, w), (k, k), c_out, stride, padding, dilation, groups)
+    assert choose_cpu_kernel(geom) == CpuKernel("cvec1", "rows")
+    layout = cpu_conv2d._conv2d_layout(geom, np.dtype(dtype).itemsize)
+    assert (layout.pixels, layout.crop) == (pixels, crop)
+    if name.endswith("chunked"):
+        assert layout.n_taps > layout.tap_chunk
+    rng = np.random.default_rng(len(name))
+    x = rng.uniform(-1, 1, (n, c_in, h, w)).astype(dtype)
+    wt = rng.uniform(-1, 1, geom.shared_weight_shape()).astype(dtype)
+    b = rng.uniform(-1, 1, c_out).astype(dtype)
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    _check(conv2d, conv2d_ref, x, wt, b, kwargs, dtype)
+
+
+def test_row_fitted_and_cropped_runs_give_the_same_bits_on_any_thread_count():
+    import numba
+
+    rng = np.random.default_rng(7)
+    x = rng.uniform(-1, 1, (3, 5, 21, 21)).astype(np.float32)
+    w = rng.uniform(-1, 1, (16, 5, 5, 5)).astype(np.float32)
+    assert cpu_conv2d._conv2d_layout(conv_geometry(x.shape, (5, 5), 16, padding=4), 4).crop
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = conv2d(x, w, padding=4, device="cpu")
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        every = conv2d(x, w, padding=4, device="cpu")
+    finally:
+        numba.set_num_threads(before)
+    assert np.array_equal(one, every)
+
+
+def test_kernel_rows_read_inside_the_input():
+    """The kernel rows an output row reads inside the input, by brute force."""
+    for h, k, s, p, d in [(8, 3, 2, 5, 1), (10, 3, 2, 4, 2), (21, 5, 1, 4, 1), (5, 4, 1, 3, 3)]:
+        geom = conv_geometry((1, 1, h, 4), (k, 1), 1, (s, 1), (p, 0), (d, 1))
+        for oy in range(geom.out_height):
+            inside = [u for u in range(k) if 0 <= oy * s + u * d - p < h]
+            lo, hi = cpu_conv2d._kernel_rows(geom, oy)
+            assert list(range(lo, hi)) == inside, (h, k, s, p, d, oy)
+
+
 # Input shape and (output channels, stride) of the chunked-reduction cases: 80 input
 # channels x 3 x 3 = 720 taps.
 CHUNKED_INPUT = (3, 80, 9, 10)
@@ -261,3 +323,24 @@ def test_one_image_kernel_gives_the_same_bits_on_any_thread_count():
     finally:
         numba.set_num_threads(before)
     assert np.array_equal(one, every)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_vector_transpose_moves_every_element(dtype):
+    """The scatter's in-register transpose: a lanes x lanes block at an offset and a row
+    stride, against numpy's transpose."""
+    from numba import njit
+
+    from gpuconv.cpu.simd_ext import vtranspose
+
+    @njit
+    def transpose(src, index, stride, dst, dst_index):
+        vtranspose(src, index, stride, dst, dst_index)
+
+    lanes = 64 // np.dtype(dtype).itemsize
+    src = np.arange(50 * 40, dtype=dtype)
+    dst = np.full(lanes * lanes + 3, -1, dtype)
+    transpose(src, 7, 40, dst, 3)
+    block = src[7:7 + 40 * lanes].reshape(lanes, 40)[:, :lanes]
+    np.testing.assert_array_equal(dst[3:].reshape(lanes, lanes), block.T)
+    assert np.all(dst[:3] == -1)

@@ -15,12 +15,14 @@ SC18): no im2col matrix is built.
   weights are repacked into blocks of output channels, tap-major. Output pixels are
   numbered along that padded grid ("virtual" pixels; with stride 1 the rows of all images
   form one run, so 7 x 7 maps still give long runs, and the few pixels that fall in the
-  padding are computed and dropped). A job is (run of pixel blocks, block of output
-  channels); the reduction runs in chunks of taps whose weights fit in L1, and the register
-  block keeps 24 vector accumulators for the whole chunk:
+  padding are computed and dropped; with one run per output row instead, a row skips the
+  kernel rows that read only padding above or below). A job is (run of pixel blocks, block
+  of output channels); the reduction runs in chunks of taps whose weights fit in L1, and the
+  register block keeps 24 vector accumulators for the whole chunk:
 
   - ``cvec2`` / ``cvec1``: two (one) vectors of output channels x 12 (24) pixels; per tap,
     two (one) weight vectors are loaded and each input value is broadcast against them;
+    ``cvec1`` by rows takes blocks of 21, 24, 25 or 28 pixels, whichever fits the row best;
   - ``pvec`` (few output channels, e.g. the seed's 5 or 10): 6 output channels x 4 vectors
     of consecutive pixels; per tap, four input vectors are loaded and each weight broadcast.
 

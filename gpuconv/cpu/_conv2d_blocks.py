@@ -1,4 +1,4 @@
-"""Register blocks of the shared-weight CPU kernel: generated from ``_REGISTER_BLOCKS`` in
+"""Register blocks of the shared-weight CPU kernel: generated from ``_ALL_BLOCKS`` in
 :mod:`gpuconv.cpu.conv2d`, which documents them. Do not edit: change the generator there and
 run ``python -c "from gpuconv.cpu import conv2d; conv2d._write_register_blocks()"``.
 """
@@ -407,17 +407,450 @@ def cvec2_block(xf, base, tap_off, t0, t1, wq, w_base, lanes, tile, tile_base, f
     _vstore(tile, tile_base + 11 * step + lanes, a11_1)
 
 
+@njit(cache=True)
+def cvec1x21_block(xf, base, tap_off, t0, t1, wq, w_base, lanes, tile, tile_base, first):
+    """1 vector of output channels x 21 pixels.
+
+    For p < 21 and k < step = 1 * lanes, with T the sum over taps
+    t0 <= t < t1 of ``wq[w_base + t * step + k] * xf[base + tap_off[t] + p]``:
+    ``tile[tile_base + p * step + k] = T`` if ``first``, else ``+= T``.
+    Per tap, 1 weight vector is loaded and each input value is broadcast against it.
+    """
+    _prefer_wide_vectors()
+    step = 1 * lanes
+    if first:
+        a0_0 = _vzero(xf)
+        a1_0 = _vzero(xf)
+        a2_0 = _vzero(xf)
+        a3_0 = _vzero(xf)
+        a4_0 = _vzero(xf)
+        a5_0 = _vzero(xf)
+        a6_0 = _vzero(xf)
+        a7_0 = _vzero(xf)
+        a8_0 = _vzero(xf)
+        a9_0 = _vzero(xf)
+        a10_0 = _vzero(xf)
+        a11_0 = _vzero(xf)
+        a12_0 = _vzero(xf)
+        a13_0 = _vzero(xf)
+        a14_0 = _vzero(xf)
+        a15_0 = _vzero(xf)
+        a16_0 = _vzero(xf)
+        a17_0 = _vzero(xf)
+        a18_0 = _vzero(xf)
+        a19_0 = _vzero(xf)
+        a20_0 = _vzero(xf)
+    else:
+        a0_0 = _vload(tile, tile_base)
+        a1_0 = _vload(tile, tile_base + step)
+        a2_0 = _vload(tile, tile_base + 2 * step)
+        a3_0 = _vload(tile, tile_base + 3 * step)
+        a4_0 = _vload(tile, tile_base + 4 * step)
+        a5_0 = _vload(tile, tile_base + 5 * step)
+        a6_0 = _vload(tile, tile_base + 6 * step)
+        a7_0 = _vload(tile, tile_base + 7 * step)
+        a8_0 = _vload(tile, tile_base + 8 * step)
+        a9_0 = _vload(tile, tile_base + 9 * step)
+        a10_0 = _vload(tile, tile_base + 10 * step)
+        a11_0 = _vload(tile, tile_base + 11 * step)
+        a12_0 = _vload(tile, tile_base + 12 * step)
+        a13_0 = _vload(tile, tile_base + 13 * step)
+        a14_0 = _vload(tile, tile_base + 14 * step)
+        a15_0 = _vload(tile, tile_base + 15 * step)
+        a16_0 = _vload(tile, tile_base + 16 * step)
+        a17_0 = _vload(tile, tile_base + 17 * step)
+        a18_0 = _vload(tile, tile_base + 18 * step)
+        a19_0 = _vload(tile, tile_base + 19 * step)
+        a20_0 = _vload(tile, tile_base + 20 * step)
+    for t in range(t0, t1):
+        vo = w_base + t * step
+        so = np.uint64(base + tap_off[t])
+        v0 = _vload(wq, vo)
+        s = xf[so]
+        a0_0 = _vfma(a0_0, v0, s)
+        s = xf[so + np.uint64(1)]
+        a1_0 = _vfma(a1_0, v0, s)
+        s = xf[so + np.uint64(2)]
+        a2_0 = _vfma(a2_0, v0, s)
+        s = xf[so + np.uint64(3)]
+        a3_0 = _vfma(a3_0, v0, s)
+        s = xf[so + np.uint64(4)]
+        a4_0 = _vfma(a4_0, v0, s)
+        s = xf[so + np.uint64(5)]
+        a5_0 = _vfma(a5_0, v0, s)
+        s = xf[so + np.uint64(6)]
+        a6_0 = _vfma(a6_0, v0, s)
+        s = xf[so + np.uint64(7)]
+        a7_0 = _vfma(a7_0, v0, s)
+        s = xf[so + np.uint64(8)]
+        a8_0 = _vfma(a8_0, v0, s)
+        s = xf[so + np.uint64(9)]
+        a9_0 = _vfma(a9_0, v0, s)
+        s = xf[so + np.uint64(10)]
+        a10_0 = _vfma(a10_0, v0, s)
+        s = xf[so + np.uint64(11)]
+        a11_0 = _vfma(a11_0, v0, s)
+        s = xf[so + np.uint64(12)]
+        a12_0 = _vfma(a12_0, v0, s)
+        s = xf[so + np.uint64(13)]
+        a13_0 = _vfma(a13_0, v0, s)
+        s = xf[so + np.uint64(14)]
+        a14_0 = _vfma(a14_0, v0, s)
+        s = xf[so + np.uint64(15)]
+        a15_0 = _vfma(a15_0, v0, s)
+        s = xf[so + np.uint64(16)]
+        a16_0 = _vfma(a16_0, v0, s)
+        s = xf[so + np.uint64(17)]
+        a17_0 = _vfma(a17_0, v0, s)
+        s = xf[so + np.uint64(18)]
+        a18_0 = _vfma(a18_0, v0, s)
+        s = xf[so + np.uint64(19)]
+        a19_0 = _vfma(a19_0, v0, s)
+        s = xf[so + np.uint64(20)]
+        a20_0 = _vfma(a20_0, v0, s)
+    _vstore(tile, tile_base, a0_0)
+    _vstore(tile, tile_base + step, a1_0)
+    _vstore(tile, tile_base + 2 * step, a2_0)
+    _vstore(tile, tile_base + 3 * step, a3_0)
+    _vstore(tile, tile_base + 4 * step, a4_0)
+    _vstore(tile, tile_base + 5 * step, a5_0)
+    _vstore(tile, tile_base + 6 * step, a6_0)
+    _vstore(tile, tile_base + 7 * step, a7_0)
+    _vstore(tile, tile_base + 8 * step, a8_0)
+    _vstore(tile, tile_base + 9 * step, a9_0)
+    _vstore(tile, tile_base + 10 * step, a10_0)
+    _vstore(tile, tile_base + 11 * step, a11_0)
+    _vstore(tile, tile_base + 12 * step, a12_0)
+    _vstore(tile, tile_base + 13 * step, a13_0)
+    _vstore(tile, tile_base + 14 * step, a14_0)
+    _vstore(tile, tile_base + 15 * step, a15_0)
+    _vstore(tile, tile_base + 16 * step, a16_0)
+    _vstore(tile, tile_base + 17 * step, a17_0)
+    _vstore(tile, tile_base + 18 * step, a18_0)
+    _vstore(tile, tile_base + 19 * step, a19_0)
+    _vstore(tile, tile_base + 20 * step, a20_0)
+
+
+@njit(cache=True)
+def cvec1x25_block(xf, base, tap_off, t0, t1, wq, w_base, lanes, tile, tile_base, first):
+    """1 vector of output channels x 25 pixels.
+
+    For p < 25 and k < step = 1 * lanes, with T the sum over taps
+    t0 <= t < t1 of ``wq[w_base + t * step + k] * xf[base + tap_off[t] + p]``:
+    ``tile[tile_base + p * step + k] = T`` if ``first``, else ``+= T``.
+    Per tap, 1 weight vector is loaded and each input value is broadcast against it.
+    """
+    _prefer_wide_vectors()
+    step = 1 * lanes
+    if first:
+        a0_0 = _vzero(xf)
+        a1_0 = _vzero(xf)
+        a2_0 = _vzero(xf)
+        a3_0 = _vzero(xf)
+        a4_0 = _vzero(xf)
+        a5_0 = _vzero(xf)
+        a6_0 = _vzero(xf)
+        a7_0 = _vzero(xf)
+        a8_0 = _vzero(xf)
+        a9_0 = _vzero(xf)
+        a10_0 = _vzero(xf)
+        a11_0 = _vzero(xf)
+        a12_0 = _vzero(xf)
+        a13_0 = _vzero(xf)
+        a14_0 = _vzero(xf)
+        a15_0 = _vzero(xf)
+        a16_0 = _vzero(xf)
+        a17_0 = _vzero(xf)
+        a18_0 = _vzero(xf)
+        a19_0 = _vzero(xf)
+        a20_0 = _vzero(xf)
+        a21_0 = _vzero(xf)
+        a22_0 = _vzero(xf)
+        a23_0 = _vzero(xf)
+        a24_0 = _vzero(xf)
+    else:
+        a0_0 = _vload(tile, tile_base)
+        a1_0 = _vload(tile, tile_base + step)
+        a2_0 = _vload(tile, tile_base + 2 * step)
+        a3_0 = _vload(tile, tile_base + 3 * step)
+        a4_0 = _vload(tile, tile_base + 4 * step)
+        a5_0 = _vload(tile, tile_base + 5 * step)
+        a6_0 = _vload(tile, tile_base + 6 * step)
+        a7_0 = _vload(tile, tile_base + 7 * step)
+        a8_0 = _vload(tile, tile_base + 8 * step)
+        a9_0 = _vload(tile, tile_base + 9 * step)
+        a10_0 = _vload(tile, tile_base + 10 * step)
+        a11_0 = _vload(tile, tile_base + 11 * step)
+        a12_0 = _vload(tile, tile_base + 12 * step)
+        a13_0 = _vload(tile, tile_base + 13 * step)
+        a14_0 = _vload(tile, tile_base + 14 * step)
+        a15_0 = _vload(tile, tile_base + 15 * step)
+        a16_0 = _vload(tile, tile_base + 16 * step)
+        a17_0 = _vload(tile, tile_base + 17 * step)
+        a18_0 = _vload(tile, tile_base + 18 * step)
+        a19_0 = _vload(tile, tile_base + 19 * step)
+        a20_0 = _vload(tile, tile_base + 20 * step)
+        a21_0 = _vload(tile, tile_base + 21 * step)
+        a22_0 = _vload(tile, tile_base + 22 * step)
+        a23_0 = _vload(tile, tile_base + 23 * step)
+        a24_0 = _vload(tile, tile_base + 24 * step)
+    for t in range(t0, t1):
+        vo = w_base + t * step
+        so = np.uint64(base + tap_off[t])
+        v0 = _vload(wq, vo)
+        s = xf[so]
+        a0_0 = _vfma(a0_0, v0, s)
+        s = xf[so + np.uint64(1)]
+        a1_0 = _vfma(a1_0, v0, s)
+        s = xf[so + np.uint64(2)]
+        a2_0 = _vfma(a2_0, v0, s)
+        s = xf[so + np.uint64(3)]
+        a3_0 = _vfma(a3_0, v0, s)
+        s = xf[so + np.uint64(4)]
+        a4_0 = _vfma(a4_0, v0, s)
+        s = xf[so + np.uint64(5)]
+        a5_0 = _vfma(a5_0, v0, s)
+        s = xf[so + np.uint64(6)]
+        a6_0 = _vfma(a6_0, v0, s)
+        s = xf[so + np.uint64(7)]
+        a7_0 = _vfma(a7_0, v0, s)
+        s = xf[so + np.uint64(8)]
+        a8_0 = _vfma(a8_0, v0, s)
+        s = xf[so + np.uint64(9)]
+        a9_0 = _vfma(a9_0, v0, s)
+        s = xf[so + np.uint64(10)]
+        a10_0 = _vfma(a10_0, v0, s)
+        s = xf[so + np.uint64(11)]
+        a11_0 = _vfma(a11_0, v0, s)
+        s = xf[so + np.uint64(12)]
+        a12_0 = _vfma(a12_0, v0, s)
+        s = xf[so + np.uint64(13)]
+        a13_0 = _vfma(a13_0, v0, s)
+        s = xf[so + np.uint64(14)]
+        a14_0 = _vfma(a14_0, v0, s)
+        s = xf[so + np.uint64(15)]
+        a15_0 = _vfma(a15_0, v0, s)
+        s = xf[so + np.uint64(16)]
+        a16_0 = _vfma(a16_0, v0, s)
+        s = xf[so + np.uint64(17)]
+        a17_0 = _vfma(a17_0, v0, s)
+        s = xf[so + np.uint64(18)]
+        a18_0 = _vfma(a18_0, v0, s)
+        s = xf[so + np.uint64(19)]
+        a19_0 = _vfma(a19_0, v0, s)
+        s = xf[so + np.uint64(20)]
+        a20_0 = _vfma(a20_0, v0, s)
+        s = xf[so + np.uint64(21)]
+        a21_0 = _vfma(a21_0, v0, s)
+        s = xf[so + np.uint64(22)]
+        a22_0 = _vfma(a22_0, v0, s)
+        s = xf[so + np.uint64(23)]
+        a23_0 = _vfma(a23_0, v0, s)
+        s = xf[so + np.uint64(24)]
+        a24_0 = _vfma(a24_0, v0, s)
+    _vstore(tile, tile_base, a0_0)
+    _vstore(tile, tile_base + step, a1_0)
+    _vstore(tile, tile_base + 2 * step, a2_0)
+    _vstore(tile, tile_base + 3 * step, a3_0)
+    _vstore(tile, tile_base + 4 * step, a4_0)
+    _vstore(tile, tile_base + 5 * step, a5_0)
+    _vstore(tile, tile_base + 6 * step, a6_0)
+    _vstore(tile, tile_base + 7 * step, a7_0)
+    _vstore(tile, tile_base + 8 * step, a8_0)
+    _vstore(tile, tile_base + 9 * step, a9_0)
+    _vstore(tile, tile_base + 10 * step, a10_0)
+    _vstore(tile, tile_base + 11 * step, a11_0)
+    _vstore(tile, tile_base + 12 * step, a12_0)
+    _vstore(tile, tile_base + 13 * step, a13_0)
+    _vstore(tile, tile_base + 14 * step, a14_0)
+    _vstore(tile, tile_base + 15 * step, a15_0)
+    _vstore(tile, tile_base + 16 * step, a16_0)
+    _vstore(tile, tile_base + 17 * step, a17_0)
+    _vstore(tile, tile_base + 18 * step, a18_0)
+    _vstore(tile, tile_base + 19 * step, a19_0)
+    _vstore(tile, tile_base + 20 * step, a20_0)
+    _vstore(tile, tile_base + 21 * step, a21_0)
+    _vstore(tile, tile_base + 22 * step, a22_0)
+    _vstore(tile, tile_base + 23 * step, a23_0)
+    _vstore(tile, tile_base + 24 * step, a24_0)
+
+
+@njit(cache=True)
+def cvec1x28_block(xf, base, tap_off, t0, t1, wq, w_base, lanes, tile, tile_base, first):
+    """1 vector of output channels x 28 pixels.
+
+    For p < 28 and k < step = 1 * lanes, with T the sum over taps
+    t0 <= t < t1 of ``wq[w_base + t * step + k] * xf[base + tap_off[t] + p]``:
+    ``tile[tile_base + p * step + k] = T`` if ``first``, else ``+= T``.
+    Per tap, 1 weight vector is loaded and each input value is broadcast against it.
+    """
+    _prefer_wide_vectors()
+    step = 1 * lanes
+    if first:
+        a0_0 = _vzero(xf)
+        a1_0 = _vzero(xf)
+        a2_0 = _vzero(xf)
+        a3_0 = _vzero(xf)
+        a4_0 = _vzero(xf)
+        a5_0 = _vzero(xf)
+        a6_0 = _vzero(xf)
+        a7_0 = _vzero(xf)
+        a8_0 = _vzero(xf)
+        a9_0 = _vzero(xf)
+        a10_0 = _vzero(xf)
+        a11_0 = _vzero(xf)
+        a12_0 = _vzero(xf)
+        a13_0 = _vzero(xf)
+        a14_0 = _vzero(xf)
+        a15_0 = _vzero(xf)
+        a16_0 = _vzero(xf)
+        a17_0 = _vzero(xf)
+        a18_0 = _vzero(xf)
+        a19_0 = _vzero(xf)
+        a20_0 = _vzero(xf)
+        a21_0 = _vzero(xf)
+        a22_0 = _vzero(xf)
+        a23_0 = _vzero(xf)
+        a24_0 = _vzero(xf)
+        a25_0 = _vzero(xf)
+        a26_0 = _vzero(xf)
+        a27_0 = _vzero(xf)
+    else:
+        a0_0 = _vload(tile, tile_base)
+        a1_0 = _vload(tile, tile_base + step)
+        a2_0 = _vload(tile, tile_base + 2 * step)
+        a3_0 = _vload(tile, tile_base + 3 * step)
+        a4_0 = _vload(tile, tile_base + 4 * step)
+        a5_0 = _vload(tile, tile_base + 5 * step)
+        a6_0 = _vload(tile, tile_base + 6 * step)
+        a7_0 = _vload(tile, tile_base + 7 * step)
+        a8_0 = _vload(tile, tile_base + 8 * step)
+        a9_0 = _vload(tile, tile_base + 9 * step)
+        a10_0 = _vload(tile, tile_base + 10 * step)
+        a11_0 = _vload(tile, tile_base + 11 * step)
+        a12_0 = _vload(tile, tile_base + 12 * step)
+        a13_0 = _vload(tile, tile_base + 13 * step)
+        a14_0 = _vload(tile, tile_base + 14 * step)
+        a15_0 = _vload(tile, tile_base + 15 * step)
+        a16_0 = _vload(tile, tile_base + 16 * step)
+        a17_0 = _vload(tile, tile_base + 17 * step)
+        a18_0 = _vload(tile, tile_base + 18 * step)
+        a19_0 = _vload(tile, tile_base + 19 * step)
+        a20_0 = _vload(tile, tile_base + 20 * step)
+        a21_0 = _vload(tile, tile_base + 21 * step)
+        a22_0 = _vload(tile, tile_base + 22 * step)
+        a23_0 = _vload(tile, tile_base + 23 * step)
+        a24_0 = _vload(tile, tile_base + 24 * step)
+        a25_0 = _vload(tile, tile_base + 25 * step)
+        a26_0 = _vload(tile, tile_base + 26 * step)
+        a27_0 = _vload(tile, tile_base + 27 * step)
+    for t in range(t0, t1):
+        vo = w_base + t * step
+        so = np.uint64(base + tap_off[t])
+        v0 = _vload(wq, vo)
+        s = xf[so]
+        a0_0 = _vfma(a0_0, v0, s)
+        s = xf[so + np.uint64(1)]
+        a1_0 = _vfma(a1_0, v0, s)
+        s = xf[so + np.uint64(2)]
+        a2_0 = _vfma(a2_0, v0, s)
+        s = xf[so + np.uint64(3)]
+        a3_0 = _vfma(a3_0, v0, s)
+        s = xf[so + np.uint64(4)]
+        a4_0 = _vfma(a4_0, v0, s)
+        s = xf[so + np.uint64(5)]
+        a5_0 = _vfma(a5_0, v0, s)
+        s = xf[so + np.uint64(6)]
+        a6_0 = _vfma(a6_0, v0, s)
+        s = xf[so + np.uint64(7)]
+        a7_0 = _vfma(a7_0, v0, s)
+        s = xf[so + np.uint64(8)]
+        a8_0 = _vfma(a8_0, v0, s)
+        s = xf[so + np.uint64(9)]
+        a9_0 = _vfma(a9_0, v0, s)
+        s = xf[so + np.uint64(10)]
+        a10_0 = _vfma(a10_0, v0, s)
+        s = xf[so + np.uint64(11)]
+        a11_0 = _vfma(a11_0, v0, s)
+        s = xf[so + np.uint64(12)]
+        a12_0 = _vfma(a12_0, v0, s)
+        s = xf[so + np.uint64(13)]
+        a13_0 = _vfma(a13_0, v0, s)
+        s = xf[so + np.uint64(14)]
+        a14_0 = _vfma(a14_0, v0, s)
+        s = xf[so + np.uint64(15)]
+        a15_0 = _vfma(a15_0, v0, s)
+        s = xf[so + np.uint64(16)]
+        a16_0 = _vfma(a16_0, v0, s)
+        s = xf[so + np.uint64(17)]
+        a17_0 = _vfma(a17_0, v0, s)
+        s = xf[so + np.uint64(18)]
+        a18_0 = _vfma(a18_0, v0, s)
+        s = xf[so + np.uint64(19)]
+        a19_0 = _vfma(a19_0, v0, s)
+        s = xf[so + np.uint64(20)]
+        a20_0 = _vfma(a20_0, v0, s)
+        s = xf[so + np.uint64(21)]
+        a21_0 = _vfma(a21_0, v0, s)
+        s = xf[so + np.uint64(22)]
+        a22_0 = _vfma(a22_0, v0, s)
+        s = xf[so + np.uint64(23)]
+        a23_0 = _vfma(a23_0, v0, s)
+        s = xf[so + np.uint64(24)]
+        a24_0 = _vfma(a24_0, v0, s)
+        s = xf[so + np.uint64(25)]
+        a25_0 = _vfma(a25_0, v0, s)
+        s = xf[so + np.uint64(26)]
+        a26_0 = _vfma(a26_0, v0, s)
+        s = xf[so + np.uint64(27)]
+        a27_0 = _vfma(a27_0, v0, s)
+    _vstore(tile, tile_base, a0_0)
+    _vstore(tile, tile_base + step, a1_0)
+    _vstore(tile, tile_base + 2 * step, a2_0)
+    _vstore(tile, tile_base + 3 * step, a3_0)
+    _vstore(tile, tile_base + 4 * step, a4_0)
+    _vstore(tile, tile_base + 5 * step, a5_0)
+    _vstore(tile, tile_base + 6 * step, a6_0)
+    _vstore(tile, tile_base + 7 * step, a7_0)
+    _vstore(tile, tile_base + 8 * step, a8_0)
+    _vstore(tile, tile_base + 9 * step, a9_0)
+    _vstore(tile, tile_base + 10 * step, a10_0)
+    _vstore(tile, tile_base + 11 * step, a11_0)
+    _vstore(tile, tile_base + 12 * step, a12_0)
+    _vstore(tile, tile_base + 13 * step, a13_0)
+    _vstore(tile, tile_base + 14 * step, a14_0)
+    _vstore(tile, tile_base + 15 * step, a15_0)
+    _vstore(tile, tile_base + 16 * step, a16_0)
+    _vstore(tile, tile_base + 17 * step, a17_0)
+    _vstore(tile, tile_base + 18 * step, a18_0)
+    _vstore(tile, tile_base + 19 * step, a19_0)
+    _vstore(tile, tile_base + 20 * step, a20_0)
+    _vstore(tile, tile_base + 21 * step, a21_0)
+    _vstore(tile, tile_base + 22 * step, a22_0)
+    _vstore(tile, tile_base + 23 * step, a23_0)
+    _vstore(tile, tile_base + 24 * step, a24_0)
+    _vstore(tile, tile_base + 25 * step, a25_0)
+    _vstore(tile, tile_base + 26 * step, a26_0)
+    _vstore(tile, tile_base + 27 * step, a27_0)
+
+
 @njit(inline="always", cache=True)
 def register_block(variant, xf, base, tap_off, t0, t1, wq, w_base, width, lanes, tile,
                    tile_base, row_step, first):
-    """Register block number ``variant`` of ``_REGISTER_BLOCKS``."""
+    """Register block number ``variant`` of ``_ALL_BLOCKS``."""
     if variant == 0:
         pvec_block(xf, base, tap_off, t0, t1, wq, w_base, width, lanes, tile, tile_base,
                    row_step, first)
     elif variant == 1:
         cvec1_block(xf, base, tap_off, t0, t1, wq, w_base, lanes, tile, tile_base, first)
-    else:
+    elif variant == 2:
         cvec2_block(xf, base, tap_off, t0, t1, wq, w_base, lanes, tile, tile_base, first)
+    elif variant == 3:
+        cvec1x21_block(xf, base, tap_off, t0, t1, wq, w_base, lanes, tile, tile_base, first)
+    elif variant == 4:
+        cvec1x25_block(xf, base, tap_off, t0, t1, wq, w_base, lanes, tile, tile_base, first)
+    else:
+        cvec1x28_block(xf, base, tap_off, t0, t1, wq, w_base, lanes, tile, tile_base, first)
 
 
 @njit(inline="always", cache=True)

@@ -15,6 +15,9 @@ from . import threads as _threads
 
 from . import _conv2d_blocks as _blocks
 from .simd import VECTOR_BYTES as _VECTOR_BYTES
+from .simd import vload as _vload, vstore as _vstore, vzero as _vzero
+from .simd_ext import vadd_scalar as _vadd_scalar, vstore_first as _vstore_first
+from .simd_ext import vtranspose as _vtranspose
 
 __all__ = ["conv2d_forward", "choose_cpu_kernel", "conv2d_scratch_bytes", "CpuKernel",
            "CPU_KERNELS"]
@@ -55,15 +58,22 @@ class _RegisterBlock(NamedTuple):
 
 # Each block has 24 accumulators, which leave registers for the operands of one tap (two
 # weight vectors and one input value, or four input vectors and one weight) on a
-# 32-register machine. The index of a block in this tuple is its variant number in the
-# kernel.
+# 32-register machine. These three name the kernel variants (:data:`CPU_KERNELS`).
 _REGISTER_BLOCKS = (
     _RegisterBlock("pvec", "pixels", rows=6, cols=4),
     _RegisterBlock("cvec1", "channels", rows=24, cols=1),
     _RegisterBlock("cvec2", "channels", rows=12, cols=2),
 )
-_BLOCK_BY_NAME = {blk.name: blk for blk in _REGISTER_BLOCKS}
-_VARIANT = {blk.name: variant for variant, blk in enumerate(_REGISTER_BLOCKS)}
+# One vector of output channels by other pixel counts, for ``cvec1`` by rows: each output
+# row is cut into blocks of the count (24 or one of these) that computes the fewest pixels,
+# so that rows of 21, 25 or 55 = 2 x 28 pixels (DeepFace L6, L5, L4) compute no dropped
+# pixels. At most 28 accumulators and the weight vector of the tap: 29 of 32 registers.
+_ROW_FITTED_PIXELS = (21, 25, 28)
+_ALL_BLOCKS = _REGISTER_BLOCKS + tuple(
+    _RegisterBlock(f"cvec1x{p}", "channels", rows=p, cols=1) for p in _ROW_FITTED_PIXELS)
+_BLOCK_BY_NAME = {blk.name: blk for blk in _ALL_BLOCKS}
+# The index of a block in _ALL_BLOCKS is its variant number in the kernel.
+_VARIANT = {blk.name: variant for variant, blk in enumerate(_ALL_BLOCKS)}
 _RUNS = ("merged", "rows")
 
 # The channel-vector kernels fill vectors with output channels: with at most this many per
@@ -111,13 +121,17 @@ def choose_cpu_kernel(geom):
       or 24 output pixels; ``"pvec"`` (at most ``_PVEC_MAX_CHANNELS``, where channel vectors
       would be mostly empty): blocks of at most 6 output channels times four vectors of
       consecutive output pixels. All three keep 24 vector accumulators in registers for a
-      whole chunk of the reduction (``_REGISTER_BLOCKS``);
+      whole chunk of the reduction (``_REGISTER_BLOCKS``); ``"cvec1"`` by rows cuts each
+      output row into blocks of 21, 24, 25 or 28 pixels, whichever computes the fewest
+      (``_ROW_FITTED_PIXELS``: rows of 21, 25 and 55 pixels end with their last block);
     - runs ``"merged"`` when ``stride == (1, 1)``: all output rows of all images form one run
       of virtual pixels on the padded grid (long runs even for 7 x 7 maps, at the price of
       computing the pixels that fall in the padding columns and rows, which are dropped),
-      unless one run per output row computes at most 90 % as many pixels (a wide kernel
-      without padding on a small map, such as DeepFace L6's); ``"rows"`` otherwise: one run
-      per output row.
+      unless one run per output row computes at most 90 % as many multiply-adds (a wide
+      kernel without padding on a small map, such as DeepFace L6's, or a wide kernel with
+      wide padding, such as its input gradient's: by rows, an output row skips the kernel
+      rows that read only the zero padding above or below the input); ``"rows"`` otherwise:
+      one run per output row.
 
     >>> from gpuconv.geometry import conv_geometry
     >>> choose_cpu_kernel(conv_geometry((1, 3, 8, 8), (3, 3), 4))
@@ -126,6 +140,14 @@ def choose_cpu_kernel(geom):
     'cvec1-merged'
     >>> str(choose_cpu_kernel(conv_geometry((1, 3, 8, 8), (3, 3), 64, stride=2)))
     'cvec2-rows'
+
+    DeepFace L6 (16 -> 16 channels, 25 x 25, 5 x 5) and its input gradient (the forward
+    convolution of the 21 x 21 output gradient, padding 4) run by rows:
+
+    >>> str(choose_cpu_kernel(conv_geometry((8, 16, 25, 25), (5, 5), 16)))
+    'cvec1-rows'
+    >>> str(choose_cpu_kernel(conv_geometry((8, 16, 21, 21), (5, 5), 16, padding=4)))
+    'cvec1-rows'
     """
     lanes = _VECTOR_BYTES // 4  # float32 lanes per vector
     c_Og = geom.out_channels_per_group
@@ -135,30 +157,69 @@ def choose_cpu_kernel(geom):
         vector = "cvec1" if c_Og <= lanes else "cvec2"
     runs = "rows"
     if geom.stride_h == 1 and geom.stride_w == 1:
-        pixels = _BLOCK_BY_NAME[vector].pixels(lanes)
-        if _virtual_pixels(geom, True, pixels) * _MERGED_WASTE < _virtual_pixels(geom, False,
-                                                                               pixels):
+        merged = _computed_taps(geom, True, _BLOCK_BY_NAME[vector].pixels(lanes))
+        rows = _computed_taps(geom, False, _row_block(geom, vector).pixels(lanes))
+        if merged * _MERGED_WASTE < rows:
             runs = "merged"
     return _CPU_KERNEL[vector, runs]
 
 
-# The merged runs are chosen unless the rows compute at most this share of their virtual
-# pixels (their runs are shorter, so each pixel costs a little more).
+# The merged runs are chosen unless the rows compute at most this share of their
+# multiply-adds (their runs are shorter, so each costs a little more).
 _MERGED_WASTE = 0.9
 
 
-def _virtual_pixels(geom, merged, pixels):
-    """Output pixels the kernel computes, in whole register blocks of ``pixels``: the merged
-    runs cover the padded grid (see :func:`_conv2d_layout`), the rows each output row.
+def _row_block(geom, vector):
+    """The register block of the runs by rows: ``vector``'s own, or for ``"cvec1"`` the one
+    of ``_ROW_FITTED_PIXELS`` (or 24) pixels whose whole blocks cover an output row with the
+    fewest pixels (the most pixels among equals)."""
+    if vector != "cvec1":
+        return _BLOCK_BY_NAME[vector]
+    w_O = geom.out_width
+    candidates = (_BLOCK_BY_NAME["cvec1"],) + tuple(
+        _BLOCK_BY_NAME[f"cvec1x{p}"] for p in _ROW_FITTED_PIXELS)
+    return min(candidates, key=lambda blk: (-(-w_O // blk.rows) * blk.rows, -blk.rows))
+
+
+def _crops_rows(geom, merged):
+    """Whether the runs by rows skip the kernel rows that read only the zero padding above
+    or below the input (then the taps are ordered kernel row first: see
+    :func:`_tap_offsets`)."""
+    return not merged and geom.kernel_height > 1 and (geom.pad_top > 0 or geom.pad_bottom > 0)
+
+
+def _kernel_rows(geom, oy):
+    """The kernel rows ``[u_lo, u_hi)`` that output row ``oy`` reads inside the input (none:
+    ``u_lo == u_hi``); the rows before and after read only its zero padding."""
+    iy = oy * geom.stride_h - geom.pad_top
+    d_H = geom.dilation_h
+    u_lo = min(geom.kernel_height, -(iy // d_H) if iy < 0 else 0)
+    u_hi = min(geom.kernel_height, (geom.in_height - 1 - iy) // d_H + 1)
+    return u_lo, max(u_lo, u_hi)
+
+
+def _computed_taps(geom, merged, pixels):
+    """Multiply-adds the kernel computes per output channel and input channel, in whole
+    register blocks of ``pixels``: the merged runs cover the padded grid (see
+    :func:`_conv2d_layout`) with every tap, the rows each output row with the kernel rows
+    it reads inside the input (see :func:`_crops_rows`).
 
     DeepFace L6 (25 x 25 input, 5 x 5 kernel, no padding) computes 25 x 25 virtual pixels
-    per image merged, 21 rows of 24 by rows: 14 % faster by rows (measured, one core)."""
+    per image merged, 21 rows of 21 by rows; its input gradient (21 x 21, padding 4) 25 x 25
+    merged with every tap, 25 rows of 25 by rows with 21 of their 25 kernel rows."""
+    taps = geom.kernel_height * geom.kernel_width
     if merged:
         h_P = max(geom.in_height + max(geom.pad_top, geom.pad_bottom), geom.out_height)
         w_Q = max(geom.in_width + max(geom.pad_left, geom.pad_right), geom.out_width)
         total = ((geom.batch - 1) * h_P + geom.out_height - 1) * w_Q + geom.out_width
-        return -(-total // pixels) * pixels
-    return geom.batch * geom.out_height * (-(-geom.out_width // pixels) * pixels)
+        return -(-total // pixels) * pixels * taps
+    if _crops_rows(geom, False):
+        kernel_rows = sum(hi - lo for lo, hi in map(functools.partial(_kernel_rows, geom),
+                                                    range(geom.out_height)))
+    else:
+        kernel_rows = geom.out_height * geom.kernel_height
+    row = -(-geom.out_width // pixels) * pixels
+    return geom.batch * kernel_rows * geom.kernel_width * row
 
 
 # --------------------------------------------------------------------------------------
@@ -174,8 +235,12 @@ def _pack_input(x, xp, pt, pl, s_W):
     w_Q = xp.shape[4]
     x_flat = x.reshape(-1)
     xp_flat = xp.reshape(-1)
+    lanes = _VECTOR_BYTES // x.itemsize
     # Serial: a copy at memory speed, and one parallel region fewer per call (on a busy
     # machine each region waits for every thread to get a core).
+    if s_W == 1 and w_Q >= lanes:
+        _pack_rows(x_flat, xp_flat, n, c_I, h, wd, h_P, w_Q, pt, pl, lanes)
+        return
     for c in range(c_I):
         for b in range(n):
             for y in range(h_P):
@@ -201,9 +266,47 @@ def _pack_input(x, xp, pt, pl, s_W):
 
 
 @njit(cache=True)
-def _pack_weights(w, wp, c_Og):
+def _pack_rows(x_flat, xp_flat, n, c_I, h, wd, h_P, w_Q, pt, pl, lanes):
+    """:func:`_pack_input` with stride 1 and rows of at least one vector. Rows are short (21
+    to 29 columns for DeepFace L6 and its input gradient): whole vectors, the last of a
+    stretch overlapping the one before it, cost less than a scalar tail, and the column
+    range is computed once, not per row."""
+    zero = _vzero(xp_flat)
+    j_lo = min(w_Q, pl)
+    j_hi = min(w_Q, max(j_lo, wd + pl))
+    for c in range(c_I):
+        for b in range(n):
+            for y in range(h_P):
+                iy = y - pt
+                dst = ((c * n + b) * h_P + y) * w_Q
+                src = ((b * c_I + c) * h + iy) * wd - pl
+                lo, hi = (j_lo, j_hi) if 0 <= iy < h else (w_Q, w_Q)
+                # The zeros first: where their vectors reach into the copied columns, the
+                # copy overwrites them.
+                j = 0
+                while j < lo:
+                    _vstore(xp_flat, dst + min(j, w_Q - lanes), zero)
+                    j += lanes
+                j = hi
+                while j < w_Q:
+                    _vstore(xp_flat, dst + min(j, w_Q - lanes), zero)
+                    j += lanes
+                if hi - lo >= lanes:
+                    j = lo
+                    while j < hi - lanes:
+                        _vstore(xp_flat, dst + j, _vload(x_flat, src + j))
+                        j += lanes
+                    _vstore(xp_flat, dst + hi - lanes, _vload(x_flat, src + hi - lanes))
+                else:
+                    for j in range(lo, hi):
+                        xp_flat[np.uint64(dst + j)] = x_flat[np.uint64(src + j)]
+
+
+@njit(cache=True)
+def _pack_weights(w, wp, c_Og, rows_first):
     """wp[block, tap, k] = w[co, c, u, v] with co = the k-th channel of the block and
-    tap = (c * k_H + u) * k_W + v; channels past the end of a group are zero."""
+    tap = (c * k_H + u) * k_W + v, or (u * c_Ig + c) * k_W + v if ``rows_first``; channels
+    past the end of a group are zero."""
     c_O, c_Ig, k_H, k_W = w.shape
     block = wp.shape[2]
     blocks_per_group = wp.shape[0] // (c_O // c_Og)
@@ -214,7 +317,7 @@ def _pack_weights(w, wp, c_Og):
         for c in range(c_Ig):
             for u in range(k_H):
                 for v in range(k_W):
-                    t = (c * k_H + u) * k_W + v
+                    t = (u * c_Ig + c) * k_W + v if rows_first else (c * k_H + u) * k_W + v
                     for k in range(block):
                         co = co0 + k
                         wp[blk, t, k] = w[co, c, u, v] if co < co1 else 0
@@ -229,7 +332,7 @@ _RUN_BLOCKS = 8
 
 
 # --------------------------------------------------------------------------------------
-# Register blocks: generated from _REGISTER_BLOCKS into _conv2d_blocks.py
+# Register blocks: generated from _ALL_BLOCKS into _conv2d_blocks.py
 # --------------------------------------------------------------------------------------
 #
 # Numba keeps values in registers only if they are separate local variables, so each block
@@ -253,7 +356,7 @@ def _block_args(blk):
 
 
 _BLOCKS_HEADER = '''\
-"""Register blocks of the shared-weight CPU kernel: generated from ``_REGISTER_BLOCKS`` in
+"""Register blocks of the shared-weight CPU kernel: generated from ``_ALL_BLOCKS`` in
 :mod:`gpuconv.cpu.conv2d`, which documents them. Do not edit: change the generator there and
 run ``python -c "from gpuconv.cpu import conv2d; conv2d._write_register_blocks()"``.
 """
@@ -348,25 +451,25 @@ def _register_block_source(blk):
 
 
 def _register_blocks_source():
-    """Source of ``_conv2d_blocks.py``: one function per entry of ``_REGISTER_BLOCKS``,
+    """Source of ``_conv2d_blocks.py``: one function per entry of ``_ALL_BLOCKS``,
     ``register_block`` that calls one of them by its index (the kernel's ``variant``), and
     ``tile_is_channel_major``."""
     parts = [_BLOCKS_HEADER]
-    parts += [_register_block_source(blk) for blk in _REGISTER_BLOCKS]
+    parts += [_register_block_source(blk) for blk in _ALL_BLOCKS]
     # Inlined by Numba into the caller, which then calls the blocks directly.
     dispatch = ['@njit(inline="always", cache=True)',
                 *_wrapped("def register_block(", ("variant",) + _BLOCK_ARGS, "):"),
-                '    """Register block number ``variant`` of ``_REGISTER_BLOCKS``."""']
-    for v, blk in enumerate(_REGISTER_BLOCKS):
+                '    """Register block number ``variant`` of ``_ALL_BLOCKS``."""']
+    for v, blk in enumerate(_ALL_BLOCKS):
         if v == 0:
             dispatch.append(f"    if variant == {v}:")
-        elif v < len(_REGISTER_BLOCKS) - 1:
+        elif v < len(_ALL_BLOCKS) - 1:
             dispatch.append(f"    elif variant == {v}:")
         else:
             dispatch.append("    else:")
         dispatch += _wrapped(f"        {blk.name}_block(", _block_args(blk), ")")
     parts.append("\n".join(dispatch))
-    channel_major = " or ".join(f"variant == {v}" for v, blk in enumerate(_REGISTER_BLOCKS)
+    channel_major = " or ".join(f"variant == {v}" for v, blk in enumerate(_ALL_BLOCKS)
                                 if blk.vectors_of == "pixels") or "False"
     parts.append("\n".join([
         '@njit(inline="always", cache=True)',
@@ -377,20 +480,22 @@ def _register_blocks_source():
 
 
 def _write_register_blocks():
-    """Regenerate ``_conv2d_blocks.py`` (after a change of ``_REGISTER_BLOCKS`` or of the
+    """Regenerate ``_conv2d_blocks.py`` (after a change of ``_ALL_BLOCKS`` or of the
     generator)."""
     _BLOCKS_FILE.write_text(_register_blocks_source())
 
 
 @njit(parallel=True, cache=True)
 def _conv2d_kernel(xf, tap_off, wq, variant, px, block, block_step, row_step, tap_chunk, bias,
-                   has_bias, out, tiles, groups, c_Ig, h_P, s_H, s_W, w_Q, merged):
+                   has_bias, out, tiles, groups, c_Ig, h_P, s_H, s_W, w_Q, merged, crop,
+                   k_H, d_H, pad_top, in_h):
     """The shared-weight kernel around register block number ``variant`` of
-    ``_REGISTER_BLOCKS`` (``px`` pixels by ``block`` output channels, ``block_step`` apart in
+    ``_ALL_BLOCKS`` (``px`` pixels by ``block`` output channels, ``block_step`` apart in
     the tile, rows ``row_step`` apart: see :class:`_Conv2dLayout`). Jobs are (run of pixel
     blocks, block of output channels); each job runs the reduction in chunks of ``tap_chunk``
     taps (whose weights fit in L1) over all the pixel blocks of its run, then scatters its
-    tiles to the output."""
+    tiles to the output. With ``crop`` (by rows; taps ordered kernel row first) a run takes
+    only the taps of the kernel rows that read inside the input (see :func:`_kernel_rows`)."""
     n, c_O, h_O, w_O = out.shape
     c_Og = c_O // groups
     n_taps = tap_off.shape[0]
@@ -408,7 +513,9 @@ def _conv2d_kernel(xf, tap_off, wq, variant, px, block, block_step, row_step, ta
         runs = n * h_O * runs_per_row
         total = 0
     n_jobs = runs * n_blocks
+    row_taps = n_taps // k_H  # taps of one kernel row (crop: they are consecutive)
     n_threads = tiles.shape[0]
+    transposed = tiles.shape[1] - lanes * lanes  # scratch of the pixel-major scatter
     out_flat = out.reshape(-1)
     for thread in prange(n_threads):
         tile = tiles[thread]
@@ -437,13 +544,26 @@ def _conv2d_kernel(xf, tap_off, wq, variant, px, block, block_step, row_step, ta
                 row_base = group_base + ((b * h_P + oy * s_H) * s_W) * w_Q
                 ox = v_start
             n_px_blocks = (v_end - v_start + px - 1) // px
-            for t0 in range(0, n_taps, tap_chunk):
-                t1 = min(t0 + tap_chunk, n_taps)
+            t_lo = 0
+            t_hi = n_taps
+            if crop:
+                iy = oy * s_H - pad_top
+                u_lo = min(k_H, -(iy // d_H) if iy < 0 else 0)
+                u_hi = max(u_lo, min(k_H, (in_h - 1 - iy) // d_H + 1))
+                t_lo = u_lo * row_taps
+                t_hi = u_hi * row_taps
+            # at least one pass: with no taps, the first one zeroes the tiles
+            t0 = t_lo
+            while True:
+                t1 = min(t0 + tap_chunk, t_hi)
                 for j in range(n_px_blocks):
                     base = row_base + v_start + j * px
                     _blocks.register_block(variant, xf, base, tap_off, t0, t1, wq, w_base,
                                            block, lanes, tile, j * block_step, row_step,
-                                           t0 == 0)
+                                           t0 == t_lo)
+                t0 = t1
+                if t0 >= t_hi:
+                    break
             # Scatter the run's tiles to the output, one stretch of an output row at a time.
             i0 = 0
             while i0 < v_end - v_start:
@@ -451,22 +571,33 @@ def _conv2d_kernel(xf, tap_off, wq, variant, px, block, block_step, row_step, ta
                 if merged:
                     stretch = min(stretch, w_Q - ox)
                 valid = min(stretch, w_O - ox) if oy < h_O else 0
-                for co in range(co0, co1):
-                    k = co - co0
-                    o = ((b * c_O + co) * h_O + oy) * w_O + ox
-                    add = bias[co, 0, 0] if has_bias else 0
-                    # Tested here, inside the parallel loop, on the variant number, which
-                    # LLVM relates to the branches of register_block. (A flag computed
-                    # outside prange reaches the loop body as a separate argument, and LLVM
-                    # then compiles a slower strided loop for pixel-major tiles.)
-                    if _blocks.tile_is_channel_major(variant):
+                # Tested here, inside the parallel loop, on the variant number, which LLVM
+                # relates to the branches of register_block. (A flag computed outside prange
+                # reaches the loop body as a separate argument, and LLVM then compiles
+                # slower loops.)
+                if _blocks.tile_is_channel_major(variant):
+                    for co in range(co0, co1):
+                        k = co - co0
+                        o = ((b * c_O + co) * h_O + oy) * w_O + ox
+                        add = bias[co, 0, 0] if has_bias else 0
                         t = k * run_len + i0
                         for q in range(valid):
                             out_flat[np.uint64(o + q)] = tile[np.uint64(t + q)] + add
-                    else:
-                        t = i0 * block + k
-                        for q in range(valid):
-                            out_flat[np.uint64(o + q)] = tile[np.uint64(t + q * block)] + add
+                else:
+                    # Pixel-major: blocks of lanes pixels x lanes channels transposed in
+                    # registers into the scratch after the tile, then stored channel by
+                    # channel (the pixels past ``valid`` and the channels past ``co1`` that
+                    # the block reads are dropped).
+                    for q0 in range(0, valid, lanes):
+                        count = min(lanes, valid - q0)
+                        for k0 in range(0, co1 - co0, lanes):
+                            _vtranspose(tile, (i0 + q0) * block + k0, block, tile, transposed)
+                            for k in range(k0, min(k0 + lanes, co1 - co0)):
+                                co = co0 + k
+                                o = ((b * c_O + co) * h_O + oy) * w_O + ox + q0
+                                add = bias[co, 0, 0] if has_bias else 0
+                                row = _vload(tile, transposed + (k - k0) * lanes)
+                                _vstore_first(out_flat, o, _vadd_scalar(row, add), count)
                 i0 += stretch
                 ox += stretch
                 if merged and ox == w_Q:
@@ -478,9 +609,9 @@ def _conv2d_kernel(xf, tap_off, wq, variant, px, block, block_step, row_step, ta
 
 
 @functools.lru_cache(maxsize=256)  # per geometry: computed once, not per call
-def _tap_offsets(geom, h_P, w_Q):
-    """Offset in the packed input of each tap (c, u, v) of one group, tap-major as in
-    :func:`_pack_weights`."""
+def _tap_offsets(geom, h_P, w_Q, rows_first):
+    """Offset in the packed input of each tap (c, u, v) of one group, in the order of
+    :func:`_pack_weights`: (c, u, v), or (u, c, v) if ``rows_first``."""
     s_W = geom.stride_w
     channel_stride = geom.batch * h_P * s_W * w_Q
     c = np.arange(geom.in_channels_per_group).reshape(-1, 1, 1)
@@ -489,17 +620,20 @@ def _tap_offsets(geom, h_P, w_Q):
     col = v * geom.dilation_w
     offsets = (c * channel_stride + (u * geom.dilation_h) * s_W * w_Q
                + (col % s_W) * w_Q + col // s_W)
+    if rows_first:
+        offsets = offsets.transpose(1, 0, 2)
     return np.ascontiguousarray(offsets.reshape(-1), dtype=np.int64)
 
 
 class _Conv2dLayout(NamedTuple):
     """Sizes of the shared kernel's repacked buffers for one geometry (see conv2d_forward)."""
 
-    variant: int          # index of the register block in _REGISTER_BLOCKS
+    variant: int          # index of the register block in _ALL_BLOCKS
     pixels: int           # output pixels per register block
     block_step: int       # tile elements between consecutive pixel blocks of a run
     row_step: int         # tile elements between the rows of a register block
     merged: bool          # stride-1 layout whose rows and images share their padding
+    crop: bool            # by rows, taps kernel row first, each row's in-input rows only
     h_P: int
     w_Q: int
     packed_size: int      # elements of the padded, phase-split input
@@ -513,18 +647,22 @@ class _Conv2dLayout(NamedTuple):
 
 @functools.lru_cache(maxsize=None)
 def _largest_blocks(lanes):
-    """Most pixels of any register block, and most elements of any block's tile of a run."""
-    return (max(blk.pixels(lanes) for blk in _REGISTER_BLOCKS),
+    """Most pixels of any register block, and the elements of a thread's tile: the most of
+    any block's tile of a run, then the rows that the scatter's last transposed block reads
+    past a pixel-major run (``lanes`` rows of at most ``2 * lanes`` channels), then the
+    ``lanes x lanes`` transposed block itself."""
+    return (max(blk.pixels(lanes) for blk in _ALL_BLOCKS),
             _RUN_BLOCKS * max(blk.pixels(lanes) * blk.channels(lanes)
-                              for blk in _REGISTER_BLOCKS))
+                              for blk in _ALL_BLOCKS)
+            + lanes * max(blk.channels(lanes) for blk in _ALL_BLOCKS) + lanes * lanes)
 
 
 @functools.lru_cache(maxsize=256)  # per geometry: computed once, not per call
 def _conv2d_layout(geom, itemsize):
     s_H, s_W = geom.stride_h, geom.stride_w
     kernel = choose_cpu_kernel(geom)
-    reg = _BLOCK_BY_NAME[kernel.vector]
     merged = kernel.merged
+    reg = _BLOCK_BY_NAME[kernel.vector] if merged else _row_block(geom, kernel.vector)
     lanes = _VECTOR_BYTES // itemsize
     pixel_block, tile = _largest_blocks(lanes)
     if merged:
@@ -560,7 +698,8 @@ def _conv2d_layout(geom, itemsize):
         # pixel-major: tile[i * block + k], rows are pixels
         block_step, row_step = px * block, block
     tap_chunk = max(1, _TAP_CHUNK_BYTES // (block * itemsize))
-    return _Conv2dLayout(_VARIANT[reg.name], px, block_step, row_step, merged, h_P, w_Q,
+    return _Conv2dLayout(_VARIANT[reg.name], px, block_step, row_step, merged,
+                         _crops_rows(geom, merged), h_P, w_Q,
                          packed_size, slack, block, tap_chunk, blocks_per_group, n_taps, tile)
 
 
@@ -593,12 +732,14 @@ def conv2d_forward(x, weight, bias, has_bias, out, geom):
     xf[packed_size:] = 0
     xp = xf[:packed_size].reshape(geom.in_channels, geom.batch, h_P, s_W, w_Q)
     _pack_input(x, xp, geom.pad_top, geom.pad_left, s_W)
-    tap_off = _tap_offsets(geom, h_P, w_Q)
+    tap_off = _tap_offsets(geom, h_P, w_Q, layout.crop)
     wq = np.empty((layout.blocks_per_group * geom.groups, layout.n_taps, block), dtype=x.dtype)
-    _pack_weights(weight, wq, geom.out_channels_per_group)
+    _pack_weights(weight, wq, geom.out_channels_per_group, layout.crop)
     tiles = np.empty((_threads.count(), layout.tile), dtype=x.dtype)
     _conv2d_kernel(xf, tap_off, wq.reshape(-1), layout.variant, layout.pixels, block,
                    layout.block_step, layout.row_step, layout.tap_chunk, bias, has_bias, out,
-                   tiles, geom.groups, geom.in_channels_per_group, h_P, s_H, s_W, w_Q, merged)
+                   tiles, geom.groups, geom.in_channels_per_group, h_P, s_H, s_W, w_Q, merged,
+                   layout.crop, geom.kernel_height, geom.dilation_h, geom.pad_top,
+                   geom.in_height)
     return out
 

@@ -13,9 +13,10 @@ With ``y = conv2d(x, w)`` and ``gy`` the gradient of a scalar loss with respect 
   copied to every ``s_H``-th row and ``s_W``-th column of the output; with stride 1 there is
   one phase, written in place. Phases without taps are zero. All phases' sub-kernels are
   built in one pass (at most the weight's size). As in any forward convolution, the zero
-  padding of ``gy`` meets every tap: an infinite weight gives ``0 * inf = NaN`` at border
-  pixels whose window sums, by the definition above, would not include it (finite weights
-  are exact).
+  padding of ``gy`` meets the taps (all of them in the merged runs; by rows, those of the
+  kernel rows that reach into ``gy``): an infinite weight can give ``0 * inf = NaN`` at
+  border pixels whose window sums, by the definition above, would not include it (finite
+  weights are exact).
 * **Weight gradient** (:func:`conv2d_weight_grad`): ``gw[o, c, u, v]`` is the dot product, over
   every output pixel of every image, of ``gy[:, o]`` and the input seen by tap ``(c, u, v)``.
   The input is repacked zero-padded and phase-split by columns, as the forward does, so that
@@ -181,6 +182,33 @@ def _plan(geom):
     return active, rows, cols
 
 
+class _PhaseCall(NamedTuple):
+    """What :func:`conv2d_input_grad` does for one phase that computes something."""
+
+    rows: _AxisPhase
+    cols: _AxisPhase
+    geom: ConvGeometry  # the phase's forward convolution
+    cropped: bool       # it reads a part of gy only
+    in_place: bool      # its result is the whole output
+
+
+@functools.lru_cache(maxsize=256)  # per geometry: computed once, not per call
+def _calls(geom):
+    """The phase calls, the flattened taps of their sub-kernels and where each phase's
+    start (see :func:`_sub_kernels`), and the (rows, columns) phases that receive nothing."""
+    active, rows, cols = _plan(geom)
+    calls = tuple(_PhaseCall(ph, pw, _phase_geometry(geom, ph, pw),
+                             (ph.lo, ph.hi, pw.lo, pw.hi) != (0, geom.out_height, 0,
+                                                             geom.out_width),
+                             _in_place(geom, ph, pw)) for ph, pw in active)
+    taps = [np.add.outer(np.array(ph.taps) * geom.kernel_width, np.array(pw.taps)).reshape(-1)
+            for ph, pw in active]
+    starts = np.cumsum([0] + [t.size for t in taps]).astype(np.int64)
+    flat = np.concatenate(taps).astype(np.int64) if taps else np.zeros(0, np.int64)
+    empty = tuple((ph, pw) for ph in rows for pw in cols if not ph.taps or not pw.taps)
+    return calls, flat, starts, empty
+
+
 def conv2d_input_grad_scratch_bytes(geom, itemsize):
     """Bytes of scratch :func:`conv2d_input_grad` allocates beyond ``out``: the transposed
     sub-kernels of all phases (at most the weight's size), plus the largest phase's cropped
@@ -209,34 +237,27 @@ def conv2d_input_grad(grad_output, weight, out, geom):
     """
     dtype = out.dtype
     c_I, c_O, groups = geom.in_channels, geom.out_channels, geom.groups
-    c_Ig, c_Og = c_I // groups, c_O // groups
-    active, rows, cols = _plan(geom)
-    # phases that receive nothing
-    for ph in rows:
-        for pw in cols:
-            if not ph.taps or not pw.taps:
-                out[:, :, ph.first::geom.stride_h, pw.first::geom.stride_w] = 0
-    if not active:
+    c_Og = c_O // groups
+    calls, taps, starts, empty = _calls(geom)
+    for ph, pw in empty:  # phases that receive nothing
+        out[:, :, ph.first::geom.stride_h, pw.first::geom.stride_w] = 0
+    if not calls:
         return out
-    taps = [np.add.outer(np.array(ph.taps) * geom.kernel_width, np.array(pw.taps)).reshape(-1)
-            for ph, pw in active]
-    starts = np.cumsum([0] + [t.size for t in taps]).astype(np.int64)
     w_all = np.empty(c_I * c_Og * int(starts[-1]), dtype=dtype)
-    _sub_kernels(weight.reshape(c_O, c_Ig, -1), np.concatenate(taps).astype(np.int64), starts,
-                 w_all, groups)
+    _sub_kernels(weight.reshape(c_O, c_I // groups, -1), taps, starts, w_all, groups)
     no_bias = np.zeros((c_I, 1, 1), dtype=dtype)
-    for p, (ph, pw) in enumerate(active):
-        sub = _phase_geometry(geom, ph, pw)
+    for p, call in enumerate(calls):
+        ph, pw = call.rows, call.cols
         w_sub = w_all[c_I * c_Og * starts[p]:c_I * c_Og * starts[p + 1]].reshape(
             c_I, c_Og, len(ph.taps), len(pw.taps))
         gy = grad_output
-        if (ph.lo, ph.hi, pw.lo, pw.hi) != (0, geom.out_height, 0, geom.out_width):
+        if call.cropped:
             gy = np.ascontiguousarray(gy[:, :, ph.lo:ph.hi, pw.lo:pw.hi])
-        if _in_place(geom, ph, pw):
-            conv2d_forward(gy, w_sub, no_bias, False, out, sub)
+        if call.in_place:
+            conv2d_forward(gy, w_sub, no_bias, False, out, call.geom)
         else:
             part = np.empty((geom.batch, c_I, ph.count, pw.count), dtype=dtype)
-            conv2d_forward(gy, w_sub, no_bias, False, part, sub)
+            conv2d_forward(gy, w_sub, no_bias, False, part, call.geom)
             out[:, :, ph.first::geom.stride_h, pw.first::geom.stride_w] = part
     return out
 

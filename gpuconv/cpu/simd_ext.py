@@ -11,7 +11,10 @@
   shorter than a full register (a batch of 8 float32 needs 32 bytes, not 64; a 512-bit
   operation costs two 256-bit ones on some processors). :func:`.simd.vfma` and
   :func:`.simd.vstore` take vectors of any width.
-- :func:`vsum_lanes`: the lane sums of a group of vectors, by a fixed tree.
+- :func:`vsum_lanes`: the lane sums of a group of vectors, by a fixed tree;
+- :func:`vtranspose`: a square block of ``lanes x lanes`` elements transposed in registers
+  (the shared forward's pixel-major tiles written to channel-major outputs);
+- :func:`vadd_scalar`: a vector plus a broadcast scalar.
 
 As in :mod:`.simd`: one fused multiply-add per multiply-add, nothing relaxed.
 """
@@ -26,7 +29,7 @@ from numba.extending import intrinsic
 from .simd import _Vector, _vector_of
 
 __all__ = ["vfmav", "vload_bytes", "vload_first", "vload_masked", "vstore_first",
-           "vsum_lanes"]
+           "vsum_lanes", "vtranspose", "vadd_scalar"]
 
 
 def _element(vector_type):
@@ -217,3 +220,69 @@ def vsum_lanes(typingctx, src, src_index, dst, dst_index):
         return context.get_dummy_value()
 
     return types.none(src, src_index, dst, dst_index), codegen
+
+
+@intrinsic
+def vtranspose(typingctx, src, src_index, src_stride, dst, dst_index):
+    """The ``lanes x lanes`` block whose row ``r`` is ``src[src_index + r * src_stride :
+    ... + lanes]``, transposed into ``dst[dst_index + c * lanes : ... + lanes]`` (row ``c``
+    of the result holds element ``c`` of every source row): ``log2(lanes)`` rounds of
+    two-vector shuffles, each swapping one bit of the row index with the same bit of the
+    column index (no arithmetic: the values move unchanged)."""
+    vector = _vector_of(src)
+    if _vector_of(dst) != vector:
+        return None
+
+    def codegen(context, builder, signature, args):
+        vector_type = context.get_value_type(vector)
+        lanes = vector_type.count
+        src_data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        dst_data = context.make_array(signature.args[3])(context, builder, args[3]).data
+        align = src.dtype.bitwidth // 8
+        index_type = args[1].type
+        rows = []
+        for r in range(lanes):
+            offset = builder.add(args[1], builder.mul(args[2], ir.Constant(index_type, r)))
+            pointer = builder.bitcast(builder.gep(src_data, [offset]), vector_type.as_pointer())
+            rows.append(builder.load(pointer, align=align))
+        bit = 1
+        while bit < lanes:
+            mask_type = ir.VectorType(ir.IntType(32), lanes)
+            low = [(lanes if c & bit else 0) + (c & ~bit) for c in range(lanes)]
+            high = [(lanes if c & bit else 0) + (c | bit) for c in range(lanes)]
+            for r in range(lanes):
+                if r & bit:
+                    continue
+                a, b = rows[r], rows[r | bit]
+                rows[r] = builder.shuffle_vector(a, b, ir.Constant(mask_type, low))
+                rows[r | bit] = builder.shuffle_vector(a, b, ir.Constant(mask_type, high))
+            bit *= 2
+        index_type = args[4].type
+        for c in range(lanes):
+            offset = builder.add(args[4], ir.Constant(index_type, c * lanes))
+            pointer = builder.bitcast(builder.gep(dst_data, [offset]), vector_type.as_pointer())
+            builder.store(rows[c], pointer, align=align)
+        return context.get_dummy_value()
+
+    return types.none(src, src_index, src_stride, dst, dst_index), codegen
+
+
+@intrinsic
+def vadd_scalar(typingctx, value, scalar):
+    """``value + scalar`` lane by lane (one IEEE addition per lane, as ``x + s`` on
+    scalars; ``scalar`` is converted to the vector's element type first)."""
+    if not isinstance(value, _Vector) or not isinstance(scalar, types.Float):
+        return None
+
+    def codegen(context, builder, signature, args):
+        vector_type = args[0].type
+        # a float64 scalar that holds a float32 value converts exactly
+        element = context.cast(builder, args[1], signature.args[1], value.dtype)
+        lane0 = builder.insert_element(ir.Constant(vector_type, ir.Undefined), element,
+                                       ir.Constant(ir.IntType(32), 0))
+        mask = ir.Constant(ir.VectorType(ir.IntType(32), vector_type.count),
+                           [0] * vector_type.count)
+        splat = builder.shuffle_vector(lane0, ir.Constant(vector_type, ir.Undefined), mask)
+        return builder.fadd(args[0], splat)
+
+    return value(value, scalar), codegen
