@@ -22,15 +22,17 @@ so consecutive blocks stream consecutive memory) and on ``maps`` maps of one gro
 3. the warp reduces each map's ``batch`` partial sums with shuffles in a fixed order
    (a transposing butterfly: at each of the first ``log2(batch)`` steps a lane keeps half
    of its values and receives the partner's half, so ``batch - 1 + 5 - log2(batch)``
-   shuffles instead of ``5 * batch``); afterwards lane ``l`` holds image ``image_of(l)``'s
-   slab sum and adds it to its accumulator of the map, slabs in order;
-4. at the end of the position the warps' accumulators meet in shared memory and the first
-   warp adds them in warp order, adds the bias and stores.
+   shuffles instead of ``5 * batch``); afterwards lane ``l`` holds image
+   ``image_of_lane(l)``'s slab sum, and one lane per image adds it to the warp's sum of
+   that (map, image) in shared memory, slabs in order;
+4. at the end of the position the first warp adds the warps' sums in warp order, adds the
+   bias and stores.
 
-No atomics: every sum has a fixed order, so results repeat bitwise. (Numba's CUDA
-simulator has no shuffles: there the kernel exchanges the same values through shared
-memory, so the simulator checks the butterfly's data flow, and a GPU run the shuffles.) float16 loads half
+No atomics: every sum has a fixed order, so results repeat bitwise. float16 loads half
 words and computes in float32 (one rounding at the store); float64 computes in float64.
+Numba's CUDA simulator has no shuffles: there the kernel exchanges the same values through
+shared memory, so the simulator checks the butterfly's data flow, and a GPU run the
+shuffles themselves.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ __all__ = ["LocalStreamConfig", "local_stream_kernel", "local_stream_config",
            "local_stream_launch", "use_local_stream", "image_of_lane", "STREAM_MAX_BATCH",
            "STREAM_TARGET_WARPS", "launch"]
 
-#: Largest batch the streaming kernel takes (the dispatcher's bound: beyond it the batched
-#: GEMM reuses each weight from shared memory and wins).
+#: Largest batch the streaming kernel takes (the dispatcher's bound: beyond it the images'
+#: partial sums crowd out the loads in flight, and the batched GEMM keeps more images per
+#: weight in its register tiles).
 STREAM_MAX_BATCH = 8
 #: Warps the grid aims for at least: 32 on each of the H200's 132 SMs (Little's law: 700 ns
 #: x 4.3 TB/s / 132 is about 23 KB in flight per SM; 32 warps x 32 lanes x 16 loads x 4 B
