@@ -17,7 +17,8 @@ on an H200 with JIT compilation included.
 2. ``suite`` -- every kernel the benchmark times: each default-suite layer's own forward
    specialisation of both operations, at the smallest batch that selects the same kernels as
    the layer's GPU batch, in float32 and float16, against float64 PyTorch
-   (``F.conv2d``; ``unfold`` + ``einsum`` for the unshared layer).
+   (``F.conv2d``; ``unfold`` + ``einsum`` for the unshared layer); and the unshared
+   forward's weight-streaming kernels of small batches (:func:`small_batch_items`).
 3. ``suite-gradients`` -- the four gradient functions on every default-suite layer likewise,
    against PyTorch autograd in float64.
 4. ``multipass`` -- paths that only real sizes reach: a batch beyond one block's share and not
@@ -200,7 +201,8 @@ def kernel_names(name, geom, dtype="float32"):
     batched GEMM). Compiles nothing."""
     from gpuconv.cuda import kernels, launch
 
-    configs = {"conv2d": kernels.conv2d_config, "local_conv2d": kernels.local_conv2d_config,
+    configs = {"conv2d": kernels.conv2d_config,
+               "local_conv2d": launch.local_conv2d_forward_config,  # streaming at N <= 8
                "conv2d_input": launch.conv2d_input_grad_config,    # direct or implicit GEMM
                "conv2d_weight": launch.conv2d_weight_grad_config,
                "local_conv2d_input": launch.local_conv2d_input_grad_config,
@@ -235,6 +237,24 @@ DRY_LAYERS = (
     workloads.Layer("dry-a", "Dry A", 2, 2, 2, 6, 3, 3, 1, 0, "tiny stand-in"),
     workloads.Layer("dry-b", "Dry B", 2, 2, 4, 6, 2, 3, 2, 1, "tiny stand-in", groups=2),
 )
+
+
+#: Batches at which the local forward streams the weights (a kernel per batch): every
+#: suite layer at the largest, the first layer at the others listed too.
+SMALL_BATCHES = (8, 1, 3)
+
+
+def small_batch_items(layers, dry_run=False):
+    """``[(function, geometry, dtype)]``: the local forward's weight-streaming kernels,
+    which the dispatcher picks for batches of at most 8 (the suite's GPU batches are
+    larger): each layer at batch 8 in float32 and float16, the first layer at batches 1
+    and 3 in float32 (a dry run: batch 1 only, its layers' batches being small already)."""
+    if dry_run:
+        return [("local_conv2d", layers[0].geometry(1), "float32")]
+    items = [("local_conv2d", layer.geometry(SMALL_BATCHES[0]), dtype)
+             for layer in layers for dtype in SUITE_DTYPES]
+    return items + [("local_conv2d", layers[0].geometry(b), "float32")
+                    for b in SMALL_BATCHES[1:]]
 
 
 def suite_layers(dry_run=False, quick=False):
@@ -319,7 +339,7 @@ def _phase_items(name, dry_run, quick):
                 for dtype in SUITE_DTYPES:
                     batch = layer.batch_gpu if dry_run else reduced_batch(layer, (op,), dtype)
                     items.append((op, layer.geometry(batch), dtype))
-        return items
+        return items + small_batch_items(layers, dry_run)
     if name == "suite-gradients":
         items = []
         for layer in layers:

@@ -78,6 +78,26 @@ def test_local_rows_follow_the_dispatcher():
     assert row.lds_wavefronts_per_fma > 0 and row.sectors_per_fma > 0
 
 
+@pytest.mark.parametrize("batch", [1, 8])
+def test_small_batch_rows_are_the_streaming_kernel(batch):
+    """At N <= 8 the dispatcher streams the weights: the table shows that kernel, its
+    grid, and traffic of at least the weights once (4 / N bytes per FMA)."""
+    from gpuconv import workloads
+    from gpuconv.cuda import launch, local_stream, predict
+
+    layer = workloads.LAYERS["deepface-l6"]
+    geom = workloads.gpu_geometry(layer, batch)
+    config = launch.local_conv2d_forward_config(geom, np.float32)
+    assert isinstance(config, local_stream.LocalStreamConfig)
+    rows = predict.layer_rows(layer, np.float32, gradients=False, batch=batch)
+    (row,) = [r for r in rows if r.kernel == config.kernel.name]
+    assert row.blocks == config.grid[0] * config.grid[1]
+    assert row.threads == 32 * config.warps
+    assert row.dram_bytes_per_fma >= 4 / batch
+    assert 0 < row.roofline_share <= row.hidden_share <= 1
+    assert not any("sum_slices" in r.kernel for r in rows)
+
+
 def test_script_prints_the_table_for_one_layer(capsys):
     assert _script().main(["--layers", "deepface-l6", "--no-ptxas"]) == 0
     out = capsys.readouterr().out

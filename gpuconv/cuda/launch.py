@@ -30,7 +30,8 @@ import threading
 import numpy as np
 from numba import cuda
 
-from . import conv2d_gemm, conv2d_gemm_grad, grad_kernels, kernels, local_grad_gemm
+from . import (conv2d_gemm, conv2d_gemm_grad, grad_kernels, kernels, local_grad_gemm,
+               local_stream)
 from ..device import (DLPACK_CUDA_DEVICES, FreeMemory, c_strides, is_c_contiguous,
                       simulator_enabled)
 
@@ -230,22 +231,35 @@ def launch_conv2d(x, weight, bias, out, geom, stream, config=None, empty=None):
     )
 
 
+def local_conv2d_forward_config(geom, dtype):
+    """The local_conv2d forward's launch choice: the weight-streaming kernel of
+    :mod:`gpuconv.cuda.local_stream` for batches of 1 to
+    :data:`~gpuconv.cuda.local_stream.STREAM_MAX_BATCH` images (bound by reading the
+    weights), else the batched GEMM of :func:`~gpuconv.cuda.kernels.local_conv2d_config`."""
+    if local_stream.use_local_stream(geom):
+        return local_stream.local_stream_config(geom, dtype)
+    return kernels.local_conv2d_config(geom, dtype)
+
+
 def launch_local_conv2d(x, weight, bias, out, geom, stream, config=None, empty=None,
                         tiles=None):
     """Write local_conv2d into ``out``; ``config`` overrides
-    :func:`~gpuconv.cuda.kernels.local_conv2d_config`, ``empty(shape, dtype)`` allocates
+    :func:`local_conv2d_forward_config`, ``empty(shape, dtype)`` allocates
     scratch (default: Numba device arrays). The operands are read in the caller's layouts
     (no transposed copy); with more than one split-K slice the partial sums go to a scratch
     array of :func:`~gpuconv.cuda.kernels.local_conv2d_partial_dtype`, then a second kernel
     adds them in order. ``tiles = (T_h, T_w)``: the weights are kernel slots, for a
     ``config`` of the tiled kernel (:mod:`gpuconv.cuda.tiled`)."""
-    config = config or kernels.local_conv2d_config(geom, x.dtype)
+    config = config or local_conv2d_forward_config(geom, x.dtype)
     new = empty or _numba_empty(stream)
-    n_pos = geom.out_height * geom.out_width
     if bias is None:
         bias, has_bias, bias_len = new((1,), x.dtype), 0, 1
     else:
         has_bias, bias_len = 1, (bias.shape[1] * bias.shape[2] if bias.ndim == 3 else 1)
+    if isinstance(config, local_stream.LocalStreamConfig):  # small batches
+        return local_stream.launch(kernels.compiled(config.kernel), config, _flat(x),
+                                   _flat(weight), _flat(bias), _flat(out), has_bias,
+                                   bias_len, geom, stream)
     if config.slices > 1:
         part = new((config.slices * out.size,), kernels.local_conv2d_partial_dtype(out.dtype))
     else:
@@ -295,7 +309,7 @@ def local_conv2d_scratch_elements(geom, dtype):
     """Device scratch of :func:`launch_local_conv2d`, in elements of ``dtype``: the split-K
     partial sums (float16's float32 partial sums count two each), if it splits ``K``; a
     bias placeholder."""
-    config = kernels.local_conv2d_config(geom, dtype)
+    config = local_conv2d_forward_config(geom, dtype)
     partial = 0
     if config.slices > 1:
         partial = (config.slices * math.prod(geom.output_shape)
@@ -641,7 +655,7 @@ class _Plan:
 
 _CONFIG = {
     "conv2d": kernels.conv2d_config,
-    "local_conv2d": kernels.local_conv2d_config,
+    "local_conv2d": local_conv2d_forward_config,
     "conv2d_input": conv2d_input_grad_config,
     "conv2d_weight": conv2d_weight_grad_config,
     "local_conv2d_input": local_conv2d_input_grad_config,

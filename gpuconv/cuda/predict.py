@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import conv2d_gemm, conv2d_gemm_grad, grad_kernels, kernels
+from . import conv2d_gemm, conv2d_gemm_grad, grad_kernels, kernels, local_stream
 
 __all__ = ["H200", "Device", "occupancy", "KernelRow", "layer_rows", "format_rows",
            "local_gradient_rows", "local_backward_rows", "format_backward_rows", "BackwardRow",
@@ -230,6 +230,102 @@ def _local_row(layer, geom, dtype, info, device):
                      per_sm * warps / device.max_warps, waves, sectors_per_fma,
                      lines_per_load, lds_per_fma, dram / fma, bound, time,
                      flops / time / roof, flops / hidden / roof)
+
+
+# Warp instructions besides the loads, FMAs and shuffles, read from the kernel's source
+# (not yet from SASS): per weight load its address, predicate and conversion; per input
+# load of a slab its share of the tap's index arithmetic; per map and butterfly step the
+# two selects; per map of a round the shared-memory add of the slab sum.
+_STREAM_WEIGHT_INSTR = 3
+_STREAM_INPUT_INSTR = 4
+_STREAM_MAP_INSTR = 4
+
+
+def _stream_row(layer, geom, dtype, info, device):
+    """The weight-streaming forward (:mod:`gpuconv.cuda.local_stream`, batches <= 8).
+
+    Pipes: FMA, issue, DRAM, and one for the L1/shared-memory data path (the shuffles,
+    the shared-memory adds of the slab sums, and the 128-byte lines of every load
+    instruction, one a clock). Latency (Little's law): a warp's load rounds are one DRAM
+    round trip each (its ``map_round * lane_taps`` weight loads in flight), each slab's
+    input one L2 round trip first; nothing overlapped within a warp, the SM's resident
+    warps side by side.
+    """
+    config = local_stream.local_stream_config(geom, dtype)
+    itemsize = np.dtype(dtype).itemsize
+    n = geom.batch
+    warps, taps, rnd, maps = config.warps, config.lane_taps, config.map_round, config.maps
+    padded = 1 << (n - 1).bit_length()
+    shuffles = padded - 1 + 5 - (padded.bit_length() - 1)
+    kh, kw = geom.kernel_height, geom.kernel_width
+    k_len = geom.in_channels_per_group * kh * kw
+    n_pos = geom.out_height * geom.out_width
+    c_og = geom.out_channels_per_group
+    slab = 32 * taps
+    slab_rounds = -(-(-(-k_len // slab)) // warps)  # slabs each warp runs per position
+    # Load rounds of one position over all map blocks of a group.
+    rounds = sum(-(-min(maps, c_og - m) // rnd) for m in range(0, c_og, maps))
+    warp_slabs = n_pos * geom.groups * config.map_blocks * warps * slab_rounds
+    warp_rounds = n_pos * geom.groups * warps * slab_rounds * rounds
+
+    # One slab of a middle position's input, the kernel's own addresses (tap k of lane l:
+    # channel, kernel row, column), lines per warp load instruction.
+    p = n_pos // 2
+    oy, ox = divmod(p, geom.out_width)
+
+    def x_lines(k0):
+        found = set()
+        for k in range(k0, min(k0 + 32, k_len)):
+            c, r = divmod(k, kh * kw)
+            ky, kx = divmod(r, kw)
+            iy = oy * geom.stride_h - geom.pad_top + ky * geom.dilation_h
+            ix = ox * geom.stride_w - geom.pad_left + kx * geom.dilation_w
+            if 0 <= iy < geom.in_height and 0 <= ix < geom.in_width:
+                found.add(((c * geom.in_height + iy) * geom.in_width + ix) * itemsize // 128)
+        return len(found)
+
+    loads = range(0, -(-k_len // 32) * 32, 32)
+    x_lines_per_load = sum(x_lines(k0) for k0 in loads) / max(len(loads), 1)
+    w_lines_per_load = max(1, 32 * itemsize // 128)
+    x_instr = warp_slabs * taps * n
+    w_instr = warp_rounds * rnd * taps
+    lines = x_instr * x_lines_per_load + w_instr * w_lines_per_load
+    ffma = w_instr * n
+    mio = warp_rounds * rnd * (shuffles + 2) + lines
+    issue = (ffma + w_instr * _STREAM_WEIGHT_INSTR + x_instr * _STREAM_INPUT_INSTR
+             + warp_rounds * rnd * (shuffles * 3 + _STREAM_MAP_INSTR))
+    weights = geom.out_channels * n_pos * k_len
+    x_el = n * geom.in_channels * geom.in_height * geom.in_width
+    y_el = n * geom.out_channels * n_pos
+    dram = (weights + x_el + y_el) * itemsize
+    fma = n * geom.out_channels * n_pos * k_len
+
+    blocks = config.grid[0] * config.grid[1]
+    threads = 32 * warps
+    bounds = config.kernel.launch_bounds
+    registers = info.registers if info else 65536 // (bounds[0] * bounds[1])
+    smem = info.static_smem if info else 0
+    per_sm = occupancy(threads, registers, smem, device)
+    slots = device.sms * max(per_sm, 1)
+    waves = math.ceil(blocks / slots)
+    per_clock = device.sms * device.clock_hz * blocks / (waves * slots)
+    pipes = {"FMA": ffma / 4 / per_clock, "L1 / shuffle": mio / per_clock,
+             "issue": issue / 4 / per_clock, "DRAM": dram / device.copy_bytes_per_s}
+    bound = max(pipes, key=pipes.get)
+    hidden = pipes[bound]
+    block_rounds = -(-min(maps, c_og) // rnd)
+    block_latency = config.pos_per_block * slab_rounds * (
+        device.l2_latency_s + block_rounds * device.dram_latency_s)
+    exposed = waves * block_latency
+    time = max(hidden, exposed)
+    if exposed > hidden:
+        bound = "load latency"
+    roof = _roofline(geom, 2 * fma, itemsize, weights, device)
+    sectors = x_instr * x_lines_per_load * 4 + w_instr * max(1, 32 * itemsize // 32)
+    return KernelRow(layer, config.kernel.name, registers, smem, threads, blocks, per_sm,
+                     per_sm * warps / device.max_warps, blocks / slots, sectors / fma,
+                     lines / (x_instr + w_instr), mio / fma, dram / fma, bound, time,
+                     2 * fma / time / roof, 2 * fma / hidden / roof)
 
 
 def _conv2d_row(layer, geom, dtype, info, device):
@@ -537,14 +633,19 @@ def layer_rows(layer, dtype=np.float32, ptxas=None, device=H200, gradients=True,
     def info(spec, shared=0):
         return ptxas(spec, shared) if ptxas else None
 
-    local = kernels.local_conv2d_config(geom, dtype)
     conv = kernels.conv2d_config(geom, dtype)
     if isinstance(conv, conv2d_gemm.Conv2dGemmConfig):  # channel-heavy: the implicit GEMM
         conv_row = _gemm_row(name, geom, dtype, "forward", conv, info(conv.kernel), device)
     else:
         conv_row = _conv2d_row(name, geom, dtype, info(conv.kernel, conv.shared_bytes), device)
-    rows = [conv_row,
-            _local_row(name, geom, dtype, info(local.kernel, local.shared_bytes), device)]
+    if local_stream.use_local_stream(geom):  # small batches: the weights streamed
+        local = local_stream.local_stream_config(geom, dtype)
+        local_row = _stream_row(name, geom, dtype, info(local.kernel), device)
+    else:
+        local = kernels.local_conv2d_config(geom, dtype)
+        local_row = _local_row(name, geom, dtype, info(local.kernel, local.shared_bytes),
+                               device)
+    rows = [conv_row, local_row]
     if local.slices > 1:
         spec = grad_kernels.sum_slices_kernel(kernels.dtype_code(dtype))
         size = geom.batch * geom.out_channels * geom.out_height * geom.out_width

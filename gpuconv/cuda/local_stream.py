@@ -1,0 +1,347 @@
+"""local_conv2d forward for small batches (N <= 8): the weights streamed once, at copy speed.
+
+At N <= 8 the locally connected layer is bound by reading its weights (4 / N bytes per FMA
+in float32, the input and output a few per cent of the traffic), so this kernel is built
+around one coalesced stream of the weights, each weight read by exactly one thread and
+used for every image from registers.
+
+Notation as in :mod:`gpuconv.geometry`; ``K = c_Ig * k_H * k_W`` and the weights are in the
+caller's layout ``(c_O, h_O, w_O, c_Ig, k_H, k_W)``: the ``K`` weights of one (map,
+position) are contiguous, and so are those of consecutive positions of one map.
+
+A block works on one output position at a time (``pos_per_block`` consecutive positions,
+so consecutive blocks stream consecutive memory) and on ``maps`` maps of one group. Its
+``warps`` warps split ``K`` into slabs of ``32 * lane_taps`` taps (warp ``y`` takes slabs
+``y, y + warps, ...``); lane ``l`` of a slab holds taps ``l, l + 32, ...``:
+
+1. the lane loads the input values of its taps for every image (``batch * lane_taps``
+   registers, zeros outside the image), from L1/L2;
+2. for each round of ``map_round`` maps it loads their weights of the slab
+   (``map_round * lane_taps`` independent coalesced loads in flight), and accumulates
+   ``batch`` partial dot products per map;
+3. the warp reduces each map's ``batch`` partial sums with shuffles in a fixed order
+   (a transposing butterfly: at each of the first ``log2(batch)`` steps a lane keeps half
+   of its values and receives the partner's half, so ``batch - 1 + 5 - log2(batch)``
+   shuffles instead of ``5 * batch``); afterwards lane ``l`` holds image
+   ``image_of_lane(l)``'s slab sum, and one lane per image adds it to the warp's sum of
+   that (map, image) in shared memory, slabs in order;
+4. at the end of the position the first warp adds the warps' sums in warp order, adds the
+   bias and stores.
+
+No atomics: every sum has a fixed order, so results repeat bitwise. float16 loads half
+words and computes in float32 (one rounding at the store); float64 computes in float64.
+Numba's CUDA simulator has no shuffles: there the kernel exchanges the same values through
+shared memory, so the simulator checks the butterfly's data flow, and a GPU run the
+shuffles themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+from numba import cuda, int32, types, uint64
+
+from ..device import simulator_enabled
+from .spec import (_COMPUTE, _SCALAR, KernelSpec, _array, _pow2_at_least, _rename,
+                   check_grid, compute_code, dtype_code)
+
+__all__ = ["LocalStreamConfig", "local_stream_kernel", "local_stream_config",
+           "local_stream_launch", "use_local_stream", "image_of_lane", "STREAM_MAX_BATCH",
+           "STREAM_TARGET_WARPS", "launch"]
+
+#: Largest batch the streaming kernel takes (the dispatcher's bound: beyond it the images'
+#: partial sums crowd out the loads in flight, and the batched GEMM keeps more images per
+#: weight in its register tiles).
+STREAM_MAX_BATCH = 8
+#: Warps the grid aims for at least: 32 on each of the H200's 132 SMs (Little's law: 700 ns
+#: x 4.3 TB/s / 132 is about 23 KB in flight per SM; 32 warps x 32 lanes x 16 loads x 4 B
+#: is 64 KB).
+STREAM_TARGET_WARPS = 132 * 32
+# Blocks the grid aims for when positions are grouped: a few waves of 16 blocks per SM.
+_TARGET_BLOCKS = 132 * 16 * 4
+_FULL = 0xFFFFFFFF
+
+
+def _log2(value):
+    return value.bit_length() - 1
+
+
+def image_of_lane(lane, batch):
+    """The image whose slab sum lane ``lane`` holds after the transposing butterfly."""
+    padded = _pow2_at_least(batch, STREAM_MAX_BATCH)
+    image = 0
+    for step in range(_log2(padded)):
+        if lane & (16 >> step):
+            image += padded >> (step + 1)
+    return image
+
+
+@functools.lru_cache(maxsize=None)
+def local_stream_kernel(code, kernel_h, kernel_w, batch, maps, lane_taps, map_round, warps):
+    """The streaming local_conv2d forward, specialised on dtype, kernel size, batch, maps
+    per block, taps per lane, maps per load round and warps per block.
+
+    Launch (see :func:`local_stream_config`): ``block = (32, warps)``, ``grid =
+    (ceil(P / pos_per_block), groups * map_blocks)``, no dynamic shared memory. Kernel
+    arguments: the flat ``x (n, c_I, h, w)``, ``weight (c_O, h_O, w_O, c_Ig, k_H, k_W)``,
+    ``bias (c_O, bias_len)`` (or a dummy) and ``out (n, c_O, h_O, w_O)``, then ``has_bias,
+    bias_len, c_I, h, w, c_O, h_O, w_O, c_Ig, c_Og, s_H, s_W, p_top, p_left, d_H, d_W,
+    pos_per_block, map_blocks``.
+    """
+    scalar = _COMPUTE[code]
+    store = _SCALAR[code]
+    KH, KW = int(kernel_h), int(kernel_w)
+    KHW = KH * KW
+    NB, MAPS, V, U, S = (int(v) for v in (batch, maps, lane_taps, map_round, warps))
+    NP = _pow2_at_least(NB, STREAM_MAX_BATCH)  # images padded to a power of two
+    LB = _log2(NP)                              # transposing steps of the butterfly
+    SLAB = 32 * V
+    WRITER_MASK = (1 << (5 - LB)) - 1           # lanes with these bits zero write
+    RED = S * MAPS * NP
+    NXV, NWV, NPART = NB * V, U * V, U * NP  # register arrays' sizes
+    # Numba's CUDA simulator has no warp shuffles: there the same exchanges go through
+    # shared memory between two barriers (every thread of the block takes part).
+    SIM = simulator_enabled()
+    XCH = 32 * S if SIM else 1
+
+    def kernel(x, weight, bias, out, has_bias, bias_len, c_I, h, wd, c_O, h_O, w_O, c_Ig,
+               c_Og, s_H, s_W, pt, pl, d_H, d_W, pos_per_block, map_blocks):
+        # Every thread takes part in the shuffles and barriers: no early return.
+        lane = int32(cuda.threadIdx.x)
+        wy = int32(cuda.threadIdx.y)
+        g = cuda.blockIdx.y // map_blocks
+        co0 = g * c_Og + (cuda.blockIdx.y - g * map_blocks) * MAPS
+        n_co = int32(min(MAPS, (g + 1) * c_Og - co0))
+        n_pos = h_O * w_O
+        k_len = int32(c_Ig * KHW)
+        image = int32(c_I * h * wd)  # elements between images
+        slabs = (k_len + SLAB - 1) // SLAB
+        red = cuda.shared.array(RED, dtype=scalar)
+        xch = cuda.shared.array(XCH, dtype=scalar)  # the simulator's shuffles
+        tid = wy * 32 + lane
+
+        xv = cuda.local.array(NXV, dtype=scalar)
+        wv = cuda.local.array(NWV, dtype=scalar)
+        part = cuda.local.array(NPART, dtype=scalar)
+        mine = 0  # the image whose sums this lane holds after the butterfly
+        for st in range(LB):
+            if lane & (16 >> st):
+                mine += NP >> (st + 1)
+        writer = (lane & WRITER_MASK) == 0 and mine < NB
+
+        p_first = cuda.blockIdx.x * pos_per_block
+        p_end = min(p_first + pos_per_block, n_pos)
+        for p in range(p_first, p_end):
+            oy = p // w_O
+            iy0 = int32(oy * s_H - pt)
+            ix0 = int32((p - oy * w_O) * s_W - pl)
+            # Each warp sums its slabs into its own rows of ``red`` (a writer lane touches
+            # only its image's words, so no barrier is needed until the warps meet).
+            if writer:
+                for m in range(MAPS):
+                    red[(wy * MAPS + m) * NP + mine] = scalar(0)  # the compute type
+            # Every warp runs the same number of slabs (past K: predicated off, adding
+            # zeros), so that the whole block passes the same barriers in the simulator.
+            for sl0 in range(0, slabs, S):
+                k0 = int32((sl0 + wy) * SLAB + lane)
+                # The input under this lane's taps, every image (zeros off the image).
+                for v in range(V):
+                    k = k0 + v * 32
+                    src = -1
+                    if k < k_len:
+                        c = k // KHW
+                        r = k - c * KHW
+                        ky = r // KW
+                        iy = iy0 + ky * d_H
+                        ix = ix0 + (r - ky * KW) * d_W
+                        if iy >= 0 and iy < h and ix >= 0 and ix < wd:
+                            src = ((g * c_Ig + c) * h + iy) * wd + ix
+                    for b in range(NB):
+                        val = scalar(0)
+                        if src >= 0:
+                            val = scalar(x[uint64(src + b * image)])
+                        xv[b * V + v] = val
+                for c0 in range(0, MAPS, U):
+                    if c0 < n_co:  # the same for the whole block
+                        # Loads first: U * V independent coalesced loads in flight.
+                        for u in range(U):
+                            co = co0 + min(c0 + u, n_co - 1)  # past the maps: a valid row
+                            # (64-bit from here: the taps become immediate offsets)
+                            row = (co * n_pos + p) * k_len + k0
+                            for v in range(V):
+                                val = scalar(0)
+                                if k0 + v * 32 < k_len:
+                                    val = scalar(weight[uint64(row + v * 32)])
+                                wv[u * V + v] = val
+                        for a in range(U * NP):
+                            part[a] = scalar(0)
+                        for u in range(U):
+                            for v in range(V):
+                                for b in range(NB):
+                                    part[u * NP + b] += wv[u * V + v] * xv[b * V + v]
+                        # The transposing butterfly, then a plain one, in a fixed order.
+                        for u in range(U):
+                            for st in range(LB):
+                                off = 16 >> st
+                                half = NP >> (st + 1)
+                                upper = (lane & off) != 0
+                                for i in range(half):
+                                    lo = part[u * NP + i]
+                                    hi = part[u * NP + i + half]
+                                    send = lo if upper else hi
+                                    keep = hi if upper else lo
+                                    if SIM:  # the simulator has no shuffles
+                                        xch[tid] = send
+                                        # Wait until the partner's value is written ...
+                                        cuda.syncthreads()
+                                        recv = xch[tid ^ off]
+                                        # ... and read before the next exchange.
+                                        cuda.syncthreads()
+                                    else:
+                                        recv = cuda.shfl_xor_sync(_FULL, send, off)
+                                    part[u * NP + i] = keep + recv
+                            for st in range(LB, 5):
+                                off = 16 >> st
+                                val = part[u * NP]
+                                if SIM:
+                                    xch[tid] = val
+                                    # Wait until the partner's value is written ...
+                                    cuda.syncthreads()
+                                    recv = xch[tid ^ off]
+                                    # ... and read before the next exchange.
+                                    cuda.syncthreads()
+                                else:
+                                    recv = cuda.shfl_xor_sync(_FULL, val, off)
+                                part[u * NP] = val + recv
+                            if writer:
+                                red[(wy * MAPS + c0 + u) * NP + mine] += part[u * NP]
+            # The first warp adds the warps' sums in warp order.
+            # Wait until every warp has written its sums before they are added.
+            cuda.syncthreads()
+            if wy == 0:
+                for e in range(lane, MAPS * NB, 32):
+                    m = e // NB
+                    b = e - m * NB
+                    if m < n_co:
+                        total = red[m * NP + b]
+                        for w in range(1, S):
+                            total += red[(w * MAPS + m) * NP + b]
+                        co = co0 + m
+                        if has_bias != 0:
+                            at = co * bias_len + (p if bias_len > 1 else 0)
+                            total += scalar(bias[uint64(at)])
+                        out[uint64((b * c_O + co) * n_pos + p)] = store(total)
+            # Wait until the sums are read before the next position overwrites them.
+            cuda.syncthreads()
+
+    name = f"local_conv2d_stream_{code}_k{KH}x{KW}_n{NB}_m{MAPS}_v{V}_u{U}_w{S}"
+    signature = (_array(code, 1),) * 4 + (types.int64,) * 18
+    # 32 * warps threads, 15 warps per SM: at most 136 registers a thread (float64, whose
+    # values take two registers each: 8 warps, at most 255).
+    resident = 15 if compute_code(code) == "f32" else 8
+    return KernelSpec(name, _rename(kernel, name), signature, (32 * S, max(1, resident // S)))
+
+
+class LocalStreamConfig(NamedTuple):
+    """Compile-time constants and launch shape of one streaming local_conv2d call."""
+
+    kernel: KernelSpec
+    block: tuple          # (32, warps)
+    grid: tuple           # (position blocks, groups * map blocks)
+    shared_bytes: int     # dynamic shared memory: none
+    pos_per_block: int
+    map_blocks: int
+    maps: int             # maps per block
+    lane_taps: int        # taps per lane per slab (slab = 32 * lane_taps)
+    map_round: int        # maps whose weights are loaded per round
+    warps: int            # warps per block, splitting K
+    slices: int = 1       # (no split-K scratch; the launch layer reads this)
+
+
+def use_local_stream(geom):
+    """True where the dispatcher picks the streaming kernel: batches of 1 to
+    :data:`STREAM_MAX_BATCH` images."""
+    return 1 <= geom.batch <= STREAM_MAX_BATCH
+
+
+def local_stream_config(geom, dtype):
+    """Pick the specialisation and launch shape of the streaming kernel (pure, no GPU).
+
+    Maps per block: the group's maps up to 16 (a power of two; 8 in float64), so each input
+    value loaded serves that many weights; the weights of 4 maps per load round; 4 taps per
+    lane up to 4 images (float64: 2 images), else 3 (float64: 2), fewer where ``K <= 64``:
+    ``map_round * lane_taps`` loads in flight per thread, within the registers beside the
+    ``batch * lane_taps`` input values and ``map_round * batch`` partial sums (ptxas: no
+    spills on sm_80 and sm_90). Warps per block split ``K`` until the grid holds
+    :data:`STREAM_TARGET_WARPS` warps (at most 8, at most one per slab), and where that is
+    not enough the maps per block halve (down to 4); positions are grouped per block while
+    the grid would exceed a few waves.
+    """
+    if not use_local_stream(geom):
+        raise ValueError(f"the streaming local_conv2d takes 1 to {STREAM_MAX_BATCH} images, "
+                         f"got batch {geom.batch}")
+    code = dtype_code(dtype)
+    wide = compute_code(code) == "f32"
+    c_og = geom.out_channels_per_group
+    maps = _pow2_at_least(c_og, 16 if wide else 8)
+    k_len = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
+    # Registers: batch * taps input values, map_round * taps weights and map_round * batch
+    # partial sums beside the addresses, within the launch bounds without spills (ptxas).
+    taps = 4 if geom.batch <= 4 and (wide or geom.batch <= 2) else 3 if wide else 2
+    # (a slab of up to 64 taps past K costs predicated-off loads only: shorter slabs for
+    # K <= 64 alone, which also keeps ptxas clear of spills on the seed layers)
+    lane_taps = taps if k_len > 64 else max(1, min(taps, -(-k_len // 32)))
+    config = None
+    while config is None or (config.maps > 4 and _warps(config) < STREAM_TARGET_WARPS):
+        maps = maps if config is None else config.maps // 2
+        map_round = min(maps, 4)
+        config = local_stream_launch(geom, dtype, maps, lane_taps, map_round)
+    return config
+
+
+def _warps(config):
+    return config.grid[0] * config.grid[1] * config.warps
+
+
+def local_stream_launch(geom, dtype, maps, lane_taps, map_round, warps=None,
+                        pos_per_block=None):
+    """The :class:`LocalStreamConfig` of given choices (tests force small ones)."""
+    code = dtype_code(dtype)
+    n_pos = geom.out_height * geom.out_width
+    k_len = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
+    slabs = -(-k_len // (32 * lane_taps))
+    map_blocks = -(-geom.out_channels_per_group // maps)
+    cells = n_pos * geom.groups * map_blocks
+    if warps is None:
+        warps = max(1, min(8, slabs, -(-STREAM_TARGET_WARPS // cells)))
+    if pos_per_block is None:
+        pos_per_block = max(1, cells // _TARGET_BLOCKS)
+    if geom.out_channels * n_pos * k_len >= 2**62:
+        raise ValueError("local_conv2d's weights are too many to index")
+    grid = check_grid((-(-n_pos // pos_per_block), geom.groups * map_blocks),
+                      "local_conv2d")
+    spec = local_stream_kernel(code, geom.kernel_height, geom.kernel_width, geom.batch,
+                               maps, lane_taps, map_round, warps)
+    return LocalStreamConfig(spec, (32, warps), grid, 0, pos_per_block, map_blocks, maps,
+                             lane_taps, map_round, warps)
+
+
+def launch(kernel, config, x, weight, bias, out, has_bias, bias_len, geom, stream):
+    """Queue the streaming kernel on flat device arrays."""
+    kernel[config.grid, config.block, stream, 0](
+        x,                          # (n, c_I, h, w)
+        weight,                     # (c_O, h_O, w_O, c_Ig, k_H, k_W), the caller's layout
+        bias,                       # (c_O, 1 or P) or a dummy
+        out,                        # (n, c_O, h_O, w_O), written
+        has_bias,                   # 0 or 1
+        bias_len,                   # 1 (per map) or P (per position)
+        geom.in_channels, geom.in_height, geom.in_width,
+        geom.out_channels, geom.out_height, geom.out_width,
+        geom.in_channels_per_group, geom.out_channels_per_group,
+        geom.stride_h, geom.stride_w,
+        geom.pad_top, geom.pad_left,
+        geom.dilation_h, geom.dilation_w,
+        config.pos_per_block,       # consecutive positions per block
+        config.map_blocks,          # map blocks per group
+    )

@@ -1,0 +1,254 @@
+"""The weight-streaming local_conv2d forward (small batches), against the float64 reference.
+
+Tests marked ``cuda`` launch kernels: on a GPU, or in the simulator at tiny sizes
+(``tests/test_cuda_sim.py`` runs them so). Forced small configurations reach every
+remainder path: a partial map block, a partial slab (``K`` not a multiple of the slab),
+several warps splitting ``K``, a partial last group of positions. The rest check the
+launch choices and the ptxas resources (no GPU needed).
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+from gpuconv.device import cuda_available
+from gpuconv.geometry import conv_geometry
+from reference import TOLERANCE, half_tolerance, local_conv2d_ref
+
+needs_cuda = pytest.mark.skipif(not cuda_available(), reason="numba.cuda cannot launch kernels "
+                                "(no GPU and the simulator is off; tests/test_cuda_sim.py runs "
+                                "these in the simulator)")
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+DTYPES = [np.float16, np.float32, np.float64]
+DTYPE_IDS = ["f16", "f32", "f64"]
+
+
+def _geometry(n, c_in=4, h=5, w=6, c_out=6, k=(3, 2), stride=(1, 2), padding=(1, 1),
+              dilation=(2, 1), groups=2):
+    """Default: c_Og 3, K = 2 * 3 * 2 = 12 taps, P = 3 * 4 = 12 positions."""
+    return conv_geometry((n, c_in, h, w), k, c_out, stride, padding, dilation, groups)
+
+
+def _operands(rng, geom, dtype, bias_kind):
+    x = rng.uniform(-1, 1, (geom.batch, geom.in_channels, geom.in_height, geom.in_width))
+    w = rng.uniform(-1, 1, geom.local_weight_shape())
+    b = {None: None, "channel": lambda: rng.uniform(-1, 1, geom.out_channels),
+         "position": lambda: rng.uniform(-1, 1, (geom.out_channels, geom.out_height,
+                                                 geom.out_width))}[bias_kind]
+    b = b() if b else None
+    cast = (lambda a: None if a is None else a.astype(dtype))
+    return cast(x), cast(w), cast(b)
+
+
+def _expected(x, w, b, geom):
+    kwargs = dict(stride=(geom.stride_h, geom.stride_w), padding=(geom.pad_top, geom.pad_left),
+                  dilation=(geom.dilation_h, geom.dilation_w), groups=geom.groups)
+    exact = local_conv2d_ref(x, w, b, **kwargs)
+    bound = local_conv2d_ref(np.abs(x), np.abs(w), None if b is None else np.abs(b), **kwargs)
+    return exact, bound
+
+
+def _assert_matches(y, x, w, b, geom, dtype):
+    exact, bound = _expected(x, w, b, geom)
+    y = np.asarray(y, np.float64)
+    assert y.shape == exact.shape and np.all(np.isfinite(y))
+    terms = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width + 1
+    tol = half_tolerance(terms) if np.dtype(dtype) == np.float16 else TOLERANCE[np.dtype(dtype)]
+    scale = max(float(np.abs(bound).max()), np.finfo(np.float64).tiny)
+    err = float(np.abs(y - exact).max())
+    assert err <= tol * scale, f"error {err:.3e}, scale {scale:.3e}"
+
+
+def _launch(config, x, w, b, geom, dtype):
+    from numba import cuda
+
+    from gpuconv.cuda import launch as _cuda
+
+    d_x, d_w = cuda.to_device(x), cuda.to_device(w)
+    d_b = None if b is None else cuda.to_device(b)
+    d_out = cuda.to_device(np.full(geom.output_shape, np.nan, dtype))
+    _cuda.launch_local_conv2d(d_x, d_w, d_b, d_out, geom, cuda.default_stream(), config)
+    return d_out.copy_to_host()
+
+
+def _forced(geom, dtype, warps=2, pos_per_block=5):
+    """2 maps per block (c_Og 3: a partial map block), 1 tap per lane (slabs of 32 over
+    K = 12 ... 48: partial slabs), 2 maps per round, ``warps`` warps, positions in groups of
+    ``pos_per_block`` (12 positions: the last group partial)."""
+    from gpuconv.cuda import local_stream
+
+    config = local_stream.local_stream_launch(geom, dtype, 2, 1, 2, warps, pos_per_block)
+    assert config.map_blocks == 2 and config.grid[1] == 2 * geom.groups
+    return config
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("batch", [1, 2, 3, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_forced_remainders_every_batch_and_dtype(batch, dtype):
+    geom = _geometry(batch, c_in=8)  # K = 4 * 6 = 24 taps: one partial slab of 32
+    rng = np.random.default_rng(40 + batch)
+    x, w, b = _operands(rng, geom, dtype, "position")
+    y = _launch(_forced(geom, dtype, warps=1), x, w, b, geom, dtype)
+    _assert_matches(y, x, w, b, geom, dtype)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("batch, bias_kind", [(2, None), (5, "channel"), (5, "position")])
+def test_several_warps_split_k_and_both_bias_kinds(batch, bias_kind):
+    """K = 8 * 6 = 48 taps: two slabs of 32 (the second partial) on two warps."""
+    geom = _geometry(batch, c_in=16)
+    rng = np.random.default_rng(50 + batch)
+    x, w, b = _operands(rng, geom, np.float32, bias_kind)
+    y = _launch(_forced(geom, np.float32, warps=2), x, w, b, geom, np.float32)
+    _assert_matches(y, x, w, b, geom, np.float32)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("batch", [1, 3])
+def test_default_choice_plain_kernel(batch):
+    """The dispatcher's own choice, no groups, a 1 x 1 output row at the edge."""
+    from gpuconv.cuda import launch as _cuda, local_stream
+
+    geom = conv_geometry((batch, 3, 4, 5), (3, 3), 5, 1, 0, 1, 1)
+    config = _cuda.local_conv2d_forward_config(geom, np.float32)
+    assert isinstance(config, local_stream.LocalStreamConfig)
+    rng = np.random.default_rng(60 + batch)
+    x, w, b = _operands(rng, geom, np.float32, "channel")
+    _assert_matches(_launch(None, x, w, b, geom, np.float32), x, w, b, geom, np.float32)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+def test_same_bits_twice(dtype):
+    """Shuffles and the warps' sums in a fixed order, no atomics: the same bits each call."""
+    geom = _geometry(3, c_in=16)
+    rng = np.random.default_rng(70)
+    x, w, b = _operands(rng, geom, dtype, "channel")
+    config = _forced(geom, dtype, warps=2)
+    first = _launch(config, x, w, b, geom, dtype)
+    second = _launch(config, x, w, b, geom, dtype)
+    np.testing.assert_array_equal(first.view(np.uint8), second.view(np.uint8))
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_nan_weight_reaches_only_its_outputs():
+    """A NaN weight of one (map, position) and an Inf of another reach exactly the outputs
+    of that map and position, every image; the taps past K load no weight."""
+    geom = _geometry(2)
+    rng = np.random.default_rng(71)
+    x, w, b = _operands(rng, geom, np.float32, None)
+    w[1, 2, 0, 0, 1, 1] = np.nan
+    w[4, 0, 2, 1, 0, 0] = np.inf
+    y = _launch(_forced(geom, np.float32), x, w, b, geom, np.float32)
+    expected, _ = _expected(x, w, b, geom)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(expected))
+    np.testing.assert_array_equal(np.isinf(y), np.isinf(expected))
+    assert np.isnan(y[:, 1, 2, 0]).all() and np.isnan(y).sum() >= geom.batch
+
+
+# --------------------------------------------------------------------------------------------
+# launch choices (no GPU)
+# --------------------------------------------------------------------------------------------
+
+def test_dispatcher_streams_small_batches_only():
+    from gpuconv import workloads
+    from gpuconv.cuda import kernels, launch as _cuda, local_stream
+
+    for batch in (1, 2, 8):
+        geom = workloads.gpu_geometry("deepface-l4", batch)
+        assert isinstance(_cuda.local_conv2d_forward_config(geom, np.float32),
+                          local_stream.LocalStreamConfig)
+        assert _cuda.local_conv2d_scratch_elements(geom, np.float32) == 1
+    geom = workloads.gpu_geometry("deepface-l4", 9)
+    assert isinstance(_cuda.local_conv2d_forward_config(geom, np.float32),
+                      kernels.LocalConv2dConfig)
+    assert _cuda._CONFIG["local_conv2d"] is _cuda.local_conv2d_forward_config
+
+
+def test_default_suite_grids_cover_every_output_and_fill_the_gpu():
+    from gpuconv import bench, workloads
+    from gpuconv.cuda import local_stream
+
+    for name in bench.SUITES["default"]:
+        for batch in (1, 2, 8):
+            geom = workloads.gpu_geometry(name, batch)
+            for dtype in (np.float16, np.float32, np.float64):
+                c = local_stream.local_stream_config(geom, dtype)
+                n_pos = geom.out_height * geom.out_width
+                assert c.grid[0] * c.pos_per_block >= n_pos > (c.grid[0] - 1) * c.pos_per_block
+                assert c.grid[1] == geom.groups * c.map_blocks
+                assert c.map_blocks * c.maps >= geom.out_channels_per_group
+                assert c.maps % c.map_round == 0 and c.block == (32, c.warps)
+                warps = c.grid[0] * c.grid[1] * c.warps
+                assert warps >= local_stream.STREAM_TARGET_WARPS // 2, (name, batch)
+
+
+def test_lanes_hold_each_image_once_after_the_butterfly():
+    from gpuconv.cuda.local_stream import image_of_lane
+
+    for batch in range(1, 9):
+        images = [image_of_lane(lane, batch) for lane in range(32)]
+        padded = 1 << (batch - 1).bit_length()
+        assert sorted(set(images)) == list(range(padded))
+        assert all(images.count(i) == 32 // padded for i in range(padded))
+
+
+def test_streaming_refuses_large_batches():
+    from gpuconv.cuda import local_stream
+
+    with pytest.raises(ValueError, match="batch 9"):
+        local_stream.local_stream_config(_geometry(9), np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# ptxas: registers in registers (no GPU)
+# --------------------------------------------------------------------------------------------
+
+def _ptxas_skip():
+    if SIMULATOR:
+        return "the CUDA simulator is on (it cannot compile PTX)"
+    from gpuconv.cuda import ptx
+
+    if ptx.find_ptxas() is None:
+        return "ptxas not found (pip install nvidia-cuda-nvcc)"
+    try:
+        from numba import cuda
+
+        def probe(a):
+            a[0] = 1.0
+
+        cuda.compile_ptx(probe, "void(float32[:])", cc=(8, 0))
+    except Exception as exc:  # numba-cuda or NVVM missing
+        return f"numba-cuda cannot compile PTX here ({type(exc).__name__}: {exc})"
+    return None
+
+
+@pytest.mark.skipif(_ptxas_skip() is not None, reason=str(_ptxas_skip()))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_default_suite_kernels_do_not_spill(dtype):
+    """Every streaming specialisation of the default suite at batches 1, 2, 3, 4 and 8:
+    no spills and no stack frame on sm_90 and sm_80."""
+    from gpuconv import bench, workloads
+    from gpuconv.cuda import local_stream, ptx
+
+    specs = {}
+    for name in bench.SUITES["default"]:
+        for batch in (1, 2, 3, 4, 8):
+            spec = local_stream.local_stream_config(workloads.gpu_geometry(name, batch),
+                                                    dtype).kernel
+            specs.setdefault(spec.name, spec)
+    bad = []
+    for spec in specs.values():
+        for cc, arch in (((9, 0), "sm_90"), ((8, 0), "sm_80")):
+            info = ptx.ptxas_info(ptx.compile_ptx(spec, cc), arch, spec.name)
+            if info.spill_stores or info.spill_loads or info.stack_frame:
+                bad.append(info)
+    assert not bad, bad
