@@ -147,6 +147,16 @@ def test_items_stop_when_the_budget_runs_out(gpu_check):
     assert run.failures == 1 and run.summary[-1].startswith("grid: 1/2 ok")
 
 
+
+def test_a_dry_run_is_held_to_the_budget_only_when_asked(gpu_check):
+    # the budget counts GPU seconds: the simulator's wall clock must not skip phases
+    dry = gpu_check.Run(gpu_check.parse_args(["--dry-run"]))
+    assert dry.args.budget_s == gpu_check.DEFAULT_BUDGET_S and dry.left_s() == float("inf")
+    asked = gpu_check.Run(gpu_check.parse_args(["--dry-run", "--budget-s", "5"]))
+    assert 0 < asked.left_s() <= 5
+    gpu = gpu_check.Run(gpu_check.parse_args([]))
+    assert 0 < gpu.left_s() <= gpu_check.DEFAULT_BUDGET_S
+
 # --- references and checks, on PyTorch's CPU -------------------------------------------------
 
 class CpuTarget:
