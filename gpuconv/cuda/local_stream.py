@@ -103,7 +103,7 @@ def local_stream_kernel(code, kernel_h, kernel_w, batch, maps, lane_taps, map_ro
     # Numba's CUDA simulator has no warp shuffles: there the same exchanges go through
     # shared memory between two barriers (every thread of the block takes part).
     SIM = simulator_enabled()
-    XCH = 32 * S if SIM else 1
+    XCH = 32 * S * U * max(1, NP // 2) if SIM else 1
 
     def kernel(x, weight, bias, out, has_bias, bias_len, c_I, h, wd, c_O, h_O, w_O, c_Ig,
                c_Og, s_H, s_W, pt, pl, d_H, d_W, pos_per_block, map_blocks):
@@ -180,6 +180,33 @@ def local_stream_kernel(code, kernel_h, kernel_w, batch, maps, lane_taps, map_ro
                             for v in range(V):
                                 for b in range(NB):
                                     part[u * NP + b] += wv[u * V + v] * xv[b * V + v]
+                        if SIM:
+                            # The simulator has no shuffles: the same exchanges go through
+                            # shared memory, every map of the round in one exchange per step
+                            # (its barriers cost milliseconds each), in the same order.
+                            for st in range(5):
+                                off = 16 >> st
+                                half = NP >> (st + 1) if st < LB else 1
+                                upper = (lane & off) != 0 and st < LB
+                                for u in range(U):
+                                    for i in range(half):
+                                        lo = part[u * NP + i]
+                                        hi = part[u * NP + i + half] if st < LB else lo
+                                        xch[(u * half + i) * 32 * S + tid] = lo if upper else hi
+                                # Wait until the partners' values are written ...
+                                cuda.syncthreads()
+                                for u in range(U):
+                                    for i in range(half):
+                                        lo = part[u * NP + i]
+                                        hi = part[u * NP + i + half] if st < LB else lo
+                                        recv = xch[(u * half + i) * 32 * S + (tid ^ off)]
+                                        part[u * NP + i] = (hi if upper else lo) + recv
+                                # ... and read before the next exchange.
+                                cuda.syncthreads()
+                            for u in range(U):
+                                if writer:
+                                    red[(wy * MAPS + c0 + u) * NP + mine] += part[u * NP]
+                            continue
                         # The transposing butterfly, then a plain one, in a fixed order.
                         for u in range(U):
                             for st in range(LB):
@@ -191,28 +218,12 @@ def local_stream_kernel(code, kernel_h, kernel_w, batch, maps, lane_taps, map_ro
                                     hi = part[u * NP + i + half]
                                     send = lo if upper else hi
                                     keep = hi if upper else lo
-                                    if SIM:  # the simulator has no shuffles
-                                        xch[tid] = send
-                                        # Wait until the partner's value is written ...
-                                        cuda.syncthreads()
-                                        recv = xch[tid ^ off]
-                                        # ... and read before the next exchange.
-                                        cuda.syncthreads()
-                                    else:
-                                        recv = cuda.shfl_xor_sync(_FULL, send, off)
+                                    recv = cuda.shfl_xor_sync(_FULL, send, off)
                                     part[u * NP + i] = keep + recv
                             for st in range(LB, 5):
                                 off = 16 >> st
                                 val = part[u * NP]
-                                if SIM:
-                                    xch[tid] = val
-                                    # Wait until the partner's value is written ...
-                                    cuda.syncthreads()
-                                    recv = xch[tid ^ off]
-                                    # ... and read before the next exchange.
-                                    cuda.syncthreads()
-                                else:
-                                    recv = cuda.shfl_xor_sync(_FULL, val, off)
+                                recv = cuda.shfl_xor_sync(_FULL, val, off)
                                 part[u * NP] = val + recv
                             if writer:
                                 red[(wy * MAPS + c0 + u) * NP + mine] += part[u * NP]
