@@ -7,6 +7,7 @@ several warps splitting ``K``, a partial last group of positions. The rest check
 launch choices and the ptxas resources (no GPU needed).
 """
 
+import math
 import os
 
 import numpy as np
@@ -252,3 +253,23 @@ def test_default_suite_kernels_do_not_spill(dtype):
             if info.spill_stores or info.spill_loads or info.stack_frame:
                 bad.append(info)
     assert not bad, bad
+
+
+def test_tiled_forward_runs_and_sizes_the_kernel_local_conv2d_would():
+    """Tiled forward at batch <= 8: one slot per position is local_conv2d itself (the
+    streaming kernel, same bits); between the ends the batched kernel's tiled
+    specialisation, whose split-K partial sums the scratch must hold."""
+    from gpuconv import workloads
+    from gpuconv.cuda import launch, local_stream
+    from gpuconv.geometry import tiled_geometry
+
+    geom = workloads.gpu_geometry("alexnet-conv1", 4)
+    unshared = tiled_geometry(geom, (geom.out_height, geom.out_width), "periodic")
+    config = launch.tiled_conv2d_config(unshared, np.float32)
+    assert config == launch.local_conv2d_forward_config(geom, np.float32)
+    assert isinstance(config, local_stream.LocalStreamConfig)
+    between = tiled_geometry(geom, (2, 2), "periodic")
+    config = launch.tiled_conv2d_config(between, np.float32)
+    assert not isinstance(config, local_stream.LocalStreamConfig) and config.slices > 1
+    assert (launch.tiled_conv2d_scratch_elements(between, np.float32)
+            > config.slices * math.prod(geom.output_shape))

@@ -309,7 +309,11 @@ def local_conv2d_scratch_elements(geom, dtype):
     """Device scratch of :func:`launch_local_conv2d`, in elements of ``dtype``: the split-K
     partial sums (float16's float32 partial sums count two each), if it splits ``K``; a
     bias placeholder."""
-    config = local_conv2d_forward_config(geom, dtype)
+    return _local_scratch_elements(local_conv2d_forward_config(geom, dtype), geom, dtype)
+
+
+def _local_scratch_elements(config, geom, dtype):
+    """The scratch of :func:`launch_local_conv2d` with ``config`` (any of its kinds)."""
     partial = 0
     if config.slices > 1:
         partial = (config.slices * math.prod(geom.output_shape)
@@ -669,8 +673,17 @@ def tiled_conv2d_config(geom, dtype):
     local_conv2d's tiled specialisation (``geom`` a :class:`~gpuconv.geometry.TiledGeometry`)."""
     if geom.shared:
         return kernels.conv2d_config(geom.untiled, dtype)
-    return kernels.local_conv2d_config(geom.untiled, dtype,
-                                       None if geom.unshared else geom.tiling)
+    if geom.unshared:  # local_conv2d's own choice (the streaming kernel at small batches)
+        return local_conv2d_forward_config(geom.untiled, dtype)
+    return kernels.local_conv2d_config(geom.untiled, dtype, geom.tiling)
+
+
+def tiled_conv2d_scratch_elements(geom, dtype):
+    """Device scratch of :func:`gpuconv.cuda.tiled.launch_tiled_conv2d`: that of the kernel
+    :func:`tiled_conv2d_config` picks."""
+    if geom.shared:
+        return 1
+    return _local_scratch_elements(tiled_conv2d_config(geom, dtype), geom.untiled, dtype)
 
 
 def tiled_conv2d_input_grad_config(geom, dtype):

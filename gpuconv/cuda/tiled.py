@@ -25,8 +25,8 @@ import math
 from .launch import (_flat, _numba_empty, conv2d_weight_grad_scratch_elements, launch_conv2d,
                      launch_conv2d_input_grad, launch_conv2d_weight_grad, launch_local_conv2d,
                      launch_local_conv2d_input_grad, launch_local_conv2d_weight_grad,
-                     local_conv2d_scratch_elements, local_conv2d_weight_grad_scratch_elements,
-                     tiled_conv2d_config,
+                     local_conv2d_weight_grad_scratch_elements, tiled_conv2d_config,
+                     tiled_conv2d_scratch_elements,
                      tiled_conv2d_input_grad_config, tiled_conv2d_weight_grad_config)
 from .spec import check_grid, compiled, dtype_code
 from .tiled_kernels import expand_slots_kernel, sum_slots_kernel
@@ -46,13 +46,6 @@ def _shared_shape(geom):
 # --------------------------------------------------------------------------------------------
 # scratch (the configurations are gpuconv.cuda.launch's, chosen once per call key)
 # --------------------------------------------------------------------------------------------
-
-def tiled_conv2d_scratch_elements(geom, dtype):
-    """Device scratch of :func:`launch_tiled_conv2d`: that of the kernel it launches."""
-    if geom.shared:
-        return 1
-    return local_conv2d_scratch_elements(geom.untiled, dtype)
-
 
 def _expanded_elements(geom):
     return 0 if geom.shared or geom.unshared else math.prod(geom.local_weight_shape())
