@@ -21,7 +21,8 @@ from gpuconv.cpu import (conv2d_forward, conv2d_input_grad, conv2d_input_grad_sc
                          local_conv2d_forward, local_conv2d_input_grad,
                          local_conv2d_input_grad_scratch_bytes, local_conv2d_weight_grad,
                          local_conv2d_weight_grad_scratch_bytes)
-from gpuconv.cpu.conv2d_grad import _weight_grad, _wg_layout
+from gpuconv.cpu.conv2d_grad import (_weight_grad, _weight_grad_channels, _wg_choice,
+                                     _wg_layout, _wgc_layout)
 from gpuconv.geometry import conv_geometry
 from reference import (assert_close, conv2d_input_grad_ref, conv2d_weight_grad_ref,
                        local_conv2d_input_grad_ref, local_conv2d_weight_grad_ref)
@@ -288,5 +289,63 @@ def test_weight_grad_specials_in_both_run_layouts(runs):
     with np.errstate(invalid="ignore"):  # inf - inf in the reference's sums
         expected = conv2d_weight_grad_ref(x, wt.shape, gy, **kwargs)
     _same_specials(gw, expected)
+    untouched = np.isfinite(expected)
+    np.testing.assert_allclose(gw[untouched], finite[untouched], rtol=1e-12, atol=1e-12)
+
+
+# The channel-vector weight gradient, forced on every geometry above (strides, dilation,
+# groups, padding wider than the kernel, 1 x 1 images, channels not a multiple of the
+# vector, taps not a multiple of the register block, one part and several).
+_CHANNEL_CASES = CASES + _RUNS_CASES[6:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", _CHANNEL_CASES, ids=[c[0] for c in _CHANNEL_CASES])
+def test_weight_grad_channel_vectors_match_reference(case, dtype):
+    geom, x, wt, gy, kwargs = _setup(case, dtype, False)
+    gw = _weight_grad_channels(x, gy, _nan(wt.shape, dtype), geom,
+                               _wgc_layout(geom, np.dtype(dtype).itemsize))
+    assert_close(gw, conv2d_weight_grad_ref(x, wt.shape, gy, **kwargs),
+                 conv2d_weight_grad_ref(np.abs(x), wt.shape, np.abs(gy), **kwargs), dtype)
+
+
+def test_weight_grad_channel_vectors_reach_their_paths_and_are_chosen():
+    """The forced grid has one part and several, groups with several channel vectors and a
+    partial last one, and taps that do not fill the last register block; by default each
+    kernel is chosen somewhere on the grid, the channel vectors for DeepFace L6 (rows of 21
+    on a grid of 25) and the pixel vectors for few output channels (a vector mostly
+    empty)."""
+    from gpuconv.cpu.conv2d_grad import _WGC_TAPS
+    from gpuconv.cpu.simd import VECTOR_BYTES
+
+    geoms = [_setup(c, np.float32, False)[0] for c in _CHANNEL_CASES]
+    layouts = [_wgc_layout(g, 4) for g in geoms]
+    assert {lay.n_parts > 1 for lay in layouts} == {False, True}
+    assert any(lay.blocks_per_group > 1 and g.out_channels_per_group % (VECTOR_BYTES // 4)
+               for g, lay in zip(geoms, layouts))
+    assert any(lay.n_taps % _WGC_TAPS for lay in layouts)
+    assert {_wg_choice(g, 4) for g in geoms} == {"channels", "pixels"}
+    assert _wg_choice(conv_geometry((8, 16, 25, 25), (5, 5), 16), 4) == "channels"
+    assert _wg_choice(conv_geometry((8, 16, 25, 25), (5, 5), 16), 8) == "channels"
+    assert _wg_choice(conv_geometry((32, 3, 32, 32), (5, 5), 5), 4) == "pixels"
+
+
+@pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
+def test_weight_grad_channel_vectors_specials(stride):
+    """Inf in the input's last column and row and a NaN in grad_output: the channel-vector
+    kernel's NaN/Inf pattern is the reference's, and its finite values are unchanged."""
+    case = ("specials", 2, 3, 9, 10, 20, 3, stride, 1, 1, 1)
+    geom, x, wt, gy, kwargs = _setup(case, np.float64, False, seed=7)
+    layout = _wgc_layout(geom, 8)
+    finite = _weight_grad_channels(x, gy, _nan(wt.shape, np.float64), geom, layout)
+    x[0, 1, :, -1] = np.inf
+    x[1, 2, -1, :] = -np.inf
+    gy[1, 13, 2, 2] = np.nan
+    gw = _weight_grad_channels(x, gy, _nan(wt.shape, np.float64), geom, layout)
+    with np.errstate(invalid="ignore"):  # inf - inf in the reference's sums
+        expected = conv2d_weight_grad_ref(x, wt.shape, gy, **kwargs)
+    _same_specials(gw, expected)
+    assert np.isnan(gw[13]).all()                     # grad_output's NaN: every tap
+    assert not np.isfinite(gw[0, 1]).all()            # the input's Inf: some taps
     untouched = np.isfinite(expected)
     np.testing.assert_allclose(gw[untouched], finite[untouched], rtol=1e-12, atol=1e-12)

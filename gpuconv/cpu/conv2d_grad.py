@@ -19,9 +19,14 @@ With ``y = conv2d(x, w)`` and ``gy`` the gradient of a scalar loss with respect 
   weights are exact).
 * **Weight gradient** (:func:`conv2d_weight_grad`): ``gw[o, c, u, v]`` is the dot product, over
   every output pixel of every image, of ``gy[:, o]`` and the input seen by tap ``(c, u, v)``.
-  The input is repacked zero-padded and phase-split by columns, as the forward does, so that
-  every tap reads a contiguous run of input for a run of consecutive output pixels, and
-  ``gy`` is repacked onto the same runs. Register block: 4 output channels x 6 taps = 24
+  Two kernels; :func:`_wg_choice` takes the one that computes fewer multiply-adds. *Channel
+  vectors* (see "Weight gradient, channel vectors" below): a vector of output channels x 24
+  taps, looping over the real output pixels only (nothing computed and dropped; the choice
+  wherever the output channels fill the vectors, e.g. DeepFace L6 and VGG, ResNet and
+  AlexNet layers). *Pixel vectors* (few output channels, e.g. the seed's 5 or 10), described
+  here: the input is repacked zero-padded and phase-split by columns, as the forward does,
+  so that every tap reads a contiguous run of input for a run of consecutive output pixels,
+  and ``gy`` is repacked onto the same runs. Register block: 4 output channels x 6 taps = 24
   vector accumulators, each a vector of consecutive pixels (per step: 4 ``gy`` vectors and 6
   input vectors loaded, 24 fused multiply-adds). The runs (:func:`_wg_layout`): with stride 1,
   each image's output rows form runs on the padded grid (``"images"``), or all rows of all
@@ -60,10 +65,10 @@ from ..geometry import ConvGeometry
 from .conv2d import conv2d_forward, conv2d_scratch_bytes
 from .simd import VECTOR_BYTES as _VECTOR_BYTES
 from .simd import prefer_wide_vectors as _prefer_wide_vectors
-from .simd import vload as _vload, vstore as _vstore, vzero as _vzero
+from .simd import vfma as _vfma, vload as _vload, vstore as _vstore, vzero as _vzero
 from .simd_ext import vfmav as _vfmav, vload_first as _vload_first
 from .simd_ext import vload_masked as _vload_masked, vstore_first as _vstore_first
-from .simd_ext import vsum_lanes as _vsum_lanes
+from .simd_ext import vsum_lanes as _vsum_lanes, vtranspose as _vtranspose
 
 __all__ = ["conv2d_input_grad", "conv2d_input_grad_scratch_bytes", "conv2d_weight_grad",
            "conv2d_weight_grad_scratch_bytes"]
@@ -750,6 +755,9 @@ def _wg_mask(geom, layout):
 def conv2d_weight_grad_scratch_bytes(geom, itemsize):
     """Bytes of scratch :func:`conv2d_weight_grad` allocates beyond ``out``: the packed input
     and gy, the mask, per-thread tiles and the partial sums (none when ``P == 1``)."""
+    if _wg_choice(geom, itemsize) == "channels":
+        elements, padded_taps = _wgc_scratch_elements(geom, itemsize)
+        return elements * itemsize + padded_taps * 8 * 4 + _SMALL_SCRATCH
     layout = _wg_layout(geom, itemsize)
     elements = (layout.x_size + geom.out_channels * layout.gy_len
                 + _threads.count() * layout.tile)
@@ -774,7 +782,10 @@ def conv2d_weight_grad(x, grad_output, out, geom):
     ``(c_O, c_I/g, k_H, k_W)``: C-contiguous, one dtype. Deterministic: the same bits on
     every call and for every thread count (see the module docstring).
     """
-    return _weight_grad(x, grad_output, out, geom, _wg_layout(geom, out.dtype.itemsize))
+    itemsize = out.dtype.itemsize
+    if _wg_choice(geom, itemsize) == "channels":
+        return _weight_grad_channels(x, grad_output, out, geom, _wgc_layout(geom, itemsize))
+    return _weight_grad(x, grad_output, out, geom, _wg_layout(geom, itemsize))
 
 
 def _weight_grad(x, grad_output, out, geom, layout):
@@ -799,6 +810,330 @@ def _weight_grad(x, grad_output, out, geom, layout):
                layout.n_rows, layout.part_rows, layout.pass_rows, layout.runs_per_image,
                layout.image_stride, layout.run_stride, layout.run_pixels,
                layout.mask_stride, n_vec)
+    if layout.n_parts > 1:
+        _sum_parts(dest.reshape(layout.n_parts, -1), out.reshape(-1))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Weight gradient, channel vectors: 1 vector of output channels x 24 taps per block
+# --------------------------------------------------------------------------------------
+#
+# The pixel-vector kernel above runs its vectors over the pixels of a padded grid: where an
+# output row is short against that grid (DeepFace L6: rows of 21 on a grid of 25) or rounded
+# up to whole vectors (strided layers: 7 of 16 lanes for a 7-pixel row) it computes pixels
+# that are dropped. This kernel runs its vectors over the output channels instead and its
+# loops over the real output pixels only: ``gw[o, t]`` for one vector of output channels
+# ``o`` and a block of 24 taps ``t`` are 24 vector accumulators; per output pixel, one
+# vector of ``dL/dy`` (transposed, pixel-major: ``gyt[block, pixel, lane]``) is loaded and
+# the input value each tap reads there is broadcast against it. Nothing is computed for a
+# pixel outside the output and no junk pixel reads the input, so there is nothing to mask:
+# an Inf in the input reaches exactly the sums the definition puts it in (those of the
+# padding taps read zero, as in the pixel-vector kernel). It is chosen where it computes
+# fewer multiply-adds (:func:`_wg_choice`).
+#
+# Parallelism and order as above: the output rows are split into parts (a function of the
+# geometry only); a job is (part, vector of output channels, block of taps) and adds its
+# part's rows and pixels in order, one accumulator per (channel, tap): at most
+# ``_WGC_PART_PIXELS`` terms each, as the pixel-vector kernel's lanes. Parts are added in
+# order by :func:`_sum_parts`. The same bits on every call and for every thread count.
+
+_WGC_TAPS = 24           # taps per register block
+_WGC_PART_PIXELS = 2048  # output pixels per part at most (terms per accumulator)
+
+
+class _WgcLayout(NamedTuple):
+    h_P: int              # rows per image of the packed input
+    w_Q: int              # columns per row of the packed input (per column phase)
+    channel_stride: int   # elements per input channel in the packed input
+    x_size: int           # elements of the packed input, slack included
+    image_stride: int     # elements from one image to the next in the packed input
+    run_stride: int       # elements from one output row to the next, packed input
+    n_rows: int           # output rows of all images
+    part_rows: int
+    n_parts: int
+    blocks_per_group: int  # vectors of output channels per group
+    n_taps: int           # taps per group (c_I/g * k_H * k_W)
+    padded_taps: int      # rounded up to whole register blocks
+
+
+@functools.lru_cache(maxsize=256)  # per geometry: computed once, not per call
+def _wgc_layout(geom, itemsize):
+    """The channel-vector weight gradient's packed input (the pixel-vector kernel's
+    ``"rows"`` layout: zero-padded, column-phase split, cropped to what the taps read) and
+    its parts."""
+    lanes = _VECTOR_BYTES // itemsize
+    n, s_H, s_W = geom.batch, geom.stride_h, geom.stride_w
+    h_O, w_O = geom.out_height, geom.out_width
+    d_H, d_W = geom.dilation_h, geom.dilation_w
+    k_H, k_W = geom.kernel_height, geom.kernel_width
+    h_P = (h_O - 1) * s_H + (k_H - 1) * d_H + 1
+    w_Q = -(-((w_O - 1) * s_W + (k_W - 1) * d_W + 1) // s_W)
+    image_stride = h_P * s_W * w_Q
+    run_stride = s_H * s_W * w_Q
+    channel_stride = n * image_stride
+    x_size = geom.in_channels * channel_stride
+    n_rows = n * h_O
+    n_taps = geom.in_channels_per_group * k_H * k_W
+    padded_taps = -(-n_taps // _WGC_TAPS) * _WGC_TAPS
+    blocks_per_group = -(-geom.out_channels_per_group // lanes)
+    jobs_per_part = geom.groups * blocks_per_group * (padded_taps // _WGC_TAPS)
+    n_parts = max(-(-(n_rows * w_O) // _WGC_PART_PIXELS), -(-_WG_MIN_JOBS // jobs_per_part))
+    weight_bytes = geom.out_channels * n_taps * itemsize
+    n_parts = max(1, min(n_parts, n_rows, _PARTIAL_BYTES // weight_bytes))
+    part_rows = -(-n_rows // n_parts)
+    n_parts = -(-n_rows // part_rows)
+    return _WgcLayout(h_P, w_Q, channel_stride, x_size, image_stride, run_stride, n_rows,
+                      part_rows, n_parts, blocks_per_group, n_taps, padded_taps)
+
+
+@functools.lru_cache(maxsize=256)  # per geometry: computed once, not per call
+def _wg_choice(geom, itemsize):
+    """``"channels"`` or ``"pixels"``: the weight-gradient kernel that computes fewer vector
+    multiply-adds, counting the pixel-vector kernel's computed pixels (junk included) and
+    blocks of 4 channels x 6 taps, and the channel-vector kernel's real pixels and blocks of
+    one vector of channels x 24 taps; the pixel-vector kernel unless the other computes at
+    most ``_WGC_SHARE`` of its count.
+
+    >>> from gpuconv.geometry import conv_geometry
+    >>> _wg_choice(conv_geometry((8, 16, 25, 25), (5, 5), 16), 4)  # DeepFace L6
+    'channels'
+    >>> _wg_choice(conv_geometry((8, 3, 32, 32), (3, 3), 4, padding=1), 4)
+    'pixels'
+    """
+    lanes = _VECTOR_BYTES // itemsize
+    pixels = _wg_layout(geom, itemsize)
+    channels = _wgc_layout(geom, itemsize)
+    c_Og = geom.out_channels_per_group
+    pixel_cost = (-(-c_Og // _WG_CO) * _WG_CO * (pixels.gy_len // lanes)
+                  * pixels.padded_taps)
+    channel_cost = (channels.blocks_per_group * geom.batch * geom.out_height
+                    * geom.out_width * channels.padded_taps)
+    return "channels" if channel_cost <= _WGC_SHARE * pixel_cost else "pixels"
+
+
+# The channel-vector kernel is chosen when it computes at most this share of the
+# pixel-vector kernel's multiply-adds (measured: BENCHMARKS.md, "conv2d weight gradient:
+# channel vectors").
+_WGC_SHARE = 1.05
+
+
+@njit(cache=True)
+def _pack_grad_output_t(gy, gyt, c_Og, groups):
+    """gyt[(g * bpg + j) * P + r * w_O + ox, k] = gy[b, g * c_Og + j * lanes + k, oy, ox]
+    with ``r = b * h_O + oy``, ``P = n * h_O * w_O``, zero for ``j * lanes + k >= c_Og``:
+    ``lanes x lanes`` blocks transposed in registers where a block is whole, element by
+    element at the ends."""
+    _prefer_wide_vectors()
+    n, c_O, h_O, w_O = gy.shape
+    lanes = _VECTOR_BYTES // gy.itemsize
+    hw = h_O * w_O
+    n_pix = n * hw
+    bpg = -(-c_Og // lanes)
+    gy_flat = gy.reshape(-1)
+    gyt_flat = gyt.reshape(-1)
+    for g in range(groups):
+        for j in range(bpg):
+            width = min(lanes, c_Og - j * lanes)
+            o0 = g * c_Og + j * lanes
+            blk = (g * bpg + j) * n_pix
+            for b in range(n):
+                src0 = (b * c_O + o0) * hw
+                dst0 = (blk + b * hw) * lanes
+                p = 0
+                if width == lanes:
+                    while p + lanes <= hw:
+                        _vtranspose(gy_flat, src0 + p, hw, gyt_flat, dst0 + p * lanes)
+                        p += lanes
+                for q in range(p, hw):
+                    for k in range(lanes):
+                        gyt_flat[dst0 + q * lanes + k] = (gy_flat[src0 + k * hw + q]
+                                                          if k < width else 0)
+
+
+@njit(cache=True)
+def _wgc_block(xf, tap_off, t0, x_group, gyt, g_base, r0, r1, h_O, w_O, image_stride,
+               run_stride, lanes, buf):
+    """Register block of the channel-vector weight gradient: one vector of output
+    channels x 24 taps (``tap_off[t0:t0 + 24]``), over the output rows ``r0 <= r < r1``
+    (image ``r // h_O``, its row ``r % h_O``) and each of their ``w_O`` pixels: per pixel
+    one vector of dL/dy is loaded (``gyt[g_base + (r * w_O + ox) * lanes ...]``) and each
+    tap's input value is broadcast against it (one fused multiply-add per tap). The
+    24 accumulators start at zero, run over the rows and pixels in order, and are
+    stored to ``buf[i * lanes ...]`` (tap ``t0 + i``)."""
+    _prefer_wide_vectors()
+    o0 = np.uint64(x_group + tap_off[t0 + 0])
+    o1 = np.uint64(x_group + tap_off[t0 + 1])
+    o2 = np.uint64(x_group + tap_off[t0 + 2])
+    o3 = np.uint64(x_group + tap_off[t0 + 3])
+    o4 = np.uint64(x_group + tap_off[t0 + 4])
+    o5 = np.uint64(x_group + tap_off[t0 + 5])
+    o6 = np.uint64(x_group + tap_off[t0 + 6])
+    o7 = np.uint64(x_group + tap_off[t0 + 7])
+    o8 = np.uint64(x_group + tap_off[t0 + 8])
+    o9 = np.uint64(x_group + tap_off[t0 + 9])
+    o10 = np.uint64(x_group + tap_off[t0 + 10])
+    o11 = np.uint64(x_group + tap_off[t0 + 11])
+    o12 = np.uint64(x_group + tap_off[t0 + 12])
+    o13 = np.uint64(x_group + tap_off[t0 + 13])
+    o14 = np.uint64(x_group + tap_off[t0 + 14])
+    o15 = np.uint64(x_group + tap_off[t0 + 15])
+    o16 = np.uint64(x_group + tap_off[t0 + 16])
+    o17 = np.uint64(x_group + tap_off[t0 + 17])
+    o18 = np.uint64(x_group + tap_off[t0 + 18])
+    o19 = np.uint64(x_group + tap_off[t0 + 19])
+    o20 = np.uint64(x_group + tap_off[t0 + 20])
+    o21 = np.uint64(x_group + tap_off[t0 + 21])
+    o22 = np.uint64(x_group + tap_off[t0 + 22])
+    o23 = np.uint64(x_group + tap_off[t0 + 23])
+    a0 = _vzero(xf)
+    a1 = _vzero(xf)
+    a2 = _vzero(xf)
+    a3 = _vzero(xf)
+    a4 = _vzero(xf)
+    a5 = _vzero(xf)
+    a6 = _vzero(xf)
+    a7 = _vzero(xf)
+    a8 = _vzero(xf)
+    a9 = _vzero(xf)
+    a10 = _vzero(xf)
+    a11 = _vzero(xf)
+    a12 = _vzero(xf)
+    a13 = _vzero(xf)
+    a14 = _vzero(xf)
+    a15 = _vzero(xf)
+    a16 = _vzero(xf)
+    a17 = _vzero(xf)
+    a18 = _vzero(xf)
+    a19 = _vzero(xf)
+    a20 = _vzero(xf)
+    a21 = _vzero(xf)
+    a22 = _vzero(xf)
+    a23 = _vzero(xf)
+    for r in range(r0, r1):
+        b = r // h_O
+        xb = b * image_stride + (r - b * h_O) * run_stride
+        gb = g_base + r * w_O * lanes
+        for ox in range(w_O):
+            g = _vload(gyt, gb + ox * lanes)
+            p = np.uint64(xb + ox)
+            a0 = _vfma(a0, g, xf[p + o0])
+            a1 = _vfma(a1, g, xf[p + o1])
+            a2 = _vfma(a2, g, xf[p + o2])
+            a3 = _vfma(a3, g, xf[p + o3])
+            a4 = _vfma(a4, g, xf[p + o4])
+            a5 = _vfma(a5, g, xf[p + o5])
+            a6 = _vfma(a6, g, xf[p + o6])
+            a7 = _vfma(a7, g, xf[p + o7])
+            a8 = _vfma(a8, g, xf[p + o8])
+            a9 = _vfma(a9, g, xf[p + o9])
+            a10 = _vfma(a10, g, xf[p + o10])
+            a11 = _vfma(a11, g, xf[p + o11])
+            a12 = _vfma(a12, g, xf[p + o12])
+            a13 = _vfma(a13, g, xf[p + o13])
+            a14 = _vfma(a14, g, xf[p + o14])
+            a15 = _vfma(a15, g, xf[p + o15])
+            a16 = _vfma(a16, g, xf[p + o16])
+            a17 = _vfma(a17, g, xf[p + o17])
+            a18 = _vfma(a18, g, xf[p + o18])
+            a19 = _vfma(a19, g, xf[p + o19])
+            a20 = _vfma(a20, g, xf[p + o20])
+            a21 = _vfma(a21, g, xf[p + o21])
+            a22 = _vfma(a22, g, xf[p + o22])
+            a23 = _vfma(a23, g, xf[p + o23])
+    _vstore(buf, 0, a0)
+    _vstore(buf, 1 * lanes, a1)
+    _vstore(buf, 2 * lanes, a2)
+    _vstore(buf, 3 * lanes, a3)
+    _vstore(buf, 4 * lanes, a4)
+    _vstore(buf, 5 * lanes, a5)
+    _vstore(buf, 6 * lanes, a6)
+    _vstore(buf, 7 * lanes, a7)
+    _vstore(buf, 8 * lanes, a8)
+    _vstore(buf, 9 * lanes, a9)
+    _vstore(buf, 10 * lanes, a10)
+    _vstore(buf, 11 * lanes, a11)
+    _vstore(buf, 12 * lanes, a12)
+    _vstore(buf, 13 * lanes, a13)
+    _vstore(buf, 14 * lanes, a14)
+    _vstore(buf, 15 * lanes, a15)
+    _vstore(buf, 16 * lanes, a16)
+    _vstore(buf, 17 * lanes, a17)
+    _vstore(buf, 18 * lanes, a18)
+    _vstore(buf, 19 * lanes, a19)
+    _vstore(buf, 20 * lanes, a20)
+    _vstore(buf, 21 * lanes, a21)
+    _vstore(buf, 22 * lanes, a22)
+    _vstore(buf, 23 * lanes, a23)
+
+
+@njit(parallel=True, cache=True)
+def _wgc_kernel(xf, tap_off, gyt, dest, bufs, groups, bpg, c_Og, n_taps, group_stride,
+                n_rows, part_rows, h_O, w_O, image_stride, run_stride):
+    """Jobs (part, group, vector of channels, block of taps); dest[part, o, tap]
+    (``dest.shape[0] == 1``: dest is the output itself, viewed as (1, c_O, taps))."""
+    lanes = _VECTOR_BYTES // xf.itemsize
+    tap_blocks = tap_off.shape[0] // _WGC_TAPS
+    n_parts = dest.shape[0]
+    jobs_per_part = groups * bpg * tap_blocks
+    n_jobs = n_parts * jobs_per_part
+    n_threads = bufs.shape[0]
+    n_pix = n_rows * w_O
+    for thread in prange(n_threads):
+        buf = bufs[thread]
+        for job in range(thread, n_jobs, n_threads):
+            # tap blocks vary fastest: consecutive jobs share the part's dL/dy
+            part = job // jobs_per_part
+            rest = job - part * jobs_per_part
+            tb = rest % tap_blocks
+            ob = rest // tap_blocks
+            g = ob // bpg
+            j = ob - g * bpg
+            o0 = g * c_Og + j * lanes
+            width = min(lanes, c_Og - j * lanes)
+            r0 = part * part_rows
+            r1 = min(r0 + part_rows, n_rows)
+            t0 = tb * _WGC_TAPS
+            _wgc_block(xf, tap_off, t0, g * group_stride, gyt, ob * n_pix * lanes, r0, r1,
+                       h_O, w_O, image_stride, run_stride, lanes, buf)
+            for i in range(min(_WGC_TAPS, n_taps - t0)):
+                for k in range(width):
+                    dest[part, o0 + k, t0 + i] = buf[i * lanes + k]
+
+
+def _wgc_scratch_elements(geom, itemsize):
+    layout = _wgc_layout(geom, itemsize)
+    lanes = _VECTOR_BYTES // itemsize
+    elements = (layout.x_size + geom.groups * layout.blocks_per_group * lanes * geom.batch
+                * geom.out_height * geom.out_width + _threads.count() * _WGC_TAPS * lanes)
+    if layout.n_parts > 1:
+        elements += layout.n_parts * geom.out_channels * layout.n_taps
+    return elements, layout.padded_taps
+
+
+def _weight_grad_channels(x, grad_output, out, geom, layout):
+    """:func:`conv2d_weight_grad` by the channel-vector kernel (``layout``: a
+    :func:`_wgc_layout`)."""
+    dtype = out.dtype
+    lanes = _VECTOR_BYTES // dtype.itemsize
+    xf = np.empty(layout.x_size, dtype=dtype)
+    _pack_input(x, xf.reshape(geom.in_channels, geom.batch, layout.h_P, geom.stride_w,
+                              layout.w_Q), geom.pad_top, geom.pad_left, geom.stride_w)
+    c_Og = geom.out_channels_per_group
+    n_pix = geom.batch * geom.out_height * geom.out_width
+    gyt = np.empty((geom.groups * layout.blocks_per_group * n_pix, lanes), dtype=dtype)
+    _pack_grad_output_t(grad_output, gyt, c_Og, geom.groups)
+    tap_off = _wg_tap_offsets(geom, layout)
+    bufs = np.empty((_threads.count(), _WGC_TAPS * lanes), dtype=dtype)
+    out2 = out.reshape(1, geom.out_channels, layout.n_taps)
+    if layout.n_parts == 1:
+        dest = out2
+    else:
+        dest = np.empty((layout.n_parts, geom.out_channels, layout.n_taps), dtype=dtype)
+    _wgc_kernel(xf, tap_off, gyt, dest, bufs, geom.groups, layout.blocks_per_group, c_Og,
+                layout.n_taps, geom.in_channels_per_group * layout.channel_stride,
+                layout.n_rows, layout.part_rows, geom.out_height, geom.out_width,
+                layout.image_stride, layout.run_stride)
     if layout.n_parts > 1:
         _sum_parts(dest.reshape(layout.n_parts, -1), out.reshape(-1))
     return out
