@@ -630,6 +630,27 @@ def _image_runs(per_image, lanes):
     return runs, -(-(-(-per_image // runs)) // lanes) * lanes
 
 
+def _parts(geom, itemsize, n_rows, pixels, part_pixels, jobs_per_part):
+    """(rows per part, parts) of a weight gradient's ``n_rows`` runs: enough parts for
+    accuracy (at most ``part_pixels`` of the ``pixels`` each) and for ``_WG_MIN_JOBS`` jobs,
+    within the partial-sum memory bound; a function of the geometry only."""
+    n_parts = max(-(-pixels // part_pixels), -(-_WG_MIN_JOBS // jobs_per_part))
+    weight_bytes = geom.out_channels * geom.in_channels_per_group * (
+        geom.kernel_height * geom.kernel_width) * itemsize
+    n_parts = max(1, min(n_parts, n_rows, _PARTIAL_BYTES // weight_bytes))
+    part_rows = -(-n_rows // n_parts)
+    return part_rows, -(-n_rows // part_rows)
+
+
+def _part_dest(out, geom, n_parts, n_taps):
+    """Where a weight-gradient kernel writes part ``p``'s sums, ``dest[p, o, tap]``: the
+    output itself (viewed as one part) when there is one part, else a partial-sum buffer
+    that :func:`_sum_parts` adds into ``out``."""
+    if n_parts == 1:
+        return out.reshape(1, geom.out_channels, n_taps)
+    return np.empty((n_parts, geom.out_channels, n_taps), dtype=out.dtype)
+
+
 @functools.lru_cache(maxsize=256)  # per geometry: computed once, not per call
 def _wg_layout(geom, itemsize, runs=None):
     """The weight gradient's runs (``runs`` forces ``"merged"`` or ``"images"`` on a
@@ -701,16 +722,11 @@ def _wg_layout(geom, itemsize, runs=None):
     pass_rows = max(1, round(_WG_PASS_PIXELS / run_pixels))
     n_taps = geom.in_channels_per_group * k_H * k_W
     padded_taps = -(-n_taps // _WG_TAPS) * _WG_TAPS
-    # Parts: enough for accuracy and for _WG_MIN_JOBS jobs, within the memory bound;
-    # a function of the geometry only.
     c_Og = geom.out_channels_per_group
     jobs_per_part = geom.groups * -(-c_Og // _WG_CO) * -(-(padded_taps // _WG_TAPS)
                                                          // _WG_TAP_BLOCKS)
-    n_parts = max(-(-pixels // _WG_PART_PIXELS), -(-_WG_MIN_JOBS // jobs_per_part))
-    weight_bytes = geom.out_channels * n_taps * itemsize
-    n_parts = max(1, min(n_parts, n_rows, _PARTIAL_BYTES // weight_bytes))
-    part_rows = -(-n_rows // n_parts)
-    n_parts = -(-n_rows // part_rows)
+    part_rows, n_parts = _parts(geom, itemsize, n_rows, pixels, _WG_PART_PIXELS,
+                                jobs_per_part)
     vectors = _WG_TAP_BLOCKS * _WG_CO * _WG_TAPS + lanes   # whole groups of lane sums
     tile = vectors * lanes + vectors
     return _WgLayout(runs, h_P, w_Q, channel_stride, x_size, n_rows, run_pixels,
@@ -799,11 +815,7 @@ def _weight_grad(x, grad_output, out, geom, layout):
     tap_off = _wg_tap_offsets(geom, layout)
     tiles = np.empty((_threads.count(), layout.tile), dtype=dtype)
     n_vec = layout.run_pixels // (_VECTOR_BYTES // dtype.itemsize)
-    out2 = out.reshape(1, geom.out_channels, layout.n_taps)
-    if layout.n_parts == 1:
-        dest = out2
-    else:
-        dest = np.empty((layout.n_parts, geom.out_channels, layout.n_taps), dtype=dtype)
+    dest = _part_dest(out, geom, layout.n_parts, layout.n_taps)
     _wg_kernel(xf, tap_off, gyp, mask, not finite, dest, tiles, geom.groups,
                geom.out_channels_per_group, layout.n_taps,
                geom.in_channels_per_group * layout.channel_stride,
@@ -878,11 +890,8 @@ def _wgc_layout(geom, itemsize):
     padded_taps = -(-n_taps // _WGC_TAPS) * _WGC_TAPS
     blocks_per_group = -(-geom.out_channels_per_group // lanes)
     jobs_per_part = geom.groups * blocks_per_group * (padded_taps // _WGC_TAPS)
-    n_parts = max(-(-(n_rows * w_O) // _WGC_PART_PIXELS), -(-_WG_MIN_JOBS // jobs_per_part))
-    weight_bytes = geom.out_channels * n_taps * itemsize
-    n_parts = max(1, min(n_parts, n_rows, _PARTIAL_BYTES // weight_bytes))
-    part_rows = -(-n_rows // n_parts)
-    n_parts = -(-n_rows // part_rows)
+    part_rows, n_parts = _parts(geom, itemsize, n_rows, n_rows * w_O, _WGC_PART_PIXELS,
+                                jobs_per_part)
     return _WgcLayout(h_P, w_Q, channel_stride, x_size, image_stride, run_stride, n_rows,
                       part_rows, n_parts, blocks_per_group, n_taps, padded_taps)
 
@@ -1125,11 +1134,7 @@ def _weight_grad_channels(x, grad_output, out, geom, layout):
     _pack_grad_output_t(grad_output, gyt, c_Og, geom.groups)
     tap_off = _wg_tap_offsets(geom, layout)
     bufs = np.empty((_threads.count(), _WGC_TAPS * lanes), dtype=dtype)
-    out2 = out.reshape(1, geom.out_channels, layout.n_taps)
-    if layout.n_parts == 1:
-        dest = out2
-    else:
-        dest = np.empty((layout.n_parts, geom.out_channels, layout.n_taps), dtype=dtype)
+    dest = _part_dest(out, geom, layout.n_parts, layout.n_taps)
     _wgc_kernel(xf, tap_off, gyt, dest, bufs, geom.groups, layout.blocks_per_group, c_Og,
                 layout.n_taps, geom.in_channels_per_group * layout.channel_stride,
                 layout.n_rows, layout.part_rows, geom.out_height, geom.out_width,
