@@ -1,9 +1,11 @@
 """The implicit-GEMM conv2d kernel (gpuconv.cuda.conv2d_gemm) against the float64 reference.
 
 Tests marked ``cuda`` launch it (a GPU, or the simulator with ``NUMBA_ENABLE_CUDASIM=1``,
-where the tile is 8 positions x 8 maps x 4 channels a chunk, 16 threads): the geometries
-are tiny but leave partial tiles along the positions (M), the maps (N) and the channel
-chunks (K). The rest check the dispatch and the factory and run everywhere.
+where the tiles are 8 positions x 8 maps, one position staged a thread, and 32 positions x
+4 maps, two positions staged a thread, both 4 channels a chunk and 16 threads): the
+geometries are tiny but leave partial tiles along the positions (M), the maps (N) and the
+channel chunks (K), and every case runs on both tiles. The rest check the dispatch and the
+factory and run everywhere.
 """
 
 import numpy as np
@@ -33,6 +35,9 @@ CASES = {
     "same_even_kernel": (1, 3, 4, 5, 4, (2, 4), 1, "same", 1, 1, True),
     # 1 x 1 kernel: a matrix product over channels; 9 channels (4 + 4 + 1).
     "kernel_1x1": (3, 9, 2, 3, 5, 1, 1, 0, 1, 1, False),
+    # 3 maps of 7 channels, M = 3*6*5 = 90 (the 32-position tile: 32 + 32 + 26, the last
+    # thread's second position past the end), stride 1, padding 1, bias.
+    "few_maps_two_positions": (3, 7, 6, 5, 3, 3, 1, 1, 1, 1, True),
 }
 
 
@@ -86,6 +91,31 @@ def test_gemm_kernel_matches_the_reference(name, dtype):
 
 @pytest.mark.cuda
 @needs_cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_simulator_tile_matches_the_reference(name, dtype):
+    """Each case forced onto each of the simulator's tiles: one staged position a thread
+    (8 x 8) and two, ``threads`` apart (32 x 4, maps split over several blocks where a
+    group has more than 4)."""
+    from gpuconv.cuda import conv2d_gemm
+    from gpuconv.device import simulator_enabled
+
+    if not simulator_enabled():
+        pytest.skip("the simulator's tiles (a GPU runs its own)")
+    geom, x, wt, b, kwargs = _case(name, dtype)
+    m_total = geom.batch * geom.out_height * geom.out_width
+    code = conv2d_gemm.dtype_code(dtype)
+    for tile in conv2d_gemm.TILES["sim"]:
+        blocks_n = -(-geom.out_channels_per_group // tile[1])
+        config = conv2d_gemm.Conv2dGemmConfig(
+            conv2d_gemm.conv2d_gemm_kernel(code, *tile),
+            ((tile[0] // tile[3]) * (tile[1] // tile[4]),),
+            (-(-m_total // tile[0]), geom.groups * blocks_n), blocks_n, 0)
+        _assert_matches(_launch(geom, x, wt, b, config), x, wt, b, kwargs, dtype)
+
+
+@pytest.mark.cuda
+@needs_cuda
 def test_gemm_kernel_is_deterministic():
     """Two launches give the same bits (fixed summation order, no atomics)."""
     geom, x, wt, b, _ = _case("partial_m_n_k", np.float32, seed=3)
@@ -122,24 +152,28 @@ def test_channel_heavy_layers_take_the_gemm_and_the_others_keep_the_direct_kerne
         geom = conv_geometry((2, c_in, 8, 8), (3, 3), 2 * groups, padding=1, groups=groups)
         return kernels.conv2d_config(geom, dtype).kernel.name
 
-    assert conv2d_gemm.GEMM_MIN_CHANNELS == 32
-    assert name(32).startswith("conv2d_gemm_f32_")
-    assert name(32, dtype=np.float16).startswith("conv2d_gemm_f16_")
+    assert conv2d_gemm.GEMM_MIN_CHANNELS == 16
+    assert name(16).startswith("conv2d_gemm_f32_")
+    assert name(16, dtype=np.float16).startswith("conv2d_gemm_f16_")
     assert name(48, dtype=np.float64).startswith("conv2d_gemm_f64_")
-    assert name(31).startswith("conv2d_f32_k3x3_")
-    assert name(64, groups=2).startswith("conv2d_gemm_")      # 32 channels a group
-    assert name(62, groups=2).startswith("conv2d_f32_")       # 31 a group
+    assert name(15).startswith("conv2d_f32_k3x3_")
+    assert name(32, groups=2).startswith("conv2d_gemm_")      # 16 channels a group
+    assert name(30, groups=2).startswith("conv2d_f32_")       # 15 a group
 
 
 def test_default_suite_dispatch():
-    """The channel-heavy benchmark layers take the GEMM; the seed, AlexNet conv1 and
-    DeepFace layers (3-16 input channels) keep the direct kernel."""
+    """The benchmark layers with 16 or more input channels a group (DeepFace's, ResNet's,
+    VGG's) take the GEMM; the seed and AlexNet conv1 layers (3 and 10 channels) keep the
+    direct kernel."""
     from gpuconv.cuda import kernels
 
+    seen = set()
     for layer, geom in kernels.workload_geometries():
         kernel = kernels.conv2d_config(geom, np.float32).kernel.name
-        gemm = geom.in_channels_per_group >= 32
+        gemm = geom.in_channels_per_group >= 16
         assert kernel.startswith("conv2d_gemm_") == gemm, (layer.short_title, kernel)
+        seen.add(gemm)
+    assert seen == {True, False}
 
 
 def test_tile_choice_and_launch_shape():
@@ -162,6 +196,22 @@ def test_tile_choice_and_launch_shape():
     grouped = conv_geometry((3, 64, 5, 5), (3, 3), 130, padding=1, groups=2)
     config = conv2d_gemm.conv2d_gemm_config(grouped, np.float32)
     assert config.blocks_n == 2 and config.grid == (-(-75 // 64), 4)
+    # 16 maps: the 16-wide tiles. DeepFace L5 at batch 128 (625 blocks) fills more than
+    # half the first wave of the 64-thread tile (6 an SM); at batch 64 (313) it does not,
+    # and the 128-thread tile (4 an SM) is taken.
+    l5 = by_title["DeepFace L5"]
+    config = conv2d_gemm.conv2d_gemm_config(l5, np.float32)
+    assert config.kernel.name == "conv2d_gemm_f32_t128x16_k8_r8x4_o6"
+    assert config.block == (64,) and config.grid == (-(-128 * 25 * 25 // 128), 1)
+    small = conv_geometry((64, 16, 55, 55), (7, 7), 16, stride=2)
+    assert conv2d_gemm.conv2d_gemm_config(small, np.float32).kernel.name == (
+        "conv2d_gemm_f32_t128x16_k8_r8x2_o4")
+    assert conv2d_gemm.conv2d_gemm_config(l5, np.float64).kernel.name == (
+        "conv2d_gemm_f64_t64x16_k8_r4x2_o4")
+    # 32 maps: the 32-wide tile; 40 maps: two 32-wide blocks would waste 24, so 64.
+    assert conv2d_gemm.conv2d_gemm_config(
+        conv_geometry((32, 64, 28, 28), (3, 3), 32, padding=1), np.float32
+    ).kernel.name == "conv2d_gemm_f32_t128x32_k8_r8x2_o2"
 
 
 def test_factory_is_memoised_named_and_checks_its_tile():
@@ -172,7 +222,10 @@ def test_factory_is_memoised_named_and_checks_its_tile():
     assert spec.name == "conv2d_gemm_f16_t128x64_k8_r8x4_o2"
     assert spec.launch_bounds == (256, 2)
     assert conv2d_gemm.conv2d_gemm_kernel("f32", 64, 64, 8, 4, 4, 4).launch_bounds == (256, 4)
+    assert conv2d_gemm.conv2d_gemm_kernel("f32", 128, 16, 8, 8, 4, 6).launch_bounds == (64, 6)
     with pytest.raises(ValueError, match="split evenly"):
         conv2d_gemm.conv2d_gemm_kernel("f32", 64, 64, 8, 3, 4, 2)
+    with pytest.raises(ValueError, match="split evenly"):
+        conv2d_gemm.conv2d_gemm_kernel("f32", 128, 12, 8, 8, 4, 2)  # 48 threads, 128 positions
     with pytest.raises(ValueError, match="multiple of 4"):
         conv2d_gemm.conv2d_gemm_kernel("f32", 64, 64, 2, 4, 4, 2)

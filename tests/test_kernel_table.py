@@ -105,7 +105,7 @@ def test_script_prints_the_table_for_one_layer(capsys):
     lines = [line for line in out.splitlines() if line.startswith("| deepface-l6")]
     names = [line.split("`")[1] for line in lines]
     assert any(n.startswith("local_conv2d_f32_") for n in names)
-    assert any(n.startswith("conv2d_f32_") for n in names)
+    assert any(n.startswith("conv2d_gemm_f32_t128x16") for n in names)  # 16 channels
     assert any("igrad" in n for n in names) and any("wgrad" in n for n in names)
 
 

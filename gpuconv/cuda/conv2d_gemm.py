@@ -46,34 +46,47 @@ from numba import cuda, types, uint64
 
 from ..device import simulator_enabled
 from .spec import (_COMPUTE, _SCALAR, KernelSpec, _array, _rename, check_grid, compute_code,
-                   dtype_code)
+                   dtype_code, pick_gemm_tile)
 
 __all__ = ["GEMM_MIN_CHANNELS", "Conv2dGemmConfig", "conv2d_gemm_kernel", "conv2d_gemm_config",
            "use_gemm", "launch", "TILES"]
 
-#: Input channels per group from which conv2d takes the implicit GEMM. Below it the direct
-#: kernel wins: with few channels a ``K`` chunk would be mostly padding, and the direct
-#: kernel's input tile serves every tap of a channel from one staging (the seed layers run
-#: at 1.3-1.7x cuDNN with it).
-GEMM_MIN_CHANNELS = 32
+#: Input channels per group from which conv2d takes the implicit GEMM (the gradients'
+#: threshold too, :data:`gpuconv.cuda.conv2d_gemm_grad.GRAD_GEMM_MIN_CHANNELS`). Below it the
+#: direct kernel stays: with few channels a ``K`` chunk of 8 would be mostly padding, and
+#: the direct kernel's input tile serves every tap of a channel from one staging (the seed
+#: layers, 3 and 10 channels, ran at 1.3-1.7x cuDNN with it on the first H200 run). From 16
+#: on the GEMM's 16-wide tile is predicted 2.2-4.8x faster than the direct kernel measured
+#: there (DeepFace L4 / L5 / L6 at batch 128: 0.52 / 0.078 / 0.040 ms against 1.115 /
+#: 0.333 / 0.175 ms; ``scripts/kernel_table.py``).
+GEMM_MIN_CHANNELS = 16
 
 # Words added to each shared row (see the module docstring).
 _PAD = 4
 
 #: Tile shapes ``(tile_m, tile_n, tile_k, thread_m, thread_n, blocks_per_sm)`` by compute
-#: type: the large one where the grid fills the GPU's first wave, the small one for small
-#: products (few positions or maps), and a tiny one for the simulator, where every thread is
-#: a Python thread. ``blocks_per_sm`` goes into the launch bounds: ptxas keeps each thread
-#: within ``65536 / (threads * blocks_per_sm)`` registers (115 -> 128 for the large float32
-#: tile, 64 for the small one; asking the large one for 3 blocks spills on sm_80).
+#: type, largest first within each width along ``N`` (the maps); the narrowest width that
+#: covers a group's maps is taken (see :func:`conv2d_gemm_config`). ``blocks_per_sm`` goes
+#: into the launch bounds: ptxas keeps each thread within ``65536 / (threads *
+#: blocks_per_sm)`` registers (115 -> 128 for the large float32 tile, 64 for the 64 x 64 one;
+#: asking the large one for 3 blocks spills on sm_80). The ``128 x 16`` tile with ``8 x 4``
+#: outputs a thread has 64 threads, each staging two positions (12 shared reads for 32 FMAs
+#: a k step instead of 10 for 16); the simulator's ``32 x 4`` tile does the same with 16
+#: threads, its ``8 x 8`` tile one position a thread.
 TILES = {
-    "f32": ((128, 64, 8, 8, 4, 2), (64, 64, 8, 4, 4, 4)),
-    "f64": ((64, 64, 8, 4, 4, 2),),
-    "sim": ((8, 8, 4, 2, 2, 1),),
+    "f32": ((128, 64, 8, 8, 4, 2), (64, 64, 8, 4, 4, 4), (128, 32, 8, 8, 2, 2),
+            (128, 16, 8, 8, 4, 6), (128, 16, 8, 8, 2, 4)),
+    "f64": ((64, 64, 8, 4, 4, 2), (64, 32, 8, 4, 2, 2), (64, 16, 8, 4, 2, 4)),
+    "sim": ((8, 8, 4, 2, 2, 1), (32, 4, 4, 4, 2, 1)),
 }
 
-# The GPU the tile choice is tuned for: an H100/H200 has 132 SMs.
-_SMS = 132
+
+# Share of the first wave a tile's grid must fill to be taken over the next of its width.
+# Half: a grid of one partial wave of the 64-thread 16-wide tile beats the same blocks
+# of the 128-thread tile run in more than one wave (predicted, DeepFace L5 at batch 128:
+# 625 blocks, 0.078 ms in one wave of the first against 0.137 ms in 1.18 waves of the
+# second; ``scripts/kernel_table.py``).
+_FILL = 0.5
 
 
 def use_gemm(geom):
@@ -110,11 +123,14 @@ def conv2d_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blocks_
     NSTEP = BN // TN       # distance between a thread's maps
     if BK % 4:
         raise ValueError(f"tile_k must be a multiple of 4, got {BK}")
-    if BM % TM or BN % TN or NT % BM or (BM * BK) % NT or NT % BK or (BN * BK) % NT:
+    if (BM % TM or BN % TN or (NT % BM and BM % NT) or (BM * BK) % NT or NT % BK
+            or (BN * BK) % NT):
         raise ValueError(f"tile {BM}x{BN}x{BK} with {TM}x{TN} outputs a thread does not "
                          "split evenly over its threads")
-    LA = BM * BK // NT     # input values a thread stages per chunk
-    ASTEP = NT // BM       # channels between them
+    PA = max(1, BM // NT)  # positions a thread stages, NT apart ...
+    ASTEP = max(1, NT // BM)  # ... and for each, channels this far apart ...
+    AK = BK // ASTEP       # ... this many a chunk
+    LA = PA * AK           # input values a thread stages per chunk
     LB = BN * BK // NT     # weights a thread stages per chunk
     BSTEP = NT // BK       # maps between them
     AP = BM + _PAD         # shared row pitches (words)
@@ -156,19 +172,23 @@ def conv2d_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blocks_
         a_s = cuda.shared.array(ASMEM, dtype=scalar)
         b_s = cuda.shared.array(BSMEM, dtype=scalar)
 
-        # The output position this thread stages for the whole K walk: its image, row and
-        # column, found once (the kernel's only divisions).
+        # The output positions this thread stages for the whole K walk: their image, row
+        # and column, found once (the kernel's only divisions).
         am = tid % BM
         ak = tid // BM
-        m = m0 + am
-        a_in = m < m_total
-        img = m // n_pq
-        pq = m - img * n_pq
-        oy = pq // w_O
-        ox = pq - oy * w_O
-        iy0 = oy * s_H - pt
-        ix0 = ox * s_W - pl
-        a_first = (img * c_I + g * c_Ig + ak) * hw   # channel ak of this image's group
+        a_in = cuda.local.array(PA, dtype=types.boolean)
+        a_iy = cuda.local.array(PA, dtype=types.int64)
+        a_ix = cuda.local.array(PA, dtype=types.int64)
+        a_first = cuda.local.array(PA, dtype=types.int64)
+        for p in range(PA):
+            m = m0 + am + p * NT
+            img = m // n_pq
+            pq = m - img * n_pq
+            oy = pq // w_O
+            a_in[p] = m < m_total
+            a_iy[p] = oy * s_H - pt
+            a_ix[p] = (pq - oy * w_O) * s_W - pl
+            a_first[p] = (img * c_I + g * c_Ig + ak) * hw  # channel ak of its image's group
         # The weights this thread stages: channel bk of maps bn + j * BSTEP, [k][map] in shared.
         bk = tid % BK
         bn = tid // BK
@@ -193,15 +213,16 @@ def conv2d_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blocks_
                 # Global loads of chunk st into registers (before multiplying chunk st - 1,
                 # so their latency hides behind it). Zeros outside the image (padding), past
                 # the group's channels and past the tile's positions or maps.
-                iy = iy0 + ky * d_H
-                ix = ix0 + kx * d_W
-                a_ok = a_in and iy >= 0 and iy < h and ix >= 0 and ix < wd
-                a_ofs = a_first + c0 * hw + iy * wd + ix
-                for j in range(LA):
-                    v = scalar(0)
-                    if a_ok and c0 + ak + j * ASTEP < c_Ig:
-                        v = scalar(x[uint64(a_ofs + j * ASTEP * hw)])
-                    a_reg[j] = v
+                for p in range(PA):
+                    iy = a_iy[p] + ky * d_H
+                    ix = a_ix[p] + kx * d_W
+                    a_ok = a_in[p] and iy >= 0 and iy < h and ix >= 0 and ix < wd
+                    a_ofs = a_first[p] + c0 * hw + iy * wd + ix
+                    for j in range(AK):
+                        v = scalar(0)
+                        if a_ok and c0 + ak + j * ASTEP < c_Ig:
+                            v = scalar(x[uint64(a_ofs + j * ASTEP * hw)])
+                        a_reg[p * AK + j] = v
                 b_ok = c0 + bk < c_Ig
                 b_ofs = b_first + c0 * khw + ky * k_W + kx
                 for j in range(LB):
@@ -233,8 +254,9 @@ def conv2d_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blocks_
                 # Store chunk st into the other buffer: nobody reads it now (its last reader,
                 # chunk st - 2, finished before the previous barrier).
                 a_buf = (st & 1) * ABUF + ak * AP + am
-                for j in range(LA):
-                    a_s[uint64(a_buf + j * ASTEP * AP)] = a_reg[j]
+                for p in range(PA):
+                    for j in range(AK):
+                        a_s[uint64(a_buf + j * ASTEP * AP + p * NT)] = a_reg[p * AK + j]
                 b_buf = (st & 1) * BBUF + bk * BP + bn
                 for j in range(LB):
                     b_s[uint64(b_buf + j * BSTEP)] = b_reg[j]
@@ -273,25 +295,25 @@ class Conv2dGemmConfig(NamedTuple):
 def conv2d_gemm_config(geom, dtype):
     """Pick the tile and launch shape of the implicit GEMM for ``geom`` (a pure function).
 
-    float16 and float32 take ``128 x 64`` tiles (8 x 4 outputs a thread: 32 FMAs per 12
-    shared loads, two blocks an SM) when their grid fills the GPU's first wave (132 SMs x 2
-    blocks), else ``64 x 64`` (4 x 4: 16 FMAs per 8 loads, four blocks an SM), which gives a
-    small product more blocks and more warps (ResNet-50 res5 at batch 32: 104 large tiles
-    would leave SMs idle; 200 small ones spread over all). A partial last wave is cheaper
-    than it looks: a block alone on its SM has the SM's shared-memory bandwidth to itself.
-    float64 always takes ``64 x 64`` (two blocks an SM). 8 input channels a chunk in every
-    case; in the simulator ``8 x 8`` with 4 channels a chunk (16 threads).
+    The tile's ``N`` is the narrowest of 64, 32 or 16 maps that covers a group's maps
+    (wider groups take 64: DeepFace's 16 maps would leave three quarters of a 64-wide
+    tile's FMAs on padding). Among the tiles of that width, in the order of :data:`TILES`,
+    the first whose grid fills the GPU's first wave (132 SMs x its blocks per SM), else the
+    one with the most blocks: float32 takes ``128 x 64`` (8 x 4 outputs a thread: 32 FMAs
+    per 12 shared loads, two blocks an SM) where its grid fills the wave, else ``64 x 64``
+    (4 x 4, four blocks an SM), which gives a small product more blocks and more warps
+    (ResNet-50 res5 at batch 32: 104 large tiles would leave SMs idle; 200 small ones
+    spread over all); 16 maps take ``128 x 16`` with 8 x 4 outputs for each of 64 threads
+    (six blocks an SM), or 8 x 2 for each of 128 (four) where the first does not fill the
+    wave. A partial last wave is cheaper than it looks: a block alone on its SM has the
+    SM's shared-memory bandwidth to itself. float16 takes the float32 tiles, float64 its
+    own 64-position ones. 8 input channels a chunk in every case; in the simulator 4.
     """
     code = dtype_code(dtype)
     tiles = TILES["sim"] if simulator_enabled() else TILES[compute_code(code)]
     m_total = geom.batch * geom.out_height * geom.out_width
     c_og = geom.out_channels_per_group
-    choice = tiles[-1]
-    for tile in tiles:
-        blocks = -(-m_total // tile[0]) * geom.groups * -(-c_og // tile[1])
-        if blocks >= _SMS * tile[5]:
-            choice = tile
-            break
+    choice = pick_gemm_tile(tiles, m_total, c_og, geom.groups, fill=_FILL)
     tile_m, tile_n = choice[0], choice[1]
     blocks_n = -(-c_og // tile_n)
     grid = check_grid((-(-m_total // tile_m), geom.groups * blocks_n), "conv2d")

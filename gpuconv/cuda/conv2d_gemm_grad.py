@@ -50,7 +50,7 @@ from numba import cuda, types, uint64
 
 from ..device import simulator_enabled
 from .spec import (_COMPUTE, _NUMPY, _SCALAR, GRID_YZ_LIMIT, KernelSpec, _array, _rename,
-                   check_grid, compute_code, dtype_code)
+                   check_grid, compute_code, dtype_code, pick_gemm_tile)
 
 __all__ = ["GRAD_GEMM_MIN_CHANNELS", "use_gemm_grad", "input_grad_gemm_kernel",
            "weight_grad_gemm_kernel", "InputGradGemmConfig", "WeightGradGemmConfig",
@@ -66,9 +66,6 @@ GRAD_GEMM_MIN_CHANNELS = 16
 
 # Words added to each shared row (the forward's: a warp's stores land on 32 banks).
 _PAD = 4
-
-# The GPU the tile choice is tuned for: an H100/H200 has 132 SMs.
-_SMS = 132
 
 #: Tile shapes ``(tile_m, tile_n, tile_k, thread_m, thread_n, blocks_per_sm)`` of the input
 #: gradient by compute type, largest first; ``N`` is the input channels, so narrow tiles
@@ -335,23 +332,6 @@ class InputGradGemmConfig(NamedTuple):
     shared_bytes: int  # dynamic shared memory: none (the stages are static)
 
 
-def _pick(tiles, m_total, n_total, groups, extra=1):
-    """The tile for a product of ``m_total x n_total`` per group (``extra``: further grid
-    factors, the input gradient's phases): the narrowest tile width along ``N`` that covers
-    ``n_total`` (the widest if none does); among the tiles of that width, largest first, the
-    first whose grid fills the GPU's first wave, else the one with the most blocks."""
-    widths = sorted({t[1] for t in tiles})
-    width = next((w for w in widths if w >= n_total), widths[-1])
-    best = None
-    for tile in (t for t in tiles if t[1] == width):
-        blocks = -(-m_total // tile[0]) * groups * -(-n_total // tile[1]) * extra
-        if blocks >= _SMS * tile[5]:
-            return tile
-        if best is None or blocks > best[0]:
-            best = (blocks, tile)
-    return best[1]
-
-
 def input_grad_gemm_config(geom, dtype):
     """Tile and launch shape of the implicit-GEMM input gradient (a pure function).
 
@@ -366,7 +346,7 @@ def input_grad_gemm_config(geom, dtype):
     h_u, w_u = -(-geom.in_height // s_H), -(-geom.in_width // s_W)
     m_total = geom.batch * h_u * w_u
     c_ig = geom.in_channels_per_group
-    choice = _pick(tiles, m_total, c_ig, geom.groups, s_H * s_W)
+    choice = pick_gemm_tile(tiles, m_total, c_ig, geom.groups, s_H * s_W)
     tiles_m = max(1, -(-m_total // choice[0]))
     blocks_n = -(-c_ig // choice[1])
     grid = check_grid((s_H * s_W * tiles_m, geom.groups * blocks_n),
@@ -591,7 +571,7 @@ def weight_grad_gemm_config(geom, dtype):
     tiles = WGRAD_TILES["sim"] if simulator_enabled() else WGRAD_TILES[compute_code(code)]
     c_og = geom.out_channels_per_group
     cols = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
-    choice = _pick(tiles, cols, c_og, geom.groups)
+    choice = pick_gemm_tile(tiles, cols, c_og, geom.groups)
     tile_m, tile_n, tile_k = choice[0], choice[1], choice[2]
     spec = weight_grad_gemm_kernel(code, *choice)
     threads = (tile_m // choice[3]) * (tile_n // choice[4])

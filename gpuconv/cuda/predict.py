@@ -478,12 +478,14 @@ def _gemm_row(layer, geom, dtype, kind, config, info, device):
 
     loads = []  # (thread, flat address or None), grouped per staged register
     if kind == "forward":
-        LA, AS, LB, BS = BM * BK // threads, threads // BM, BN * BK // threads, threads // BK
+        # a thread stages PA positions ``threads`` apart, AK channels AS apart for each
+        PA, AS = max(1, BM // threads), max(1, threads // BM)
+        LA, LB, BS = BM * BK // threads, BN * BK // threads, threads // BK
         ky, kx = g.kernel_height // 2, g.kernel_width // 2
-        for j in range(LA):
+        for p, j in ((p, j) for p in range(PA) for j in range(BK // AS)):
             group = []
             for t in range(threads):
-                img, oy, ox = position(t % BM, g.out_width, g.out_height)
+                img, oy, ox = position(t % BM + p * threads, g.out_width, g.out_height)
                 iy = oy * g.stride_h - g.pad_top + ky * g.dilation_h
                 ix = ox * g.stride_w - g.pad_left + kx * g.dilation_w
                 c = t // BM + j * AS

@@ -23,7 +23,7 @@ from numba.types import float16
 from ..device import simulator_enabled
 
 __all__ = ["KernelSpec", "compiled", "dtype_code", "compute_code", "CODES", "check_grid",
-           "GRID_YZ_LIMIT", "SHARED_BUDGET_BYTES", "SHARED_LIMIT_BYTES", "LOCAL_STAGE_BYTES"]
+           "pick_gemm_tile", "GEMM_SMS", "GRID_YZ_LIMIT", "SHARED_BUDGET_BYTES", "SHARED_LIMIT_BYTES", "LOCAL_STAGE_BYTES"]
 
 # Dynamic shared memory one conv2d block may use: small enough that several blocks share an
 # SM (an H100/H200 SM has 228 KiB), and under the 48 KiB that needs no opt-in.
@@ -130,6 +130,30 @@ def check_grid(grid, what):
             f"(x < 2**31, y and z <= {GRID_YZ_LIMIT}); use device='cpu' or split the layer "
             "(e.g. over its output channels)")
     return grid
+
+
+#: The GPU the implicit GEMMs' tile choice is tuned for: an H100/H200 has 132 SMs.
+GEMM_SMS = 132
+
+
+def pick_gemm_tile(tiles, m_total, n_total, groups, extra=1, fill=1.0):
+    """The tile of an implicit GEMM (conv2d's forward and gradients) for a product of
+    ``m_total x n_total`` per group (``extra``: further grid factors, the input gradient's
+    phases). ``tiles`` are ``(tile_m, tile_n, tile_k, thread_m, thread_n, blocks_per_sm)``:
+    the narrowest tile width along ``N`` that covers ``n_total`` (the widest if none does);
+    among the tiles of that width, in their order (largest first), the first whose grid
+    fills at least ``fill`` of the GPU's first wave (:data:`GEMM_SMS` x its blocks per SM),
+    else the one with the most blocks."""
+    widths = sorted({t[1] for t in tiles})
+    width = next((w for w in widths if w >= n_total), widths[-1])
+    best = None
+    for tile in (t for t in tiles if t[1] == width):
+        blocks = -(-m_total // tile[0]) * groups * -(-n_total // tile[1]) * extra
+        if blocks >= fill * GEMM_SMS * tile[5]:
+            return tile
+        if best is None or blocks > best[0]:
+            best = (blocks, tile)
+    return best[1]
 
 
 # Shared memory the local_conv2d gradient kernels stage at a time (see grad_kernels).
