@@ -98,6 +98,26 @@ def test_small_batch_rows_are_the_streaming_kernel(batch):
     assert not any("sum_slices" in r.kernel for r in rows)
 
 
+def test_many_map_rows_are_the_per_position_gemm():
+    """VGG-16 conv5_1 (512 maps): the dispatcher's double-buffered per-position GEMM, its
+    grid, the weights once (4 / N bytes per FMA), and a prediction above the batched GEMM's
+    (the reason the dispatcher takes it)."""
+    from gpuconv import workloads
+    from gpuconv.cuda import launch, local_gemm, predict
+
+    layer = workloads.LAYERS["vgg16-conv5_1"]
+    geom = workloads.gpu_geometry(layer)
+    config = launch.local_conv2d_forward_config(geom, np.float32)
+    assert isinstance(config, local_gemm.LocalGemmConfig)
+    rows = predict.layer_rows(layer, np.float32, gradients=False)
+    (row,) = [r for r in rows if r.kernel == config.kernel.name]
+    assert row.blocks == config.grid[0] * config.grid[1] and row.threads == 64
+    assert row.dram_bytes_per_fma >= 4 / geom.batch
+    assert 0 < row.roofline_share <= row.hidden_share <= 1
+    old = predict._local_row(layer.name, geom, np.float32, None, predict.H200)
+    assert row.time_s < old.time_s
+
+
 def test_script_prints_the_table_for_one_layer(capsys):
     assert _script().main(["--layers", "deepface-l6", "--no-ptxas"]) == 0
     out = capsys.readouterr().out

@@ -31,7 +31,8 @@ import numpy as np
 from numba import cuda, int32, int64, types, uint64
 
 from .. import workloads
-from . import conv2d_gemm, conv2d_gemm_grad, grad_kernels, local_grad_gemm, tiled_kernels
+from . import (conv2d_gemm, conv2d_gemm_grad, grad_kernels, local_gemm, local_grad_gemm,
+               tiled_kernels)
 from .spec import (_COMPUTE, _NUMPY, _SCALAR, CODES, GRID_YZ_LIMIT, LOCAL_STAGE_BYTES,
                    SHARED_BUDGET_BYTES, SHARED_LIMIT_BYTES, KernelSpec, _array,
                    _conv2d_launch_bounds, _even_split, _pow2_at_least, _rename,
@@ -842,8 +843,10 @@ def workload_kernel_names(dtype=np.float32):
     layers, so tables of timings and of ptxas resources can be joined."""
     names = {}
     for layer, geom in workload_geometries():
+        local = (local_gemm.local_gemm_config(geom, dtype) if local_gemm.use_local_gemm(geom)
+                 else local_conv2d_config(geom, dtype))  # the dispatcher's, at GPU batches
         names[layer.short_title] = (conv2d_config(geom, dtype).kernel.name,
-                                    local_conv2d_config(geom, dtype).kernel.name)
+                                    local.kernel.name)
     return names
 
 
@@ -864,6 +867,9 @@ def workload_specialisations(codes=CODES):
         for _, geom in workload_geometries():
             local = local_conv2d_config(geom, dtype)
             for spec in (conv2d_config(geom, dtype).kernel, local.kernel):
+                specs.setdefault(spec.name, spec)
+            if local_gemm.use_local_gemm(geom):  # many maps: the per-position GEMM instead
+                spec = local_gemm.local_gemm_config(geom, dtype).kernel
                 specs.setdefault(spec.name, spec)
             for tiling in ("periodic", "blocks"):
                 spec = local_conv2d_config(geom, dtype, tiling).kernel

@@ -30,8 +30,8 @@ import threading
 import numpy as np
 from numba import cuda
 
-from . import (conv2d_gemm, conv2d_gemm_grad, grad_kernels, kernels, local_grad_gemm,
-               local_stream)
+from . import (conv2d_gemm, conv2d_gemm_grad, grad_kernels, kernels, local_gemm,
+               local_grad_gemm, local_stream)
 from ..device import (DLPACK_CUDA_DEVICES, FreeMemory, c_strides, is_c_contiguous,
                       simulator_enabled)
 
@@ -235,9 +235,14 @@ def local_conv2d_forward_config(geom, dtype):
     """The local_conv2d forward's launch choice: the weight-streaming kernel of
     :mod:`gpuconv.cuda.local_stream` for batches of 1 to
     :data:`~gpuconv.cuda.local_stream.STREAM_MAX_BATCH` images (bound by reading the
-    weights), else the batched GEMM of :func:`~gpuconv.cuda.kernels.local_conv2d_config`."""
+    weights); above that, the double-buffered per-position GEMM of
+    :mod:`gpuconv.cuda.local_gemm` for long products of many maps
+    (:func:`~gpuconv.cuda.local_gemm.use_local_gemm`), else the batched GEMM of
+    :func:`~gpuconv.cuda.kernels.local_conv2d_config`."""
     if local_stream.use_local_stream(geom):
         return local_stream.local_stream_config(geom, dtype)
+    if local_gemm.use_local_gemm(geom):
+        return local_gemm.local_gemm_config(geom, dtype)
     return kernels.local_conv2d_config(geom, dtype)
 
 
@@ -260,6 +265,10 @@ def launch_local_conv2d(x, weight, bias, out, geom, stream, config=None, empty=N
         return local_stream.launch(kernels.compiled(config.kernel), config, _flat(x),
                                    _flat(weight), _flat(bias), _flat(out), has_bias,
                                    bias_len, geom, stream)
+    if isinstance(config, local_gemm.LocalGemmConfig):  # long products of many maps
+        return local_gemm.launch(kernels.compiled(config.kernel), config, _flat(x),
+                                 _flat(weight), _flat(bias), _flat(out), has_bias, bias_len,
+                                 geom, stream)
     if config.slices > 1:
         part = new((config.slices * out.size,), kernels.local_conv2d_partial_dtype(out.dtype))
     else:

@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import conv2d_gemm, conv2d_gemm_grad, grad_kernels, kernels, local_stream
+from . import conv2d_gemm, conv2d_gemm_grad, grad_kernels, kernels, local_gemm, local_stream
 
 __all__ = ["H200", "Device", "occupancy", "KernelRow", "layer_rows", "format_rows",
            "local_gradient_rows", "local_backward_rows", "format_backward_rows", "BackwardRow",
@@ -230,6 +230,91 @@ def _local_row(layer, geom, dtype, info, device):
                      per_sm * warps / device.max_warps, waves, sectors_per_fma,
                      lines_per_load, lds_per_fma, dram / fma, bound, time,
                      flops / time / roof, flops / hidden / roof)
+
+
+def _local_gemm_row(layer, geom, dtype, info, device, config=None):
+    """The double-buffered per-position GEMM forward (:mod:`gpuconv.cuda.local_gemm`).
+
+    Modelled as the implicit GEMMs (:func:`_gemm_row`): a chunk's shared reads are a warp's
+    ``thread_m + thread_n`` words a k step, its staging loads (walked at the kernel's own
+    addresses for the first chunk of the first block, away from the padding) are in flight
+    while the resident blocks multiply the previous chunk, so a chunk costs the larger of
+    the DRAM round trip and the SM's FMAs for it. The weights cross DRAM once (the batch
+    tiles of a position are neighbours in the grid and share them through L2); the input
+    under each position comes from L2.
+    """
+    config = config or local_gemm.local_gemm_config(geom, dtype)
+    itemsize = np.dtype(dtype).itemsize
+    code = kernels.dtype_code(dtype)
+    cs = np.dtype(kernels._NUMPY[kernels.compute_code(code)]).itemsize
+    BM, BN, BK, TM, TN = _gemm_tile(config.kernel.name)
+    MT, NSTEP = BM // TM, BN // TN
+    threads = MT * NSTEP
+    warps = -(-threads // 32)
+    KT = threads // BK
+    LA, LB = BM * BK // threads, BN * BK // threads
+    g = geom
+    khw = g.kernel_height * g.kernel_width
+    k_len = g.in_channels_per_group * khw
+    n_pos = g.out_height * g.out_width
+    blocks = math.prod(config.grid)
+    chunks = -(-k_len // BK)
+    block_chunks = blocks * chunks
+    # Staging loads of one chunk (terms 0 .. BK-1 of a position in the middle of the output).
+    oy, ox = g.out_height // 2, g.out_width // 2
+    pos = oy * g.out_width + ox
+    loads = []
+    for j in range(LA):
+        group = []
+        for t in range(threads):
+            k, img = t % BK, t // BK + j * KT
+            c, rest = divmod(k, khw)
+            ky, kx = divmod(rest, g.kernel_width)
+            iy = oy * g.stride_h - g.pad_top + ky * g.dilation_h
+            ix = ox * g.stride_w - g.pad_left + kx * g.dilation_w
+            ok = (img < g.batch and k < k_len and 0 <= iy < g.in_height
+                  and 0 <= ix < g.in_width)
+            group.append(((img * g.in_channels + c) * g.in_height + iy) * g.in_width + ix
+                         if ok else None)
+        loads.append(group)
+    for j in range(LB):
+        loads.append([((t // BK + j * KT) * n_pos + pos) * k_len + t % BK
+                      if t // BK + j * KT < g.out_channels_per_group and t % BK < k_len
+                      else None for t in range(threads)])
+    instr = sectors = lines = 0
+    for group in loads:
+        for w0 in range(0, threads, 32):
+            found = [a for a in group[w0:w0 + 32] if a is not None]
+            instr += 1
+            sectors += len({a * itemsize // 32 for a in found})
+            lines += len({a * itemsize // 128 for a in found})
+    chunk_fma = BM * BN * BK
+    wave_a = max(1, -(-min(MT, 32) * cs // 128))
+    wave_b = max(1, -(-max(1, 32 // MT) * cs // 128))
+    lds_per_chunk = warps * BK * (TM * wave_a + TN * wave_b)
+
+    registers = info.registers if info else 65536 // math.prod(config.kernel.launch_bounds)
+    smem = info.static_smem if info else 2 * BK * (BM + BN + 8) * cs
+    per_sm = occupancy(threads, registers, smem, device)
+    waves = blocks / (device.sms * max(per_sm, 1))
+    ffma = block_chunks * warps * TM * TN * BK
+    lds = block_chunks * lds_per_chunk
+    issue = ffma + block_chunks * warps * (BK * (TM + TN) + (LA + LB) * _GEMM_STAGE_INSTR
+                                           + _GEMM_CHUNK_INSTR)
+    fma = g.batch * g.out_channels * n_pos * k_len
+    flops = 2 * fma
+    weights = g.out_channels * n_pos * k_len
+    x_el = g.batch * g.in_channels * g.in_height * g.in_width
+    y_el = g.batch * g.out_channels * n_pos
+    dram = (weights + x_el + y_el) * itemsize
+    chunk_compute = warps * TM * TN * BK / 4 / device.clock_hz * max(per_sm, 1)
+    time, bound, hidden = _time(device, blocks, per_sm, ffma, lds, issue, dram, 0,
+                                max(device.dram_latency_s, chunk_compute), chunks)
+    roof = _roofline(g, flops, itemsize, weights, device)
+    return KernelRow(layer, config.kernel.name, registers, smem, threads, blocks, per_sm,
+                     per_sm * warps / device.max_warps, waves, sectors / chunk_fma,
+                     lines / max(instr, 1), lds_per_chunk / chunk_fma, dram / fma, bound,
+                     time, flops / time / roof, flops / hidden / roof)
 
 
 # Warp instructions besides the loads, FMAs and shuffles, read from the kernel's source
@@ -643,6 +728,9 @@ def layer_rows(layer, dtype=np.float32, ptxas=None, device=H200, gradients=True,
     if local_stream.use_local_stream(geom):  # small batches: the weights streamed
         local = local_stream.local_stream_config(geom, dtype)
         local_row = _stream_row(name, geom, dtype, info(local.kernel), device)
+    elif local_gemm.use_local_gemm(geom):  # long products of many maps: double-buffered
+        local = local_gemm.local_gemm_config(geom, dtype)
+        local_row = _local_gemm_row(name, geom, dtype, info(local.kernel), device, local)
     else:
         local = kernels.local_conv2d_config(geom, dtype)
         local_row = _local_row(name, geom, dtype, info(local.kernel, local.shared_bytes),
