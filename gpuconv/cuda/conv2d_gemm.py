@@ -46,7 +46,7 @@ from numba import cuda, types, uint64
 
 from ..device import simulator_enabled
 from .spec import (_COMPUTE, _SCALAR, KernelSpec, _array, _rename, check_grid, compute_code,
-                   dtype_code, pick_gemm_tile)
+                   dtype_code, gemm_mac, pick_gemm_tile)
 
 __all__ = ["GEMM_MIN_CHANNELS", "Conv2dGemmConfig", "conv2d_gemm_kernel", "conv2d_gemm_config",
            "use_gemm", "launch", "TILES"]
@@ -141,16 +141,8 @@ def conv2d_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blocks_
     BSMEM = 2 * BBUF
     NACC = TM * TN
 
-    @cuda.jit(device=True, inline="always")
-    def mac(a_s, b_s, a_row, b_row, a_frag, b_frag, acc):
-        # One k step: thread_m + thread_n shared loads, thread_m * thread_n FMAs.
-        for i in range(TM):
-            a_frag[i] = a_s[uint64(a_row + i * MT)]
-        for j in range(TN):
-            b_frag[j] = b_s[uint64(b_row + j * NSTEP)]
-        for i in range(TM):
-            for j in range(TN):
-                acc[i * TN + j] += a_frag[i] * b_frag[j]
+    # One k step: thread_m + thread_n shared loads, thread_m * thread_n FMAs.
+    mac = gemm_mac(TM, TN, MT, NSTEP)
 
     def kernel(x, weight, bias, out, has_bias, n, c_I, h, wd, c_O, h_O, w_O, c_Ig, c_Og,
                k_H, k_W, s_H, s_W, pt, pl, d_H, d_W, blocks_n):

@@ -50,7 +50,7 @@ from numba import cuda, types, uint64
 
 from ..device import simulator_enabled
 from .spec import (_COMPUTE, _NUMPY, _SCALAR, GRID_YZ_LIMIT, KernelSpec, _array, _rename,
-                   check_grid, compute_code, dtype_code, pick_gemm_tile)
+                   check_grid, compute_code, dtype_code, gemm_mac, pick_gemm_tile)
 
 __all__ = ["GRAD_GEMM_MIN_CHANNELS", "use_gemm_grad", "input_grad_gemm_kernel",
            "weight_grad_gemm_kernel", "InputGradGemmConfig", "WeightGradGemmConfig",
@@ -109,20 +109,6 @@ def _check_tile(BM, BN, BK, TM, TN, NT):
                          "split evenly over its threads")
 
 
-def _mac(TM, TN, MT, NSTEP):
-    @cuda.jit(device=True, inline="always")
-    def mac(a_s, b_s, a_row, b_row, a_frag, b_frag, acc):
-        # One k step: thread_m + thread_n shared loads, thread_m * thread_n FMAs.
-        for i in range(TM):
-            a_frag[i] = a_s[uint64(a_row + i * MT)]
-        for j in range(TN):
-            b_frag[j] = b_s[uint64(b_row + j * NSTEP)]
-        for i in range(TM):
-            for j in range(TN):
-                acc[i * TN + j] += a_frag[i] * b_frag[j]
-    return mac
-
-
 # --------------------------------------------------------------------------------------------
 # input gradient
 # --------------------------------------------------------------------------------------------
@@ -165,7 +151,7 @@ def input_grad_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blo
     ASMEM = 2 * ABUF       # both buffers (a compile-time constant)
     BSMEM = 2 * BBUF
     NACC = TM * TN
-    mac = _mac(TM, TN, MT, NSTEP)
+    mac = gemm_mac(TM, TN, MT, NSTEP)
 
     def kernel(gy, weight, gx, n, c_I, h, wd, c_O, h_O, w_O, c_Ig, c_Og, k_H, k_W, s_H, s_W,
                pt, pl, d_H, d_W, h_u, w_u, tiles_m, blocks_n, tap_step_h, tap_step_w,
@@ -417,7 +403,7 @@ def weight_grad_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, bl
     ASMEM = 2 * ABUF       # both buffers (a compile-time constant)
     BSMEM = 2 * BBUF
     NACC = TM * TN
-    mac = _mac(TM, TN, MT, NSTEP)
+    mac = gemm_mac(TM, TN, MT, NSTEP)
 
     def kernel(x, gy, part, c_I, h, wd, c_O, h_O, w_O, c_Ig, c_Og, k_H, k_W, s_H, s_W, pt, pl,
                d_H, d_W, m_total, k_slice, blocks_n, step_row, step_col):

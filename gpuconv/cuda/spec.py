@@ -18,13 +18,13 @@ import functools
 from typing import NamedTuple
 
 import numpy as np
-from numba import cuda, float32, float64, types
+from numba import cuda, float32, float64, types, uint64
 from numba.types import float16
 
 from ..device import simulator_enabled
 
 __all__ = ["KernelSpec", "compiled", "dtype_code", "compute_code", "CODES", "check_grid",
-           "pick_gemm_tile", "GEMM_SMS", "GRID_YZ_LIMIT", "SHARED_BUDGET_BYTES", "SHARED_LIMIT_BYTES", "LOCAL_STAGE_BYTES"]
+           "pick_gemm_tile", "gemm_mac", "GEMM_SMS", "GRID_YZ_LIMIT", "SHARED_BUDGET_BYTES", "SHARED_LIMIT_BYTES", "LOCAL_STAGE_BYTES"]
 
 # Dynamic shared memory one conv2d block may use: small enough that several blocks share an
 # SM (an H100/H200 SM has 228 KiB), and under the 48 KiB that needs no opt-in.
@@ -155,6 +155,26 @@ def pick_gemm_tile(tiles, m_total, n_total, groups, extra=1, fill=1.0):
         if best is None or blocks > best[0]:
             best = (blocks, tile)
     return best[1]
+
+
+def gemm_mac(thread_m, thread_n, m_step, n_step):
+    """The k step of the implicit GEMMs' multiply loop (conv2d's forward and gradients,
+    local_conv2d's per-position forward), as an inlined device function ``mac(a_s, b_s,
+    a_row, b_row, a_frag, b_frag, acc)``: ``thread_m`` words of ``a_s`` from ``a_row``,
+    ``m_step`` apart, and ``thread_n`` of ``b_s`` from ``b_row``, ``n_step`` apart, into
+    registers, then ``thread_m * thread_n`` FMAs into ``acc`` (row-major)."""
+    TM, TN, MT, NSTEP = thread_m, thread_n, m_step, n_step
+
+    @cuda.jit(device=True, inline="always")
+    def mac(a_s, b_s, a_row, b_row, a_frag, b_frag, acc):
+        for i in range(TM):
+            a_frag[i] = a_s[uint64(a_row + i * MT)]
+        for j in range(TN):
+            b_frag[j] = b_s[uint64(b_row + j * NSTEP)]
+        for i in range(TM):
+            for j in range(TN):
+                acc[i * TN + j] += a_frag[i] * b_frag[j]
+    return mac
 
 
 # Shared memory the local_conv2d gradient kernels stage at a time (see grad_kernels).
