@@ -539,15 +539,17 @@ def test_float16_takes_the_float32_launch_shapes_under_its_own_names():
 @pytest.mark.parametrize("dtype, per_partial", [(np.float32, 1), (np.float16, 2)],
                          ids=["f32", "f16"])
 def test_local_scratch_counts_the_split_k_partial_sums(dtype, per_partial):
-    """DeepFace L5 at its GPU batch splits K (its grid would be under two waves): the
-    scratch is one partial sum per slice (float32 for float16: two elements each) and a
-    bias placeholder; no transposed copy of the input any more."""
+    """DeepFace L5 at batch 32 (the batched GEMM: at 128 the per-position GEMM takes it)
+    splits K (its grid would be under two waves): the scratch is one partial sum per slice
+    (float32 for float16: two elements each) and a bias placeholder; no transposed copy of
+    the input any more."""
     from gpuconv import workloads
     from gpuconv.cuda import kernels as k
     from gpuconv.cuda import launch as _cuda
 
-    geom = workloads.gpu_geometry("deepface-l5")
+    geom = workloads.gpu_geometry("deepface-l5", 32)
     config = k.local_conv2d_config(geom, dtype)
+    assert _cuda.local_conv2d_forward_config(geom, dtype).kernel == config.kernel
     assert config.slices > 1 and config.grid[2] == config.slices
     out = geom.batch * geom.out_channels * geom.out_height * geom.out_width
     assert _cuda.local_conv2d_scratch_elements(geom, dtype) == \

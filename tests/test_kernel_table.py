@@ -62,9 +62,9 @@ def test_local_rows_follow_the_dispatcher():
     from gpuconv import workloads
     from gpuconv.cuda import kernels, predict
 
-    layer = workloads.LAYERS["deepface-l6"]
-    rows = predict.layer_rows(layer, np.float32, gradients=False)
-    geom = workloads.gpu_geometry(layer)
+    layer = workloads.LAYERS["deepface-l6"]  # at batch 32 (16 maps): the batched GEMM
+    rows = predict.layer_rows(layer, np.float32, gradients=False, batch=32)
+    geom = workloads.gpu_geometry(layer, 32)
     config = kernels.local_conv2d_config(geom, np.float32)
     local = [r for r in rows if r.kernel == config.kernel.name]
     assert len(local) == 1
@@ -124,7 +124,7 @@ def test_script_prints_the_table_for_one_layer(capsys):
     assert "Not measured" in out
     lines = [line for line in out.splitlines() if line.startswith("| deepface-l6")]
     names = [line.split("`")[1] for line in lines]
-    assert any(n.startswith("local_conv2d_f32_") for n in names)
+    assert any(n.startswith("local_conv2d_gemm_f32_t64x16") for n in names)  # 16 maps
     assert any(n.startswith("conv2d_gemm_f32_t128x16") for n in names)  # 16 channels
     assert any("igrad" in n for n in names) and any("wgrad" in n for n in names)
 

@@ -1,11 +1,12 @@
 """The double-buffered per-position GEMM local_conv2d forward (gpuconv.cuda.local_gemm)
 against the float64 reference.
 
-Tests marked ``cuda`` launch it (a GPU, or the simulator, where the tile is 8 images x 8
-maps x 4 terms a chunk, 16 threads): the geometries are tiny but leave partial tiles along
-the images (several batch tiles, the last partial), the maps and ``K`` (a last chunk of 1
-to 3 terms), with padding, strides, dilation, groups and both kinds of bias. The rest check
-the dispatch, the launch shape and the factory and run everywhere.
+Tests marked ``cuda`` launch it (a GPU, or the simulator, whose tiles are 8 images x 8 maps
+(16 threads, one image and one map staged a pass) and 16 images x 4 maps (8 threads, eight
+images a pass), 4 terms a chunk; every case runs on both): the geometries are tiny but leave
+partial tiles along the images (several batch tiles, the last partial), the maps and ``K``
+(a last chunk of 1 to 3 terms), with padding, strides, dilation, groups and both kinds of
+bias. The rest check the dispatch, the launch shape and the factory and run everywhere.
 """
 
 import numpy as np
@@ -95,8 +96,16 @@ def _assert_matches(y, x, wt, b, geom, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_local_gemm_matches_the_reference(name, dtype):
+    """Each case on the tile the configuration picks and, in the simulator, forced onto
+    each of its tiles."""
+    from gpuconv.cuda import local_gemm
+
     geom, x, wt, b = _case(name, dtype)
     _assert_matches(_launch(geom, x, wt, b), x, wt, b, geom, dtype)
+    if local_gemm.simulator_enabled():
+        for tile in local_gemm.TILES["sim"]:
+            config = local_gemm.local_gemm_launch(geom, dtype, tile)
+            _assert_matches(_launch(geom, x, wt, b, config), x, wt, b, geom, dtype)
 
 
 @pytest.mark.cuda
@@ -140,24 +149,33 @@ def test_dispatch_many_maps_above_the_streaming_batches():
     from gpuconv.cuda import kernels, launch, local_gemm, local_stream
 
     assert local_gemm.LOCAL_GEMM_MIN_MAPS == 64
+    assert local_gemm.LOCAL_GEMM_NARROW_MIN_BATCH == 48
 
     def config(c_out, n=16, groups=1):
         geom = conv_geometry((n, 8 * groups, 6, 6), (3, 3), c_out * groups, groups=groups)
         return launch.local_conv2d_forward_config(geom, np.float32)
 
-    assert isinstance(config(64), local_gemm.LocalGemmConfig)
-    assert isinstance(config(63), kernels.LocalConv2dConfig)
-    assert isinstance(config(64, groups=2), local_gemm.LocalGemmConfig)   # 64 a group
-    assert isinstance(config(32, groups=2), kernels.LocalConv2dConfig)    # 32 a group
+    gemm, batched = local_gemm.LocalGemmConfig, kernels.LocalConv2dConfig
+    assert isinstance(config(64), gemm)
+    assert isinstance(config(63), batched)                  # the narrow tile needs 48 images
+    assert isinstance(config(63, n=48), gemm) and isinstance(config(16, n=48), gemm)
+    assert isinstance(config(15, n=128), batched)           # fewer than 16 maps
+    assert isinstance(config(16, n=47), batched)
+    assert isinstance(config(64, groups=2), gemm)           # 64 a group
+    assert isinstance(config(32, groups=2), batched)        # 32 a group, 16 images
     assert isinstance(config(64, n=8), local_stream.LocalStreamConfig)    # small batch
+    if not local_gemm.simulator_enabled():
+        assert config(64).kernel.name.startswith("local_conv2d_gemm_f32_t32x64_")
+        assert config(63, n=48).kernel.name.startswith("local_conv2d_gemm_f32_t64x16_")
     names = kernels.workload_kernel_names()
     seen = set()
     for layer, geom in kernels.workload_geometries():
         chosen = launch.local_conv2d_forward_config(geom, np.float32)
-        many = geom.out_channels_per_group >= 64
-        assert isinstance(chosen, local_gemm.LocalGemmConfig) == many, layer.short_title
+        maps = geom.out_channels_per_group
+        takes = maps >= 64 or (maps >= 16 and geom.batch >= 48)  # DeepFace: 16 maps, N = 128
+        assert isinstance(chosen, gemm) == takes, layer.short_title
         assert names[layer.short_title][1] == chosen.kernel.name
-        seen.add(many)
+        seen.add(takes)
     assert seen == {True, False}
     # the scratch a call reserves: the bias placeholder only (no split-K partial sums)
     geom = workloads.gpu_geometry("vgg16-conv5_1")
@@ -185,6 +203,13 @@ def test_launch_shape_and_carries():
         "local_conv2d_gemm_f16_t32x64_k16_r8x4_o6")
     assert local_gemm.local_gemm_config(vgg, np.float64).kernel.name == (
         "local_conv2d_gemm_f64_t32x32_k16_r4x4_o4")
+    l5 = workloads.gpu_geometry("deepface-l5")  # N = 128, 16 maps, 25 x 25, K = 16 * 49
+    config = local_gemm.local_gemm_config(l5, np.float32)
+    assert config.kernel.name == "local_conv2d_gemm_f32_t64x16_k16_r4x4_o8"
+    assert config.block == (64,) and config.grid == (625 * 2, 1) and config.batch_tiles == 2
+    assert config.steps == (0, 2, 2)  # 16 terms = 2 kernel rows and 2 columns of 7 x 7
+    assert local_gemm.local_gemm_config(l5, np.float64).kernel.name == (
+        "local_conv2d_gemm_f64_t64x16_k16_r4x4_o4")
 
 
 def test_shared_pitches_spread_a_warps_stores_over_32_banks():
@@ -221,7 +246,8 @@ def test_resources_without_spills():
         pytest.skip("the simulator compiles no PTX")
     if _cuda_ptx.find_ptxas() is None:
         pytest.skip("ptxas not found")
-    for code, key in (("f32", "f32"), ("f16", "f32"), ("f64", "f64"), ("f32", "sim")):
+    for code, key in (("f32", "f32"), ("f16", "f32"), ("f64", "f64"), ("f32", "sim"),
+                      ("f64", "sim")):
         for tile in local_gemm.TILES[key]:
             spec = local_gemm.local_gemm_kernel(code, *tile)
             for cc in ((8, 0), (9, 0)):

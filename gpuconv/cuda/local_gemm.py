@@ -4,13 +4,13 @@ Per output position ``p`` the locally connected layer is ``Y[:, :, p] = X_p . W_
 product with ``M`` = images, ``N`` = the maps of a group and ``K = c_Ig * k_H * k_W``
 (input channel, tap). Where the maps are many (VGG-16 conv5_1: ``K`` = 4608, 512 maps, 196
 positions), the layer is bound by streaming the weights: every weight serves ``batch``
-FMAs, read once from DRAM. :func:`gpuconv.cuda.kernels.local_conv2d_kernel` stages
+FMAs, read once from DRAM; where they are 16 (DeepFace), by staging at a large batch. :func:`gpuconv.cuda.kernels.local_conv2d_kernel` stages
 both operands and then multiplies, so its loads are not in flight while it computes. This
 kernel keeps them in flight: it is the implicit GEMM of :mod:`gpuconv.cuda.conv2d_gemm`
 with the operands of one position.
 
 - A block owns one position ``p``, a tile of ``tile_m`` images and ``tile_n`` maps of one
-  group, and walks ``K`` in chunks of ``tile_k`` consecutive terms in the weights' own
+  group (64 maps, or 16 for groups of fewer than 64), and walks ``K`` in chunks of ``tile_k`` consecutive terms in the weights' own
   order ``(channel, ky, kx)``.
 - **Weights**: the ``K`` weights of a (map, position) are contiguous in the caller's layout
   ``(c_O, h_O, w_O, c_Ig, k_H, k_W)``, so a warp's weight loads are runs of ``tile_k``
@@ -50,28 +50,38 @@ from .spec import (_COMPUTE, _SCALAR, KernelSpec, _array, _rename, check_grid, c
                    dtype_code, gemm_mac)
 
 __all__ = ["LocalGemmConfig", "local_gemm_kernel", "local_gemm_config", "local_gemm_launch",
-           "use_local_gemm", "launch", "TILES", "LOCAL_GEMM_MIN_MAPS"]
+           "use_local_gemm", "launch", "TILES", "LOCAL_GEMM_MIN_MAPS",
+           "LOCAL_GEMM_NARROW_MIN_BATCH"]
 
 #: Tile shapes ``(tile_m, tile_n, tile_k, thread_m, thread_n, blocks_per_sm)`` by compute
-#: type: ``tile_m`` images x ``tile_n`` maps, ``tile_k`` terms a chunk. float32 (and
-#: float16): 64 threads of 8 x 4 outputs (32 FMAs per 12 shared reads a k step), six blocks
-#: an SM (168 registers on sm_80 and sm_90, no spills; eight blocks at 128 registers spill
-#: on sm_80), so 6 x 4 KiB of weights are in flight an SM (Little's law at 4.3 TB/s and
-#: ~700 ns asks ~23 KiB). float64: 32 x 32 maps, 4 x 4 a thread, four blocks an SM. The
-#: simulator's tile is 8 x 8 with 4 terms a chunk (16 threads).
+#: type, the wide one (64 maps a block) first: ``tile_m`` images x ``tile_n`` maps,
+#: ``tile_k`` terms a chunk. float32 (and float16), wide: 64 threads of 8 x 4 outputs (32 FMAs
+#: per 12 shared reads a k step), six blocks an SM (168 registers on sm_80 and sm_90, no
+#: spills; eight blocks at 128 registers spill on sm_80), so 6 x 4 KiB of weights are in
+#: flight an SM (Little's law at 4.3 TB/s and ~700 ns asks ~23 KiB). Narrow, for groups of
+#: 16 to 63 maps: 64 images x 16 maps, 64 threads of 4 x 4, eight blocks an SM (127-128
+#: registers, no spills). float64: 32 x 32 and 64 x 16, 4 x 4 a thread, four blocks an SM.
+#: The simulator's tiles are 8 x 8 (one staged image a pass) and 16 x 4 (eight), 4 terms a
+#: chunk.
 TILES = {
-    "f32": ((32, 64, 16, 8, 4, 6),),
-    "f64": ((32, 32, 16, 4, 4, 4),),
-    "sim": ((8, 8, 4, 2, 2, 1),),
+    "f32": ((32, 64, 16, 8, 4, 6), (64, 16, 16, 4, 4, 8)),
+    "f64": ((32, 32, 16, 4, 4, 4), (64, 16, 16, 4, 4, 4)),
+    "sim": ((8, 8, 4, 2, 2, 1), (16, 4, 4, 4, 2, 1)),
 }
 
-#: The dispatcher gives this kernel layers of at least this many maps per group (and more
-#: images than the streaming kernel takes): a 64-map tile wastes nothing there, and the
-#: predictions put it ahead of the batched GEMM of
-#: :func:`gpuconv.cuda.kernels.local_conv2d_config` on every such benchmark layer at
-#: batches 16-64 but one (ResNet-50 res5 at batch 16, 784 blocks: 0.404 ms against 0.388),
-#: and behind it on DeepFace's 16 maps (``scripts/kernel_table.py``).
+#: The dispatcher gives this kernel, above the streaming kernel's batches, every group of at
+#: least this many maps (the wide tile) ...
 LOCAL_GEMM_MIN_MAPS = 64
+#: ... and groups of 16 to 63 maps from this batch on (the narrow tile, its 64 images at
+#: least three quarters used). The predictions (``scripts/kernel_table.py``) put the wide
+#: tile ahead of the batched GEMM of :func:`gpuconv.cuda.kernels.local_conv2d_config` on
+#: every 64-or-more-map benchmark layer at batches 16-64 but one (ResNet-50 res5 at batch
+#: 16, 784 blocks: 0.404 ms against 0.388), and the narrow one 1.1-3.9x ahead on 16-63
+#: maps at batches 48 and 128 (DeepFace L4 / L5 / L6 at 128: 0.56 / 0.11 / 0.029 ms
+#: against 0.85 / 0.25 / 0.077), but not at batch 32 or on fewer than 16 maps (the seed's
+#: 5 and 10), which keep the batched GEMM.
+LOCAL_GEMM_NARROW_MIN_BATCH = 48
+_NARROW_MIN_MAPS = 16
 
 
 def _pitch(rows, tile_k):
@@ -257,16 +267,21 @@ class LocalGemmConfig(NamedTuple):
 
 def use_local_gemm(geom):
     """True where the dispatcher picks this kernel for the local_conv2d forward (above the
-    streaming kernel's batches): groups of at least :data:`LOCAL_GEMM_MIN_MAPS` maps."""
-    return geom.out_channels_per_group >= LOCAL_GEMM_MIN_MAPS and geom.batch > 0
+    streaming kernel's batches): groups of at least :data:`LOCAL_GEMM_MIN_MAPS` maps, and
+    groups of 16 or more from :data:`LOCAL_GEMM_NARROW_MIN_BATCH` images on."""
+    c_og = geom.out_channels_per_group
+    return geom.batch > 0 and (c_og >= LOCAL_GEMM_MIN_MAPS or (
+        c_og >= _NARROW_MIN_MAPS and geom.batch >= LOCAL_GEMM_NARROW_MIN_BATCH))
 
 
 def local_gemm_config(geom, dtype):
-    """The tile and launch shape for ``geom`` (pure, no GPU): the one tile of the compute
-    type (:data:`TILES`; the simulator's in the simulator)."""
+    """The tile and launch shape for ``geom`` (pure, no GPU): of the compute type's tiles
+    (:data:`TILES`; the simulator's in the simulator), the wide one for groups of at least
+    :data:`LOCAL_GEMM_MIN_MAPS` maps, else the narrow one."""
     code = dtype_code(dtype)
     tiles = TILES["sim"] if simulator_enabled() else TILES[compute_code(code)]
-    return local_gemm_launch(geom, dtype, tiles[0])
+    wide = geom.out_channels_per_group >= LOCAL_GEMM_MIN_MAPS
+    return local_gemm_launch(geom, dtype, tiles[0] if wide else tiles[1])
 
 
 def local_gemm_launch(geom, dtype, tile):
