@@ -46,7 +46,7 @@ from numba import cuda, types, uint64
 
 from ..device import simulator_enabled
 from .spec import (_COMPUTE, _SCALAR, KernelSpec, _array, _rename, check_grid, compute_code,
-                   dtype_code, gemm_mac, pick_gemm_tile)
+                   dtype_code, gemm_chunk, pick_gemm_tile)
 
 __all__ = ["GEMM_MIN_CHANNELS", "Conv2dGemmConfig", "conv2d_gemm_kernel", "conv2d_gemm_config",
            "use_gemm", "launch", "TILES"]
@@ -141,8 +141,9 @@ def conv2d_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blocks_
     BSMEM = 2 * BBUF
     NACC = TM * TN
 
-    # One k step: thread_m + thread_n shared loads, thread_m * thread_n FMAs.
-    mac = gemm_mac(TM, TN, MT, NSTEP)
+    # A staged chunk: tile_k steps of thread_m + thread_n shared loads and
+    # thread_m * thread_n FMAs.
+    multiply = gemm_chunk(TM, TN, MT, NSTEP, BK, AP, BP)
 
     def kernel(x, weight, bias, out, has_bias, n, c_I, h, wd, c_O, h_O, w_O, c_Ig, c_Og,
                k_H, k_W, s_H, s_W, pt, pl, d_H, d_W, blocks_n):
@@ -233,15 +234,7 @@ def conv2d_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blocks_
                 # Multiply chunk st - 1 from its buffer.
                 a_buf = ((st - 1) & 1) * ABUF + tx
                 b_buf = ((st - 1) & 1) * BBUF + ty
-                # Four k steps a trip, written out (LLVM does not unroll a loop this long).
-                for k in range(0, BK, 4):
-                    mac(a_s, b_s, a_buf + k * AP, b_buf + k * BP, a_frag, b_frag, acc)
-                    mac(a_s, b_s, a_buf + (k + 1) * AP, b_buf + (k + 1) * BP, a_frag, b_frag,
-                        acc)
-                    mac(a_s, b_s, a_buf + (k + 2) * AP, b_buf + (k + 2) * BP, a_frag, b_frag,
-                        acc)
-                    mac(a_s, b_s, a_buf + (k + 3) * AP, b_buf + (k + 3) * BP, a_frag, b_frag,
-                        acc)
+                multiply(a_s, b_s, a_buf, b_buf, a_frag, b_frag, acc)
             if st < stages:
                 # Store chunk st into the other buffer: nobody reads it now (its last reader,
                 # chunk st - 2, finished before the previous barrier).

@@ -50,7 +50,7 @@ from numba import cuda, types, uint64
 
 from ..device import simulator_enabled
 from .spec import (_COMPUTE, _NUMPY, _SCALAR, GRID_YZ_LIMIT, KernelSpec, _array, _rename,
-                   check_grid, compute_code, dtype_code, gemm_mac, pick_gemm_tile)
+                   check_grid, compute_code, dtype_code, gemm_chunk, pick_gemm_tile)
 
 __all__ = ["GRAD_GEMM_MIN_CHANNELS", "use_gemm_grad", "input_grad_gemm_kernel",
            "weight_grad_gemm_kernel", "InputGradGemmConfig", "WeightGradGemmConfig",
@@ -151,7 +151,7 @@ def input_grad_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blo
     ASMEM = 2 * ABUF       # both buffers (a compile-time constant)
     BSMEM = 2 * BBUF
     NACC = TM * TN
-    mac = gemm_mac(TM, TN, MT, NSTEP)
+    multiply = gemm_chunk(TM, TN, MT, NSTEP, BK, AP, BP)
 
     def kernel(gy, weight, gx, n, c_I, h, wd, c_O, h_O, w_O, c_Ig, c_Og, k_H, k_W, s_H, s_W,
                pt, pl, d_H, d_W, h_u, w_u, tiles_m, blocks_n, tap_step_h, tap_step_w,
@@ -264,14 +264,7 @@ def input_grad_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blo
                 # Multiply chunk st - 1 from its buffer, four k steps a trip.
                 a_buf = ((st - 1) & 1) * ABUF + tx
                 b_buf = ((st - 1) & 1) * BBUF + ty
-                for k in range(0, BK, 4):
-                    mac(a_s, b_s, a_buf + k * AP, b_buf + k * BP, a_frag, b_frag, acc)
-                    mac(a_s, b_s, a_buf + (k + 1) * AP, b_buf + (k + 1) * BP, a_frag, b_frag,
-                        acc)
-                    mac(a_s, b_s, a_buf + (k + 2) * AP, b_buf + (k + 2) * BP, a_frag, b_frag,
-                        acc)
-                    mac(a_s, b_s, a_buf + (k + 3) * AP, b_buf + (k + 3) * BP, a_frag, b_frag,
-                        acc)
+                multiply(a_s, b_s, a_buf, b_buf, a_frag, b_frag, acc)
             if st < stages:
                 # Store chunk st into the other buffer (its last reader, chunk st - 2,
                 # finished before the previous barrier).
@@ -403,7 +396,7 @@ def weight_grad_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, bl
     ASMEM = 2 * ABUF       # both buffers (a compile-time constant)
     BSMEM = 2 * BBUF
     NACC = TM * TN
-    mac = gemm_mac(TM, TN, MT, NSTEP)
+    multiply = gemm_chunk(TM, TN, MT, NSTEP, BK, AP, BP)
 
     def kernel(x, gy, part, c_I, h, wd, c_O, h_O, w_O, c_Ig, c_Og, k_H, k_W, s_H, s_W, pt, pl,
                d_H, d_W, m_total, k_slice, blocks_n, step_row, step_col):
@@ -494,14 +487,7 @@ def weight_grad_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, bl
                 # Multiply chunk st - 1 from its buffer, four k steps a trip.
                 a_buf = ((st - 1) & 1) * ABUF + tx
                 b_buf = ((st - 1) & 1) * BBUF + ty
-                for k in range(0, BK, 4):
-                    mac(a_s, b_s, a_buf + k * AP, b_buf + k * BP, a_frag, b_frag, acc)
-                    mac(a_s, b_s, a_buf + (k + 1) * AP, b_buf + (k + 1) * BP, a_frag, b_frag,
-                        acc)
-                    mac(a_s, b_s, a_buf + (k + 2) * AP, b_buf + (k + 2) * BP, a_frag, b_frag,
-                        acc)
-                    mac(a_s, b_s, a_buf + (k + 3) * AP, b_buf + (k + 3) * BP, a_frag, b_frag,
-                        acc)
+                multiply(a_s, b_s, a_buf, b_buf, a_frag, b_frag, acc)
             if st < stages:
                 # Store chunk st into the other buffer (its last reader, chunk st - 2,
                 # finished before the previous barrier).

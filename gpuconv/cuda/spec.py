@@ -24,7 +24,7 @@ from numba.types import float16
 from ..device import simulator_enabled
 
 __all__ = ["KernelSpec", "compiled", "dtype_code", "compute_code", "CODES", "check_grid",
-           "pick_gemm_tile", "gemm_mac", "GEMM_SMS", "GRID_YZ_LIMIT", "SHARED_BUDGET_BYTES", "SHARED_LIMIT_BYTES", "LOCAL_STAGE_BYTES"]
+           "pick_gemm_tile", "gemm_chunk", "GEMM_SMS", "GRID_YZ_LIMIT", "SHARED_BUDGET_BYTES", "SHARED_LIMIT_BYTES", "LOCAL_STAGE_BYTES"]
 
 # Dynamic shared memory one conv2d block may use: small enough that several blocks share an
 # SM (an H100/H200 SM has 228 KiB), and under the 48 KiB that needs no opt-in.
@@ -157,13 +157,18 @@ def pick_gemm_tile(tiles, m_total, n_total, groups, extra=1, fill=1.0):
     return best[1]
 
 
-def gemm_mac(thread_m, thread_n, m_step, n_step):
-    """The k step of the implicit GEMMs' multiply loop (conv2d's forward and gradients,
-    local_conv2d's per-position forward), as an inlined device function ``mac(a_s, b_s,
-    a_row, b_row, a_frag, b_frag, acc)``: ``thread_m`` words of ``a_s`` from ``a_row``,
-    ``m_step`` apart, and ``thread_n`` of ``b_s`` from ``b_row``, ``n_step`` apart, into
-    registers, then ``thread_m * thread_n`` FMAs into ``acc`` (row-major)."""
-    TM, TN, MT, NSTEP = thread_m, thread_n, m_step, n_step
+def gemm_chunk(thread_m, thread_n, m_step, n_step, tile_k, a_pitch, b_pitch):
+    """The multiply of one staged chunk in the implicit GEMMs (conv2d's forward and
+    gradients, local_conv2d's per-position forward), as an inlined device function
+    ``chunk(a_s, b_s, a_row, b_row, a_frag, b_frag, acc)``. Each of its ``tile_k`` k steps
+    reads ``thread_m`` words of ``a_s`` from ``a_row + k * a_pitch``, ``m_step`` apart, and
+    ``thread_n`` of ``b_s`` from ``b_row + k * b_pitch``, ``n_step`` apart, into registers,
+    then makes ``thread_m * thread_n`` FMAs into ``acc`` (row-major). The steps are written
+    out four a trip (LLVM does not unroll a loop this long)."""
+    TM, TN, MT, NSTEP, BK, AP, BP = (thread_m, thread_n, m_step, n_step, tile_k, a_pitch,
+                                     b_pitch)
+    if BK % 4:
+        raise ValueError(f"tile_k must be a multiple of 4, got {BK}")
 
     @cuda.jit(device=True, inline="always")
     def mac(a_s, b_s, a_row, b_row, a_frag, b_frag, acc):
@@ -174,7 +179,15 @@ def gemm_mac(thread_m, thread_n, m_step, n_step):
         for i in range(TM):
             for j in range(TN):
                 acc[i * TN + j] += a_frag[i] * b_frag[j]
-    return mac
+
+    @cuda.jit(device=True, inline="always")
+    def chunk(a_s, b_s, a_row, b_row, a_frag, b_frag, acc):
+        for k in range(0, BK, 4):
+            mac(a_s, b_s, a_row + k * AP, b_row + k * BP, a_frag, b_frag, acc)
+            mac(a_s, b_s, a_row + (k + 1) * AP, b_row + (k + 1) * BP, a_frag, b_frag, acc)
+            mac(a_s, b_s, a_row + (k + 2) * AP, b_row + (k + 2) * BP, a_frag, b_frag, acc)
+            mac(a_s, b_s, a_row + (k + 3) * AP, b_row + (k + 3) * BP, a_frag, b_frag, acc)
+    return chunk
 
 
 # Shared memory the local_conv2d gradient kernels stage at a time (see grad_kernels).
