@@ -235,22 +235,16 @@ def _local_row(layer, geom, dtype, info, device):
 def _local_gemm_row(layer, geom, dtype, info, device, config=None):
     """The double-buffered per-position GEMM forward (:mod:`gpuconv.cuda.local_gemm`).
 
-    Modelled as the implicit GEMMs (:func:`_gemm_row`): a chunk's shared reads are a warp's
-    ``thread_m + thread_n`` words a k step, its staging loads (walked at the kernel's own
-    addresses for the first chunk of the first block, away from the padding) are in flight
-    while the resident blocks multiply the previous chunk, so a chunk costs the larger of
-    the DRAM round trip and the SM's FMAs for it. The weights cross DRAM once (the batch
-    tiles of a position are neighbours in the grid and share them through L2); the input
-    under each position comes from L2.
+    Modelled as the implicit GEMMs (:func:`_gemm_tile_row`), its staging loads walked at the
+    kernel's own addresses for the first chunk of a position away from the padding, a chunk
+    costing the larger of the DRAM round trip and the SM's FMAs for it. The weights cross
+    DRAM once (the batch tiles of a position are neighbours in the grid and share them
+    through L2); the input under each position comes from L2.
     """
     config = config or local_gemm.local_gemm_config(geom, dtype)
     itemsize = np.dtype(dtype).itemsize
-    code = kernels.dtype_code(dtype)
-    cs = np.dtype(kernels._NUMPY[kernels.compute_code(code)]).itemsize
     BM, BN, BK, TM, TN = _gemm_tile(config.kernel.name)
-    MT, NSTEP = BM // TM, BN // TN
-    threads = MT * NSTEP
-    warps = -(-threads // 32)
+    threads = (BM // TM) * (BN // TN)
     KT = threads // BK
     LA, LB = BM * BK // threads, BN * BK // threads
     g = geom
@@ -281,40 +275,13 @@ def _local_gemm_row(layer, geom, dtype, info, device, config=None):
         loads.append([((t // BK + j * KT) * n_pos + pos) * k_len + t % BK
                       if t // BK + j * KT < g.out_channels_per_group and t % BK < k_len
                       else None for t in range(threads)])
-    instr = sectors = lines = 0
-    for group in loads:
-        for w0 in range(0, threads, 32):
-            found = [a for a in group[w0:w0 + 32] if a is not None]
-            instr += 1
-            sectors += len({a * itemsize // 32 for a in found})
-            lines += len({a * itemsize // 128 for a in found})
-    chunk_fma = BM * BN * BK
-    wave_a = max(1, -(-min(MT, 32) * cs // 128))
-    wave_b = max(1, -(-max(1, 32 // MT) * cs // 128))
-    lds_per_chunk = warps * BK * (TM * wave_a + TN * wave_b)
-
-    registers = info.registers if info else 65536 // math.prod(config.kernel.launch_bounds)
-    smem = info.static_smem if info else 2 * BK * (BM + BN + 8) * cs
-    per_sm = occupancy(threads, registers, smem, device)
-    waves = blocks / (device.sms * max(per_sm, 1))
-    ffma = block_chunks * warps * TM * TN * BK
-    lds = block_chunks * lds_per_chunk
-    issue = ffma + block_chunks * warps * (BK * (TM + TN) + (LA + LB) * _GEMM_STAGE_INSTR
-                                           + _GEMM_CHUNK_INSTR)
     fma = g.batch * g.out_channels * n_pos * k_len
-    flops = 2 * fma
     weights = g.out_channels * n_pos * k_len
     x_el = g.batch * g.in_channels * g.in_height * g.in_width
     y_el = g.batch * g.out_channels * n_pos
     dram = (weights + x_el + y_el) * itemsize
-    chunk_compute = warps * TM * TN * BK / 4 / device.clock_hz * max(per_sm, 1)
-    time, bound, hidden = _time(device, blocks, per_sm, ffma, lds, issue, dram, 0,
-                                max(device.dram_latency_s, chunk_compute), chunks)
-    roof = _roofline(g, flops, itemsize, weights, device)
-    return KernelRow(layer, config.kernel.name, registers, smem, threads, blocks, per_sm,
-                     per_sm * warps / device.max_warps, waves, sectors / chunk_fma,
-                     lines / max(instr, 1), lds_per_chunk / chunk_fma, dram / fma, bound,
-                     time, flops / time / roof, flops / hidden / roof)
+    return _gemm_tile_row(layer, config, geom, dtype, loads, block_chunks, chunks, fma,
+                          weights, dram, device.dram_latency_s, info, device)
 
 
 # Warp instructions besides the loads, FMAs and shuffles, read from the kernel's source
@@ -529,9 +496,7 @@ def _gemm_row(layer, geom, dtype, kind, config, info, device):
     code = kernels.dtype_code(dtype)
     cs = np.dtype(kernels._NUMPY[kernels.compute_code(code)]).itemsize
     BM, BN, BK, TM, TN = _gemm_tile(config.kernel.name)
-    MT, NSTEP = BM // TM, BN // TN
-    threads = MT * NSTEP
-    warps = -(-threads // 32)
+    threads = (BM // TM) * (BN // TN)
     blocks = math.prod(config.grid)
     g = geom
     khw = g.kernel_height * g.kernel_width
@@ -626,6 +591,40 @@ def _gemm_row(layer, geom, dtype, kind, config, info, device):
                 group.append(((img * g.out_channels + co) * g.out_height + oy) * g.out_width
                              + ox if co < c_og else None)
             loads.append(group)
+    fma = g.batch * g.out_channels * n_pq * c_ig * khw
+    weights = g.out_channels * c_ig * khw
+    x_el = g.batch * g.in_channels * hw
+    y_el = g.batch * g.out_channels * n_pq
+    dram = (weights + x_el + y_el) * itemsize
+    if kind == "weight" and config.scratch_elements:  # partial sums written, read, summed
+        dram += 2 * config.scratch_elements * cs
+    # The activations stream from DRAM, the weights stay in L2.
+    latency = device.dram_latency_s if kind != "input" else device.l2_latency_s
+    return _gemm_tile_row(layer, config, geom, dtype, loads, block_chunks, chunks_per_block,
+                          fma, weights, dram, latency, info, device)
+
+
+def _gemm_tile_row(layer, config, geom, dtype, loads, block_chunks, chunks_per_block, fma,
+                   weights, dram, latency, info, device):
+    """The :class:`KernelRow` of a double-buffered tile GEMM (:func:`_gemm_row`,
+    :func:`_local_gemm_row`) from what differs between them: ``loads`` (one chunk's staging
+    loads, a list per staged register of each thread's flat address or None),
+    ``block_chunks`` (chunks run by all blocks), ``chunks_per_block``, the layer's ``fma``,
+    ``weights`` and ``dram`` bytes, and a staging load's round trip ``latency``.
+
+    A chunk's loads (all in flight at once) stand against the previous chunk's FMAs on the
+    SM's 4 schedulers, shared with the other resident blocks, so a chunk costs the larger
+    of the two; shared reads are a warp's ``thread_m + thread_n`` words a k step
+    (consecutive words: one wavefront each, two for float64).
+    """
+    itemsize = np.dtype(dtype).itemsize
+    cs = np.dtype(kernels._NUMPY[kernels.compute_code(kernels.dtype_code(dtype))]).itemsize
+    BM, BN, BK, TM, TN = _gemm_tile(config.kernel.name)
+    MT = BM // TM
+    threads = MT * (BN // TN)
+    warps = -(-threads // 32)
+    blocks = math.prod(config.grid)
+    LA, LB = BM * BK // threads, BN * BK // threads
     instr = sectors = lines = 0
     for group in loads:
         for w0 in range(0, threads, 32):
@@ -634,12 +633,9 @@ def _gemm_row(layer, geom, dtype, kind, config, info, device):
             sectors += len({a * itemsize // 32 for a in found})
             lines += len({a * itemsize // 128 for a in found})
     chunk_fma = BM * BN * BK
-    sectors_per_fma = sectors / chunk_fma
-    lines_per_load = lines / max(instr, 1)
     wave_a = max(1, -(-min(MT, 32) * cs // 128))
     wave_b = max(1, -(-max(1, 32 // MT) * cs // 128))
     lds_per_chunk = warps * BK * (TM * wave_a + TN * wave_b)
-    lds_per_fma = lds_per_chunk / chunk_fma
 
     registers = info.registers if info else 65536 // math.prod(config.kernel.launch_bounds)
     smem = 2 * BK * (BM + BN + 8) * cs if info is None else info.static_smem
@@ -649,26 +645,15 @@ def _gemm_row(layer, geom, dtype, kind, config, info, device):
     lds = block_chunks * lds_per_chunk
     issue = ffma + block_chunks * warps * (BK * (TM + TN) + (LA + LB) * _GEMM_STAGE_INSTR
                                            + _GEMM_CHUNK_INSTR)
-    fma = g.batch * g.out_channels * n_pq * c_ig * khw
     flops = 2 * fma
-    weights = g.out_channels * c_ig * khw
-    x_el = g.batch * g.in_channels * hw
-    y_el = g.batch * g.out_channels * n_pq
-    dram = (weights + x_el + y_el) * itemsize
-    if kind == "weight" and config.scratch_elements:  # partial sums written, read, summed
-        dram += 2 * config.scratch_elements * cs
-    # The activations stream from DRAM, the weights stay in L2: a chunk's loads (all in
-    # flight at once) against the previous chunk's FMAs on the SM's 4 schedulers, shared
-    # with the other resident blocks.
-    latency = device.dram_latency_s if kind != "input" else device.l2_latency_s
     chunk_compute = warps * TM * TN * BK / 4 / device.clock_hz * max(per_sm, 1)
     time, bound, hidden = _time(device, blocks, per_sm, ffma, lds, issue, dram, 0,
                                 max(latency, chunk_compute), chunks_per_block)
-    roof = _roofline(g, flops, itemsize, weights, device)
+    roof = _roofline(geom, flops, itemsize, weights, device)
     return KernelRow(layer, config.kernel.name, registers, smem, threads, blocks, per_sm,
-                     per_sm * warps / device.max_warps, waves, sectors_per_fma,
-                     lines_per_load, lds_per_fma, dram / fma, bound, time,
-                     flops / time / roof, flops / hidden / roof)
+                     per_sm * warps / device.max_warps, waves, sectors / chunk_fma,
+                     lines / max(instr, 1), lds_per_chunk / chunk_fma, dram / fma, bound,
+                     time, flops / time / roof, flops / hidden / roof)
 
 
 def predicted_backward_s(rows, kernels_of_call):
