@@ -32,7 +32,7 @@ from numba import cuda, int32, int64, types, uint64
 
 from .. import workloads
 from . import (conv2d_gemm, conv2d_gemm_grad, grad_kernels, local_gemm, local_grad_gemm,
-               tiled_kernels)
+               local_stream, tiled_kernels)
 from .spec import (_COMPUTE, _NUMPY, _SCALAR, CODES, GRID_YZ_LIMIT, LOCAL_STAGE_BYTES,
                    SHARED_BUDGET_BYTES, SHARED_LIMIT_BYTES, KernelSpec, _array,
                    _conv2d_launch_bounds, _even_split, _pow2_at_least, _rename,
@@ -40,7 +40,8 @@ from .spec import (_COMPUTE, _NUMPY, _SCALAR, CODES, GRID_YZ_LIMIT, LOCAL_STAGE_
 
 __all__ = ["KernelSpec", "Conv2dConfig", "LocalConv2dConfig", "conv2d_kernel",
            "local_conv2d_kernel", "copy_kernel", "compiled",
-           "conv2d_config", "local_conv2d_config", "workload_specialisations", "dtype_code",
+           "conv2d_config", "local_conv2d_config", "local_conv2d_forward_config",
+           "workload_specialisations", "dtype_code",
            "compute_code", "CODES",
            "workload_kernel_names", "workload_geometries", "SHARED_BUDGET_BYTES",
            "GRID_YZ_LIMIT", "check_grid",
@@ -838,15 +839,28 @@ def workload_geometries():
     return [(layer, workloads.gpu_geometry(layer)) for layer in workloads.LAYERS.values()]
 
 
+def local_conv2d_forward_config(geom, dtype):
+    """The local_conv2d forward's launch choice: the weight-streaming kernel of
+    :mod:`gpuconv.cuda.local_stream` for batches of 1 to
+    :data:`~gpuconv.cuda.local_stream.STREAM_MAX_BATCH` images (bound by reading the
+    weights); above that, the double-buffered per-position GEMM of
+    :mod:`gpuconv.cuda.local_gemm` where its tiles fill
+    (:func:`~gpuconv.cuda.local_gemm.use_local_gemm`), else the batched GEMM of
+    :func:`local_conv2d_config`."""
+    if local_stream.use_local_stream(geom):
+        return local_stream.local_stream_config(geom, dtype)
+    if local_gemm.use_local_gemm(geom):
+        return local_gemm.local_gemm_config(geom, dtype)
+    return local_conv2d_config(geom, dtype)
+
+
 def workload_kernel_names(dtype=np.float32):
     """``{layer name: (conv2d kernel name, local_conv2d kernel name)}`` for the benchmark
     layers, so tables of timings and of ptxas resources can be joined."""
     names = {}
     for layer, geom in workload_geometries():
-        local = (local_gemm.local_gemm_config(geom, dtype) if local_gemm.use_local_gemm(geom)
-                 else local_conv2d_config(geom, dtype))  # the dispatcher's, at GPU batches
         names[layer.short_title] = (conv2d_config(geom, dtype).kernel.name,
-                                    local.kernel.name)
+                                    local_conv2d_forward_config(geom, dtype).kernel.name)
     return names
 
 

@@ -231,19 +231,9 @@ def launch_conv2d(x, weight, bias, out, geom, stream, config=None, empty=None):
     )
 
 
-def local_conv2d_forward_config(geom, dtype):
-    """The local_conv2d forward's launch choice: the weight-streaming kernel of
-    :mod:`gpuconv.cuda.local_stream` for batches of 1 to
-    :data:`~gpuconv.cuda.local_stream.STREAM_MAX_BATCH` images (bound by reading the
-    weights); above that, the double-buffered per-position GEMM of
-    :mod:`gpuconv.cuda.local_gemm` for long products of many maps
-    (:func:`~gpuconv.cuda.local_gemm.use_local_gemm`), else the batched GEMM of
-    :func:`~gpuconv.cuda.kernels.local_conv2d_config`."""
-    if local_stream.use_local_stream(geom):
-        return local_stream.local_stream_config(geom, dtype)
-    if local_gemm.use_local_gemm(geom):
-        return local_gemm.local_gemm_config(geom, dtype)
-    return kernels.local_conv2d_config(geom, dtype)
+#: The local_conv2d forward's launch choice (made with the other forward choices, in
+#: :func:`gpuconv.cuda.kernels.local_conv2d_forward_config`).
+local_conv2d_forward_config = kernels.local_conv2d_forward_config
 
 
 def launch_local_conv2d(x, weight, bias, out, geom, stream, config=None, empty=None,
