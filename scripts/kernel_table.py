@@ -11,6 +11,10 @@ run then checks.
                                                 [--no-gradients] [--no-ptxas]
                                                 [--local-gradients]
 
+``--candidates`` prints, for each layer and forward operation, every kernel the dispatcher
+weighs (its pick marked) with its predicted time: the choices the acceptance run's
+``candidates`` phase then times side by side.
+
 ``--local-gradients`` prints only the local_conv2d gradient kernels (the batched GEMMs and
 the weight gradient's slice sum), then each layer's predicted local backward beside the
 unfold + einsum autograd backward measured on the first H200 run.
@@ -36,6 +40,8 @@ def main(argv=None):
     parser.add_argument("--local-gradients", action="store_true",
                         help="only the local_conv2d gradient kernels, and the predicted local "
                         "backward against unfold + einsum")
+    parser.add_argument("--candidates", action="store_true",
+                        help="every forward kernel the dispatcher weighs, the pick marked")
     parser.add_argument("--no-ptxas", action="store_true",
                         help="registers from the launch bounds instead of ptxas (faster)")
     args = parser.parse_args(argv)
@@ -56,6 +62,9 @@ def main(argv=None):
                                         spec.name, dynamic_smem=shared_bytes)
 
     names = args.layers or bench.SUITES[args.suite]
+    if args.candidates:
+        print(candidate_table(names, np.dtype(args.dtype), args.batch, ptxas))
+        return 0
     rows = []
     for name in names:
         if args.local_gradients:
@@ -77,6 +86,36 @@ def main(argv=None):
         print(predict.format_backward_rows(predict.local_backward_rows(
             [workloads.LAYERS[name] for name in names], np.dtype(args.dtype), ptxas=ptxas)))
     return 0
+
+
+def candidate_table(names, dtype, batch, ptxas):
+    """Markdown: each layer's forward candidates (:func:`gpuconv.cuda.kernels.forward_candidates`)
+    with their predicted times, the dispatcher's pick marked and the fastest predicted."""
+    from gpuconv import workloads
+    from gpuconv.cuda import kernels, predict
+
+    lines = ["| layer | op | kernel | picked | regs | blocks | bound | predicted ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        layer = workloads.LAYERS[name]
+        geom = workloads.gpu_geometry(layer, batch)
+        for op in ("conv2d", "local_conv2d"):
+            picked = (kernels.conv2d_config if op == "conv2d"
+                      else kernels.local_conv2d_forward_config)(geom, dtype)
+            timed = []
+            for config in kernels.forward_candidates(op, geom, dtype):
+                rows = predict.forward_rows(name, geom, dtype, config, ptxas)
+                times = [r.time_s for r in rows]
+                ms = None if None in times else 1e3 * sum(times)
+                timed.append((ms, config.kernel.name))
+                lines.append(f"| {name} (N={geom.batch}) | {op} | `{config.kernel.name}` | "
+                             f"{'yes' if config == picked else ''} | {rows[0].registers} | "
+                             f"{rows[0].blocks} | {rows[0].bound} | "
+                             f"{'-' if ms is None else format(ms, '.3f')} |")
+            best = min((t for t in timed if t[0] is not None), default=None)
+            if best and best[1] != picked.kernel.name:
+                lines.append(f"| | | fastest predicted: `{best[1]}` | | | | | |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

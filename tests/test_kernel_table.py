@@ -238,3 +238,45 @@ def test_script_prints_the_local_gradients_view(capsys):
     assert any(n.startswith("local_conv2d_wgrad_gemm_f32_") for n in names)
     assert not any(n.startswith("conv2d_") for n in names)
     assert "unfold + einsum" in out and "x |" in out
+
+
+def test_script_prints_every_forward_candidate_with_the_pick_marked(capsys):
+    from gpuconv import workloads
+    from gpuconv.cuda import kernels
+
+    assert _script().main(["--layers", "deepface-l6", "alexnet-conv1", "--candidates",
+                           "--no-ptxas"]) == 0
+    out = capsys.readouterr().out
+    for name in ("deepface-l6", "alexnet-conv1"):
+        geom = workloads.gpu_geometry(workloads.LAYERS[name])
+        for op in ("conv2d", "local_conv2d"):
+            rows = [line.split("|") for line in out.splitlines()
+                    if line.startswith(f"| {name} (N={geom.batch}) | {op} |")]
+            configs = kernels.forward_candidates(op, geom, np.float32)
+            assert [r[3].strip(" `") for r in rows] == [c.kernel.name for c in configs]
+            picked = [r[3].strip(" `") for r in rows if r[4].strip() == "yes"]
+            pick = (kernels.conv2d_config if op == "conv2d"
+                    else kernels.local_conv2d_forward_config)(geom, np.float32)
+            assert picked == [pick.kernel.name]
+            assert all(float(r[8]) > 0 for r in rows)
+
+
+def test_forward_rows_model_the_split_k_sum_of_the_batched_local_forward():
+    """A batched local forward that splits K launches the slice sum too: its row is
+    DRAM-bound, the partial sums read once and the output written once."""
+    from gpuconv import workloads
+    from gpuconv.cuda import kernels, predict
+
+    geom = workloads.gpu_geometry(workloads.LAYERS["vgg16-conv5_1"])
+    config = kernels.local_conv2d_config(geom, np.float32)
+    assert config.slices > 1
+    rows = predict.forward_rows("vgg", geom, np.float32, config)
+    assert [r.kernel for r in rows] == [config.kernel.name, "sum_slices_f32"]
+    size = geom.batch * geom.out_channels * geom.out_height * geom.out_width
+    assert rows[1].bound == "DRAM"
+    assert rows[1].time_s == pytest.approx(size * (config.slices * 4 + 4)
+                                           / predict.H200.copy_bytes_per_s)
+    with pytest.raises(TypeError, match="not a forward launch"):
+        predict.forward_row("vgg", geom, np.float32, object())
+    assert predict.device_named("NVIDIA H100 80GB HBM3") is predict.H100
+    assert predict.device_named("NVIDIA H200") is predict.H200

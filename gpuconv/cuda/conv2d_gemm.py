@@ -49,6 +49,7 @@ from .spec import (_COMPUTE, _SCALAR, KernelSpec, _array, _rename, check_grid, c
                    dtype_code, gemm_chunk, pick_gemm_tile)
 
 __all__ = ["GEMM_MIN_CHANNELS", "Conv2dGemmConfig", "conv2d_gemm_kernel", "conv2d_gemm_config",
+           "conv2d_gemm_launch",
            "use_gemm", "launch", "TILES"]
 
 #: Input channels per group from which conv2d takes the implicit GEMM (the gradients'
@@ -298,12 +299,19 @@ def conv2d_gemm_config(geom, dtype):
     tiles = TILES["sim"] if simulator_enabled() else TILES[compute_code(code)]
     m_total = geom.batch * geom.out_height * geom.out_width
     c_og = geom.out_channels_per_group
-    choice = pick_gemm_tile(tiles, m_total, c_og, geom.groups, fill=_FILL)
-    tile_m, tile_n = choice[0], choice[1]
-    blocks_n = -(-c_og // tile_n)
+    return conv2d_gemm_launch(geom, dtype,
+                              pick_gemm_tile(tiles, m_total, c_og, geom.groups, fill=_FILL))
+
+
+def conv2d_gemm_launch(geom, dtype, tile):
+    """The :class:`Conv2dGemmConfig` of ``tile`` (one of :data:`TILES`) for ``geom``."""
+    code = dtype_code(dtype)
+    m_total = geom.batch * geom.out_height * geom.out_width
+    tile_m, tile_n = tile[0], tile[1]
+    blocks_n = -(-geom.out_channels_per_group // tile_n)
     grid = check_grid((-(-m_total // tile_m), geom.groups * blocks_n), "conv2d")
-    spec = conv2d_gemm_kernel(code, *choice)
-    threads = (tile_m // choice[3]) * (tile_n // choice[4])
+    spec = conv2d_gemm_kernel(code, *tile)
+    threads = (tile_m // tile[3]) * (tile_n // tile[4])
     return Conv2dGemmConfig(spec, (threads,), grid, blocks_n, 0)
 
 

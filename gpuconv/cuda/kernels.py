@@ -31,6 +31,7 @@ import numpy as np
 from numba import cuda, int32, int64, types, uint64
 
 from .. import workloads
+from ..device import simulator_enabled
 from . import (conv2d_gemm, conv2d_gemm_grad, grad_kernels, local_gemm, local_grad_gemm,
                local_stream, tiled_kernels)
 from .spec import (_COMPUTE, _NUMPY, _SCALAR, CODES, GRID_YZ_LIMIT, LOCAL_STAGE_BYTES,
@@ -40,7 +41,8 @@ from .spec import (_COMPUTE, _NUMPY, _SCALAR, CODES, GRID_YZ_LIMIT, LOCAL_STAGE_
 
 __all__ = ["KernelSpec", "Conv2dConfig", "LocalConv2dConfig", "conv2d_kernel",
            "local_conv2d_kernel", "copy_kernel", "compiled",
-           "conv2d_config", "local_conv2d_config", "local_conv2d_forward_config",
+           "conv2d_config", "conv2d_direct_config", "local_conv2d_config",
+           "local_conv2d_forward_config", "forward_candidates",
            "workload_specialisations", "dtype_code",
            "compute_code", "CODES",
            "workload_kernel_names", "workload_geometries", "SHARED_BUDGET_BYTES",
@@ -212,6 +214,13 @@ def conv2d_config(geom, dtype):
 
     if conv2d_gemm.use_gemm(geom):
         return conv2d_gemm.conv2d_gemm_config(geom, dtype)
+    return conv2d_direct_config(geom, dtype)
+
+
+def conv2d_direct_config(geom, dtype):
+    """The direct kernel's :class:`Conv2dConfig` for ``geom``, whatever its channels (the
+    dispatcher's choice for few channels a group, :func:`conv2d_config`; the acceptance
+    run times it beside the implicit GEMM on every layer)."""
     code = dtype_code(dtype)
     fp32 = compute_code(code) == "f32"
     itemsize = _stage_itemsize(code)
@@ -852,6 +861,37 @@ def local_conv2d_forward_config(geom, dtype):
     if local_gemm.use_local_gemm(geom):
         return local_gemm.local_gemm_config(geom, dtype)
     return local_conv2d_config(geom, dtype)
+
+
+def forward_candidates(op, geom, dtype):
+    """``[config, ...]``: every forward kernel the dispatcher weighs for ``op``
+    (``"conv2d"`` or ``"local_conv2d"``) on ``geom``, each with the launch shape it would
+    have if picked, the dispatcher's own pick among them (:func:`conv2d_config`,
+    :func:`local_conv2d_forward_config`). conv2d: the direct kernel (where one input
+    channel's window fits shared memory) and the implicit GEMM on each tile of the compute
+    type; local_conv2d: the streaming kernel (batches up to
+    :data:`~gpuconv.cuda.local_stream.STREAM_MAX_BATCH`), the batched GEMM and the
+    per-position GEMM on each of its tiles. The simulator's tiles in the simulator. The
+    acceptance run times them side by side, so a GPU run checks every choice the dispatcher
+    makes, not only the kernel it made; nothing here compiles."""
+    code = "sim" if simulator_enabled() else compute_code(dtype_code(dtype))
+    configs = []
+    if op == "conv2d":
+        try:
+            configs.append(conv2d_direct_config(geom, dtype))
+        except ValueError:  # one channel's window does not fit shared memory
+            pass
+        configs += [conv2d_gemm.conv2d_gemm_launch(geom, dtype, tile)
+                    for tile in conv2d_gemm.TILES[code]]
+    elif op == "local_conv2d":
+        if local_stream.use_local_stream(geom):
+            configs.append(local_stream.local_stream_config(geom, dtype))
+        configs.append(local_conv2d_config(geom, dtype))
+        configs += [local_gemm.local_gemm_launch(geom, dtype, tile)
+                    for tile in local_gemm.TILES[code]]
+    else:
+        raise ValueError(f"op must be 'conv2d' or 'local_conv2d', got {op!r}")
+    return configs
 
 
 def workload_kernel_names(dtype=np.float32):

@@ -31,7 +31,7 @@ import numpy as np
 
 from . import conv2d_gemm, conv2d_gemm_grad, grad_kernels, kernels, local_gemm, local_stream
 
-__all__ = ["H200", "Device", "occupancy", "KernelRow", "layer_rows", "format_rows",
+__all__ = ["H200", "H100", "Device", "device_named", "forward_row", "forward_rows", "occupancy", "KernelRow", "layer_rows", "format_rows",
            "local_gradient_rows", "local_backward_rows", "format_backward_rows", "BackwardRow",
            "LOCAL_BACKWARD_PEER_S"]
 
@@ -54,6 +54,17 @@ class Device(NamedTuple):
 #: The H200 of the first GPU run (132 SMs; compute and copy figures from that run's notes).
 H200 = Device("H200", 132, 1.98e9, 66.9e12, 4.25e12, 65536, 227 * 1024, 1024, 64, 32,
               700e-9, 300e-9)
+
+#: An H100 SXM (132 SMs, the H200's core at 3.35 TB/s HBM3): its copy rate is assumed at the
+#: H200's measured share of its peak (4.25 of 4.8 TB/s), not measured.
+H100 = H200._replace(name="H100", copy_bytes_per_s=4.25e12 / 4.8e12 * 3.35e12)
+
+
+def device_named(name):
+    """The modelled :class:`Device` for a GPU's name (``torch.cuda.get_device_name``): the
+    H100 for a name holding "H100", else the H200 (the model's reference)."""
+    return H100 if "H100" in str(name).upper() else H200
+
 
 # Warp instructions per staged element, read from the sm_90 SASS (nvdisasm) of
 # local_conv2d_f32_k3x3_t8x4_l4x8 and conv2d_f32_k3x3_r2x4_c8, rounded: the carry walk,
@@ -148,8 +159,8 @@ def _time(device, blocks, blocks_per_sm, ffma, lds, issue, dram_bytes, stage_ffm
     return hidden, bound, hidden
 
 
-def _local_row(layer, geom, dtype, info, device):
-    config = kernels.local_conv2d_config(geom, dtype)
+def _local_row(layer, geom, dtype, info, device, config=None):
+    config = config or kernels.local_conv2d_config(geom, dtype)
     itemsize = np.dtype(dtype).itemsize
     lanes_b, lanes_o, ptw = config.block
     tm, to = (int(v) for v in config.kernel.name.split("_t")[1].split("_")[0].split("x"))
@@ -293,7 +304,7 @@ _STREAM_INPUT_INSTR = 4
 _STREAM_MAP_INSTR = 4
 
 
-def _stream_row(layer, geom, dtype, info, device):
+def _stream_row(layer, geom, dtype, info, device, config=None):
     """The weight-streaming forward (:mod:`gpuconv.cuda.local_stream`, batches <= 8).
 
     Pipes: FMA, issue, DRAM, and one for the L1/shared-memory data path (the shuffles,
@@ -303,7 +314,7 @@ def _stream_row(layer, geom, dtype, info, device):
     input one L2 round trip first; nothing overlapped within a warp, the SM's resident
     warps side by side.
     """
-    config = local_stream.local_stream_config(geom, dtype)
+    config = config or local_stream.local_stream_config(geom, dtype)
     itemsize = np.dtype(dtype).itemsize
     n = geom.batch
     warps, taps, rnd, maps = config.warps, config.lane_taps, config.map_round, config.maps
@@ -380,8 +391,8 @@ def _stream_row(layer, geom, dtype, info, device):
                      2 * fma / time / roof, 2 * fma / hidden / roof)
 
 
-def _conv2d_row(layer, geom, dtype, info, device):
-    config = kernels.conv2d_config(geom, dtype)
+def _conv2d_row(layer, geom, dtype, info, device, config=None):
+    config = config or kernels.conv2d_direct_config(geom, dtype)
     itemsize = np.dtype(dtype).itemsize
     bx, by = config.block
     name = config.kernel.name
@@ -661,13 +672,12 @@ def predicted_backward_s(rows, kernels_of_call):
     return sum(r.time_s for r in rows if r.kernel in kernels_of_call and r.time_s)
 
 
-def _sum_row(layer, geom, dtype, slices, info, device):
-    """The slice sum after a split-K weight gradient: DRAM-bound, the partial sums (compute
-    type) read once and the weights written once."""
+def _sum_row(layer, dtype, size, slices, info, device):
+    """The slice sum of ``size`` results after a split-K kernel (conv2d's weight gradient,
+    the batched local forward): DRAM-bound, the partial sums (compute type) read once and
+    the results written once."""
     code = kernels.dtype_code(dtype)
     spec = grad_kernels.sum_slices_kernel(code)
-    size = geom.out_channels * geom.in_channels_per_group * geom.kernel_height * (
-        geom.kernel_width)
     blocks = max(1, min(-(-size // 256), 65535))
     row = _plain_row(layer, spec, (blocks,), (256,), 0, info(spec), device)
     cs = np.dtype(kernels._NUMPY[kernels.compute_code(code)]).itemsize
@@ -705,27 +715,10 @@ def layer_rows(layer, dtype=np.float32, ptxas=None, device=H200, gradients=True,
     def info(spec, shared=0):
         return ptxas(spec, shared) if ptxas else None
 
-    conv = kernels.conv2d_config(geom, dtype)
-    if isinstance(conv, conv2d_gemm.Conv2dGemmConfig):  # channel-heavy: the implicit GEMM
-        conv_row = _gemm_row(name, geom, dtype, "forward", conv, info(conv.kernel), device)
-    else:
-        conv_row = _conv2d_row(name, geom, dtype, info(conv.kernel, conv.shared_bytes), device)
-    if local_stream.use_local_stream(geom):  # small batches: the weights streamed
-        local = local_stream.local_stream_config(geom, dtype)
-        local_row = _stream_row(name, geom, dtype, info(local.kernel), device)
-    elif local_gemm.use_local_gemm(geom):  # long products of many maps: double-buffered
-        local = local_gemm.local_gemm_config(geom, dtype)
-        local_row = _local_gemm_row(name, geom, dtype, info(local.kernel), device, local)
-    else:
-        local = kernels.local_conv2d_config(geom, dtype)
-        local_row = _local_row(name, geom, dtype, info(local.kernel, local.shared_bytes),
-                               device)
-    rows = [conv_row, local_row]
-    if local.slices > 1:
-        spec = grad_kernels.sum_slices_kernel(kernels.dtype_code(dtype))
-        size = geom.batch * geom.out_channels * geom.out_height * geom.out_width
-        rows.append(_plain_row(name, spec, (max(1, min(-(-size // 256), 65535)),), (256,), 0,
-                               info(spec), device))
+    rows = []
+    for config in (kernels.conv2d_config(geom, dtype),
+                   kernels.local_conv2d_forward_config(geom, dtype)):
+        rows += forward_rows(name, geom, dtype, config, info, device)
     if gradients:
         from .launch import conv2d_input_grad_config, conv2d_weight_grad_config
 
@@ -739,12 +732,45 @@ def layer_rows(layer, dtype=np.float32, ptxas=None, device=H200, gradients=True,
                 rows.append(_gemm_row(name, geom, dtype, kind, config, info(config.kernel),
                                       device))
                 if kind == "weight" and config.scratch_elements:
-                    rows.append(_sum_row(name, geom, dtype, config.slices, info, device))
+                    size = geom.out_channels * geom.in_channels_per_group * (
+                        geom.kernel_height * geom.kernel_width)
+                    rows.append(_sum_row(name, dtype, size, config.slices, info, device))
                 continue
             rows.append(_plain_row(name, config.kernel, tuple(config.grid),
                                    tuple(config.block), shared, info(config.kernel, shared),
                                    device))
         rows += local_gradient_rows(layer, dtype, ptxas, device, batch)
+    return rows
+
+
+def forward_row(layer, geom, dtype, config, info=None, device=H200):
+    """The predicted :class:`KernelRow` of one forward launch ``config`` on ``geom`` (any of
+    :func:`gpuconv.cuda.kernels.forward_candidates`, picked or not), registers from
+    ``info`` (a :class:`~gpuconv.cuda.ptx.PtxasInfo`, or None: from the launch bounds)."""
+    if isinstance(config, conv2d_gemm.Conv2dGemmConfig):
+        return _gemm_row(layer, geom, dtype, "forward", config, info, device)
+    if isinstance(config, kernels.Conv2dConfig):
+        return _conv2d_row(layer, geom, dtype, info, device, config)
+    if isinstance(config, local_stream.LocalStreamConfig):
+        return _stream_row(layer, geom, dtype, info, device, config)
+    if isinstance(config, local_gemm.LocalGemmConfig):
+        return _local_gemm_row(layer, geom, dtype, info, device, config)
+    if isinstance(config, kernels.LocalConv2dConfig):
+        return _local_row(layer, geom, dtype, info, device, config)
+    raise TypeError(f"not a forward launch configuration: {type(config).__name__}")
+
+
+def forward_rows(layer, geom, dtype, config, info=None, device=H200):
+    """:func:`forward_row` of ``config`` and, where the launch sums split-K slices, the
+    row of that sum: the kernels one forward call of ``config`` launches. ``info(spec,
+    shared_bytes)`` gives a kernel's :class:`~gpuconv.cuda.ptx.PtxasInfo` (None: registers
+    from the launch bounds)."""
+    info = info or (lambda spec, shared=0: None)
+    rows = [forward_row(layer, geom, dtype, config,
+                        info(config.kernel, getattr(config, "shared_bytes", 0)), device)]
+    if getattr(config, "slices", 1) > 1:
+        size = geom.batch * geom.out_channels * geom.out_height * geom.out_width
+        rows.append(_sum_row(layer, dtype, size, config.slices, info, device))
     return rows
 
 
@@ -996,13 +1022,8 @@ def local_gradient_rows(layer, dtype=np.float32, ptxas=None, device=H200, batch=
             _local_wgrad_gemm_row(name, geom, dtype, info(wgrad.kernel, wgrad.shared_bytes),
                                   device)]
     if wgrad.slices > 1:
-        spec = grad_kernels.sum_slices_kernel(kernels.dtype_code(dtype))
-        size = math.prod(geom.local_weight_shape())
-        row = _plain_row(name, spec, (max(1, min(-(-size // 256), 65535)),), (256,), 0,
-                         info(spec), device)
-        moved = size * (wgrad.slices * grad_kernels.partial_dtype(dtype).itemsize
-                        + np.dtype(dtype).itemsize)
-        rows.append(row._replace(bound="DRAM", time_s=moved / device.copy_bytes_per_s))
+        rows.append(_sum_row(name, dtype, math.prod(geom.local_weight_shape()), wgrad.slices,
+                             info, device))
     return rows
 
 
