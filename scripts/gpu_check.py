@@ -34,12 +34,18 @@ on an H200 with JIT compilation included.
 8. ``overhead`` -- the per-call cost of tiny calls on CUDA tensors beside ``F.conv2d``, and a
    profile of where gpuconv's host time goes.
 9. ``time-backward``, ``time-step`` -- the gradients and a training step of the PyTorch layers.
-10. ``array-kinds`` -- torch, CuPy, Numba and NumPy arrays in and out, a side stream,
+10. ``candidates`` -- every forward kernel the dispatcher weighs
+    (:func:`gpuconv.cuda.kernels.forward_candidates`: conv2d's direct kernel and its implicit
+    GEMM on each tile, local_conv2d's batched and per-position GEMMs on each tile), launched
+    directly on each default-suite layer at its GPU batch: checked against float64 PyTorch,
+    timed back to back, each beside the model's prediction. A line per layer says whether
+    the dispatcher picked the fastest; the table calibrates the model.
+11. ``array-kinds`` -- torch, CuPy, Numba and NumPy arrays in and out, a side stream,
     non-contiguous inputs, an empty batch, NaN propagation.
-11. ``grid`` -- awkward geometries (:func:`geometry_grid`): every feature of the forward in
+12. ``grid`` -- awkward geometries (:func:`geometry_grid`): every feature of the forward in
     float64, float32 and float16, and of the gradients.
-12. ``time-float16`` -- the forward in float16 on the default suite.
-13. ``racecheck``, ``synccheck`` -- compute-sanitizer's race and barrier checks on the tiny
+13. ``time-float16`` -- the forward in float16 on the default suite.
+14. ``racecheck``, ``synccheck`` -- compute-sanitizer's race and barrier checks on the tiny
     calls of ``memcheck``.
 
 ``--dry-run`` needs no GPU: it turns on Numba's CUDA simulator itself (before Numba is
@@ -47,8 +53,8 @@ imported), runs every phase's logic at tiny sizes (tiny layers stand in for the 
 batch of 3 for the 65,535 limit), skips with a line what the machine lacks (CuPy,
 compute-sanitizer, a CUDA build of PyTorch), and makes no timing claims; the simulator's
 seconds are not the GPU's, so the budget stops a dry run only when ``--budget-s`` is given. A
-test runs it, so the script cannot rot between GPU runs. ``--plan`` prints the phases, their counts and estimates,
-and exits.
+test runs it, so the script cannot rot between GPU runs. ``--plan`` prints the phases, their
+counts and estimates, and exits.
 
 Everything is printed; the JSON and a short text summary go to ``$OUT/gpu_check.json`` and
 ``$OUT/gpu_check_summary.txt`` when ``OUT`` is set (or ``--json``). Exit status 0 when every
@@ -262,6 +268,20 @@ def small_batch_items(layers, dry_run=False):
                     for b in SMALL_BATCHES[1:]]
 
 
+def candidate_items(layers, dry_run=False):
+    """``[(layer, op, geometry, configs)]``: each layer at its GPU batch, each forward
+    operation with every kernel the dispatcher weighs for it
+    (:func:`gpuconv.cuda.kernels.forward_candidates`), the picked one among them."""
+    from gpuconv.cuda import kernels
+
+    items = []
+    for layer in layers:
+        geom = layer.geometry(layer.batch_gpu)
+        for op in FORWARD_OPS:
+            items.append((layer, op, geom, kernels.forward_candidates(op, geom, np.float32)))
+    return items
+
+
 def suite_layers(dry_run=False, quick=False):
     """The layers whose kernels are checked and timed: the benchmark's default suite
     (quick: its quick layers), or :data:`DRY_LAYERS`."""
@@ -323,8 +343,12 @@ SANITIZER_S = {"memcheck": 45.0, "racecheck": 75.0, "synccheck": 50.0}
 STARTUP_S = 15.0
 
 PHASES = ("env", "suite", "suite-gradients", "multipass", "determinism", "memcheck",
-          "time-forward", "overhead", "time-backward", "time-step", "array-kinds", "grid",
-          "time-float16", "racecheck", "synccheck")
+          "time-forward", "overhead", "time-backward", "time-step", "candidates",
+          "array-kinds", "grid", "time-float16", "racecheck", "synccheck")
+
+#: Seconds per forward candidate of the ``candidates`` phase once compiled (its check and
+#: timed launches), and per layer and operation (the inputs and the float64 reference).
+CANDIDATE_S, CANDIDATE_LAYER_S = 0.1, 0.3
 
 #: The default budget: 8 minutes on an H200 less a margin for the interpreter's start and
 #: the JSON.
@@ -391,6 +415,14 @@ def plan(dry_run=False, quick=False):
             seen |= new
             checks = len(items) * (2 if name == "determinism" else 1)
             phases.append(Phase(name, checks, len(new), len(new) * COMPILE_S + checks * CHECK_S))
+        elif name == "candidates":
+            items = candidate_items(suite_layers(dry_run, quick), dry_run)
+            new = {(c.kernel.name, "float32") for *_, configs in items for c in configs}
+            new -= seen
+            seen |= new
+            count = sum(len(configs) for *_, configs in items)
+            phases.append(Phase(name, count, len(new), len(new) * COMPILE_S
+                                + count * CANDIDATE_S + len(items) * CANDIDATE_LAYER_S))
         elif name in TIME_LAYER_S:
             phases.append(Phase(name, layers, 0, layers * TIME_LAYER_S[name]))
         elif name in SANITIZER_S:
@@ -991,6 +1023,179 @@ def time_pass(layers, pass_name, args, deadline, ceilings=None, dtype="float32",
     return {"machine": machine or {}, "records": records}, left
 
 
+_BLOCKER = {}
+
+
+def _blocker():
+    """A kernel that sleeps about ``ms`` milliseconds on the GPU: queued before the timed
+    launches, it keeps the GPU busy while the host queues them, so the events between them
+    time the kernels back to back, not the host's launch rate."""
+    if "kernel" not in _BLOCKER:
+        from numba import cuda, uint32
+
+        @cuda.jit
+        def sleep(ms):
+            for _ in range(ms):
+                for _ in range(4):
+                    cuda.nanosleep(uint32(250_000))
+
+        _BLOCKER["kernel"] = sleep
+    return _BLOCKER["kernel"]
+
+
+def _torch_scratch(torch):
+    """An ``empty(shape, dtype)`` for the launchers that takes scratch from PyTorch's pool, so
+    a timed launch frees nothing (a cudaFree would synchronise the device)."""
+    from numba import cuda
+
+    def empty(shape, dtype):
+        return cuda.as_cuda_array(torch.empty(
+            tuple(shape), dtype=getattr(torch, np.dtype(dtype).name), device="cuda"))
+
+    return empty
+
+
+def _launch_forward(op, config, x, w, b, out, geom, stream, empty=None):
+    from gpuconv.cuda import launch
+
+    if op == "conv2d":
+        launch.launch_conv2d(x, w, b, out, geom, stream, config=config, empty=empty)
+    else:
+        launch.launch_local_conv2d(x, w, b, out, geom, stream, config=config, empty=empty)
+
+
+def _measured_registers(config):
+    """``(registers, static shared bytes, local bytes)`` of the compiled kernel of
+    ``config`` on this GPU (None in the simulator)."""
+    from gpuconv.cuda import kernels
+
+    kernel = kernels.compiled(config.kernel)
+    try:
+        return (kernel.get_regs_per_thread(), kernel.get_shared_mem_per_block(),
+                kernel.get_local_mem_per_thread())
+    except Exception:
+        return None
+
+
+def check_candidates(target, layer, op, geom, configs, timed=True, rounds=3, device=None):
+    """Each forward kernel of ``configs`` on ``geom`` (the layer's GPU batch, float32, a
+    bias per map) launched directly with its own configuration: its first and last image
+    against the float64 PyTorch reference, and, when ``timed``, its GPU time back to back
+    (CUDA events around ``reps`` launches queued behind :func:`_blocker`, the median of
+    ``rounds``) beside the model's prediction (:func:`gpuconv.cuda.predict.forward_rows`,
+    registers as compiled here). One result per configuration."""
+    from numba import cuda
+
+    from gpuconv.cuda import kernels, predict
+    from gpuconv.cuda.ptx import PtxasInfo
+
+    torch = target.torch
+    device = device or predict.H200
+    picked = (kernels.conv2d_config(geom, np.float32) if op == "conv2d"
+              else kernels.local_conv2d_forward_config(geom, np.float32))
+    x, w, b, _ = _inputs(target, geom, op, "channel", seed=geom.batch + len(op))
+    ends = [0, geom.batch - 1] if geom.batch > 1 else [0]
+    pair = layer.geometry(len(ends))
+    ref, bound = _reference(torch, op, pair, x[ends], w, b)
+    count = terms(op, geom)
+    x32, w32, b32 = (t.to(torch.float32).contiguous() for t in (x, w, b))
+    scratch = None  # the launcher's own device arrays
+    if target.dry_run:
+        args = [target.to_gpuconv(t) for t in (x32, w32, b32)]
+        stream = cuda.default_stream()
+    else:
+        from gpuconv.cuda.launch import _numba_stream
+
+        args = [cuda.as_cuda_array(t) for t in (x32, w32, b32)]
+        stream = _numba_stream(torch.cuda.current_stream().cuda_stream)
+        scratch = _torch_scratch(torch)
+    results = []
+    for config in configs:
+        name = config.kernel.name
+        entry = {"case": f"{layer.name}@{geom.batch}", "function": op, "kernel": name,
+                 "picked": config == picked}
+        try:
+            # the output starts as NaN, so a kernel that leaves part of it unwritten fails
+            if target.dry_run:
+                out = cuda.to_device(np.full(geom.output_shape, np.nan, np.float32))
+                _launch_forward(op, config, *args, out, geom, stream)
+                got = torch.from_numpy(out.copy_to_host())
+            else:
+                out_t = torch.full(geom.output_shape, float("nan"), dtype=torch.float32,
+                                   device="cuda")
+                out = cuda.as_cuda_array(out_t)
+                _launch_forward(op, config, *args, out, geom, stream, scratch)
+                stream.synchronize()
+                got = out_t
+            err = float((got[ends].double().to(ref.device) - ref).abs().max())
+            scale = float(bound.abs().max())
+            entry.update(max_abs_error=err, scale=scale,
+                         ok=bool(torch.isfinite(got).all()) and within_tolerance(
+                             err, scale, "float32", count))
+            resources = None if target.dry_run else _measured_registers(config)
+            info = None
+            if resources:
+                entry["registers"], entry["static_smem"], entry["local_bytes"] = resources
+                info = PtxasInfo(name, "device", resources[0], 0, 0, resources[2],
+                                 resources[1], getattr(config, "shared_bytes", 0))
+            rows = predict.forward_rows(layer.name, geom, np.float32, config,
+                                        (lambda spec, shared=0, i=info:
+                                         i if spec is config.kernel else None), device)
+            predicted = [r.time_s for r in rows]
+            entry["predicted_ms"] = (None if None in predicted
+                                     else 1e3 * sum(predicted))
+            entry["bound"] = rows[0].bound
+            if timed and not target.dry_run:
+                guess = entry["predicted_ms"] or 1.0
+                reps = max(3, min(30, int(3.0 / max(guess, 1e-3))))
+                times = []
+                for _ in range(rounds):
+                    start, end = cuda.event(), cuda.event()
+                    _blocker()[1, 1, stream](2 + reps * 3 // 100)
+                    start.record(stream)
+                    for _ in range(reps):
+                        _launch_forward(op, config, *args, out, geom, stream, scratch)
+                    end.record(stream)
+                    end.synchronize()
+                    times.append(cuda.event_elapsed_time(start, end) / reps)
+                entry["measured_ms"] = float(np.median(times))
+                entry["reps"] = reps
+        except Exception as exc:
+            entry.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:500],
+                         traceback=traceback.format_exc()[-2000:])
+        results.append(entry)
+    return results
+
+
+def candidate_lines(results):
+    """A table of the candidates' times (measured beside predicted) and, per layer and
+    operation, whether the dispatcher's pick was the fastest measured."""
+    lines = ["| layer | op | kernel | picked | predicted ms | measured ms | measured / "
+             "predicted | registers |", "|---|---|---|---|---|---|---|---|"]
+    verdicts = []
+    by_case = {}
+    for r in results:
+        by_case.setdefault((r["case"], r["function"]), []).append(r)
+        pred, meas = r.get("predicted_ms"), r.get("measured_ms")
+        ratio = f"{meas / pred:.2f}" if pred and meas else "-"
+        lines.append(f"| {r['case']} | {r['function']} | `{r['kernel']}` | "
+                     f"{'yes' if r.get('picked') else ''} | "
+                     f"{'-' if pred is None else format(pred, '.3f')} | "
+                     f"{'-' if meas is None else format(meas, '.3f')} | {ratio} | "
+                     f"{r.get('registers', '-')} |")
+    for (case, op), rows in by_case.items():
+        timed = [r for r in rows if r.get("measured_ms") and r.get("ok")]
+        pick = next((r for r in timed if r.get("picked")), None)
+        if not timed or pick is None:
+            continue
+        best = min(timed, key=lambda r: r["measured_ms"])
+        verdicts.append(f"candidates {case} {op}: picked `{pick['kernel']}` "
+                        f"{pick['measured_ms']:.3f} ms; fastest `{best['kernel']}` "
+                        f"{best['measured_ms']:.3f} ms (pick / fastest "
+                        f"{pick['measured_ms'] / best['measured_ms']:.2f})")
+    return lines, verdicts
+
+
 def overhead(target, gpuconv, calls=100):
     """What a call costs beyond its kernels, on the GPU's own arrays: the per-call table of
     ``gpuconv bench`` (tiny shapes, gpuconv's conv2d and local_conv2d beside ``F.conv2d``,
@@ -1211,6 +1416,23 @@ def _run_phase(run, name, target, gpuconv, layers):
                 + f"; whole call {steps['total_us']:.1f} us", summary=True)
         for entry in result["profile_top_cumulative"][:10]:
             run.say(f"  {entry['s_per_call'] * 1e6:9.1f} us/call  {entry['function']}")
+    elif name == "candidates":
+        from gpuconv.cuda import predict
+
+        device = predict.H200
+        if not args.dry_run:
+            device = predict.device_named(torch.cuda.get_device_name())
+        _items_loop(run, name, candidate_items(layers, args.dry_run),
+                    lambda item: check_candidates(target, *item, device=device))
+        lines, verdicts = candidate_lines(run.report["phases"][name]["results"])
+        if args.dry_run:
+            run.say("candidates: checked (simulator: no timing claim)", summary=True)
+            return
+        run.say(f"candidates: predictions for the {device.name}")
+        for line in lines:
+            run.say(line)
+        for line in verdicts:
+            run.say(line, summary=True)
     elif name == "array-kinds":
         start = time.perf_counter()
         results = check_array_kinds(torch, gpuconv, args.dry_run)

@@ -137,13 +137,95 @@ def test_plan_puts_correctness_first_and_fits_the_budget(gpu_check):
     assert sum(p.kernels for p in phases if p.name != "array-kinds") == len({
         (n, d) for p in gpu_check.PHASES
         for f, g, d in (gpu_check._phase_items(p, False, False) or [])
-        for n in gpu_check.kernel_names(f, g, d)})
+        for n in gpu_check.kernel_names(f, g, d)} | {
+        (c.kernel.name, "float32") for *_, configs in gpu_check.candidate_items(
+            gpu_check.suite_layers()) for c in configs})
     text = gpu_check.format_plan(phases, 100)
     assert "skipped (budget)" in text and text.splitlines()[1].startswith("env")
     admitted = [p.name for p, runs in gpu_check.scheduled(phases, gpu_check.DEFAULT_BUDGET_S)
                 if runs]
     assert set(core) <= set(admitted)
     assert sum(p.estimate_s for p in phases if p.name in admitted) <= gpu_check.DEFAULT_BUDGET_S
+
+
+def test_candidates_are_every_forward_choice_with_the_pick_among_them(gpu_check):
+    """The ``candidates`` phase times, on each suite layer at its GPU batch, every forward
+    kernel the dispatcher weighs: conv2d's direct kernel and its implicit GEMM on each tile,
+    local_conv2d's batched GEMM and its per-position GEMM on each tile (the streaming
+    kernel where the batch is small), the dispatcher's pick exactly once among them."""
+    from gpuconv.cuda import conv2d_gemm, kernels, local_gemm, local_stream
+
+    code = "sim" if SIMULATOR else "f32"
+    layers = gpu_check.suite_layers()
+    items = gpu_check.candidate_items(layers)
+    assert [(i[0], i[1]) for i in items] == [(lay, op) for lay in layers
+                                             for op in gpu_check.FORWARD_OPS]
+    for layer, op, geom, configs in items:
+        assert geom.batch == layer.batch_gpu > local_stream.STREAM_MAX_BATCH
+        names = [c.kernel.name for c in configs]
+        assert len(set(names)) == len(names), names
+        picked = (kernels.conv2d_config if op == "conv2d"
+                  else kernels.local_conv2d_forward_config)(geom, np.float32)
+        assert sum(c == picked for c in configs) == 1, (layer.name, op)
+        kinds = [type(c) for c in configs]
+        if op == "conv2d":
+            assert kinds == [kernels.Conv2dConfig] + [conv2d_gemm.Conv2dGemmConfig] * len(
+                conv2d_gemm.TILES[code])
+        else:
+            assert kinds == [kernels.LocalConv2dConfig] + [local_gemm.LocalGemmConfig] * len(
+                local_gemm.TILES[code])
+    # a small batch adds the streaming kernel, which the dispatcher then picks
+    small = workloads.LAYERS["deepface-l6"].geometry(4)
+    configs = kernels.forward_candidates("local_conv2d", small, np.float32)
+    assert configs[0] == kernels.local_conv2d_forward_config(small, np.float32)
+    assert isinstance(configs[0], local_stream.LocalStreamConfig)
+    with pytest.raises(ValueError, match="op must be"):
+        kernels.forward_candidates("conv3d", small, np.float32)
+
+
+def test_candidate_lines_compare_the_pick_with_the_fastest(gpu_check):
+    results = [
+        {"case": "l@8", "function": "conv2d", "kernel": "a", "picked": True, "ok": True,
+         "predicted_ms": 1.0, "measured_ms": 2.0, "registers": 100},
+        {"case": "l@8", "function": "conv2d", "kernel": "b", "picked": False, "ok": True,
+         "predicted_ms": 2.0, "measured_ms": 1.0},
+        {"case": "l@8", "function": "conv2d", "kernel": "c", "picked": False, "ok": False,
+         "predicted_ms": 2.0, "measured_ms": 0.5},  # wrong results: never the fastest
+        {"case": "l@8", "function": "local_conv2d", "kernel": "d", "picked": True, "ok": True,
+         "predicted_ms": None, "measured_ms": None},  # not timed: no verdict
+    ]
+    lines, verdicts = gpu_check.candidate_lines(results)
+    assert lines[2] == "| l@8 | conv2d | `a` | yes | 1.000 | 2.000 | 2.00 | 100 |"
+    assert lines[5].endswith("| - | - | - | - |")
+    assert verdicts == ["candidates l@8 conv2d: picked `a` 2.000 ms; fastest `b` 1.000 ms "
+                        "(pick / fastest 2.00)"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not SIMULATOR, reason="launches kernels in the CUDA simulator")
+@pytest.mark.parametrize("op", ["conv2d", "local_conv2d"])
+def test_check_candidates_passes_every_kernel_and_fails_a_wrong_one(gpu_check, op):
+    """Each candidate of a tiny grouped layer, launched with its own configuration, agrees
+    with the float64 reference and carries a prediction; a configuration made for fewer
+    blocks (one block of its grid dropped, so part of the output is never written) fails."""
+    torch = pytest.importorskip("torch")
+    from gpuconv.cuda import kernels
+
+    layer = workloads.Layer("tiny", "Tiny", 2, 3, 4, 7, 6, 3, 2, 1, "", groups=2)
+    geom = layer.geometry(3)
+    target = gpu_check.Target(torch, dry_run=True)
+    configs = kernels.forward_candidates(op, geom, np.float32)
+    results = gpu_check.check_candidates(target, layer, op, geom, configs)
+    assert [r["kernel"] for r in results] == [c.kernel.name for c in configs]
+    assert all(r["ok"] for r in results), results
+    assert sum(r["picked"] for r in results) == 1
+    assert all(r["predicted_ms"] > 0 and "measured_ms" not in r for r in results)
+    for config in configs:
+        axis = next(i for i, n in enumerate(config.grid) if n > 1)
+        grid = tuple(n - (i == axis) for i, n in enumerate(config.grid))
+        results = gpu_check.check_candidates(target, layer, op, geom,
+                                             [config._replace(grid=grid)])
+        assert len(results) == 1 and not results[0]["ok"], (config.kernel.name, results)
 
 
 def test_plan_option_prints_and_exits(gpu_check, capsys):
@@ -334,9 +416,15 @@ def test_dry_run_runs_every_phase(tmp_path):
     assert set(phases) == set(PHASES_AFTER_ENV)
     assert not any(phase.get("skipped") or phase.get("error") for phase in phases.values())
     # every check of the correctness phases ran and passed
-    for name in ("suite", "suite-gradients", "multipass", "determinism", "grid"):
+    for name in ("suite", "suite-gradients", "multipass", "determinism", "grid",
+                 "candidates"):
         results = phases[name]["results"]
         assert results and all(r["ok"] for r in results), name
+    # every forward kernel the dispatcher weighs ran on each tiny layer, the pick once
+    candidates = phases["candidates"]["results"]
+    assert {r["kernel"].split("_f32")[0] for r in candidates} == {
+        "conv2d", "conv2d_gemm", "local_conv2d", "local_conv2d_gemm", "local_conv2d_stream"}
+    assert sum(r["picked"] for r in candidates) == 2 * len(DRY_LAYER_NAMES)
     # the bench's CUDA backward ran (the crash of the first GPU run), the step says why not
     backward = phases["time-backward"]["bench"]["records"]
     assert {r["op"] for r in backward if r["impl"] == "gpuconv" and r["samples"]} == {
@@ -345,6 +433,8 @@ def test_dry_run_runs_every_phase(tmp_path):
     assert "no timing claim" in output and " us" not in summary
 
 
+DRY_LAYER_NAMES = ("dry-a", "dry-b")
 PHASES_AFTER_ENV = ("suite", "suite-gradients", "multipass", "determinism", "memcheck",
-                    "time-forward", "overhead", "time-backward", "time-step", "array-kinds",
+                    "time-forward", "overhead", "time-backward", "time-step", "candidates",
+                    "array-kinds",
                     "grid", "time-float16", "racecheck", "synccheck")
