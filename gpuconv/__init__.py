@@ -13,7 +13,8 @@ PyTorch custom operators, functional ops and modules.
 
 from . import grad
 from .conv import conv2d, local_conv2d, tiled_conv2d
-from .device import CudaUnavailableError, InsufficientMemoryError, select_device
+from .device import (CudaUnavailableError, InsufficientMemoryError, select_device,
+                     set_autotune)
 from .geometry import get_conv_outsize
 from .transpose import conv_transpose2d, local_conv_transpose2d
 from .one_dimensional import conv1d, local_conv1d
@@ -29,5 +30,5 @@ __all__ = ["conv2d", "local_conv2d", "grad", "select_device", "get_conv_outsize"
            "ParamCount", "conv2d_param_count", "local_conv2d_param_count",
            "fully_connected_param_count", "note_arithmetic", "format_note_arithmetic",
            "__version__"]
-__all__ += ["tiled_conv2d", "tiled_conv2d_param_count"]
+__all__ += ["tiled_conv2d", "tiled_conv2d_param_count", "set_autotune"]
 __all__ += ["conv_transpose2d", "local_conv_transpose2d", "conv1d", "local_conv1d"]

@@ -24,7 +24,8 @@ __all__ = ["DEVICES", "ENV_VAR", "DLPACK_CUDA_DEVICES", "simulator_enabled", "c_
            "is_c_contiguous", "CudaUnavailableError", "InsufficientMemoryError",
            "toolchain_problem", "cuda_toolchain_problem",
            "select_device", "cuda_available", "is_device_array", "explain_auto",
-           "host_memory_available", "check_memory", "FreeMemory"]
+           "host_memory_available", "check_memory", "FreeMemory", "AUTOTUNE_ENV_VAR",
+           "set_autotune", "autotune_enabled"]
 
 DEVICES = ("auto", "cpu", "cuda")
 ENV_VAR = "GPUCONV_DEVICE"
@@ -32,6 +33,38 @@ ENV_VAR = "GPUCONV_DEVICE"
 #: DLPack device types (dlpack.h) whose memory lives on a GPU: 2 = CUDA, 13 = CUDA managed
 #: (1 = CPU and 3 = CUDA host, i.e. pinned, memory are host memory).
 DLPACK_CUDA_DEVICES = (2, 13)
+
+
+AUTOTUNE_ENV_VAR = "GPUCONV_AUTOTUNE"
+_AUTOTUNE_WORDS = {"1": True, "true": True, "on": True, "yes": True,
+                   "0": False, "false": False, "off": False, "no": False, "": False}
+_AUTOTUNE = []  # [on or off], once read from the environment or set
+
+
+def set_autotune(enabled):
+    """Choose the CUDA forward kernels of conv2d and local_conv2d by measurement
+    (``True``) or by the dispatcher's rules (``False``, the default; the environment
+    variable ``GPUCONV_AUTOTUNE=1`` turns it on for a process). Returns the previous
+    setting. See :mod:`gpuconv.cuda.autotune` for what a measured choice costs: the first
+    call of each shape synchronises and times every candidate kernel, and results are
+    bitwise reproducible within a process but not across processes."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False, got {type(enabled).__name__}")
+    before = autotune_enabled()
+    _AUTOTUNE[:] = [enabled]
+    return before
+
+
+def autotune_enabled():
+    """Whether the CUDA forward kernels are chosen by measurement (:func:`set_autotune`)."""
+    if not _AUTOTUNE:
+        value = os.environ.get(AUTOTUNE_ENV_VAR, "")
+        word = value.strip().lower()
+        if word not in _AUTOTUNE_WORDS:
+            raise ValueError(f"environment variable {AUTOTUNE_ENV_VAR} must be 1 or 0 "
+                             f"(true/false, on/off, yes/no), got {value!r}")
+        _AUTOTUNE[:] = [_AUTOTUNE_WORDS[word]]
+    return _AUTOTUNE[0]
 
 
 def simulator_enabled():

@@ -872,25 +872,30 @@ def forward_candidates(op, geom, dtype):
     type; local_conv2d: the streaming kernel (batches up to
     :data:`~gpuconv.cuda.local_stream.STREAM_MAX_BATCH`), the batched GEMM and the
     per-position GEMM on each of its tiles. The simulator's tiles in the simulator. The
-    acceptance run times them side by side, so a GPU run checks every choice the dispatcher
-    makes, not only the kernel it made; nothing here compiles."""
+    acceptance run times them side by side (and autotuning, :mod:`gpuconv.cuda.autotune`,
+    on the caller's arrays), so a GPU run checks every choice the dispatcher makes, not only
+    the kernel it made; nothing here compiles. A kernel that cannot take ``geom`` (one input
+    channel's window beyond shared memory, a grid beyond the GPU's limits) is left out."""
     code = "sim" if simulator_enabled() else compute_code(dtype_code(dtype))
-    configs = []
     if op == "conv2d":
-        try:
-            configs.append(conv2d_direct_config(geom, dtype))
-        except ValueError:  # one channel's window does not fit shared memory
-            pass
-        configs += [conv2d_gemm.conv2d_gemm_launch(geom, dtype, tile)
-                    for tile in conv2d_gemm.TILES[code]]
+        makers = [lambda: conv2d_direct_config(geom, dtype)]
+        makers += [lambda t=tile: conv2d_gemm.conv2d_gemm_launch(geom, dtype, t)
+                   for tile in conv2d_gemm.TILES[code]]
     elif op == "local_conv2d":
+        makers = []
         if local_stream.use_local_stream(geom):
-            configs.append(local_stream.local_stream_config(geom, dtype))
-        configs.append(local_conv2d_config(geom, dtype))
-        configs += [local_gemm.local_gemm_launch(geom, dtype, tile)
-                    for tile in local_gemm.TILES[code]]
+            makers.append(lambda: local_stream.local_stream_config(geom, dtype))
+        makers.append(lambda: local_conv2d_config(geom, dtype))
+        makers += [lambda t=tile: local_gemm.local_gemm_launch(geom, dtype, t)
+                   for tile in local_gemm.TILES[code]]
     else:
         raise ValueError(f"op must be 'conv2d' or 'local_conv2d', got {op!r}")
+    configs = []
+    for make in makers:
+        try:
+            configs.append(make())
+        except ValueError:  # this kernel cannot take the geometry
+            pass
     return configs
 
 

@@ -30,10 +30,10 @@ import threading
 import numpy as np
 from numba import cuda
 
-from . import (conv2d_gemm, conv2d_gemm_grad, grad_kernels, kernels, local_gemm,
+from . import (autotune, conv2d_gemm, conv2d_gemm_grad, grad_kernels, kernels, local_gemm,
                local_grad_gemm, local_stream)
-from ..device import (DLPACK_CUDA_DEVICES, FreeMemory, c_strides, is_c_contiguous,
-                      simulator_enabled)
+from ..device import (DLPACK_CUDA_DEVICES, FreeMemory, autotune_enabled, c_strides,
+                      is_c_contiguous, simulator_enabled)
 
 __all__ = ["run", "from_host_like"]
 
@@ -309,6 +309,12 @@ def local_conv2d_scratch_elements(geom, dtype):
     partial sums (float16's float32 partial sums count two each), if it splits ``K``; a
     bias placeholder."""
     return _local_scratch_elements(local_conv2d_forward_config(geom, dtype), geom, dtype)
+
+
+def _conv2d_scratch_elements(config, geom, dtype):
+    """The scratch of :func:`launch_conv2d` with ``config``: a bias placeholder, whatever
+    the kernel."""
+    return 1
 
 
 def _local_scratch_elements(config, geom, dtype):
@@ -630,13 +636,15 @@ class _Plan:
     computed once per key by the public layer's call cache (:func:`plan`)."""
 
     __slots__ = ("launch", "config", "out_shape", "dtype", "library", "alloc_dtype", "needed",
-                 "contiguous", "configs")
+                 "contiguous", "configs", "tuned", "scratch")
 
     def __init__(self, op, operands, geom):
         first = operands[0]
         self.launch = op.kernel("cuda")
         self.config = _CONFIG[op.name]
         self.configs = {}  # launch configuration per GPU ordinal
+        self.tuned = {}    # measured choice per GPU ordinal (autotuning, forward only)
+        self.scratch = _TUNED_SCRATCH.get(op.name)
         self.out_shape = op.output_shape(geom)
         self.dtype = first.dtype
         host = not first.on_gpu
@@ -653,6 +661,21 @@ class _Plan:
         config = self.configs.get(device)
         if config is None:
             config = self.configs[device] = self.config(geom, self.dtype)
+        return config
+
+    def tuned_for(self, op, arrays, out, geom, stream, empty, device):
+        """The measured choice (:mod:`gpuconv.cuda.autotune`) when autotuning is on and the
+        operation is tuned, else the dispatcher's."""
+        config = self.tuned.get(device)
+        if config is None:
+            config = self.config_for(geom, device)
+            if self.scratch is None or not autotune_enabled():
+                return config
+            config = self.tuned[device] = autotune.tuned_config(
+                op.name, self.launch, arrays, out, geom, stream, empty, device, config,
+                self.scratch)
+        elif not autotune_enabled():
+            return self.config_for(geom, device)
         return config
 
 
@@ -698,6 +721,11 @@ def tiled_conv2d_weight_grad_config(geom, dtype):
         return conv2d_weight_grad_config(geom.untiled, dtype)
     return local_conv2d_weight_grad_config(geom.untiled, dtype)
 
+
+# How much scratch each configuration of a tuned forward allocates (autotuning leaves out
+# the candidates that need more than the dispatcher's pick).
+_TUNED_SCRATCH = {"conv2d": _conv2d_scratch_elements, "local_conv2d": _local_scratch_elements}
+assert set(_TUNED_SCRATCH) == set(autotune.TUNED_OPS)
 
 _CONFIG.update({
     "tiled_conv2d": tiled_conv2d_config,
@@ -819,7 +847,7 @@ def _run_gpu_on_device(op, operands, geom, plan, device, timer=None):
     if timer:
         timer("allocate")
     plan.launch(*arrays, d_out, geom, stream, empty=empty,
-                config=plan.config_for(geom, device))
+                config=plan.tuned_for(op, arrays, d_out, geom, stream, empty, device))
     if timer:
         timer("launch")
     return out_obj
