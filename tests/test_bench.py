@@ -1026,6 +1026,33 @@ def test_one_core_sets_threads_and_the_clock(fast, monkeypatch, capsys):
     assert seen["clock"] is time.process_time and seen["threads"] == 1
 
 
+def test_autotune_is_on_for_the_timed_run_only_and_cuda_only(fast, monkeypatch, capsys):
+    from gpuconv import device as _device
+
+    monkeypatch.setattr(_device, "_AUTOTUNE", [False])
+    monkeypatch.setattr(bench.timing, "run_benchmark",
+                        lambda *a, **k: pytest.fail("timed anyway"))
+    code, out = _cli(["--device", "cpu", "--autotune"], monkeypatch, capsys,
+                     torch_available=False)
+    assert code == 2 and "--autotune chooses among CUDA kernels" in out.err
+
+    seen = {}
+
+    def fake_run(names, **kwargs):
+        seen["autotune"] = _device.autotune_enabled()
+        raise SystemExit(0)
+
+    monkeypatch.setattr(command, "select_device", lambda device: "cuda")
+    monkeypatch.setattr(bench.timing, "run_benchmark", fake_run)
+    monkeypatch.setattr(command, "_expected_duration", lambda *a: None)
+    with pytest.raises(SystemExit):
+        _cli(["--device", "cuda", "--autotune", "--no-per-call"], monkeypatch, capsys,
+             torch_available=False)
+    assert seen == {"autotune": True} and _device.autotune_enabled() is False
+    args = parser().parse_args(["--device", "cuda", "--autotune"])
+    assert "--autotune" in command._command_of(args)
+
+
 def test_cpu_speed_times_the_gradients_too(fast, monkeypatch):
     cpu_speed = _script("cpu_speed")
     monkeypatch.setattr(cpu_speed, "SELECTION", {"conv2d": ["tiny"], "local_conv2d": ["tiny"]})

@@ -12,7 +12,7 @@ from . import percall as _percall
 from . import peers as impls_mod
 from . import suite, timing
 from ..appkit import check_output_path, command_line, positive_int, write_json
-from ..device import CudaUnavailableError, select_device
+from ..device import CudaUnavailableError, select_device, set_autotune
 from .report import TABLE_WIDTH, format_report
 from .suite import (DEFAULT_BURSTS, DEFAULT_REPEAT, DTYPES, PASS_CHOICES, QUICK_BURSTS,
                     QUICK_MAX_BATCH, QUICK_REPEAT, STEP_FLOAT16, resolve_passes)
@@ -66,6 +66,10 @@ def add_arguments(parser):
                         help="CPU only: one thread for gpuconv and PyTorch, timed in process "
                              "CPU time (compares the kernels per core; robust on a busy "
                              "machine)")
+    parser.add_argument("--autotune", action="store_true",
+                        help="CUDA only: gpuconv's forward kernels chosen by measurement "
+                             "(gpuconv.set_autotune; the tuning is in each layer's first "
+                             "call, not in its timed calls)")
     parser.add_argument("--no-dial", dest="dial", action="store_false",
                         help="leave out the sharing dial: tiled_conv2d at "
                              + " and ".join(f"{tiling} {t[0]}x{t[1]}" for tiling, t in suite.DIAL)
@@ -158,17 +162,28 @@ def run(args):
                   f"{device}", file=sys.stderr)
             return 2
         clock = one_core(None if torch == "auto" else torch)
+    autotune = getattr(args, "autotune", False)
+    if autotune and device != "cuda":
+        print("gpuconv bench: error: --autotune chooses among CUDA kernels; the device is "
+              f"{device}", file=sys.stderr)
+        return 2
     sweep = (suite.SWEEP_LAYER, suite.SWEEP_BATCHES) if args.plot else None
     expected = _expected_duration(device, names, args, passes, sweep)
     if expected:
         print(f"gpuconv bench: {expected}", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    result = timing.run_benchmark(names, device=device, dtype=args.dtype, repeat=repeat,
-                           bursts=bursts, batch=args.batch, batch_cap=batch_cap,
-                           peers=getattr(args, "peers", True), sweep=sweep,
-                           quick=args.quick, passes=passes, torch=torch, clock=clock,
-                           dial=_dial(args))
+    before = set_autotune(True) if autotune else None
+    try:
+        result = timing.run_benchmark(names, device=device, dtype=args.dtype, repeat=repeat,
+                                      bursts=bursts, batch=args.batch, batch_cap=batch_cap,
+                                      peers=getattr(args, "peers", True), sweep=sweep,
+                                      quick=args.quick, passes=passes, torch=torch,
+                                      clock=clock, dial=_dial(args))
+    finally:
+        if autotune:
+            set_autotune(before)
     result["machine"]["command"] = _command_of(args)
+    result["machine"]["autotune"] = autotune
     per_call = None
     if getattr(args, "per_call", True):
         per_call = _per_call(device, torch, args.quick)
@@ -253,6 +268,7 @@ def _command_of(args):
         ("--quick", args.quick), ("--no-peers", not getattr(args, "peers", True)),
         ("--no-dial", not getattr(args, "dial", True)),
         ("--one-core", getattr(args, "one_core", False)),
+        ("--autotune", getattr(args, "autotune", False)),
         ("--no-per-call", not getattr(args, "per_call", True)),
         ("--batch", args.batch), ("--repeat", args.repeat),
         ("--dtype", args.dtype if args.dtype != "float32" else None)])
