@@ -39,7 +39,9 @@ on an H200 with JIT compilation included.
     GEMM on each tile, local_conv2d's batched and per-position GEMMs on each tile), launched
     directly on each default-suite layer at its GPU batch: checked against float64 PyTorch,
     timed back to back, each beside the model's prediction. A line per layer says whether
-    the dispatcher picked the fastest; the table calibrates the model.
+    the dispatcher picked the fastest; the table calibrates the model. Then
+    ``gpuconv.set_autotune(True)`` as a user turns it on, on the last layer: the choice it
+    makes, checked against the reference.
 11. ``array-kinds`` -- torch, CuPy, Numba and NumPy arrays in and out, a side stream,
     non-contiguous inputs, an empty batch, NaN propagation.
 12. ``grid`` -- awkward geometries (:func:`geometry_grid`): every feature of the forward in
@@ -349,6 +351,9 @@ PHASES = ("env", "suite", "suite-gradients", "multipass", "determinism", "memche
 #: Seconds per forward candidate of the ``candidates`` phase once compiled (its check and
 #: timed launches), and per layer and operation (the inputs and the float64 reference).
 CANDIDATE_S, CANDIDATE_LAYER_S = 0.1, 0.3
+#: Seconds of the phase's autotuning check (two calls of each forward on one layer, the
+#: first timing its candidates, all compiled by then).
+AUTOTUNE_CHECK_S = 2.0
 
 #: The default budget: 8 minutes on an H200 less a margin for the interpreter's start and
 #: the JSON.
@@ -422,7 +427,8 @@ def plan(dry_run=False, quick=False):
             seen |= new
             count = sum(len(configs) for *_, configs in items)
             phases.append(Phase(name, count, len(new), len(new) * COMPILE_S
-                                + count * CANDIDATE_S + len(items) * CANDIDATE_LAYER_S))
+                                + count * CANDIDATE_S + len(items) * CANDIDATE_LAYER_S
+                                + AUTOTUNE_CHECK_S))
         elif name in TIME_LAYER_S:
             phases.append(Phase(name, layers, 0, layers * TIME_LAYER_S[name]))
         elif name in SANITIZER_S:
@@ -1167,6 +1173,47 @@ def check_candidates(target, layer, op, geom, configs, timed=True, rounds=3, dev
     return results
 
 
+def check_autotune(target, gpuconv, layer, op, geom):
+    """``gpuconv.set_autotune`` on one layer's forward, as a user calls it: the first call
+    times every candidate on the call's own arrays (CUDA events on a GPU) and keeps the
+    fastest; both calls agree with the float64 reference; one choice is stored, among the
+    candidates, and the second call measures nothing (it is much faster than the first).
+    One result."""
+    from gpuconv import conv as gpuconv_conv
+    from gpuconv.cuda import autotune, kernels
+
+    torch = target.torch
+    label = f"{layer.name}@{geom.batch}"
+    before = gpuconv.set_autotune(True)
+    autotune.forget()
+    gpuconv_conv.clear_call_cache()
+    try:
+        x, w, b, gy = (None if t is None else t.to(torch.float32)
+                       for t in _inputs(target, geom, op, "channel", 5))
+        ref, bound = _reference(torch, op, geom, x, w, b)
+        seconds, results = [], []
+        for _ in range(2):
+            start = time.perf_counter()
+            results.append(_call(target, gpuconv, op, geom, x, w, b, gy))
+            target.synchronize()
+            seconds.append(time.perf_counter() - start)
+        entry = _compare(target, label, op, geom, torch.float32, results[1], ref, bound)
+        first = _compare(target, label, op, geom, torch.float32, results[0], ref, bound)
+        chosen = list(autotune.choices().values())
+        names = [c.kernel.name for c in kernels.forward_candidates(op, geom, np.float32)]
+        entry.update(kernel=chosen[0] if len(chosen) == 1 else chosen,
+                     candidates=names, first_call_s=seconds[0], second_call_s=seconds[1],
+                     ok=bool(entry["ok"] and first["ok"] and len(chosen) == 1
+                             and chosen[0] in names and seconds[1] < seconds[0]))
+        return [entry]
+    except Exception as exc:
+        return [_failure(label, op, torch.float32, exc)]
+    finally:
+        gpuconv.set_autotune(before)
+        autotune.forget()
+        gpuconv_conv.clear_call_cache()
+
+
 def candidate_lines(results):
     """A table of the candidates' times (measured beside predicted) and, per layer and
     operation, whether the dispatcher's pick was the fastest measured."""
@@ -1425,6 +1472,21 @@ def _run_phase(run, name, target, gpuconv, layers):
         _items_loop(run, name, candidate_items(layers, args.dry_run),
                     lambda item: check_candidates(target, *item, device=device))
         lines, verdicts = candidate_lines(run.report["phases"][name]["results"])
+        # autotuning, as a user turns it on, on the last layer (its candidates compiled)
+        tuned = [r for op in FORWARD_OPS for r in check_autotune(
+            target, gpuconv, layers[-1], op, layers[-1].geometry(layers[-1].batch_gpu))]
+        run.report["phases"][name]["autotune"] = tuned
+        for r in tuned:
+            if not r.get("ok"):
+                run.failures += 1
+                run.say(f"FAIL candidates autotune: {json.dumps({k: v for k, v in r.items() if k != 'traceback'}, default=str)[:600]}")
+            elif args.dry_run:
+                run.say(f"candidates autotune {r['case']} {r['function']}: chose "
+                        f"`{r['kernel']}` (simulator: no timing claim)", summary=True)
+            else:
+                run.say(f"candidates autotune {r['case']} {r['function']}: chose "
+                        f"`{r['kernel']}`; first call {r['first_call_s']:.2f} s (tuning), "
+                        f"second {1e3 * r['second_call_s']:.2f} ms", summary=True)
         if args.dry_run:
             run.say("candidates: checked (simulator: no timing claim)", summary=True)
             return

@@ -228,6 +228,26 @@ def test_check_candidates_passes_every_kernel_and_fails_a_wrong_one(gpu_check, o
         assert len(results) == 1 and not results[0]["ok"], (config.kernel.name, results)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not SIMULATOR, reason="launches kernels in the CUDA simulator")
+@pytest.mark.parametrize("op", ["conv2d", "local_conv2d"])
+def test_check_autotune_agrees_with_the_reference_and_restores_the_setting(gpu_check, op):
+    torch = pytest.importorskip("torch")
+    import gpuconv
+    from gpuconv import device
+    from gpuconv.cuda import autotune, kernels
+
+    layer = workloads.Layer("tiny", "Tiny", 2, 3, 4, 7, 6, 3, 2, 1, "", groups=2)
+    geom = layer.geometry(3)
+    target = gpu_check.Target(torch, dry_run=True)
+    assert device.autotune_enabled() is False
+    (result,) = gpu_check.check_autotune(target, gpuconv, layer, op, geom)
+    assert result["ok"], result
+    assert result["kernel"] in [c.kernel.name
+                                for c in kernels.forward_candidates(op, geom, np.float32)]
+    assert device.autotune_enabled() is False and autotune.choices() == {}
+
+
 def test_plan_option_prints_and_exits(gpu_check, capsys):
     assert gpu_check.main(["--plan", "--quick"]) == 0
     out = capsys.readouterr().out
@@ -425,6 +445,10 @@ def test_dry_run_runs_every_phase(tmp_path):
     assert {r["kernel"].split("_f32")[0] for r in candidates} == {
         "conv2d", "conv2d_gemm", "local_conv2d", "local_conv2d_gemm", "local_conv2d_stream"}
     assert sum(r["picked"] for r in candidates) == 2 * len(DRY_LAYER_NAMES)
+    # and autotuning, turned on as a user does, chose among them
+    tuned = phases["candidates"]["autotune"]
+    assert [r["function"] for r in tuned] == ["conv2d", "local_conv2d"]
+    assert all(r["ok"] for r in tuned) and "candidates autotune" in summary
     # the bench's CUDA backward ran (the crash of the first GPU run), the step says why not
     backward = phases["time-backward"]["bench"]["records"]
     assert {r["op"] for r in backward if r["impl"] == "gpuconv" and r["samples"]} == {
