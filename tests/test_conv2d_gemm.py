@@ -229,3 +229,44 @@ def test_factory_is_memoised_named_and_checks_its_tile():
         conv2d_gemm.conv2d_gemm_kernel("f32", 128, 12, 8, 8, 4, 2)  # 48 threads, 128 positions
     with pytest.raises(ValueError, match="multiple of 4"):
         conv2d_gemm.conv2d_gemm_kernel("f32", 64, 64, 2, 4, 4, 2)
+
+
+@pytest.mark.parametrize("tile", [(128, 64, 8, 8, 4, 2), (64, 64, 8, 4, 4, 4),
+                                  (128, 32, 8, 8, 2, 2), (128, 16, 8, 8, 4, 6),
+                                  (8, 8, 4, 2, 2, 1), (32, 4, 4, 4, 2, 1)])
+def test_each_output_of_a_tile_has_exactly_one_thread(tile):
+    """The runs a thread reads and stores (``fragment_row``) cover the tile's positions and
+    maps once: no output written twice, none left out. The 64-register tile reads words
+    (runs of 1), the others runs of its register tile's 2 or 4."""
+    from gpuconv.cuda import conv2d_gemm
+    from gpuconv.cuda.spec import fragment_row
+
+    bm, bn, _, tm, tn, _ = tile
+    mt, nt = bm // tm, bn // tn
+    va, vb = conv2d_gemm.conv2d_gemm_kernel("f32", *tile).shared_vectors
+    assert (va, vb) == ((1, 1) if tile == (64, 64, 8, 4, 4, 4) else (min(tm, 4), min(tn, 4)))
+    rows = sorted(fragment_row(t, i, mt, va) for t in range(mt) for i in range(tm))
+    cols = sorted(fragment_row(t, j, nt, vb) for t in range(nt) for j in range(tn))
+    assert rows == list(range(bm)) and cols == list(range(bn))
+
+
+def test_the_multiply_reads_shared_memory_in_128_bit_loads():
+    """A thread's positions and maps are runs of 4 consecutive words of 16-byte-aligned
+    tiles: the float32 kernel's machine code reads shared memory only in 128-bit loads, 3
+    for the 32 FMAs of a k step of the 8 x 4 register tile (12 scalar loads before). ptxas
+    and nvdisasm (the test extra's wheels), no GPU."""
+    pytest.importorskip("numba.cuda")
+    from gpuconv.cuda import conv2d_gemm, ptx
+    from gpuconv.device import simulator_enabled
+
+    if simulator_enabled():
+        pytest.skip("the simulator compiles nothing")
+    if ptx.find_nvdisasm() is None:
+        pytest.skip("nvdisasm not installed (pip install nvidia-cuda-nvdisasm)")
+    spec = conv2d_gemm.conv2d_gemm_kernel("f32", 128, 64, 8, 8, 4, 2)
+    assert spec.shared_vectors == (4, 4)
+    ops = ptx.sass_opcodes(ptx.sass(ptx.compile_ptx(spec, (9, 0)), "sm_90", spec.name))
+    loads = {op: n for op, n in ops.items() if op.startswith("LDS")}
+    # the chunk loop runs its 8 k steps as two trips of 4: 4 x (2 + 1) loads, 4 x 32 FMAs
+    assert loads == {"LDS.128": 12}, loads
+    assert ops["FFMA"] == 128, ops

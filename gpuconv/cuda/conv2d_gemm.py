@@ -21,9 +21,12 @@ chunk, each thread holds the next chunk's few global values in registers and sto
 into the other buffer afterwards, so one barrier per chunk suffices. Row pitches are padded
 by four words: a warp's stores of the transposed weights (8 channels x 4 maps) land on 32
 different banks. Each thread accumulates ``thread_m x thread_n`` outputs in registers, its
-positions ``tile_m / thread_m`` apart and its maps ``tile_n / thread_n`` apart, so a warp's
-16 distinct positions are 16 consecutive shared words (no conflicts) and its stores to the
-output are runs of 16 consecutive addresses.
+positions in runs of 4 consecutive ones (2 for a register tile of 2), the runs ``4 * tile_m /
+thread_m`` apart, and its maps likewise (:func:`~gpuconv.cuda.spec.fragment_row`): the
+tiles are 16-byte aligned and their pitches a multiple of 4 words, so each run is one 128-bit
+shared load (3 loads for the 32 FMAs of a k step of the 8 x 4 register tile, where word
+reads took 12), a warp's 16 runs 256 consecutive bytes (two wavefronts, no conflicts). The
+64-register tile, which spills with runs, reads words, ``tile_m / thread_m`` apart.
 
 The factory is memoised on the dtype code, the tile shape and the blocks per SM its launch
 bounds ask for, the only compile-time constants; the kernel is named by them
@@ -45,8 +48,9 @@ from typing import NamedTuple
 from numba import cuda, types, uint64
 
 from ..device import simulator_enabled
-from .spec import (_COMPUTE, _SCALAR, KernelSpec, _array, _rename, check_grid, compute_code,
-                   dtype_code, gemm_chunk, pick_gemm_tile)
+from .spec import (_COMPUTE, _SCALAR, SHARED_VECTOR_ALIGN, KernelSpec, _array, _rename,
+                   check_grid, compute_code, dtype_code, gemm_chunk, gemm_fragment,
+                   gemm_vector, pick_gemm_tile)
 
 __all__ = ["GEMM_MIN_CHANNELS", "Conv2dGemmConfig", "conv2d_gemm_kernel", "conv2d_gemm_config",
            "conv2d_gemm_launch",
@@ -141,18 +145,25 @@ def conv2d_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blocks_
     ASMEM = 2 * ABUF       # both buffers
     BSMEM = 2 * BBUF
     NACC = TM * TN
+    # A thread's positions in runs of VA (one shared load each), its maps in runs of VB. A
+    # run lands in an aligned group of registers: the 64-register tile (four 256-thread
+    # blocks an SM) spills with any runs (ptxas, sm_80 and sm_90), so it reads words.
+    roomy = 65536 // (NT * blocks_per_sm) > 64
+    VA = gemm_vector(TM) if roomy else 1
+    VB = gemm_vector(TN) if roomy else 1
+    ALIGN = SHARED_VECTOR_ALIGN
 
-    # A staged chunk: tile_k steps of thread_m + thread_n shared loads and
+    # A staged chunk: tile_k steps of thread_m / VA + thread_n / VB shared loads and
     # thread_m * thread_n FMAs.
-    multiply = gemm_chunk(TM, TN, MT, NSTEP, BK, AP, BP)
+    multiply = gemm_chunk(TM, TN, MT, NSTEP, BK, AP, BP, VA, VB)
 
     def kernel(x, weight, bias, out, has_bias, n, c_I, h, wd, c_O, h_O, w_O, c_Ig, c_Og,
                k_H, k_W, s_H, s_W, pt, pl, d_H, d_W, blocks_n):
         # A tile kernel: every thread takes part in every stage and barrier, so the bounds
         # guards sit on the loads and the stores.
         tid = cuda.threadIdx.x
-        tx = tid % MT                  # this thread's positions: tx + i * MT
-        ty = tid // MT                 # this thread's maps: ty + j * NSTEP
+        tx = tid % MT                  # this thread's positions: gemm_fragment(tx, i, MT, VA)
+        ty = tid // MT                 # this thread's maps: gemm_fragment(ty, j, NSTEP, VB)
         n_pq = h_O * w_O
         m_total = n * n_pq
         hw = h * wd
@@ -163,8 +174,8 @@ def conv2d_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blocks_
         co0 = g * c_Og + n0            # first output channel of the block
         n_co = min(BN, c_Og - n0)      # channels of the block
 
-        a_s = cuda.shared.array(ASMEM, dtype=scalar)
-        b_s = cuda.shared.array(BSMEM, dtype=scalar)
+        a_s = cuda.shared.array(ASMEM, dtype=scalar, alignment=ALIGN)
+        b_s = cuda.shared.array(BSMEM, dtype=scalar, alignment=ALIGN)
 
         # The output positions this thread stages for the whole K walk: their image, row
         # and column, found once (the kernel's only divisions).
@@ -233,8 +244,8 @@ def conv2d_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blocks_
                         ky += 1
             if st > 0:
                 # Multiply chunk st - 1 from its buffer.
-                a_buf = ((st - 1) & 1) * ABUF + tx
-                b_buf = ((st - 1) & 1) * BBUF + ty
+                a_buf = ((st - 1) & 1) * ABUF + tx * VA
+                b_buf = ((st - 1) & 1) * BBUF + ty * VB
                 multiply(a_s, b_s, a_buf, b_buf, a_frag, b_frag, acc)
             if st < stages:
                 # Store chunk st into the other buffer: nobody reads it now (its last reader,
@@ -251,21 +262,22 @@ def conv2d_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blocks_
 
         # Output offsets: one division per position of the thread, once per tile.
         for i in range(TM):
-            m = m0 + tx + i * MT
+            m = m0 + gemm_fragment(tx, i, MT, VA)
             if m < m_total:
                 img = m // n_pq
                 pq = m - img * n_pq
-                ofs = (img * c_O + co0 + ty) * n_pq + pq
+                ofs = (img * c_O + co0) * n_pq + pq
                 for j in range(TN):
-                    if ty + j * NSTEP < n_co:
+                    mj = gemm_fragment(ty, j, NSTEP, VB)
+                    if mj < n_co:
                         v = acc[i * TN + j]
                         if has_bias:
-                            v += scalar(bias[uint64(co0 + ty + j * NSTEP)])
-                        out[uint64(ofs + j * NSTEP * n_pq)] = store(v)
+                            v += scalar(bias[uint64(co0 + mj)])
+                        out[uint64(ofs + mj * n_pq)] = store(v)
 
     name = f"conv2d_gemm_{code}_t{BM}x{BN}_k{BK}_r{TM}x{TN}_o{blocks_per_sm}"
     signature = (_array(code, 1),) * 4 + (types.int64,) * 19
-    return KernelSpec(name, _rename(kernel, name), signature, (NT, blocks_per_sm))
+    return KernelSpec(name, _rename(kernel, name), signature, (NT, blocks_per_sm), (VA, VB))
 
 
 class Conv2dGemmConfig(NamedTuple):

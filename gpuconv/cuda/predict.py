@@ -625,8 +625,9 @@ def _gemm_tile_row(layer, config, geom, dtype, loads, block_chunks, chunks_per_b
 
     A chunk's loads (all in flight at once) stand against the previous chunk's FMAs on the
     SM's 4 schedulers, shared with the other resident blocks, so a chunk costs the larger
-    of the two; shared reads are a warp's ``thread_m + thread_n`` words a k step
-    (consecutive words: one wavefront each, two for float64).
+    of the two; shared reads are a warp's ``thread_m / VA + thread_n / VB`` loads a k step,
+    of runs of ``VA`` and ``VB`` words (the kernel's ``shared_vectors``; 128 bytes of a
+    warp's distinct runs a wavefront).
     """
     itemsize = np.dtype(dtype).itemsize
     cs = np.dtype(kernels._NUMPY[kernels.compute_code(kernels.dtype_code(dtype))]).itemsize
@@ -644,9 +645,13 @@ def _gemm_tile_row(layer, config, geom, dtype, loads, block_chunks, chunks_per_b
             sectors += len({a * itemsize // 32 for a in found})
             lines += len({a * itemsize // 128 for a in found})
     chunk_fma = BM * BN * BK
-    wave_a = max(1, -(-min(MT, 32) * cs // 128))
-    wave_b = max(1, -(-max(1, 32 // MT) * cs // 128))
-    lds_per_chunk = warps * BK * (TM * wave_a + TN * wave_b)
+    # A k step's shared reads: TM / VA loads of VA words along M (a warp's min(MT, 32)
+    # threads read distinct runs, 128 bytes a wavefront), TN / VB along N (the warp's
+    # 32 / MT threads along N read distinct runs, the others broadcast).
+    VA, VB = config.kernel.shared_vectors
+    wave_a = max(1, -(-min(MT, 32) * VA * cs // 128))
+    wave_b = max(1, -(-max(1, 32 // MT) * VB * cs // 128))
+    lds_per_chunk = warps * BK * (TM // VA * wave_a + TN // VB * wave_b)
 
     registers = info.registers if info else 65536 // math.prod(config.kernel.launch_bounds)
     smem = 2 * BK * (BM + BN + 8) * cs if info is None else info.static_smem
@@ -654,7 +659,8 @@ def _gemm_tile_row(layer, config, geom, dtype, loads, block_chunks, chunks_per_b
     waves = blocks / (device.sms * max(per_sm, 1))
     ffma = block_chunks * warps * TM * TN * BK
     lds = block_chunks * lds_per_chunk
-    issue = ffma + block_chunks * warps * (BK * (TM + TN) + (LA + LB) * _GEMM_STAGE_INSTR
+    issue = ffma + block_chunks * warps * (BK * (TM // VA + TN // VB)
+                                           + (LA + LB) * _GEMM_STAGE_INSTR
                                            + _GEMM_CHUNK_INSTR)
     flops = 2 * fma
     chunk_compute = warps * TM * TN * BK / 4 / device.clock_hz * max(per_sm, 1)

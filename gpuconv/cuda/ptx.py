@@ -23,8 +23,8 @@ import subprocess
 import tempfile
 from typing import NamedTuple
 
-__all__ = ["PtxasInfo", "find_ptxas", "compile_ptx", "compile_ptx_multi", "ptxas_info",
-           "ptx_report", "format_report"]
+__all__ = ["PtxasInfo", "find_ptxas", "find_nvdisasm", "compile_ptx", "compile_ptx_multi",
+           "ptxas_info", "sass", "sass_opcodes", "ptx_report", "format_report"]
 
 
 class PtxasInfo(NamedTuple):
@@ -56,6 +56,49 @@ def find_ptxas():
         if home and os.path.exists(os.path.join(home, "bin", "ptxas")):
             return os.path.join(home, "bin", "ptxas")
     return shutil.which("ptxas")
+
+
+def find_nvdisasm():
+    """Path of ``nvdisasm`` (the ``nvidia-cuda-nvdisasm`` wheel, of the CUDA version of
+    ``ptxas``), found as :func:`find_ptxas` finds ``ptxas``. None if there is none."""
+    ptxas = find_ptxas()
+    if ptxas:
+        beside = os.path.join(os.path.dirname(ptxas), "nvdisasm")
+        if os.path.exists(beside):
+            return beside
+    return shutil.which("nvdisasm")
+
+
+def sass(ptx, arch, kernel=""):
+    """The machine code (SASS) ``ptxas -arch=<arch>`` makes of ``ptx``, as ``nvdisasm``
+    prints it: what a kernel's hot loop issues, read without a GPU."""
+    ptxas, nvdisasm = find_ptxas(), find_nvdisasm()
+    if ptxas is None or nvdisasm is None:
+        raise FileNotFoundError("ptxas or nvdisasm not found "
+                                "(pip install nvidia-cuda-nvcc nvidia-cuda-nvdisasm)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path, cubin = os.path.join(tmp, "kernel.ptx"), os.path.join(tmp, "kernel.cubin")
+        with open(path, "w") as f:
+            f.write(ptx)
+        result = subprocess.run([ptxas, f"-arch={arch}", path, "-o", cubin],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"ptxas failed for {kernel} ({arch}):\n{result.stderr}")
+        result = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"nvdisasm failed for {kernel} ({arch}):\n{result.stderr}")
+    return result.stdout
+
+
+_OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)")
+
+
+def sass_opcodes(text):
+    """``{opcode with its modifiers: count}`` of a SASS listing (:func:`sass`)."""
+    counts = {}
+    for match in _OPCODE.finditer(text):
+        counts[match.group(1)] = counts.get(match.group(1), 0) + 1
+    return counts
 
 
 def compile_ptx(spec, cc):

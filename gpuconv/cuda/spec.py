@@ -83,6 +83,8 @@ class KernelSpec(NamedTuple):
     pyfunc: object       # the bare Python function
     signature: tuple     # Numba argument types
     launch_bounds: tuple | None = None  # (max threads per block, min blocks per SM)
+    #: a tile GEMM's shared reads: words a thread reads at once along M and N (gemm_chunk)
+    shared_vectors: tuple = (1, 1)
 
 
 def _array(code, ndim):
@@ -157,25 +159,59 @@ def pick_gemm_tile(tiles, m_total, n_total, groups, extra=1, fill=1.0):
     return best[1]
 
 
-def gemm_chunk(thread_m, thread_n, m_step, n_step, tile_k, a_pitch, b_pitch):
+#: Byte alignment of the shared tiles of the GEMMs that read vectors (:func:`gemm_chunk`):
+#: LLVM merges a thread's consecutive shared words into one 64- or 128-bit load only where
+#: it can prove the alignment. None in the simulator, which takes no alignment.
+SHARED_VECTOR_ALIGN = None if simulator_enabled() else 16
+
+
+def gemm_vector(count):
+    """Words a thread reads at once from a shared tile when it holds ``count`` consecutive
+    rows (or columns) in runs: 4 (a 128-bit load), 2 or 1."""
+    return 4 if count % 4 == 0 else 2 if count % 2 == 0 else 1
+
+
+def fragment_row(thread, i, threads, vec):
+    """The row (or column) of a block's tile that holds the ``i``-th of a thread's outputs
+    along it: runs of ``vec`` consecutive rows, the thread's runs ``threads * vec`` apart
+    (``vec = 1``: every row ``threads`` apart). :func:`gemm_chunk` reads the shared tiles
+    and the kernels store their outputs by this one rule (:data:`gemm_fragment`, the same
+    function compiled for the kernels)."""
+    return thread * vec + (i % vec) + (i // vec) * threads * vec
+
+
+gemm_fragment = cuda.jit(device=True, inline="always")(fragment_row)
+
+
+def gemm_chunk(thread_m, thread_n, m_step, n_step, tile_k, a_pitch, b_pitch, a_vec=1,
+               b_vec=1):
     """The multiply of one staged chunk in the implicit GEMMs (conv2d's forward and
     gradients, local_conv2d's per-position forward), as an inlined device function
     ``chunk(a_s, b_s, a_row, b_row, a_frag, b_frag, acc)``. Each of its ``tile_k`` k steps
-    reads ``thread_m`` words of ``a_s`` from ``a_row + k * a_pitch``, ``m_step`` apart, and
-    ``thread_n`` of ``b_s`` from ``b_row + k * b_pitch``, ``n_step`` apart, into registers,
-    then makes ``thread_m * thread_n`` FMAs into ``acc`` (row-major). The steps are written
-    out four a trip (LLVM does not unroll a loop this long)."""
+    reads ``thread_m`` words of ``a_s`` from ``a_row + k * a_pitch`` and ``thread_n`` of
+    ``b_s`` from ``b_row + k * b_pitch`` into registers, then makes ``thread_m * thread_n``
+    FMAs into ``acc`` (row-major). The words are taken in runs of ``a_vec`` (``b_vec``)
+    consecutive ones, the runs ``m_step * a_vec`` (``n_step * b_vec``) apart
+    (:func:`gemm_fragment`; ``a_row`` is then the thread's first row of the k step, ``tile
+    base + thread * a_vec``): with a run of 4 and a tile aligned to 16 bytes
+    (:data:`SHARED_VECTOR_ALIGN`) and pitches a multiple of 4 words, each run is one
+    128-bit shared load instead of four. The steps are written out four a trip (LLVM does
+    not unroll a loop this long)."""
     TM, TN, MT, NSTEP, BK, AP, BP = (thread_m, thread_n, m_step, n_step, tile_k, a_pitch,
                                      b_pitch)
+    VA, VB = a_vec, b_vec
     if BK % 4:
         raise ValueError(f"tile_k must be a multiple of 4, got {BK}")
+    if TM % VA or TN % VB or (VA > 1 and AP % VA) or (VB > 1 and BP % VB):
+        raise ValueError(f"runs of {VA} x {VB} words do not divide {TM} x {TN} outputs a "
+                         f"thread, or pitches {AP} x {BP}")
 
     @cuda.jit(device=True, inline="always")
     def mac(a_s, b_s, a_row, b_row, a_frag, b_frag, acc):
         for i in range(TM):
-            a_frag[i] = a_s[uint64(a_row + i * MT)]
+            a_frag[i] = a_s[uint64(a_row + (i % VA) + (i // VA) * MT * VA)]
         for j in range(TN):
-            b_frag[j] = b_s[uint64(b_row + j * NSTEP)]
+            b_frag[j] = b_s[uint64(b_row + (j % VB) + (j // VB) * NSTEP * VB)]
         for i in range(TM):
             for j in range(TN):
                 acc[i * TN + j] += a_frag[i] * b_frag[j]
