@@ -50,7 +50,7 @@ from numba import cuda, types, uint64
 from ..device import simulator_enabled
 from .spec import (_COMPUTE, _SCALAR, SHARED_VECTOR_ALIGN, KernelSpec, _array, _rename,
                    check_grid, compute_code, dtype_code, gemm_chunk, gemm_fragment,
-                   gemm_vector, pick_gemm_tile)
+                   gemm_runs, pick_gemm_tile)
 
 __all__ = ["GEMM_MIN_CHANNELS", "Conv2dGemmConfig", "conv2d_gemm_kernel", "conv2d_gemm_config",
            "conv2d_gemm_launch",
@@ -145,12 +145,8 @@ def conv2d_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blocks_
     ASMEM = 2 * ABUF       # both buffers
     BSMEM = 2 * BBUF
     NACC = TM * TN
-    # A thread's positions in runs of VA (one shared load each), its maps in runs of VB. A
-    # run lands in an aligned group of registers: the 64-register tile (four 256-thread
-    # blocks an SM) spills with any runs (ptxas, sm_80 and sm_90), so it reads words.
-    roomy = 65536 // (NT * blocks_per_sm) > 64
-    VA = gemm_vector(TM) if roomy else 1
-    VB = gemm_vector(TN) if roomy else 1
+    # A thread's positions in runs of VA (one shared load each), its maps in runs of VB.
+    VA, VB = gemm_runs(TM, TN, NT, blocks_per_sm)
     ALIGN = SHARED_VECTOR_ALIGN
 
     # A staged chunk: tile_k steps of thread_m / VA + thread_n / VB shared loads and

@@ -171,6 +171,16 @@ def gemm_vector(count):
     return 4 if count % 4 == 0 else 2 if count % 2 == 0 else 1
 
 
+def gemm_runs(thread_m, thread_n, threads, blocks_per_sm):
+    """``(VA, VB)``: the runs (:func:`gemm_vector`) a tile GEMM's threads read their
+    ``thread_m`` rows and ``thread_n`` columns in. A run lands in an aligned group of
+    registers: a kernel held to 64 registers a thread by its launch bounds spills with runs
+    of any width (ptxas, sm_80 and sm_90), so it reads words, ``(1, 1)``."""
+    if 65536 // (threads * blocks_per_sm) <= 64:
+        return 1, 1
+    return gemm_vector(thread_m), gemm_vector(thread_n)
+
+
 def fragment_row(thread, i, threads, vec):
     """The row (or column) of a block's tile that holds the ``i``-th of a thread's outputs
     along it: runs of ``vec`` consecutive rows, the thread's runs ``threads * vec`` apart
