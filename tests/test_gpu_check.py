@@ -151,8 +151,9 @@ def test_plan_puts_correctness_first_and_fits_the_budget(gpu_check):
 def test_candidates_are_every_forward_choice_with_the_pick_among_them(gpu_check):
     """The ``candidates`` phase times, on each suite layer at its GPU batch, every forward
     kernel the dispatcher weighs: conv2d's direct kernel and its implicit GEMM on each tile,
-    local_conv2d's batched GEMM and its per-position GEMM on each tile (the streaming
-    kernel where the batch is small), the dispatcher's pick exactly once among them."""
+    local_conv2d's batched GEMM and its per-position GEMM on each tile, reading words and
+    runs (the streaming kernel where the batch is small), the dispatcher's pick exactly once
+    among them."""
     from gpuconv.cuda import conv2d_gemm, kernels, local_gemm, local_stream
 
     code = "sim" if SIMULATOR else "f32"
@@ -172,8 +173,8 @@ def test_candidates_are_every_forward_choice_with_the_pick_among_them(gpu_check)
             assert kinds == [kernels.Conv2dConfig] + [conv2d_gemm.Conv2dGemmConfig] * len(
                 conv2d_gemm.TILES[code])
         else:
-            assert kinds == [kernels.LocalConv2dConfig] + [local_gemm.LocalGemmConfig] * len(
-                local_gemm.TILES[code])
+            assert kinds == [kernels.LocalConv2dConfig] + [local_gemm.LocalGemmConfig] * (
+                len(local_gemm.TILES[code]) + len(local_gemm.RUN_TILES[code]))
     # a small batch adds the streaming kernel, which the dispatcher then picks
     small = workloads.LAYERS["deepface-l6"].geometry(4)
     configs = kernels.forward_candidates("local_conv2d", small, np.float32)

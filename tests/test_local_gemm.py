@@ -103,8 +103,10 @@ def test_local_gemm_matches_the_reference(name, dtype):
     geom, x, wt, b = _case(name, dtype)
     _assert_matches(_launch(geom, x, wt, b), x, wt, b, geom, dtype)
     if local_gemm.simulator_enabled():
-        for tile in local_gemm.TILES["sim"]:
-            config = local_gemm.local_gemm_launch(geom, dtype, tile)
+        forced = ([(tile, False) for tile in local_gemm.TILES["sim"]]
+                  + [(tile, True) for tile in local_gemm.RUN_TILES["sim"]])
+        for tile, runs in forced:
+            config = local_gemm.local_gemm_launch(geom, dtype, tile, runs=runs)
             _assert_matches(_launch(geom, x, wt, b, config), x, wt, b, geom, dtype)
 
 
@@ -221,6 +223,14 @@ def test_shared_pitches_spread_a_warps_stores_over_32_banks():
         # a warp's 32 threads: term t % tile_k, row t // tile_k
         banks = {((t % tile_k) * pitch + t // tile_k) % 32 for t in range(32)}
         assert len(banks) == 32, (rows, tile_k, pitch)
+        # read in runs of 4: the pitch a multiple of 4 words, the stores of up to 16 terms
+        # two-way at worst (32 terms: four-way; no run-reading tile has them)
+        pitch = local_gemm._pitch(rows, tile_k, 4)
+        assert rows <= pitch < rows + 32 and pitch % 4 == 0
+        banks = [((t % tile_k) * pitch + t // tile_k) % 32 for t in range(32)]
+        worst = max(banks.count(bank) for bank in banks)
+        assert worst <= (2 if tile_k <= 16 else 4), (rows, tile_k, pitch)
+    assert all(tile[2] <= 16 for tiles in local_gemm.RUN_TILES.values() for tile in tiles)
 
 
 def test_factory_is_memoised_named_and_checks_its_tile():
@@ -229,7 +239,10 @@ def test_factory_is_memoised_named_and_checks_its_tile():
     spec = local_gemm.local_gemm_kernel("f32", 32, 64, 16, 8, 4, 6)
     assert spec is local_gemm.local_gemm_kernel("f32", 32, 64, 16, 8, 4, 6)
     assert spec.name == "local_conv2d_gemm_f32_t32x64_k16_r8x4_o6"
-    assert spec.launch_bounds == (64, 6)
+    assert spec.launch_bounds == (64, 6) and spec.shared_vectors == (1, 1)
+    runs = local_gemm.local_gemm_kernel("f32", 32, 64, 16, 8, 4, 4, runs=True)
+    assert runs.name == "local_conv2d_gemm_f32_t32x64_k16_r8x4_o4_v4x4"
+    assert runs.shared_vectors == (4, 4)
     with pytest.raises(ValueError, match="split evenly"):
         local_gemm.local_gemm_kernel("f32", 32, 64, 16, 3, 4, 2)
     with pytest.raises(ValueError, match="multiple of 4"):
@@ -237,8 +250,8 @@ def test_factory_is_memoised_named_and_checks_its_tile():
 
 
 def test_resources_without_spills():
-    """ptxas: the float32, float16 and float64 tiles and the simulator's fit their launch
-    bounds on sm_80 and sm_90 without spilling or a stack."""
+    """ptxas: the float32, float16 and float64 tiles and the simulator's, word-reading and
+    run-reading, fit their launch bounds on sm_80 and sm_90 without spilling or a stack."""
     from gpuconv.cuda import local_gemm
     from gpuconv.cuda import ptx as _cuda_ptx
 
@@ -248,8 +261,9 @@ def test_resources_without_spills():
         pytest.skip("ptxas not found")
     for code, key in (("f32", "f32"), ("f16", "f32"), ("f64", "f64"), ("f32", "sim"),
                       ("f64", "sim")):
-        for tile in local_gemm.TILES[key]:
-            spec = local_gemm.local_gemm_kernel(code, *tile)
+        for tile, runs in ([(t, False) for t in local_gemm.TILES[key]]
+                           + [(t, True) for t in local_gemm.RUN_TILES[key]]):
+            spec = local_gemm.local_gemm_kernel(code, *tile, runs=runs)
             for cc in ((8, 0), (9, 0)):
                 info = _cuda_ptx.ptxas_info(_cuda_ptx.compile_ptx(spec, cc),
                                             f"sm_{cc[0]}{cc[1]}", spec.name)

@@ -871,7 +871,8 @@ def forward_candidates(op, geom, dtype):
     channel's window fits shared memory) and the implicit GEMM on each tile of the compute
     type; local_conv2d: the streaming kernel (batches up to
     :data:`~gpuconv.cuda.local_stream.STREAM_MAX_BATCH`), the batched GEMM and the
-    per-position GEMM on each of its tiles. The simulator's tiles in the simulator. The
+    per-position GEMM on each of its tiles, word-reading and run-reading
+    (:data:`~gpuconv.cuda.local_gemm.RUN_TILES`). The simulator's tiles in the simulator. The
     acceptance run times them side by side (and autotuning, :mod:`gpuconv.cuda.autotune`,
     on the caller's arrays), so a GPU run checks every choice the dispatcher makes, not only
     the kernel it made; nothing here compiles. A kernel that cannot take ``geom`` (one input
@@ -888,6 +889,8 @@ def forward_candidates(op, geom, dtype):
         makers.append(lambda: local_conv2d_config(geom, dtype))
         makers += [lambda t=tile: local_gemm.local_gemm_launch(geom, dtype, t)
                    for tile in local_gemm.TILES[code]]
+        makers += [lambda t=tile: local_gemm.local_gemm_launch(geom, dtype, t, runs=True)
+                   for tile in local_gemm.RUN_TILES[code]]
     else:
         raise ValueError(f"op must be 'conv2d' or 'local_conv2d', got {op!r}")
     configs = []

@@ -46,10 +46,12 @@ from typing import NamedTuple
 from numba import cuda, types, uint64
 
 from ..device import simulator_enabled
-from .spec import (_COMPUTE, _SCALAR, KernelSpec, _array, _rename, check_grid, compute_code,
-                   dtype_code, gemm_chunk)
+from .spec import (_COMPUTE, _SCALAR, SHARED_VECTOR_ALIGN, KernelSpec, _array, _rename,
+                   check_grid, compute_code, dtype_code, gemm_chunk, gemm_fragment,
+                   gemm_vector)
 
 __all__ = ["LocalGemmConfig", "local_gemm_kernel", "local_gemm_config", "local_gemm_launch",
+           "RUN_TILES",
            "use_local_gemm", "launch", "TILES", "LOCAL_GEMM_MIN_MAPS",
            "LOCAL_GEMM_NARROW_MIN_BATCH"]
 
@@ -69,6 +71,22 @@ TILES = {
     "sim": ((8, 8, 4, 2, 2, 1), (16, 4, 4, 4, 2, 1)),
 }
 
+#: The same two tiles reading their shared tiles in runs of 4 (``local_gemm_kernel(...,
+#: runs=True)``: 3 loads of 128 bits for the 32 FMAs of a k step of the 8 x 4 register tile
+#: where word reads take 12). The runs take aligned register groups: 186 and 158 registers
+#: (ptxas sm_90, no spills), so four and six blocks an SM where the word-reading tiles hold
+#: six and eight (at five and seven blocks they spill). Fewer loads
+#: against fewer warps in flight: the model puts them 12-38 % ahead on AlexNet conv1, ResNet
+#: res2 and DeepFace L4-L5 and 6-24 % behind on VGG conv5_1 and DeepFace L6, inside its
+#: error, so they are candidates only (:func:`gpuconv.cuda.kernels.forward_candidates`:
+#: the acceptance run times them beside the dispatcher's pick, autotuning may take them);
+#: the dispatcher keeps :data:`TILES` until a GPU has measured both. float64 has none.
+RUN_TILES = {
+    "f32": ((32, 64, 16, 8, 4, 4), (64, 16, 16, 4, 4, 6)),
+    "f64": (),
+    "sim": ((8, 8, 4, 2, 2, 1),),
+}
+
 #: The dispatcher gives this kernel, above the streaming kernel's batches, every group of at
 #: least this many maps (the wide tile) ...
 LOCAL_GEMM_MIN_MAPS = 64
@@ -84,16 +102,22 @@ LOCAL_GEMM_NARROW_MIN_BATCH = 48
 _NARROW_MIN_MAPS = 16
 
 
-def _pitch(rows, tile_k):
+def _pitch(rows, tile_k, vec=1):
     """Shared row pitch ``>= rows`` with ``pitch = 32 / tile_k (mod 32)``: a warp's stores of
-    ``tile_k`` consecutive terms x ``32 / tile_k`` rows hit 32 different banks."""
-    want = 32 // tile_k if tile_k <= 32 else 1
+    ``tile_k`` consecutive terms x ``32 / tile_k`` rows hit 32 different banks. A tile read
+    in runs (``vec > 1``) needs a pitch that is a multiple of 4 words: ``4 (mod 32)``, whose
+    stores of up to 16 terms conflict two ways at worst (the terms 8 apart share a bank)."""
+    want = 4 if vec > 1 else 32 // tile_k if tile_k <= 32 else 1
     return rows + (want - rows) % 32
 
 
 @functools.lru_cache(maxsize=None)
-def local_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blocks_per_sm):
-    """The per-position GEMM local_conv2d forward, specialised on dtype and tile shape.
+def local_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blocks_per_sm,
+                      runs=False):
+    """The per-position GEMM local_conv2d forward, specialised on dtype and tile shape;
+    ``runs``: a thread's images and maps in runs of consecutive rows, read in 128-bit
+    shared loads (:func:`~gpuconv.cuda.spec.gemm_chunk`; named ``..._v4x4``), for the tiles
+    of :data:`RUN_TILES`.
 
     Launch: ``grid = (h_O * w_O * batch_tiles, groups * blocks_n)`` (``batch_tiles =
     ceil(n / tile_m)``, ``blocks_n = ceil(c_Og / tile_n)``), ``block = (tile_m / thread_m *
@@ -119,8 +143,10 @@ def local_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blocks_p
     KT = NT // BK          # rows (images, maps) one staging pass covers
     LA = BM * BK // NT     # input values a thread stages per chunk, KT images apart
     LB = BN * BK // NT     # weights a thread stages per chunk, KT maps apart
-    AP = _pitch(BM, BK)
-    BP = _pitch(BN, BK)
+    VA, VB = (gemm_vector(TM), gemm_vector(TN)) if runs else (1, 1)
+    ALIGN = SHARED_VECTOR_ALIGN
+    AP = _pitch(BM, BK, VA)
+    BP = _pitch(BN, BK, VB)
     ABUF = BK * AP
     BBUF = BK * BP
     ASMEM = 2 * ABUF
@@ -129,7 +155,7 @@ def local_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blocks_p
 
     # A staged chunk: tile_k steps of thread_m + thread_n shared loads and
     # thread_m * thread_n FMAs.
-    multiply = gemm_chunk(TM, TN, MT, NSTEP, BK, AP, BP)
+    multiply = gemm_chunk(TM, TN, MT, NSTEP, BK, AP, BP, VA, VB)
 
     def kernel(x, weight, bias, out, has_bias, bias_len, n, c_I, h, wd, c_O, h_O, w_O, c_Ig,
                c_Og, k_H, k_W, s_H, s_W, pt, pl, d_H, d_W, batch_tiles, blocks_n, step_c,
@@ -152,8 +178,8 @@ def local_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blocks_p
         co0 = g * c_Og + n0            # first map of the block
         n_co = min(BN, c_Og - n0)      # maps of the block
 
-        a_s = cuda.shared.array(ASMEM, dtype=scalar)
-        b_s = cuda.shared.array(BSMEM, dtype=scalar)
+        a_s = cuda.shared.array(ASMEM, dtype=scalar, alignment=ALIGN)
+        b_s = cuda.shared.array(BSMEM, dtype=scalar, alignment=ALIGN)
 
         # The term this thread stages (k = bk, then + tile_k a chunk) and its rows r + j * KT.
         bk = tid % BK
@@ -213,8 +239,8 @@ def local_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blocks_p
                     c += 1
             if st > 0:
                 # Multiply chunk st - 1 from its buffer, four k steps a trip.
-                a_buf = ((st - 1) & 1) * ABUF + tx
-                b_buf = ((st - 1) & 1) * BBUF + ty
+                a_buf = ((st - 1) & 1) * ABUF + tx * VA
+                b_buf = ((st - 1) & 1) * BBUF + ty * VB
                 multiply(a_s, b_s, a_buf, b_buf, a_frag, b_frag, acc)
             if st < stages:
                 # Store chunk st into the other buffer (its last reader, chunk st - 2,
@@ -230,20 +256,22 @@ def local_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blocks_p
 
         bias_pos = pos if bias_len > 1 else 0
         for i in range(TM):
-            img = m0 + tx + i * MT
+            img = m0 + gemm_fragment(tx, i, MT, VA)
             if img < n:
-                ofs = (img * c_O + co0 + ty) * n_pq + pos
+                ofs = (img * c_O + co0 + ty * VB) * n_pq + pos
                 for j in range(TN):
-                    if ty + j * NSTEP < n_co:
+                    dj = (j % VB) + (j // VB) * NSTEP * VB  # gemm_fragment(ty, j, ...) - ty * VB
+                    if ty * VB + dj < n_co:
                         v = acc[i * TN + j]
                         if has_bias:
-                            v += scalar(bias[uint64((co0 + ty + j * NSTEP) * bias_len
+                            v += scalar(bias[uint64((co0 + ty * VB + dj) * bias_len
                                                     + bias_pos)])
-                        out[uint64(ofs + j * NSTEP * n_pq)] = store(v)
+                        out[uint64(ofs + dj * n_pq)] = store(v)
 
-    name = f"local_conv2d_gemm_{code}_t{BM}x{BN}_k{BK}_r{TM}x{TN}_o{blocks_per_sm}"
+    name = (f"local_conv2d_gemm_{code}_t{BM}x{BN}_k{BK}_r{TM}x{TN}_o{blocks_per_sm}"
+            + (f"_v{VA}x{VB}" if runs else ""))
     signature = (_array(code, 1),) * 4 + (types.int64,) * 24
-    return KernelSpec(name, _rename(kernel, name), signature, (NT, blocks_per_sm))
+    return KernelSpec(name, _rename(kernel, name), signature, (NT, blocks_per_sm), (VA, VB))
 
 
 class LocalGemmConfig(NamedTuple):
@@ -278,8 +306,9 @@ def local_gemm_config(geom, dtype):
     return local_gemm_launch(geom, dtype, tiles[0] if wide else tiles[1])
 
 
-def local_gemm_launch(geom, dtype, tile):
-    """The :class:`LocalGemmConfig` of ``tile`` (tests force the simulator's)."""
+def local_gemm_launch(geom, dtype, tile, runs=False):
+    """The :class:`LocalGemmConfig` of ``tile`` (tests force the simulator's); ``runs``: the
+    kernel that reads its tiles in runs (:data:`RUN_TILES`)."""
     code = dtype_code(dtype)
     n_pos = geom.out_height * geom.out_width
     k_len = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
@@ -291,7 +320,7 @@ def local_gemm_launch(geom, dtype, tile):
     grid = check_grid((n_pos * batch_tiles, geom.groups * blocks_n), "local_conv2d")
     khw = geom.kernel_height * geom.kernel_width
     steps = (tile_k // khw, (tile_k % khw) // geom.kernel_width, tile_k % geom.kernel_width)
-    spec = local_gemm_kernel(code, *tile)
+    spec = local_gemm_kernel(code, *tile, runs=runs)
     threads = (tile_m // tile[3]) * (tile_n // tile[4])
     return LocalGemmConfig(spec, (threads,), grid, batch_tiles, blocks_n, steps)
 
