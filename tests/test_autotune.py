@@ -178,3 +178,19 @@ def test_a_failing_candidate_is_left_out_and_a_failing_pick_is_raised(monkeypatc
         gpuconv.conv2d(dx, dw, db, groups=2)
     assert autotune.choices() == {}
 
+
+@pytest.mark.cuda
+@needs_cuda
+def test_the_dispatchers_pick_is_timed_even_when_no_candidate_lists_it(monkeypatch):
+    from gpuconv.cuda import autotune, kernels
+
+    (x, w, b), (dx, dw, db) = _device_arrays(False)
+    geom = conv_geometry(x.shape, (2, 2), 4, groups=2)
+    pick = kernels.conv2d_config(geom, np.float64).kernel.name
+    monkeypatch.setattr(kernels, "forward_candidates", lambda *args: [])
+    measure, timed = _fake_timer(lambda name: 1.0)
+    monkeypatch.setattr(autotune, "_measure", measure)
+    gpuconv.set_autotune(True)
+    np.testing.assert_allclose(gpuconv.conv2d(dx, dw, db, groups=2).copy_to_host(),
+                               conv2d_ref(x, w, b, groups=2), rtol=1e-12, atol=1e-12)
+    assert timed == [pick] and list(autotune.choices().values()) == [pick]

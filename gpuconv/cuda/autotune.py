@@ -104,6 +104,8 @@ def tuned_config(op_name, launch, arrays, out, geom, stream, empty, device, pick
     measure = measure or _measure
     candidates = eligible(kernels.forward_candidates(op_name, geom, dtype), picked, geom,
                           dtype, scratch)
+    if picked not in candidates:  # the dispatcher's choice is always tried
+        candidates.insert(0, picked)
     timed = []
     for config in candidates:
         def run(config=config):
