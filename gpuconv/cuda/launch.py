@@ -666,16 +666,13 @@ class _Plan:
     def tuned_for(self, op, arrays, out, geom, stream, empty, device):
         """The measured choice (:mod:`gpuconv.cuda.autotune`) when autotuning is on and the
         operation is tuned, else the dispatcher's."""
+        if self.scratch is None or not autotune_enabled():
+            return self.config_for(geom, device)
         config = self.tuned.get(device)
         if config is None:
-            config = self.config_for(geom, device)
-            if self.scratch is None or not autotune_enabled():
-                return config
             config = self.tuned[device] = autotune.tuned_config(
-                op.name, self.launch, arrays, out, geom, stream, empty, device, config,
-                self.scratch)
-        elif not autotune_enabled():
-            return self.config_for(geom, device)
+                op.name, self.launch, arrays, out, geom, stream, empty, device,
+                self.config_for(geom, device), self.scratch)
         return config
 
 
