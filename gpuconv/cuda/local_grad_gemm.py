@@ -162,7 +162,6 @@ def local_input_grad_gemm_kernel(code, kernel_h, kernel_w, batch_tile, channel_t
         tc = cuda.threadIdx.y
         j = cuda.threadIdx.z
         ptw = cuda.blockDim.z
-        threads = LB * LC * ptw
         tid = int32((j * LC + tc) * LB + tb)
 
         phases = s_H * s_W
@@ -216,8 +215,6 @@ def local_input_grad_gemm_kernel(code, kernel_h, kernel_w, batch_tile, channel_t
         # Flat offsets of the block's first gy element and first weight (64-bit bases).
         g_first = (n0 * c_O + g * c_Og) * n_pos
         w_first = (g * c_Og * n_pos) * k_len + (cl0 * KH) * KW
-        g_img = c_O * n_pos
-        w_map = n_pos * k_len
 
         for ky in range(KH):
             a = ry + pt - ky * d_H
@@ -533,7 +530,6 @@ def local_weight_grad_gemm_kernel(code, kernel_h, kernel_w, map_tile, tap_tile, 
         to = cuda.threadIdx.y
         j = cuda.threadIdx.z
         ptw = cuda.blockDim.z
-        threads = LK * LO * ptw
         tid = int32((j * LO + to) * LK + tk)
 
         oy = cuda.blockIdx.x // tiles_x
