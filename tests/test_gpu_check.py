@@ -16,7 +16,7 @@ import pytest
 
 from gpuconv import bench, workloads
 from reference import conv2d_ref, half_tolerance, local_conv2d_ref, output_size
-from test_cuda_sim import _numba_cuda_importable
+from conftest import numba_cuda_importable
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
@@ -420,7 +420,7 @@ def test_sanitizer_is_optional(gpu_check, monkeypatch):
 # --- the whole script, in its dry run --------------------------------------------------------
 
 @pytest.mark.skipif(SIMULATOR, reason="the dry run starts its own simulator process")
-@pytest.mark.skipif(not _numba_cuda_importable(), reason="numba.cuda is not installed")
+@pytest.mark.skipif(not numba_cuda_importable(), reason="numba.cuda is not installed")
 def test_dry_run_runs_every_phase(tmp_path):
     pytest.importorskip("torch")
     env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=str(ROOT))
