@@ -248,8 +248,8 @@ def test_default_suite_kernels_do_not_spill(dtype):
             specs.setdefault(spec.name, spec)
     bad = []
     for spec in specs.values():
-        for cc, arch in (((9, 0), "sm_90"), ((8, 0), "sm_80")):
-            info = ptx.ptxas_info(ptx.compile_ptx(spec, cc), arch, spec.name)
+        for cc, text in ptx.compile_ptx_multi(spec, ((9, 0), (8, 0))).items():
+            info = ptx.ptxas_info(text, f"sm_{cc[0]}{cc[1]}", spec.name)
             if info.spill_stores or info.spill_loads or info.stack_frame:
                 bad.append(info)
     assert not bad, bad

@@ -264,9 +264,8 @@ def test_resources_without_spills():
         for tile, runs in ([(t, False) for t in local_gemm.TILES[key]]
                            + [(t, True) for t in local_gemm.RUN_TILES[key]]):
             spec = local_gemm.local_gemm_kernel(code, *tile, runs=runs)
-            for cc in ((8, 0), (9, 0)):
-                info = _cuda_ptx.ptxas_info(_cuda_ptx.compile_ptx(spec, cc),
-                                            f"sm_{cc[0]}{cc[1]}", spec.name)
+            for cc, text in _cuda_ptx.compile_ptx_multi(spec, ((8, 0), (9, 0))).items():
+                info = _cuda_ptx.ptxas_info(text, f"sm_{cc[0]}{cc[1]}", spec.name)
                 assert info.spill_stores == info.spill_loads == info.stack_frame == 0, info
                 threads, blocks = spec.launch_bounds
                 assert info.registers * threads * blocks <= 65536, info
