@@ -6,7 +6,6 @@
   tiny. ``cuda`` cases carry the ``cuda`` marker so ``-m cuda`` selects exactly them.
 """
 
-import atexit
 import collections
 import os
 import pathlib
@@ -157,7 +156,6 @@ def _start_simulator_run():
     return run
 
 
-@atexit.register
 def _stop_simulator_runs():
     for run in _simulator_runs:
         run.stop()
