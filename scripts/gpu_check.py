@@ -31,8 +31,10 @@ on an H200 with JIT compilation included.
 7. ``time-forward`` -- ``gpuconv bench`` on the default suite at the GPU batch: gpuconv beside
    the PyTorch peers, call time (CUDA events) and kernel time (PyTorch's profiler), the share of
    the roofline, what the host adds. A result outside the tolerance of its peer fails.
-8. ``overhead`` -- the per-call cost of tiny calls on CUDA tensors beside ``F.conv2d``, and a
-   profile of where gpuconv's host time goes.
+8. ``overhead`` -- the per-call cost of tiny calls on CUDA tensors beside ``F.conv2d``, the
+   steps of one call's host path with launches on the fast path and through Numba's
+   dispatcher (:mod:`gpuconv.cuda.fastlaunch`), and a profile of where gpuconv's host time
+   goes. The last lines of every run say whether any kernel left the fast path, and why.
 9. ``time-backward``, ``time-step`` -- the gradients and a training step of the PyTorch layers.
 10. ``candidates`` -- every forward kernel the dispatcher weighs
     (:func:`gpuconv.cuda.kernels.forward_candidates`: conv2d's direct kernel and its implicit
@@ -1268,6 +1270,18 @@ def overhead(target, gpuconv, calls=100):
     result["steps"] = {op: percall.call_steps(op, x, weight, padding=1, repeat=count,
                                               warmup=1 if target.dry_run else 10)
                        for op, weight in (("conv2d", w), ("local_conv2d", wl))}
+    # The same steps with every launch through Numba's dispatcher (gpuconv.cuda.fastlaunch
+    # off): what the fast path saves, measured in the same process.
+    from gpuconv.cuda import fastlaunch
+
+    before = fastlaunch.set_enabled(False)
+    try:
+        result["steps_dispatcher"] = {
+            op: percall.call_steps(op, x, weight, padding=1, repeat=count,
+                                   warmup=1 if target.dry_run else 10)
+            for op, weight in (("conv2d", w), ("local_conv2d", wl))}
+    finally:
+        fastlaunch.set_enabled(before)
     profile = cProfile.Profile()
     profile.enable()
     for _ in range(count):
@@ -1457,10 +1471,11 @@ def _run_phase(run, name, target, gpuconv, layers):
         from gpuconv.bench import percall
 
         run.say(percall.format_section(result["per_call"]), summary=True)
-        for op, steps in result["steps"].items():
-            run.say(f"overhead steps {op} (8x16x16x16, 16 maps 3x3): " + ", ".join(
-                f"{k} {v:.1f} us" for k, v in steps["steps_us"].items())
-                + f"; whole call {steps['total_us']:.1f} us", summary=True)
+        for key, how in (("steps", ""), ("steps_dispatcher", ", launched by the dispatcher")):
+            for op, steps in result[key].items():
+                run.say(f"overhead steps {op} (8x16x16x16, 16 maps 3x3{how}): " + ", ".join(
+                    f"{k} {v:.1f} us" for k, v in steps["steps_us"].items())
+                    + f"; whole call {steps['total_us']:.1f} us", summary=True)
         for entry in result["profile_top_cumulative"][:10]:
             run.say(f"  {entry['s_per_call'] * 1e6:9.1f} us/call  {entry['function']}")
     elif name == "candidates":
@@ -1546,6 +1561,7 @@ def _timing_phase(run, name, target, layers):
 
 
 def _write(run, status):
+    _fast_launch_report(run)
     run.report["failures"] = run.failures
     run.report["seconds"] = time.perf_counter() - run.start
     run.report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -1562,6 +1578,26 @@ def _write(run, status):
         with open(summary, "w") as handle:
             handle.write("\n".join(run.summary) + "\n")
         print(f"wrote {run.args.json} and {summary}")
+
+
+def _fast_launch_report(run):
+    """Whether the launches took the fast path (:mod:`gpuconv.cuda.fastlaunch`), and why
+    any kernel did not: its first launch found numba-cuda marshalling its arguments
+    differently, or numba-cuda's internals were not as the fast path reads them. Not a
+    failure (those kernels ran through the dispatcher, checked like the rest), but a
+    finding: the per-call cost of those kernels is the dispatcher's."""
+    if "numba" not in sys.modules or "gpuconv.cuda.fastlaunch" not in sys.modules:
+        return
+    from gpuconv.cuda import fastlaunch
+
+    reasons = fastlaunch.fallback_reasons()
+    run.report["fast_launch"] = {"enabled": fastlaunch.enabled(), "dispatcher": reasons}
+    if run.args.dry_run:
+        return
+    run.say(f"fast launch: {'on' if fastlaunch.enabled() else 'off'}, "
+            f"{len(reasons)} kernels launched through the dispatcher instead", summary=True)
+    for name, reason in sorted(reasons.items()):
+        run.say(f"  fast launch: {name}: {reason}", summary=True)
 
 
 if __name__ == "__main__":

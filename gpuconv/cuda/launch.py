@@ -30,8 +30,8 @@ import threading
 import numpy as np
 from numba import cuda
 
-from . import (autotune, conv2d_gemm, conv2d_gemm_grad, grad_kernels, kernels, local_gemm,
-               local_grad_gemm, local_stream)
+from . import (autotune, conv2d_gemm, conv2d_gemm_grad, fastlaunch, grad_kernels, kernels,
+               local_gemm, local_grad_gemm, local_stream)
 from ..device import (DLPACK_CUDA_DEVICES, FreeMemory, autotune_enabled, c_strides,
                       is_c_contiguous, simulator_enabled)
 
@@ -197,8 +197,18 @@ def _contiguous(array, stream, empty=None):
 # --------------------------------------------------------------------------------------------
 
 def _flat(array):
-    """The 1-D view of a C-contiguous device array (the kernels index flat memory)."""
+    """The 1-D view of a C-contiguous device array (the kernels index flat memory). When
+    launches take the fast path, the array itself: :class:`~gpuconv.cuda.fastlaunch.FastKernel`
+    passes a C-contiguous array to a 1-D parameter as its flat view without making one
+    (a Numba reshape builds a new device array object on every call)."""
+    if _FLAT_VIEWS_NEEDED[0] is None:
+        _FLAT_VIEWS_NEEDED[0] = simulator_enabled()
+    if not _FLAT_VIEWS_NEEDED[0] and fastlaunch.enabled():
+        return array
     return array.reshape(array.size)
+
+
+_FLAT_VIEWS_NEEDED = [None]  # the simulator's dispatcher takes 1-D arrays only
 
 
 def launch_conv2d(x, weight, bias, out, geom, stream, config=None, empty=None):

@@ -9,7 +9,8 @@ others, never the other way round (the choice between the two kernels of each gr
 made in :mod:`gpuconv.cuda.launch`).
 
 A factory returns a :class:`KernelSpec`: the bare Python function, its Numba signature, its
-name and launch bounds; :func:`compiled` turns a spec into a launchable kernel.
+name and launch bounds; :func:`compiled` turns a spec into a launchable kernel
+(:mod:`gpuconv.cuda.fastlaunch` launches it).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from numba import cuda, float32, float64, types, uint64
 from numba.types import float16
 
 from ..device import simulator_enabled
+from .fastlaunch import FastKernel
 
 __all__ = ["KernelSpec", "compiled", "dtype_code", "compute_code", "CODES", "check_grid",
            "pick_gemm_tile", "gemm_chunk", "GEMM_SMS", "GRID_YZ_LIMIT", "SHARED_BUDGET_BYTES", "SHARED_LIMIT_BYTES", "LOCAL_STAGE_BYTES"]
@@ -99,13 +101,20 @@ def _rename(func, name):
 
 @functools.lru_cache(maxsize=None)
 def compiled(spec):
-    """The launchable kernel of ``spec`` (compiled on first launch for the current GPU)."""
-    if spec.launch_bounds is None or simulator_enabled():  # the simulator has none
+    """The launchable kernel of ``spec``, launched as Numba's ``kernel[grid, block, stream,
+    shared](*args)``: on a GPU a :class:`~gpuconv.cuda.fastlaunch.FastKernel` (the
+    dispatcher's argument marshalling done once per launch shape), in the simulator Numba's
+    dispatcher itself. Compiled for the current GPU on first use."""
+    if simulator_enabled():  # the simulator has no launch bounds and no driver to launch on
         return cuda.jit(spec.signature)(spec.pyfunc)
-    try:
-        return cuda.jit(spec.signature, launch_bounds=spec.launch_bounds)(spec.pyfunc)
-    except TypeError:  # a numba-cuda without launch bounds: same code, registers uncapped
-        return cuda.jit(spec.signature)(spec.pyfunc)
+    if spec.launch_bounds is None:
+        dispatcher = cuda.jit(spec.signature)(spec.pyfunc)
+    else:
+        try:
+            dispatcher = cuda.jit(spec.signature, launch_bounds=spec.launch_bounds)(spec.pyfunc)
+        except TypeError:  # a numba-cuda without launch bounds: same code, registers uncapped
+            dispatcher = cuda.jit(spec.signature)(spec.pyfunc)
+    return FastKernel(dispatcher, spec.signature, spec.name)
 
 
 def _even_split(count, cap):

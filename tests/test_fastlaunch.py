@@ -1,0 +1,283 @@
+"""The fast launch path (gpuconv.cuda.fastlaunch) without a GPU: its argument lists against
+numba-cuda's own marshalling, for every launch the CUDA path makes on the benchmark layers,
+and its choice between the fast path and Numba's dispatcher.
+
+Numba device arrays are real ``DeviceNDArray`` objects over a stand-in allocation (a pointer
+and nothing behind it): packing reads only their shape, strides, dtype and pointer, and
+numba-cuda's ``_Kernel._prepare_args`` is run on them as it is before every dispatcher
+launch. On a GPU the first launch of each kernel repeats that comparison on the real
+arguments (``scripts/gpu_check.py`` reports the result)."""
+
+import ctypes
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+
+from conftest import SIMULATOR, numba_cuda_importable
+
+pytestmark = pytest.mark.skipif(SIMULATOR or not numba_cuda_importable(),
+                                reason="needs numba-cuda's real driver classes (not the "
+                                       "simulator's); no GPU is used")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("launch_cost",
+                                                  ROOT / "scripts" / "launch_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+LC = _script() if numba_cuda_importable() and not SIMULATOR else None
+_OPS = ("conv2d", "local_conv2d", "conv2d_input", "conv2d_weight", "local_conv2d_input",
+        "local_conv2d_weight")
+
+
+def _device_array(shape, dtype, strides=None):
+    return LC.device_array(shape, dtype, strides)
+
+
+def _NumbaKernel(signature):
+    return LC.NumbaKernel(signature)
+
+
+def _numba_args(spec, launch, args):
+    """numba-cuda's kernel arguments for ``args`` (the dispatcher's flat views included)."""
+    return LC.dispatcher_work(LC.NumbaKernel(spec.signature), launch, args)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+@pytest.mark.parametrize("op_name", _OPS)
+def test_every_launch_packs_as_numba_cuda_does(op_name, dtype):
+    """Each benchmark layer at its GPU batch and at a small one (the streaming kernel),
+    N-D arrays standing for the kernels' flat parameters, then flat views as the
+    dispatcher is given: the fast path's list is numba-cuda's, element by element."""
+    from gpuconv import workloads
+    from gpuconv.cuda.fastlaunch import FastKernel
+
+    launches = 0
+    for layer in workloads.LAYERS.values():
+        for batch in (layer.batch_gpu, 4):
+            geom = layer.geometry(batch)
+            for flat_views in (False, True):
+                for spec, shape, args in LC.recorded_launches(op_name, geom, dtype,
+                                                              flat_views):
+                    fast = FastKernel(None, spec.signature, spec.name)
+                    packed = fast._pack(args)
+                    assert fast._check(_NumbaKernel(spec.signature), args, packed, 0) is None
+                    assert [getattr(a, "value", a) for a in packed] == \
+                        [getattr(a, "value", a) for a in _numba_args(spec, shape, args)]
+                    assert fast._pack(args) == packed  # the second time from the template
+                    launches += 1
+    assert launches >= 2 * 2 * len(workloads.LAYERS)
+
+
+def test_the_check_finds_a_difference():
+    from numba import types
+
+    from gpuconv.cuda.fastlaunch import FastKernel
+    from gpuconv.cuda.spec import KernelSpec
+
+    spec = KernelSpec("k", None, (types.Array(types.float32, 1, "C"), types.int64))
+    x = _device_array((3, 4), np.float32)
+    fast = FastKernel(None, spec.signature, spec.name)
+    packed = fast._pack((x, 7))
+    numba_kernel = _NumbaKernel(spec.signature)
+    assert fast._check(numba_kernel, (x, 7), packed, 0) is None
+    assert [getattr(a, "value", a) for a in packed] == [0, 0, 12, 4, x.device_ctypes_pointer.value,
+                                                        12, 4, 7]
+    wrong = list(packed)
+    wrong[2] = 11  # another size
+    assert "argument 2 is 11" in fast._check(numba_kernel, (x, 7), wrong, 0)
+    wrong = list(packed)
+    wrong[-1] = ctypes.c_int32(7)  # another scalar type
+    assert "c_int" in fast._check(numba_kernel, (x, 7), wrong, 0)
+    assert "kernel arguments" in fast._check(numba_kernel, (x, 7), packed[:-1], 0)
+
+
+def test_arrays_the_fast_path_does_not_take():
+    from gpuconv.cuda.fastlaunch import _NotFast, pack_array
+
+    f32 = np.dtype(np.float32)
+    x = _device_array((2, 3), f32)
+    assert pack_array(2, "C", f32, x)[5:] == [2, 3, 12, 4]
+    assert pack_array(1, "C", f32, x)[5:] == [6, 4]  # the flat view of a C array
+    strided = _device_array((2, 3), f32, strides=(24, 4))  # rows padded: not C-contiguous
+    assert pack_array(2, "A", f32, strided)[5:] == [2, 3, 24, 4]
+    for ndim, layout, dtype, value in [(1, "C", f32, strided),      # no flat view
+                                       (2, "C", f32, strided),      # not C-contiguous
+                                       (2, "C", np.dtype(np.float64), x),  # another dtype
+                                       (3, "C", f32, x),            # another rank
+                                       (1, "C", f32, np.zeros(3, np.float32))]:  # host array
+        with pytest.raises(_NotFast):
+            pack_array(ndim, layout, dtype, value)
+
+
+class _FakeDispatcher:
+    """Numba's dispatcher as the fast path sees it: its one overload, and its own launch
+    (recorded) for the arguments the fast path leaves to it."""
+
+    def __init__(self, signature, log):
+        self.log = log
+        kernel = _NumbaKernel(signature)
+        function = type("Function", (), {"kernel": "cuda.core kernel"})()
+        kernel._codelibrary = type("Library", (), {"get_cufunc": lambda self: function})()
+        self.overloads = {tuple(signature): kernel}
+
+    def __getitem__(self, launch):
+        return lambda *args: self.log.append(("dispatcher", launch, args))
+
+    def get_regs_per_thread(self):
+        return 40
+
+
+@pytest.fixture
+def fast_kernel(monkeypatch):
+    from numba import types
+
+    from gpuconv.cuda import fastlaunch
+
+    log = []
+    signature = (types.Array(types.float32, 1, "C"), types.Array(types.float32, 1, "C"),
+                 types.int64, types.int64)
+    monkeypatch.setattr(fastlaunch, "_REASONS", {})
+    monkeypatch.setattr(fastlaunch, "_STATE", [True])
+    monkeypatch.setattr(fastlaunch, "_CORE_LAUNCH",
+                        lambda stream, config, kernel, *args: log.append(
+                            ("fast", stream, config, kernel, args)))
+
+    def prepared(self, kernel):
+        self._core_stream = ("core stream", self.stream)
+        self._config = ("config", self.grid, self.block, self.shared)
+        return self._config
+
+    monkeypatch.setattr(fastlaunch._Launch, "_prepared", prepared)
+    kernel = fastlaunch.FastKernel(_FakeDispatcher(signature, log), signature, "k_test")
+    return kernel, log
+
+
+def test_launch_goes_fast_after_one_check(fast_kernel):
+    kernel, log = fast_kernel
+    x, y = _device_array((2, 2, 3), np.float32), _device_array((12,), np.float32)
+    kernel[(4, 1), (32,), "stream", 128](x, y, 5, 6)
+    kernel[(4, 1), (32,), "stream", 128](x, y, 5, 6)
+    assert [entry[0] for entry in log] == ["fast", "fast"]
+    kind, stream, config, function, args = log[0]
+    assert stream == ("core stream", "stream") and config == ("config", (4, 1), (32,), 128)
+    assert function == "cuda.core kernel"
+    assert [getattr(a, "value", a) for a in args] == [
+        0, 0, 12, 4, x.device_ctypes_pointer.value, 12, 4,
+        0, 0, 12, 4, y.device_ctypes_pointer.value, 12, 4, 5, 6]
+    # the scalars' ctypes objects are made once per tuple of values
+    assert log[0][4][-1] is log[1][4][-1]
+    assert kernel[(4, 1), (32,), "stream", 128] is kernel[(4, 1), (32,), "stream", 128]
+    assert kernel.get_regs_per_thread() == 40  # the dispatcher's own attributes
+
+
+def test_launch_leaves_to_the_dispatcher(fast_kernel):
+    from gpuconv.cuda import fastlaunch
+
+    kernel, log = fast_kernel
+    x, y = _device_array((2, 6), np.float32), _device_array((12,), np.float32)
+    host = np.zeros(12, np.float32)
+    kernel[4, 32, 0](host, y, 5, 6)           # not a Numba device array
+    kernel[4, 32, 0](x, y, 5.5, 6)            # not an integer: the dispatcher raises
+    kernel[4, 32, 0](x, y, [5], 6)            # not even hashable
+    assert [entry[0] for entry in log] == ["dispatcher"] * 3
+    assert log[1][2][0].shape == (12,)       # handed a flat view, as its signature wants
+    assert fastlaunch.fallback_reasons() == {}
+    fastlaunch.set_enabled(False)
+    kernel[4, 32, 0](x, y, 5, 6)
+    fastlaunch.set_enabled(True)
+    kernel[[4], [32], 0](x, y, 5, 6)          # unhashable launch shape
+    kernel[4, 32, 0](x, y, 5, 6)
+    assert [entry[0] for entry in log] == ["dispatcher"] * 5 + ["fast"]
+
+
+def test_a_failed_check_sends_the_kernel_to_the_dispatcher(fast_kernel, monkeypatch):
+    from gpuconv.cuda import fastlaunch
+
+    kernel, log = fast_kernel
+    monkeypatch.setattr(kernel, "_check", lambda *args: "kernel argument 2 is 11 where "
+                        "numba-cuda makes 12")
+    x, y = _device_array((12,), np.float32), _device_array((12,), np.float32)
+    kernel[4, 32, 0](x, y, 5, 6)
+    kernel[4, 32, 0](x, y, 5, 6)
+    assert [entry[0] for entry in log] == ["dispatcher", "dispatcher"]
+    assert fastlaunch.fallback_reasons() == {"k_test": "kernel argument 2 is 11 where "
+                                                       "numba-cuda makes 12"}
+
+
+def test_a_kernel_the_fast_path_cannot_launch(fast_kernel):
+    from gpuconv.cuda import fastlaunch
+
+    kernel, log = fast_kernel
+    next(iter(kernel.dispatcher.overloads.values())).debug = True
+    x, y = _device_array((12,), np.float32), _device_array((12,), np.float32)
+    kernel[4, 32, 0](x, y, 5, 6)
+    assert [entry[0] for entry in log] == ["dispatcher"]
+    assert "debugging" in fastlaunch.fallback_reasons()["k_test"]
+
+
+@pytest.mark.parametrize("word, on", [("0", False), ("off", False), ("1", True), ("", True)])
+def test_environment_variable(monkeypatch, word, on):
+    from gpuconv.cuda import fastlaunch
+
+    monkeypatch.setattr(fastlaunch, "_STATE", [])
+    monkeypatch.setenv(fastlaunch.ENV_VAR, word)
+    assert fastlaunch.enabled() is on
+    assert fastlaunch.set_enabled(not on) is on
+    assert fastlaunch.enabled() is (not on)
+    with pytest.raises(TypeError, match="on must be True or False"):
+        fastlaunch.set_enabled(1)
+
+
+def test_flat_views_follow_the_fast_path(monkeypatch):
+    from gpuconv.cuda import fastlaunch, launch
+
+    x = _device_array((2, 3), np.float32)
+    monkeypatch.setattr(launch, "_FLAT_VIEWS_NEEDED", [False])
+    monkeypatch.setattr(fastlaunch, "_STATE", [True])
+    assert launch._flat(x) is x
+    monkeypatch.setattr(fastlaunch, "_STATE", [False])
+    assert launch._flat(x).shape == (6,)
+    monkeypatch.setattr(fastlaunch, "_STATE", [True])
+    monkeypatch.setattr(launch, "_FLAT_VIEWS_NEEDED", [True])  # the simulator
+    assert launch._flat(x).shape == (6,)
+
+
+def test_the_launch_cost_script_runs(capsys):
+    """``scripts/launch_cost.py`` (the host work of a launch, dispatcher against fast path)."""
+    assert LC.main(["--layers", "deepface-l6", "--rounds", "1", "--calls", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "local_conv2d_igrad_gemm_f32_k5x5" in out and "sum_slices_f32" in out
+    rows = LC.measure([("tiny", LC.conv_geometry((2, 3, 6, 6), (3, 3), 4))], rounds=1, calls=1)
+    assert {row[1] for row in rows} == set(_OPS)
+    assert all(row[4] > 0 and row[5] > 0 for row in rows)
+
+
+def test_scalars_between_arrays():
+    """The list's places when scalars come before and between arrays (the benchmark's
+    kernels take their arrays first)."""
+    from numba import types
+
+    from gpuconv.cuda.fastlaunch import FastKernel
+    from gpuconv.cuda.spec import KernelSpec
+
+    spec = KernelSpec("k", None, (types.int32, types.Array(types.float64, 2, "A"), types.int64,
+                                  types.Array(types.float64, 1, "C"), types.uint64))
+    x = _device_array((3, 4), np.float64, strides=(64, 8))
+    y = _device_array((2, 5), np.float64)
+    args = (-3, x, 2**40, y, 9)
+    fast = FastKernel(None, spec.signature, spec.name)
+    packed = fast._pack(args)
+    assert fast._check(_NumbaKernel(spec.signature), args, packed, 0) is None
+    assert [getattr(a, "value", a) for a in packed] == [
+        -3, 0, 0, 12, 8, x.device_ctypes_pointer.value, 3, 4, 64, 8, 2**40,
+        0, 0, 10, 8, y.device_ctypes_pointer.value, 10, 8, 9]
+    assert [type(a) for a in (packed[0], packed[10], packed[-1])] == [
+        ctypes.c_int32, ctypes.c_int64, ctypes.c_uint64]
