@@ -16,6 +16,11 @@ batch), this times on the CPU, interleaved, the median of ``--rounds`` rounds of
 - ``fast``: :mod:`gpuconv.cuda.fastlaunch` packing the same arguments (N-D arrays for the
   flat parameters, no views).
 
+and, once, what viewing a caller's array costs: the Numba device array the CUDA path made
+of each operand, the output and each scratch array (its object only: the driver query and
+memory-pointer object ``numba.cuda.from_cuda_array_interface`` adds need a GPU), against
+the fast path's :class:`~gpuconv.cuda.fastlaunch.DeviceView`.
+
 Both lists are compared before timing. Not included, because it is the same for both: the
 call into the driver (``cuda.core.launch``, which copies the list into the launch), and the
 integer arguments' typing in numba-cuda's C dispatcher. The arrays are Numba device arrays
@@ -86,7 +91,7 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def _recording(log, flat_views):
+def recording(log, flat_views=False):
     """Compiled kernels replaced by recorders (none is compiled), ``_flat`` as on a GPU
     with the fast path on (``flat_views=False``) or as in the simulator."""
     from gpuconv.cuda import fastlaunch, kernels, launch, spec, tiled
@@ -113,7 +118,7 @@ def recorded_launches(op_name, geom, dtype, flat_views=False):
 
     op = ops.OPS[op_name]
     log = []
-    with _recording(log, flat_views):
+    with recording(log, flat_views):
         out = device_array(op.output_shape(geom), dtype)
         op.kernel("cuda")(*operands(op, geom, dtype), out, geom, 0,
                           empty=lambda shape, dt: device_array(shape, dt))
@@ -194,6 +199,40 @@ def measure(geometries, dtype=np.float32, rounds=7, calls=1000):
     return rows
 
 
+def view_cost(shape=(128, 16, 25, 25), dtype=np.float32, rounds=7, calls=1000):
+    """``(Numba us, view us)``: what viewing a caller's array costs each way, medians of
+    interleaved rounds. Numba's side is the device array object that
+    ``numba.cuda.from_cuda_array_interface`` builds, without the driver's query of the
+    pointer and the memory-pointer object it also makes (they need a GPU): a lower bound."""
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    from gpuconv.cuda.fastlaunch import DeviceView
+    from gpuconv.device import c_strides
+
+    template = device_array(shape, dtype)
+    cai = {"shape": tuple(shape), "strides": None, "typestr": np.dtype(dtype).str,
+           "data": (template.device_ctypes_pointer.value, False), "version": 3,
+           "stream": None}
+    memory = template.gpu_data
+
+    def numba_view():
+        desc_dtype = np.dtype(cai["typestr"])
+        return DeviceNDArray(cai["shape"], c_strides(cai["shape"], desc_dtype.itemsize),
+                             desc_dtype, gpu_data=memory)
+
+    def fast_view():
+        return DeviceView.from_interface(cai, None)
+
+    times = {numba_view: [], fast_view: []}
+    for _ in range(rounds):
+        for make in (numba_view, fast_view):
+            start = time.perf_counter_ns()
+            for _ in range(calls):
+                make()
+            times[make].append((time.perf_counter_ns() - start) / calls / 1e3)
+    return float(np.median(times[numba_view])), float(np.median(times[fast_view]))
+
+
 def main(argv=None):
     from gpuconv import workloads
 
@@ -214,6 +253,9 @@ def main(argv=None):
     for label, op, name, count, slow, fast in rows:
         print(f"{label:<16} {op:<20} {name:<48} {count:>4} {slow:>13.1f} {fast:>8.1f} "
               f"{slow - fast:>8.1f}")
+    slow, fast = view_cost(dtype=np.dtype(args.dtype), rounds=args.rounds, calls=args.calls)
+    print(f"viewing one operand (128x16x25x25): Numba device array {slow:.1f} us (at least), "
+          f"fast path's view {fast:.1f} us")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
 

@@ -281,3 +281,95 @@ def test_scalars_between_arrays():
         0, 0, 10, 8, y.device_ctypes_pointer.value, 10, 8, 9]
     assert [type(a) for a in (packed[0], packed[10], packed[-1])] == [
         ctypes.c_int32, ctypes.c_int64, ctypes.c_uint64]
+
+
+# --------------------------------------------------------------------------------------------
+# device views: the callers' arrays without Numba device array objects
+# --------------------------------------------------------------------------------------------
+
+class _CallerArray:
+    """A caller's GPU array as gpuconv sees one: its array interface only."""
+
+    def __init__(self, shape, dtype, strides=None):
+        LC._NEXT_PTR[0] += 1 << 24
+        self.ptr = LC._NEXT_PTR[0]
+        self.__cuda_array_interface__ = {
+            "shape": tuple(shape), "strides": strides, "typestr": np.dtype(dtype).str,
+            "data": (self.ptr, False), "version": 3, "stream": None}
+
+
+def test_a_view_packs_as_a_numba_array_of_the_same_memory():
+    from gpuconv.cuda.fastlaunch import DeviceView, pack_array
+
+    f16 = np.dtype(np.float16)
+    numba_array = _device_array((2, 3, 4), f16)
+    view = DeviceView(numba_array.device_ctypes_pointer.value, (2, 3, 4), f16)
+    for ndim, layout in ((1, "C"), (3, "C"), (3, "A")):
+        assert pack_array(ndim, layout, f16, view) == pack_array(ndim, layout, f16, numba_array)
+    strided = _device_array((2, 3), f16, strides=(16, 2))
+    strided_view = DeviceView(strided.device_ctypes_pointer.value, (2, 3), f16, (16, 2))
+    assert pack_array(2, "A", f16, strided_view) == pack_array(2, "A", f16, strided)
+    assert not strided_view.is_c_contiguous() and view.is_c_contiguous()
+    with pytest.raises(ValueError, match="cannot view"):
+        strided_view.reshape(6)
+    flat = view.reshape(24)
+    assert (flat.shape, flat.strides, flat.ptr, flat.size) == ((24,), (2,), view.ptr, 24)
+    assert view.reshape((1, 1, 24)).shape == (1, 1, 24)
+    cai = strided_view.__cuda_array_interface__
+    assert cai["strides"] == (16, 2) and cai["typestr"] == "<f2" \
+        and cai["data"][0] == strided_view.ptr
+    assert view.__cuda_array_interface__["strides"] is None  # C-contiguous
+    again = DeviceView.from_interface(cai, owner="caller")
+    assert (again.shape, again.strides, again.dtype, again.owner) == ((2, 3), (16, 2), f16,
+                                                                        "caller")
+
+
+@pytest.mark.parametrize("op_name", _OPS)
+def test_a_call_on_device_arrays_launches_on_the_callers_memory(monkeypatch, op_name):
+    """The CUDA path of one call, as far as it goes without a driver: the caller's arrays,
+    the output and the scratch reach the kernels as views of the memory the caller and the
+    allocator gave (pointers checked), never as Numba device arrays."""
+    from gpuconv import ops
+    from gpuconv.conv import _Operand
+    from gpuconv.cuda import fastlaunch, launch
+    from gpuconv.cuda.fastlaunch import DeviceView, FastKernel
+
+    op = ops.OPS[op_name]
+    geom = LC.conv_geometry((3, 4, 9, 9), (3, 3), 32, padding=1)
+    dtype = np.dtype(np.float32)
+    shapes = {"forward": (geom.input_shape, op.weight_shape(geom), op.bias_shapes(geom)[-1]),
+              "input_grad": (geom.output_shape, op.weight_shape(geom)),
+              "weight_grad": (geom.input_shape, geom.output_shape)}[op.kind]
+    callers = [_CallerArray(shape, dtype) for shape in shapes]
+    operands = [_Operand(a, a.__cuda_array_interface__["shape"], dtype, True,
+                         cai=a.__cuda_array_interface__) for a in callers]
+    allocated = []
+
+    def allocate(template, shape, dt, stream):
+        allocated.append(_CallerArray(shape, dt))
+        return allocated[-1]
+
+    monkeypatch.setattr(launch, "_check_device_memory", lambda *a, **k: None)
+    monkeypatch.setattr(launch, "_stream_of", lambda *a, **k: 0)
+    monkeypatch.setattr(launch, "_allocate_like", allocate)
+    log = []
+    with LC.recording(log):
+        assert fastlaunch.enabled() and launch._views()
+        out = launch._run_gpu_on_device(op, operands, geom, launch._Plan(op, operands, geom),
+                                        device=0)
+    assert out is allocated[0]
+    assert tuple(out.__cuda_array_interface__["shape"]) == tuple(op.output_shape(geom))
+    pointers = {a.ptr for a in callers + allocated}
+    for spec, shape, args in log:
+        arrays = [a for a in args if not isinstance(a, int)]
+        assert arrays and all(type(a) is DeviceView for a in arrays)
+        assert {a.ptr for a in arrays} <= pointers
+        packed = FastKernel(None, spec.signature, spec.name)._pack(args)
+        assert all(isinstance(v, (int, ctypes._SimpleCData)) for v in packed)
+    first_arrays = [a for a in log[0][2] if not isinstance(a, int)]
+    assert [a.ptr for a in first_arrays[:len(callers)]] == [a.ptr for a in callers]
+    if op.kind == "forward":  # the output follows the operands
+        assert first_arrays[len(callers)].ptr == out.ptr
+    # with the fast path off, the same call makes Numba arrays (needs the driver: not here)
+    monkeypatch.setattr(fastlaunch, "_STATE", [False])
+    assert not launch._views()

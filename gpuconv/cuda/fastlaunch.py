@@ -12,10 +12,12 @@ the same shape. :class:`FastKernel` keeps what the dispatcher would build for th
   configuration and its stream;
 - per tuple of scalar values, their ctypes objects (the same types numba-cuda makes);
 
-so a launch only reads each array's pointer, size and strides (from the Numba device
-array, without a view or a reshape: an N-D C-contiguous array stands for the flat 1-D
-parameter the kernels take) and queues the kernel through the same ``cuda.core`` launch the
-dispatcher ends in. The argument list is numba-cuda's own format (``_Kernel._prepare_args``:
+so a launch only reads each array's pointer, size and strides (an N-D C-contiguous array
+stands for the flat 1-D parameter the kernels take, without a reshape) and queues the kernel
+through the same ``cuda.core`` launch the dispatcher ends in. The arrays are Numba device
+arrays or :class:`DeviceView`\ s: the CUDA path views the caller's arrays, its output and its
+scratch as those (a pointer, a shape, strides and the owner) instead of building a Numba
+device array of each on every call. The argument list is numba-cuda's own format (``_Kernel._prepare_args``:
 for an array ``meminfo, parent, size, itemsize, data, *shape, *strides``; a scalar as
 ``ctypes.c_<type>``), and the first launch of every kernel in a process is checked against
 what ``_prepare_args`` itself makes of the same arguments: a difference, or a numba-cuda
@@ -37,7 +39,8 @@ import threading
 
 import numpy as np
 
-__all__ = ["FastKernel", "ENV_VAR", "enabled", "set_enabled", "fallback_reasons", "pack_array"]
+__all__ = ["FastKernel", "DeviceView", "ENV_VAR", "enabled", "set_enabled", "fallback_reasons",
+           "pack_array"]
 
 ENV_VAR = "GPUCONV_FAST_LAUNCH"
 _OFF_WORDS = ("0", "false", "off", "no")
@@ -101,16 +104,19 @@ def _is_c(shape, strides, itemsize):
 
 def pack_array(ndim, layout, dtype, value):
     """numba-cuda's kernel arguments for an array parameter of ``ndim`` dimensions, ``layout``
-    ('C' or 'A') and ``dtype``, from the Numba device array ``value``: ``[meminfo, parent,
-    size, itemsize, data, *shape, *strides]``, as ``_Kernel._prepare_args`` makes them. A
-    C-contiguous ``value`` of another shape stands for a 1-D C parameter (the arguments of
-    its flat view). Raises :class:`_NotFast` for anything else (the dispatcher decides)."""
-    try:
-        gpu_data = value.gpu_data
-        value_dtype = value.dtype
-    except AttributeError:
-        raise _NotFast from None
-    if gpu_data is None or (value_dtype is not dtype and value_dtype != dtype):
+    ('C' or 'A') and ``dtype``, from ``value`` (a :class:`DeviceView` or a Numba device
+    array): ``[meminfo, parent, size, itemsize, data, *shape, *strides]``, as
+    ``_Kernel._prepare_args`` makes them. A C-contiguous ``value`` of another shape stands
+    for a 1-D C parameter (the arguments of its flat view). Raises :class:`_NotFast` for
+    anything else (the dispatcher decides)."""
+    if type(value) is DeviceView:
+        ptr = value.ptr
+    else:
+        if getattr(value, "gpu_data", None) is None:  # not a Numba device array
+            raise _NotFast
+        ptr = None
+    value_dtype = value.dtype
+    if value_dtype is not dtype and value_dtype != dtype:
         raise _NotFast
     shape = value.shape
     itemsize = dtype.itemsize
@@ -122,7 +128,71 @@ def pack_array(ndim, layout, dtype, value):
         shape, strides = (size,), (itemsize,)
     elif layout == "C" and not (size <= 1 or _is_c(shape, strides, itemsize)):
         raise _NotFast
-    return [0, 0, size, itemsize, value.device_ctypes_pointer.value, *shape, *strides]
+    if ptr is None:
+        ptr = value.device_ctypes_pointer.value
+    return [0, 0, size, itemsize, ptr, *shape, *strides]
+
+
+_DTYPES = {}  # typestr -> NumPy dtype
+_STRIDES = {}  # (shape, itemsize) -> C strides
+
+
+class DeviceView:
+    """A GPU array as the fast path launches it: the caller's memory (pointer, shape,
+    strides, dtype) and the object that owns it, kept alive as long as the view. Making one
+    costs a few attribute reads where a Numba device array asks the driver about the
+    pointer and builds a layout; ``__cuda_array_interface__`` lets Numba take it wherever a
+    device array is needed (the dispatcher, when the fast path is off for a kernel)."""
+
+    __slots__ = ("ptr", "shape", "strides", "dtype", "size", "ndim", "owner")
+
+    def __init__(self, ptr, shape, dtype, strides=None, owner=None):
+        shape = tuple(shape)
+        if strides is None:
+            key = (shape, dtype.itemsize)
+            strides = _STRIDES.get(key)
+            if strides is None:
+                if len(_STRIDES) >= 4 * _MAX_ENTRIES:
+                    _STRIDES.clear()
+                strides = _STRIDES[key] = _c_strides(shape, dtype.itemsize)
+        size = 1
+        for extent in shape:
+            size *= extent
+        self.ptr, self.shape, self.strides, self.dtype = ptr or 0, shape, tuple(strides), dtype
+        self.size, self.ndim, self.owner = size, len(shape), owner
+
+    @classmethod
+    def from_interface(cls, cai, owner):
+        """The view of an unmasked ``__cuda_array_interface__`` ``cai`` of ``owner``."""
+        typestr = cai["typestr"]
+        dtype = _DTYPES.get(typestr)
+        if dtype is None:
+            dtype = _DTYPES[typestr] = np.dtype(typestr)
+        return cls(cai["data"][0], cai["shape"], dtype, cai.get("strides"), owner)
+
+    @property
+    def device_ctypes_pointer(self):
+        return ctypes.c_void_p(self.ptr)
+
+    def is_c_contiguous(self):
+        return self.size <= 1 or _is_c(self.shape, self.strides, self.dtype.itemsize)
+
+    def reshape(self, *shape):
+        """A view of another shape over the same memory (C-contiguous views only)."""
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = shape[0]
+        view = DeviceView(self.ptr, shape, self.dtype, None, self.owner)
+        if view.size != self.size or not self.is_c_contiguous():
+            raise ValueError(f"cannot view an array of shape {self.shape} and strides "
+                             f"{self.strides} as shape {tuple(shape)}")
+        return view
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape,
+                "strides": None if self.is_c_contiguous() else self.strides,
+                "typestr": self.dtype.str, "data": (self.ptr, False), "version": 3,
+                "stream": None}
 
 
 class FastKernel:

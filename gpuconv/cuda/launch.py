@@ -127,14 +127,19 @@ def _same_stream(a, b):
 
 
 def _as_device_array(obj, sync, cai=None):
-    """A Numba device array viewing ``obj`` (no copy); with ``sync``, first wait for the
-    stream that produced it. ``cai``: ``obj``'s array interface, if already read."""
+    """A device array viewing ``obj`` (no copy); with ``sync``, first wait for the stream
+    that produced it. ``cai``: ``obj``'s array interface, if already read. With the fast
+    launch path on, an unmasked array that needs no wait is viewed as a
+    :class:`~gpuconv.cuda.fastlaunch.DeviceView` (no Numba object, no driver query), else as
+    a Numba device array."""
     if _is_numba_device_array(obj):
         if sync and getattr(obj, "stream", 0):
             obj.stream.synchronize()
         return obj
     if cai is None:
         cai = obj.__cuda_array_interface__
+    if _views() and (not sync or cai.get("stream") is None) and cai.get("mask") is None:
+        return fastlaunch.DeviceView.from_interface(cai, obj)
     if not sync and cai.get("stream") is not None:
         # nothing to wait for: no need for a Numba wrapper of the producer's stream
         cai = dict(cai, stream=None)
@@ -201,14 +206,20 @@ def _flat(array):
     launches take the fast path, the array itself: :class:`~gpuconv.cuda.fastlaunch.FastKernel`
     passes a C-contiguous array to a 1-D parameter as its flat view without making one
     (a Numba reshape builds a new device array object on every call)."""
-    if _FLAT_VIEWS_NEEDED[0] is None:
-        _FLAT_VIEWS_NEEDED[0] = simulator_enabled()
-    if not _FLAT_VIEWS_NEEDED[0] and fastlaunch.enabled():
+    if _views():
         return array
     return array.reshape(array.size)
 
 
-_FLAT_VIEWS_NEEDED = [None]  # the simulator's dispatcher takes 1-D arrays only
+def _views():
+    """Whether launches take the fast path (:mod:`gpuconv.cuda.fastlaunch`: on, and not in
+    the simulator, whose dispatcher takes Numba arrays of the kernels' own ranks only)."""
+    if _FLAT_VIEWS_NEEDED[0] is None:
+        _FLAT_VIEWS_NEEDED[0] = simulator_enabled()
+    return not _FLAT_VIEWS_NEEDED[0] and fastlaunch.enabled()
+
+
+_FLAT_VIEWS_NEEDED = [None]  # in the simulator (decided when Numba is imported)
 
 
 def launch_conv2d(x, weight, bias, out, geom, stream, config=None, empty=None):
@@ -797,6 +808,20 @@ def _allocate_like(template, shape, dtype, stream):
     return cuda.device_array(shape, dtype=dtype, stream=stream)
 
 
+def _new_view(obj, shape, dtype):
+    """A device array over ``obj``, a C-contiguous array of ``shape`` and ``dtype`` that
+    :func:`_allocate_like` has just made: on the fast launch path a
+    :class:`~gpuconv.cuda.fastlaunch.DeviceView` from the library's own pointer (PyTorch's
+    and CuPy's array interfaces build a dictionary on every read), else a Numba array."""
+    if _views():
+        library = _library(obj)
+        if library == "torch":
+            return fastlaunch.DeviceView(obj.data_ptr(), shape, np.dtype(dtype), None, obj)
+        if library == "cupy":
+            return fastlaunch.DeviceView(obj.data.ptr, shape, np.dtype(dtype), None, obj)
+    return _as_device_array(obj, sync=False)
+
+
 def _current_device_id():
     return cuda.get_current_device().id
 
@@ -846,11 +871,11 @@ def _run_gpu_on_device(op, operands, geom, plan, device, timer=None):
         arrays.append(_as_device_array(o.obj, other_stream, o.cai))
 
     def empty(shape, dtype):  # scratch from the caller's library, on its stream
-        return _as_device_array(_allocate_like(obj, shape, dtype, stream), sync=False)
+        return _new_view(_allocate_like(obj, shape, dtype, stream), shape, dtype)
 
     arrays = [a if a is None or contiguous else _contiguous(a, stream, empty)
               for a, contiguous in zip(arrays, plan.contiguous)]
-    d_out = _as_device_array(out_obj, sync=False)
+    d_out = _new_view(out_obj, plan.out_shape, plan.dtype)
     if timer:
         timer("allocate")
     plan.launch(*arrays, d_out, geom, stream, empty=empty,
