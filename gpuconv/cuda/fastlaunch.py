@@ -385,8 +385,8 @@ class _Launch:
         if not owner._checked:
             with _LOCK:
                 try:
-                    self._prepared(kernel)
-                    problem = owner._check(kernel, args, packed, self.stream)
+                    self._prepared(kernel)  # numba-cuda marshals with the cuda.core stream
+                    problem = owner._check(kernel, args, packed, self._core_stream)
                 except Exception as exc:
                     problem = f"{type(exc).__name__}: {exc}"
                 if problem is not None:
