@@ -15,7 +15,7 @@ the same shape. :class:`FastKernel` keeps what the dispatcher would build for th
 so a launch only reads each array's pointer, size and strides (an N-D C-contiguous array
 stands for the flat 1-D parameter the kernels take, without a reshape) and queues the kernel
 through the same ``cuda.core`` launch the dispatcher ends in. The arrays are Numba device
-arrays or :class:`DeviceView`\ s: the CUDA path views the caller's arrays, its output and its
+arrays or :class:`DeviceView` objects: the CUDA path views the caller's arrays, its output and its
 scratch as those (a pointer, a shape, strides and the owner) instead of building a Numba
 device array of each on every call. The argument list is numba-cuda's own format (``_Kernel._prepare_args``:
 for an array ``meminfo, parent, size, itemsize, data, *shape, *strides``; a scalar as
