@@ -15,14 +15,15 @@ the same shape. :class:`FastKernel` keeps what the dispatcher would build for th
 so a launch only reads each array's pointer, size and strides (an N-D C-contiguous array
 stands for the flat 1-D parameter the kernels take, without a reshape) and queues the kernel
 through the same ``cuda.core`` launch the dispatcher ends in. The arrays are Numba device
-arrays or :class:`DeviceView` objects: the CUDA path views the caller's arrays, its output and its
-scratch as those (a pointer, a shape, strides and the owner) instead of building a Numba
-device array of each on every call. The argument list is numba-cuda's own format (``_Kernel._prepare_args``:
-for an array ``meminfo, parent, size, itemsize, data, *shape, *strides``; a scalar as
-``ctypes.c_<type>``), and the first launch of every kernel in a process is checked against
-what ``_prepare_args`` itself makes of the same arguments: a difference, or a numba-cuda
-whose internals are not the ones this module reads, turns the fast path off for that kernel
-(:func:`fallback_reasons` says why) and the dispatcher launches it, as before.
+arrays or :class:`DeviceView` objects: the CUDA path views the caller's arrays, its output
+and its scratch as those (a pointer, a shape, strides and the owner) instead of building a
+Numba device array of each on every call. The argument list is numba-cuda's own format
+(``_Kernel._prepare_args``: for an array ``meminfo, parent, size, itemsize, data, *shape,
+*strides``; a scalar as ``ctypes.c_<type>``), and the first launch of every kernel in a
+process is checked against what ``_prepare_args`` itself makes of the same arguments: a
+difference, or a numba-cuda whose internals are not the ones this module reads, turns the
+fast path off for that kernel (:func:`fallback_reasons` says why) and the dispatcher
+launches it, as before.
 
 The fast path is off in Numba's CUDA simulator and when ``GPUCONV_FAST_LAUNCH=0``
 (:func:`set_enabled`); the results are the same either way (the kernel and its arguments
