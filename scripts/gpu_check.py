@@ -33,8 +33,8 @@ on an H200 with JIT compilation included.
    the roofline, what the host adds. A result outside the tolerance of its peer fails.
 8. ``overhead`` -- the per-call cost of tiny calls on CUDA tensors beside ``F.conv2d``, the
    steps of one call's host path with launches on the fast path and through Numba's
-   dispatcher (:mod:`gpuconv.cuda.fastlaunch`), and a profile of where gpuconv's host time
-   goes. The last lines of every run say whether any kernel left the fast path, and why.
+   dispatcher (:mod:`gpuconv.cuda.fastlaunch`; the two paths' results must be bitwise
+   equal), and a profile of where gpuconv's host time goes. The last lines of every run say whether any kernel left the fast path, and why.
 9. ``time-backward``, ``time-step`` -- the gradients and a training step of the PyTorch layers.
 10. ``candidates`` -- every forward kernel the dispatcher weighs
     (:func:`gpuconv.cuda.kernels.forward_candidates`: conv2d's direct kernel and its implicit
@@ -1280,8 +1280,16 @@ def overhead(target, gpuconv, calls=100):
             op: percall.call_steps(op, x, weight, padding=1, repeat=count,
                                    warmup=1 if target.dry_run else 10)
             for op, weight in (("conv2d", w), ("local_conv2d", wl))}
+        # the same kernels on the same arrays: the two launch paths agree bit for bit
+        by_dispatcher = [getattr(gpuconv, op)(x, weight, padding=1)
+                         for op, weight in (("conv2d", w), ("local_conv2d", wl))]
     finally:
         fastlaunch.set_enabled(before)
+    by_fast_path = [getattr(gpuconv, op)(x, weight, padding=1)
+                    for op, weight in (("conv2d", w), ("local_conv2d", wl))]
+    result["fast_equals_dispatcher"] = {
+        op: bool(target.torch.equal(target.from_gpuconv(a), target.from_gpuconv(b)))
+        for op, a, b in zip(("conv2d", "local_conv2d"), by_fast_path, by_dispatcher)}
     profile = cProfile.Profile()
     profile.enable()
     for _ in range(count):
@@ -1465,6 +1473,11 @@ def _run_phase(run, name, target, gpuconv, layers):
         result = overhead(target, gpuconv)
         run.report["phases"][name] = {"result": result,
                                       "seconds": time.perf_counter() - start}
+        for op, same in result["fast_equals_dispatcher"].items():
+            if not same:
+                run.failures += 1
+                run.say(f"FAIL overhead: {op} launched on the fast path differs from the same "
+                        "kernel launched by Numba's dispatcher", summary=True)
         if args.dry_run:
             run.say("overhead: ran (simulator: no timing claim)", summary=True)
             return
