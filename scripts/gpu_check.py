@@ -34,7 +34,8 @@ on an H200 with JIT compilation included.
 8. ``overhead`` -- the per-call cost of tiny calls on CUDA tensors beside ``F.conv2d``, the
    steps of one call's host path with launches on the fast path and through Numba's
    dispatcher (:mod:`gpuconv.cuda.fastlaunch`; the two paths' results must be bitwise
-   equal), and a profile of where gpuconv's host time goes. The last lines of every run say whether any kernel left the fast path, and why.
+   equal), and a profile of where gpuconv's host time goes. The last lines of every run
+   say whether any kernel left the fast path, and why.
 9. ``time-backward``, ``time-step`` -- the gradients and a training step of the PyTorch layers.
 10. ``candidates`` -- every forward kernel the dispatcher weighs
     (:func:`gpuconv.cuda.kernels.forward_candidates`: conv2d's direct kernel and its implicit
