@@ -373,3 +373,18 @@ def test_a_call_on_device_arrays_launches_on_the_callers_memory(monkeypatch, op_
     # with the fast path off, the same call makes Numba arrays (needs the driver: not here)
     monkeypatch.setattr(fastlaunch, "_STATE", [False])
     assert not launch._views()
+
+
+def test_internals_missing_at_the_first_launch_send_the_kernel_to_the_dispatcher(fast_kernel):
+    """A numba-cuda whose compiled kernel lacks what every fast launch reads is found at
+    the first launch, not by an error on each call."""
+    from gpuconv.cuda import fastlaunch
+
+    kernel, log = fast_kernel
+    overload = next(iter(kernel.dispatcher.overloads.values()))
+    overload._codelibrary = type("Library", (), {"get_cufunc": lambda self: object()})()
+    x, y = _device_array((12,), np.float32), _device_array((12,), np.float32)
+    kernel[4, 32, 0](x, y, 5, 6)
+    kernel[4, 32, 0](x, y, 5, 6)
+    assert [entry[0] for entry in log] == ["dispatcher", "dispatcher"]
+    assert "AttributeError" in fastlaunch.fallback_reasons()["k_test"]

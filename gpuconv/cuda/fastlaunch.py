@@ -387,6 +387,8 @@ class _Launch:
             with _LOCK:
                 try:
                     self._prepared(kernel)  # numba-cuda marshals with the cuda.core stream
+                    kernel._codelibrary.get_cufunc().kernel  # what every launch reads
+                    _CORE_LAUNCH or _core_launch()
                     problem = owner._check(kernel, args, packed, self._core_stream)
                 except Exception as exc:
                     problem = f"{type(exc).__name__}: {exc}"
