@@ -37,14 +37,6 @@ _OPS = ("conv2d", "local_conv2d", "conv2d_input", "conv2d_weight", "local_conv2d
         "local_conv2d_weight")
 
 
-def _device_array(shape, dtype, strides=None):
-    return LC.device_array(shape, dtype, strides)
-
-
-def _NumbaKernel(signature):
-    return LC.NumbaKernel(signature)
-
-
 def _numba_args(spec, launch, args):
     """numba-cuda's kernel arguments for ``args`` (the dispatcher's flat views included)."""
     return LC.dispatcher_work(LC.NumbaKernel(spec.signature), launch, args)
@@ -68,7 +60,7 @@ def test_every_launch_packs_as_numba_cuda_does(op_name, dtype):
                                                               flat_views):
                     fast = FastKernel(None, spec.signature, spec.name)
                     packed = fast._pack(args)
-                    assert fast._check(_NumbaKernel(spec.signature), args, packed, 0) is None
+                    assert fast._check(LC.NumbaKernel(spec.signature), args, packed, 0) is None
                     assert [getattr(a, "value", a) for a in packed] == \
                         [getattr(a, "value", a) for a in _numba_args(spec, shape, args)]
                     assert fast._pack(args) == packed  # the second time from the template
@@ -83,10 +75,10 @@ def test_the_check_finds_a_difference():
     from gpuconv.cuda.spec import KernelSpec
 
     spec = KernelSpec("k", None, (types.Array(types.float32, 1, "C"), types.int64))
-    x = _device_array((3, 4), np.float32)
+    x = LC.device_array((3, 4), np.float32)
     fast = FastKernel(None, spec.signature, spec.name)
     packed = fast._pack((x, 7))
-    numba_kernel = _NumbaKernel(spec.signature)
+    numba_kernel = LC.NumbaKernel(spec.signature)
     assert fast._check(numba_kernel, (x, 7), packed, 0) is None
     assert [getattr(a, "value", a) for a in packed] == [0, 0, 12, 4, x.device_ctypes_pointer.value,
                                                         12, 4, 7]
@@ -103,10 +95,10 @@ def test_arrays_the_fast_path_does_not_take():
     from gpuconv.cuda.fastlaunch import _NotFast, pack_array
 
     f32 = np.dtype(np.float32)
-    x = _device_array((2, 3), f32)
+    x = LC.device_array((2, 3), f32)
     assert pack_array(2, "C", f32, x)[5:] == [2, 3, 12, 4]
     assert pack_array(1, "C", f32, x)[5:] == [6, 4]  # the flat view of a C array
-    strided = _device_array((2, 3), f32, strides=(24, 4))  # rows padded: not C-contiguous
+    strided = LC.device_array((2, 3), f32, strides=(24, 4))  # rows padded: not C-contiguous
     assert pack_array(2, "A", f32, strided)[5:] == [2, 3, 24, 4]
     for ndim, layout, dtype, value in [(1, "C", f32, strided),      # no flat view
                                        (2, "C", f32, strided),      # not C-contiguous
@@ -123,7 +115,7 @@ class _FakeDispatcher:
 
     def __init__(self, signature, log):
         self.log = log
-        kernel = _NumbaKernel(signature)
+        kernel = LC.NumbaKernel(signature)
         function = type("Function", (), {"kernel": "cuda.core kernel"})()
         kernel._codelibrary = type("Library", (), {"get_cufunc": lambda self: function})()
         self.overloads = {tuple(signature): kernel}
@@ -162,7 +154,7 @@ def fast_kernel(monkeypatch):
 
 def test_launch_goes_fast_after_one_check(fast_kernel):
     kernel, log = fast_kernel
-    x, y = _device_array((2, 2, 3), np.float32), _device_array((12,), np.float32)
+    x, y = LC.device_array((2, 2, 3), np.float32), LC.device_array((12,), np.float32)
     kernel[(4, 1), (32,), "stream", 128](x, y, 5, 6)
     kernel[(4, 1), (32,), "stream", 128](x, y, 5, 6)
     assert [entry[0] for entry in log] == ["fast", "fast"]
@@ -182,7 +174,7 @@ def test_launch_leaves_to_the_dispatcher(fast_kernel):
     from gpuconv.cuda import fastlaunch
 
     kernel, log = fast_kernel
-    x, y = _device_array((2, 6), np.float32), _device_array((12,), np.float32)
+    x, y = LC.device_array((2, 6), np.float32), LC.device_array((12,), np.float32)
     host = np.zeros(12, np.float32)
     kernel[4, 32, 0](host, y, 5, 6)           # not a Numba device array
     kernel[4, 32, 0](x, y, 5.5, 6)            # not an integer: the dispatcher raises
@@ -204,7 +196,7 @@ def test_a_failed_check_sends_the_kernel_to_the_dispatcher(fast_kernel, monkeypa
     kernel, log = fast_kernel
     monkeypatch.setattr(kernel, "_check", lambda *args: "kernel argument 2 is 11 where "
                         "numba-cuda makes 12")
-    x, y = _device_array((12,), np.float32), _device_array((12,), np.float32)
+    x, y = LC.device_array((12,), np.float32), LC.device_array((12,), np.float32)
     kernel[4, 32, 0](x, y, 5, 6)
     kernel[4, 32, 0](x, y, 5, 6)
     assert [entry[0] for entry in log] == ["dispatcher", "dispatcher"]
@@ -217,7 +209,7 @@ def test_a_kernel_the_fast_path_cannot_launch(fast_kernel):
 
     kernel, log = fast_kernel
     next(iter(kernel.dispatcher.overloads.values())).debug = True
-    x, y = _device_array((12,), np.float32), _device_array((12,), np.float32)
+    x, y = LC.device_array((12,), np.float32), LC.device_array((12,), np.float32)
     kernel[4, 32, 0](x, y, 5, 6)
     assert [entry[0] for entry in log] == ["dispatcher"]
     assert "debugging" in fastlaunch.fallback_reasons()["k_test"]
@@ -239,7 +231,7 @@ def test_environment_variable(monkeypatch, word, on):
 def test_flat_views_follow_the_fast_path(monkeypatch):
     from gpuconv.cuda import fastlaunch, launch
 
-    x = _device_array((2, 3), np.float32)
+    x = LC.device_array((2, 3), np.float32)
     monkeypatch.setattr(launch, "_FLAT_VIEWS_NEEDED", [False])
     monkeypatch.setattr(fastlaunch, "_STATE", [True])
     assert launch._flat(x) is x
@@ -270,12 +262,12 @@ def test_scalars_between_arrays():
 
     spec = KernelSpec("k", None, (types.int32, types.Array(types.float64, 2, "A"), types.int64,
                                   types.Array(types.float64, 1, "C"), types.uint64))
-    x = _device_array((3, 4), np.float64, strides=(64, 8))
-    y = _device_array((2, 5), np.float64)
+    x = LC.device_array((3, 4), np.float64, strides=(64, 8))
+    y = LC.device_array((2, 5), np.float64)
     args = (-3, x, 2**40, y, 9)
     fast = FastKernel(None, spec.signature, spec.name)
     packed = fast._pack(args)
-    assert fast._check(_NumbaKernel(spec.signature), args, packed, 0) is None
+    assert fast._check(LC.NumbaKernel(spec.signature), args, packed, 0) is None
     assert [getattr(a, "value", a) for a in packed] == [
         -3, 0, 0, 12, 8, x.device_ctypes_pointer.value, 3, 4, 64, 8, 2**40,
         0, 0, 10, 8, y.device_ctypes_pointer.value, 10, 8, 9]
@@ -302,11 +294,11 @@ def test_a_view_packs_as_a_numba_array_of_the_same_memory():
     from gpuconv.cuda.fastlaunch import DeviceView, pack_array
 
     f16 = np.dtype(np.float16)
-    numba_array = _device_array((2, 3, 4), f16)
+    numba_array = LC.device_array((2, 3, 4), f16)
     view = DeviceView(numba_array.device_ctypes_pointer.value, (2, 3, 4), f16)
     for ndim, layout in ((1, "C"), (3, "C"), (3, "A")):
         assert pack_array(ndim, layout, f16, view) == pack_array(ndim, layout, f16, numba_array)
-    strided = _device_array((2, 3), f16, strides=(16, 2))
+    strided = LC.device_array((2, 3), f16, strides=(16, 2))
     strided_view = DeviceView(strided.device_ctypes_pointer.value, (2, 3), f16, (16, 2))
     assert pack_array(2, "A", f16, strided_view) == pack_array(2, "A", f16, strided)
     assert not strided_view.is_c_contiguous() and view.is_c_contiguous()
@@ -383,7 +375,7 @@ def test_internals_missing_at_the_first_launch_send_the_kernel_to_the_dispatcher
     kernel, log = fast_kernel
     overload = next(iter(kernel.dispatcher.overloads.values()))
     overload._codelibrary = type("Library", (), {"get_cufunc": lambda self: object()})()
-    x, y = _device_array((12,), np.float32), _device_array((12,), np.float32)
+    x, y = LC.device_array((12,), np.float32), LC.device_array((12,), np.float32)
     kernel[4, 32, 0](x, y, 5, 6)
     kernel[4, 32, 0](x, y, 5, 6)
     assert [entry[0] for entry in log] == ["dispatcher", "dispatcher"]

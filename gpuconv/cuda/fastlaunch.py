@@ -40,6 +40,8 @@ import threading
 
 import numpy as np
 
+from ..device import c_strides
+
 __all__ = ["FastKernel", "DeviceView", "ENV_VAR", "enabled", "set_enabled", "fallback_reasons",
            "pack_array"]
 
@@ -82,14 +84,6 @@ class _NotFast(Exception):
     """These arguments take the dispatcher (e.g. an array that is not a Numba device array)."""
 
 
-def _c_strides(shape, itemsize):
-    strides, step = [], itemsize
-    for extent in reversed(shape):
-        strides.append(step)
-        step *= max(extent, 1)
-    return tuple(reversed(strides))
-
-
 _C_LAYOUTS = {}  # (shape, strides, itemsize) -> C-contiguous or not
 
 
@@ -99,7 +93,7 @@ def _is_c(shape, strides, itemsize):
     if c is None:
         if len(_C_LAYOUTS) >= 4 * _MAX_ENTRIES:
             _C_LAYOUTS.clear()
-        c = _C_LAYOUTS[key] = strides == _c_strides(shape, itemsize)
+        c = _C_LAYOUTS[key] = strides == c_strides(shape, itemsize)
     return c
 
 
@@ -155,7 +149,7 @@ class DeviceView:
             if strides is None:
                 if len(_STRIDES) >= 4 * _MAX_ENTRIES:
                     _STRIDES.clear()
-                strides = _STRIDES[key] = _c_strides(shape, dtype.itemsize)
+                strides = _STRIDES[key] = c_strides(shape, dtype.itemsize)
         size = 1
         for extent in shape:
             size *= extent
