@@ -40,6 +40,7 @@ import time
 
 import numpy as np
 
+from gpuconv.appkit import positive_int
 from gpuconv.geometry import conv_geometry
 
 OPS = ("conv2d", "local_conv2d", "conv2d_input", "conv2d_weight", "local_conv2d_input",
@@ -240,8 +241,8 @@ def main(argv=None):
     parser.add_argument("--layers", nargs="*", default=["deepface-l6"],
                         choices=sorted(workloads.LAYERS))
     parser.add_argument("--dtype", default="float32", choices=["float16", "float32", "float64"])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--calls", type=int, default=1000)
+    parser.add_argument("--rounds", type=positive_int, default=7)
+    parser.add_argument("--calls", type=positive_int, default=1000)
     args = parser.parse_args(argv)
     geometries = [("tiny 8x16x16x16", conv_geometry((8, 16, 16, 16), (3, 3), 16, padding=1))]
     geometries += [(name, workloads.gpu_geometry(name)) for name in args.layers]
