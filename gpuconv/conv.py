@@ -70,17 +70,33 @@ class _Torch:
     anyone: gpuconv never imports it on its own); until then ``tensor`` is None, which no
     argument's type is."""
 
-    tensor = bfloat16 = from_numpy = None
+    tensor = bfloat16 = from_numpy = strided = None
+    dtypes = {}  # PyTorch's float dtypes -> NumPy's
 
     @classmethod
     def seen(cls):
         torch = sys.modules.get("torch")
         if cls.tensor is None and torch is not None and hasattr(torch, "from_numpy"):
+            cls.dtypes = {getattr(torch, d.name): d for d in _FLOAT_DTYPES}
+            cls.strided = torch.strided
             cls.tensor, cls.bfloat16, cls.from_numpy = torch.Tensor, torch.bfloat16, torch.from_numpy
 
 
 class _BFloat16(Exception):
     """An operand is a bfloat16 PyTorch tensor: the call goes to :func:`_bfloat16_call`."""
+
+
+def torch_cuda_interface(tensor, dtype):
+    """The ``__cuda_array_interface__`` PyTorch gives of the dense CUDA tensor ``tensor`` of
+    NumPy dtype ``dtype`` (version 2: no stream; strides only when not C-contiguous), made
+    from the tensor's attributes. PyTorch's own property does the same work behind checks
+    this module has already made, and the generic path below reads it twice."""
+    strides = None
+    if not tensor.is_contiguous():
+        itemsize = dtype.itemsize
+        strides = tuple(s * itemsize for s in tensor.stride())
+    return {"typestr": dtype.str, "shape": tuple(tensor.shape), "strides": strides,
+            "data": (tensor.data_ptr() if tensor.numel() else 0, False), "version": 2}
 
 
 def _operand(value, name):
@@ -89,15 +105,23 @@ def _operand(value, name):
     kind = type(value)
     if kind is np.ndarray:  # the common cases, first
         return _Operand(value, value.shape, value.dtype, False)
-    if kind is _Torch.tensor and value.is_cpu and not value.requires_grad:
+    if kind is _Torch.tensor and not value.requires_grad:
+        if value.is_neg():  # (x.conj().imag): the memory holds the values negated
+            value = value.resolve_neg()
         if value.dtype is _Torch.bfloat16:  # NumPy has no bfloat16
             raise _BFloat16
-        try:  # a view of the tensor's memory, as np.from_dlpack below gives, but cheaper
-            host = value.numpy()
-        except (TypeError, RuntimeError):  # conjugate views and such: as below
-            pass
-        else:
-            return _Operand(host, host.shape, host.dtype, False)
+        if value.is_cpu:
+            try:  # a view of the tensor's memory, as np.from_dlpack below gives, but cheaper
+                host = value.numpy()
+            except (TypeError, RuntimeError):  # conjugate views and such: as below
+                pass
+            else:
+                return _Operand(host, host.shape, host.dtype, False)
+        elif value.is_cuda and value.layout is _Torch.strided:
+            dtype = _Torch.dtypes.get(value.dtype)
+            if dtype is not None:  # (other dtypes: as below, which names them in the error)
+                cai = torch_cuda_interface(value, dtype)
+                return _Operand(value, cai["shape"], dtype, True, cai=cai)
     if getattr(value, "requires_grad", False) and _grad_mode_on():
         raise TypeError(
             f"{name} is a tensor that requires grad and grad mode is on; the gradient "
@@ -105,6 +129,8 @@ def _operand(value, name):
             "torch.no_grad(); gpuconv.conv2d and gpuconv.local_conv2d do record it")
     if _is_torch_tensor(value):
         _Torch.seen()
+        if value.is_neg():  # the memory holds the values negated: NumPy and the array
+            value = value.resolve_neg()  # interfaces would drop the sign
         if value.dtype is _Torch.bfloat16:  # NumPy has no bfloat16
             raise _BFloat16
         if value.is_cpu:
