@@ -34,8 +34,11 @@ on an H200 with JIT compilation included.
 8. ``overhead`` -- the per-call cost of tiny calls on CUDA tensors beside ``F.conv2d``, the
    steps of one call's host path with launches on the fast path and through Numba's
    dispatcher (:mod:`gpuconv.cuda.fastlaunch`; the two paths' results must be bitwise
-   equal), and a profile of where gpuconv's host time goes. The last lines of every run
-   say whether any kernel left the fast path, and why.
+   equal), how CUDA tensors are read (shape, strides, pointer and current stream must equal
+   what PyTorch's own property and ``torch.cuda.current_stream`` say, also on a side
+   stream; a difference fails) and what that reading costs beside PyTorch's property, and
+   a profile of where gpuconv's host time goes. The last lines of every run say whether
+   any kernel left the fast path, and why.
 9. ``time-backward``, ``time-step`` -- the gradients and a training step of the PyTorch layers.
 10. ``candidates`` -- every forward kernel the dispatcher weighs
     (:func:`gpuconv.cuda.kernels.forward_candidates`: conv2d's direct kernel and its implicit
@@ -1246,6 +1249,61 @@ def candidate_lines(results):
     return lines, verdicts
 
 
+def torch_operand_problems(torch):
+    """What the public layer reads of CUDA tensors without PyTorch's own properties, checked
+    against them: the array interface (:func:`gpuconv.conv.torch_cuda_interface`) of
+    contiguous, transposed, strided, size-1, empty and half tensors, and the current stream
+    (raw, see ``gpuconv.cuda.launch._torch_stream``) on the default stream and on a side
+    stream. A list of problems, empty when all agree; the last entry says how the stream
+    was read."""
+    from gpuconv import conv
+    from gpuconv.cuda import launch
+
+    problems = []
+    base = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32, device="cuda").reshape(2, 3, 4, 6)
+    tensors = {"contiguous": base, "transposed": base.transpose(2, 3),
+               "strided": base[:, :, ::2, 1::3], "size-1 axes": base[:1, 1:2],
+               "empty": base[:0], "half": base.half(), "double": base.double()}
+    for name, t in tensors.items():
+        ours = conv._operand(t, "x").cai
+        theirs = dict(t.__cuda_array_interface__)
+        if ours != theirs:
+            problems.append(f"{name}: {ours} != PyTorch's {theirs}")
+    device = base.device.index
+    side = torch.cuda.Stream()
+    for where, stream in (("current stream", torch.cuda.current_stream()),
+                          ("side stream", side)):
+        with torch.cuda.stream(stream):
+            handle = int(launch._stream_of(base, device))
+        if handle != int(stream.cuda_stream):
+            problems.append(f"{where}: gpuconv read stream {handle:#x}, PyTorch's is "
+                            f"{int(stream.cuda_stream):#x}")
+    raw = bool(launch._TORCH_STREAM_READER) and launch._TORCH_STREAM_READER[0] is not None
+    problems.append("stream read " + ("raw" if raw else "through torch.cuda.current_stream: "
+                                      + "; ".join(launch._TORCH_STREAM_NOTE)))
+    return problems
+
+
+def torch_read_us(torch, shape, rounds=7, calls=1000):
+    """Reading one CUDA tensor of ``shape``: PyTorch's ``__cuda_array_interface__`` property
+    (the public layer's generic path read it twice per operand) and
+    :func:`gpuconv.conv.torch_cuda_interface` (read once), medians of interleaved rounds, µs."""
+    from gpuconv.conv import torch_cuda_interface
+
+    tensor = torch.zeros(shape, device="cuda")
+    dtype = np.dtype(np.float32)
+    reads = {"property": lambda: tensor.__cuda_array_interface__,
+             "gpuconv": lambda: torch_cuda_interface(tensor, dtype)}
+    times = {name: [] for name in reads}
+    for _ in range(rounds):
+        for name, read in reads.items():
+            start = time.perf_counter_ns()
+            for _ in range(calls):
+                read()
+            times[name].append((time.perf_counter_ns() - start) / calls / 1e3)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def overhead(target, gpuconv, calls=100):
     """What a call costs beyond its kernels, on the GPU's own arrays: the per-call table of
     ``gpuconv bench`` (tiny shapes, gpuconv's conv2d and local_conv2d beside ``F.conv2d``,
@@ -1291,6 +1349,9 @@ def overhead(target, gpuconv, calls=100):
     result["fast_equals_dispatcher"] = {
         op: bool(target.torch.equal(target.from_gpuconv(a), target.from_gpuconv(b)))
         for op, a, b in zip(("conv2d", "local_conv2d"), by_fast_path, by_dispatcher)}
+    if not target.dry_run and torch.cuda.is_available():
+        result["torch_operands"] = torch_operand_problems(torch)
+        result["torch_read_us"] = torch_read_us(torch, geom.input_shape)
     profile = cProfile.Profile()
     profile.enable()
     for _ in range(count):
@@ -1479,9 +1540,19 @@ def _run_phase(run, name, target, gpuconv, layers):
                 run.failures += 1
                 run.say(f"FAIL overhead: {op} launched on the fast path differs from the same "
                         "kernel launched by Numba's dispatcher", summary=True)
+        *problems, how = result.get("torch_operands", ["(no CUDA tensors)"])
+        for problem in problems:
+            run.failures += 1
+            run.say(f"FAIL overhead: a CUDA tensor read differs from PyTorch's own: {problem}",
+                    summary=True)
         if args.dry_run:
             run.say("overhead: ran (simulator: no timing claim)", summary=True)
             return
+        read = result.get("torch_read_us", {})
+        run.say(f"overhead: CUDA tensors read as PyTorch reads them ({len(problems)} "
+                f"differences); {how}; one tensor: PyTorch's property "
+                f"{read.get('property', math.nan):.1f} us, gpuconv's reading "
+                f"{read.get('gpuconv', math.nan):.1f} us", summary=True)
         from gpuconv.bench import percall
 
         run.say(percall.format_section(result["per_call"]), summary=True)

@@ -19,7 +19,11 @@ batch), this times on the CPU, interleaved, the median of ``--rounds`` rounds of
 and, once, what viewing a caller's array costs: the Numba device array the CUDA path made
 of each operand, the output and each scratch array (its object only: the driver query and
 memory-pointer object ``numba.cuda.from_cuda_array_interface`` adds need a GPU), against
-the fast path's :class:`~gpuconv.cuda.fastlaunch.DeviceView`.
+the fast path's :class:`~gpuconv.cuda.fastlaunch.DeviceView`; and, with PyTorch installed,
+what reading a CUDA tensor's shape, strides, dtype and pointer costs: PyTorch's
+``__cuda_array_interface__`` property (read twice per operand by the public layer's generic
+path) against :func:`gpuconv.conv.torch_cuda_interface` (once), both on a CPU tensor (the
+property's body without its test that the tensor is on a GPU).
 
 Both lists are compared before timing. Not included, because it is the same for both: the
 call into the driver (``cuda.core.launch``, which copies the list into the launch), and the
@@ -234,6 +238,65 @@ def view_cost(shape=(128, 16, 25, 25), dtype=np.float32, rounds=7, calls=1000):
     return float(np.median(times[numba_view])), float(np.median(times[fast_view]))
 
 
+def torch_property_body():
+    """PyTorch's ``Tensor.__cuda_array_interface__`` as a function that also runs on a CPU
+    tensor: its source with the test that the tensor is on a GPU taken out (the rest of its
+    work is the same for a CUDA tensor of the shape), or None if the source is not found."""
+    import inspect
+    import textwrap
+
+    import torch._tensor
+
+    try:
+        source = textwrap.dedent(inspect.getsource(
+            torch.Tensor.__cuda_array_interface__.fget))
+    except (OSError, TypeError, AttributeError):
+        return None
+    test = "if not self.is_cuda:"
+    if source.count(test) != 1 or not source.startswith("@property\n"):
+        return None
+    namespace = {}
+    exec(source.removeprefix("@property\n").replace(test, "if False:"),  # noqa: S102
+         dict(vars(torch._tensor)), namespace)
+    return namespace["__cuda_array_interface__"]
+
+
+def torch_read_cost(shape=(8, 16, 16, 16), rounds=7, calls=1000):
+    """``(property us, gpuconv us)`` or None without PyTorch: reading a CUDA tensor's shape,
+    dtype, strides and pointer, timed on a CPU tensor: PyTorch's array-interface property
+    (:func:`torch_property_body`; the public layer's generic path read it twice per
+    operand) against :func:`gpuconv.conv.torch_cuda_interface` with its dtype look-up
+    (once per operand). Both results compared first."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    from gpuconv.conv import _FLOAT_DTYPES, torch_cuda_interface
+
+    body = torch_property_body()
+    if body is None:
+        return None
+    dtypes = {getattr(torch, d.name): d for d in _FLOAT_DTYPES}
+    tensor = torch.zeros(shape)
+
+    def property_read():
+        return body(tensor)
+
+    def ours():
+        return torch_cuda_interface(tensor, dtypes[tensor.dtype])
+
+    if property_read() != ours():
+        raise AssertionError("gpuconv's reading of the tensor differs from PyTorch's")
+    times = {property_read: [], ours: []}
+    for _ in range(rounds):
+        for read in times:
+            start = time.perf_counter_ns()
+            for _ in range(calls):
+                read()
+            times[read].append((time.perf_counter_ns() - start) / calls / 1e3)
+    return float(np.median(times[property_read])), float(np.median(times[ours]))
+
+
 def main(argv=None):
     from gpuconv import workloads
 
@@ -257,6 +320,11 @@ def main(argv=None):
     slow, fast = view_cost(dtype=np.dtype(args.dtype), rounds=args.rounds, calls=args.calls)
     print(f"viewing one operand (128x16x25x25): Numba device array {slow:.1f} us (at least), "
           f"fast path's view {fast:.1f} us")
+    read = torch_read_cost(rounds=args.rounds, calls=args.calls)
+    if read is not None:
+        print(f"reading one CUDA tensor (8x16x16x16, on a CPU tensor): PyTorch's "
+              f"__cuda_array_interface__ {read[0]:.1f} us (read twice per operand before), "
+              f"gpuconv's reading {read[1]:.1f} us (once)")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
 

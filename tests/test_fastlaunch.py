@@ -247,6 +247,9 @@ def test_the_launch_cost_script_runs(capsys):
     assert LC.main(["--layers", "deepface-l6", "--rounds", "1", "--calls", "2"]) == 0
     out = capsys.readouterr().out
     assert "local_conv2d_igrad_gemm_f32_k5x5" in out and "sum_slices_f32" in out
+    if importlib.util.find_spec("torch") is not None:
+        assert "reading one CUDA tensor" in out
+        assert LC.torch_property_body() is not None  # PyTorch's source as the script reads it
     rows = LC.measure([("tiny", LC.conv_geometry((2, 3, 6, 6), (3, 3), 4))], rounds=1, calls=1)
     assert {row[1] for row in rows} == set(_OPS)
     assert all(row[4] > 0 and row[5] > 0 for row in rows)
@@ -380,3 +383,113 @@ def test_internals_missing_at_the_first_launch_send_the_kernel_to_the_dispatcher
     kernel[4, 32, 0](x, y, 5, 6)
     assert [entry[0] for entry in log] == ["dispatcher", "dispatcher"]
     assert "AttributeError" in fastlaunch.fallback_reasons()["k_test"]
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch's CUDA tensors: read without PyTorch's array-interface property, one stream query
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_a_call_on_torch_tensors_asks_for_the_stream_once(monkeypatch, mixed):
+    """A call on PyTorch CUDA tensors (stand-ins over CPU memory) asks for PyTorch's current
+    stream once, for the first operand: the others share it (PyTorch's current stream
+    belongs to the GPU, and the call's operands are on one GPU). An operand of another
+    library is asked for its own. The kernels get the tensors' memory."""
+    torch = pytest.importorskip("torch")
+    from test_torch_operands import _TorchCudaStandIn
+
+    from gpuconv import conv as _conv
+    from gpuconv import ops
+    from gpuconv.cuda import launch
+    from gpuconv.cuda.fastlaunch import DeviceView
+
+    monkeypatch.setattr(_conv._Torch, "tensor", None)
+    _conv._Torch.seen()
+    monkeypatch.setattr(_conv._Torch, "tensor", _TorchCudaStandIn)
+    op = ops.OPS["conv2d"]
+    geom = LC.conv_geometry((3, 16, 9, 9), (3, 3), 32, padding=1)
+    tensors = [torch.zeros(shape) for shape in (geom.input_shape, op.weight_shape(geom),
+                                                 op.bias_shapes(geom)[-1])]
+    callers = [_TorchCudaStandIn(t) for t in tensors]
+    if mixed:
+        callers[1] = _CallerArray(op.weight_shape(geom), np.float32)
+    operands = [_conv._operand(c, name) for c, name in zip(callers, ("x", "weight", "bias"))]
+    asked = []
+    monkeypatch.setattr(launch, "_check_device_memory", lambda *a, **k: None)
+    monkeypatch.setattr(launch, "_stream_of", lambda obj, *a, **k: asked.append(obj) or 0)
+    plan = launch._Plan(op, operands, geom)
+    assert plan.own_stream == (True, not mixed, True)
+    log = []
+    with LC.recording(log):
+        out = launch._run_gpu_on_device(op, operands, geom, plan, device=0)
+    assert asked == ([callers[0], callers[1]] if mixed else [callers[0]])
+    assert isinstance(out, torch.Tensor) and tuple(out.shape) == op.output_shape(geom)
+    arrays = [a for a in log[0][2] if not isinstance(a, int)]
+    assert all(type(a) is DeviceView for a in arrays)
+    expected = [tensors[0].data_ptr(), callers[1].ptr if mixed else tensors[1].data_ptr(),
+                tensors[2].data_ptr(), out.data_ptr()]
+    assert [a.ptr for a in arrays[:4]] == expected
+
+
+class _FakeTorch:
+    """What :func:`gpuconv.cuda.launch._torch_raw_stream` reads of PyTorch: a current
+    stream per GPU, a raw reader that may disagree, streams made current by a context."""
+
+    def __init__(self, raw=True, disagree_on_side=False, fails=False):
+        fake = self
+        self.current = {0: 0}
+
+        class Stream:
+            def __init__(self, device=None):
+                self.cuda_stream = 0x5000
+
+        class Cuda:
+            pass
+
+        self.cuda = Cuda()
+        self.cuda.Stream = Stream
+        self.cuda.current_stream = lambda device: type("S", (), {"cuda_stream":
+                                                                 fake.current[0]})()
+
+        @__import__("contextlib").contextmanager
+        def stream(s):
+            saved, fake.current[0] = fake.current[0], s.cuda_stream
+            try:
+                yield
+            finally:
+                fake.current[0] = saved
+
+        self.cuda.stream = stream
+
+        def read(device):
+            if fails:
+                raise RuntimeError("no such thing")
+            return fake.current[device] + (1 if disagree_on_side and fake.current[0] else 0)
+
+        self._C = type("C", (), {"_cuda_getCurrentRawStream": staticmethod(read)})() \
+            if raw else object()
+
+
+@pytest.mark.parametrize("case, note", [
+    ({}, None),
+    ({"raw": False}, "is missing"),
+    ({"disagree_on_side": True}, "differs from torch.cuda.current_stream"),
+    ({"fails": True}, "RuntimeError: no such thing")])
+def test_the_raw_stream_is_used_only_if_it_is_pytorchs_current_stream(monkeypatch, case, note):
+    from gpuconv.cuda import launch
+
+    monkeypatch.setattr(launch, "_TORCH_STREAM_NOTE", [])
+    fake = _FakeTorch(**case)
+    raw = launch._torch_raw_stream(fake, "cuda:0", 0)
+    assert (raw is None) == (note is not None)
+    if note is None:
+        assert launch._TORCH_STREAM_NOTE == [] and raw is fake._C._cuda_getCurrentRawStream
+    else:
+        assert note in launch._TORCH_STREAM_NOTE[0]
+    # the stream a call reads follows the reader chosen: raw, or torch.cuda.current_stream
+    monkeypatch.setitem(__import__("sys").modules, "torch", fake)
+    monkeypatch.setattr(launch, "_TORCH_STREAM_READER", [raw])
+    tensor = type("T", (), {"device": "cuda:0"})()
+    fake.current[0] = 0x77
+    assert launch._torch_stream(tensor, 0) == 0x77
+    assert launch._torch_stream(tensor, None) == 0x77  # no ordinal: PyTorch's own function

@@ -85,13 +85,54 @@ def _stream_of(obj, device=None, cai=None):
         return stream if stream else cuda.default_stream()
     library = _library(obj)
     if library == "torch":
-        handle = sys.modules["torch"].cuda.current_stream(obj.device).cuda_stream
+        handle = _torch_stream(obj, device)
     elif library == "cupy":
         with obj.device:
             handle = sys.modules["cupy"].cuda.get_current_stream().ptr
     else:
         handle = (cai or obj.__cuda_array_interface__).get("stream")
     return _numba_stream(handle, device)
+
+
+# How PyTorch's current stream is read: [the raw reader, or None for torch.cuda.current_stream],
+# decided by the first call on a CUDA tensor (see _torch_raw_stream).
+_TORCH_STREAM_READER = []
+_TORCH_STREAM_NOTE = []  # why the raw reader is not used, if it is not
+
+
+def _torch_stream(obj, device):
+    """The handle of PyTorch's current stream on the GPU ``device`` holding the tensor ``obj``."""
+    torch = sys.modules["torch"]
+    if device is not None:
+        if not _TORCH_STREAM_READER:
+            _TORCH_STREAM_READER.append(_torch_raw_stream(torch, obj.device, device))
+        raw = _TORCH_STREAM_READER[0]
+        if raw is not None:
+            return raw(device)
+    return torch.cuda.current_stream(obj.device).cuda_stream
+
+
+def _torch_raw_stream(torch, torch_device, device):
+    """PyTorch's ``torch._C._cuda_getCurrentRawStream`` (the handle of the current stream on a
+    GPU ordinal, as PyTorch's compiled code reads it: no Stream object per call) if it gives
+    what ``torch.cuda.current_stream`` gives, on the current stream and on a new one made
+    current; else None (and ``_TORCH_STREAM_NOTE`` says why)."""
+    raw = getattr(getattr(torch, "_C", None), "_cuda_getCurrentRawStream", None)
+    if raw is None:
+        _TORCH_STREAM_NOTE.append("torch._C._cuda_getCurrentRawStream is missing")
+        return None
+    try:
+        same = int(raw(device)) == int(torch.cuda.current_stream(torch_device).cuda_stream)
+        side = torch.cuda.Stream(device=torch_device)
+        with torch.cuda.stream(side):
+            same_side = int(raw(device)) == int(side.cuda_stream) != 0
+    except Exception as exc:  # another PyTorch
+        _TORCH_STREAM_NOTE.append(f"reading the raw stream failed ({type(exc).__name__}: {exc})")
+        return None
+    if not (same and same_side):
+        _TORCH_STREAM_NOTE.append("the raw stream differs from torch.cuda.current_stream")
+        return None
+    return raw
 
 
 # Numba wrappers of the callers' streams, per (GPU, handle): made once, not on every call.
@@ -652,12 +693,17 @@ def _check_device_memory(op, operands, geom, template=None, device=None, needed=
     gauge.check(needed, template)
 
 
+#: Libraries whose arrays carry no stream: the producer's stream is the library's current
+#: stream on the array's GPU.
+_STREAM_PER_DEVICE = ("torch", "cupy")
+
+
 class _Plan:
     """What a CUDA call derives from its operands' shapes, dtypes, layout and library,
     computed once per key by the public layer's call cache (:func:`plan`)."""
 
     __slots__ = ("launch", "config", "out_shape", "dtype", "library", "alloc_dtype", "needed",
-                 "contiguous", "configs", "tuned", "scratch")
+                 "contiguous", "configs", "tuned", "scratch", "own_stream")
 
     def __init__(self, op, operands, geom):
         first = operands[0]
@@ -677,6 +723,12 @@ class _Plan:
         itemsize = first.dtype.itemsize
         self.contiguous = tuple(True if o is None or host else _operand_is_contiguous(o, itemsize)
                                 for o in operands)
+        # Operands whose producer's stream is the first operand's without asking: PyTorch's
+        # and CuPy's current stream belongs to the GPU (and thread), not to the array, and
+        # every operand of a call is on the first one's GPU (checked on every call).
+        self.own_stream = tuple(
+            o is not None and not host and self.library in _STREAM_PER_DEVICE
+            and _library(o.obj) == self.library for o in operands)
 
     def config_for(self, geom, device):
         config = self.configs.get(device)
@@ -861,12 +913,12 @@ def _run_gpu_on_device(op, operands, geom, plan, device, timer=None):
     else:
         out_obj = _allocate_like(obj, plan.out_shape, plan.dtype, stream)
     arrays = []
-    for o in operands:
+    for o, own in zip(operands, plan.own_stream):
         if o is None:
             arrays.append(None)
             continue
         # Operands produced on another stream: wait for them, as the interface asks.
-        other_stream = (o is not template
+        other_stream = (o is not template and not own
                         and not _same_stream(_stream_of(o.obj, device, o.cai), stream))
         arrays.append(_as_device_array(o.obj, other_stream, o.cai))
 
