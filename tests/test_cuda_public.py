@@ -60,8 +60,8 @@ def test_bytes_needed_counts_output_copies_and_local_scratch():
     w = _conv._operand(np.zeros((4, 4, 4, 3, 3, 3), np.float32), "weight")
     geom = conv_geometry(x.shape, (3, 3), 4)
     out, xs, ws = 2 * 4 * 4 * 4, 2 * 3 * 6 * 6, 4 * 4 * 4 * 3 * 3 * 3
-    expected = out + xs + ws + 1  # no split-K here: a bias placeholder, no copy of x
-    assert _cuda.local_conv2d_scratch_elements(geom, np.float32) == 1
+    expected = out + xs + ws  # no split-K here, no bias placeholder, no copy of x
+    assert _cuda.local_conv2d_scratch_elements(geom, np.float32) == 0
     assert _cuda._bytes_needed(OPS["local_conv2d"], [x, w, None], geom, True) == 4 * expected
 
 
@@ -76,10 +76,10 @@ def test_bytes_needed_counts_device_inputs_only_when_strided():
     w_host = np.zeros((4, 3, 3, 3), np.float32)
     w = _conv._operand(cuda.to_device(w_host), "weight")
     geom = conv_geometry(x.shape, (3, 3), 4)
-    out = 2 * 4 * 4 * 4
-    assert _cuda._bytes_needed(OPS["conv2d"], [x, w, None], geom, False) == 4 * (out + 1)
+    out = 2 * 4 * 4 * 4  # (no scratch: without a bias the output stands in for it)
+    assert _cuda._bytes_needed(OPS["conv2d"], [x, w, None], geom, False) == 4 * out
     assert _cuda._bytes_needed(OPS["conv2d"], [x, w, None], geom, True) == 4 * (
-        out + 1 + 2 * 3 * 36 + 4 * 27)
+        out + 2 * 3 * 36 + 4 * 27)
 
 
 def test_grids_beyond_cuda_limits_are_refused_clearly():
@@ -88,3 +88,31 @@ def test_grids_beyond_cuda_limits_are_refused_clearly():
     with pytest.raises(ValueError, match="beyond CUDA's limits.*device='cpu'"):
         kernels.check_grid((1, 70000, 1), "local_conv2d")
     assert kernels.check_grid((2**31 - 1, 65535, 65535), "conv2d") == (2**31 - 1, 65535, 65535)
+
+
+@pytest.mark.parametrize("op", ["conv2d", "local_conv2d"])
+def test_without_a_bias_every_forward_kernel_leaves_the_stand_in_unread(op):
+    """Without a bias the output array stands in for it (``has_bias`` 0; no allocation):
+    every forward kernel the dispatcher weighs, launched with its own configuration on an
+    output filled with NaN, must write every element without reading that stand-in. A
+    kernel that read it, or left an element unwritten, would leave a NaN."""
+    from numba import cuda
+
+    from gpuconv.cuda import kernels, launch
+    from gpuconv.geometry import conv_geometry
+
+    rng = np.random.default_rng(1)
+    geom = conv_geometry((3, 4, 7, 6), (3, 3), 6, padding=1, groups=2)
+    x = rng.standard_normal(geom.input_shape).astype(np.float32)
+    shape = geom.local_weight_shape() if op == "local_conv2d" else geom.shared_weight_shape()
+    w = rng.standard_normal(shape).astype(np.float32)
+    ref = (local_conv2d_ref if op == "local_conv2d" else conv2d_ref)(
+        x, w, padding=1, groups=2)
+    run = launch.launch_local_conv2d if op == "local_conv2d" else launch.launch_conv2d
+    configs = kernels.forward_candidates(op, geom, np.float32)
+    assert len(configs) >= 2
+    for config in configs:
+        out = cuda.to_device(np.full(geom.output_shape, np.nan, np.float32))
+        run(cuda.to_device(x), cuda.to_device(w), None, out, geom, 0, config=config)
+        np.testing.assert_allclose(out.copy_to_host(), ref, rtol=1e-5, atol=1e-5,
+                                   err_msg=config.kernel.name)

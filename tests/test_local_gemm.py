@@ -179,9 +179,9 @@ def test_dispatch_many_maps_above_the_streaming_batches():
         assert names[layer.short_title][1] == chosen.kernel.name
         seen.add(takes)
     assert seen == {True, False}
-    # the scratch a call reserves: the bias placeholder only (no split-K partial sums)
+    # the scratch a call reserves: none (no split-K partial sums, no bias placeholder)
     geom = workloads.gpu_geometry("vgg16-conv5_1")
-    assert launch.local_conv2d_scratch_elements(geom, np.float32) == 1
+    assert launch.local_conv2d_scratch_elements(geom, np.float32) == 0
 
 
 def test_launch_shape_and_carries():

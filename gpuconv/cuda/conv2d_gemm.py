@@ -325,7 +325,7 @@ def conv2d_gemm_launch(geom, dtype, tile):
 
 def launch(kernel, config, x, weight, bias, out, has_bias, geom, stream):
     """Launch the compiled ``kernel`` of ``config`` on flat device arrays (called by
-    :func:`gpuconv.cuda.launch.launch_conv2d`, which has made the bias placeholder)."""
+    :func:`gpuconv.cuda.launch.launch_conv2d`, which passes the output as the bias when there is none)."""
     kernel[config.grid, config.block, stream](
         x,                          # (n, c_I, h, w)
         weight,                     # (c_O, c_Ig, k_H, k_W)

@@ -267,8 +267,8 @@ def launch_conv2d(x, weight, bias, out, geom, stream, config=None, empty=None):
     """Write conv2d into ``out``; ``config`` overrides :func:`~gpuconv.cuda.kernels.conv2d_config`,
     ``empty(shape, dtype)`` allocates scratch (default: Numba device arrays)."""
     config = config or kernels.conv2d_config(geom, x.dtype)
-    if bias is None:
-        bias, has_bias = (empty or _numba_empty(stream))((1,), x.dtype), 0
+    if bias is None:  # the kernels read the bias only with has_bias: the output stands in
+        bias, has_bias = out, 0  # (an allocation per call saved)
     else:
         has_bias = 1
     kernel = kernels.compiled(config.kernel)
@@ -309,8 +309,8 @@ def launch_local_conv2d(x, weight, bias, out, geom, stream, config=None, empty=N
     ``config`` of the tiled kernel (:mod:`gpuconv.cuda.tiled`)."""
     config = config or local_conv2d_forward_config(geom, x.dtype)
     new = empty or _numba_empty(stream)
-    if bias is None:
-        bias, has_bias, bias_len = new((1,), x.dtype), 0, 1
+    if bias is None:  # the kernels read the bias only with has_bias: the output stands in
+        bias, has_bias, bias_len = out, 0, 1
     else:
         has_bias, bias_len = 1, (bias.shape[1] * bias.shape[2] if bias.ndim == 3 else 1)
     if isinstance(config, local_stream.LocalStreamConfig):  # small batches
@@ -362,21 +362,20 @@ def no_scratch_elements(geom, dtype):
 
 
 def conv2d_scratch_elements(geom, dtype):
-    """Device scratch of :func:`launch_conv2d`, in elements: none (a bias placeholder)."""
-    return 1
+    """Device scratch of :func:`launch_conv2d`, in elements: none (without a bias the
+    output stands in for it)."""
+    return 0
 
 
 def local_conv2d_scratch_elements(geom, dtype):
     """Device scratch of :func:`launch_local_conv2d`, in elements of ``dtype``: the split-K
-    partial sums (float16's float32 partial sums count two each), if it splits ``K``; a
-    bias placeholder."""
+    partial sums (float16's float32 partial sums count two each), if it splits ``K``."""
     return _local_scratch_elements(local_conv2d_forward_config(geom, dtype), geom, dtype)
 
 
 def _conv2d_scratch_elements(config, geom, dtype):
-    """The scratch of :func:`launch_conv2d` with ``config``: a bias placeholder, whatever
-    the kernel."""
-    return 1
+    """The scratch of :func:`launch_conv2d` with ``config``: none, whatever the kernel."""
+    return 0
 
 
 def _local_scratch_elements(config, geom, dtype):
@@ -386,7 +385,7 @@ def _local_scratch_elements(config, geom, dtype):
         partial = (config.slices * math.prod(geom.output_shape)
                    * kernels.local_conv2d_partial_dtype(dtype).itemsize
                    // np.dtype(dtype).itemsize)
-    return partial + 1
+    return partial
 
 
 # --------------------------------------------------------------------------------------------

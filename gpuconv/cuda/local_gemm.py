@@ -327,7 +327,7 @@ def local_gemm_launch(geom, dtype, tile, runs=False):
 
 def launch(kernel, config, x, weight, bias, out, has_bias, bias_len, geom, stream):
     """Queue the compiled ``kernel`` of ``config`` on flat device arrays (called by
-    :func:`gpuconv.cuda.launch.launch_local_conv2d`, which has made the bias placeholder)."""
+    :func:`gpuconv.cuda.launch.launch_local_conv2d`, which passes the output as the bias when there is none)."""
     kernel[config.grid, config.block, stream, 0](
         x,                          # (n, c_I, h, w)
         weight,                     # (c_O, h_O, w_O, c_Ig, k_H, k_W), the caller's layout
