@@ -493,3 +493,19 @@ def test_the_raw_stream_is_used_only_if_it_is_pytorchs_current_stream(monkeypatc
     fake.current[0] = 0x77
     assert launch._torch_stream(tensor, 0) == 0x77
     assert launch._torch_stream(tensor, None) == 0x77  # no ordinal: PyTorch's own function
+
+
+def test_a_kernel_spec_hashes_by_its_name():
+    """Every launch looks its kernel up by its spec (``spec.compiled``'s cache): the hash is
+    the name's, not the signature's Numba types' (a Python method each, microseconds a
+    launch); equality still compares every field."""
+    from gpuconv.cuda import launch, spec
+
+    geom = LC.conv_geometry((8, 16, 16, 16), (3, 3), 16, padding=1)
+    kernel = launch._CONFIG["conv2d"](geom, np.dtype(np.float32)).kernel
+    assert hash(kernel) == hash(kernel.name)
+    other = kernel._replace(signature=kernel.signature[:-1])
+    assert hash(other) == hash(kernel) and other != kernel
+    assert len({kernel, other}) == 2
+    assert isinstance(kernel, spec.KernelSpec)
+

@@ -88,6 +88,12 @@ class KernelSpec(NamedTuple):
     #: a tile GEMM's shared reads: words a thread reads at once along M and N (gemm_chunk)
     shared_vectors: tuple = (1, 1)
 
+    def __hash__(self):
+        # The name encodes the specialisation; hashing the signature's Numba types (a
+        # Python method each) took microseconds on every launch's look-up of its kernel.
+        # Equal specs have equal names, and equality still compares every field.
+        return hash(self.name)
+
 
 def _array(code, ndim):
     return types.Array(_SCALAR[code], ndim, "C")
