@@ -509,3 +509,24 @@ def test_a_kernel_spec_hashes_by_its_name():
     assert len({kernel, other}) == 2
     assert isinstance(kernel, spec.KernelSpec)
 
+
+def test_the_call_cost_script_runs_and_restores_what_it_patched(capsys):
+    """``scripts/call_cost.py``: whole calls on PyTorch CUDA tensor stand-ins, the driver's
+    parts stood in for; everything it patched is back afterwards."""
+    pytest.importorskip("torch")
+    from gpuconv import conv
+    from gpuconv.cuda import launch, spec
+
+    sys_path = list(__import__("sys").path)
+    module_spec = importlib.util.spec_from_file_location("call_cost",
+                                                         ROOT / "scripts" / "call_cost.py")
+    call_cost = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(call_cost)
+    __import__("sys").path[:] = sys_path
+    before = (conv.select_device, launch._stream_of, spec.compiled, conv._Torch.tensor)
+    assert call_cost.main(["--rounds", "1", "--calls", "2"]) == 0
+    out = capsys.readouterr().out
+    for label in ("conv2d, bias", "conv2d, no bias", "local_conv2d, bias",
+                  "local_conv2d, no bias"):
+        assert label in out
+    assert (conv.select_device, launch._stream_of, spec.compiled, conv._Torch.tensor) == before
