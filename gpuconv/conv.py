@@ -99,6 +99,25 @@ def torch_cuda_interface(tensor, dtype):
             "data": (tensor.data_ptr() if tensor.numel() else 0, False), "version": 2}
 
 
+def _torch_resolved(value):
+    """``(tensor, host)`` for the PyTorch tensor ``value``: the tensor with a negative bit
+    resolved (``x.conj().imag`` is a view whose memory holds the values negated; NumPy and
+    the array interfaces would drop the sign), and the operand of a NumPy view of its memory
+    if it is on the CPU and NumPy can view it (else None). bfloat16 raises :class:`_BFloat16`
+    (NumPy has none)."""
+    if value.is_neg():
+        value = value.resolve_neg()
+    if value.dtype is _Torch.bfloat16:
+        raise _BFloat16
+    if value.is_cpu:
+        try:  # a view of the tensor's memory, as np.from_dlpack gives, but cheaper
+            host = value.numpy()
+        except (TypeError, RuntimeError):  # conjugate views and such: the generic path
+            return value, None
+        return value, _Operand(host, host.shape, host.dtype, False)
+    return value, None
+
+
 def _operand(value, name):
     if value is None:
         return None
@@ -106,18 +125,10 @@ def _operand(value, name):
     if kind is np.ndarray:  # the common cases, first
         return _Operand(value, value.shape, value.dtype, False)
     if kind is _Torch.tensor and not value.requires_grad:
-        if value.is_neg():  # (x.conj().imag): the memory holds the values negated
-            value = value.resolve_neg()
-        if value.dtype is _Torch.bfloat16:  # NumPy has no bfloat16
-            raise _BFloat16
-        if value.is_cpu:
-            try:  # a view of the tensor's memory, as np.from_dlpack below gives, but cheaper
-                host = value.numpy()
-            except (TypeError, RuntimeError):  # conjugate views and such: as below
-                pass
-            else:
-                return _Operand(host, host.shape, host.dtype, False)
-        elif value.is_cuda and value.layout is _Torch.strided:
+        value, host = _torch_resolved(value)
+        if host is not None:
+            return host
+        if value.is_cuda and value.layout is _Torch.strided:
             dtype = _Torch.dtypes.get(value.dtype)
             if dtype is not None:  # (other dtypes: as below, which names them in the error)
                 cai = torch_cuda_interface(value, dtype)
@@ -129,17 +140,9 @@ def _operand(value, name):
             "torch.no_grad(); gpuconv.conv2d and gpuconv.local_conv2d do record it")
     if _is_torch_tensor(value):
         _Torch.seen()
-        if value.is_neg():  # the memory holds the values negated: NumPy and the array
-            value = value.resolve_neg()  # interfaces would drop the sign
-        if value.dtype is _Torch.bfloat16:  # NumPy has no bfloat16
-            raise _BFloat16
-        if value.is_cpu:
-            try:  # a view of the tensor's memory, as np.from_dlpack below gives, but cheaper
-                host = value.numpy()
-            except (TypeError, RuntimeError):  # conjugate views and such: as below
-                pass
-            else:
-                return _Operand(host, host.shape, host.dtype, False)
+        value, host = _torch_resolved(value)
+        if host is not None:
+            return host
     if is_device_array(value):
         if simulator_enabled() and not hasattr(value, "__cuda_array_interface__"):
             # a device array of the CUDA simulator (it has no array interface)
