@@ -4,7 +4,8 @@
     PYTHONPATH=<checkout> python scripts/call_cost.py  # the same, of another checkout
 
 ``gpuconv.conv2d`` and ``gpuconv.local_conv2d`` on x 8x16x16x16 with 16 maps 3x3 (with and
-without a bias) run their whole CUDA path as on a GPU, from the operands to the kernels'
+without a bias), and their four gradients (``gpuconv.grad``) at the same shapes, run their
+whole CUDA path as on a GPU, from the operands to the kernels'
 argument lists, with what needs a GPU stood in for:
 
 - the tensors are stand-ins over CPU tensors that say they are on a GPU (``is_cuda``),
@@ -132,17 +133,24 @@ def stand_ins(torch):
 
 
 def cases(torch, tensor_class):
-    """``{label: (function, args)}`` on x 8x16x16x16, 16 maps 3x3, padding 1."""
+    """``{label: (function, args)}`` on x 8x16x16x16, 16 maps 3x3, padding 1: the forwards
+    and the gradients (a training step's calls)."""
     import gpuconv
 
     def t(*shape):
         return tensor_class(torch.zeros(shape))
 
     x, w, wl, b = t(8, 16, 16, 16), t(16, 16, 3, 3), t(16, 16, 16, 16, 3, 3), t(16)
+    gy = t(8, 16, 16, 16)  # the gradient of an output (padding 1 keeps 16 x 16)
+    grad = gpuconv.grad
     return {"conv2d, bias": (gpuconv.conv2d, (x, w, b)),
             "conv2d, no bias": (gpuconv.conv2d, (x, w)),
             "local_conv2d, bias": (gpuconv.local_conv2d, (x, wl, b)),
-            "local_conv2d, no bias": (gpuconv.local_conv2d, (x, wl))}
+            "local_conv2d, no bias": (gpuconv.local_conv2d, (x, wl)),
+            "conv2d_input": (grad.conv2d_input, (tuple(x.shape), w, gy)),
+            "conv2d_weight": (grad.conv2d_weight, (x, tuple(w.shape), gy)),
+            "local_conv2d_input": (grad.local_conv2d_input, (tuple(x.shape), wl, gy)),
+            "local_conv2d_weight": (grad.local_conv2d_weight, (x, tuple(wl.shape), gy))}
 
 
 def measure(rounds=7, calls=2000, warmup=200):

@@ -530,3 +530,22 @@ def test_the_call_cost_script_runs_and_restores_what_it_patched(capsys):
                   "local_conv2d, no bias"):
         assert label in out
     assert (conv.select_device, launch._stream_of, spec.compiled, conv._Torch.tensor) == before
+
+
+def test_scratch_of_a_pytorch_operand_has_the_asked_numpy_dtype():
+    """``_allocate_like`` on a PyTorch template: PyTorch's dtype of each NumPy dtype asked
+    for (float16's partial sums are float32), looked up once and then from a table; and
+    ``dtype_code`` names the three dtypes and refuses others."""
+    torch = pytest.importorskip("torch")
+    from gpuconv.cuda import launch, spec
+
+    template = torch.zeros(2)
+    for asked, expected in ((np.float16, torch.float16), (np.dtype(np.float32), torch.float32),
+                            (np.float64, torch.float64), (np.float32, torch.float32)):
+        made = launch._allocate_like(template, (3, 2), asked, 0)
+        assert made.dtype is expected and tuple(made.shape) == (3, 2)
+        assert launch._torch_dtype(asked) is expected
+    assert [spec.dtype_code(d) for d in (np.float16, "float32", np.dtype(np.float64))] == [
+        "f16", "f32", "f64"]
+    with pytest.raises(KeyError):
+        spec.dtype_code(np.int32)

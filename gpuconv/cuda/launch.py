@@ -848,15 +848,25 @@ def _allocate_like(template, shape, dtype, stream):
     """
     library = _library(template)
     if library == "torch":
-        torch = sys.modules["torch"]
         # scratch may differ from the operands' dtype (float16's float32 partial sums)
-        return torch.empty(shape, dtype=getattr(torch, np.dtype(dtype).name),
-                           device=template.device)
+        return sys.modules["torch"].empty(shape, dtype=_torch_dtype(dtype),
+                                          device=template.device)
     if library == "cupy":
         cupy = sys.modules["cupy"]
         with template.device:
             return cupy.empty(shape, dtype=dtype)
     return cuda.device_array(shape, dtype=dtype, stream=stream)
+
+
+def _torch_dtype(dtype):
+    """PyTorch's dtype of the NumPy ``dtype`` (looked up once per dtype)."""
+    found = _TORCH_DTYPES.get(dtype)
+    if found is None:
+        found = _TORCH_DTYPES[dtype] = getattr(sys.modules["torch"], np.dtype(dtype).name)
+    return found
+
+
+_TORCH_DTYPES = {}
 
 
 def _new_view(obj, shape, dtype):

@@ -54,10 +54,12 @@ _NUMPY = {"f16": np.dtype(np.float16), "f32": np.dtype(np.float32),
           "f64": np.dtype(np.float64)}
 
 
+_CODE = {dtype: code for code, dtype in _NUMPY.items()}
+
+
 def dtype_code(dtype):
-    """``"f16"``, ``"f32"`` or ``"f64"`` for a NumPy dtype."""
-    return {np.dtype(np.float16): "f16", np.dtype(np.float32): "f32",
-            np.dtype(np.float64): "f64"}[np.dtype(dtype)]
+    """``"f16"``, ``"f32"`` or ``"f64"`` for a NumPy dtype (KeyError for any other)."""
+    return _CODE[np.dtype(dtype)]
 
 
 def compute_code(code):
