@@ -36,8 +36,9 @@ on an H200 with JIT compilation included.
    dispatcher (:mod:`gpuconv.cuda.fastlaunch`; the two paths' results must be bitwise
    equal), how CUDA tensors are read (shape, strides, pointer and current stream must equal
    what PyTorch's own property and ``torch.cuda.current_stream`` say, also on a side
-   stream; a difference fails) and what that reading costs beside PyTorch's property, and
-   a profile of where gpuconv's host time goes. The last lines of every run say whether
+   stream; a difference fails) and what that reading costs beside PyTorch's property, the
+   host time of each gradient call beside ``torch.nn.grad``'s, and a profile of where
+   gpuconv's host time goes. The last lines of every run say whether
    any kernel left the fast path, and why.
 9. ``time-backward``, ``time-step`` -- the gradients and a training step of the PyTorch layers.
 10. ``candidates`` -- every forward kernel the dispatcher weighs
@@ -1304,13 +1305,46 @@ def torch_read_us(torch, shape, rounds=7, calls=1000):
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
+def gradient_call_us(target, gpuconv, geom, x, w, wl, count, warmup):
+    """The host time of one call of each gradient (a training step's other calls) on the
+    GPU's arrays, beside ``torch.nn.grad``'s two for conv2d: each call timed alone without
+    waiting for its kernels (the queue is drained after each function), medians in µs."""
+    grad, torch = gpuconv.grad, target.torch
+    gy = target.to_gpuconv(target.uniform(geom.output_shape, target.generator(2)).float())
+    x_size, w_size, wl_size = (tuple(int(s) for s in a.shape) for a in (x, w, wl))
+    calls = {"conv2d_input": lambda: grad.conv2d_input(x_size, w, gy, padding=1),
+             "conv2d_weight": lambda: grad.conv2d_weight(x, w_size, gy, padding=1),
+             "local_conv2d_input": lambda: grad.local_conv2d_input(x_size, wl, gy, padding=1),
+             "local_conv2d_weight": lambda: grad.local_conv2d_weight(x, wl_size, gy, padding=1)}
+    if not target.dry_run:
+        tx, tw, tgy = (target.from_gpuconv(a) for a in (x, w, gy))
+        calls["torch conv2d_input"] = lambda: torch.nn.grad.conv2d_input(
+            x_size, tw, tgy, padding=1)
+        calls["torch conv2d_weight"] = lambda: torch.nn.grad.conv2d_weight(
+            tx, w_size, tgy, padding=1)
+    result = {}
+    for name, call in calls.items():
+        for _ in range(warmup):
+            call()
+        target.synchronize()
+        times = []
+        for _ in range(count):
+            start = time.perf_counter_ns()
+            call()
+            times.append((time.perf_counter_ns() - start) / 1e3)
+        target.synchronize()
+        result[name] = float(np.median(times))
+    return result
+
+
 def overhead(target, gpuconv, calls=100):
     """What a call costs beyond its kernels, on the GPU's own arrays: the per-call table of
     ``gpuconv bench`` (tiny shapes, gpuconv's conv2d and local_conv2d beside ``F.conv2d``,
     :func:`gpuconv.bench.percall.measure`), the steps of one call's host path
     (:func:`gpuconv.bench.percall.call_steps`: operands, call-cache look-up, memory check and
-    stream, allocation, launch, sync) on x 8x16x16x16 with 16 maps 3x3, and a profile of that
-    call (the functions with the most cumulative time per call). In a dry run the table is
+    stream, allocation, launch, sync) on x 8x16x16x16 with 16 maps 3x3, the host time of each
+    gradient call at that shape (:func:`gradient_call_us`), and a profile of that call (the
+    functions with the most cumulative time per call). In a dry run the table is
     left out (the simulator takes a second a call) and the rest runs a few calls on a tiny
     geometry."""
     from gpuconv.bench import percall
@@ -1346,6 +1380,8 @@ def overhead(target, gpuconv, calls=100):
         fastlaunch.set_enabled(before)
     by_fast_path = [getattr(gpuconv, op)(x, weight, padding=1)
                     for op, weight in (("conv2d", w), ("local_conv2d", wl))]
+    result["gradient_call_us"] = gradient_call_us(target, gpuconv, geom, x, w, wl, count,
+                                                  1 if target.dry_run else 10)
     result["fast_equals_dispatcher"] = {
         op: bool(target.torch.equal(target.from_gpuconv(a), target.from_gpuconv(b)))
         for op, a, b in zip(("conv2d", "local_conv2d"), by_fast_path, by_dispatcher)}
@@ -1561,6 +1597,8 @@ def _run_phase(run, name, target, gpuconv, layers):
                 run.say(f"overhead steps {op} (8x16x16x16, 16 maps 3x3{how}): " + ", ".join(
                     f"{k} {v:.1f} us" for k, v in steps["steps_us"].items())
                     + f"; whole call {steps['total_us']:.1f} us", summary=True)
+        run.say("overhead gradients (8x16x16x16, 16 maps 3x3, host time per call): " + ", ".join(
+            f"{k} {v:.1f} us" for k, v in result["gradient_call_us"].items()), summary=True)
         for entry in result["profile_top_cumulative"][:10]:
             run.say(f"  {entry['s_per_call'] * 1e6:9.1f} us/call  {entry['function']}")
     elif name == "candidates":

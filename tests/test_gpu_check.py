@@ -455,6 +455,9 @@ def test_dry_run_runs_every_phase(tmp_path):
     assert {r["op"] for r in backward if r["impl"] == "gpuconv" and r["samples"]} == {
         "conv2d", "local_conv2d"}
     assert "time-step: " in summary
+    # the host time of each gradient call was taken (no claim made of it in a dry run)
+    assert set(phases["overhead"]["result"]["gradient_call_us"]) == {
+        "conv2d_input", "conv2d_weight", "local_conv2d_input", "local_conv2d_weight"}
     assert "no timing claim" in output and " us" not in summary
 
 
