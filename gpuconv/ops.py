@@ -143,7 +143,7 @@ OPS = {op.name: op for op in (
        cpu="gpuconv.cpu.conv2d:conv2d_forward",
        cpu_scratch="gpuconv.cpu.conv2d:conv2d_scratch_bytes",
        cuda="gpuconv.cuda.launch:launch_conv2d",
-       cuda_scratch="gpuconv.cuda.launch:conv2d_scratch_elements"),
+       cuda_scratch="gpuconv.cuda.launch:no_scratch_elements"),
     Op("local_conv2d", FORWARD, True,
        cpu="gpuconv.cpu.local_conv2d:local_conv2d_forward",
        cpu_scratch="gpuconv.cpu.local_conv2d:local_conv2d_scratch_bytes",

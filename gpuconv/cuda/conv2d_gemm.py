@@ -116,7 +116,7 @@ def conv2d_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blocks_
     ``2 * tile_k * (tile_m + tile_n + 8) * itemsize`` bytes (itemsize of the compute type).
 
     Kernel arguments: the flat (C-order, 1-D) ``x (n, c_I, h, w)``,
-    ``weight (c_O, c_Ig, k_H, k_W)``, ``bias (c_O,)`` (or a dummy) and
+    ``weight (c_O, c_Ig, k_H, k_W)``, ``bias (c_O,)`` (or ``out``) and
     ``out (n, c_O, h_O, w_O)``, then ``has_bias, n, c_I, h, w, c_O, h_O, w_O, c_Ig, c_Og,
     k_H, k_W, s_H, s_W, p_top, p_left, d_H, d_W, blocks_n`` (``blocks_n`` channel blocks per
     group).
@@ -325,11 +325,12 @@ def conv2d_gemm_launch(geom, dtype, tile):
 
 def launch(kernel, config, x, weight, bias, out, has_bias, geom, stream):
     """Launch the compiled ``kernel`` of ``config`` on flat device arrays (called by
-    :func:`gpuconv.cuda.launch.launch_conv2d`, which passes the output as the bias when there is none)."""
+    :func:`gpuconv.cuda.launch.launch_conv2d`, which passes the output as the unread bias
+    when there is none)."""
     kernel[config.grid, config.block, stream](
         x,                          # (n, c_I, h, w)
         weight,                     # (c_O, c_Ig, k_H, k_W)
-        bias,                       # (c_O,) or a dummy
+        bias,                       # (c_O,), or the output unread
         out,                        # (n, c_O, h_O, w_O), written
         has_bias,                   # 0 or 1
         geom.batch, geom.in_channels, geom.in_height, geom.in_width,

@@ -75,7 +75,7 @@ def conv2d_kernel(code, kernel_h, kernel_w, rows, cols, channels):
     ``tile_h = (by * rows - 1) * s_H + (k_H - 1) * d_H + 1`` (same for W).
 
     Kernel arguments: the flat (C-order, 1-D) ``x (n, c_I, h, w)``,
-    ``weight (c_O, c_Ig, k_H, k_W)``, ``bias (c_O,)`` (or a dummy) and ``out (n, c_O, h_O, w_O)``,
+    ``weight (c_O, c_Ig, k_H, k_W)``, ``bias (c_O,)`` (or ``out``) and ``out (n, c_O, h_O, w_O)``,
     then ``has_bias, n, c_I, h, w, c_O, h_O, w_O, c_Ig, c_Og, s_H, s_W, p_top, p_left, d_H,
     d_W, tiles_x, tile_h, tile_w, chunk``. Flat arrays indexed with non-negative 64-bit
     offsets keep the address arithmetic to a few adds (no negative-index wraparound).
@@ -328,7 +328,7 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_tile, map_tile, batch_la
     come from L2), dynamic shared memory ``positions * pos_pitch + stage_rows * win *
     x_pitch`` words of the compute type (``win`` the input columns under the
     segment). Kernel arguments: the flat ``x (n, c_I, h, w)``,
-    ``weight``, ``bias (c_O, bias_len)`` (or a dummy) and ``out (slices, n, c_O, h_O,
+    ``weight``, ``bias (c_O, bias_len)`` (or ``out``) and ``out (slices, n, c_O, h_O,
     w_O)``, then ``has_bias, bias_len, n, c_I, h, w, c_O, h_O, w_O, c_Ig, c_Og, s_H, s_W,
     p_top, p_left, d_H, d_W, tiles_x, batch_tiles, stage_rows, slice_rows, w_pitch,
     pos_pitch, x_pitch, slice_size`` and the walks' constants ``win, step_j, step_o,

@@ -23,6 +23,7 @@ The output is always freshly allocated (it never aliases an input) and C-contigu
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 import threading
@@ -278,7 +279,7 @@ def launch_conv2d(x, weight, bias, out, geom, stream, config=None, empty=None):
     kernel[config.grid, config.block, stream, config.shared_bytes](
         _flat(x),                   # (n, c_I, h, w)
         _flat(weight),              # (c_O, c_Ig, k_H, k_W)
-        _flat(bias),                # (c_O,) or a dummy
+        _flat(bias),                # (c_O,), or the output unread
         _flat(out),                 # (n, c_O, h_O, w_O), written
         has_bias,                   # 0 or 1
         geom.batch, geom.in_channels, geom.in_height, geom.in_width,
@@ -329,7 +330,7 @@ def launch_local_conv2d(x, weight, bias, out, geom, stream, config=None, empty=N
     kernel[config.grid, config.block, stream, config.shared_bytes](
         _flat(x),                   # (n, c_I, h, w)
         _flat(weight),              # (c_O, h_O, w_O, c_Ig, k_H, k_W), the caller's layout
-        _flat(bias),                # (c_O, 1 or P) or a dummy
+        _flat(bias),                # (c_O, 1 or P), or the output unread
         _flat(part),                # (slices, n, c_O, h_O, w_O), written
         has_bias,                   # 0 or 1
         bias_len,                   # 1 (per map) or P (per position)
@@ -361,12 +362,6 @@ def no_scratch_elements(geom, dtype):
     return 0
 
 
-def conv2d_scratch_elements(geom, dtype):
-    """Device scratch of :func:`launch_conv2d`, in elements: none (without a bias the
-    output stands in for it)."""
-    return 0
-
-
 def local_conv2d_scratch_elements(geom, dtype):
     """Device scratch of :func:`launch_local_conv2d`, in elements of ``dtype``: the split-K
     partial sums (float16's float32 partial sums count two each), if it splits ``K``."""
@@ -374,7 +369,8 @@ def local_conv2d_scratch_elements(geom, dtype):
 
 
 def _conv2d_scratch_elements(config, geom, dtype):
-    """The scratch of :func:`launch_conv2d` with ``config``: none, whatever the kernel."""
+    """The scratch of :func:`launch_conv2d` with ``config``: none, whatever the kernel
+    (without a bias the output stands in for it)."""
     return 0
 
 
@@ -773,7 +769,7 @@ def tiled_conv2d_scratch_elements(geom, dtype):
     """Device scratch of :func:`gpuconv.cuda.tiled.launch_tiled_conv2d`: that of the kernel
     :func:`tiled_conv2d_config` picks."""
     if geom.shared:
-        return 1
+        return 0
     return _local_scratch_elements(tiled_conv2d_config(geom, dtype), geom.untiled, dtype)
 
 
@@ -858,15 +854,10 @@ def _allocate_like(template, shape, dtype, stream):
     return cuda.device_array(shape, dtype=dtype, stream=stream)
 
 
+@functools.lru_cache(maxsize=None)
 def _torch_dtype(dtype):
-    """PyTorch's dtype of the NumPy ``dtype`` (looked up once per dtype)."""
-    found = _TORCH_DTYPES.get(dtype)
-    if found is None:
-        found = _TORCH_DTYPES[dtype] = getattr(sys.modules["torch"], np.dtype(dtype).name)
-    return found
-
-
-_TORCH_DTYPES = {}
+    """PyTorch's dtype of the NumPy ``dtype`` (looked up by name once per dtype)."""
+    return getattr(sys.modules["torch"], np.dtype(dtype).name)
 
 
 def _new_view(obj, shape, dtype):

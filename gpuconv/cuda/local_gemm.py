@@ -125,7 +125,7 @@ def local_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blocks_p
     of the compute type.
 
     Kernel arguments: flat ``x (n, c_I, h, w)``, ``weight (c_O, h_O, w_O, c_Ig, k_H, k_W)``,
-    ``bias (c_O, 1 or h_O * w_O)`` (or a dummy), ``out (n, c_O, h_O, w_O)`` (written), then
+    ``bias (c_O, 1 or h_O * w_O)`` (or ``out``), ``out (n, c_O, h_O, w_O)`` (written), then
     ``has_bias, bias_len, n, c_I, h, w, c_O, h_O, w_O, c_Ig, c_Og, k_H, k_W, s_H, s_W,
     p_top, p_left, d_H, d_W, batch_tiles, blocks_n, step_c, step_ky, step_kx`` (the last
     three: ``tile_k`` terms as whole channels, kernel rows and columns).
@@ -327,11 +327,12 @@ def local_gemm_launch(geom, dtype, tile, runs=False):
 
 def launch(kernel, config, x, weight, bias, out, has_bias, bias_len, geom, stream):
     """Queue the compiled ``kernel`` of ``config`` on flat device arrays (called by
-    :func:`gpuconv.cuda.launch.launch_local_conv2d`, which passes the output as the bias when there is none)."""
+    :func:`gpuconv.cuda.launch.launch_local_conv2d`, which passes the output as the unread
+    bias when there is none)."""
     kernel[config.grid, config.block, stream, 0](
         x,                          # (n, c_I, h, w)
         weight,                     # (c_O, h_O, w_O, c_Ig, k_H, k_W), the caller's layout
-        bias,                       # (c_O, 1 or P) or a dummy
+        bias,                       # (c_O, 1 or P), or the output unread
         out,                        # (n, c_O, h_O, w_O), written
         has_bias,                   # 0 or 1
         bias_len,                   # 1 (per map) or P (per position)

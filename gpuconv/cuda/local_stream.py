@@ -85,7 +85,7 @@ def local_stream_kernel(code, kernel_h, kernel_w, batch, maps, lane_taps, map_ro
     Launch (see :func:`local_stream_config`): ``block = (32, warps)``, ``grid =
     (ceil(P / pos_per_block), groups * map_blocks)``, no dynamic shared memory. Kernel
     arguments: the flat ``x (n, c_I, h, w)``, ``weight (c_O, h_O, w_O, c_Ig, k_H, k_W)``,
-    ``bias (c_O, bias_len)`` (or a dummy) and ``out (n, c_O, h_O, w_O)``, then ``has_bias,
+    ``bias (c_O, bias_len)`` (or ``out``) and ``out (n, c_O, h_O, w_O)``, then ``has_bias,
     bias_len, c_I, h, w, c_O, h_O, w_O, c_Ig, c_Og, s_H, s_W, p_top, p_left, d_H, d_W,
     pos_per_block, map_blocks``.
     """
@@ -343,7 +343,7 @@ def launch(kernel, config, x, weight, bias, out, has_bias, bias_len, geom, strea
     kernel[config.grid, config.block, stream, 0](
         x,                          # (n, c_I, h, w)
         weight,                     # (c_O, h_O, w_O, c_Ig, k_H, k_W), the caller's layout
-        bias,                       # (c_O, 1 or P) or a dummy
+        bias,                       # (c_O, 1 or P), or the output unread
         out,                        # (n, c_O, h_O, w_O), written
         has_bias,                   # 0 or 1
         bias_len,                   # 1 (per map) or P (per position)
