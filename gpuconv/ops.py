@@ -163,7 +163,7 @@ OPS = {op.name: op for op in (
        cpu="gpuconv.cpu.local_conv2d_grad:local_conv2d_input_grad",
        cpu_scratch="gpuconv.cpu.local_conv2d_grad:local_conv2d_input_grad_scratch_bytes",
        cuda="gpuconv.cuda.launch:launch_local_conv2d_input_grad",
-       cuda_scratch="gpuconv.cuda.launch:no_scratch_elements"),
+       cuda_scratch="gpuconv.cuda.launch:local_conv2d_input_grad_scratch_elements"),
     Op("local_conv2d_weight", WEIGHT_GRAD, True,
        cpu="gpuconv.cpu.local_conv2d_grad:local_conv2d_weight_grad",
        cpu_scratch="gpuconv.cpu.local_conv2d_grad:local_conv2d_weight_grad_scratch_bytes",

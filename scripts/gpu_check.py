@@ -235,6 +235,8 @@ def kernel_names(name, geom, dtype="float32"):
         names.append(f"sum_slices_{np.dtype(dtype).name}")
     if name == "local_conv2d_weight" and getattr(config, "slices", 1) > 1:  # batch slices
         names.append(f"sum_slices_{np.dtype(dtype).name}")
+    if name == "local_conv2d_input" and hasattr(config, "col2im"):  # many maps: columns
+        names += [config.transpose.name, config.col2im.name]
     return tuple(names)
 
 

@@ -516,7 +516,9 @@ def test_workload_specialisations_cover_both_ops_and_dtypes():
     for prefix in ("conv2d_f32_k11x11", "conv2d_gemm_f64_t64x64", "local_conv2d_f32_k9x9",
                    "local_conv2d_f64_k5x5", "copy6d_f64", "conv2d_f16_k3x3",
                    "conv2d_gemm_f16_t128x64", "local_conv2d_f16_k5x5",
-                   "local_conv2d_f16_k3x3_t8x4_l4x8_partial", "sum_slices_f32", "copy6d_f16"):
+                   "local_conv2d_f16_k3x3_t8x4_l4x8_partial", "sum_slices_f32", "copy6d_f16",
+                   "local_conv2d_igrad_cols_f32_t32x64", "local_conv2d_igrad_cols_f64_t32x32",
+                   "transpose_maps_f16", "local_conv2d_col2im_f16"):
         assert any(name.startswith(prefix) for name in names), prefix
 
 

@@ -93,11 +93,17 @@ def test_kernel_names_name_the_specialisation(gpu_check):
 def test_local_gradients_are_checked_and_timed_on_the_batched_gemms(gpu_check):
     """The local gradients reach the batched-GEMM kernels on the default suite (the
     dispatcher's choice), with the slice sum where the weight gradient splits the batch
-    (DeepFace L6 at its GPU batch), and the multipass case runs them over two batch tiles."""
+    (DeepFace L6 at its GPU batch), and the multipass case runs them over two batch tiles.
+    The input gradient of 64 or more maps a group goes through columns: transpose, GEMM,
+    gather."""
     for layer in gpu_check.suite_layers():
         geom = layer.geometry(layer.batch_gpu)
-        assert gpu_check.kernel_names("local_conv2d_input", geom)[0].startswith(
-            "local_conv2d_igrad_gemm_f32_")
+        names = gpu_check.kernel_names("local_conv2d_input", geom)
+        if geom.out_channels_per_group >= 64:
+            assert names[0].startswith("local_conv2d_igrad_cols_f32_t32x64_")
+            assert names[1:] == ("transpose_maps_f32", "local_conv2d_col2im_f32")
+        else:
+            assert names == (names[0],) and names[0].startswith("local_conv2d_igrad_gemm_f32_")
         assert gpu_check.kernel_names("local_conv2d_weight", geom)[0].startswith(
             "local_conv2d_wgrad_gemm_f32_")
     l6 = workloads.gpu_geometry("deepface-l6")

@@ -32,7 +32,7 @@ import numpy as np
 from numba import cuda
 
 from . import (autotune, conv2d_gemm, conv2d_gemm_grad, fastlaunch, grad_kernels, kernels,
-               local_gemm, local_grad_gemm, local_stream)
+               local_gemm, local_grad_gemm, local_igrad_cols, local_stream)
 from ..device import (DLPACK_CUDA_DEVICES, FreeMemory, autotune_enabled, c_strides,
                       is_c_contiguous, simulator_enabled)
 
@@ -487,11 +487,19 @@ def launch_local_conv2d_input_grad(grad_output, weight, out, geom, stream, empty
                                    config=None):
     """``out (n, c_I, h, w)`` = the gradient of local_conv2d's input, from ``grad_output
     (n, c_O, h_O, w_O)`` and ``weight (c_O, h_O, w_O, c_Ig, k_H, k_W)`` (the caller's
-    layout, read as is). No scratch: the batched-GEMM gather of
-    :mod:`gpuconv.cuda.local_grad_gemm` where its stage fits, else the direct kernel."""
+    layout, read as is). Many maps a group: the per-position GEMM into columns and their
+    gather (:mod:`gpuconv.cuda.local_igrad_cols`, scratch from ``empty``); else no scratch:
+    the batched-GEMM gather of :mod:`gpuconv.cuda.local_grad_gemm` where its stage fits,
+    else the direct kernel."""
     if geom.batch == 0:
         return
     config = config or local_conv2d_input_grad_config(geom, out.dtype)
+    if isinstance(config, local_igrad_cols.LocalInputGradColsConfig):
+        new = empty or _numba_empty(stream)
+        gyt, cols = (new(shape, dtype) for shape, dtype in
+                     local_igrad_cols.scratch_shapes(config, out.dtype))
+        return local_igrad_cols.launch(config, _flat(grad_output), _flat(weight), _flat(gyt),
+                                       _flat(cols), _flat(out), geom, stream, kernels.compiled)
     if isinstance(config, local_grad_gemm.LocalInputGradGemmConfig):
         return _launch_local_input_grad_gemm(grad_output, weight, out, geom, stream, config)
     kernel = kernels.compiled(config.kernel)
@@ -538,10 +546,13 @@ def launch_local_conv2d_weight_grad(x, grad_output, out, geom, stream, empty=Non
 
 
 def local_conv2d_input_grad_config(geom, dtype):
-    """The local input gradient's launch choice: the batched-GEMM gather of
-    :mod:`gpuconv.cuda.local_grad_gemm`, or the direct kernel of
-    :mod:`gpuconv.cuda.grad_kernels` for a layer the GEMM's stage cannot hold (one map's
-    staged gradient and weights over 32 KiB: very wide, strided or dilated kernels)."""
+    """The local input gradient's launch choice: for many maps a group
+    (:func:`gpuconv.cuda.local_igrad_cols.use_cols`) the per-position GEMM into columns;
+    else the batched-GEMM gather of :mod:`gpuconv.cuda.local_grad_gemm`, or the direct
+    kernel of :mod:`gpuconv.cuda.grad_kernels` for a layer the GEMM's stage cannot hold (one
+    map's staged gradient and weights over 32 KiB: very wide, strided or dilated kernels)."""
+    if local_igrad_cols.use_cols(geom):
+        return local_igrad_cols.local_input_grad_cols_config(geom, dtype)
     try:
         return local_grad_gemm.local_input_grad_gemm_config(geom, dtype)
     except ValueError:
@@ -556,6 +567,15 @@ def local_conv2d_weight_grad_config(geom, dtype):
         return local_grad_gemm.local_weight_grad_gemm_config(geom, dtype)
     except ValueError:
         return grad_kernels.local_conv2d_weight_grad_config(geom, dtype)
+
+
+def local_conv2d_input_grad_scratch_elements(geom, dtype):
+    """Device scratch of :func:`launch_local_conv2d_input_grad`, in elements of ``dtype``:
+    the columns path's transposed gradient and columns (none for the gathers)."""
+    config = local_conv2d_input_grad_config(geom, dtype)
+    if isinstance(config, local_igrad_cols.LocalInputGradColsConfig):
+        return config.scratch_elements
+    return 0
 
 
 def local_conv2d_weight_grad_scratch_elements(geom, dtype):
