@@ -316,11 +316,12 @@ def multipass_cases(dry_run=False):
     l6, vgg, res2 = (workloads.LAYERS[n] for n in ("deepface-l6", "vgg16-conv5_1",
                                                    "resnet50-res2-3x3"))
     partial = layer_case(vgg, 4)._replace(name="vgg16-conv5_1-cin500@4", c_in=500)
-    # the per-position GEMM: two batch tiles (the second partial), a partial last K chunk
+    # the per-position GEMMs: two batch tiles (the second partial), a partial last K chunk
+    # (the forward) or term block (the input gradient's columns)
     tiles = layer_case(vgg, 40)._replace(name="vgg16-conv5_1-cin500@40", c_in=500)
     return [(layer_case(l6, 136, "position"), ("local_conv2d",) + GRAD_FUNCTIONS["local_conv2d"]),
             (partial, ("conv2d", "local_conv2d")),
-            (tiles, ("local_conv2d",)),
+            (tiles, ("local_conv2d", "local_conv2d_input")),
             (layer_case(res2, res2.batch_gpu), GRAD_FUNCTIONS["conv2d"])]
 
 
@@ -896,7 +897,8 @@ def check_array_kinds(torch, gpuconv, dry_run=False):
 #: Tiny calls of every forward and gradient kernel, float32 and float16, for compute-sanitizer:
 #: stride, padding, groups, both bias kinds, a strided device input, a channel-heavy conv2d
 #: and its gradients (the implicit-GEMM kernels), a conv2d weight gradient summed in
-#: several slices, and a local_conv2d of 64 maps (the per-position GEMM).
+#: several slices, and a local_conv2d of 64 maps (the per-position GEMM) and its input
+#: gradient (through columns: transpose, GEMM, gather).
 SANITIZER_SNIPPET = """
 import numpy as np, gpuconv
 from gpuconv import grad
@@ -923,6 +925,7 @@ for dt in (np.float32, np.float16):
     grad.conv2d_weight(xb, (3, 2, 3, 3), gb, device="cuda")
     xm, wm = r(10, 6, 6, 7), r(64, 6, 7, 6, 3, 3)  # 64 maps: the per-position GEMM
     gpuconv.local_conv2d(xm, wm, r(64, 6, 7), padding=1, device="cuda")
+    grad.local_conv2d_input(xm.shape, wm, r(10, 64, 6, 7), padding=1, device="cuda")  # columns
     gpuconv.conv2d(cuda.to_device(x)[:, :, ::2], cuda.to_device(w), None, groups=2)
 cuda.synchronize()
 print("sanitizer calls done")

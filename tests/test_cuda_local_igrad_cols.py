@@ -199,3 +199,26 @@ def test_factories_are_memoised_named_and_refuse_uneven_tiles():
         cols.cols_gemm_kernel("f32", 16, 4, 4, 4, 2, 1)  # 8 threads cannot stage 16 images
     with pytest.raises(ValueError, match="multiple of 4"):
         cols.cols_gemm_kernel("f32", 8, 8, 6, 2, 2, 1)
+
+
+def test_the_model_puts_the_columns_ahead_of_the_gather_where_the_dispatcher_takes_them():
+    """The rule's reason, on paper (``gpuconv.cuda.predict``; no GPU has timed it yet): on
+    the default suite's layers of 64 or more maps the columns path (GEMM, transpose and
+    gather together) is predicted at least twice as fast as the batched-GEMM gather it
+    replaces, its GEMM coalesced (one line per warp load) and its columns counted."""
+    from gpuconv import workloads
+    from gpuconv.cuda import local_grad_gemm, predict
+
+    for name in ("alexnet-conv1", "resnet50-res2-3x3", "vgg16-conv5_1"):
+        layer = workloads.LAYERS[name]
+        geom = workloads.gpu_geometry(layer)
+        rows = predict.local_gradient_rows(layer)
+        kinds = [r.kernel.split("_f32")[0] for r in rows]
+        assert kinds[:3] == ["local_conv2d_igrad_cols", "transpose_maps",
+                             "local_conv2d_col2im"], kinds
+        cols = sum(r.time_s for r in rows[:3])
+        assert rows[0].lines_per_load == pytest.approx(1.0, abs=0.7)
+        config = local_grad_gemm.local_input_grad_gemm_config(geom, np.float32)
+        assert config.kernel.name.startswith("local_conv2d_igrad_gemm_")
+        gather = predict._local_igrad_gemm_row(name, geom, np.float32, None, predict.H200)
+        assert gather.time_s > 2 * cols, (name, gather.time_s, cols)

@@ -90,7 +90,13 @@ def test_float16_and_float32_kernels_do_not_spill(ptxas_rows, capsys):
 _GLOBAL_LD = re.compile(r"\bld\.global(?:\.nc)?\.(\w+)")
 _GLOBAL_ST = re.compile(r"\bst\.global\.(\w+)")
 _FLOAT32_PARTIALS = {"conv2d_wgrad_f16": ("st", "f32"), "conv2d_wgemm_f16": ("st", "f32"),
-                     "sum_slices_f16": ("ld", "f32")}
+                     "sum_slices_f16": ("ld", "f32"),
+                     # the local input gradient's float32 columns: written, then gathered
+                     "local_conv2d_igrad_cols_f16": ("st", "f32"),
+                     "local_conv2d_col2im_f16": ("ld", "f32")}
+# Kernels that read no half words (only float32 partial sums) and write no half words.
+_READS_FLOAT32 = ("sum_slices_f16", "local_conv2d_col2im_f16")
+_WRITES_FLOAT32 = ("conv2d_wgrad_f16", "conv2d_wgemm_f16", "local_conv2d_igrad_cols_f16")
 
 
 def _float32_partials(name, family):
@@ -123,10 +129,9 @@ def test_float16_kernels_move_half_words_and_compute_in_float32(report):
             allowed.add(_float32_partials(spec.name, family))
             assert kinds and kinds <= allowed, (spec.name, cc, kinds)
             if not mover:
-                if family != "sum_slices_f16":
+                if family not in _READS_FLOAT32:
                     assert "cvt.f32.f16" in text, spec.name
-                if (family not in ("conv2d_wgrad_f16", "conv2d_wgemm_f16")
-                        and not spec.name.endswith("_partial")):
+                if family not in _WRITES_FLOAT32 and not spec.name.endswith("_partial"):
                     assert "cvt.rn.f16.f32" in text, spec.name
 
 

@@ -114,18 +114,22 @@ def test_local_gradients_are_checked_and_timed_on_the_batched_gemms(gpu_check):
 
 def test_multipass_runs_the_per_position_gemm_over_two_batch_tiles(gpu_check):
     """The local forward of VGG-16 conv5_1 with 500 input channels at batch 40: the
-    per-position GEMM, two batch tiles (the second partial), a partial last chunk of K."""
-    from gpuconv.cuda import launch, local_gemm
+    per-position GEMM, two batch tiles (the second partial), a partial last chunk of K; its
+    input gradient through columns, two image tiles and a partial last block of terms."""
+    from gpuconv.cuda import launch, local_gemm, local_igrad_cols
 
     cases = dict((c.name, (c, f)) for c, f in gpu_check.multipass_cases())
     case, functions = cases["vgg16-conv5_1-cin500@40"]
-    assert functions == ("local_conv2d",)
+    assert functions == ("local_conv2d", "local_conv2d_input")
     geom = gpu_check.case_geometry(case)
     config = launch.local_conv2d_forward_config(geom, np.float32)
     assert isinstance(config, local_gemm.LocalGemmConfig) and config.batch_tiles == 2
     k_len = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
-    assert geom.batch % 32 and k_len % 16
+    assert geom.batch % 32 and k_len % 16 and k_len % 64
     assert gpu_check.kernel_names("local_conv2d", geom) == (config.kernel.name,)
+    igrad = launch.local_conv2d_input_grad_config(geom, np.float32)
+    assert isinstance(igrad, local_igrad_cols.LocalInputGradColsConfig)
+    assert igrad.batch_tiles == 2 and igrad.chunk == geom.batch
 
 
 def test_plan_puts_correctness_first_and_fits_the_budget(gpu_check):

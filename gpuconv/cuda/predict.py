@@ -1007,6 +1007,57 @@ def _local_wgrad_gemm_row(layer, geom, dtype, info, device):
                      2 * fma / time / roof, 2 * fma / hidden / roof)
 
 
+def _local_igrad_cols_rows(layer, geom, dtype, config, info, device):
+    """The input gradient through columns (:mod:`gpuconv.cuda.local_igrad_cols`): the
+    per-position GEMM modelled as the forward's (:func:`_gemm_tile_row`, its staging loads
+    walked at the kernel's own addresses for the first chunk of a middle position), the
+    columns' bytes added to its DRAM traffic; the transpose and the gather by their DRAM
+    traffic (each word read and written once; the gather's lines shared in L1). A batch
+    run in chunks of images is modelled as one launch of the whole batch."""
+    itemsize = np.dtype(dtype).itemsize
+    cs = np.dtype(kernels._NUMPY[kernels.compute_code(kernels.dtype_code(dtype))]).itemsize
+    BM, BN, BK, TM, TN = _gemm_tile(config.kernel.name)
+    threads = (BM // TM) * (BN // TN)
+    AR, BR = threads // BM, threads // BN
+    LA, LB = BM * BK // threads, BN * BK // threads
+    g = geom
+    n_pos = g.out_height * g.out_width
+    khw = g.kernel_height * g.kernel_width
+    k_len = g.in_channels_per_group * khw
+    pos = (g.out_height // 2) * g.out_width + g.out_width // 2
+    loads = []
+    for j in range(LA):
+        loads.append([(pos * g.out_channels + t // BM + j * AR) * g.batch + t % BM
+                      if t % BM < g.batch and t // BM + j * AR < g.out_channels_per_group
+                      else None for t in range(threads)])
+    for j in range(LB):
+        loads.append([((t // BN + j * BR) * n_pos + pos) * k_len + t % BN
+                      if t % BN < k_len and t // BN + j * BR < g.out_channels_per_group
+                      else None for t in range(threads)])
+    chunks = -(-g.out_channels_per_group // BK)
+    batch_tiles = -(-g.batch // BM)
+    blocks = n_pos * batch_tiles * g.groups * config.blocks_n
+    fma = g.batch * g.out_channels * n_pos * k_len
+    weights = g.out_channels * n_pos * k_len
+    gy = g.batch * g.out_channels * n_pos
+    col_words = g.batch * n_pos * g.in_channels * khw
+    dx = g.batch * g.in_channels * g.in_height * g.in_width
+    dram = (weights + gy) * itemsize + col_words * cs
+    whole = config._replace(grid=(n_pos * batch_tiles, config.grid[1]))
+    gemm = _gemm_tile_row(layer, whole, geom, dtype, loads, blocks * chunks, chunks, fma, weights, dram,
+                          device.dram_latency_s, info(config.kernel), device)
+    rows = [gemm]
+    for spec, grid, words in (
+            (config.transpose, (-(-n_pos // 32), -(-g.batch // 32), g.out_channels),
+             2 * gy * itemsize),
+            (config.col2im, (g.batch * g.in_height * -(-g.in_width // 8),
+                             -(-g.in_channels // 32)), col_words * cs + dx * itemsize)):
+        row = _plain_row(layer, spec, grid, (256,), 0, info(spec), device)
+        rows.append(row._replace(dram_bytes_per_fma=None, bound="DRAM",
+                                 time_s=words / device.copy_bytes_per_s))
+    return rows
+
+
 def local_gradient_rows(layer, dtype=np.float32, ptxas=None, device=H200, batch=None):
     """Predicted :class:`KernelRow` of the local_conv2d gradient kernels the dispatcher picks
     on ``layer``: the batched-GEMM input and weight gradients (modelled as the forward is)
@@ -1021,12 +1072,20 @@ def local_gradient_rows(layer, dtype=np.float32, ptxas=None, device=H200, batch=
     def info(spec, shared=0):
         return ptxas(spec, shared) if ptxas else None
 
-    igrad = gemm.local_input_grad_gemm_config(geom, dtype)
+    from . import local_igrad_cols
+
     wgrad = gemm.local_weight_grad_gemm_config(geom, dtype)
-    rows = [_local_igrad_gemm_row(name, geom, dtype, info(igrad.kernel, igrad.shared_bytes),
-                                  device),
-            _local_wgrad_gemm_row(name, geom, dtype, info(wgrad.kernel, wgrad.shared_bytes),
-                                  device)]
+    if local_igrad_cols.use_cols(geom):  # many maps: the dispatcher's columns path
+        rows = _local_igrad_cols_rows(name, geom, dtype,
+                                      local_igrad_cols.local_input_grad_cols_config(geom,
+                                                                                    dtype),
+                                      info, device)
+    else:
+        igrad = gemm.local_input_grad_gemm_config(geom, dtype)
+        rows = [_local_igrad_gemm_row(name, geom, dtype,
+                                      info(igrad.kernel, igrad.shared_bytes), device)]
+    rows.append(_local_wgrad_gemm_row(name, geom, dtype,
+                                      info(wgrad.kernel, wgrad.shared_bytes), device))
     if wgrad.slices > 1:
         rows.append(_sum_row(name, dtype, math.prod(geom.local_weight_shape()), wgrad.slices,
                              info, device))
