@@ -10,6 +10,8 @@ maps), and ``chunk`` forces several chunks of images, the last partial. The rest
 dispatch, the scratch and the launch shape and run everywhere.
 """
 
+import math
+
 import numpy as np
 import pytest
 
@@ -162,6 +164,18 @@ def test_dispatch_many_maps_and_the_scratch_the_call_counts():
         chosen = launch.local_conv2d_input_grad_config(geom, np.float32)
         assert isinstance(chosen, cols.LocalInputGradColsConfig) == \
             (geom.out_channels_per_group >= 64), layer.name
+    # tiled_conv2d between the ends of the dial: the expanded weight and the columns; at
+    # T = 1 x 1 conv2d's input gradient, no scratch.
+    from gpuconv.cuda import tiled
+    from gpuconv.geometry import tiled_geometry
+
+    plain = conv_geometry((4, 8, 6, 6), (3, 3), 64)
+    between = tiled_geometry(plain, (2, 2), "periodic")
+    assert tiled.tiled_conv2d_input_grad_scratch_elements(between, np.float32) == \
+        math.prod(between.local_weight_shape()) + \
+        launch.local_conv2d_input_grad_scratch_elements(plain, np.float32) > 0
+    assert tiled.tiled_conv2d_input_grad_scratch_elements(
+        tiled_geometry(plain, (1, 1), "periodic"), np.float32) == 0
     # An empty batch launches nothing.
     assert not cols.use_cols(conv_geometry((0, 8, 6, 6), (3, 3), 64))
 

@@ -25,6 +25,7 @@ import math
 from .launch import (_flat, _numba_empty, conv2d_weight_grad_scratch_elements, launch_conv2d,
                      launch_conv2d_input_grad, launch_conv2d_weight_grad, launch_local_conv2d,
                      launch_local_conv2d_input_grad, launch_local_conv2d_weight_grad,
+                     local_conv2d_input_grad_scratch_elements,
                      local_conv2d_weight_grad_scratch_elements, tiled_conv2d_config,
                      tiled_conv2d_scratch_elements,
                      tiled_conv2d_input_grad_config, tiled_conv2d_weight_grad_config)
@@ -52,8 +53,12 @@ def _expanded_elements(geom):
 
 
 def tiled_conv2d_input_grad_scratch_elements(geom, dtype):
-    """The expanded weight (between the ends of the dial)."""
-    return _expanded_elements(geom)
+    """The expanded weight (between the ends of the dial) and local_conv2d's input-gradient
+    scratch (its columns, for many maps a group), or none (conv2d's input gradient)."""
+    if geom.shared:
+        return 0
+    return _expanded_elements(geom) + local_conv2d_input_grad_scratch_elements(geom.untiled,
+                                                                               dtype)
 
 
 def tiled_conv2d_weight_grad_scratch_elements(geom, dtype):
