@@ -176,6 +176,12 @@ def test_dispatch_many_maps_and_the_scratch_the_call_counts():
         launch.local_conv2d_input_grad_scratch_elements(plain, np.float32) > 0
     assert tiled.tiled_conv2d_input_grad_scratch_elements(
         tiled_geometry(plain, (1, 1), "periodic"), np.float32) == 0
+    # More maps than the transpose's grid holds (65535 along z): the gather instead.
+    wide = conv_geometry((2, 1, 3, 3), (1, 1), 70000)
+    with pytest.raises(ValueError, match="transpose"):
+        cols.local_input_grad_cols_config(wide, np.float32)
+    assert isinstance(launch.local_conv2d_input_grad_config(wide, np.float32),
+                      local_grad_gemm.LocalInputGradGemmConfig)
     # An empty batch launches nothing.
     assert not cols.use_cols(conv_geometry((0, 8, 6, 6), (3, 3), 64))
 

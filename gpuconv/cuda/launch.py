@@ -552,7 +552,10 @@ def local_conv2d_input_grad_config(geom, dtype):
     kernel of :mod:`gpuconv.cuda.grad_kernels` for a layer the GEMM's stage cannot hold (one
     map's staged gradient and weights over 32 KiB: very wide, strided or dilated kernels)."""
     if local_igrad_cols.use_cols(geom):
-        return local_igrad_cols.local_input_grad_cols_config(geom, dtype)
+        try:
+            return local_igrad_cols.local_input_grad_cols_config(geom, dtype)
+        except ValueError:  # a grid beyond CUDA's limits (over 65535 maps): the gathers
+            pass
     try:
         return local_grad_gemm.local_input_grad_gemm_config(geom, dtype)
     except ValueError:
