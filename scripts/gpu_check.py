@@ -45,8 +45,10 @@ on an H200 with JIT compilation included.
     (:func:`gpuconv.cuda.kernels.forward_candidates`: conv2d's direct kernel and its implicit
     GEMM on each tile, local_conv2d's batched and per-position GEMMs on each tile), launched
     directly on each default-suite layer at its GPU batch: checked against float64 PyTorch,
-    timed back to back, each beside the model's prediction. A line per layer says whether
-    the dispatcher picked the fastest; the table calibrates the model. Then
+    timed back to back, each beside the model's prediction; on ResNet-50 res2 (64 maps, the
+    edge of the rule) also the local input gradient through columns against the gather. A
+    line per layer says whether the dispatcher picked the fastest; the table calibrates the
+    model. Then
     ``gpuconv.set_autotune(True)`` as a user turns it on, on the last layer: the choice it
     makes, checked against the reference.
 11. ``array-kinds`` -- torch, CuPy, Numba and NumPy arrays in and out, a side stream,
@@ -282,14 +284,28 @@ def small_batch_items(layers, dry_run=False):
 def candidate_items(layers, dry_run=False):
     """``[(layer, op, geometry, configs)]``: each layer at its GPU batch, each forward
     operation with every kernel the dispatcher weighs for it
-    (:func:`gpuconv.cuda.kernels.forward_candidates`), the picked one among them."""
+    (:func:`gpuconv.cuda.kernels.forward_candidates`), the picked one among them; and on
+    the layers at the edge of the rule that gives the local input gradient columns (64 maps
+    a group: ResNet-50 res2), the columns path (the pick) beside the
+    batched-GEMM gather (``local_conv2d_input``; the budget holds one such layer)."""
     from gpuconv.cuda import kernels
+
+    from gpuconv.cuda import local_grad_gemm, local_igrad_cols
 
     items = []
     for layer in layers:
         geom = layer.geometry(layer.batch_gpu)
         for op in FORWARD_OPS:
             items.append((layer, op, geom, kernels.forward_candidates(op, geom, np.float32)))
+        edge = geom.out_channels_per_group == local_igrad_cols.COLS_MIN_MAPS
+        if local_igrad_cols.use_cols(geom) and edge:  # columns against the gather
+            try:
+                gather = local_grad_gemm.local_input_grad_gemm_config(geom, np.float32)
+            except ValueError:  # a stage the gather cannot hold: nothing to weigh
+                continue
+            items.append((layer, "local_conv2d_input", geom,
+                          [local_igrad_cols.local_input_grad_cols_config(geom, np.float32),
+                           gather]))
     return items
 
 
@@ -1095,36 +1111,66 @@ def _measured_registers(config):
         return None
 
 
+def _picked(op, geom):
+    """The dispatcher's configuration of ``op`` (a forward, or ``local_conv2d_input``)."""
+    from gpuconv.cuda import kernels, launch
+
+    if op == "conv2d":
+        return kernels.conv2d_config(geom, np.float32)
+    if op == "local_conv2d":
+        return kernels.local_conv2d_forward_config(geom, np.float32)
+    return launch.local_conv2d_input_grad_config(geom, np.float32)
+
+
+def _launch_candidate(op, config, args, out, geom, stream, empty=None):
+    from gpuconv.cuda import launch
+
+    if op == "local_conv2d_input":  # args: (gy, w)
+        launch.launch_local_conv2d_input_grad(*args, out, geom, stream, empty, config)
+    else:                           # args: (x, w, b)
+        _launch_forward(op, config, *args, out, geom, stream, empty)
+
+
 def check_candidates(target, layer, op, geom, configs, timed=True, rounds=3, device=None):
-    """Each forward kernel of ``configs`` on ``geom`` (the layer's GPU batch, float32, a
-    bias per map) launched directly with its own configuration: its first and last image
-    against the float64 PyTorch reference, and, when ``timed``, its GPU time back to back
-    (CUDA events around ``reps`` launches queued behind :func:`_blocker`, the median of
-    ``rounds``) beside the model's prediction (:func:`gpuconv.cuda.predict.forward_rows`,
-    registers as compiled here). One result per configuration."""
+    """Each kernel of ``configs`` on ``geom`` (the layer's GPU batch, float32) launched
+    directly with its own configuration: a forward (a bias per map), or the local input
+    gradient (``op`` ``local_conv2d_input``: the columns path and the gather). Its first and
+    last image against the float64 PyTorch reference, and, when ``timed``, its GPU time back
+    to back (CUDA events around ``reps`` launches queued behind :func:`_blocker`, the median
+    of ``rounds``) beside the model's prediction (:func:`gpuconv.cuda.predict.forward_rows`,
+    :func:`gpuconv.cuda.predict.local_input_grad_rows`, registers as compiled here). One
+    result per configuration."""
     from numba import cuda
 
-    from gpuconv.cuda import kernels, predict
+    from gpuconv.cuda import predict
     from gpuconv.cuda.ptx import PtxasInfo
 
     torch = target.torch
     device = device or predict.H200
-    picked = (kernels.conv2d_config(geom, np.float32) if op == "conv2d"
-              else kernels.local_conv2d_forward_config(geom, np.float32))
-    x, w, b, _ = _inputs(target, geom, op, "channel", seed=geom.batch + len(op))
+    picked = _picked(op, geom)
+    grad = op == "local_conv2d_input"
+    forward = "local_conv2d" if grad else op
+    x, w, b, gy = _inputs(target, geom, forward, "channel", seed=geom.batch + len(op))
     ends = [0, geom.batch - 1] if geom.batch > 1 else [0]
     pair = layer.geometry(len(ends))
-    ref, bound = _reference(torch, op, pair, x[ends], w, b)
+    if grad:
+        (ref, _), (bound, _) = _grad_reference(torch, forward, pair, x[ends], w, gy[ends])
+        operands, out_shape = (gy, w), geom.input_shape
+    else:
+        ref, bound = _reference(torch, op, pair, x[ends], w, b)
+        operands, out_shape = (x, w, b), geom.output_shape
     count = terms(op, geom)
-    x32, w32, b32 = (t.to(torch.float32).contiguous() for t in (x, w, b))
-    scratch = None  # the launcher's own device arrays
+    operands = [t.to(torch.float32).contiguous() for t in operands]
     if target.dry_run:
-        args = [target.to_gpuconv(t) for t in (x32, w32, b32)]
+        args = [target.to_gpuconv(t) for t in operands]
         stream = cuda.default_stream()
+
+        def scratch(shape, dtype):  # NaN: a kernel reading what none wrote fails
+            return cuda.to_device(np.full(shape, np.nan, dtype))
     else:
         from gpuconv.cuda.launch import _numba_stream
 
-        args = [cuda.as_cuda_array(t) for t in (x32, w32, b32)]
+        args = [cuda.as_cuda_array(t) for t in operands]
         stream = _numba_stream(torch.cuda.current_stream().cuda_stream)
         scratch = _torch_scratch(torch)
     results = []
@@ -1135,14 +1181,14 @@ def check_candidates(target, layer, op, geom, configs, timed=True, rounds=3, dev
         try:
             # the output starts as NaN, so a kernel that leaves part of it unwritten fails
             if target.dry_run:
-                out = cuda.to_device(np.full(geom.output_shape, np.nan, np.float32))
-                _launch_forward(op, config, *args, out, geom, stream)
+                out = cuda.to_device(np.full(out_shape, np.nan, np.float32))
+                _launch_candidate(op, config, args, out, geom, stream, scratch)
                 got = torch.from_numpy(out.copy_to_host())
             else:
-                out_t = torch.full(geom.output_shape, float("nan"), dtype=torch.float32,
+                out_t = torch.full(out_shape, float("nan"), dtype=torch.float32,
                                    device="cuda")
                 out = cuda.as_cuda_array(out_t)
-                _launch_forward(op, config, *args, out, geom, stream, scratch)
+                _launch_candidate(op, config, args, out, geom, stream, scratch)
                 stream.synchronize()
                 got = out_t
             err = float((got[ends].double().to(ref.device) - ref).abs().max())
@@ -1156,9 +1202,10 @@ def check_candidates(target, layer, op, geom, configs, timed=True, rounds=3, dev
                 entry["registers"], entry["static_smem"], entry["local_bytes"] = resources
                 info = PtxasInfo(name, "device", resources[0], 0, 0, resources[2],
                                  resources[1], getattr(config, "shared_bytes", 0))
-            rows = predict.forward_rows(layer.name, geom, np.float32, config,
-                                        (lambda spec, shared=0, i=info:
-                                         i if spec is config.kernel else None), device)
+            rows_of = predict.local_input_grad_rows if grad else predict.forward_rows
+            rows = rows_of(layer.name, geom, np.float32, config,
+                           (lambda spec, shared=0, i=info:
+                            i if spec is config.kernel else None), device)
             predicted = [r.time_s for r in rows]
             entry["predicted_ms"] = (None if None in predicted
                                      else 1e3 * sum(predicted))
@@ -1172,7 +1219,7 @@ def check_candidates(target, layer, op, geom, configs, timed=True, rounds=3, dev
                     _blocker()[1, 1, stream](2 + reps * 3 // 100)
                     start.record(stream)
                     for _ in range(reps):
-                        _launch_forward(op, config, *args, out, geom, stream, scratch)
+                        _launch_candidate(op, config, args, out, geom, stream, scratch)
                     end.record(stream)
                     end.synchronize()
                     times.append(cuda.event_elapsed_time(start, end) / reps)

@@ -169,8 +169,13 @@ def test_candidates_are_every_forward_choice_with_the_pick_among_them(gpu_check)
     code = "sim" if SIMULATOR else "f32"
     layers = gpu_check.suite_layers()
     items = gpu_check.candidate_items(layers)
-    assert [(i[0], i[1]) for i in items] == [(lay, op) for lay in layers
-                                             for op in gpu_check.FORWARD_OPS]
+    # ... and the local input gradient on the layer at the edge of the columns rule
+    edge = [lay for lay in layers if lay.out_channels == 64]
+    assert [lay.name for lay in edge] == ["resnet50-res2-3x3"]
+    assert [(i[0], i[1]) for i in items] == [
+        (lay, op) for lay in layers
+        for op in gpu_check.FORWARD_OPS + (("local_conv2d_input",) if lay in edge else ())]
+    items = [i for i in items if i[1] != "local_conv2d_input"]
     for layer, op, geom, configs in items:
         assert geom.batch == layer.batch_gpu > local_stream.STREAM_MAX_BATCH
         names = [c.kernel.name for c in configs]
@@ -237,6 +242,31 @@ def test_check_candidates_passes_every_kernel_and_fails_a_wrong_one(gpu_check, o
         results = gpu_check.check_candidates(target, layer, op, geom,
                                              [config._replace(grid=grid)])
         assert len(results) == 1 and not results[0]["ok"], (config.kernel.name, results)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not SIMULATOR, reason="launches kernels in the CUDA simulator")
+def test_check_candidates_weighs_the_local_input_gradient_columns_against_the_gather(gpu_check):
+    """On a layer of 64 maps the local input gradient through columns (the pick) and the
+    batched-GEMM gather both agree with the float64 reference and carry a prediction; the
+    columns' GEMM on a grid short of a block fails."""
+    torch = pytest.importorskip("torch")
+    from gpuconv.cuda import local_grad_gemm, local_igrad_cols
+
+    layer = workloads.Layer("tiny64", "Tiny 64", 1, 3, 2, 4, 64, 3, 1, 0, "")
+    (item,) = [i for i in gpu_check.candidate_items([layer])
+               if i[1] == "local_conv2d_input"]
+    _, op, geom, configs = item
+    assert [type(c) for c in configs] == [local_igrad_cols.LocalInputGradColsConfig,
+                                          local_grad_gemm.LocalInputGradGemmConfig]
+    target = gpu_check.Target(torch, dry_run=True)
+    results = gpu_check.check_candidates(target, layer, op, geom, configs)
+    assert all(r["ok"] for r in results), results
+    assert [r["picked"] for r in results] == [True, False]
+    assert all(r["predicted_ms"] > 0 for r in results)
+    short = configs[0]._replace(grid=(configs[0].grid[0] - 1, configs[0].grid[1]))
+    (result,) = gpu_check.check_candidates(target, layer, op, geom, [short])
+    assert not result["ok"], result
 
 
 @pytest.mark.cuda

@@ -367,7 +367,8 @@ def launch(config, grad_output, weight, gyt, cols, out, geom, stream, compiled):
     for b0 in range(0, n, config.chunk):
         nb = min(config.chunk, n - b0)
         batch_tiles = -(-nb // config.tile_m)
-        gemm[(n_pos * batch_tiles, config.grid[1]), config.block, stream, 0](
+        grid = config.grid if nb == config.chunk else (n_pos * batch_tiles, config.grid[1])
+        gemm[grid, config.block, stream, 0](
             gyt,                        # (P, c_O, n)
             weight,                     # (c_O, h_O, w_O, c_Ig, k_H, k_W), the caller's layout
             cols,                       # (nb, P, c_I * k_H * k_W), written

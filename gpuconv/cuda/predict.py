@@ -32,7 +32,7 @@ import numpy as np
 from . import conv2d_gemm, conv2d_gemm_grad, grad_kernels, kernels, local_gemm, local_stream
 
 __all__ = ["H200", "H100", "Device", "device_named", "forward_row", "forward_rows", "occupancy", "KernelRow", "layer_rows", "format_rows",
-           "local_gradient_rows", "local_backward_rows", "format_backward_rows", "BackwardRow",
+           "local_gradient_rows", "local_input_grad_rows", "local_backward_rows", "format_backward_rows", "BackwardRow",
            "LOCAL_BACKWARD_PEER_S"]
 
 
@@ -1058,6 +1058,19 @@ def _local_igrad_cols_rows(layer, geom, dtype, config, info, device):
     return rows
 
 
+def local_input_grad_rows(layer, geom, dtype, config, info=None, device=H200):
+    """The predicted :class:`KernelRow` of one local input-gradient launch ``config``: the
+    columns path (its GEMM, transpose and gather) or the batched-GEMM gather; ``info(spec,
+    shared)`` gives a kernel's :class:`~gpuconv.cuda.ptx.PtxasInfo` (or None)."""
+    from . import local_igrad_cols
+
+    info = info or (lambda spec, shared=0: None)
+    if isinstance(config, local_igrad_cols.LocalInputGradColsConfig):
+        return _local_igrad_cols_rows(layer, geom, dtype, config, info, device)
+    return [_local_igrad_gemm_row(layer, geom, dtype, info(config.kernel, config.shared_bytes),
+                                  device)]
+
+
 def local_gradient_rows(layer, dtype=np.float32, ptxas=None, device=H200, batch=None):
     """Predicted :class:`KernelRow` of the local_conv2d gradient kernels the dispatcher picks
     on ``layer``: the batched-GEMM input and weight gradients (modelled as the forward is)
@@ -1072,18 +1085,11 @@ def local_gradient_rows(layer, dtype=np.float32, ptxas=None, device=H200, batch=
     def info(spec, shared=0):
         return ptxas(spec, shared) if ptxas else None
 
-    from . import local_igrad_cols
+    from .launch import local_conv2d_input_grad_config
 
     wgrad = gemm.local_weight_grad_gemm_config(geom, dtype)
-    if local_igrad_cols.use_cols(geom):  # many maps: the dispatcher's columns path
-        rows = _local_igrad_cols_rows(name, geom, dtype,
-                                      local_igrad_cols.local_input_grad_cols_config(geom,
-                                                                                    dtype),
-                                      info, device)
-    else:
-        igrad = gemm.local_input_grad_gemm_config(geom, dtype)
-        rows = [_local_igrad_gemm_row(name, geom, dtype,
-                                      info(igrad.kernel, igrad.shared_bytes), device)]
+    rows = local_input_grad_rows(name, geom, dtype, local_conv2d_input_grad_config(geom, dtype),
+                                 info, device)
     rows.append(_local_wgrad_gemm_row(name, geom, dtype,
                                       info(wgrad.kernel, wgrad.shared_bytes), device))
     if wgrad.slices > 1:
