@@ -237,6 +237,8 @@ def kernel_names(name, geom, dtype="float32"):
         names.append(f"sum_slices_{np.dtype(dtype).name}")
     if name == "local_conv2d_weight" and getattr(config, "slices", 1) > 1:  # batch slices
         names.append(f"sum_slices_{np.dtype(dtype).name}")
+    if name == "local_conv2d_weight" and hasattr(config, "blocks_m"):  # a GEMM a position
+        names.append(config.transpose.name)
     if name == "local_conv2d_input" and hasattr(config, "col2im"):  # many maps: columns
         names += [config.transpose.name, config.col2im.name]
     return tuple(names)
@@ -290,21 +292,21 @@ def candidate_items(layers, dry_run=False):
     batched-GEMM gather (``local_conv2d_input``; the budget holds one such layer)."""
     from gpuconv.cuda import kernels
 
-    from gpuconv.cuda import local_grad_gemm, local_igrad_cols
+    from gpuconv.cuda import local_grad_gemm, local_grad_positions
 
     items = []
     for layer in layers:
         geom = layer.geometry(layer.batch_gpu)
         for op in FORWARD_OPS:
             items.append((layer, op, geom, kernels.forward_candidates(op, geom, np.float32)))
-        edge = geom.out_channels_per_group == local_igrad_cols.COLS_MIN_MAPS
-        if local_igrad_cols.use_cols(geom) and edge:  # columns against the gather
+        edge = geom.out_channels_per_group == local_grad_positions.POSITIONS_MIN_MAPS
+        if local_grad_positions.use_positions(geom) and edge:  # columns against the gather
             try:
                 gather = local_grad_gemm.local_input_grad_gemm_config(geom, np.float32)
             except ValueError:  # a stage the gather cannot hold: nothing to weigh
                 continue
             items.append((layer, "local_conv2d_input", geom,
-                          [local_igrad_cols.local_input_grad_cols_config(geom, np.float32),
+                          [local_grad_positions.local_input_grad_cols_config(geom, np.float32),
                            gather]))
     return items
 
@@ -337,7 +339,7 @@ def multipass_cases(dry_run=False):
     tiles = layer_case(vgg, 40)._replace(name="vgg16-conv5_1-cin500@40", c_in=500)
     return [(layer_case(l6, 136, "position"), ("local_conv2d",) + GRAD_FUNCTIONS["local_conv2d"]),
             (partial, ("conv2d", "local_conv2d")),
-            (tiles, ("local_conv2d", "local_conv2d_input")),
+            (tiles, ("local_conv2d", "local_conv2d_input", "local_conv2d_weight")),
             (layer_case(res2, res2.batch_gpu), GRAD_FUNCTIONS["conv2d"])]
 
 
@@ -913,8 +915,8 @@ def check_array_kinds(torch, gpuconv, dry_run=False):
 #: Tiny calls of every forward and gradient kernel, float32 and float16, for compute-sanitizer:
 #: stride, padding, groups, both bias kinds, a strided device input, a channel-heavy conv2d
 #: and its gradients (the implicit-GEMM kernels), a conv2d weight gradient summed in
-#: several slices, and a local_conv2d of 64 maps (the per-position GEMM) and its input
-#: gradient (through columns: transpose, GEMM, gather).
+#: several slices, and a local_conv2d of 64 maps (the per-position GEMM) and its gradients
+#: (the input gradient through columns, the weight gradient a GEMM a position).
 SANITIZER_SNIPPET = """
 import numpy as np, gpuconv
 from gpuconv import grad
@@ -941,7 +943,9 @@ for dt in (np.float32, np.float16):
     grad.conv2d_weight(xb, (3, 2, 3, 3), gb, device="cuda")
     xm, wm = r(10, 6, 6, 7), r(64, 6, 7, 6, 3, 3)  # 64 maps: the per-position GEMM
     gpuconv.local_conv2d(xm, wm, r(64, 6, 7), padding=1, device="cuda")
-    grad.local_conv2d_input(xm.shape, wm, r(10, 64, 6, 7), padding=1, device="cuda")  # columns
+    gm = r(10, 64, 6, 7)  # ... and its gradients: columns, and a GEMM a position
+    grad.local_conv2d_input(xm.shape, wm, gm, padding=1, device="cuda")
+    grad.local_conv2d_weight(xm, wm.shape, gm, padding=1, device="cuda")
     gpuconv.conv2d(cuda.to_device(x)[:, :, ::2], cuda.to_device(w), None, groups=2)
 cuda.synchronize()
 print("sanitizer calls done")

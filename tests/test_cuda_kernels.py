@@ -518,7 +518,8 @@ def test_workload_specialisations_cover_both_ops_and_dtypes():
                    "conv2d_gemm_f16_t128x64", "local_conv2d_f16_k5x5",
                    "local_conv2d_f16_k3x3_t8x4_l4x8_partial", "sum_slices_f32", "copy6d_f16",
                    "local_conv2d_igrad_cols_f32_t32x64", "local_conv2d_igrad_cols_f64_t32x32",
-                   "transpose_maps_f16", "local_conv2d_col2im_f16"):
+                   "transpose_maps_f16", "local_conv2d_col2im_f16",
+                   "local_conv2d_wgrad_pos_f32_t32x64", "local_conv2d_wgrad_pos_f16_t32x64"):
         assert any(name.startswith(prefix) for name in names), prefix
 
 

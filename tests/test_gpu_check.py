@@ -94,18 +94,20 @@ def test_local_gradients_are_checked_and_timed_on_the_batched_gemms(gpu_check):
     """The local gradients reach the batched-GEMM kernels on the default suite (the
     dispatcher's choice), with the slice sum where the weight gradient splits the batch
     (DeepFace L6 at its GPU batch), and the multipass case runs them over two batch tiles.
-    The input gradient of 64 or more maps a group goes through columns: transpose, GEMM,
-    gather."""
+    With 64 or more maps a group the input gradient goes through columns (transpose, GEMM,
+    gather) and the weight gradient is a GEMM a position (transpose, GEMM)."""
     for layer in gpu_check.suite_layers():
         geom = layer.geometry(layer.batch_gpu)
         names = gpu_check.kernel_names("local_conv2d_input", geom)
+        weight = gpu_check.kernel_names("local_conv2d_weight", geom)
         if geom.out_channels_per_group >= 64:
             assert names[0].startswith("local_conv2d_igrad_cols_f32_t32x64_")
             assert names[1:] == ("transpose_maps_f32", "local_conv2d_col2im_f32")
+            assert weight[0].startswith("local_conv2d_wgrad_pos_f32_t32x64_")
+            assert weight[1:] == ("transpose_maps_f32",)
         else:
             assert names == (names[0],) and names[0].startswith("local_conv2d_igrad_gemm_f32_")
-        assert gpu_check.kernel_names("local_conv2d_weight", geom)[0].startswith(
-            "local_conv2d_wgrad_gemm_f32_")
+            assert weight[0].startswith("local_conv2d_wgrad_gemm_f32_")
     l6 = workloads.gpu_geometry("deepface-l6")
     assert gpu_check.kernel_names("local_conv2d_weight", l6)[1:] == ("sum_slices_float32",)
     cases = dict((c.name, f) for c, f in gpu_check.multipass_cases())
@@ -115,12 +117,13 @@ def test_local_gradients_are_checked_and_timed_on_the_batched_gemms(gpu_check):
 def test_multipass_runs_the_per_position_gemm_over_two_batch_tiles(gpu_check):
     """The local forward of VGG-16 conv5_1 with 500 input channels at batch 40: the
     per-position GEMM, two batch tiles (the second partial), a partial last chunk of K; its
-    input gradient through columns, two image tiles and a partial last block of terms."""
-    from gpuconv.cuda import launch, local_gemm, local_igrad_cols
+    input gradient through columns, two image tiles and a partial last block of terms; its
+    weight gradient a GEMM a position, a partial last chunk of images and block of terms."""
+    from gpuconv.cuda import launch, local_gemm, local_grad_positions
 
     cases = dict((c.name, (c, f)) for c, f in gpu_check.multipass_cases())
     case, functions = cases["vgg16-conv5_1-cin500@40"]
-    assert functions == ("local_conv2d", "local_conv2d_input")
+    assert functions == ("local_conv2d", "local_conv2d_input", "local_conv2d_weight")
     geom = gpu_check.case_geometry(case)
     config = launch.local_conv2d_forward_config(geom, np.float32)
     assert isinstance(config, local_gemm.LocalGemmConfig) and config.batch_tiles == 2
@@ -128,8 +131,11 @@ def test_multipass_runs_the_per_position_gemm_over_two_batch_tiles(gpu_check):
     assert geom.batch % 32 and k_len % 16 and k_len % 64
     assert gpu_check.kernel_names("local_conv2d", geom) == (config.kernel.name,)
     igrad = launch.local_conv2d_input_grad_config(geom, np.float32)
-    assert isinstance(igrad, local_igrad_cols.LocalInputGradColsConfig)
+    assert isinstance(igrad, local_grad_positions.LocalInputGradColsConfig)
     assert igrad.batch_tiles == 2 and igrad.chunk == geom.batch
+    wgrad = launch.local_conv2d_weight_grad_config(geom, np.float32)
+    assert isinstance(wgrad, local_grad_positions.LocalWeightGradPosConfig)
+    assert geom.batch % 16 and wgrad.blocks_n == -(-k_len // 64)  # a partial image chunk
 
 
 def test_plan_puts_correctness_first_and_fits_the_budget(gpu_check):
@@ -251,13 +257,13 @@ def test_check_candidates_weighs_the_local_input_gradient_columns_against_the_ga
     batched-GEMM gather both agree with the float64 reference and carry a prediction; the
     columns' GEMM on a grid short of a block fails."""
     torch = pytest.importorskip("torch")
-    from gpuconv.cuda import local_grad_gemm, local_igrad_cols
+    from gpuconv.cuda import local_grad_gemm, local_grad_positions
 
     layer = workloads.Layer("tiny64", "Tiny 64", 1, 3, 2, 4, 64, 3, 1, 0, "")
     (item,) = [i for i in gpu_check.candidate_items([layer])
                if i[1] == "local_conv2d_input"]
     _, op, geom, configs = item
-    assert [type(c) for c in configs] == [local_igrad_cols.LocalInputGradColsConfig,
+    assert [type(c) for c in configs] == [local_grad_positions.LocalInputGradColsConfig,
                                           local_grad_gemm.LocalInputGradGemmConfig]
     target = gpu_check.Target(torch, dry_run=True)
     results = gpu_check.check_candidates(target, layer, op, geom, configs)

@@ -33,7 +33,7 @@ from numba import cuda, int32, int64, types, uint64
 from .. import workloads
 from ..device import simulator_enabled
 from . import (conv2d_gemm, conv2d_gemm_grad, grad_kernels, local_gemm, local_grad_gemm,
-               local_igrad_cols, local_stream, tiled_kernels)
+               local_grad_positions, local_stream, tiled_kernels)
 from .spec import (_COMPUTE, _NUMPY, _SCALAR, CODES, GRID_YZ_LIMIT, LOCAL_STAGE_BYTES,
                    SHARED_BUDGET_BYTES, SHARED_LIMIT_BYTES, KernelSpec, _array,
                    _conv2d_launch_bounds, _even_split, _pow2_at_least, _rename,
@@ -947,9 +947,10 @@ def workload_specialisations(codes=CODES):
                     specs.setdefault(config.kernel.name, config.kernel)
             for spec, _ in local_grad_gemm.gemm_grad_specialisations(geom, dtype):
                 specs.setdefault(spec.name, spec)
-            if local_igrad_cols.use_cols(geom):  # many maps: the input gradient by columns
-                config = local_igrad_cols.local_input_grad_cols_config(geom, dtype)
-                for spec in (config.kernel, config.transpose, config.col2im):
+            if local_grad_positions.use_positions(geom):  # many maps: the input gradient by columns
+                config = local_grad_positions.local_input_grad_cols_config(geom, dtype)
+                for spec in (config.kernel, config.transpose, config.col2im,
+                             local_grad_positions.local_weight_grad_pos_config(geom, dtype).kernel):
                     specs.setdefault(spec.name, spec)
         for spec in (copy_kernel(code), tiled_kernels.expand_slots_kernel(code),
                      tiled_kernels.sum_slots_kernel(code)):

@@ -32,7 +32,7 @@ import numpy as np
 from numba import cuda
 
 from . import (autotune, conv2d_gemm, conv2d_gemm_grad, fastlaunch, grad_kernels, kernels,
-               local_gemm, local_grad_gemm, local_igrad_cols, local_stream)
+               local_gemm, local_grad_gemm, local_grad_positions, local_stream)
 from ..device import (DLPACK_CUDA_DEVICES, FreeMemory, autotune_enabled, c_strides,
                       is_c_contiguous, simulator_enabled)
 
@@ -488,17 +488,17 @@ def launch_local_conv2d_input_grad(grad_output, weight, out, geom, stream, empty
     """``out (n, c_I, h, w)`` = the gradient of local_conv2d's input, from ``grad_output
     (n, c_O, h_O, w_O)`` and ``weight (c_O, h_O, w_O, c_Ig, k_H, k_W)`` (the caller's
     layout, read as is). Many maps a group: the per-position GEMM into columns and their
-    gather (:mod:`gpuconv.cuda.local_igrad_cols`, scratch from ``empty``); else no scratch:
+    gather (:mod:`gpuconv.cuda.local_grad_positions`, scratch from ``empty``); else no scratch:
     the batched-GEMM gather of :mod:`gpuconv.cuda.local_grad_gemm` where its stage fits,
     else the direct kernel."""
     if geom.batch == 0:
         return
     config = config or local_conv2d_input_grad_config(geom, out.dtype)
-    if isinstance(config, local_igrad_cols.LocalInputGradColsConfig):
+    if isinstance(config, local_grad_positions.LocalInputGradColsConfig):
         new = empty or _numba_empty(stream)
         gyt, cols = (new(shape, dtype) for shape, dtype in
-                     local_igrad_cols.scratch_shapes(config, out.dtype))
-        return local_igrad_cols.launch(config, _flat(grad_output), _flat(weight), _flat(gyt),
+                     local_grad_positions.scratch_shapes(config, out.dtype))
+        return local_grad_positions.launch(config, _flat(grad_output), _flat(weight), _flat(gyt),
                                        _flat(cols), _flat(out), geom, stream, kernels.compiled)
     if isinstance(config, local_grad_gemm.LocalInputGradGemmConfig):
         return _launch_local_input_grad_gemm(grad_output, weight, out, geom, stream, config)
@@ -523,10 +523,16 @@ def launch_local_conv2d_weight_grad(x, grad_output, out, geom, stream, empty=Non
                                     config=None):
     """``out (c_O, h_O, w_O, c_Ig, k_H, k_W)`` = the gradient of local_conv2d's weights in
     the caller's layout, from ``x (n, c_I, h, w)`` and ``grad_output (n, c_O, h_O, w_O)``
-    (zeros for an empty batch). The GEMM kernel's batch slices, if it splits the batch,
-    sum into scratch from ``empty`` (the compute type), then a second kernel adds them in
-    order."""
+    (zeros for an empty batch). Many maps a group: a GEMM a position
+    (:mod:`gpuconv.cuda.local_grad_positions`, the transposed gradient in scratch from
+    ``empty``). Else the batched GEMM, whose batch slices, if it splits the batch, sum into
+    scratch from ``empty`` (the compute type), then a second kernel adds them in order."""
     config = config or local_conv2d_weight_grad_config(geom, out.dtype)
+    if isinstance(config, local_grad_positions.LocalWeightGradPosConfig):
+        gyt = (empty or _numba_empty(stream))((config.gyt_elements,), grad_output.dtype)
+        return local_grad_positions.launch_weight_grad(config, _flat(x), _flat(grad_output),
+                                                   _flat(gyt), _flat(out), geom, stream,
+                                                   kernels.compiled)
     if isinstance(config, local_grad_gemm.LocalWeightGradGemmConfig):
         return _launch_local_weight_grad_gemm(x, grad_output, out, geom, stream, empty,
                                               config)
@@ -547,13 +553,13 @@ def launch_local_conv2d_weight_grad(x, grad_output, out, geom, stream, empty=Non
 
 def local_conv2d_input_grad_config(geom, dtype):
     """The local input gradient's launch choice: for many maps a group
-    (:func:`gpuconv.cuda.local_igrad_cols.use_cols`) the per-position GEMM into columns;
+    (:func:`gpuconv.cuda.local_grad_positions.use_positions`) the per-position GEMM into columns;
     else the batched-GEMM gather of :mod:`gpuconv.cuda.local_grad_gemm`, or the direct
     kernel of :mod:`gpuconv.cuda.grad_kernels` for a layer the GEMM's stage cannot hold (one
     map's staged gradient and weights over 32 KiB: very wide, strided or dilated kernels)."""
-    if local_igrad_cols.use_cols(geom):
+    if local_grad_positions.use_positions(geom):
         try:
-            return local_igrad_cols.local_input_grad_cols_config(geom, dtype)
+            return local_grad_positions.local_input_grad_cols_config(geom, dtype)
         except ValueError:  # a grid beyond CUDA's limits (over 65535 maps): the gathers
             pass
     try:
@@ -563,9 +569,15 @@ def local_conv2d_input_grad_config(geom, dtype):
 
 
 def local_conv2d_weight_grad_config(geom, dtype):
-    """The local weight gradient's launch choice: the batched GEMM of
-    :mod:`gpuconv.cuda.local_grad_gemm`, or the direct kernel of
+    """The local weight gradient's launch choice: for many maps a group
+    (:func:`gpuconv.cuda.local_grad_positions.use_positions`) a GEMM a position; else the batched
+    GEMM of :mod:`gpuconv.cuda.local_grad_gemm`, or the direct kernel of
     :mod:`gpuconv.cuda.grad_kernels` for a layer the GEMM's stage cannot hold."""
+    if local_grad_positions.use_positions(geom):
+        try:
+            return local_grad_positions.local_weight_grad_pos_config(geom, dtype)
+        except ValueError:  # a grid beyond CUDA's limits: the batched GEMM
+            pass
     try:
         return local_grad_gemm.local_weight_grad_gemm_config(geom, dtype)
     except ValueError:
@@ -576,15 +588,18 @@ def local_conv2d_input_grad_scratch_elements(geom, dtype):
     """Device scratch of :func:`launch_local_conv2d_input_grad`, in elements of ``dtype``:
     the columns path's transposed gradient and columns (none for the gathers)."""
     config = local_conv2d_input_grad_config(geom, dtype)
-    if isinstance(config, local_igrad_cols.LocalInputGradColsConfig):
+    if isinstance(config, local_grad_positions.LocalInputGradColsConfig):
         return config.scratch_elements
     return 0
 
 
 def local_conv2d_weight_grad_scratch_elements(geom, dtype):
     """Device scratch of :func:`launch_local_conv2d_weight_grad`, in elements of ``dtype``:
-    the batch slices' partial sums of the GEMM kernel (none for the direct kernel)."""
+    the transposed gradient of the GEMM a position, the batch slices' partial sums of the
+    batched GEMM (none for the direct kernel)."""
     config = local_conv2d_weight_grad_config(geom, dtype)
+    if isinstance(config, local_grad_positions.LocalWeightGradPosConfig):
+        return config.scratch_elements
     if isinstance(config, local_grad_gemm.LocalWeightGradGemmConfig):
         return local_grad_gemm.local_weight_grad_gemm_scratch_elements(geom, dtype)
     return 0

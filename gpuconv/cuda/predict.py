@@ -32,7 +32,7 @@ import numpy as np
 from . import conv2d_gemm, conv2d_gemm_grad, grad_kernels, kernels, local_gemm, local_stream
 
 __all__ = ["H200", "H100", "Device", "device_named", "forward_row", "forward_rows", "occupancy", "KernelRow", "layer_rows", "format_rows",
-           "local_gradient_rows", "local_input_grad_rows", "local_backward_rows", "format_backward_rows", "BackwardRow",
+           "local_gradient_rows", "local_input_grad_rows", "local_weight_grad_rows", "local_backward_rows", "format_backward_rows", "BackwardRow",
            "LOCAL_BACKWARD_PEER_S"]
 
 
@@ -1007,8 +1007,8 @@ def _local_wgrad_gemm_row(layer, geom, dtype, info, device):
                      2 * fma / time / roof, 2 * fma / hidden / roof)
 
 
-def _local_igrad_cols_rows(layer, geom, dtype, config, info, device):
-    """The input gradient through columns (:mod:`gpuconv.cuda.local_igrad_cols`): the
+def _local_grad_positions_rows(layer, geom, dtype, config, info, device):
+    """The input gradient through columns (:mod:`gpuconv.cuda.local_grad_positions`): the
     per-position GEMM modelled as the forward's (:func:`_gemm_tile_row`, its staging loads
     walked at the kernel's own addresses for the first chunk of a middle position), the
     columns' bytes added to its DRAM traffic; the transpose and the gather by their DRAM
@@ -1058,26 +1058,93 @@ def _local_igrad_cols_rows(layer, geom, dtype, config, info, device):
     return rows
 
 
+def _local_wgrad_pos_rows(layer, geom, dtype, config, info, device):
+    """The weight gradient as a GEMM a position (:mod:`gpuconv.cuda.local_grad_positions`):
+    modelled as the forward's tile GEMM (:func:`_gemm_tile_row`), its staging loads walked at
+    the kernel's own addresses for the first image chunk of a middle position; the weights
+    written once to DRAM, the input and the transposed gradient read once (both stay in L2:
+    its loads' round trip is L2's); the transpose by its DRAM traffic."""
+    itemsize = np.dtype(dtype).itemsize
+    BM, BN, BK, TM, TN = _gemm_tile(config.kernel.name)
+    threads = (BM // TM) * (BN // TN)
+    AR, BR = threads // BK, threads // BN
+    LA, LB = BM * BK // threads, BN * BK // threads
+    g = geom
+    n_pos = g.out_height * g.out_width
+    khw = g.kernel_height * g.kernel_width
+    k_len = g.in_channels_per_group * khw
+    oy, ox = g.out_height // 2, g.out_width // 2
+    pos = oy * g.out_width + ox
+    loads = []
+    for j in range(LA):
+        loads.append([(pos * g.out_channels + t // BK + j * AR) * g.batch + t % BK
+                      if t % BK < g.batch and t // BK + j * AR < g.out_channels_per_group
+                      else None for t in range(threads)])
+    for j in range(LB):
+        group = []
+        for t in range(threads):
+            k, img = t % BN, t // BN + j * BR
+            c, rest = divmod(k, khw)
+            ky, kx = divmod(rest, g.kernel_width)
+            iy = oy * g.stride_h - g.pad_top + ky * g.dilation_h
+            ix = ox * g.stride_w - g.pad_left + kx * g.dilation_w
+            ok = (img < g.batch and k < k_len and 0 <= iy < g.in_height
+                  and 0 <= ix < g.in_width)
+            group.append(((img * g.in_channels + c) * g.in_height + iy) * g.in_width + ix
+                         if ok else None)
+        loads.append(group)
+    chunks = -(-g.batch // BK)
+    blocks = math.prod(config.grid)
+    fma = g.batch * g.out_channels * n_pos * k_len
+    weights = g.out_channels * n_pos * k_len
+    gy = g.batch * g.out_channels * n_pos
+    x_el = g.batch * g.in_channels * g.in_height * g.in_width
+    dram = (weights + gy + x_el) * itemsize
+    rows = [_gemm_tile_row(layer, config, geom, dtype, loads, blocks * chunks, chunks, fma,
+                           weights, dram, device.l2_latency_s, info(config.kernel), device)]
+    row = _plain_row(layer, config.transpose, (-(-n_pos // 32), -(-g.batch // 32),
+                                               g.out_channels), (256,), 0,
+                     info(config.transpose), device)
+    rows.append(row._replace(dram_bytes_per_fma=None, bound="DRAM",
+                             time_s=2 * gy * itemsize / device.copy_bytes_per_s))
+    return rows
+
+
+def local_weight_grad_rows(layer, geom, dtype, config, info=None, device=H200):
+    """The predicted :class:`KernelRow` of one local weight-gradient launch ``config``: the
+    GEMM a position (and its transpose), or the batched GEMM (and its slice sum)."""
+    from . import local_grad_gemm, local_grad_positions
+
+    info = info or (lambda spec, shared=0: None)
+    if isinstance(config, local_grad_positions.LocalWeightGradPosConfig):
+        return _local_wgrad_pos_rows(layer, geom, dtype, config, info, device)
+    rows = [_local_wgrad_gemm_row(layer, geom, dtype, info(config.kernel, config.shared_bytes),
+                                  device)]
+    if isinstance(config, local_grad_gemm.LocalWeightGradGemmConfig) and config.slices > 1:
+        rows.append(_sum_row(layer, dtype, math.prod(geom.local_weight_shape()),
+                             config.slices, info, device))
+    return rows
+
+
 def local_input_grad_rows(layer, geom, dtype, config, info=None, device=H200):
     """The predicted :class:`KernelRow` of one local input-gradient launch ``config``: the
     columns path (its GEMM, transpose and gather) or the batched-GEMM gather; ``info(spec,
     shared)`` gives a kernel's :class:`~gpuconv.cuda.ptx.PtxasInfo` (or None)."""
-    from . import local_igrad_cols
+    from . import local_grad_positions
 
     info = info or (lambda spec, shared=0: None)
-    if isinstance(config, local_igrad_cols.LocalInputGradColsConfig):
-        return _local_igrad_cols_rows(layer, geom, dtype, config, info, device)
+    if isinstance(config, local_grad_positions.LocalInputGradColsConfig):
+        return _local_grad_positions_rows(layer, geom, dtype, config, info, device)
     return [_local_igrad_gemm_row(layer, geom, dtype, info(config.kernel, config.shared_bytes),
                                   device)]
 
 
 def local_gradient_rows(layer, dtype=np.float32, ptxas=None, device=H200, batch=None):
     """Predicted :class:`KernelRow` of the local_conv2d gradient kernels the dispatcher picks
-    on ``layer``: the batched-GEMM input and weight gradients (modelled as the forward is)
-    and the weight gradient's slice sum where it splits the batch (DRAM: the partial sums
-    read, the weights written)."""
+    on ``layer`` (:func:`local_input_grad_rows`, :func:`local_weight_grad_rows`): for many
+    maps a group the GEMMs a position (input gradient through columns), else the batched
+    GEMMs and the weight gradient's slice sum where it splits the batch."""
     from .. import workloads
-    from . import local_grad_gemm as gemm
 
     geom = workloads.gpu_geometry(layer, batch)
     name = layer.name if batch is None else f"{layer.name} (N={batch})"
@@ -1085,17 +1152,12 @@ def local_gradient_rows(layer, dtype=np.float32, ptxas=None, device=H200, batch=
     def info(spec, shared=0):
         return ptxas(spec, shared) if ptxas else None
 
-    from .launch import local_conv2d_input_grad_config
+    from .launch import local_conv2d_input_grad_config, local_conv2d_weight_grad_config
 
-    wgrad = gemm.local_weight_grad_gemm_config(geom, dtype)
-    rows = local_input_grad_rows(name, geom, dtype, local_conv2d_input_grad_config(geom, dtype),
-                                 info, device)
-    rows.append(_local_wgrad_gemm_row(name, geom, dtype,
-                                      info(wgrad.kernel, wgrad.shared_bytes), device))
-    if wgrad.slices > 1:
-        rows.append(_sum_row(name, dtype, math.prod(geom.local_weight_shape()), wgrad.slices,
-                             info, device))
-    return rows
+    return (local_input_grad_rows(name, geom, dtype, local_conv2d_input_grad_config(geom, dtype),
+                                  info, device)
+            + local_weight_grad_rows(name, geom, dtype,
+                                     local_conv2d_weight_grad_config(geom, dtype), info, device))
 
 
 class BackwardRow(NamedTuple):

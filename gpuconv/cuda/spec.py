@@ -3,7 +3,8 @@
 The kernel modules (:mod:`gpuconv.cuda.kernels`, the forward factories and the choice of
 kernel per geometry; :mod:`gpuconv.cuda.grad_kernels`; :mod:`gpuconv.cuda.conv2d_gemm`;
 :mod:`gpuconv.cuda.conv2d_gemm_grad`; :mod:`gpuconv.cuda.local_gemm`;
-:mod:`gpuconv.cuda.local_grad_gemm`; :mod:`gpuconv.cuda.local_stream`) build on this one
+:mod:`gpuconv.cuda.local_grad_gemm`; :mod:`gpuconv.cuda.local_grad_positions`;
+:mod:`gpuconv.cuda.local_stream`) build on this one
 and on nothing of each other's below them: ``kernels`` chooses among them, so it imports the
 others, never the other way round (the choice between the two kernels of each gradient is
 made in :mod:`gpuconv.cuda.launch`).

@@ -1,13 +1,14 @@
-"""The local_conv2d input gradient through columns (gpuconv.cuda.local_igrad_cols): the
-transpose, the per-position GEMM and the gather, against the float64 reference.
+"""local_conv2d's gradients as a GEMM a position (gpuconv.cuda.local_grad_positions): the
+input gradient through columns (transpose, GEMM, gather) and the weight gradient (transpose,
+GEMM), against the float64 reference.
 
 Tests marked ``cuda`` launch the kernels on Numba device arrays (a GPU, or the simulator:
-``tests/test_cuda_sim.py`` runs them there). Outputs start as NaN, so an element the gather
-forgets fails the comparison; the columns scratch starts uninitialised. The simulator's
-tiles are 8 images x 8 terms (16 threads, 4 maps a chunk) and 4 x 8 (8 threads): the tiny
-layers leave partial tiles along the images, the terms and the maps (a last chunk of 1-3
-maps), and ``chunk`` forces several chunks of images, the last partial. The rest check the
-dispatch, the scratch and the launch shape and run everywhere.
+``tests/test_cuda_sim.py`` runs them there). Outputs start as NaN, so an element a kernel
+forgets fails the comparison; the scratch starts uninitialised. The simulator's tiles are
+8 x 8 (16 threads, 4 maps or images a chunk) and 4 x 8 (8 threads): the tiny layers leave
+partial tiles along the images, the maps and the terms (a last chunk of 1-3 maps or
+images), and ``chunk`` forces the input gradient through several chunks of images, the last
+partial. The rest check the dispatch, the scratch and the launch shape and run everywhere.
 """
 
 import math
@@ -15,7 +16,7 @@ import math
 import numpy as np
 import pytest
 
-from gpuconv.device import cuda_available
+from gpuconv.device import cuda_available, simulator_enabled
 from gpuconv.geometry import conv_geometry
 from test_cuda_grad_kernels import (FEATURES, _assert_matches, _feature_geometry, _geometry,
                                     _launch, _operands, _reference, _terms)
@@ -28,19 +29,26 @@ SIM_TILES = [(8, 8, 4, 2, 2, 1), (4, 8, 4, 2, 2, 1)]
 
 
 def _cols():
-    from gpuconv.cuda import local_igrad_cols
+    from gpuconv.cuda import local_grad_positions
 
-    return local_igrad_cols
+    return local_grad_positions
 
 
-def _check(geom, dtype, seed, tile=SIM_TILES[0], chunk=None):
+OPS = ["local_input", "local_weight"]
+
+
+def _config(op, geom, dtype, tile=SIM_TILES[0], chunk=None):
+    if op == "local_input":
+        return _cols().local_input_grad_cols_launch(geom, dtype, tile, chunk)
+    return _cols().local_weight_grad_pos_launch(geom, dtype, tile)
+
+
+def _check(geom, dtype, seed, tile=SIM_TILES[0], chunk=None, op="local_input"):
     rng = np.random.default_rng(seed)
-    x, w, gy = _operands(rng, "local_input", geom, dtype)
-    config = _cols().local_input_grad_cols_launch(geom, dtype, tile, chunk)
-    result = _launch("local_input", geom, x, w, gy, config)
+    x, w, gy = _operands(rng, op, geom, dtype)
+    result = _launch(op, geom, x, w, gy, _config(op, geom, dtype, tile, chunk))
     assert result.dtype == np.dtype(dtype)
-    _assert_matches(result, *_reference("local_input", geom, x, w, gy), dtype,
-                    _terms("local_input", geom))
+    _assert_matches(result, *_reference(op, geom, x, w, gy), dtype, _terms(op, geom))
     return result
 
 
@@ -54,8 +62,9 @@ GRID = ([pytest.param(name, np.float64, id=f"{name}-f64") for name in FEATURES]
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("name, dtype", GRID)
-def test_feature_grid(name, dtype):
-    _check(_feature_geometry(name), dtype, sum(map(ord, name)))
+@pytest.mark.parametrize("op", OPS)
+def test_feature_grid(op, name, dtype):
+    _check(_feature_geometry(name), dtype, sum(map(ord, name)), op=op)
 
 
 # (n, c_in, h, w, c_out, kernel, stride, padding (t, b, l, r), dilation, groups, chunk); the
@@ -77,11 +86,12 @@ CASES = {
 @pytest.mark.parametrize("tile, dtype", [(SIM_TILES[0], np.float64), (SIM_TILES[1], np.float32)],
                          ids=["t8x8-f64", "t4x8-f32"])
 @pytest.mark.parametrize("case", CASES)
-def test_partial_tiles_chunks_and_index_arithmetic(case, tile, dtype):
+@pytest.mark.parametrize("op", OPS)
+def test_partial_tiles_chunks_and_index_arithmetic(op, case, tile, dtype):
     n, c_in, h, w, c_out, k, stride, pad, dilation, groups, chunk = CASES[case]
     geom = _geometry(n, c_in, h, w, c_out, k, stride=stride, pad=pad, dilation=dilation,
                      groups=groups)
-    _check(geom, dtype, len(case), tile, chunk)
+    _check(geom, dtype, len(case), tile, chunk, op)
 
 
 @pytest.mark.cuda
@@ -104,9 +114,27 @@ def test_two_calls_are_bitwise_equal_and_a_nan_weight_stays_in_its_window():
 
 @pytest.mark.cuda
 @needs_cuda
-def test_public_input_gradient_takes_it_for_64_maps():
-    """Through gpuconv.grad.local_conv2d_input on the device: 64 maps, so the dispatcher
-    picks the columns path (its scratch from the call's allocator)."""
+def test_weight_gradient_is_bitwise_repeatable_and_a_nan_gradient_stays_in_its_row():
+    geom = _geometry(5, 2, 5, 5, 6, 3, pad=(1, 1, 1, 1))
+    rng = np.random.default_rng(4)
+    x, w, gy = _operands(rng, "local_weight", geom, np.float32)
+    config = _cols().local_weight_grad_pos_launch(geom, np.float32, SIM_TILES[1])
+    first = _launch("local_weight", geom, x, w, gy, config)
+    again = _launch("local_weight", geom, x, w, gy, config)
+    assert np.array_equal(first.view(np.uint32), again.view(np.uint32))
+    # gy of image 3, map 4 at output (0, 2) reaches only that (map, position)'s weights,
+    # the padding's taps included (NaN times a staged zero).
+    gy[3, 4, 0, 2] = np.nan
+    result = _launch("local_weight", geom, x, w, gy, config)
+    assert np.isnan(result[4, 0, 2]).all()
+    assert np.isnan(result).sum() == result[4, 0, 2].size
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_public_gradients_take_them_for_64_maps():
+    """Through gpuconv.grad on the device: 64 maps, so the dispatcher picks the columns path
+    and the weight gradient's GEMM a position (their scratch from the call's allocator)."""
     from gpuconv import grad
     from gpuconv.cuda import launch
 
@@ -118,6 +146,12 @@ def test_public_input_gradient_takes_it_for_64_maps():
     result = grad.local_conv2d_input(x.shape, w, gy, padding=1, device="cuda")
     _assert_matches(np.asarray(result), *_reference("local_input", geom, x, w, gy),
                     np.float32, _terms("local_input", geom))
+    # ... and the weight gradient, a GEMM a position
+    assert isinstance(launch.local_conv2d_weight_grad_config(geom, np.float32),
+                      _cols().LocalWeightGradPosConfig)
+    result = grad.local_conv2d_weight(x, w.shape, gy, padding=1, device="cuda")
+    _assert_matches(np.asarray(result), *_reference("local_weight", geom, x, w, gy),
+                    np.float32, _terms("local_weight", geom))
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,7 +163,7 @@ def test_dispatch_many_maps_and_the_scratch_the_call_counts():
     from gpuconv.cuda import launch, local_grad_gemm
 
     cols = _cols()
-    assert cols.COLS_MIN_MAPS == 64
+    assert cols.POSITIONS_MIN_MAPS == 64
 
     def config(c_out, groups=1, n=4):
         geom = conv_geometry((n, 8 * groups, 6, 6), (3, 3), c_out * groups, groups=groups)
@@ -152,6 +186,18 @@ def test_dispatch_many_maps_and_the_scratch_the_call_counts():
             assert half == chosen.gyt_elements + 2 * chosen.cols_elements
         else:
             assert scratch == 0
+        # The weight gradient: a GEMM a position with many maps, its scratch the transposed
+        # gradient; else the batched GEMM.
+        weight = launch.local_conv2d_weight_grad_config(geom, np.float32)
+        many = kind is cols.LocalInputGradColsConfig
+        assert isinstance(weight, cols.LocalWeightGradPosConfig) == many, (c_out, groups)
+        if many:
+            assert weight.slices == 1 and weight.scratch_elements == chosen.gyt_elements
+            assert launch.local_conv2d_weight_grad_scratch_elements(geom, np.float16) == \
+                chosen.gyt_elements
+            tile = cols.TILES["sim" if simulator_enabled() else "f32"]
+            assert weight.grid == (geom.out_height * geom.out_width * -(-72 // tile[1]),
+                                   groups * -(-c_out // tile[0]))  # K = 8 * 9 = 72
     # The public layer counts it (the free-memory check sees it).
     from gpuconv.ops import OPS
 
@@ -182,8 +228,14 @@ def test_dispatch_many_maps_and_the_scratch_the_call_counts():
         cols.local_input_grad_cols_config(wide, np.float32)
     assert isinstance(launch.local_conv2d_input_grad_config(wide, np.float32),
                       local_grad_gemm.LocalInputGradGemmConfig)
-    # An empty batch launches nothing.
-    assert not cols.use_cols(conv_geometry((0, 8, 6, 6), (3, 3), 64))
+    geom, chosen = config(64)
+    assert OPS["local_conv2d_weight"].scratch("cuda")(geom, np.float32) == \
+        chosen.gyt_elements
+    # An empty batch launches nothing (its weight gradient, zeros, is the batched GEMM's).
+    empty = conv_geometry((0, 8, 6, 6), (3, 3), 64)
+    assert not cols.use_positions(empty)
+    assert isinstance(launch.local_conv2d_weight_grad_config(empty, np.float32),
+                      local_grad_gemm.LocalWeightGradGemmConfig)
 
 
 def test_columns_are_bounded_by_chunks_of_whole_image_tiles():
@@ -219,15 +271,37 @@ def test_factories_are_memoised_named_and_refuse_uneven_tiles():
         cols.cols_gemm_kernel("f32", 16, 4, 4, 4, 2, 1)  # 8 threads cannot stage 16 images
     with pytest.raises(ValueError, match="multiple of 4"):
         cols.cols_gemm_kernel("f32", 8, 8, 6, 2, 2, 1)
+    wgrad = cols.wgrad_gemm_kernel("f64", *cols.TILES["f64"])
+    assert wgrad is cols.wgrad_gemm_kernel("f64", *cols.TILES["f64"])
+    assert wgrad.name == "local_conv2d_wgrad_pos_f64_t32x32_k16_r4x4_o4"
+    with pytest.raises(ValueError, match="split evenly"):
+        cols.wgrad_gemm_kernel("f32", 8, 8, 8, 4, 4, 1)  # 4 threads, 8 images a chunk
 
 
-def test_the_model_puts_the_columns_ahead_of_the_gather_where_the_dispatcher_takes_them():
+@pytest.mark.skipif(simulator_enabled(), reason="the model is of the GPU's tiles")
+def test_the_model_puts_the_gemms_a_position_ahead_where_the_dispatcher_takes_them():
     """The rule's reason, on paper (``gpuconv.cuda.predict``; no GPU has timed it yet): on
     the default suite's layers of 64 or more maps the columns path (GEMM, transpose and
     gather together) is predicted at least twice as fast as the batched-GEMM gather it
-    replaces, its GEMM coalesced (one line per warp load) and its columns counted."""
+    replaces, its GEMM coalesced (one line per warp load), and the weight gradient's GEMM a
+    position (with its transpose) at least 1.5x the batched GEMM; on DeepFace's 16 maps
+    the batched GEMM is ahead."""
     from gpuconv import workloads
     from gpuconv.cuda import local_grad_gemm, predict
+
+    def weight_ms(name, geom, config):
+        return sum(r.time_s for r in predict.local_weight_grad_rows(name, geom, np.float32,
+                                                                    config))
+
+    cols_ = _cols()
+    for name in ("alexnet-conv1", "resnet50-res2-3x3", "vgg16-conv5_1", "deepface-l4"):
+        geom = workloads.gpu_geometry(name)
+        positions = weight_ms(name, geom, cols_.local_weight_grad_pos_config(geom, np.float32))
+        batched = weight_ms(name, geom, local_grad_gemm.local_weight_grad_gemm_config(
+            geom, np.float32))
+        assert (batched > 1.5 * positions) == (name != "deepface-l4"), (name, batched,
+                                                                         positions)
+        assert (positions < batched) == cols_.use_positions(geom)
 
     for name in ("alexnet-conv1", "resnet50-res2-3x3", "vgg16-conv5_1"):
         layer = workloads.LAYERS[name]

@@ -1,34 +1,46 @@
-"""local_conv2d input gradient for many maps: one GEMM per position into columns, gathered.
+"""local_conv2d's gradients for many maps: one GEMM per output position.
 
-Per output position ``p`` the input gradient is ``dX_p = dY[:, :, p] . W_p`` (``M`` =
-images, ``N = K = c_Ig * k_H * k_W``, reduced over the ``c_Og`` maps of a group): the
-forward's product with the roles of ``K`` and the maps swapped. Windows overlap, so
-:mod:`gpuconv.cuda.local_grad_gemm` *gathers* per input pixel; each staged weight there
-serves only the batch, and its stage and multiply do not overlap (predicted 6-18 % of the
-roofline). With many maps a group (VGG-16 conv5_1: 512 maps, ``K`` = 4608) the product is
-worth doing as the dense GEMM it is, and its columns gathered after:
+The forward is, per output position ``p``, ``Y[:, :, p] = X_p . W_p^T``
+(:mod:`gpuconv.cuda.local_gemm`). Its gradients are products of the same operands, and with
+many maps a group (VGG-16 conv5_1: 512 maps, ``K = c_Ig * k_H * k_W`` = 4608) they are worth
+doing as the dense, double-buffered GEMMs they are, where
+:mod:`gpuconv.cuda.local_grad_gemm`'s batched GEMMs stage operands that serve only the batch
+(input gradient) or a few positions (weight gradient) and do not overlap stage and multiply
+(predicted 6-39 % of the roofline). Both read the output's gradient transposed:
 
-1. **transpose** ``dY (n, c_O, P)`` into ``dYt (P, c_O, n)`` (32 x 32 tiles through shared
-   memory, both sides coalesced), so a position's ``dY`` is, per map, a run of consecutive
-   images. The gradient of the output is small beside the weights and the columns (13 MB
-   against 1.85 GB and 116 MB on VGG-16 conv5_1 at batch 32);
-2. **the per-position GEMM** (the forward's :mod:`gpuconv.cuda.local_gemm`, same tiles,
-   same double buffering): a block owns one position, ``tile_m`` images and ``tile_n`` of
-   the ``K`` terms of one group and walks the group's maps in chunks of ``tile_k``. A warp's
-   weight loads are runs of 32 consecutive terms of one (map, position) row (the caller's
-   layout ``(c_O, h_O, w_O, c_Ig, k_H, k_W)``, whole 128-byte lines), each weight read once
-   per batch tile; its ``dYt`` loads are runs of 32 images. It writes the columns ``cols
-   (images, P, c_I * k_H * k_W)`` (the compute type: float32 for float16), a warp's stores
-   runs of consecutive terms;
-3. **the gather** (col2im): one thread per element of ``dX``, lanes on consecutive input
+- **transpose** ``dY (n, c_O, P)`` into ``dYt (P, c_O, n)`` (32 x 32 tiles through shared
+  memory, both sides coalesced), so a position's ``dY`` is, per map, a run of consecutive
+  images (13 MB on VGG-16 conv5_1 at batch 32, against 1.85 GB of weights).
+
+**Input gradient**, ``dX_p = dY[:, :, p] . W_p`` (``M`` = images, ``N`` = the ``K`` terms,
+reduced over the ``c_Og`` maps). Windows overlap, so the products go to columns, gathered
+after:
+
+1. **the per-position GEMM** (the forward's tiles and double buffering): a block owns one
+   position, ``tile_m`` images and ``tile_n`` of the ``K`` terms of one group and walks the
+   group's maps in chunks of ``tile_k``. A warp's weight loads are runs of 32 consecutive
+   terms of one (map, position) row (the caller's layout ``(c_O, h_O, w_O, c_Ig, k_H,
+   k_W)``, whole 128-byte lines), each weight read once per batch tile; its ``dYt`` loads
+   are runs of 32 images. It writes the columns ``cols (images, P, c_I * k_H * k_W)`` (the
+   compute type: float32 for float16), a warp's stores runs of consecutive terms;
+2. **the gather** (col2im): one thread per element of ``dX``, lanes on consecutive input
    channels, sums in the fixed order (kernel row, kernel column) the columns that reach it.
 
-Every sum has a fixed order (maps in chunk order, then taps): no atomics, bitwise
-deterministic. The columns are at most :data:`COLS_BYTES`: a larger batch runs steps 2-3 a
-chunk of images at a time on the same scratch. Traffic beyond the forward's: the columns
-written and read once (``2 x n P K`` words, 0.23 GB on VGG-16 conv5_1, ~55 us at 4.3 TB/s,
-against 0.43 ms of weights). :func:`use_cols` says which layers the dispatcher
-(:func:`gpuconv.cuda.launch.local_conv2d_input_grad_config`) gives it.
+The columns are at most :data:`COLS_BYTES`: a larger batch runs steps 1-2 a chunk of images
+at a time on the same scratch. Traffic beyond the forward's: the columns written and read
+once (``2 x n P K`` words, 0.23 GB on VGG-16 conv5_1, ~55 us at 4.3 TB/s, against 0.43 ms
+of weights).
+
+**Weight gradient**, ``dW_p = dY[:, :, p]^T . X_p`` (``M`` = maps, ``N`` = the ``K`` terms,
+reduced over the images in chunks of ``tile_k``, in order): the same tiles, ``X_p`` the
+forward's implicit im2col (each thread finds its term's (channel, ky, kx) once and steps
+through the images); every weight-gradient element is one thread's sum, written once, a
+warp's stores runs of consecutive terms.
+
+Every sum has a fixed order (maps, or images, in chunk order; then taps): no atomics,
+bitwise deterministic. :func:`use_positions` says which layers the dispatcher
+(:func:`gpuconv.cuda.launch.local_conv2d_input_grad_config`,
+:func:`~gpuconv.cuda.launch.local_conv2d_weight_grad_config`) gives these kernels.
 """
 
 from __future__ import annotations
@@ -45,8 +57,9 @@ from .spec import (_COMPUTE, _NUMPY, _SCALAR, KernelSpec, _array, _rename, check
 
 __all__ = ["LocalInputGradColsConfig", "cols_gemm_kernel", "col2im_kernel",
            "transpose_kernel", "local_input_grad_cols_config", "local_input_grad_cols_launch",
-           "local_input_grad_cols_scratch_elements", "use_cols", "scratch_shapes", "launch", "TILES",
-           "COLS_MIN_MAPS", "COLS_BYTES"]
+           "local_input_grad_cols_scratch_elements", "use_positions", "scratch_shapes", "launch",
+           "TILES", "POSITIONS_MIN_MAPS", "COLS_BYTES", "LocalWeightGradPosConfig", "wgrad_gemm_kernel",
+           "local_weight_grad_pos_config", "local_weight_grad_pos_launch", "launch_weight_grad"]
 
 #: Tiles ``(tile_m, tile_n, tile_k, thread_m, thread_n, blocks_per_sm)``: ``tile_m`` images
 #: x ``tile_n`` terms, ``tile_k`` maps a chunk; the forward's wide tiles
@@ -58,10 +71,12 @@ TILES = {
     "sim": (8, 8, 4, 2, 2, 1),
 }
 
-#: The dispatcher gives this path the layers of at least this many maps a group (the
+#: The dispatcher gives these kernels the layers of at least this many maps a group (the
 #: forward's :data:`gpuconv.cuda.local_gemm.LOCAL_GEMM_MIN_MAPS`): each column word, written
-#: and read once, then stands for at least 64 FMAs.
-COLS_MIN_MAPS = 64
+#: and read once, then stands for at least 64 FMAs; the model puts both gradients 1.8-7x
+#: ahead of the batched GEMMs on the default suite's layers of 64-512 maps and behind on
+#: DeepFace's 16 (``scripts/kernel_table.py``).
+POSITIONS_MIN_MAPS = 64
 
 #: Most bytes of columns one call holds; larger batches run in chunks of images.
 COLS_BYTES = 256 * 1024 * 1024
@@ -269,6 +284,138 @@ def col2im_kernel(code):
     return KernelSpec(name, _rename(kernel, name), signature, (_T * _ROWS, 1))
 
 
+def _pitch(rows, tile_k):
+    """Shared row pitch ``>= rows`` with ``pitch = 32 / tile_k (mod 32)``: a warp's stores of
+    ``tile_k`` consecutive images x ``32 / tile_k`` rows land on 32 banks (as
+    :mod:`gpuconv.cuda.local_gemm`'s)."""
+    return rows + (32 // tile_k - rows) % 32
+
+
+@functools.lru_cache(maxsize=None)
+def wgrad_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blocks_per_sm):
+    """``dW[g * c_Og + co, p, k] = sum_b dYt[p, g * c_Og + co, b] * X_p[b, k]``: the weight
+    gradient, one GEMM per position (``M`` = maps, ``N`` = the ``K`` terms, reduced over the
+    images in chunks of ``tile_k``, in order), double-buffered as
+    :func:`cols_gemm_kernel`. ``X_p`` is the input under position ``p`` (the forward's
+    implicit im2col): the thread that stages term ``k`` finds its (channel, ky, kx) once and
+    steps through the images; zeros outside the image. Every weight-gradient element is one
+    thread's sum, written once: no slices, no atomics.
+
+    Launch: ``grid = (P * blocks_n, groups * blocks_m)`` (``blocks_n = ceil(K / tile_n)``
+    term blocks of a position neighbours), ``block = (tile_m / thread_m * tile_n /
+    thread_n,)``. Arguments: flat ``x (n, c_I, h, w)``, ``dYt (P, c_O, n)``, ``out (c_O,
+    h_O, w_O, c_Ig, k_H, k_W)`` (written), then ``n, c_I, h, w, c_O, h_O, w_O, c_Ig, c_Og,
+    k_H, k_W, s_H, s_W, p_top, p_left, d_H, d_W, blocks_m, blocks_n``.
+    """
+    store, scalar = _SCALAR[code], _COMPUTE[code]
+    BM, BN, BK, TM, TN = tile_m, tile_n, tile_k, thread_m, thread_n
+    MT = BM // TM          # threads along the maps
+    NSTEP = BN // TN       # distance between a thread's terms
+    NT = MT * NSTEP        # threads per block
+    if BK % 4:
+        raise ValueError(f"tile_k must be a multiple of 4, got {BK}")
+    if BM % TM or BN % TN or NT % BK or NT % BN or (BM * BK) % NT or (BN * BK) % NT:
+        raise ValueError(f"tile {BM}x{BN}x{BK} with {TM}x{TN} outputs a thread does not "
+                         "split evenly over its threads")
+    AR = NT // BK          # maps one staging pass of dYt covers (lanes on images)
+    BR = NT // BN          # images one staging pass of the input covers (lanes on terms)
+    LA = BM * BK // NT
+    LB = BN * BK // NT
+    AP, BP = _pitch(BM, BK), BN
+    ABUF, BBUF = BK * AP, BK * BP
+    ASMEM, BSMEM = 2 * ABUF, 2 * BBUF
+    NACC = TM * TN
+    multiply = gemm_chunk(TM, TN, MT, NSTEP, BK, AP, BP)
+
+    def kernel(x, gyt, out, n, c_I, h, wd, c_O, h_O, w_O, c_Ig, c_Og, k_H, k_W, s_H, s_W,
+               pt, pl, d_H, d_W, blocks_m, blocks_n):
+        tid = cuda.threadIdx.x
+        tx = tid % MT                  # this thread's maps: tx + i * MT
+        ty = tid // MT                 # this thread's terms: ty + j * NSTEP
+        n_pos = h_O * w_O
+        khw = k_H * k_W
+        k_len = c_Ig * khw
+        hw = h * wd
+        pos = cuda.blockIdx.x // blocks_n
+        n0 = (cuda.blockIdx.x - pos * blocks_n) * BN     # first term, in the group
+        g = cuda.blockIdx.y // blocks_m
+        m0 = (cuda.blockIdx.y - g * blocks_m) * BM       # first map, in the group
+        oy = pos // w_O
+        ox = pos - oy * w_O
+
+        a_s = cuda.shared.array(ASMEM, dtype=scalar)
+        b_s = cuda.shared.array(BSMEM, dtype=scalar)
+
+        # dYt: this thread's image ab (+ tile_k a chunk) and maps am + j * AR.
+        ab = tid % BK
+        am = tid // BK
+        a_ofs = (pos * c_O + g * c_Og + m0 + am) * n + ab
+        # Input: this thread's term (found once) and images bb + j * BR (+ tile_k a chunk).
+        bt = tid % BN
+        bb = tid // BN
+        k = n0 + bt
+        c = k // khw
+        rem = k - c * khw
+        ky = rem // k_W
+        kx = rem - ky * k_W
+        iy = oy * s_H - pt + ky * d_H
+        ix = ox * s_W - pl + kx * d_W
+        b_ok = k < k_len and iy >= 0 and iy < h and ix >= 0 and ix < wd
+        b_ofs = ((bb * c_I + g * c_Ig + c) * h + iy) * wd + ix
+        b_step = BR * c_I * hw
+
+        a_reg = cuda.local.array(LA, dtype=scalar)
+        b_reg = cuda.local.array(LB, dtype=scalar)
+        acc = cuda.local.array(NACC, dtype=scalar)
+        a_frag = cuda.local.array(TM, dtype=scalar)
+        b_frag = cuda.local.array(TN, dtype=scalar)
+        for a in range(NACC):
+            acc[a] = scalar(0)  # keep the math in the compute type
+
+        stages = (n + BK - 1) // BK
+        for st in range(stages + 1):
+            if st < stages:
+                # Loads of image chunk st into registers, behind the multiply of st - 1;
+                # zeros past the batch, the group's maps and terms, outside the image.
+                b0 = st * BK
+                a_img_ok = b0 + ab < n
+                for j in range(LA):
+                    v = scalar(0)
+                    if a_img_ok and m0 + am + j * AR < c_Og:
+                        v = scalar(gyt[uint64(a_ofs + j * AR * n)])
+                    a_reg[j] = v
+                for j in range(LB):
+                    v = scalar(0)
+                    if b_ok and b0 + bb + j * BR < n:
+                        v = scalar(x[uint64(b_ofs + j * b_step)])
+                    b_reg[j] = v
+                a_ofs += BK
+                b_ofs += BK * c_I * hw
+            if st > 0:
+                multiply(a_s, b_s, ((st - 1) & 1) * ABUF + tx, ((st - 1) & 1) * BBUF + ty,
+                         a_frag, b_frag, acc)
+            if st < stages:
+                a_buf = (st & 1) * ABUF + ab * AP + am
+                for j in range(LA):
+                    a_s[uint64(a_buf + j * AR)] = a_reg[j]
+                b_buf = (st & 1) * BBUF + bb * BP + bt
+                for j in range(LB):
+                    b_s[uint64(b_buf + j * BR * BP)] = b_reg[j]
+            cuda.syncthreads()
+
+        for i in range(TM):
+            co = m0 + tx + i * MT
+            if co < c_Og:
+                ofs = ((g * c_Og + co) * n_pos + pos) * k_len + n0 + ty
+                for j in range(TN):
+                    if n0 + ty + j * NSTEP < k_len:
+                        out[uint64(ofs + j * NSTEP)] = store(acc[i * TN + j])
+
+    name = f"local_conv2d_wgrad_pos_{code}_t{BM}x{BN}_k{BK}_r{TM}x{TN}_o{blocks_per_sm}"
+    signature = (_array(code, 1),) * 3 + (types.int64,) * 19
+    return KernelSpec(name, _rename(kernel, name), signature, (NT, blocks_per_sm))
+
+
 class LocalInputGradColsConfig(NamedTuple):
     """Kernels and launch shapes of one local_conv2d input gradient through columns."""
 
@@ -288,10 +435,11 @@ class LocalInputGradColsConfig(NamedTuple):
     scratch_elements: int = 0  # device scratch in elements of the call's dtype
 
 
-def use_cols(geom):
-    """True where the dispatcher gives the local input gradient this path: at least
-    :data:`COLS_MIN_MAPS` maps a group and a batch."""
-    return geom.batch > 0 and geom.out_channels_per_group >= COLS_MIN_MAPS
+def use_positions(geom):
+    """True where the dispatcher gives the local gradients these kernels: at least
+    :data:`POSITIONS_MIN_MAPS` maps a group and a batch (an empty batch's weight gradient is
+    zeros, written by the batched GEMM)."""
+    return geom.batch > 0 and geom.out_channels_per_group >= POSITIONS_MIN_MAPS
 
 
 def local_input_grad_cols_config(geom, dtype):
@@ -383,3 +531,66 @@ def launch(config, grad_output, weight, gyt, cols, out, geom, stream, compiled):
             geom.out_height, geom.out_width, geom.kernel_height, geom.kernel_width,
             geom.stride_h, geom.stride_w, geom.pad_top, geom.pad_left,
             geom.dilation_h, geom.dilation_w, b0, config.col_tiles)
+
+
+class LocalWeightGradPosConfig(NamedTuple):
+    """Kernels and launch shape of one local_conv2d weight gradient, a GEMM a position."""
+
+    kernel: KernelSpec      # the per-position GEMM
+    transpose: KernelSpec
+    block: tuple            # (threads,)
+    grid: tuple             # (positions * term blocks, groups * map blocks)
+    blocks_m: int           # map blocks per group
+    blocks_n: int           # term blocks per position
+    gyt_elements: int       # words of the transposed output gradient (the scratch)
+    shared_bytes: int = 0   # dynamic shared memory: none (the stages are static)
+    slices: int = 1         # the batch is never split: each element one thread's sum
+    scratch_elements: int = 0  # device scratch in elements of the call's dtype
+
+
+def local_weight_grad_pos_config(geom, dtype):
+    """The tile (:data:`TILES`, the simulator's in the simulator) and launch shape of the
+    weight gradient for ``geom`` (pure, no GPU)."""
+    code = dtype_code(dtype)
+    tile = TILES["sim"] if simulator_enabled() else TILES[compute_code(code)]
+    return local_weight_grad_pos_launch(geom, dtype, tile)
+
+
+def local_weight_grad_pos_launch(geom, dtype, tile):
+    """The :class:`LocalWeightGradPosConfig` of ``tile`` (tests force the simulator's)."""
+    code = dtype_code(dtype)
+    n_pos = geom.out_height * geom.out_width
+    k_len = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
+    if geom.out_channels * n_pos * k_len >= 2**62:
+        raise ValueError("local_conv2d's weights are too many to index")
+    blocks_m = -(-geom.out_channels_per_group // tile[0])
+    blocks_n = -(-k_len // tile[1])
+    grid = check_grid((n_pos * blocks_n, geom.groups * blocks_m),
+                      "the local_conv2d weight gradient")
+    check_grid((-(-n_pos // _T), -(-max(geom.batch, 1) // _T), geom.out_channels),
+               "the local_conv2d weight gradient's transpose")
+    gyt = geom.batch * geom.out_channels * n_pos
+    threads = (tile[0] // tile[3]) * (tile[1] // tile[4])
+    return LocalWeightGradPosConfig(wgrad_gemm_kernel(code, *tile), transpose_kernel(code),
+                                    (threads,), grid, blocks_m, blocks_n, gyt,
+                                    scratch_elements=gyt)
+
+
+def launch_weight_grad(config, x, grad_output, gyt, out, geom, stream, compiled):
+    """Queue the transpose and the GEMM of ``config`` on flat device arrays (``gyt``: scratch
+    of ``config.gyt_elements`` words of the call's dtype); called by
+    :func:`gpuconv.cuda.launch.launch_local_conv2d_weight_grad`."""
+    n, c_o = geom.batch, geom.out_channels
+    n_pos = geom.out_height * geom.out_width
+    compiled(config.transpose)[(-(-n_pos // _T), -(-n // _T), c_o), (_T, _ROWS), stream, 0](
+        grad_output, gyt, n, c_o, n_pos)
+    compiled(config.kernel)[config.grid, config.block, stream, 0](
+        x,                          # (n, c_I, h, w)
+        gyt,                        # (P, c_O, n)
+        out,                        # (c_O, h_O, w_O, c_Ig, k_H, k_W), written
+        n, geom.in_channels, geom.in_height, geom.in_width,
+        c_o, geom.out_height, geom.out_width,
+        geom.in_channels_per_group, geom.out_channels_per_group,
+        geom.kernel_height, geom.kernel_width, geom.stride_h, geom.stride_w,
+        geom.pad_top, geom.pad_left, geom.dilation_h, geom.dilation_w,
+        config.blocks_m, config.blocks_n)
