@@ -49,6 +49,7 @@ from ..device import simulator_enabled
 from .spec import (_COMPUTE, _SCALAR, SHARED_VECTOR_ALIGN, KernelSpec, _array, _rename,
                    check_grid, compute_code, dtype_code, gemm_chunk, gemm_fragment,
                    gemm_vector)
+from .spec import gemm_pitch as _pitch  # the shared tiles' pitch rule
 
 __all__ = ["LocalGemmConfig", "local_gemm_kernel", "local_gemm_config", "local_gemm_launch",
            "RUN_TILES",
@@ -100,15 +101,6 @@ LOCAL_GEMM_MIN_MAPS = 64
 #: 5 and 10), which keep the batched GEMM.
 LOCAL_GEMM_NARROW_MIN_BATCH = 48
 _NARROW_MIN_MAPS = 16
-
-
-def _pitch(rows, tile_k, vec=1):
-    """Shared row pitch ``>= rows`` with ``pitch = 32 / tile_k (mod 32)``: a warp's stores of
-    ``tile_k`` consecutive terms x ``32 / tile_k`` rows hit 32 different banks. A tile read
-    in runs (``vec > 1``) needs a pitch that is a multiple of 4 words: ``4 (mod 32)``, whose
-    stores of up to 16 terms conflict two ways at worst (the terms 8 apart share a bank)."""
-    want = 4 if vec > 1 else 32 // tile_k if tile_k <= 32 else 1
-    return rows + (want - rows) % 32
 
 
 @functools.lru_cache(maxsize=None)

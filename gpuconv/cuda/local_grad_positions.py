@@ -53,12 +53,12 @@ from numba import cuda, types, uint64
 
 from ..device import simulator_enabled
 from .spec import (_COMPUTE, _NUMPY, _SCALAR, KernelSpec, _array, _rename, check_grid,
-                   compute_code, dtype_code, gemm_chunk)
+                   compute_code, dtype_code, gemm_chunk, gemm_pitch)
 
 __all__ = ["LocalInputGradColsConfig", "cols_gemm_kernel", "col2im_kernel",
            "transpose_kernel", "local_input_grad_cols_config", "local_input_grad_cols_launch",
-           "local_input_grad_cols_scratch_elements", "use_positions", "scratch_shapes", "launch",
-           "TILES", "POSITIONS_MIN_MAPS", "COLS_BYTES", "WGRAD_TILES", "LocalWeightGradPosConfig", "wgrad_gemm_kernel",
+           "use_positions", "scratch_shapes", "launch", "TILES", "POSITIONS_MIN_MAPS",
+           "COLS_BYTES", "WGRAD_TILES", "LocalWeightGradPosConfig", "wgrad_gemm_kernel",
            "local_weight_grad_pos_config", "local_weight_grad_pos_launch", "launch_weight_grad"]
 
 #: Tiles ``(tile_m, tile_n, tile_k, thread_m, thread_n, blocks_per_sm)``: ``tile_m`` images
@@ -296,13 +296,6 @@ def col2im_kernel(code):
     return KernelSpec(name, _rename(kernel, name), signature, (_T * _ROWS, 1))
 
 
-def _pitch(rows, tile_k):
-    """Shared row pitch ``>= rows`` with ``pitch = 32 / tile_k (mod 32)``: a warp's stores of
-    ``tile_k`` consecutive images x ``32 / tile_k`` rows land on 32 banks (as
-    :mod:`gpuconv.cuda.local_gemm`'s)."""
-    return rows + (32 // tile_k - rows) % 32
-
-
 @functools.lru_cache(maxsize=None)
 def wgrad_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blocks_per_sm):
     """``dW[g * c_Og + co, p, k] = sum_b dYt[p, g * c_Og + co, b] * X_p[b, k]``: the weight
@@ -333,7 +326,7 @@ def wgrad_gemm_kernel(code, tile_m, tile_n, tile_k, thread_m, thread_n, blocks_p
     BR = NT // BN          # images one staging pass of the input covers (lanes on terms)
     LA = BM * BK // NT
     LB = BN * BK // NT
-    AP, BP = _pitch(BM, BK), BN
+    AP, BP = gemm_pitch(BM, BK), BN  # a warp's stores: tile_k images x 32 / tile_k maps
     ABUF, BBUF = BK * AP, BK * BP
     ASMEM, BSMEM = 2 * ABUF, 2 * BBUF
     NACC = TM * TN
@@ -497,12 +490,6 @@ def local_input_grad_cols_launch(geom, dtype, tile, chunk=None):
                                     transpose_kernel(code), (threads,), grid, tile_m, chunk,
                                     batch_tiles, blocks_n, col_tiles, cols, gyt,
                                     scratch_elements=scratch)
-
-
-def local_input_grad_cols_scratch_elements(geom, dtype):
-    """Device scratch of this path, in elements of ``dtype``: the transposed output gradient
-    and the columns (float16's float32 columns count two each)."""
-    return local_input_grad_cols_config(geom, dtype).scratch_elements
 
 
 def scratch_shapes(config, dtype):

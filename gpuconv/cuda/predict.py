@@ -243,6 +243,21 @@ def _local_row(layer, geom, dtype, info, device, config=None):
                      flops / time / roof, flops / hidden / roof)
 
 
+def _window_address(g, oy, ox, img, k):
+    """Flat offset in ``x`` of term ``k`` (channel, ky, kx of group 0) of image ``img``'s
+    window under output ``(oy, ox)``, or None (padding, past the batch or ``K``): what the
+    per-position GEMMs stage as their implicit im2col."""
+    khw = g.kernel_height * g.kernel_width
+    c, rest = divmod(k, khw)
+    ky, kx = divmod(rest, g.kernel_width)
+    iy = oy * g.stride_h - g.pad_top + ky * g.dilation_h
+    ix = ox * g.stride_w - g.pad_left + kx * g.dilation_w
+    if (img < g.batch and k < g.in_channels_per_group * khw and 0 <= iy < g.in_height
+            and 0 <= ix < g.in_width):
+        return ((img * g.in_channels + c) * g.in_height + iy) * g.in_width + ix
+    return None
+
+
 def _local_gemm_row(layer, geom, dtype, info, device, config=None):
     """The double-buffered per-position GEMM forward (:mod:`gpuconv.cuda.local_gemm`).
 
@@ -268,20 +283,8 @@ def _local_gemm_row(layer, geom, dtype, info, device, config=None):
     # Staging loads of one chunk (terms 0 .. BK-1 of a position in the middle of the output).
     oy, ox = g.out_height // 2, g.out_width // 2
     pos = oy * g.out_width + ox
-    loads = []
-    for j in range(LA):
-        group = []
-        for t in range(threads):
-            k, img = t % BK, t // BK + j * KT
-            c, rest = divmod(k, khw)
-            ky, kx = divmod(rest, g.kernel_width)
-            iy = oy * g.stride_h - g.pad_top + ky * g.dilation_h
-            ix = ox * g.stride_w - g.pad_left + kx * g.dilation_w
-            ok = (img < g.batch and k < k_len and 0 <= iy < g.in_height
-                  and 0 <= ix < g.in_width)
-            group.append(((img * g.in_channels + c) * g.in_height + iy) * g.in_width + ix
-                         if ok else None)
-        loads.append(group)
+    loads = [[_window_address(g, oy, ox, t // BK + j * KT, t % BK) for t in range(threads)]
+             for j in range(LA)]
     for j in range(LB):
         loads.append([((t // BK + j * KT) * n_pos + pos) * k_len + t % BK
                       if t // BK + j * KT < g.out_channels_per_group and t % BK < k_len
@@ -1080,19 +1083,8 @@ def _local_wgrad_pos_rows(layer, geom, dtype, config, info, device):
         loads.append([(pos * g.out_channels + t // BK + j * AR) * g.batch + t % BK
                       if t % BK < g.batch and t // BK + j * AR < g.out_channels_per_group
                       else None for t in range(threads)])
-    for j in range(LB):
-        group = []
-        for t in range(threads):
-            k, img = t % BN, t // BN + j * BR
-            c, rest = divmod(k, khw)
-            ky, kx = divmod(rest, g.kernel_width)
-            iy = oy * g.stride_h - g.pad_top + ky * g.dilation_h
-            ix = ox * g.stride_w - g.pad_left + kx * g.dilation_w
-            ok = (img < g.batch and k < k_len and 0 <= iy < g.in_height
-                  and 0 <= ix < g.in_width)
-            group.append(((img * g.in_channels + c) * g.in_height + iy) * g.in_width + ix
-                         if ok else None)
-        loads.append(group)
+    loads += [[_window_address(g, oy, ox, t // BN + j * BR, t % BN) for t in range(threads)]
+              for j in range(LB)]
     chunks = -(-g.batch // BK)
     blocks = math.prod(config.grid)
     fma = g.batch * g.out_channels * n_pos * k_len

@@ -27,7 +27,7 @@ from ..device import simulator_enabled
 from .fastlaunch import FastKernel
 
 __all__ = ["KernelSpec", "compiled", "dtype_code", "compute_code", "CODES", "check_grid",
-           "pick_gemm_tile", "gemm_chunk", "GEMM_SMS", "GRID_YZ_LIMIT", "SHARED_BUDGET_BYTES", "SHARED_LIMIT_BYTES", "LOCAL_STAGE_BYTES"]
+           "pick_gemm_tile", "gemm_chunk", "gemm_pitch", "GEMM_SMS", "GRID_YZ_LIMIT", "SHARED_BUDGET_BYTES", "SHARED_LIMIT_BYTES", "LOCAL_STAGE_BYTES"]
 
 # Dynamic shared memory one conv2d block may use: small enough that several blocks share an
 # SM (an H100/H200 SM has 228 KiB), and under the 48 KiB that needs no opt-in.
@@ -175,6 +175,17 @@ def pick_gemm_tile(tiles, m_total, n_total, groups, extra=1, fill=1.0):
         if best is None or blocks > best[0]:
             best = (blocks, tile)
     return best[1]
+
+
+def gemm_pitch(rows, tile_k, vec=1):
+    """Shared row pitch ``>= rows`` of a tile GEMM's staged chunk (the per-position GEMMs
+    of :mod:`gpuconv.cuda.local_gemm` and :mod:`gpuconv.cuda.local_grad_positions`), with
+    ``pitch = 32 / tile_k (mod 32)``: a warp's stores of ``tile_k`` consecutive terms x
+    ``32 / tile_k`` rows hit 32 different banks. A tile read
+    in runs (``vec > 1``) needs a pitch that is a multiple of 4 words: ``4 (mod 32)``, whose
+    stores of up to 16 terms conflict two ways at worst (the terms 8 apart share a bank)."""
+    want = 4 if vec > 1 else 32 // tile_k if tile_k <= 32 else 1
+    return rows + (want - rows) % 32
 
 
 #: Byte alignment of the shared tiles of the GEMMs that read vectors (:func:`gemm_chunk`):
