@@ -180,3 +180,31 @@ def test_small_test_specialisations_compile_without_spills(spec_args):
         pytest.skip("ptxas not found")
     info = _cuda_ptx.ptxas_info(ptx, "sm_90", spec.name)
     assert info.spill_stores == info.spill_loads == info.stack_frame == 0, info
+
+
+@pytest.mark.parametrize("layer", ["seed-conv2", "deepface-l4"])
+def test_staging_rounds_keep_their_loads_in_flight(layer):
+    """The batched GEMMs' staging rounds issue all of a round's global loads before storing
+    any (what the model's load rounds assume): in the float32 machine code (sm_90) the local
+    forward's weight and input rounds and the local input gradient's gy and weight rounds
+    are runs of ``LOCAL_WEIGHT_LOADS`` / ``LOCAL_INPUT_LOADS`` and ``STAGE_LOADS`` /
+    ``WEIGHT_STAGE_LOADS`` loads. ptxas and nvdisasm (the test extra's wheels), no GPU."""
+    import numpy as np
+
+    from gpuconv import workloads
+    from gpuconv.cuda import kernels, local_grad_gemm
+    from gpuconv.cuda import ptx as _cuda_ptx
+
+    if _cuda_ptx.find_ptxas() is None or _cuda_ptx.find_nvdisasm() is None:
+        pytest.skip("ptxas or nvdisasm not installed (pip install nvidia-cuda-nvcc "
+                    "nvidia-cuda-nvdisasm)")
+    geom = workloads.LAYERS[layer].geometry(workloads.LAYERS[layer].batch_gpu)
+    cases = [
+        (kernels.local_conv2d_config(geom, np.float32).kernel,
+         [kernels.LOCAL_WEIGHT_LOADS["f32"], kernels.LOCAL_INPUT_LOADS["f32"]]),
+        (local_grad_gemm.local_input_grad_gemm_config(geom, np.float32).kernel,
+         [local_grad_gemm.STAGE_LOADS["f32"], local_grad_gemm.WEIGHT_STAGE_LOADS["f32"]]),
+    ]
+    for spec, rounds in cases:
+        text = _cuda_ptx.sass(_cuda_ptx.compile_ptx(spec, (9, 0)), "sm_90", spec.name)
+        assert _cuda_ptx.global_load_runs(text) == rounds, spec.name

@@ -343,7 +343,8 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_tile, map_tile, batch_la
     BM = LB * TM
     BO = LO * TO
     UNROLL = LOCAL_WEIGHT_LOADS[compute_code(code)]  # weight loads in flight per thread
-    XUNROLL = LOCAL_INPUT_LOADS                       # input loads in flight per thread
+    XUNROLL = LOCAL_INPUT_LOADS[compute_code(code)]   # input loads in flight per thread
+    assert XUNROLL <= UNROLL  # both walks hold their values in the weight walk's registers
     SLOTS = {None: 0, "periodic": 1, "blocks": 2}[tiling]  # how positions pick weights
     MAXP = _LOCAL_MAX_THREADS if SLOTS else 1          # positions a block may hold
 
@@ -540,11 +541,14 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_tile, map_tile, batch_la
     return KernelSpec(name, _rename(kernel, name), signature, _LOCAL_LAUNCH_BOUNDS)
 
 
-#: Loads in flight per thread in local_conv2d's staging rounds (weights by compute type,
-#: input): as many as fit the 128 registers beside the accumulators without spills (ptxas:
-#: 8 weight loads spill on sm_90, and 6 in float64).
+#: Loads in flight per thread in local_conv2d's staging rounds (weights and input, by
+#: compute type): as many as fit the 128 registers beside the accumulators without spills
+#: (ptxas, sm_90: 8 weight loads spill, and 6 in float64; 6 input loads beside 6 weight
+#: loads spill in float32 and float16). The input's loads hit L2 and its rounds are most of
+#: a stage's latency on few-map layers (the seed's: 4 instead of 2 is predicted 0.99 ->
+#: 0.84 ms and 0.98 -> 0.71 ms at batch 32).
 LOCAL_WEIGHT_LOADS = {"f32": 6, "f64": 4}
-LOCAL_INPUT_LOADS = 2
+LOCAL_INPUT_LOADS = {"f32": 4, "f64": 2}
 
 # Blocks of at most 256 threads, two per SM: at most 128 registers a thread. Within that
 # cap ptxas keeps up to 40 float32 accumulators (8 x 5) or 16 float64 ones without spills

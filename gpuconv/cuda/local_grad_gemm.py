@@ -56,10 +56,11 @@ __all__ = ["local_input_grad_gemm_kernel", "local_input_grad_gemm_config",
 #: 256 threads (and more) on an SM, as the forward's.
 GRAD_STAGE_BYTES = 32 * 1024
 
-#: Loads each thread issues before storing them, per staging round, as many as fit the 128
-#: registers without spills (ptxas sm_90, sm_80): the input gradient's gy walk, its weight
-#: walk (whose loads miss L2) ...
-STAGE_LOADS = 2
+#: Loads each thread issues before storing them, per staging round, by compute type, as many
+#: as fit the 128 registers without spills (ptxas sm_90, sm_80): the input gradient's gy walk
+#: (whose loads hit L2: the rounds of one stage are its latency, so as many as fit), its
+#: weight walk (whose loads miss L2) ...
+STAGE_LOADS = {"f32": 8, "f64": 4}
 WEIGHT_STAGE_LOADS = {"f32": 4, "f64": 2}
 #: ... and the weight gradient's walks (gy and input), by compute type.
 WEIGHT_GRAD_STAGE_LOADS = {"f32": 4, "f64": 2}
@@ -151,8 +152,9 @@ def local_input_grad_gemm_kernel(code, kernel_h, kernel_w, batch_tile, channel_t
     KHW = KH * KW
     BM, BC = LB * TM, LC * TC
     NACC = TM * TC
-    U = STAGE_LOADS
+    U = STAGE_LOADS[compute_code(code)]
     UW = WEIGHT_STAGE_LOADS[compute_code(code)]
+    UL = max(U, UW)
 
     def kernel(gy, weight, gx, n, c_I, h, wd, c_O, h_O, w_O, c_Ig, c_Og, s_H, s_W, pt, pl,
                d_H, d_W, v_tiles, batch_tiles, chunk, sj, g_pitch, g_co, w_pitch, w_kv, w_co,
@@ -204,9 +206,9 @@ def local_input_grad_gemm_kernel(code, kernel_h, kernel_w, batch_tile, channel_t
         # gy walk (map, image, column), columns fastest; weight walk (map, column, channel,
         # tap) over the most taps a phase takes (``nkw``), taps fastest: starts once per
         # stage, steps from the host, carries per element.
-        src = cuda.local.array(UW, dtype=int32)
-        dst = cuda.local.array(UW, dtype=int32)
-        val = cuda.local.array(UW, dtype=scalar)
+        src = cuda.local.array(UL, dtype=int32)
+        dst = cuda.local.array(UL, dtype=int32)
+        val = cuda.local.array(UL, dtype=scalar)
         acc = cuda.local.array(NACC, dtype=scalar)
         gv = cuda.local.array(TM, dtype=scalar)
         wv = cuda.local.array(TC, dtype=scalar)

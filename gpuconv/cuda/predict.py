@@ -198,7 +198,9 @@ def _local_row(layer, geom, dtype, info, device, config=None):
     w_instr, w_sectors, w_lines, w_rounds = _warp_loads(ptw * bo * kc, threads, w_loads,
                                                         weight_address, itemsize)
     x_instr, x_sectors, x_lines, x_rounds = _warp_loads(rows * bm * win, threads,
-                                                        kernels.LOCAL_INPUT_LOADS,
+                                                        kernels.LOCAL_INPUT_LOADS[
+                                                            kernels.compute_code(
+                                                                kernels.dtype_code(dtype))],
                                                         input_address, itemsize)
     stage_fma = threads * tm * to * kc
     sectors_per_fma = (w_sectors + x_sectors) / stage_fma
@@ -884,7 +886,9 @@ def _local_igrad_gemm_row(layer, geom, dtype, info, device):
         return None
 
     g_instr, g_sectors, g_lines, g_rounds = _warp_loads(chunk * bm * sj, threads,
-                                                        gemm.STAGE_LOADS, gy_address, itemsize)
+                                                        gemm.STAGE_LOADS[kernels.compute_code(
+                                                            kernels.dtype_code(dtype))],
+                                                        gy_address, itemsize)
     w_instr, w_sectors, w_lines, w_rounds = _warp_loads(
         chunk * sj * bc * nkw, threads,
         gemm.WEIGHT_STAGE_LOADS[kernels.compute_code(kernels.dtype_code(dtype))],

@@ -24,7 +24,7 @@ import tempfile
 from typing import NamedTuple
 
 __all__ = ["PtxasInfo", "find_ptxas", "find_nvdisasm", "compile_ptx", "compile_ptx_multi",
-           "ptxas_info", "sass", "sass_opcodes", "ptx_report", "format_report"]
+           "ptxas_info", "sass", "sass_opcodes", "global_load_runs", "ptx_report", "format_report"]
 
 
 class PtxasInfo(NamedTuple):
@@ -99,6 +99,21 @@ def sass_opcodes(text):
     for match in _OPCODE.finditer(text):
         counts[match.group(1)] = counts.get(match.group(1), 0) + 1
     return counts
+
+
+def global_load_runs(text):
+    """The global loads (``LDG``) of a SASS listing (:func:`sass`) issued back to back
+    before the next shared-memory store or barrier, one count per run, in program order:
+    how many loads a staging round keeps in flight."""
+    runs, count = [], 0
+    for match in _OPCODE.finditer(text):
+        op = match.group(1)
+        if op.startswith("LDG"):
+            count += 1
+        elif op.startswith(("STS", "BAR")) and count:
+            runs.append(count)
+            count = 0
+    return runs
 
 
 def compile_ptx(spec, cc):
