@@ -311,3 +311,28 @@ def test_factory_rejects_tiles_that_do_not_split():
     spec = gg.weight_grad_gemm_kernel("f16", 128, 16, 8, 8, 2, 4)
     assert spec.name == "conv2d_wgemm_f16_t128x16_k8_r8x2_o4"
     assert spec.launch_bounds == (128, 4)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+def test_the_gpu_16_wide_weight_tile_matches_the_reference(dtype, monkeypatch):
+    """The GPU's 16-wide weight-gradient tile (64 columns, 16 positions a chunk, 128
+    threads), forced where the simulator would take its own: 144 columns (two full tiles and
+    a partial one), 10 output channels of 16, 50 positions (three full chunks and a partial
+    one) cut into two slices; float16 through its float32 partial sums."""
+    from gpuconv.cuda import conv2d_gemm_grad as gg
+
+    tile = gg.WGRAD_TILES["f32"][-1]
+    assert tile[1] == 16 and tile[2] == 16
+    monkeypatch.setitem(gg.WGRAD_TILES, "sim", (tile,))
+    monkeypatch.setitem(gg.WGRAD_TILES, "f32", (tile,))
+    geom = _geometry(n=2, c_in=16, h=5, w=5, c_out=10, k=3, pad=1)
+    x, w, gy = _operands(geom, dtype, seed=13)
+    config = _sliced(gg.weight_grad_gemm_config(geom, dtype), 2, geom)
+    assert config.kernel.name.startswith(f"conv2d_wgemm_{'f16' if dtype == np.float16 else 'f32'}"
+                                         "_t64x16_k16_")
+    assert config.slices == 2 and config.grid[0] == 3
+    result = _launch("weight", geom, x, w, gy, config)
+    _assert_matches(result, *_reference("weight", geom, x, w, gy), dtype,
+                    _terms("weight", geom))

@@ -28,13 +28,13 @@ current one: one barrier a chunk), rows padded by four words, ``thread_m x threa
 accumulators a thread with positions ``tile_m / thread_m`` apart and the multiply loop written
 out four ``k`` steps a trip. Global loads follow the caller's layouts: the input gradient reads
 ``gy`` along the pixels (consecutive threads, consecutive columns), the weight gradient reads
-``x`` and ``gy`` along ``K`` (eight consecutive positions per column: whole 32-byte sectors at
-stride 1). Offsets are 64-bit; float16 loads and stores half words and computes in float32
+``x`` and ``gy`` along ``K`` (``tile_k``, 8 or 16, consecutive positions per column: whole
+32-byte sectors at stride 1). Offsets are 64-bit; float16 loads and stores half words and computes in float32
 (the weight gradient's partial sums are float32 and rounded once by the slice sum); float64
 computes in float64.
 
 The factories are memoised on the dtype code and the tile shape; kernels are named by them
-(``conv2d_igemm_f32_t128x64_k8_r8x4_o2``, ``conv2d_wgemm_f32_t128x16_k8_r8x2_o3``).
+(``conv2d_igemm_f32_t128x64_k8_r8x4_o2``, ``conv2d_wgemm_f32_t64x16_k16_r4x2_o4``).
 :func:`use_gemm_grad` says which layers take this path; the dispatcher
 (:func:`gpuconv.cuda.launch.conv2d_input_grad_config` and
 :func:`~gpuconv.cuda.launch.conv2d_weight_grad_config`) asks it first.
@@ -79,9 +79,13 @@ IGRAD_TILES = {
     "sim": ((8, 8, 4, 2, 2, 1), (32, 4, 4, 4, 2, 1)),
 }
 
-#: Tile shapes of the weight gradient (``M``: weight columns, ``N``: output channels).
+#: Tile shapes of the weight gradient (``M``: weight columns, ``N``: output channels). The
+#: 16-wide float32 tile walks ``K`` 16 positions a chunk on 64 columns with 4 x 2 outputs a
+#: thread, four blocks of 128 threads an SM (128 registers, no spills): a chunk's loads come
+#: from DRAM, and 8 positions a chunk (the 128 x 16 tile, three blocks at 168 registers) left
+#: the FMAs of a chunk shorter than its loads' round trip (predicted 1.4x slower on DeepFace).
 WGRAD_TILES = {
-    "f32": ((128, 64, 8, 8, 4, 2), (128, 32, 8, 8, 2, 2), (128, 16, 8, 8, 2, 3)),
+    "f32": ((128, 64, 8, 8, 4, 2), (128, 32, 8, 8, 2, 2), (64, 16, 16, 4, 2, 4)),
     "f64": ((64, 64, 8, 4, 4, 2), (64, 32, 8, 4, 2, 3), (64, 16, 8, 4, 2, 4)),
     "sim": ((8, 8, 4, 2, 2, 1),),
 }
@@ -533,8 +537,8 @@ def weight_grad_gemm_config(geom, dtype):
     """Tile, launch shape and slicing of the implicit-GEMM weight gradient (pure).
 
     The tile's ``N`` is the narrowest of 64, 32 or 16 output channels that covers the group
-    (wider groups take 64), its ``M`` 128 (float32) or 64 (float64) weight columns. ``K`` is
-    split into slices for about 2048 blocks (several waves on 132 SMs), each slice at least
+    (wider groups take 64), its ``M`` 128 (float32; 64 for the 16-wide tile) or 64 (float64)
+    weight columns. ``K`` is split into slices for about 2048 blocks (several waves on 132 SMs), each slice at least
     8 chunks long, the partial sums within :data:`PARTIAL_BUDGET_BYTES`. float16 (and any
     call with more than one slice) writes its partial sums to compute-type scratch, which
     the slice sum adds in order.
