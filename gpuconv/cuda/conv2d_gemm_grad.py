@@ -29,9 +29,9 @@ accumulators a thread with positions ``tile_m / thread_m`` apart and the multipl
 out four ``k`` steps a trip. Global loads follow the caller's layouts: the input gradient reads
 ``gy`` along the pixels (consecutive threads, consecutive columns), the weight gradient reads
 ``x`` and ``gy`` along ``K`` (``tile_k``, 8 or 16, consecutive positions per column: whole
-32-byte sectors at stride 1). Offsets are 64-bit; float16 loads and stores half words and computes in float32
-(the weight gradient's partial sums are float32 and rounded once by the slice sum); float64
-computes in float64.
+32-byte sectors at stride 1). Offsets are 64-bit; float16 loads and stores half words and
+computes in float32 (the weight gradient's partial sums are float32 and rounded once by the
+slice sum); float64 computes in float64.
 
 The factories are memoised on the dtype code and the tile shape; kernels are named by them
 (``conv2d_igemm_f32_t128x64_k8_r8x4_o2``, ``conv2d_wgemm_f32_t64x16_k16_r4x2_o4``).
@@ -538,10 +538,10 @@ def weight_grad_gemm_config(geom, dtype):
 
     The tile's ``N`` is the narrowest of 64, 32 or 16 output channels that covers the group
     (wider groups take 64), its ``M`` 128 (float32; 64 for the 16-wide tile) or 64 (float64)
-    weight columns. ``K`` is split into slices for about 2048 blocks (several waves on 132 SMs), each slice at least
-    8 chunks long, the partial sums within :data:`PARTIAL_BUDGET_BYTES`. float16 (and any
-    call with more than one slice) writes its partial sums to compute-type scratch, which
-    the slice sum adds in order.
+    weight columns. ``K`` is split into slices for about 2048 blocks (several waves on 132
+    SMs), each slice at least 8 chunks long, the partial sums within
+    :data:`PARTIAL_BUDGET_BYTES`. float16 (and any call with more than one slice) writes its
+    partial sums to compute-type scratch, which the slice sum adds in order.
     """
     code = dtype_code(dtype)
     tiles = WGRAD_TILES["sim"] if simulator_enabled() else WGRAD_TILES[compute_code(code)]
