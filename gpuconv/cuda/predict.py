@@ -194,13 +194,12 @@ def _local_row(layer, geom, dtype, info, device, config=None):
             return ((b * geom.in_channels + c) * geom.in_height + iy) * geom.in_width + ix
         return None
 
-    w_loads = kernels.LOCAL_WEIGHT_LOADS[kernels.compute_code(kernels.dtype_code(dtype))]
-    w_instr, w_sectors, w_lines, w_rounds = _warp_loads(ptw * bo * kc, threads, w_loads,
+    code = kernels.compute_code(kernels.dtype_code(dtype))
+    w_instr, w_sectors, w_lines, w_rounds = _warp_loads(ptw * bo * kc, threads,
+                                                        kernels.LOCAL_WEIGHT_LOADS[code],
                                                         weight_address, itemsize)
     x_instr, x_sectors, x_lines, x_rounds = _warp_loads(rows * bm * win, threads,
-                                                        kernels.LOCAL_INPUT_LOADS[
-                                                            kernels.compute_code(
-                                                                kernels.dtype_code(dtype))],
+                                                        kernels.LOCAL_INPUT_LOADS[code],
                                                         input_address, itemsize)
     stage_fma = threads * tm * to * kc
     sectors_per_fma = (w_sectors + x_sectors) / stage_fma
@@ -885,14 +884,13 @@ def _local_igrad_gemm_row(layer, geom, dtype, info, device):
             return (m * n_pos + jj) * k_len + cc * khw + kk * config.kstep
         return None
 
+    code = kernels.compute_code(kernels.dtype_code(dtype))
     g_instr, g_sectors, g_lines, g_rounds = _warp_loads(chunk * bm * sj, threads,
-                                                        gemm.STAGE_LOADS[kernels.compute_code(
-                                                            kernels.dtype_code(dtype))],
+                                                        gemm.STAGE_LOADS[code],
                                                         gy_address, itemsize)
-    w_instr, w_sectors, w_lines, w_rounds = _warp_loads(
-        chunk * sj * bc * nkw, threads,
-        gemm.WEIGHT_STAGE_LOADS[kernels.compute_code(kernels.dtype_code(dtype))],
-        weight_address, itemsize)
+    w_instr, w_sectors, w_lines, w_rounds = _warp_loads(chunk * sj * bc * nkw, threads,
+                                                        gemm.WEIGHT_STAGE_LOADS[code],
+                                                        weight_address, itemsize)
     stage_fma = threads * tm * tc * chunk * nkw
     lanes = gemm._warps(lanes_b, lanes_c, columns)
     wg = max(gemm._bank_wavefronts([z * config.g_pitch + a for a, _, z in w]) for w in lanes)
