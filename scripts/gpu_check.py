@@ -48,7 +48,10 @@ on an H200 with JIT compilation included.
     timed back to back, each beside the model's prediction; on ResNet-50 res2 (64 maps, the
     edge of the rule) also the local input gradient through columns against the gather. A
     line per layer says whether the dispatcher picked the fastest; the table calibrates the
-    model. Then
+    model. The staging rounds' loads in flight, raised on the model's word alone, are timed
+    at both counts (:data:`EARLIER_LOADS`): the local forward's batched GEMM where it is the
+    pick, and the local input gradient's gather on :data:`LOADS_LAYERS`; a line each gives
+    the measured ratio beside the predicted one. Then
     ``gpuconv.set_autotune(True)`` as a user turns it on, on the last layer: the choice it
     makes, checked against the reference.
 11. ``array-kinds`` -- torch, CuPy, Numba and NumPy arrays in and out, a side stream,
@@ -283,13 +286,26 @@ def small_batch_items(layers, dry_run=False):
                     for b in SMALL_BATCHES[1:]]
 
 
+#: Loads per thread of a staging round before the counts of today
+#: (:data:`gpuconv.cuda.kernels.LOCAL_INPUT_LOADS`,
+#: :data:`gpuconv.cuda.local_grad_gemm.STAGE_LOADS`), which were raised on the model's
+#: word alone (it charges one round trip per round): the ``candidates`` phase times both.
+EARLIER_LOADS = 2
+#: Layers whose local input gradient is timed at both counts where the gather is picked (a
+#: few-map layer and a DeepFace one: the model predicts 1.40x and 1.50x from the count).
+LOADS_LAYERS = ("seed-conv2", "deepface-l4")
+
+
 def candidate_items(layers, dry_run=False):
     """``[(layer, op, geometry, configs)]``: each layer at its GPU batch, each forward
     operation with every kernel the dispatcher weighs for it
-    (:func:`gpuconv.cuda.kernels.forward_candidates`), the picked one among them; and on
-    the layers at the edge of the rule that gives the local input gradient columns (64 maps
-    a group: ResNet-50 res2), the columns path (the pick) beside the
-    batched-GEMM gather (``local_conv2d_input``; the budget holds one such layer)."""
+    (:func:`gpuconv.cuda.kernels.forward_candidates`), the picked one among them, and where
+    the pick is local_conv2d's batched GEMM, the same launch with :data:`EARLIER_LOADS`
+    input loads a round; on the layers at the edge of the rule that gives the local input
+    gradient columns (64 maps a group: ResNet-50 res2), the columns path (the pick) beside
+    the batched-GEMM gather (``local_conv2d_input``; the budget holds one such layer); on
+    :data:`LOADS_LAYERS` where the gather is the pick, the gather beside the same launch
+    with :data:`EARLIER_LOADS` gy loads a round."""
     from gpuconv.cuda import kernels
 
     from gpuconv.cuda import local_grad_gemm, local_grad_positions
@@ -298,16 +314,25 @@ def candidate_items(layers, dry_run=False):
     for layer in layers:
         geom = layer.geometry(layer.batch_gpu)
         for op in FORWARD_OPS:
-            items.append((layer, op, geom, kernels.forward_candidates(op, geom, np.float32)))
+            configs = kernels.forward_candidates(op, geom, np.float32)
+            if op == "local_conv2d" and isinstance(_picked(op, geom), kernels.LocalConv2dConfig):
+                configs.append(kernels.local_conv2d_config(geom, np.float32,
+                                                           input_loads=EARLIER_LOADS))
+            items.append((layer, op, geom, configs))
+        picked = _picked("local_conv2d_input", geom)
+        if isinstance(picked, local_grad_gemm.LocalInputGradGemmConfig):
+            if layer.name in LOADS_LAYERS:  # the gather at both counts
+                items.append((layer, "local_conv2d_input", geom, [
+                    picked, local_grad_gemm.local_input_grad_gemm_config(
+                        geom, np.float32, gy_loads=EARLIER_LOADS)]))
+            continue
         edge = geom.out_channels_per_group == local_grad_positions.POSITIONS_MIN_MAPS
-        if local_grad_positions.use_positions(geom) and edge:  # columns against the gather
-            try:
+        if edge and isinstance(picked, local_grad_positions.LocalInputGradColsConfig):
+            try:  # the columns (the pick) against the gather
                 gather = local_grad_gemm.local_input_grad_gemm_config(geom, np.float32)
             except ValueError:  # a stage the gather cannot hold: nothing to weigh
                 continue
-            items.append((layer, "local_conv2d_input", geom,
-                          [local_grad_positions.local_input_grad_cols_config(geom, np.float32),
-                           gather]))
+            items.append((layer, "local_conv2d_input", geom, [picked, gather]))
     return items
 
 
@@ -1306,6 +1331,33 @@ def candidate_lines(results):
     return lines, verdicts
 
 
+def loads_lines(results):
+    """A line per kernel timed at both load counts (:data:`EARLIER_LOADS` against today's):
+    the measured ratio of their times beside the predicted one, which checks the model's
+    one round trip per round of loads."""
+    lines = []
+    by_name = {(r["case"], r["function"], r["kernel"]): r for r in results}
+    for (case, op, name), earlier in by_name.items():
+        for suffix in (f"_x{EARLIER_LOADS}", f"_g{EARLIER_LOADS}"):
+            now = by_name.get((case, op, name.removesuffix(suffix)))
+            if not name.endswith(suffix) or now is None:
+                continue
+            if not (now.get("ok") and earlier.get("ok") and now.get("measured_ms")
+                    and earlier.get("measured_ms")):
+                lines.append(f"loads per round {case} {op}: `{now['kernel']}` against "
+                             f"`{name}`: not both checked and timed")
+                continue
+            predicted = "-"
+            if now.get("predicted_ms") and earlier.get("predicted_ms"):
+                predicted = f"{earlier['predicted_ms'] / now['predicted_ms']:.2f}x"
+            lines.append(f"loads per round {case} {op}: `{now['kernel']}` "
+                         f"{now['measured_ms']:.3f} ms, {EARLIER_LOADS} loads a round "
+                         f"{earlier['measured_ms']:.3f} ms: measured "
+                         f"{earlier['measured_ms'] / now['measured_ms']:.2f}x, predicted "
+                         f"{predicted}")
+    return lines
+
+
 def torch_operand_problems(torch):
     """What the public layer reads of CUDA tensors without PyTorch's own properties, checked
     against them: the array interface (:func:`gpuconv.conv.torch_cuda_interface`) of
@@ -1687,7 +1739,7 @@ def _run_phase(run, name, target, gpuconv, layers):
         run.say(f"candidates: predictions for the {device.name}")
         for line in lines:
             run.say(line)
-        for line in verdicts:
+        for line in verdicts + loads_lines(run.report["phases"][name]["results"]):
             run.say(line, summary=True)
     elif name == "array-kinds":
         start = time.perf_counter()

@@ -318,6 +318,30 @@ def test_local_conv2d_is_bitwise_deterministic(dtype):
 
 @pytest.mark.cuda
 @needs_cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_local_conv2d_input_loads_per_round_change_no_bit(dtype):
+    """The input walk at 1 load a round and at the most the registers take (the acceptance
+    run times other counts beside the default): each agrees with the float64 reference and
+    gives the default count's bits (the same sums in the same order), over two stages of a
+    partial last round."""
+    from gpuconv.cuda import kernels as _cuda_kernels
+
+    geom = _forced_local_geometry()
+    rng = np.random.default_rng(21)
+    x, w, b = _operands(rng, geom, dtype, True, "channel")
+    code = _cuda_kernels.compute_code(_cuda_kernels.dtype_code(dtype))
+    default = _launch_local(_forced_local_config(geom, dtype, 2, 1), x, w, b, geom, dtype)
+    for loads in (1, _cuda_kernels.LOCAL_WEIGHT_LOADS[code]):
+        config = _cuda_kernels.local_conv2d_launch(geom, dtype, 2, 2, (2, 1, 3), stage_rows=2,
+                                                   input_loads=loads)
+        assert config.input_loads == loads and config.kernel.name.endswith(f"_x{loads}")
+        y = _launch_local(config, x, w, b, geom, dtype)
+        _assert_matches(y, *_reference(True, x, w, b, geom), dtype, _terms(geom, b))
+        np.testing.assert_array_equal(y.view(np.uint8), default.view(np.uint8))
+
+
+@pytest.mark.cuda
+@needs_cuda
 def test_local_conv2d_small_batch_streams_the_weights():
     """A batch of 3 (<= 8): the register tile holds every image, so each weight is read
     by one thread; 13 maps on 4 map lanes of up to 4 maps (the last tile partial)."""
@@ -445,6 +469,18 @@ def test_factories_are_memoised_and_named_by_their_constants():
     assert local.name == "local_conv2d_f64_k7x7_t4x3_l8x2" == local.pyfunc.__name__
     assert k.local_conv2d_kernel("f16", 3, 3, 8, 4, 4, 8, True).name == \
         "local_conv2d_f16_k3x3_t8x4_l4x8_partial"
+    # the input walk's loads a round: named where not the default, bounded by the registers
+    assert k.local_conv2d_kernel("f32", 3, 3, 8, 4, 4, 8, input_loads=2).name == \
+        "local_conv2d_f32_k3x3_t8x4_l4x8_x2"
+    geom = _forced_local_geometry()
+    default = k.local_conv2d_launch(geom, np.float32, 2, 2, (2, 1, 3))
+    asked = k.local_conv2d_launch(geom, np.float32, 2, 2, (2, 1, 3),
+                                  input_loads=k.LOCAL_INPUT_LOADS["f32"])
+    assert asked.kernel is default.kernel and asked == default
+    assert default.input_loads == k.LOCAL_INPUT_LOADS["f32"]
+    for loads in (0, k.LOCAL_WEIGHT_LOADS["f64"] + 1):
+        with pytest.raises(ValueError, match="input_loads must be 1 to"):
+            k.local_conv2d_launch(geom, np.float64, 2, 2, (2, 1, 3), input_loads=loads)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

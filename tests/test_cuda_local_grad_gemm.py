@@ -109,6 +109,25 @@ def test_input_grad_lanes_tiles_and_stages(dtype):
 
 @pytest.mark.cuda
 @needs_cuda
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_input_grad_gy_loads_per_round_change_no_bit(dtype):
+    """The gy walk at 1 and 3 loads a round (the acceptance run times other counts beside
+    the default) on the layer of :func:`test_input_grad_lanes_tiles_and_stages`: each agrees
+    with the float64 reference and gives the default count's bits."""
+    gemm = _gemm()
+    geom = _geometry(5, 5, 7, 8, 3, (3, 3), stride=2, pad=(1, 2, 2, 0), dilation=(1, 3))
+    default = _check("local_input", geom, dtype, 34, gemm.local_input_grad_gemm_launch(
+        geom, dtype, 2, 2, layout=(2, 2, 3), chunk=1))
+    for loads in (1, 3):
+        config = gemm.local_input_grad_gemm_launch(geom, dtype, 2, 2, layout=(2, 2, 3),
+                                                   chunk=1, gy_loads=loads)
+        assert config.gy_loads == loads and config.kernel.name.endswith(f"_g{loads}")
+        result = _check("local_input", geom, dtype, 34, config)
+        np.testing.assert_array_equal(result.view(np.uint8), default.view(np.uint8))
+
+
+@pytest.mark.cuda
+@needs_cuda
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16], ids=["f64", "f32", "f16"])
 def test_weight_grad_lanes_tiles_slices_and_stages(dtype):
     """Taps 2 per thread over 7 lanes (4 kernel rows of 3 = 12 taps: 14 slots), 2 x 2 maps
@@ -184,6 +203,19 @@ def test_factories_are_memoised_and_named_by_their_constants():
     spec = gemm.local_input_grad_gemm_kernel("f32", 3, 3, 8, 4, 4, 8)
     assert spec is gemm.local_input_grad_gemm_kernel("f32", 3, 3, 8, 4, 4, 8)
     assert spec.name == "local_conv2d_igrad_gemm_f32_k3x3_t8x4_l4x8" == spec.pyfunc.__name__
+    # the gy walk's loads a round: named where not the default; the default asked for by
+    # its count is the same specialisation
+    assert gemm.local_input_grad_gemm_kernel("f32", 3, 3, 8, 4, 4, 8, 2).name == \
+        "local_conv2d_igrad_gemm_f32_k3x3_t8x4_l4x8_g2"
+    geom = _geometry(5, 5, 7, 8, 3, (3, 3), stride=2, pad=(1, 2, 2, 0), dilation=(1, 3))
+    default = gemm.local_input_grad_gemm_config(geom, np.float32)
+    asked = gemm.local_input_grad_gemm_config(geom, np.float32,
+                                              gy_loads=gemm.STAGE_LOADS["f32"])
+    assert asked == default and asked.kernel is default.kernel
+    assert default.gy_loads == gemm.STAGE_LOADS["f32"]
+    for loads in (0, 17):
+        with pytest.raises(ValueError, match="gy_loads must be 1 to 16"):
+            gemm.local_input_grad_gemm_config(geom, np.float32, gy_loads=loads)
     assert gemm.local_weight_grad_gemm_kernel("f64", 5, 5, 4, 4, 4, 8).name == \
         "local_conv2d_wgrad_gemm_f64_k5x5_t4x4_l4x8"
     assert gemm.local_weight_grad_gemm_kernel("f16", 3, 3, 4, 8, 4, 8, True).name == \

@@ -188,7 +188,8 @@ def test_staging_rounds_keep_their_loads_in_flight(layer):
     any (what the model's load rounds assume): in the float32 machine code (sm_90) the local
     forward's weight and input rounds and the local input gradient's gy and weight rounds
     are runs of ``LOCAL_WEIGHT_LOADS`` / ``LOCAL_INPUT_LOADS`` and ``STAGE_LOADS`` /
-    ``WEIGHT_STAGE_LOADS`` loads. ptxas and nvdisasm (the test extra's wheels), no GPU."""
+    ``WEIGHT_STAGE_LOADS`` loads; and at the earlier count the acceptance run times beside
+    them, runs of that many. ptxas and nvdisasm (the test extra's wheels), no GPU."""
     import numpy as np
 
     from gpuconv import workloads
@@ -204,6 +205,10 @@ def test_staging_rounds_keep_their_loads_in_flight(layer):
          [kernels.LOCAL_WEIGHT_LOADS["f32"], kernels.LOCAL_INPUT_LOADS["f32"]]),
         (local_grad_gemm.local_input_grad_gemm_config(geom, np.float32).kernel,
          [local_grad_gemm.STAGE_LOADS["f32"], local_grad_gemm.WEIGHT_STAGE_LOADS["f32"]]),
+        (kernels.local_conv2d_config(geom, np.float32, input_loads=2).kernel,
+         [kernels.LOCAL_WEIGHT_LOADS["f32"], 2]),
+        (local_grad_gemm.local_input_grad_gemm_config(geom, np.float32, gy_loads=2).kernel,
+         [2, local_grad_gemm.WEIGHT_STAGE_LOADS["f32"]]),
     ]
     for spec, rounds in cases:
         text = _cuda_ptx.sass(_cuda_ptx.compile_ptx(spec, (9, 0)), "sm_90", spec.name)

@@ -170,20 +170,35 @@ def test_candidates_are_every_forward_choice_with_the_pick_among_them(gpu_check)
     kernel the dispatcher weighs: conv2d's direct kernel and its implicit GEMM on each tile,
     local_conv2d's batched GEMM and its per-position GEMM on each tile, reading words and
     runs (the streaming kernel where the batch is small), the dispatcher's pick exactly once
-    among them."""
-    from gpuconv.cuda import conv2d_gemm, kernels, local_gemm, local_stream
+    among them; where the pick is the batched GEMM, also the same launch at the earlier
+    input loads a round; and the local input gradient where it weighs two kernels."""
+    from gpuconv.cuda import (conv2d_gemm, kernels, local_gemm, local_grad_gemm,
+                              local_grad_positions, local_stream)
 
     code = "sim" if SIMULATOR else "f32"
     layers = gpu_check.suite_layers()
     items = gpu_check.candidate_items(layers)
-    # ... and the local input gradient on the layer at the edge of the columns rule
+    # ... the local input gradient on the layer at the edge of the columns rule, and on the
+    # layers whose gather is timed at both load counts
     edge = [lay for lay in layers if lay.out_channels == 64]
     assert [lay.name for lay in edge] == ["resnet50-res2-3x3"]
+    grads = {lay.name for lay in edge} | set(gpu_check.LOADS_LAYERS)
     assert [(i[0], i[1]) for i in items] == [
         (lay, op) for lay in layers
-        for op in gpu_check.FORWARD_OPS + (("local_conv2d_input",) if lay in edge else ())]
-    items = [i for i in items if i[1] != "local_conv2d_input"]
+        for op in gpu_check.FORWARD_OPS + (("local_conv2d_input",) if lay.name in grads
+                                           else ())]
+    earlier = gpu_check.EARLIER_LOADS
     for layer, op, geom, configs in items:
+        if op == "local_conv2d_input":
+            first, other = configs
+            if layer in edge:  # the columns (the pick) against the gather
+                assert type(first) is local_grad_positions.LocalInputGradColsConfig
+                assert type(other) is local_grad_gemm.LocalInputGradGemmConfig
+            else:  # the gather (the pick) at both counts, the same launch otherwise
+                assert first == launch_input_grad_config(geom)
+                assert other == first._replace(kernel=other.kernel, gy_loads=earlier)
+                assert other.kernel.name == first.kernel.name + f"_g{earlier}"
+            continue
         assert geom.batch == layer.batch_gpu > local_stream.STREAM_MAX_BATCH
         names = [c.kernel.name for c in configs]
         assert len(set(names)) == len(names), names
@@ -194,9 +209,19 @@ def test_candidates_are_every_forward_choice_with_the_pick_among_them(gpu_check)
         if op == "conv2d":
             assert kinds == [kernels.Conv2dConfig] + [conv2d_gemm.Conv2dGemmConfig] * len(
                 conv2d_gemm.TILES[code])
+            continue
+        gemms = [local_gemm.LocalGemmConfig] * (len(local_gemm.TILES[code])
+                                                 + len(local_gemm.RUN_TILES[code]))
+        if isinstance(picked, kernels.LocalConv2dConfig):  # the seed's layers
+            assert kinds == [kernels.LocalConv2dConfig] + gemms + [kernels.LocalConv2dConfig]
+            assert configs[-1] == picked._replace(kernel=configs[-1].kernel,
+                                                  input_loads=earlier)
+            assert names[-1] == picked.kernel.name + f"_x{earlier}"
         else:
-            assert kinds == [kernels.LocalConv2dConfig] + [local_gemm.LocalGemmConfig] * (
-                len(local_gemm.TILES[code]) + len(local_gemm.RUN_TILES[code]))
+            assert kinds == [kernels.LocalConv2dConfig] + gemms
+    assert {lay.name for lay, op, geom, _ in items if op == "local_conv2d" and isinstance(
+        kernels.local_conv2d_forward_config(geom, np.float32), kernels.LocalConv2dConfig)} \
+        == {"seed-conv1", "seed-conv2"}
     # a small batch adds the streaming kernel, which the dispatcher then picks
     small = workloads.LAYERS["deepface-l6"].geometry(4)
     configs = kernels.forward_candidates("local_conv2d", small, np.float32)
@@ -204,6 +229,28 @@ def test_candidates_are_every_forward_choice_with_the_pick_among_them(gpu_check)
     assert isinstance(configs[0], local_stream.LocalStreamConfig)
     with pytest.raises(ValueError, match="op must be"):
         kernels.forward_candidates("conv3d", small, np.float32)
+
+
+def launch_input_grad_config(geom):
+    from gpuconv.cuda import launch
+
+    return launch.local_conv2d_input_grad_config(geom, np.float32)
+
+
+def test_loads_lines_give_the_measured_ratio_beside_the_predicted(gpu_check):
+    def row(kernel, predicted, measured, ok=True):
+        return {"case": "l@32", "function": "local_conv2d_input", "kernel": kernel,
+                "ok": ok, "predicted_ms": predicted, "measured_ms": measured}
+
+    results = [row("g", 1.0, 2.0), row("g_g2", 1.5, 2.5), row("other_x2", 1.0, 1.0),
+               dict(row("f", 1.0, 1.0), function="local_conv2d"),
+               dict(row("f_x2", 1.25, None), function="local_conv2d")]
+    assert gpu_check.loads_lines(results) == [
+        "loads per round l@32 local_conv2d_input: `g` 2.000 ms, 2 loads a round 2.500 ms: "
+        "measured 1.25x, predicted 1.50x",
+        "loads per round l@32 local_conv2d: `f` against `f_x2`: not both checked and timed"]
+    results[1]["ok"] = False  # a wrong result: no ratio
+    assert "not both checked" in gpu_check.loads_lines(results)[0]
 
 
 def test_candidate_lines_compare_the_pick_with_the_fastest(gpu_check):
@@ -274,6 +321,29 @@ def test_check_candidates_weighs_the_local_input_gradient_columns_against_the_ga
     short = configs[0]._replace(grid=(configs[0].grid[0] - 1, configs[0].grid[1]))
     (result,) = gpu_check.check_candidates(target, layer, op, geom, [short])
     assert not result["ok"], result
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not SIMULATOR, reason="launches kernels in the CUDA simulator")
+def test_check_candidates_runs_both_load_counts(gpu_check):
+    """The local forward's batched GEMM and the input gradient's gather at the earlier
+    loads a round, launched with their own configurations as the ``candidates`` phase does:
+    both agree with the float64 reference and carry a prediction of their own count."""
+    torch = pytest.importorskip("torch")
+    from gpuconv.cuda import kernels, local_grad_gemm
+
+    layer = workloads.Layer("tiny", "Tiny", 2, 3, 4, 7, 6, 3, 2, 1, "", groups=2)
+    geom = layer.geometry(3)
+    target = gpu_check.Target(torch, dry_run=True)
+    earlier = gpu_check.EARLIER_LOADS
+    for op, configs in (
+            ("local_conv2d", [kernels.local_conv2d_config(geom, np.float32, input_loads=n)
+                              for n in (None, earlier)]),
+            ("local_conv2d_input", [local_grad_gemm.local_input_grad_gemm_config(
+                geom, np.float32, gy_loads=n) for n in (None, earlier)])):
+        results = gpu_check.check_candidates(target, layer, op, geom, configs)
+        assert all(r["ok"] and r["predicted_ms"] > 0 for r in results), results
+        assert results[1]["kernel"].endswith(("_x2", "_g2")) and not results[1]["picked"]
 
 
 @pytest.mark.cuda

@@ -281,7 +281,7 @@ def conv2d_direct_config(geom, dtype):
 
 @functools.lru_cache(maxsize=None)
 def local_conv2d_kernel(code, kernel_h, kernel_w, batch_tile, map_tile, batch_lanes,
-                        map_lanes, partial=False, tiling=None):
+                        map_lanes, partial=False, tiling=None, input_loads=None):
     """Locally connected convolution as a batched GEMM, specialised on dtype, kernel size,
     register tile and thread layout.
 
@@ -322,6 +322,11 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_tile, map_tile, batch_la
     one per slot (``bias_len = t_H * t_W``). Nothing else changes. Without it (the
     locally connected layer) the last two arguments ``t_H, t_W`` are not read.
 
+    ``input_loads`` (default :data:`LOCAL_INPUT_LOADS` of the compute type, at most
+    :data:`LOCAL_WEIGHT_LOADS`) sets the input walk's loads per round: the acceptance run
+    times other counts beside the default (the name then ends in ``_x<count>``); the sums
+    and their order do not depend on it.
+
     Launch (see :func:`local_conv2d_config`): ``block = (batch_lanes, map_lanes,
     positions)``, ``grid = (batch tiles * position tiles, groups * map blocks, slices)``
     (the batch tiles of one position tile are neighbours in the grid, so their shared weights
@@ -343,8 +348,10 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_tile, map_tile, batch_la
     BM = LB * TM
     BO = LO * TO
     UNROLL = LOCAL_WEIGHT_LOADS[compute_code(code)]  # weight loads in flight per thread
-    XUNROLL = LOCAL_INPUT_LOADS[compute_code(code)]   # input loads in flight per thread
-    assert XUNROLL <= UNROLL  # both walks hold their values in the weight walk's registers
+    XDEFAULT = LOCAL_INPUT_LOADS[compute_code(code)]
+    XUNROLL = XDEFAULT if input_loads is None else int(input_loads)  # loads in flight
+    if not 1 <= XUNROLL <= UNROLL:  # both walks hold their values in the same registers
+        raise ValueError(f"input_loads must be 1 to {UNROLL}, got {input_loads!r}")
     SLOTS = {None: 0, "periodic": 1, "blocks": 2}[tiling]  # how positions pick weights
     MAXP = _LOCAL_MAX_THREADS if SLOTS else 1          # positions a block may hold
 
@@ -534,6 +541,8 @@ def local_conv2d_kernel(code, kernel_h, kernel_w, batch_tile, map_tile, batch_la
 
     op = "local_conv2d" if tiling is None else f"tiled_conv2d_{tiling}"
     name = f"{op}_{code}_k{KH}x{KW}_t{TM}x{TO}_l{LB}x{LO}"
+    if XUNROLL != XDEFAULT:
+        name += f"_x{XUNROLL}"
     if partial and store is not _SCALAR[code]:
         name += "_partial"
     signature = ((_array(code, 1),) * 3 + (types.Array(store, 1, "C"),)
@@ -618,6 +627,7 @@ class LocalConv2dConfig(NamedTuple):
     x_pitch: int         # words between input columns in the input stage (>= images)
     slices: int          # split-K slices: > 1 sums partials in scratch, in a fixed order
     walk: tuple          # (win, step_j, step_o, step_k, step_r, step_b, step_c)
+    input_loads: int     # the input walk's loads per staging round
 
 
 def _local_layout(geom, code, batch_tile, map_tile):
@@ -661,7 +671,7 @@ def _local_stage(geom, code, layout, batch_tile, map_tile):
     return None if best is None else best[1]
 
 
-def local_conv2d_config(geom, dtype, tiling=None):
+def local_conv2d_config(geom, dtype, tiling=None, input_loads=None):
     """Pick the specialisation and launch shape of local_conv2d (a pure function, no GPU).
 
     Register tile: up to 8 images x 5 maps per thread (float16, float32: 8 x 4 where the
@@ -680,7 +690,8 @@ def local_conv2d_config(geom, dtype, tiling=None):
     Refused when even one kernel row of the block's positions does not fit the
     shared-memory stage, or when one block's weights (its maps at every position) reach
     2**31 elements (offsets within a block are 32-bit). ``tiling`` picks the tiled
-    convolution's kernel of the same launch (see :func:`local_conv2d_kernel`).
+    convolution's kernel of the same launch (see :func:`local_conv2d_kernel`);
+    ``input_loads`` the input walk's loads per round (default :data:`LOCAL_INPUT_LOADS`).
     """
     code = dtype_code(dtype)
     wide = compute_code(code) == "f32"
@@ -714,7 +725,8 @@ def local_conv2d_config(geom, dtype, tiling=None):
 
     layout, stage = plan(batch_tile, map_tile)
     if stage is None:  # refused with the reason
-        return local_conv2d_launch(geom, dtype, batch_tile, map_tile, layout, tiling=tiling)
+        return local_conv2d_launch(geom, dtype, batch_tile, map_tile, layout, tiling=tiling,
+                                   input_loads=input_loads)
     slices = 1
     if threads(layout) < _LOCAL_TARGET_THREADS:
         # Partial sums are written and read once more: at most half the weights' bytes, or
@@ -734,16 +746,17 @@ def local_conv2d_config(geom, dtype, tiling=None):
             map_tile = _even_split(geom.out_channels_per_group, shrink)
         layout, stage = plan(batch_tile, map_tile)
     return local_conv2d_launch(geom, dtype, batch_tile, map_tile, layout, stage[0], slices,
-                               tiling)
+                               tiling, input_loads)
 
 
 def local_conv2d_launch(geom, dtype, batch_tile, map_tile, layout, stage_rows=None,
-                        slices=1, tiling=None):
+                        slices=1, tiling=None, input_loads=None):
     """The :class:`LocalConv2dConfig` of given choices (:func:`local_conv2d_config` makes
     them; tests force small tiles, stages and slices through this): register tile
     ``batch_tile x map_tile``, ``layout = (batch lanes, map lanes, positions per block)``,
     kernel rows per stage (default: as many as fit), split-K slices (whole stages each;
-    fewer if there are not enough stages)."""
+    fewer if there are not enough stages), the input walk's loads per round (default
+    :data:`LOCAL_INPUT_LOADS`)."""
     code = dtype_code(dtype)
     batch_lanes, map_lanes, positions = layout
     best = _local_stage(geom, code, layout, batch_tile, map_tile)
@@ -773,14 +786,18 @@ def local_conv2d_launch(geom, dtype, batch_tile, map_tile, layout, stage_rows=No
     map_blocks = -(-geom.out_channels_per_group // bo)
     grid = check_grid((batch_tiles * tiles_x * geom.out_height, geom.groups * map_blocks,
                        slices), "local_conv2d")
+    default_loads = LOCAL_INPUT_LOADS[compute_code(code)]
+    if input_loads == default_loads:
+        input_loads = None  # one specialisation for the default, however it is asked for
     spec = local_conv2d_kernel(code, geom.kernel_height, geom.kernel_width, batch_tile,
                                map_tile, batch_lanes, map_lanes,
-                               slices > 1 and code != compute_code(code), tiling)
+                               slices > 1 and code != compute_code(code), tiling, input_loads)
     win = (positions - 1) * geom.stride_w + (geom.kernel_width - 1) * geom.dilation_w + 1
     shared = (positions * pos_pitch + stage_rows * win * x_pitch) * _stage_itemsize(code)
     return LocalConv2dConfig(spec, tuple(layout), grid, shared, tiles_x, batch_tiles,
                              stage_rows, slice_rows, w_pitch, pos_pitch, x_pitch, slices,
-                             _local_walk(geom, layout, batch_tile, map_tile, stage_rows))
+                             _local_walk(geom, layout, batch_tile, map_tile, stage_rows),
+                             default_loads if input_loads is None else int(input_loads))
 
 
 def _local_walk(geom, layout, batch_tile, map_tile, stage_rows):

@@ -113,7 +113,7 @@ def _walk_steps(threads, *sizes):
 
 @functools.lru_cache(maxsize=None)
 def local_input_grad_gemm_kernel(code, kernel_h, kernel_w, batch_tile, channel_tile,
-                                 batch_lanes, channel_lanes):
+                                 batch_lanes, channel_lanes, gy_loads=None):
     """Input gradient of local_conv2d as the transposed per-position product, gathered.
 
     A block owns stride phase ``(r_y, r_x)``, row ``u`` of its sub-grid (input row ``iy =
@@ -145,6 +145,10 @@ def local_input_grad_gemm_kernel(code, kernel_h, kernel_w, batch_tile, channel_t
     the output columns between what they read, ``nkw`` the most kernel columns a phase
     takes) and the walks' steps ``gsc, gsb, gsm`` (gy: column, image, map) and ``wsk,
     wsc, wsj, wsm`` (weights: tap, channel, column, map) for all the block's threads.
+
+    ``gy_loads`` (default :data:`STAGE_LOADS` of the compute type) sets the gy walk's loads
+    per staging round: the acceptance run times other counts beside the default (the name
+    then ends in ``_g<count>``); the sums and their order do not depend on it.
     """
     store, scalar = _SCALAR[code], _COMPUTE[code]
     KH, KW, TM, TC, LB, LC = kernel_h, kernel_w, batch_tile, channel_tile, batch_lanes, \
@@ -152,7 +156,10 @@ def local_input_grad_gemm_kernel(code, kernel_h, kernel_w, batch_tile, channel_t
     KHW = KH * KW
     BM, BC = LB * TM, LC * TC
     NACC = TM * TC
-    U = STAGE_LOADS[compute_code(code)]
+    UDEFAULT = STAGE_LOADS[compute_code(code)]
+    U = UDEFAULT if gy_loads is None else int(gy_loads)
+    if not 1 <= U <= 16:
+        raise ValueError(f"gy_loads must be 1 to 16, got {gy_loads!r}")
     UW = WEIGHT_STAGE_LOADS[compute_code(code)]
     UL = max(U, UW)
 
@@ -336,6 +343,8 @@ def local_input_grad_gemm_kernel(code, kernel_h, kernel_w, batch_tile, channel_t
                         ofs += LC * plane
 
     name = f"local_conv2d_igrad_gemm_{code}_k{KH}x{KW}_t{TM}x{TC}_l{LB}x{LC}"
+    if U != UDEFAULT:
+        name += f"_g{U}"
     signature = (_array(code, 1),) * 3 + (types.int64,) * 34
     return KernelSpec(name, _rename(kernel, name), signature, _LAUNCH_BOUNDS)
 
@@ -360,6 +369,7 @@ class LocalInputGradGemmConfig(NamedTuple):
     dcol: int            # output columns between what two taps of a phase read
     nkw: int             # most kernel columns a phase takes
     walk: tuple          # steps of the staging walks (gsc, gsb, gsm, wsk, wsc, wsj, wsm)
+    gy_loads: int        # the gy walk's loads per staging round
 
 
 def _warps(lanes_x, lanes_y, lanes_z):
@@ -368,11 +378,12 @@ def _warps(lanes_x, lanes_y, lanes_z):
 
 
 def local_input_grad_gemm_launch(geom, dtype, batch_tile, channel_tile, layout=None,
-                                 chunk=None):
+                                 chunk=None, gy_loads=None):
     """The :class:`LocalInputGradGemmConfig` of given choices (:func:`local_input_grad_gemm_config`
     makes them; tests force small tiles and stages through this): register tile
     ``batch_tile x channel_tile``, ``layout = (batch lanes, channel lanes, columns)``
-    (default: derived from the tile), maps per stage (default: as many as fit)."""
+    (default: derived from the tile), maps per stage (default: as many as fit), the gy
+    walk's loads per round (default :data:`STAGE_LOADS`)."""
     code = dtype_code(dtype)
     words = GRAD_STAGE_BYTES // _stage_itemsize(code)
     kw = geom.kernel_width
@@ -408,14 +419,18 @@ def local_input_grad_gemm_launch(geom, dtype, batch_tile, channel_tile, layout=N
     grid = check_grid((hu * v_tiles * geom.stride_h * s_w * batch_tiles,
                        geom.groups * -(-geom.in_channels_per_group // bc)),
                       "the local_conv2d input gradient")
+    default_loads = STAGE_LOADS[compute_code(code)]
+    if gy_loads == default_loads:
+        gy_loads = None  # one specialisation for the default, however it is asked for
     spec = local_input_grad_gemm_kernel(code, geom.kernel_height, kw, batch_tile, channel_tile,
-                                        lanes_b, lanes_c)
+                                        lanes_b, lanes_c, gy_loads)
     return LocalInputGradGemmConfig(spec, (lanes_b, lanes_c, columns), grid,
                                     chunk * (g_co + w_co) * _stage_itemsize(code), v_tiles,
                                     batch_tiles, chunk, sj, g_pitch, g_co, w_pitch, w_kv,
                                     w_co, kstep, dcol, nkx,
                                     _walk_steps(lanes_b * lanes_c * columns, sj, bm)
-                                    + _walk_steps(lanes_b * lanes_c * columns, nkx, bc, sj))
+                                    + _walk_steps(lanes_b * lanes_c * columns, nkx, bc, sj),
+                                    default_loads if gy_loads is None else int(gy_loads))
 
 
 def _input_layout(geom, code, batch_tile, channel_tile):
@@ -451,14 +466,15 @@ def _input_stage(geom, layout, bm, bc):
     return sj, g_pitch, sj * g_pitch, w_pitch, sj * w_pitch, nkx * sj * w_pitch
 
 
-def local_input_grad_gemm_config(geom, dtype):
+def local_input_grad_gemm_config(geom, dtype, gy_loads=None):
     """Specialisation and launch shape of the local_conv2d input gradient (pure, no GPU).
 
     Register tile up to 8 images x 4 input channels (float16, float32; float64 4 x 4), each
     split evenly; a block holds up to 128 images (64 in float64) and spans up to 256 threads,
     the columns of a phase row split evenly. Where the grid would not fill one block of 256
     threads on each of 132 SMs, the tile shrinks to 4 images (batches over 8), then to 2
-    channels. As many maps per stage as fit :data:`GRAD_STAGE_BYTES`.
+    channels. As many maps per stage as fit :data:`GRAD_STAGE_BYTES`. ``gy_loads``: the gy
+    walk's loads per round (default :data:`STAGE_LOADS`).
     """
     code = dtype_code(dtype)
     cap = _TILE[compute_code(code)]
@@ -479,7 +495,8 @@ def local_input_grad_gemm_config(geom, dtype):
         batch_tile = _even_split(geom.batch, 4)
     if threads(batch_tile, channel_tile) < _INPUT_MIN_THREADS and channel_tile > 2:
         channel_tile = _even_split(geom.in_channels_per_group, 2)
-    return local_input_grad_gemm_launch(geom, dtype, batch_tile, channel_tile)
+    return local_input_grad_gemm_launch(geom, dtype, batch_tile, channel_tile,
+                                        gy_loads=gy_loads)
 
 
 # --------------------------------------------------------------------------------------------

@@ -199,7 +199,7 @@ def _local_row(layer, geom, dtype, info, device, config=None):
                                                         kernels.LOCAL_WEIGHT_LOADS[code],
                                                         weight_address, itemsize)
     x_instr, x_sectors, x_lines, x_rounds = _warp_loads(rows * bm * win, threads,
-                                                        kernels.LOCAL_INPUT_LOADS[code],
+                                                        config.input_loads,
                                                         input_address, itemsize)
     stage_fma = threads * tm * to * kc
     sectors_per_fma = (w_sectors + x_sectors) / stage_fma
@@ -851,10 +851,10 @@ def _local_phase_taps(geom):
     return rows
 
 
-def _local_igrad_gemm_row(layer, geom, dtype, info, device):
+def _local_igrad_gemm_row(layer, geom, dtype, info, device, config=None):
     from . import local_grad_gemm as gemm
 
-    config = gemm.local_input_grad_gemm_config(geom, dtype)
+    config = config or gemm.local_input_grad_gemm_config(geom, dtype)
     itemsize = np.dtype(dtype).itemsize
     lanes_b, lanes_c, columns = config.block
     tm, tc = _tile_of(config.kernel.name)
@@ -886,7 +886,7 @@ def _local_igrad_gemm_row(layer, geom, dtype, info, device):
 
     code = kernels.compute_code(kernels.dtype_code(dtype))
     g_instr, g_sectors, g_lines, g_rounds = _warp_loads(chunk * bm * sj, threads,
-                                                        gemm.STAGE_LOADS[code],
+                                                        config.gy_loads,
                                                         gy_address, itemsize)
     w_instr, w_sectors, w_lines, w_rounds = _warp_loads(chunk * sj * bc * nkw, threads,
                                                         gemm.WEIGHT_STAGE_LOADS[code],
@@ -1130,7 +1130,7 @@ def local_input_grad_rows(layer, geom, dtype, config, info=None, device=H200):
     if isinstance(config, local_grad_positions.LocalInputGradColsConfig):
         return _local_grad_positions_rows(layer, geom, dtype, config, info, device)
     return [_local_igrad_gemm_row(layer, geom, dtype, info(config.kernel, config.shared_bytes),
-                                  device)]
+                                  device, config)]
 
 
 def local_gradient_rows(layer, dtype=np.float32, ptxas=None, device=H200, batch=None):
