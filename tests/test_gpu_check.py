@@ -263,6 +263,8 @@ def test_candidate_lines_compare_the_pick_with_the_fastest(gpu_check):
          "predicted_ms": 2.0, "measured_ms": 0.5},  # wrong results: never the fastest
         {"case": "l@8", "function": "local_conv2d", "kernel": "d", "picked": True, "ok": True,
          "predicted_ms": None, "measured_ms": None},  # not timed: no verdict
+        {"case": "l@8", "function": "conv2d", "kernel": "a_x2", "picked": False, "ok": True,
+         "predicted_ms": 2.0, "measured_ms": 0.25},  # a load-count variant: not weighed
     ]
     lines, verdicts = gpu_check.candidate_lines(results)
     assert lines[2] == "| l@8 | conv2d | `a` | yes | 1.000 | 2.000 | 2.00 | 100 |"
@@ -526,6 +528,37 @@ def test_timing_lines_give_kernel_host_roofline_and_speedup(gpu_check):
     assert f"{100 * roof / 1e-3:.1f} %" in line
 
 
+RACECHECK_CLEAN = "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)"
+
+
+def test_sanitizer_summaries_are_read_per_tool(gpu_check):
+    """racecheck prints its own summary (no ERROR SUMMARY line); the other tools print
+    ERROR SUMMARY. Any count above zero, or no summary at all, is not clean."""
+    clean = gpu_check.sanitizer_clean
+    assert clean("racecheck", "sanitizer calls done\n" + RACECHECK_CLEAN)
+    assert not clean("racecheck", "========= RACECHECK SUMMARY: 1 hazard displayed "
+                                  "(1 error, 0 warnings)")
+    assert not clean("racecheck", "========= RACECHECK SUMMARY: 2 hazards displayed "
+                                  "(0 errors, 2 warnings)")
+    assert not clean("racecheck", "========= ERROR SUMMARY: 0 errors")
+    for tool in ("memcheck", "synccheck"):
+        assert clean(tool, "========= ERROR SUMMARY: 0 errors")
+        assert not clean(tool, "========= ERROR SUMMARY: 3 errors")
+        assert not clean(tool, "========= ERROR SUMMARY: 1 error")
+        assert not clean(tool, RACECHECK_CLEAN)
+
+
+def test_sanitizer_run_reads_the_tools_own_summary(gpu_check, monkeypatch, tmp_path):
+    """A stand-in compute-sanitizer that prints racecheck's clean summary: racecheck is
+    clean, memcheck (which must print ERROR SUMMARY) is not."""
+    fake = tmp_path / "compute-sanitizer"
+    fake.write_text(f"#!/bin/sh\necho 'sanitizer calls done'\necho '{RACECHECK_CLEAN}'\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(gpu_check, "find_compute_sanitizer", lambda: str(fake))
+    assert gpu_check.run_sanitizer("racecheck", timeout=30)["status"] == "ok"
+    assert gpu_check.run_sanitizer("memcheck", timeout=30)["status"] == "errors"
+
+
 def test_sanitizer_is_optional(gpu_check, monkeypatch):
     monkeypatch.setattr(gpu_check, "find_compute_sanitizer", lambda: None)
     assert gpu_check.run_sanitizer("racecheck")["status"].startswith("skipped")
@@ -538,7 +571,7 @@ def test_sanitizer_is_optional(gpu_check, monkeypatch):
 
 @pytest.mark.skipif(SIMULATOR, reason="the dry run starts its own simulator process")
 @pytest.mark.skipif(not numba_cuda_importable(), reason="numba.cuda is not installed")
-def test_dry_run_runs_every_phase(tmp_path):
+def test_dry_run_runs_every_phase(gpu_check, tmp_path):
     pytest.importorskip("torch")
     env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=str(ROOT))
     env.pop("NUMBA_ENABLE_CUDASIM", None)
@@ -558,6 +591,11 @@ def test_dry_run_runs_every_phase(tmp_path):
                  "candidates"):
         results = phases[name]["results"]
         assert results and all(r["ok"] for r in results), name
+    # the suite phase checked what the plan counted, the small batch's streaming kernel too
+    planned = gpu_check.suite_items(gpu_check.suite_layers(dry_run=True), dry_run=True)
+    assert [(r["case"], r["function"]) for r in phases["suite"]["results"]] == [
+        (f"{layer.name}@{geom.batch}", op) for layer, op, geom, _ in planned]
+    assert planned[-1][2].batch == 1
     # every forward kernel the dispatcher weighs ran on each tiny layer, the pick once
     candidates = phases["candidates"]["results"]
     assert {r["kernel"].split("_f32")[0] for r in candidates} == {
