@@ -124,6 +124,9 @@ def _operand(value, name):
     kind = type(value)
     if kind is np.ndarray:  # the common cases, first
         return _Operand(value, value.shape, value.dtype, False)
+    if kind is _Torch.tensor and value.requires_grad and not _grad_mode_on():
+        value = value.detach()  # the values alone: PyTorch gives no array interface of a
+        # CUDA tensor that requires grad (a subclass such as a Parameter: below)
     if kind is _Torch.tensor and not value.requires_grad:
         value, host = _torch_resolved(value)
         if host is not None:
@@ -140,6 +143,8 @@ def _operand(value, name):
             "torch.no_grad(); gpuconv.conv2d and gpuconv.local_conv2d do record it")
     if _is_torch_tensor(value):
         _Torch.seen()
+        if value.requires_grad:  # grad mode is off (above): the values alone
+            return _operand(value.detach(), name)
         value, host = _torch_resolved(value)
         if host is not None:
             return host

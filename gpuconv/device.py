@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import threading
 import time
 
@@ -261,6 +262,11 @@ def cuda_available():
 
 def is_device_array(array):
     """True if ``array`` lives in GPU memory (CUDA array interface or a CUDA DLPack device)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(array, torch.Tensor):
+        # (asked of the tensor: PyTorch raises RuntimeError, not AttributeError, for the
+        # array interface of a CUDA tensor that requires grad)
+        return bool(array.is_cuda)
     if hasattr(array, "__cuda_array_interface__") or getattr(array, "__cuda_ndarray__", False):
         return True  # (the CUDA simulator's device arrays carry only the second mark)
     dlpack_device = getattr(array, "__dlpack_device__", None)

@@ -69,6 +69,17 @@ class _TorchCudaStandIn:
     def numel(self):
         return self.tensor.numel()
 
+    def detach(self):
+        return type(self)(self.tensor)
+
+    @property
+    def __cuda_array_interface__(self):  # as PyTorch's property reads a tensor that requires
+        if self.requires_grad:           # grad; the public layer builds its own otherwise
+            raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires "
+                               "grad. If gradients aren't required, use var.detach() to get "
+                               "Variable that doesn't require gradient.")
+        raise AttributeError("the stand-in has none: the public layer builds its own")
+
 
 _TorchCudaStandIn.__module__ = "torch.stand_in"  # gpuconv tells libraries apart by module
 
@@ -103,6 +114,24 @@ def test_cuda_tensors_the_fast_reading_leaves_to_the_generic_path(cuda_tensors):
     with pytest.raises(TypeError, match="x must be an array"):
         _conv._operand(cuda_tensors(torch.zeros(3, dtype=torch.int32)), "x")
     assert _conv._operand(cuda_tensors(torch.zeros(3)), "x").on_gpu
+
+
+def test_a_cuda_tensor_that_requires_grad_is_read_detached_outside_grad_mode(cuda_tensors):
+    """A parameter passed under torch.no_grad() (what the gradient functions' TypeError
+    advises): its values are read, as a device operand, not PyTorch's array interface
+    (which refuses a tensor that requires grad); the transposed convolutions' location
+    check asks the tensor where it lives for the same reason."""
+    from gpuconv.device import is_device_array
+
+    values = torch.arange(6.0).reshape(2, 3)
+    weight = cuda_tensors(values, requires_grad=True)
+    with torch.no_grad():
+        operand = _conv._operand(weight, "weight")
+    assert operand.on_gpu and operand.shape == (2, 3)
+    assert operand.cai["data"][0] == values.data_ptr()
+    assert not operand.obj.requires_grad
+    real = torch.zeros(3, requires_grad=True)
+    assert is_device_array(real) is False and is_device_array(real.detach()) is False
 
 
 def test_negated_views_are_read_with_their_sign():
