@@ -130,15 +130,21 @@ def test_an_autotuned_call_runs_the_fastest_candidate_and_stays_exact(monkeypatc
     np.testing.assert_allclose(fn(dx, dw, db, groups=2).copy_to_host(), expected, rtol=1e-12,
                                atol=1e-12)
     assert len(timed) == len(candidates)
+    # forgotten: the cached plan's next call measures again
+    autotune.forget()
+    np.testing.assert_allclose(fn(dx, dw, db, groups=2).copy_to_host(), expected, rtol=1e-12,
+                               atol=1e-12)
+    assert len(timed) == 2 * len(candidates)
+    assert list(autotune.choices().values()) == [winner]
     # autotuning off: the dispatcher's pick again, nothing measured
     gpuconv.set_autotune(False)
     plan = next(iter(_conv._PLANS.values())).device_plan
     (gpu,) = plan.tuned
-    assert plan.tuned[gpu].kernel.name == winner
+    assert plan.tuned[gpu][1].kernel.name == winner
     assert plan.tuned_for(None, None, None, geom, None, None, gpu) == pick
     np.testing.assert_allclose(fn(dx, dw, db, groups=2).copy_to_host(), expected, rtol=1e-12,
                                atol=1e-12)
-    assert len(timed) == len(candidates)
+    assert len(timed) == 2 * len(candidates)
 
 
 @pytest.mark.cuda

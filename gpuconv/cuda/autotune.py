@@ -34,7 +34,7 @@ from numba import cuda
 from ..device import simulator_enabled
 from . import kernels
 
-__all__ = ["TUNED_OPS", "tuned_config", "choices", "forget", "eligible"]
+__all__ = ["TUNED_OPS", "tuned_config", "choices", "forget", "generation", "eligible"]
 
 #: The operations whose forward kernel is chosen by measurement when autotuning is on.
 TUNED_OPS = ("conv2d", "local_conv2d")
@@ -44,6 +44,8 @@ REPEATS = 3
 # (op name, geometry, dtype name, GPU ordinal) -> the configuration that won
 _CHOICES = {}
 _LOCK = threading.Lock()
+# bumped by forget(): the calls' cached plans keep a choice only of the current generation
+_GENERATION = [0]
 
 
 def choices():
@@ -56,6 +58,13 @@ def forget():
     """Forget every choice: the next call of each key measures again."""
     with _LOCK:
         _CHOICES.clear()
+        _GENERATION[0] += 1
+
+
+def generation():
+    """A number that :func:`forget` changes: what a caller kept of a choice is stale once
+    it differs."""
+    return _GENERATION[0]
 
 
 def eligible(configs, picked, geom, dtype, scratch):

@@ -743,7 +743,7 @@ class _Plan:
         self.launch = op.kernel("cuda")
         self.config = _CONFIG[op.name]
         self.configs = {}  # launch configuration per GPU ordinal
-        self.tuned = {}    # measured choice per GPU ordinal (autotuning, forward only)
+        self.tuned = {}    # (generation, measured choice) per GPU ordinal (autotuning)
         self.scratch = _TUNED_SCRATCH.get(op.name)
         self.out_shape = op.output_shape(geom)
         self.dtype = first.dtype
@@ -774,12 +774,14 @@ class _Plan:
         operation is tuned, else the dispatcher's."""
         if self.scratch is None or not autotune_enabled():
             return self.config_for(geom, device)
-        config = self.tuned.get(device)
-        if config is None:
-            config = self.tuned[device] = autotune.tuned_config(
+        kept = self.tuned.get(device)
+        generation = autotune.generation()
+        if kept is None or kept[0] != generation:  # (autotune.forget() makes it stale)
+            config = autotune.tuned_config(
                 op.name, self.launch, arrays, out, geom, stream, empty, device,
                 self.config_for(geom, device), self.scratch)
-        return config
+            self.tuned[device] = kept = (generation, config)
+        return kept[1]
 
 
 _CONFIG = {
