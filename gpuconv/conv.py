@@ -18,7 +18,7 @@ import threading
 import numpy as np
 
 from .device import (ENV_VAR, FreeMemory, host_memory_available, is_device_array,
-                     select_device, simulator_enabled)
+                     numba_device_view, select_device, simulator_enabled)
 from .geometry import TILINGS, TiledGeometry, conv_geometry, shape_in, tiled_geometry
 from .ops import FORWARD, OPS, WEIGHT_GRAD, autograd
 
@@ -355,7 +355,7 @@ def _with_batch_axis(o):
         try:
             view = obj[None]
         except (TypeError, IndexError, ValueError):  # Numba device arrays
-            view = obj.reshape((1,) + tuple(o.shape))
+            view = numba_device_view(obj, (1,) + tuple(o.shape))
     return _Operand(view, (1,) + tuple(o.shape), o.dtype, o.on_gpu, o.origin)  # (no cai: a new view)
 
 

@@ -94,6 +94,38 @@ def is_c_contiguous(shape, strides, itemsize):
                in zip(shape, strides, c_strides(shape, itemsize)))
 
 
+def unit_axes_interface(cai, shape):
+    """The ``__cuda_array_interface__`` ``cai`` viewing the same elements as ``shape``, which
+    differs from its shape by axes of length 1 only (inserted or dropped): the other axes
+    keep their byte strides, a new unit axis takes the itemsize. No memory is touched."""
+    import numpy as np
+
+    old, shape = tuple(int(s) for s in cai["shape"]), tuple(int(s) for s in shape)
+    itemsize = np.dtype(cai["typestr"]).itemsize
+    strides = cai.get("strides") or c_strides(old, itemsize)
+    kept = [(size, stride) for size, stride in zip(old, strides) if size != 1]
+    if [size for size, _ in kept] != [size for size in shape if size != 1]:
+        raise ValueError(f"shape {shape} is not {old} with unit axes inserted or dropped")
+    new, rest = [], iter(kept)
+    for size in shape:
+        new.append(itemsize if size == 1 else next(rest)[1])
+    return dict(cai, shape=shape, strides=tuple(new))
+
+
+def numba_device_view(array, shape):
+    """The Numba device array ``array`` viewed as ``shape`` (unit axes inserted or dropped;
+    no copy). Numba's ``reshape`` refuses a non-contiguous array ("operation requires
+    copying") and its arrays do not index with None, so the view is made through the CUDA
+    array interface; the simulator's arrays (no interface) reshape."""
+    cai = getattr(array, "__cuda_array_interface__", None)
+    if cai is None or cai.get("strides") is None:  # the simulator's, or C-contiguous
+        return array.reshape(shape)
+    from numba import cuda
+
+    return cuda.from_cuda_array_interface(unit_axes_interface(cai, shape), owner=array,
+                                          sync=False)
+
+
 class CudaUnavailableError(RuntimeError, ValueError):
     """``device="cuda"`` was asked for but no usable CUDA GPU is present.
 

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .conv import conv2d, local_conv2d
+from .device import numba_device_view
 from .geometry import _is_int, get_conv_outsize, shape_in
 
 __all__ = ["conv1d", "local_conv1d", "geometry_1d", "Geometry1d"]
@@ -153,10 +154,12 @@ def _array(value, name):
 
 def _view(array, index, shape):
     """``array[index]`` (a view), or for Numba device arrays, which do not index with None,
-    ``array.reshape(shape)`` (a view of a contiguous array)."""
+    a view as ``shape`` (:func:`gpuconv.device.numba_device_view`, strided ones too)."""
     if type(array) is np.ndarray:
         return array[index]
-    if getattr(array, "__cuda_ndarray__", False) or not hasattr(array, "__getitem__"):
+    if getattr(array, "__cuda_ndarray__", False):
+        return numba_device_view(array, shape)
+    if not hasattr(array, "__getitem__"):
         return array.reshape(shape)
     try:
         return array[index]

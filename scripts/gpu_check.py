@@ -502,7 +502,7 @@ def plan(dry_run=False, quick=False):
         elif name == "overhead":
             phases.append(Phase(name, 3, 0, 10.0))
         else:  # array-kinds
-            phases.append(Phase(name, 8, 6, 6 * COMPILE_S + 8 * CHECK_S))
+            phases.append(Phase(name, 9, 8, 8 * COMPILE_S + 9 * CHECK_S))
     return phases
 
 
@@ -872,6 +872,28 @@ def check_array_kinds(torch, gpuconv, dry_run=False):
         return (hasattr(y, "copy_to_host") and close(y.copy_to_host())
                 and close(yl.copy_to_host(), "local_conv2d")), type(y).__name__
 
+    def numba_strided():
+        # Numba's reshape refuses strided arrays and its arrays do not index with None: an
+        # unbatched 2-D call and a 1-D call view them through the array interface
+        def strided(a):
+            wide = np.zeros(a.shape[:-1] + (2 * a.shape[-1],))
+            wide[..., ::2] = a
+            return cuda.to_device(wide)[..., ::2]
+
+        d_w, d_b = cuda.to_device(w_np), cuda.to_device(b_np)
+        y = gpuconv.conv2d(strided(x_np[0]), d_w, d_b, groups=2)
+        x1, w1 = x_np[:, :, 0, :], np.ascontiguousarray(w_np[:, :, 0, :])
+        y1 = gpuconv.conv1d(strided(x1), cuda.to_device(w1), d_b, groups=2)
+        ref1 = torch.nn.functional.conv1d(t(x1), t(w1), t(b_np), groups=2).numpy()
+        bound1 = torch.nn.functional.conv1d(t(abs(x1)), t(abs(w1)), t(abs(b_np)),
+                                            groups=2).numpy()
+        ok1 = within_tolerance(float(np.abs(y1.copy_to_host() - ref1).max()),
+                               float(bound1.max()), "float64")
+        ref, bound = refs["conv2d"]
+        ok = within_tolerance(float(np.abs(y.copy_to_host() - ref[0]).max()),
+                              float(bound[0].max()), "float64")
+        return ok and ok1, "an unbatched conv2d and a conv1d on strided Numba arrays"
+
     def torch_in():
         tc = lambda a: torch.from_numpy(a).cuda()  # noqa: E731
         y = gpuconv.conv2d(tc(x_np), tc(w_np), tc(b_np), groups=2)
@@ -920,7 +942,8 @@ def check_array_kinds(torch, gpuconv, dry_run=False):
         same = bool((torch.isnan(y) == nan).all() and (torch.isinf(y) == inf).all())
         return same and bool(nan.any()), f"{int(torch.isnan(y).sum())} NaN outputs"
 
-    checks = [("numpy in -> numpy out", numpy_in), ("numba in -> numba out", numba_in)]
+    checks = [("numpy in -> numpy out", numpy_in), ("numba in -> numba out", numba_in),
+              ("numba strided, unbatched and 1-D", numba_strided)]
     torch_checks = [("torch in -> torch out", torch_in), ("torch side stream", side_stream),
                     ("non-contiguous inputs", non_contiguous), ("empty batch", empty_batch),
                     ("NaN propagation", nan_propagation)]

@@ -155,3 +155,27 @@ def test_the_installed_pair_is_checked():
     except metadata.PackageNotFoundError:
         pytest.skip("numba-cuda is not installed as a package")
     assert _device.cuda_toolchain_problem() == _device.toolchain_problem(version, np.__version__)
+
+
+def test_unit_axes_interface_views_the_same_elements():
+    """The interface of a strided array with a unit axis inserted or dropped, checked by
+    viewing NumPy's memory through it (an independent reading) against NumPy's own view."""
+    from numpy.lib.stride_tricks import as_strided
+
+    from gpuconv.device import unit_axes_interface
+
+    base = np.arange(2 * 3 * 8, dtype=np.float32).reshape(2, 3, 8)
+    for array in (base[:, :, ::2], base[0], base[:, 1:2, 1::3], base):
+        ai = array.__array_interface__
+        cai = {"typestr": ai["typestr"], "shape": ai["shape"], "strides": ai["strides"],
+               "data": ai["data"], "version": 3}
+        for view in (array[None], array[..., None, :], array[:, None]):
+            got = unit_axes_interface(cai, view.shape)
+            assert got["shape"] == view.shape and got["data"] == cai["data"]
+            np.testing.assert_array_equal(as_strided(array, view.shape, got["strides"]), view)
+        if array.shape[1] == 1:  # a unit axis dropped
+            got = unit_axes_interface(cai, array[:, 0].shape)
+            np.testing.assert_array_equal(
+                as_strided(array, array[:, 0].shape, got["strides"]), array[:, 0])
+    with pytest.raises(ValueError, match="not .* with unit axes"):
+        unit_axes_interface(cai, (4, 2 * 3 * 8))
