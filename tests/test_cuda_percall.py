@@ -84,3 +84,38 @@ def test_strided_device_operand_after_a_contiguous_one():
     y = gpuconv.conv2d(strided, dw, db)
     assert len(_conv._PLANS) == 2
     np.testing.assert_allclose(y.copy_to_host(), conv2d_ref(x, w, b), rtol=1e-12, atol=1e-12)
+
+
+def test_an_operand_from_another_stream_is_waited_for_on_the_device(monkeypatch):
+    """An operand whose producer's stream is not the call's (a PyTorch tensor written on a
+    side stream beside a CuPy or Numba first operand: PyTorch exports no stream in the array
+    interface) is ordered by an event recorded on the producer's stream and waited for on
+    the call's; operands on the call's stream, or sharing the first one's, are not."""
+    from gpuconv.cuda import launch
+
+    class Operand:
+        def __init__(self, name):
+            self.obj, self.cai = name, None
+
+    streams = {"x": "call", "w": "side", "b": "call"}
+    events = []
+
+    class Event:
+        def record(self, stream):
+            events.append(("record", stream))
+
+        def wait(self, stream):
+            events.append(("wait", stream))
+
+    monkeypatch.setattr(launch, "_stream_of", lambda obj, device, cai: streams[obj])
+    monkeypatch.setattr(launch, "_same_stream", lambda a, b: a == b)
+    monkeypatch.setattr(launch, "_as_device_array", lambda obj, sync, cai: (obj, sync))
+    monkeypatch.setattr(launch, "simulator_enabled", lambda: False)
+    monkeypatch.setattr(launch.cuda, "event", lambda timing=True: Event())
+    x, w, b = Operand("x"), Operand("w"), Operand("b")
+    arrays = launch._operand_arrays([x, w, b, None], (False,) * 4, x, "call", 0)
+    assert arrays == [("x", False), ("w", True), ("b", False), None]
+    assert events == [("record", "side"), ("wait", "call")]
+    events.clear()  # the same operand known to share the first one's stream: no event
+    launch._operand_arrays([x, w, b], (False, True, False), x, "call", 0)
+    assert events == []

@@ -940,6 +940,41 @@ def _run_gpu(op, operands, geom, plan, timer=None):
         return _run_gpu_on_device(op, operands, geom, plan, device, timer)
 
 
+def _operand_arrays(operands, own_stream, template, stream, device):
+    """The operands as device arrays (None stays None), the call's work on ``stream`` ordered
+    after each operand's producer: an operand whose producer's stream is not ``stream``
+    (another library's current stream, a Numba array's stream, the interface's ``stream``
+    field) is waited for as the interface asks, and ``stream`` waits for an event recorded
+    on the producer's stream (PyTorch and CuPy export no stream in the interface, so
+    nothing else would order a tensor written on a side stream before the kernel reads
+    it). ``own_stream``: the operands known to share the template's stream."""
+    arrays = []
+    for o, own in zip(operands, own_stream):
+        if o is None:
+            arrays.append(None)
+            continue
+        producer = None
+        if o is not template and not own:
+            producer = _stream_of(o.obj, device, o.cai)
+            if _same_stream(producer, stream):
+                producer = None
+        arrays.append(_as_device_array(o.obj, producer is not None, o.cai))
+        if producer is not None:
+            _order_after(stream, producer)
+    return arrays
+
+
+def _order_after(stream, producer):
+    """Work queued on ``stream`` from now on waits for what ``producer`` has queued (an event
+    recorded on one and waited for on the other; the host does not wait). The simulator
+    runs each launch to its end: nothing to order."""
+    if simulator_enabled():
+        return
+    event = cuda.event(timing=False)
+    event.record(producer)
+    event.wait(stream)
+
+
 def _run_gpu_on_device(op, operands, geom, plan, device, timer=None):
     template = operands[0]
     obj = template.obj
@@ -952,15 +987,7 @@ def _run_gpu_on_device(op, operands, geom, plan, device, timer=None):
                                              device=obj.device)
     else:
         out_obj = _allocate_like(obj, plan.out_shape, plan.dtype, stream)
-    arrays = []
-    for o, own in zip(operands, plan.own_stream):
-        if o is None:
-            arrays.append(None)
-            continue
-        # Operands produced on another stream: wait for them, as the interface asks.
-        other_stream = (o is not template and not own
-                        and not _same_stream(_stream_of(o.obj, device, o.cai), stream))
-        arrays.append(_as_device_array(o.obj, other_stream, o.cai))
+    arrays = _operand_arrays(operands, plan.own_stream, template, stream, device)
 
     def empty(shape, dtype):  # scratch from the caller's library, on its stream
         return _new_view(_allocate_like(obj, shape, dtype, stream), shape, dtype)
