@@ -119,3 +119,27 @@ def test_an_operand_from_another_stream_is_waited_for_on_the_device(monkeypatch)
     events.clear()  # the same operand known to share the first one's stream: no event
     launch._operand_arrays([x, w, b], (False, True, False), x, "call", 0)
     assert events == []
+
+
+def test_calls_on_host_arrays_reuse_one_stream_per_thread(monkeypatch):
+    """Calls on NumPy arrays queue on one stream (each waits for it before it returns): no
+    stream is made per call; another thread gets its own. The results exact."""
+    import threading
+
+    from gpuconv.cuda import launch
+
+    (x, w, b), _ = _arrays(False)
+    first = launch._host_stream()
+    made = []
+    real = launch.cuda.stream
+    monkeypatch.setattr(launch.cuda, "stream", lambda: made.append(1) or real())
+    for _ in range(2):
+        y = gpuconv.conv2d(x, w, b, device="cuda")
+        np.testing.assert_allclose(y, conv2d_ref(x, w, b), rtol=1e-12, atol=1e-12)
+        assert launch._host_stream() is first
+    assert made == []
+    other = []
+    thread = threading.Thread(target=lambda: other.append(launch._host_stream()))
+    thread.start()
+    thread.join()
+    assert other[0] is not first

@@ -851,10 +851,27 @@ def clear_caches():
     _STREAMS.clear()
 
 
+_HOST_STREAMS = threading.local()
+
+
+def _host_stream():
+    """The stream of calls on host arrays: one per thread and GPU, reused (each such call
+    waits for it before returning). A new stream per call would cost a driver call and
+    make every call a new launch of the fast path's cache, keeping its stream alive."""
+    streams = getattr(_HOST_STREAMS, "streams", None)
+    if streams is None:
+        streams = _HOST_STREAMS.streams = {}
+    device = None if simulator_enabled() else _current_device_id()
+    stream = streams.get(device)
+    if stream is None:
+        stream = streams[device] = cuda.stream()
+    return stream
+
+
 def _run_host(op, operands, geom, plan):
     dtype = operands[0].dtype
     _check_device_memory(op, operands, geom, needed=plan.needed)
-    stream = cuda.stream()
+    stream = _host_stream()
     arrays = [None if o is None else cuda.to_device(np.ascontiguousarray(o.obj), stream=stream)
               for o in operands]
     d_out = cuda.device_array(plan.out_shape, dtype=dtype, stream=stream)
