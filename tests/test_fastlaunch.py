@@ -317,6 +317,11 @@ def test_a_view_packs_as_a_numba_array_of_the_same_memory():
     again = DeviceView.from_interface(cai, owner="caller")
     assert (again.shape, again.strides, again.dtype, again.owner) == ((2, 3), (16, 2), f16,
                                                                         "caller")
+    # any stride on a length-1 axis: still C-contiguous, as the public layer judges it
+    # (an interface may give one that C order would not)
+    unit = DeviceView(view.ptr, (2, 1, 12), f16, (24, 2, 2))
+    assert unit.is_c_contiguous() and unit.reshape(24).strides == (2,)
+    assert pack_array(3, "C", f16, unit)[:5] == pack_array(3, "C", f16, view)[:5]
 
 
 @pytest.mark.parametrize("op_name", _OPS)

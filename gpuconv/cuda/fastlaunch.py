@@ -40,7 +40,7 @@ import threading
 
 import numpy as np
 
-from ..device import c_strides
+from ..device import c_strides, is_c_contiguous
 
 __all__ = ["FastKernel", "DeviceView", "ENV_VAR", "enabled", "set_enabled", "fallback_reasons",
            "pack_array"]
@@ -93,7 +93,8 @@ def _is_c(shape, strides, itemsize):
     if c is None:
         if len(_C_LAYOUTS) >= 4 * _MAX_ENTRIES:
             _C_LAYOUTS.clear()
-        c = _C_LAYOUTS[key] = strides == c_strides(shape, itemsize)
+        # (the strides of length-1 axes do not matter: the public layer's rule too)
+        c = _C_LAYOUTS[key] = is_c_contiguous(shape, strides, itemsize)
     return c
 
 
