@@ -55,7 +55,8 @@ on an H200 with JIT compilation included.
     ``gpuconv.set_autotune(True)`` as a user turns it on, on the last layer: the choice it
     makes, checked against the reference.
 11. ``array-kinds`` -- torch, CuPy, Numba and NumPy arrays in and out, a side stream,
-    non-contiguous inputs, an empty batch, NaN propagation.
+    non-contiguous inputs (an unbatched conv2d and a conv1d on strided Numba arrays too), an
+    empty batch, NaN propagation.
 12. ``grid`` -- awkward geometries (:func:`geometry_grid`): every feature of the forward in
     float64, float32 and float16, and of the gradients.
 13. ``time-float16`` -- the forward in float16 on the default suite.
