@@ -56,7 +56,8 @@ on an H200 with JIT compilation included.
     makes, checked against the reference.
 11. ``array-kinds`` -- torch, CuPy, Numba and NumPy arrays in and out, a side stream,
     non-contiguous inputs (an unbatched conv2d and a conv1d on strided Numba arrays too), an
-    empty batch, NaN propagation.
+    operand written on a PyTorch side stream beside a Numba one, an empty batch, NaN
+    propagation.
 12. ``grid`` -- awkward geometries (:func:`geometry_grid`): every feature of the forward in
     float64, float32 and float16, and of the gradients.
 13. ``time-float16`` -- the forward in float16 on the default suite.
@@ -503,7 +504,7 @@ def plan(dry_run=False, quick=False):
         elif name == "overhead":
             phases.append(Phase(name, 3, 0, 10.0))
         else:  # array-kinds
-            phases.append(Phase(name, 9, 8, 8 * COMPILE_S + 9 * CHECK_S))
+            phases.append(Phase(name, 10, 8, 8 * COMPILE_S + 10 * CHECK_S))
     return phases
 
 
@@ -902,6 +903,21 @@ def check_array_kinds(torch, gpuconv, dry_run=False):
         return (isinstance(y, torch.Tensor) and y.is_cuda and close(y.cpu().numpy())
                 and close(yl.cpu().numpy(), "local_conv2d")), type(y).__name__
 
+    def side_stream_operand():
+        # a weight written on a PyTorch side stream (after 0.1 s of sleep there), read by a
+        # call whose first operand is a Numba array: its kernel runs on Numba's default
+        # stream, which does not wait for PyTorch's (non-blocking) streams by itself
+        side = torch.cuda.Stream()
+        w_t = torch.zeros(w_np.shape, dtype=torch.float64, device="cuda")
+        src = torch.from_numpy(w_np).cuda()
+        torch.cuda.synchronize()
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(200_000_000)
+            w_t.copy_(src)
+            y = gpuconv.conv2d(cuda.to_device(x_np), w_t, cuda.to_device(b_np), groups=2)
+        torch.cuda.synchronize()
+        return close(y.copy_to_host()), "a PyTorch side-stream weight beside a Numba input"
+
     def cupy_in():
         import cupy
         y = gpuconv.conv2d(cupy.asarray(x_np), cupy.asarray(w_np), cupy.asarray(b_np), groups=2)
@@ -946,6 +962,7 @@ def check_array_kinds(torch, gpuconv, dry_run=False):
     checks = [("numpy in -> numpy out", numpy_in), ("numba in -> numba out", numba_in),
               ("numba strided, unbatched and 1-D", numba_strided)]
     torch_checks = [("torch in -> torch out", torch_in), ("torch side stream", side_stream),
+                    ("operand from another stream", side_stream_operand),
                     ("non-contiguous inputs", non_contiguous), ("empty batch", empty_batch),
                     ("NaN propagation", nan_propagation)]
     skipped = []
