@@ -179,3 +179,25 @@ def test_unit_axes_interface_views_the_same_elements():
                 as_strided(array, array[:, 0].shape, got["strides"]), array[:, 0])
     with pytest.raises(ValueError, match="not .* with unit axes"):
         unit_axes_interface(cai, (4, 2 * 3 * 8))
+
+
+def test_the_six_axis_copy_view_reads_the_same_elements():
+    """The launch layer's 6-D view of a strided device array (the contiguous copy's source)
+    is the array with leading unit axes, checked through NumPy's memory."""
+    from numpy.lib.stride_tricks import as_strided
+
+    from gpuconv.cuda.launch import _View6
+
+    class Interface:
+        def __init__(self, array):
+            ai = array.__array_interface__
+            self.__cuda_array_interface__ = {"typestr": ai["typestr"], "shape": ai["shape"],
+                                             "strides": ai["strides"], "data": ai["data"],
+                                             "version": 2}
+
+    array = np.arange(3 * 10, dtype=np.float64).reshape(3, 10)[:, 1::3]
+    view = _View6(Interface(array)).__cuda_array_interface__
+    assert view["shape"] == (1, 1, 1, 1, 3, 3) and view["stream"] is None
+    assert view["data"] == array.__array_interface__["data"] and view["version"] == 3
+    np.testing.assert_array_equal(as_strided(array, view["shape"], view["strides"]),
+                                  array[None, None, None, None])

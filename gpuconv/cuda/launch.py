@@ -33,8 +33,8 @@ from numba import cuda
 
 from . import (autotune, conv2d_gemm, conv2d_gemm_grad, fastlaunch, grad_kernels, kernels,
                local_gemm, local_grad_gemm, local_grad_positions, local_stream)
-from ..device import (DLPACK_CUDA_DEVICES, FreeMemory, autotune_enabled, c_strides,
-                      is_c_contiguous, simulator_enabled)
+from ..device import (DLPACK_CUDA_DEVICES, FreeMemory, autotune_enabled,
+                      is_c_contiguous, simulator_enabled, unit_axes_interface)
 
 __all__ = ["run", "from_host_like"]
 
@@ -193,19 +193,9 @@ class _View6:
 
     def __init__(self, array):
         cai = array.__cuda_array_interface__
-        pad = 6 - len(cai["shape"])
-        itemsize = np.dtype(cai["typestr"]).itemsize
-        strides = cai.get("strides")
-        if strides is None:
-            strides = c_strides(cai["shape"], itemsize)
-        self.__cuda_array_interface__ = {
-            "shape": (1,) * pad + tuple(cai["shape"]),
-            "strides": (0,) * pad + tuple(strides),
-            "typestr": cai["typestr"],
-            "data": cai["data"],
-            "version": 3,
-            "stream": None,
-        }
+        shape = (1,) * (6 - len(cai["shape"])) + tuple(cai["shape"])
+        self.__cuda_array_interface__ = dict(unit_axes_interface(cai, shape), version=3,
+                                             stream=None)
         self._keep = array
 
 
