@@ -554,3 +554,28 @@ def test_scratch_of_a_pytorch_operand_has_the_asked_numpy_dtype():
         "f16", "f32", "f64"]
     with pytest.raises(KeyError):
         spec.dtype_code(np.int32)
+
+
+def test_every_launch_fits_cudas_block_limits():
+    """A block is at most 1024 x 1024 x 64 threads and 1024 in all, on every NVIDIA GPU: a
+    launch beyond that fails with CUDA_ERROR_INVALID_VALUE (the simulator does not check)."""
+    import math
+
+    from gpuconv import workloads
+
+    geometries = [LC.conv_geometry((1, 1, 40, 70), (5, 5), 1),      # batch1_one_channel
+                  LC.conv_geometry((16, 10, 64, 128), (3, 3), 2, padding=1)]
+    geometries += [layer.geometry(b) for layer in workloads.LAYERS.values() for b in (1, 4, 16)]
+    for geom in geometries:
+        for op_name in _OPS:
+            for dtype in (np.float32, np.float16, np.float64):
+                try:
+                    launches = LC.recorded_launches(op_name, geom, dtype)
+                except ValueError:  # refused with a clear error: fine
+                    continue
+                for spec, launch, _ in launches:
+                    block = tuple(launch[1]) if isinstance(launch[1], (tuple, list)) \
+                        else (launch[1],)
+                    block += (1,) * (3 - len(block))
+                    assert block[0] <= 1024 and block[1] <= 1024 and block[2] <= 64 \
+                        and math.prod(block) <= 1024, (spec.name, geom, block)

@@ -34,8 +34,8 @@ from .. import workloads
 from ..device import simulator_enabled
 from . import (conv2d_gemm, conv2d_gemm_grad, grad_kernels, local_gemm, local_grad_gemm,
                local_grad_positions, local_stream, tiled_kernels)
-from .spec import (_COMPUTE, _NUMPY, _SCALAR, CODES, GRID_YZ_LIMIT, LOCAL_STAGE_BYTES,
-                   SHARED_BUDGET_BYTES, SHARED_LIMIT_BYTES, KernelSpec, _array,
+from .spec import (BLOCK_Z_LIMIT, _COMPUTE, _NUMPY, _SCALAR, CODES, GRID_YZ_LIMIT,
+                   LOCAL_STAGE_BYTES, SHARED_BUDGET_BYTES, SHARED_LIMIT_BYTES, KernelSpec, _array,
                    _conv2d_launch_bounds, _even_split, _pow2_at_least, _rename,
                    _stage_itemsize, check_grid, compiled, compute_code, dtype_code)
 
@@ -636,7 +636,9 @@ def _local_layout(geom, code, batch_tile, map_tile):
     batch_lanes = min(-(-max(geom.batch, 1) // batch_tile), 16 if wide else 8)
     map_lanes = min(-(-geom.out_channels_per_group // map_tile), max(1, 32 // batch_lanes))
     per_position = batch_lanes * map_lanes
-    positions = _even_split(geom.out_width, max(1, _LOCAL_MAX_THREADS // per_position))
+    # (positions on the block's z axis: at most 64 threads there on every GPU)
+    positions = _even_split(geom.out_width,
+                            max(1, min(BLOCK_Z_LIMIT, _LOCAL_MAX_THREADS // per_position)))
     return batch_lanes, map_lanes, positions
 
 

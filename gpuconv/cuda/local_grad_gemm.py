@@ -42,8 +42,8 @@ from typing import NamedTuple
 import numpy as np
 from numba import cuda, int32, types, uint64
 
-from .spec import (_COMPUTE, _NUMPY, _SCALAR, KernelSpec, _array, _even_split, _rename,
-                   _stage_itemsize, check_grid, compute_code, dtype_code)
+from .spec import (BLOCK_Z_LIMIT, _COMPUTE, _NUMPY, _SCALAR, KernelSpec, _array, _even_split,
+                   _rename, _stage_itemsize, check_grid, compute_code, dtype_code)
 
 __all__ = ["local_input_grad_gemm_kernel", "local_input_grad_gemm_config",
            "LocalInputGradGemmConfig", "local_input_grad_gemm_launch",
@@ -441,7 +441,8 @@ def _input_layout(geom, code, batch_tile, channel_tile):
     lanes_b = min(-(-max(geom.batch, 1) // batch_tile), 16 if wide else 8)
     lanes_c = min(-(-geom.in_channels_per_group // channel_tile), max(1, 32 // lanes_b))
     wu = -(-geom.in_width // geom.stride_w)
-    columns = _even_split(wu, max(1, _MAX_THREADS // (lanes_b * lanes_c)))
+    # (columns on the block's z axis: at most 64 threads there on every GPU)
+    columns = _even_split(wu, max(1, min(BLOCK_Z_LIMIT, _MAX_THREADS // (lanes_b * lanes_c))))
     words = GRAD_STAGE_BYTES // _stage_itemsize(code)
     bm, bc = lanes_b * batch_tile, lanes_c * channel_tile
     while columns > 1 and sum(_input_stage(geom, (lanes_b, lanes_c, columns), bm, bc)[2::3]) \
@@ -800,7 +801,9 @@ def _weight_layout(geom, code, map_tile, tap_tile, stage_rows):
     kc = stage_rows * geom.kernel_width
     lanes_k = -(-kc // tap_tile)
     lanes_o = min(-(-geom.out_channels_per_group // map_tile), max(1, 32 // lanes_k))
-    positions = _even_split(geom.out_width, max(1, _MAX_THREADS // (lanes_k * lanes_o)))
+    # (positions on the block's z axis: at most 64 threads there on every GPU)
+    positions = _even_split(geom.out_width,
+                            max(1, min(BLOCK_Z_LIMIT, _MAX_THREADS // (lanes_k * lanes_o))))
     words = GRAD_STAGE_BYTES // _stage_itemsize(code)
     bo = lanes_o * map_tile
 

@@ -141,6 +141,8 @@ def _pow2_at_least(value, cap):
 
 #: CUDA's limit on grid dimensions y and z (x allows 2**31 - 1).
 GRID_YZ_LIMIT = 65535
+#: CUDA's limit on a block's z dimension (x and y allow 1024), every GPU.
+BLOCK_Z_LIMIT = 64
 
 
 def check_grid(grid, what):
