@@ -504,6 +504,17 @@ def test_half_precision_layers_train(dtype, local):
         _half_tolerance(dtype, terms) * max(1.0, scale / terms) * 4)
 
 
+def test_autocast_leaves_float64_operands_alone_as_nn_conv2d_does():
+    ours = gt.Conv2d(3, 4, 3).double()
+    ref = nn.Conv2d(3, 4, 3).double()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = ref(x), ours(x)
+    assert expected.dtype == got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_autocast_on_the_cpu_runs_a_mixed_stack():
     """The issue's example: after a layer that autocast converts, a gpuconv layer takes the
     bfloat16 activations; forward and backward match float32 within bfloat16's precision."""

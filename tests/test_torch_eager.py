@@ -95,3 +95,18 @@ def test_mixed_devices_and_meta_tensors_go_through_the_operators():
     x, w, b = _case(False)
     meta = gt.conv2d(x.detach().to("meta"), w.detach().to("meta"), b.detach().to("meta"))
     assert meta.device.type == "meta" and meta.shape == (2, 4, 5, 5)
+
+
+@pytest.mark.parametrize("local", [False, True], ids=["conv2d", "local"])
+def test_jit_trace_records_the_operator_not_the_result(local):
+    """Traced (as for inference, under no_grad) the layers go through the custom operators:
+    the trace then computes each new input's output, instead of returning the tracing
+    input's output baked in as a constant."""
+    layer = (gt.LocallyConnected2d(3, 4, 3, input_size=8) if local
+             else gt.Conv2d(3, 4, 3)).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, torch.randn(1, 3, 8, 8, generator=g))
+        x = torch.randn(1, 3, 8, 8, generator=g)
+        torch.testing.assert_close(traced(x), layer(x))
+    assert "gpuconv::" in str(traced.graph)

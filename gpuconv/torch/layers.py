@@ -260,15 +260,17 @@ def _explicit_geometry(kernel, stride, padding, dilation, groups):
 def _autocast(x, weight, bias):
     """Under ``torch.autocast`` on the tensors' device, the floating-point operands cast to
     the autocast dtype, as PyTorch's own convolution does (bfloat16 on the CPU, float16 or
-    bfloat16 on CUDA): half-precision storage, float32 accumulation inside the kernels. The
-    casts are recorded by autograd, so gradients reach the parameters in their own dtype."""
+    bfloat16 on CUDA): half-precision storage, float32 accumulation inside the kernels.
+    float64 operands stay float64, as PyTorch's autocast leaves them. The casts are
+    recorded by autograd, so gradients reach the parameters in their own dtype."""
     device_type = x.device.type if isinstance(x, Tensor) else None
     if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
         return x, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
 
     def cast(t):
-        if not isinstance(t, Tensor) or not t.is_floating_point() or t.dtype == dtype:
+        if (not isinstance(t, Tensor) or not t.is_floating_point() or t.dtype == dtype
+                or t.dtype == torch.float64):  # as PyTorch's autocast: float64 left alone
             return t
         return t.to(dtype)
     return cast(x), cast(weight), cast(bias)
@@ -303,7 +305,9 @@ _PLAIN = (Tensor, nn.Parameter)
 
 
 def _plain_eager(x, weight, bias):
-    if torch.compiler.is_compiling():
+    # compiled or traced (torch.jit.trace, the TorchScript ONNX export): the operators,
+    # which a graph records (the eager path's output would be baked in as a constant)
+    if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
         return False
     if type(x) is not Tensor or type(weight) not in _PLAIN or (
             bias is not None and type(bias) not in _PLAIN):
