@@ -75,7 +75,14 @@ def train_step(model, optimizer, x, labels):
 def run(rank, world_size, args, init_method):
     """One process: join the group, train ``args.steps`` steps on its share of each batch."""
     dtype = getattr(torch, args.dtype)
-    backend = args.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    # processes this script spawns itself share one machine's CPUs (gloo); under torchrun
+    # (LOCAL_RANK set) each takes a GPU where there are GPUs
+    spawned = "LOCAL_RANK" not in os.environ
+    backend = args.backend or ("nccl" if torch.cuda.is_available() and not spawned else "gloo")
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if backend == "nccl" and local_ranks > torch.cuda.device_count():
+        raise SystemExit(f"nccl needs a GPU per process: {local_ranks} processes on this "
+                         f"machine, {torch.cuda.device_count()} GPUs (use --backend gloo)")
     if backend == "nccl":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
@@ -116,7 +123,8 @@ def parse_args(argv=None):
     parser.add_argument("--nproc", type=int, default=2,
                         help="processes to start when not run by torchrun (default 2)")
     parser.add_argument("--backend", choices=("gloo", "nccl"), default=None,
-                        help="default: nccl when a CUDA GPU is present, else gloo")
+                        help="default: nccl under torchrun where CUDA GPUs are present, "
+                             "else gloo (the processes --nproc spawns share the CPUs)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=16, help="global batch size")
     parser.add_argument("--lr", type=float, default=0.05)

@@ -67,3 +67,35 @@ def test_two_gloo_processes_step_like_one_process_on_the_whole_batch(tmp_path):
     for name, value in expected.items():
         assert not torch.equal(value, before[name]), f"{name} did not change"
         torch.testing.assert_close(got[name], value, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_spawned_processes_use_gloo_on_a_machine_with_one_gpu(monkeypatch):
+    """The README's ``--nproc 2`` run (gloo, 2 CPU processes) on a one-GPU machine: the
+    spawned ranks take gloo on the CPU, not nccl on GPUs 0 and 1 (invalid device ordinal);
+    nccl with more processes than GPUs stops with a clear message."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    seen = {}
+
+    def set_device(device):
+        if torch.device(device).index >= 1:
+            raise RuntimeError("CUDA error: invalid device ordinal")
+
+    class Stop(Exception):
+        pass
+
+    def init(backend, **kwargs):
+        seen["backend"] = backend
+        raise Stop
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(ddp_train.dist, "init_process_group", init)
+    monkeypatch.setattr(ddp_train, "set_threads", lambda *a, **k: None)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    args = ddp_train.parse_args(["--nproc", "2", "--steps", "1"])
+    with pytest.raises(Stop):
+        ddp_train.run(1, 2, args, "tcp://127.0.0.1:1")
+    assert seen["backend"] == "gloo"
+    with pytest.raises(SystemExit, match="nccl needs a GPU per process: 2 processes"):
+        ddp_train.run(1, 2, ddp_train.parse_args(["--backend", "nccl"]), "tcp://127.0.0.1:1")
