@@ -93,3 +93,59 @@ def test_call_steps_on_host_arrays():
     assert all(v > 0 for v in result["steps_us"].values()) and result["total_us"] > 0
     with pytest.raises(TypeError, match="takes 3 arrays"):
         percall.call_steps("conv2d", x, device="cpu")
+
+
+def test_overload_advice_offers_one_core_only_on_the_cpu():
+    machine = {"overloaded": True, "load_average_max": 20.0, "cores": 16, "device": "cpu"}
+    assert report._overload_warning(machine).endswith("--one-core (process CPU time)")
+    assert report._overload_warning(dict(machine, device="cuda")).endswith(
+        "rerun on an idle machine")
+
+
+def test_per_call_runs_gpuconv_on_the_benchmarked_device(monkeypatch):
+    """The per-call section times gpuconv on the device the run benchmarks: with "auto" a
+    GPU machine's ``--device cpu`` run would have timed CUDA calls on host arrays."""
+    import gpuconv
+
+    seen = []
+    for name in ("conv2d", "local_conv2d"):
+        real = getattr(gpuconv, name)
+        monkeypatch.setattr(gpuconv, name, lambda *a, _real=real, **k: (
+            seen.append(k.get("device", "auto")), _real(*a, **k))[1])
+    monkeypatch.setattr(percall, "QUICK_CALLS", 1)
+    monkeypatch.setattr(percall, "QUICK_BURSTS", 1)
+    monkeypatch.setattr(percall, "WARMUP", 0)
+    percall.measure("cpu", None, quick=True, shapes=(("t", (1, 1, 4, 4), 1, 3),))
+    assert seen and set(seen) == {"cpu"}, seen
+
+
+def test_warm_up_leaves_nothing_queued_on_a_gpu():
+    """On CUDA a call returns once queued: a 250 ms loop of them would queue about a
+    launch queue's depth of calls, run after the loop (each warm-up as long as a thousand
+    calls of a slow kernel). The warm-up waits for each call."""
+    class Queue:
+        kind = "cuda"
+        pending = most = 0
+
+        def synchronize(self):
+            self.most = max(self.most, self.pending)
+            self.pending = 0
+
+    backend = Queue()
+
+    def call():
+        backend.pending += 1
+
+    timing._warm_up(call, backend)
+    assert backend.most == 1
+
+
+def test_memory_budget_counts_what_pytorchs_allocator_holds_unused():
+    from types import SimpleNamespace
+
+    gb = 10**9
+    cuda = SimpleNamespace(mem_get_info=lambda *a: (40 * gb, 80 * gb),
+                           memory_reserved=lambda *a: 30 * gb,
+                           memory_allocated=lambda *a: 2 * gb)
+    backend = SimpleNamespace(kind="cuda", torch_cuda=True, torch=SimpleNamespace(cuda=cuda))
+    assert _bench_impls.available_memory(backend) == 68 * gb

@@ -190,7 +190,10 @@ def available_memory(backend):
     if backend.kind == "cuda":
         try:
             if backend.torch_cuda:
-                return int(backend.torch.cuda.mem_get_info()[0])
+                cuda = backend.torch.cuda
+                # the driver's free memory, plus what PyTorch's allocator holds unused
+                return int(cuda.mem_get_info()[0] + cuda.memory_reserved()
+                           - cuda.memory_allocated())
             from numba import cuda
             return int(cuda.current_context().get_memory_info().free)
         except Exception:

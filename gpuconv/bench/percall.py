@@ -68,12 +68,12 @@ def _arrays(shape, maps, k, device, torch, rng):
     return tensors, dev
 
 
-def _implementations(arrays, torch):
+def _implementations(arrays, torch, device):
     import gpuconv
 
     x, weight, local = arrays["x"], arrays["weight"], arrays["local"]
-    impls = [("gpuconv conv2d", lambda: gpuconv.conv2d(x, weight)),
-             ("gpuconv local_conv2d", lambda: gpuconv.local_conv2d(x, local))]
+    impls = [("gpuconv conv2d", lambda: gpuconv.conv2d(x, weight, device=device)),
+             ("gpuconv local_conv2d", lambda: gpuconv.local_conv2d(x, local, device=device))]
     if torch is not None:
         conv = torch.nn.functional.conv2d
         impls.append(("torch conv2d", lambda: conv(x, weight)))
@@ -85,6 +85,18 @@ def measure(device="cpu", torch=None, quick=False, shapes=SHAPES, seed=0):
     the module or None. Returns ``{"records": [...], "load": load_report(...), "method"}``,
     a record per (shape, implementation): ``median_us``, ``q1_us``, ``q3_us``, ``calls``
     and ``ratio_to_torch`` (median over torch conv2d's median)."""
+    tf32 = None
+    if device == "cuda" and torch is not None:  # float32 is float32, as in the main run
+        tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return _measure(device, torch, quick, shapes, seed)
+    finally:
+        if tf32 is not None:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _measure(device, torch, quick, shapes, seed):
     from .stats import summarize
 
     calls, bursts = (QUICK_CALLS, QUICK_BURSTS) if quick else (CALLS, BURSTS)
@@ -94,7 +106,7 @@ def measure(device="cpu", torch=None, quick=False, shapes=SHAPES, seed=0):
     records = []
     for name, shape, maps, k in shapes:
         arrays, _ = _arrays(shape, maps, k, device, torch, rng)
-        impls = _implementations(arrays, torch)
+        impls = _implementations(arrays, torch, device)
         times = {label: [] for label, _ in impls}
         for _ in range(bursts):
             for label, fn in impls:

@@ -11,10 +11,12 @@ def _overload_warning(machine):
     """A warning line for a run whose load exceeded the cores, or None."""
     if not machine.get("overloaded"):
         return None
+    # (--one-core times CPU threads: no help to a GPU run, whose host path waited)
+    rerun = ("rerun on an idle machine, or with --one-core (process CPU time)"
+             if machine.get("device", "cpu") == "cpu" else "rerun on an idle machine")
     return (f"WARNING: the load average reached {machine['load_average_max']} on "
             f"{machine['cores']} cores: other work competed for the cores, and these times "
-            "include waits for one (scheduler stalls), not only the kernels; rerun on an idle "
-            "machine, or with --one-core (process CPU time)")
+            f"include waits for one (scheduler stalls), not only the kernels; {rerun}")
 
 
 def _plural(count, noun):

@@ -195,9 +195,10 @@ def _warm_up(fn, backend):
     previous library's spinning threads to let go of the cores and this one's to wake."""
     start = time.perf_counter()
     fn()
+    backend.synchronize()  # on CUDA: one call at a time, nothing left queued
     while time.perf_counter() - start < WARMUP_S:
         fn()
-    backend.synchronize()
+        backend.synchronize()
 
 
 def _time_units(units, backend, repeat, bursts, progress):
