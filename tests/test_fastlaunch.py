@@ -579,3 +579,26 @@ def test_every_launch_fits_cudas_block_limits():
                     block += (1,) * (3 - len(block))
                     assert block[0] <= 1024 and block[1] <= 1024 and block[2] <= 64 \
                         and math.prod(block) <= 1024, (spec.name, geom, block)
+
+
+def test_numba_arrays_on_the_default_stream_share_one_stream_object(monkeypatch):
+    """numba-cuda makes a new default-stream object per ``cuda.default_stream()``, and
+    streams compare by identity: a call on Numba arrays (stream 0) must reuse one, or the
+    fast launch's per-launch-shape cache misses on every call."""
+    from gpuconv.cuda import launch
+
+    class NumbaArray:
+        __cuda_ndarray__ = True
+        stream = 0
+
+    monkeypatch.setattr(launch.cuda, "default_stream", lambda: object())
+    monkeypatch.setattr(launch, "simulator_enabled", lambda: False)
+    monkeypatch.setattr(launch, "_DEFAULT_STREAM", [])
+    monkeypatch.setattr(launch, "_STREAMS", {})
+    first = launch._stream_of(NumbaArray())
+    assert launch._stream_of(NumbaArray()) is first
+    assert launch._numba_stream(0, 0) is first and launch._numba_stream(None) is first
+    own = object()
+    array = NumbaArray()
+    array.stream = own  # an array bound to a stream of its own keeps it
+    assert launch._stream_of(array) is own

@@ -83,7 +83,7 @@ def _stream_of(obj, device=None, cai=None):
     """
     if _is_numba_device_array(obj):
         stream = getattr(obj, "stream", 0)
-        return stream if stream else cuda.default_stream()
+        return stream if stream else _default_stream()
     library = _library(obj)
     if library == "torch":
         handle = _torch_stream(obj, device)
@@ -140,6 +140,22 @@ def _torch_raw_stream(torch, torch_device, device):
 _STREAMS = {}
 
 
+_DEFAULT_STREAM = []
+
+
+def _default_stream():
+    """Numba's default stream, one object for every call: numba-cuda makes a new one per
+    ``cuda.default_stream()``, and streams compare by identity, so the fast launch's cache
+    (keyed on the stream) would miss on every call. Its handle, 0, names the default stream
+    in any context. (The simulator's streams are made afresh.)"""
+    if _DEFAULT_STREAM:
+        return _DEFAULT_STREAM[0]
+    stream = cuda.default_stream()
+    if not simulator_enabled():
+        _DEFAULT_STREAM.append(stream)
+    return stream
+
+
 def _numba_stream(handle, device=None):
     """The Numba stream object for a stream handle (0/None: the default stream; 1, 2: the
     legacy and per-thread default streams) on GPU ``device`` (None: the current one)."""
@@ -147,7 +163,7 @@ def _numba_stream(handle, device=None):
     stream = _STREAMS.get(key)
     if stream is None:
         if not handle:
-            stream = cuda.default_stream()
+            stream = _default_stream()
         elif handle == 1:
             stream = cuda.legacy_default_stream()
         elif handle == 2:
