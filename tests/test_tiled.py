@@ -471,3 +471,20 @@ def test_one_image_between_the_ends(tiling, geometry, device, poisoned_outputs):
     if tiles[0] * tiles[1] > 4 and device == "cpu":
         assert np.array_equal(y, gpuconv.local_conv2d(
             x, wl.astype(np.float32), bl.astype(np.float32), device=device, **kwargs))
+
+
+def test_bias_gradient_per_slot_sums_in_float64():
+    """The per-slot bias gradient sums a slot's positions without rounding between terms
+    (on CUDA its products are matrix products, which TF32 or half-precision reductions
+    would round): 1e8 + 1 - 1e8 in one slot is 1, not float32's 0."""
+    torch = pytest.importorskip("torch")
+    from gpuconv.torch import tiled
+
+    grad = torch.tensor([[[[1e8, 1.0, -1e8, 0.5]]]], dtype=torch.float32)  # (1, 1, 1, 4)
+    for tiling, expected in (("periodic", [[1e8 - 1e8 + 0.0, 1.0 + 0.5]]),
+                             ("blocks", [[1e8 + 1.0, -1e8 + 0.5]])):
+        got = tiled._bias_grad(grad, (1, 1, 2), (None, tiling))
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, torch.tensor([expected], dtype=torch.float32))
+    got = tiled._bias_grad(grad, (1, 1, 1), (None, "blocks"))
+    assert float(got) == 1.5

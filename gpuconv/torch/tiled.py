@@ -94,11 +94,15 @@ def _slot_matrix(size, tiles, tiling, like):
 
 def _bias_grad(grad, bias_shape, geometry):
     """The gradient of a bias per slot ``(C_out, T_h, T_w)``: each slot sums its positions
-    (a product with 0/1 matrices, deterministic on either device)."""
+    (a product with 0/1 matrices, deterministic on either device). The batch is summed
+    first, and the products taken, in float64: on CUDA the products are matrix products,
+    which TF32 (``torch.set_float32_matmul_precision("high")``) or half-precision
+    reductions would otherwise round."""
     tiling = geometry[-1]
-    rows = _slot_matrix(grad.shape[2], bias_shape[1], tiling, grad)
-    cols = _slot_matrix(grad.shape[3], bias_shape[2], tiling, grad)
-    return torch.einsum("noij,si,tj->ost", grad, rows, cols)
+    summed = grad.sum(0, dtype=torch.float64)
+    rows = _slot_matrix(grad.shape[2], bias_shape[1], tiling, summed)
+    cols = _slot_matrix(grad.shape[3], bias_shape[2], tiling, summed)
+    return torch.einsum("oij,si,tj->ost", summed, rows, cols).to(grad.dtype)
 
 
 _register_autograd((_tiled_conv2d_op, _tiled_conv2d_input_op, _tiled_conv2d_weight_op),
