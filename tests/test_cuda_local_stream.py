@@ -99,6 +99,24 @@ def test_forced_remainders_every_batch_and_dtype(batch, dtype):
 
 @pytest.mark.cuda
 @needs_cuda
+@pytest.mark.parametrize("batch", [2, 8])
+@pytest.mark.parametrize("maps, map_round", [(5, 5), (6, 3)])
+def test_map_counts_that_are_not_powers_of_two(batch, maps, map_round):
+    """5 maps a group (as the seed's conv2): one round of 5, or two of 3 whose last holds a
+    map past the group (its weights loaded from a valid row, its sums never stored)."""
+    from gpuconv.cuda import local_stream
+
+    geom = _geometry(batch, c_out=10)  # c_Og 5, K = 12 taps
+    config = local_stream.local_stream_launch(geom, np.float32, maps, 1, map_round, 1)
+    assert config.map_blocks == 1 and config.kernel.name.endswith(f"_m{maps}_v1_u{map_round}_w1")
+    rng = np.random.default_rng(60 + batch + maps)
+    x, w, b = _operands(rng, geom, np.float32, "channel")
+    y = _launch(config, x, w, b, geom, np.float32)
+    _assert_matches(y, x, w, b, geom, np.float32)
+
+
+@pytest.mark.cuda
+@needs_cuda
 @pytest.mark.parametrize("batch, bias_kind", [(2, None), (5, "channel"), (5, "position")])
 def test_several_warps_split_k_and_both_bias_kinds(batch, bias_kind):
     """K = 8 * 6 = 48 taps: two slabs of 32 (the second partial) on two warps."""

@@ -48,7 +48,7 @@ from .spec import (_COMPUTE, _SCALAR, KernelSpec, _array, _pow2_at_least, _renam
 
 __all__ = ["LocalStreamConfig", "local_stream_kernel", "local_stream_config",
            "local_stream_launch", "use_local_stream", "image_of_lane", "STREAM_MAX_BATCH",
-           "STREAM_TARGET_WARPS", "launch"]
+           "STREAM_TARGET_WARPS", "launch", "round_maps"]
 
 #: Largest batch the streaming kernel takes (the dispatcher's bound: beyond it the images'
 #: partial sums crowd out the loads in flight, and the batched GEMM keeps more images per
@@ -279,36 +279,54 @@ def use_local_stream(geom):
 def local_stream_config(geom, dtype):
     """Pick the specialisation and launch shape of the streaming kernel (pure, no GPU).
 
-    Maps per block: the group's maps up to 16 (a power of two; 8 in float64), so each input
-    value loaded serves that many weights; the weights of 4 maps per load round; 4 taps per
-    lane up to 4 images (float64: 2 images), else 3 (float64: 2), fewer where ``K <= 64``:
-    ``map_round * lane_taps`` loads in flight per thread, within the registers beside the
-    ``batch * lane_taps`` input values and ``map_round * batch`` partial sums (ptxas: no
-    spills on sm_80 and sm_90). Warps per block split ``K`` until the grid holds
-    :data:`STREAM_TARGET_WARPS` warps (at most 8, at most one per slab), and where that is
-    not enough the maps per block halve (down to 4); positions are grouped per block while
-    the grid would exceed a few waves.
+    Maps per block: the group's maps up to 16 (8 in float64), so each input value loaded
+    serves that many weights, taken in the fewest load rounds of at most
+    :func:`round_maps` maps, the rounds as even as they come (a block pads its maps to a
+    whole number of rounds: at 8 images 5 maps are one round of 5 and 10 two, 16 four
+    rounds of 4; at 1 or 2 images 5 maps are one round of 5, 10 and 16 two rounds of 8);
+    4 taps per lane up to 4 images (float64: 2 images), else 3 (float64: 2), fewer where
+    ``K <= 96``: ``map_round * lane_taps`` loads in flight per thread, within the
+    registers beside the ``batch * lane_taps`` input values and ``map_round * batch``
+    partial sums (ptxas: no spills on sm_80 and sm_90). Warps per block split ``K`` until
+    the grid holds :data:`STREAM_TARGET_WARPS` warps (at most 8, at most one per slab), and
+    where that is not enough the maps per block halve (down to 4 or fewer); positions are
+    grouped per block while the grid would exceed a few waves.
     """
     if not use_local_stream(geom):
         raise ValueError(f"the streaming local_conv2d takes 1 to {STREAM_MAX_BATCH} images, "
                          f"got batch {geom.batch}")
     code = dtype_code(dtype)
     wide = compute_code(code) == "f32"
-    c_og = geom.out_channels_per_group
-    maps = _pow2_at_least(c_og, 16 if wide else 8)
     k_len = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
     # Registers: batch * taps input values, map_round * taps weights and map_round * batch
     # partial sums beside the addresses, within the launch bounds without spills (ptxas).
     taps = 4 if geom.batch <= 4 and (wide or geom.batch <= 2) else 3 if wide else 2
-    # (a slab of up to 64 taps past K costs predicated-off loads only: shorter slabs for
-    # K <= 64 alone, which also keeps ptxas clear of spills on the seed layers)
-    lane_taps = taps if k_len > 64 else max(1, min(taps, -(-k_len // 32)))
+    # (no more taps a lane than K fills: 3 for the seed's K of 75 and 90, whose fourth
+    # would be predicated off in every lane and only hold registers)
+    lane_taps = max(1, min(taps, -(-k_len // 32)))
+    per_round = round_maps(geom.batch, dtype)
+    wanted = min(geom.out_channels_per_group, 16 if wide else 8)
     config = None
     while config is None or (config.maps > 4 and _warps(config) < STREAM_TARGET_WARPS):
-        maps = maps if config is None else config.maps // 2
-        map_round = min(maps, 4)
-        config = local_stream_launch(geom, dtype, maps, lane_taps, map_round)
+        if config is not None:
+            wanted = -(-config.maps // 2)
+        rounds = -(-wanted // per_round)
+        # rounds as even as they come, but in whole rounds of 8 at up to 2 images (ptxas
+        # spilled 10 maps in two rounds of 5 there)
+        map_round = per_round if rounds > 1 and per_round == 8 else -(-wanted // rounds)
+        config = local_stream_launch(geom, dtype, map_round * rounds, lane_taps, map_round)
     return config
+
+
+def round_maps(batch, dtype):
+    """The most maps whose weights one load round of the streaming kernel loads: 8 up to 2
+    images, 4 at 3 and 4 (4 taps a lane), 5 beyond (3 taps a lane; float64: 4 always), the
+    weights of a round being ``map_round * lane_taps`` loads in flight per thread beside its
+    ``map_round * batch`` partial sums (ptxas: no spills on sm_80 and sm_90 across the
+    default suite; 5 maps of 4 taps at 4 images spilled in float16)."""
+    if compute_code(dtype_code(dtype)) != "f32":
+        return 4
+    return 8 if batch <= 2 else 4 if batch <= 4 else 5
 
 
 def _warps(config):
