@@ -51,7 +51,11 @@ on an H200 with JIT compilation included.
     model. The staging rounds' loads in flight, raised on the model's word alone, are timed
     at both counts (:data:`EARLIER_LOADS`): the local forward's batched GEMM where it is the
     pick, and the local input gradient's gather on :data:`LOADS_LAYERS`; a line each gives
-    the measured ratio beside the predicted one. Then
+    the measured ratio beside the predicted one. The small batches' weight-streaming kernel
+    on every layer at batches 8 and 1, each launch timed alone with L2 emptied first, as a
+    share of a device copy's rate measured in the same run (the target: 70 %), beside the
+    model's share; on a few layers also under the earlier map rule
+    (:func:`earlier_stream_config`). Then
     ``gpuconv.set_autotune(True)`` as a user turns it on, on the last layer: the choice it
     makes, checked against the reference.
 11. ``array-kinds`` -- torch, CuPy, Numba and NumPy arrays in and out, a side stream,
@@ -106,7 +110,8 @@ import numpy as np  # noqa: E402
 
 from gpuconv import bench, workloads  # noqa: E402
 from gpuconv.bench import peers  # noqa: E402
-from gpuconv.bench.stats import reduction_terms, tolerance, within_tolerance  # noqa: E402
+from gpuconv.bench.stats import (min_bytes, reduction_terms, tolerance,  # noqa: E402
+                                  within_tolerance)
 from gpuconv.geometry import conv_geometry  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -314,6 +319,53 @@ _EARLIER_SUFFIXES = (f"_x{EARLIER_LOADS}", f"_g{EARLIER_LOADS}")
 #: few-map layer and a DeepFace one: the model predicts 1.40x and 1.50x from the count).
 LOADS_LAYERS = ("seed-conv2", "deepface-l4")
 
+#: Batches at which the ``candidates`` phase times the weight-streaming local forward on
+#: every layer, against the device-to-device copy rate measured in the same run (the
+#: target: at least 70 % of it at batches up to 8).
+STREAM_TIMED_BATCHES = (8, 1)
+#: ``(layer, batch)`` where the streaming kernel is also timed under the map rule before
+#: exact map counts and rounds of up to 8 maps (:func:`earlier_stream_config`): the seed's
+#: layers (5 and 10 maps), where the rule changed most (predicted 1.04x to 1.4x).
+STREAM_RULE_CASES = (("seed-conv1", 8), ("seed-conv2", 8), ("seed-conv1", 1),
+                     ("seed-conv2", 1))
+
+
+def earlier_stream_config(geom, dtype):
+    """The streaming kernel's configuration under the earlier map rule: maps per block the
+    group's padded to a power of two (at most 16; float64 8), loaded 4 maps a round (so 5
+    maps ran as 8, 10 as 12), halved while the grid is short of warps."""
+    from gpuconv.cuda import local_stream
+    from gpuconv.cuda.spec import _pow2_at_least, compute_code, dtype_code
+
+    config = local_stream.local_stream_config(geom, dtype)  # the taps per lane it keeps
+    wide = compute_code(dtype_code(dtype)) == "f32"
+    maps = _pow2_at_least(geom.out_channels_per_group, 16 if wide else 8)
+    earlier = None
+    while earlier is None or (earlier.maps > 4 and local_stream._warps(earlier)
+                              < local_stream.STREAM_TARGET_WARPS):
+        maps = maps if earlier is None else earlier.maps // 2
+        earlier = local_stream.local_stream_launch(geom, dtype, maps, config.lane_taps,
+                                                   min(maps, 4))
+    return earlier
+
+
+def stream_items(layers, dry_run=False):
+    """``[(layer, op, geometry, configs)]`` of the streaming kernels the ``candidates``
+    phase times: each layer at each of :data:`STREAM_TIMED_BATCHES` (a dry run: the first
+    layer at batch 1), the dispatcher's pick, and on :data:`STREAM_RULE_CASES` (a dry run:
+    always) the earlier map rule's configuration beside it where it differs."""
+    cases = ([(layers[0], 1)] if dry_run else
+             [(layer, b) for b in STREAM_TIMED_BATCHES for layer in layers])
+    items = []
+    for layer, batch in cases:
+        geom = layer.geometry(batch)
+        configs = [_picked("local_conv2d", geom)]
+        earlier = earlier_stream_config(geom, np.float32)
+        if (dry_run or (layer.name, batch) in STREAM_RULE_CASES) and earlier != configs[0]:
+            configs.append(earlier)
+        items.append((layer, "local_conv2d", geom, configs))
+    return items
+
 
 def candidate_items(layers, dry_run=False):
     """``[(layer, op, geometry, configs)]``: each layer at its GPU batch, each forward
@@ -324,7 +376,7 @@ def candidate_items(layers, dry_run=False):
     gradient columns (64 maps a group: ResNet-50 res2), the columns path (the pick) beside
     the batched-GEMM gather (``local_conv2d_input``; the budget holds one such layer); on
     :data:`LOADS_LAYERS` where the gather is the pick, the gather beside the same launch
-    with :data:`EARLIER_LOADS` gy loads a round."""
+    with :data:`EARLIER_LOADS` gy loads a round; then :func:`stream_items`."""
     from gpuconv.cuda import kernels
 
     from gpuconv.cuda import local_grad_gemm, local_grad_positions
@@ -352,7 +404,7 @@ def candidate_items(layers, dry_run=False):
             except ValueError:  # a stage the gather cannot hold: nothing to weigh
                 continue
             items.append((layer, "local_conv2d_input", geom, [picked, gather]))
-    return items
+    return items + stream_items(layers, dry_run)
 
 
 def suite_layers(dry_run=False, quick=False):
@@ -1170,6 +1222,44 @@ def _blocker():
     return _BLOCKER["kernel"]
 
 
+def _cold_times(torch, stream, launch, launches=9):
+    """GPU milliseconds of ``launches`` calls of ``launch()``, each alone between two events
+    after a write of twice the L2 cache (so its operands come from DRAM, as a layer's
+    weights do in a network), all queued behind :func:`_blocker` on ``stream`` (PyTorch's
+    current stream, where the write goes too)."""
+    from numba import cuda
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    l2 = int(getattr(props, "L2_cache_size", 0) or 64 << 20)
+    flush = torch.empty(2 * l2 // 4, dtype=torch.float32, device="cuda")
+    events = [(cuda.event(), cuda.event()) for _ in range(launches)]
+    _blocker()[1, 1, stream](2 + launches // 4)
+    for start, end in events:
+        flush.fill_(1.0)
+        start.record(stream)
+        launch()
+        end.record(stream)
+    events[-1][1].synchronize()
+    return [cuda.event_elapsed_time(start, end) for start, end in events]
+
+
+def copy_rate(torch, size=512 << 20, rounds=5):
+    """Bytes a second (read + write) of a device-to-device copy of ``size`` bytes, far
+    beyond L2: the median of ``rounds`` copies timed by CUDA events, after one untimed."""
+    src = torch.ones(size // 4, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * size / float(np.median(times))
+
+
 def _torch_scratch(torch):
     """An ``empty(shape, dtype)`` for the launchers that takes scratch from PyTorch's pool, so
     a timed launch frees nothing (a cudaFree would synchronise the device)."""
@@ -1231,17 +1321,23 @@ def check_candidates(target, layer, op, geom, configs, timed=True, rounds=3, dev
     last image against the float64 PyTorch reference, and, when ``timed``, its GPU time back
     to back (CUDA events around ``reps`` launches queued behind :func:`_blocker`, the median
     of ``rounds``) beside the model's prediction (:func:`gpuconv.cuda.predict.forward_rows`,
-    :func:`gpuconv.cuda.predict.local_input_grad_rows`, registers as compiled here). One
-    result per configuration."""
+    :func:`gpuconv.cuda.predict.local_input_grad_rows`, registers as compiled here). The
+    weight-streaming kernels (small batches, which read each weight once per call) are
+    timed instead one launch at a time with L2 emptied before each (:func:`_cold_times`):
+    back to back, a layer whose weights fit in L2 would be timed at L2's rate. One result
+    per configuration, with the fewest bytes a forward moves (``min_bytes``)."""
     from numba import cuda
 
     from gpuconv.cuda import predict
     from gpuconv.cuda.ptx import PtxasInfo
 
+    from gpuconv.cuda import local_stream
+
     torch = target.torch
     device = device or predict.H200
     picked = _picked(op, geom)
     grad = op == "local_conv2d_input"
+    cold = any(isinstance(c, local_stream.LocalStreamConfig) for c in configs)
     forward = "local_conv2d" if grad else op
     x, w, b, gy = _inputs(target, geom, forward, "channel", seed=geom.batch + len(op))
     ends = [0, geom.batch - 1] if geom.batch > 1 else [0]
@@ -1303,7 +1399,14 @@ def check_candidates(target, layer, op, geom, configs, timed=True, rounds=3, dev
             entry["predicted_ms"] = (None if None in predicted
                                      else 1e3 * sum(predicted))
             entry["bound"] = rows[0].bound
-            if timed and not target.dry_run:
+            if not grad:
+                entry["min_bytes"] = min_bytes(op, geom, 4)
+            if timed and cold and not target.dry_run:
+                times = _cold_times(torch, stream, lambda: _launch_candidate(
+                    op, config, args, out, geom, stream, scratch))
+                entry.update(measured_ms=float(np.median(times)), reps=len(times),
+                             timing="cold L2")
+            elif timed and not target.dry_run:
                 guess = entry["predicted_ms"] or 1.0
                 reps = max(3, min(30, int(3.0 / max(guess, 1e-3))))
                 times = []
@@ -1422,6 +1525,56 @@ def loads_lines(results):
                          f"{earlier['measured_ms']:.3f} ms: measured "
                          f"{earlier['measured_ms'] / now['measured_ms']:.2f}x, predicted "
                          f"{predicted}")
+    return lines
+
+
+def stream_lines(results, copy_bytes_per_s, device):
+    """The weight-streaming kernels' lines: per layer and batch the pick's time (cold L2)
+    as a share of the copy rate measured in this run (the fewest bytes the forward moves
+    over its time), beside the model's share of ``device``'s copy rate; per
+    :data:`STREAM_RULE_CASES` the earlier map rule's time beside it, measured and predicted
+    ratios; and a count of the cases at 70 % or more."""
+    lines, met, timed = [], 0, 0
+    by_case = {}
+    for r in results:
+        if r["kernel"].startswith("local_conv2d_stream"):
+            by_case.setdefault(r["case"], []).append(r)
+    for case, rows in by_case.items():
+        pick = next((r for r in rows if r.get("picked")), None)
+        if pick is None or not (pick.get("ok") and pick.get("measured_ms")):
+            lines.append(f"small batch {case}: the streaming kernel was not checked and timed")
+            continue
+        seconds = pick["measured_ms"] / 1e3
+        share = pick["min_bytes"] / seconds / (copy_bytes_per_s or math.nan)
+        timed += 1
+        met += share >= 0.7
+        predicted = "-"
+        if pick.get("predicted_ms"):
+            rate = pick["min_bytes"] / (pick["predicted_ms"] / 1e3)
+            predicted = (f"{pick['predicted_ms']:.3f} ms, "
+                         f"{rate / device.copy_bytes_per_s:.0%} of the {device.name}'s")
+        measured = (f"{share:.0%} of the copy rate measured here "
+                    f"({copy_bytes_per_s / 1e12:.2f} TB/s)" if copy_bytes_per_s
+                    else "the copy rate not measured")
+        lines.append(f"small batch {case}: `{pick['kernel']}` {pick['measured_ms']:.3f} ms "
+                     f"(cold L2), {measured}; predicted {predicted}")
+        for earlier in rows:
+            if earlier is pick:
+                continue
+            if not (earlier.get("ok") and earlier.get("measured_ms")):
+                lines.append(f"map rule {case}: `{earlier['kernel']}` (earlier rule) was not "
+                             "checked and timed")
+                continue
+            ratio = "-"
+            if pick.get("predicted_ms") and earlier.get("predicted_ms"):
+                ratio = f"{earlier['predicted_ms'] / pick['predicted_ms']:.2f}x"
+            lines.append(f"map rule {case}: `{pick['kernel']}` {pick['measured_ms']:.3f} ms, "
+                         f"earlier rule `{earlier['kernel']}` {earlier['measured_ms']:.3f} ms: "
+                         f"measured {earlier['measured_ms'] / pick['measured_ms']:.2f}x, "
+                         f"predicted {ratio}")
+    if timed:
+        lines.append(f"small batches: {met} of {timed} layer-batches at 70 % or more of the "
+                     "copy rate (the target: all)")
     return lines
 
 
@@ -1781,8 +1934,16 @@ def _run_phase(run, name, target, gpuconv, layers):
         device = predict.H200
         if not args.dry_run:
             device = predict.device_named(torch.cuda.get_device_name())
+        copy_bytes_per_s = None
+        if not args.dry_run:
+            try:
+                copy_bytes_per_s = copy_rate(torch)
+            except Exception as exc:  # the streaming kernels are then timed, not shared out
+                run.say(f"candidates: the copy rate was not measured ({type(exc).__name__}: "
+                        f"{exc})"[:300], summary=True)
         _items_loop(run, name, candidate_items(layers, args.dry_run),
                     lambda item: check_candidates(target, *item, device=device))
+        run.report["phases"][name]["copy_bytes_per_s"] = copy_bytes_per_s
         lines, verdicts = candidate_lines(run.report["phases"][name]["results"])
         # autotuning, as a user turns it on, on the last layer (its candidates compiled)
         tuned = [r for op in FORWARD_OPS for r in check_autotune(
@@ -1805,7 +1966,9 @@ def _run_phase(run, name, target, gpuconv, layers):
         run.say(f"candidates: predictions for the {device.name}")
         for line in lines:
             run.say(line)
-        for line in verdicts + loads_lines(run.report["phases"][name]["results"]):
+        results = run.report["phases"][name]["results"]
+        for line in (verdicts + loads_lines(results)
+                     + stream_lines(results, copy_bytes_per_s, device)):
             run.say(line, summary=True)
     elif name == "array-kinds":
         start = time.perf_counter()

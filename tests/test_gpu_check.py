@@ -178,6 +178,10 @@ def test_candidates_are_every_forward_choice_with_the_pick_among_them(gpu_check)
     code = "sim" if SIMULATOR else "f32"
     layers = gpu_check.suite_layers()
     items = gpu_check.candidate_items(layers)
+    # (the small batches' streaming kernels come last: test_stream_items_...)
+    streams = gpu_check.stream_items(layers)
+    assert items[-len(streams):] == streams
+    items = items[:-len(streams)]
     # ... the local input gradient on the layer at the edge of the columns rule, and on the
     # layers whose gather is timed at both load counts
     edge = [lay for lay in layers if lay.out_channels == 64]
@@ -229,6 +233,70 @@ def test_candidates_are_every_forward_choice_with_the_pick_among_them(gpu_check)
     assert isinstance(configs[0], local_stream.LocalStreamConfig)
     with pytest.raises(ValueError, match="op must be"):
         kernels.forward_candidates("conv3d", small, np.float32)
+
+
+def test_stream_items_time_every_layer_at_both_ends_and_the_earlier_rule(gpu_check):
+    """The streaming kernel on every suite layer at batches 8 and 1, the dispatcher's pick
+    first; under the earlier map rule beside it on the cases named, where it differs (and
+    there it does: the seed's 5 and 10 maps ran as 8 and 16, in rounds of 4)."""
+    from gpuconv.cuda import kernels, local_stream
+
+    layers = gpu_check.suite_layers()
+    items = gpu_check.stream_items(layers)
+    assert [(i[0].name, i[2].batch) for i in items] == [
+        (lay.name, b) for b in gpu_check.STREAM_TIMED_BATCHES for lay in layers]
+    for layer, op, geom, configs in items:
+        assert op == "local_conv2d"
+        assert configs[0] == kernels.local_conv2d_forward_config(geom, np.float32)
+        assert all(isinstance(c, local_stream.LocalStreamConfig) for c in configs)
+        if (layer.name, geom.batch) in gpu_check.STREAM_RULE_CASES:
+            assert len(configs) == 2 and configs[1] != configs[0]
+        else:
+            assert len(configs) == 1
+    earlier = {(lay.name, g.batch): c[-1] for lay, _, g, c in items}
+    assert (earlier["seed-conv2", 8].maps, earlier["seed-conv2", 8].map_round) == (8, 4)
+    assert (earlier["seed-conv1", 8].maps, earlier["seed-conv1", 8].map_round) == (16, 4)
+    assert (earlier["seed-conv1", 1].maps, earlier["seed-conv1", 1].map_round) == (16, 4)
+    pick = {(lay.name, g.batch): c[0] for lay, _, g, c in items}
+    assert (pick["seed-conv2", 8].maps, pick["seed-conv2", 8].map_round) == (5, 5)
+    assert (pick["seed-conv1", 8].maps, pick["seed-conv1", 8].map_round) == (10, 5)
+    assert (pick["deepface-l5", 1].maps, pick["deepface-l5", 1].map_round) == (16, 8)
+    assert (pick["seed-conv2", 1].maps, pick["seed-conv2", 1].lane_taps) == (5, 3)
+    # where the rules agree (16 maps at batch 8) the earlier one gives the same launch
+    vgg = workloads.LAYERS["vgg16-conv5_1"].geometry(8)
+    assert gpu_check.earlier_stream_config(vgg, np.float32) == \
+        local_stream.local_stream_config(vgg, np.float32)
+    (dry,) = gpu_check.stream_items(gpu_check.suite_layers(dry_run=True), dry_run=True)
+    assert dry[2].batch == 1 and len(dry[3]) == 2
+
+
+def test_stream_lines_give_the_share_of_the_copy_rate(gpu_check):
+    from gpuconv.cuda import predict
+
+    def row(kernel, picked, predicted, measured, case="l@8", ok=True):
+        return {"case": case, "function": "local_conv2d", "kernel": kernel, "ok": ok,
+                "picked": picked, "predicted_ms": predicted, "measured_ms": measured,
+                "min_bytes": 3e9}
+
+    rate = 4e12  # bytes a second: 3 GB in 1 ms is 75 % of it
+    results = [row("local_conv2d_stream_a", True, 0.9, 1.0),
+               row("local_conv2d_stream_b", False, 1.8, 1.5),
+               row("local_gemm_c", False, 0.5, 0.4),  # not a streaming kernel: not here
+               row("local_conv2d_stream_a", True, 1.0, 2.0, case="l@1"),
+               row("local_conv2d_stream_a", True, 1.0, None, case="m@1")]
+    lines = gpu_check.stream_lines(results, rate, predict.H200)
+    share = 3e9 / 0.9e-3 / predict.H200.copy_bytes_per_s
+    assert lines == [
+        "small batch l@8: `local_conv2d_stream_a` 1.000 ms (cold L2), 75% of the copy rate "
+        f"measured here (4.00 TB/s); predicted 0.900 ms, {share:.0%} of the H200's",
+        "map rule l@8: `local_conv2d_stream_a` 1.000 ms, earlier rule `local_conv2d_stream_b` "
+        "1.500 ms: measured 1.50x, predicted 2.00x",
+        "small batch l@1: `local_conv2d_stream_a` 2.000 ms (cold L2), 38% of the copy rate "
+        "measured here (4.00 TB/s); predicted 1.000 ms, "
+        f"{3e9 / 1e-3 / predict.H200.copy_bytes_per_s:.0%} of the H200's",
+        "small batch m@1: the streaming kernel was not checked and timed",
+        "small batches: 1 of 2 layer-batches at 70 % or more of the copy rate (the target: "
+        "all)"]
 
 
 def launch_input_grad_config(geom):
@@ -600,7 +668,11 @@ def test_dry_run_runs_every_phase(gpu_check, tmp_path):
     candidates = phases["candidates"]["results"]
     assert {r["kernel"].split("_f32")[0] for r in candidates} == {
         "conv2d", "conv2d_gemm", "local_conv2d", "local_conv2d_gemm", "local_conv2d_stream"}
-    assert sum(r["picked"] for r in candidates) == 2 * len(DRY_LAYER_NAMES)
+    # (and the first layer's streaming kernel at batch 1 under both map rules)
+    assert sum(r["picked"] for r in candidates) == 2 * len(DRY_LAYER_NAMES) + 1
+    streams = [r for r in candidates if r["case"] == "dry-a@1"]
+    assert [r["picked"] for r in streams] == [True, False] and all(r["ok"] for r in streams)
+    assert all(r["min_bytes"] > 0 for r in streams)
     # and autotuning, turned on as a user does, chose among them
     tuned = phases["candidates"]["autotune"]
     assert [r["function"] for r in tuned] == ["conv2d", "local_conv2d"]
@@ -621,3 +693,85 @@ PHASES_AFTER_ENV = ("suite", "suite-gradients", "multipass", "determinism", "mem
                     "time-forward", "overhead", "time-backward", "time-step", "candidates",
                     "array-kinds",
                     "grid", "time-float16", "racecheck", "synccheck")
+
+
+def test_cold_times_empty_l2_before_each_launch_and_time_it_alone(gpu_check, monkeypatch):
+    """The streaming kernels' timing (GPU only, so checked with stand-ins): behind the
+    sleeping kernel, each launch follows a write of twice L2 and sits alone between its
+    two events; one result per launch."""
+    from types import SimpleNamespace
+
+    from numba import cuda
+
+    log = []
+
+    class Event:
+        def record(self, stream):
+            log.append(("record", stream))
+
+        def synchronize(self):
+            log.append("wait")
+
+    class Flush:
+        def __init__(self, n):
+            self.n = n
+
+        def fill_(self, value):
+            log.append(("flush", self.n))
+
+    class Blocker:
+        def __getitem__(self, launch):
+            return lambda ms: log.append(("blocker", launch))
+
+    monkeypatch.setattr(cuda, "event", lambda *a, **k: Event(), raising=False)
+    monkeypatch.setattr(cuda, "event_elapsed_time", lambda start, end: 0.25, raising=False)
+    monkeypatch.setattr(gpu_check, "_blocker", Blocker)
+    torch = SimpleNamespace(
+        float32="float32", empty=lambda n, dtype, device: Flush(n),
+        cuda=SimpleNamespace(current_device=lambda: 0,
+                             get_device_properties=lambda d: SimpleNamespace(L2_cache_size=4096)))
+    times = gpu_check._cold_times(torch, "s", lambda: log.append("launch"), launches=2)
+    assert times == [0.25, 0.25]
+    each = [("flush", 2 * 4096 // 4), ("record", "s"), "launch", ("record", "s")]
+    assert log == [("blocker", (1, 1, "s"))] + each * 2 + ["wait"]
+
+
+def test_copy_rate_counts_the_read_and_the_write(gpu_check):
+    from types import SimpleNamespace
+
+    copies = []
+
+    class Tensor:
+        def copy_(self, other):
+            copies.append(other)
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return 2.0  # milliseconds
+
+    torch = SimpleNamespace(float32="float32", ones=lambda n, dtype, device: Tensor(),
+                            empty_like=lambda t: Tensor(), cuda=SimpleNamespace(Event=Event))
+    assert gpu_check.copy_rate(torch, size=4 << 20, rounds=3) == 2 * (4 << 20) / 2e-3
+    assert len(copies) == 4  # one untimed, three timed
+
+
+def test_stream_lines_without_a_copy_rate(gpu_check):
+    from gpuconv.cuda import predict
+
+    row = {"case": "l@8", "function": "local_conv2d", "kernel": "local_conv2d_stream_a",
+           "ok": True, "picked": True, "predicted_ms": None, "measured_ms": 1.0,
+           "min_bytes": 3e9}
+    assert gpu_check.stream_lines([row], None, predict.H200) == [
+        "small batch l@8: `local_conv2d_stream_a` 1.000 ms (cold L2), the copy rate not "
+        "measured; predicted -",
+        "small batches: 0 of 1 layer-batches at 70 % or more of the copy rate (the target: "
+        "all)"]
