@@ -333,18 +333,21 @@ STREAM_RULE_CASES = (("seed-conv1", 8), ("seed-conv2", 8), ("seed-conv1", 1),
 def earlier_stream_config(geom, dtype):
     """The streaming kernel's configuration under the earlier map rule: maps per block the
     group's padded to a power of two (at most 16; float64 8), loaded 4 maps a round (so 5
-    maps ran as 8, 10 as 12), halved while the grid is short of warps."""
+    maps ran as 8, 10 as 12), halved while the grid is short of warps; 4 taps a lane up to
+    4 images wherever ``K > 64`` (the seed's 75 and 90 too)."""
     from gpuconv.cuda import local_stream
     from gpuconv.cuda.spec import _pow2_at_least, compute_code, dtype_code
 
-    config = local_stream.local_stream_config(geom, dtype)  # the taps per lane it keeps
     wide = compute_code(dtype_code(dtype)) == "f32"
+    k_len = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
+    taps = 4 if geom.batch <= 4 and (wide or geom.batch <= 2) else 3 if wide else 2
+    lane_taps = taps if k_len > 64 else max(1, min(taps, -(-k_len // 32)))
     maps = _pow2_at_least(geom.out_channels_per_group, 16 if wide else 8)
     earlier = None
     while earlier is None or (earlier.maps > 4 and local_stream._warps(earlier)
                               < local_stream.STREAM_TARGET_WARPS):
         maps = maps if earlier is None else earlier.maps // 2
-        earlier = local_stream.local_stream_launch(geom, dtype, maps, config.lane_taps,
+        earlier = local_stream.local_stream_launch(geom, dtype, maps, lane_taps,
                                                    min(maps, 4))
     return earlier
 

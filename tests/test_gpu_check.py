@@ -257,6 +257,8 @@ def test_stream_items_time_every_layer_at_both_ends_and_the_earlier_rule(gpu_che
     assert (earlier["seed-conv2", 8].maps, earlier["seed-conv2", 8].map_round) == (8, 4)
     assert (earlier["seed-conv1", 8].maps, earlier["seed-conv1", 8].map_round) == (16, 4)
     assert (earlier["seed-conv1", 1].maps, earlier["seed-conv1", 1].map_round) == (16, 4)
+    assert earlier["seed-conv1", 1].kernel.name.endswith("_n1_m16_v4_u4_w1")  # as it was
+    assert earlier["seed-conv2", 8].kernel.name.endswith("_n8_m8_v3_u4_w1")
     pick = {(lay.name, g.batch): c[0] for lay, _, g, c in items}
     assert (pick["seed-conv2", 8].maps, pick["seed-conv2", 8].map_round) == (5, 5)
     assert (pick["seed-conv1", 8].maps, pick["seed-conv1", 8].map_round) == (10, 5)
