@@ -220,6 +220,25 @@ def test_lanes_hold_each_image_once_after_the_butterfly():
         assert all(images.count(i) == 32 // padded for i in range(padded))
 
 
+def test_images_of_2_31_elements_go_to_the_batched_gemm():
+    """The streaming kernel steps between images in 32 bits: a batch of images of 2**31
+    elements or more goes to the batched GEMM (64-bit input offsets), or is refused with a
+    clear error where that cannot index the weights either."""
+    from gpuconv.cuda import kernels, launch as _cuda, local_stream
+
+    big = 46341  # 46341**2 > 2**31 - 1
+    geom = conv_geometry((2, 1, big, big), (1, 1), 1, stride=2)
+    assert not local_stream.use_local_stream(geom)
+    assert isinstance(_cuda.local_conv2d_forward_config(geom, np.float32),
+                      kernels.LocalConv2dConfig)
+    assert local_stream.use_local_stream(conv_geometry((2, 1, 46340, 46340), (1, 1), 1))
+    with pytest.raises(ValueError, match="fewer than 2\\*\\*31 elements"):
+        local_stream.local_stream_config(geom, np.float32)
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        _cuda.local_conv2d_forward_config(conv_geometry((2, 1, big, big), (1, 1), 1),
+                                          np.float32)
+
+
 def test_streaming_refuses_large_batches():
     from gpuconv.cuda import local_stream
 

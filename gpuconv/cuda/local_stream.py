@@ -272,8 +272,10 @@ class LocalStreamConfig(NamedTuple):
 
 def use_local_stream(geom):
     """True where the dispatcher picks the streaming kernel: batches of 1 to
-    :data:`STREAM_MAX_BATCH` images."""
-    return 1 <= geom.batch <= STREAM_MAX_BATCH
+    :data:`STREAM_MAX_BATCH` images of fewer than ``2**31`` elements each (the kernel steps
+    from image to image in 32 bits; the batched GEMM takes larger images)."""
+    image = geom.in_channels * geom.in_height * geom.in_width
+    return 1 <= geom.batch <= STREAM_MAX_BATCH and image < 2**31
 
 
 def local_stream_config(geom, dtype):
@@ -293,8 +295,9 @@ def local_stream_config(geom, dtype):
     grouped per block while the grid would exceed a few waves.
     """
     if not use_local_stream(geom):
-        raise ValueError(f"the streaming local_conv2d takes 1 to {STREAM_MAX_BATCH} images, "
-                         f"got batch {geom.batch}")
+        raise ValueError(f"the streaming local_conv2d takes 1 to {STREAM_MAX_BATCH} images "
+                         f"of fewer than 2**31 elements, got batch {geom.batch} of "
+                         f"{geom.in_channels * geom.in_height * geom.in_width}")
     code = dtype_code(dtype)
     wide = compute_code(code) == "f32"
     k_len = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
