@@ -602,3 +602,38 @@ def test_numba_arrays_on_the_default_stream_share_one_stream_object(monkeypatch)
     array = NumbaArray()
     array.stream = own  # an array bound to a stream of its own keeps it
     assert launch._stream_of(array) is own
+
+
+def test_a_numba_array_on_another_gpu_is_launched_there(monkeypatch):
+    """A Numba device array says its GPU through its memory's context (it has no dlpack
+    device): a call on arrays of GPU 1 while GPU 0 is current runs on GPU 1, and one mixing
+    GPUs is refused, instead of launching GPU 1's pointers in GPU 0's context."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from gpuconv.cuda import launch
+
+    def numba_array(device):
+        return SimpleNamespace(__cuda_ndarray__=True, gpu_data=SimpleNamespace(
+            context=SimpleNamespace(device=SimpleNamespace(id=device))))
+
+    entered, ran = [], []
+
+    class Gpus:
+        def __getitem__(self, device):
+            entered.append(device)
+            return contextlib.nullcontext()
+
+    monkeypatch.setattr(launch, "simulator_enabled", lambda: False)
+    monkeypatch.setattr(launch, "_current_device_id", lambda: 0)
+    monkeypatch.setattr(launch.cuda, "gpus", Gpus(), raising=False)
+    monkeypatch.setattr(launch, "_run_gpu_on_device",
+                        lambda op, operands, geom, plan, device, timer: ran.append(device))
+    op = SimpleNamespace(name="conv2d")
+    operands = [SimpleNamespace(obj=numba_array(1)), SimpleNamespace(obj=numba_array(1))]
+    assert launch._device_id(operands[0].obj) == 1
+    launch._run_gpu(op, operands, None, None)
+    assert ran == [1] and entered == [1]
+    with pytest.raises(ValueError, match="same GPU, got devices \\[0, 1\\]"):
+        launch._run_gpu(op, [SimpleNamespace(obj=numba_array(0)), operands[0]], None, None)
+    assert launch._device_id(SimpleNamespace(__cuda_ndarray__=True)) is None

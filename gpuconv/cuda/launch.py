@@ -56,11 +56,17 @@ def _library(obj):
 
 
 def _device_id(obj):
-    """Ordinal of the GPU holding ``obj``, or None when it cannot tell (Numba arrays)."""
+    """Ordinal of the GPU holding ``obj``, or None when it cannot tell (host arrays, and
+    producers that say nothing of their device)."""
     if _library(obj) == "torch":
         return obj.device.index
     if _library(obj) == "cupy":
         return obj.device.id
+    if _is_numba_device_array(obj):  # the context its memory belongs to (no dlpack device)
+        try:
+            return int(obj.gpu_data.context.device.id)
+        except (AttributeError, TypeError, ValueError):
+            return None
     dlpack_device = getattr(obj, "__dlpack_device__", None)
     if dlpack_device is not None:
         try:
