@@ -230,11 +230,14 @@ class FreeMemory:
     """The free-memory check of :func:`check_memory`, made cheap for repeated calls.
 
     ``query()`` (bytes free, or ``None`` if unknown) is asked again only when a call needs
-    more than :attr:`SHARE` of the last answer, when that answer is older than
-    :attr:`MAX_AGE_S`, or when there is none; otherwise the last answer is used. A call that
-    does not fit what was free raises :class:`InsufficientMemoryError` as before; one that
-    needs less than an eighth of what was free a moment ago is not worth a system call (or
-    a driver call) each time. :meth:`clear` forgets the reading.
+    more than :attr:`SHARE` of the last answer less what the calls since took, when that
+    answer is older than :attr:`MAX_AGE_S`, or when there is none; otherwise that
+    remainder is used. A call that does not fit what was free raises
+    :class:`InsufficientMemoryError` as before (only ever on a fresh answer: a call that
+    does not fit needs more than the share); one that needs less than an eighth of what was
+    free a moment ago is not worth a system call (or a driver call) each time, and calls
+    that keep their outputs run the remainder down until the driver is asked again.
+    :meth:`clear` forgets the reading.
     """
 
     SHARE = 1 / 8
@@ -258,6 +261,11 @@ class FreeMemory:
             with self._lock:
                 self._free, self._when = free, now
         check_memory(needed, free, self._where)
+        # What this call takes is no longer free for the next one. (No lock: two threads'
+        # subtractions racing can lose one, which leaves the reading as it was, no worse.)
+        left = self._free
+        if left is not None:
+            self._free = max(left - needed, 0)
 
 
 def _format_bytes(count):

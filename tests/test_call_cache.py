@@ -184,11 +184,11 @@ def test_free_memory_is_asked_again_only_for_a_noticeable_share():
         return 1000
 
     gauge = FreeMemory(query, "test")
-    gauge.check(100)
-    gauge.check(100)
-    gauge.check(125)  # an eighth of 1000: not asked again
+    gauge.check(100)  # asked: 1000 free, 900 left for the next call
+    gauge.check(100)  # an eighth of 900 or less: not asked again (800 left)
+    gauge.check(100)  # an eighth of 800: not asked again (700 left)
     assert len(asked) == 1
-    gauge.check(126)  # more than an eighth: asked again
+    gauge.check(88)   # more than an eighth of 700: asked again
     assert len(asked) == 2
     with pytest.raises(InsufficientMemoryError, match="needs about 1001 B of test memory but "
                                                       "only 1000 B is free"):
@@ -197,6 +197,19 @@ def test_free_memory_is_asked_again_only_for_a_noticeable_share():
     gauge._when -= 2 * FreeMemory.MAX_AGE_S  # an old reading is refreshed
     gauge.check(1)
     assert len(asked) == 4
+
+
+def test_free_memory_refuses_once_earlier_calls_used_it_up():
+    """Calls that keep their outputs, each under an eighth of what was free, run the
+    reading down until the driver is asked again: the call that no longer fits is refused,
+    not left to the allocator's own error."""
+    state = {"free": 1000}
+    gauge = FreeMemory(lambda: state["free"], "test")
+    with pytest.raises(InsufficientMemoryError, match="needs about 100 B of test memory"):
+        for _ in range(12):
+            gauge.check(100)
+            state["free"] -= 100  # the call's output is kept
+    assert state["free"] == 0
 
 
 def test_host_memory_check_still_refuses_a_call_that_does_not_fit(monkeypatch):
