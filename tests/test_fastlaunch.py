@@ -637,3 +637,22 @@ def test_a_numba_array_on_another_gpu_is_launched_there(monkeypatch):
     with pytest.raises(ValueError, match="same GPU, got devices \\[0, 1\\]"):
         launch._run_gpu(op, [SimpleNamespace(obj=numba_array(0)), operands[0]], None, None)
     assert launch._device_id(SimpleNamespace(__cuda_ndarray__=True)) is None
+
+
+def test_a_tensor_subclass_is_pytorchs(monkeypatch):
+    """A torch.Tensor subclass defined outside torch (torchvision's image tensors, a user's
+    own) is PyTorch's: its work goes on PyTorch's current stream and the result comes back
+    a tensor, not as a Numba array on the default stream."""
+    torch = pytest.importorskip("torch")
+    import types
+
+    from gpuconv.cuda import launch
+
+    module = types.ModuleType("userlib")
+    exec("import torch\nclass Image(torch.Tensor):\n    pass", module.__dict__)
+    x = torch.zeros(2).as_subclass(module.Image)
+    assert type(x).__module__ == "userlib" and launch._library(x) == "torch"
+    monkeypatch.setattr(launch, "_torch_stream", lambda obj, device: 1234)
+    monkeypatch.setattr(launch, "_numba_stream", lambda handle, device=None: handle)
+    assert launch._stream_of(x, 0, {"shape": (2,), "version": 2}) == 1234
+    assert launch._library(np.zeros(2)) == "numba"

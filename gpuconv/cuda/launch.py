@@ -48,10 +48,18 @@ def _is_numba_device_array(obj):
 
 
 def _library(obj):
-    """``"torch"``, ``"cupy"`` or ``"numba"``: which library the result should come from."""
+    """``"torch"``, ``"cupy"`` or ``"numba"``: which library the result should come from.
+    By type, subclasses included (torchvision's image tensors, a user's tensor subclass):
+    such a tensor is PyTorch's, on PyTorch's current stream, and comes back a tensor."""
     root = type(obj).__module__.split(".")[0]
     if root in ("torch", "cupy"):
         return root
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return "torch"
+    cupy = sys.modules.get("cupy")
+    if cupy is not None and isinstance(obj, cupy.ndarray):
+        return "cupy"
     return "numba"
 
 
