@@ -1515,20 +1515,28 @@ def loads_lines(results):
             now = by_name.get((case, op, name.removesuffix(suffix)))
             if not name.endswith(suffix) or now is None:
                 continue
-            if not (now.get("ok") and earlier.get("ok") and now.get("measured_ms")
-                    and earlier.get("measured_ms")):
+            ratios = _timed_ratios(now, earlier)
+            if ratios is None:
                 lines.append(f"loads per round {case} {op}: `{now['kernel']}` against "
                              f"`{name}`: not both checked and timed")
                 continue
-            predicted = "-"
-            if now.get("predicted_ms") and earlier.get("predicted_ms"):
-                predicted = f"{earlier['predicted_ms'] / now['predicted_ms']:.2f}x"
             lines.append(f"loads per round {case} {op}: `{now['kernel']}` "
                          f"{now['measured_ms']:.3f} ms, {EARLIER_LOADS} loads a round "
-                         f"{earlier['measured_ms']:.3f} ms: measured "
-                         f"{earlier['measured_ms'] / now['measured_ms']:.2f}x, predicted "
-                         f"{predicted}")
+                         f"{earlier['measured_ms']:.3f} ms: measured {ratios[0]}, predicted "
+                         f"{ratios[1]}")
     return lines
+
+
+def _timed_ratios(now, earlier):
+    """``(measured, predicted)``: ``earlier``'s time over ``now``'s as text (the predicted
+    ``-`` where either lacks a prediction), or None unless both were checked and timed."""
+    if not (now.get("ok") and earlier.get("ok") and now.get("measured_ms")
+            and earlier.get("measured_ms")):
+        return None
+    predicted = "-"
+    if now.get("predicted_ms") and earlier.get("predicted_ms"):
+        predicted = f"{earlier['predicted_ms'] / now['predicted_ms']:.2f}x"
+    return f"{earlier['measured_ms'] / now['measured_ms']:.2f}x", predicted
 
 
 def stream_lines(results, copy_bytes_per_s, device):
@@ -1564,17 +1572,14 @@ def stream_lines(results, copy_bytes_per_s, device):
         for earlier in rows:
             if earlier is pick:
                 continue
-            if not (earlier.get("ok") and earlier.get("measured_ms")):
+            ratios = _timed_ratios(pick, earlier)
+            if ratios is None:
                 lines.append(f"map rule {case}: `{earlier['kernel']}` (earlier rule) was not "
                              "checked and timed")
                 continue
-            ratio = "-"
-            if pick.get("predicted_ms") and earlier.get("predicted_ms"):
-                ratio = f"{earlier['predicted_ms'] / pick['predicted_ms']:.2f}x"
             lines.append(f"map rule {case}: `{pick['kernel']}` {pick['measured_ms']:.3f} ms, "
                          f"earlier rule `{earlier['kernel']}` {earlier['measured_ms']:.3f} ms: "
-                         f"measured {earlier['measured_ms'] / pick['measured_ms']:.2f}x, "
-                         f"predicted {ratio}")
+                         f"measured {ratios[0]}, predicted {ratios[1]}")
     if timed:
         lines.append(f"small batches: {met} of {timed} layer-batches at 70 % or more of the "
                      "copy rate (the target: all)")

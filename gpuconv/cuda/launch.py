@@ -66,9 +66,10 @@ def _library(obj):
 def _device_id(obj):
     """Ordinal of the GPU holding ``obj``, or None when it cannot tell (host arrays, and
     producers that say nothing of their device)."""
-    if _library(obj) == "torch":
+    library = _library(obj)
+    if library == "torch":
         return obj.device.index
-    if _library(obj) == "cupy":
+    if library == "cupy":
         return obj.device.id
     if _is_numba_device_array(obj):  # the context its memory belongs to (no dlpack device)
         try:
