@@ -25,9 +25,14 @@ from numba.types import float16
 
 from ..device import simulator_enabled
 from .fastlaunch import FastKernel
+from .simulator import install as _install_simulator_fix
 
 __all__ = ["KernelSpec", "compiled", "dtype_code", "compute_code", "CODES", "check_grid",
            "pick_gemm_tile", "gemm_chunk", "gemm_pitch", "GEMM_SMS", "GRID_YZ_LIMIT", "SHARED_BUDGET_BYTES", "SHARED_LIMIT_BYTES", "LOCAL_STAGE_BYTES"]
+
+# Under Numba's CUDA simulator, its shared arrays allocated under a lock (every kernel
+# module imports this one; nothing happens on a GPU): see :mod:`.simulator`.
+_install_simulator_fix()
 
 # Dynamic shared memory one conv2d block may use: small enough that several blocks share an
 # SM (an H100/H200 SM has 228 KiB), and under the 48 KiB that needs no opt-in.
