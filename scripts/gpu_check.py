@@ -355,17 +355,31 @@ def earlier_stream_config(geom, dtype):
 def stream_items(layers, dry_run=False):
     """``[(layer, op, geometry, configs)]`` of the streaming kernels the ``candidates``
     phase times: each layer at each of :data:`STREAM_TIMED_BATCHES` (a dry run: the first
-    layer at batch 1), the dispatcher's pick, and on :data:`STREAM_RULE_CASES` (a dry run:
-    always) the earlier map rule's configuration beside it where it differs."""
+    layer at batch 1), the dispatcher's pick; where the pick has several positions side by
+    side in a warp, the one-position configuration beside it (a dry run: the most
+    positions the layer allows, so the simulator checks them); and on
+    :data:`STREAM_RULE_CASES` (a dry run: always) the earlier map rule's configuration
+    beside it where it differs."""
+    from gpuconv.cuda import local_stream
+
     cases = ([(layers[0], 1)] if dry_run else
              [(layer, b) for b in STREAM_TIMED_BATCHES for layer in layers])
     items = []
     for layer, batch in cases:
         geom = layer.geometry(batch)
-        configs = [_picked("local_conv2d", geom)]
-        earlier = earlier_stream_config(geom, np.float32)
-        if (dry_run or (layer.name, batch) in STREAM_RULE_CASES) and earlier != configs[0]:
-            configs.append(earlier)
+        pick = _picked("local_conv2d", geom)
+        configs = [pick]
+        if pick.warp_positions > 1:
+            side = [1]
+        else:
+            side = [max(local_stream.warp_position_choices(geom, np.float32))] if dry_run else []
+        earlier = []
+        if dry_run or (layer.name, batch) in STREAM_RULE_CASES:
+            earlier = [earlier_stream_config(geom, np.float32)]
+        for config in [local_stream.positions_config(geom, np.float32, g)
+                       for g in side] + earlier:
+            if config not in configs:
+                configs.append(config)
         items.append((layer, "local_conv2d", geom, configs))
     return items
 

@@ -129,6 +129,62 @@ def test_several_warps_split_k_and_both_bias_kinds(batch, bias_kind):
 
 @pytest.mark.cuda
 @needs_cuda
+@pytest.mark.parametrize("positions, batch, warps, pos_per_block", [
+    (2, 8, 1, 5),   # 16 lanes a position, 8 images: a partial group at each block's end
+    (4, 8, 2, 6),   # 8 lanes a position (the butterfly all transposing), K on two warps
+    (4, 3, 1, 12),  # 3 images padded to 4, whole groups, the last block partial
+    (2, 1, 2, 4),   # 1 image
+])
+def test_positions_side_by_side_in_a_warp(positions, batch, warps, pos_per_block):
+    """Several positions a warp, each on its own lanes: taps, butterfly and stores per
+    position, with groups cut short by the block's end (no loads, no stores past it). K =
+    24 taps: several slabs of 8 or 16 lanes; 2 maps a round of 2 (the partial sums kept
+    across the slabs), c_Og 3 (a partial map block)."""
+    from gpuconv.cuda import local_stream
+
+    geom = _geometry(batch, c_in=8)
+    config = local_stream.local_stream_launch(geom, np.float32, 2, 1, 2, warps, pos_per_block,
+                                              positions)
+    assert config.warp_positions == positions
+    assert config.kernel.name.endswith(f"_w{warps}_p{positions}")
+    rng = np.random.default_rng(80 + positions + batch)
+    x, w, b = _operands(rng, geom, np.float32, "position")
+    _assert_matches(_launch(config, x, w, b, geom, np.float32), x, w, b, geom, np.float32)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [np.float16, np.float64], ids=["f16", "f64"])
+def test_positions_side_by_side_in_half_and_double(dtype):
+    """Two positions a warp, 2 images, two rounds of 2 maps (partial sums reduced per
+    slab) over 3 taps a lane."""
+    from gpuconv.cuda import local_stream
+
+    geom = _geometry(2, c_in=16, c_out=8)  # c_Og 4, K = 48: two slabs of 16 x 3 taps
+    config = local_stream.local_stream_launch(geom, dtype, 4, 3, 2, 1, 3, 2)
+    rng = np.random.default_rng(90)
+    x, w, b = _operands(rng, geom, dtype, "channel")
+    _assert_matches(_launch(config, x, w, b, geom, dtype), x, w, b, geom, dtype)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_partial_sums_kept_across_slabs_of_several_warps():
+    """One round holds the block's maps (3 maps, a round of 3): each warp adds its slabs
+    in registers and reduces once; K = 8 * 6 = 48 taps in 6 slabs of 8 lanes on 4 warps
+    (two slabs each: the last two warps' second slab is past K)."""
+    from gpuconv.cuda import local_stream
+
+    geom = _geometry(2, c_in=16)
+    config = local_stream.local_stream_launch(geom, np.float32, 3, 1, 3, 4, 4, 4)
+    assert config.maps == config.map_round and config.warps == 4
+    rng = np.random.default_rng(91)
+    x, w, b = _operands(rng, geom, np.float32, "position")
+    _assert_matches(_launch(config, x, w, b, geom, np.float32), x, w, b, geom, np.float32)
+
+
+@pytest.mark.cuda
+@needs_cuda
 @pytest.mark.parametrize("batch", [1, 3])
 def test_default_choice_plain_kernel(batch):
     """The dispatcher's own choice, no groups, a 1 x 1 output row at the edge."""
@@ -218,6 +274,58 @@ def test_lanes_hold_each_image_once_after_the_butterfly():
         padded = 1 << (batch - 1).bit_length()
         assert sorted(set(images)) == list(range(padded))
         assert all(images.count(i) == 32 // padded for i in range(padded))
+
+
+def test_lanes_of_a_position_hold_each_image_once():
+    from gpuconv.cuda.local_stream import image_of_lane
+
+    for lanes in (8, 16):
+        for batch in range(1, 9):
+            images = [image_of_lane(lane, batch, lanes) for lane in range(lanes)]
+            padded = 1 << (batch - 1).bit_length()
+            assert all(images.count(i) == lanes // padded for i in range(padded))
+
+
+def test_positions_a_warp_are_bounded_by_the_images_and_the_sectors():
+    from gpuconv.cuda import local_stream
+
+    choices = local_stream.warp_position_choices
+    assert choices(_geometry(8), np.float32) == [1, 2, 4]    # 8 lanes hold 8 images
+    assert choices(_geometry(8), np.float16) == [1, 2]       # 8 halves are half a sector
+    assert choices(_geometry(2), np.float64) == [1, 2, 4]
+    with pytest.raises(ValueError, match="fewer than the 8 images"):
+        local_stream.local_stream_launch(_geometry(8), np.float32, 2, 1, 2, 1, 4, 8)
+
+
+def test_input_lines_of_positions_side_by_side_by_hand():
+    """2 channels of 8 x 64, a 3 x 3 kernel (K = 18): one position's 18 taps are 6 rows of
+    3 values, 6 lines; 4 positions on 8 lanes each load taps 0-7 (3 rows), 8-15 (4 rows),
+    16-17 (1 row), the 4 positions' windows (columns 0-5) in the same lines."""
+    from gpuconv.cuda.local_stream import input_lines_per_load
+
+    geom = conv_geometry((1, 2, 8, 64), (3, 3), 1)
+    assert input_lines_per_load(geom, 4, 32, 1) == 6
+    assert input_lines_per_load(geom, 4, 8, 4) == pytest.approx((3 + 4 + 1) / 3)
+
+
+def test_positions_side_by_side_where_the_input_lines_bound():
+    """Seed conv2 at 8 images (3 x 3 kernel, 5 maps: 11 lines a load of one position's
+    input) takes 4 positions a warp; where the weights' stream bounds the kernel anyway
+    (VGG-16 conv5_1, AlexNet conv1, a single image) one position a warp, the kernel of
+    before."""
+    from gpuconv import workloads
+    from gpuconv.cuda import local_stream
+
+    def pick(name, batch, dtype=np.float32):
+        return local_stream.local_stream_config(workloads.gpu_geometry(name, batch), dtype)
+
+    seed = pick("seed-conv2", 8)
+    assert seed.warp_positions == 4 and seed.kernel.name.endswith("_p4")
+    assert pick("seed-conv2", 8, np.float16).warp_positions == 2
+    for name, batch in (("vgg16-conv5_1", 8), ("alexnet-conv1", 8), ("seed-conv2", 1),
+                        ("deepface-l4", 2)):
+        config = pick(name, batch)
+        assert config.warp_positions == 1 and not config.kernel.name.endswith(("_p2", "_p4"))
 
 
 def test_images_of_2_31_elements_go_to_the_batched_gemm():

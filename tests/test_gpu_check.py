@@ -249,10 +249,12 @@ def test_stream_items_time_every_layer_at_both_ends_and_the_earlier_rule(gpu_che
         assert op == "local_conv2d"
         assert configs[0] == kernels.local_conv2d_forward_config(geom, np.float32)
         assert all(isinstance(c, local_stream.LocalStreamConfig) for c in configs)
-        if (layer.name, geom.batch) in gpu_check.STREAM_RULE_CASES:
-            assert len(configs) == 2 and configs[1] != configs[0]
-        else:
-            assert len(configs) == 1
+        side = [c for c in configs[1:] if c.warp_positions == 1 and c.maps == configs[0].maps]
+        if configs[0].warp_positions > 1:  # one position a warp beside the pick
+            assert side and side[0] == configs[1]
+        rule = (layer.name, geom.batch) in gpu_check.STREAM_RULE_CASES
+        assert len(configs) == 1 + (configs[0].warp_positions > 1) + rule
+        assert len(set(configs)) == len(configs)
     earlier = {(lay.name, g.batch): c[-1] for lay, _, g, c in items}
     assert (earlier["seed-conv2", 8].maps, earlier["seed-conv2", 8].map_round) == (8, 4)
     assert (earlier["seed-conv1", 8].maps, earlier["seed-conv1", 8].map_round) == (16, 4)
@@ -264,12 +266,15 @@ def test_stream_items_time_every_layer_at_both_ends_and_the_earlier_rule(gpu_che
     assert (pick["seed-conv1", 8].maps, pick["seed-conv1", 8].map_round) == (10, 5)
     assert (pick["deepface-l5", 1].maps, pick["deepface-l5", 1].map_round) == (16, 8)
     assert (pick["seed-conv2", 1].maps, pick["seed-conv2", 1].lane_taps) == (5, 3)
+    (seed8,) = [c for lay, _, g, c in items if (lay.name, g.batch) == ("seed-conv2", 8)]
+    assert [c.warp_positions for c in seed8] == [4, 1, 1]  # the pick, one a warp, earlier
     # where the rules agree (16 maps at batch 8) the earlier one gives the same launch
     vgg = workloads.LAYERS["vgg16-conv5_1"].geometry(8)
     assert gpu_check.earlier_stream_config(vgg, np.float32) == \
         local_stream.local_stream_config(vgg, np.float32)
     (dry,) = gpu_check.stream_items(gpu_check.suite_layers(dry_run=True), dry_run=True)
-    assert dry[2].batch == 1 and len(dry[3]) == 2
+    assert dry[2].batch == 1 and len(dry[3]) == 3  # the pick, one position a warp, earlier
+    assert [c.warp_positions for c in dry[3]] == [2, 1, 1]
 
 
 def test_stream_lines_give_the_share_of_the_copy_rate(gpu_check):
@@ -670,10 +675,12 @@ def test_dry_run_runs_every_phase(gpu_check, tmp_path):
     candidates = phases["candidates"]["results"]
     assert {r["kernel"].split("_f32")[0] for r in candidates} == {
         "conv2d", "conv2d_gemm", "local_conv2d", "local_conv2d_gemm", "local_conv2d_stream"}
-    # (and the first layer's streaming kernel at batch 1 under both map rules)
+    # (and the first layer's streaming kernel at batch 1: the pick, two positions a warp,
+    # beside one position a warp and the earlier map rule)
     assert sum(r["picked"] for r in candidates) == 2 * len(DRY_LAYER_NAMES) + 1
     streams = [r for r in candidates if r["case"] == "dry-a@1"]
-    assert [r["picked"] for r in streams] == [True, False] and all(r["ok"] for r in streams)
+    assert [r["picked"] for r in streams] == [True, False, False]
+    assert all(r["ok"] for r in streams) and streams[0]["kernel"].endswith("_p2")
     assert all(r["min_bytes"] > 0 for r in streams)
     # and autotuning, turned on as a user does, chose among them
     tuned = phases["candidates"]["autotune"]

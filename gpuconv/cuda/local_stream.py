@@ -9,22 +9,27 @@ Notation as in :mod:`gpuconv.geometry`; ``K = c_Ig * k_H * k_W`` and the weights
 caller's layout ``(c_O, h_O, w_O, c_Ig, k_H, k_W)``: the ``K`` weights of one (map,
 position) are contiguous, and so are those of consecutive positions of one map.
 
-A block works on one output position at a time (``pos_per_block`` consecutive positions,
-so consecutive blocks stream consecutive memory) and on ``maps`` maps of one group. Its
-``warps`` warps split ``K`` into slabs of ``32 * lane_taps`` taps (warp ``y`` takes slabs
-``y, y + warps, ...``); lane ``l`` of a slab holds taps ``l, l + 32, ...``:
+A block works on ``warp_positions`` (1, 2 or 4) output positions at a time, side by side
+in each warp on ``L = 32 / warp_positions`` lanes each (``pos_per_block`` consecutive
+positions, so consecutive blocks stream consecutive memory), and on ``maps`` maps of one
+group. Its ``warps`` warps split ``K`` into slabs of ``L * lane_taps`` taps (warp ``y``
+takes slabs ``y, y + warps, ...``); lane ``l`` of a position's lanes holds taps
+``l, l + L, ...`` of a slab (positions side by side share the rows of the input that their
+windows cover: a load instruction touches fewer lines where the kernel is narrow):
 
 1. the lane loads the input values of its taps for every image (``batch * lane_taps``
    registers, zeros outside the image), from L1/L2;
 2. for each round of ``map_round`` maps it loads their weights of the slab
    (``map_round * lane_taps`` independent coalesced loads in flight), and accumulates
    ``batch`` partial dot products per map;
-3. the warp reduces each map's ``batch`` partial sums with shuffles in a fixed order
-   (a transposing butterfly: at each of the first ``log2(batch)`` steps a lane keeps half
-   of its values and receives the partner's half, so ``batch - 1 + 5 - log2(batch)``
-   shuffles instead of ``5 * batch``); afterwards lane ``l`` holds image
-   ``image_of_lane(l)``'s slab sum, and one lane per image adds it to the warp's sum of
-   that (map, image) in shared memory, slabs in order;
+3. the position's lanes reduce each map's ``batch`` partial sums with shuffles in a fixed
+   order (a transposing butterfly: at each of the first ``log2(batch)`` steps a lane keeps
+   half of its values and receives the partner's half, so ``batch - 1 + log2(L) -
+   log2(batch)`` shuffles instead of ``log2(L) * batch``); afterwards lane ``l`` holds
+   image ``image_of_lane(l, batch, L)``'s sum, and one lane per image adds it to the
+   warp's sum of that (map, image) in shared memory, slabs in order. Where one round holds
+   all the block's maps the partial sums stay in registers across the warp's slabs and
+   are reduced once a position; otherwise once a slab;
 4. at the end of the position the first warp adds the warps' sums in warp order, adds the
    bias and stores.
 
@@ -40,6 +45,7 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
+import numpy as np
 from numba import cuda, int32, types, uint64
 
 from ..device import simulator_enabled
@@ -48,7 +54,8 @@ from .spec import (_COMPUTE, _SCALAR, KernelSpec, _array, _pow2_at_least, _renam
 
 __all__ = ["LocalStreamConfig", "local_stream_kernel", "local_stream_config",
            "local_stream_launch", "use_local_stream", "image_of_lane", "STREAM_MAX_BATCH",
-           "STREAM_TARGET_WARPS", "launch", "round_maps"]
+           "STREAM_TARGET_WARPS", "launch", "round_maps", "warp_position_choices", "positions_config",
+           "input_lines_per_load", "l1_lines_per_position"]
 
 #: Largest batch the streaming kernel takes (the dispatcher's bound: beyond it the images'
 #: partial sums crowd out the loads in flight, and the batched GEMM keeps more images per
@@ -61,26 +68,33 @@ STREAM_TARGET_WARPS = 132 * 32
 # Blocks the grid aims for when positions are grouped: a few waves of 16 blocks per SM.
 _TARGET_BLOCKS = 132 * 16 * 4
 _FULL = 0xFFFFFFFF
+# L1 lines an H200 passes per byte it copies: 132 SMs x 1.98 GHz x one line a clock, over
+# 4.3 TB/s (the positions-per-warp rule weighs L1's work against the weights' stream).
+_L1_LINES_PER_DRAM_BYTE = 132 * 1.98e9 / 4.3e12
 
 
 def _log2(value):
     return value.bit_length() - 1
 
 
-def image_of_lane(lane, batch):
-    """The image whose slab sum lane ``lane`` holds after the transposing butterfly."""
+def image_of_lane(lane, batch, lanes=32):
+    """The image whose sum lane ``lane`` (of a position's ``lanes``) holds after the
+    transposing butterfly."""
     padded = _pow2_at_least(batch, STREAM_MAX_BATCH)
     image = 0
     for step in range(_log2(padded)):
-        if lane & (16 >> step):
+        if lane & ((lanes >> 1) >> step):
             image += padded >> (step + 1)
     return image
 
 
 @functools.lru_cache(maxsize=None)
-def local_stream_kernel(code, kernel_h, kernel_w, batch, maps, lane_taps, map_round, warps):
+def local_stream_kernel(code, kernel_h, kernel_w, batch, maps, lane_taps, map_round, warps,
+                        warp_positions=1):
     """The streaming local_conv2d forward, specialised on dtype, kernel size, batch, maps
-    per block, taps per lane, maps per load round and warps per block.
+    per block, taps per lane, maps per load round, warps per block and positions per warp
+    (``warp_positions`` consecutive positions side by side, each on ``32 / warp_positions``
+    lanes: at least the batch padded to a power of two).
 
     Launch (see :func:`local_stream_config`): ``block = (32, warps)``, ``grid =
     (ceil(P / pos_per_block), groups * map_blocks)``, no dynamic shared memory. Kernel
@@ -93,12 +107,21 @@ def local_stream_kernel(code, kernel_h, kernel_w, batch, maps, lane_taps, map_ro
     store = _SCALAR[code]
     KH, KW = int(kernel_h), int(kernel_w)
     KHW = KH * KW
-    NB, MAPS, V, U, S = (int(v) for v in (batch, maps, lane_taps, map_round, warps))
+    NB, MAPS, V, U, S, G = (int(v) for v in (batch, maps, lane_taps, map_round, warps,
+                                             warp_positions))
     NP = _pow2_at_least(NB, STREAM_MAX_BATCH)  # images padded to a power of two
     LB = _log2(NP)                              # transposing steps of the butterfly
-    SLAB = 32 * V
-    WRITER_MASK = (1 << (5 - LB)) - 1           # lanes with these bits zero write
-    RED = S * MAPS * NP
+    L = 32 // G                                 # lanes of one position
+    LL = _log2(L)                               # steps of the butterfly
+    if G not in (1, 2, 4, 8) or NP > L:
+        raise ValueError(f"{G} positions a warp leave {L} lanes a position, fewer than "
+                         f"the {NP} images (padded) the butterfly spreads over them")
+    SLAB = L * V
+    # One load round holds every map of the block: the partial sums are kept across the
+    # warp's slabs and reduced once a position, not once a slab.
+    KEEP = MAPS == U
+    WRITER_MASK = (1 << (LL - LB)) - 1          # lanes with these bits zero write
+    RED = S * G * MAPS * NP
     NXV, NWV, NPART = NB * V, U * V, U * NP  # register arrays' sizes
     # Numba's CUDA simulator has no warp shuffles: there the same exchanges go through
     # shared memory between two barriers (every thread of the block takes part).
@@ -110,6 +133,14 @@ def local_stream_kernel(code, kernel_h, kernel_w, batch, maps, lane_taps, map_ro
         # Every thread takes part in the shuffles and barriers: no early return.
         lane = int32(cuda.threadIdx.x)
         wy = int32(cuda.threadIdx.y)
+        # the lane among its position's lanes, and its position among the warp's (one
+        # position a warp: constants, so that the kernel is the one-position kernel)
+        if G == 1:
+            j = lane
+            gl = int32(0)
+        else:
+            j = lane & (L - 1)
+            gl = lane >> LL
         g = cuda.blockIdx.y // map_blocks
         co0 = g * c_Og + (cuda.blockIdx.y - g * map_blocks) * MAPS
         n_co = int32(min(MAPS, (g + 1) * c_Og - co0))
@@ -126,30 +157,38 @@ def local_stream_kernel(code, kernel_h, kernel_w, batch, maps, lane_taps, map_ro
         part = cuda.local.array(NPART, dtype=scalar)
         mine = 0  # the image whose sums this lane holds after the butterfly
         for st in range(LB):
-            if lane & (16 >> st):
+            if j & ((L >> 1) >> st):
                 mine += NP >> (st + 1)
-        writer = (lane & WRITER_MASK) == 0 and mine < NB
+        writer = (j & WRITER_MASK) == 0 and mine < NB
 
         p_first = cuda.blockIdx.x * pos_per_block
         p_end = min(p_first + pos_per_block, n_pos)
-        for p in range(p_first, p_end):
+        for p0 in range(p_first, p_end, G):
+            # This lane's position; past the block's last (a partial group): no loads, no
+            # store, but every lane takes part in the shuffles and barriers.
+            p = p0 + gl
+            live = True if G == 1 else p < p_end
             oy = p // w_O
             iy0 = int32(oy * s_H - pt)
             ix0 = int32((p - oy * w_O) * s_W - pl)
             # Each warp sums its slabs into its own rows of ``red`` (a writer lane touches
             # only its image's words, so no barrier is needed until the warps meet).
+            rows = (wy * G + gl) * MAPS
             if writer:
                 for m in range(MAPS):
-                    red[(wy * MAPS + m) * NP + mine] = scalar(0)  # the compute type
+                    red[(rows + m) * NP + mine] = scalar(0)  # the compute type
+            if KEEP:
+                for a in range(U * NP):
+                    part[a] = scalar(0)
             # Every warp runs the same number of slabs (past K: predicated off, adding
             # zeros), so that the whole block passes the same barriers in the simulator.
             for sl0 in range(0, slabs, S):
-                k0 = int32((sl0 + wy) * SLAB + lane)
+                k0 = int32((sl0 + wy) * SLAB + j)
                 # The input under this lane's taps, every image (zeros off the image).
                 for v in range(V):
-                    k = k0 + v * 32
+                    k = k0 + v * L
                     src = -1
-                    if k < k_len:
+                    if live and k < k_len:
                         c = k // KHW
                         r = k - c * KHW
                         ky = r // KW
@@ -171,21 +210,24 @@ def local_stream_kernel(code, kernel_h, kernel_w, batch, maps, lane_taps, map_ro
                             row = (co * n_pos + p) * k_len + k0
                             for v in range(V):
                                 val = scalar(0)
-                                if k0 + v * 32 < k_len:
-                                    val = scalar(weight[uint64(row + v * 32)])
+                                if live and k0 + v * L < k_len:
+                                    val = scalar(weight[uint64(row + v * L)])
                                 wv[u * V + v] = val
-                        for a in range(U * NP):
-                            part[a] = scalar(0)
+                        if not KEEP:
+                            for a in range(U * NP):
+                                part[a] = scalar(0)
                         for u in range(U):
                             for v in range(V):
                                 for b in range(NB):
                                     part[u * NP + b] += wv[u * V + v] * xv[b * V + v]
+                        if KEEP and sl0 + S < slabs:
+                            continue  # (the same for the whole block) more slabs to add
                         if SIM:
                             # The simulator has no shuffles: the same exchanges go through
                             # shared memory, every map of the round in one exchange per step
                             # (its barriers cost milliseconds each), in the same order.
-                            for st in range(5):
-                                off = 16 >> st
+                            for st in range(LL):
+                                off = (L >> 1) >> st
                                 half = NP >> (st + 1) if st < LB else 1
                                 upper = (lane & off) != 0 and st < LB
                                 for u in range(U):
@@ -205,12 +247,12 @@ def local_stream_kernel(code, kernel_h, kernel_w, batch, maps, lane_taps, map_ro
                                 cuda.syncthreads()
                             for u in range(U):
                                 if writer:
-                                    red[(wy * MAPS + c0 + u) * NP + mine] += part[u * NP]
+                                    red[(rows + c0 + u) * NP + mine] += part[u * NP]
                             continue
                         # The transposing butterfly, then a plain one, in a fixed order.
                         for u in range(U):
                             for st in range(LB):
-                                off = 16 >> st
+                                off = (L >> 1) >> st
                                 half = NP >> (st + 1)
                                 upper = (lane & off) != 0
                                 for i in range(half):
@@ -220,37 +262,42 @@ def local_stream_kernel(code, kernel_h, kernel_w, batch, maps, lane_taps, map_ro
                                     keep = hi if upper else lo
                                     recv = cuda.shfl_xor_sync(_FULL, send, off)
                                     part[u * NP + i] = keep + recv
-                            for st in range(LB, 5):
-                                off = 16 >> st
+                            for st in range(LB, LL):
+                                off = (L >> 1) >> st
                                 val = part[u * NP]
                                 recv = cuda.shfl_xor_sync(_FULL, val, off)
                                 part[u * NP] = val + recv
                             if writer:
-                                red[(wy * MAPS + c0 + u) * NP + mine] += part[u * NP]
+                                red[(rows + c0 + u) * NP + mine] += part[u * NP]
             # The first warp adds the warps' sums in warp order.
             # Wait until every warp has written its sums before they are added.
             cuda.syncthreads()
             if wy == 0:
-                for e in range(lane, MAPS * NB, 32):
-                    m = e // NB
-                    b = e - m * NB
-                    if m < n_co:
-                        total = red[m * NP + b]
+                for e in range(lane, G * MAPS * NB, 32):
+                    g2 = 0 if G == 1 else e // (MAPS * NB)
+                    m = (e - g2 * MAPS * NB) // NB
+                    b = e - (g2 * MAPS + m) * NB
+                    q = p0 + g2
+                    if m < n_co and (G == 1 or q < p_end):
+                        total = red[(g2 * MAPS + m) * NP + b]
                         for w in range(1, S):
-                            total += red[(w * MAPS + m) * NP + b]
+                            total += red[((w * G + g2) * MAPS + m) * NP + b]
                         co = co0 + m
                         if has_bias != 0:
-                            at = co * bias_len + (p if bias_len > 1 else 0)
+                            at = co * bias_len + (q if bias_len > 1 else 0)
                             total += scalar(bias[uint64(at)])
-                        out[uint64((b * c_O + co) * n_pos + p)] = store(total)
+                        out[uint64((b * c_O + co) * n_pos + q)] = store(total)
             # Wait until the sums are read before the next position overwrites them.
             cuda.syncthreads()
 
     name = f"local_conv2d_stream_{code}_k{KH}x{KW}_n{NB}_m{MAPS}_v{V}_u{U}_w{S}"
+    name += f"_p{G}" if G > 1 else ""
     signature = (_array(code, 1),) * 4 + (types.int64,) * 18
     # 32 * warps threads, 15 warps per SM: at most 136 registers a thread (float64, whose
-    # values take two registers each: 8 warps, at most 255).
-    resident = 15 if compute_code(code) == "f32" else 8
+    # values take two registers each: 8 warps, at most 255). Positions side by side keep
+    # their own window's addresses and the partial sums across more slabs: 12 warps, at
+    # most 168 registers (ptxas spilled at 136 on the seed's layers).
+    resident = (15 if G == 1 else 12) if compute_code(code) == "f32" else 8
     return KernelSpec(name, _rename(kernel, name), signature, (32 * S, max(1, resident // S)))
 
 
@@ -264,10 +311,11 @@ class LocalStreamConfig(NamedTuple):
     pos_per_block: int
     map_blocks: int
     maps: int             # maps per block
-    lane_taps: int        # taps per lane per slab (slab = 32 * lane_taps)
+    lane_taps: int        # taps per lane per slab (slab = lanes a position * lane_taps)
     map_round: int        # maps whose weights are loaded per round
     warps: int            # warps per block, splitting K
     slices: int = 1       # (no split-K scratch; the launch layer reads this)
+    warp_positions: int = 1  # consecutive positions side by side in a warp
 
 
 def use_local_stream(geom):
@@ -287,26 +335,67 @@ def local_stream_config(geom, dtype):
     whole number of rounds: at 8 images 5 maps are one round of 5 and 10 two, 16 four
     rounds of 4; at 1 or 2 images 5 maps are one round of 5, 10 and 16 two rounds of 8);
     4 taps per lane up to 4 images (float64: 2 images), else 3 (float64: 2), fewer where
-    ``K <= 96``: ``map_round * lane_taps`` loads in flight per thread, within the
+    ``K`` is short: ``map_round * lane_taps`` loads in flight per thread, within the
     registers beside the ``batch * lane_taps`` input values and ``map_round * batch``
     partial sums (ptxas: no spills on sm_80 and sm_90). Warps per block split ``K`` until
     the grid holds :data:`STREAM_TARGET_WARPS` warps (at most 8, at most one per slab), and
     where that is not enough the maps per block halve (down to 4 or fewer); positions are
     grouped per block while the grid would exceed a few waves.
+
+    Positions per warp: 1, 2 or 4 consecutive positions side by side (each on 32, 16 or 8
+    lanes: no fewer than the images padded to a power of two, and a lane's weights of a
+    load at least one 32-byte sector). A load of one position's input spans about
+    ``32 / k_W`` rows of the image; beside it the next positions' windows cover the same
+    rows, so where the kernel is narrow and the maps few (seed conv2 at 8 images: 11 lines
+    a load of one position's input) sharing the rows cuts the input's lines by up to 4, at
+    the cost of a line per position in a weight load and more registers (12 warps an SM
+    instead of 15). The rule: the choice whose clocks a position, L1's
+    (:func:`l1_lines_per_position`) or the weights' DRAM stream's, whichever is larger,
+    are fewer by at least a fifth (where the stream bounds every choice: one position),
+    and only where the grid keeps the maps per block that one position a warp has (a
+    grid short of warps halves them, and then waits on its loads' latency instead).
     """
     if not use_local_stream(geom):
         raise ValueError(f"the streaming local_conv2d takes 1 to {STREAM_MAX_BATCH} images "
                          f"of fewer than 2**31 elements, got batch {geom.batch} of "
                          f"{geom.in_channels * geom.in_height * geom.in_width}")
+    # The DRAM stream of a position (its weights, every map) in L1 clocks at the H200's
+    # rates: 4.3 TB/s of copy against 132 SMs x 1.98 GHz lines through L1.
+    k_len = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
+    stream = geom.out_channels * k_len * np.dtype(dtype).itemsize * _L1_LINES_PER_DRAM_BYTE
+    best, best_cost = None, None
+    for positions in warp_position_choices(geom, dtype):
+        config = positions_config(geom, dtype, positions)
+        if best is not None and config.maps < best.maps:
+            continue  # the grid too short for the maps: its latency would show
+        cost = max(l1_lines_per_position(geom, dtype, config), stream)
+        if best is None or cost < 0.8 * best_cost:
+            best, best_cost = config, cost
+    return best
+
+
+def warp_position_choices(geom, dtype):
+    """The positions per warp the streaming kernel may take on ``geom``: 1, and 2 or 4
+    where a position's lanes (16 or 8) hold the batch padded to a power of two and a
+    lane's weights of a load fill a 32-byte sector."""
+    itemsize = np.dtype(dtype).itemsize
+    padded = _pow2_at_least(geom.batch, STREAM_MAX_BATCH)
+    return [g for g in (1, 2, 4) if 32 // g >= padded and 32 // g * itemsize >= 32]
+
+
+def positions_config(geom, dtype, positions):
+    """The configuration the map rule (see :func:`local_stream_config`) gives at
+    ``positions`` positions a warp (one of :func:`warp_position_choices`)."""
     code = dtype_code(dtype)
     wide = compute_code(code) == "f32"
+    lanes = 32 // positions
     k_len = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
     # Registers: batch * taps input values, map_round * taps weights and map_round * batch
     # partial sums beside the addresses, within the launch bounds without spills (ptxas).
     taps = 4 if geom.batch <= 4 and (wide or geom.batch <= 2) else 3 if wide else 2
     # (no more taps a lane than K fills: 3 for the seed's K of 75 and 90, whose fourth
     # would be predicated off in every lane and only hold registers)
-    lane_taps = max(1, min(taps, -(-k_len // 32)))
+    lane_taps = max(1, min(taps, -(-k_len // lanes)))
     per_round = round_maps(geom.batch, dtype)
     wanted = min(geom.out_channels_per_group, 16 if wide else 8)
     config = None
@@ -317,8 +406,63 @@ def local_stream_config(geom, dtype):
         # rounds as even as they come, but in whole rounds of 8 at up to 2 images (ptxas
         # spilled 10 maps in two rounds of 5 there)
         map_round = per_round if rounds > 1 and per_round == 8 else -(-wanted // rounds)
-        config = local_stream_launch(geom, dtype, map_round * rounds, lane_taps, map_round)
+        config = local_stream_launch(geom, dtype, map_round * rounds, lane_taps, map_round,
+                                     warp_positions=positions)
     return config
+
+
+def input_lines_per_load(geom, itemsize, lanes, positions=1):
+    """128-byte lines one input load instruction of a warp touches, averaged over the loads
+    of ``K``: taps ``k0 .. k0 + lanes - 1`` (channel, kernel row, column) of ``positions``
+    consecutive positions from the middle of the output, the kernel's own addresses."""
+    kh, kw = geom.kernel_height, geom.kernel_width
+    k_len = geom.in_channels_per_group * kh * kw
+    n_pos = geom.out_height * geom.out_width
+    first = min(n_pos // 2, max(n_pos - positions, 0))
+
+    def lines(k0):
+        found = set()
+        for p in range(first, min(first + positions, n_pos)):
+            oy, ox = divmod(p, geom.out_width)
+            for k in range(k0, min(k0 + lanes, k_len)):
+                c, r = divmod(k, kh * kw)
+                ky, kx = divmod(r, kw)
+                iy = oy * geom.stride_h - geom.pad_top + ky * geom.dilation_h
+                ix = ox * geom.stride_w - geom.pad_left + kx * geom.dilation_w
+                if 0 <= iy < geom.in_height and 0 <= ix < geom.in_width:
+                    found.add(((c * geom.in_height + iy) * geom.in_width + ix)
+                              * itemsize // 128)
+        return len(found)
+
+    loads = range(0, -(-k_len // lanes) * lanes, lanes)
+    return sum(lines(k0) for k0 in loads) / max(len(loads), 1)
+
+
+def l1_lines_per_position(geom, dtype, config):
+    """The L1 data path's work an output position (every group and map) costs under
+    ``config``: the 128-byte lines of its input and weight loads, its shuffles and its
+    shared-memory adds (a clock of an SM's L1 each), counted from the kernel's own loops
+    and addresses."""
+    itemsize = np.dtype(dtype).itemsize
+    g = config.warp_positions
+    lanes = 32 // g
+    padded = _pow2_at_least(geom.batch, STREAM_MAX_BATCH)
+    shuffles = padded - 1 + _log2(lanes) - _log2(padded)
+    k_len = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
+    slabs = -(-k_len // (lanes * config.lane_taps))
+    c_og = geom.out_channels_per_group
+    maps = sum(-(-min(config.maps, c_og - m) // config.map_round) * config.map_round
+               for m in range(0, c_og, config.maps))  # maps loaded, padding included
+    x_lines = input_lines_per_load(geom, itemsize, lanes, g)
+    w_lines = g * max(1, lanes * itemsize // 128)
+    # reductions: once a slab each warp runs (past K too: the warps run alike), or once a
+    # warp where one round holds the block's maps
+    reductions = config.warps * (1 if config.maps == config.map_round
+                                 else -(-slabs // config.warps))
+    per_group = (config.map_blocks * slabs * config.lane_taps * geom.batch * x_lines
+                 + slabs * maps * config.lane_taps * w_lines
+                 + reductions * maps * (shuffles + 2))
+    return per_group * geom.groups / g
 
 
 def round_maps(batch, dtype):
@@ -337,26 +481,26 @@ def _warps(config):
 
 
 def local_stream_launch(geom, dtype, maps, lane_taps, map_round, warps=None,
-                        pos_per_block=None):
+                        pos_per_block=None, warp_positions=1):
     """The :class:`LocalStreamConfig` of given choices (tests force small ones)."""
     code = dtype_code(dtype)
     n_pos = geom.out_height * geom.out_width
     k_len = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
-    slabs = -(-k_len // (32 * lane_taps))
+    slabs = -(-k_len // (32 // warp_positions * lane_taps))
     map_blocks = -(-geom.out_channels_per_group // maps)
-    cells = n_pos * geom.groups * map_blocks
+    cells = -(-n_pos // warp_positions) * geom.groups * map_blocks  # a warp's work each
     if warps is None:
         warps = max(1, min(8, slabs, -(-STREAM_TARGET_WARPS // cells)))
     if pos_per_block is None:
-        pos_per_block = max(1, cells // _TARGET_BLOCKS)
+        pos_per_block = warp_positions * max(1, cells // _TARGET_BLOCKS)
     if geom.out_channels * n_pos * k_len >= 2**62:
         raise ValueError("local_conv2d's weights are too many to index")
     grid = check_grid((-(-n_pos // pos_per_block), geom.groups * map_blocks),
                       "local_conv2d")
     spec = local_stream_kernel(code, geom.kernel_height, geom.kernel_width, geom.batch,
-                               maps, lane_taps, map_round, warps)
+                               maps, lane_taps, map_round, warps, warp_positions)
     return LocalStreamConfig(spec, (32, warps), grid, 0, pos_per_block, map_blocks, maps,
-                             lane_taps, map_round, warps)
+                             lane_taps, map_round, warps, 1, warp_positions)
 
 
 def launch(kernel, config, x, weight, bias, out, has_bias, bias_len, geom, stream):

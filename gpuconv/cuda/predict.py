@@ -126,6 +126,13 @@ def _warp_loads(elements, threads, unroll, address, itemsize):
     return instructions, sectors, lines, rounds
 
 
+def _share(flops, seconds, roof):
+    """The share of the roofline ``flops`` in ``seconds`` reach: at most 1 (a kernel bound
+    by the fewest bytes is on the roofline, not a rounding error above it)."""
+    share = flops / seconds / roof
+    return 1.0 if 1.0 < share <= 1.0 + 1e-9 else share
+
+
 def _roofline(geom, flops, itemsize, weight_elements, device):
     """The H200 roofline of a layer: min(compute, arithmetic intensity x copy bandwidth),
     with the fewest bytes (each operand once)."""
@@ -322,45 +329,38 @@ def _stream_row(layer, geom, dtype, info, device, config=None):
     itemsize = np.dtype(dtype).itemsize
     n = geom.batch
     warps, taps, rnd, maps = config.warps, config.lane_taps, config.map_round, config.maps
+    g = config.warp_positions
+    lanes = 32 // g
     padded = 1 << (n - 1).bit_length()
-    shuffles = padded - 1 + 5 - (padded.bit_length() - 1)
+    shuffles = padded - 1 + (lanes.bit_length() - 1) - (padded.bit_length() - 1)
     kh, kw = geom.kernel_height, geom.kernel_width
     k_len = geom.in_channels_per_group * kh * kw
     n_pos = geom.out_height * geom.out_width
     c_og = geom.out_channels_per_group
-    slab = 32 * taps
-    slab_rounds = -(-(-(-k_len // slab)) // warps)  # slabs each warp runs per position
+    slab = lanes * taps
+    slabs = -(-k_len // slab)
+    slab_rounds = -(-slabs // warps)  # slabs each warp runs per position
     # Load rounds of one position over all map blocks of a group.
     rounds = sum(-(-min(maps, c_og - m) // rnd) for m in range(0, c_og, maps))
-    warp_slabs = n_pos * geom.groups * config.map_blocks * warps * slab_rounds
-    warp_rounds = n_pos * geom.groups * warps * slab_rounds * rounds
+    cells = -(-n_pos // g) * geom.groups  # a warp's positions side by side, each group
+    warp_slabs = cells * config.map_blocks * warps * slab_rounds
+    warp_rounds = cells * warps * slab_rounds * rounds
+    # reductions: once a slab, or once a warp where one round holds the block's maps
+    keep = maps == rnd
+    warp_reductions = cells * warps * rounds if keep else warp_rounds
 
-    # One slab of a middle position's input, the kernel's own addresses (tap k of lane l:
-    # channel, kernel row, column), lines per warp load instruction.
-    p = n_pos // 2
-    oy, ox = divmod(p, geom.out_width)
-
-    def x_lines(k0):
-        found = set()
-        for k in range(k0, min(k0 + 32, k_len)):
-            c, r = divmod(k, kh * kw)
-            ky, kx = divmod(r, kw)
-            iy = oy * geom.stride_h - geom.pad_top + ky * geom.dilation_h
-            ix = ox * geom.stride_w - geom.pad_left + kx * geom.dilation_w
-            if 0 <= iy < geom.in_height and 0 <= ix < geom.in_width:
-                found.add(((c * geom.in_height + iy) * geom.in_width + ix) * itemsize // 128)
-        return len(found)
-
-    loads = range(0, -(-k_len // 32) * 32, 32)
-    x_lines_per_load = sum(x_lines(k0) for k0 in loads) / max(len(loads), 1)
-    w_lines_per_load = max(1, 32 * itemsize // 128)
+    # Lines per load instruction from the kernel's own addresses (tap k of lane l: channel,
+    # kernel row, column; the warp's positions side by side), the L1 data path's whole
+    # work as the dispatcher's rule counts it (:func:`local_stream.l1_lines_per_position`).
+    x_lines_per_load = local_stream.input_lines_per_load(geom, itemsize, lanes, g)
+    w_lines_per_load = g * max(1, lanes * itemsize // 128)
     x_instr = warp_slabs * taps * n
     w_instr = warp_rounds * rnd * taps
     lines = x_instr * x_lines_per_load + w_instr * w_lines_per_load
     ffma = w_instr * n
-    mio = warp_rounds * rnd * (shuffles + 2) + lines
+    mio = local_stream.l1_lines_per_position(geom, dtype, config) * n_pos
     issue = (ffma + w_instr * _STREAM_WEIGHT_INSTR + x_instr * _STREAM_INPUT_INSTR
-             + warp_rounds * rnd * (shuffles * 3 + _STREAM_MAP_INSTR))
+             + warp_reductions * rnd * (shuffles * 3 + _STREAM_MAP_INSTR))
     weights = geom.out_channels * n_pos * k_len
     x_el = n * geom.in_channels * geom.in_height * geom.in_width
     y_el = n * geom.out_channels * n_pos
@@ -381,7 +381,7 @@ def _stream_row(layer, geom, dtype, info, device, config=None):
     bound = max(pipes, key=pipes.get)
     hidden = pipes[bound]
     block_rounds = -(-min(maps, c_og) // rnd)
-    block_latency = config.pos_per_block * slab_rounds * (
+    block_latency = -(-config.pos_per_block // g) * slab_rounds * (
         device.l2_latency_s + block_rounds * device.dram_latency_s)
     exposed = waves * block_latency
     time = max(hidden, exposed)
@@ -392,7 +392,7 @@ def _stream_row(layer, geom, dtype, info, device, config=None):
     return KernelRow(layer, config.kernel.name, registers, smem, threads, blocks, per_sm,
                      per_sm * warps / device.max_warps, blocks / slots, sectors / fma,
                      lines / (x_instr + w_instr), mio / fma, dram / fma, bound, time,
-                     2 * fma / time / roof, 2 * fma / hidden / roof)
+                     _share(2 * fma, time, roof), _share(2 * fma, hidden, roof))
 
 
 def _conv2d_row(layer, geom, dtype, info, device, config=None):
@@ -1009,7 +1009,7 @@ def _local_wgrad_gemm_row(layer, geom, dtype, info, device):
                      (g_sectors + x_sectors) / stage_fma,
                      (g_lines + x_lines) / max(g_instr + x_instr, 1),
                      lds_per_image / (threads * to * tk), dram / fma, bound, time,
-                     2 * fma / time / roof, 2 * fma / hidden / roof)
+                     _share(2 * fma, time, roof), _share(2 * fma, hidden, roof))
 
 
 def _local_grad_positions_rows(layer, geom, dtype, config, info, device):
