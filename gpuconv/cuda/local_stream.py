@@ -27,9 +27,10 @@ windows cover: a load instruction touches fewer lines where the kernel is narrow
    half of its values and receives the partner's half, so ``batch - 1 + log2(L) -
    log2(batch)`` shuffles instead of ``log2(L) * batch``); afterwards lane ``l`` holds
    image ``image_of_lane(l, batch, L)``'s sum, and one lane per image adds it to the
-   warp's sum of that (map, image) in shared memory, slabs in order. Where one round holds
-   all the block's maps the partial sums stay in registers across the warp's slabs and
-   are reduced once a position; otherwise once a slab;
+   warp's sum of that (map, image) in shared memory, slabs in order. With positions side
+   by side, where one round holds all the block's maps, the partial sums stay in
+   registers across the warp's slabs and are reduced once a position; otherwise once a
+   slab;
 4. at the end of the position the first warp adds the warps' sums in warp order, adds the
    bias and stores.
 
@@ -117,9 +118,10 @@ def local_stream_kernel(code, kernel_h, kernel_w, batch, maps, lane_taps, map_ro
         raise ValueError(f"{G} positions a warp leave {L} lanes a position, fewer than "
                          f"the {NP} images (padded) the butterfly spreads over them")
     SLAB = L * V
-    # One load round holds every map of the block: the partial sums are kept across the
-    # warp's slabs and reduced once a position, not once a slab.
-    KEEP = MAPS == U
+    # Positions side by side, one load round holding every map of the block: the partial
+    # sums are kept across the warp's slabs and reduced once a position, not once a slab
+    # (one position a warp keeps the kernel it had: its registers and its bits).
+    KEEP = MAPS == U and G > 1
     WRITER_MASK = (1 << (LL - LB)) - 1          # lanes with these bits zero write
     RED = S * G * MAPS * NP
     NXV, NWV, NPART = NB * V, U * V, U * NP  # register arrays' sizes
@@ -456,9 +458,9 @@ def l1_lines_per_position(geom, dtype, config):
     x_lines = input_lines_per_load(geom, itemsize, lanes, g)
     w_lines = g * max(1, lanes * itemsize // 128)
     # reductions: once a slab each warp runs (past K too: the warps run alike), or once a
-    # warp where one round holds the block's maps
-    reductions = config.warps * (1 if config.maps == config.map_round
-                                 else -(-slabs // config.warps))
+    # warp where positions side by side keep their sums (one round holds the maps)
+    keep = config.maps == config.map_round and g > 1
+    reductions = config.warps * (1 if keep else -(-slabs // config.warps))
     per_group = (config.map_blocks * slabs * config.lane_taps * geom.batch * x_lines
                  + slabs * maps * config.lane_taps * w_lines
                  + reductions * maps * (shuffles + 2))

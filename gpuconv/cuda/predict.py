@@ -345,8 +345,8 @@ def _stream_row(layer, geom, dtype, info, device, config=None):
     cells = -(-n_pos // g) * geom.groups  # a warp's positions side by side, each group
     warp_slabs = cells * config.map_blocks * warps * slab_rounds
     warp_rounds = cells * warps * slab_rounds * rounds
-    # reductions: once a slab, or once a warp where one round holds the block's maps
-    keep = maps == rnd
+    # reductions: once a slab, or once a warp where positions side by side keep their sums
+    keep = maps == rnd and g > 1
     warp_reductions = cells * warps * rounds if keep else warp_rounds
 
     # Lines per load instruction from the kernel's own addresses (tap k of lane l: channel,

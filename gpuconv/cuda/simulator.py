@@ -11,8 +11,8 @@ GPU acceptance script: a streaming local_conv2d 0.8 off on a scale of 7; a threa
 forced between the two steps makes every launch of a shared-memory kernel fail so).
 
 :func:`install` replaces the method with one that does the look-up and the creation under a
-lock, with the same semantics otherwise (one array per calling line and block, dynamic
-shared memory unchanged). It does nothing outside the simulator, and leaves numba-cuda's
+lock, with the same semantics otherwise (one array per calling line and launch, whose
+blocks the simulator runs one after another; dynamic shared memory unchanged). It does nothing outside the simulator, and leaves numba-cuda's
 method in place if its internals are not the ones described here.
 """
 
