@@ -55,8 +55,8 @@ from .spec import (_COMPUTE, _SCALAR, KernelSpec, _array, _pow2_at_least, _renam
 
 __all__ = ["LocalStreamConfig", "local_stream_kernel", "local_stream_config",
            "local_stream_launch", "use_local_stream", "image_of_lane", "STREAM_MAX_BATCH",
-           "STREAM_TARGET_WARPS", "launch", "round_maps", "warp_position_choices", "positions_config",
-           "input_lines_per_load", "l1_lines_per_position"]
+           "STREAM_TARGET_WARPS", "launch", "round_maps", "warp_position_choices",
+           "positions_config", "input_lines_per_load", "l1_lines_per_position"]
 
 #: Largest batch the streaming kernel takes (the dispatcher's bound: beyond it the images'
 #: partial sums crowd out the loads in flight, and the batched GEMM keeps more images per

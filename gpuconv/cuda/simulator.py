@@ -12,8 +12,9 @@ forced between the two steps makes every launch of a shared-memory kernel fail s
 
 :func:`install` replaces the method with one that does the look-up and the creation under a
 lock, with the same semantics otherwise (one array per calling line and launch, whose
-blocks the simulator runs one after another; dynamic shared memory unchanged). It does nothing outside the simulator, and leaves numba-cuda's
-method in place if its internals are not the ones described here.
+blocks the simulator runs one after another; dynamic shared memory unchanged). It does
+nothing outside the simulator, and leaves numba-cuda's method in place if its internals are
+not the ones described here.
 """
 
 from __future__ import annotations
