@@ -1541,6 +1541,16 @@ def loads_lines(results):
     return lines
 
 
+def _positions_baseline(pick, other):
+    """Whether streaming kernel ``other`` is ``pick`` (positions side by side in a warp)
+    at one position a warp: the same maps and rounds (``_m.._v.._u..`` of the names; the
+    taps a lane may differ), no ``_p`` suffix."""
+    shape = re.compile(r"_n(\d+)_m(\d+)_v\d+_u(\d+)_w\d+(_p\d+)?$")
+    a, b = shape.search(pick), shape.search(other)
+    return bool(a and b and a.group(4) and not b.group(4)
+                and a.group(1, 2, 3) == b.group(1, 2, 3))
+
+
 def _timed_ratios(now, earlier):
     """``(measured, predicted)``: ``earlier``'s time over ``now``'s as text (the predicted
     ``-`` where either lacks a prediction), or None unless both were checked and timed."""
@@ -1583,16 +1593,21 @@ def stream_lines(results, copy_bytes_per_s, device):
                     else "the copy rate not measured")
         lines.append(f"small batch {case}: `{pick['kernel']}` {pick['measured_ms']:.3f} ms "
                      f"(cold L2), {measured}; predicted {predicted}")
-        for earlier in rows:
-            if earlier is pick:
+        for other in rows:
+            if other is pick:
                 continue
-            ratios = _timed_ratios(pick, earlier)
+            # beside the pick: one position a warp (its maps and rounds, no ``_p`` suffix),
+            # or the earlier map rule
+            side = _positions_baseline(pick["kernel"], other["kernel"])
+            label, what = (("positions", "one position a warp") if side
+                           else ("map rule", "earlier rule"))
+            ratios = _timed_ratios(pick, other)
             if ratios is None:
-                lines.append(f"map rule {case}: `{earlier['kernel']}` (earlier rule) was not "
+                lines.append(f"{label} {case}: `{other['kernel']}` ({what}) was not "
                              "checked and timed")
                 continue
-            lines.append(f"map rule {case}: `{pick['kernel']}` {pick['measured_ms']:.3f} ms, "
-                         f"earlier rule `{earlier['kernel']}` {earlier['measured_ms']:.3f} ms: "
+            lines.append(f"{label} {case}: `{pick['kernel']}` {pick['measured_ms']:.3f} ms, "
+                         f"{what} `{other['kernel']}` {other['measured_ms']:.3f} ms: "
                          f"measured {ratios[0]}, predicted {ratios[1]}")
     if timed:
         lines.append(f"small batches: {met} of {timed} layer-batches at 70 % or more of the "

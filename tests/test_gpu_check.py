@@ -306,6 +306,23 @@ def test_stream_lines_give_the_share_of_the_copy_rate(gpu_check):
         "all)"]
 
 
+def test_stream_lines_name_one_position_a_warp_beside_the_pick(gpu_check):
+    from gpuconv.cuda import predict
+
+    def row(kernel, picked, measured):
+        return {"case": "s@8", "function": "local_conv2d", "kernel": kernel, "ok": True,
+                "picked": picked, "predicted_ms": 1.0, "measured_ms": measured,
+                "min_bytes": 3e9}
+
+    stem = "local_conv2d_stream_f32_k3x3_n8"
+    results = [row(f"{stem}_m5_v3_u5_w1_p4", True, 1.0), row(f"{stem}_m5_v3_u5_w1", False, 2.0),
+               row(f"{stem}_m8_v3_u4_w1", False, 3.0)]
+    lines = gpu_check.stream_lines(results, 4e12, predict.H200)
+    assert lines[1].startswith(f"positions s@8: `{stem}_m5_v3_u5_w1_p4` 1.000 ms, one position "
+                               f"a warp `{stem}_m5_v3_u5_w1` 2.000 ms: measured 2.00x")
+    assert lines[2].startswith("map rule s@8:") and "earlier rule" in lines[2]
+
+
 def launch_input_grad_config(geom):
     from gpuconv.cuda import launch
 

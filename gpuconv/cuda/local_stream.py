@@ -421,23 +421,18 @@ def input_lines_per_load(geom, itemsize, lanes, positions=1):
     k_len = geom.in_channels_per_group * kh * kw
     n_pos = geom.out_height * geom.out_width
     first = min(n_pos // 2, max(n_pos - positions, 0))
-
-    def lines(k0):
-        found = set()
-        for p in range(first, min(first + positions, n_pos)):
-            oy, ox = divmod(p, geom.out_width)
-            for k in range(k0, min(k0 + lanes, k_len)):
-                c, r = divmod(k, kh * kw)
-                ky, kx = divmod(r, kw)
-                iy = oy * geom.stride_h - geom.pad_top + ky * geom.dilation_h
-                ix = ox * geom.stride_w - geom.pad_left + kx * geom.dilation_w
-                if 0 <= iy < geom.in_height and 0 <= ix < geom.in_width:
-                    found.add(((c * geom.in_height + iy) * geom.in_width + ix)
-                              * itemsize // 128)
-        return len(found)
-
-    loads = range(0, -(-k_len // lanes) * lanes, lanes)
-    return sum(lines(k0) for k0 in loads) / max(len(loads), 1)
+    # (arrays: the dispatcher's rule counts this for every choice, K up to thousands)
+    c, r = np.divmod(np.arange(k_len), kh * kw)
+    ky, kx = np.divmod(r, kw)
+    oy, ox = np.divmod(np.arange(first, min(first + positions, n_pos))[:, None], geom.out_width)
+    iy = oy * geom.stride_h - geom.pad_top + ky * geom.dilation_h
+    ix = ox * geom.stride_w - geom.pad_left + kx * geom.dilation_w
+    inside = (iy >= 0) & (iy < geom.in_height) & (ix >= 0) & (ix < geom.in_width)
+    line = ((c * geom.in_height + iy) * geom.in_width + ix) * itemsize // 128
+    load = np.broadcast_to(np.arange(k_len) // lanes, line.shape)
+    # distinct (load, line) pairs, as one key each
+    keys = load[inside].astype(np.int64) * (int(line.max(initial=0)) + 1) + line[inside]
+    return np.unique(keys).size / -(-k_len // lanes)
 
 
 def l1_lines_per_position(geom, dtype, config):

@@ -23,6 +23,8 @@ import sys
 import threading
 
 import numpy
+from numba.core import types
+from numba.np import numpy_support
 
 from ..device import simulator_enabled
 
@@ -61,9 +63,6 @@ def _shared_array(self, shape, dtype, alignment=None):
     if shape == 0 or alignment is not None or not isinstance(allocations, dict):
         # dynamic shared memory, the unsupported alignment, or another simulator: as before
         return _ORIGINAL[0](self, shape, dtype, alignment)
-    from numba.core import types
-    from numba.np import numpy_support
-
     if isinstance(dtype, types.Type):
         dtype = numpy_support.as_dtype(dtype)
     caller = sys._getframe(1)
