@@ -54,7 +54,8 @@ on an H200 with JIT compilation included.
     the measured ratio beside the predicted one. The small batches' weight-streaming kernel
     on every layer at batches 8 and 1, each launch timed alone with L2 emptied first, as a
     share of a device copy's rate measured in the same run (the target: 70 %), beside the
-    model's share; on a few layers also under the earlier map rule
+    model's share; on a few layers also storing the outputs a position at a time instead of
+    in runs (:data:`STREAM_RUN_CASES`) and under the earlier map rule
     (:func:`earlier_stream_config`). Then
     ``gpuconv.set_autotune(True)`` as a user turns it on, on the last layer: the choice it
     makes, checked against the reference.
@@ -328,6 +329,11 @@ STREAM_TIMED_BATCHES = (8, 1)
 #: layers (5 and 10 maps), where the rule changed most (predicted 1.04x to 1.4x).
 STREAM_RULE_CASES = (("seed-conv1", 8), ("seed-conv2", 8), ("seed-conv1", 1),
                      ("seed-conv2", 1))
+#: ``(layer, batch)`` where the pick, whose blocks store their outputs in runs of
+#: consecutive positions (:data:`gpuconv.cuda.local_stream.OUT_RUN`), is also timed storing
+#: each position's outputs at once: the seed's layers at 8 images, where the stores are the
+#: largest share of the L1 data path's work (predicted 1.26x and 1.15x).
+STREAM_RUN_CASES = (("seed-conv1", 8), ("seed-conv2", 8))
 
 
 def earlier_stream_config(geom, dtype):
@@ -349,6 +355,12 @@ def earlier_stream_config(geom, dtype):
         maps = maps if earlier is None else earlier.maps // 2
         earlier = local_stream.local_stream_launch(geom, dtype, maps, lane_taps,
                                                    min(maps, 4))
+    # (its outputs stored as today's rule stores them: the ratio is the map rule's alone)
+    run = local_stream.output_run(geom, dtype, earlier)
+    if run > 1:
+        earlier = local_stream.local_stream_launch(
+            geom, dtype, earlier.maps, lane_taps, earlier.map_round, earlier.warps,
+            earlier.pos_per_block, out_run=run)
     return earlier
 
 
@@ -357,9 +369,10 @@ def stream_items(layers, dry_run=False):
     phase times: each layer at each of :data:`STREAM_TIMED_BATCHES` (a dry run: the first
     layer at batch 1), the dispatcher's pick; where the pick has several positions side by
     side in a warp, the one-position configuration beside it (a dry run: the most
-    positions the layer allows, so the simulator checks them); and on
-    :data:`STREAM_RULE_CASES` (a dry run: always) the earlier map rule's configuration
-    beside it where it differs."""
+    positions the layer allows, so the simulator checks them); on :data:`STREAM_RUN_CASES`
+    (a dry run: always), where the pick stores its outputs in runs, the pick storing them at
+    once; and on :data:`STREAM_RULE_CASES` (a dry run: always) the earlier map rule's
+    configuration beside it where it differs."""
     from gpuconv.cuda import local_stream
 
     cases = ([(layers[0], 1)] if dry_run else
@@ -373,11 +386,16 @@ def stream_items(layers, dry_run=False):
             side = [1]
         else:
             side = [max(local_stream.warp_position_choices(geom, np.float32))] if dry_run else []
+        at_once = []
+        if pick.out_run > 1 and (dry_run or (layer.name, batch) in STREAM_RUN_CASES):
+            at_once = [local_stream.local_stream_launch(
+                geom, np.float32, pick.maps, pick.lane_taps, pick.map_round, pick.warps,
+                pick.pos_per_block, pick.warp_positions, out_run=1)]
         earlier = []
         if dry_run or (layer.name, batch) in STREAM_RULE_CASES:
             earlier = [earlier_stream_config(geom, np.float32)]
         for config in [local_stream.positions_config(geom, np.float32, g)
-                       for g in side] + earlier:
+                       for g in side] + at_once + earlier:
             if config not in configs:
                 configs.append(config)
         items.append((layer, "local_conv2d", geom, configs))
@@ -1545,10 +1563,16 @@ def _positions_baseline(pick, other):
     """Whether streaming kernel ``other`` is ``pick`` (positions side by side in a warp)
     at one position a warp: the same maps and rounds (``_m.._v.._u..`` of the names; the
     taps a lane may differ), no ``_p`` suffix."""
-    shape = re.compile(r"_n(\d+)_m(\d+)_v\d+_u(\d+)_w\d+(_p\d+)?$")
+    shape = re.compile(r"_n(\d+)_m(\d+)_v\d+_u(\d+)_w\d+(_p\d+)?(?:_r\d+)?$")
     a, b = shape.search(pick), shape.search(other)
     return bool(a and b and a.group(4) and not b.group(4)
                 and a.group(1, 2, 3) == b.group(1, 2, 3))
+
+
+def _runs_baseline(pick, other):
+    """Whether streaming kernel ``other`` is ``pick`` (outputs stored in runs, an ``_r``
+    suffix) storing each position's outputs at once: the same name without the suffix."""
+    return bool(re.search(r"_r\d+$", pick)) and re.sub(r"_r\d+$", "", pick) == other
 
 
 def _timed_ratios(now, earlier):
@@ -1566,9 +1590,10 @@ def _timed_ratios(now, earlier):
 def stream_lines(results, copy_bytes_per_s, device):
     """The weight-streaming kernels' lines: per layer and batch the pick's time (cold L2)
     as a share of the copy rate measured in this run (the fewest bytes the forward moves
-    over its time), beside the model's share of ``device``'s copy rate; per
-    :data:`STREAM_RULE_CASES` the earlier map rule's time beside it, measured and predicted
-    ratios; and a count of the cases at 70 % or more."""
+    over its time), beside the model's share of ``device``'s copy rate; beside it, measured
+    and predicted ratios, one position a warp, the outputs stored at once
+    (:data:`STREAM_RUN_CASES`) and the earlier map rule (:data:`STREAM_RULE_CASES`); and a
+    count of the cases at 70 % or more."""
     lines, met, timed = [], 0, 0
     by_case = {}
     for r in results:
@@ -1597,10 +1622,13 @@ def stream_lines(results, copy_bytes_per_s, device):
             if other is pick:
                 continue
             # beside the pick: one position a warp (its maps and rounds, no ``_p`` suffix),
-            # or the earlier map rule
-            side = _positions_baseline(pick["kernel"], other["kernel"])
-            label, what = (("positions", "one position a warp") if side
-                           else ("map rule", "earlier rule"))
+            # its outputs stored at once (no ``_r`` suffix), or the earlier map rule
+            if _positions_baseline(pick["kernel"], other["kernel"]):
+                label, what = "positions", "one position a warp"
+            elif _runs_baseline(pick["kernel"], other["kernel"]):
+                label, what = "output runs", "stored at once"
+            else:
+                label, what = "map rule", "earlier rule"
             ratios = _timed_ratios(pick, other)
             if ratios is None:
                 lines.append(f"{label} {case}: `{other['kernel']}` ({what}) was not "

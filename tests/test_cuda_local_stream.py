@@ -146,10 +146,58 @@ def test_positions_side_by_side_in_a_warp(positions, batch, warps, pos_per_block
     config = local_stream.local_stream_launch(geom, np.float32, 2, 1, 2, warps, pos_per_block,
                                               positions)
     assert config.warp_positions == positions
-    assert config.kernel.name.endswith(f"_w{warps}_p{positions}")
+    assert f"_w{warps}_p{positions}" in config.kernel.name
     rng = np.random.default_rng(80 + positions + batch)
     x, w, b = _operands(rng, geom, np.float32, "position")
     _assert_matches(_launch(config, x, w, b, geom, np.float32), x, w, b, geom, np.float32)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("out_run, positions, pos_per_block, batch, dtype", [
+    (1, 1, 5, 3, np.float32),    # each position's outputs stored at once
+    (3, 1, 7, 3, np.float32),    # an odd run (rows unpadded): runs of 3, 3, 1 a block
+    (4, 2, 10, 8, np.float32),   # runs of 4 (two groups of 2 positions), the last cut short
+    (8, 4, 12, 5, np.float16),   # a run of 8 and one of 4; the half store rounds once
+    (8, 1, 9, 2, np.float64),    # runs of 8 and 1, then 3, in double
+])
+def test_output_runs(out_run, positions, pos_per_block, batch, dtype):
+    """A block's outputs gathered in shared memory over ``out_run`` consecutive positions
+    and stored as runs: runs cut short by the block's end and by the output's (12
+    positions in blocks of ``pos_per_block``), c_Og 3 (a partial map block)."""
+    from gpuconv.cuda import local_stream
+
+    geom = _geometry(batch, c_in=8)
+    config = local_stream.local_stream_launch(geom, dtype, 2, 1, 2, 1, pos_per_block,
+                                              positions, out_run)
+    assert config.out_run == out_run
+    name = config.kernel.name
+    assert name.endswith(f"_r{out_run}") if out_run > 1 else "_r" not in name
+    rng = np.random.default_rng(100 + out_run + batch)
+    x, w, b = _operands(rng, geom, dtype, "position")
+    _assert_matches(_launch(config, x, w, b, geom, dtype), x, w, b, geom, dtype)
+
+
+def test_output_runs_where_the_stores_weigh():
+    """Runs where a block takes several groups of positions and the stores are a tenth of
+    a position's L1 work or more (the seed's layers, K of 75 and 90, from 3 and 6 images);
+    not where the weights' loads dwarf them (AlexNet conv1: 0.97 of the work at 8 images),
+    nor at 1 or 2 images; never with one group a block; whole groups of positions."""
+    from gpuconv import workloads
+    from gpuconv.cuda import local_stream
+
+    def pick(name, batch):
+        return local_stream.local_stream_config(workloads.gpu_geometry(name, batch),
+                                                np.float32)
+
+    assert [pick("seed-conv1", n).out_run for n in (1, 2, 3, 8)] == [1, 1, 8, 8]
+    assert [pick("seed-conv2", n).out_run for n in (1, 5, 6, 8)] == [1, 1, 8, 8]
+    assert pick("alexnet-conv1", 8).out_run == 1 and pick("alexnet-conv1", 8).pos_per_block > 1
+    geom = _geometry(8)
+    one = local_stream.local_stream_launch(geom, np.float32, 2, 1, 2, 1, 4, 4)
+    assert local_stream.output_run(geom, np.float32, one) == 1  # one group a block
+    with pytest.raises(ValueError, match="output run of 6 positions"):
+        local_stream.local_stream_launch(geom, np.float32, 2, 1, 2, 1, 8, 4, 6)
 
 
 @pytest.mark.cuda
@@ -308,6 +356,20 @@ def test_input_lines_of_positions_side_by_side_by_hand():
     assert input_lines_per_load(geom, 4, 8, 4) == pytest.approx((3 + 4 + 1) / 3)
 
 
+def test_epilogue_lines_counted_by_hand():
+    """A position's end, per position (2 images, 4 maps, one warp, blocks of 8 positions on
+    an output 32 wide: a row of 128 bytes, 1 KB between the rows of two maps or images):
+    stored at once, 4 zeroings + 1 read of the sums + 8 values in 8 lines; in runs of 8, per
+    position the same 5 and 1 write to the run, then per run 2 reads and 2 stores of 4 rows
+    of 32 bytes (a line each): (8 * 6 + 2 + 8) / 8."""
+    from gpuconv.cuda.local_stream import epilogue_per_position, local_stream_launch
+
+    geom = conv_geometry((2, 1, 10, 34), (3, 3), 4, 1, 0, 1, 1)  # 8 x 32 positions
+    for run, expected in ((1, 13), (8, 58 / 8)):
+        config = local_stream_launch(geom, np.float32, 4, 1, 4, 1, 8, 1, run)
+        assert epilogue_per_position(geom, 4, config) == pytest.approx(expected)
+
+
 def test_positions_side_by_side_where_the_input_lines_bound():
     """Seed conv2 at 8 images (3 x 3 kernel, 5 maps: 11 lines a load of one position's
     input) takes 4 positions a warp; where the weights' stream bounds the kernel anyway
@@ -320,12 +382,12 @@ def test_positions_side_by_side_where_the_input_lines_bound():
         return local_stream.local_stream_config(workloads.gpu_geometry(name, batch), dtype)
 
     seed = pick("seed-conv2", 8)
-    assert seed.warp_positions == 4 and seed.kernel.name.endswith("_p4")
+    assert seed.warp_positions == 4 and "_p4" in seed.kernel.name
     assert pick("seed-conv2", 8, np.float16).warp_positions == 2
     for name, batch in (("vgg16-conv5_1", 8), ("alexnet-conv1", 8), ("seed-conv2", 1),
                         ("deepface-l4", 2)):
         config = pick(name, batch)
-        assert config.warp_positions == 1 and not config.kernel.name.endswith(("_p2", "_p4"))
+        assert config.warp_positions == 1 and "_p" not in config.kernel.name
 
 
 def test_images_of_2_31_elements_go_to_the_batched_gemm():

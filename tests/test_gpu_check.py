@@ -253,28 +253,38 @@ def test_stream_items_time_every_layer_at_both_ends_and_the_earlier_rule(gpu_che
         if configs[0].warp_positions > 1:  # one position a warp beside the pick
             assert side and side[0] == configs[1]
         rule = (layer.name, geom.batch) in gpu_check.STREAM_RULE_CASES
-        assert len(configs) == 1 + (configs[0].warp_positions > 1) + rule
+        runs = (layer.name, geom.batch) in gpu_check.STREAM_RUN_CASES
+        at_once = [c for c in configs[1:] if c == configs[0]._replace(
+            kernel=c.kernel, out_run=1)]
+        assert len(at_once) == runs  # the pick storing each position's outputs at once
+        if runs:
+            assert configs[0].out_run == local_stream.OUT_RUN
+            assert at_once[0].kernel.name + f"_r{local_stream.OUT_RUN}" == \
+                configs[0].kernel.name
+        assert len(configs) == 1 + (configs[0].warp_positions > 1) + runs + rule
         assert len(set(configs)) == len(configs)
     earlier = {(lay.name, g.batch): c[-1] for lay, _, g, c in items}
     assert (earlier["seed-conv2", 8].maps, earlier["seed-conv2", 8].map_round) == (8, 4)
     assert (earlier["seed-conv1", 8].maps, earlier["seed-conv1", 8].map_round) == (16, 4)
     assert (earlier["seed-conv1", 1].maps, earlier["seed-conv1", 1].map_round) == (16, 4)
     assert earlier["seed-conv1", 1].kernel.name.endswith("_n1_m16_v4_u4_w1")  # as it was
-    assert earlier["seed-conv2", 8].kernel.name.endswith("_n8_m8_v3_u4_w1")
+    # (its outputs stored as the pick's are: in runs at 8 images; the map rule's ratio alone)
+    assert earlier["seed-conv2", 8].kernel.name.endswith("_n8_m8_v3_u4_w1_r8")
     pick = {(lay.name, g.batch): c[0] for lay, _, g, c in items}
     assert (pick["seed-conv2", 8].maps, pick["seed-conv2", 8].map_round) == (5, 5)
     assert (pick["seed-conv1", 8].maps, pick["seed-conv1", 8].map_round) == (10, 5)
     assert (pick["deepface-l5", 1].maps, pick["deepface-l5", 1].map_round) == (16, 8)
     assert (pick["seed-conv2", 1].maps, pick["seed-conv2", 1].lane_taps) == (5, 3)
     (seed8,) = [c for lay, _, g, c in items if (lay.name, g.batch) == ("seed-conv2", 8)]
-    assert [c.warp_positions for c in seed8] == [4, 1, 1]  # the pick, one a warp, earlier
+    # the pick, one position a warp, the pick storing at once, the earlier rule
+    assert [(c.warp_positions, c.out_run) for c in seed8] == [(4, 8), (1, 1), (4, 1), (1, 8)]
     # where the rules agree (16 maps at batch 8) the earlier one gives the same launch
     vgg = workloads.LAYERS["vgg16-conv5_1"].geometry(8)
     assert gpu_check.earlier_stream_config(vgg, np.float32) == \
         local_stream.local_stream_config(vgg, np.float32)
     (dry,) = gpu_check.stream_items(gpu_check.suite_layers(dry_run=True), dry_run=True)
     assert dry[2].batch == 1 and len(dry[3]) == 3  # the pick, one position a warp, earlier
-    assert [c.warp_positions for c in dry[3]] == [2, 1, 1]
+    assert [c.warp_positions for c in dry[3]] == [4, 1, 1]
 
 
 def test_stream_lines_give_the_share_of_the_copy_rate(gpu_check):
@@ -321,6 +331,15 @@ def test_stream_lines_name_one_position_a_warp_beside_the_pick(gpu_check):
     assert lines[1].startswith(f"positions s@8: `{stem}_m5_v3_u5_w1_p4` 1.000 ms, one position "
                                f"a warp `{stem}_m5_v3_u5_w1` 2.000 ms: measured 2.00x")
     assert lines[2].startswith("map rule s@8:") and "earlier rule" in lines[2]
+    # output runs (an ``_r`` suffix): beside the same kernel storing each position at once
+    results = [row(f"{stem}_m5_v3_u5_w1_p4_r8", True, 1.0),
+               row(f"{stem}_m5_v3_u5_w1_r8", False, 2.0),
+               row(f"{stem}_m5_v3_u5_w1_p4", False, 1.5)]
+    lines = gpu_check.stream_lines(results, 4e12, predict.H200)
+    assert lines[1].startswith("positions s@8:") and "one position a warp" in lines[1]
+    assert lines[2] == (f"output runs s@8: `{stem}_m5_v3_u5_w1_p4_r8` 1.000 ms, stored at "
+                        f"once `{stem}_m5_v3_u5_w1_p4` 1.500 ms: measured 1.50x, predicted "
+                        "1.00x")
 
 
 def launch_input_grad_config(geom):
@@ -692,12 +711,12 @@ def test_dry_run_runs_every_phase(gpu_check, tmp_path):
     candidates = phases["candidates"]["results"]
     assert {r["kernel"].split("_f32")[0] for r in candidates} == {
         "conv2d", "conv2d_gemm", "local_conv2d", "local_conv2d_gemm", "local_conv2d_stream"}
-    # (and the first layer's streaming kernel at batch 1: the pick, two positions a warp,
+    # (and the first layer's streaming kernel at batch 1: the pick, four positions a warp,
     # beside one position a warp and the earlier map rule)
     assert sum(r["picked"] for r in candidates) == 2 * len(DRY_LAYER_NAMES) + 1
     streams = [r for r in candidates if r["case"] == "dry-a@1"]
     assert [r["picked"] for r in streams] == [True, False, False]
-    assert all(r["ok"] for r in streams) and streams[0]["kernel"].endswith("_p2")
+    assert all(r["ok"] for r in streams) and streams[0]["kernel"].endswith("_p4")
     assert all(r["min_bytes"] > 0 for r in streams)
     # and autotuning, turned on as a user does, chose among them
     tuned = phases["candidates"]["autotune"]

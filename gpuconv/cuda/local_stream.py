@@ -32,7 +32,10 @@ windows cover: a load instruction touches fewer lines where the kernel is narrow
    registers across the warp's slabs and are reduced once a position; otherwise once a
    slab;
 4. at the end of the position the first warp adds the warps' sums in warp order, adds the
-   bias and stores.
+   bias and stores; where a block takes more than one group of positions it gathers its
+   outputs in shared memory instead and stores them every ``out_run`` positions as runs of
+   consecutive positions (a position's outputs lie ``h_O * w_O`` apart: stored at once,
+   each value is a line of its own).
 
 No atomics: every sum has a fixed order, so results repeat bitwise. float16 loads half
 words and computes in float32 (one rounding at the store); float64 computes in float64.
@@ -56,7 +59,8 @@ from .spec import (_COMPUTE, _SCALAR, KernelSpec, _array, _pow2_at_least, _renam
 __all__ = ["LocalStreamConfig", "local_stream_kernel", "local_stream_config",
            "local_stream_launch", "use_local_stream", "image_of_lane", "STREAM_MAX_BATCH",
            "STREAM_TARGET_WARPS", "launch", "round_maps", "warp_position_choices",
-           "positions_config", "input_lines_per_load", "l1_lines_per_position"]
+           "positions_config", "input_lines_per_load", "l1_lines_per_position",
+           "epilogue_per_position", "output_run", "OUT_RUN"]
 
 #: Largest batch the streaming kernel takes (the dispatcher's bound: beyond it the images'
 #: partial sums crowd out the loads in flight, and the batched GEMM keeps more images per
@@ -69,6 +73,10 @@ STREAM_TARGET_WARPS = 132 * 32
 # Blocks the grid aims for when positions are grouped: a few waves of 16 blocks per SM.
 _TARGET_BLOCKS = 132 * 16 * 4
 _FULL = 0xFFFFFFFF
+#: Positions of an output run: a block's outputs stored 8 consecutive positions at a time
+#: (32 bytes of float32 a (map, image), a sector) instead of a line per value; its shared
+#: memory, ``maps * batch * 9`` words, is 4.6 KB at 16 maps and 8 images.
+OUT_RUN = 8
 # L1 lines an H200 passes per byte it copies: 132 SMs x 1.98 GHz x one line a clock, over
 # 4.3 TB/s (the positions-per-warp rule weighs L1's work against the weights' stream).
 _L1_LINES_PER_DRAM_BYTE = 132 * 1.98e9 / 4.3e12
@@ -91,11 +99,13 @@ def image_of_lane(lane, batch, lanes=32):
 
 @functools.lru_cache(maxsize=None)
 def local_stream_kernel(code, kernel_h, kernel_w, batch, maps, lane_taps, map_round, warps,
-                        warp_positions=1):
+                        warp_positions=1, out_run=1):
     """The streaming local_conv2d forward, specialised on dtype, kernel size, batch, maps
-    per block, taps per lane, maps per load round, warps per block and positions per warp
+    per block, taps per lane, maps per load round, warps per block, positions per warp
     (``warp_positions`` consecutive positions side by side, each on ``32 / warp_positions``
-    lanes: at least the batch padded to a power of two).
+    lanes: at least the batch padded to a power of two) and output run (``out_run``
+    consecutive positions whose outputs the block gathers in shared memory and stores
+    together, a multiple of ``warp_positions``; 1: each position's stored at once).
 
     Launch (see :func:`local_stream_config`): ``block = (32, warps)``, ``grid =
     (ceil(P / pos_per_block), groups * map_blocks)``, no dynamic shared memory. Kernel
@@ -108,8 +118,8 @@ def local_stream_kernel(code, kernel_h, kernel_w, batch, maps, lane_taps, map_ro
     store = _SCALAR[code]
     KH, KW = int(kernel_h), int(kernel_w)
     KHW = KH * KW
-    NB, MAPS, V, U, S, G = (int(v) for v in (batch, maps, lane_taps, map_round, warps,
-                                             warp_positions))
+    NB, MAPS, V, U, S, G, QB = (int(v) for v in (batch, maps, lane_taps, map_round, warps,
+                                                 warp_positions, out_run))
     NP = _pow2_at_least(NB, STREAM_MAX_BATCH)  # images padded to a power of two
     LB = _log2(NP)                              # transposing steps of the butterfly
     L = 32 // G                                 # lanes of one position
@@ -117,6 +127,9 @@ def local_stream_kernel(code, kernel_h, kernel_w, batch, maps, lane_taps, map_ro
     if G not in (1, 2, 4, 8) or NP > L:
         raise ValueError(f"{G} positions a warp leave {L} lanes a position, fewer than "
                          f"the {NP} images (padded) the butterfly spreads over them")
+    if QB < 1 or (QB > 1 and QB % G):
+        raise ValueError(f"an output run of {QB} positions is not a whole number of the "
+                         f"warp's {G} positions side by side")
     SLAB = L * V
     # Positions side by side, one load round holding every map of the block: the partial
     # sums are kept across the warp's slabs and reduced once a position, not once a slab
@@ -129,6 +142,11 @@ def local_stream_kernel(code, kernel_h, kernel_w, batch, maps, lane_taps, map_ro
     # shared memory between two barriers (every thread of the block takes part).
     SIM = simulator_enabled()
     XCH = 32 * S * U * max(1, NP // 2) if SIM else 1
+    # Output runs: the block's sums of QB consecutive positions, a row of QB (padded to an
+    # odd count of words: no bank conflicts) per (map, image), stored as runs of
+    # consecutive positions (a position's outputs lie h_O * w_O apart, a line each).
+    QROW = QB + 1 - QB % 2
+    QBUF = MAPS * NB * QROW if QB > 1 else 1
 
     def kernel(x, weight, bias, out, has_bias, bias_len, c_I, h, wd, c_O, h_O, w_O, c_Ig,
                c_Og, s_H, s_W, pt, pl, d_H, d_W, pos_per_block, map_blocks):
@@ -152,6 +170,7 @@ def local_stream_kernel(code, kernel_h, kernel_w, batch, maps, lane_taps, map_ro
         slabs = (k_len + SLAB - 1) // SLAB
         red = cuda.shared.array(RED, dtype=scalar)
         xch = cuda.shared.array(XCH, dtype=scalar)  # the simulator's shuffles
+        runs = cuda.shared.array(QBUF, dtype=scalar)  # the output run (QB > 1)
         tid = wy * 32 + lane
 
         xv = cuda.local.array(NXV, dtype=scalar)
@@ -165,6 +184,7 @@ def local_stream_kernel(code, kernel_h, kernel_w, batch, maps, lane_taps, map_ro
 
         p_first = cuda.blockIdx.x * pos_per_block
         p_end = min(p_first + pos_per_block, n_pos)
+        slot = int32(0)  # the group's first column in the output run (QB > 1)
         for p0 in range(p_first, p_end, G):
             # This lane's position; past the block's last (a partial group): no loads, no
             # store, but every lane takes part in the shuffles and barriers.
@@ -288,12 +308,34 @@ def local_stream_kernel(code, kernel_h, kernel_w, batch, maps, lane_taps, map_ro
                         if has_bias != 0:
                             at = co * bias_len + (q if bias_len > 1 else 0)
                             total += scalar(bias[uint64(at)])
-                        out[uint64((b * c_O + co) * n_pos + q)] = store(total)
-            # Wait until the sums are read before the next position overwrites them.
+                        if QB == 1:
+                            out[uint64((b * c_O + co) * n_pos + q)] = store(total)
+                        else:
+                            runs[(m * NB + b) * QROW + slot + g2] = total
+            # Wait until the sums are read before the next position overwrites them (and
+            # the run's values are written before they are stored).
             cuda.syncthreads()
+            if QB > 1:
+                slot = int32(slot + G)
+                if slot == QB or p0 + G >= p_end:  # the run's last group: the same for the block
+                    base = p0 + G - slot  # the run's first position
+                    n_run = int32(min(slot, p_end - base))
+                    slot = int32(0)
+                    # consecutive threads on consecutive positions of a (map, image) row
+                    for f in range(int32(tid), int32(MAPS * NB * QB), int32(32 * S)):
+                        row = int32(f // QB)
+                        col = int32(f - row * QB)
+                        rm = int32(row // NB)  # the row's map and image
+                        if col < n_run and rm < n_co:
+                            rb = int32(row - rm * NB)
+                            out[uint64((rb * c_O + co0 + rm) * n_pos + base + col)] = store(
+                                runs[row * QROW + col])
+                    # (the next write to the run follows the next position's first
+                    # barrier, which every thread reaches after its stores)
 
     name = f"local_conv2d_stream_{code}_k{KH}x{KW}_n{NB}_m{MAPS}_v{V}_u{U}_w{S}"
     name += f"_p{G}" if G > 1 else ""
+    name += f"_r{QB}" if QB > 1 else ""
     signature = (_array(code, 1),) * 4 + (types.int64,) * 18
     # 32 * warps threads, 15 warps per SM: at most 136 registers a thread (float64, whose
     # values take two registers each: 8 warps, at most 255). Positions side by side keep
@@ -318,6 +360,7 @@ class LocalStreamConfig(NamedTuple):
     warps: int            # warps per block, splitting K
     slices: int = 1       # (no split-K scratch; the launch layer reads this)
     warp_positions: int = 1  # consecutive positions side by side in a warp
+    out_run: int = 1      # consecutive positions whose outputs are stored together
 
 
 def use_local_stream(geom):
@@ -356,6 +399,11 @@ def local_stream_config(geom, dtype):
     are fewer by at least a fifth (where the stream bounds every choice: one position),
     and only where the grid keeps the maps per block that one position a warp has (a
     grid short of warps halves them, and then waits on its loads' latency instead).
+
+    Output runs (:func:`output_run`): where a block takes more than one group of positions,
+    its outputs are stored :data:`OUT_RUN` consecutive positions at a time (a sector of
+    float32 a map and image) rather than a line a value. The L1 work counted for the rule
+    includes a position's end (:func:`epilogue_per_position`).
     """
     if not use_local_stream(geom):
         raise ValueError(f"the streaming local_conv2d takes 1 to {STREAM_MAX_BATCH} images "
@@ -410,6 +458,10 @@ def positions_config(geom, dtype, positions):
         map_round = per_round if rounds > 1 and per_round == 8 else -(-wanted // rounds)
         config = local_stream_launch(geom, dtype, map_round * rounds, lane_taps, map_round,
                                      warp_positions=positions)
+    run = output_run(geom, dtype, config)
+    if run > 1:
+        config = local_stream_launch(geom, dtype, config.maps, lane_taps, config.map_round,
+                                     config.warps, config.pos_per_block, positions, run)
     return config
 
 
@@ -458,8 +510,59 @@ def l1_lines_per_position(geom, dtype, config):
     reductions = config.warps * (1 if keep else -(-slabs // config.warps))
     per_group = (config.map_blocks * slabs * config.lane_taps * geom.batch * x_lines
                  + slabs * maps * config.lane_taps * w_lines
-                 + reductions * maps * (shuffles + 2))
+                 + reductions * maps * (shuffles + 2)
+                 + g * config.map_blocks * epilogue_per_position(geom, itemsize, config))
     return per_group * geom.groups / g
+
+
+def epilogue_per_position(geom, itemsize, config):
+    """The L1 data path's work of a block's end of position, per position of one map
+    block: each warp's zeroing of its sums in shared memory, the first warp's reads of
+    every warp's sums, and the stores of the outputs (``(b, c_O, h_O, w_O)``: a position's
+    values lie ``h_O * w_O`` apart, a line each), or with output runs their writes to
+    shared memory and the coalesced stores of each run. Counted from the kernel's own
+    loops and addresses on a block in the middle of the output, every map present."""
+    g, maps, nb = config.warp_positions, config.maps, geom.batch
+    n_pos = geom.out_height * geom.out_width
+    ppb = config.pos_per_block
+    first = min(n_pos // 2 // ppb * ppb, max(n_pos - ppb, 0))
+    count = min(ppb, n_pos - first)
+    run = config.out_run
+    groups = -(-count // g)
+    e_per_group = g * maps * nb
+    shared = groups * (config.warps * maps                            # zeroing
+                       + -(-e_per_group // 32) * config.warps)        # the sums' reads
+    # (warp 0's elements e: position e // (maps * nb) of the group, then map, then image)
+    e = np.arange(e_per_group)
+    q_of, rest = np.divmod(e, maps * nb)
+    m, b = np.divmod(rest, nb)
+    if run == 1:
+        q = first + np.arange(groups)[:, None] * g + q_of
+        ok = q < first + count
+        line = ((b * geom.out_channels + m) * n_pos + q) * itemsize // 128
+        key = np.arange(groups)[:, None] * (e_per_group // 32 + 1) + e // 32
+        stores = _distinct(key[ok], line[ok])
+    else:
+        shared += groups * -(-e_per_group // 32)                      # writes to the runs
+        stores = 0
+        for base in range(first, first + count, run):
+            n_run = min(run, first + count - base)
+            f = np.arange(maps * nb * run)
+            row, col = np.divmod(f, run)
+            mm, bb = np.divmod(row, nb)
+            live = col < n_run
+            shared += -(-f.size // 32)                                # the runs' reads
+            line = ((bb * geom.out_channels + mm) * n_pos + base + col) * itemsize // 128
+            stores += _distinct((f // 32)[live], line[live])
+    return (shared + stores) / count
+
+
+def _distinct(keys, lines):
+    """Distinct (instruction, line) pairs."""
+    keys, lines = np.asarray(keys, np.int64), np.asarray(lines, np.int64)
+    if keys.size == 0:
+        return 0
+    return np.unique(keys * (int(lines.max()) + 1) + lines).size
 
 
 def round_maps(batch, dtype):
@@ -478,7 +581,7 @@ def _warps(config):
 
 
 def local_stream_launch(geom, dtype, maps, lane_taps, map_round, warps=None,
-                        pos_per_block=None, warp_positions=1):
+                        pos_per_block=None, warp_positions=1, out_run=1):
     """The :class:`LocalStreamConfig` of given choices (tests force small ones)."""
     code = dtype_code(dtype)
     n_pos = geom.out_height * geom.out_width
@@ -495,9 +598,26 @@ def local_stream_launch(geom, dtype, maps, lane_taps, map_round, warps=None,
     grid = check_grid((-(-n_pos // pos_per_block), geom.groups * map_blocks),
                       "local_conv2d")
     spec = local_stream_kernel(code, geom.kernel_height, geom.kernel_width, geom.batch,
-                               maps, lane_taps, map_round, warps, warp_positions)
+                               maps, lane_taps, map_round, warps, warp_positions, out_run)
     return LocalStreamConfig(spec, (32, warps), grid, 0, pos_per_block, map_blocks, maps,
-                             lane_taps, map_round, warps, 1, warp_positions)
+                             lane_taps, map_round, warps, 1, warp_positions, out_run)
+
+
+def output_run(geom, dtype, config):
+    """Positions whose outputs a block of ``config`` (its outputs stored at once) should
+    gather in shared memory and store together: :data:`OUT_RUN` where the block takes more
+    than one group of positions and that cuts a position's L1 work
+    (:func:`l1_lines_per_position`) by a tenth or more, else 1. (The runs cost registers,
+    up to 10 more a thread in ptxas, and with them resident blocks: where the stores are a
+    small share of the work, and at 1 or 2 images, whose kernels wait on their loads'
+    latency, the runs are not worth it.)"""
+    if config.pos_per_block <= config.warp_positions or OUT_RUN % config.warp_positions:
+        return 1
+    runs = config._replace(out_run=OUT_RUN)
+    if l1_lines_per_position(geom, dtype, runs) < 0.9 * l1_lines_per_position(geom, dtype,
+                                                                             config):
+        return OUT_RUN
+    return 1
 
 
 def launch(kernel, config, x, weight, bias, out, has_bias, bias_len, geom, stream):

@@ -319,8 +319,9 @@ def _stream_row(layer, geom, dtype, info, device, config=None):
     """The weight-streaming forward (:mod:`gpuconv.cuda.local_stream`, batches <= 8).
 
     Pipes: FMA, issue, DRAM, and one for the L1/shared-memory data path (the shuffles,
-    the shared-memory adds of the slab sums, and the 128-byte lines of every load
-    instruction, one a clock). Latency (Little's law): a warp's load rounds are one DRAM
+    the shared-memory adds of the slab sums, the 128-byte lines of every load
+    instruction, one a clock, and each position's end: the sums' zeroing and reads, and
+    the lines of the output stores, a line a value unless stored in runs). Latency (Little's law): a warp's load rounds are one DRAM
     round trip each (its ``map_round * lane_taps`` weight loads in flight), each slab's
     input one L2 round trip first; nothing overlapped within a warp, the SM's resident
     warps side by side.
