@@ -9,11 +9,16 @@ run then checks.
     PYTHONPATH=. python scripts/kernel_table.py [--layers NAME ...] [--suite default|full]
                                                 [--dtype float32|float16] [--batch N]
                                                 [--no-gradients] [--no-ptxas]
-                                                [--local-gradients]
+                                                [--local-gradients] [--stream-search]
 
 ``--candidates`` prints, for each layer and forward operation, every kernel the dispatcher
 weighs (its pick marked) with its predicted time: the choices the acceptance run's
 ``candidates`` phase then times side by side.
+
+``--stream-search`` prints, for each layer at a batch of 1 to 8 (default 8), the
+streaming local forward's pick beside the model's fastest launch of the same kernel
+(:func:`gpuconv.cuda.predict.stream_search`), each predicted with the launch bounds'
+registers and with ptxas's.
 
 ``--local-gradients`` prints only the local_conv2d gradient kernels (the batched GEMMs and
 the weight gradient's slice sum), then each layer's predicted local backward beside the
@@ -42,6 +47,9 @@ def main(argv=None):
                         "backward against unfold + einsum")
     parser.add_argument("--candidates", action="store_true",
                         help="every forward kernel the dispatcher weighs, the pick marked")
+    parser.add_argument("--stream-search", action="store_true",
+                        help="the streaming local forward's pick beside the model's fastest "
+                        "launch (batch 1 to 8, default 8)")
     parser.add_argument("--no-ptxas", action="store_true",
                         help="registers from the launch bounds instead of ptxas (faster)")
     args = parser.parse_args(argv)
@@ -64,6 +72,12 @@ def main(argv=None):
     names = args.layers or bench.SUITES[args.suite]
     if args.candidates:
         print(candidate_table(names, np.dtype(args.dtype), args.batch, ptxas))
+        return 0
+    if args.stream_search:
+        batch = 8 if args.batch is None else args.batch
+        if not 1 <= batch <= 8:
+            parser.error(f"--stream-search takes a batch of 1 to 8, got {batch}")
+        print(stream_search_table(names, np.dtype(args.dtype), batch, ptxas))
         return 0
     rows = []
     for name in names:
@@ -115,6 +129,43 @@ def candidate_table(names, dtype, batch, ptxas):
             best = min((t for t in timed if t[0] is not None), default=None)
             if best and best[1] != picked.kernel.name:
                 lines.append(f"| | | fastest predicted: `{best[1]}` | | | | | |")
+    return "\n".join(lines)
+
+
+def stream_search_table(names, dtype, batch, ptxas):
+    """Markdown: each layer's streaming pick and the model's fastest launch
+    (:func:`gpuconv.cuda.predict.stream_search`), predicted with the launch bounds'
+    registers and, where ``ptxas`` is given, with ptxas's."""
+    from gpuconv import workloads
+    from gpuconv.cuda import local_stream, predict
+
+    def short(config):
+        return config.kernel.name.split("_", 4)[-1]  # past local_conv2d_stream_<dtype>_
+
+    def times(name, geom, config):
+        bounds = predict.forward_row(name, geom, dtype, config).time_s * 1e3
+        if ptxas is None:
+            return f"{bounds:.3f} ms", bounds, None
+        info = ptxas(config.kernel)
+        ms = predict.forward_row(name, geom, dtype, config, info).time_s * 1e3
+        spills = ", spills" if info.spill_stores or info.spill_loads else ""
+        return f"{bounds:.3f} / {ms:.3f} ms ({info.registers} regs{spills})", bounds, ms
+
+    how = "bounds" if ptxas is None else "bounds / ptxas"
+    lines = [f"| layer (N = {batch}) | pick | predicted ({how}) | the model's fastest launch "
+             f"| predicted ({how}) | pick / fastest ({how}) |", "|---|---|---|---|---|---|"]
+    for name in names:
+        layer = workloads.LAYERS[name]
+        geom = workloads.gpu_geometry(layer, batch)
+        pick = local_stream.local_stream_config(geom, dtype)
+        best = predict.stream_search(geom, dtype)[0][1]
+        p_text, p_bounds, p_ms = times(name, geom, pick)
+        b_text, b_bounds, b_ms = times(name, geom, best)
+        ratio = f"{p_bounds / b_bounds:.2f}x"
+        if p_ms is not None:
+            ratio += f" / {p_ms / b_ms:.2f}x"
+        lines.append(f"| {layer.short_title} | `{short(pick)}` | {p_text} | `{short(best)}` | "
+                     f"{b_text} | {ratio} |")
     return "\n".join(lines)
 
 

@@ -261,11 +261,15 @@ def test_stream_items_time_every_layer_at_both_ends_and_the_earlier_rule(gpu_che
             assert configs[0].out_run == local_stream.OUT_RUN
             assert at_once[0].kernel.name + f"_r{local_stream.OUT_RUN}" == \
                 configs[0].kernel.name
-        assert len(configs) == 1 + (configs[0].warp_positions > 1) + runs + rule
+        searched = (gpu_check.searched_stream_config(geom, configs[0])
+                    if geom.batch == 8 else None)
+        if searched is not None:  # the model's fastest launch, far ahead of the pick
+            assert searched in configs[1:]
+        assert len(configs) == (1 + (configs[0].warp_positions > 1) + runs
+                                + (searched is not None) + rule)
         assert len(set(configs)) == len(configs)
     earlier = {(lay.name, g.batch): c[-1] for lay, _, g, c in items}
     assert (earlier["seed-conv2", 8].maps, earlier["seed-conv2", 8].map_round) == (8, 4)
-    assert (earlier["seed-conv1", 8].maps, earlier["seed-conv1", 8].map_round) == (16, 4)
     assert (earlier["seed-conv1", 1].maps, earlier["seed-conv1", 1].map_round) == (16, 4)
     assert earlier["seed-conv1", 1].kernel.name.endswith("_n1_m16_v4_u4_w1")  # as it was
     # (its outputs stored as the pick's are: in runs at 8 images; the map rule's ratio alone)
@@ -282,9 +286,14 @@ def test_stream_items_time_every_layer_at_both_ends_and_the_earlier_rule(gpu_che
     vgg = workloads.LAYERS["vgg16-conv5_1"].geometry(8)
     assert gpu_check.earlier_stream_config(vgg, np.float32) == \
         local_stream.local_stream_config(vgg, np.float32)
+    # the model's fastest launches far ahead of the picks: DeepFace L5 and L6 at 8 images
+    assert {case for case, _ in gpu_check.searched_kernels(items)} == {
+        "deepface-l5@8", "deepface-l6@8"}
     (dry,) = gpu_check.stream_items(gpu_check.suite_layers(dry_run=True), dry_run=True)
-    assert dry[2].batch == 1 and len(dry[3]) == 3  # the pick, one position a warp, earlier
-    assert [c.warp_positions for c in dry[3]] == [4, 1, 1]
+    # the pick, one position a warp, the model's fastest launch, the earlier rule
+    assert dry[2].batch == 1 and len(dry[3]) == 4
+    assert [c.warp_positions for c in dry[3]] == [4, 1, 1, 1]
+    assert dry[3][2] == gpu_check.searched_stream_config(dry[2], dry[3][0], 1.0)
 
 
 def test_stream_lines_give_the_share_of_the_copy_rate(gpu_check):
@@ -340,6 +349,13 @@ def test_stream_lines_name_one_position_a_warp_beside_the_pick(gpu_check):
     assert lines[2] == (f"output runs s@8: `{stem}_m5_v3_u5_w1_p4_r8` 1.000 ms, stored at "
                         f"once `{stem}_m5_v3_u5_w1_p4` 1.500 ms: measured 1.50x, predicted "
                         "1.00x")
+    # the model's fastest launch, named as such whatever its name says
+    results.append(row(f"{stem}_m8_v4_u8_w2_p2", False, 0.5))
+    lines = gpu_check.stream_lines(results, 4e12, predict.H200,
+                                   {("s@8", f"{stem}_m8_v4_u8_w2_p2")})
+    assert lines[3].startswith(f"model's best s@8: `{stem}_m5_v3_u5_w1_p4_r8` 1.000 ms, the "
+                               f"model's fastest launch `{stem}_m8_v4_u8_w2_p2` 0.500 ms: "
+                               "measured 0.50x")
 
 
 def launch_input_grad_config(geom):
@@ -712,10 +728,10 @@ def test_dry_run_runs_every_phase(gpu_check, tmp_path):
     assert {r["kernel"].split("_f32")[0] for r in candidates} == {
         "conv2d", "conv2d_gemm", "local_conv2d", "local_conv2d_gemm", "local_conv2d_stream"}
     # (and the first layer's streaming kernel at batch 1: the pick, four positions a warp,
-    # beside one position a warp and the earlier map rule)
+    # beside one position a warp, the model's fastest launch and the earlier map rule)
     assert sum(r["picked"] for r in candidates) == 2 * len(DRY_LAYER_NAMES) + 1
     streams = [r for r in candidates if r["case"] == "dry-a@1"]
-    assert [r["picked"] for r in streams] == [True, False, False]
+    assert [r["picked"] for r in streams] == [True, False, False, False]
     assert all(r["ok"] for r in streams) and streams[0]["kernel"].endswith("_p4")
     assert all(r["min_bytes"] > 0 for r in streams)
     # and autotuning, turned on as a user does, chose among them

@@ -98,6 +98,40 @@ def test_small_batch_rows_are_the_streaming_kernel(batch):
     assert not any("sum_slices" in r.kernel for r in rows)
 
 
+@pytest.mark.parametrize("name", ["seed-conv1", "deepface-l6"])
+def test_stream_search_ranks_launches_the_rule_could_make(name):
+    """The model's search over the streaming kernel's launches: fastest first by the
+    model's own rows, every launch distinct, the rule's pick among them (its choices are
+    in the space searched), nothing predicted slower than the pick ranked above it."""
+    from gpuconv import workloads
+    from gpuconv.cuda import local_stream, predict
+
+    geom = workloads.gpu_geometry(name, 8)
+    found = predict.stream_search(geom, np.float32)
+    times = [t for t, _ in found]
+    assert times == sorted(times) and len(found) > 50
+    assert len({c.kernel.name + str(c.grid) for _, c in found}) == len(found)
+    pick = local_stream.local_stream_config(geom, np.float32)
+    ranked = [c for _, c in found]
+    assert pick in ranked
+    pick_s = predict.forward_row("", geom, np.float32, pick).time_s
+    assert times[ranked.index(pick)] == pytest.approx(pick_s)
+    assert all(t <= pick_s for t in times[:ranked.index(pick)])
+    for t, config in found[:3]:  # each time is the model's row of that launch
+        assert predict.forward_row("", geom, np.float32, config).time_s == pytest.approx(t)
+
+
+def test_script_prints_the_stream_search(capsys):
+    kernel_table = _script()
+    assert kernel_table.main(["--stream-search", "--no-ptxas", "--layers", "deepface-l5"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("| layer (N = 8) | pick | predicted (bounds) |")
+    assert out[2].startswith("| DeepFace L5 | `k7x7_n8_m16_v3_u4_w7` |")
+    assert "`k7x7_n8_m8_v4_u8_w2_p2`" in out[2] and out[2].endswith("| 3.96x |")
+    with pytest.raises(SystemExit):
+        kernel_table.main(["--stream-search", "--batch", "9", "--no-ptxas"])
+
+
 def test_many_map_rows_are_the_per_position_gemm():
     """VGG-16 conv5_1 (512 maps): the dispatcher's double-buffered per-position GEMM, its
     grid, the weights once (4 / N bytes per FMA), and a prediction above the batched GEMM's

@@ -24,6 +24,7 @@ Used by ``scripts/kernel_table.py``; see BENCHMARKS.md for the table and its ass
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -33,7 +34,7 @@ from . import conv2d_gemm, conv2d_gemm_grad, grad_kernels, kernels, local_gemm, 
 
 __all__ = ["H200", "H100", "Device", "device_named", "forward_row", "forward_rows", "occupancy", "KernelRow", "layer_rows", "format_rows",
            "local_gradient_rows", "local_input_grad_rows", "local_weight_grad_rows", "local_backward_rows", "format_backward_rows", "BackwardRow",
-           "LOCAL_BACKWARD_PEER_S"]
+           "LOCAL_BACKWARD_PEER_S", "stream_search"]
 
 
 class Device(NamedTuple):
@@ -394,6 +395,42 @@ def _stream_row(layer, geom, dtype, info, device, config=None):
                      per_sm * warps / device.max_warps, blocks / slots, sectors / fma,
                      lines / (x_instr + w_instr), mio / fma, dram / fma, bound, time,
                      _share(2 * fma, time, roof), _share(2 * fma, hidden, roof))
+
+
+def stream_search(geom, dtype, device=H200):
+    """``[(predicted seconds, config), ...]``, fastest first: the streaming kernel's
+    launches (:func:`gpuconv.cuda.local_stream.local_stream_launch`) over the choices its
+    rule weighs one at a time, searched together by this model, registers from the launch
+    bounds (the whole register budget taken: no ptxas here). Positions a warp (the rule's
+    choices), maps a block 4, 5, 8, 10 or 16 (at most the group's), maps a load round 4, 5
+    or 8 (a block's maps in whole rounds), taps a lane 2, 3 or 4, warps a block 1 to 8 (at
+    most one a slab); positions a block and output runs as the rule gives them. The rule
+    keeps its own choices; this list is what the acceptance run times beside them, so a
+    GPU says whether the model ranks launches as well as it prices them."""
+    k_len = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
+    c_og = geom.out_channels_per_group
+    found = []
+    for g in local_stream.warp_position_choices(geom, dtype):
+        for maps in (4, 5, 8, 10, 16):
+            if maps > max(c_og, 4):
+                continue
+            for rnd in sorted({min(r, maps) for r in (4, 5, 8)}):
+                if maps % rnd:
+                    continue
+                for taps in (2, 3, 4):
+                    slabs = -(-k_len // (32 // g * taps))
+                    for warps in range(1, min(8, slabs) + 1):
+                        launch = functools.partial(local_stream.local_stream_launch, geom,
+                                                   dtype, maps, taps, rnd, warps,
+                                                   warp_positions=g)
+                        config = launch()
+                        run = local_stream.output_run(geom, dtype, config)
+                        if run > 1:
+                            config = launch(pos_per_block=config.pos_per_block, out_run=run)
+                        row = _stream_row("", geom, dtype, None, device, config)
+                        found.append((row.time_s, config))
+    found.sort(key=lambda item: (item[0], item[1].kernel.name))
+    return found
 
 
 def _conv2d_row(layer, geom, dtype, info, device, config=None):
