@@ -328,8 +328,8 @@ LOADS_LAYERS = ("seed-conv2", "deepface-l4")
 STREAM_TIMED_BATCHES = (8, 1)
 #: ``(layer, batch)`` where the streaming kernel is also timed under the map rule before
 #: exact map counts and rounds of up to 8 maps (:func:`earlier_stream_config`): the seed's
-#: layers (5 and 10 maps), where the rule changed most (predicted 1.2x to 1.4x; seed conv1
-#: at 8 images, predicted 1.04x, left to the budget).
+#: layers (5 and 10 maps), where the rule changed most (seed conv1 at 8 images, predicted
+#: 1.04x, left to the budget).
 STREAM_RULE_CASES = (("seed-conv2", 8), ("seed-conv1", 1), ("seed-conv2", 1))
 #: ``(layer, batch)`` where the pick, whose blocks store their outputs in runs of
 #: consecutive positions (:data:`gpuconv.cuda.local_stream.OUT_RUN`), is also timed storing
@@ -339,8 +339,9 @@ STREAM_RUN_CASES = (("seed-conv1", 8), ("seed-conv2", 8))
 #: At 8 images, where the model's own search over the streaming kernel's launches
 #: (:func:`gpuconv.cuda.predict.stream_search`) puts one this many times ahead of the pick
 #: (both with registers from the launch bounds), that launch is timed beside the pick:
-#: DeepFace L5 and L6 (predicted 3.96x and 1.86x), the layers furthest below the target
-#: on paper. A GPU then says whether the model ranks launches as well as it prices them.
+#: DeepFace L5 and L6 (3.96x and 1.86x so; 1.64x and 1.11x with ptxas's registers, which
+#: the run's own predictions use), the layers furthest below the target on paper. A GPU
+#: then says whether the model ranks launches as well as it prices them.
 STREAM_SEARCH_GAIN = 1.5
 
 
@@ -356,11 +357,13 @@ def searched_stream_config(geom, pick, gain=STREAM_SEARCH_GAIN):
     return found[0][1] if pick_s >= gain * found[0][0] else None
 
 
-def earlier_stream_config(geom, dtype):
+def earlier_stream_config(geom, dtype, warp_positions=1):
     """The streaming kernel's configuration under the earlier map rule: maps per block the
     group's padded to a power of two (at most 16; float64 8), loaded 4 maps a round (so 5
     maps ran as 8, 10 as 12), halved while the grid is short of warps; 4 taps a lane up to
-    4 images wherever ``K > 64`` (the seed's 75 and 90 too)."""
+    4 images wherever ``K > 64`` (the seed's 75 and 90 too). At ``warp_positions``
+    positions a warp and with the output runs today's rule gives (the pick's), so that
+    beside the pick the ratio is the map rule's alone."""
     from gpuconv.cuda import local_stream
     from gpuconv.cuda.spec import _pow2_at_least, compute_code, dtype_code
 
@@ -374,13 +377,13 @@ def earlier_stream_config(geom, dtype):
                               < local_stream.STREAM_TARGET_WARPS):
         maps = maps if earlier is None else earlier.maps // 2
         earlier = local_stream.local_stream_launch(geom, dtype, maps, lane_taps,
-                                                   min(maps, 4))
-    # (its outputs stored as today's rule stores them: the ratio is the map rule's alone)
+                                                   min(maps, 4),
+                                                   warp_positions=warp_positions)
     run = local_stream.output_run(geom, dtype, earlier)
     if run > 1:
         earlier = local_stream.local_stream_launch(
             geom, dtype, earlier.maps, lane_taps, earlier.map_round, earlier.warps,
-            earlier.pos_per_block, out_run=run)
+            earlier.pos_per_block, warp_positions, run)
     return earlier
 
 
@@ -419,7 +422,7 @@ def stream_items(layers, dry_run=False):
                                                else STREAM_SEARCH_GAIN)]
         earlier = []
         if dry_run or (layer.name, batch) in STREAM_RULE_CASES:
-            earlier = [earlier_stream_config(geom, np.float32)]
+            earlier = [earlier_stream_config(geom, np.float32, pick.warp_positions)]
         for config in [local_stream.positions_config(geom, np.float32, g)
                        for g in side] + at_once + [c for c in searched if c] + earlier:
             if config not in configs:
@@ -1621,11 +1624,15 @@ def _stream_search(geom):
 
 
 def searched_kernels(items):
-    """``{(case, kernel name)}`` of the model's fastest launches among ``items`` (as
-    :func:`stream_items` gives them), which :func:`stream_lines` labels as such."""
-    return {(f"{layer.name}@{geom.batch}", config.kernel.name)
-            for layer, _, geom, configs in items for config in configs[1:]
-            if config == searched_stream_config(geom, configs[0], 0.0)}
+    """``{(case, kernel name)}`` of the model's fastest launches that :func:`stream_items`
+    added to ``items`` (at 8 images, :data:`STREAM_SEARCH_GAIN` ahead of the pick), which
+    :func:`stream_lines` labels as such."""
+    found = set()
+    for layer, _, geom, configs in items:
+        searched = searched_stream_config(geom, configs[0]) if geom.batch == 8 else None
+        if searched is not None and searched in configs[1:]:
+            found.add((f"{layer.name}@{geom.batch}", searched.kernel.name))
+    return found
 
 
 def stream_lines(results, copy_bytes_per_s, device, searched=()):

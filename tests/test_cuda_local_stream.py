@@ -154,21 +154,23 @@ def test_positions_side_by_side_in_a_warp(positions, batch, warps, pos_per_block
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("out_run, positions, pos_per_block, batch, dtype", [
-    (1, 1, 5, 3, np.float32),    # each position's outputs stored at once
-    (3, 1, 7, 3, np.float32),    # an odd run (rows unpadded): runs of 3, 3, 1 a block
-    (4, 2, 10, 8, np.float32),   # runs of 4 (two groups of 2 positions), the last cut short
-    (8, 4, 12, 5, np.float16),   # a run of 8 and one of 4; the half store rounds once
-    (8, 1, 9, 2, np.float64),    # runs of 8 and 1, then 3, in double
+@pytest.mark.parametrize("out_run, positions, pos_per_block, batch, dtype, warps", [
+    (1, 1, 5, 3, np.float32, 1),    # each position's outputs stored at once
+    (3, 1, 7, 3, np.float32, 1),    # an odd run (rows unpadded): runs of 3, 3, 1 a block
+    (4, 2, 10, 8, np.float32, 1),   # runs of 4 (two groups of 2 positions), the last cut short
+    (8, 4, 12, 5, np.float16, 1),   # a run of 8 and one of 4; the half store rounds once
+    (8, 4, 10, 5, np.float32, 1),   # a run of 8, then a group of 4 with 2 past the block
+    (8, 1, 9, 2, np.float64, 1),    # runs of 8 and 1, then 3, in double
+    (8, 1, 6, 3, np.float32, 2),    # two warps share each run's stores (K on two warps)
 ])
-def test_output_runs(out_run, positions, pos_per_block, batch, dtype):
+def test_output_runs(out_run, positions, pos_per_block, batch, dtype, warps):
     """A block's outputs gathered in shared memory over ``out_run`` consecutive positions
     and stored as runs: runs cut short by the block's end and by the output's (12
     positions in blocks of ``pos_per_block``), c_Og 3 (a partial map block)."""
     from gpuconv.cuda import local_stream
 
     geom = _geometry(batch, c_in=8)
-    config = local_stream.local_stream_launch(geom, dtype, 2, 1, 2, 1, pos_per_block,
+    config = local_stream.local_stream_launch(geom, dtype, 2, 1, 2, warps, pos_per_block,
                                               positions, out_run)
     assert config.out_run == out_run
     name = config.kernel.name
@@ -180,7 +182,7 @@ def test_output_runs(out_run, positions, pos_per_block, batch, dtype):
 
 def test_output_runs_where_the_stores_weigh():
     """Runs where a block takes several groups of positions and the stores are a tenth of
-    a position's L1 work or more (the seed's layers, K of 75 and 90, from 3 and 6 images);
+    a position's L1 work or more (the seed's layers, K of 75 and 90, from 4 and 6 images);
     not where the weights' loads dwarf them (AlexNet conv1: 0.97 of the work at 8 images),
     nor at 1 or 2 images; never with one group a block; whole groups of positions."""
     from gpuconv import workloads
@@ -190,7 +192,7 @@ def test_output_runs_where_the_stores_weigh():
         return local_stream.local_stream_config(workloads.gpu_geometry(name, batch),
                                                 np.float32)
 
-    assert [pick("seed-conv1", n).out_run for n in (1, 2, 3, 8)] == [1, 1, 8, 8]
+    assert [pick("seed-conv1", n).out_run for n in (1, 2, 3, 4, 8)] == [1, 1, 1, 8, 8]
     assert [pick("seed-conv2", n).out_run for n in (1, 5, 6, 8)] == [1, 1, 8, 8]
     assert pick("alexnet-conv1", 8).out_run == 1 and pick("alexnet-conv1", 8).pos_per_block > 1
     geom = _geometry(8)
@@ -360,12 +362,13 @@ def test_epilogue_lines_counted_by_hand():
     """A position's end, per position (2 images, 4 maps, one warp, blocks of 8 positions on
     an output 32 wide: a row of 128 bytes, 1 KB between the rows of two maps or images):
     stored at once, 4 zeroings + 1 read of the sums + 8 values in 8 lines; in runs of 8, per
-    position the same 5 and 1 write to the run, then per run 2 reads and 2 stores of 4 rows
-    of 32 bytes (a line each): (8 * 6 + 2 + 8) / 8."""
+    position the same 5 and 1 write to the run (8 rows 9 words apart: 8 banks), then per run
+    2 reads of 4 rows of 8 (words 0-7, 9-16, 18-25, 27-34: banks 0-2 twice, 2 wavefronts
+    each) and 2 stores of 4 rows of 32 bytes (a line each): (8 * 6 + 4 + 8) / 8."""
     from gpuconv.cuda.local_stream import epilogue_per_position, local_stream_launch
 
     geom = conv_geometry((2, 1, 10, 34), (3, 3), 4, 1, 0, 1, 1)  # 8 x 32 positions
-    for run, expected in ((1, 13), (8, 58 / 8)):
+    for run, expected in ((1, 13), (8, 60 / 8)):
         config = local_stream_launch(geom, np.float32, 4, 1, 4, 1, 8, 1, run)
         assert epilogue_per_position(geom, 4, config) == pytest.approx(expected)
 

@@ -272,8 +272,8 @@ def test_stream_items_time_every_layer_at_both_ends_and_the_earlier_rule(gpu_che
     assert (earlier["seed-conv2", 8].maps, earlier["seed-conv2", 8].map_round) == (8, 4)
     assert (earlier["seed-conv1", 1].maps, earlier["seed-conv1", 1].map_round) == (16, 4)
     assert earlier["seed-conv1", 1].kernel.name.endswith("_n1_m16_v4_u4_w1")  # as it was
-    # (its outputs stored as the pick's are: in runs at 8 images; the map rule's ratio alone)
-    assert earlier["seed-conv2", 8].kernel.name.endswith("_n8_m8_v3_u4_w1_r8")
+    # (at the pick's positions a warp and output runs: the map rule's ratio alone)
+    assert earlier["seed-conv2", 8].kernel.name.endswith("_n8_m8_v3_u4_w1_p4_r8")
     pick = {(lay.name, g.batch): c[0] for lay, _, g, c in items}
     assert (pick["seed-conv2", 8].maps, pick["seed-conv2", 8].map_round) == (5, 5)
     assert (pick["seed-conv1", 8].maps, pick["seed-conv1", 8].map_round) == (10, 5)
@@ -281,7 +281,7 @@ def test_stream_items_time_every_layer_at_both_ends_and_the_earlier_rule(gpu_che
     assert (pick["seed-conv2", 1].maps, pick["seed-conv2", 1].lane_taps) == (5, 3)
     (seed8,) = [c for lay, _, g, c in items if (lay.name, g.batch) == ("seed-conv2", 8)]
     # the pick, one position a warp, the pick storing at once, the earlier rule
-    assert [(c.warp_positions, c.out_run) for c in seed8] == [(4, 8), (1, 1), (4, 1), (1, 8)]
+    assert [(c.warp_positions, c.out_run) for c in seed8] == [(4, 8), (1, 1), (4, 1), (4, 8)]
     # where the rules agree (16 maps at batch 8) the earlier one gives the same launch
     vgg = workloads.LAYERS["vgg16-conv5_1"].geometry(8)
     assert gpu_check.earlier_stream_config(vgg, np.float32) == \
@@ -292,7 +292,7 @@ def test_stream_items_time_every_layer_at_both_ends_and_the_earlier_rule(gpu_che
     (dry,) = gpu_check.stream_items(gpu_check.suite_layers(dry_run=True), dry_run=True)
     # the pick, one position a warp, the model's fastest launch, the earlier rule
     assert dry[2].batch == 1 and len(dry[3]) == 4
-    assert [c.warp_positions for c in dry[3]] == [4, 1, 1, 1]
+    assert [c.warp_positions for c in dry[3]] == [4, 1, 1, 4]
     assert dry[3][2] == gpu_check.searched_stream_config(dry[2], dry[3][0], 1.0)
 
 

@@ -74,12 +74,19 @@ STREAM_TARGET_WARPS = 132 * 32
 _TARGET_BLOCKS = 132 * 16 * 4
 _FULL = 0xFFFFFFFF
 #: Positions of an output run: a block's outputs stored 8 consecutive positions at a time
-#: (32 bytes of float32 a (map, image), a sector) instead of a line per value; its shared
-#: memory, ``maps * batch * 9`` words, is 4.6 KB at 16 maps and 8 images.
+#: (32 bytes of float32 a (map, image): one line or two) instead of a line per value; its
+#: shared memory, ``maps * batch * 9`` values of the compute type, is 4.6 KB at 16 maps and
+#: 8 images.
 OUT_RUN = 8
 # L1 lines an H200 passes per byte it copies: 132 SMs x 1.98 GHz x one line a clock, over
 # 4.3 TB/s (the positions-per-warp rule weighs L1's work against the weights' stream).
 _L1_LINES_PER_DRAM_BYTE = 132 * 1.98e9 / 4.3e12
+
+
+def _run_row(out_run):
+    """Words of a (map, image) row of the output run in shared memory: ``out_run`` padded
+    to an odd count."""
+    return out_run + 1 - out_run % 2
 
 
 def _log2(value):
@@ -142,10 +149,12 @@ def local_stream_kernel(code, kernel_h, kernel_w, batch, maps, lane_taps, map_ro
     # shared memory between two barriers (every thread of the block takes part).
     SIM = simulator_enabled()
     XCH = 32 * S * U * max(1, NP // 2) if SIM else 1
-    # Output runs: the block's sums of QB consecutive positions, a row of QB (padded to an
-    # odd count of words: no bank conflicts) per (map, image), stored as runs of
-    # consecutive positions (a position's outputs lie h_O * w_O apart, a line each).
-    QROW = QB + 1 - QB % 2
+    # Output runs: the block's sums of QB consecutive positions, a row of QB per (map,
+    # image), stored as runs of consecutive positions (a position's outputs lie h_O * w_O
+    # apart, a line each). The rows are padded to an odd count of words, so the first
+    # warp's writes (a column of consecutive rows) meet no bank conflict; the runs' reads
+    # (4 rows of 8 a warp) then meet a 2-way one on 3 lanes of 32.
+    QROW = _run_row(QB)
     QBUF = MAPS * NB * QROW if QB > 1 else 1
 
     def kernel(x, weight, bias, out, has_bias, bias_len, c_I, h, wd, c_O, h_O, w_O, c_Ig,
@@ -521,8 +530,10 @@ def epilogue_per_position(geom, itemsize, config):
     every warp's sums, and the stores of the outputs (``(b, c_O, h_O, w_O)``: a position's
     values lie ``h_O * w_O`` apart, a line each), or with output runs their writes to
     shared memory and the coalesced stores of each run. Counted from the kernel's own
-    loops and addresses on a block in the middle of the output, every map present."""
+    loops and addresses on a block in the middle of the output, every map present (the
+    bias loads left out); shared-memory accesses of the runs in wavefronts by bank."""
     g, maps, nb = config.warp_positions, config.maps, geom.batch
+    words = 2 if itemsize == 8 else 1  # 32-bit words a value in shared memory
     n_pos = geom.out_height * geom.out_width
     ppb = config.pos_per_block
     first = min(n_pos // 2 // ppb * ppb, max(n_pos - ppb, 0))
@@ -543,7 +554,13 @@ def epilogue_per_position(geom, itemsize, config):
         key = np.arange(groups)[:, None] * (e_per_group // 32 + 1) + e // 32
         stores = _distinct(key[ok], line[ok])
     else:
-        shared += groups * -(-e_per_group // 32)                      # writes to the runs
+        qrow = _run_row(run)
+        # writes to the runs: column slot + (position in the group) of each row
+        group = np.arange(groups)[:, None]
+        ok = first + group * g + q_of < first + count
+        key = group * (e_per_group // 32 + 1) + e // 32
+        shared += _wavefronts(key[ok], ((m * nb + b) * qrow + group * g % run + q_of)[ok],
+                              words)
         stores = 0
         for base in range(first, first + count, run):
             n_run = min(run, first + count - base)
@@ -551,10 +568,27 @@ def epilogue_per_position(geom, itemsize, config):
             row, col = np.divmod(f, run)
             mm, bb = np.divmod(row, nb)
             live = col < n_run
-            shared += -(-f.size // 32)                                # the runs' reads
+            shared += _wavefronts((f // 32)[live], (row * qrow + col)[live], words)
             line = ((bb * geom.out_channels + mm) * n_pos + base + col) * itemsize // 128
             stores += _distinct((f // 32)[live], line[live])
     return (shared + stores) / count
+
+
+def _wavefronts(instructions, addresses, words=1):
+    """Shared-memory wavefronts of the accesses (instruction, value address): per
+    instruction the most distinct 32-bit words in one of the 32 banks, ``words`` a value."""
+    instructions = np.repeat(np.asarray(instructions, np.int64), words)
+    if instructions.size == 0:
+        return 0
+    w = (np.asarray(addresses, np.int64)[:, None] * words + np.arange(words)).ravel()
+    span = int(w.max()) + 1
+    pairs = np.unique(instructions * span + w)  # distinct words of each instruction
+    instr, word = np.divmod(pairs, span)
+    banks, counts = np.unique(instr * 32 + word % 32, return_counts=True)
+    per_instr = {}
+    for key, n in zip((banks // 32).tolist(), counts.tolist()):
+        per_instr[key] = max(per_instr.get(key, 0), n)
+    return sum(per_instr.values())
 
 
 def _distinct(keys, lines):
@@ -604,7 +638,7 @@ def local_stream_launch(geom, dtype, maps, lane_taps, map_round, warps=None,
 
 
 def output_run(geom, dtype, config):
-    """Positions whose outputs a block of ``config`` (its outputs stored at once) should
+    """Positions whose outputs a block of ``config`` (its runs aside) should
     gather in shared memory and store together: :data:`OUT_RUN` where the block takes more
     than one group of positions and that cuts a position's L1 work
     (:func:`l1_lines_per_position`) by a tenth or more, else 1. (The runs cost registers,
@@ -613,9 +647,9 @@ def output_run(geom, dtype, config):
     latency, the runs are not worth it.)"""
     if config.pos_per_block <= config.warp_positions or OUT_RUN % config.warp_positions:
         return 1
-    runs = config._replace(out_run=OUT_RUN)
+    at_once, runs = config._replace(out_run=1), config._replace(out_run=OUT_RUN)
     if l1_lines_per_position(geom, dtype, runs) < 0.9 * l1_lines_per_position(geom, dtype,
-                                                                             config):
+                                                                             at_once):
         return OUT_RUN
     return 1
 

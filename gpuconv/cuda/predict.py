@@ -399,14 +399,16 @@ def _stream_row(layer, geom, dtype, info, device, config=None):
 
 def stream_search(geom, dtype, device=H200):
     """``[(predicted seconds, config), ...]``, fastest first: the streaming kernel's
-    launches (:func:`gpuconv.cuda.local_stream.local_stream_launch`) over the choices its
-    rule weighs one at a time, searched together by this model, registers from the launch
-    bounds (the whole register budget taken: no ptxas here). Positions a warp (the rule's
-    choices), maps a block 4, 5, 8, 10 or 16 (at most the group's), maps a load round 4, 5
-    or 8 (a block's maps in whole rounds), taps a lane 2, 3 or 4, warps a block 1 to 8 (at
-    most one a slab); positions a block and output runs as the rule gives them. The rule
-    keeps its own choices; this list is what the acceptance run times beside them, so a
-    GPU says whether the model ranks launches as well as it prices them."""
+    launches (:func:`gpuconv.cuda.local_stream.local_stream_launch`) over the kinds of
+    choice its rule makes one at a time, searched together by this model, registers from
+    the launch bounds (the whole register budget taken: no ptxas here). Positions a warp
+    (the rule's choices), maps a block 4, 5, 8, 10 or 16 (no more than the group's, or 4),
+    maps a load round 4, 5 or 8 (a block's maps in whole rounds), taps a lane 2, 3 or 4,
+    warps a block 1 to 8 (at most one a slab); positions a block and output runs as the
+    rule gives them. Not every value the rule reaches is searched (3, 6 or 12 maps, rounds
+    of 3, one tap a lane are not). The rule keeps its own choices; the acceptance run times
+    the fastest of this list beside them, so a GPU says whether the model ranks launches
+    as well as it prices them."""
     k_len = geom.in_channels_per_group * geom.kernel_height * geom.kernel_width
     c_og = geom.out_channels_per_group
     found = []
