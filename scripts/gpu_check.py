@@ -334,7 +334,7 @@ STREAM_RULE_CASES = (("seed-conv2", 8), ("seed-conv1", 1), ("seed-conv2", 1))
 #: ``(layer, batch)`` where the pick, whose blocks store their outputs in runs of
 #: consecutive positions (:data:`gpuconv.cuda.local_stream.OUT_RUN`), is also timed storing
 #: each position's outputs at once: the seed's layers at 8 images, where the stores are the
-#: largest share of the L1 data path's work (predicted 1.26x and 1.15x).
+#: largest share of the L1 data path's work (predicted 1.25x and 1.15x).
 STREAM_RUN_CASES = (("seed-conv1", 8), ("seed-conv2", 8))
 #: At 8 images, where the model's own search over the streaming kernel's launches
 #: (:func:`gpuconv.cuda.predict.stream_search`) puts one this many times ahead of the pick
