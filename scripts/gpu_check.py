@@ -379,12 +379,7 @@ def earlier_stream_config(geom, dtype, warp_positions=1):
         earlier = local_stream.local_stream_launch(geom, dtype, maps, lane_taps,
                                                    min(maps, 4),
                                                    warp_positions=warp_positions)
-    run = local_stream.output_run(geom, dtype, earlier)
-    if run > 1:
-        earlier = local_stream.local_stream_launch(
-            geom, dtype, earlier.maps, lane_taps, earlier.map_round, earlier.warps,
-            earlier.pos_per_block, warp_positions, run)
-    return earlier
+    return local_stream.with_output_run(geom, dtype, earlier)
 
 
 def stream_items(layers, dry_run=False):

@@ -36,7 +36,8 @@ from . import (conv2d_gemm, conv2d_gemm_grad, grad_kernels, local_gemm, local_gr
                local_grad_positions, local_stream, tiled_kernels)
 from .spec import (BLOCK_Z_LIMIT, _COMPUTE, _NUMPY, _SCALAR, CODES, GRID_YZ_LIMIT,
                    LOCAL_STAGE_BYTES, SHARED_BUDGET_BYTES, SHARED_LIMIT_BYTES, KernelSpec, _array,
-                   _conv2d_launch_bounds, _even_split, _pow2_at_least, _rename,
+                   _bank_wavefronts, _conv2d_launch_bounds, _even_split, _pow2_at_least,
+                   _rename,
                    _stage_itemsize, check_grid, compiled, compute_code, dtype_code)
 
 __all__ = ["KernelSpec", "Conv2dConfig", "LocalConv2dConfig", "conv2d_kernel",
@@ -578,15 +579,6 @@ TARGET_SMS = 132
 _RIDGE_FLOP_PER_BYTE = 16
 # Threads the local_conv2d grid aims for: two waves of 512 resident threads on each SM.
 _LOCAL_TARGET_THREADS = 2 * TARGET_SMS * 512
-
-
-def _bank_wavefronts(addresses):
-    """Shared-memory wavefronts of one warp's access to these word addresses: the most
-    distinct words that fall in one of the 32 banks (equal words are one broadcast)."""
-    banks = {}
-    for a in set(addresses):
-        banks[a % 32] = banks.get(a % 32, 0) + 1
-    return max(banks.values()) if banks else 0
 
 
 def _warps(batch_lanes, map_lanes, positions):

@@ -42,8 +42,9 @@ from typing import NamedTuple
 import numpy as np
 from numba import cuda, int32, types, uint64
 
-from .spec import (BLOCK_Z_LIMIT, _COMPUTE, _NUMPY, _SCALAR, KernelSpec, _array, _even_split,
-                   _rename, _stage_itemsize, check_grid, compute_code, dtype_code)
+from .spec import (BLOCK_Z_LIMIT, _COMPUTE, _NUMPY, _SCALAR, KernelSpec, _array,
+                   _bank_wavefronts, _even_split, _rename, _stage_itemsize, check_grid,
+                   compute_code, dtype_code)
 
 __all__ = ["local_input_grad_gemm_kernel", "local_input_grad_gemm_config",
            "LocalInputGradGemmConfig", "local_input_grad_gemm_launch",
@@ -79,14 +80,6 @@ _TARGET_THREADS = 2 * 132 * 512
 _INPUT_MIN_THREADS = 132 * _MAX_THREADS
 # Register tile caps by compute type.
 _TILE = {"f32": 8, "f64": 4}
-
-
-def _bank_wavefronts(addresses):
-    """Shared-memory wavefronts of one warp's access to these word addresses."""
-    banks = {}
-    for a in set(addresses):
-        banks[a % 32] = banks.get(a % 32, 0) + 1
-    return max(banks.values()) if banks else 0
 
 
 def _pitch(minimum, cost):

@@ -53,14 +53,14 @@ import numpy as np
 from numba import cuda, int32, types, uint64
 
 from ..device import simulator_enabled
-from .spec import (_COMPUTE, _SCALAR, KernelSpec, _array, _pow2_at_least, _rename,
-                   check_grid, compute_code, dtype_code)
+from .spec import (_COMPUTE, _SCALAR, KernelSpec, _array, _bank_wavefronts_each,
+                   _pow2_at_least, _rename, check_grid, compute_code, dtype_code)
 
 __all__ = ["LocalStreamConfig", "local_stream_kernel", "local_stream_config",
            "local_stream_launch", "use_local_stream", "image_of_lane", "STREAM_MAX_BATCH",
            "STREAM_TARGET_WARPS", "launch", "round_maps", "warp_position_choices",
            "positions_config", "input_lines_per_load", "l1_lines_per_position",
-           "epilogue_per_position", "output_run", "OUT_RUN"]
+           "epilogue_per_position", "output_run", "with_output_run", "OUT_RUN"]
 
 #: Largest batch the streaming kernel takes (the dispatcher's bound: beyond it the images'
 #: partial sums crowd out the loads in flight, and the batched GEMM keeps more images per
@@ -467,11 +467,7 @@ def positions_config(geom, dtype, positions):
         map_round = per_round if rounds > 1 and per_round == 8 else -(-wanted // rounds)
         config = local_stream_launch(geom, dtype, map_round * rounds, lane_taps, map_round,
                                      warp_positions=positions)
-    run = output_run(geom, dtype, config)
-    if run > 1:
-        config = local_stream_launch(geom, dtype, config.maps, lane_taps, config.map_round,
-                                     config.warps, config.pos_per_block, positions, run)
-    return config
+    return with_output_run(geom, dtype, config)
 
 
 def input_lines_per_load(geom, itemsize, lanes, positions=1):
@@ -491,9 +487,7 @@ def input_lines_per_load(geom, itemsize, lanes, positions=1):
     inside = (iy >= 0) & (iy < geom.in_height) & (ix >= 0) & (ix < geom.in_width)
     line = ((c * geom.in_height + iy) * geom.in_width + ix) * itemsize // 128
     load = np.broadcast_to(np.arange(k_len) // lanes, line.shape)
-    # distinct (load, line) pairs, as one key each
-    keys = load[inside].astype(np.int64) * (int(line.max(initial=0)) + 1) + line[inside]
-    return np.unique(keys).size / -(-k_len // lanes)
+    return _distinct(load[inside], line[inside]) / -(-k_len // lanes)
 
 
 def l1_lines_per_position(geom, dtype, config):
@@ -559,8 +553,8 @@ def epilogue_per_position(geom, itemsize, config):
         group = np.arange(groups)[:, None]
         ok = first + group * g + q_of < first + count
         key = group * (e_per_group // 32 + 1) + e // 32
-        shared += _wavefronts(key[ok], ((m * nb + b) * qrow + group * g % run + q_of)[ok],
-                              words)
+        shared += _bank_wavefronts_each(
+            key[ok], ((m * nb + b) * qrow + group * g % run + q_of)[ok], words)
         stores = 0
         for base in range(first, first + count, run):
             n_run = min(run, first + count - base)
@@ -568,27 +562,10 @@ def epilogue_per_position(geom, itemsize, config):
             row, col = np.divmod(f, run)
             mm, bb = np.divmod(row, nb)
             live = col < n_run
-            shared += _wavefronts((f // 32)[live], (row * qrow + col)[live], words)
+            shared += _bank_wavefronts_each((f // 32)[live], (row * qrow + col)[live], words)
             line = ((bb * geom.out_channels + mm) * n_pos + base + col) * itemsize // 128
             stores += _distinct((f // 32)[live], line[live])
     return (shared + stores) / count
-
-
-def _wavefronts(instructions, addresses, words=1):
-    """Shared-memory wavefronts of the accesses (instruction, value address): per
-    instruction the most distinct 32-bit words in one of the 32 banks, ``words`` a value."""
-    instructions = np.repeat(np.asarray(instructions, np.int64), words)
-    if instructions.size == 0:
-        return 0
-    w = (np.asarray(addresses, np.int64)[:, None] * words + np.arange(words)).ravel()
-    span = int(w.max()) + 1
-    pairs = np.unique(instructions * span + w)  # distinct words of each instruction
-    instr, word = np.divmod(pairs, span)
-    banks, counts = np.unique(instr * 32 + word % 32, return_counts=True)
-    per_instr = {}
-    for key, n in zip((banks // 32).tolist(), counts.tolist()):
-        per_instr[key] = max(per_instr.get(key, 0), n)
-    return sum(per_instr.values())
 
 
 def _distinct(keys, lines):
@@ -635,6 +612,15 @@ def local_stream_launch(geom, dtype, maps, lane_taps, map_round, warps=None,
                                maps, lane_taps, map_round, warps, warp_positions, out_run)
     return LocalStreamConfig(spec, (32, warps), grid, 0, pos_per_block, map_blocks, maps,
                              lane_taps, map_round, warps, 1, warp_positions, out_run)
+
+
+def with_output_run(geom, dtype, config):
+    """``config`` storing its outputs as :func:`output_run` says (its other choices kept)."""
+    run = output_run(geom, dtype, config)
+    if run == config.out_run:
+        return config
+    return local_stream_launch(geom, dtype, config.maps, config.lane_taps, config.map_round,
+                               config.warps, config.pos_per_block, config.warp_positions, run)
 
 
 def output_run(geom, dtype, config):

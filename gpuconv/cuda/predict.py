@@ -24,7 +24,6 @@ Used by ``scripts/kernel_table.py``; see BENCHMARKS.md for the table and its ass
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -322,8 +321,8 @@ def _stream_row(layer, geom, dtype, info, device, config=None):
     Pipes: FMA, issue, DRAM, and one for the L1/shared-memory data path (the shuffles,
     the shared-memory adds of the slab sums, the 128-byte lines of every load
     instruction, one a clock, and each position's end: the sums' zeroing and reads, and
-    the lines of the output stores, a line a value unless stored in runs). Latency (Little's law): a warp's load rounds are one DRAM
-    round trip each (its ``map_round * lane_taps`` weight loads in flight), each slab's
+    the lines of the output stores, a line a value unless stored in runs). Latency
+    (Little's law): a warp's load rounds are one DRAM round trip each (its ``map_round * lane_taps`` weight loads in flight), each slab's
     input one L2 round trip first; nothing overlapped within a warp, the SM's resident
     warps side by side.
     """
@@ -422,13 +421,9 @@ def stream_search(geom, dtype, device=H200):
                 for taps in (2, 3, 4):
                     slabs = -(-k_len // (32 // g * taps))
                     for warps in range(1, min(8, slabs) + 1):
-                        launch = functools.partial(local_stream.local_stream_launch, geom,
-                                                   dtype, maps, taps, rnd, warps,
-                                                   warp_positions=g)
-                        config = launch()
-                        run = local_stream.output_run(geom, dtype, config)
-                        if run > 1:
-                            config = launch(pos_per_block=config.pos_per_block, out_run=run)
+                        config = local_stream.with_output_run(
+                            geom, dtype, local_stream.local_stream_launch(
+                                geom, dtype, maps, taps, rnd, warps, warp_positions=g))
                         row = _stream_row("", geom, dtype, None, device, config)
                         found.append((row.time_s, config))
     found.sort(key=lambda item: (item[0], item[1].kernel.name))

@@ -131,6 +131,28 @@ def compiled(spec):
     return FastKernel(dispatcher, spec.signature, spec.name)
 
 
+def _bank_wavefronts(addresses):
+    """Shared-memory wavefronts of one warp's access to these word addresses: the most
+    distinct words that fall in one of the 32 banks (equal words are one broadcast)."""
+    return _bank_wavefronts_each(np.zeros(len(addresses), np.int64), addresses)
+
+
+def _bank_wavefronts_each(instructions, addresses, words=1):
+    """:func:`_bank_wavefronts` of many warp instructions at once, summed: the accesses
+    (instruction, value address), ``words`` 32-bit words a value."""
+    instructions = np.repeat(np.asarray(instructions, np.int64), words)
+    if instructions.size == 0:
+        return 0
+    w = (np.asarray(addresses, np.int64)[:, None] * words + np.arange(words)).ravel()
+    span = int(w.max()) + 1
+    pairs = np.unique(instructions * span + w)  # distinct words of each instruction
+    instr, word = np.divmod(pairs, span)
+    banks, counts = np.unique(instr * 32 + word % 32, return_counts=True)
+    most = np.zeros(int(instr.max()) + 1 - int(instr.min()), np.int64)
+    np.maximum.at(most, banks // 32 - int(instr.min()), counts)
+    return int(most.sum())
+
+
 def _even_split(count, cap):
     """Block size ``<= cap`` that splits ``count`` into the fewest, most equal blocks
     (10 channels with cap 8: two blocks of 5, not 8 + 2 of 16 computed)."""
